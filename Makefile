@@ -1,0 +1,27 @@
+# Two entry points do all the set-up: `make quickstart` and `make test`.
+# Both create (or reuse) the virtual environment in $(VENV) and install fedmaml into it.
+VENV ?= .venv
+PYTHON ?= python3
+# pip arguments for the torch build. The default takes the CPU wheel where one is provided locally;
+# elsewhere pass e.g. TORCH_INSTALL="torch --index-url <your CUDA or CPU wheel index>".
+TORCH_INSTALL ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: install quickstart test clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install $(TORCH_INSTALL)
+	$(BIN)/python -m pip install -e ".[test]"
+	touch $@
+
+quickstart: install
+	FLWR_TELEMETRY_ENABLED=0 $(BIN)/fedmaml run configs/quickstart.yaml
+
+test: install
+	FLWR_TELEMETRY_ENABLED=0 $(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache

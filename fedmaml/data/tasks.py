@@ -1,0 +1,99 @@
+"""Tasks and federations: the data interface every other layer relies on.
+
+A *task* is one learning problem (in cross-device mode, one client's local distribution). It hands
+out fresh training examples for support/query batches and holds a fixed evaluation split. A
+*federation* maps stable client ids (partition ids) to the tasks each client holds, and keeps some
+clients apart as *unseen* clients that never train.
+
+Tensors: inputs are float32; targets are float32 of shape ``[n, 1]`` for regression and int64 of
+shape ``[n]`` for classification.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor
+
+TaskType = Literal["regression", "classification"]
+
+
+class Task(abc.ABC):
+    """One task: a source of training examples plus a fixed evaluation split."""
+
+    #: Number of training examples (the weight of this task in example-weighted averaging).
+    num_examples: int
+
+    @abc.abstractmethod
+    def draw(self, generator: torch.Generator, n: int) -> tuple[Tensor, Tensor]:
+        """Return ``n`` training examples ``(x, y)``, all distinct when the pool allows it.
+
+        Finite pools sample without replacement when ``n <= num_examples`` and with replacement
+        otherwise, so batch shapes never depend on the pool size. Generative tasks draw fresh points.
+        Callers draw support and query together (``n = K_s + K_q``) and split, so they are disjoint.
+        """
+
+    @abc.abstractmethod
+    def evaluation_split(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Return ``(adapt_x, adapt_y, heldout_x, heldout_y)`` for personalized evaluation."""
+
+
+class PoolTask(Task):
+    """A task backed by finite tensors: a training pool and a held-out split."""
+
+    def __init__(
+        self,
+        train_x: Tensor,
+        train_y: Tensor,
+        heldout_x: Tensor,
+        heldout_y: Tensor,
+        adapt_size: int | None = None,
+    ) -> None:
+        if len(train_x) == 0:
+            raise ValueError("a PoolTask needs at least one training example")
+        self.train_x, self.train_y = train_x, train_y
+        self.heldout_x, self.heldout_y = heldout_x, heldout_y
+        self.num_examples = len(train_x)
+        # Evaluation adapts on the first `adapt_size` training examples (all of them by default).
+        self.adapt_size = len(train_x) if adapt_size is None else min(adapt_size, len(train_x))
+
+    def draw(self, generator: torch.Generator, n: int) -> tuple[Tensor, Tensor]:
+        if n <= self.num_examples:
+            idx = torch.randperm(self.num_examples, generator=generator)[:n]
+        else:
+            idx = torch.randint(self.num_examples, (n,), generator=generator)
+        return self.train_x[idx], self.train_y[idx]
+
+    def evaluation_split(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        k = self.adapt_size
+        return self.train_x[:k], self.train_y[:k], self.heldout_x, self.heldout_y
+
+
+@dataclass(frozen=True)
+class Federation:
+    """Clients (by stable id) and the tasks each holds; built lazily so a million clients are cheap.
+
+    ``client_tasks(cid)`` and ``unseen_tasks(j)`` are deterministic functions of the data config, the
+    seed and the id, so every process (simulation actor or real device) rebuilds the same data.
+    """
+
+    num_clients: int
+    num_unseen: int
+    input_shape: tuple[int, ...]
+    num_outputs: int
+    task_type: TaskType
+    _client_tasks: Callable[[int], list[Task]]
+    _unseen_tasks: Callable[[int], list[Task]]
+
+    def client_tasks(self, cid: int) -> list[Task]:
+        if not 0 <= cid < self.num_clients:
+            raise IndexError(f"client id {cid} is outside 0..{self.num_clients - 1}")
+        return self._client_tasks(cid)
+
+    def unseen_tasks(self, j: int) -> list[Task]:
+        if not 0 <= j < self.num_unseen:
+            raise IndexError(f"unseen client {j} is outside 0..{self.num_unseen - 1}")
+        return self._unseen_tasks(j)
