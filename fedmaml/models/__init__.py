@@ -1,0 +1,24 @@
+"""Models with declared layer groups. ``build_model`` maps the config's ``model`` section to one."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from fedmaml.errors import ConfigError
+from fedmaml.models.base import ModuleStage, StagedModel, Stage
+from fedmaml.models.conv4 import conv4
+from fedmaml.models.mlp import mlp
+
+__all__ = ["StagedModel", "Stage", "ModuleStage", "mlp", "conv4", "build_model"]
+
+
+def build_model(spec: Any, input_shape: Sequence[int], num_outputs: int) -> StagedModel:
+    """Build the model named by ``spec.name`` (the config's ``model`` section) for a data set."""
+    if spec.name == "mlp":
+        return mlp(input_shape, list(spec.hidden), num_outputs)
+    if spec.name == "conv4":
+        if len(input_shape) != 3:
+            raise ConfigError(f"model.name: conv4 needs image data [channels, height, width], but "
+                              f"the data has inputs of shape {list(input_shape)}; use model.name: mlp")
+        return conv4(input_shape, num_outputs, width=spec.conv_width, strided=spec.conv_strided)
+    raise ConfigError(f"model.name: unknown model {spec.name!r}; allowed: mlp, conv4")

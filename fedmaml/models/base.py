@@ -1,0 +1,143 @@
+"""Functional models made of stages, one stage per layer group.
+
+A :class:`StagedModel` is a sequence of stages ``h_l = stage_l(params_l, h_{l-1})``. Each stage owns
+exactly one *layer group* (a conv/linear weight, its bias and the BatchNorm affine that follows it),
+so a Lambda pattern's columns are the stages, and the output of a frozen prefix of stages is a
+natural cache point for restricted adaptation.
+
+Parameters live outside the model in an ordered ``"<group>.<tensor>" -> Tensor`` dict, which keeps
+every forward pass a pure function (``torch.func`` transforms and ``vmap`` need that).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fedmaml.core.params import Params
+
+
+class Stage(Protocol):
+    """One layer group: its parameters' initialiser and its pure forward function."""
+
+    name: str
+
+    def init(self, generator: torch.Generator) -> dict[str, Tensor]: ...
+
+    def __call__(self, p: dict[str, Tensor], h: Tensor) -> Tensor: ...
+
+
+class StagedModel:
+    """An ordered sequence of stages; the stages are the model's layer groups, input side first."""
+
+    def __init__(self, name: str, stages: Sequence[Stage]) -> None:
+        names = [s.name for s in stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+        self.name = name
+        self.stages = tuple(stages)
+        self.group_names: tuple[str, ...] = tuple(names)
+        self._local_keys: list[tuple[tuple[str, str], ...]] = []
+        probe = self.init(0)
+        for s in self.stages:
+            self._local_keys.append(tuple((k.split(".", 1)[1], k) for k in probe
+                                          if k.split(".", 1)[0] == s.name))
+        #: Full parameter names of each group, in group order.
+        self.group_params: tuple[tuple[str, ...], ...] = tuple(
+            tuple(full for _, full in keys) for keys in self._local_keys)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.stages)
+
+    def init(self, seed: int) -> Params:
+        """Fresh parameters, a deterministic function of ``seed``."""
+        g = torch.Generator().manual_seed(seed)
+        params: Params = {}
+        for s in self.stages:
+            for k, v in s.init(g).items():
+                params[f"{s.name}.{k}"] = v
+        return params
+
+    def names_of(self, groups: Sequence[int]) -> list[str]:
+        """Parameter names of the given group indices."""
+        return [n for g in groups for n in self.group_params[g]]
+
+    def forward(self, params: Params, x: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
+        """Run stages ``start .. stop - 1`` on ``x`` (the whole model by default)."""
+        h = x
+        for i in range(start, self.num_groups if stop is None else stop):
+            h = self.stages[i]({local: params[full] for local, full in self._local_keys[i]}, h)
+        return h
+
+    __call__ = forward
+
+    def describe(self) -> str:
+        return f"{self.name} with layer groups {list(self.group_names)}"
+
+
+def _uniform(shape: Sequence[int], bound: float, g: torch.Generator) -> Tensor:
+    return (torch.rand(*shape, generator=g) * 2 - 1) * bound
+
+
+class Linear:
+    """``act(h @ W^T + b)``; initialised like ``torch.nn.Linear``."""
+
+    def __init__(self, name: str, in_features: int, out_features: int, relu: bool,
+                 flatten: bool = False) -> None:
+        self.name, self.in_features, self.out_features = name, in_features, out_features
+        self.relu, self.flatten = relu, flatten
+
+    def init(self, g: torch.Generator) -> dict[str, Tensor]:
+        bound = 1 / math.sqrt(self.in_features)
+        return {"weight": _uniform((self.out_features, self.in_features), bound, g),
+                "bias": _uniform((self.out_features,), bound, g)}
+
+    def __call__(self, p: dict[str, Tensor], h: Tensor) -> Tensor:
+        if self.flatten:
+            h = h.flatten(-(h.dim() - 1)) if h.dim() > 2 else h
+        h = F.linear(h, p["weight"], p["bias"])
+        return F.relu(h) if self.relu else h
+
+
+class ConvBlock:
+    """3x3 conv -> BatchNorm (batch statistics, as in MAML) -> ReLU -> 2x2 max-pool (or stride 2).
+
+    BatchNorm always normalises with the current batch's statistics and keeps no running averages,
+    so the block is a pure function of its parameters and input.
+    """
+
+    def __init__(self, name: str, in_channels: int, out_channels: int, strided: bool) -> None:
+        self.name, self.cin, self.cout, self.strided = name, in_channels, out_channels, strided
+
+    def init(self, g: torch.Generator) -> dict[str, Tensor]:
+        bound = 1 / math.sqrt(self.cin * 9)
+        return {"weight": _uniform((self.cout, self.cin, 3, 3), bound, g),
+                "bias": _uniform((self.cout,), bound, g),
+                "bn_weight": torch.ones(self.cout),
+                "bn_bias": torch.zeros(self.cout)}
+
+    def __call__(self, p: dict[str, Tensor], h: Tensor) -> Tensor:
+        h = F.conv2d(h, p["weight"], p["bias"], stride=2 if self.strided else 1, padding=1)
+        h = F.batch_norm(h, None, None, p["bn_weight"], p["bn_bias"], training=True)
+        h = F.relu(h)
+        # ceil_mode matches TensorFlow's 'SAME' pooling of the original MAML code (28 -> 14 -> 7 -> 4 -> 2)
+        return h if self.strided else F.max_pool2d(h, 2, ceil_mode=True)
+
+
+class ModuleStage:
+    """Wrap any ``nn.Module`` as a stage (its parameters become the group); forward via functional_call."""
+
+    def __init__(self, name: str, module: nn.Module) -> None:
+        self.name, self.module = name, module
+
+    def init(self, g: torch.Generator) -> dict[str, Tensor]:
+        # Module parameters were initialised when the module was built; copy them.
+        return {k: v.detach().clone() for k, v in self.module.named_parameters()}
+
+    def __call__(self, p: dict[str, Tensor], h: Tensor) -> Tensor:
+        return torch.func.functional_call(self.module, p, (h,))
