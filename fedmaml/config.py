@@ -1,0 +1,697 @@
+"""The typed configuration schema, its loader and its validation.
+
+The dataclasses below are the single source of truth for every configuration key: its type, default,
+one-line description, allowed values and range. The YAML loader, the ``key=value`` overrides of the
+CLI, the Flower run-config mapping (flat dotted keys) and ``docs/configuration.md`` all derive from
+them, so adding a key means adding one ``_field(...)`` line here (plus a cross-field rule if needed).
+
+Field metadata (read by :func:`schema`): ``help`` (one line), optional ``choices`` (a tuple of
+strings), ``min`` / ``max`` (numeric bounds, inclusive unless ``min_exclusive`` / ``max_exclusive``).
+For ``tuple[int, ...]`` fields the bounds apply to each element. Lists are stored as tuples so that a
+``Config`` is immutable and hashable; YAML and dicts use lists.
+
+Every user mistake raises :class:`~fedmaml.errors.ConfigError` naming the full key path, the bad
+value and what is allowed. Field-level problems are collected and reported together; cross-field
+rules (:func:`cross_field_problems`) run only once every field is individually valid.
+"""
+
+
+import dataclasses
+import difflib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from fedmaml.errors import ConfigError
+
+#: A value of a flat (Flower run-config) mapping.
+Scalar = Union[bool, int, float, str]
+
+
+def _field(default: Any, help: str, *, choices: Sequence[str] | None = None,
+           min: float | None = None, max: float | None = None,
+           min_exclusive: bool = False, max_exclusive: bool = False) -> Any:
+    """A schema field: ``dataclasses.field`` with the metadata the loader, CLI and docs read."""
+    meta: dict[str, Any] = {"help": help}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    if min is not None:
+        meta["min"] = min
+        meta["min_exclusive"] = min_exclusive
+    if max is not None:
+        meta["max"] = max
+        meta["max_exclusive"] = max_exclusive
+    return field(default=default, metadata=meta)
+
+
+def _section(cls: type, help: str) -> Any:
+    return field(default_factory=cls, metadata={"help": help})
+
+
+# --------------------------------------------------------------------------------------------------
+# The schema
+# --------------------------------------------------------------------------------------------------
+
+DATA_FAMILIES = ("sinusoid", "sinusoid_grid", "synthetic", "digits", "mnist1d", "omniglot", "femnist")
+IMAGE_FAMILIES = ("digits", "omniglot", "femnist")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    family: str = _field("sinusoid", "Task family (data set or generator).", choices=DATA_FAMILIES)
+    path: str = _field("", "Data directory or file, for omniglot and femnist.")
+    num_clients: int = _field(100, "Number of training clients.", min=1)
+    unseen_clients: int = _field(0, "Clients held out from training, evaluated only.", min=0)
+    tasks_per_client: int = _field(1, "Tasks per client (silo).", min=1)
+    partition: str = _field("dirichlet", "How examples are split among clients.",
+                            choices=("iid", "dirichlet", "classes", "natural"))
+    dirichlet_alpha: float = _field(0.5, "Concentration of the Dirichlet label partition.",
+                                    min=0, min_exclusive=True)
+    classes_per_client: int = _field(2, "Classes per client for the 'classes' partition.", min=1)
+    n_way: int = _field(0, "0 = a client keeps global labels; N > 0 = each task is N-way, relabelled "
+                           "0..N-1.", min=0)
+    heldout_fraction: float = _field(0.2, "Fraction of a client's examples held out for evaluation.",
+                                     min=0, max=1, min_exclusive=True, max_exclusive=True)
+    eval_adapt_size: int = _field(10, "Examples a client adapts on at evaluation.", min=1)
+    eval_heldout_size: int = _field(100, "Held-out evaluation examples per task (generated families).",
+                                    min=1)
+    synthetic_alpha: float = _field(1.0, "Synthetic(alpha, beta): model heterogeneity.", min=0)
+    synthetic_beta: float = _field(1.0, "Synthetic(alpha, beta): data heterogeneity.", min=0)
+    mnist1d_samples: int = _field(4000, "Examples generated for mnist1d.", min=100)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = _field("mlp", "Model architecture.", choices=("mlp", "conv4"))
+    hidden: tuple[int, ...] = _field((40, 40), "Hidden layer widths of the MLP.", min=1)
+    conv_width: int = _field(64, "Channels of each conv4 block.", min=1)
+    conv_strided: bool = _field(False, "Strided convolutions instead of max-pooling in conv4.")
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    name: str = _field("moml", "Federated (meta-)learning algorithm.",
+                       choices=("moml", "per_fedavg", "fedmeta", "reptile", "fedavg"))
+    alpha: float = _field(0.01, "Inner (adaptation) step size.", min=0, min_exclusive=True)
+    eta: float = _field(0.005, "Meta / local step size.", min=0, min_exclusive=True)
+    beta: float = _field(0.3, "Memory momentum of MOML (1 = no memory).",
+                         min=0, max=1, min_exclusive=True)
+    inner_steps: int = _field(1, "Adaptation steps when the pattern is an alias (full, head, body).",
+                              min=0)
+    inner_pattern: str = _field("full", "Lambda pattern of the training adaptation.")
+    memory_pattern: str = _field("", "Lambda pattern of MOML's memory update; empty = inner_pattern.")
+    meta_gradient: str = _field("first_order", "Meta-gradient estimator.",
+                                choices=("first_order", "second_order", "hessian_free"))
+    hf_delta: float = _field(0.001, "Finite-difference step of the hessian_free estimator.",
+                             min=0, min_exclusive=True)
+    scale_by_beta: bool = _field(False, "Multiply the meta-gradient by beta, as the official MOML "
+                                        "code does.")
+    local_steps: int = _field(1, "Local meta-steps per round (H).", min=1)
+    tasks_per_step: int = _field(1, "Tasks sampled per local step within a silo (B).", min=1)
+    support_size: int = _field(5, "Support examples per adaptation (K).", min=1)
+    query_size: int = _field(0, "Query examples per step; 0 = support_size.", min=0)
+    init_support_size: int = _field(0, "Support examples of the memory initialisation (K0); "
+                                       "0 = support_size.", min=0)
+    memory_policy: str = _field("keep", "Memory of a client that rejoins: keep, reinit from w, or "
+                                        "decay towards w every step.",
+                                choices=("keep", "reinit", "decay_to_w"))
+
+
+@dataclass(frozen=True)
+class FederatedConfig:
+    mode: str = _field("cross_device", "cross_device samples clients; cross_silo uses all every round.",
+                       choices=("cross_device", "cross_silo"))
+    rounds: int = _field(100, "Number of federated rounds.", min=1)
+    clients_per_round: int = _field(0, "Clients sampled per round; 0 = use fraction.", min=0)
+    fraction: float = _field(0.1, "Fraction of clients sampled per round.",
+                             min=0, max=1, min_exclusive=True)
+    aggregation: str = _field("weighted", "Average client updates by example count or uniformly.",
+                              choices=("weighted", "uniform"))
+    server_optimizer: str = _field("sgd", "Optimizer applying the averaged update to w.",
+                                   choices=("sgd", "momentum", "adam"))
+    server_lr: float = _field(1.0, "Server learning rate.", min=0, min_exclusive=True)
+    server_momentum: float = _field(0.9, "Momentum of the momentum server optimizer.",
+                                    min=0, max=1, max_exclusive=True)
+    adam_beta1: float = _field(0.9, "Adam server optimizer: beta1.", min=0, max=1, max_exclusive=True)
+    adam_beta2: float = _field(0.999, "Adam server optimizer: beta2.", min=0, max=1,
+                               max_exclusive=True)
+    adam_eps: float = _field(1e-8, "Adam server optimizer: epsilon.", min=0, min_exclusive=True)
+    min_replies: int = _field(1, "Replies needed for a round to count.", min=1)
+    round_timeout: float = _field(0.0, "Seconds to wait for replies per round; 0 = no limit.", min=0)
+    eval_every: int = _field(10, "Evaluate every this many rounds; 0 = only at the end.", min=0)
+    eval_clients: int = _field(20, "Participating-side clients evaluated; 0 = all.", min=0)
+    lr_decay_at: float = _field(0.0, "Fraction of rounds after which eta is divided by "
+                                     "lr_decay_factor; 0 = never.", min=0, max=1, max_exclusive=True)
+    lr_decay_factor: float = _field(10.0, "Divisor of eta at lr_decay_at.", min=1)
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    steps: int = _field(10, "Adaptation steps at evaluation (k_eval).", min=0)
+    pattern: str = _field("full", "Lambda pattern of the evaluation adaptation.")
+    alpha: float = _field(0.0, "Adaptation step size at evaluation; 0 = algorithm.alpha.", min=0)
+    from_memory: bool = _field(True, "Also evaluate starting from each client's memory.")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    name: str = _field("inprocess", "Execution engine.", choices=("inprocess", "ray", "vectorized"))
+    num_cpus: float = _field(1.0, "CPUs per client under Ray.", min=0, min_exclusive=True)
+    num_gpus: float = _field(0.0, "GPUs per client under Ray.", min=0)
+    ray_address: str = _field("", "Address of an existing Ray cluster; empty = start a local one.")
+    device: str = _field("cpu", "Torch device.", choices=("cpu", "cuda", "auto"))
+    torch_threads: int = _field(1, "Torch intra-op threads; 0 = torch default.", min=0)
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = _field("run", "Run name, used in the run directory name.")
+    seed: int = _field(0, "Seed of every random choice in the run.", min=0)
+    output_dir: str = _field("results", "Directory under which run directories are created.")
+    data: DataConfig = _section(DataConfig, "Task family, clients and their data.")
+    model: ModelConfig = _section(ModelConfig, "The model being meta-learned.")
+    algorithm: AlgorithmConfig = _section(AlgorithmConfig, "Client-side update and its step sizes.")
+    federated: FederatedConfig = _section(FederatedConfig, "Rounds, sampling, aggregation and the "
+                                                           "server optimizer.")
+    evaluation: EvaluationConfig = _section(EvaluationConfig, "Personalization evaluation.")
+    engine: EngineConfig = _section(EngineConfig, "Where and how clients run.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Cross-field rules: one function, one block per rule; each returns "key.path: message" strings.
+# --------------------------------------------------------------------------------------------------
+
+# Meta-gradient estimators each algorithm supports (others accept any; reptile/fedavg ignore it).
+_META_GRADIENTS = {
+    "per_fedavg": ("first_order", "hessian_free"),
+    "fedmeta": ("first_order", "second_order"),
+}
+
+
+#: The rules of :func:`cross_field_problems` in words, for the docs. Keep the two in step.
+CROSS_FIELD_RULES = (
+    "`algorithm.memory_policy: decay_to_w` requires `federated.mode: cross_silo`.",
+    "`algorithm.name: per_fedavg` takes `algorithm.meta_gradient` `first_order` or `hessian_free`; "
+    "`fedmeta` takes `first_order` or `second_order`.",
+    "`federated.clients_per_round` must not exceed `data.num_clients`.",
+    "`federated.min_replies` must not exceed `federated.clients_per_round` when that is above 0, "
+    "nor `data.num_clients`.",
+    "`model.name: conv4` needs an image family (" + ", ".join(f"`{f}`" for f in IMAGE_FAMILIES) + ").",
+)
+
+
+def cross_field_problems(cfg: Config) -> list[str]:
+    """Rules that involve several keys. Runs only on a config whose fields are individually valid."""
+    problems = []
+    alg, fed, data = cfg.algorithm, cfg.federated, cfg.data
+
+    # MOML-V2's decay needs every task visited every step, which only cross-silo guarantees.
+    if alg.memory_policy == "decay_to_w" and fed.mode != "cross_silo":
+        problems.append(f"algorithm.memory_policy: 'decay_to_w' requires federated.mode "
+                        f"'cross_silo' (got {fed.mode!r}); use 'keep' or 'reinit' in cross-device mode")
+
+    allowed = _META_GRADIENTS.get(alg.name)
+    if allowed is not None and alg.meta_gradient not in allowed:
+        problems.append(f"algorithm.meta_gradient: {alg.meta_gradient!r} is not available for "
+                        f"algorithm {alg.name!r}; allowed: {', '.join(allowed)}")
+
+    if fed.clients_per_round > data.num_clients:
+        problems.append(f"federated.clients_per_round: {fed.clients_per_round} exceeds "
+                        f"data.num_clients ({data.num_clients})")
+    if fed.clients_per_round > 0 and fed.min_replies > fed.clients_per_round:
+        problems.append(f"federated.min_replies: {fed.min_replies} exceeds "
+                        f"federated.clients_per_round ({fed.clients_per_round})")
+    elif fed.min_replies > data.num_clients:
+        problems.append(f"federated.min_replies: {fed.min_replies} exceeds "
+                        f"data.num_clients ({data.num_clients})")
+
+    if cfg.model.name == "conv4" and data.family not in IMAGE_FAMILIES:
+        problems.append(f"model.name: 'conv4' needs an image family ({', '.join(IMAGE_FAMILIES)}); "
+                        f"data.family is {data.family!r}")
+    return problems
+
+
+# --------------------------------------------------------------------------------------------------
+# Introspection: the flat list of keys everything else derives from
+# --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One configuration key, as declared in the schema."""
+
+    path: str  # dotted, e.g. "algorithm.beta"; top-level keys have no dot
+    type: Any  # str, int, float, bool or tuple[int, ...]
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None = None
+    min: float | None = None
+    max: float | None = None
+    min_exclusive: bool = False
+    max_exclusive: bool = False
+
+    @property
+    def is_list(self) -> bool:
+        return self.type == tuple[int, ...]
+
+    @property
+    def type_name(self) -> str:
+        return "list[int]" if self.is_list else self.type.__name__
+
+    def allowed(self) -> str:
+        """What values are allowed, in words (for errors and docs)."""
+        if self.choices is not None:
+            return "one of " + ", ".join(self.choices)
+        rng = self.range_text()
+        if self.is_list:
+            return f"a list of integers, each {rng}" if rng else "a list of integers"
+        if rng:
+            return rng
+        return {bool: "true or false", str: "any string"}.get(self.type, "any " + self.type_name)
+
+    def range_text(self) -> str:
+        lo, hi = self.min, self.max
+        if lo is not None and hi is not None:
+            return (f"{'(' if self.min_exclusive else '['}{_num(lo)}, "
+                    f"{_num(hi)}{')' if self.max_exclusive else ']'}")
+        if lo is not None:
+            return f"{'>' if self.min_exclusive else '>='} {_num(lo)}"
+        if hi is not None:
+            return f"{'<' if self.max_exclusive else '<='} {_num(hi)}"
+        return ""
+
+    def in_range(self, x: float) -> bool:
+        if self.min is not None and (x <= self.min if self.min_exclusive else x < self.min):
+            return False
+        if self.max is not None and (x >= self.max if self.max_exclusive else x > self.max):
+            return False
+        return True
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(x)
+
+
+def sections() -> list[tuple[str, type, str]]:
+    """``(name, dataclass, help)`` of each section of :class:`Config`, in schema order."""
+    return [(f.name, f.type, f.metadata["help"]) for f in dataclasses.fields(Config)
+            if dataclasses.is_dataclass(f.type)]
+
+
+def _leaf_specs(cls: type, prefix: str) -> list[FieldSpec]:
+    out = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.type):
+            continue
+        m = f.metadata
+        out.append(FieldSpec(path=prefix + f.name, type=f.type, default=f.default, help=m["help"],
+                             choices=m.get("choices"), min=m.get("min"), max=m.get("max"),
+                             min_exclusive=m.get("min_exclusive", False),
+                             max_exclusive=m.get("max_exclusive", False)))
+    return out
+
+
+def schema() -> list[FieldSpec]:
+    """Every leaf key of the schema: top-level keys first, then each section's, in schema order."""
+    specs = _leaf_specs(Config, "")
+    for name, cls, _ in sections():
+        specs += _leaf_specs(cls, name + ".")
+    return specs
+
+
+_SPECS: dict[str, FieldSpec] = {s.path: s for s in schema()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Building and validating a Config from a nested dict
+# --------------------------------------------------------------------------------------------------
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it (YAML spelling for null and booleans)."""
+    if value is None:
+        return "null (empty)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
+def _suggest(word: str, candidates: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # bool is an int subclass: never accept it
+
+
+def _check_value(spec: FieldSpec, value: Any, problems: list[str]) -> Any:
+    """Return ``value`` converted to the field's type, or append a problem and return None."""
+    where = spec.path
+    if spec.type is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{where}: expected true or false, got {_show(value)}")
+            return None
+        return value
+    if spec.type is str:
+        if not isinstance(value, str):
+            hint = f" (quote it: '{value}')" if _is_int(value) or isinstance(value, float) else ""
+            problems.append(f"{where}: expected a string, got {_show(value)}{hint}")
+            return None
+        if spec.choices is not None and value not in spec.choices:
+            problems.append(f"{where}: {value!r} is not allowed; allowed: {', '.join(spec.choices)}"
+                            + _suggest(value, spec.choices))
+            return None
+        return value
+    if spec.type is int:
+        if not _is_int(value):
+            problems.append(f"{where}: expected an integer, got {_show(value)}")
+            return None
+    elif spec.type is float:
+        # PyYAML reads 1e-3 (no dot) as a string; accept numeric strings so '1e-3' works everywhere.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if not (_is_int(value) or isinstance(value, float)) or not math.isfinite(value):
+            problems.append(f"{where}: expected a finite number, got {_show(value)}")
+            return None
+        value = float(value)
+    elif spec.is_list:
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{where}: expected a list of integers such as [40, 40], "
+                            f"got {_show(value)}")
+            return None
+        ok = True
+        for i, item in enumerate(value):
+            if not _is_int(item):
+                problems.append(f"{where}[{i}]: expected an integer, got {_show(item)}")
+                ok = False
+            elif not spec.in_range(item):
+                problems.append(f"{where}[{i}]: {item} is out of range; allowed: {spec.range_text()}")
+                ok = False
+        return tuple(value) if ok else None
+    else:  # pragma: no cover - a schema bug, not a user mistake
+        raise TypeError(f"unsupported schema type {spec.type!r} for {where}")
+    if not spec.in_range(value):
+        problems.append(f"{where}: {_show(value)} is out of range; allowed: {spec.range_text()}")
+        return None
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
+    """Instantiate dataclass ``cls`` from a mapping, appending every problem found."""
+    if data is None:  # "data:" with nothing under it is an empty section
+        data = {}
+    if not isinstance(data, Mapping):
+        what = f"section {prefix[:-1]!r}" if prefix else "the configuration"
+        problems.append(f"{prefix[:-1] or '(top level)'}: {what} must be a mapping of keys, "
+                        f"got {_show(data)}")
+        return None
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if not isinstance(key, str) or key not in fields:
+            known = sorted(fields)
+            hint = _suggest(str(key), known) or f"; allowed keys: {', '.join(known)}"
+            problems.append(f"{prefix}{key!s}: unknown key{hint}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        if dataclasses.is_dataclass(f.type):
+            kwargs[name] = _build(f.type, data[name], prefix + name + ".", problems)
+        else:
+            kwargs[name] = _check_value(_SPECS[prefix + name], data[name], problems)
+    return None if problems else cls(**kwargs)
+
+
+def _raise(source: str, problems: list[str]) -> None:
+    if len(problems) == 1:
+        raise ConfigError(f"{source}: {problems[0]}")
+    listing = "\n".join(f"  - {p}" for p in problems)
+    raise ConfigError(f"{source}: {len(problems)} problems:\n{listing}")
+
+
+def config_from_dict(d: Mapping[str, Any], *, source: str = "config") -> Config:
+    """Validate a nested dict (missing keys take their defaults) and build a :class:`Config`.
+
+    ``source`` names where the dict came from in error messages (a file name, "overrides"...).
+    """
+    problems: list[str] = []
+    cfg = _build(Config, d, "", problems)
+    if not problems:
+        problems = cross_field_problems(cfg)
+    if problems:
+        _raise(source, problems)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """A plain nested dict (lists, not tuples) that :func:`config_from_dict` turns back into ``cfg``."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out[f.name] = config_to_dict(value)
+        elif isinstance(value, tuple):
+            out[f.name] = list(value)
+        else:
+            out[f.name] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Dotted paths: overrides, flat (Flower run-config) mappings, replace
+# --------------------------------------------------------------------------------------------------
+
+def _set_path(d: dict[str, Any], path: str, value: Any) -> None:
+    """Set ``d["a"]["b"] = value`` for path "a.b", creating missing sections."""
+    *parents, leaf = path.split(".")
+    node = d
+    for i, part in enumerate(parents):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parents[:i + 1])}: is a value ({_show(child)}), not a "
+                              f"section, so {path!r} cannot be set")
+        node = child
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``key.path=value`` and parse the value as YAML (``[40,40]``, ``true``, ``1e-3``...).
+
+    String keys take the text as written when YAML would read it as something else, so that
+    ``evaluation.pattern=0001`` stays the string "0001" rather than the integer 1.
+    """
+    key, sep, raw = text.partition("=")
+    key, raw = key.strip(), raw.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} must look like key.path=value, "
+                          f"e.g. algorithm.beta=0.5")
+    if raw == "":
+        return key, ""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw  # not valid YAML: keep the text; the type check decides whether it is fine
+    spec = _SPECS.get(key)
+    if spec is not None and spec.type is str and not isinstance(value, str):
+        value = raw
+    return key, value
+
+
+def apply_overrides(d: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A deep copy of ``d`` with each ``key.path=value`` override applied, in order."""
+    out = _deep_copy(d)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_path(out, key, value)
+    return out
+
+
+def _deep_copy(d: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in d.items()}
+
+
+def config_to_flat(cfg: Config) -> dict[str, Scalar]:
+    """``{"algorithm.beta": 0.3, ...}``: every key as a Flower run-config scalar.
+
+    Flower run-config values must be scalars, so lists are written as comma-separated strings
+    (``model.hidden: "40,40"``); :func:`config_from_flat` reads them back.
+    """
+    flat: dict[str, Scalar] = {}
+    for spec in schema():
+        value = cfg
+        for part in spec.path.split("."):
+            value = getattr(value, part)
+        flat[spec.path] = ",".join(str(v) for v in value) if spec.is_list else value
+    return flat
+
+
+def config_from_flat(flat: Mapping[str, Any], *, source: str = "run config") -> Config:
+    """Build a :class:`Config` from dotted keys (a Flower run config); missing keys take defaults."""
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        spec = _SPECS.get(key)
+        if spec is not None and spec.is_list and isinstance(value, str):
+            value = _parse_int_list(value)
+        try:
+            _set_path(nested, str(key), value)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+    return config_from_dict(nested, source=source)
+
+
+def _parse_int_list(text: str) -> Any:
+    """"40,40" or "[40, 40]" -> [40, 40]; anything unparsable is returned as is for the type check."""
+    text = text.strip().removeprefix("[").removesuffix("]").strip()
+    if not text:
+        return []
+    items = []
+    for part in text.split(","):
+        try:
+            items.append(int(part))
+        except ValueError:
+            items.append(part.strip())
+    return items
+
+
+def replace_paths(cfg: Config, updates: Mapping[str, Any]) -> Config:
+    """A validated copy of ``cfg`` with several dotted keys changed at once.
+
+    Changing keys together matters when a cross-field rule links them (e.g. algorithm.name and
+    algorithm.meta_gradient): one at a time, the intermediate config could be invalid.
+    """
+    d = config_to_dict(cfg)
+    for path, value in updates.items():
+        if path not in _SPECS:
+            raise ConfigError(f"{path}: unknown key" + _suggest(path, list(_SPECS)))
+        _set_path(d, path, value)
+    return config_from_dict(d)
+
+
+def replace_path(cfg: Config, path: str, value: Any) -> Config:
+    """A validated copy of ``cfg`` with one dotted key changed.
+
+    ``replace_path(cfg, "algorithm.beta", 0.7)``; see :func:`replace_paths` for linked keys.
+    """
+    return replace_paths(cfg, {path: value})
+
+
+# --------------------------------------------------------------------------------------------------
+# YAML files
+# --------------------------------------------------------------------------------------------------
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    if not path.is_file():
+        raise ConfigError(f"config path is not a file: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        # PyYAML's own text names "<unicode string>"; point at the file and line instead.
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e)
+        context = getattr(e, "context", None)
+        raise ConfigError(f"{where}: invalid YAML: {problem}"
+                          + (f" ({context})" if context else "")) from None
+    if data is None:  # empty file or only comments: all defaults
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys (e.g. 'name: run'), "
+                          f"got a {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """Load a YAML config file (or the defaults when ``path`` is None) and apply dotted overrides."""
+    data = _read_yaml(Path(path)) if path is not None else {}
+    data = apply_overrides(data, overrides)
+    source = str(path) if path is not None else "defaults"
+    if overrides:
+        source += " with overrides"
+    return config_from_dict(data, source=source)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block-style sections, inline lists ("hidden: [40, 40]"), as a person would write them."""
+
+
+_Dumper.add_representer(
+    list, lambda dumper, value: dumper.represent_sequence("tag:yaml.org,2002:seq", value,
+                                                          flow_style=True))
+
+
+def dump_yaml(cfg: Config) -> str:
+    """The config as YAML (every key, schema order) that :func:`load_config` reads back unchanged."""
+    return yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference documentation
+# --------------------------------------------------------------------------------------------------
+
+def _default_text(spec: FieldSpec) -> str:
+    value = spec.default
+    if spec.is_list:
+        return "`[" + ", ".join(str(v) for v in value) + "]`"
+    if isinstance(value, bool):
+        return "`true`" if value else "`false`"
+    if isinstance(value, str):
+        return f'`"{value}"`'
+    return f"`{value!r}`"
+
+
+def _allowed_md(spec: FieldSpec) -> str:
+    if spec.choices is not None:
+        return ", ".join(f"`{c}`" for c in spec.choices)
+    rng = spec.range_text()
+    if spec.is_list:
+        return f"each {rng}" if rng else "integers"
+    if rng:
+        return rng
+    return "`true`, `false`" if spec.type is bool else "any"
+
+
+def config_reference_markdown() -> str:
+    """A Markdown table per section: key, type, default, allowed values, description."""
+    header = "| Key | Type | Default | Allowed | Description |\n|---|---|---|---|---|\n"
+
+    def table(specs: list[FieldSpec]) -> str:
+        return header + "".join(
+            f"| `{s.path}` | {s.type_name} | {_default_text(s)} | {_allowed_md(s)} | {s.help} |\n"
+            for s in specs)
+
+    specs = schema()
+    parts = ["## Top level\n\n" + table([s for s in specs if "." not in s.path])]
+    for name, _, help in sections():
+        parts.append(f"## `{name}`\n\n{help}\n\n"
+                     + table([s for s in specs if s.path.startswith(name + ".")]))
+    parts.append("## Rules involving several keys\n\n"
+                 + "".join(f"- {rule}\n" for rule in CROSS_FIELD_RULES))
+    return "\n".join(parts)

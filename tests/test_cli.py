@@ -1,0 +1,156 @@
+"""The `fedmaml` CLI: help, config show/reference, run's config errors and exit codes."""
+
+import sys
+import types
+
+import pytest
+import yaml
+
+from fedmaml.cli import COMMANDS, DOC_MARKER, main
+from fedmaml.config import Config, config_reference_markdown, config_to_dict, load_config
+
+
+def test_help_lists_subcommands(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for cmd in COMMANDS:
+        assert cmd.name in out
+    assert "run" in out and "config" in out
+
+
+def test_no_command_prints_help_and_fails(capsys):
+    assert main([]) == 2
+    assert "usage: fedmaml" in capsys.readouterr().err
+
+
+def test_group_without_subcommand(capsys):
+    assert main(["config"]) == 2
+    err = capsys.readouterr().err
+    assert "show" in err and "reference" in err
+
+
+def test_unknown_command(capsys):
+    assert main(["frobnicate"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_config_show_defaults(capsys):
+    assert main(["config", "show"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == config_to_dict(Config())
+
+
+def test_config_show_file_and_overrides(tmp_path, capsys):
+    f = tmp_path / "c.yaml"
+    f.write_text("name: mine\n")
+    assert main(["config", "show", str(f), "algorithm.beta=0.5", "model.hidden=[8]"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["name"] == "mine"
+    assert shown["algorithm"]["beta"] == 0.5
+    assert shown["model"]["hidden"] == [8]
+
+
+def test_config_show_overrides_without_file(capsys):
+    assert main(["config", "show", "seed=4", "algorithm.beta=0.5"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["seed"] == 4 and shown["algorithm"]["beta"] == 0.5
+
+
+def test_config_show_output_reloads(tmp_path, capsys):
+    assert main(["config", "show", "federated.mode=cross_silo", "name=x"]) == 0
+    f = tmp_path / "resolved.yaml"
+    f.write_text(capsys.readouterr().out)
+    assert load_config(f) == load_config(None, ["federated.mode=cross_silo", "name=x"])
+
+
+def test_config_reference(capsys):
+    assert main(["config", "reference"]) == 0
+    assert capsys.readouterr().out == config_reference_markdown()
+
+
+def test_config_reference_update_keeps_intro(tmp_path, capsys):
+    doc = tmp_path / "configuration.md"
+    doc.write_text(f"# Intro\n\nHand-written.\n\n{DOC_MARKER}\n\nstale table\n")
+    assert main(["config", "reference", "--update", str(doc)]) == 0
+    text = doc.read_text()
+    assert text.startswith("# Intro\n\nHand-written.\n")
+    assert "stale table" not in text
+    assert text.endswith(config_reference_markdown())
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["config", "show", "algorithm.bta=0.5"], "algorithm.bta: unknown key; did you mean 'beta'?"),
+    (["config", "show", "seed=-2"], "seed: -2 is out of range; allowed: >= 0"),
+    (["config", "show", "data.family=mnist"], "data.family: 'mnist' is not allowed"),
+    (["config", "show", "algorithm.memory_policy=decay_to_w"], "requires federated.mode 'cross_silo'"),
+    (["config", "show", "seed"], "config file not found: seed"),
+    (["run", "missing.yaml"], "config file not found: missing.yaml"),
+    (["run", "missing.yaml", "seed=1"], "config file not found: missing.yaml"),
+])
+def test_user_errors_exit_2_without_traceback(argv, expected, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ")
+    assert expected in err
+    assert "Traceback" not in err
+
+
+def test_run_reports_bad_config_before_importing_the_engine(tmp_path, capsys, monkeypatch):
+    f = tmp_path / "c.yaml"
+    f.write_text("algorithm:\n  beta: 3\n")
+    monkeypatch.setitem(sys.modules, "fedmaml.experiment", None)  # importing it would fail
+    assert main(["run", str(f)]) == 2
+    assert "c.yaml: algorithm.beta: 3.0 is out of range; allowed: (0, 1]" in capsys.readouterr().err
+
+
+def test_run_invalid_yaml(tmp_path, capsys):
+    f = tmp_path / "bad.yaml"
+    f.write_text("name: [unclosed\n")
+    assert main(["run", str(f)]) == 2
+    assert "bad.yaml, line 2, column 1: invalid YAML" in capsys.readouterr().err
+
+
+@pytest.fixture
+def fake_experiment(monkeypatch):
+    """A stand-in fedmaml.experiment that records what `run` passes to it."""
+    calls = []
+    module = types.ModuleType("fedmaml.experiment")
+    module.run_experiment = lambda config, quiet=False: calls.append((config, quiet))
+    monkeypatch.setitem(sys.modules, "fedmaml.experiment", module)
+    return calls
+
+
+def test_run_passes_resolved_config(tmp_path, fake_experiment):
+    f = tmp_path / "c.yaml"
+    f.write_text("name: r\n")
+    # Overrides may come before and after options.
+    assert main(["run", str(f), "seed=3", "--quiet", "algorithm.beta=0.4",
+                 "--output-dir", str(tmp_path / "out")]) == 0
+    (cfg, quiet), = fake_experiment
+    assert quiet is True
+    assert (cfg.name, cfg.seed, cfg.algorithm.beta) == ("r", 3, 0.4)
+    assert cfg.output_dir == str(tmp_path / "out")
+
+
+def test_run_not_quiet_by_default(tmp_path, fake_experiment):
+    f = tmp_path / "c.yaml"
+    f.write_text("name: r\n")
+    assert main(["run", str(f)]) == 0
+    assert fake_experiment[0][1] is False
+
+
+def test_run_rejects_unknown_option(tmp_path, capsys, fake_experiment):
+    assert main(["run", "c.yaml", "seed=1", "--bogus"]) == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --bogus" in err and "seed=1" not in err.split("arguments:")[1]
+    assert fake_experiment == []
+
+
+def test_run_requires_config(capsys):
+    assert main(["run"]) == 2
+    assert "CONFIG" in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point():
+    import fedmaml.__main__ as entry
+
+    assert entry.main is main

@@ -1,0 +1,379 @@
+"""The config schema: loading, overrides, validation messages, round trips and the generated docs."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedmaml.cli import DOC_MARKER
+from fedmaml.config import (
+    Config,
+    config_from_dict,
+    config_from_flat,
+    config_reference_markdown,
+    config_to_dict,
+    config_to_flat,
+    cross_field_problems,
+    dump_yaml,
+    load_config,
+    parse_override,
+    replace_path,
+    replace_paths,
+    schema,
+    sections,
+)
+from fedmaml.errors import ConfigError, FedmamlError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _error(d: dict) -> str:
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(d)
+    return str(info.value)
+
+
+# -- the schema itself ---------------------------------------------------------------------------
+
+def test_every_field_has_type_default_and_help():
+    for cls in [Config, *(c for _, c, _ in sections())]:
+        assert dataclasses.fields(cls)
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
+            assert f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    for spec in schema():
+        assert "\n" not in spec.help
+        assert spec.choices is None or spec.default in spec.choices, spec.path
+
+
+def test_defaults_are_valid_and_frozen():
+    cfg = Config()
+    assert config_from_dict({}) == cfg
+    assert load_config(None) == cfg
+    assert cross_field_problems(cfg) == []
+    assert cfg.model.hidden == (40, 40) and cfg.algorithm.name == "moml"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.seed = 1  # type: ignore[misc]
+    hash(cfg)  # immutable all the way down, usable as a dict key
+
+
+def test_config_error_is_a_fedmaml_error():
+    assert issubclass(ConfigError, FedmamlError)
+
+
+# -- loading files ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    assert isinstance(load_config(path), Config)
+
+
+@pytest.mark.parametrize("name", ["quickstart", "sinewave_centralized"])
+def test_shipped_config_says_what_it_runs(name):
+    path = ROOT / "configs" / f"{name}.yaml"
+    assert path.read_text().startswith("# "), "a config starts with a comment saying what it runs"
+    assert load_config(path).name == name
+
+
+def test_shipped_configs_match_the_brief():
+    q = load_config(ROOT / "configs" / "quickstart.yaml")
+    assert (q.data.family, q.data.num_clients, q.data.unseen_clients) == ("sinusoid", 200, 20)
+    assert (q.federated.mode, q.federated.fraction, q.federated.rounds) == ("cross_device", 0.05, 300)
+    s = load_config(ROOT / "configs" / "sinewave_centralized.yaml")
+    assert s.data.family == "sinusoid_grid" and s.data.num_clients == 25
+    assert s.federated.clients_per_round == 3 and s.federated.aggregation == "uniform"
+    assert (s.algorithm.support_size, s.algorithm.init_support_size) == (1, 2)
+    assert (s.algorithm.alpha, s.algorithm.eta, s.algorithm.beta) == (0.01, 0.005, 0.3)
+
+
+def test_load_file_with_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("name: x\nalgorithm:\n  beta: 0.5\n")
+    cfg = load_config(f, ["algorithm.beta=0.7", "model.hidden=[20, 30]", "algorithm.eta=1e-3",
+                          "evaluation.from_memory=false", "federated.round_timeout=5"])
+    assert cfg.name == "x"
+    assert cfg.algorithm.beta == 0.7
+    assert cfg.model.hidden == (20, 30)
+    assert cfg.algorithm.eta == 1e-3
+    assert cfg.evaluation.from_memory is False
+    assert cfg.federated.round_timeout == 5.0 and isinstance(cfg.federated.round_timeout, float)
+
+
+def test_empty_file_and_empty_section_mean_defaults(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("# nothing yet\n")
+    assert load_config(f) == Config()
+    f.write_text("data:\n")
+    assert load_config(f) == Config()
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_config("nope.yaml")
+
+
+def test_directory_is_not_a_config(tmp_path):
+    with pytest.raises(ConfigError, match="not a file"):
+        load_config(tmp_path)
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("name: x\nalgorithm: [beta: 0.5\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml, line 3, column 1: invalid YAML: expected ',' or ']'") as info:
+        load_config(f)
+    assert "Traceback" not in str(info.value)
+
+
+def test_top_level_must_be_a_mapping(tmp_path):
+    f = tmp_path / "list.yaml"
+    f.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="list.yaml: the top level must be a mapping.*list"):
+        load_config(f)
+
+
+def test_duplicate_yaml_key_is_an_error(tmp_path):
+    f = tmp_path / "dup.yaml"
+    f.write_text("algorithm:\n  beta: 0.5\n  beta: 0.7\n")
+    with pytest.raises(ConfigError, match="dup.yaml, line 3, column 3: invalid YAML: duplicate key 'beta'"):
+        load_config(f)
+
+
+def test_validation_error_names_the_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("algorithm:\n  beta: 2\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: algorithm.beta: 2.0 is out of range"):
+        load_config(f)
+
+
+# -- overrides ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ("algorithm.beta=0.5", ("algorithm.beta", 0.5)),
+    ("model.hidden=[40,40]", ("model.hidden", [40, 40])),
+    ("evaluation.from_memory=true", ("evaluation.from_memory", True)),
+    ("algorithm.eta=1e-3", ("algorithm.eta", "1e-3")),  # YAML 1.1 reads it as text; float fields accept it
+    ("name=my run", ("name", "my run")),
+    ("name=2024", ("name", "2024")),  # string keys keep the text as written
+    ("evaluation.pattern=0001", ("evaluation.pattern", "0001")),
+    ("data.path=", ("data.path", "")),
+    (" seed = 3 ", ("seed", 3)),
+    ("algorithm.inner_pattern=1111|0001x4", ("algorithm.inner_pattern", "1111|0001x4")),
+])
+def test_parse_override(text, expected):
+    assert parse_override(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["algorithm.beta", "=0.5", ""])
+def test_malformed_override(bad):
+    with pytest.raises(ConfigError, match="must look like key.path=value"):
+        load_config(None, [bad])
+
+
+def test_later_override_wins_and_creates_sections():
+    cfg = load_config(None, ["seed=1", "seed=2", "engine.device=auto"])
+    assert cfg.seed == 2 and cfg.engine.device == "auto"
+
+
+def test_override_through_a_scalar_is_an_error():
+    with pytest.raises(ConfigError, match="seed: is a value"):
+        load_config(None, ["seed=1", "seed.x=2"])
+
+
+# -- validation rules ------------------------------------------------------------------------------
+
+def test_unknown_key_suggests_near_miss():
+    msg = _error({"algorithm": {"bta": 0.5}})
+    assert "algorithm.bta: unknown key; did you mean 'beta'?" in msg
+
+
+def test_unknown_section_suggests_near_miss():
+    assert "algorithim: unknown key; did you mean 'algorithm'?" in _error({"algorithim": {}})
+
+
+def test_unknown_key_without_near_miss_lists_allowed_keys():
+    msg = _error({"model": {"zzz": 1}})
+    assert "model.zzz: unknown key; allowed keys: conv_strided, conv_width, hidden, name" in msg
+
+
+@pytest.mark.parametrize("d, expected", [
+    ({"seed": "3"}, "seed: expected an integer, got '3'"),
+    ({"seed": 1.5}, "seed: expected an integer, got 1.5"),
+    ({"seed": True}, "seed: expected an integer, got true"),  # bool is never an int
+    ({"data": {"num_clients": False}}, "data.num_clients: expected an integer, got false"),
+    ({"algorithm": {"beta": "high"}}, "algorithm.beta: expected a finite number, got 'high'"),
+    ({"algorithm": {"beta": True}}, "algorithm.beta: expected a finite number, got true"),
+    ({"algorithm": {"eta": float("nan")}}, "algorithm.eta: expected a finite number, got nan"),
+    ({"model": {"conv_strided": 1}}, "model.conv_strided: expected true or false, got 1"),
+    ({"name": None}, "name: expected a string, got null"),
+    ({"evaluation": {"pattern": 1}}, "evaluation.pattern: expected a string, got 1 (quote it: '1')"),
+    ({"model": {"hidden": 40}}, "model.hidden: expected a list of integers"),
+    ({"model": {"hidden": [40, 4.5]}}, "model.hidden[1]: expected an integer, got 4.5"),
+    ({"model": {"hidden": [40, True]}}, "model.hidden[1]: expected an integer, got true"),
+    ({"data": 3}, "data: section 'data' must be a mapping of keys, got 3"),
+])
+def test_wrong_type(d, expected):
+    assert expected in _error(d)
+
+
+def test_int_accepted_where_float_expected():
+    cfg = config_from_dict({"algorithm": {"beta": 1}, "federated": {"server_lr": 2}})
+    assert cfg.algorithm.beta == 1.0 and isinstance(cfg.algorithm.beta, float)
+    assert isinstance(cfg.federated.server_lr, float)
+
+
+def test_tuple_and_list_both_accepted():
+    assert config_from_dict({"model": {"hidden": (8,)}}).model.hidden == (8,)
+    assert config_from_dict({"model": {"hidden": []}}).model.hidden == ()
+
+
+@pytest.mark.parametrize("d, expected", [
+    ({"seed": -1}, "seed: -1 is out of range; allowed: >= 0"),
+    ({"algorithm": {"beta": 0}}, "algorithm.beta: 0.0 is out of range; allowed: (0, 1]"),
+    ({"algorithm": {"beta": 1.01}}, "algorithm.beta: 1.01 is out of range; allowed: (0, 1]"),
+    ({"algorithm": {"alpha": 0}}, "algorithm.alpha: 0.0 is out of range; allowed: > 0"),
+    ({"data": {"heldout_fraction": 1}}, "data.heldout_fraction: 1.0 is out of range; allowed: (0, 1)"),
+    ({"federated": {"server_momentum": 1.0}}, "allowed: [0, 1)"),
+    ({"data": {"mnist1d_samples": 99}}, "data.mnist1d_samples: 99 is out of range; allowed: >= 100"),
+    ({"model": {"hidden": [40, 0]}}, "model.hidden[1]: 0 is out of range; allowed: >= 1"),
+])
+def test_out_of_range(d, expected):
+    assert expected in _error(d)
+
+
+def test_range_bounds_are_inclusive_where_documented():
+    cfg = config_from_dict({"algorithm": {"beta": 1}, "federated": {"server_momentum": 0,
+                                                                    "lr_decay_at": 0}})
+    assert cfg.algorithm.beta == 1.0
+
+
+def test_bad_choice_lists_choices_and_suggests():
+    msg = _error({"data": {"family": "sinusiod"}})
+    assert "data.family: 'sinusiod' is not allowed; allowed: sinusoid, sinusoid_grid" in msg
+    assert "did you mean 'sinusoid'?" in msg
+
+
+def test_all_field_problems_reported_together():
+    msg = _error({"seed": -1, "algorithm": {"bta": 1, "beta": 5}, "engine": {"device": "tpu"}})
+    assert msg.startswith("config: 4 problems:")
+    for part in ("seed:", "algorithm.bta:", "algorithm.beta:", "engine.device:"):
+        assert f"  - {part}" in msg
+
+
+@pytest.mark.parametrize("d, expected", [
+    ({"algorithm": {"memory_policy": "decay_to_w"}},
+     "algorithm.memory_policy: 'decay_to_w' requires federated.mode 'cross_silo'"),
+    ({"algorithm": {"name": "per_fedavg", "meta_gradient": "second_order"}},
+     "algorithm.meta_gradient: 'second_order' is not available for algorithm 'per_fedavg'; "
+     "allowed: first_order, hessian_free"),
+    ({"algorithm": {"name": "fedmeta", "meta_gradient": "hessian_free"}},
+     "allowed: first_order, second_order"),
+    ({"federated": {"clients_per_round": 3, "min_replies": 4}},
+     "federated.min_replies: 4 exceeds federated.clients_per_round (3)"),
+    ({"data": {"num_clients": 5}, "federated": {"min_replies": 6}},
+     "federated.min_replies: 6 exceeds data.num_clients (5)"),
+    ({"data": {"num_clients": 5}, "federated": {"clients_per_round": 6}},
+     "federated.clients_per_round: 6 exceeds data.num_clients (5)"),
+    ({"model": {"name": "conv4"}}, "model.name: 'conv4' needs an image family"),
+])
+def test_cross_field_rules(d, expected):
+    assert expected in _error(d)
+
+
+def test_cross_field_rules_accept_valid_combinations():
+    config_from_dict({"algorithm": {"memory_policy": "decay_to_w"}, "federated": {"mode": "cross_silo"}})
+    config_from_dict({"algorithm": {"name": "per_fedavg", "meta_gradient": "hessian_free"}})
+    config_from_dict({"algorithm": {"name": "fedmeta", "meta_gradient": "second_order"}})
+    config_from_dict({"algorithm": {"name": "moml", "meta_gradient": "second_order"}})
+    config_from_dict({"federated": {"clients_per_round": 3, "min_replies": 3}})
+    config_from_dict({"model": {"name": "conv4"}, "data": {"family": "omniglot"}})
+
+
+# -- round trips and paths -----------------------------------------------------------------------
+
+def _custom() -> Config:
+    return load_config(None, ["name=exp", "seed=7", "model.hidden=[8,16]", "algorithm.beta=0.7",
+                              "evaluation.pattern=0001x5", "federated.mode=cross_silo",
+                              "algorithm.memory_policy=decay_to_w", "data.path=/tmp/data"])
+
+
+def test_dict_round_trip():
+    cfg = _custom()
+    d = config_to_dict(cfg)
+    assert d["model"]["hidden"] == [8, 16]  # plain lists, not tuples
+    assert config_from_dict(d) == cfg
+    assert config_to_dict(Config())["algorithm"]["beta"] == 0.3
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = _custom()
+    text = dump_yaml(cfg)
+    assert "hidden: [8, 16]" in text
+    assert "pattern: 0001x5" in text or "pattern: '0001x5'" in text
+    f = tmp_path / "dumped.yaml"
+    f.write_text(text)
+    assert load_config(f) == cfg
+    assert yaml.safe_load(dump_yaml(Config())) == config_to_dict(Config())
+
+
+def test_flat_round_trip():
+    cfg = _custom()
+    flat = config_to_flat(cfg)
+    assert flat["algorithm.beta"] == 0.7
+    assert flat["model.hidden"] == "8,16"
+    assert {type(v) for v in flat.values()} <= {bool, int, float, str}  # Flower run-config scalars
+    assert set(flat) == {s.path for s in schema()}
+    assert config_from_flat(flat) == cfg
+
+
+def test_flat_partial_and_list_forms():
+    cfg = config_from_flat({"algorithm.beta": 0.5, "model.hidden": "[20, 20]", "seed": 3})
+    assert cfg.algorithm.beta == 0.5 and cfg.model.hidden == (20, 20) and cfg.seed == 3
+    assert config_from_flat({"model.hidden": ""}).model.hidden == ()
+    assert config_from_flat({"model.hidden": [4]}).model.hidden == (4,)
+
+
+def test_flat_errors_name_the_key():
+    with pytest.raises(ConfigError, match="run config: algorithm.bta: unknown key; did you mean 'beta'"):
+        config_from_flat({"algorithm.bta": 0.5})
+    with pytest.raises(ConfigError, match=r"model.hidden\[1\]: expected an integer, got 'x'"):
+        config_from_flat({"model.hidden": "4,x"})
+
+
+def test_replace_path():
+    cfg = Config()
+    new = replace_path(cfg, "algorithm.beta", 0.7)
+    assert new.algorithm.beta == 0.7 and cfg.algorithm.beta == 0.3
+    assert replace_path(cfg, "seed", 5).seed == 5
+    with pytest.raises(ConfigError, match=r"algorithm.beta: 1.5 is out of range"):
+        replace_path(cfg, "algorithm.beta", 1.5)
+    with pytest.raises(ConfigError, match="algorithm.bta: unknown key; did you mean 'algorithm.beta'"):
+        replace_path(cfg, "algorithm.bta", 0.5)
+
+
+def test_replace_paths_changes_linked_keys_together():
+    new = replace_paths(Config(), {"algorithm.name": "per_fedavg",
+                                   "algorithm.meta_gradient": "hessian_free"})
+    assert (new.algorithm.name, new.algorithm.meta_gradient) == ("per_fedavg", "hessian_free")
+
+
+# -- reference docs ----------------------------------------------------------------------------------
+
+def test_reference_lists_every_key():
+    md = config_reference_markdown()
+    for spec in schema():
+        assert f"| `{spec.path}` |" in md
+    for name, _, _ in sections():
+        assert f"## `{name}`" in md
+    assert "| `algorithm.beta` | float | `0.3` | (0, 1] |" in md
+    assert "| `model.hidden` | list[int] | `[40, 40]` | each >= 1 |" in md
+
+
+def test_committed_docs_match_the_schema():
+    text = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    assert DOC_MARKER in text, "docs/configuration.md lost its generated-section marker"
+    generated = text.split(DOC_MARKER, 1)[1].lstrip("\n")
+    assert generated == config_reference_markdown(), (
+        "docs/configuration.md is out of date: run "
+        "`python -m fedmaml config reference --update docs/configuration.md`")
