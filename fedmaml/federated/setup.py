@@ -1,0 +1,109 @@
+"""Everything a run derives from its config, built once per process and shared by the apps.
+
+Both sides of a federation (the ServerApp and every ClientApp, possibly in different processes or on
+different machines) call :func:`setup_for` with the same config and so agree on the model, the data
+partition of each client id, the algorithm's hyperparameters and the initial parameters.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedmaml.algorithms import Algorithm, Hyper, get_algorithm
+from fedmaml.core.losses import LossFn, loss_for
+from fedmaml.core.params import Params
+from fedmaml.core.patterns import Pattern, resolve_pattern
+from fedmaml.core.task_step import StepConfig
+from fedmaml.data import build_federation
+from fedmaml.data.tasks import Federation
+from fedmaml.errors import ConfigError, PatternError
+from fedmaml.models import StagedModel, build_model
+
+
+@dataclass(frozen=True)
+class ExperimentSetup:
+    config: Any
+    federation: Federation
+    model: StagedModel
+    loss_fn: LossFn
+    algorithm: Algorithm
+    hyper: Hyper
+    eval_pattern: Pattern
+    eval_alpha: float
+    initial_params: Params
+
+    @property
+    def classification(self) -> bool:
+        return self.federation.task_type == "classification"
+
+    def eta_for_round(self, server_round: int) -> float:
+        """The local step size of a round: ``eta``, divided by ``lr_decay_factor`` after the decay point."""
+        fed, eta = self.config.federated, self.config.algorithm.eta
+        if fed.lr_decay_at > 0 and server_round > fed.lr_decay_at * fed.rounds:
+            return eta / fed.lr_decay_factor
+        return eta
+
+
+def _pattern(key: str, text: str, model: StagedModel, steps: int) -> Pattern:
+    try:
+        return resolve_pattern(text, model.group_names, steps, model.name)
+    except PatternError as e:
+        raise PatternError(f"{key}: {e}") from None
+
+
+def build_hyper(cfg: Any, model: StagedModel, algorithm: Algorithm) -> Hyper:
+    a = cfg.algorithm
+    inner = _pattern("algorithm.inner_pattern", a.inner_pattern, model, a.inner_steps)
+    memory = (_pattern("algorithm.memory_pattern", a.memory_pattern, model, a.inner_steps)
+              if a.memory_pattern else inner)
+    # Algorithms without memory are MOML with beta = 1: the "memory" is A(w; S) itself.
+    beta = a.beta if algorithm.uses_memory else 1.0
+    step = StepConfig(alpha=a.alpha, beta=beta, estimator=a.meta_gradient, inner_pattern=inner,
+                      memory_pattern=memory, hf_delta=a.hf_delta, scale_by_beta=a.scale_by_beta)
+    k = a.support_size
+    return Hyper(step=step, eta=a.eta, local_steps=a.local_steps, tasks_per_step=a.tasks_per_step,
+                 support_size=k, query_size=a.query_size or k,
+                 init_support_size=a.init_support_size or k, memory_policy=a.memory_policy)
+
+
+def _cache_key(cfg: Any) -> str:
+    from fedmaml.config import config_to_dict
+
+    d = config_to_dict(cfg)
+    # Only what changes the built objects matters (not e.g. output paths or engine choice).
+    keep = {k: d[k] for k in ("seed", "data", "model", "algorithm", "evaluation", "federated")}
+    return json.dumps(keep, sort_keys=True)
+
+
+def setup_for(cfg: Any) -> ExperimentSetup:
+    """The (cached) setup of a config."""
+    return _setup_cached(_cache_key(cfg), cfg)
+
+
+@functools.lru_cache(maxsize=8)
+def _setup_cached(_key: str, cfg: Any) -> ExperimentSetup:
+    federation = build_federation(cfg.data, cfg.seed)
+    model = build_model(cfg.model, federation.input_shape, federation.num_outputs)
+    try:
+        algorithm = get_algorithm(cfg.algorithm.name)
+    except ValueError as e:
+        raise ConfigError(f"algorithm.name: {e}") from None
+    hyper = build_hyper(cfg, model, algorithm)
+    ev = cfg.evaluation
+    eval_pattern = _pattern("evaluation.pattern", ev.pattern, model, ev.steps)
+    return ExperimentSetup(
+        config=cfg, federation=federation, model=model, loss_fn=loss_for(federation.task_type),
+        algorithm=algorithm, hyper=hyper, eval_pattern=eval_pattern,
+        eval_alpha=ev.alpha or cfg.algorithm.alpha, initial_params=model.init(cfg.seed))
+
+
+def client_generator(seed: int, client_id: int, server_round: int, stream: int = 0) -> torch.Generator:
+    """Per-client RNG derived from (seed, client id, round): independent of who else participates."""
+    state = np.random.SeedSequence([seed, client_id, server_round, stream]).generate_state(2)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))

@@ -1,0 +1,57 @@
+"""A run directory: ``config.yaml`` (resolved), ``metrics.jsonl`` (one line per round),
+``summary.json`` and ``model.pt`` (final meta-model). Files other than the append-only metrics log
+are written atomically."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from fedmaml.atomic import atomic_torch_save, atomic_write_text
+from fedmaml.core.params import Params
+
+CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, MODEL_FILE = ("config.yaml", "metrics.jsonl",
+                                                      "summary.json", "model.pt")
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe values: NaN/inf become null (strict JSON readers reject them)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+class RunRecorder:
+    def __init__(self, run_dir: str | Path, config: Any) -> None:
+        from fedmaml.config import dump_yaml
+
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.dir / CONFIG_FILE, dump_yaml(config))
+        (self.dir / SUMMARY_FILE).unlink(missing_ok=True)  # a summary marks a finished run
+        self._metrics = open(self.dir / METRICS_FILE, "w", encoding="utf-8")
+
+    def log_round(self, row: dict[str, Any]) -> None:
+        self._metrics.write(json.dumps(_clean(row)) + "\n")
+        self._metrics.flush()
+
+    def finish(self, summary: dict[str, Any], params: Params) -> None:
+        self._metrics.close()
+        atomic_torch_save({k: v.detach().cpu() for k, v in params.items()}, self.dir / MODEL_FILE)
+        atomic_write_text(self.dir / SUMMARY_FILE, json.dumps(_clean(summary), indent=2) + "\n")
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    with open(Path(run_dir) / METRICS_FILE, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
+    path = Path(run_dir) / SUMMARY_FILE
+    return json.loads(path.read_text()) if path.exists() else None
