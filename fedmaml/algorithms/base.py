@@ -49,6 +49,11 @@ class RoundData:
     extra: Batch | None = None  # independent batch S' for the Hessian-free estimator
     init: Batch | None = None  # [n_tasks, K0, ...]: data for memory (re)initialisation
 
+    def to(self, device: torch.device | str) -> "RoundData":
+        move = lambda b: None if b is None else (b[0].to(device), b[1].to(device))  # noqa: E731
+        return RoundData(self.task_index.to(device), move(self.support), move(self.query),
+                         move(self.extra), move(self.init))
+
 
 class Algorithm(Protocol):
     """A federated (meta-)learning algorithm: a local round on the client; averaging on the server."""

@@ -20,7 +20,7 @@ from fedmaml.core.evaluation import personalized_metrics
 from fedmaml.core.params import Params
 from fedmaml.federated import records as R
 from fedmaml.federated.memory_store import ContextStateStore, FileStore, MemoryStore
-from fedmaml.federated.setup import ExperimentSetup, client_generator, setup_for
+from fedmaml.federated.setup import ExperimentSetup, client_generator, resolve_device, setup_for
 
 
 def make_client_app(config: Any = None) -> ClientApp:
@@ -39,15 +39,18 @@ def make_client_app(config: Any = None) -> ClientApp:
         if cid >= setup.federation.num_clients:
             raise ValueError(f"client {cid} is an unseen (evaluation-only) client and cannot train")
         start = time.perf_counter()
-        w = R.from_record(msg.content[R.ARRAYS], setup.initial_params, "train instruction")
+        device = resolve_device(cfg.engine.device)
+        w = to_device(R.from_record(msg.content[R.ARRAYS], setup.initial_params,
+                                    "train instruction"), device)
         server_round = int(msg.content[R.CONFIG][R.ROUND])
         hp = setup.hyper.with_eta(float(msg.content[R.CONFIG][R.ETA]))
         store = memory_store(context, setup, cid)
         memory = store.load() if setup.algorithm.uses_memory else None
+        memory = None if memory is None else to_device(memory, device)
         fresh = setup.algorithm.uses_memory and (memory is None or hp.memory_policy == "reinit")
         tasks = setup.federation.client_tasks(cid)
         data = draw_round(tasks, hp, client_generator(cfg.seed, cid, server_round),
-                          extra=setup.algorithm.needs_extra_batch(hp), init=fresh)
+                          extra=setup.algorithm.needs_extra_batch(hp), init=fresh).to(device)
         delta, memory, metrics = client_update(setup.algorithm, setup.model, setup.loss_fn, hp, w,
                                                memory, data)
         if memory is not None:
@@ -72,6 +75,10 @@ def make_client_app(config: Any = None) -> ClientApp:
         return Message(RecordDict({R.METRICS: MetricRecord({R.PARTITION: cid})}), reply_to=msg)
 
     return app
+
+
+def to_device(params: Params, device: torch.device) -> Params:
+    return {k: v.to(device) for k, v in params.items()}
 
 
 def samples_drawn(data: RoundData) -> int:

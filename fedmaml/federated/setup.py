@@ -103,6 +103,16 @@ def _setup_cached(_key: str, cfg: Any) -> ExperimentSetup:
         eval_alpha=ev.alpha or cfg.algorithm.alpha, initial_params=model.init(cfg.seed))
 
 
+def resolve_device(name: str) -> torch.device:
+    """``engine.device``: ``cpu``, ``cuda`` (an error without a GPU) or ``auto`` (cuda when present)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("engine.device: 'cuda' was asked for but torch sees no CUDA device here; "
+                          "use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
 def client_generator(seed: int, client_id: int, server_round: int, stream: int = 0) -> torch.Generator:
     """Per-client RNG derived from (seed, client id, round): independent of who else participates."""
     state = np.random.SeedSequence([seed, client_id, server_round, stream]).generate_state(2)
