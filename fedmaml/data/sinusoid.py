@@ -1,0 +1,168 @@
+"""Sinusoid regression tasks ``y = A sin(x + phi)``, generated on demand.
+
+Two families:
+
+* ``sinusoid`` (Finn et al. 2017): every task draws ``A ~ U[0.1, 5]`` and ``phi ~ U[0, pi]`` from
+  the run seed and its (client id, task index), so a million clients cost nothing until one is asked
+  for, and every process rebuilds the same client.
+* ``sinusoid_grid`` (MOML public code, ``sinewave/``): the 25 training tasks are the fixed grid
+  ``A in {1..5}`` x ``phi in {pi/5, ..., pi}`` in the public code's order (amplitude-major:
+  task ``g`` has ``A = g // 5 + 1``, ``phi = (g % 5 + 1) * pi / 5``); client ``cid`` holds grid tasks
+  ``cid * T .. cid * T + T - 1`` for ``T = tasks_per_client``. Unseen (test) task ``q`` draws
+  ``A ~ U[1, 5]`` then ``phi ~ U[pi/5, pi]`` from ``numpy.random.RandomState(q)``, exactly as the
+  public code's ``sample_amp_pha(..., seed=q)``: test tasks 0-4 are the paper's, and they are the
+  same for every run seed (seeds vary training only, as in the public code).
+
+Inputs are ``x ~ U[-5, 5]`` of shape ``[n, 1]`` and targets float32 ``[n, 1]``. ``draw`` returns fresh
+points from the caller's generator. The evaluation split (``adapt_size`` points to adapt on,
+``heldout_size`` others to measure on) is fixed per task by the task's own evaluation seed. Unlike
+the public code, which adapts on the first 10 of the same 100 points it measures on (both drawn with
+seed 2021, shared by all test tasks), the adapt and measured points here are disjoint draws, so the
+measured MSE is never on points the model adapted to.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .seeding import derived_seed, numpy_rng
+from .spec import DataSpec
+from .tasks import Federation, Task
+
+X_RANGE = (-5.0, 5.0)
+#: Finn et al.'s task distribution.
+AMPLITUDE_RANGE = (0.1, 5.0)
+PHASE_RANGE = (0.0, math.pi)
+#: The MOML grid and its test-task distribution.
+GRID_AMPLITUDES = (1, 2, 3, 4, 5)
+GRID_PHASES = tuple(k * math.pi / 5 for k in range(1, 6))
+GRID_TEST_AMPLITUDE_RANGE = (1.0, 5.0)
+GRID_TEST_PHASE_RANGE = (math.pi / 5, math.pi)
+#: Grid evaluation points do not depend on the run seed (like the public code's fixed seed 2021),
+#: so every run measures the same points; this constant seeds them.
+GRID_EVAL_SEED = 2021
+
+
+class SinusoidTask(Task):
+    """One sine wave ``y = amplitude * sin(x + phase)`` with fresh points on every draw."""
+
+    #: Generative tasks have unlimited data. Every sinusoid task reports this same nominal count, so
+    #: example-weighted averaging over sinusoid clients is uniform; the value itself means nothing.
+    NOMINAL_NUM_EXAMPLES = 1000
+    num_examples = NOMINAL_NUM_EXAMPLES
+
+    def __init__(
+        self,
+        amplitude: float,
+        phase: float,
+        eval_seed: int = 0,
+        adapt_size: int = 10,
+        heldout_size: int = 100,
+        x_range: tuple[float, float] = X_RANGE,
+    ) -> None:
+        self.amplitude, self.phase = float(amplitude), float(phase)
+        self.eval_seed = int(eval_seed)
+        self.adapt_size, self.heldout_size = int(adapt_size), int(heldout_size)
+        self.x_range = (float(x_range[0]), float(x_range[1]))
+        self._evaluation: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+
+    def target(self, x: Tensor) -> Tensor:
+        """The noiseless function value at ``x``."""
+        return self.amplitude * torch.sin(x + self.phase)
+
+    def _points(self, generator: torch.Generator, n: int) -> tuple[Tensor, Tensor]:
+        low, high = self.x_range
+        x = low + (high - low) * torch.rand(n, 1, generator=generator, dtype=torch.float32)
+        return x, self.target(x)
+
+    def draw(self, generator: torch.Generator, n: int) -> tuple[Tensor, Tensor]:
+        return self._points(generator, n)
+
+    def evaluation_split(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        if self._evaluation is None:
+            generator = torch.Generator().manual_seed(self.eval_seed)
+            x, y = self._points(generator, self.adapt_size + self.heldout_size)
+            k = self.adapt_size
+            self._evaluation = (x[:k], y[:k], x[k:], y[k:])
+        return self._evaluation
+
+    def __repr__(self) -> str:
+        return f"SinusoidTask(amplitude={self.amplitude:.4g}, phase={self.phase:.4g})"
+
+
+def build_sinusoid(spec: DataSpec, seed: int) -> Federation:
+    """Finn et al.'s sinusoid family: clients and unseen clients generated lazily."""
+    sizes = (spec.tasks_per_client, spec.eval_adapt_size, spec.eval_heldout_size)
+    return Federation(
+        num_clients=spec.num_clients,
+        num_unseen=spec.unseen_clients,
+        input_shape=(1,),
+        num_outputs=1,
+        task_type="regression",
+        _client_tasks=partial(_random_tasks, seed, "sinusoid/train", *sizes),
+        _unseen_tasks=partial(_random_tasks, seed, "sinusoid/unseen", *sizes),
+    )
+
+
+def _random_tasks(
+    seed: int, stream: str, count: int, adapt_size: int, heldout_size: int, cid: int
+) -> list[Task]:
+    tasks: list[Task] = []
+    for t in range(count):
+        rng = numpy_rng(seed, stream, cid, t)
+        amplitude = rng.uniform(*AMPLITUDE_RANGE)
+        phase = rng.uniform(*PHASE_RANGE)
+        eval_seed = int(rng.integers(2**63))
+        tasks.append(SinusoidTask(amplitude, phase, eval_seed, adapt_size, heldout_size))
+    return tasks
+
+
+def build_sinusoid_grid(spec: DataSpec, seed: int) -> Federation:
+    """The MOML sinewave protocol: 25 fixed grid tasks for training, random unseen test tasks.
+
+    ``seed`` is accepted for a uniform interface; nothing here depends on it (see module docstring).
+    """
+    sizes = (spec.tasks_per_client, spec.eval_adapt_size, spec.eval_heldout_size)
+    return Federation(
+        num_clients=spec.num_clients,
+        num_unseen=spec.unseen_clients,
+        input_shape=(1,),
+        num_outputs=1,
+        task_type="regression",
+        _client_tasks=partial(_grid_tasks, *sizes),
+        _unseen_tasks=partial(_grid_test_tasks, *sizes),
+    )
+
+
+def grid_parameters(g: int) -> tuple[float, float]:
+    """Amplitude and phase of grid task ``g`` (0..24), amplitude-major as in the public code."""
+    return float(GRID_AMPLITUDES[g // 5]), GRID_PHASES[g % 5]
+
+
+def grid_test_parameters(q: int) -> tuple[float, float]:
+    """Amplitude and phase of test task ``q``: the public code's ``sample_amp_pha(seed=q)``."""
+    legacy = np.random.RandomState(q)
+    amplitude = legacy.uniform(*GRID_TEST_AMPLITUDE_RANGE)
+    phase = legacy.uniform(*GRID_TEST_PHASE_RANGE)
+    return float(amplitude), float(phase)
+
+
+def _grid_tasks(count: int, adapt_size: int, heldout_size: int, cid: int) -> list[Task]:
+    tasks: list[Task] = []
+    for g in range(cid * count, (cid + 1) * count):
+        eval_seed = derived_seed(GRID_EVAL_SEED, "sinusoid_grid/train", g)
+        tasks.append(SinusoidTask(*grid_parameters(g), eval_seed, adapt_size, heldout_size))
+    return tasks
+
+
+def _grid_test_tasks(count: int, adapt_size: int, heldout_size: int, j: int) -> list[Task]:
+    tasks: list[Task] = []
+    for q in range(j * count, (j + 1) * count):
+        eval_seed = derived_seed(GRID_EVAL_SEED, "sinusoid_grid/test", q)
+        tasks.append(SinusoidTask(*grid_test_parameters(q), eval_seed, adapt_size, heldout_size))
+    return tasks

@@ -1,0 +1,172 @@
+"""The data settings a federation is built from, validated once.
+
+:class:`DataSpec` mirrors the config's ``data`` section field for field, so the Python API and the
+config share one set of names and defaults. :meth:`DataSpec.from_config` reads any object with these
+attributes (or a mapping), so callers can pass the config section as it is.
+
+Not every field matters to every family; :meth:`DataSpec.cache_key` keeps only the ones the family
+reads, so changing an unrelated field (say ``dirichlet_alpha`` for a sinusoid run) reuses a built
+federation. :data:`FAMILY_FIELDS` is the list of which family reads what.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from fedmaml.errors import DataError
+
+FAMILIES = ("sinusoid", "sinusoid_grid", "synthetic", "digits", "mnist1d", "omniglot", "femnist")
+PARTITIONS = ("iid", "dirichlet", "classes", "natural")
+#: Families whose clients are generated on demand from (seed, client id): any number of clients.
+GENERATED_FAMILIES = ("sinusoid", "sinusoid_grid", "synthetic")
+#: Families built from a finite labelled pool that is partitioned across clients.
+POOL_FAMILIES = ("digits", "mnist1d", "omniglot", "femnist")
+#: Families whose examples carry a natural client (writer) id, so ``partition: natural`` works.
+NATURAL_FAMILIES = ("femnist",)
+#: Families read from files under ``data.path``.
+FILE_FAMILIES = ("omniglot", "femnist")
+#: The MOML sinewave grid: amplitudes 1..5 times phases pi/5..pi.
+GRID_TASKS = 25
+
+_COMMON = ("family", "num_clients", "unseen_clients", "tasks_per_client")
+_SINUSOID = ("eval_adapt_size", "eval_heldout_size")
+_POOL = ("partition", "n_way", "heldout_fraction", "eval_adapt_size")
+#: Fields each family reads (besides ``family`` and the client counts); the partition's own
+#: parameter is added for pool families (``dirichlet_alpha`` or ``classes_per_client``).
+FAMILY_FIELDS: dict[str, tuple[str, ...]] = {
+    "sinusoid": _SINUSOID,
+    "sinusoid_grid": _SINUSOID,
+    "synthetic": ("heldout_fraction", "eval_adapt_size", "synthetic_alpha", "synthetic_beta"),
+    "digits": _POOL,
+    "mnist1d": _POOL + ("mnist1d_samples",),
+    "omniglot": _POOL + ("path",),
+    "femnist": _POOL + ("path",),
+}
+_PARTITION_FIELDS = {"dirichlet": ("dirichlet_alpha",), "classes": ("classes_per_client",)}
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What data to build: the family, how many clients, how to partition and split it.
+
+    ``eval_adapt_size`` is how many training examples personalized evaluation adapts on (for pool
+    families 0 means the whole training pool); ``eval_heldout_size`` is how many fresh points a
+    generated sinusoid task measures on (pool families measure on their ``heldout_fraction`` split).
+    The defaults are the MOML sinewave protocol's (25 training tasks, 5 test tasks, adapt on 10,
+    measure on 100) so ``DataSpec(family="sinusoid_grid")`` is the reference setup.
+    """
+
+    family: str = "sinusoid"
+    path: str = ""
+    num_clients: int = 25
+    unseen_clients: int = 5
+    tasks_per_client: int = 1
+    partition: str = "iid"
+    dirichlet_alpha: float = 0.5
+    classes_per_client: int = 2
+    n_way: int = 0
+    heldout_fraction: float = 0.2
+    eval_adapt_size: int = 10
+    eval_heldout_size: int = 100
+    synthetic_alpha: float = 1.0
+    synthetic_beta: float = 1.0
+    mnist1d_samples: int = 5000
+
+    @classmethod
+    def from_config(cls, data: Any) -> "DataSpec":
+        """Read the fields from a config section (attributes) or a mapping; missing ones default."""
+        if isinstance(data, cls):
+            return data
+        if isinstance(data, Mapping):
+            values = {f.name: data.get(f.name, f.default) for f in fields(cls)}
+        else:
+            values = {f.name: getattr(data, f.name, f.default) for f in fields(cls)}
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        if self.path is None or isinstance(self.path, os.PathLike):  # YAML null or a Path
+            object.__setattr__(self, "path", "" if self.path is None else os.fspath(self.path))
+        _check_choice("family", self.family, FAMILIES)
+        _check_choice("partition", self.partition, PARTITIONS)
+        if not isinstance(self.path, str):
+            _fail("path", self.path, "a path string")
+        _check_int("num_clients", self.num_clients, 1)
+        _check_int("unseen_clients", self.unseen_clients, 0)
+        _check_int("tasks_per_client", self.tasks_per_client, 1)
+        _check_int("classes_per_client", self.classes_per_client, 1)
+        _check_int("n_way", self.n_way, 0)
+        _check_int("eval_adapt_size", self.eval_adapt_size, 0)
+        _check_int("eval_heldout_size", self.eval_heldout_size, 1)
+        _check_int("mnist1d_samples", self.mnist1d_samples, 10)
+        _check_real("dirichlet_alpha", self.dirichlet_alpha, "a number > 0", lambda v: v > 0)
+        _check_real("heldout_fraction", self.heldout_fraction, "a number in (0, 1)", lambda v: 0 < v < 1)
+        _check_real("synthetic_alpha", self.synthetic_alpha, "a number >= 0", lambda v: v >= 0)
+        _check_real("synthetic_beta", self.synthetic_beta, "a number >= 0", lambda v: v >= 0)
+        self._check_family_specific()
+
+    def _check_family_specific(self) -> None:
+        family = self.family
+        if self.partition == "natural" and family not in NATURAL_FAMILIES:
+            raise DataError(
+                f"data.partition = 'natural' needs data with natural clients; family {family!r} has "
+                f"none. Allowed families for 'natural': {', '.join(NATURAL_FAMILIES)}; "
+                f"for {family!r} use one of iid, dirichlet, classes"
+            )
+        if self.n_way and family not in POOL_FAMILIES:
+            raise DataError(
+                f"data.n_way = {self.n_way} applies to classification pools "
+                f"({', '.join(POOL_FAMILIES)}), not to family {family!r}; set it to 0"
+            )
+        if family in ("sinusoid", "sinusoid_grid") and self.eval_adapt_size < 1:
+            _fail("eval_adapt_size", self.eval_adapt_size, f"an integer >= 1 for family {family!r}")
+        if family == "sinusoid_grid" and self.num_clients * self.tasks_per_client > GRID_TASKS:
+            raise DataError(
+                f"data.num_clients = {self.num_clients} with data.tasks_per_client = "
+                f"{self.tasks_per_client} asks for {self.num_clients * self.tasks_per_client} "
+                f"training tasks; family 'sinusoid_grid' has exactly {GRID_TASKS} "
+                f"(num_clients * tasks_per_client must be <= {GRID_TASKS})"
+            )
+        if family in FILE_FAMILIES and not self.path:
+            raise DataError(
+                f"data.path is empty; family {family!r} reads its files from data.path "
+                + ("(<path>/<alphabet>/<character>/<image>.png)" if family == "omniglot"
+                   else "(<path>/*.json, LEAF format)")
+            )
+
+    def cache_key(self) -> tuple:
+        """The fields this family reads, as a hashable key (paths made absolute)."""
+        names = _COMMON + FAMILY_FIELDS[self.family]
+        if self.family in POOL_FAMILIES:
+            names += _PARTITION_FIELDS.get(self.partition, ())
+        return tuple(
+            (n, os.path.abspath(self.path) if n == "path" else getattr(self, n)) for n in names
+        )
+
+
+def _fail(name: str, value: Any, expected: str) -> None:
+    raise DataError(f"data.{name} = {value!r} is invalid; expected {expected}")
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        _fail(name, value, "one of " + ", ".join(allowed))
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        _fail(name, value, f"an integer >= {minimum}")
+
+
+def _check_real(name: str, value: Any, expected: str, ok) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or not ok(value)
+    ):
+        _fail(name, value, expected)
