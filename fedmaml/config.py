@@ -58,6 +58,7 @@ def _section(cls: type, help: str) -> Any:
 
 DATA_FAMILIES = ("sinusoid", "sinusoid_grid", "synthetic", "digits", "mnist1d", "omniglot", "femnist")
 IMAGE_FAMILIES = ("digits", "omniglot", "femnist")
+ALGORITHM_NAMES = ("moml", "per_fedavg", "fedmeta", "reptile", "fedavg")
 
 
 @dataclass(frozen=True)
@@ -94,8 +95,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class AlgorithmConfig:
-    name: str = _field("moml", "Federated (meta-)learning algorithm.",
-                       choices=("moml", "per_fedavg", "fedmeta", "reptile", "fedavg"))
+    name: str = _field("moml", "Federated (meta-)learning algorithm.", choices=ALGORITHM_NAMES)
     alpha: float = _field(0.01, "Inner (adaptation) step size.", min=0, min_exclusive=True)
     eta: float = _field(0.005, "Meta / local step size.", min=0, min_exclusive=True)
     beta: float = _field(0.3, "Memory momentum of MOML (1 = no memory).",
@@ -172,6 +172,8 @@ class Config:
     name: str = _field("run", "Run name, used in the run directory name.")
     seed: int = _field(0, "Seed of every random choice in the run.", min=0)
     output_dir: str = _field("results", "Directory under which run directories are created.")
+    compare_with: str = _field("", "Comma-separated algorithms (e.g. 'fedavg,per_fedavg') also run "
+                                   "on this config, as baselines in the summary table.")
     data: DataConfig = _section(DataConfig, "Task family, clients and their data.")
     model: ModelConfig = _section(ModelConfig, "The model being meta-learned.")
     algorithm: AlgorithmConfig = _section(AlgorithmConfig, "Client-side update and its step sizes.")
@@ -200,6 +202,7 @@ CROSS_FIELD_RULES = (
     "`federated.clients_per_round` must not exceed `data.num_clients`.",
     "`federated.min_replies` must not exceed `federated.clients_per_round` when that is above 0, "
     "nor `data.num_clients`.",
+    "`compare_with` lists algorithm names (those of `algorithm.name`).",
     "`model.name: conv4` needs an image family (" + ", ".join(f"`{f}`" for f in IMAGE_FAMILIES) + ").",
 )
 
@@ -228,6 +231,11 @@ def cross_field_problems(cfg: Config) -> list[str]:
     elif fed.min_replies > data.num_clients:
         problems.append(f"federated.min_replies: {fed.min_replies} exceeds "
                         f"data.num_clients ({data.num_clients})")
+
+    for name in filter(None, (n.strip() for n in cfg.compare_with.split(","))):
+        if name not in ALGORITHM_NAMES:
+            problems.append(f"compare_with: {name!r} is not an algorithm; allowed: "
+                            f"{', '.join(ALGORITHM_NAMES)}" + _suggest(name, ALGORITHM_NAMES))
 
     if cfg.model.name == "conv4" and data.family not in IMAGE_FAMILIES:
         problems.append(f"model.name: 'conv4' needs an image family ({', '.join(IMAGE_FAMILIES)}); "

@@ -65,6 +65,7 @@ def run_federated(grid: Grid, cfg: Any, run_dir: str | Path, quiet: bool = False
         "algorithm": cfg.algorithm.name,
         "rounds": cfg.federated.rounds,
         "metric": key,
+        "eval_steps": cfg.evaluation.steps,
         "before": {k: v for k, v in first_eval.items() if not k.endswith(".clients")},
         "after": {k: v for k, v in last_eval.items() if not k.endswith(".clients")},
         "seconds": progress_elapsed(progress),
