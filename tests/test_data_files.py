@@ -41,7 +41,7 @@ def write_omniglot(root, alphabets=2, characters=3, images=4, size=105, seed=0):
 
 def omniglot_spec(root, **kw):
     return DataSpec(**{"family": "omniglot", "path": str(root), "num_clients": 2, "unseen_clients": 1,
-                       "heldout_fraction": 0.25, **kw})
+                       "partition": "iid", "heldout_fraction": 0.25, **kw})
 
 
 def test_omniglot_loads_classes_shapes_and_range(tmp_path):

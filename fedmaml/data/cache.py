@@ -3,7 +3,8 @@
 Simulation actors are separate processes that each build their data; generating MNIST-1D or
 decoding thousands of Omniglot PNGs in every one of them wastes seconds to minutes. Arrays are
 stored as ``<cache dir>/<name>-<hash of key>.npz`` (written to a temporary file and renamed, so a
-crashed or concurrent writer never leaves a half-written file under the final name) and memoized
+crashed or concurrent writer never leaves a half-written file under the final name, via
+:mod:`fedmaml.atomic`) and memoized
 per process. The key must describe everything the arrays depend on (generator arguments, package
 version, or a digest of the source files' names, sizes and mtimes).
 
@@ -14,9 +15,9 @@ The cache directory is ``$FEDMAML_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/fed
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
-import tempfile
 import threading
 import warnings
 import zipfile
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fedmaml.atomic import atomic_write_bytes
 
 Arrays = dict[str, np.ndarray]
 
@@ -94,16 +97,9 @@ def _load(path: Path) -> Arrays | None:
 
 
 def _store(path: Path, arrays: Arrays) -> None:
-    tmp = None
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-        tmp = None
+        atomic_write_bytes(path, buffer.getvalue())
     except OSError as exc:
         warnings.warn(f"fedmaml could not cache data at {path} ({exc}); it will be rebuilt next time")
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)

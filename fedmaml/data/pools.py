@@ -69,15 +69,14 @@ def build_pool_federation(pool: LabelledPool, spec: DataSpec, seed: int) -> Fede
             if names is not None:
                 who += f" (writer {names[i]!r})"
             raise DataError(f"data.family = {spec.family!r}, {who}: {exc}") from exc
-    adapt = spec.eval_adapt_size or None
     return Federation(
         num_clients=spec.num_clients,
         num_unseen=spec.unseen_clients,
         input_shape=tuple(pool.x.shape[1:]),
         num_outputs=spec.n_way or pool.num_classes,
         task_type="classification",
-        _client_tasks=partial(_tasks, pool, tuple(plans[: spec.num_clients]), adapt),
-        _unseen_tasks=partial(_tasks, pool, tuple(plans[spec.num_clients :]), adapt),
+        _client_tasks=partial(_tasks, pool, tuple(plans[: spec.num_clients]), spec.eval_adapt_size),
+        _unseen_tasks=partial(_tasks, pool, tuple(plans[spec.num_clients :]), spec.eval_adapt_size),
     )
 
 
@@ -109,13 +108,11 @@ def _partition(
         raise DataError(f"{setting}: {exc}") from exc
 
 
-def _tasks(
-    pool: LabelledPool, plans: tuple[list[TaskPlan], ...], adapt: int | None, i: int
-) -> list[Task]:
+def _tasks(pool: LabelledPool, plans: tuple[list[TaskPlan], ...], adapt: int, i: int) -> list[Task]:
     return [make_pool_task(pool, plan, adapt) for plan in plans[i]]
 
 
-def make_pool_task(pool: LabelledPool, plan: TaskPlan, adapt_size: int | None) -> PoolTask:
+def make_pool_task(pool: LabelledPool, plan: TaskPlan, adapt_size: int) -> PoolTask:
     """Slice one planned task out of the pool (relabelling an N-way task to 0..N-1)."""
     train, heldout = torch.from_numpy(plan.train), torch.from_numpy(plan.heldout)
     train_y, heldout_y = pool.y[train], pool.y[heldout]

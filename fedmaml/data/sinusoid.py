@@ -24,6 +24,7 @@ measured MSE is never on points the model adapted to.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import partial
 
 import numpy as np
@@ -98,14 +99,37 @@ class SinusoidTask(Task):
 def build_sinusoid(spec: DataSpec, seed: int) -> Federation:
     """Finn et al.'s sinusoid family: clients and unseen clients generated lazily."""
     sizes = (spec.tasks_per_client, spec.eval_adapt_size, spec.eval_heldout_size)
+    return _federation(
+        spec,
+        partial(_random_tasks, seed, "sinusoid/train", *sizes),
+        partial(_random_tasks, seed, "sinusoid/unseen", *sizes),
+    )
+
+
+def build_sinusoid_grid(spec: DataSpec, seed: int) -> Federation:
+    """The MOML sinewave protocol: 25 fixed grid tasks for training, random unseen test tasks.
+
+    ``seed`` is accepted for a uniform interface; nothing here depends on it (see module docstring).
+    """
+    sizes = (spec.tasks_per_client, spec.eval_adapt_size, spec.eval_heldout_size)
+    return _federation(
+        spec,
+        partial(_indexed_tasks, grid_parameters, "sinusoid_grid/train", *sizes),
+        partial(_indexed_tasks, grid_test_parameters, "sinusoid_grid/test", *sizes),
+    )
+
+
+def _federation(
+    spec: DataSpec, client_tasks: Callable[[int], list[Task]], unseen_tasks: Callable[[int], list[Task]]
+) -> Federation:
     return Federation(
         num_clients=spec.num_clients,
         num_unseen=spec.unseen_clients,
         input_shape=(1,),
         num_outputs=1,
         task_type="regression",
-        _client_tasks=partial(_random_tasks, seed, "sinusoid/train", *sizes),
-        _unseen_tasks=partial(_random_tasks, seed, "sinusoid/unseen", *sizes),
+        _client_tasks=client_tasks,
+        _unseen_tasks=unseen_tasks,
     )
 
 
@@ -122,23 +146,6 @@ def _random_tasks(
     return tasks
 
 
-def build_sinusoid_grid(spec: DataSpec, seed: int) -> Federation:
-    """The MOML sinewave protocol: 25 fixed grid tasks for training, random unseen test tasks.
-
-    ``seed`` is accepted for a uniform interface; nothing here depends on it (see module docstring).
-    """
-    sizes = (spec.tasks_per_client, spec.eval_adapt_size, spec.eval_heldout_size)
-    return Federation(
-        num_clients=spec.num_clients,
-        num_unseen=spec.unseen_clients,
-        input_shape=(1,),
-        num_outputs=1,
-        task_type="regression",
-        _client_tasks=partial(_grid_tasks, *sizes),
-        _unseen_tasks=partial(_grid_test_tasks, *sizes),
-    )
-
-
 def grid_parameters(g: int) -> tuple[float, float]:
     """Amplitude and phase of grid task ``g`` (0..24), amplitude-major as in the public code."""
     return float(GRID_AMPLITUDES[g // 5]), GRID_PHASES[g % 5]
@@ -152,17 +159,17 @@ def grid_test_parameters(q: int) -> tuple[float, float]:
     return float(amplitude), float(phase)
 
 
-def _grid_tasks(count: int, adapt_size: int, heldout_size: int, cid: int) -> list[Task]:
+def _indexed_tasks(
+    parameters: Callable[[int], tuple[float, float]],
+    stream: str,
+    count: int,
+    adapt_size: int,
+    heldout_size: int,
+    cid: int,
+) -> list[Task]:
+    """Tasks ``cid * count .. cid * count + count - 1`` of a numbered task list (grid or test)."""
     tasks: list[Task] = []
-    for g in range(cid * count, (cid + 1) * count):
-        eval_seed = derived_seed(GRID_EVAL_SEED, "sinusoid_grid/train", g)
-        tasks.append(SinusoidTask(*grid_parameters(g), eval_seed, adapt_size, heldout_size))
-    return tasks
-
-
-def _grid_test_tasks(count: int, adapt_size: int, heldout_size: int, j: int) -> list[Task]:
-    tasks: list[Task] = []
-    for q in range(j * count, (j + 1) * count):
-        eval_seed = derived_seed(GRID_EVAL_SEED, "sinusoid_grid/test", q)
-        tasks.append(SinusoidTask(*grid_test_parameters(q), eval_seed, adapt_size, heldout_size))
+    for q in range(cid * count, (cid + 1) * count):
+        eval_seed = derived_seed(GRID_EVAL_SEED, stream, q)
+        tasks.append(SinusoidTask(*parameters(q), eval_seed, adapt_size, heldout_size))
     return tasks

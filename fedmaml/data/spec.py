@@ -54,19 +54,20 @@ _PARTITION_FIELDS = {"dirichlet": ("dirichlet_alpha",), "classes": ("classes_per
 class DataSpec:
     """What data to build: the family, how many clients, how to partition and split it.
 
-    ``eval_adapt_size`` is how many training examples personalized evaluation adapts on (for pool
-    families 0 means the whole training pool); ``eval_heldout_size`` is how many fresh points a
-    generated sinusoid task measures on (pool families measure on their ``heldout_fraction`` split).
-    The defaults are the MOML sinewave protocol's (25 training tasks, 5 test tasks, adapt on 10,
-    measure on 100) so ``DataSpec(family="sinusoid_grid")`` is the reference setup.
+    Fields and defaults are those of the config's ``data`` section (``fedmaml.config.DataConfig``;
+    a test keeps them equal). ``eval_adapt_size`` is how many training examples personalized
+    evaluation adapts on (a pool task with fewer adapts on all of them); ``eval_heldout_size`` is how
+    many fresh points a sinusoid task measures on (pool and synthetic tasks measure on their
+    ``heldout_fraction`` split). The MOML sinewave protocol is ``DataSpec(family="sinusoid_grid",
+    num_clients=25, unseen_clients=5)`` (adapt on 10, measure on 100 are the defaults).
     """
 
     family: str = "sinusoid"
     path: str = ""
-    num_clients: int = 25
-    unseen_clients: int = 5
+    num_clients: int = 100
+    unseen_clients: int = 0
     tasks_per_client: int = 1
-    partition: str = "iid"
+    partition: str = "dirichlet"
     dirichlet_alpha: float = 0.5
     classes_per_client: int = 2
     n_way: int = 0
@@ -75,7 +76,7 @@ class DataSpec:
     eval_heldout_size: int = 100
     synthetic_alpha: float = 1.0
     synthetic_beta: float = 1.0
-    mnist1d_samples: int = 5000
+    mnist1d_samples: int = 4000
 
     @classmethod
     def from_config(cls, data: Any) -> "DataSpec":
@@ -100,7 +101,7 @@ class DataSpec:
         _check_int("tasks_per_client", self.tasks_per_client, 1)
         _check_int("classes_per_client", self.classes_per_client, 1)
         _check_int("n_way", self.n_way, 0)
-        _check_int("eval_adapt_size", self.eval_adapt_size, 0)
+        _check_int("eval_adapt_size", self.eval_adapt_size, 1)
         _check_int("eval_heldout_size", self.eval_heldout_size, 1)
         _check_int("mnist1d_samples", self.mnist1d_samples, 10)
         _check_real("dirichlet_alpha", self.dirichlet_alpha, "a number > 0", lambda v: v > 0)
@@ -122,8 +123,6 @@ class DataSpec:
                 f"data.n_way = {self.n_way} applies to classification pools "
                 f"({', '.join(POOL_FAMILIES)}), not to family {family!r}; set it to 0"
             )
-        if family in ("sinusoid", "sinusoid_grid") and self.eval_adapt_size < 1:
-            _fail("eval_adapt_size", self.eval_adapt_size, f"an integer >= 1 for family {family!r}")
         if family == "sinusoid_grid" and self.num_clients * self.tasks_per_client > GRID_TASKS:
             raise DataError(
                 f"data.num_clients = {self.num_clients} with data.tasks_per_client = "

@@ -59,7 +59,7 @@ def build_synthetic(spec: DataSpec, seed: int) -> Federation:
         spec.synthetic_alpha,
         spec.synthetic_beta,
         spec.heldout_fraction,
-        spec.eval_adapt_size or None,
+        spec.eval_adapt_size,
     )
     return Federation(
         num_clients=spec.num_clients,
@@ -79,7 +79,7 @@ def _tasks(
     alpha: float,
     beta: float,
     heldout_fraction: float,
-    adapt_size: int | None,
+    adapt_size: int,
     cid: int,
 ) -> list[Task]:
     return [
