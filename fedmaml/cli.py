@@ -123,6 +123,50 @@ def _cmd_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------------
+# fedmaml select-pattern
+# --------------------------------------------------------------------------------------------------
+
+def _add_select_pattern_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", metavar="RUN_DIR_OR_CONFIG",
+                        help="a run directory (config.yaml + model.pt) or a YAML config file "
+                             "(then give --checkpoint)")
+    _add_overrides(parser)
+    parser.add_argument("--epsilon", type=float, metavar="E",
+                        help="allowed quality loss vs the full pattern (default: "
+                             "pattern_selection.epsilon; accuracy points or loss percent)")
+    parser.add_argument("--candidates", nargs="+", metavar="PATTERN",
+                        help="extra candidate patterns, e.g. 00001x5 '11111|00001x4' "
+                             "(replace pattern_selection.candidates)")
+    parser.add_argument("--only-candidates", action="store_true",
+                        help="compare only the full pattern and --candidates (no generated family)")
+    parser.add_argument("--checkpoint", metavar="FILE", help="meta-model to select for "
+                        "(default: RUN_DIR/model.pt)")
+    parser.add_argument("--out", metavar="FILE", help="where to write the JSON record (default: "
+                        "pattern_selection_central.json next to the checkpoint)")
+
+
+def _cmd_select_pattern(args: argparse.Namespace) -> int:
+    from fedmaml.experiment import quiet_frameworks  # lazy: pulls in torch and flwr
+    from fedmaml.federated.pattern_selection import select_from_cli, table_text
+
+    quiet_frameworks()
+    # nargs="+" also swallows key=value overrides written after --candidates; patterns never hold '='
+    candidates = None if args.candidates is None else [c for c in args.candidates if "=" not in c]
+    overrides = [*args.overrides, *(c for c in args.candidates or () if "=" in c)]
+    record, path = select_from_cli(args.target, overrides, epsilon=args.epsilon,
+                                   candidates=candidates,
+                                   family=False if args.only_candidates else None,
+                                   checkpoint=args.checkpoint, out=args.out)
+    timing = record["timing"]
+    print(f"validation clients {record['validation_clients']}, test clients "
+          f"{record['test_clients']}; {timing['torch_threads']} torch thread(s), load average "
+          f"{timing['loadavg']}, median of {timing['repeats']} after {timing['warmup']} warm-up")
+    print(table_text(record))
+    print(f"written to {path}")
+    return 0
+
+
 COMMANDS: list[Command] = [
     Command("run", "run one experiment from a config file", _add_run_arguments, _cmd_run),
     Command("config", "inspect configurations", subcommands=(
@@ -131,6 +175,9 @@ COMMANDS: list[Command] = [
         Command("reference", "print the Markdown reference of every config key",
                 _add_reference_arguments, _cmd_reference),
     )),
+    Command("select-pattern", "choose a Lambda pattern for a meta-trained model: the fastest "
+            "within epsilon of full adaptation", _add_select_pattern_arguments,
+            _cmd_select_pattern),
 ]
 
 

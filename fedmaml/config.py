@@ -167,6 +167,46 @@ class EngineConfig:
     torch_threads: int = _field(1, "Torch intra-op threads; 0 = torch default.", min=0)
 
 
+#: What a selected Lambda pattern can replace (pattern_selection.apply_to).
+PATTERN_TARGETS = ("inner", "memory", "evaluation")
+
+
+@dataclass(frozen=True)
+class PatternSelectionConfig:
+    mode: str = _field("none", "Lambda-pattern selection: central = the server measures the "
+                               "candidates on the validation clients' data; federated = the "
+                               "validation clients measure them on their own data and device.",
+                       choices=("none", "central", "federated"))
+    epsilon: float = _field(1.0, "Quality the chosen pattern may lose against the full pattern, in "
+                                 "epsilon_unit.", min=0)
+    epsilon_unit: str = _field("auto", "accuracy_points = absolute accuracy points; loss_percent = "
+                                       "percent of the full pattern's loss; auto = accuracy_points "
+                                       "for classification, loss_percent for regression.",
+                               choices=("auto", "accuracy_points", "loss_percent"))
+    steps: int = _field(0, "Adaptation steps of the generated candidates; 0 = evaluation.steps.",
+                        min=0)
+    family: bool = _field(True, "Generate the structured candidates (top-k groups at every step; "
+                                "full first m steps, then top-k); false = full + candidates only.")
+    max_top_k: int = _field(0, "Largest k of the top-k candidates; 0 = all groups but one.", min=0)
+    full_steps: tuple[int, ...] = _field((1,), "Values of m for 'full first m steps, then top-k'.",
+                                         min=1)
+    candidates: str = _field("", "Extra candidate patterns, comma-separated (e.g. "
+                                 "'00001x5, 11111|00011x4'); aliases allowed.")
+    at_round: int = _field(0, "Select after this round's training (its evaluation already uses the "
+                              "choice); 0 = the last round.", min=0)
+    apply_to: str = _field("inner,memory,evaluation", "Comma-separated uses of the chosen pattern "
+                                                      "after selection: inner, memory, evaluation; "
+                                                      "empty = only record the choice.")
+    validation_clients: int = _field(10, "Training clients whose held-out split selects the "
+                                         "pattern; 0 = all.", min=0)
+    test_clients: int = _field(0, "Clients reporting test quality (unseen clients; training clients "
+                                  "not used for validation when there are none); 0 = all.", min=0)
+    warmup: int = _field(2, "Untimed adaptations per candidate before timing.", min=0)
+    repeats: int = _field(5, "Timed adaptations per candidate (the median is used).", min=1)
+    time_tolerance: float = _field(0.05, "Times within this fraction of the fastest count as ties, "
+                                         "won by fewer adapted group-steps.", min=0)
+
+
 @dataclass(frozen=True)
 class Config:
     name: str = _field("run", "Run name, used in the run directory name.")
@@ -181,6 +221,8 @@ class Config:
                                                            "server optimizer.")
     evaluation: EvaluationConfig = _section(EvaluationConfig, "Personalization evaluation.")
     engine: EngineConfig = _section(EngineConfig, "Where and how clients run.")
+    pattern_selection: PatternSelectionConfig = _section(
+        PatternSelectionConfig, "Lambda-pattern selection (docs/lambda_patterns.md).")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -204,6 +246,8 @@ CROSS_FIELD_RULES = (
     "nor `data.num_clients`.",
     "`compare_with` lists algorithm names (those of `algorithm.name`).",
     "`model.name: conv4` needs an image family (" + ", ".join(f"`{f}`" for f in IMAGE_FAMILIES) + ").",
+    "`pattern_selection.at_round` must not exceed `federated.rounds`; `pattern_selection.apply_to` "
+    "lists " + ", ".join(f"`{t}`" for t in PATTERN_TARGETS) + ".",
 )
 
 
@@ -240,6 +284,15 @@ def cross_field_problems(cfg: Config) -> list[str]:
     if cfg.model.name == "conv4" and data.family not in IMAGE_FAMILIES:
         problems.append(f"model.name: 'conv4' needs an image family ({', '.join(IMAGE_FAMILIES)}); "
                         f"data.family is {data.family!r}")
+
+    sel = cfg.pattern_selection
+    if sel.at_round > fed.rounds:
+        problems.append(f"pattern_selection.at_round: {sel.at_round} exceeds federated.rounds "
+                        f"({fed.rounds}); use 0 for the last round")
+    for target in filter(None, (t.strip() for t in sel.apply_to.split(","))):
+        if target not in PATTERN_TARGETS:
+            problems.append(f"pattern_selection.apply_to: {target!r} is not allowed; list some of "
+                            f"{', '.join(PATTERN_TARGETS)}" + _suggest(target, PATTERN_TARGETS))
     return problems
 
 

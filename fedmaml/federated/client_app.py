@@ -18,6 +18,8 @@ from flwr.clientapp import ClientApp
 from fedmaml.algorithms import RoundData, client_update, draw_round
 from fedmaml.core.evaluation import personalized_metrics
 from fedmaml.core.params import Params
+from fedmaml.core.patterns import Pattern
+from fedmaml.federated import pattern_selection as selected
 from fedmaml.federated import records as R
 from fedmaml.federated.memory_store import ContextStateStore, FileStore, MemoryStore
 from fedmaml.federated.setup import ExperimentSetup, client_generator, resolve_device, setup_for
@@ -44,6 +46,7 @@ def make_client_app(config: Any = None) -> ClientApp:
                                     "train instruction"), device)
         server_round = int(msg.content[R.CONFIG][R.ROUND])
         hp = setup.hyper.with_eta(float(msg.content[R.CONFIG][R.ETA]))
+        hp = selected.hyper_for(hp, msg.content[R.CONFIG], setup)  # a selected pattern, if sent
         store = memory_store(context, setup, cid)
         memory = store.load() if setup.algorithm.uses_memory else None
         memory = None if memory is None else to_device(memory, device)
@@ -66,8 +69,15 @@ def make_client_app(config: Any = None) -> ClientApp:
     def evaluate(msg: Message, context: Context) -> Message:
         cfg, setup, cid = resolve(context)
         w = R.from_record(msg.content[R.ARRAYS], setup.initial_params, "evaluate instruction")
-        metrics = evaluate_client(setup, cid, w, memory_store(context, setup, cid))
+        pattern = selected.eval_pattern_for(msg.content.get(R.CONFIG, {}), setup)
+        metrics = evaluate_client(setup, cid, w, memory_store(context, setup, cid), pattern)
         return Message(RecordDict({R.METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+    @app.query("select")
+    def select(msg: Message, context: Context) -> Message:
+        """Measure Lambda-pattern candidates on this client's held-out split and device."""
+        _, setup, cid = resolve(context)
+        return selected.handle_select(setup, cid, msg)
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
@@ -95,9 +105,11 @@ def memory_store(context: Context, setup: ExperimentSetup, cid: int) -> MemorySt
     return ContextStateStore(context)
 
 
-def evaluate_client(setup: ExperimentSetup, cid: int, w: Params, store: MemoryStore
-                    ) -> dict[str, float]:
-    """Personalized metrics of one client, from ``w`` and (if it has one) from its memory."""
+def evaluate_client(setup: ExperimentSetup, cid: int, w: Params, store: MemoryStore,
+                    pattern: Pattern | None = None) -> dict[str, float]:
+    """Personalized metrics of one client, from ``w`` and (if it has one) from its memory, adapting
+    with ``pattern`` (default: the config's evaluation pattern)."""
+    pattern = setup.eval_pattern if pattern is None else pattern
     fed = setup.federation
     unseen = cid >= fed.num_clients
     tasks = fed.unseen_tasks(cid - fed.num_clients) if unseen else fed.client_tasks(cid)
@@ -110,7 +122,7 @@ def evaluate_client(setup: ExperimentSetup, cid: int, w: Params, store: MemorySt
         if memory is not None:
             starts["memory-"] = {k: v[i] for k, v in memory.items()}
         for prefix, params in starts.items():
-            m = personalized_metrics(setup.model, setup.loss_fn, params, *split, setup.eval_pattern,
+            m = personalized_metrics(setup.model, setup.loss_fn, params, *split, pattern,
                                      setup.eval_alpha, setup.classification)
             for k, v in m.items():
                 sums[prefix + k] = sums.get(prefix + k, 0.0) + float(v) / len(tasks)

@@ -11,6 +11,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmaml.federated import records as R
 from fedmaml.federated.client_app import config_from_run_config
+from fedmaml.federated.pattern_selection import selection_summary, write_selection
 from fedmaml.federated.setup import setup_for
 from fedmaml.federated.strategy import MetaStrategy
 from fedmaml.results.progress import Progress
@@ -46,6 +47,8 @@ def run_federated(grid: Grid, cfg: Any, run_dir: str | Path, quiet: bool = False
 
     def on_round(row: dict[str, Any]) -> None:
         recorder.log_round(row)
+        if "pattern_selection" in row:  # the table also gets a file of its own
+            write_selection(run_dir, row["pattern_selection"])
         if "eval" in row:
             last_eval.clear()
             last_eval.update(row["eval"])
@@ -70,6 +73,8 @@ def run_federated(grid: Grid, cfg: Any, run_dir: str | Path, quiet: bool = False
         "after": {k: v for k, v in last_eval.items() if not k.endswith(".clients")},
         "seconds": progress_elapsed(progress),
     }
+    if strategy.selector.record is not None:
+        summary["pattern_selection"] = selection_summary(strategy.selector.record)
     recorder.finish(summary, strategy.w)
     del result
     return summary

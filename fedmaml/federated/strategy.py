@@ -28,6 +28,7 @@ from fedmaml.core.params import Params
 from fedmaml.core.server import ServerOptimizer, aggregate
 from fedmaml.errors import MessageError
 from fedmaml.federated import records as R
+from fedmaml.federated.pattern_selection import PatternSelector
 from fedmaml.federated.setup import ExperimentSetup
 
 log = logging.getLogger("fedmaml")
@@ -59,6 +60,7 @@ class MetaStrategy(Strategy):
         self.nodes: dict[int, int] = {}  # client id -> node id
         self.trained: set[int] = set()
         self.round_stats: dict[str, Any] = {}
+        self.selector = PatternSelector(setup)  # Lambda-pattern selection; inert when mode is none
 
     # -- sampling -------------------------------------------------------------------------------
     def clients_for_round(self, server_round: int) -> list[int]:
@@ -92,7 +94,7 @@ class MetaStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         cids = self.clients_for_round(server_round)
         self.round_stats = {"clients": cids}
-        cfg = ConfigRecord({**dict(config), R.ROUND: server_round,
+        cfg = ConfigRecord({**dict(config), **self.selector.train_config(), R.ROUND: server_round,
                             R.ETA: self.setup.eta_for_round(server_round)})
         return self._messages(cids, RecordDict({R.ARRAYS: arrays, R.CONFIG: cfg}), "train",
                               server_round)
@@ -136,7 +138,8 @@ class MetaStrategy(Strategy):
         if not self.is_eval_round(server_round):
             return []
         content = RecordDict({R.ARRAYS: arrays,
-                              R.CONFIG: ConfigRecord({**dict(config), R.ROUND: server_round})})
+                              R.CONFIG: ConfigRecord({**dict(config), **self.selector.evaluate_config(),
+                                                      R.ROUND: server_round})})
         return self._messages(self.eval_clients(server_round), content, "evaluate", server_round)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
@@ -202,6 +205,10 @@ class MetaStrategy(Strategy):
                 row.update(clients=self.round_stats["clients"], failures=self.round_stats["failures"],
                            **({k.replace("-", "_"): v for k, v in train_metrics.items()}
                               if train_metrics else {}))
+            if self.selector.due(server_round):  # after this round's update, before its evaluation
+                row["pattern_selection"] = self.selector.run(
+                    self.w, server_round,
+                    lambda ms: list(grid.send_and_receive(ms, timeout=timeout)), self.nodes)
             eval_messages = list(self.configure_evaluate(server_round, arrays, evaluate_config, grid))
             if eval_messages:
                 eval_metrics = self.aggregate_evaluate(
