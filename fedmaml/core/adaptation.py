@@ -49,6 +49,7 @@ def adapt(
     (use it inside ``torch.func.vjp``/``grad``), including through the cached prefix.
     ``trajectory``, if given, receives the parameters *before* each step (for Hessian-free products).
     """
+    pattern.validate(model.group_names, model.name)  # a too-short row would adapt the wrong groups
     theta = dict(params) if differentiable else detach(params)
     level, h = 0, x  # h is the output of groups [0, level) on the support batch
     for s in range(pattern.steps):

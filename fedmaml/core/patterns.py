@@ -43,6 +43,8 @@ class Pattern:
         for r in self.rows:
             if any(b not in (0, 1) for b in r):
                 raise PatternError(f"pattern row {r} is not binary; use only 0 and 1")
+        # Normalise (lists, bools, ...) to tuples of ints: hashable, and equal to the parsed form.
+        object.__setattr__(self, "rows", tuple(tuple(int(b) for b in r) for r in self.rows))
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -140,6 +142,9 @@ def resolve_pattern(text: str | Pattern, group_names: Sequence[str], steps: int,
     try:
         return Pattern.parse(name).validate(group_names, model_name)
     except PatternError as e:
-        if "bad pattern segment" in str(e) and not set(name) <= set("01x|0123456789 "):
-            raise PatternError(f"{e}; or one of the aliases {list(ALIASES)} / 'none'") from None
-        raise
+        msg = str(e)
+        if "bad pattern segment" in msg and not set(name) <= set("01x|0123456789 "):
+            msg += f"; or one of the aliases {list(ALIASES)} / 'none'"
+        if str(list(group_names)) not in msg:  # every pattern error names the model's groups
+            msg += f" ({model_name} has {n} layer groups {list(group_names)}, input side first)"
+        raise PatternError(msg) from None
