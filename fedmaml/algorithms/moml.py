@@ -6,7 +6,8 @@ then ``w <- w - eta * mean(G)``. After ``H`` steps the client returns ``w - w_r`
 one task per client this is one step of centralized MOML with ``B`` = number of participants.
 
 ``memory_policy: decay_to_w`` (MOML-V2 flavour, cross-silo only) also moves the memories of tasks not
-sampled in a step towards ``w`` and uses the unbiased ``(n / B) * alpha`` adaptation step.
+sampled in a step towards ``w``; the sampled tasks' memory update adapts with the unbiased
+``(n / B) * alpha`` step (the meta-gradient keeps ``alpha``).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class MetaLearner:
         decay = self.uses_memory and hp.memory_policy == "decay_to_w"
         if decay:
             n_tasks = next(iter(memory.values())).shape[0]
-            step = dataclasses.replace(step, alpha=step.alpha * n_tasks / B)
+            step = dataclasses.replace(step, memory_alpha_scale=n_tasks / B)
         metrics = []
         for h in range(H):
             grads = []

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from fedmaml.core.adaptation import adapt, query_loss
-from fedmaml.core.estimators import Estimator, adapt_with_vjp, hessian_free_product, loss_grad
+from fedmaml.core.estimators import (ESTIMATORS, Estimator, adapt_with_vjp, hessian_free_product,
+                                     loss_grad)
 from fedmaml.core.losses import LossFn
 from fedmaml.core.memory import momentum_update
 from fedmaml.core.params import Params, scale
@@ -35,6 +36,17 @@ class StepConfig:
     hf_delta: float = 1e-3
     scale_by_beta: bool = False
     cache_prefix: bool = True
+    #: The memory update adapts with ``memory_alpha_scale * alpha`` (MOML-V2's unbiased ``n / B``);
+    #: the meta-gradient's Jacobian always uses ``alpha``.
+    memory_alpha_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator {self.estimator!r} is not one of {list(ESTIMATORS)}")
+
+    @property
+    def memory_alpha(self) -> float:
+        return self.alpha * self.memory_alpha_scale
 
 
 def task_step(model: StagedModel, loss_fn: LossFn, cfg: StepConfig, w: Params, u: Params | None,
@@ -42,14 +54,15 @@ def task_step(model: StagedModel, loss_fn: LossFn, cfg: StepConfig, w: Params, u
               ) -> tuple[Params, Params, dict[str, Tensor]]:
     xs, ys = support
     xq, yq = query
-    shared = cfg.memory_pattern == cfg.inner_pattern
+    # One adaptation serves the memory and the estimator when both follow the same map.
+    shared = cfg.memory_pattern == cfg.inner_pattern and cfg.memory_alpha_scale == 1
     vjp_fn = None
     trajectory: list[Params] | None = [] if cfg.estimator == "hessian_free" and shared else None
     if cfg.estimator == "second_order" and shared:
         adapted, vjp_fn = adapt_with_vjp(model, w, xs, ys, loss_fn, cfg.inner_pattern, cfg.alpha,
                                          cfg.cache_prefix)
     else:
-        adapted = adapt(model, w, xs, ys, loss_fn, cfg.memory_pattern, cfg.alpha,
+        adapted = adapt(model, w, xs, ys, loss_fn, cfg.memory_pattern, cfg.memory_alpha,
                         cache_prefix=cfg.cache_prefix, trajectory=trajectory)
     u_new = adapted if u is None else momentum_update(u, adapted, cfg.beta)
     v, loss_after = loss_grad(model, u_new, xq, yq, loss_fn)
@@ -64,7 +77,8 @@ def task_step(model: StagedModel, loss_fn: LossFn, cfg: StepConfig, w: Params, u
     else:
         if trajectory is None:
             trajectory = []
-            adapt(model, w, xs, ys, loss_fn, cfg.inner_pattern, cfg.alpha, trajectory=trajectory)
+            adapt(model, w, xs, ys, loss_fn, cfg.inner_pattern, cfg.alpha,
+                  cache_prefix=cfg.cache_prefix, trajectory=trajectory)
         if hf_batch is None:
             raise ValueError("the hessian_free estimator needs an independent batch (hf_batch)")
         g = hessian_free_product(model, trajectory, v, hf_batch[0], hf_batch[1], loss_fn,
