@@ -4,8 +4,10 @@ No Ray, no SuperLink, no polling: ``send_and_receive`` runs each message through
 this process, with one persistent ``Context`` per node (created on first contact, so a federation of
 a million clients costs nothing until they are sampled). A ClientApp exception becomes an error
 reply, as in Flower's simulation engine; a reply that took longer than the timeout is dropped, as if
-it had arrived too late. Node ids are ``client id + 2``; ``partition_nodes`` spares the discovery
-round.
+it had arrived too late. Clients run one after another here but stand for devices working in
+parallel, so the timeout applies to each client's own time, not to the sum (the client's work, e.g.
+its memory update, still happened, as on a real device whose reply is lost). Node ids are
+``client id + 2``; ``partition_nodes`` spares the discovery round.
 """
 
 from __future__ import annotations
@@ -86,11 +88,14 @@ class InProcessGrid(Grid):
         return replies
 
 
-def run_inprocess(server_app: ServerApp, client_app: ClientApp, num_nodes: int) -> InProcessGrid:
+def run_inprocess(server_app: ServerApp, client_app: ClientApp, num_nodes: int,
+                  grid: InProcessGrid | None = None) -> InProcessGrid:
+    """Run ``server_app`` against ``client_app`` on ``num_nodes`` in-process nodes; returns the grid
+    (its ``contexts`` hold each node's state). ``grid`` may be a prepared (e.g. instrumented) one."""
     # Messages take their run and sender ids from the process's task identity, which Flower's own
     # runtimes set before they start a ServerApp; so do we (node 1 is the SuperLink's id).
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SERVER_NODE_ID
-    grid = InProcessGrid(client_app, num_nodes)
+    grid = grid if grid is not None else InProcessGrid(client_app, num_nodes)
     server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                              run_config={}))
     return grid

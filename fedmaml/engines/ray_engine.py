@@ -24,14 +24,37 @@ def ray_backend_config(engine: Any) -> dict[str, Any]:
             "init_args": init_args}
 
 
+class _DropRunSimulationDeprecation(logging.Filter):
+    """Flower 1.41 logs a deprecation notice for ``run_simulation`` on every call. It is the
+    supported way to run a simulation from Python (``flwr run`` needs a SuperLink), so the notice is
+    noise for fedmaml users; every other Flower warning still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("DEPRECATED FEATURE" in message and "run_simulation" in message)
+
+
+_DEPRECATION_FILTER = _DropRunSimulationDeprecation()
+
+
 def run_ray(server_app: ServerApp, client_app: ClientApp, num_nodes: int, engine: Any,
             verbose: bool = False) -> None:
     from flwr.simulation import run_simulation
 
     # Keep Ray from hiding GPUs from actors that ask for none (and from warning about it).
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    flwr_log = logging.getLogger("flwr")
     if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_nodes,
-                   backend_name="ray", backend_config=ray_backend_config(engine),
-                   verbose_logging=verbose)
+        flwr_log.setLevel(logging.WARNING)
+    flwr_log.addFilter(_DEPRECATION_FILTER)  # idempotent: the same filter object
+    try:
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_nodes,
+                       backend_name="ray", backend_config=ray_backend_config(engine),
+                       verbose_logging=verbose)
+    finally:
+        # Flower shuts Ray down when the simulation ends normally; make sure an interrupted or
+        # failed run does not leave raylet and workers behind either.
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()

@@ -113,7 +113,8 @@ def evaluate_client(setup: ExperimentSetup, cid: int, w: Params, store: MemorySt
     fed = setup.federation
     unseen = cid >= fed.num_clients
     tasks = fed.unseen_tasks(cid - fed.num_clients) if unseen else fed.client_tasks(cid)
-    memory = store.load() if setup.algorithm.uses_memory and not unseen else None
+    from_memory = setup.algorithm.uses_memory and setup.config.evaluation.from_memory
+    memory = store.load() if from_memory and not unseen else None
     sums: dict[str, float] = {}
     start = time.perf_counter()
     for i, task in enumerate(tasks):

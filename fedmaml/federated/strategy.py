@@ -8,13 +8,26 @@
 * **Failures**: error replies, malformed replies and missing replies (timeouts) are counted and
   logged; the update is applied when at least ``min_replies`` valid replies arrived.
 * **Evaluation** every ``eval_every`` rounds (and before the first and after the last round): a
-  seeded sample of clients that have trained, and every unseen client; per-client metrics are
-  summarised as mean, std and p10/p50/p90 (ALGORITHMS.md §7).
+  fixed panel of training clients (``eval_clients`` of them, drawn once from the seed) and every
+  unseen client. The panel is the same at every evaluation so that "before" and "after" compare the
+  same clients (a per-round sample would add client-to-client variance to the curve). Per-client
+  metrics are summarised as mean, std and p10/p50/p90 (ALGORITHMS.md §7); memory-based metrics cover
+  the panel clients that have a memory (have trained).
+
+One ``metrics.jsonl`` row per round (``on_round``): ``round``; for rounds >= 1 ``clients`` (sampled
+ids), ``replies`` (valid), ``failures`` (errors, malformed and missing replies), ``updated``
+(whether ``w`` changed), ``loss_before`` / ``loss_after`` / ``train_seconds_max`` (when a reply
+arrived); on evaluation rounds ``eval`` (``<group>.<metric>.<stat>``, ``<group>.<metric>.clients``,
+``<group>.ids``, ``eval-failures``); and always the running totals ``samples`` (training examples
+drawn by clients that replied), ``bytes_up`` / ``bytes_down`` (array bytes of training replies /
+instructions; evaluation traffic is a measurement, not part of the algorithm's cost, and is not
+counted) and ``seconds`` since the start.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable
 from typing import Any, Callable
@@ -34,6 +47,10 @@ from fedmaml.federated.setup import ExperimentSetup
 log = logging.getLogger("fedmaml")
 
 TRAIN_METRICS = ("loss-before", "loss-after")
+EVAL_METRICS = ("loss", "accuracy", "memory-loss", "memory-accuracy", "adapt-ms")
+# Nodes register while the ServerApp starts (and devices connect late): wait at least this long for
+# them, even when rounds have no time limit (round_timeout 0 -> timeout None).
+DISCOVERY_SECONDS = 60.0
 
 
 def sample_clients(seed: int, server_round: int, num_clients: int, k: int) -> list[int]:
@@ -61,6 +78,7 @@ class MetaStrategy(Strategy):
         self.trained: set[int] = set()
         self.round_stats: dict[str, Any] = {}
         self.selector = PatternSelector(setup)  # Lambda-pattern selection; inert when mode is none
+        self._panel: list[int] | None = None
 
     # -- sampling -------------------------------------------------------------------------------
     def clients_for_round(self, server_round: int) -> list[int]:
@@ -70,16 +88,20 @@ class MetaStrategy(Strategy):
         k = fed.clients_per_round or max(1, round(fed.fraction * n))
         return sample_clients(self.cfg.seed, server_round, n, min(k, n))
 
+    def eval_panel(self) -> list[int]:
+        """The training clients evaluated at every evaluation round (a function of the seed)."""
+        if self._panel is None:
+            n, k = self.setup.federation.num_clients, self.cfg.federated.eval_clients
+            if not k or k >= n:
+                self._panel = list(range(n))
+            else:
+                rng = np.random.default_rng([self.cfg.seed, 0xE7])
+                self._panel = sorted(int(c) for c in rng.choice(n, size=k, replace=False))
+        return self._panel
+
     def eval_clients(self, server_round: int) -> list[int]:
-        fed, seen = self.cfg.federated, sorted(self.trained)
-        if fed.eval_clients and len(seen) > fed.eval_clients:
-            rng = np.random.default_rng([self.cfg.seed, server_round, 0xE7])
-            seen = sorted(int(c) for c in rng.choice(seen, size=fed.eval_clients, replace=False))
-        if not seen:  # before any training: evaluate the first clients, so "before" has a value
-            seen = list(range(min(fed.eval_clients or self.setup.federation.num_clients,
-                                  self.setup.federation.num_clients)))
         n = self.setup.federation.num_clients
-        return seen + [n + j for j in range(self.setup.federation.num_unseen)]
+        return self.eval_panel() + [n + j for j in range(self.setup.federation.num_unseen)]
 
     def is_eval_round(self, server_round: int) -> bool:
         every = self.cfg.federated.eval_every
@@ -101,37 +123,61 @@ class MetaStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Apply the mean update when ``min_replies`` valid replies arrived. The metrics (losses,
+        samples) are returned whenever any reply is valid: the clients did the work either way."""
         replies = list(replies)
-        deltas, counts, metrics, errors = [], [], [], []
+        expected = set(self.round_stats.get("clients", []))
+        valid: dict[int, tuple[Params, int, MetricRecord]] = {}
+        errors: list[str] = []
         for msg in replies:
             if msg.has_error():
                 errors.append(f"client error: {msg.error.reason}")
                 continue
             try:
-                m = msg.content[R.METRICS]
-                cid = int(m[R.PARTITION])
-                deltas.append(R.from_record(msg.content[R.ARRAYS], self.w, f"update from client {cid}"))
-                counts.append(int(m[R.NUM_EXAMPLES]))
-                metrics.append(m)
-                self.trained.add(cid)
+                cid, parsed = self._parse_train_reply(msg)
             except (KeyError, TypeError, ValueError, MessageError) as e:
                 errors.append(f"malformed reply: {e}")
-        timeouts = len(self.round_stats.get("clients", [])) - len(replies)
+                continue
+            if cid not in expected or cid in valid:
+                errors.append(f"unexpected reply from client {cid} (not sampled, or a duplicate)")
+                continue
+            valid[cid] = parsed
+            self.trained.add(cid)
+        missing = len(expected) - len(replies)
         for e in errors:
             log.warning("round %d: %s", server_round, e)
-        if timeouts > 0:
-            log.warning("round %d: %d client(s) did not reply in time", server_round, timeouts)
-        self.round_stats.update(failures=len(errors) + max(timeouts, 0), replies=len(deltas))
-        if len(deltas) < self.cfg.federated.min_replies:
+        if missing > 0:
+            log.warning("round %d: %d client(s) did not reply in time", server_round, missing)
+        updated = len(valid) >= self.cfg.federated.min_replies
+        self.round_stats.update(failures=len(errors) + max(missing, 0), replies=len(valid),
+                                updated=updated)
+        if not updated:
             log.warning("round %d: %d valid replies < min_replies=%d; the model is not updated",
-                        server_round, len(deltas), self.cfg.federated.min_replies)
+                        server_round, len(valid), self.cfg.federated.min_replies)
+        if not valid:
             return None, None
-        self.w = self.optimizer.step(self.w, aggregate(deltas, counts, self.cfg.federated.aggregation))
+        deltas, counts, metrics = (list(x) for x in zip(*valid.values()))
+        if updated:
+            self.w = self.optimizer.step(self.w, aggregate(deltas, counts,
+                                                           self.cfg.federated.aggregation))
         out = {k: float(np.mean([float(m[k]) for m in metrics])) for k in TRAIN_METRICS
                if all(k in m for m in metrics)}
         out["samples"] = sum(int(m["samples"]) for m in metrics)
         out["train-seconds-max"] = max(float(m["train-seconds"]) for m in metrics)
-        return R.to_record(self.w), MetricRecord(out)
+        return (R.to_record(self.w) if updated else None), MetricRecord(out)
+
+    def _parse_train_reply(self, msg: Message) -> tuple[int, tuple[Params, int, MetricRecord]]:
+        """Everything the server uses from a train reply, checked before any of it is used (a
+        reply is used whole or not at all)."""
+        m = msg.content[R.METRICS]
+        cid = int(m[R.PARTITION])
+        delta = R.from_record(msg.content[R.ARRAYS], self.w, f"update from client {cid}")
+        count = int(m[R.NUM_EXAMPLES])
+        if count <= 0:
+            raise ValueError(f"client {cid} reported {count} examples")
+        for key in ("samples", "train-seconds"):
+            float(m[key])
+        return cid, (delta, count, m)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -140,30 +186,54 @@ class MetaStrategy(Strategy):
         content = RecordDict({R.ARRAYS: arrays,
                               R.CONFIG: ConfigRecord({**dict(config), **self.selector.evaluate_config(),
                                                       R.ROUND: server_round})})
-        return self._messages(self.eval_clients(server_round), content, "evaluate", server_round)
+        cids = self.eval_clients(server_round)
+        self.round_stats["eval-clients"] = cids
+        return self._messages(cids, content, "evaluate", server_round)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
-        groups: dict[str, list[MetricRecord]] = {"seen": [], "unseen": []}
-        failures = 0
+        """Per group (seen = the training panel, unseen): every metric's summary and per-client
+        list, ordered as ``<group>.ids``. A client without a memory has NaN for memory metrics
+        (null in metrics.jsonl); their summary covers the clients that have one. Error, malformed
+        and missing replies are counted in ``eval-failures`` and never stop the run."""
+        replies = list(replies)
+        expected = set(self.round_stats.get("eval-clients", []))
+        groups: dict[str, dict[int, MetricRecord]] = {"seen": {}, "unseen": {}}
+        failures = max(len(expected) - len(replies), 0)  # no reply in time
+        if failures:
+            log.warning("round %d: %d evaluation(s) did not reply in time", server_round, failures)
         for msg in replies:
             if msg.has_error():
                 failures += 1
                 log.warning("round %d: evaluation error: %s", server_round, msg.error.reason)
                 continue
-            m = msg.content[R.METRICS]
-            groups["unseen" if int(m["unseen"]) else "seen"].append(m)
-        out: dict[str, Any] = {"eval-failures": failures}
-        for group, ms in groups.items():
-            if not ms:
+            try:
+                m = msg.content[R.METRICS]
+                cid, unseen, weight = int(m[R.PARTITION]), int(m["unseen"]), float(m[R.NUM_EXAMPLES])
+                if cid not in expected or weight <= 0:
+                    raise ValueError(f"client {cid}: not asked, or {weight} examples")
+            except (KeyError, TypeError, ValueError) as e:
+                failures += 1
+                log.warning("round %d: malformed evaluation reply: %s", server_round, e)
                 continue
-            weights = [float(m[R.NUM_EXAMPLES]) for m in ms]
-            for key in ("loss", "accuracy", "memory-loss", "memory-accuracy", "adapt-ms"):
-                if all(key in m for m in ms):
-                    values = [float(m[key]) for m in ms]
-                    for stat, v in summarize(values, weights).items():
-                        out[f"{group}.{key}.{stat}"] = v
-                    out[f"{group}.{key}.clients"] = values
+            groups["unseen" if unseen else "seen"][cid] = m
+        out: dict[str, Any] = {"eval-failures": failures}
+        for group, by_id in groups.items():
+            if not by_id:
+                continue
+            ids = sorted(by_id)
+            ms = [by_id[c] for c in ids]
+            out[f"{group}.ids"] = ids
+            for key in EVAL_METRICS:
+                values = [float(m[key]) if key in m else math.nan for m in ms]
+                have = [i for i, v in enumerate(values) if key in ms[i]]
+                if not have:
+                    continue
+                stats = summarize([values[i] for i in have],
+                                  [float(ms[i][R.NUM_EXAMPLES]) for i in have])
+                for stat, v in stats.items():
+                    out[f"{group}.{key}.{stat}"] = v
+                out[f"{group}.{key}.clients"] = values
         return MetricRecord(out)
 
     def summary(self) -> None:
@@ -202,7 +272,8 @@ class MetaStrategy(Strategy):
                 totals["samples"] += int(train_metrics["samples"]) if train_metrics else 0
                 totals["bytes_up"] += up
                 totals["bytes_down"] += down
-                row.update(clients=self.round_stats["clients"], failures=self.round_stats["failures"],
+                row.update(clients=self.round_stats["clients"], replies=self.round_stats["replies"],
+                           failures=self.round_stats["failures"], updated=self.round_stats["updated"],
                            **({k.replace("-", "_"): v for k, v in train_metrics.items()}
                               if train_metrics else {}))
             if self.selector.due(server_round):  # after this round's update, before its evaluation
@@ -223,19 +294,20 @@ class MetaStrategy(Strategy):
         return result
 
 
-def discover_partitions(grid: Grid, expected: int, timeout: float) -> dict[int, int]:
+def discover_partitions(grid: Grid, expected: int, timeout: float | None) -> dict[int, int]:
     """Map client ids to node ids. Our own engines know it; otherwise ask every node once."""
     known = getattr(grid, "partition_nodes", None)
     if callable(known):
         return known()
-    deadline = time.time() + max(timeout, 60)
+    limit = DISCOVERY_SECONDS if timeout is None else max(timeout, DISCOVERY_SECONDS)
+    deadline = time.time() + limit
     node_ids = list(grid.get_node_ids())
     while len(node_ids) < expected and time.time() < deadline:
         time.sleep(0.5)  # simulation registers nodes while the ServerApp starts; devices connect late
         node_ids = list(grid.get_node_ids())
     replies = grid.send_and_receive(
         [Message(RecordDict(), nid, "query", group_id="discovery") for nid in node_ids],
-        timeout=timeout)
+        timeout=limit)
     mapping: dict[int, int] = {}
     for msg in replies:
         if not msg.has_error():
