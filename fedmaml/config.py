@@ -165,6 +165,12 @@ class EngineConfig:
     ray_address: str = _field("", "Address of an existing Ray cluster; empty = start a local one.")
     device: str = _field("cpu", "Torch device.", choices=("cpu", "cuda", "auto"))
     torch_threads: int = _field(1, "Torch intra-op threads; 0 = torch default.", min=0)
+    max_cohort_size: int = _field(1024, "vectorized: most clients batched in one vmapped call "
+                                        "(bounds its memory); 0 = no limit.", min=0)
+    memory_budget_mb: float = _field(4096.0, "vectorized: RAM for the memory bank; beyond it the "
+                                             "memories move to memory-mapped files.", min=0)
+    memory_dir: str = _field("", "vectorized: directory of the memory-mapped bank; empty = a "
+                                 "temporary directory, deleted after the run.")
 
 
 #: What a selected Lambda pattern can replace (pattern_selection.apply_to).

@@ -82,9 +82,13 @@ def run_one(cfg: Any, run_dir: Path, quiet: bool) -> None:
         from fedmaml.engines.ray_engine import run_ray
 
         run_ray(server_app, client_app, num_nodes, cfg.engine)
+    elif engine == "vectorized":
+        from fedmaml.engines.vectorized import run_vectorized
+
+        run_vectorized(server_app, client_app, num_nodes, cfg).close()
     else:
         raise ConfigError(f"engine.name: {engine!r} is not available in this version; "
-                          "use inprocess or ray")
+                          "use inprocess, ray or vectorized")
     plot_run(run_dir)
 
 

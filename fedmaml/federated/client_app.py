@@ -12,13 +12,14 @@ import time
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedmaml.algorithms import RoundData, client_update, draw_round
+from fedmaml.algorithms import Hyper, RoundData, client_update, draw_round
 from fedmaml.core.evaluation import personalized_metrics
 from fedmaml.core.params import Params
 from fedmaml.core.patterns import Pattern
+from fedmaml.data.tasks import Task
 from fedmaml.federated import pattern_selection as selected
 from fedmaml.federated import records as R
 from fedmaml.federated.memory_store import ContextStateStore, FileStore, MemoryStore
@@ -38,38 +39,12 @@ def make_client_app(config: Any = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         cfg, setup, cid = resolve(context)
-        if cid >= setup.federation.num_clients:
-            raise ValueError(f"client {cid} is an unseen (evaluation-only) client and cannot train")
-        start = time.perf_counter()
-        device = resolve_device(cfg.engine.device)
-        w = to_device(R.from_record(msg.content[R.ARRAYS], setup.initial_params,
-                                    "train instruction"), device)
-        server_round = int(msg.content[R.CONFIG][R.ROUND])
-        hp = setup.hyper.with_eta(float(msg.content[R.CONFIG][R.ETA]))
-        hp = selected.hyper_for(hp, msg.content[R.CONFIG], setup)  # a selected pattern, if sent
-        store = memory_store(context, setup, cid)
-        memory = store.load() if setup.algorithm.uses_memory else None
-        memory = None if memory is None else to_device(memory, device)
-        fresh = setup.algorithm.uses_memory and (memory is None or hp.memory_policy == "reinit")
-        tasks = setup.federation.client_tasks(cid)
-        data = draw_round(tasks, hp, client_generator(cfg.seed, cid, server_round),
-                          extra=setup.algorithm.needs_extra_batch(hp), init=fresh).to(device)
-        delta, memory, metrics = client_update(setup.algorithm, setup.model, setup.loss_fn, hp, w,
-                                               memory, data)
-        if memory is not None:
-            store.save(memory)
-        examples = sum(t.num_examples for t in tasks)
-        reply = MetricRecord({R.NUM_EXAMPLES: examples, R.PARTITION: cid,
-                              "samples": samples_drawn(data),
-                              "train-seconds": time.perf_counter() - start,
-                              **{k.replace("_", "-"): float(v) for k, v in metrics.items()}})
-        return Message(RecordDict({R.ARRAYS: R.to_record(delta), R.METRICS: reply}), reply_to=msg)
+        return train_client(msg, cfg, setup, cid, memory_store(context, setup, cid))
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         cfg, setup, cid = resolve(context)
-        w = R.from_record(msg.content[R.ARRAYS], setup.initial_params, "evaluate instruction")
-        pattern = selected.eval_pattern_for(msg.content.get(R.CONFIG, {}), setup)
+        w, pattern = evaluate_instruction(msg, setup)
         metrics = evaluate_client(setup, cid, w, memory_store(context, setup, cid), pattern)
         return Message(RecordDict({R.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
@@ -85,6 +60,87 @@ def make_client_app(config: Any = None) -> ClientApp:
         return Message(RecordDict({R.METRICS: MetricRecord({R.PARTITION: cid})}), reply_to=msg)
 
     return app
+
+
+# -- the pieces of a train round, shared with the vectorized engine (which batches a cohort) --------
+def train_client(msg: Message, cfg: Any, setup: ExperimentSetup, cid: int, store: MemoryStore
+                 ) -> Message:
+    """One client's train round: instruction -> data -> client update -> memory -> reply."""
+    start = time.perf_counter()
+    device = resolve_device(cfg.engine.device)
+    w, server_round, hp = train_instruction(msg, setup, device)
+    memory = store.load() if setup.algorithm.uses_memory else None
+    memory = None if memory is None else to_device(memory, device)
+    fresh = needs_memory_init(setup, hp, memory is not None)
+    tasks, data = draw_client_round(cfg, setup, cid, hp, server_round, fresh)
+    delta, memory, metrics = client_update(setup.algorithm, setup.model, setup.loss_fn, hp, w,
+                                           memory, data.to(device))
+    if memory is not None:
+        store.save(memory)
+    return train_reply(msg, R.to_record(delta), train_metrics(cid, tasks, data, metrics,
+                                                             time.perf_counter() - start))
+
+
+def train_instruction(msg: Message, setup: ExperimentSetup, device: torch.device
+                      ) -> tuple[Params, int, Hyper]:
+    """The meta-model ``w_r``, the round and the hyperparameters a train instruction carries."""
+    w = to_device(_decode_shared(msg.content[R.ARRAYS], setup.initial_params, "train instruction"),
+                  device)
+    config = msg.content[R.CONFIG]
+    hp = setup.hyper.with_eta(float(config[R.ETA]))
+    hp = selected.hyper_for(hp, config, setup)  # a selected pattern, if sent
+    return w, int(config[R.ROUND]), hp
+
+
+_last_decoded: list[tuple[tuple, Params]] = []
+
+
+def _decode_shared(record: Any, like: Params, what: str) -> Params:
+    """``R.from_record``, decoding once when consecutive messages carry the very same record: an
+    in-process engine hands every client of a round the server's one ArrayRecord object. The key
+    holds the record, its arrays and their bytes, so a record changed in place is decoded again;
+    the tensors are shared, which is safe because client updates never modify their inputs."""
+    arrays = list(record.values())
+    key = (record, like, *arrays, *(a.data for a in arrays))
+    if _last_decoded and len(_last_decoded[0][0]) == len(key) and all(
+            x is y for x, y in zip(_last_decoded[0][0], key)):
+        return _last_decoded[0][1]
+    params = R.from_record(record, like, what)
+    _last_decoded[:] = [(key, params)]
+    return params
+
+
+def needs_memory_init(setup: ExperimentSetup, hp: Hyper, has_memory: bool) -> bool:
+    return setup.algorithm.uses_memory and (not has_memory or hp.memory_policy == "reinit")
+
+
+def draw_client_round(cfg: Any, setup: ExperimentSetup, cid: int, hp: Hyper, server_round: int,
+                      fresh: bool) -> tuple[list[Task], RoundData]:
+    """A training client's tasks and its round's data, from its own (seed, id, round) stream."""
+    if cid >= setup.federation.num_clients:
+        raise ValueError(f"client {cid} is an unseen (evaluation-only) client and cannot train")
+    tasks = setup.federation.client_tasks(cid)
+    data = draw_round(tasks, hp, client_generator(cfg.seed, cid, server_round),
+                      extra=setup.algorithm.needs_extra_batch(hp), init=fresh)
+    return tasks, data
+
+
+def train_metrics(cid: int, tasks: list[Task], data: RoundData, metrics: dict[str, Any],
+                  seconds: float) -> MetricRecord:
+    return MetricRecord({R.NUM_EXAMPLES: sum(t.num_examples for t in tasks), R.PARTITION: cid,
+                         "samples": samples_drawn(data), "train-seconds": seconds,
+                         **{k.replace("_", "-"): float(v) for k, v in metrics.items()}})
+
+
+def train_reply(msg: Message, delta: ArrayRecord, metrics: MetricRecord) -> Message:
+    """The reply to a train instruction: the encoded update ``w - w_r`` and the metrics."""
+    return Message(RecordDict({R.ARRAYS: delta, R.METRICS: metrics}), reply_to=msg)
+
+
+def evaluate_instruction(msg: Message, setup: ExperimentSetup) -> tuple[Params, Pattern]:
+    """The meta-model and the evaluation pattern an evaluate instruction carries."""
+    w = R.from_record(msg.content[R.ARRAYS], setup.initial_params, "evaluate instruction")
+    return w, selected.eval_pattern_for(msg.content.get(R.CONFIG, {}), setup)
 
 
 def to_device(params: Params, device: torch.device) -> Params:

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from flwr.app import ArrayRecord, Context
+from flwr.app import Context
 
 from fedmaml.atomic import atomic_torch_save
 from fedmaml.core.params import Params
 from fedmaml.errors import DataError
+from fedmaml.federated import codec
 
 MEMORY_KEY = "fedmaml.memory"
 
@@ -37,10 +38,10 @@ class ContextStateStore:
 
     def load(self) -> Params | None:
         record = self.state.array_records.get(MEMORY_KEY)
-        return None if record is None else dict(record.to_torch_state_dict())
+        return None if record is None else dict(codec.decode(record))
 
     def save(self, memory: Params) -> None:
-        self.state[MEMORY_KEY] = ArrayRecord({k: v.detach().cpu() for k, v in memory.items()})
+        self.state[MEMORY_KEY] = codec.encode(memory)  # Flower's format, minus its header cost
 
 
 class FileStore:

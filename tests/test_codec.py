@@ -1,0 +1,65 @@
+"""The fast ArrayRecord codec writes exactly Flower's bytes and reads anything Flower writes."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord
+
+from fedmaml.federated import codec
+
+PARAMS = {"w": torch.randn(5, 3), "b": torch.randn(5), "scalar": torch.tensor(2.5),
+          "big": torch.randn(2, 3, 4, 5), "ints": torch.arange(6).reshape(2, 3),
+          "double": torch.randn(3, dtype=torch.float64)}
+
+
+def test_encode_writes_flowers_bytes():
+    ours, flowers = codec.encode(PARAMS), ArrayRecord(dict(PARAMS))
+    assert list(ours) == list(flowers)
+    for k in PARAMS:
+        assert (ours[k].dtype, ours[k].shape, ours[k].stype) == \
+               (flowers[k].dtype, flowers[k].shape, flowers[k].stype)
+        assert ours[k].data == flowers[k].data, k
+    # Flower reads it back
+    back = ours.to_torch_state_dict()
+    assert all(torch.equal(back[k], PARAMS[k]) for k in PARAMS)
+
+
+@pytest.mark.parametrize("twice", [False, True])  # first read parses, the second uses the cache
+def test_decode_reads_flowers_records(twice):
+    record = ArrayRecord(dict(PARAMS))
+    for _ in range(2 if twice else 1):
+        out = codec.decode(record)
+    assert list(out) == list(PARAMS)
+    for k, v in PARAMS.items():
+        assert out[k].dtype == v.dtype and torch.equal(out[k], v)
+    out["w"] += 1  # decoded tensors own their memory: the message is unchanged
+    assert torch.equal(codec.decode(record)["w"], PARAMS["w"])
+
+
+def test_decode_falls_back_for_unusual_arrays():
+    fortran = np.asfortranarray(np.arange(12, dtype=np.float32).reshape(3, 4))
+    big_endian = np.arange(4, dtype=">f4")
+    record = ArrayRecord({"f": Array(fortran), "be": Array(big_endian)})
+    for _ in range(2):
+        out = codec.decode(record)
+        assert np.array_equal(out["f"].numpy(), fortran)
+        assert np.array_equal(out["be"].numpy(), big_endian)
+
+
+def test_encode_rows_equals_encoding_each_row():
+    stacked = {k: torch.stack([v + i for i in range(3)]) for k, v in PARAMS.items()}
+    rows = codec.encode_rows(stacked)
+    assert len(rows) == 3
+    for i, record in enumerate(rows):
+        single = codec.encode({k: v[i] for k, v in stacked.items()})
+        assert [(a.shape, a.data) for a in record.values()] == \
+               [(a.shape, a.data) for a in single.values()]
+
+
+def test_records_are_indistinguishable_from_flowers():
+    ours, flowers = codec.encode(PARAMS), ArrayRecord(dict(PARAMS))
+    assert ours == flowers
+    assert ours.is_dirty and all(a.is_dirty for a in ours.values())  # as new Flower records
+    assert ours.deflate() == flowers.deflate() and ours.object_id == flowers.object_id
+    # with this Flower version the records are filled directly (the self-check at import passed)
+    assert codec._array is codec._array_direct

@@ -1,0 +1,153 @@
+"""The vectorized engine against the in-process engine: the same sampled clients, the same memories
+and the same metrics (to float tolerance) for every algorithm, several Lambda patterns (including
+prefix caching), cross-device and cross-silo mode; cohorts that cannot be batched run client by
+client in the same round; the engine is selectable from a config."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedmaml.engines.inprocess import run_inprocess
+from fedmaml.engines.memory_bank import BankStore
+from fedmaml.engines.vectorized import VectorizedGrid, run_vectorized
+from fedmaml.experiment import run_experiment
+from fedmaml.federated.client_app import make_client_app
+from fedmaml.federated.memory_store import ContextStateStore
+from fedmaml.federated.server_app import make_server_app
+from fedmaml.federated.setup import setup_for
+from fedmaml.results.recorder import MODEL_FILE, read_metrics
+
+TIMING = ("seconds", "train_seconds_max", "adapt-ms")  # wall-clock fields differ between runs
+SILO = ("federated.mode=cross_silo", "data.num_clients=3", "data.tasks_per_client=3",
+        "algorithm.tasks_per_step=2", "algorithm.local_steps=2")
+
+CASES = {
+    # MOML, cross-device: full adaptation (first order), prefix caching with a mixed pattern and a
+    # separate memory pattern (second order), head-only with the Hessian-free estimator.
+    "moml-full": ("algorithm.name=moml",),
+    "moml-mixed-so": ("algorithm.name=moml", "model.hidden=[8,8]",
+                      "algorithm.inner_pattern=111|011|001", "algorithm.memory_pattern=011x3",
+                      "algorithm.meta_gradient=second_order"),
+    "moml-head-hf": ("algorithm.name=moml", "algorithm.inner_pattern=01x2",
+                     "algorithm.meta_gradient=hessian_free", "algorithm.hf_delta=0.01"),
+    "moml-reinit": ("algorithm.name=moml", "algorithm.memory_policy=reinit",
+                    "algorithm.local_steps=2"),
+    "per_fedavg-hf": ("algorithm.name=per_fedavg", "algorithm.meta_gradient=hessian_free",
+                      "algorithm.hf_delta=0.01"),
+    "fedmeta-so": ("algorithm.name=fedmeta", "algorithm.meta_gradient=second_order",
+                   "algorithm.inner_pattern=11|01"),
+    "reptile": ("algorithm.name=reptile", "algorithm.inner_pattern=11|01"),
+    "fedavg": ("algorithm.name=fedavg",),
+    # cross-silo: every silo every round, several tasks per silo, H local steps with B tasks each
+    "silo-moml": ("algorithm.name=moml", *SILO),
+    "silo-moml-decay": ("algorithm.name=moml", "algorithm.memory_policy=decay_to_w",
+                        "algorithm.inner_pattern=01", *SILO),
+    "silo-fedmeta": ("algorithm.name=fedmeta", "algorithm.inner_pattern=11|01", *SILO),
+    "silo-reptile": ("algorithm.name=reptile", *SILO),
+    "silo-fedavg": ("algorithm.name=fedavg", *SILO),
+}
+
+
+def run_engine(cfg, engine: str, run_dir: Path):
+    """Run ``cfg`` on one engine; return (metrics rows, final model, memories by client, grid)."""
+    setup = setup_for(cfg)
+    nodes = setup.federation.num_clients + setup.federation.num_unseen
+    server_app = make_server_app(cfg, run_dir, quiet=True)
+    client_app = make_client_app(cfg)
+    if engine == "inprocess":
+        grid = run_inprocess(server_app, client_app, nodes)
+        memories = {ctx.node_config["partition-id"]: ContextStateStore(ctx).load()
+                    for ctx in grid.contexts.values()}
+    else:
+        grid = run_vectorized(server_app, client_app, nodes, cfg)
+        memories = {int(c): BankStore(grid.bank, int(c)).load()
+                    for c in (grid.bank.client_ids() if grid.bank is not None else [])}
+    memories = {c: m for c, m in memories.items() if m is not None}
+    model = torch.load(run_dir / MODEL_FILE, weights_only=True)
+    return read_metrics(run_dir), model, memories, grid
+
+
+def assert_close_values(a, b, where):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            if k not in TIMING and not k.endswith(".adapt-ms.mean") and ".adapt-ms." not in k:
+                assert_close_values(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_close_values(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-5), f"{where}: {a} != {b}"
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def assert_params_close(a, b, where):
+    assert list(a) == list(b), where
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), f"{where}: {k}"
+
+
+def assert_same_run(tiny_config, tmp_path, *overrides):
+    cfg = tiny_config(*overrides)
+    rows_i, model_i, mem_i, _ = run_engine(cfg, "inprocess", tmp_path / "inprocess")
+    rows_v, model_v, mem_v, grid = run_engine(cfg, "vectorized", tmp_path / "vectorized")
+    assert len(rows_i) == len(rows_v) == cfg.federated.rounds + 1
+    for a, b in zip(rows_i, rows_v):
+        assert a.get("clients") == b.get("clients")  # the same sampled clients
+        assert_close_values(a, b, f"round {a['round']}")
+    assert_params_close(model_i, model_v, "final model")
+    assert mem_i.keys() == mem_v.keys()  # the same clients hold memories...
+    for c in mem_i:  # ...and the same memories
+        assert_params_close(mem_i[c], mem_v[c], f"memory of client {c}")
+    grid.close()
+    return cfg, grid, mem_v
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_vectorized_equals_inprocess(tiny_config, tmp_path, case):
+    cfg, grid, memories = assert_same_run(tiny_config, tmp_path, *CASES[case])
+    setup = setup_for(cfg)
+    rounds, per_round = cfg.federated.rounds, (cfg.federated.clients_per_round
+                                               if cfg.federated.mode == "cross_device"
+                                               else cfg.data.num_clients)
+    # every client trained, in vmapped cohorts; only a cohort of one (say the single returning
+    # client among fresh ones) takes the per-client path
+    stats = grid.stats
+    assert stats.fallbacks == 0 and stats.vmapped_clients + stats.per_client == rounds * per_round
+    assert stats.vmapped_clients >= rounds * per_round / 2
+    if not setup.algorithm.uses_memory or cfg.federated.mode == "cross_silo":
+        assert stats.per_client == 0
+    assert bool(memories) == setup.algorithm.uses_memory
+
+
+def test_unbatchable_cohorts_run_client_by_client_in_the_same_round(tiny_config, tmp_path):
+    # 5 clients per round, cohorts of at most 2: 2 + 2 vmapped, the odd one out by itself; fresh
+    # clients (memory initialisation) and returning ones also form separate cohorts.
+    _, grid, _ = assert_same_run(tiny_config, tmp_path, "algorithm.name=moml",
+                                 "federated.clients_per_round=5", "engine.max_cohort_size=2")
+    assert grid.stats.per_client >= 3 and grid.stats.vmapped_clients >= 6
+    assert grid.stats.per_client + grid.stats.vmapped_clients == 15
+
+
+def test_engine_is_selected_by_the_config(tiny_config, tmp_path):
+    cfg = tiny_config("engine.name=vectorized", "federated.rounds=2", "engine.memory_budget_mb=0")
+    run_dir = run_experiment(cfg, quiet=True, run_dir=tmp_path / "run")
+    rows = read_metrics(run_dir)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(r["failures"] == 0 and r["replies"] == 3 for r in rows[1:])
+    assert rows[-1]["eval"]["seen.memory-loss.mean"] > 0  # memories were kept (on disk) and read
+
+
+def test_grid_answers_other_messages_through_the_client_app(tiny_config):
+    cfg = tiny_config()
+    grid = VectorizedGrid(cfg, make_client_app(cfg), 8)
+    from flwr.app import Message, RecordDict
+
+    replies = grid.send_and_receive([Message(RecordDict(), n, "query") for n in (2, 5)])
+    assert [int(r.content["metrics"]["partition-id"]) for r in replies] == [0, 3]
