@@ -376,3 +376,32 @@ def test_cli_user_errors(trained_run, tmp_path, capsys):
     assert "bad.pt" in err and "do not match" in err
     assert main(["select-pattern", str(tmp_path)]) == 2
     assert "config.yaml" in capsys.readouterr().err
+
+
+# -- the benchmark script ---------------------------------------------------------------------------
+
+def test_lambda_speed_benchmark_writes_the_documented_json(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "simulations" / "benchmarks" / "lambda_speed.py"
+    spec = importlib.util.spec_from_file_location("lambda_speed", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "speed.json"
+    threads = torch.get_num_threads()
+    assert bench.main(["--out", str(out), "--settings", "miniimagenet_5w1s", "--width", "2",
+                       "--threads", "1", "--orders", "first", "--cache", "on", "--full-steps", "1",
+                       "--warmup", "0", "--repeats", "1", "--chosen", "00011x5"]) == 0
+    assert torch.get_num_threads() == threads  # the benchmark restores the thread count
+    data = json.loads(out.read_text())
+    s = data["miniimagenet_5w1s"]
+    assert s["full_ms"] > 0 and s["patterns"]["11111x5"]["speedup"] == 1.0
+    assert set(s["patterns"]) == {"11111x5", "00001x5", "00011x5", "00111x5", "01111x5",
+                                  "11111|00001x4", "11111|00011x4", "11111|00111x4",
+                                  "11111|01111x4"}
+    assert all(p["ms"] > 0 and p["speedup"] > 0 for p in s["patterns"].values())
+    assert list(s["variants"]) == ["threads=1,order=first,cache=on"]
+    assert data["meta"]["torch_threads"] == threads and len(data["meta"]["loadavg"]) == 3
+    assert set(data["targets"]) == {"miniimagenet_5w1s: head-only with caching >= 10x",
+                                    "miniimagenet_5w1s: --chosen 00011x5 chosen 00011x5 >= 4x"}

@@ -56,8 +56,9 @@ RUN_FILE = "pattern_selection.json"
 # What to select from
 # --------------------------------------------------------------------------------------------------
 
-def selection_steps(cfg: Any) -> int:
-    steps = cfg.pattern_selection.steps or cfg.evaluation.steps
+def selection_steps(cfg: Any, sel: Any = None) -> int:
+    """Steps of the generated candidates: ``pattern_selection.steps``, else ``evaluation.steps``."""
+    steps = (sel or cfg.pattern_selection).steps or cfg.evaluation.steps
     if steps < 1:
         raise ConfigError("pattern_selection.steps: 0 means evaluation.steps, which is 0 too; "
                           "candidates need at least one adaptation step (set pattern_selection.steps)")
@@ -67,7 +68,7 @@ def selection_steps(cfg: Any) -> int:
 def candidates_for(setup: ExperimentSetup, sel: Any = None) -> list[ps.Candidate]:
     """The candidate list of a run's ``pattern_selection`` section (``sel`` overrides it)."""
     sel = sel or setup.config.pattern_selection
-    steps = selection_steps(dataclasses.replace(setup.config, pattern_selection=sel))
+    steps = selection_steps(setup.config, sel)
     return ps.build_candidates(setup.model.group_names, steps, model_name=setup.model.name,
                                family=sel.family, max_top_k=sel.max_top_k,
                                full_steps=sel.full_steps, user=sel.candidates)
@@ -169,7 +170,7 @@ def select(setup: ExperimentSetup, measure: Measurer, sel: Any = None, *, mode: 
     unit = epsilon_unit(setup, sel)
     metric = "accuracy" if setup.classification else "loss"
     record: dict[str, Any] = {
-        "mode": mode, "metric": metric, "steps": selection_steps(cfg), "validation_clients": val_ids,
+        "mode": mode, "metric": metric, "steps": selection_steps(cfg, sel), "validation_clients": val_ids,
         "test_clients": test_ids, "timing": {"warmup": sel.warmup, "repeats": sel.repeats,
                                              **ps.machine_info()}}
     parts, info = measure(val_ids, [c.pattern for c in valid], True)
