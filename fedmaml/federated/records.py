@@ -38,7 +38,7 @@ def from_record(record: ArrayRecord, like: Params, what: str) -> Params:
                                f"expected {list(like[k].shape)}")
         if not np.isfinite(v.numpy()).all():  # numpy: ~4x faster than torch on small arrays
             raise MessageError(f"{what}: parameter {k!r} contains NaN or infinite values")
-    return {k: v.to(like[k].dtype) for k, v in tensors.items()}
+    return {k: v if v.dtype == like[k].dtype else v.to(like[k].dtype) for k, v in tensors.items()}
 
 
 def message_bytes(message: Message) -> int:
