@@ -151,3 +151,57 @@ def test_grid_answers_other_messages_through_the_client_app(tiny_config):
 
     replies = grid.send_and_receive([Message(RecordDict(), n, "query") for n in (2, 5)])
     assert [int(r.content["metrics"]["partition-id"]) for r in replies] == [0, 3]
+
+
+def test_a_cohort_that_cannot_be_vmapped_runs_client_by_client(tiny_config, caplog):
+    """A model with a data-dependent Python branch cannot run under vmap: the cohort falls back to
+    the per-client path in the same call, and every client still gets its (correct) reply."""
+    import dataclasses
+
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedmaml.federated import records as R
+    from fedmaml.federated.client_app import train_client
+    from fedmaml.models.base import Linear, StagedModel
+
+    class BranchingLinear(Linear):
+        def __call__(self, p, h):
+            if float(h.detach().abs().max()) > 1e30:  # .item()-style: fine per client, not in vmap
+                raise ValueError("input out of range")
+            return super().__call__(p, h)
+
+    cfg = tiny_config("algorithm.name=moml")
+    setup = setup_for(cfg)
+    model = StagedModel("branching", [BranchingLinear("layer1", 1, 16, relu=True),
+                                      BranchingLinear("layer2", 16, 1, relu=False)])
+    assert {k: v.shape for k, v in model.init(0).items()} == \
+           {k: v.shape for k, v in setup.initial_params.items()}
+    setup = dataclasses.replace(setup, model=model)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    grid = VectorizedGrid(cfg, make_client_app(cfg), 8)
+    grid.setup = setup
+    content = RecordDict({R.ARRAYS: R.to_record(setup.initial_params),
+                          R.CONFIG: ConfigRecord({R.ROUND: 1, R.ETA: 0.01})})
+    messages = [Message(content, cid + 2, "train", group_id="1") for cid in (0, 3, 5)]
+    with caplog.at_level("WARNING", logger="fedmaml"):
+        replies = list(grid.send_and_receive(messages))
+    assert grid.stats.fallbacks == 1 and grid.stats.per_client == 3
+    assert "could not run batched" in caplog.text
+    assert [int(r.content[R.METRICS][R.PARTITION]) for r in replies] == [0, 3, 5]
+    for cid, reply in zip((0, 3, 5), replies):  # what the ClientApp computes for that client
+        reference = train_client(messages[0], cfg, setup, cid, _Memories())
+        got = R.from_record(reply.content[R.ARRAYS], setup.initial_params, "reply")
+        want = R.from_record(reference.content[R.ARRAYS], setup.initial_params, "reference")
+        assert_params_close(got, want, f"client {cid}")
+    assert sorted(grid.bank.client_ids().tolist()) == [0, 3, 5]
+
+
+class _Memories:
+    """A fresh client's memory store (for the reference computation)."""
+
+    def load(self):
+        return None
+
+    def save(self, memory):
+        pass

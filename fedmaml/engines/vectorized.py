@@ -144,6 +144,14 @@ class VectorizedGrid(InProcessGrid):
                               directory=engine.memory_dir or None)
         self.bank = bank
         self.stats = CohortStats()
+        self._nodes: dict[int, int] | None = None
+
+    def partition_nodes(self) -> dict[int, int]:
+        # Built once: the strategy asks every round, and with a million clients building the
+        # mapping costs more than a whole round of a small cohort.
+        if self._nodes is None:
+            self._nodes = super().partition_nodes()
+        return self._nodes
 
     def store(self, cid: int) -> BankStore | _NoMemory:
         """Client ``cid``'s memory store (a view of the bank)."""
