@@ -181,6 +181,18 @@ COMMANDS: list[Command] = [
 ]
 
 
+def _deploy_command() -> Command:
+    """``fedmaml deploy ...``: its subcommands live in fedmaml/deploy/cli.py (standard library only
+    at import, so building this parser stays fast)."""
+    from fedmaml.deploy.cli import SUBCOMMANDS
+
+    return Command("deploy", "run on a real federation: certificates, node keys, SuperLink, "
+                   "SuperNodes, flwr run", subcommands=tuple(Command(*s) for s in SUBCOMMANDS))
+
+
+COMMANDS.append(_deploy_command())
+
+
 # --------------------------------------------------------------------------------------------------
 # Parser and entry point
 # --------------------------------------------------------------------------------------------------

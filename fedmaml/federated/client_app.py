@@ -21,8 +21,9 @@ from fedmaml.core.params import Params
 from fedmaml.core.patterns import Pattern
 from fedmaml.data.tasks import Task
 from fedmaml.federated import pattern_selection as selected
+from fedmaml.federated import node_config
 from fedmaml.federated import records as R
-from fedmaml.federated.memory_store import ContextStateStore, FileStore, MemoryStore
+from fedmaml.federated.memory_store import MemoryStore
 from fedmaml.federated.setup import ExperimentSetup, client_generator, resolve_device, setup_for
 
 
@@ -32,9 +33,10 @@ def make_client_app(config: Any = None) -> ClientApp:
 
     def resolve(context: Context) -> tuple[Any, ExperimentSetup, int]:
         cfg = config if config is not None else config_from_run_config(context.run_config)
+        cfg = node_config.with_node_data(cfg, context)  # a device's own data-path
         if cfg.engine.torch_threads and torch.get_num_threads() != cfg.engine.torch_threads:
             torch.set_num_threads(cfg.engine.torch_threads)
-        return cfg, setup_for(cfg), int(context.node_config[R.PARTITION])
+        return cfg, setup_for(cfg), node_config.client_id(context)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -155,10 +157,8 @@ def samples_drawn(data: RoundData) -> int:
 
 
 def memory_store(context: Context, setup: ExperimentSetup, cid: int) -> MemoryStore:
-    directory = context.node_config.get("memory-dir")
-    if directory:
-        return FileStore(str(directory), cid, like=setup.initial_params)
-    return ContextStateStore(context)
+    """The node's ``Context.state``, or files on the device when its node config has memory-dir."""
+    return node_config.memory_store(context, cid, like=setup.initial_params)
 
 
 def evaluate_client(setup: ExperimentSetup, cid: int, w: Params, store: MemoryStore,

@@ -2,7 +2,10 @@
 
 * :class:`ContextStateStore`: in the node's ``Context.state`` (simulation; lives as long as the run).
 * :class:`FileStore`: a file in a directory on the device, written atomically (temp file, fsync,
-  rename), so a kill during a write leaves the previous memory intact.
+  rename, directory fsync), so a kill or a power cut during a write leaves the previous memory intact;
+  it survives SuperNode restarts. A file that cannot be read, or holds memories of another shape, is
+  an error naming the file and the fix; it is replaced by a fresh memory only when the node was told
+  so (``reset_corrupt``), and even then moved aside, not deleted.
 
 A store holds one stacked ``Params`` (leading axis = the client's tasks). Memories never leave the
 client: nothing here is ever put into a reply message.
@@ -10,13 +13,17 @@ client: nothing here is ever put into a reply message.
 
 from __future__ import annotations
 
+import hashlib
+import io
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 import torch
-from flwr.app import Context
+from flwr.app import ArrayRecord, Context
 
-from fedmaml.atomic import atomic_torch_save
+from fedmaml.atomic import atomic_write_bytes
 from fedmaml.core.params import Params
 from fedmaml.errors import DataError
 from fedmaml.federated import codec
@@ -45,22 +52,65 @@ class ContextStateStore:
 
 
 class FileStore:
-    """Memories in ``<directory>/memory-<client>.pt``; corrupt or mismatched files are errors."""
+    """Memories in ``<directory>/memory-<client>.pt``, loaded at every use and saved atomically.
 
-    def __init__(self, directory: str | Path, client_id: int, like: Params | None = None) -> None:
+    ``like``: the model's parameters (the expected names and per-task shapes), checked on load.
+    ``reset_corrupt``: move an unreadable or mismatched file to ``<name>.corrupt-<UTC time>`` and
+    start fresh instead of failing. ``report``: called with one line per load and save (path, tasks,
+    a digest of the bytes), so a device's log shows which memory a client used.
+    """
+
+    def __init__(self, directory: str | Path, client_id: int, like: Params | None = None, *,
+                 reset_corrupt: bool = False, report: Callable[[str], None] | None = None) -> None:
         self.path = Path(directory) / f"memory-{client_id}.pt"
-        self.like = like  # expected per-task shapes (without the task axis), if known
+        self.client_id = client_id
+        self.like = like
+        self.reset_corrupt = reset_corrupt
+        self.report = report
 
     def load(self) -> Params | None:
         if not self.path.exists():
             return None
         try:
-            memory = torch.load(self.path, map_location="cpu", weights_only=True)
+            data = self.path.read_bytes()
+            memory = self._check(data)
+        except (OSError, DataError) as e:
+            problem = e if isinstance(e, DataError) else DataError(f"memory file {self.path}: {e}")
+            if not self.reset_corrupt:
+                raise DataError(f"{problem}. It was left as it is. To start client {self.client_id}"
+                                " with a fresh memory, move the file away, or restart the SuperNode "
+                                "with memory-reset=true in its --node-config") from None
+            aside = self.path.with_name(f"{self.path.name}.corrupt-"
+                                        f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+            self.path.replace(aside)
+            self._say(f"{problem}; moved to {aside.name}, starting with a fresh memory "
+                      "(memory-reset=true)")
+            return None
+        self._say(f"loaded {self.path} ({_tasks(memory)} tasks, sha256 {digest(data)})")
+        return memory
+
+    def save(self, memory: Params) -> None:
+        buffer = io.BytesIO()
+        torch.save({k: v.detach().cpu() for k, v in memory.items()}, buffer)
+        data = buffer.getvalue()
+        atomic_write_bytes(self.path, data)
+        self._say(f"saved {self.path} ({_tasks(memory)} tasks, sha256 {digest(data)})")
+
+    def _check(self, data: bytes) -> Params:
+        """The memory in ``data``, or a DataError saying what is wrong with it."""
+        try:
+            memory = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises several types for truncated or foreign files
-            raise DataError(f"memory file {self.path} is unreadable ({e}); it was not replaced. "
-                            "Move it away to start this client with a fresh memory.") from None
-        if not isinstance(memory, dict) or not all(isinstance(v, torch.Tensor) for v in memory.values()):
-            raise DataError(f"memory file {self.path} does not hold a dict of tensors")
+            raise DataError(f"memory file {self.path} is unreadable ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+        if not isinstance(memory, dict) or not memory or not all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) and v.dim() >= 1
+                for k, v in memory.items()):
+            raise DataError(f"memory file {self.path} does not hold a memory (a non-empty dict of "
+                            "parameter name -> tensor with a leading task axis)")
+        if len({v.shape[0] for v in memory.values()}) != 1:
+            raise DataError(f"memory file {self.path}: its tensors disagree on the number of tasks "
+                            f"({sorted({v.shape[0] for v in memory.values()})})")
         if self.like is not None:
             if list(memory) != list(self.like):
                 raise DataError(f"memory file {self.path} has parameters {list(memory)}, expected "
@@ -71,5 +121,15 @@ class FileStore:
                                     f"{list(v.shape[1:])}, expected {list(self.like[k].shape)}")
         return memory
 
-    def save(self, memory: Params) -> None:
-        atomic_torch_save({k: v.detach().cpu() for k, v in memory.items()}, self.path)
+    def _say(self, text: str) -> None:
+        if self.report is not None:
+            self.report(f"client {self.client_id}: memory {text}")
+
+
+def digest(data: bytes) -> str:
+    """A short content digest (the first 16 hex digits of SHA-256), for logs and checks."""
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _tasks(memory: Params) -> int:
+    return next(iter(memory.values())).shape[0]

@@ -41,6 +41,7 @@ from fedmaml.core.params import Params
 from fedmaml.core.server import ServerOptimizer, aggregate
 from fedmaml.errors import MessageError
 from fedmaml.federated import records as R
+from fedmaml.federated.discovery import PartitionDirectory
 from fedmaml.federated.pattern_selection import PatternSelector
 from fedmaml.federated.setup import ExperimentSetup
 
@@ -77,6 +78,7 @@ class MetaStrategy(Strategy):
         self.nodes: dict[int, int] = {}  # client id -> node id
         self.trained: set[int] = set()
         self.round_stats: dict[str, Any] = {}
+        self._timeout: float | None = None  # of the running start()
         self.selector = PatternSelector(setup)  # Lambda-pattern selection; inert when mode is none
         self._panel: list[int] | None = None
 
@@ -109,7 +111,14 @@ class MetaStrategy(Strategy):
 
     def _messages(self, cids: list[int], content: RecordDict, kind: str, server_round: int
                   ) -> list[Message]:
-        return [Message(content, self.nodes[c], kind, group_id=str(server_round)) for c in cids]
+        unknown = [c for c in cids if c not in self.nodes]
+        if unknown:  # counted as failed (no reply) by the aggregation
+            log.warning("round %d: no node serves client(s) %s; skipped", server_round, unknown)
+        # A message outlives its round only to mislead: a node that comes back after the round
+        # timeout would train on a stale w (and move its memory) for a reply nobody waits for.
+        ttl = self._timeout if self._timeout else None
+        return [Message(content, self.nodes[c], kind, ttl=ttl, group_id=str(server_round))
+                for c in cids if c in self.nodes]
 
     # -- Strategy API ---------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -252,13 +261,16 @@ class MetaStrategy(Strategy):
         self.summary()
         train_config = train_config or ConfigRecord()
         evaluate_config = evaluate_config or ConfigRecord()
-        self.nodes = discover_partitions(grid, self.setup.federation.num_clients
-                                         + self.setup.federation.num_unseen, timeout)
+        self._timeout = timeout
+        directory = PartitionDirectory(grid, self.setup.federation.num_clients
+                                       + self.setup.federation.num_unseen)
+        self.nodes = directory.discover(discovery_seconds(timeout))
         self.w = R.from_record(initial_arrays, self.setup.initial_params, "initial arrays")
         arrays, result, start = initial_arrays, Result(), time.perf_counter()
         totals = {"samples": 0, "bytes_up": 0, "bytes_down": 0}
         for server_round in range(0, num_rounds + 1):
             row: dict[str, Any] = {"round": server_round}
+            self.nodes = directory.refresh()  # nodes that joined or restarted since
             if server_round > 0:
                 messages = list(self.configure_train(server_round, arrays, train_config, grid))
                 down = sum(R.message_bytes(m) for m in messages)
@@ -294,27 +306,11 @@ class MetaStrategy(Strategy):
         return result
 
 
+def discovery_seconds(timeout: float | None) -> float:
+    """How long the run waits at its start for a node per client id."""
+    return DISCOVERY_SECONDS if timeout is None else max(timeout, DISCOVERY_SECONDS)
+
+
 def discover_partitions(grid: Grid, expected: int, timeout: float | None) -> dict[int, int]:
-    """Map client ids to node ids. Our own engines know it; otherwise ask every node once."""
-    known = getattr(grid, "partition_nodes", None)
-    if callable(known):
-        return known()
-    limit = DISCOVERY_SECONDS if timeout is None else max(timeout, DISCOVERY_SECONDS)
-    deadline = time.time() + limit
-    node_ids = list(grid.get_node_ids())
-    while len(node_ids) < expected and time.time() < deadline:
-        time.sleep(0.5)  # simulation registers nodes while the ServerApp starts; devices connect late
-        node_ids = list(grid.get_node_ids())
-    replies = grid.send_and_receive(
-        [Message(RecordDict(), nid, "query", group_id="discovery") for nid in node_ids],
-        timeout=limit)
-    mapping: dict[int, int] = {}
-    for msg in replies:
-        if not msg.has_error():
-            mapping[int(msg.content[R.METRICS][R.PARTITION])] = msg.metadata.src_node_id
-    missing = sorted(set(range(expected)) - set(mapping))
-    if missing:
-        raise MessageError(f"no node serves client ids {missing[:10]}{'...' if len(missing) > 10 else ''}"
-                           f" ({len(mapping)} of {expected} found); start one SuperNode per client id "
-                           "with --node-config 'partition-id=<id>'")
-    return mapping
+    """Map client ids to node ids (see :class:`~fedmaml.federated.discovery.PartitionDirectory`)."""
+    return PartitionDirectory(grid, expected).discover(discovery_seconds(timeout))

@@ -1,0 +1,13 @@
+"""Running fedmaml on a real federation: a SuperLink and one SuperNode per device (docs/deployment.md).
+
+* :mod:`~fedmaml.deploy.crypto`: TLS certificates and SuperNode authentication keys.
+* :mod:`~fedmaml.deploy.commands`: the ``flower-superlink`` / ``flower-supernode`` command lines.
+* :mod:`~fedmaml.deploy.flwr_config`: run-config files, ``[tool.flwr.app.config]``, connections.
+* :mod:`~fedmaml.deploy.runs`: ``flwr run`` and waiting for a run's outcome.
+* :mod:`~fedmaml.deploy.local`: the offline local SuperLink of the Flower-native ``flwr run .``.
+* :mod:`~fedmaml.deploy.processes`: starting and stopping processes by PID.
+* :mod:`~fedmaml.deploy.cli`: ``fedmaml deploy ...``.
+
+The device side (memories on disk, the node's data path) lives with the ClientApp, in
+:mod:`fedmaml.federated.node_config` and :mod:`fedmaml.federated.memory_store`.
+"""

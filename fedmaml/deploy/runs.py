@@ -1,0 +1,93 @@
+"""Submitting a run with ``flwr run`` and following it with ``flwr ls``.
+
+``flwr run`` returns as soon as the SuperLink accepted the run, and exits 0 even if the ServerApp
+fails later; the run's fate is its status in ``flwr ls --format json`` (``finished:completed``,
+``finished:failed`` with ``status-details``, ``finished:stopped``). :func:`wait_for_run` polls it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from fedmaml.deploy.commands import program, program_env
+from fedmaml.deploy.crypto import DeployError
+
+COMPLETED = "finished:completed"
+
+
+def flwr_env(home: str | Path | None = None) -> dict[str, str]:
+    """The environment of a ``flwr`` call: quiet, no update check, ``FLWR_HOME`` if given."""
+    env = program_env()
+    if home is not None:
+        env["FLWR_HOME"] = str(Path(home).expanduser().resolve())
+    return env
+
+
+def flwr(args: Sequence[str], *, home: str | Path | None = None, cwd: str | Path | None = None,
+         timeout: float = 120) -> dict[str, Any]:
+    """Run ``flwr <args> --format json`` and return its JSON answer; DeployError on failure."""
+    argv = [program("flwr"), *args, "--format", "json"]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, env=flwr_env(home), cwd=cwd,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise DeployError(f"`flwr {' '.join(args)}` did not answer within {timeout:.0f}s") from None
+    answer = _json_in(done.stdout)
+    if done.returncode != 0 or answer is None or not answer.get("success", False):
+        detail = (answer or {}).get("error-message") or (done.stderr + done.stdout).strip()
+        raise DeployError(f"`flwr {' '.join(args)}` failed: {detail[-2000:]}")
+    return answer
+
+
+def _json_in(text: str) -> dict[str, Any] | None:
+    """The JSON object in ``flwr``'s output (which may print notices before it)."""
+    start = text.find("{")
+    if start < 0:
+        return None
+    try:
+        value = json.loads(text[start:])
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def submit(app: str | Path, connection: str | None, run_config: str | Path, *,
+           home: str | Path | None = None) -> int:
+    """``flwr run <app> <connection> --run-config <file>``; returns the run id."""
+    args = ["run", str(app)] + ([connection] if connection else []) + [
+        "--run-config", str(Path(run_config).resolve())]
+    return int(flwr(args, home=home)["run-id"])
+
+
+def run_status(run_id: int, connection: str | None = None, *,
+               home: str | Path | None = None) -> dict[str, Any]:
+    """The run's entry of ``flwr ls`` (status, status-details, elapsed...)."""
+    args = ["ls"] + ([connection] if connection else []) + ["--run-id", str(run_id)]
+    runs = flwr(args, home=home).get("runs", [])
+    if not runs:
+        raise DeployError(f"run {run_id} is unknown to the SuperLink")
+    return runs[0]
+
+
+def wait_for_run(run_id: int, connection: str | None = None, *, home: str | Path | None = None,
+                 timeout: float | None = None, poll: float = 3.0,
+                 on_change: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Poll until the run is finished (any outcome) and return its final entry."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    last = None
+    while True:
+        entry = run_status(run_id, connection, home=home)
+        if entry.get("status") != last:
+            last = entry.get("status")
+            if on_change is not None:
+                on_change(entry)
+        if str(entry.get("status", "")).startswith("finished"):
+            return entry
+        if deadline is not None and time.monotonic() > deadline:
+            raise DeployError(f"run {run_id} is still {last!r} after {timeout:.0f}s")
+        time.sleep(poll)

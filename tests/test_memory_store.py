@@ -1,0 +1,233 @@
+"""Device-side memories (``FileStore``, node config): what survives a restart, a kill, a bad file.
+
+* A memory on disk is the same memory after a restart: a federation whose nodes all restart between
+  every message (fresh Context, fresh store objects) records exactly the metrics of one that keeps
+  its memories in RAM.
+* SIGKILL in the middle of a write never leaves a corrupt file: a forked writer is killed at random
+  moments while saving in a loop; the file always loads and holds one complete version.
+* A corrupt, foreign or mismatched file is an error naming the file and the fix, and is left as it
+  is; with ``memory-reset`` it is moved aside (never deleted) and the client starts afresh.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import Context, RecordDict
+
+from fedmaml.engines.inprocess import InProcessGrid, run_inprocess
+from fedmaml.errors import ConfigError, DataError
+from fedmaml.federated import node_config
+from fedmaml.federated.client_app import make_client_app
+from fedmaml.federated.memory_store import ContextStateStore, FileStore, digest
+from fedmaml.federated.server_app import make_server_app
+from fedmaml.results.recorder import read_metrics
+
+LIKE = {"w": torch.zeros(3, 2), "b": torch.zeros(2)}
+
+
+def memory(value: float, tasks: int = 2) -> dict[str, torch.Tensor]:
+    return {k: torch.full((tasks, *v.shape), value) for k, v in LIKE.items()}
+
+
+def context(node: dict, run_id: int = 7) -> Context:
+    return Context(run_id=run_id, node_id=1, node_config=node, state=RecordDict(), run_config={})
+
+
+# -- FileStore --------------------------------------------------------------------------------------
+
+def test_save_then_load_in_a_new_store_gives_the_same_values(tmp_path):
+    lines = []
+    FileStore(tmp_path, 3, LIKE).save(memory(1.5))
+    assert FileStore(tmp_path, 4, LIKE).load() is None  # another client has none yet
+    loaded = FileStore(tmp_path, 3, LIKE, report=lines.append).load()
+    assert {k: v.tolist() for k, v in loaded.items()} == {k: v.tolist() for k, v in memory(1.5).items()}
+    data = (tmp_path / "memory-3.pt").read_bytes()
+    assert lines == [f"client 3: memory loaded {tmp_path / 'memory-3.pt'} (2 tasks, sha256 "
+                     f"{digest(data)})"]
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda b: b[: len(b) // 2], "unreadable"),  # a torn write, as without the atomic rename
+    (lambda b: b"not a torch file at all", "unreadable"),
+])
+def test_a_corrupt_file_is_an_error_and_is_left_as_it_is(tmp_path, damage, expected):
+    store = FileStore(tmp_path, 0, LIKE)
+    store.save(memory(1.0))
+    bad = damage(store.path.read_bytes())
+    store.path.write_bytes(bad)
+    with pytest.raises(DataError) as e:
+        store.load()
+    message = str(e.value)
+    assert str(store.path) in message and expected in message
+    assert "memory-reset=true" in message and "move the file away" in message
+    assert store.path.read_bytes() == bad  # never silently replaced
+    assert list(tmp_path.iterdir()) == [store.path]
+
+
+@pytest.mark.parametrize("stored, expected", [
+    ({"w": torch.zeros(2, 3, 3), "b": torch.zeros(2, 2)}, "'w' has per-task shape [3, 3], "
+                                                          "expected [3, 2]"),
+    ({"w": torch.zeros(2, 3, 2)}, "has parameters ['w'], expected ['w', 'b']"),
+    ({"w": torch.zeros(2, 3, 2), "b": torch.zeros(3, 2)}, "disagree on the number of tasks"),
+    ([1, 2, 3], "does not hold a memory"),
+])
+def test_a_memory_of_the_wrong_shape_is_an_error(tmp_path, stored, expected):
+    path = tmp_path / "memory-0.pt"
+    torch.save(stored, path)
+    with pytest.raises(DataError, match="memory file") as e:
+        FileStore(tmp_path, 0, LIKE).load()
+    assert expected in str(e.value) and str(path) in str(e.value)
+    assert path.exists()
+
+
+def test_reset_moves_a_bad_file_aside_and_starts_fresh(tmp_path):
+    path = tmp_path / "memory-0.pt"
+    path.write_bytes(b"garbage")
+    lines = []
+    assert FileStore(tmp_path, 0, LIKE, reset_corrupt=True, report=lines.append).load() is None
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("memory-0.pt.corrupt-")]
+    assert not path.exists() and len(aside) == 1 and aside[0].read_bytes() == b"garbage"
+    assert "moved to memory-0.pt.corrupt-" in lines[0] and "memory-reset=true" in lines[0]
+    FileStore(tmp_path, 0, LIKE, reset_corrupt=True).save(memory(2.0))  # the fresh one is saved
+    assert FileStore(tmp_path, 0, LIKE).load()["b"].eq(2.0).all()
+
+
+PAYLOAD = {"w": torch.full((4, 256, 256), 7.0)}  # 1 MiB, so that a save takes a few ms
+
+
+def _write_forever(directory: str) -> None:
+    """Save versions 1, 2, 3... until killed. Runs in a forked child: no tensor computation here
+    (an intra-op thread pool inherited through fork can hang), only tiny tensors and saving."""
+    store = FileStore(directory, 0)
+    version = 0
+    while True:
+        version += 1
+        store.save({"version": torch.tensor([float(version)] * 4), **PAYLOAD})  # 4 "tasks"
+
+
+def _kill_mid_write(directory: Path, writer, deadline: float) -> None:
+    """SIGKILL ``writer`` as soon as one of its temp files exists: between the temp file's creation
+    and its rename, i.e. in the middle of a save."""
+    while time.monotonic() < deadline:
+        if any(p.name.endswith(".tmp") for p in directory.iterdir()):
+            break
+    os.kill(writer.pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_sigkill_during_writes_never_leaves_a_corrupt_file(tmp_path):
+    fork = multiprocessing.get_context("fork")  # the child inherits torch: no re-import per kill
+    rng = random.Random(0)
+    versions, torn = [], 0
+    for i in range(16):
+        writer = fork.Process(target=_write_forever, args=(str(tmp_path),), daemon=True)
+        writer.start()
+        try:
+            time.sleep(0.03 + 0.07 * rng.random())
+            if i % 2 == 0:  # half the kills wait for a write in progress, half land anywhere
+                _kill_mid_write(tmp_path, writer, time.monotonic() + 10)
+        finally:
+            if writer.is_alive():
+                os.kill(writer.pid, signal.SIGKILL)
+            writer.join(10)
+        temps = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+        torn += bool(temps)  # the kill landed in the middle of a write
+        for p in temps:
+            p.unlink()
+        loaded = FileStore(tmp_path, 0).load()
+        if loaded is None:  # killed before its first save completed
+            continue
+        assert torch.equal(loaded["w"], PAYLOAD["w"]) and loaded["version"].unique().numel() == 1
+        versions.append(int(loaded["version"][0]))  # one complete version, never a mix
+    assert versions and torn >= 8  # versions were written, and every waiting kill hit a write
+
+
+# -- node config ------------------------------------------------------------------------------------
+
+def test_node_config_picks_the_store_and_keeps_memories_per_run(tmp_path):
+    assert isinstance(node_config.memory_store(context({}), 0, LIKE), ContextStateStore)
+    store = node_config.memory_store(context({"memory-dir": str(tmp_path)}, run_id=7), 2, LIKE)
+    assert isinstance(store, FileStore) and store.path == tmp_path / "run-7" / "memory-2.pt"
+    assert not store.reset_corrupt
+    store.save(memory(1.0))
+    other_run = node_config.memory_store(context({"memory-dir": str(tmp_path)}, run_id=8), 2, LIKE)
+    assert other_run.load() is None  # a new run starts from fresh memories
+    reset = node_config.memory_store(context({"memory-dir": str(tmp_path), "memory-reset": "true"}),
+                                     2, LIKE)
+    assert reset.reset_corrupt
+
+
+def test_node_data_path_replaces_data_path_for_that_node_only(tiny_config, tmp_path):
+    cfg = tiny_config()
+    assert node_config.with_node_data(cfg, context({})) is cfg
+    mine = node_config.with_node_data(cfg, context({"data-path": str(tmp_path)}))
+    assert mine.data.path == str(tmp_path) and cfg.data.path == ""
+    assert mine.algorithm == cfg.algorithm
+
+
+@pytest.mark.parametrize("value", [None, "x", -1, True])
+def test_a_bad_partition_id_names_the_key(value):
+    node = {} if value is None else {"partition-id": value}
+    with pytest.raises(ConfigError, match="partition-id .* integer >= 0"):
+        node_config.client_id(context(node))
+
+
+# -- through the real apps: restarts do not change a run --------------------------------------------
+
+class RestartingDevices(InProcessGrid):
+    """In-process nodes with memories on disk that all restart after every exchange: each message
+    finds a fresh Context, as a SuperNode process that was killed and started again would."""
+
+    def __init__(self, client_app, num_nodes, memory_root: Path | None) -> None:
+        super().__init__(client_app, num_nodes)
+        self.memory_root = memory_root  # None: memories in RAM (Context.state), lost on restart
+
+    def context(self, node_id):
+        ctx = super().context(node_id)
+        if self.memory_root is not None:
+            ctx.node_config["memory-dir"] = str(self.memory_root / f"node-{node_id}")
+        return ctx
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = super().send_and_receive(messages, timeout=timeout)
+        self.contexts.clear()  # every node restarts
+        return replies
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without its wall-clock fields."""
+    rows = read_metrics(run_dir)
+    for row in rows:
+        for key in ("seconds", "train_seconds_max"):
+            row.pop(key, None)
+        for k in [k for k in row.get("eval", {}) if "adapt-ms" in k]:
+            row["eval"].pop(k)
+    return rows
+
+
+def test_nodes_restarting_with_memories_on_disk_give_the_same_run(tiny_config, tmp_path):
+    cfg = tiny_config("federated.rounds=4", "federated.eval_every=2")
+    n = cfg.data.num_clients + cfg.data.unseen_clients
+    ram, disk = tmp_path / "ram", tmp_path / "disk"
+    run_inprocess(make_server_app(cfg, ram, quiet=True), make_client_app(cfg), n)
+    app = make_client_app(cfg)
+    grid = RestartingDevices(app, n, tmp_path / "memories")
+    run_inprocess(make_server_app(cfg, disk, quiet=True), app, n, grid=grid)
+    assert _rows(disk) == _rows(ram)
+    # The control: the same restarts with memories in RAM lose them, and the run changes.
+    lost = tmp_path / "lost"
+    app = make_client_app(cfg)
+    run_inprocess(make_server_app(cfg, lost, quiet=True), app, n,
+                  grid=RestartingDevices(app, n, None))
+    assert _rows(lost) != _rows(ram)
+    files = sorted(p.relative_to(tmp_path / "memories").as_posix()
+                   for p in (tmp_path / "memories").rglob("memory-*.pt"))
+    assert files and all(f.startswith("node-") and "/run-1/memory-" in f for f in files)
