@@ -387,7 +387,7 @@ ACCEPTED = "SuperNode ID: {}"
 @needs_ports
 @pytest.mark.deployment
 @pytest.mark.slow
-def test_secure_federation_survives_a_killed_node_and_a_straggler(tmp_path):
+def test_secure_federation_survives_a_killed_node_and_a_straggler(tmp_path, monkeypatch, capsys):
     t0 = time.monotonic()
     phases: dict[str, float] = {}
     env = {**program_env(), "PYTHONPATH": str(REPO), "FLWR_LOG_LEVEL": "INFO",
@@ -510,6 +510,13 @@ def test_secure_federation_survives_a_killed_node_and_a_straggler(tmp_path):
         assert row3["eval"]["eval-failures"] == 0 and row3["eval"]["seen.ids"] == [0, 1, 2]
         for name in ("config.yaml", "summary.json", "model.pt"):
             assert (run_dir / name).is_file()
+
+        # `fedmaml deploy wait` reports the outcome and where the run directory is.
+        monkeypatch.setenv("FLWR_HOME", str(cli_home))
+        capsys.readouterr()
+        assert main(["deploy", "wait", str(run_id), "fed", "--run-config",
+                     str(tmp_path / "run.toml")]) == 0
+        assert f"run directory: {run_dir}\n" in capsys.readouterr().out
 
         # The restarted node came back as itself and used the memory it had when it was killed.
         loaded = re.findall(LOADED, run.log(accepted[0]))

@@ -225,7 +225,7 @@ def _show_run_dir(run_config: str, run_id: int) -> None:
     if run_dir.is_dir():
         from fedmaml.experiment import format_summary
 
-        print(format_summary(run_dir))
+        print(format_summary([run_dir]))
     else:
         print("(not on this machine: it is on the SuperLink's)")
 

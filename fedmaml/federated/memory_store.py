@@ -79,7 +79,8 @@ class FileStore:
             if not self.reset_corrupt:
                 raise DataError(f"{problem}. It was left as it is. To start client {self.client_id}"
                                 " with a fresh memory, move the file away, or restart the SuperNode "
-                                "with memory-reset=true in its --node-config") from None
+                                "with memory-reset=true in its --node-config (`fedmaml deploy "
+                                "supernode --memory-reset`)") from None
             aside = self.path.with_name(f"{self.path.name}.corrupt-"
                                         f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
             self.path.replace(aside)
@@ -101,8 +102,9 @@ class FileStore:
         try:
             memory = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises several types for truncated or foreign files
-            raise DataError(f"memory file {self.path} is unreadable ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+            # Not torch's text: for a foreign file it suggests weights_only=False, i.e. running code.
+            raise DataError(f"memory file {self.path} is unreadable: truncated, or not written by "
+                            f"fedmaml ({len(data)} bytes; torch: {type(e).__name__})") from None
         if not isinstance(memory, dict) or not memory or not all(
                 isinstance(k, str) and isinstance(v, torch.Tensor) and v.dim() >= 1
                 for k, v in memory.items()):
