@@ -289,7 +289,7 @@ def test_discovery_finds_late_and_restarted_nodes_and_ignores_silent_ones(tiny_c
     assert "client 1 moved from node" in caplog.text
 
 
-# -- real processes -----------------------------------------------------------------------------------
+# -- real processes -------------------------------------------------------------------------------
 
 class Processes:
     """The processes a test starts, each with its log; all stopped by PID at the end."""

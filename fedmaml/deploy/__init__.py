@@ -1,4 +1,5 @@
-"""Running fedmaml on a real federation: a SuperLink and one SuperNode per device (docs/deployment.md).
+"""Running fedmaml on a real federation: a SuperLink and one SuperNode per device
+(docs/deployment.md).
 
 * :mod:`~fedmaml.deploy.crypto`: TLS certificates and SuperNode authentication keys.
 * :mod:`~fedmaml.deploy.commands`: the ``flower-superlink`` / ``flower-supernode`` command lines.

@@ -60,10 +60,11 @@ def show(argv: Sequence[str]) -> str:
 def superlink_argv(certs: str | Path | None, *, host: str = "0.0.0.0",
                    port: int = DEFAULT_SUPERLINK_PORT, database: str | Path | None = None,
                    insecure: bool = False) -> list[str]:
-    """A SuperLink with TLS (``certs``: a directory of :func:`~fedmaml.deploy.crypto.make_certificates`),
-    node authentication, and apps loaded from the submitted bundle without installing anything
-    (runtime dependency installation needs the internet, and would change the environment).
-    ``insecure``: neither TLS nor node authentication."""
+    """A SuperLink with TLS (``certs``: a directory made by
+    :func:`~fedmaml.deploy.crypto.make_certificates`), node authentication, and apps loaded from
+    the submitted bundle without installing anything (runtime dependency installation needs the
+    internet, and would change the environment). ``insecure``: neither TLS nor node
+    authentication."""
     argv = [program("flower-superlink")]
     if insecure:
         if certs is not None:

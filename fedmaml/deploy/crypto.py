@@ -1,11 +1,12 @@
-"""TLS certificates and SuperNode authentication keys, made with ``cryptography`` (a Flower dependency).
+"""TLS certificates and SuperNode authentication keys, made with ``cryptography`` (which Flower
+needs anyway).
 
 * :func:`make_certificates`: a private certificate authority (``ca.crt``, ``ca.key``) and a SuperLink
   server certificate signed by it (``server.pem``, ``server.key``) whose subject alternative names
   list every host name or IP address the SuperNodes and the ``flwr`` CLI use to reach the SuperLink.
   Devices only need ``ca.crt``.
-* :func:`make_node_keys`: one ECDSA P-384 key pair per SuperNode in OpenSSH format (``<name>`` private,
-  ``<name>.pub`` public), the format ``flower-supernode --auth-supernode-private-key`` and
+* :func:`make_node_keys`: one ECDSA P-384 key pair per SuperNode in OpenSSH format (``<name>``
+  private, ``<name>.pub`` public), the format ``flower-supernode --auth-supernode-private-key`` and
   ``flwr supernode register`` read.
 
 Private keys are written with mode 0600. Existing files are never overwritten: regenerating a CA

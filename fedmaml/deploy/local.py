@@ -48,8 +48,9 @@ def start_local_superlink(timeout: float = 30.0) -> tuple[int, Path]:
     proc = processes.start(argv, log, env=flwr_env())
     (state / PID_FILE).write_text(f"{proc.pid}\n")
     try:
-        processes.wait_until(lambda: proc.poll() is not None or processes.port_open("127.0.0.1", port),
-                             timeout, f"the local SuperLink on port {port}")
+        processes.wait_until(
+            lambda: proc.poll() is not None or processes.port_open("127.0.0.1", port), timeout,
+            f"the local SuperLink on port {port}")
     except TimeoutError as e:
         raise DeployError(f"{e}; see {log}") from None
     if proc.poll() is not None:
