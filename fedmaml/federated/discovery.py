@@ -48,8 +48,9 @@ class PartitionDirectory:
     def refresh(self) -> dict[int, int]:
         """Collect the answers that arrived and ask the nodes that appeared; never waits."""
         known = getattr(self.grid, "partition_nodes", None)
-        if callable(known):  # our engines know the mapping: no queries
-            self.nodes = dict(known())
+        if callable(known):  # our engines know the mapping, and it never changes: no queries
+            if not self.nodes:
+                self.nodes = dict(known())
             return self.nodes
         self._collect()
         self._ask(sorted(set(self.grid.get_node_ids()) - self._asked))
