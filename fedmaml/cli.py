@@ -167,6 +167,82 @@ def _cmd_select_pattern(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------------
+# fedmaml sweep | compare
+# --------------------------------------------------------------------------------------------------
+
+def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", metavar="CONFIG", help="YAML config file, optionally with a "
+                        "`sweep:` section (grid, seeds)")
+    _add_overrides(parser)
+    parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                        help="values of a key to sweep (repeatable; every combination runs); KEY "
+                        "may be an unambiguous suffix: beta for algorithm.beta")
+    parser.add_argument("--seeds", metavar="SEEDS", help="seeds of every combination: 0-4, 0,2,5 "
+                        "(default: the sweep section's, else the config's seed)")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="runs at a time, in separate processes (0 = one per CPU core)")
+    parser.add_argument("--sweep-dir", metavar="DIR", help="directory of the sweep (default: "
+                        "<output_dir>/<name>)")
+    parser.add_argument("--skip-invalid", action="store_true", help="leave out combinations that "
+                        "break a rule linking several keys, instead of refusing the sweep")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and their state; run "
+                        "nothing")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from fedmaml.sweep import load_sweep, run_sweep, sweep_summary
+
+    base, spec = load_sweep(args.config, args.overrides, args.grid, args.seeds)
+    result = run_sweep(base, spec, args.sweep_dir, jobs=args.jobs, quiet=args.quiet,
+                       skip_invalid=args.skip_invalid, dry_run=args.dry_run)
+    if not args.dry_run:
+        print(sweep_summary(result))
+    return 1 if result.failed else 0
+
+
+# The choices of compare's options (fedmaml.results.compare.X_AXES and BANDS), written out so that
+# building the parser does not import numpy; a test keeps them equal.
+COMPARE_X_AXES = ("rounds", "samples", "bytes", "seconds")
+COMPARE_BANDS = ("std", "sem", "minmax")
+
+
+def _add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("paths", nargs="+", metavar="RUN_OR_SWEEP_DIR",
+                        help="run directories, or directories holding them (a sweep, results/)")
+    parser.add_argument("--metric", metavar="M", help="seen.loss.mean (default: the task metric of "
+                        "trained clients), unseen.accuracy.p50, seen.memory-loss, loss_after...")
+    parser.add_argument("--x", action="append", choices=COMPARE_X_AXES, metavar="AXIS",
+                        help=f"x axis of a convergence plot, repeatable: {', '.join(COMPARE_X_AXES)} "
+                        "(default: rounds)")
+    parser.add_argument("--log", choices=("x", "y", "xy"), default="", help="log-scale axes")
+    parser.add_argument("--target", type=float, metavar="T", help="metric level for 'rounds and "
+                        "samples to target' (default: the least good final mean among settings)")
+    parser.add_argument("--band", choices=COMPARE_BANDS, default="std", help="band over seeds: std, "
+                        "sem (standard error) or minmax (default: std)")
+    parser.add_argument("--dist", choices=("cdf", "violin"), default="cdf",
+                        help="per-client distribution plot (default: cdf)")
+    parser.add_argument("--format", action="append", choices=("png", "pdf", "svg"),
+                        metavar="FMT", help="figure format, repeatable: png, pdf, svg "
+                        "(default: png)")
+    parser.add_argument("--out", metavar="DIR", help="output directory (default: <DIR>/compare "
+                        "for a single directory; needed for several)")
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from fedmaml.results.compare import compare
+
+    result = compare(args.paths, out_dir=args.out, metric=args.metric, xs=args.x or ["rounds"],
+                     log=args.log, target=args.target, band=args.band, dist=args.dist,
+                     formats=args.format or ["png"])
+    print(result.table, end="")
+    print(f"report: {result.report}")
+    for fig in result.figures:
+        print(f"figure: {fig}")
+    return 0
+
+
 COMMANDS: list[Command] = [
     Command("run", "run one experiment from a config file", _add_run_arguments, _cmd_run),
     Command("config", "inspect configurations", subcommands=(
@@ -178,6 +254,10 @@ COMMANDS: list[Command] = [
     Command("select-pattern", "choose a Lambda pattern for a meta-trained model: the fastest "
             "within epsilon of full adaptation", _add_select_pattern_arguments,
             _cmd_select_pattern),
+    Command("sweep", "run every combination of a grid of config values, once per seed, into one "
+            "sweep directory (resumable)", _add_sweep_arguments, _cmd_sweep),
+    Command("compare", "compare finished runs: convergence and per-client plots, Markdown report",
+            _add_compare_arguments, _cmd_compare),
 ]
 
 

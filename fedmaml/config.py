@@ -650,6 +650,56 @@ def replace_path(cfg: Config, path: str, value: Any) -> Config:
     return replace_paths(cfg, {path: value})
 
 
+def resolve_key(key: str, values: Sequence[Any] = ()) -> str:
+    """The full dotted key that ``key`` names: a full key, or a dotted suffix of exactly one key.
+
+    ``beta`` -> ``algorithm.beta``. When a suffix fits several keys, ``values`` (if given) settle it
+    if exactly one of those keys accepts them all: ``mode`` with ``cross_silo`` is
+    ``federated.mode``. An unknown or still ambiguous key (``alpha`` with 0.1: ``algorithm.alpha`` or
+    ``evaluation.alpha``) is a ConfigError listing the candidates.
+    """
+    if "." in key and key in _SPECS:
+        return key
+    matches = [p for p in _SPECS if p == key or p.endswith("." + key)]
+    if len(matches) > 1 and values:
+        fitting = [p for p in matches if all(_accepts(_SPECS[p], v) for v in values)]
+        matches = fitting or matches
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        leaves = sorted({p.rsplit(".", 1)[-1] for p in _SPECS} | set(_SPECS))
+        raise ConfigError(f"{key}: unknown key" + _suggest(key, leaves))
+    raise ConfigError(f"{key}: ambiguous key, it could be {', '.join(matches)}; write the full key")
+
+
+def _accepts(spec: FieldSpec, value: Any) -> bool:
+    problems: list[str] = []
+    _check_value(spec, value, problems)
+    return not problems
+
+
+def check_value(path: str, value: Any) -> None:
+    """Raise the ConfigError of ``value`` for key ``path`` on its own (type, choices, range), without
+    the rules linking several keys."""
+    problems: list[str] = []
+    _check_value(_SPECS[path], value, problems)
+    if problems:
+        raise ConfigError(problems[0])
+
+
+def short_key(path: str) -> str:
+    """The shortest dotted suffix of ``path`` that :func:`resolve_key` maps back to it."""
+    parts = path.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        candidate = ".".join(parts[i:])
+        try:
+            if resolve_key(candidate) == path:
+                return candidate
+        except ConfigError:
+            continue
+    return path
+
+
 # --------------------------------------------------------------------------------------------------
 # YAML files
 # --------------------------------------------------------------------------------------------------
@@ -695,9 +745,31 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+#: The top-level section of a sweep file: a config plus the grid and seeds that ``fedmaml sweep``
+#: expands (validated in fedmaml/sweep.py). A run's own config never has one.
+SWEEP_SECTION = "sweep"
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     """Load a YAML config file (or the defaults when ``path`` is None) and apply dotted overrides."""
     data = _read_yaml(Path(path)) if path is not None else {}
+    if SWEEP_SECTION in data:
+        raise ConfigError(f"{path}: has a '{SWEEP_SECTION}:' section, which describes several runs; "
+                          f"run it with `fedmaml sweep {path}`, or remove the section to run one "
+                          "config")
+    return _config_from_data(data, path, overrides)
+
+
+def load_config_and_sweep(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Config, Any]:
+    """A config file that may hold a ``sweep:`` section: the config without it, and the section's
+    raw value (None when absent) for :mod:`fedmaml.sweep` to validate."""
+    data = _read_yaml(Path(path))
+    sweep = data.pop(SWEEP_SECTION, None)
+    return _config_from_data(data, path, overrides), sweep
+
+
+def _config_from_data(data: dict[str, Any], path: str | Path | None,
+                      overrides: Sequence[str]) -> Config:
     data = apply_overrides(data, overrides)
     source = str(path) if path is not None else "defaults"
     if overrides:
@@ -761,4 +833,22 @@ def config_reference_markdown() -> str:
                      + table([s for s in specs if s.path.startswith(name + ".")]))
     parts.append("## Rules involving several keys\n\n"
                  + "".join(f"- {rule}\n" for rule in CROSS_FIELD_RULES))
+    parts.append(_SWEEP_SECTION_DOC)
     return "\n".join(parts)
+
+
+_SWEEP_SECTION_DOC = f"""## `{SWEEP_SECTION}` (sweep files only)
+
+A file given to `fedmaml sweep` may add a `{SWEEP_SECTION}:` section (`fedmaml run` refuses such a
+file). `grid` maps keys (full, or an unambiguous suffix: `beta` for `algorithm.beta`) to lists of
+values; every combination runs once per seed. `seeds` is a list of integers or a range such as
+`"0-4"` (default: the `seed` key). See docs/comparing.md.
+
+```yaml
+{SWEEP_SECTION}:
+  grid:
+    algorithm.beta: [0.3, 0.5, 0.9]
+    mode: [cross_device, cross_silo]
+  seeds: "0-4"
+```
+"""

@@ -1,0 +1,525 @@
+"""``fedmaml compare``: load finished runs, group them into settings, refuse what cannot be compared,
+and compute the curves and numbers that the figures (compare_plots.py) and the Markdown report
+(compare_report.py) show.
+
+A *setting* is a config up to its seed: runs whose configs differ only in ``seed`` (and in the keys
+that name or place a run: ``name``, ``output_dir``, ``compare_with``) are seeds of one setting and are
+averaged, with a band over seeds. Runs are comparable when they measure the same metric on the same
+task family; the requested metric must exist in every run. Anything else is a :class:`CompareError`
+that says which runs differ and how, rather than a misleading plot.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedmaml.config import Config, config_to_flat, load_config, short_key
+from fedmaml.errors import FedmamlError
+
+# File names of a run directory (fedmaml/results/recorder.py). Read here without importing the
+# recorder, which pulls in torch (through fedmaml.atomic) and would add seconds to every compare.
+CONFIG_FILE, METRICS_FILE, SUMMARY_FILE = "config.yaml", "metrics.jsonl", "summary.json"
+
+#: Keys that name or place a run, or add baselines next to it: not part of its setting.
+IDENTITY_KEYS = ("seed", "name", "output_dir", "compare_with")
+#: Keys that change how a run is evaluated: settings differing in them measure different things.
+EVALUATION_KEYS = ("data.eval_adapt_size", "data.eval_heldout_size", "data.heldout_fraction",
+                   "federated.eval_clients")
+X_AXES = ("rounds", "samples", "bytes", "seconds")
+BANDS = ("std", "sem", "minmax")
+#: Per-round training numbers of metrics.jsonl that can be plotted like evaluation metrics.
+TRAIN_METRICS = ("loss_before", "loss_after")
+
+
+class CompareError(FedmamlError, ValueError):
+    """The runs given to compare cannot be compared (or there are none)."""
+
+
+@dataclass
+class Run:
+    dir: Path
+    config: Config
+    summary: dict[str, Any]
+    rows: list[dict[str, Any]]
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed
+
+
+@dataclass
+class Setting:
+    """Runs of one config up to the seed."""
+
+    runs: list[Run]
+    label: str = ""
+    values: dict[str, Any] = field(default_factory=dict)  # the keys in which settings differ
+
+    @property
+    def config(self) -> Config:
+        return self.runs[0].config
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str  # "seen.loss.mean" (an evaluation key) or "loss_after" (a training key)
+    higher_is_better: bool
+
+    @property
+    def is_train(self) -> bool:
+        return self.key in TRAIN_METRICS
+
+    def clients_key(self, task_metric: str) -> str:
+        """The per-client values behind this metric (``seen.loss.clients``) for the distribution."""
+        if self.is_train:
+            return f"seen.{task_metric}.clients"
+        group, name, _ = self.key.split(".")
+        return f"{group}.{name}.clients"
+
+
+_NAMES = {"loss": "personalized loss", "accuracy": "personalized accuracy",
+          "memory-loss": "loss adapted from memory", "memory-accuracy": "accuracy adapted from memory",
+          "adapt-ms": "adaptation time (ms)"}
+_GROUPS = {"seen": "trained clients", "unseen": "unseen clients"}
+_STATS = {"mean": "mean", "p50": "median", "p10": "10th pct.", "p90": "90th pct.", "std": "std"}
+_TRAIN_NAMES = {"loss_before": "training query loss at w",
+                "loss_after": "training query loss after adaptation"}
+X_LABELS = {"rounds": "round", "samples": "training samples processed",
+            "bytes": "bytes communicated (up + down)", "seconds": "wall-clock time (s)"}
+
+
+def axis_label(key: str) -> str:
+    """Two lines for an axis: "personalized loss" / "trained clients, mean over clients"."""
+    if key in _TRAIN_NAMES:
+        return _TRAIN_NAMES[key].replace(" after", "\nafter").replace(" at", "\nat")
+    group, name, stat = key.split(".")
+    return (f"{_NAMES.get(name, name)}\n"
+            f"{_GROUPS.get(group, group)}, {_STATS.get(stat, stat)} over clients")
+
+
+def client_axis_label(key: str) -> str:
+    """"personalized loss per trained client" for the per-client values behind ``key``."""
+    group, name = key.split(".")[:2]
+    who = {"seen": "trained client", "unseen": "unseen client"}.get(group, group)
+    return f"{_NAMES.get(name, name)} per {who}\n(final evaluation)"
+
+
+def describe_metric(key: str) -> str:
+    """``seen.loss.mean`` -> "personalized loss, trained clients (mean over clients)"."""
+    if key in _TRAIN_NAMES:
+        return _TRAIN_NAMES[key]
+    group, name, stat = key.split(".")
+    return (f"{_NAMES.get(name, name)}, {_GROUPS.get(group, group)} "
+            f"({_STATS.get(stat, stat)} over clients)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+def find_run_dirs(paths: Sequence[str | Path]) -> list[Path]:
+    """Every run directory (one with config.yaml) at or under the given paths, once, in path order.
+
+    Run directories inside run directories count too: ``compare_with`` baselines live in
+    ``<run>/baselines/<algorithm>/``.
+    """
+    found: dict[Path, None] = {}
+    for p in paths:
+        path = Path(p)
+        if not path.exists():
+            raise CompareError(f"{path}: no such run or sweep directory")
+        if not path.is_dir():
+            raise CompareError(f"{path}: not a directory; give run directories or sweep "
+                               "directories")
+        before = len(found)
+        for root, dirs, files in os.walk(path):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            if CONFIG_FILE in files:
+                found.setdefault(Path(root).resolve())
+        if len(found) == before:
+            raise CompareError(f"{path}: holds no run directory (a directory with {CONFIG_FILE})")
+    return list(found)
+
+
+def load_run(run_dir: Path) -> Run | None:
+    """A finished run, or None when it has no summary.json (interrupted or still running)."""
+    summary_path = run_dir / SUMMARY_FILE
+    if not summary_path.exists():
+        return None
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        with open(run_dir / METRICS_FILE, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    except (OSError, json.JSONDecodeError) as e:
+        raise CompareError(f"{run_dir}: cannot read the run ({e})") from None
+    return Run(dir=run_dir, config=load_config(run_dir / CONFIG_FILE), summary=summary, rows=rows)
+
+
+def load_runs(paths: Sequence[str | Path]) -> tuple[list[Run], list[Path]]:
+    """The finished runs under ``paths`` and the unfinished run directories that were left out."""
+    runs, unfinished = [], []
+    for d in find_run_dirs(paths):
+        run = load_run(d)
+        if run is None:
+            unfinished.append(d)
+        else:
+            runs.append(run)
+    if not runs:
+        raise CompareError(f"no finished run (with {SUMMARY_FILE}) under "
+                           f"{', '.join(map(str, paths))}; {len(unfinished)} unfinished")
+    return runs, unfinished
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------------------
+
+def setting_key(cfg: Config) -> tuple[tuple[str, Any], ...]:
+    return tuple((k, v) for k, v in config_to_flat(cfg).items() if k not in IDENTITY_KEYS)
+
+
+def _sort_value(v: Any) -> tuple[int, Any]:
+    """Numbers before booleans before strings, each in natural order (so 10 sorts after 5)."""
+    if isinstance(v, bool):
+        return (1, v)
+    if isinstance(v, (int, float)):
+        return (0, v)
+    return (2, str(v))
+
+
+def group_settings(runs: Iterable[Run]) -> list[Setting]:
+    """Runs grouped by config up to the seed, sorted by the values in which settings differ, and
+    labelled by those values (``beta=0.3, federated.mode=cross_silo``; algorithms by name alone)."""
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(setting_key(run.config), []).append(run)
+    settings = [Setting(runs=sorted(rs, key=lambda r: (r.seed, str(r.dir)))) for rs in groups.values()]
+    flats = [dict(k) for k in groups]
+    varying = [k for k in flats[0] if len({repr(f[k]) for f in flats}) > 1]
+    for s, flat in zip(settings, flats):
+        s.values = {k: flat[k] for k in varying}
+        s.label = ", ".join(_label_part(k, v) for k, v in s.values.items()) or s.config.algorithm.name
+    settings.sort(key=lambda s: tuple(_sort_value(v) for v in s.values.values()))
+    return settings
+
+
+def _label_part(key: str, value: Any) -> str:
+    if key == "algorithm.name":
+        return str(value)
+    if isinstance(value, bool):
+        value = "true" if value else "false"
+    return f"{short_key(key)}={value}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics and comparability
+# --------------------------------------------------------------------------------------------------
+
+def eval_keys(run: Run) -> set[str]:
+    """Scalar evaluation keys the run recorded (``seen.loss.mean``...), over all its rows."""
+    keys: set[str] = set()
+    for row in run.rows:
+        keys.update(k for k, v in row.get("eval", {}).items()
+                    if k.count(".") == 2 and not k.endswith(".clients"))
+    return keys
+
+
+def resolve_metric(spec: str | None, runs: Sequence[Run]) -> Metric:
+    """``--metric``: a full evaluation key (``unseen.accuracy.p50``), one without the statistic
+    (``seen.memory-loss`` = its mean), a bare name (``loss`` = ``seen.loss.mean``), or a training key
+    (``loss_after``). Default: the runs' task metric on trained clients, ``seen.<loss|accuracy>.mean``.
+    """
+    task = runs[0].summary.get("metric", "loss")
+    text = spec or task
+    if text in TRAIN_METRICS:
+        return Metric(text, higher_is_better=False)
+    parts = text.split(".")
+    if len(parts) == 1:
+        parts = ["seen", parts[0], "mean"]
+    elif len(parts) == 2:
+        parts = [*parts, "mean"]
+    key = ".".join(parts)
+    available = set.intersection(*(eval_keys(r) for r in runs))
+    if key not in set.union(*(eval_keys(r) for r in runs)):
+        listing = ", ".join(sorted(available | set(TRAIN_METRICS)))
+        raise CompareError(f"--metric {text!r}: no run recorded {key!r}; available: {listing}")
+    return Metric(key, higher_is_better="accuracy" in parts[1])
+
+
+def check_comparable(runs: Sequence[Run], metric: Metric) -> None:
+    """Refuse runs that measure different things; the message names the runs on each side."""
+    def by(value_of: Any) -> dict[Any, list[Run]]:
+        out: dict[Any, list[Run]] = {}
+        for r in runs:
+            out.setdefault(value_of(r), []).append(r)
+        return out
+
+    def sides(groups: dict[Any, list[Run]]) -> str:
+        return "; ".join(f"{v!r}: {_some_dirs(rs)}" for v, rs in groups.items())
+
+    metrics = by(lambda r: r.summary.get("metric"))
+    if len(metrics) > 1:
+        raise CompareError("these runs measure different metrics (regression loss vs "
+                           f"classification accuracy) and cannot share a plot: {sides(metrics)}")
+    families = by(lambda r: r.config.data.family)
+    if len(families) > 1:
+        raise CompareError("these runs solve different task families (data.family), so their "
+                           f"numbers are not comparable: {sides(families)}; compare each family "
+                           "separately")
+    if metric.is_train:
+        missing = [r for r in runs if not any(metric.key in row for row in r.rows)]
+    else:
+        missing = [r for r in runs if metric.key not in eval_keys(r)]
+    if missing:
+        raise CompareError(f"--metric {metric.key!r}: missing in {len(missing)} of {len(runs)} runs "
+                           f"({_some_dirs(missing)}); pick a metric that every run records "
+                           "(e.g. unseen.* needs data.unseen_clients > 0, memory-* needs "
+                           "evaluation.from_memory)")
+
+
+def evaluation_differences(settings: Sequence[Setting]) -> list[str]:
+    """Keys in which settings differ that change how the metric is measured (a warning, not an
+    error: comparing them can be the point, but a reader must know)."""
+    keys = settings[0].values.keys() if settings else []
+    return [k for k in keys if k.startswith("evaluation.") or k in EVALUATION_KEYS]
+
+
+def _some_dirs(runs: Sequence[Run], limit: int = 3) -> str:
+    names = [str(r.dir) for r in runs[:limit]]
+    return ", ".join(names) + (f" and {len(runs) - limit} more" if len(runs) > limit else "")
+
+
+# --------------------------------------------------------------------------------------------------
+# Curves and numbers
+# --------------------------------------------------------------------------------------------------
+
+def _x_value(row: dict[str, Any], x: str) -> float:
+    if x == "rounds":
+        return float(row["round"])
+    if x == "bytes":
+        return float(row.get("bytes_up", 0) + row.get("bytes_down", 0))
+    return float(row.get(x, 0))
+
+
+def run_points(run: Run, metric: Metric) -> dict[int, tuple[dict[str, Any], float]]:
+    """round -> (its metrics row, metric value), for the rounds where the metric was recorded
+    (NaN where it was recorded as null: a diverged run)."""
+    out = {}
+    for row in run.rows:
+        source = row if metric.is_train else row.get("eval", {})
+        if metric.key in source:
+            value = source[metric.key]
+            out[int(row["round"])] = (row, math.nan if value is None else float(value))
+    return out
+
+
+@dataclass
+class Curve:
+    x: np.ndarray  # seed-mean of the x quantity at each common round
+    mean: np.ndarray
+    low: np.ndarray  # band
+    high: np.ndarray
+    n: int  # runs
+
+
+def setting_curve(setting: Setting, metric: Metric, x: str, band: str = "std") -> Curve:
+    """The metric at the rounds every seed recorded: mean over seeds and a band (std, standard error
+    or min-max over seeds). With ``x`` other than rounds, a point's x is the seed-mean at that round."""
+    points = [run_points(r, metric) for r in setting.runs]
+    rounds = sorted(set.intersection(*(set(p) for p in points)))
+    xs = np.array([[_x_value(p[rd][0], x) for rd in rounds] for p in points])
+    ys = np.array([[p[rd][1] for rd in rounds] for p in points])
+    n = len(points)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rounds (diverged) become gaps
+        mean = np.nanmean(ys, axis=0)
+        if n == 1:
+            low = high = mean
+        elif band == "minmax":
+            low, high = np.nanmin(ys, axis=0), np.nanmax(ys, axis=0)
+        else:
+            spread = np.nanstd(ys, axis=0, ddof=1)
+            if band == "sem":
+                spread = spread / math.sqrt(n)
+            low, high = mean - spread, mean + spread
+    return Curve(x=xs.mean(axis=0), mean=mean, low=low, high=high, n=n)
+
+
+@dataclass
+class Stat:
+    """A number over seeds: the per-seed values, their mean and sample standard deviation."""
+
+    values: list[float]
+
+    @property
+    def mean(self) -> float:
+        finite = [v for v in self.values if not math.isnan(v)]
+        return float(np.mean(finite)) if finite else math.nan
+
+    @property
+    def std(self) -> float:
+        finite = [v for v in self.values if not math.isnan(v)]
+        return float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan
+
+
+@dataclass
+class SettingStats:
+    runs: int
+    final: Stat
+    best: Stat
+    # First evaluated round at which the seed-mean curve (the line of the figure) reaches the
+    # target, and the seed-mean samples processed by then; NaN when it never does.
+    rounds_to_target: float
+    samples_to_target: float
+    seconds: Stat
+    bytes: Stat
+    samples: Stat
+
+
+def reaches(value: float, target: float, metric: Metric) -> bool:
+    return value >= target if metric.higher_is_better else value <= target
+
+
+def default_target(settings: Sequence[Setting], metric: Metric) -> float:
+    """The least good final mean among the settings: the level every setting's mean curve ends at
+    or beyond, so "rounds to target" says how fast each got there."""
+    finals = [setting_stats(s, metric, math.nan).final.mean for s in settings]
+    finals = [f for f in finals if not math.isnan(f)]
+    if not finals:
+        return math.nan
+    return min(finals) if metric.higher_is_better else max(finals)
+
+
+def setting_stats(setting: Setting, metric: Metric, target: float) -> SettingStats:
+    """Final and best value (per seed, then mean and std over seeds), time to ``target`` on the
+    seed-mean curve, wall time, bytes and samples.
+
+    Time to target uses the mean curve rather than each seed's own: when seeds differ in level (the
+    seed also draws the clients' tasks), some seeds start below any sensible target and others never
+    get there, and a per-seed count would say more about the seeds than about the setting.
+    """
+    final, best, secs, nbytes, nsamples = [], [], [], [], []
+    for run in setting.runs:
+        values = [v for _, (_, v) in sorted(run_points(run, metric).items())]
+        final.append(values[-1] if values else math.nan)
+        finite = [v for v in values if not math.isnan(v)]
+        best.append((max(finite) if metric.higher_is_better else min(finite)) if finite else math.nan)
+        secs.append(float(run.summary.get("seconds") or math.nan))
+        last = run.rows[-1] if run.rows else {}
+        nbytes.append(float(last.get("bytes_up", 0) + last.get("bytes_down", 0)))
+        nsamples.append(float(last.get("samples", 0)))
+    by_round = setting_curve(setting, metric, "rounds")
+    by_samples = setting_curve(setting, metric, "samples")
+    hit = next((i for i, v in enumerate(by_round.mean)
+                if not math.isnan(target) and not math.isnan(v) and reaches(v, target, metric)), None)
+    return SettingStats(
+        runs=len(setting.runs), final=Stat(final), best=Stat(best),
+        rounds_to_target=math.nan if hit is None else float(by_round.x[hit]),
+        samples_to_target=math.nan if hit is None else float(by_samples.x[hit]),
+        seconds=Stat(secs), bytes=Stat(nbytes), samples=Stat(nsamples))
+
+
+def final_client_values(setting: Setting, metric: Metric) -> list[float]:
+    """Per-client values of the personalized metric at each run's last evaluation, pooled over
+    seeds (each run evaluates the same clients only if its seed says so; pooling keeps them all)."""
+    key = metric.clients_key(setting.runs[0].summary.get("metric", "loss"))
+    values: list[float] = []
+    for run in setting.runs:
+        rows = [r for r in run.rows if key in r.get("eval", {})]
+        if rows:
+            values += [float(v) for v in rows[-1]["eval"][key] if v is not None]
+    return values
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole comparison
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class Comparison:
+    settings: list[Setting]
+    metric: Metric
+    task_metric: str  # "loss" or "accuracy"
+    target: float
+    target_is_default: bool
+    stats: list[SettingStats]
+    unfinished: list[Path]
+    notes: list[str]
+
+
+def build_comparison(paths: Sequence[str | Path], metric: str | None = None,
+                     target: float | None = None) -> Comparison:
+    """Load, check and summarize the runs under ``paths`` (no files written)."""
+    runs, unfinished = load_runs(paths)
+    m = resolve_metric(metric, runs)
+    check_comparable(runs, m)
+    settings = group_settings(runs)
+    notes = []
+    if unfinished:
+        notes.append(f"left out {len(unfinished)} unfinished run(s) without {SUMMARY_FILE}: "
+                     + ", ".join(str(d) for d in unfinished[:5])
+                     + (" ..." if len(unfinished) > 5 else ""))
+    differ = evaluation_differences(settings)
+    if differ:
+        notes.append("the settings differ in how they are evaluated ("
+                     + ", ".join(differ) + "): their numbers measure different things")
+    for s in settings:
+        seeds = [r.seed for r in s.runs]
+        if len(set(seeds)) < len(seeds):
+            notes.append(f"{s.label}: {len(seeds)} runs but only {len(set(seeds))} distinct seeds "
+                         "(repeated runs of one seed narrow the band artificially)")
+    default = target is None
+    tgt = default_target(settings, m) if default else float(target)
+    stats = [setting_stats(s, m, tgt) for s in settings]
+    return Comparison(settings=settings, metric=m, task_metric=runs[0].summary.get("metric", "loss"),
+                      target=tgt, target_is_default=default, stats=stats, unfinished=unfinished,
+                      notes=notes)
+
+
+@dataclass
+class CompareOutput:
+    out_dir: Path
+    report: Path
+    figures: list[Path]
+    table: str  # the Markdown table, also printed by the CLI
+
+
+def compare(paths: Sequence[str | Path], out_dir: str | Path | None = None,
+            metric: str | None = None, xs: Sequence[str] = ("rounds",), log: str = "",
+            target: float | None = None, band: str = "std", dist: str = "cdf",
+            formats: Sequence[str] = ("png",)) -> CompareOutput:
+    """Compare the runs under ``paths``: convergence figures (one per x axis), the per-client
+    distribution at the final evaluation, and ``report.md``, all written into ``out_dir``."""
+    from fedmaml.results.compare_plots import plot_client_distribution, plot_convergence
+    from fedmaml.results.compare_report import markdown_table, write_report
+
+    for x in xs:
+        if x not in X_AXES:
+            raise CompareError(f"--x: {x!r} is not allowed; allowed: {', '.join(X_AXES)}")
+    if band not in BANDS:
+        raise CompareError(f"--band: {band!r} is not allowed; allowed: {', '.join(BANDS)}")
+    if set(log) - {"x", "y"}:
+        raise CompareError(f"--log: {log!r} is not allowed; allowed: x, y, xy")
+    if out_dir is None:
+        if len(paths) != 1:
+            raise CompareError("--out DIR is needed when comparing several directories")
+        out_dir = Path(paths[0]) / "compare"
+    comparison = build_comparison(paths, metric, target)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    figures: list[Path] = []
+    for x in xs:
+        figures += plot_convergence(comparison, x, out, log=log, band=band, formats=formats)
+    figures += plot_client_distribution(comparison, out, kind=dist, log="y" in log, formats=formats)
+    report = write_report(comparison, out, figures, xs=xs, band=band, paths=paths)
+    return CompareOutput(out_dir=out, report=report, figures=figures,
+                         table=markdown_table(comparison))

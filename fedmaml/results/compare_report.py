@@ -1,0 +1,116 @@
+"""The Markdown report of ``fedmaml compare``: one table row per setting (final and best metric,
+rounds and samples to a target, wall time, bytes communicated; mean ± std over seeds), what the
+settings share and how they differ, the figures, and notes on anything left out."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedmaml.config import config_to_flat, short_key
+from fedmaml.results.compare import Comparison, Stat, describe_metric
+
+REPORT_FILE = "report.md"
+# Shared keys worth stating in the report (the rest is in each run's config.yaml).
+_CONTEXT_KEYS = ("algorithm.name", "data.family", "data.num_clients", "data.unseen_clients",
+                 "federated.mode", "federated.rounds", "federated.eval_every", "engine.name")
+
+
+def _num(x: float, digits: int = 4) -> str:
+    if math.isnan(x):
+        return "-"
+    return f"{x:.{digits}g}"
+
+
+def fmt_stat(stat: Stat, digits: int = 4) -> str:
+    """``0.5123 ± 0.021`` (no ± for a single run)."""
+    if math.isnan(stat.mean):
+        return "-"
+    std = stat.std
+    return _num(stat.mean, digits) + ("" if math.isnan(std) else f" ± {_num(std, 2)}")
+
+
+def fmt_bytes(n: float) -> str:
+    if math.isnan(n):
+        return "-"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def markdown_table(c: Comparison) -> str:
+    head = ("| Setting | Runs | Final | Best | Rounds to target | Samples to target | Wall time (s) "
+            "| Communicated |\n|---|---:|---:|---:|---:|---:|---:|---:|\n")
+    rows = []
+    for setting, st in zip(c.settings, c.stats):
+        if math.isnan(st.rounds_to_target):
+            rounds = samples = "not reached"
+        else:
+            rounds, samples = f"{st.rounds_to_target:,.0f}", f"{st.samples_to_target:,.0f}"
+        rows.append(f"| {setting.label} | {st.runs} | {fmt_stat(st.final)} | {fmt_stat(st.best)} | "
+                    f"{rounds} | {samples} | {fmt_stat(st.seconds, 3)} | {fmt_bytes(st.bytes.mean)} |")
+    return head + "\n".join(rows) + "\n"
+
+
+def _rel(path: Path, out: Path) -> str:
+    return Path(os.path.relpath(Path(path).resolve(), out.resolve())).as_posix()
+
+
+def write_report(c: Comparison, out: Path, figures: Sequence[Path], xs: Sequence[str],
+                 band: str, paths: Sequence[str | Path]) -> Path:
+    """``report.md`` in ``out``; figures and runs are linked relative to it."""
+    better = "higher" if c.metric.higher_is_better else "lower"
+    compare_word = "≥" if c.metric.higher_is_better else "≤"
+    n_runs = sum(len(s.runs) for s in c.settings)
+    lines = [f"# Comparison: {describe_metric(c.metric.key)}", "",
+             f"{n_runs} runs in {len(c.settings)} settings, from "
+             + ", ".join(f"`{p}`" for p in paths) + ". "
+             f"Metric `{c.metric.key}` ({better} is better). Numbers are the mean ± sample standard "
+             "deviation over the runs (seeds) of a setting.", "", markdown_table(c).rstrip(), ""]
+
+    differ = list(c.settings[0].values) if c.settings else []
+    flat = config_to_flat(c.settings[0].config)
+    shared = [f"{short_key(k)} = {flat[k]}" for k in _CONTEXT_KEYS if k not in differ]
+    if differ:
+        lines.append("- **Settings** differ in " + ", ".join(f"`{k}`" for k in differ)
+                     + "; they share " + ", ".join(shared) + ".")
+    else:
+        lines.append("- **One setting**: " + ", ".join(shared) + ".")
+    target_how = ("the least good final mean among the settings; `--target` sets another"
+                  if c.target_is_default else "given with `--target`")
+    lines += [
+        f"- **Target** {_num(c.target)} ({target_how}). Rounds to target is the first evaluated "
+        f"round at which the mean over seeds is {compare_word} the target (the line of the "
+        "convergence figure), so it is resolved to the evaluation interval "
+        "(`federated.eval_every`); samples to target are the training samples processed by then.",
+        "- **Final** is each run's last evaluation; **best** its best evaluation, round 0 "
+        "(before training) included.",
+        "- **Wall time** is a run's total time (`summary.json`); **communicated** the bytes of all "
+        "training messages, server to clients and back (mean over seeds).",
+        ""]
+
+    lines += ["## Figures", ""]
+    for fig in figures:
+        if fig.suffix == ".png":
+            lines += [f"![{fig.stem}]({_rel(fig, out)})", ""]
+    others = [f for f in figures if f.suffix != ".png"]
+    if others:
+        lines += ["Also: " + ", ".join(f"[{f.name}]({_rel(f, out)})" for f in others), ""]
+    lines += [f"Convergence: mean over seeds against {', '.join(xs)}, shaded "
+              f"{dict(std='±1 std', sem='±1 standard error', minmax='min to max')[band]} over "
+              "seeds. Clients: the personalized metric of every evaluated client at each run's "
+              "final evaluation, seeds pooled.", ""]
+
+    lines += ["## Runs", ""]
+    for setting in c.settings:
+        dirs = ", ".join(f"[{r.dir.name}]({_rel(r.dir, out)})" for r in setting.runs)
+        lines.append(f"- {setting.label}: {dirs}")
+    lines.append("")
+    if c.notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in c.notes] + [""]
+    path = out / REPORT_FILE
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path

@@ -1,0 +1,549 @@
+"""``fedmaml sweep``: every combination of a grid of config values, once per seed, one run directory
+each under a sweep directory.
+
+Layout::
+
+    <sweep dir>/
+      sweep.yaml                        the manifest: base config + the `sweep:` section (grid, seeds)
+      beta=0.3,federated.mode=cross_device,seed=0/    a run directory (config.yaml, metrics.jsonl,
+      ...                                              summary.json, model.pt, convergence.png)
+
+A run directory is named by its grid values and seed (keys in their shortest unambiguous form, see
+:func:`fedmaml.config.short_key`), so its name does not depend on the order of the grid or on other
+runs and a re-invoked sweep finds it again. ``summary.json`` is written last by a run: a directory that
+has it (and, with ``compare_with``, its baselines too) is finished and skipped; one without it was
+interrupted and is deleted and run again from scratch. A finished run whose config differs from the
+planned one is never silently reused: that is an error naming the keys that differ.
+
+Runs execute one after another in this process (``jobs=1``) or in a pool of worker processes.
+Workers are spawned, not forked, because forking a process that has already loaded torch can
+deadlock; each worker exits by itself if the sweep process dies, so that no orphan keeps writing into
+a run directory that a resumed sweep is rebuilding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+from fedmaml.config import (SWEEP_SECTION, Config, check_value, config_to_flat, dump_yaml,
+                            load_config, load_config_and_sweep, parse_override, replace_paths,
+                            resolve_key, short_key)
+from fedmaml.errors import ConfigError, FedmamlError
+
+MANIFEST = "sweep.yaml"
+LOCK_FILE = ".sweep.lock"
+ERROR_FILE = "error.txt"  # written into a run directory whose run raised
+CONFIG_FILE, SUMMARY_FILE = "config.yaml", "summary.json"  # as fedmaml.results.recorder writes them
+# Keys a sweep sets itself: the run's identity and place, not part of its setting.
+_RESERVED = {"seed": "use --seeds (or sweep.seeds) for seeds",
+             "name": "each run is named after its grid values",
+             "output_dir": "runs go under the sweep directory (--sweep-dir)"}
+_MAX_DIR_NAME = 150  # well below the usual 255-byte limit, leaving room for temp-file suffixes
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """What varies: full dotted key -> the values it takes (in the given order), and the seeds."""
+
+    grid: dict[str, tuple[Any, ...]]
+    seeds: tuple[int, ...]
+
+    @property
+    def num_settings(self) -> int:
+        return math.prod(len(v) for v in self.grid.values())
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    name: str  # the run directory's name under the sweep directory
+    values: dict[str, Any]  # the grid values of this run (full keys)
+    seed: int
+    config: Config
+
+
+@dataclass
+class SweepResult:
+    sweep_dir: Path
+    runs: list[PlannedRun]
+    skipped: list[str] = field(default_factory=list)  # finished before this invocation
+    ran: list[str] = field(default_factory=list)  # finished by this invocation
+    failed: dict[str, str] = field(default_factory=dict)  # name -> error message
+    invalid: list[str] = field(default_factory=list)  # combinations left out (skip_invalid)
+
+
+# --------------------------------------------------------------------------------------------------
+# Parsing the grid and the seeds
+# --------------------------------------------------------------------------------------------------
+
+def split_values(text: str) -> list[str]:
+    """Split ``0.3,0.5`` at commas outside brackets, so ``[40,40],[20]`` is two values."""
+    parts, depth, current = [], 0, ""
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(current.strip())
+            current = ""
+        else:
+            current += ch
+    parts.append(current.strip())
+    return parts
+
+
+def parse_grid_arg(text: str) -> tuple[str, tuple[Any, ...]]:
+    """``--grid beta=0.3,0.5`` -> ``("algorithm.beta", (0.3, 0.5))``; values are read as overrides."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or not raw.strip():
+        raise ConfigError(f"--grid {text!r} must look like key=value1,value2,... "
+                          "(e.g. --grid algorithm.beta=0.3,0.5,0.9)")
+    texts = split_values(raw)
+    if any(t == "" for t in texts):
+        raise ConfigError(f"--grid {text!r}: an empty value (two commas in a row, or a trailing one)")
+    # Read generically first to pick the key (a suffix may need the values), then as that key's type.
+    full = _grid_key(key, [parse_override(f"{key}={t}")[1] for t in texts], f"--grid {key}")
+    return full, tuple(parse_override(f"{full}={t}")[1] for t in texts)
+
+
+def _grid_key(key: str, values: Sequence[Any], where: str) -> str:
+    try:
+        full = resolve_key(key, values)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if full in _RESERVED:
+        raise ConfigError(f"{where}: {full!r} cannot be a grid key; {_RESERVED[full]}")
+    return full
+
+
+def parse_seeds(value: Any, where: str = "--seeds") -> tuple[int, ...]:
+    """``"0-4"``, ``"0,2,5"``, ``"0-2,7"``, ``3`` or ``[0, 1]`` -> the distinct seeds, in order."""
+    if isinstance(value, bool):
+        value = None  # not a seed; reported below
+    elif isinstance(value, int):
+        value = [value]
+    elif isinstance(value, str):
+        seeds: list[Any] = []
+        for part in value.split(","):
+            lo, dash, hi = part.strip().partition("-")
+            try:
+                if dash:
+                    a, b = int(lo), int(hi)
+                    if b < a:
+                        raise ValueError
+                    seeds.extend(range(a, b + 1))
+                else:
+                    seeds.append(int(lo))
+            except ValueError:
+                raise ConfigError(f"{where}: {value!r} is not a seed list; write e.g. 0-4, 0,2,5 "
+                                  "or 0-2,7") from None
+        value = seeds
+    if (not isinstance(value, (list, tuple)) or not value
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value)):
+        raise ConfigError(f"{where}: {value!r} is not a seed list; write non-negative integers, "
+                          "e.g. 0-4, 0,2,5 or [0, 1, 2]")
+    if len(set(value)) != len(value):
+        dup = next(s for s in value if list(value).count(s) > 1)
+        raise ConfigError(f"{where}: seed {dup} appears twice")
+    return tuple(value)
+
+
+def spec_from_section(section: Any, source: str) -> tuple[dict[str, tuple[Any, ...]], Any]:
+    """The grid (validated keys, raw values) and the raw seeds of a YAML ``sweep:`` section."""
+    where = f"{source}: {SWEEP_SECTION}"
+    if section is None:
+        return {}, None
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{where}: must be a mapping with grid and seeds, got {section!r}")
+    unknown = set(section) - {"grid", "seeds"}
+    if unknown:
+        raise ConfigError(f"{where}.{sorted(map(str, unknown))[0]}: unknown key; allowed keys: "
+                          "grid, seeds")
+    grid_in = section.get("grid") or {}
+    if not isinstance(grid_in, Mapping):
+        raise ConfigError(f"{where}.grid: must map keys to lists of values, got {grid_in!r}")
+    grid: dict[str, tuple[Any, ...]] = {}
+    for key, values in grid_in.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}.grid.{key}: expected a non-empty list of values, e.g. "
+                              f"[0.3, 0.5], got {values!r}")
+        full = _grid_key(str(key), values, f"{where}.grid.{key}")
+        if full in grid:
+            raise ConfigError(f"{where}.grid.{key}: {full} appears twice in the grid")
+        grid[full] = tuple(values)
+    return grid, section.get("seeds")
+
+
+def load_sweep(path: str | Path, overrides: Sequence[str] = (), grid_args: Sequence[str] = (),
+               seeds: str | None = None) -> tuple[Config, SweepSpec]:
+    """The base config and the sweep of a file (its optional ``sweep:`` section), with the CLI's
+    ``key=value`` overrides, ``--grid`` arguments (adding to or replacing the file's) and
+    ``--seeds``."""
+    base, section = load_config_and_sweep(path, overrides)
+    grid, file_seeds = spec_from_section(section, str(path))
+    cli_keys: set[str] = set()
+    for text in grid_args:
+        key, values = parse_grid_arg(text)
+        if key in cli_keys:
+            raise ConfigError(f"--grid {text!r}: {key} is given twice")
+        cli_keys.add(key)
+        grid[key] = values
+    if seeds is not None:
+        seed_list = parse_seeds(seeds)
+    elif file_seeds is not None:
+        seed_list = parse_seeds(file_seeds, f"{path}: {SWEEP_SECTION}.seeds")
+    else:
+        seed_list = (base.seed,)
+    return base, SweepSpec(grid=grid, seeds=seed_list)
+
+
+# --------------------------------------------------------------------------------------------------
+# Planning: combinations -> validated configs and run directory names
+# --------------------------------------------------------------------------------------------------
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "-".join(_value_text(v) for v in value)
+    return str(value)
+
+
+def run_name(values: Mapping[str, Any], seed: int) -> str:
+    """``beta=0.3,federated.mode=cross_silo,seed=0``: file-system safe, independent of grid order."""
+    parts = [f"{short_key(k)}={_value_text(v)}" for k, v in sorted(values.items())]
+    name = ",".join([*parts, f"seed={seed}"])
+    return re.sub(r"[^A-Za-z0-9._=,+-]", "-", name)
+
+
+def plan_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path,
+               skip_invalid: bool = False) -> tuple[list[PlannedRun], list[str]]:
+    """Every (combination, seed) as a validated config; returns the runs and the combinations left
+    out as invalid (only with ``skip_invalid``; otherwise an invalid one is a ConfigError)."""
+    sweep_dir = Path(sweep_dir)
+    grid = {_grid_key(k, v, f"grid {k}"): tuple(v) for k, v in spec.grid.items()}  # suffixes too
+    if len(grid) != len(spec.grid):
+        raise ConfigError(f"grid: a key appears twice ({', '.join(spec.grid)})")
+    spec = SweepSpec(grid=grid, seeds=spec.seeds)
+    keys = list(grid)
+    # Each value alone first, so an error names that value rather than a whole combination.
+    for key in keys:
+        for value in spec.grid[key]:
+            _check_alone(key, value)
+        texts = [_value_text(v) for v in spec.grid[key]]
+        if len(set(texts)) != len(texts):
+            dup = next(t for t in texts if texts.count(t) > 1)
+            raise ConfigError(f"grid {key}: value {dup} appears twice")
+    runs, invalid = [], []
+    for combo in itertools.product(*(spec.grid[k] for k in keys)):
+        values = dict(zip(keys, combo))
+        label = ", ".join(f"{short_key(k)}={_value_text(v)}" for k, v in values.items())
+        try:
+            setting = replace_paths(base, values)  # together: cross-field rules may link them
+        except ConfigError as e:
+            if not skip_invalid:
+                raise ConfigError(f"grid combination {label} is invalid: {_strip_source(e)} "
+                                  "(--skip-invalid leaves such combinations out)") from None
+            invalid.append(f"{label}: {_strip_source(e)}")
+            continue
+        for seed in spec.seeds:
+            name = run_name(values, seed)
+            if len(name) > _MAX_DIR_NAME:
+                raise ConfigError(f"grid: the run directory name {name[:60]}... is longer than "
+                                  f"{_MAX_DIR_NAME} characters; use fewer or shorter grid values")
+            cfg = replace_paths(setting, {"seed": seed, "name": name,
+                                          "output_dir": str(sweep_dir)})
+            runs.append(PlannedRun(name=name, values=values, seed=seed, config=cfg))
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise ConfigError(f"grid: two combinations share the run directory name {dup!r} (values "
+                          "that differ only in characters a file name cannot hold)")
+    return runs, invalid
+
+
+def _check_alone(key: str, value: Any) -> None:
+    try:
+        check_value(key, value)
+    except ConfigError as e:
+        raise ConfigError(f"grid {e}") from None
+
+
+def _strip_source(e: ConfigError) -> str:
+    """ConfigError texts start with "config: "; inside a sweep message that is noise."""
+    return re.sub(r"^config: ", "", str(e))
+
+
+# --------------------------------------------------------------------------------------------------
+# State of a run directory
+# --------------------------------------------------------------------------------------------------
+
+def baseline_dirs(run_dir: Path, cfg: Config) -> list[Path]:
+    """The ``compare_with`` baselines that ``run_experiment`` writes inside a run directory."""
+    return [run_dir / "baselines" / n for n in filter(None, (x.strip() for x in
+                                                               cfg.compare_with.split(",")))]
+
+
+def run_state(run_dir: Path, cfg: Config) -> str:
+    """``new``, ``finished`` or ``unfinished``; a finished run made with another config is an error."""
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return "new"
+    if not (run_dir / CONFIG_FILE).exists() and not (run_dir / ERROR_FILE).exists():
+        raise FedmamlError(f"{run_dir}: exists but is not a run directory of this sweep (no "
+                           f"{CONFIG_FILE}); move it away or use another --sweep-dir")
+    done = all((d / SUMMARY_FILE).exists() for d in [run_dir, *baseline_dirs(run_dir, cfg)])
+    if not done:
+        return "unfinished"
+    diff = config_differences(load_config(run_dir / CONFIG_FILE), cfg)
+    if diff:
+        shown = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in diff[:5])
+        raise FedmamlError(f"{run_dir}: a finished run of a different config ({shown}"
+                           f"{'; ...' if len(diff) > 5 else ''}); use another --sweep-dir, or "
+                           "delete that run directory to run it again")
+    return "finished"
+
+
+def config_differences(a: Config, b: Config,
+                       ignore: Iterable[str] = ("output_dir",)) -> list[tuple[str, Any, Any]]:
+    """``(key, value in a, value in b)`` for every key that differs, in schema order."""
+    fa, fb, skip = config_to_flat(a), config_to_flat(b), set(ignore)
+    return [(k, fa[k], fb[k]) for k in fa if k not in skip and fa[k] != fb[k]]
+
+
+# --------------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------------
+
+def execute_run(cfg: Config, run_dir: str | Path) -> tuple[float, str | None]:
+    """Run one config into a clean ``run_dir``: ``(seconds, None)`` or ``(seconds, error text)``.
+
+    Any exception is caught and written to ``error.txt`` so one bad run does not stop the sweep; the
+    directory has no summary.json then, so the next invocation runs it again.
+    """
+    from fedmaml.experiment import run_experiment  # lazy: torch and flwr, in the worker only
+
+    run_dir = Path(run_dir)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # an interrupted attempt: start clean, no stale files
+    start = time.perf_counter()
+    try:
+        run_experiment(cfg, quiet=True, run_dir=run_dir)
+    except Exception as e:  # noqa: BLE001 - reported per run, the sweep goes on
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / ERROR_FILE).write_text(traceback.format_exc(), encoding="utf-8")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return time.perf_counter() - start, f"{type(e).__name__}: {first}"
+    return time.perf_counter() - start, None
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """``kill PID`` (or a batch system's time limit) stops the sweep like Ctrl-C: workers are stopped
+    and the resume hint printed, rather than the process vanishing mid-write."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _worker_init(parent_pid: int) -> None:
+    """Exit when the sweep process is gone (killed), instead of running on as an orphan."""
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+class _Lock:
+    """An exclusive lock on the sweep directory, released by the OS if this process dies."""
+
+    def __init__(self, sweep_dir: Path) -> None:
+        self.path = sweep_dir / LOCK_FILE
+        self.file: Any = None
+
+    def __enter__(self) -> _Lock:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no locking, as before
+            return self
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            pid = self.file.read().strip() or "?"
+            self.file.close()
+            raise FedmamlError(f"{self.path.parent}: another fedmaml sweep is running in this "
+                               f"directory (pid {pid}); wait for it or use another "
+                               "--sweep-dir") from None
+        self.file.truncate(0)
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.file is not None:
+            self.file.close()  # closing releases the flock
+
+
+def write_manifest(sweep_dir: Path, base: Config, spec: SweepSpec) -> None:
+    """``sweep.yaml``: the base config with the `sweep:` section, itself a valid sweep file whose
+    ``<output_dir>/<name>`` is this directory (``fedmaml sweep DIR/sweep.yaml`` resumes it)."""
+    from fedmaml.atomic import atomic_write_text
+
+    where = replace_paths(base, {"output_dir": str(sweep_dir.parent), "name": sweep_dir.name})
+    section = {SWEEP_SECTION: {"grid": {k: list(v) for k, v in spec.grid.items()},
+                               "seeds": list(spec.seeds)}}
+    text = ("# fedmaml sweep manifest: the base config and the sweep section of this directory.\n"
+            + dump_yaml(where)
+            + yaml.safe_dump(section, sort_keys=False, default_flow_style=None))
+    atomic_write_text(sweep_dir / MANIFEST, text)
+
+
+def default_sweep_dir(base: Config) -> Path:
+    return Path(base.output_dir) / base.name
+
+
+def resolve_jobs(jobs: int, base: Config) -> int:
+    if jobs < 0:
+        raise ConfigError(f"--jobs: {jobs} is not allowed; use a positive number, or 0 for one per "
+                          "CPU core")
+    jobs = jobs or os.cpu_count() or 1
+    if jobs > 1 and base.engine.name == "ray":
+        raise ConfigError(f"--jobs {jobs} with engine.name 'ray': Ray already spreads a run over the "
+                          "cores, and several Ray clusters would compete; use --jobs 1")
+    return jobs
+
+
+def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None, jobs: int = 1,
+              quiet: bool = False, skip_invalid: bool = False, dry_run: bool = False,
+              stream: TextIO | None = None) -> SweepResult:
+    """Plan the sweep, skip finished runs, run the rest (in ``jobs`` processes), report progress."""
+    from fedmaml.results.progress import Progress
+
+    out = stream or sys.stderr
+    sweep_dir = Path(sweep_dir) if sweep_dir is not None else default_sweep_dir(base)
+    if (sweep_dir / CONFIG_FILE).exists():
+        raise FedmamlError(f"{sweep_dir}: is a run directory, not a sweep directory; give "
+                           "another --sweep-dir")
+    jobs = resolve_jobs(jobs, base)
+    runs, invalid = plan_sweep(base, spec, sweep_dir, skip_invalid)
+    result = SweepResult(sweep_dir=sweep_dir, runs=runs, invalid=invalid)
+    states = {r.name: run_state(sweep_dir / r.name, r.config) for r in runs}
+    todo = [r for r in runs if states[r.name] != "finished"]
+    result.skipped = [r.name for r in runs if states[r.name] == "finished"]
+
+    def say(text: str) -> None:
+        if not quiet:
+            print(text, file=out, flush=True)
+
+    say(f"sweep {sweep_dir}: {len(runs)} runs ({len(runs) // len(spec.seeds)} settings x "
+        f"{len(spec.seeds)} seeds); {len(result.skipped)} finished already, {len(todo)} to run"
+        + (f" on {min(jobs, len(todo))} processes" if jobs > 1 and todo else ""))
+    for line in invalid:
+        say(f"  left out (invalid): {line}")
+    if dry_run:
+        for r in runs:
+            say(f"  {states[r.name]:<10} {r.name}")
+        return result
+    if not todo:
+        return result
+
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    with _Lock(sweep_dir):
+        write_manifest(sweep_dir, base, spec)
+        progress = Progress(len(todo), label="run", quiet=quiet, stream=out)
+
+        def record(run: PlannedRun, outcome: tuple[float, str | None]) -> None:
+            seconds, error = outcome
+            if error is None:
+                result.ran.append(run.name)
+            else:
+                result.failed[run.name] = error
+            done = len(result.ran) + len(result.failed)
+            status = f"failed: {error}" if error else f"done in {seconds:.1f}s"
+            failed = f" | {len(result.failed)} failed" if result.failed else ""
+            progress.update(done, f"{run.name} {status}{failed}")
+
+        try:
+            with _sigterm_as_interrupt():
+                if jobs == 1 or len(todo) == 1:
+                    for run in todo:
+                        record(run, execute_run(run.config, sweep_dir / run.name))
+                else:
+                    _run_pool(todo, sweep_dir, min(jobs, len(todo)), record)
+        except KeyboardInterrupt:
+            say(f"\ninterrupted: {len(result.ran)} of {len(todo)} runs finished in this "
+                "invocation; run the same command again to resume")
+            raise
+    for name, error in result.failed.items():
+        say(f"failed: {name}: {error} (see {sweep_dir / name / ERROR_FILE})")
+    return result
+
+
+def _run_pool(todo: list[PlannedRun], sweep_dir: Path, jobs: int,
+              record: Any) -> None:
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    ctx = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
+                               initargs=(os.getpid(),))
+    try:
+        futures = {pool.submit(execute_run, r.config, sweep_dir / r.name): r for r in todo}
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                run = futures[fut]
+                try:
+                    outcome = fut.result()
+                except Exception as e:  # noqa: BLE001 - a worker died (killed, out of memory)
+                    outcome = (0.0, f"worker process died: {type(e).__name__}: {e}")
+                record(run, outcome)
+    except BaseException:
+        # Stop the workers now: a resumed sweep must not find them still writing into run dirs.
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            proc.kill()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+def sweep_summary(result: SweepResult) -> str:
+    """The closing lines of ``fedmaml sweep``."""
+    lines = [f"sweep {result.sweep_dir}: {len(result.runs)} runs; {len(result.skipped)} were "
+             f"finished already, {len(result.ran)} ran now, {len(result.failed)} failed"]
+    if result.failed:
+        lines.append("run the same command again to retry the failed runs")
+    else:
+        lines.append(f"compare them: fedmaml compare {result.sweep_dir}")
+    return "\n".join(lines)
+

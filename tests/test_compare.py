@@ -1,0 +1,209 @@
+"""`fedmaml compare`: settings from real runs (seeds grouped, labels from what differs), curves and
+numbers checked against the metrics files, the figures and the report, and refusal of runs that
+cannot be compared."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from fedmaml.cli import COMPARE_BANDS, COMPARE_X_AXES, main
+from fedmaml.config import config_from_dict
+from fedmaml.experiment import run_experiment
+from fedmaml.results.compare import (BANDS, X_AXES, CompareError, build_comparison, compare,
+                                     setting_curve)
+from fedmaml.results.compare_report import markdown_table
+from fedmaml.sweep import load_sweep, run_sweep
+
+TINY = {
+    "name": "tiny", "seed": 0,
+    "data": {"family": "sinusoid", "num_clients": 6, "unseen_clients": 2},
+    "model": {"hidden": [16]},
+    "federated": {"rounds": 4, "clients_per_round": 3, "eval_every": 2, "eval_clients": 0},
+    "evaluation": {"steps": 3},
+}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny(**changes) -> dict:
+    d = json.loads(json.dumps(TINY))
+    for path, value in changes.items():
+        *parents, leaf = path.split("__")
+        node = d
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return d
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A real sweep (2 settings x 3 seeds) and single runs of other families and set-ups."""
+    root = tmp_path_factory.mktemp("compare")
+    cfg = root / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump({**TINY, "output_dir": str(root)}))
+    base, spec = load_sweep(cfg, grid_args=["beta=0.3,0.9"], seeds="0-2")
+    run_sweep(base, spec, root / "sweep", quiet=True)
+    others = {
+        "grid": tiny(data__family="sinusoid_grid"),  # same metric (loss), another task family
+        "synthetic": tiny(data__family="synthetic", data__num_clients=6),  # accuracy
+        "no_unseen": tiny(data__unseen_clients=0),
+        "baselines": tiny(compare_with="fedavg"),
+    }
+    for name, d in others.items():
+        run_experiment(config_from_dict({**d, "name": name}), quiet=True, run_dir=root / name)
+    return root
+
+
+def metric_values(run_dir: Path, key: str = "seen.loss.mean") -> dict[int, float]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["round"]: r["eval"][key] for r in rows if key in r.get("eval", {})}
+
+
+def test_cli_choices_match_the_module():
+    assert COMPARE_X_AXES == X_AXES and COMPARE_BANDS == BANDS
+
+
+def test_seeds_form_settings_labelled_by_what_differs(runs):
+    c = build_comparison([runs / "sweep"])
+    assert [s.label for s in c.settings] == ["beta=0.3", "beta=0.9"]
+    assert [sorted(r.seed for r in s.runs) for s in c.settings] == [[0, 1, 2], [0, 1, 2]]
+    assert c.metric.key == "seen.loss.mean" and not c.metric.higher_is_better
+
+
+def test_curve_and_numbers_are_those_of_the_metrics_files(runs):
+    c = build_comparison([runs / "sweep"], target=math.inf)  # every evaluation reaches it
+    setting, stats = c.settings[1], c.stats[1]
+    per_seed = [metric_values(r.dir) for r in setting.runs]
+    rounds = sorted(per_seed[0])
+    assert rounds == [0, 2, 4]
+    ys = np.array([[v[rd] for rd in rounds] for v in per_seed])
+    curve = setting_curve(setting, c.metric, "rounds", band="std")
+    np.testing.assert_allclose(curve.x, rounds)
+    np.testing.assert_allclose(curve.mean, ys.mean(axis=0))
+    np.testing.assert_allclose(curve.high - curve.mean, ys.std(axis=0, ddof=1))
+    minmax = setting_curve(setting, c.metric, "rounds", band="minmax")
+    np.testing.assert_allclose(minmax.low, ys.min(axis=0))
+    assert stats.final.mean == pytest.approx(ys[:, -1].mean())
+    assert stats.final.std == pytest.approx(ys[:, -1].std(ddof=1))
+    assert stats.best.mean == pytest.approx(ys.min(axis=1).mean())
+    assert stats.rounds_to_target == 0  # round 0 already reaches inf
+    # x = bytes: the cumulative bytes of each round, averaged over seeds.
+    by_bytes = setting_curve(setting, c.metric, "bytes")
+    assert by_bytes.x[0] == 0 and np.all(np.diff(by_bytes.x) > 0)
+    assert stats.bytes.mean == pytest.approx(by_bytes.x[-1])
+
+
+def test_rounds_to_a_target(runs):
+    c = build_comparison([runs / "sweep"])  # default: the least good final mean
+    worst = max(s.final.mean for s in c.stats)
+    assert c.target == pytest.approx(worst) and c.target_is_default
+    for setting, stats in zip(c.settings, c.stats):
+        per_seed = [metric_values(r.dir) for r in setting.runs]
+        mean = {rd: np.mean([v[rd] for v in per_seed]) for rd in sorted(per_seed[0])}
+        first = next(rd for rd, v in mean.items() if v <= c.target)  # the worst one ends there
+        assert stats.rounds_to_target == first
+        samples = [next(json.loads(x)["samples"] for x in (r.dir / "metrics.jsonl").read_text()
+                        .splitlines() if json.loads(x)["round"] == first) for r in setting.runs]
+        assert stats.samples_to_target == pytest.approx(np.mean(samples))
+    c = build_comparison([runs / "sweep"], target=-1.0)
+    assert all(math.isnan(s.rounds_to_target) for s in c.stats)
+    assert "| not reached | not reached |" in markdown_table(c)
+
+
+def test_compare_writes_figures_and_report(runs, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", str(runs / "sweep"), "--x", "rounds", "--x", "samples", "--log", "y",
+                 "--dist", "violin", "--out", str(out), "--format", "png", "--format", "pdf"]) == 0
+    printed = capsys.readouterr().out
+    assert "| beta=0.3 | 3 |" in printed and "| beta=0.9 | 3 |" in printed
+    for name in ("convergence-seen.loss.mean-rounds", "convergence-seen.loss.mean-samples",
+                 "clients-seen.loss"):
+        assert (out / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
+        assert (out / f"{name}.pdf").read_bytes()[:4] == b"%PDF"
+    report = (out / "report.md").read_text()
+    assert "![convergence-seen.loss.mean-rounds](convergence-seen.loss.mean-rounds.png)" in report
+    assert "| Setting | Runs | Final | Best | Rounds to target | Samples to target |" in report
+    assert "differ in `algorithm.beta`" in report
+    # Links to the runs are relative, so the report survives moving the directory.
+    assert "](../" in report and str(tmp_path) not in report.split("## Runs")[1]
+
+
+def test_default_output_next_to_a_single_directory(runs, tmp_path):
+    sweep = tmp_path / "sweep"
+    shutil.copytree(runs / "sweep", sweep)
+    result = compare([sweep])
+    assert result.out_dir == sweep / "compare" and (sweep / "compare" / "report.md").exists()
+    # The compare directory holds no run: comparing again finds the same runs.
+    assert len(build_comparison([sweep]).settings) == 2
+    with pytest.raises(CompareError, match="--out DIR is needed"):
+        compare([sweep, runs / "no_unseen"])
+
+
+def test_baselines_inside_a_run_are_compared_by_algorithm(runs):
+    c = build_comparison([runs / "baselines"])
+    assert [s.label for s in c.settings] == ["fedavg", "moml"]
+
+
+def test_metric_names(runs):
+    assert build_comparison([runs / "sweep"], "loss").metric.key == "seen.loss.mean"
+    assert build_comparison([runs / "sweep"], "seen.memory-loss").metric.key == "seen.memory-loss.mean"
+    assert build_comparison([runs / "sweep"], "unseen.loss.p50").metric.key == "unseen.loss.p50"
+    assert build_comparison([runs / "sweep"], "loss_after").metric.key == "loss_after"
+    assert build_comparison([runs / "synthetic"]).metric.key == "seen.accuracy.mean"
+    with pytest.raises(CompareError, match=r"--metric 'bogus': no run recorded 'seen\.bogus\.mean'; "
+                                           r"available: .*seen\.loss\.mean"):
+        build_comparison([runs / "sweep"], "bogus")
+
+
+@pytest.mark.parametrize("other, metric, message", [
+    ("synthetic", None, r"measure different metrics .*'loss': .*'accuracy': .*synthetic"),
+    ("grid", None, r"different task families \(data\.family\).*'sinusoid_grid': .*grid"),
+    ("no_unseen", "unseen.loss", r"--metric 'unseen\.loss\.mean': missing in 1 of 7 runs "
+                                 r"\(.*no_unseen\).*data\.unseen_clients"),
+])
+def test_incomparable_runs_are_refused(runs, tmp_path, capsys, other, metric, message):
+    with pytest.raises(CompareError, match=message):
+        build_comparison([runs / "sweep", runs / other], metric)
+    argv = ["compare", str(runs / "sweep"), str(runs / other), "--out", str(tmp_path / "x")]
+    assert main(argv + (["--metric", metric] if metric else [])) == 2
+    assert "error: " in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # no figure of incomparable runs
+
+
+def test_unfinished_runs_are_left_out_with_a_note(runs, tmp_path):
+    sweep = tmp_path / "sweep"
+    shutil.copytree(runs / "sweep", sweep)
+    (sweep / "beta=0.9,seed=2" / "summary.json").unlink()
+    c = build_comparison([sweep])
+    assert [len(s.runs) for s in c.settings] == [3, 2]
+    assert any("left out 1 unfinished" in n and "beta=0.9,seed=2" in n for n in c.notes)
+    for d in sweep.glob("*/summary.json"):
+        d.unlink()
+    with pytest.raises(CompareError, match="no finished run"):
+        build_comparison([sweep])
+
+
+def test_compare_does_not_import_torch(runs, tmp_path):
+    """Reading JSON and plotting must stay fast: no torch (seconds to import) in compare's path."""
+    code = ("import sys; from fedmaml.results.compare import compare; "
+            f"compare([{str(runs / 'sweep')!r}], out_dir={str(tmp_path)!r}); "
+            "assert 'torch' not in sys.modules, 'compare imported torch'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert (tmp_path / "report.md").exists()
+
+
+def test_missing_or_empty_paths(tmp_path):
+    with pytest.raises(CompareError, match="no such run or sweep directory"):
+        build_comparison([tmp_path / "nope"])
+    with pytest.raises(CompareError, match="holds no run directory"):
+        build_comparison([tmp_path])

@@ -1,0 +1,297 @@
+"""`fedmaml sweep`: grid parsing and key suffixes, planning, real sweeps into run directories,
+skipping finished runs, resuming after a crash and after a real kill, parallel workers, failures."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedmaml.cli import main
+from fedmaml.config import load_config, load_config_and_sweep, resolve_key, short_key
+from fedmaml.errors import ConfigError, FedmamlError
+from fedmaml.sweep import (SweepSpec, _Lock, load_sweep, parse_grid_arg, parse_seeds, plan_sweep,
+                           run_name, run_sweep)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Each run is a fraction of a second in-process: 6 sinusoid clients, 4 rounds, a 16-unit MLP.
+TINY = {
+    "name": "tiny", "seed": 0,
+    "data": {"family": "sinusoid", "num_clients": 6, "unseen_clients": 2},
+    "model": {"hidden": [16]},
+    "federated": {"rounds": 4, "clients_per_round": 3, "eval_every": 2, "eval_clients": 0},
+    "evaluation": {"steps": 3},
+}
+
+
+def write_config(tmp_path: Path, extra: dict | None = None, name: str = "tiny.yaml") -> Path:
+    data = {**TINY, "output_dir": str(tmp_path / "results"), **(extra or {})}
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def summaries(sweep_dir: Path) -> dict[str, int]:
+    """Run name -> mtime (ns) of its summary.json: a rerun rewrites it."""
+    return {p.parent.name: p.stat().st_mtime_ns for p in sweep_dir.glob("*/summary.json")}
+
+
+# -- keys, values, seeds ---------------------------------------------------------------------------
+
+def test_key_suffixes_resolve_or_explain():
+    assert resolve_key("beta") == "algorithm.beta"
+    assert resolve_key("algorithm.beta") == "algorithm.beta"
+    assert resolve_key("eval_every") == "federated.eval_every"
+    with pytest.raises(ConfigError, match=r"alpha: ambiguous key.*algorithm\.alpha.*evaluation\.alpha"):
+        resolve_key("alpha")
+    with pytest.raises(ConfigError, match="betta: unknown key; did you mean 'beta'"):
+        resolve_key("betta")
+    # A suffix shared by several keys is settled by the values when only one key accepts them.
+    assert parse_grid_arg("mode=cross_device,cross_silo")[0] == "federated.mode"
+    assert short_key("algorithm.beta") == "beta"
+    assert short_key("algorithm.alpha") == "algorithm.alpha"
+
+
+def test_grid_values_are_typed_like_overrides():
+    assert parse_grid_arg("beta=0.3,0.5,0.9") == ("algorithm.beta", (0.3, 0.5, 0.9))
+    assert parse_grid_arg("hidden=[40,40],[20]") == ("model.hidden", ([40, 40], [20]))
+    assert parse_grid_arg("rounds=5,10") == ("federated.rounds", (5, 10))
+    # A string key keeps the text: "0001" is a pattern, not the number 1.
+    assert parse_grid_arg("evaluation.pattern=0001,full") == ("evaluation.pattern", ("0001", "full"))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("beta", "must look like key=value1,value2"),
+    ("beta=0.3,,0.5", "an empty value"),
+    ("alpha=0.1,0.2", "ambiguous key"),
+    ("seed=0,1", "use --seeds"),
+    ("output_dir=a,b", "cannot be a grid key"),
+    ("nope=1,2", "nope: unknown key"),
+])
+def test_bad_grid_arguments(text, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_grid_arg(text)
+
+
+def test_seed_lists():
+    assert parse_seeds("0-4") == (0, 1, 2, 3, 4)
+    assert parse_seeds("0,2,5") == (0, 2, 5)
+    assert parse_seeds("0-1,7") == (0, 1, 7)
+    assert parse_seeds(3) == (3,)
+    assert parse_seeds([1, 2]) == (1, 2)
+    for bad in ("4-1", "a", "", [-1], [1, 1], True):
+        with pytest.raises(ConfigError, match="--seeds"):
+            parse_seeds(bad)
+
+
+# -- planning --------------------------------------------------------------------------------------
+
+def test_plan_names_every_combination_once_per_seed(tmp_path):
+    base, spec = load_sweep(write_config(tmp_path), grid_args=["beta=0.3,0.9", "mode=cross_device,cross_silo"],
+                            seeds="0-2")
+    runs, invalid = plan_sweep(base, spec, tmp_path / "sw")
+    assert len(runs) == 2 * 2 * 3 and not invalid
+    names = {r.name for r in runs}
+    assert "beta=0.3,federated.mode=cross_silo,seed=2" in names
+    run = next(r for r in runs if r.name == "beta=0.9,federated.mode=cross_device,seed=1")
+    cfg = run.config
+    assert (cfg.algorithm.beta, cfg.federated.mode, cfg.seed) == (0.9, "cross_device", 1)
+    assert cfg.name == run.name and Path(cfg.output_dir) == tmp_path / "sw"
+    # The name does not depend on the order in which the grid was given.
+    assert run_name({"federated.mode": "x", "algorithm.beta": 1}, 0) == run_name(
+        {"algorithm.beta": 1, "federated.mode": "x"}, 0)
+
+
+def test_invalid_values_and_combinations(tmp_path):
+    base = load_config(write_config(tmp_path))
+    with pytest.raises(ConfigError, match=r"grid algorithm\.beta: 1\.5 is out of range"):
+        plan_sweep(base, SweepSpec({"algorithm.beta": (0.5, 1.5)}, (0,)), tmp_path)
+    # decay_to_w needs cross_silo: one of four combinations breaks a rule linking two keys.
+    spec = SweepSpec({"algorithm.memory_policy": ("keep", "decay_to_w"),
+                      "federated.mode": ("cross_device", "cross_silo")}, (0,))
+    with pytest.raises(ConfigError, match=r"memory_policy=decay_to_w, federated\.mode=cross_device "
+                                          r"is invalid.*--skip-invalid"):
+        plan_sweep(base, spec, tmp_path)
+    runs, invalid = plan_sweep(base, spec, tmp_path, skip_invalid=True)
+    assert len(runs) == 3 and len(invalid) == 1 and "decay_to_w" in invalid[0]
+    # Linked keys change together (replace_paths): fedmeta + second_order is fine as a pair.
+    spec = SweepSpec({"algorithm.name": ("fedmeta",), "meta_gradient": ("second_order",)}, (0,))
+    assert len(plan_sweep(base, spec, tmp_path)[0]) == 1
+
+
+def test_sweep_section_in_yaml(tmp_path):
+    path = write_config(tmp_path, {"sweep": {"grid": {"beta": [0.3, 0.9]}, "seeds": "0-1"}})
+    base, spec = load_sweep(path)
+    assert spec.grid == {"algorithm.beta": (0.3, 0.9)} and spec.seeds == (0, 1)
+    # The command line adds keys, replaces the file's seeds and overrides the base.
+    base, spec = load_sweep(path, ["algorithm.eta=0.01"], ["eval_every=1,2"], "3")
+    assert set(spec.grid) == {"algorithm.beta", "federated.eval_every"} and spec.seeds == (3,)
+    assert base.algorithm.eta == 0.01
+    # `fedmaml run` refuses a sweep file rather than silently running one point of it.
+    with pytest.raises(ConfigError, match=r"has a 'sweep:' section.*fedmaml sweep"):
+        load_config(path)
+    bad = write_config(tmp_path, {"sweep": {"grid": {"beta": 0.3}}}, "bad.yaml")
+    with pytest.raises(ConfigError, match=r"sweep\.grid\.beta: expected a non-empty list"):
+        load_sweep(bad)
+    bad = write_config(tmp_path, {"sweep": {"grids": {}}}, "bad2.yaml")
+    with pytest.raises(ConfigError, match=r"sweep\.grids: unknown key; allowed keys: grid, seeds"):
+        load_sweep(bad)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_sweep_file_plans(path, tmp_path):
+    base, spec = load_sweep(path)
+    assert spec.grid and path.read_text().startswith("# ")
+    runs, invalid = plan_sweep(base, spec, tmp_path)
+    assert len(runs) == spec.num_settings * len(spec.seeds) and not invalid
+
+
+# -- running ---------------------------------------------------------------------------------------
+
+def test_sweep_runs_every_combination_and_skips_finished_runs(tmp_path, capsys):
+    cfg = write_config(tmp_path)
+    sweep_dir = tmp_path / "sw"
+    argv = ["sweep", str(cfg), "--grid", "beta=0.3,0.9", "--seeds", "0-1", "--sweep-dir", str(sweep_dir)]
+    assert main(argv) == 0
+    first = summaries(sweep_dir)
+    assert sorted(first) == ["beta=0.3,seed=0", "beta=0.3,seed=1", "beta=0.9,seed=0", "beta=0.9,seed=1"]
+    err = capsys.readouterr().err
+    assert "4 runs (2 settings x 2 seeds); 0 finished already, 4 to run" in err
+    assert "run 4/4" in err  # the overall progress line
+    run = sweep_dir / "beta=0.9,seed=1"
+    saved = load_config(run / "config.yaml")
+    assert (saved.algorithm.beta, saved.seed) == (0.9, 1)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["round"] == 4
+
+    # The manifest is itself a sweep file that leads back here.
+    base, section = load_config_and_sweep(sweep_dir / "sweep.yaml")
+    assert Path(base.output_dir) / base.name == sweep_dir
+    assert section == {"grid": {"algorithm.beta": [0.3, 0.9]}, "seeds": [0, 1]}
+
+    # Re-invoked: nothing runs again.
+    assert main(argv) == 0
+    assert "4 finished already, 0 to run" in capsys.readouterr().err
+    assert summaries(sweep_dir) == first
+    # Through the manifest, and extended by a seed: only the new seed runs.
+    assert main(["sweep", str(sweep_dir / "sweep.yaml"), "--seeds", "0-2"]) == 0
+    after = summaries(sweep_dir)
+    assert set(after) - set(first) == {"beta=0.3,seed=2", "beta=0.9,seed=2"}
+    assert all(after[k] == first[k] for k in first)
+
+
+def test_resume_reruns_only_the_unfinished_run_cleanly(tmp_path):
+    base, spec = load_sweep(write_config(tmp_path), grid_args=["beta=0.3,0.9"], seeds="0")
+    sweep_dir = tmp_path / "sw"
+    run_sweep(base, spec, sweep_dir, quiet=True)
+    before = summaries(sweep_dir)
+    # A crash mid-run leaves a directory without summary.json (and maybe stale files).
+    crashed = sweep_dir / "beta=0.9,seed=0"
+    (crashed / "summary.json").unlink()
+    (crashed / "stale.txt").write_text("from the interrupted attempt")
+    result = run_sweep(base, spec, sweep_dir, quiet=True)
+    assert result.ran == ["beta=0.9,seed=0"] and result.skipped == ["beta=0.3,seed=0"]
+    assert summaries(sweep_dir)["beta=0.3,seed=0"] == before["beta=0.3,seed=0"]
+    assert (crashed / "summary.json").exists() and not (crashed / "stale.txt").exists()
+
+
+def test_finished_run_of_another_config_is_not_reused(tmp_path):
+    base, spec = load_sweep(write_config(tmp_path), grid_args=["beta=0.3"], seeds="0")
+    run_sweep(base, spec, tmp_path / "sw", quiet=True)
+    other, spec = load_sweep(write_config(tmp_path), ["algorithm.eta=0.01"], ["beta=0.3"], "0")
+    with pytest.raises(FedmamlError, match=r"a finished run of a different config \(algorithm\.eta: "
+                                           r"0\.005 there, 0\.01 now\)"):
+        run_sweep(other, spec, tmp_path / "sw", quiet=True)
+
+
+def test_failed_run_is_reported_and_retried(tmp_path, capsys):
+    cfg = write_config(tmp_path)
+    sweep_dir = tmp_path / "sw"
+    # "0001" fits no 3-group MLP... only at set-up time, after the config itself validated.
+    argv = ["sweep", str(cfg), "--grid", "inner_pattern=full,0001", "--sweep-dir", str(sweep_dir)]
+    assert main(argv) == 1
+    out = capsys.readouterr()
+    assert "1 failed" in out.out and "PatternError" in out.err
+    failed = sweep_dir / "inner_pattern=0001,seed=0"
+    assert (failed / "error.txt").exists() and not (failed / "summary.json").exists()
+    assert (sweep_dir / "inner_pattern=full,seed=0" / "summary.json").exists()
+    assert main(argv) == 1  # retried (still failing), the finished one skipped
+    assert "1 finished already, 1 to run" in capsys.readouterr().err
+
+
+def test_dry_run_lists_states_and_runs_nothing(tmp_path, capsys):
+    cfg = write_config(tmp_path)
+    sweep_dir = tmp_path / "sw"
+    assert main(["sweep", str(cfg), "--grid", "beta=0.3,0.9", "--sweep-dir", str(sweep_dir),
+                 "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert "new        beta=0.3,seed=0" in err and "new        beta=0.9,seed=0" in err
+    assert not sweep_dir.exists()
+
+
+def test_concurrent_sweep_in_one_directory_is_refused(tmp_path):
+    base, spec = load_sweep(write_config(tmp_path), grid_args=["beta=0.3"], seeds="0")
+    sweep_dir = tmp_path / "sw"
+    sweep_dir.mkdir()
+    with _Lock(sweep_dir):
+        with pytest.raises(FedmamlError, match="another fedmaml sweep is running"):
+            run_sweep(base, spec, sweep_dir, quiet=True)
+
+
+def test_jobs_are_checked(tmp_path):
+    base, spec = load_sweep(write_config(tmp_path, {"engine": {"name": "ray"}}), grid_args=["beta=0.3"])
+    with pytest.raises(ConfigError, match="--jobs 2 with engine.name 'ray'"):
+        run_sweep(base, spec, tmp_path / "sw", jobs=2, quiet=True)
+    with pytest.raises(ConfigError, match="--jobs: -1"):
+        run_sweep(base, spec, tmp_path / "sw", jobs=-1, quiet=True)
+
+
+def _final_eval(run_dir: Path) -> dict:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {k: v for k, v in rows[-1]["eval"].items() if "adapt-ms" not in k}
+
+
+@pytest.mark.slow
+def test_parallel_workers_give_the_same_runs(tmp_path):
+    base, spec = load_sweep(write_config(tmp_path), grid_args=["beta=0.3,0.9"], seeds="1")
+    serial = run_sweep(base, spec, tmp_path / "serial", quiet=True)
+    parallel = run_sweep(base, spec, tmp_path / "parallel", jobs=2, quiet=True)
+    assert not parallel.failed and sorted(parallel.ran) == sorted(serial.ran)
+    for name in serial.ran:
+        assert _final_eval(tmp_path / "parallel" / name) == _final_eval(tmp_path / "serial" / name)
+
+
+@pytest.mark.slow
+def test_resume_after_killing_the_sweep_process(tmp_path):
+    """A real interruption: the sweep process is killed (SIGKILL, no clean-up) mid-way."""
+    cfg = write_config(tmp_path, {"federated": {**TINY["federated"], "rounds": 30}})
+    sweep_dir = tmp_path / "sw"
+    argv = [str(cfg), "--grid", "beta=0.2,0.4,0.6,0.8", "--sweep-dir", str(sweep_dir), "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "fedmaml", "sweep", *argv], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not summaries(sweep_dir) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the sweep finished before it could be interrupted"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    done_before = summaries(sweep_dir)
+    assert 1 <= len(done_before) < 4
+    base, spec = load_sweep(cfg, grid_args=["beta=0.2,0.4,0.6,0.8"])
+    result = run_sweep(base, spec, sweep_dir, quiet=True)
+    assert sorted(result.skipped) == sorted(done_before)
+    assert len(result.ran) == 4 - len(done_before) and not result.failed
+    after = summaries(sweep_dir)
+    assert len(after) == 4 and all(after[k] == v for k, v in done_before.items())
