@@ -1,0 +1,329 @@
+"""Reference experiment 1: the MOML sinewave protocol (ALGORITHMS.md §8), one command.
+
+Six methods on the 25-task sinewave grid, centralized (the federated engine with H = 1, one task per
+client, B = 3 tasks per step, in-process), at K = 1 and K = 3:
+
+* FO-MAML        ``fedmeta`` + ``first_order``
+* MOML           ``moml`` (meta-gradient scaled by beta, the public code's eta convention)
+* LocalMOML      ``moml`` with H = 5 local steps and ``steps / 5`` rounds (equal sample budget)
+* MOML-V2        ``moml`` + ``memory_policy: decay_to_w``: one silo holding all 25 grid tasks,
+                 ``tasks_per_step = 3`` (decay_to_w needs every task's memory at every step)
+* Per-FedAvg-HF  ``per_fedavg`` + ``hessian_free``
+* Reptile        ``reptile``
+
+Two phases, both resumable (a run whose ``summary.json`` exists is not run again):
+
+1. ``tune``: per method and K, pick ``eta`` (and ``beta`` for memory methods) with one seed on
+   validation tasks (test-distribution tasks 5..24, disjoint from the reported test tasks 0..4).
+   ``--grid full`` is the protocol's grid (eta x beta); ``--grid coordinate`` (default) searches eta
+   at the public code's beta, then beta at the best eta.
+2. ``final``: the chosen values, ``--seeds`` seeds, ``--steps`` steps; the test MSE on tasks 0..4
+   after 10 SGD steps of 0.01 on 10 points, and the wall time per step.
+
+Every model is measured by the same post-hoc evaluation (:func:`heldout_mse`) so that MOML-V2,
+whose single silo holds all tasks, is scored on exactly the same test tasks as the others.
+
+    python simulations/reproduce_moml_sinewave.py                   # reduced (see docs/results.md)
+    python simulations/reproduce_moml_sinewave.py --quick           # smoke test, a minute
+    python simulations/reproduce_moml_sinewave.py --full-protocol   # 40,000 steps, full grid, 5 seeds
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import multiprocessing
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "sinewave_centralized.yaml"
+ETA_GRID = (0.1, 0.05, 0.01, 0.005, 0.001)
+BETA_GRID = (0.1, 0.3, 0.5, 0.7, 0.9)
+TEST_TASKS = range(0, 5)  # the paper's test tasks (sample_amp_pha seeds 0-4)
+VALIDATION_TASKS = range(5, 25)  # same distribution, used only for tuning
+LOCAL_STEPS = 5  # LocalMOML's H in the public code
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    overrides: tuple[str, ...]
+    uses_beta: bool
+    # The public code's chosen values (ALGORITHMS.md §8): {K: (eta, beta)}.
+    public: dict[int, tuple[float, float]]
+
+
+METHODS = (
+    Method("FO-MAML", ("algorithm.name=fedmeta", "algorithm.meta_gradient=first_order",
+                       "algorithm.scale_by_beta=false"), False, {1: (0.001, 1.0), 3: (0.005, 1.0)}),
+    Method("MOML", ("algorithm.name=moml", "algorithm.scale_by_beta=true"), True,
+           {1: (0.005, 0.3), 3: (0.01, 0.5)}),
+    Method("LocalMOML", ("algorithm.name=moml", "algorithm.scale_by_beta=true",
+                         f"algorithm.local_steps={LOCAL_STEPS}"), True,
+           {1: (0.005, 0.3), 3: (0.01, 0.5)}),
+    # One silo holding all 25 grid tasks, B = 3 of them per step; the unseen "client" holds
+    # test-distribution tasks 0..24, of which heldout_mse picks the ones it needs.
+    Method("MOML-V2", ("algorithm.name=moml", "algorithm.scale_by_beta=true",
+                       "algorithm.memory_policy=decay_to_w", "federated.mode=cross_silo",
+                       "federated.clients_per_round=0", "data.num_clients=1", "data.tasks_per_client=25",
+                       "data.unseen_clients=1",
+                       "algorithm.tasks_per_step=3"), True, {1: (0.005, 0.1), 3: (0.01, 0.1)}),
+    Method("Per-FedAvg-HF", ("algorithm.name=per_fedavg", "algorithm.meta_gradient=hessian_free",
+                             "algorithm.scale_by_beta=false"), False,
+           {1: (0.001, 1.0), 3: (0.005, 1.0)}),  # not in the public code: FO-MAML's values
+    Method("Reptile", ("algorithm.name=reptile", "algorithm.scale_by_beta=false"), False,
+           {1: (0.05, 1.0), 3: (0.1, 1.0)}),
+)
+BY_NAME = {m.name: m for m in METHODS}
+
+
+def k_overrides(k: int) -> list[str]:
+    """K support and K query points per task; the memory initialisation uses K0 = 2K."""
+    return [f"algorithm.support_size={k}", f"algorithm.query_size={k}",
+            f"algorithm.init_support_size={2 * k}"]
+
+
+def rounds_for(method: Method, steps: int) -> int:
+    # LocalMOML does H meta-steps per round: steps / H rounds see the same number of samples.
+    return max(1, steps // LOCAL_STEPS) if method.name == "LocalMOML" else steps
+
+
+def run_name(method: Method, k: int, eta: float, beta: float, seed: int, steps: int) -> str:
+    b = f"-b{beta:g}" if method.uses_beta else ""
+    return f"{method.name}-K{k}-e{eta:g}{b}-s{seed}-n{steps}"
+
+
+def make_config(method: Method, k: int, eta: float, beta: float, seed: int, steps: int,
+                out: Path, curve_points: int) -> Any:
+    from fedmaml.config import load_config
+
+    rounds = rounds_for(method, steps)
+    every = max(1, rounds // curve_points) if curve_points else 0
+    beta_key = [f"algorithm.beta={beta}"] if method.uses_beta else []
+    return load_config(CONFIG, [*method.overrides, *k_overrides(k), f"algorithm.eta={eta}",
+                                *beta_key, f"seed={seed}", f"federated.rounds={rounds}",
+                                f"federated.eval_every={every}", f"output_dir={out}",
+                                f"name={run_name(method, k, eta, beta, seed, steps)}"])
+
+
+def heldout_mse(run_dir: Path, cfg: Any, tasks: range) -> list[float]:
+    """MSE of the run's final ``w`` on test-distribution tasks ``tasks`` after the protocol's
+    adaptation (10 SGD steps of ``evaluation.alpha`` on 10 points, measured on 100 others)."""
+    from fedmaml.core.evaluation import personalized_metrics
+    from fedmaml.data import build_federation
+    from fedmaml.federated.setup import setup_for
+
+    setup = setup_for(cfg)
+    w = torch.load(run_dir / "model.pt")
+    # The unseen "client" 0 of a 25-tasks-per-client grid holds test tasks q = 0..24 in order.
+    pool = build_federation({"family": "sinusoid_grid", "num_clients": 1, "unseen_clients": 1,
+                             "tasks_per_client": 25,
+                             "eval_adapt_size": cfg.data.eval_adapt_size,
+                             "eval_heldout_size": cfg.data.eval_heldout_size}, 0).unseen_tasks(0)
+    return [float(personalized_metrics(setup.model, setup.loss_fn, w, *pool[q].evaluation_split(),
+                                       setup.eval_pattern, setup.eval_alpha, False)["loss"])
+            for q in tasks]
+
+
+def step_ms(metrics: list[dict[str, Any]], method: Method) -> float:
+    """Median wall time of a training round (evaluation rounds excluded) per meta-step."""
+    # ``seconds`` is the run's running clock, so a round's time is a difference of neighbours.
+    rows = [r for r in metrics if "seconds" in r and "clients" in r]
+    gaps = [b["seconds"] - a["seconds"] for a, b in zip(rows, rows[1:])
+            if b["round"] == a["round"] + 1 and "eval" not in b]
+    per_round = statistics.median(gaps) * 1000 if gaps else float("nan")
+    return per_round / (LOCAL_STEPS if method.name == "LocalMOML" else 1)
+
+
+def run_one(job: tuple[str, int, float, float, int, int, str, int]) -> dict[str, Any]:
+    """Run (or reuse) one training run and score it; executed in a worker process."""
+    torch.set_num_threads(1)
+    name, k, eta, beta, seed, steps, out, curve_points = job
+    from fedmaml.experiment import run_experiment
+    from fedmaml.results.recorder import read_metrics, read_summary
+
+    method = BY_NAME[name]
+    cfg = make_config(method, k, eta, beta, seed, steps, Path(out), curve_points)
+    run_dir = Path(out) / cfg.name
+    if read_summary(run_dir) is None:
+        run_experiment(cfg, quiet=True, run_dir=run_dir)
+    metrics = read_metrics(run_dir)
+    test = heldout_mse(run_dir, cfg, TEST_TASKS)
+    val = heldout_mse(run_dir, cfg, VALIDATION_TASKS)
+    curve = [(r["round"] * (LOCAL_STEPS if name == "LocalMOML" else 1), r["eval"]["unseen.loss.mean"])
+             for r in metrics if "eval" in r and "unseen.loss.mean" in r["eval"]]
+    return {"method": name, "K": k, "eta": eta, "beta": beta, "seed": seed, "steps": steps,
+            "run_dir": str(run_dir), "test_mse": statistics.mean(test), "val_mse": statistics.mean(val),
+            "ms_per_step": step_ms(metrics, method),
+            "samples": max(r.get("samples", 0) for r in metrics), "curve": curve}
+
+
+def run_all(jobs: list[tuple], workers: int) -> list[dict[str, Any]]:
+    results = []
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers, maxtasksperchild=20) as pool:
+        for i, r in enumerate(pool.imap_unordered(run_one, jobs)):
+            results.append(r)
+            print(f"[{i + 1}/{len(jobs)}] {r['method']:13s} K={r['K']} eta={r['eta']:g} "
+                  f"beta={r['beta']:g} seed={r['seed']}: val {r['val_mse']:.3f} test "
+                  f"{r['test_mse']:.3f} ({r['ms_per_step']:.1f} ms/step)", flush=True)
+    return results
+
+
+def best(results: list[dict[str, Any]], name: str, k: int) -> tuple[float, float]:
+    mine = [r for r in results if r["method"] == name and r["K"] == k]
+    # A diverged run (NaN or inf) never wins.
+    r = min(mine, key=lambda r: r["val_mse"] if math.isfinite(r["val_mse"]) else math.inf)
+    return r["eta"], r["beta"]
+
+
+def tune(methods: list[Method], ks: list[int], grid: str, steps: int, seed: int, out: Path,
+         workers: int) -> tuple[dict[tuple[str, int], tuple[float, float]], list[dict[str, Any]]]:
+    first: list[tuple] = []
+    for m, k in itertools.product(methods, ks):
+        _, public_beta = m.public[k]
+        betas = BETA_GRID if (m.uses_beta and grid == "full") else (public_beta,)
+        first += [(m.name, k, e, b, seed, steps, str(out), 0) for e in ETA_GRID for b in betas]
+    results = run_all(first, workers)
+    if grid == "coordinate":
+        second = []
+        for m, k in itertools.product(methods, ks):
+            if m.uses_beta:
+                eta, public_beta = best(results, m.name, k)
+                second += [(m.name, k, eta, b, seed, steps, str(out), 0)
+                           for b in BETA_GRID if b != public_beta]
+        results += run_all(second, workers)
+    chosen = {(m.name, k): best(results, m.name, k) for m in methods for k in ks}
+    return chosen, results
+
+
+def summarize(final: list[dict[str, Any]], chosen: dict, methods: list[Method], ks: list[int]
+              ) -> list[dict[str, Any]]:
+    rows = []
+    for k, m in itertools.product(ks, methods):
+        mine = [r for r in final if r["method"] == m.name and r["K"] == k]
+        # Diverged seeds (NaN / inf) are counted and left out of the mean, never hidden.
+        mse = [r["test_mse"] for r in mine if math.isfinite(r["test_mse"])]
+        ms = [r["ms_per_step"] for r in mine]
+        eta, beta = chosen[(m.name, k)]
+        rows.append({"K": k, "method": m.name, "eta": eta, "beta": beta if m.uses_beta else None,
+                     "seeds": len(mine), "diverged": len(mine) - len(mse),
+                     "mse_mean": statistics.mean(mse) if mse else math.nan,
+                     "mse_std": statistics.stdev(mse) if len(mse) > 1 else 0.0,
+                     "ms_per_step": statistics.median(ms),
+                     "samples": statistics.mean(r["samples"] for r in mine)})
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| K | method | eta | beta | test MSE (mean ± std) | diverged seeds | ms / step "
+             "| samples / run |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        beta = "-" if r["beta"] is None else f"{r['beta']:g}"
+        lines.append(f"| {r['K']} | {r['method']} | {r['eta']:g} | {beta} | "
+                     f"{r['mse_mean']:.3f} ± {r['mse_std']:.3f} | {r['diverged']}/{r['seeds']} | "
+                     f"{r['ms_per_step']:.1f} | "
+                     f"{r['samples']:.0f} |")
+    return "\n".join(lines)
+
+
+def tuning_table(results: list[dict[str, Any]]) -> str:
+    lines = ["| K | method | eta | beta | validation MSE |", "|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: (r["K"], r["method"], r["eta"], r["beta"])):
+        beta = f"{r['beta']:g}" if BY_NAME[r["method"]].uses_beta else "-"
+        lines.append(f"| {r['K']} | {r['method']} | {r['eta']:g} | {beta} | {r['val_mse']:.3f} |")
+    return "\n".join(lines)
+
+
+def plot(final: list[dict[str, Any]], methods: list[Method], ks: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(ks), figsize=(6 * len(ks), 4), squeeze=False)
+    for ax, k in zip(axes[0], ks):
+        for m in methods:
+            if m.name == "MOML-V2":
+                continue  # its run-time unseen metric averages 25 test tasks, not the 5 reported
+            curves = [r["curve"] for r in final if r["method"] == m.name and r["K"] == k
+                      and math.isfinite(r["test_mse"])]
+            if not curves or not curves[0]:
+                continue
+            n = min(len(c) for c in curves)
+            x = [p[0] for p in curves[0][:n]]
+            y = np.array([[p[1] for p in c[:n]] for c in curves])
+            ax.plot(x, y.mean(0), label=m.name)
+            ax.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), alpha=0.15)
+        ax.set_title(f"sinewave grid, K = {k} (mean ± std over seeds)")
+        ax.set_xlabel("meta-steps (LocalMOML: rounds x H)")
+        ax.set_ylabel("test MSE, 5 unseen tasks, 10 adaptation steps")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=1000, help="meta-steps of the final runs")
+    p.add_argument("--tune-steps", type=int, default=800, help="meta-steps of each tuning run")
+    p.add_argument("--grid", choices=("coordinate", "full"), default="coordinate")
+    p.add_argument("--tune-seed", type=int, default=100)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--ks", type=int, nargs="+", default=[1, 3])
+    p.add_argument("--methods", nargs="+", default=[m.name for m in METHODS],
+                   choices=[m.name for m in METHODS])
+    p.add_argument("--public-values", action="store_true",
+                   help="skip tuning; use the public code's eta/beta (ALGORITHMS.md §8)")
+    p.add_argument("--curve-points", type=int, default=8)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--output-dir", default="results/moml_sinewave")
+    p.add_argument("--figure", default="docs/figures/sinewave_convergence.png")
+    p.add_argument("--quick", action="store_true", help="smoke test: 200 steps, 2 seeds, K = 1")
+    p.add_argument("--full-protocol", action="store_true",
+                   help="the paper's protocol: 40,000 steps, full grid tuned at 40,000 steps")
+    a = p.parse_args()
+    if a.quick:
+        a.steps, a.tune_steps, a.seeds, a.ks = 200, 100, [0, 1], [1]
+    if a.full_protocol:
+        a.steps, a.tune_steps, a.grid, a.seeds = 40000, 40000, "full", [0, 1, 2, 3, 4]
+    out = Path(a.output_dir)
+    methods = [BY_NAME[n] for n in a.methods]
+
+    tuning: list[dict[str, Any]] = []
+    if a.public_values:
+        chosen = {(m.name, k): m.public[k] for m in methods for k in a.ks}
+    else:
+        chosen, tuning = tune(methods, a.ks, a.grid, a.tune_steps, a.tune_seed, out / "tune",
+                              a.workers)
+    print("chosen (eta, beta):", {f"{n} K={k}": v for (n, k), v in chosen.items()}, flush=True)
+    jobs = [(m.name, k, *chosen[(m.name, k)], s, a.steps, str(out / "final"), a.curve_points)
+            for k in a.ks for m in methods for s in a.seeds]
+    final = run_all(jobs, a.workers)
+    rows = summarize(final, chosen, methods, a.ks)
+    table = markdown_table(rows)
+    print(f"\nFinal test MSE after {a.steps} meta-steps, seeds {a.seeds}:\n{table}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(table + "\n")
+    if tuning:
+        (out / "tuning.md").write_text(tuning_table(tuning) + "\n")
+    (out / "results.json").write_text(json.dumps({"args": vars(a), "rows": rows, "final": final,
+                                                  "tuning": tuning}, indent=1))
+    if a.figure:
+        plot(final, methods, a.ks, Path(a.figure))
+        print(f"figure: {a.figure}")
+
+
+if __name__ == "__main__":
+    main()

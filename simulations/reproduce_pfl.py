@@ -1,0 +1,244 @@
+"""Reference experiment 2: personalized FL, LocalMOML against the pFL baselines, one command.
+
+Settings (the shipped configs, non-IID): digits and MNIST-1D, each cross-device (100 / 200 clients,
+10 % sampled per round, 20 unseen clients) and cross-silo (10 silos of several label-skewed tasks,
+2 unseen silos). Methods, all on the same data, model, ``alpha``, ``eta``, ``H`` and evaluation:
+
+* LocalMOML          ``moml`` (``beta`` and ``memory_policy: keep`` from the config)
+* Per-FedAvg-FO      ``per_fedavg`` + ``first_order`` (= LocalMOML with beta = 1)
+* Per-FedAvg-HF      ``per_fedavg`` + ``hessian_free``
+* FedMeta-MAML       ``fedmeta`` + ``second_order`` (its first-order form is Per-FedAvg-FO)
+* FedAvg+FT          ``fedavg``; evaluation fine-tunes ``w`` like every other method
+
+Ablation (digits cross-device): LocalMOML's ``beta`` and its memory policy (``keep`` vs ``reinit``).
+
+Personalized accuracy = accuracy on a client's held-out split after ``evaluation.steps`` SGD steps
+from ``w`` on its own examples (and, for LocalMOML, from its memory), for trained clients and for
+unseen clients that never trained. Runs are resumable: a run whose ``summary.json`` exists is reused.
+
+    python simulations/reproduce_pfl.py              # reduced budget (see docs/results.md)
+    python simulations/reproduce_pfl.py --quick      # smoke test
+    python simulations/reproduce_pfl.py --rounds-device 200 --rounds-silo 100   # the configs' rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import statistics
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+SETTINGS = {  # name: (config, mode)
+    "digits cross-device": ("digits_cross_device.yaml", "device"),
+    "MNIST-1D cross-device": ("mnist1d_cross_device.yaml", "device"),
+    "digits cross-silo": ("digits_cross_silo.yaml", "silo"),
+    "MNIST-1D cross-silo": ("mnist1d_cross_silo.yaml", "silo"),
+}
+METHODS = {
+    "LocalMOML": ("algorithm.name=moml",),
+    "Per-FedAvg-FO": ("algorithm.name=per_fedavg", "algorithm.meta_gradient=first_order"),
+    "Per-FedAvg-HF": ("algorithm.name=per_fedavg", "algorithm.meta_gradient=hessian_free"),
+    "FedMeta-MAML": ("algorithm.name=fedmeta", "algorithm.meta_gradient=second_order"),
+    "FedAvg+FT": ("algorithm.name=fedavg",),
+}
+ABLATION_SETTING = "digits cross-device"
+ABLATION_BETAS = (0.1, 0.9)  # the config's 0.5 is the main run; beta = 1 is Per-FedAvg-FO
+# Metric keys of an evaluation row (fedmaml/federated/strategy.py).
+SEEN, SEEN_MEMORY, UNSEEN = "seen.accuracy.mean", "seen.memory-accuracy.mean", "unseen.accuracy.mean"
+
+
+def slug(text: str) -> str:
+    return text.replace(" ", "_").replace("+", "p")
+
+
+def short(override: str) -> str:
+    """``algorithm.beta=0.1`` -> ``beta=0.1``."""
+    key, value = override.split("=", 1)
+    return f"{key.rsplit('.', 1)[-1]}={value}"
+
+
+def job_name(setting: str, method: str, extra: tuple[str, ...], seed: int) -> str:
+    tag = "".join("-" + short(e).replace("=", "") for e in extra)
+    return f"{slug(setting)}-{slug(method)}{tag}-s{seed}"
+
+
+def run_one(job: tuple[str, str, tuple[str, ...], int, int, int, str]) -> dict[str, Any]:
+    """Run (or reuse) one run in a worker process and return its curves and final numbers."""
+    import torch
+
+    torch.set_num_threads(1)
+    from fedmaml.config import load_config
+    from fedmaml.experiment import run_experiment
+    from fedmaml.results.recorder import read_metrics, read_summary
+
+    setting, method, extra, seed, rounds, eval_every, out = job
+    name = job_name(setting, method, extra, seed)
+    cfg = load_config(ROOT / "configs" / SETTINGS[setting][0],
+                      [*METHODS[method], *extra, f"seed={seed}", f"federated.rounds={rounds}",
+                       f"federated.eval_every={eval_every}", "compare_with=", f"name={name}",
+                       f"output_dir={out}"])
+    run_dir = Path(out) / name
+    if read_summary(run_dir) is None:
+        run_experiment(cfg, quiet=True, run_dir=run_dir)
+    rows = read_metrics(run_dir)
+    summary = read_summary(run_dir)
+    # Cumulative counters: carry the last training row's totals onto each evaluation point.
+    curve, totals = [], {"samples": 0, "bytes": 0}
+    for r in rows:
+        if "bytes_up" in r:
+            totals = {"samples": r["samples"], "bytes": r["bytes_up"] + r["bytes_down"]}
+        if "eval" in r:
+            e = r["eval"]
+            curve.append({"round": r["round"], **totals, "seen": e.get(SEEN),
+                          "seen_memory": e.get(SEEN_MEMORY), "unseen": e.get(UNSEEN)})
+    after = summary["after"]
+    return {"setting": setting, "method": method, "extra": list(extra), "seed": seed,
+            "run_dir": str(run_dir), "seen": after.get(SEEN), "seen_memory": after.get(SEEN_MEMORY),
+            "unseen": after.get(UNSEEN), "bytes": totals["bytes"], "samples": totals["samples"],
+            "seconds": summary.get("seconds"), "curve": curve}
+
+
+def run_all(jobs: list[tuple], workers: int) -> list[dict[str, Any]]:
+    results = []
+    with multiprocessing.get_context("spawn").Pool(workers, maxtasksperchild=10) as pool:
+        for i, r in enumerate(pool.imap(run_one, jobs)):
+            results.append(r)
+            mem = "" if r["seen_memory"] is None else f" memory {r['seen_memory']:.3f}"
+            print(f"[{i + 1}/{len(jobs)}] {r['setting']:22s} {r['method']:13s} {r['extra']} "
+                  f"seed {r['seed']}: seen {r['seen']:.3f}{mem} unseen {r['unseen']:.3f}",
+                  flush=True)
+    return results
+
+
+def mean_std(values: list[float | None]) -> str:
+    v = [x for x in values if x is not None]
+    if not v:
+        return "-"
+    return f"{statistics.mean(v):.3f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.3f}"
+
+
+def main_table(results: list[dict[str, Any]]) -> str:
+    lines = ["| setting | method | seeds | personalized acc., trained clients (from w) | from memory "
+             "| unseen clients | MB exchanged |", "|---|---|---|---|---|---|---|"]
+    for setting in SETTINGS:
+        for method in METHODS:
+            mine = [r for r in results if r["setting"] == setting and r["method"] == method
+                    and not r["extra"]]
+            if not mine:
+                continue
+            mb = statistics.mean(r["bytes"] for r in mine) / 1e6
+            lines.append(f"| {setting} | {method} | {len(mine)} | {mean_std([r['seen'] for r in mine])} "
+                         f"| {mean_std([r['seen_memory'] for r in mine])} "
+                         f"| {mean_std([r['unseen'] for r in mine])} | {mb:.1f} |")
+    return "\n".join(lines)
+
+
+def ablation_table(results: list[dict[str, Any]], base_beta: float) -> str:
+    lines = ["| LocalMOML variant | seeds | trained clients (from w) | from memory | unseen clients |",
+             "|---|---|---|---|---|"]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        if r["setting"] != ABLATION_SETTING:
+            continue
+        if r["method"] == "LocalMOML":
+            label = ", ".join(short(e) for e in r["extra"]) or f"beta={base_beta:g}, keep"
+        elif r["method"] == "Per-FedAvg-FO" and not r["extra"]:
+            label = "beta=1 (= Per-FedAvg-FO)"
+        else:
+            continue
+        groups.setdefault(label, []).append(r)
+    for label, mine in sorted(groups.items()):
+        lines.append(f"| {label} | {len(mine)} | {mean_std([r['seen'] for r in mine])} | "
+                     f"{mean_std([r['seen_memory'] for r in mine])} | "
+                     f"{mean_std([r['unseen'] for r in mine])} |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    settings = [s for s in SETTINGS if any(r["setting"] == s for r in results)]
+    fig, axes = plt.subplots(3, len(settings), figsize=(4.6 * len(settings), 10), squeeze=False)
+    for col, setting in enumerate(settings):
+        for method in METHODS:
+            curves = [r["curve"] for r in results
+                      if r["setting"] == setting and r["method"] == method and not r["extra"]]
+            if not curves:
+                continue
+            n = min(len(c) for c in curves)
+            for row, (x_key, y_key) in enumerate((("round", "seen"), ("bytes", "seen"),
+                                                  ("round", "unseen"))):
+                x = np.array([[p[x_key] for p in c[:n]] for c in curves]).mean(0)
+                if x_key == "bytes":
+                    x = x / 1e6
+                y = np.array([[p[y_key] for p in c[:n]] for c in curves], dtype=float)
+                ax = axes[row][col]
+                ax.plot(x, y.mean(0), label=method, marker=".")
+                ax.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), alpha=0.15)
+        titles = ("trained clients, vs rounds", "trained clients, vs MB exchanged",
+                  "unseen clients, vs rounds")
+        for row in range(3):
+            ax = axes[row][col]
+            ax.set_title(f"{setting}: {titles[row]}", fontsize=9)
+            ax.set_xlabel("MB exchanged (up + down)" if row == 1 else "round")
+            ax.set_ylabel("personalized accuracy")
+            ax.grid(alpha=0.3)
+        axes[0][col].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds-device", type=int, default=30)
+    p.add_argument("--rounds-silo", type=int, default=15)
+    p.add_argument("--evals", type=int, default=3, help="evaluation points per run")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--no-ablation", action="store_true")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--output-dir", default="results/pfl")
+    p.add_argument("--figure", default="docs/figures/pfl_accuracy.png")
+    p.add_argument("--quick", action="store_true", help="smoke test: 4 rounds, 1 seed")
+    a = p.parse_args()
+    if a.quick:
+        a.rounds_device, a.rounds_silo, a.evals, a.seeds = 4, 4, 2, [0]
+    rounds = {"device": a.rounds_device, "silo": a.rounds_silo}
+    out = str(Path(a.output_dir))
+
+    def job(setting: str, method: str, extra: tuple[str, ...], seed: int) -> tuple:
+        r = rounds[SETTINGS[setting][1]]
+        return (setting, method, extra, seed, r, max(1, r // a.evals), out)
+
+    # Seed-major, so that an interrupted run still has every method at the first seeds.
+    jobs = [job(s, m, (), seed) for seed in a.seeds for s in a.settings for m in METHODS]
+    if not a.no_ablation and ABLATION_SETTING in a.settings:
+        variants = [(f"algorithm.beta={b}",) for b in ABLATION_BETAS]
+        variants.append(("algorithm.memory_policy=reinit",))
+        jobs += [job(ABLATION_SETTING, "LocalMOML", v, seed) for seed in a.seeds for v in variants]
+    results = run_all(jobs, a.workers)
+
+    from fedmaml.config import load_config
+
+    base_beta = load_config(ROOT / "configs" / SETTINGS[ABLATION_SETTING][0]).algorithm.beta
+    main_md, abl_md = main_table(results), ablation_table(results, base_beta)
+    print(f"\n{main_md}\n\nAblation ({ABLATION_SETTING}):\n{abl_md}")
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "table.md").write_text(main_md + "\n")
+    (Path(out) / "ablation.md").write_text(abl_md + "\n")
+    (Path(out) / "results.json").write_text(json.dumps({"args": vars(a), "runs": results}, indent=1))
+    if a.figure:
+        plot(results, Path(a.figure))
+        print(f"figure: {a.figure}")
+
+
+if __name__ == "__main__":
+    main()
