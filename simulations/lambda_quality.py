@@ -118,6 +118,11 @@ def evaluate_run(run_dir: Path, epsilons: tuple[float, ...]) -> dict[str, Any]:
     return out
 
 
+def md_pattern(text: str) -> str:
+    """A pattern inside a Markdown table cell: '|' would end the cell."""
+    return text.replace("|", "\\|")
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = []
     for bench, runs in result["benchmarks"].items():
@@ -132,7 +137,7 @@ def markdown(result: dict[str, Any]) -> str:
                   "|---|---|---|---|---|---|---|---|"]
         for r in runs:
             for eps, s in r["selections"].items():
-                lines.append(f"| {r['run'].rsplit('seed', 1)[-1]} | {eps} | `{s['chosen']}` | "
+                lines.append(f"| {r['run'].rsplit('seed', 1)[-1]} | {eps} | `{md_pattern(s['chosen'])}` | "
                              f"{s['speedup']:.2f}x | {s['val_change_pts']:+.2f} | "
                              f"{100 * s['test_accuracy']:.2f} | {100 * s['full_test_accuracy']:.2f} | "
                              f"{s['test_change_pts']:+.2f} ± {s['test_change_se']:.2f} |")
@@ -140,7 +145,7 @@ def markdown(result: dict[str, Any]) -> str:
                   "| pattern | ms | speedup | val acc | test acc | test change (pts) ± SE |",
                   "|---|---|---|---|---|---|"]
         for c in first["candidates"]:
-            lines.append(f"| `{c['pattern']}` | {c['ms']:.3f} | {c['speedup']:.2f}x | "
+            lines.append(f"| `{md_pattern(c['pattern'])}` | {c['ms']:.3f} | {c['speedup']:.2f}x | "
                          f"{100 * c['val_accuracy']:.2f} | {100 * c['test_accuracy']:.2f} | "
                          f"{c['test_change_pts']:+.2f} ± {c['test_change_se']:.2f} |")
         lines += ["", "One-step adaptation (test accuracy, mean over seeds; change vs one full "
@@ -149,7 +154,7 @@ def markdown(result: dict[str, Any]) -> str:
         for i, row in enumerate(first["one_step"]):
             v = np.mean([r["one_step"][i]["val_accuracy"] for r in runs])
             t = np.mean([r["one_step"][i]["test_accuracy"] for r in runs])
-            lines.append(f"| `{row['pattern']}` | {100 * v:.2f} | {100 * t:.2f} | "
+            lines.append(f"| `{md_pattern(row['pattern'])}` | {100 * v:.2f} | {100 * t:.2f} | "
                          f"{row['test_change_pts']:+.2f} ± {row['test_change_se']:.2f} |")
         lines.append("")
     return "\n".join(lines)
@@ -157,7 +162,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, metavar="FILE.json")
+    ap.add_argument("--out", metavar="FILE.json", help="where to write the results (required "
+                    "unless --from-json)")
     ap.add_argument("--md", metavar="FILE.md", help="also write the tables as Markdown")
     ap.add_argument("--benchmarks", nargs="+", default=list(BENCHMARKS), choices=list(BENCHMARKS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
@@ -165,7 +171,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", default="results/lambda_quality", metavar="DIR")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="config overrides for training, e.g. federated.rounds=50 (quick checks)")
+    ap.add_argument("--from-json", metavar="FILE", help="measure nothing: print (and --md) the "
+                    "tables of an earlier --out FILE")
     args = ap.parse_args(argv)
+    if not (args.out or args.from_json):
+        ap.error("--out FILE.json is required")
+    if args.from_json:
+        data = json.loads(Path(args.from_json).read_text())
+        text = markdown({"benchmarks": {b: v["runs"] for b, v in data["benchmarks"].items()}})
+        if args.md:
+            Path(args.md).write_text(text)
+        print(text)
+        return 0
     result: dict[str, Any] = {"benchmarks": {}, "epsilons": args.epsilons,
                               "command": "simulations/lambda_quality.py " + " ".join(
                                   argv if argv is not None else sys.argv[1:])}

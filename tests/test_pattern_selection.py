@@ -392,7 +392,8 @@ def test_lambda_speed_benchmark_writes_the_documented_json(tmp_path):
     threads = torch.get_num_threads()
     assert bench.main(["--out", str(out), "--settings", "miniimagenet_5w1s", "--width", "2",
                        "--threads", "1", "--orders", "first", "--cache", "on", "--full-steps", "1",
-                       "--warmup", "0", "--repeats", "1", "--chosen", "00011x5"]) == 0
+                       "--warmup", "0", "--repeats", "1", "--passes", "2", "--chosen", "00011x5",
+                       "--md", str(tmp_path / "speed.md")]) == 0
     assert torch.get_num_threads() == threads  # the benchmark restores the thread count
     data = json.loads(out.read_text())
     s = data["miniimagenet_5w1s"]
@@ -404,4 +405,6 @@ def test_lambda_speed_benchmark_writes_the_documented_json(tmp_path):
     assert list(s["variants"]) == ["threads=1,order=first,cache=on"]
     assert data["meta"]["torch_threads"] == threads and len(data["meta"]["loadavg"]) == 3
     assert set(data["targets"]) == {"miniimagenet_5w1s: head-only with caching >= 10x",
-                                    "miniimagenet_5w1s: --chosen 00011x5 chosen 00011x5 >= 4x"}
+                                    "miniimagenet_5w1s: chosen 00011x5 >= 4x"}
+    assert len(s["patterns"]["00001x5"]["pass_speedups"]) == 2 and len(s["load"]) == 2
+    assert "| `11111\\|00001x4` |" in (tmp_path / "speed.md").read_text()

@@ -421,13 +421,13 @@ def format_table(selection: Selection, metric: str, test: dict[str, float] | Non
     head = f"{'pattern':<28}{'ms':>9}{'speedup':>9}{'val ' + qname:>11}{'change ' + unit:>12}"
     if test:
         head += f"{'test ' + qname:>12}"
-    lines = [head + "  ", "-" * len(head)]
+    lines = [head, "-" * len(head)]
     for r in selection.rows:
         if "error" in r:
             lines.append(f"{r['pattern']:<28}  invalid: {r['error']}")
             continue
         mark = " <- chosen" if r["pattern"] == selection.chosen else ("" if r["qualifies"] else " x")
-        change = "-" if r["change"] is None else f"{r['change']:+.2f}"
+        change = "-" if r["change"] is None else f"{round(r['change'], 2) + 0.0:+.2f}"  # no -0.00
         line = (f"{r['pattern']:<28}{r['ms']:>9.3f}{r['speedup']:>8.2f}x"
                 f"{_num(r[metric] * scale):>11}{change:>12}")
         if test:
