@@ -10,7 +10,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -49,6 +48,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_torch_save(obj: object, path: str | Path) -> None:
+    import torch  # lazily: reading run files should not pay for importing torch
+
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write_bytes(path, buffer.getvalue())
