@@ -151,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="also run every size with this many clients per round (0: skip)")
     p.add_argument("--disk-budget-mb", type=float, default=64,
                    help="also run the largest size with this bank budget (memory-mapped bank)")
+    p.add_argument("--max-load", type=float, default=0.0,
+                   help="before each run wait until the load average is below this (0: don't)")
+    p.add_argument("--max-wait", type=float, default=900, help="longest wait for --max-load (s)")
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     plan = []
@@ -170,8 +173,15 @@ def main(argv: list[str] | None = None) -> int:
         for n, engine, per_round, budget in plan:
             print(f"{n} clients, {engine}, {'1 %' if not per_round else per_round} per round, "
                   f"budget {budget:g} MB ...", file=sys.stderr, flush=True)
+            waited = time.monotonic()
+            while args.max_load and os.getloadavg()[0] >= args.max_load \
+                    and time.monotonic() - waited < args.max_wait:
+                time.sleep(10)  # other work on a shared machine distorts timings
+            waited = round(time.monotonic() - waited, 1)
+            load_before = [round(x, 2) for x in os.getloadavg()]
             r = run_child(n, engine, per_round, budget, tmp)
-            r["load"] = [round(x, 2) for x in os.getloadavg()]
+            r["load"] = {"before": load_before, "after": [round(x, 2) for x in os.getloadavg()]}
+            r["waited_s"] = waited
             results["runs"].append(r)
             print(f"  {r['round_s']:.3f} s/round, server {r['server_ms']:.1f} ms, peak "
                   f"{r['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
