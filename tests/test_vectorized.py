@@ -14,7 +14,8 @@ import torch
 from fedmaml.engines.inprocess import run_inprocess
 from fedmaml.engines.memory_bank import BankStore
 from fedmaml.engines.vectorized import VectorizedGrid, run_vectorized
-from fedmaml.experiment import run_experiment
+from fedmaml.cli import main
+from fedmaml.config import dump_yaml, load_config
 from fedmaml.federated.client_app import make_client_app
 from fedmaml.federated.memory_store import ContextStateStore
 from fedmaml.federated.server_app import make_server_app
@@ -135,9 +136,13 @@ def test_unbatchable_cohorts_run_client_by_client_in_the_same_round(tiny_config,
     assert grid.stats.per_client + grid.stats.vmapped_clients == 15
 
 
-def test_engine_is_selected_by_the_config(tiny_config, tmp_path):
-    cfg = tiny_config("engine.name=vectorized", "federated.rounds=2", "engine.memory_budget_mb=0")
-    run_dir = run_experiment(cfg, quiet=True, run_dir=tmp_path / "run")
+def test_engine_is_selected_by_the_config_and_the_cli(tiny_config, tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(dump_yaml(tiny_config("engine.name=vectorized")))
+    assert main(["run", str(config), "--quiet", f"output_dir={tmp_path / 'out'}",
+                 "federated.rounds=2", "engine.memory_budget_mb=0"]) == 0
+    run_dir = tmp_path / "out" / "tiny"
+    assert load_config(run_dir / "config.yaml").engine.name == "vectorized"
     rows = read_metrics(run_dir)
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert all(r["failures"] == 0 and r["replies"] == 3 for r in rows[1:])
