@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from flwr.app import ArrayRecord, Context
+from flwr.app import Context
 
 from fedmaml.atomic import atomic_write_bytes
 from fedmaml.core.params import Params
