@@ -5,7 +5,7 @@ Step ``s`` updates only the groups its pattern row selects:
 
 Two mechanisms turn skipped groups into saved time (ALGORITHMS.md §2):
 
-1. **Only adapted tensors are differentiated.** ``torch.func.grad`` is taken with respect to the
+1. **Only adapted tensors are differentiated.** The gradient is taken with respect to the
    adapted groups alone; frozen tensors enter as constants, so backpropagation stops at the lowest
    adapted group and computes no weight gradients for frozen layers.
 2. **Prefix caching.** Groups below the lowest group that any *remaining* step adapts never change
@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fedmaml.core.autodiff import grad_and_value
 from fedmaml.core.losses import LossFn
 from fedmaml.core.params import Params, detach
 from fedmaml.core.patterns import Pattern
@@ -64,8 +65,11 @@ def adapt(
                 h = model.forward(theta, h, start=level, stop=low)
                 level = low
         names = model.names_of(groups)
-        grads = torch.func.grad(_step_loss)({n: theta[n] for n in names}, theta, model, h, y,
-                                            loss_fn, level)
+        adapted = {n: theta[n] for n in names}
+        if differentiable:
+            grads = torch.func.grad(_step_loss)(adapted, theta, model, h, y, loss_fn, level)
+        else:
+            grads, _ = grad_and_value(_step_loss, adapted, theta, model, h, y, loss_fn, level)
         theta = {**theta, **{n: theta[n] - alpha * grads[n] for n in names}}
     return theta
 

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from fedmaml.core.adaptation import adapt, query_loss
+from fedmaml.core.autodiff import grad_and_value
 from fedmaml.core.losses import LossFn
 from fedmaml.core.params import Params, detach
 from fedmaml.core.patterns import Pattern
@@ -33,7 +34,7 @@ ESTIMATORS: tuple[str, ...] = ("first_order", "second_order", "hessian_free")
 def loss_grad(model: StagedModel, params: Params, x: Tensor, y: Tensor,
               loss_fn: LossFn) -> tuple[Params, Tensor]:
     """``(grad L(params; x, y), L(params; x, y))`` with ``params`` treated as constants otherwise."""
-    return torch.func.grad_and_value(query_loss, argnums=1)(model, detach(params), x, y, loss_fn)
+    return grad_and_value(lambda p: query_loss(model, p, x, y, loss_fn), detach(params))
 
 
 def adapt_with_vjp(model: StagedModel, w: Params, x: Tensor, y: Tensor, loss_fn: LossFn,

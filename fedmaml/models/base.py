@@ -125,8 +125,27 @@ class ConvBlock:
         h = F.conv2d(h, p["weight"], p["bias"], stride=2 if self.strided else 1, padding=1)
         h = F.batch_norm(h, None, None, p["bn_weight"], p["bn_bias"], training=True)
         h = F.relu(h)
-        # ceil_mode matches TensorFlow's 'SAME' pooling of the original MAML code (28 -> 14 -> 7 -> 4 -> 2)
-        return h if self.strided else F.max_pool2d(h, 2, ceil_mode=True)
+        return h if self.strided else max_pool_2x2(h)
+
+
+def max_pool_2x2(h: Tensor) -> Tensor:
+    """2x2 max-pooling with ceil mode, as TensorFlow's 'SAME' pooling of the original MAML code
+    (28 -> 14 -> 7 -> 4 -> 2).
+
+    When no gradient flows through ``h`` (a frozen prefix under Lambda-pattern caching, evaluation),
+    the pool is the elementwise maximum of four strided views: the same values, 10-15x faster on CPU
+    than ``F.max_pool2d`` on the default memory layout, which dominates a frozen Conv-4 prefix. With
+    a gradient, ``F.max_pool2d``'s backward is the fast one. Both are vmap-safe (a channels-last
+    copy is not). Should a gradient reach the strided views after all (an outer ``torch.func``
+    level), it is still exact: ties sit at ReLU's zeros, whose gradient is zero either way.
+    """
+    if torch.is_grad_enabled() and h.requires_grad:
+        return F.max_pool2d(h, 2, ceil_mode=True)
+    height, width = h.shape[-2:]
+    if height % 2 or width % 2:
+        h = F.pad(h, (0, width % 2, 0, height % 2), value=float("-inf"))
+    rows = torch.maximum(h[..., 0::2, :], h[..., 1::2, :])
+    return torch.maximum(rows[..., 0::2], rows[..., 1::2])
 
 
 class ModuleStage:
