@@ -192,10 +192,11 @@ class PatternSelectionConfig:
     steps: int = _field(0, "Adaptation steps of the generated candidates; 0 = evaluation.steps.",
                         min=0)
     family: bool = _field(True, "Generate the structured candidates (top-k groups at every step; "
-                                "full first m steps, then top-k); false = full + candidates only.")
+                                "full or top-K for the first m steps, then top-k with k < K); "
+                                "false = full + candidates only.")
     max_top_k: int = _field(0, "Largest k of the top-k candidates; 0 = all groups but one.", min=0)
-    full_steps: tuple[int, ...] = _field((1,), "Values of m for 'full first m steps, then top-k'.",
-                                         min=1)
+    full_steps: tuple[int, ...] = _field((1,), "Values of m for 'full (or top-K) for the first m "
+                                               "steps, then top-k'.", min=1)
     candidates: str = _field("", "Extra candidate patterns, comma-separated (e.g. "
                                  "'00001x5, 11111|00011x4'); aliases allowed.")
     at_round: int = _field(0, "Select after this round's training (its evaluation already uses the "

@@ -30,21 +30,30 @@ GROUPS = ("g1", "g2", "g3", "g4")
 
 # -- candidates -------------------------------------------------------------------------------------
 
-def test_family_is_full_then_top_k_then_full_m_then_top_k():
+def test_family_is_full_then_top_k_then_deep_m_then_top_k():
     got = [(str(p), origin) for p, origin in ps.family_patterns(4, 3, full_steps=(1, 2))]
     assert got == [
         ("1111x3", "full"),
         ("0001x3", "top-k"), ("0011x3", "top-k"), ("0111x3", "top-k"),
         ("1111|0001x2", "full-m+top-k"), ("1111|0011x2", "full-m+top-k"),
         ("1111|0111x2", "full-m+top-k"),
+        ("0111|0001x2", "top-K-m+top-k"), ("0111|0011x2", "top-K-m+top-k"),
+        ("0011|0001x2", "top-K-m+top-k"),
         ("1111x2|0001", "full-m+top-k"), ("1111x2|0011", "full-m+top-k"),
         ("1111x2|0111", "full-m+top-k"),
+        ("0111x2|0001", "top-K-m+top-k"), ("0111x2|0011", "top-K-m+top-k"),
+        ("0011x2|0001", "top-K-m+top-k"),
     ]
+    # every candidate is distinct, and each later step adapts no more groups than the first
+    pats = [p for p, _ in ps.family_patterns(5, 5, full_steps=(1, 2))]
+    assert len({str(p) for p in pats}) == len(pats) == 1 + 4 + 2 * (4 + 3 + 2 + 1)
+    assert all(len(p.adapted(s)) <= len(p.adapted(0)) for p in pats for s in range(p.steps))
 
 
 def test_family_limits():
+    # max_top_k bounds k, the groups of the later steps
     assert [str(p) for p, _ in ps.family_patterns(4, 3, max_top_k=1, full_steps=(1,))] == [
-        "1111x3", "0001x3", "1111|0001x2"]
+        "1111x3", "0001x3", "1111|0001x2", "0111|0001x2", "0011|0001x2"]
     # m outside 0 < m < steps adds nothing; a one-step family is full + top-k
     assert [str(p) for p, _ in ps.family_patterns(3, 1, full_steps=(1, 5))] == ["111", "001", "011"]
     with pytest.raises(ValueError):
@@ -263,7 +272,7 @@ def test_federated_selection_round_trip(tmp_path):
     assert record["mode"] == "federated" and record["round"] == 2
     assert record["chosen"] == "none" and record["epsilon_unit"] == "loss_percent"
     assert record["full"] == "111x2"
-    assert {r["pattern"] for r in record["rows"]} == {"111x2", "001x2", "111|001", "none"}
+    assert {r["pattern"] for r in record["rows"]} == {"111x2", "001x2", "111|001", "011|001", "none"}
     assert all("test_loss" in r for r in record["rows"])  # test clients measured every candidate
     assert record["test_clients"] == [8, 9] and record["timing"]["failures"] == 0
 
@@ -273,7 +282,7 @@ def test_federated_selection_round_trip(tmp_path):
     assert to == sorted(record["validation_clients"] + record["test_clients"])
     for m in select:
         conf = m.content[R.CONFIG]
-        assert list(conf[fps.CANDIDATES]) == ["111x2", "001x2", "111|001", "none"]
+        assert list(conf[fps.CANDIDATES]) == ["111x2", "001x2", "111|001", "011|001", "none"]
         assert int(conf[fps.REPEATS]) == (0 if m.metadata.dst_node_id - 2 >= 8 else 2)
 
     # the choice travels in later instructions only (selection runs after round 2's update)
@@ -400,7 +409,9 @@ def test_lambda_speed_benchmark_writes_the_documented_json(tmp_path):
     assert s["full_ms"] > 0 and s["patterns"]["11111x5"]["speedup"] == 1.0
     assert set(s["patterns"]) == {"11111x5", "00001x5", "00011x5", "00111x5", "01111x5",
                                   "11111|00001x4", "11111|00011x4", "11111|00111x4",
-                                  "11111|01111x4"}
+                                  "11111|01111x4", "01111|00001x4", "01111|00011x4",
+                                  "01111|00111x4", "00111|00001x4", "00111|00011x4",
+                                  "00011|00001x4"}
     assert all(p["ms"] > 0 and p["speedup"] > 0 for p in s["patterns"].values())
     assert list(s["variants"]) == ["threads=1,order=first,cache=on"]
     assert data["meta"]["torch_threads"] == threads and len(data["meta"]["loadavg"]) == 3

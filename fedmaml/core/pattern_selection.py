@@ -87,22 +87,25 @@ def family_patterns(num_groups: int, steps: int, *, max_top_k: int = 0,
 
     ``full`` first; then the top ``k`` groups at every step (``k = 1`` is ANIL) for ``k = 1 ..
     max_top_k`` (0 = up to ``num_groups - 1``); then, for each ``m`` in ``full_steps`` with
-    ``0 < m < steps``, ``m`` full steps followed by top-``k`` steps.
+    ``0 < m < steps``, ``m`` full steps followed by top-``k`` steps; then ``m`` top-``K`` steps
+    followed by top-``k`` steps for ``k < K < num_groups`` (deep first, shallow later: one deep
+    step fixes the lower groups for the task, and the cheap steps after it reuse the cached prefix).
     """
     if num_groups < 1 or steps < 1:
         raise ValueError(f"a pattern family needs at least one group and one step "
                          f"(got {num_groups} groups, {steps} steps)")
     top = num_groups - 1 if max_top_k <= 0 else min(max_top_k, num_groups - 1)
-    full_row = (1,) * num_groups
     out = [(Pattern.full(num_groups, steps), "full")]
     for k in range(1, top + 1):
         out.append((Pattern.top(num_groups, k, steps), "top-k"))
     for m in sorted(set(full_steps)):
         if not 0 < m < steps:
             continue
-        for k in range(1, top + 1):
-            tail = Pattern.top(num_groups, k, steps - m).rows
-            out.append((Pattern((full_row,) * m + tail), "full-m+top-k"))
+        for deep in range(num_groups, 1, -1):
+            origin = "full-m+top-k" if deep == num_groups else "top-K-m+top-k"
+            head = Pattern.top(num_groups, deep, m).rows
+            for k in range(1, min(top, deep - 1) + 1):
+                out.append((Pattern(head + Pattern.top(num_groups, k, steps - m).rows), origin))
     return out
 
 
