@@ -142,6 +142,9 @@ class FederatedConfig:
     adam_eps: float = _field(1e-8, "Adam server optimizer: epsilon.", min=0, min_exclusive=True)
     min_replies: int = _field(1, "Replies needed for a round to count.", min=1)
     round_timeout: float = _field(0.0, "Seconds to wait for replies per round; 0 = no limit.", min=0)
+    poll_interval: float = _field(0.01, "Seconds between the server's polls for replies on Flower's "
+                                        "grids (the Ray engine, a SuperLink); Flower's own loop "
+                                        "waits 0.1 s (simulation) or 3 s (SuperLink).", min=0.001)
     eval_every: int = _field(10, "Evaluate every this many rounds; 0 = only at the end.", min=0)
     eval_clients: int = _field(20, "Participating-side clients evaluated; 0 = all.", min=0)
     lr_decay_at: float = _field(0.0, "Fraction of rounds after which eta is divided by "

@@ -104,3 +104,56 @@ def test_inprocess_and_ray_engines_agree(tiny_config, tmp_path, ray_guard, capfd
     for k in local_model:
         torch.testing.assert_close(ray_model[k], local_model[k], rtol=1e-5, atol=1e-7)
     print(f"ray engine run: {ray_seconds:.1f}s")
+
+
+class QueuedGrid(InProcessGrid):
+    """A polling grid over the in-process one: pushed messages are answered by the ClientApp, but
+    each reply is released only after ``delay`` pulls (how replies trickle in from Ray or a
+    SuperLink); node 3 never answers."""
+
+    synchronous = False
+
+    def __init__(self, client_app: ClientApp, num_nodes: int, delay: int) -> None:
+        super().__init__(client_app, num_nodes)
+        self.delay, self.pulls, self._queued = delay, 0, {}
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            (reply,) = super().send_and_receive([msg])
+            mid = reply.metadata.reply_to_message_id
+            if msg.metadata.dst_node_id != 3 + FIRST_CLIENT_NODE:
+                self._queued[mid] = reply
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        if self.pulls < self.delay:
+            return []
+        return [self._queued.pop(m) for m in list(message_ids) if m in self._queued]
+
+
+def test_exchange_polls_a_grid_until_all_replies_or_the_timeout():
+    from fedmaml.federated.strategy import exchange
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SERVER_NODE_ID
+    grid = QueuedGrid(counting_app(), 5, delay=4)
+
+    def messages(nodes):
+        return [Message(RecordDict(), FIRST_CLIENT_NODE + n, "query", group_id="1") for n in nodes]
+
+    start = time.monotonic()
+    replies = exchange(grid, messages([0, 1, 2]), timeout=None, poll_interval=0.01)
+    assert sorted(r.metadata.src_node_id for r in replies) == [2, 3, 4] and grid.pulls == 4
+    assert time.monotonic() - start < 1.0  # 3 sleeps of 10 ms, not Flower's 0.1 s or 3 s each
+    # node 3 never answers: the others' replies come back when the timeout ends the wait
+    grid.pulls = 0
+    start = time.monotonic()
+    replies = exchange(grid, messages([0, 3]), timeout=0.3, poll_interval=0.02)
+    waited = time.monotonic() - start
+    assert [r.metadata.src_node_id for r in replies] == [FIRST_CLIENT_NODE]
+    assert 0.3 <= waited < 1.0 and grid.pulls >= 10
+    # a synchronous grid (the in-process engine) is called once, without polling
+    sync = InProcessGrid(counting_app(), 2)
+    assert len(exchange(sync, messages([0, 1]), timeout=None, poll_interval=10.0)) == 2

@@ -31,6 +31,9 @@ FIRST_CLIENT_NODE = 2
 
 
 class InProcessGrid(Grid):
+    #: replies come back from ``send_and_receive`` itself: nothing to poll (federated.strategy.exchange)
+    synchronous = True
+
     def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1,
                  run_config: dict[str, Any] | None = None) -> None:
         self.client_app, self.num_nodes, self._run_id = client_app, num_nodes, run_id

@@ -67,6 +67,30 @@ def summarize(values: list[float], weights: list[float]) -> dict[str, float]:
     return {"mean": mean, "std": float(v.std()), "p10": p10, "p50": p50, "p90": p90}
 
 
+def exchange(grid: Grid, messages: Iterable[Message], timeout: float | None,
+             poll_interval: float) -> list[Message]:
+    """Send ``messages`` and wait for their replies (up to ``timeout`` seconds; ``None`` = no limit).
+
+    ``Grid.send_and_receive`` with our poll interval: Flower's own loop sleeps 0.1 s between polls in
+    simulation and 3 s against a SuperLink, so every round would wait that long after its last
+    reply. Grids that deliver synchronously (``synchronous = True``: the in-process and vectorized
+    engines) answer in one call, without polling.
+    """
+    if getattr(grid, "synchronous", False):
+        return list(grid.send_and_receive(messages, timeout=timeout))
+    pending = {mid for mid in grid.push_messages(messages) if mid}
+    deadline = None if timeout is None else time.monotonic() + timeout
+    replies: list[Message] = []
+    while pending:
+        got = list(grid.pull_messages(list(pending)))
+        replies += got
+        pending -= {m.metadata.reply_to_message_id for m in got}
+        if not pending or (deadline is not None and time.monotonic() >= deadline):
+            break
+        time.sleep(poll_interval)
+    return replies
+
+
 class MetaStrategy(Strategy):
     def __init__(self, setup: ExperimentSetup) -> None:
         self.setup = setup
@@ -81,6 +105,7 @@ class MetaStrategy(Strategy):
         self._timeout: float | None = None  # of the running start()
         self.selector = PatternSelector(setup)  # Lambda-pattern selection; inert when mode is none
         self._panel: list[int] | None = None
+        self.poll_interval = fed.poll_interval
 
     # -- sampling -------------------------------------------------------------------------------
     def clients_for_round(self, server_round: int) -> list[int]:
@@ -274,7 +299,7 @@ class MetaStrategy(Strategy):
             if server_round > 0:
                 messages = list(self.configure_train(server_round, arrays, train_config, grid))
                 down = sum(R.message_bytes(m) for m in messages)
-                replies = list(grid.send_and_receive(messages, timeout=timeout))
+                replies = exchange(grid, messages, timeout, self.poll_interval)
                 up = sum(R.message_bytes(m) for m in replies)
                 new_arrays, train_metrics = self.aggregate_train(server_round, replies)
                 if new_arrays is not None:
@@ -291,11 +316,11 @@ class MetaStrategy(Strategy):
             if self.selector.due(server_round):  # after this round's update, before its evaluation
                 row["pattern_selection"] = self.selector.run(
                     self.w, server_round,
-                    lambda ms: list(grid.send_and_receive(ms, timeout=timeout)), self.nodes)
+                    lambda ms: exchange(grid, ms, timeout, self.poll_interval), self.nodes)
             eval_messages = list(self.configure_evaluate(server_round, arrays, evaluate_config, grid))
             if eval_messages:
                 eval_metrics = self.aggregate_evaluate(
-                    server_round, grid.send_and_receive(eval_messages, timeout=timeout))
+                    server_round, exchange(grid, eval_messages, timeout, self.poll_interval))
                 if eval_metrics is not None:
                     result.evaluate_metrics_clientapp[server_round] = eval_metrics
                     row["eval"] = dict(eval_metrics)
