@@ -89,6 +89,12 @@ def test_gather_and_scatter():
     for i in range(4):
         assert_params_equal(unstack(out)[i], u if i == 2 else unstack(m)[i])
     assert_params_equal(m, before, what="scatter must not modify its input")
+    # a single task (the shortcut without index_select/where): the same results, input untouched
+    one = random_memory(w, 1, seed=8)
+    one_before = {k: v.clone() for k, v in one.items()}
+    assert_params_equal(mem.gather(one, torch.tensor(0)), unstack(one)[0])
+    assert_params_equal(unstack(mem.scatter(one, torch.tensor(0), u))[0], u)
+    assert_params_equal(one, one_before, what="scatter must not modify its input")
 
 
 def test_init_memory_is_adaptation_of_w():

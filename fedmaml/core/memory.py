@@ -39,13 +39,19 @@ def decay_to_w(memory: Params, w: Params, beta: float) -> Params:
 
 def gather(memory: Params, index: Tensor) -> Params:
     """Task ``index``'s memory out of a stacked memory."""
-    return {k: m.index_select(0, index.reshape(1)).squeeze(0) for k, m in memory.items()}
+    # A single task (every cross-device client) is a view: the index can only be 0. The branch is
+    # on a shape, so it is the same for a whole vmapped cohort.
+    return {k: m[0] if m.shape[0] == 1 else m.index_select(0, index.reshape(1)).squeeze(0)
+            for k, m in memory.items()}
 
 
 def scatter(memory: Params, index: Tensor, u: Params) -> Params:
     """A new stacked memory whose task ``index`` holds ``u``."""
     out = {}
     for k, m in memory.items():
+        if m.shape[0] == 1:  # a single task: ``u`` is the whole memory (see gather)
+            out[k] = u[k].unsqueeze(0)
+            continue
         hit = torch.arange(m.shape[0], device=m.device) == index
         out[k] = torch.where(hit.reshape(-1, *[1] * (m.dim() - 1)), u[k].unsqueeze(0), m)
     return out

@@ -39,7 +39,7 @@ def lerp(a: Params, b: Params, weight: float | Tensor) -> Params:
     """``(1 - weight) * a + weight * b``; ``weight = 1`` returns ``b``'s values exactly."""
     if isinstance(weight, (int, float)) and weight == 1:
         return dict(b)
-    return {k: (1 - weight) * a[k] + weight * b[k] for k in a}
+    return {k: torch.lerp(a[k], b[k], weight) for k in a}  # one fused op instead of three
 
 
 def mean(ps: list[Params], weights: Iterable[float] | None = None) -> Params:
