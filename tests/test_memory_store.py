@@ -41,6 +41,31 @@ def context(node: dict, run_id: int = 7) -> Context:
     return Context(run_id=run_id, node_id=1, node_config=node, state=RecordDict(), run_config={})
 
 
+# -- ContextStateStore ------------------------------------------------------------------------------
+
+def test_context_state_holds_flowers_bytes_and_a_load_sees_every_change():
+    from fedmaml.federated import codec
+    from fedmaml.federated.memory_store import MEMORY_KEY
+
+    ctx = context({})
+    assert ContextStateStore(ctx).load() is None
+    ContextStateStore(ctx).save(memory(1.5))
+    record = ctx.state.array_records[MEMORY_KEY]  # what Flower keeps: its own ArrayRecord format
+    assert all(torch.equal(torch.from_numpy(record[k].numpy().copy()), v)
+               for k, v in memory(1.5).items())
+    loaded = ContextStateStore(ctx).load()  # a new store, as for every message: same values
+    assert all(torch.equal(loaded[k], v) for k, v in memory(1.5).items())
+    # the state changed behind the store's back: a new record, then one array of it replaced
+    ctx.state[MEMORY_KEY] = codec.encode(memory(2.0))
+    assert all(torch.equal(ContextStateStore(ctx).load()[k], v) for k, v in memory(2.0).items())
+    ContextStateStore(ctx).save(memory(3.0))
+    name = next(iter(LIKE))
+    ctx.state.array_records[MEMORY_KEY][name] = codec.encode({name: memory(4.0)[name]})[name]
+    got = ContextStateStore(ctx).load()
+    assert torch.equal(got[name], memory(4.0)[name])
+    assert all(torch.equal(got[k], memory(3.0)[k]) for k in LIKE if k != name)
+
+
 # -- FileStore --------------------------------------------------------------------------------------
 
 def test_save_then_load_in_a_new_store_gives_the_same_values(tmp_path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -38,17 +39,43 @@ class MemoryStore(Protocol):
 
 
 class ContextStateStore:
-    """Memories in ``Context.state`` (kept in RAM by Flower for the whole run, per node)."""
+    """Memories in ``Context.state`` (kept in RAM by Flower for the whole run, per node).
+
+    The state holds the memory as Flower's bytes. A node's next load would decode what its last
+    save encoded, so the store remembers the tensors it saved, for as long as the state holds that
+    very record (unchanged): in-process, a load is then a lookup. Contexts that travel (Ray actors)
+    arrive as other objects and are decoded as usual.
+    """
 
     def __init__(self, context: Context) -> None:
         self.state = context.state
 
     def load(self) -> Params | None:
         record = self.state.array_records.get(MEMORY_KEY)
-        return None if record is None else dict(codec.decode(record))
+        if record is None:
+            return None
+        saved = _SAVED.get(id(record))
+        if saved is not None and saved[0]() is record and saved[1] == _identity(record):
+            return dict(saved[2])
+        return dict(codec.decode(record))
 
     def save(self, memory: Params) -> None:
-        self.state[MEMORY_KEY] = codec.encode(memory)  # Flower's format, minus its header cost
+        record = codec.encode(memory)  # Flower's format, minus its header cost
+        self.state[MEMORY_KEY] = record
+        key = id(record)
+        # the entry goes when the record does (the next save replaces it), so ids are never reused
+        ref = weakref.ref(record, lambda _: _SAVED.pop(key, None))
+        _SAVED[key] = (ref, _identity(record), {k: v.detach().cpu() for k, v in memory.items()})
+
+
+#: id(record) -> (weak reference to it, its arrays' identity, the tensors it was encoded from).
+#: Client updates never modify their inputs, so handing the saved tensors out again is safe.
+_SAVED: dict[int, tuple[weakref.ref, tuple, Params]] = {}
+
+
+def _identity(record) -> tuple:
+    """The record's Array objects and their byte strings: any change to the record changes it."""
+    return tuple((k, id(a), id(a.data)) for k, a in record.items())
 
 
 class FileStore:

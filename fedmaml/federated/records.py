@@ -45,4 +45,5 @@ def message_bytes(message: Message) -> int:
     """Bytes of the arrays a message carries (the payload that dominates communication)."""
     if not message.has_content():
         return 0
-    return sum(r.count_bytes() for r in message.content.array_records.values())
+    # not content.array_records: that builds a filtered copy of the RecordDict on every call
+    return sum(r.count_bytes() for r in message.content.values() if isinstance(r, ArrayRecord))
