@@ -143,8 +143,10 @@ class FederatedConfig:
     min_replies: int = _field(1, "Replies needed for a round to count.", min=1)
     round_timeout: float = _field(0.0, "Seconds to wait for replies per round; 0 = no limit.", min=0)
     poll_interval: float = _field(0.01, "Seconds between the server's polls for replies on Flower's "
-                                        "grids (the Ray engine, a SuperLink); Flower's own loop "
-                                        "waits 0.1 s (simulation) or 3 s (SuperLink).", min=0.001)
+                                        "grids (the Ray engine, a SuperLink), growing to a tenth of "
+                                        "the time waited (at most 1 s) in long rounds; Flower's own "
+                                        "loop waits 0.1 s (simulation) or 3 s (SuperLink).",
+                                  min=0.001)
     eval_every: int = _field(10, "Evaluate every this many rounds; 0 = only at the end.", min=0)
     eval_clients: int = _field(20, "Participating-side clients evaluated; 0 = all.", min=0)
     lr_decay_at: float = _field(0.0, "Fraction of rounds after which eta is divided by "
@@ -197,7 +199,9 @@ class PatternSelectionConfig:
     family: bool = _field(True, "Generate the structured candidates (top-k groups at every step; "
                                 "full or top-K for the first m steps, then top-k with k < K); "
                                 "false = full + candidates only.")
-    max_top_k: int = _field(0, "Largest k of the top-k candidates; 0 = all groups but one.", min=0)
+    max_top_k: int = _field(0, "Largest k of the top-k candidates and of the later steps of "
+                               "the m-step schedules (their first steps' K ranges over all "
+                               "groups); 0 = all groups but one.", min=0)
     full_steps: tuple[int, ...] = _field((1,), "Values of m for 'full (or top-K) for the first m "
                                                "steps, then top-k'.", min=1)
     candidates: str = _field("", "Extra candidate patterns, comma-separated (e.g. "

@@ -154,6 +154,10 @@ def test_exchange_polls_a_grid_until_all_replies_or_the_timeout():
     waited = time.monotonic() - start
     assert [r.metadata.src_node_id for r in replies] == [FIRST_CLIENT_NODE]
     assert 0.3 <= waited < 1.0 and grid.pulls >= 10
+    # a long wait polls less and less often: a tenth of the time waited, not every 1 ms
+    grid.pulls = 0
+    exchange(grid, messages([3]), timeout=1.0, poll_interval=0.001)
+    assert 20 <= grid.pulls <= 150, grid.pulls
     # a synchronous grid (the in-process engine) is called once, without polling
     sync = InProcessGrid(counting_app(), 2)
     assert len(exchange(sync, messages([0, 1]), timeout=None, poll_interval=10.0)) == 2

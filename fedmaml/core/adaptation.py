@@ -14,8 +14,10 @@ Two mechanisms turn skipped groups into saved time (ALGORITHMS.md §2):
    graph to ``w`` so that frozen groups still receive meta-gradients through it. BatchNorm with batch
    statistics caches exactly, because the support batch is fixed within one adaptation.
 
-Everything is written with ``torch.func`` and without data-dependent Python branches, so it runs
-under ``vmap`` across a cohort of clients and composes with an outer ``vjp`` for second order.
+Everything is written without data-dependent Python branches and with gradients from
+``torch.func`` inside transforms (``fedmaml.core.autodiff``: plain autograd outside them, the same
+numbers faster), so it runs under ``vmap`` across a cohort of clients and composes with an outer
+``vjp`` for second order.
 """
 
 from __future__ import annotations

@@ -24,15 +24,25 @@ def in_transform() -> bool:
 
 
 def grad_and_value(fn: Callable[..., Tensor], wrt: Params, *args) -> tuple[Params, Tensor]:
-    """``(d fn(wrt, *args) / d wrt, fn(wrt, *args))``; ``wrt``'s tensors are treated as new leaves,
-    everything else ``fn`` sees is a constant for this gradient. The result is not differentiable
-    with respect to ``wrt`` (use ``torch.func`` directly for that)."""
+    """``(d fn(wrt, *args) / d wrt, fn(wrt, *args))``, like ``torch.func.grad_and_value(fn)``.
+
+    ``wrt``'s tensors are treated as new leaves. Everything else ``fn`` sees must be a constant (no
+    part of an outer autograd graph): the eager path returns results detached from any graph, so
+    for gradients that must stay differentiable use ``torch.func`` directly.
+    """
     if in_transform() or torch.is_inference_mode_enabled():  # inference tensors refuse autograd
         return torch.func.grad_and_value(fn)(detach(wrt), *args)
     leaves = {k: v.detach().requires_grad_() for k, v in wrt.items()}
-    with torch.enable_grad():
-        value = fn(leaves, *args)
-        grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+    try:
+        with torch.enable_grad():
+            value = fn(leaves, *args)
+            if not leaves or not value.requires_grad:  # nothing to differentiate: zero gradients
+                return {k: torch.zeros_like(v) for k, v in leaves.items()}, value.detach()
+            grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+    except RuntimeError:
+        # Autograd refuses some inputs torch.func accepts (inference tensors made earlier); a real
+        # error in ``fn`` is raised again by torch.func, with the same message.
+        return torch.func.grad_and_value(fn)(detach(wrt), *args)
     # an unused tensor has a zero gradient, as torch.func.grad reports it
     return ({k: torch.zeros_like(v) if g is None else g
              for (k, v), g in zip(leaves.items(), grads)}, value.detach())

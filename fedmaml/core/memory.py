@@ -50,7 +50,7 @@ def scatter(memory: Params, index: Tensor, u: Params) -> Params:
     out = {}
     for k, m in memory.items():
         if m.shape[0] == 1:  # a single task: ``u`` is the whole memory (see gather)
-            out[k] = u[k].unsqueeze(0)
+            out[k] = u[k].to(m.dtype).unsqueeze(0)
             continue
         hit = torch.arange(m.shape[0], device=m.device) == index
         out[k] = torch.where(hit.reshape(-1, *[1] * (m.dim() - 1)), u[k].unsqueeze(0), m)
