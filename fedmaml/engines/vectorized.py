@@ -39,6 +39,7 @@ from fedmaml.algorithms import Algorithm, Hyper, RoundData, client_update
 from fedmaml.core.losses import LossFn
 from fedmaml.core.params import Params
 from fedmaml.data.tasks import Task
+from fedmaml.engines.allocator import retain_freed_memory
 from fedmaml.engines.inprocess import (CLIENT_APP_ERROR, FIRST_CLIENT_NODE, SERVER_NODE_ID,
                                        InProcessGrid)
 from fedmaml.engines.memory_bank import BankStore, MemoryBank
@@ -138,6 +139,7 @@ class VectorizedGrid(InProcessGrid):
         if engine.torch_threads and torch.get_num_threads() != engine.torch_threads:
             torch.set_num_threads(engine.torch_threads)
         self.max_cohort = engine.max_cohort_size or None
+        retain_freed_memory()  # cohort tensors are large: reuse freed blocks (engines/allocator.py)
         if bank is None and self.setup.algorithm.uses_memory:
             bank = MemoryBank(self.setup.initial_params, self.setup.federation.num_clients,
                               budget_mb=engine.memory_budget_mb,
