@@ -63,3 +63,30 @@ def test_records_are_indistinguishable_from_flowers():
     assert ours.deflate() == flowers.deflate() and ours.object_id == flowers.object_id
     # with this Flower version the records are filled directly (the self-check at import passed)
     assert codec._array is codec._array_direct
+
+
+def test_stack_from_records_equals_checking_each_record():
+    from fedmaml.federated import records as R
+
+    like = {"w": torch.zeros(3, 2), "b": torch.zeros(2)}
+    good = [{"w": torch.randn(3, 2), "b": torch.randn(2)} for _ in range(3)]
+    double = {k: v.double() for k, v in good[2].items()}  # another dtype is cast, as from_record does
+    nan = {"w": good[0]["w"], "b": torch.tensor([0.0, float("nan")])}
+    wrong_shape = {"w": torch.randn(2, 3), "b": torch.randn(2)}
+    renamed = {"W": good[0]["w"], "b": good[0]["b"]}
+    huge = {"w": torch.full((3, 2), 3e38), "b": torch.randn(2)}  # finite, but its sum overflows
+    records = [ArrayRecord(dict(p))
+               for p in (good[0], nan, good[1], wrong_shape, double, renamed, huge)]
+    whats = [f"client {j}" for j in range(len(records))]
+    stacked, errors = R.stack_from_records(records, like, whats)
+    for j, (record, what) in enumerate(zip(records, whats)):
+        try:
+            want = R.from_record(record, like, what)
+        except Exception as e:  # noqa: BLE001 - the error text must be the same
+            assert errors[j] == str(e)
+            assert all(not v[j].any() for v in stacked.values())  # a rejected row is zero
+        else:
+            assert errors[j] is None
+            assert all(torch.equal(stacked[k][j], want[k]) for k in like)
+            assert all(stacked[k].dtype == like[k].dtype for k in like)
+    assert [e is None for e in errors] == [True, False, True, False, True, False, True]

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import Context, Message
+from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedmaml.config import dump_yaml, load_config
+from fedmaml.core.server import ServerOptimizer, aggregate
 from fedmaml.engines.inprocess import FIRST_CLIENT_NODE, InProcessGrid, run_inprocess
 from fedmaml.experiment import run_experiment
 from fedmaml.federated import records as R
@@ -351,6 +352,64 @@ def test_a_client_slower_than_the_round_timeout_is_dropped(tiny_config, tmp_path
     round2 = [m for m in grid.replies if m.metadata.message_type == "train"
               and int(m.content[R.METRICS][R.PARTITION]) == 1]
     assert len(round2) == 2  # client 1's replies of rounds 1 and 3 only
+
+
+def tampering_app(cfg, tamper) -> ClientApp:
+    """A real ClientApp whose train replies pass through ``tamper(cid, tensors) -> tensors``: a
+    misbehaving peer, in Flower's own record format."""
+    inner = make_client_app(cfg)
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        reply = inner(msg, context)
+        cid = int(context.node_config[R.PARTITION])
+        tensors = tamper(cid, dict(reply.content[R.ARRAYS].to_torch_state_dict()))
+        reply.content[R.ARRAYS] = ArrayRecord(torch_state_dict=tensors)
+        return reply
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return inner(msg, context)
+
+    return app
+
+
+def test_malformed_updates_are_rejected_by_name_and_the_rest_aggregated(tiny_config, tmp_path,
+                                                                         caplog):
+    cfg = tiny_config("federated.mode=cross_silo", "data.num_clients=6", "federated.eval_every=0")
+    first = None
+
+    def tamper(cid, t):
+        if cid == 1:  # a NaN in the second tensor
+            t[first[1]] = t[first[1]].clone().fill_(float("nan"))
+        elif cid == 2:  # a tensor of the wrong shape, and an infinity
+            t[first[0]] = t[first[0]][:1]
+            t[first[1]] = t[first[1]].clone().fill_(float("inf"))
+        elif cid == 3:  # a missing tensor
+            del t[first[0]]
+        return t
+
+    first = list(setup_for(cfg).initial_params)
+    with caplog.at_level(logging.WARNING, logger="fedmaml"):
+        grid, rows = run_recorded(cfg, tmp_path / "run", tampering_app(cfg, tamper))
+    for row in train_rows(rows):
+        assert (row["failures"], row["replies"], row["updated"]) == (3, 3, True)
+    assert f"update from client 1: parameter {first[1]!r} contains NaN or infinite values" in caplog.text
+    assert f"update from client 2: parameter {first[0]!r} has shape [1, 1]" in caplog.text
+    assert f"update from client 3: parameter names differ from the model's (missing ['{first[0]}']" in caplog.text
+    # w moved by the mean of the good clients' updates only (plain SGD, server_lr 1), decoded and
+    # averaged here independently of the strategy's stacked path
+    w = {r: params_of(ms[0]) for r, ms in grid.train_instructions().items()}
+    replies = [m for m in grid.replies if m.metadata.message_type == "train"]
+    for r in (1, 2):
+        good = [m for m in replies if int(m.metadata.group_id) == r
+                and int(m.content[R.METRICS][R.PARTITION]) in (0, 4, 5)]
+        deltas = [params_of(m) for m in good]
+        counts = [int(m.content[R.METRICS][R.NUM_EXAMPLES]) for m in good]
+        want = ServerOptimizer("sgd", 1.0).step(w[r], aggregate(deltas, counts, "weighted"))
+        for k in want:
+            assert torch.allclose(w[r + 1][k], want[k], atol=1e-7), k
 
 
 # -- 6. evaluation ------------------------------------------------------------------------------------

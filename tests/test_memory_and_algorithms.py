@@ -16,7 +16,7 @@ from fedmaml.algorithms.reptile import REPTILE
 from fedmaml.core import memory as mem
 from fedmaml.core.params import stack, unstack
 from fedmaml.core.patterns import Pattern
-from fedmaml.core.server import ServerOptimizer, aggregate
+from fedmaml.core.server import ServerOptimizer, aggregate, aggregate_stacked
 from fedmaml.core.task_step import StepConfig, task_step
 from fedmaml.data.tasks import PoolTask
 from helpers import single_thread  # noqa: F401  (autouse fixture)
@@ -307,6 +307,21 @@ def test_aggregate():
         aggregate([a, b], [1, 3], "median")
     with pytest.raises(ValueError):
         aggregate([], [], "uniform")
+
+
+@pytest.mark.parametrize("weighting", ["weighted", "uniform"])
+def test_aggregate_stacked_equals_aggregate(weighting):
+    g = torch.Generator().manual_seed(0)
+    deltas = [{"w": torch.randn(4, 3, generator=g), "b": torch.randn(3, generator=g)}
+              for _ in range(5)]
+    counts = [3, 1, 4, 1, 5]
+    stacked = {k: torch.stack([d[k] for d in deltas]) for k in deltas[0]}
+    got, want = aggregate_stacked(stacked, counts, weighting), aggregate(deltas, counts, weighting)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(ValueError, match="weighted' or 'uniform"):
+        aggregate_stacked(stacked, counts, "median")
+    with pytest.raises(ValueError, match="no parameter dicts"):
+        aggregate_stacked({k: v[:0] for k, v in stacked.items()}, [], weighting)
 
 
 def _deltas(w, n):

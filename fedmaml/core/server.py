@@ -17,14 +17,9 @@ AGGREGATE_CHUNK = 256  # updates stacked at a time
 
 def aggregate(deltas: list[Params], num_examples: list[int], weighting: str) -> Params:
     """Mean of client updates, ``weighted`` by example counts or ``uniform``."""
-    if weighting not in ("weighted", "uniform"):
-        raise ValueError(f"aggregation must be 'weighted' or 'uniform', got {weighting!r}")
     if not deltas:
         raise ValueError("mean of no parameter dicts")
-    weights = [float(n) for n in num_examples] if weighting == "weighted" else [1.0] * len(deltas)
-    total = sum(weights)
-    if total <= 0:
-        raise ValueError(f"weights must sum to a positive number, got {weights}")
+    weights, total = _weights(num_examples, weighting)
     # One weighted sum per parameter over stacked updates (in chunks, to bound the extra memory):
     # with hundreds of clients a round, two tiny tensor ops per client and parameter cost more.
     out = {}
@@ -36,6 +31,29 @@ def aggregate(deltas: list[Params], num_examples: list[int], weighting: str) -> 
             acc = acc + torch.tensordot(coef[at:at + AGGREGATE_CHUNK], part, dims=1)
         out[k] = acc / total
     return out
+
+
+def aggregate_stacked(stacked: Params, num_examples: list[int], weighting: str) -> Params:
+    """:func:`aggregate` of updates already stacked along a leading client axis (``[n, ...]``)."""
+    if not stacked or not len(next(iter(stacked.values()))):
+        raise ValueError("mean of no parameter dicts")
+    weights, total = _weights(num_examples, weighting)
+    out = {}
+    for k, v in stacked.items():
+        coef = torch.tensor(weights, dtype=v.dtype, device=v.device)
+        out[k] = torch.tensordot(coef, v, dims=1) / total
+    return out
+
+
+def _weights(num_examples: list[int], weighting: str) -> tuple[list[float], float]:
+    if weighting not in ("weighted", "uniform"):
+        raise ValueError(f"aggregation must be 'weighted' or 'uniform', got {weighting!r}")
+    weights = ([float(n) for n in num_examples] if weighting == "weighted"
+               else [1.0] * len(num_examples))
+    total = sum(weights)
+    if total <= 0:
+        raise ValueError(f"weights must sum to a positive number, got {weights}")
+    return weights, total
 
 
 @dataclass

@@ -55,27 +55,48 @@ def decode(record: ArrayRecord) -> "OrderedDict[str, torch.Tensor]":
     """The tensors of an ArrayRecord, like ``record.to_torch_state_dict()``."""
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
     for k, array in record.items():
-        data = array.data
-        if array.stype == _NUMPY_STYPE and data[:8] == _MAGIC_1_0:
-            offset = 10 + int.from_bytes(data[8:10], "little")
-            layout = _LAYOUTS.get(data[:offset])
-            if layout is not None:
-                dtype, shape, count = layout
-                if len(data) - offset == count * dtype.itemsize:
-                    # copy: the message's bytes are immutable and must not back a live tensor
-                    out[k] = torch.from_numpy(np.frombuffer(data, dtype, count, offset)
-                                              .reshape(shape).copy())
-                    continue
-            a = array.numpy()
-            if (a.flags.c_contiguous and a.dtype.isnative and not a.dtype.hasobject
-                    and len(_LAYOUTS) < _CACHE_SIZE):
-                _LAYOUTS[data[:offset]] = (a.dtype, a.shape, a.size)
-        else:
-            a = array.numpy()
-        if not a.dtype.isnative:  # torch holds native byte order only
-            a = a.astype(a.dtype.newbyteorder("="))
-        out[k] = torch.from_numpy(a)
+        a, is_view = array_values(array)
+        # copy a view: the message's bytes are immutable and must not back a live tensor
+        out[k] = torch.from_numpy(a.copy() if is_view else a)
     return out
+
+
+def npy_header(like: torch.Tensor) -> bytes:
+    """The ``.npy`` header :func:`encode` writes for a tensor of ``like``'s dtype and shape."""
+    return _header(like.detach().cpu().contiguous().numpy())[0]
+
+
+def payload(array: Array, header: bytes, nbytes: int) -> memoryview | None:
+    """The raw values of an array that was written with exactly ``header`` and holds ``nbytes`` of
+    values (a view of the message's bytes, nothing parsed or copied); ``None`` for any other array,
+    to be read with :func:`array_values`."""
+    data = array.data
+    if (array.stype == _NUMPY_STYPE and len(data) == len(header) + nbytes
+            and data.startswith(header)):
+        return memoryview(data)[len(header):]
+    return None
+
+
+def array_values(array: Array) -> tuple[np.ndarray, bool]:
+    """One array's values in native byte order, and whether they are a read-only view of the
+    message's bytes (a known layout: no parsing, no copy) rather than an array of their own."""
+    data = array.data
+    if array.stype == _NUMPY_STYPE and data[:8] == _MAGIC_1_0:
+        offset = 10 + int.from_bytes(data[8:10], "little")
+        layout = _LAYOUTS.get(data[:offset])
+        if layout is not None:
+            dtype, shape, count = layout
+            if len(data) - offset == count * dtype.itemsize:
+                return np.frombuffer(data, dtype, count, offset).reshape(shape), True
+        a = array.numpy()
+        if (a.flags.c_contiguous and a.dtype.isnative and not a.dtype.hasobject
+                and len(_LAYOUTS) < _CACHE_SIZE):
+            _LAYOUTS[data[:offset]] = (a.dtype, a.shape, a.size)
+    else:
+        a = array.numpy()
+    if not a.dtype.isnative:  # torch holds native byte order only
+        a = a.astype(a.dtype.newbyteorder("="))
+    return a, False
 
 
 # Flower's Array and ArrayRecord constructors type-check every argument and item (about 10 us per

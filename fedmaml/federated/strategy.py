@@ -38,7 +38,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from fedmaml.core.params import Params
-from fedmaml.core.server import ServerOptimizer, aggregate
+from fedmaml.core.server import ServerOptimizer, aggregate_stacked
 from fedmaml.errors import MessageError
 from fedmaml.federated import records as R
 from fedmaml.federated.discovery import PartitionDirectory
@@ -169,57 +169,73 @@ class MetaStrategy(Strategy):
         samples) are returned whenever any reply is valid: the clients did the work either way."""
         replies = list(replies)
         expected = set(self.round_stats.get("clients", []))
-        valid: dict[int, tuple[Params, int, MetricRecord]] = {}
         errors: list[str] = []
+        parsed: list[tuple[int, ArrayRecord, int, MetricRecord]] = []
         for msg in replies:
             if msg.has_error():
                 errors.append(f"client error: {msg.error.reason}")
                 continue
             try:
-                cid, parsed = self._parse_train_reply(msg)
+                parsed.append(self._parse_train_reply(msg))
             except (KeyError, TypeError, ValueError, MessageError) as e:
                 errors.append(f"malformed reply: {e}")
-                continue
-            if cid not in expected or cid in valid:
+        # The round's updates are decoded and checked together (R.stack_from_records).
+        stacked, array_errors = R.stack_from_records(
+            [p[1] for p in parsed], self.w, [f"update from client {p[0]}" for p in parsed])
+        rows: list[int] = []  # rows of `stacked` that are used, one per client
+        used: set[int] = set()  # their clients
+        counts: list[int] = []
+        metrics: list[MetricRecord] = []
+        for j, ((cid, _, count, m), array_error) in enumerate(zip(parsed, array_errors)):
+            if array_error is not None:
+                errors.append(f"malformed reply: {array_error}")
+            elif cid not in expected or cid in used:
                 errors.append(f"unexpected reply from client {cid} (not sampled, or a duplicate)")
-                continue
-            valid[cid] = parsed
-            self.trained.add(cid)
+            else:
+                used.add(cid)
+                self.trained.add(cid)
+                rows.append(j)
+                counts.append(count)
+                metrics.append(m)
         missing = len(expected) - len(replies)
         for e in errors:
             log.warning("round %d: %s", server_round, e)
         if missing > 0:
             log.warning("round %d: %d client(s) did not reply in time", server_round, missing)
-        updated = len(valid) >= self.cfg.federated.min_replies
-        self.round_stats.update(failures=len(errors) + max(missing, 0), replies=len(valid),
+        updated = len(rows) >= self.cfg.federated.min_replies
+        self.round_stats.update(failures=len(errors) + max(missing, 0), replies=len(rows),
                                 updated=updated)
         if not updated:
             log.warning("round %d: %d valid replies < min_replies=%d; the model is not updated",
-                        server_round, len(valid), self.cfg.federated.min_replies)
-        if not valid:
+                        server_round, len(rows), self.cfg.federated.min_replies)
+        if not rows:
             return None, None
-        deltas, counts, metrics = (list(x) for x in zip(*valid.values()))
         if updated:
-            self.w = self.optimizer.step(self.w, aggregate(deltas, counts,
-                                                           self.cfg.federated.aggregation))
+            if len(rows) < len(parsed):
+                stacked = {k: v[rows] for k, v in stacked.items()}
+            self.w = self.optimizer.step(self.w, aggregate_stacked(stacked, counts,
+                                                                   self.cfg.federated.aggregation))
         out = {k: float(np.mean([float(m[k]) for m in metrics])) for k in TRAIN_METRICS
                if all(k in m for m in metrics)}
         out["samples"] = sum(int(m["samples"]) for m in metrics)
         out["train-seconds-max"] = max(float(m["train-seconds"]) for m in metrics)
         return (R.to_record(self.w) if updated else None), MetricRecord(out)
 
-    def _parse_train_reply(self, msg: Message) -> tuple[int, tuple[Params, int, MetricRecord]]:
-        """Everything the server uses from a train reply, checked before any of it is used (a
-        reply is used whole or not at all)."""
+    def _parse_train_reply(self, msg: Message) -> tuple[int, ArrayRecord, int, MetricRecord]:
+        """What the server uses from a train reply, its metrics checked here and its arrays by
+        ``R.stack_from_records`` before any of it is used (a reply is used whole or not at all)."""
         m = msg.content[R.METRICS]
         cid = int(m[R.PARTITION])
-        delta = R.from_record(msg.content[R.ARRAYS], self.w, f"update from client {cid}")
+        record = msg.content[R.ARRAYS]
+        if not isinstance(record, ArrayRecord):
+            raise TypeError(f"client {cid}'s {R.ARRAYS!r} is a {type(record).__name__}, "
+                            "not an ArrayRecord")
         count = int(m[R.NUM_EXAMPLES])
         if count <= 0:
             raise ValueError(f"client {cid} reported {count} examples")
         for key in ("samples", "train-seconds"):
             float(m[key])
-        return cid, (delta, count, m)
+        return cid, record, count, m
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
