@@ -47,29 +47,3 @@ def test_large_blocks_come_from_the_heap_once_applied():
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["1", "True", "True", "0"]
 
-
-def test_gc_paused_restores_the_collector_on_every_exit():
-    import gc
-
-    from fedmaml.engines.allocator import gc_paused
-
-    assert gc.isenabled()
-    with gc_paused():
-        assert not gc.isenabled()
-        with gc_paused():  # nested: the inner block must not switch it back on early
-            assert not gc.isenabled()
-        assert not gc.isenabled()
-    assert gc.isenabled()
-    try:
-        with gc_paused():
-            raise RuntimeError("a failing round")
-    except RuntimeError:
-        pass
-    assert gc.isenabled()
-    gc.disable()
-    try:
-        with gc_paused():
-            pass
-        assert not gc.isenabled()  # it was off before: it stays off
-    finally:
-        gc.enable()

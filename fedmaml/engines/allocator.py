@@ -1,33 +1,22 @@
-"""Memory management for the vectorized engine's rounds: large tensors and many small objects.
+"""Freed heap memory stays in the process, so that a vectorized cohort's large tensors are not
+page-faulted in again on every allocation.
 
-**Freed heap memory stays in the process** (:func:`retain_freed_memory`), so that a cohort's large
-tensors are not page-faulted in again on every allocation. glibc's malloc serves a block above its
-*mmap threshold* (128 KiB at first) with fresh pages from the kernel and unmaps them when the block
-is freed, and it returns free memory above its *trim threshold* at the top of the heap to the
-kernel. A vectorized cohort allocates and frees the same ``[clients, ...]`` tensors (0.1-30 MB each)
+glibc's malloc serves a block above its *mmap threshold* (128 KiB at first) with fresh pages from
+the kernel and unmaps them when the block is freed, and it returns free memory above its *trim
+threshold* at the top of the heap to the kernel. A vectorized cohort allocates and frees the same ``[clients, ...]`` tensors (0.1-30 MB each)
 dozens of times per round, so every allocation touched new pages: on the 100-client digits
 benchmark that was a third of the batched compute (9.1 -> 6.1 ms a round; 1,000 clients: 62-69 ->
 44 ms). Raising both thresholds lets freed blocks be reused. Per-client paths allocate small tensors
 and were measured unaffected, so only the vectorized engine asks for this. The cost: the process
 keeps up to ``TRIM_THRESHOLD`` of freed memory mapped instead of returning it; peak memory is the
 same.
-
-**The cyclic garbage collector pauses during a round's batched work** (:func:`gc_paused`). A round of
-1,000 clients creates tens of thousands of Flower objects (messages, records, metrics) at once;
-every 700 allocations the collector traverses the young ones, and its full collections traverse
-every object torch and Flower hold. Reference counting frees nearly all of these objects anyway, so
-the traversals cost 90-100 ms of a 320 ms round (engines.py case d) for little to collect; what
-cyclic garbage a round leaves is collected as usual once the round is over.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
-import gc
 import platform
-from collections.abc import Iterator
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
 #: glibc's largest allowed mmap threshold on 64-bit systems (4 * 1024 * 1024 * sizeof(long)).
@@ -52,15 +41,3 @@ def retain_freed_memory() -> bool:
                 _applied = False
     return _applied
 
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Suspend automatic cyclic garbage collection inside the block (restored on any exit; a block
-    inside another, or run with the collector already off, leaves it as it found it)."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()

@@ -39,7 +39,8 @@ from fedmaml.algorithms import Algorithm, Hyper, RoundData, client_update
 from fedmaml.core.losses import LossFn
 from fedmaml.core.params import Params
 from fedmaml.data.tasks import Task
-from fedmaml.engines.allocator import gc_paused, retain_freed_memory
+from fedmaml import collector
+from fedmaml.engines.allocator import retain_freed_memory
 from fedmaml.engines.inprocess import (CLIENT_APP_ERROR, FIRST_CLIENT_NODE, SERVER_NODE_ID,
                                        InProcessGrid)
 from fedmaml.engines.memory_bank import BankStore, MemoryBank
@@ -174,7 +175,7 @@ class VectorizedGrid(InProcessGrid):
              evaluate if kind == MessageType.EVALUATE else other).append(i)
         replies: dict[int, tuple[Message, float]] = {}
         if train:
-            with gc_paused():  # thousands of acyclic Flower objects at once (engines/allocator.py)
+            with collector.paused():  # thousands of Flower objects at once (fedmaml/collector.py)
                 replies.update(self._train({i: messages[i] for i in train}))
         for i in evaluate:
             replies[i] = self._evaluate(messages[i])

@@ -9,6 +9,7 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedmaml import collector
 from fedmaml.federated import records as R
 from fedmaml.federated.client_app import config_from_run_config
 from fedmaml.federated.pattern_selection import selection_summary, write_selection
@@ -61,8 +62,9 @@ def run_federated(grid: Grid, cfg: Any, run_dir: str | Path, quiet: bool = False
         progress.update(row["round"], info)
 
     timeout = cfg.federated.round_timeout or None
-    result = strategy.start(grid, R.to_record(setup.initial_params), cfg.federated.rounds,
-                            timeout=timeout, on_round=on_round)
+    with collector.frozen():  # collections skip what existed before the run (fedmaml/collector.py)
+        result = strategy.start(grid, R.to_record(setup.initial_params), cfg.federated.rounds,
+                                timeout=timeout, on_round=on_round)
     summary = {
         "name": cfg.name,
         "algorithm": cfg.algorithm.name,

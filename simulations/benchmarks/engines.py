@@ -17,7 +17,11 @@ R only):
 * **a**: sinewave, MLP 1-40-40-1, K=5, 3 of 100 clients per round, H=1;
 * **b**: digits (8x8), MLP 64-64-64-10, 10 support + 10 query, 100 of 100 clients per round;
 * **c**: digits, Conv-4 (width 64), 10 + 10 examples, H=5 local steps, 4 of 100 clients per round;
-  Ray with 1 actor (``engine.num_cpus=2`` on 2 CPUs) and with 2 actors (``num_cpus=1``);
+  Ray with 1 actor (``engine.num_cpus=2`` on 2 CPUs) and with 2 actors (``num_cpus=1``), 60 rounds
+  each: Ray rounds last whole multiples of Flower's 0.1 s dispatch cycle, and whether two actors'
+  share of a round fits into one cycle depends on how many of its clients first initialise their
+  memory (an extra adaptation), which is most of them in the first rounds and few later on; every
+  round's time is kept (``ray_round_ms``);
 * **d**: 1,000 clients per round, MLP 40-64-64-10 on MNIST-1D (10,000 examples; scikit-learn's digits
   has 1,797 images, too few for 1,000 clients with 2 examples each), 10 + 10 examples.
 
@@ -78,7 +82,7 @@ CASES: dict[str, tuple[str, tuple[str, ...], int, int]] = {
     "c": ("digits, Conv-4 width 64, 10+10 examples, H=5, 4 clients per round",
           ("data.family=digits", "data.num_clients=100", "model.name=conv4", "model.conv_width=64",
            "algorithm.support_size=10", "algorithm.query_size=10", "algorithm.local_steps=5",
-           "federated.clients_per_round=4"), 8, 8),
+           "federated.clients_per_round=4"), 8, 60),
     "d": ("MNIST-1D, MLP 40-64-64-10, 10+10 examples, 1,000 clients per round",
           ("data.family=mnist1d", "data.mnist1d_samples=10000", "data.num_clients=1000",
            "model.hidden=[64,64]", "algorithm.support_size=10", "algorithm.query_size=10",
@@ -139,8 +143,10 @@ def compute_only(cfg, repeats: int = 5) -> dict[str, float]:
     """The client updates of one round alone (data drawn beforehand, no messages, no server):
     a loop over ``client_update`` vs one ``cohort_update`` -- the ceiling of the vectorized
     engine's speedup, before per-client costs (data draws, messages) that both pay."""
+    from fedmaml.engines.allocator import retain_freed_memory
     from fedmaml.engines.vectorized import cohort_update, stack_rounds
 
+    retain_freed_memory()  # as the vectorized engine does
     setup = setup_for(cfg)
     alg, hp, w = setup.algorithm, setup.hyper, setup.initial_params
     cids = MetaStrategy(setup).clients_for_round(2)
@@ -167,12 +173,16 @@ def compute_only(cfg, repeats: int = 5) -> dict[str, float]:
             "speedup": round(loop_ms / vmapped_ms, 2)}
 
 
-def engine_ms_per_round(cfg) -> float:
-    """Median ms of a round on ``cfg.engine.name``, from the run's own per-round timestamps."""
+def engine_round_ms(cfg) -> list[float]:
+    """Ms of rounds 2 .. R-1 on ``cfg.engine.name``, from the run's own per-round timestamps."""
     run_dir = run_experiment(cfg, quiet=True)
     stamps = [row["seconds"] for row in read_metrics(run_dir)]  # rows 0..R; row 0 = evaluation
-    rounds = [b - a for a, b in zip(stamps[1:-2], stamps[2:-1])]  # rounds 2 .. R-1
-    return 1000 * statistics.median(rounds)
+    return [1000 * (b - a) for a, b in zip(stamps[1:-2], stamps[2:-1])]
+
+
+def engine_ms_per_round(cfg) -> float:
+    """Median ms of a round on ``cfg.engine.name``."""
+    return statistics.median(engine_round_ms(cfg))
 
 
 def load() -> list[float]:
@@ -211,14 +221,19 @@ def run_case(case: str, repeats: int, ray: bool, out_dir: Path, rounds_scale: fl
         if case in TWO_THREADS:  # the machine's two cores for the batched tensor work
             measure("vectorized_2threads_ms_per_round", lambda: engine_ms_per_round(config_for(
                 case, rounds, out_dir, "engine.name=vectorized", "engine.torch_threads=2")))
+    ray_round_ms: dict[str, list[float]] = {}
     if ray and ray_rounds:
         # Ray is slow and its start-up is long: one run per setting (its rounds give the median).
+        # Every round's time is kept: Flower's dispatch cycle makes them multiples of about 0.1 s.
+        def ray_run(key: str, num_cpus: int) -> float:
+            ray_round_ms[key] = [round(x, 1) for x in engine_round_ms(config_for(
+                case, ray_rounds, out_dir, "engine.name=ray", f"engine.num_cpus={num_cpus}"))]
+            return statistics.median(ray_round_ms[key])
+
         if case == "c":
-            measure("ray_1actor_ms_per_round", lambda: engine_ms_per_round(config_for(
-                case, ray_rounds, out_dir, "engine.name=ray", "engine.num_cpus=2")))
+            measure("ray_1actor_ms_per_round", lambda: ray_run("ray_1actor", 2))
         measure("ray_2actor_ms_per_round" if case == "c" else "ray_ms_per_round",
-                lambda: engine_ms_per_round(config_for(case, ray_rounds, out_dir,
-                                                       "engine.name=ray", "engine.num_cpus=1")))
+                lambda: ray_run("ray_2actor" if case == "c" else "ray", 1))
     out: dict[str, Any] = {"description": description, "rounds": rounds, "ray_rounds": ray_rounds}
     out.update({k: round(statistics.median(v), 3) for k, v in samples.items()})
     if "ray_2actor_ms_per_round" in out:
@@ -234,6 +249,8 @@ def run_case(case: str, repeats: int, ray: bool, out_dir: Path, rounds_scale: fl
     if case in TWO_THREADS:
         out["compute_only"] = compute_only(config_for(case, rounds, out_dir))
     out["repeats"] = samples
+    if ray_round_ms:
+        out["ray_round_ms"] = ray_round_ms
     out["load"] = {"before": load_before, "after": load()}
     return out
 
