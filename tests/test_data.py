@@ -184,6 +184,23 @@ def test_lazy_federation_pickles_and_rebuilds_the_same_clients():
     assert_tasks_equal(clone.client_tasks(123_456), fed.client_tasks(123_456))
 
 
+def test_recently_used_clients_tasks_are_kept_and_the_cache_is_bounded(monkeypatch):
+    import fedmaml.data.tasks as T
+
+    monkeypatch.setattr(T, "CLIENT_TASK_CACHE", 2)
+    fed = build_federation(DataSpec(family="digits", num_clients=5), 0)
+    first = fed.client_tasks(1)
+    assert fed.client_tasks(1) is first  # kept: not sliced out of the pool again
+    fed.client_tasks(2), fed.client_tasks(3)  # client 1 is now the least recently used: dropped
+    again = fed.client_tasks(1)
+    assert again is not first
+    assert_tasks_equal(again, first)
+    assert len(fed._client_tasks.results) == 2
+    clone = pickle.loads(pickle.dumps(fed))  # the kept tasks do not travel
+    assert not clone._client_tasks.results
+    assert_tasks_equal(clone.client_tasks(1), first)
+
+
 def test_sinusoid_grid_has_exactly_the_25_grid_tasks_in_public_code_order():
     fed = build_federation(DataSpec(family="sinusoid_grid", num_clients=25), 0)
     params = [(t.amplitude, round(t.phase, 12)) for t in all_tasks(fed)]

@@ -12,7 +12,7 @@ shape ``[n]`` for classification.
 from __future__ import annotations
 
 import abc
-import functools
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -97,8 +97,9 @@ class Federation:
     def __post_init__(self) -> None:
         # Building a client's tasks slices the data pool (15-25 us); rounds ask for the same clients
         # again and again. The tasks are never modified, so recently used clients' are kept.
-        cached = functools.lru_cache(maxsize=CLIENT_TASK_CACHE)(self._client_tasks)
-        object.__setattr__(self, "_client_tasks", cached)
+        if not isinstance(self._client_tasks, _RecentlyUsed):
+            object.__setattr__(self, "_client_tasks",
+                               _RecentlyUsed(self._client_tasks, CLIENT_TASK_CACHE))
 
     def client_tasks(self, cid: int) -> list[Task]:
         if not 0 <= cid < self.num_clients:
@@ -109,3 +110,25 @@ class Federation:
         if not 0 <= j < self.num_unseen:
             raise IndexError(f"unseen client {j} is outside 0..{self.num_unseen - 1}")
         return self._unseen_tasks(j)
+
+
+class _RecentlyUsed:
+    """``fn(key)``, keeping the results of the last ``size`` keys. It pickles as ``fn`` alone: the
+    results are rebuilt where it is unpickled (a federation travels to Ray actors lazily)."""
+
+    def __init__(self, fn: Callable[[int], list[Task]], size: int) -> None:
+        self.fn, self.size = fn, size
+        self.results: OrderedDict[int, list[Task]] = OrderedDict()
+
+    def __call__(self, key: int) -> list[Task]:
+        hit = self.results.get(key)
+        if hit is not None:
+            self.results.move_to_end(key)
+            return hit
+        out = self.results[key] = self.fn(key)
+        if len(self.results) > self.size:
+            self.results.popitem(last=False)
+        return out
+
+    def __reduce__(self) -> tuple:
+        return (_RecentlyUsed, (self.fn, self.size))
