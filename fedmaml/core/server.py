@@ -38,10 +38,14 @@ def aggregate_stacked(stacked: Params, num_examples: list[int], weighting: str) 
     if not stacked or not len(next(iter(stacked.values()))):
         raise ValueError("mean of no parameter dicts")
     weights, total = _weights(num_examples, weighting)
+    coefs: dict[tuple, torch.Tensor] = {}  # one coefficient tensor per dtype and device
     out = {}
     for k, v in stacked.items():
-        coef = torch.tensor(weights, dtype=v.dtype, device=v.device)
-        out[k] = torch.tensordot(coef, v, dims=1) / total
+        coef = coefs.get((v.dtype, v.device))
+        if coef is None:
+            coef = coefs[(v.dtype, v.device)] = torch.tensor(weights, dtype=v.dtype,
+                                                             device=v.device)
+        out[k] = torch.tensordot(coef, v, dims=1) / total  # as aggregate(): the same rounding
     return out
 
 

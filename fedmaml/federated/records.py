@@ -51,7 +51,7 @@ def stack_from_records(records: Sequence[ArrayRecord], like: Params, whats: Sequ
     :func:`from_record`'s path."""
     n = len(records)
     errors: list[str | None] = [None] * n
-    layouts = {k: (codec.npy_header(v), v.numel() * v.element_size()) for k, v in like.items()}
+    layouts = _layouts(like)
     parts: dict[str, list[Any]] = {k: [] for k in like}  # per parameter, each record's raw values
     others: list[tuple[int, str, np.ndarray]] = []  # (row, parameter, values) read the long way
     for j, (record, what) in enumerate(zip(records, whats)):
@@ -75,16 +75,35 @@ def stack_from_records(records: Sequence[ArrayRecord], like: Params, whats: Sequ
                if n else torch.empty((0, *v.shape), dtype=v.dtype) for k, v in like.items()}
     for j, k, values in others:
         stacked[k][j] = torch.from_numpy(np.ascontiguousarray(values)).to(like[k].dtype)
-    for k, v in stacked.items():
-        # A row with a NaN or an infinity has a non-finite sum; a finite row rarely does (only by
-        # overflow), so only rows with a non-finite sum are checked element by element.
-        for j in torch.nonzero(~torch.isfinite(v.reshape(n, -1).sum(1))).flatten().tolist():
-            if errors[j] is None and not bool(torch.isfinite(v[j]).all()):
-                errors[j] = _not_finite(k, whats[j])
+    # A row holding a NaN or an infinity has a non-finite sum; a finite row rarely does (only by
+    # overflow): one sum per parameter and one test for the whole round; only a row that fails it
+    # is checked element by element, which also names the parameter.
+    if n:
+        totals = sum(v.reshape(n, -1).sum(1) for v in stacked.values())
+        for j in torch.nonzero(~torch.isfinite(totals)).flatten().tolist():
+            bad_key = next((k for k, v in stacked.items() if not bool(torch.isfinite(v[j]).all())),
+                           None)
+            if errors[j] is None and bad_key is not None:
+                errors[j] = _not_finite(bad_key, whats[j])
     bad = [j for j, e in enumerate(errors) if e is not None]
-    for v in stacked.values():
-        v[bad] = 0
+    if bad:
+        for v in stacked.values():
+            v[bad] = 0
     return stacked, errors
+
+
+_LAYOUTS: dict[tuple, dict[str, tuple[bytes, int]]] = {}
+
+
+def _layouts(like: Params) -> dict[str, tuple[bytes, int]]:
+    """Per parameter: the header our codec writes for it and the byte size of its values."""
+    key = tuple((k, v.dtype, tuple(v.shape)) for k, v in like.items())
+    layouts = _LAYOUTS.get(key)
+    if layouts is None:
+        layouts = {k: (codec.npy_header(v), v.numel() * v.element_size()) for k, v in like.items()}
+        if len(_LAYOUTS) < 64:  # a run has one model; bounded for processes that see many
+            _LAYOUTS[key] = layouts
+    return layouts
 
 
 def _check_names(names: list[str], like: Params, what: str) -> None:
