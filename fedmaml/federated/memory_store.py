@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from flwr.app import Context
+from flwr.app import ArrayRecord, Context
 
 from fedmaml.atomic import atomic_write_bytes
 from fedmaml.core.params import Params
@@ -51,8 +51,8 @@ class ContextStateStore:
         self.state = context.state
 
     def load(self) -> Params | None:
-        record = self.state.array_records.get(MEMORY_KEY)
-        if record is None:
+        record = self.state.get(MEMORY_KEY)  # not state.array_records: that copies the RecordDict
+        if not isinstance(record, ArrayRecord):
             return None
         saved = _SAVED.get(id(record))
         if saved is not None and saved[0]() is record and saved[1] == _identity(record):

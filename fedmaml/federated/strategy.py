@@ -215,7 +215,7 @@ class MetaStrategy(Strategy):
                 stacked = {k: v[rows] for k, v in stacked.items()}
             self.w = self.optimizer.step(self.w, aggregate_stacked(stacked, counts,
                                                                    self.cfg.federated.aggregation))
-        out = {k: float(np.mean([float(m[k]) for m in metrics])) for k in TRAIN_METRICS
+        out = {k: math.fsum(float(m[k]) for m in metrics) / len(metrics) for k in TRAIN_METRICS
                if all(k in m for m in metrics)}
         out["samples"] = sum(int(m["samples"]) for m in metrics)
         out["train-seconds-max"] = max(float(m["train-seconds"]) for m in metrics)

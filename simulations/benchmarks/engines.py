@@ -31,6 +31,11 @@ Cases b and d are also run with the vectorized engine on 2 torch threads
 ``cohort_update`` (the data drawn beforehand; no messages, no server), i.e. the ceiling of the
 vectorized speedup before the per-client costs both paths pay.
 
+Cases a and b also time ``flower_floor_ms_per_round``: the bare loop with each client's work wrapped
+in the Flower objects that every per-client engine on Flower's Message API creates (messages,
+records, a ClientApp call, Context.state) and nothing else of ours, a floor for ``inprocess /
+bare``.
+
 Repeats run the methods back to back (bare, inprocess, vectorized, then Ray) so load changes on a
 shared machine hit all of them alike; medians over repeats are reported, with every repeat's value,
 the load average before and after each case, and the thread count. Run:
@@ -91,6 +96,8 @@ CASES: dict[str, tuple[str, tuple[str, ...], int, int]] = {
 
 #: Cases also timed with the vectorized engine on 2 torch threads, and with the compute alone.
 TWO_THREADS = ("b", "d")
+#: Cases also timed as the bare loop inside Flower's own per-client objects (bare_ms_per_round).
+FLOWER_FLOOR = ("a", "b")
 
 TARGETS = {
     "a: inprocess <= 1.5x bare": ("a", "inprocess_ms_per_round", "bare_ms_per_round", 1.5, "<="),
@@ -109,8 +116,15 @@ def config_for(case: str, rounds: int, out_dir: Path, *extra: str):
                               f"output_dir={out_dir}", f"name=bench-{case}", *extra])
 
 
-def bare_ms_per_round(cfg) -> float:
-    """Median ms of a round of the bare loop (first round left out: warm-up)."""
+def bare_ms_per_round(cfg, through_flower: bool = False) -> float:
+    """Median ms of a round of the bare loop (first round left out: warm-up).
+
+    ``through_flower``: the same loop, but each client's work goes through the Flower objects that
+    any per-client engine on Flower's Message API creates for it and nothing else of ours: the
+    instruction ``Message`` (content shared by the round), a ``ClientApp`` call with the node's
+    ``Context``, a reply ``Message`` holding an ``ArrayRecord`` (encoded once, up front) and a
+    ``MetricRecord``, a record in ``Context.state``, and the server reading the reply. Its ratio to
+    the bare loop is a floor for ``inprocess / bare``."""
     setup = setup_for(cfg)
     strategy = MetaStrategy(setup)  # only for its client sampling rule (no Flower involved)
     fed = cfg.federated
@@ -118,25 +132,71 @@ def bare_ms_per_round(cfg) -> float:
                                 (fed.adam_beta1, fed.adam_beta2), fed.adam_eps)
     alg, hp, w = setup.algorithm, setup.hyper, dict(setup.initial_params)
     memories: dict[int, Any] = {}
+
+    def train(cid: int, server_round: int, hp_r) -> tuple[Any, int]:
+        tasks = setup.federation.client_tasks(cid)
+        memory = memories.get(cid)
+        fresh = alg.uses_memory and (memory is None or hp_r.memory_policy == "reinit")
+        data = draw_round(tasks, hp_r, client_generator(cfg.seed, cid, server_round),
+                          extra=alg.needs_extra_batch(hp_r), init=fresh)
+        delta, memory, _ = client_update(alg, setup.model, setup.loss_fn, hp_r, w, memory, data)
+        if memory is not None:
+            memories[cid] = memory
+        return delta, sum(t.num_examples for t in tasks)
+
+    if through_flower:
+        train = _through_flower(train, setup)
     times = []
     for server_round in range(1, fed.rounds + 1):
         start = time.perf_counter()
         hp_r = hp.with_eta(setup.eta_for_round(server_round))
-        deltas, counts = [], []
-        for cid in strategy.clients_for_round(server_round):
-            tasks = setup.federation.client_tasks(cid)
-            memory = memories.get(cid)
-            fresh = alg.uses_memory and (memory is None or hp_r.memory_policy == "reinit")
-            data = draw_round(tasks, hp_r, client_generator(cfg.seed, cid, server_round),
-                              extra=alg.needs_extra_batch(hp_r), init=fresh)
-            delta, memory, _ = client_update(alg, setup.model, setup.loss_fn, hp_r, w, memory, data)
-            if memory is not None:
-                memories[cid] = memory
-            deltas.append(delta)
-            counts.append(sum(t.num_examples for t in tasks))
-        w = optimizer.step(w, aggregate(deltas, counts, fed.aggregation))
+        deltas, counts = zip(*(train(cid, server_round, hp_r)
+                               for cid in strategy.clients_for_round(server_round)))
+        w = optimizer.step(w, aggregate(list(deltas), list(counts), fed.aggregation))
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times[1:])
+
+
+def _through_flower(train: Callable, setup) -> Callable:
+    """``train`` wrapped in Flower's per-client objects only (see ``bare_ms_per_round``)."""
+    from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedmaml.federated import records as R
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    encoded = R.to_record(setup.initial_params)  # one record of the update's size, reused
+    app, contexts, results, current = ClientApp(), {}, {}, {}
+
+    @app.train()
+    def client(msg: Message, context: Context) -> Message:
+        config = msg.content[R.CONFIG]
+        cid, server_round = int(context.node_config[R.PARTITION]), int(config[R.ROUND])
+        results[cid] = train(cid, server_round, current["hp"])
+        context.state["memory"] = encoded
+        metrics = MetricRecord({R.NUM_EXAMPLES: results[cid][1], R.PARTITION: cid, "samples": 20,
+                                "train-seconds": 0.001, "loss-before": 1.0, "loss-after": 0.5})
+        return Message(RecordDict({R.ARRAYS: encoded, R.METRICS: metrics}), reply_to=msg)
+
+    content: dict[int, RecordDict] = {}
+
+    def via_flower(cid: int, server_round: int, hp_r) -> tuple[Any, int]:
+        if server_round not in content:
+            content.clear()
+            content[server_round] = RecordDict({R.ARRAYS: encoded, R.CONFIG: ConfigRecord(
+                {R.ROUND: server_round, R.ETA: hp_r.eta})})
+        msg = Message(content[server_round], cid + 2, "train", ttl=3600, group_id=str(server_round))
+        msg.metadata.__dict__["_message_id"] = f"{server_round}-{cid}"
+        current["hp"] = hp_r
+        context = contexts.setdefault(cid, Context(run_id=1, node_id=cid + 2, state=RecordDict(),
+                                                   node_config={R.PARTITION: cid}, run_config={}))
+        reply = app(msg, context)
+        metrics = reply.content[R.METRICS]
+        int(metrics[R.PARTITION]), int(metrics[R.NUM_EXAMPLES]), reply.content[R.ARRAYS]
+        return results.pop(cid)
+
+    return via_flower
 
 
 def compute_only(cfg, repeats: int = 5) -> dict[str, float]:
@@ -214,6 +274,9 @@ def run_case(case: str, repeats: int, ray: bool, out_dir: Path, rounds_scale: fl
     load_before = load()
     for _ in range(repeats):
         measure("bare_ms_per_round", lambda: bare_ms_per_round(config_for(case, rounds, out_dir)))
+        if case in FLOWER_FLOOR:
+            measure("flower_floor_ms_per_round", lambda: bare_ms_per_round(
+                config_for(case, rounds, out_dir), through_flower=True))
         measure("inprocess_ms_per_round", lambda: engine_ms_per_round(
             config_for(case, rounds, out_dir, "engine.name=inprocess")))
         measure("vectorized_ms_per_round", lambda: engine_ms_per_round(
