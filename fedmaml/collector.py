@@ -10,9 +10,10 @@ vectorized ones).
 * :func:`frozen` leaves the objects that exist when a run starts out of every collection during the
   run (``gc.freeze``); the run's own objects are collected as usual (16 -> 0.1 and 39 -> 0.5 ms a
   round).
-* :func:`paused` suspends automatic collection while the vectorized engine builds a round's
-  thousands of replies at once (another 40-50 ms a round with 1,000 clients); what cyclic garbage
-  the block leaves is collected once it ends.
+* :func:`paused` suspends automatic collection during a round's training exchange, from the
+  instructions to the aggregated update (another 40-50 ms a round with 1,000 vectorized clients;
+  10,000 clients: 0.52 -> 0.10 s of collections a round); what cyclic garbage the round leaves is
+  collected once it is over.
 """
 
 from __future__ import annotations

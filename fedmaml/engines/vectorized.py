@@ -39,7 +39,6 @@ from fedmaml.algorithms import Algorithm, Hyper, RoundData, client_update
 from fedmaml.core.losses import LossFn
 from fedmaml.core.params import Params
 from fedmaml.data.tasks import Task
-from fedmaml import collector
 from fedmaml.engines.allocator import retain_freed_memory
 from fedmaml.engines.inprocess import (CLIENT_APP_ERROR, FIRST_CLIENT_NODE, SERVER_NODE_ID,
                                        InProcessGrid)
@@ -175,8 +174,7 @@ class VectorizedGrid(InProcessGrid):
              evaluate if kind == MessageType.EVALUATE else other).append(i)
         replies: dict[int, tuple[Message, float]] = {}
         if train:
-            with collector.paused():  # thousands of Flower objects at once (fedmaml/collector.py)
-                replies.update(self._train({i: messages[i] for i in train}))
+            replies.update(self._train({i: messages[i] for i in train}))
         for i in evaluate:
             replies[i] = self._evaluate(messages[i])
         if other:  # discovery, pattern selection...: the ClientApp itself, as in-process

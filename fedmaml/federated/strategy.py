@@ -37,6 +37,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
+from fedmaml import collector
 from fedmaml.core.params import Params
 from fedmaml.core.server import ServerOptimizer, aggregate_stacked
 from fedmaml.errors import MessageError
@@ -321,11 +322,13 @@ class MetaStrategy(Strategy):
             row: dict[str, Any] = {"round": server_round}
             self.nodes = directory.refresh()  # nodes that joined or restarted since
             if server_round > 0:
-                messages = list(self.configure_train(server_round, arrays, train_config, grid))
-                down = sum(R.message_bytes(m) for m in messages)
-                replies = exchange(grid, messages, timeout, self.poll_interval)
-                up = sum(R.message_bytes(m) for m in replies)
-                new_arrays, train_metrics = self.aggregate_train(server_round, replies)
+                with collector.paused():  # the round's messages come and go at once (collector.py)
+                    messages = list(self.configure_train(server_round, arrays, train_config, grid))
+                    down = sum(R.message_bytes(m) for m in messages)
+                    replies = exchange(grid, messages, timeout, self.poll_interval)
+                    up = sum(R.message_bytes(m) for m in replies)
+                    new_arrays, train_metrics = self.aggregate_train(server_round, replies)
+                    del messages, replies
                 if new_arrays is not None:
                     arrays = result.arrays = new_arrays
                 if train_metrics is not None:
