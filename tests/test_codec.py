@@ -1,5 +1,7 @@
 """The fast ArrayRecord codec writes exactly Flower's bytes and reads anything Flower writes."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -90,3 +92,21 @@ def test_stack_from_records_equals_checking_each_record():
             assert all(torch.equal(stacked[k][j], want[k]) for k in like)
             assert all(stacked[k].dtype == like[k].dtype for k in like)
     assert [e is None for e in errors] == [True, False, True, False, True, False, True]
+    # a float64 record again: its layout is known now and read as a view of the message's bytes,
+    # which must be copied, not handed to torch read-only (a warning, and a tensor on shared bytes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again, errors = R.stack_from_records([records[4]], like, ["client 4"])
+    assert errors == [None] and all(torch.equal(again[k][0], stacked[k][4]) for k in like)
+
+
+def test_stack_from_records_of_nothing_and_of_empty_tensors():
+    from fedmaml.federated import records as R
+
+    like = {"w": torch.zeros(2, 3), "empty": torch.zeros(0)}
+    stacked, errors = R.stack_from_records([], like, [])
+    assert errors == [] and stacked["w"].shape == (0, 2, 3)
+    one = {"w": torch.ones(2, 3), "empty": torch.zeros(0)}
+    stacked, errors = R.stack_from_records([ArrayRecord(dict(one))] * 2, like, ["a", "b"])
+    assert errors == [None, None] and stacked["empty"].shape == (2, 0)
+    assert torch.equal(stacked["w"], torch.ones(2, 2, 3))

@@ -47,8 +47,8 @@ def stack_from_records(records: Sequence[ArrayRecord], like: Params, whats: Sequ
 
     Per record and tensor, checks and copies cost more than aggregating: here the arrays in the
     layout our codec writes (every fedmaml peer's) are joined into each stack with one copy, and
-    finiteness is checked per parameter over the whole stack; any other array goes through
-    :func:`from_record`'s path."""
+    finiteness is tested once for the whole round; any other array is read as :func:`from_record`
+    reads it."""
     n = len(records)
     errors: list[str | None] = [None] * n
     layouts = _layouts(like)
@@ -71,10 +71,9 @@ def stack_from_records(records: Sequence[ArrayRecord], like: Params, whats: Sequ
             row = {}
         for k, (_, nbytes) in layouts.items():
             parts[k].append(row.get(k) or bytes(nbytes))  # zeros for a rejected or long-way row
-    stacked = {k: torch.frombuffer(bytearray().join(parts[k]), dtype=v.dtype).reshape(n, *v.shape)
-               if n else torch.empty((0, *v.shape), dtype=v.dtype) for k, v in like.items()}
-    for j, k, values in others:
-        stacked[k][j] = torch.from_numpy(np.ascontiguousarray(values)).to(like[k].dtype)
+    stacked = {k: _joined(parts[k], n, v) for k, v in like.items()}
+    for j, k, values in others:  # np.array: a writable copy (values may view a message's bytes)
+        stacked[k][j] = torch.from_numpy(np.array(values)).to(like[k].dtype)
     # A row holding a NaN or an infinity has a non-finite sum; a finite row rarely does (only by
     # overflow): one sum per parameter and one test for the whole round; only a row that fails it
     # is checked element by element, which also names the parameter.
@@ -90,6 +89,14 @@ def stack_from_records(records: Sequence[ArrayRecord], like: Params, whats: Sequ
         for v in stacked.values():
             v[bad] = 0
     return stacked, errors
+
+
+def _joined(parts: list[Any], n: int, like: torch.Tensor) -> torch.Tensor:
+    """``n`` rows of ``like``'s shape and dtype from their raw bytes, in one copy."""
+    buffer = bytearray().join(parts)
+    if not buffer:  # no rows, or tensors with no elements: frombuffer refuses empty buffers
+        return torch.zeros((n, *like.shape), dtype=like.dtype)
+    return torch.frombuffer(buffer, dtype=like.dtype).reshape(n, *like.shape)
 
 
 _LAYOUTS: dict[tuple, dict[str, tuple[bytes, int]]] = {}
