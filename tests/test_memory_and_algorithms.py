@@ -310,11 +310,12 @@ def test_aggregate():
 
 
 @pytest.mark.parametrize("weighting", ["weighted", "uniform"])
-def test_aggregate_stacked_equals_aggregate(weighting):
+@pytest.mark.parametrize("n", [5, 600])  # 600: more than one chunk of AGGREGATE_CHUNK updates
+def test_aggregate_stacked_equals_aggregate(weighting, n):
     g = torch.Generator().manual_seed(0)
     deltas = [{"w": torch.randn(4, 3, generator=g), "b": torch.randn(3, generator=g)}
-              for _ in range(5)]
-    counts = [3, 1, 4, 1, 5]
+              for _ in range(n)]
+    counts = [1 + (7 * i) % 5 for i in range(n)]
     stacked = {k: torch.stack([d[k] for d in deltas]) for k in deltas[0]}
     got, want = aggregate_stacked(stacked, counts, weighting), aggregate(deltas, counts, weighting)
     assert all(torch.equal(got[k], want[k]) for k in want)

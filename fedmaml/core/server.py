@@ -34,7 +34,8 @@ def aggregate(deltas: list[Params], num_examples: list[int], weighting: str) -> 
 
 
 def aggregate_stacked(stacked: Params, num_examples: list[int], weighting: str) -> Params:
-    """:func:`aggregate` of updates already stacked along a leading client axis (``[n, ...]``)."""
+    """:func:`aggregate` of updates already stacked along a leading client axis (``[n, ...]``):
+    the same sums in the same chunks, so the same numbers to the last bit."""
     if not stacked or not len(next(iter(stacked.values()))):
         raise ValueError("mean of no parameter dicts")
     weights, total = _weights(num_examples, weighting)
@@ -45,7 +46,11 @@ def aggregate_stacked(stacked: Params, num_examples: list[int], weighting: str) 
         if coef is None:
             coef = coefs[(v.dtype, v.device)] = torch.tensor(weights, dtype=v.dtype,
                                                              device=v.device)
-        out[k] = torch.tensordot(coef, v, dims=1) / total  # as aggregate(): the same rounding
+        acc = torch.zeros_like(v[0])
+        for at in range(0, len(v), AGGREGATE_CHUNK):
+            acc = acc + torch.tensordot(coef[at:at + AGGREGATE_CHUNK], v[at:at + AGGREGATE_CHUNK],
+                                        dims=1)
+        out[k] = acc / total
     return out
 
 

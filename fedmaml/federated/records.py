@@ -53,27 +53,29 @@ def stack_from_records(records: Sequence[ArrayRecord], like: Params, whats: Sequ
     errors: list[str | None] = [None] * n
     layouts = _layouts(like)
     parts: dict[str, list[Any]] = {k: [] for k in like}  # per parameter, each record's raw values
-    others: list[tuple[int, str, np.ndarray]] = []  # (row, parameter, values) read the long way
+    others: list[tuple[int, str, torch.Tensor]] = []  # (row, parameter, tensor) read the long way
     for j, (record, what) in enumerate(zip(records, whats)):
+        row: dict[str, Any] = {}
+        read: list[tuple[int, str, torch.Tensor]] = []
         try:
             arrays = dict(record.items())
             _check_names(list(arrays), like, what)
-            row = {}
             for k, (header, nbytes) in layouts.items():
                 row[k] = codec.payload(arrays[k], header, nbytes)
                 if row[k] is None:
                     values, _ = codec.array_values(arrays[k])
                     _check_shape(k, values.shape, like, what)
-                    others.append((j, k, values))
+                    # np.array: a writable copy (the values may be a view of the message's bytes)
+                    read.append((j, k, torch.from_numpy(np.array(values)).to(like[k].dtype)))
         except (MessageError, TypeError, ValueError) as e:  # undecodable bytes are malformed too
             errors[j] = str(e) if isinstance(e, MessageError) else f"{what}: {e}"
-            others = [o for o in others if o[0] != j]
-            row = {}
+            row, read = {}, []
+        others += read
         for k, (_, nbytes) in layouts.items():
-            parts[k].append(row.get(k) or bytes(nbytes))  # zeros for a rejected or long-way row
+            parts[k].append(row.get(k) or bytes(nbytes))  # zeros hold the place of other rows
     stacked = {k: _joined(parts[k], n, v) for k, v in like.items()}
-    for j, k, values in others:  # np.array: a writable copy (values may view a message's bytes)
-        stacked[k][j] = torch.from_numpy(np.array(values)).to(like[k].dtype)
+    for j, k, tensor in others:
+        stacked[k][j] = tensor
     # A row holding a NaN or an infinity has a non-finite sum; a finite row rarely does (only by
     # overflow): one sum per parameter and one test for the whole round; only a row that fails it
     # is checked element by element, which also names the parameter.
