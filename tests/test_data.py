@@ -190,12 +190,19 @@ def test_recently_used_clients_tasks_are_kept_and_the_cache_is_bounded(monkeypat
     monkeypatch.setattr(T, "CLIENT_TASK_CACHE", 2)
     fed = build_federation(DataSpec(family="digits", num_clients=5), 0)
     first = fed.client_tasks(1)
-    assert fed.client_tasks(1) is first  # kept: not sliced out of the pool again
+    kept = fed.client_tasks(1)
+    assert kept is not first and all(a is b for a, b in zip(kept, first))  # not sliced again
+    kept.append(None)  # a caller's list is its own
+    assert len(fed.client_tasks(1)) == len(first)
     fed.client_tasks(2), fed.client_tasks(3)  # client 1 is now the least recently used: dropped
     again = fed.client_tasks(1)
-    assert again is not first
+    assert again[0] is not first[0]
     assert_tasks_equal(again, first)
     assert len(fed._client_tasks.results) == 2
+    # the byte budget bounds it too: with room for less than one client's tensors, nothing stays
+    monkeypatch.setattr(T, "CLIENT_TASK_CACHE_MB", 1e-6)
+    fed.client_tasks(4)
+    assert not fed._client_tasks.results and fed._client_tasks.nbytes == 0
     clone = pickle.loads(pickle.dumps(fed))  # the kept tasks do not travel
     assert not clone._client_tasks.results
     assert_tasks_equal(clone.client_tasks(1), first)

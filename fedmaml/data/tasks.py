@@ -73,9 +73,12 @@ class PoolTask(Task):
         return self.train_x[:k], self.train_y[:k], self.heldout_x, self.heldout_y
 
 
-#: Clients whose built tasks a federation keeps (least recently used first out): a round of the
-#: largest cohorts benchmarked, and bounded for federations of a million clients.
+#: A federation keeps the built tasks of its most recently used clients (the least recently used
+#: go first): at most this many clients, enough for every client of engines.py's largest cohorts...
 CLIENT_TASK_CACHE = 4096
+#: ... and at most this many MB of their tensors: tasks sliced out of a data pool are copies, so for
+#: a large data set the cache must not grow into a second copy of the pool.
+CLIENT_TASK_CACHE_MB = 256
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,7 @@ class Federation:
 
     def __post_init__(self) -> None:
         # Building a client's tasks slices the data pool (15-25 us); rounds ask for the same clients
-        # again and again. The tasks are never modified, so recently used clients' are kept.
+        # again and again, so recently used clients' tasks are kept (never modified by anyone).
         if not isinstance(self._client_tasks, _RecentlyUsed):
             object.__setattr__(self, "_client_tasks",
                                _RecentlyUsed(self._client_tasks, CLIENT_TASK_CACHE))
@@ -113,22 +116,29 @@ class Federation:
 
 
 class _RecentlyUsed:
-    """``fn(key)``, keeping the results of the last ``size`` keys. It pickles as ``fn`` alone: the
-    results are rebuilt where it is unpickled (a federation travels to Ray actors lazily)."""
+    """``fn(key)``, keeping the results of the most recently used keys (see ``CLIENT_TASK_CACHE``).
+    Callers get their own list of the shared, never modified, tasks. It pickles as ``fn`` alone:
+    the results are rebuilt where it is unpickled (a federation travels to Ray actors lazily)."""
 
     def __init__(self, fn: Callable[[int], list[Task]], size: int) -> None:
         self.fn, self.size = fn, size
-        self.results: OrderedDict[int, list[Task]] = OrderedDict()
+        self.results: OrderedDict[int, tuple[list[Task], int]] = OrderedDict()  # key -> (tasks, bytes)
+        self.nbytes = 0
 
     def __call__(self, key: int) -> list[Task]:
         hit = self.results.get(key)
         if hit is not None:
             self.results.move_to_end(key)
-            return hit
-        out = self.results[key] = self.fn(key)
-        if len(self.results) > self.size:
-            self.results.popitem(last=False)
-        return out
+            return list(hit[0])
+        tasks = self.fn(key)
+        size = sum(v.nbytes for t in tasks for v in vars(t).values() if isinstance(v, Tensor))
+        self.results[key] = (tasks, size)
+        self.nbytes += size
+        while self.results and (len(self.results) > self.size
+                                or self.nbytes > CLIENT_TASK_CACHE_MB * 2**20):
+            _, (_, dropped) = self.results.popitem(last=False)
+            self.nbytes -= dropped
+        return list(tasks)
 
     def __reduce__(self) -> tuple:
         return (_RecentlyUsed, (self.fn, self.size))
