@@ -12,8 +12,11 @@ vectorized ones).
   round).
 * :func:`paused` suspends automatic collection during a round's training exchange, from the
   instructions to the aggregated update (another 40-50 ms a round with 1,000 vectorized clients;
-  10,000 clients: 0.52 -> 0.10 s of collections a round); what cyclic garbage the round leaves is
-  collected once it is over.
+  10,000 clients: 0.52 -> 0.10 s of collections a round); what cyclic garbage the round leaves
+  goes at the next automatic collection after it.
+
+Both act on the whole process, as Python's collector does: a run that shares its process with other
+threads pauses and freezes for them too.
 """
 
 from __future__ import annotations

@@ -19,20 +19,24 @@ class MallInfo2(ctypes.Structure):
 libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
-libc.mallinfo2.restype = MallInfo2
+class MallInfo(ctypes.Structure):  # glibc < 2.33 has only mallinfo, with int fields
+    _fields_ = [(n, ctypes.c_int) for n, _ in MallInfo2._fields_]
+
+mallinfo = getattr(libc, "mallinfo2", None) or libc.mallinfo
+mallinfo.restype = MallInfo2 if hasattr(libc, "mallinfo2") else MallInfo
 
 def mapped_blocks_while_holding(size):
     p = libc.malloc(size)
-    n = libc.mallinfo2().hblks
+    n = mallinfo().hblks
     libc.free(p)
     return n
 
 BLOCK = 24 * 1024 * 1024  # above any threshold glibc adapts to on its own during start-up
-base = libc.mallinfo2().hblks
+base = mallinfo().hblks
 before = mapped_blocks_while_holding(BLOCK) - base
 applied = retain_freed_memory()
 again = retain_freed_memory()
-after = mapped_blocks_while_holding(BLOCK) - libc.mallinfo2().hblks
+after = mapped_blocks_while_holding(BLOCK) - mallinfo().hblks
 print(before, applied, again, after)
 """
 

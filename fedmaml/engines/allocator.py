@@ -3,13 +3,13 @@ page-faulted in again on every allocation.
 
 glibc's malloc serves a block above its *mmap threshold* (128 KiB at first) with fresh pages from
 the kernel and unmaps them when the block is freed, and it returns free memory above its *trim
-threshold* at the top of the heap to the kernel. A vectorized cohort allocates and frees the same ``[clients, ...]`` tensors (0.1-30 MB each)
-dozens of times per round, so every allocation touched new pages: on the 100-client digits
-benchmark that was a third of the batched compute (9.1 -> 6.1 ms a round; 1,000 clients: 62-69 ->
-44 ms). Raising both thresholds lets freed blocks be reused. Per-client paths allocate small tensors
-and were measured unaffected, so only the vectorized engine asks for this. The cost: the process
-keeps up to ``TRIM_THRESHOLD`` of freed memory mapped instead of returning it; peak memory is the
-same.
+threshold* at the top of the heap to the kernel. A vectorized cohort allocates and frees the same
+``[clients, ...]`` tensors (0.1-30 MB each) dozens of times per round, so every allocation touched
+new pages: on the 100-client digits benchmark that was a third of the batched compute (9.1 -> 6.1
+ms a round; 1,000 clients: 62-69 -> 44 ms). Raising both thresholds lets freed blocks be reused.
+Per-client paths allocate small tensors and were measured unaffected, so only the vectorized engine
+asks for this. The cost: the process keeps up to ``TRIM_THRESHOLD`` of freed memory mapped instead
+of returning it to the system.
 """
 
 from __future__ import annotations

@@ -63,9 +63,11 @@ from typing import Any, Callable
 
 import torch
 
+from fedmaml import collector
 from fedmaml.algorithms import client_update, draw_round
 from fedmaml.config import load_config
 from fedmaml.core.server import ServerOptimizer, aggregate
+from fedmaml.engines.allocator import retain_freed_memory
 from fedmaml.experiment import run_experiment
 from fedmaml.federated.setup import client_generator, setup_for
 from fedmaml.federated.strategy import MetaStrategy
@@ -123,8 +125,9 @@ def bare_ms_per_round(cfg, through_flower: bool = False) -> float:
     any per-client engine on Flower's Message API creates for it and nothing else of ours: the
     instruction ``Message`` (content shared by the round), a ``ClientApp`` call with the node's
     ``Context``, a reply ``Message`` holding an ``ArrayRecord`` (encoded once, up front) and a
-    ``MetricRecord``, a record in ``Context.state``, and the server reading the reply. Its ratio to
-    the bare loop is a floor for ``inprocess / bare``."""
+    ``MetricRecord``, a record in ``Context.state``, and the server reading the reply's metrics and
+    taking its record (not decoding it: encoding and decoding are ours). Its ratio to the bare loop
+    is a floor for ``inprocess / bare``."""
     setup = setup_for(cfg)
     strategy = MetaStrategy(setup)  # only for its client sampling rule (no Flower involved)
     fed = cfg.federated
@@ -147,13 +150,15 @@ def bare_ms_per_round(cfg, through_flower: bool = False) -> float:
     if through_flower:
         train = _through_flower(train, setup)
     times = []
-    for server_round in range(1, fed.rounds + 1):
-        start = time.perf_counter()
-        hp_r = hp.with_eta(setup.eta_for_round(server_round))
-        deltas, counts = zip(*(train(cid, server_round, hp_r)
-                               for cid in strategy.clients_for_round(server_round)))
-        w = optimizer.step(w, aggregate(list(deltas), list(counts), fed.aggregation))
-        times.append(time.perf_counter() - start)
+    with collector.frozen():  # the garbage collector as in a run (fedmaml/collector.py)
+        for server_round in range(1, fed.rounds + 1):
+            start = time.perf_counter()
+            with collector.paused():
+                hp_r = hp.with_eta(setup.eta_for_round(server_round))
+                deltas, counts = zip(*(train(cid, server_round, hp_r)
+                                       for cid in strategy.clients_for_round(server_round)))
+                w = optimizer.step(w, aggregate(list(deltas), list(counts), fed.aggregation))
+            times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times[1:])
 
 
@@ -192,8 +197,8 @@ def _through_flower(train: Callable, setup) -> Callable:
         context = contexts.setdefault(cid, Context(run_id=1, node_id=cid + 2, state=RecordDict(),
                                                    node_config={R.PARTITION: cid}, run_config={}))
         reply = app(msg, context)
-        metrics = reply.content[R.METRICS]
-        int(metrics[R.PARTITION]), int(metrics[R.NUM_EXAMPLES]), reply.content[R.ARRAYS]
+        metrics, _ = reply.content[R.METRICS], reply.content[R.ARRAYS]  # what the server reads
+        assert (int(metrics[R.PARTITION]), int(metrics[R.NUM_EXAMPLES])) == (cid, results[cid][1])
         return results.pop(cid)
 
     return via_flower
@@ -203,7 +208,6 @@ def compute_only(cfg, repeats: int = 5) -> dict[str, float]:
     """The client updates of one round alone (data drawn beforehand, no messages, no server):
     a loop over ``client_update`` vs one ``cohort_update`` -- the ceiling of the vectorized
     engine's speedup, before per-client costs (data draws, messages) that both pay."""
-    from fedmaml.engines.allocator import retain_freed_memory
     from fedmaml.engines.vectorized import cohort_update, stack_rounds
 
     retain_freed_memory()  # as the vectorized engine does
@@ -349,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     torch.set_num_threads(1)
+    # The vectorized engine tunes malloc for the whole process; do it up front, so every method
+    # and repeat runs with the same allocator (per-client paths were measured unaffected by it).
+    retain_freed_memory()
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="fedmaml-bench-") as tmp:
         for case in [c.strip() for c in args.cases.split(",") if c.strip()]:
