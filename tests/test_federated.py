@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmaml.config import dump_yaml, load_config
@@ -408,6 +408,55 @@ def test_malformed_updates_are_rejected_by_name_and_the_rest_aggregated(tiny_con
         deltas = [params_of(m) for m in good]
         counts = [int(m.content[R.METRICS][R.NUM_EXAMPLES]) for m in good]
         want = ServerOptimizer("sgd", 1.0).step(w[r], aggregate(deltas, counts, "weighted"))
+        for k in want:
+            assert torch.allclose(w[r + 1][k], want[k], atol=1e-7), k
+
+
+class MeddlingGrid(RecordingGrid):
+    """Adds to each round's train replies what a faulty transport or peer could: a copy of the first
+    reply with a bad example count placed before it, a duplicate of the second, and a copy of the
+    third claiming to come from a client that was not sampled."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        replies = list(super().send_and_receive(messages, timeout=timeout))
+        if not messages or messages[0].metadata.message_type != "train":
+            return replies
+        by_id = {m.metadata.message_id: m for m in messages}
+        sampled = {int(r.content[R.METRICS][R.PARTITION]) for r in replies}
+        outsider = min(set(range(self.num_nodes)) - sampled)
+
+        def variant(reply, **changes):
+            metrics = {**dict(reply.content[R.METRICS]), **changes}
+            return Message(RecordDict({R.ARRAYS: reply.content[R.ARRAYS],
+                                       R.METRICS: MetricRecord(metrics)}),
+                           reply_to=by_id[reply.metadata.reply_to_message_id])
+
+        return [variant(replies[0], **{R.NUM_EXAMPLES: 0}), *replies, replies[1],
+                variant(replies[2], **{R.PARTITION: outsider})]
+
+
+def test_bad_duplicate_and_unsampled_replies_are_counted_and_the_sampled_ones_used(tiny_config,
+                                                                                   tmp_path, caplog):
+    cfg = tiny_config("federated.eval_every=0")  # 3 of 6 clients per round
+    setup = setup_for(cfg)
+    num_nodes = setup.federation.num_clients + setup.federation.num_unseen
+    app = make_client_app(cfg)
+    grid = MeddlingGrid(app, num_nodes)
+    with caplog.at_level(logging.WARNING, logger="fedmaml"):
+        run_inprocess(make_server_app(cfg, tmp_path / "run", quiet=True), app, num_nodes, grid)
+    for row in train_rows(read_metrics(tmp_path / "run")):
+        assert (row["failures"], row["replies"], row["updated"]) == (3, 3, True)
+    assert "reported 0 examples" in caplog.text
+    assert "not sampled, or a duplicate" in caplog.text
+    w = {r: params_of(ms[0]) for r, ms in grid.train_instructions().items()}
+    for r in (1, 2):  # the three sampled clients' own replies, each once
+        good = [m for m in grid.replies if m.metadata.message_type == "train"
+                and int(m.metadata.group_id) == r]
+        assert len(good) == 3
+        want = ServerOptimizer("sgd", 1.0).step(w[r], aggregate(
+            [params_of(m) for m in good], [int(m.content[R.METRICS][R.NUM_EXAMPLES]) for m in good],
+            "weighted"))
         for k in want:
             assert torch.allclose(w[r + 1][k], want[k], atol=1e-7), k
 
