@@ -141,6 +141,8 @@ class FederatedConfig:
                                max_exclusive=True)
     adam_eps: float = _field(1e-8, "Adam server optimizer: epsilon.", min=0, min_exclusive=True)
     min_replies: int = _field(1, "Replies needed for a round to count.", min=1)
+    max_failed_rounds: int = _field(3, "Consecutive rounds without a valid reply after which the "
+                                       "run stops with status failed.", min=1)
     round_timeout: float = _field(0.0, "Seconds to wait for replies per round; 0 = no limit.", min=0)
     poll_interval: float = _field(0.01, "Seconds between the server's polls for replies on Flower's "
                                         "grids (the Ray engine, a SuperLink), growing to a tenth of "

@@ -13,6 +13,7 @@ from typing import Any
 
 from fedmaml.errors import ConfigError
 from fedmaml.federated.client_app import make_client_app
+from fedmaml.federated.health import run_status
 from fedmaml.federated.server_app import make_server_app
 from fedmaml.federated.setup import setup_for
 from fedmaml.results.plots import plot_run
@@ -92,8 +93,20 @@ def run_one(cfg: Any, run_dir: Path, quiet: bool) -> None:
     plot_run(run_dir)
 
 
+def run_dirs_of(run_dir: str | Path, cfg: Any) -> list[Path]:
+    """A run directory and the ``compare_with`` baselines inside it."""
+    names = filter(None, (n.strip() for n in cfg.compare_with.split(",")))
+    return [Path(run_dir), *(Path(run_dir) / "baselines" / n for n in names)]
+
+
+def statuses(run_dirs: list[str | Path]) -> dict[Path, str]:
+    """Each run directory's status (``summary.json``; ``unfinished`` without one)."""
+    return {Path(d): run_status(read_summary(d)) or "unfinished" for d in run_dirs}
+
+
 def format_summary(run_dirs: list[str | Path]) -> str:
-    """A small table: personalized quality before and after training, per algorithm."""
+    """A small table: personalized quality before and after training, per algorithm, and the
+    status of every run that did not complete."""
     summaries = [(Path(d), read_summary(d)) for d in run_dirs]
     done = [(d, s) for d, s in summaries if s is not None]
     if not done:
@@ -105,11 +118,16 @@ def format_summary(run_dirs: list[str | Path]) -> str:
     lines = [f"personalized {key} after {done[0][1].get('eval_steps', '')} adaptation steps "
              f"(mean over clients); run directory {run_dirs[0]}".replace("after  ", "after "),
              head, "-" * len(head)]
+    notes = []
     for d, s in done:
         before = s["before"].get(f"seen.{key}.mean")
         row = f"{s['algorithm']:<14}{(f'{before:.4g}' if before is not None else '-'):>17}"
         for group, prefix, _ in cols:
             v = s["after"].get(f"{group}.{prefix}{key}.mean")
             row += f"{(f'{v:.4g}' if v is not None else '-'):>22}"
-        lines.append(row + f"   ({s['seconds']:.0f}s)")
-    return "\n".join(lines)
+        status = run_status(s)
+        mark = "" if status == "completed" else f"  {status.upper()}"
+        lines.append(row + f"   ({s['seconds']:.0f}s){mark}")
+        if status != "completed":
+            notes.append(f"{s['algorithm']} did not complete: {s.get('message', status)}")
+    return "\n".join(lines + notes)

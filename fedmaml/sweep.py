@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import math
 import os
 import re
@@ -85,6 +86,8 @@ class SweepResult:
     ran: list[str] = field(default_factory=list)  # finished by this invocation
     failed: dict[str, str] = field(default_factory=dict)  # name -> error message
     invalid: list[str] = field(default_factory=list)  # combinations left out (skip_invalid)
+    #: name -> status (diverged, failed) of the finished runs that did not complete
+    not_completed: dict[str, str] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -308,7 +311,7 @@ def run_state(run_dir: Path, cfg: Config) -> str:
     if not (run_dir / CONFIG_FILE).exists() and not (run_dir / ERROR_FILE).exists():
         raise FedmamlError(f"{run_dir}: exists but is not a run directory of this sweep (no "
                            f"{CONFIG_FILE}); move it away or use another --sweep-dir")
-    done = all((d / SUMMARY_FILE).exists() for d in [run_dir, *baseline_dirs(run_dir, cfg)])
+    done = all(finished_status(d) is not None for d in [run_dir, *baseline_dirs(run_dir, cfg)])
     if not done:
         return "unfinished"
     diff = config_differences(load_config(run_dir / CONFIG_FILE), cfg)
@@ -318,6 +321,25 @@ def run_state(run_dir: Path, cfg: Config) -> str:
                            f"{'; ...' if len(diff) > 5 else ''}); use another --sweep-dir, or "
                            "delete that run directory to run it again")
     return "finished"
+
+
+def finished_status(run_dir: Path) -> str | None:
+    """The status of a finished run (completed, diverged, failed); None when it has to run (again):
+    no summary.json, or an interrupted run that a checkpoint resumes."""
+    from fedmaml.federated.health import run_status
+
+    path = run_dir / SUMMARY_FILE
+    status = run_status(json.loads(path.read_text(encoding="utf-8"))) if path.exists() else None
+    return None if status == "interrupted" else status
+
+
+def not_completed(run_dir: Path, cfg: Config) -> str | None:
+    """``diverged``/``failed`` when the run or one of its baselines did not complete, else None."""
+    for d in [run_dir, *baseline_dirs(run_dir, cfg)]:
+        status = finished_status(d)
+        if status not in (None, "completed"):
+            return status
+    return None
 
 
 def config_differences(a: Config, b: Config,
@@ -459,6 +481,10 @@ def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None
     states = {r.name: run_state(sweep_dir / r.name, r.config) for r in runs}
     todo = [r for r in runs if states[r.name] != "finished"]
     result.skipped = [r.name for r in runs if states[r.name] == "finished"]
+    for r in runs:
+        bad = not_completed(sweep_dir / r.name, r.config) if states[r.name] == "finished" else None
+        if bad:
+            result.not_completed[r.name] = bad
 
     def say(text: str) -> None:
         if not quiet:
@@ -485,10 +511,14 @@ def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None
             seconds, error = outcome
             if error is None:
                 result.ran.append(run.name)
+                bad = not_completed(sweep_dir / run.name, run.config)
+                if bad:
+                    result.not_completed[run.name] = bad
             else:
                 result.failed[run.name] = error
             done = len(result.ran) + len(result.failed)
-            status = f"failed: {error}" if error else f"done in {seconds:.1f}s"
+            status = (f"failed: {error}" if error else
+                      f"{result.not_completed.get(run.name, 'done')} in {seconds:.1f}s")
             failed = f" | {len(result.failed)} failed" if result.failed else ""
             progress.update(done, f"{run.name} {status}{failed}")
 
@@ -541,6 +571,11 @@ def sweep_summary(result: SweepResult) -> str:
     """The closing lines of ``fedmaml sweep``."""
     lines = [f"sweep {result.sweep_dir}: {len(result.runs)} runs; {len(result.skipped)} were "
              f"finished already, {len(result.ran)} ran now, {len(result.failed)} failed"]
+    by_status: dict[str, list[str]] = {}
+    for name, status in result.not_completed.items():
+        by_status.setdefault(status, []).append(name)
+    for status, names in sorted(by_status.items()):
+        lines.append(f"{len(names)} run(s) {status} (see their summary.json): " + ", ".join(names))
     if result.failed:
         lines.append("run the same command again to retry the failed runs")
     else:

@@ -129,8 +129,13 @@ def _check_shape(k: str, shape: tuple[int, ...], like: Params, what: str) -> Non
                            f"expected {list(like[k].shape)}")
 
 
-def _not_finite(k: str, what: str) -> str:
-    return f"{what}: parameter {k!r} contains NaN or infinite values"
+class NonFinite(str):
+    """An error of :func:`stack_from_records` saying that a well-formed update holds NaN or
+    infinite values (training diverged), as opposed to a malformed one."""
+
+
+def _not_finite(k: str, what: str) -> NonFinite:
+    return NonFinite(f"{what}: parameter {k!r} contains NaN or infinite values")
 
 
 def message_bytes(message: Message) -> int:

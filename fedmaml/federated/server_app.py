@@ -12,6 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedmaml import collector
 from fedmaml.federated import records as R
 from fedmaml.federated.client_app import config_from_run_config
+from fedmaml.federated.health import RunHealth, RunStopped
 from fedmaml.federated.pattern_selection import selection_summary, write_selection
 from fedmaml.federated.setup import setup_for
 from fedmaml.federated.strategy import MetaStrategy
@@ -37,11 +38,18 @@ def make_server_app(config: Any = None, run_dir: str | Path | None = None,
 
 
 def run_federated(grid: Grid, cfg: Any, run_dir: str | Path, quiet: bool = False) -> dict[str, Any]:
-    """Run all rounds on ``grid``; write config, metrics.jsonl, summary.json and model.pt."""
+    """Run all rounds on ``grid``; write config, metrics.jsonl, summary.json and model.pt.
+
+    The summary carries the run's status (fedmaml/federated/health.py): a run that diverges or
+    fails stops at once with one line saying the round, the cause and what to try, and its model.pt
+    holds the last good model."""
     setup = setup_for(cfg)
     strategy = MetaStrategy(setup)
     recorder = RunRecorder(run_dir, cfg)
     progress = Progress(cfg.federated.rounds, quiet=quiet)
+    health = RunHealth(cfg.federated.max_failed_rounds,
+                       hint=f"a smaller algorithm.eta (now {cfg.algorithm.eta:g}) or "
+                            f"federated.server_lr (now {cfg.federated.server_lr:g})")
     key = "accuracy" if setup.classification else "loss"
     last_eval: dict[str, Any] = {}
     first_eval: dict[str, Any] = {}
@@ -50,6 +58,7 @@ def run_federated(grid: Grid, cfg: Any, run_dir: str | Path, quiet: bool = False
         recorder.log_round(row)
         if "pattern_selection" in row:  # the table also gets a file of its own
             write_selection(run_dir, row["pattern_selection"])
+        health.observe(row, strategy.last_error)  # raises RunStopped: diverged or failed
         if "eval" in row:
             last_eval.clear()
             last_eval.update(row["eval"])
@@ -62,13 +71,22 @@ def run_federated(grid: Grid, cfg: Any, run_dir: str | Path, quiet: bool = False
         progress.update(row["round"], info)
 
     timeout = cfg.federated.round_timeout or None
-    with collector.frozen():  # collections skip what existed before the run (fedmaml/collector.py)
-        result = strategy.start(grid, R.to_record(setup.initial_params), cfg.federated.rounds,
-                                timeout=timeout, on_round=on_round)
+    status, message, model = "completed", "", None
+    try:
+        with collector.frozen():  # collections skip what existed before the run (collector.py)
+            strategy.start(grid, R.to_record(setup.initial_params), cfg.federated.rounds,
+                           timeout=timeout, on_round=on_round)
+    except RunStopped as stop:
+        status, message = stop.status, stop.message
+        model = strategy.w_before_update if stop.distrust_w else strategy.w
+        log.error("%s", message)
     summary = {
         "name": cfg.name,
         "algorithm": cfg.algorithm.name,
+        "status": status,
+        **({"message": message} if message else {}),
         "rounds": cfg.federated.rounds,
+        **health.totals(),
         "metric": key,
         "eval_steps": cfg.evaluation.steps,
         "before": {k: v for k, v in first_eval.items() if not k.endswith(".clients")},
@@ -77,8 +95,7 @@ def run_federated(grid: Grid, cfg: Any, run_dir: str | Path, quiet: bool = False
     }
     if strategy.selector.record is not None:
         summary["pattern_selection"] = selection_summary(strategy.selector.record)
-    recorder.finish(summary, strategy.w)
-    del result
+    recorder.finish(summary, strategy.w if model is None else model)
     return summary
 
 

@@ -5,8 +5,10 @@
   whatever the number of clients); cross-silo takes every silo every round.
 * **Aggregation**: example-weighted or uniform mean of the clients' updates, then a server
   optimizer (SGD, momentum, Adam).
-* **Failures**: error replies, malformed replies and missing replies (timeouts) are counted and
-  logged; the update is applied when at least ``min_replies`` valid replies arrived.
+* **Failures**: error replies, malformed replies and missing replies (timeouts) are counted by kind
+  and logged, updates holding NaN/inf are counted as rejected (``health.round_outcome``); the update
+  is applied when at least ``min_replies`` valid replies arrived and the new ``w`` is finite (else
+  the row says ``diverged`` and ``health.RunHealth`` stops the run).
 * **Evaluation** every ``eval_every`` rounds (and before the first and after the last round): a
   fixed panel of training clients (``eval_clients`` of them, drawn once from the seed) and every
   unseen client. The panel is the same at every evaluation so that "before" and "after" compare the
@@ -15,8 +17,10 @@
   the panel clients that have a memory (have trained).
 
 One ``metrics.jsonl`` row per round (``on_round``): ``round``; for rounds >= 1 ``clients`` (sampled
-ids), ``replies`` (valid), ``failures`` (errors, malformed and missing replies), ``updated``
-(whether ``w`` changed), ``loss_before`` / ``loss_after`` / ``train_seconds_max`` (when a reply
+ids), ``replies`` (valid), ``failures`` (errors, malformed and missing replies and rejected
+updates), ``failures_by_kind`` (``error``, ``timeout``, ``malformed``), ``rejected`` (updates holding
+NaN/inf), ``updated`` (whether ``w`` changed), ``diverged`` (only when the aggregated update was not
+finite), ``loss_before`` / ``loss_after`` / ``train_seconds_max`` (when a reply
 arrived); on evaluation rounds ``eval`` (``<group>.<metric>.<stat>``, ``<group>.<metric>.clients``,
 ``<group>.ids``, ``eval-failures``); and always the running totals ``samples`` (training examples
 drawn by clients that replied), ``bytes_up`` / ``bytes_down`` (array bytes of training replies /
@@ -33,6 +37,7 @@ from collections.abc import Iterable
 from typing import Any, Callable
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
@@ -43,6 +48,7 @@ from fedmaml.core.server import ServerOptimizer, aggregate_stacked
 from fedmaml.errors import MessageError
 from fedmaml.federated import records as R
 from fedmaml.federated.discovery import PartitionDirectory
+from fedmaml.federated.health import round_outcome
 from fedmaml.federated.pattern_selection import PatternSelector
 from fedmaml.federated.setup import ExperimentSetup
 
@@ -53,6 +59,9 @@ EVAL_METRICS = ("loss", "accuracy", "memory-loss", "memory-accuracy", "adapt-ms"
 # Nodes register while the ServerApp starts (and devices connect late): wait at least this long for
 # them, even when rounds have no time limit (round_timeout 0 -> timeout None).
 DISCOVERY_SECONDS = 60.0
+#: The round record keys the strategy's accounting contributes to a metrics row.
+ROUND_KEYS = ("clients", "replies", "failures", "failures_by_kind", "rejected", "updated",
+              "diverged")
 
 
 def sample_clients(seed: int, server_round: int, num_clients: int, k: int) -> list[int]:
@@ -115,6 +124,8 @@ class MetaStrategy(Strategy):
         self.selector = PatternSelector(setup)  # Lambda-pattern selection; inert when mode is none
         self._panel: list[int] | None = None
         self.poll_interval = fed.poll_interval
+        self.w_before_update: Params = self.w  # the model before the last applied update
+        self.last_error = ""  # the last reason a reply was not used (for the run's status line)
 
     # -- sampling -------------------------------------------------------------------------------
     def clients_for_round(self, server_round: int) -> list[int]:
@@ -170,16 +181,16 @@ class MetaStrategy(Strategy):
         samples) are returned whenever any reply is valid: the clients did the work either way."""
         replies = list(replies)
         expected = set(self.round_stats.get("clients", []))
-        errors: list[str] = []
+        errors: list[tuple[str, str]] = []  # (kind, why): health.round_outcome counts the kinds
         parsed: list[tuple[int, ArrayRecord, int, MetricRecord]] = []
         for msg in replies:
             if msg.has_error():
-                errors.append(f"client error: {msg.error.reason}")
+                errors.append(("error", f"client error: {msg.error.reason}"))
                 continue
             try:
                 parsed.append(self._parse_train_reply(msg))
             except (KeyError, TypeError, ValueError, MessageError) as e:
-                errors.append(f"malformed reply: {e}")
+                errors.append(("malformed", f"malformed reply: {e}"))
         # The round's updates are decoded and checked together (R.stack_from_records).
         stacked, array_errors = R.stack_from_records(
             [p[1] for p in parsed], self.w, [f"update from client {p[0]}" for p in parsed])
@@ -189,9 +200,11 @@ class MetaStrategy(Strategy):
         metrics: list[MetricRecord] = []
         for j, ((cid, _, count, m), array_error) in enumerate(zip(parsed, array_errors)):
             if array_error is not None:
-                errors.append(f"malformed reply: {array_error}")
+                kind = "rejected" if isinstance(array_error, R.NonFinite) else "malformed"
+                errors.append((kind, f"{kind} update: {array_error}"))
             elif cid not in expected or cid in used:
-                errors.append(f"unexpected reply from client {cid} (not sampled, or a duplicate)")
+                errors.append(("malformed",
+                               f"unexpected reply from client {cid} (not sampled, or a duplicate)"))
             else:
                 used.add(cid)
                 self.trained.add(cid)
@@ -199,12 +212,14 @@ class MetaStrategy(Strategy):
                 counts.append(count)
                 metrics.append(m)
         missing = len(expected) - len(replies)
-        for e in errors:
+        for _, e in errors:
             log.warning("round %d: %s", server_round, e)
+        if errors:
+            self.last_error = errors[-1][1]
         if missing > 0:
             log.warning("round %d: %d client(s) did not reply in time", server_round, missing)
         updated = len(rows) >= self.cfg.federated.min_replies
-        self.round_stats.update(failures=len(errors) + max(missing, 0), replies=len(rows),
+        self.round_stats.update(round_outcome((k for k, _ in errors), missing), replies=len(rows),
                                 updated=updated)
         if not updated:
             log.warning("round %d: %d valid replies < min_replies=%d; the model is not updated",
@@ -214,8 +229,14 @@ class MetaStrategy(Strategy):
         if updated:
             if len(rows) < len(parsed):
                 stacked = {k: v[rows] for k, v in stacked.items()}
-            self.w = self.optimizer.step(self.w, aggregate_stacked(stacked, counts,
-                                                                   self.cfg.federated.aggregation))
+            w = self.optimizer.step(self.w, aggregate_stacked(stacked, counts,
+                                                              self.cfg.federated.aggregation))
+            if all(bool(torch.isfinite(v).all()) for v in w.values()):
+                self.w_before_update, self.w = self.w, w
+            else:  # finite updates can still sum or step to infinity: keep the last good w
+                updated = False
+                self.round_stats.update(updated=False, diverged="the aggregated update is not "
+                                        "finite (the model would hold NaN or infinite values)")
         out = {k: math.fsum(float(m[k]) for m in metrics) / len(metrics) for k in TRAIN_METRICS
                if all(k in m for m in metrics)}
         out["samples"] = sum(int(m["samples"]) for m in metrics)
@@ -316,6 +337,7 @@ class MetaStrategy(Strategy):
                                        + self.setup.federation.num_unseen)
         self.nodes = directory.discover(discovery_seconds(timeout))
         self.w = R.from_record(initial_arrays, self.setup.initial_params, "initial arrays")
+        self.w_before_update = self.w
         arrays, result, start = initial_arrays, Result(), time.perf_counter()
         totals = {"samples": 0, "bytes_up": 0, "bytes_down": 0}
         for server_round in range(0, num_rounds + 1):
@@ -336,8 +358,7 @@ class MetaStrategy(Strategy):
                 totals["samples"] += int(train_metrics["samples"]) if train_metrics else 0
                 totals["bytes_up"] += up
                 totals["bytes_down"] += down
-                row.update(clients=self.round_stats["clients"], replies=self.round_stats["replies"],
-                           failures=self.round_stats["failures"], updated=self.round_stats["updated"],
+                row.update({k: self.round_stats[k] for k in ROUND_KEYS if k in self.round_stats},
                            **({k.replace("-", "_"): v for k, v in train_metrics.items()}
                               if train_metrics else {}))
             if self.selector.due(server_round):  # after this round's update, before its evaluation

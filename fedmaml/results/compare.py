@@ -55,14 +55,30 @@ class Run:
     def seed(self) -> int:
         return self.config.seed
 
+    @property
+    def status(self) -> str:
+        """completed, diverged, failed or interrupted (runs from before statuses: completed)."""
+        return str(self.summary.get("status", "completed"))
+
 
 @dataclass
 class Setting:
-    """Runs of one config up to the seed."""
+    """Runs of one config up to the seed. ``runs`` completed and make its numbers; ``incomplete``
+    (diverged or failed) are reported beside them, never averaged in."""
 
     runs: list[Run]
     label: str = ""
     values: dict[str, Any] = field(default_factory=dict)  # the keys in which settings differ
+    incomplete: list[Run] = field(default_factory=list)
+
+    def incomplete_text(self) -> str:
+        """``1 diverged (seed 2), 1 failed (seed 0)``; empty when every run completed."""
+        by_status: dict[str, list[int]] = {}
+        for r in self.incomplete:
+            by_status.setdefault(r.status, []).append(r.seed)
+        return ", ".join(f"{len(seeds)} {status} (seed{'s' if len(seeds) > 1 else ''} "
+                         f"{', '.join(map(str, sorted(seeds)))})"
+                         for status, seeds in sorted(by_status.items()))
 
     @property
     def config(self) -> Config:
@@ -165,11 +181,12 @@ def load_run(run_dir: Path) -> Run | None:
 
 
 def load_runs(paths: Sequence[str | Path]) -> tuple[list[Run], list[Path]]:
-    """The finished runs under ``paths`` and the unfinished run directories that were left out."""
+    """The finished runs under ``paths`` (completed, diverged or failed) and the unfinished run
+    directories (no summary, or interrupted) that were left out."""
     runs, unfinished = [], []
     for d in find_run_dirs(paths):
         run = load_run(d)
-        if run is None:
+        if run is None or run.status == "interrupted":
             unfinished.append(d)
         else:
             runs.append(run)
@@ -459,11 +476,23 @@ class Comparison:
 def build_comparison(paths: Sequence[str | Path], metric: str | None = None,
                      target: float | None = None) -> Comparison:
     """Load, check and summarize the runs under ``paths`` (no files written)."""
-    runs, unfinished = load_runs(paths)
+    all_runs, unfinished = load_runs(paths)
+    runs = [r for r in all_runs if r.status == "completed"]
+    if not runs:
+        raise CompareError(f"no completed run under {', '.join(map(str, paths))}: "
+                           + ", ".join(f"{r.dir} {r.status}" for r in all_runs[:5])
+                           + (" ..." if len(all_runs) > 5 else ""))
     m = resolve_metric(metric, runs)
     check_comparable(runs, m)
-    settings = group_settings(runs)
-    notes = []
+    settings, notes = [], []
+    for s in group_settings(all_runs):  # labels see every run; numbers only the completed ones
+        s.incomplete = [r for r in s.runs if r.status != "completed"]
+        s.runs = [r for r in s.runs if r.status == "completed"]
+        if s.incomplete:
+            notes.append(f"{s.label}: {s.incomplete_text()}; left out of its numbers "
+                         f"({len(s.runs)} of {len(s.runs) + len(s.incomplete)} runs completed)")
+        if s.runs:
+            settings.append(s)
     if unfinished:
         notes.append(f"left out {len(unfinished)} unfinished run(s) without {SUMMARY_FILE}: "
                      + ", ".join(str(d) for d in unfinished[:5])

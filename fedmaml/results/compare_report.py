@@ -50,7 +50,8 @@ def markdown_table(c: Comparison) -> str:
             rounds = samples = "not reached"
         else:
             rounds, samples = f"{st.rounds_to_target:,.0f}", f"{st.samples_to_target:,.0f}"
-        rows.append(f"| {setting.label} | {st.runs} | {fmt_stat(st.final)} | {fmt_stat(st.best)} | "
+        runs = f"{st.runs}" + (f" (+{setting.incomplete_text()})" if setting.incomplete else "")
+        rows.append(f"| {setting.label} | {runs} | {fmt_stat(st.final)} | {fmt_stat(st.best)} | "
                     f"{rounds} | {samples} | {fmt_stat(st.seconds, 3)} | {fmt_bytes(st.bytes.mean)} |")
     return head + "\n".join(rows) + "\n"
 
@@ -69,7 +70,8 @@ def write_report(c: Comparison, out: Path, figures: Sequence[Path], xs: Sequence
              f"{n_runs} runs in {len(c.settings)} settings, from "
              + ", ".join(f"`{p}`" for p in paths) + ". "
              f"Metric `{c.metric.key}` ({better} is better). Numbers are the mean ± sample standard "
-             "deviation over the runs (seeds) of a setting.", "", markdown_table(c).rstrip(), ""]
+             "deviation over the completed runs (seeds) of a setting; runs that diverged or failed are "
+             "counted in the Runs column and left out of the numbers.", "", markdown_table(c).rstrip(), ""]
 
     differ = list(c.settings[0].values) if c.settings else []
     flat = config_to_flat(c.settings[0].config)
@@ -106,7 +108,9 @@ def write_report(c: Comparison, out: Path, figures: Sequence[Path], xs: Sequence
 
     lines += ["## Runs", ""]
     for setting in c.settings:
-        dirs = ", ".join(f"[{r.dir.name}]({_rel(r.dir, out)})" for r in setting.runs)
+        dirs = ", ".join([f"[{r.dir.name}]({_rel(r.dir, out)})" for r in setting.runs]
+                         + [f"[{r.dir.name}]({_rel(r.dir, out)}) ({r.status}: left out)"
+                            for r in setting.incomplete])
         lines.append(f"- {setting.label}: {dirs}")
     lines.append("")
     if c.notes:

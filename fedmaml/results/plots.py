@@ -29,7 +29,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
             ax_eval.plot(*zip(*pts), marker="o", label=label)
     ax_eval.set_xlabel("round")
     ax_eval.set_ylabel(f"personalized {key} (after adaptation)")
-    ax_eval.legend()
+    if ax_eval.lines:
+        ax_eval.legend()
     ax_eval.grid(alpha=0.3)
     for k, label in (("loss_before", "query loss at w"), ("loss_after", "query loss after adaptation")):
         pts = [(r["round"], r[k]) for r in rows if k in r]
@@ -38,7 +39,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax_train.set_xlabel("round")
     ax_train.set_ylabel("training loss")
     ax_train.set_yscale("log")
-    ax_train.legend()
+    if ax_train.lines:
+        ax_train.legend()
     ax_train.grid(alpha=0.3)
     fig.suptitle(f"{summary.get('name', run_dir.name)} ({summary.get('algorithm', '')})")
     fig.tight_layout()

@@ -1,0 +1,131 @@
+"""Run health: what became of a run (its status) and the totals its summary reports.
+
+A run ends with one status:
+
+* ``completed``: every round ran;
+* ``diverged``: the aggregated update, every update that arrived in a round, or an evaluation loss
+  was NaN or infinite. The run stops at once; ``model.pt`` keeps the last good model;
+* ``failed``: ``federated.max_failed_rounds`` consecutive rounds without one valid reply (every
+  client erred, timed out or sent something malformed, e.g. ``engine.device: cuda`` on a machine
+  without a GPU);
+* ``interrupted``: stopped by SIGINT/SIGTERM (or a stop request) after a round; the run directory
+  then holds a checkpoint to resume from (fedmaml/federated/checkpoint.py).
+
+:class:`RunHealth` reads the per-round rows the strategy writes (``metrics.jsonl``), so the status
+logic stays out of the per-client parsing: the strategy only counts each round's outcomes
+(:func:`round_outcome`), whatever path produced them (per-client replies or a cohort).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+STATUSES = ("completed", "diverged", "failed", "interrupted")
+#: Why a sampled client's reply was not used. ``rejected`` updates (well-formed but NaN/inf) are
+#: counted apart: they say that training diverged, not that a client or the transport failed.
+FAILURE_KINDS = ("error", "timeout", "malformed")
+#: Evaluation keys whose non-finite value means the model diverged.
+_LOSS_KEYS = ("seen.loss.mean", "unseen.loss.mean", "seen.memory-loss.mean")
+
+
+def round_outcome(kinds: Iterable[str], missing: int) -> dict[str, Any]:
+    """A round's failure counts from the kind of every reply that was not used (``error``,
+    ``malformed`` or ``rejected``) and the number of sampled clients that did not reply in time:
+    ``failures`` (all of them, as before), ``failures_by_kind`` and ``rejected``."""
+    by_kind = {k: 0 for k in FAILURE_KINDS}
+    rejected = 0
+    for kind in kinds:
+        if kind == "rejected":
+            rejected += 1
+        else:
+            by_kind[kind] += 1
+    by_kind["timeout"] += max(missing, 0)
+    return {"failures": sum(by_kind.values()) + rejected, "failures_by_kind": by_kind,
+            "rejected": rejected}
+
+
+class RunStopped(Exception):
+    """The run stops before its last round: ``status`` and one line saying why and what to try.
+    ``distrust_w``: the current ``w`` itself made things diverge (its evaluation, or every client's
+    update from it, was not finite), so the result is the model before the last applied update."""
+
+    def __init__(self, status: str, server_round: int, message: str,
+                 distrust_w: bool = False) -> None:
+        super().__init__(message)
+        self.status, self.round, self.message = status, server_round, message
+        self.distrust_w = distrust_w
+
+
+@dataclass
+class RunHealth:
+    """Totals over the rounds seen so far, and the rules that stop a run."""
+
+    max_failed_rounds: int
+    hint: str = "a smaller algorithm.eta or federated.server_lr"
+    replies: int = 0
+    failures: dict[str, int] = field(default_factory=lambda: {k: 0 for k in FAILURE_KINDS})
+    rejected: int = 0
+    rounds_completed: int = 0
+    failed_in_a_row: int = 0
+
+    def observe(self, row: Mapping[str, Any], last_error: str = "") -> None:
+        """Account for one metrics row; raise :class:`RunStopped` when the run must stop."""
+        r = int(row["round"])
+        if r > 0:
+            self.replies += int(row.get("replies", 0))
+            for kind, n in row.get("failures_by_kind", {}).items():
+                self.failures[kind] = self.failures.get(kind, 0) + int(n)
+            self.rejected += int(row.get("rejected", 0))
+            if row.get("diverged"):
+                raise RunStopped("diverged", r, f"run diverged at round {r}: {row['diverged']}; "
+                                 f"try {self.hint}")
+            if int(row.get("replies", 0)) == 0 and int(row.get("rejected", 0)) > 0 and not any(
+                    row.get("failures_by_kind", {}).get(k) for k in ("error", "malformed")):
+                raise RunStopped("diverged", r, f"run diverged at round {r}: every update that "
+                                 f"arrived ({row['rejected']}) holds NaN or infinite values; try "
+                                 f"{self.hint}", distrust_w=True)
+            self.failed_in_a_row = self.failed_in_a_row + 1 if int(row.get("replies", 0)) == 0 else 0
+        bad = [k for k in _LOSS_KEYS if k in row.get("eval", {})
+               and not _finite(row["eval"][k])]
+        if bad:
+            raise RunStopped("diverged", r, f"run diverged at round {r}: the evaluation loss "
+                             f"({', '.join(bad)}) is not finite; try {self.hint}",
+                             distrust_w=True)
+        self.rounds_completed = r
+        if self.failed_in_a_row >= self.max_failed_rounds:
+            why = f" (last error: {last_error})" if last_error else ""
+            raise RunStopped("failed", r, f"run failed at round {r}: no valid reply for "
+                             f"{self.failed_in_a_row} consecutive rounds{why}; fix the clients' "
+                             "problem, or raise federated.max_failed_rounds or "
+                             "federated.round_timeout")
+
+    def totals(self) -> dict[str, Any]:
+        """The summary's share: total valid replies, failures by kind, rejected updates, rounds."""
+        return {"replies": self.replies, "failures": dict(self.failures),
+                "rejected_updates": self.rejected, "rounds_completed": self.rounds_completed}
+
+    def state(self) -> dict[str, Any]:
+        """Everything needed to continue counting after a resume."""
+        return {"replies": self.replies, "failures": dict(self.failures), "rejected": self.rejected,
+                "rounds_completed": self.rounds_completed, "failed_in_a_row": self.failed_in_a_row}
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        self.replies, self.rejected = int(state["replies"]), int(state["rejected"])
+        self.failures = {k: int(v) for k, v in state["failures"].items()}
+        self.rounds_completed = int(state["rounds_completed"])
+        self.failed_in_a_row = int(state["failed_in_a_row"])
+
+
+def _finite(value: Any) -> bool:
+    # metrics.jsonl writes NaN/inf as null; rows seen here still hold the floats
+    return value is not None and math.isfinite(float(value))
+
+
+def run_status(summary: Mapping[str, Any] | None) -> str | None:
+    """The status a ``summary.json`` records (runs written before statuses existed completed)."""
+    if summary is None:
+        return None
+    return str(summary.get("status", "completed"))
