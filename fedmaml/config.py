@@ -180,6 +180,16 @@ class EngineConfig:
                                  "temporary directory, deleted after the run.")
 
 
+@dataclass(frozen=True)
+class FaultsConfig:
+    fail: float = _field(0.0, "Fraction of sampled clients that raise instead of training, drawn "
+                              "per (seed, client, round).", min=0, max=1)
+    straggle: float = _field(0.0, "Fraction of sampled clients that train but reply after the "
+                                  "round timeout.", min=0, max=1)
+    dropout: float = _field(0.0, "Fraction of sampled clients that are away for the whole round "
+                                 "(no work, no reply in time).", min=0, max=1)
+
+
 #: What a selected Lambda pattern can replace (pattern_selection.apply_to).
 PATTERN_TARGETS = ("inner", "memory", "evaluation")
 
@@ -239,6 +249,8 @@ class Config:
     engine: EngineConfig = _section(EngineConfig, "Where and how clients run.")
     pattern_selection: PatternSelectionConfig = _section(
         PatternSelectionConfig, "Lambda-pattern selection (docs/lambda_patterns.md).")
+    faults: FaultsConfig = _section(FaultsConfig, "Injected client faults in training rounds, to "
+                                                  "study robustness (docs/robustness.md).")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -264,6 +276,8 @@ CROSS_FIELD_RULES = (
     "`model.name: conv4` needs an image family (" + ", ".join(f"`{f}`" for f in IMAGE_FAMILIES) + ").",
     "`pattern_selection.at_round` must not exceed `federated.rounds`; `pattern_selection.apply_to` "
     "lists " + ", ".join(f"`{t}`" for t in PATTERN_TARGETS) + ".",
+    "`faults.fail + faults.straggle + faults.dropout` must not exceed 1; `faults.straggle` and "
+    "`faults.dropout` need `federated.round_timeout > 0`.",
 )
 
 
@@ -309,6 +323,17 @@ def cross_field_problems(cfg: Config) -> list[str]:
         if target not in PATTERN_TARGETS:
             problems.append(f"pattern_selection.apply_to: {target!r} is not allowed; list some of "
                             f"{', '.join(PATTERN_TARGETS)}" + _suggest(target, PATTERN_TARGETS))
+
+    faults = cfg.faults
+    if faults.fail + faults.straggle + faults.dropout > 1 + 1e-12:
+        problems.append(f"faults: fail + straggle + dropout = "
+                        f"{faults.fail + faults.straggle + faults.dropout:g} exceeds 1 (each is a "
+                        "fraction of the sampled clients)")
+    late = [k for k in ("straggle", "dropout") if getattr(faults, k) > 0]
+    if late and fed.round_timeout == 0:
+        problems.append(f"faults.{late[0]}: late clients need a deadline; set "
+                        "federated.round_timeout > 0 (without one a real server would wait for "
+                        "ever)")
     return problems
 
 

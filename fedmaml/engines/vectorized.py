@@ -5,7 +5,8 @@ operations, so a per-client loop (one message, one ClientApp call per client) is
 and dispatch overhead. This grid receives a round's train messages at once and:
 
 1. groups them by instruction (the same meta-model and round config);
-2. draws each client's round data exactly as the ClientApp does (``draw_client_round``: the client's
+2. applies injected faults (``fedmaml.federated.faults``, as the ClientApp does), then draws each
+   client's round data exactly as the ClientApp does (``draw_client_round``: the client's
    own ``(seed, id, round)`` generator), reads the cohort's memories from a :class:`MemoryBank`;
 3. groups clients whose inputs have the same shapes (clients needing memory initialisation form their
    own cohort; ragged clients their own), stacks them, and runs the algorithm's
@@ -43,7 +44,7 @@ from fedmaml.engines.allocator import retain_freed_memory
 from fedmaml.engines.inprocess import (CLIENT_APP_ERROR, FIRST_CLIENT_NODE, SERVER_NODE_ID,
                                        InProcessGrid)
 from fedmaml.engines.memory_bank import BankStore, MemoryBank
-from fedmaml.federated import codec
+from fedmaml.federated import codec, faults
 from fedmaml.federated import records as R
 from fedmaml.federated.client_app import (draw_client_round, evaluate_client,
                                           evaluate_instruction, needs_memory_init, to_device,
@@ -211,9 +212,19 @@ class VectorizedGrid(InProcessGrid):
         except Exception:  # noqa: BLE001 - each client reports the bad instruction itself
             return {i: self._train_one(msg) for i, msg in messages.items()}
         cohorts: dict[tuple, list[tuple[int, _Client]]] = {}
+        stragglers: list[int] = []
         for i, msg in messages.items():
             start = time.perf_counter()
             cid = msg.metadata.dst_node_id - FIRST_CLIENT_NODE
+            fault = faults.client_fault(self.cfg, cid, server_round)  # as train_client decides
+            if fault == "fail":
+                replies[i] = (_error_reply(msg, faults.fail(cid, server_round)), 0.0)
+                continue
+            if fault == "dropout":
+                replies[i] = (faults.dropout_reply(msg, cid), 0.0)
+                continue
+            if fault == "straggle":
+                stragglers.append(i)
             try:
                 has_memory = self.bank is not None and bool(self.bank.contains([cid])[0])
                 fresh = needs_memory_init(setup, hp, has_memory)
@@ -227,6 +238,10 @@ class VectorizedGrid(InProcessGrid):
             size = self.max_cohort or len(members)
             for at in range(0, len(members), size):
                 replies.update(self._train_cohort(w, hp, members[at:at + size]))
+        for i in stragglers:  # trained (memory written), but the reply comes after the deadline
+            reply, seconds = replies[i]
+            if not reply.has_error():
+                replies[i] = (faults.mark_late(reply), seconds)
         return replies
 
     def _train_cohort(self, w: Params, hp: Hyper, members: list[tuple[int, _Client]]

@@ -20,6 +20,7 @@ from fedmaml.core.evaluation import personalized_metrics
 from fedmaml.core.params import Params
 from fedmaml.core.patterns import Pattern
 from fedmaml.data.tasks import Task
+from fedmaml.federated import faults
 from fedmaml.federated import pattern_selection as selected
 from fedmaml.federated import node_config
 from fedmaml.federated import records as R
@@ -71,6 +72,11 @@ def train_client(msg: Message, cfg: Any, setup: ExperimentSetup, cid: int, store
     start = time.perf_counter()
     device = resolve_device(cfg.engine.device)
     w, server_round, hp = train_instruction(msg, setup, device)
+    fault = faults.client_fault(cfg, cid, server_round)  # injected (faults.*): None in real runs
+    if fault == "fail":
+        raise faults.fail(cid, server_round)
+    if fault == "dropout":
+        return faults.dropout_reply(msg, cid)
     memory = store.load() if setup.algorithm.uses_memory else None
     memory = None if memory is None else to_device(memory, device)
     fresh = needs_memory_init(setup, hp, memory is not None)
@@ -79,8 +85,9 @@ def train_client(msg: Message, cfg: Any, setup: ExperimentSetup, cid: int, store
                                            memory, data.to(device))
     if memory is not None:
         store.save(memory)
-    return train_reply(msg, R.to_record(delta), train_metrics(cid, tasks, data, metrics,
-                                                             time.perf_counter() - start))
+    reply = train_reply(msg, R.to_record(delta), train_metrics(cid, tasks, data, metrics,
+                                                              time.perf_counter() - start))
+    return faults.mark_late(reply) if fault == "straggle" else reply
 
 
 def train_instruction(msg: Message, setup: ExperimentSetup, device: torch.device

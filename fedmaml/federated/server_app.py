@@ -10,6 +10,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedmaml import collector
+from fedmaml.federated import faults
 from fedmaml.federated import records as R
 from fedmaml.federated.client_app import config_from_run_config
 from fedmaml.federated.health import RunHealth, RunStopped
@@ -51,10 +52,15 @@ def run_federated(grid: Grid, cfg: Any, run_dir: str | Path, quiet: bool = False
                        hint=f"a smaller algorithm.eta (now {cfg.algorithm.eta:g}) or "
                             f"federated.server_lr (now {cfg.federated.server_lr:g})")
     key = "accuracy" if setup.classification else "loss"
+    injected = {k: 0 for k in faults.KINDS}
     last_eval: dict[str, Any] = {}
     first_eval: dict[str, Any] = {}
 
     def on_round(row: dict[str, Any]) -> None:
+        if row["round"] > 0 and faults.enabled(cfg):  # what was injected, beside what was counted
+            row["injected"] = faults.injected(cfg, row["clients"], row["round"])
+            for k, n in row["injected"].items():
+                injected[k] += n
         recorder.log_round(row)
         if "pattern_selection" in row:  # the table also gets a file of its own
             write_selection(run_dir, row["pattern_selection"])
@@ -87,6 +93,7 @@ def run_federated(grid: Grid, cfg: Any, run_dir: str | Path, quiet: bool = False
         **({"message": message} if message else {}),
         "rounds": cfg.federated.rounds,
         **health.totals(),
+        **({"injected": injected} if faults.enabled(cfg) else {}),
         "metric": key,
         "eval_steps": cfg.evaluation.steps,
         "before": {k: v for k, v in first_eval.items() if not k.endswith(".clients")},

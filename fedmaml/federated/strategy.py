@@ -46,6 +46,7 @@ from fedmaml import collector
 from fedmaml.core.params import Params
 from fedmaml.core.server import ServerOptimizer, aggregate_stacked
 from fedmaml.errors import MessageError
+from fedmaml.federated import faults
 from fedmaml.federated import records as R
 from fedmaml.federated.discovery import PartitionDirectory
 from fedmaml.federated.health import round_outcome
@@ -90,10 +91,11 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float | None,
     reply. We poll every ``poll_interval`` seconds, or every tenth of the time waited so far if that
     is longer (at most 1 s): a reply is noticed at most 10 % late, and a long deployed round does not
     cost the SuperLink a pull request every few milliseconds. Grids that deliver synchronously
-    (``synchronous = True``: the in-process and vectorized engines) answer in one call.
+    (``synchronous = True``: the in-process and vectorized engines) answer in one call. Replies
+    that injected faults make late (``faults.arrived``) count as not arrived.
     """
     if getattr(grid, "synchronous", False):
-        return list(grid.send_and_receive(messages, timeout=timeout))
+        return faults.arrived(grid.send_and_receive(messages, timeout=timeout))
     pending = {mid for mid in grid.push_messages(messages) if mid}
     start = time.monotonic()
     deadline = None if timeout is None else start + timeout
@@ -106,7 +108,7 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float | None,
         if not pending or (deadline is not None and now >= deadline):
             break
         time.sleep(min(MAX_POLL_SECONDS, max(poll_interval, (now - start) / 10)))
-    return replies
+    return faults.arrived(replies)
 
 
 class MetaStrategy(Strategy):
