@@ -63,22 +63,40 @@ def _split_config_and_overrides(config: str | None, overrides: list[str]) -> tup
 # --------------------------------------------------------------------------------------------------
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", metavar="CONFIG", help="YAML config file")
+    parser.add_argument("config", metavar="CONFIG", nargs="?", help="YAML config file")
     _add_overrides(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.add_argument("--output-dir", metavar="DIR", help="directory for run directories "
                         "(overrides output_dir)")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its "
+                        "checkpoint, with the config saved in RUN_DIR (no CONFIG, no overrides)")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from fedmaml.config import load_config, replace_path
 
-    cfg = load_config(args.config, args.overrides)
-    if args.output_dir is not None:
-        cfg = replace_path(cfg, "output_dir", args.output_dir)
+    config, overrides = _split_config_and_overrides(args.config, args.overrides)
+    if args.resume is not None:
+        if config is not None or overrides or args.output_dir is not None:
+            raise FedmamlError("--resume RUN_DIR takes the config saved in RUN_DIR: give no "
+                               "CONFIG, overrides or --output-dir with it")
+        run_dir: Path | None = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise FedmamlError(f"--resume {run_dir}: not a run directory (no config.yaml)")
+        cfg = load_config(run_dir / "config.yaml")
+    else:
+        if config is None:
+            raise FedmamlError("give a CONFIG file (or --resume RUN_DIR)")
+        cfg = load_config(config, overrides)
+        if args.output_dir is not None:
+            cfg = replace_path(cfg, "output_dir", args.output_dir)
+        run_dir = None
     from fedmaml.experiment import run_dirs_of, run_experiment, statuses  # lazy: torch and flwr
 
-    run_dir = run_experiment(cfg, quiet=args.quiet)
+    if run_dir is not None:
+        run_experiment(cfg, quiet=args.quiet, run_dir=run_dir, resume=True)
+    else:
+        run_dir = run_experiment(cfg, quiet=args.quiet)
     return exit_code(statuses(run_dirs_of(run_dir, cfg)).values())
 
 

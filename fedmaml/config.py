@@ -141,6 +141,8 @@ class FederatedConfig:
                                max_exclusive=True)
     adam_eps: float = _field(1e-8, "Adam server optimizer: epsilon.", min=0, min_exclusive=True)
     min_replies: int = _field(1, "Replies needed for a round to count.", min=1)
+    checkpoint_every: int = _field(0, "Write a checkpoint to resume from every this many rounds; "
+                                      "0 = only when the run is stopped by SIGINT/SIGTERM.", min=0)
     max_failed_rounds: int = _field(3, "Consecutive rounds without a valid reply after which the "
                                        "run stops with status failed.", min=1)
     round_timeout: float = _field(0.0, "Seconds to wait for replies per round; 0 = no limit.", min=0)
@@ -170,6 +172,9 @@ class EngineConfig:
     num_cpus: float = _field(1.0, "CPUs per client under Ray.", min=0, min_exclusive=True)
     num_gpus: float = _field(0.0, "GPUs per client under Ray.", min=0)
     ray_address: str = _field("", "Address of an existing Ray cluster; empty = start a local one.")
+    discovery_timeout: float = _field(300.0, "ray: seconds to wait at the start for every simulated "
+                                             "node (Ray actor) to answer; actors start slowly on a "
+                                             "loaded machine.", min=0, min_exclusive=True)
     device: str = _field("cpu", "Torch device.", choices=("cpu", "cuda", "auto"))
     torch_threads: int = _field(1, "Torch intra-op threads; 0 = torch default.", min=0)
     max_cohort_size: int = _field(1024, "vectorized: most clients batched in one vmapped call "

@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fedmaml.errors import ConfigError
+from fedmaml.errors import ConfigError, FedmamlError
+from fedmaml.federated import checkpoint
 from fedmaml.federated.client_app import make_client_app
 from fedmaml.federated.health import run_status
 from fedmaml.federated.server_app import make_server_app
@@ -29,30 +30,70 @@ def quiet_frameworks() -> None:
 
 
 def new_run_dir(cfg: Any) -> Path:
-    """``<output_dir>/<name>``, or ``<name>-2``, ``-3``... if that exists already."""
+    """``<output_dir>/<name>``, or ``<name>-2``, ``-3``... if that exists already. When the last of
+    them is an unfinished run of this very config, that is an error saying how to resume it
+    (rather than silently starting over in the next directory)."""
     base = Path(cfg.output_dir) / cfg.name
-    path, i = base, 1
+    path, i, last = base, 1, None
     while path.exists() and any(path.iterdir()):
+        last = path
         i += 1
         path = base.with_name(f"{base.name}-{i}")
+    if last is not None:
+        refuse_unfinished(last, cfg)
     return path
 
 
-def run_experiment(cfg: Any, quiet: bool = False, run_dir: str | Path | None = None) -> Path:
+def refuse_unfinished(run_dir: Path, cfg: Any) -> None:
+    """A FedmamlError if ``run_dir`` is an unfinished run of ``cfg`` (same config up to
+    output_dir): resume it or remove it, but do not leave it behind unnoticed."""
+    from fedmaml.config import load_config
+    from fedmaml.sweep import config_differences
+
+    status = run_status(read_summary(run_dir))
+    if status not in (None, "interrupted") or not (run_dir / "config.yaml").exists():
+        return
+    try:
+        if config_differences(load_config(run_dir / "config.yaml"), cfg):
+            return
+    except FedmamlError:  # not a config this version reads: another experiment
+        return
+    if checkpoint.path_of(run_dir).exists():
+        saved = checkpoint.load(run_dir)
+        raise FedmamlError(f"{run_dir} is an unfinished run of this config (checkpoint after "
+                           f"round {saved['round']} of {cfg.federated.rounds}); resume it with "
+                           f"`fedmaml run --resume {run_dir}`, or move it away to start again")
+    raise FedmamlError(f"{run_dir} is an unfinished run of this config without a checkpoint (it "
+                       "crashed or was killed before its first one; see "
+                       "federated.checkpoint_every); move it away (or delete it) to start again")
+
+
+def run_experiment(cfg: Any, quiet: bool = False, run_dir: str | Path | None = None,
+                   resume: bool = False) -> Path:
     """Run ``cfg`` (and the ``compare_with`` baselines under ``<run_dir>/baselines/``); return the run
-    directory (config.yaml, metrics.jsonl, summary.json, model.pt, convergence.png)."""
+    directory (config.yaml, metrics.jsonl, summary.json, model.pt, convergence.png).
+
+    ``resume``: continue the runs of ``run_dir`` from their checkpoints; runs that already ended
+    are kept, runs without a checkpoint start from the beginning. During a run the first SIGINT or
+    SIGTERM stops it after the current round with a checkpoint (fedmaml/federated/checkpoint.py);
+    the later runs (baselines) are then not started."""
     quiet_frameworks()
+    if resume and run_dir is None:
+        raise FedmamlError("resume needs the run directory")
     run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
-    run_one(cfg, run_dir, quiet)
-    runs = [run_dir]
-    for name in filter(None, (n.strip() for n in cfg.compare_with.split(","))):
-        baseline = baseline_config(cfg, name)
-        if not quiet:
-            print(f"baseline {name}:", file=sys.stderr)
-        run_one(baseline, run_dir / "baselines" / name, quiet)
-        runs.append(run_dir / "baselines" / name)
+    names = [n.strip() for n in cfg.compare_with.split(",") if n.strip()]
+    runs = [(cfg, run_dir)] + [(baseline_config(cfg, n), run_dir / "baselines" / n) for n in names]
+    with checkpoint.stop_on_signals():
+        for i, (c, d) in enumerate(runs):
+            if resume and run_status(read_summary(d)) not in (None, "interrupted"):
+                continue  # ended before: its summary says how
+            if i and not quiet:
+                print(f"baseline {c.algorithm.name}:", file=sys.stderr)
+            run_one(c, d, quiet, resume=resume and checkpoint.path_of(d).exists())
+            if run_status(read_summary(d)) == "interrupted":
+                break
     if not quiet:
-        print(format_summary(runs), file=sys.stdout)
+        print(format_summary([d for _, d in runs]), file=sys.stdout)
     return run_dir
 
 
@@ -68,11 +109,11 @@ def baseline_config(cfg: Any, algorithm: str) -> Any:
     return replace_paths(cfg, updates)
 
 
-def run_one(cfg: Any, run_dir: Path, quiet: bool) -> None:
+def run_one(cfg: Any, run_dir: Path, quiet: bool, resume: bool = False) -> None:
     """One config on the engine it names; the same ClientApp/ServerApp on every engine."""
     setup = setup_for(cfg)  # fail fast on bad data/model/pattern settings, before any engine starts
     num_nodes = setup.federation.num_clients + setup.federation.num_unseen
-    server_app = make_server_app(cfg, run_dir, quiet=quiet)
+    server_app = make_server_app(cfg, run_dir, quiet=quiet, resume=resume)
     client_app = make_client_app(cfg)
     engine = cfg.engine.name
     if engine == "inprocess":

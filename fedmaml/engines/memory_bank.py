@@ -149,21 +149,25 @@ class MemoryBank:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises several types for truncated or foreign files
             raise DataError(f"memory bank checkpoint {path} is unreadable ({e})") from None
+        self.load_state_dict(state, str(path))
+
+    def load_state_dict(self, state: dict, where: str = "memory bank state") -> None:
+        """Replace the bank's contents by a :meth:`state_dict` (``where`` names it in errors)."""
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise DataError(f"{path} is not a memory bank checkpoint (format {CHECKPOINT_FORMAT})")
+            raise DataError(f"{where} is not a memory bank checkpoint (format {CHECKPOINT_FORMAT})")
         if state["num_clients"] != self.num_clients:
-            raise DataError(f"memory bank checkpoint {path} is for {state['num_clients']} clients, "
-                            f"this federation has {self.num_clients}")
+            raise DataError(f"memory bank checkpoint {where} is for {state['num_clients']} "
+                            f"clients, this federation has {self.num_clients}")
         memory, ids = state["memory"], state["client_ids"].numpy()
         if list(memory) != list(self.like):
-            raise DataError(f"memory bank checkpoint {path} has parameters {list(memory)}, "
+            raise DataError(f"memory bank checkpoint {where} has parameters {list(memory)}, "
                             f"expected {list(self.like)} (was it written for another model?)")
         self._reset()
         if len(ids):
             try:
                 self.write(ids.tolist(), memory)
             except ValueError as e:
-                raise DataError(f"memory bank checkpoint {path}: {e}") from None
+                raise DataError(f"memory bank checkpoint {where}: {e}") from None
 
     def close(self) -> None:
         """Drop the storage; a temporary directory of memory-mapped files is deleted."""

@@ -164,6 +164,14 @@ class VectorizedGrid(InProcessGrid):
         if self.bank is not None:
             self.bank.close()
 
+    # -- checkpoints (fedmaml/federated/checkpoint.py): the bank as a whole ------------------------
+    def memory_state(self) -> dict | None:
+        return None if self.bank is None else self.bank.state_dict()
+
+    def load_memory_state(self, state: dict | None) -> None:
+        if self.bank is not None and state is not None:
+            self.bank.load_state_dict(state, "the checkpoint's memory bank")
+
     # -- Grid API -------------------------------------------------------------------------------
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:

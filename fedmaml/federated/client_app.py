@@ -20,7 +20,7 @@ from fedmaml.core.evaluation import personalized_metrics
 from fedmaml.core.params import Params
 from fedmaml.core.patterns import Pattern
 from fedmaml.data.tasks import Task
-from fedmaml.federated import faults
+from fedmaml.federated import checkpoint, faults
 from fedmaml.federated import pattern_selection as selected
 from fedmaml.federated import node_config
 from fedmaml.federated import records as R
@@ -56,6 +56,13 @@ def make_client_app(config: Any = None) -> ClientApp:
         """Measure Lambda-pattern candidates on this client's held-out split and device."""
         _, setup, cid = resolve(context)
         return selected.handle_select(setup, cid, msg)
+
+    @app.query("memory")
+    def memory(msg: Message, context: Context) -> Message:
+        """Hand the memory to the run's checkpoint, or take it back on resume (checkpoint.py)."""
+        _, setup, cid = resolve(context)
+        return checkpoint.memory_query_reply(msg, memory_store(context, setup, cid), cid,
+                                             setup.initial_params)
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:

@@ -16,6 +16,7 @@ claim the same client id, the later reply wins (the restarted node).
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from flwr.app import Message, RecordDict
@@ -56,16 +57,26 @@ class PartitionDirectory:
         self._ask(sorted(set(self.grid.get_node_ids()) - self._asked))
         return self.nodes
 
-    def discover(self, limit: float) -> dict[int, int]:
-        """Wait up to ``limit`` seconds for a node for every client id. Clients still missing then
-        are logged and treated as failed when sampled (their node may connect later); no node at
-        all is an error."""
+    def discover(self, limit: float, simulation: bool = False) -> dict[int, int]:
+        """Wait up to ``limit`` seconds for a node for every client id.
+
+        In a deployment, clients still missing then are logged and treated as failed when sampled
+        (their node may connect later); no node at all is an error. In a simulation the engine
+        started one node per client id, so any missing node is an error (its actors did not start
+        or answer in time)."""
         deadline = time.monotonic() + limit
         self.refresh()
         while self.missing and time.monotonic() < deadline:
             time.sleep(POLL_SECONDS)
             self.refresh()
         missing = self.missing
+        if missing and simulation:
+            load = _load_average()
+            raise MessageError(
+                f"{len(missing)} of the {self.expected} simulated nodes (one per client id, in "
+                f"Ray actors) did not answer within {limit:.0f}s{load}: the actors are slow to "
+                "start on a loaded machine; raise engine.discovery_timeout (seconds), lower "
+                "engine.num_cpus to run more actors, or use engine.name: inprocess or vectorized")
         if missing and not self.nodes:
             raise MessageError(f"no node answered within {limit:.0f}s ({self.expected} client ids "
                                "expected); start one SuperNode per client id with --node-config "
@@ -111,6 +122,13 @@ class PartitionDirectory:
                 log.warning("client %d moved from node %d to node %d (a restarted SuperNode)", cid,
                             old, nid)
             self.nodes[cid] = nid
+
+
+def _load_average() -> str:
+    try:
+        return f" (load average {os.getloadavg()[0]:.1f})"
+    except OSError:  # not available on every platform
+        return ""
 
 
 def _ids(ids: list[int]) -> str:

@@ -10,7 +10,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedmaml import collector
-from fedmaml.federated import faults
+from fedmaml.errors import FedmamlError
+from fedmaml.federated import checkpoint, faults
 from fedmaml.federated import records as R
 from fedmaml.federated.client_app import config_from_run_config
 from fedmaml.federated.health import RunHealth, RunStopped
@@ -24,92 +25,118 @@ log = logging.getLogger("fedmaml")
 
 
 def make_server_app(config: Any = None, run_dir: str | Path | None = None,
-                    quiet: bool = False) -> ServerApp:
+                    quiet: bool = False, resume: bool = False) -> ServerApp:
     """A ServerApp for ``config`` writing into ``run_dir``; with ``None`` both come from the run
-    config (``flwr run``), the run directory being ``<output_dir>/<name>-<run id>``."""
+    config (``flwr run``), the run directory being ``<output_dir>/<name>-<run id>``. ``resume``:
+    continue from the run directory's checkpoint (fedmaml/federated/checkpoint.py)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = config if config is not None else config_from_run_config(context.run_config)
         out = run_dir or Path(cfg.output_dir) / f"{cfg.name}-{context.run_id}"
-        run_federated(grid, cfg, out, quiet=quiet)
+        # without a config given here, the app runs under `flwr run`: on real SuperNodes
+        run_federated(grid, cfg, out, quiet=quiet, resume=resume, deployment=config is None)
 
     return app
 
 
-def run_federated(grid: Grid, cfg: Any, run_dir: str | Path, quiet: bool = False) -> dict[str, Any]:
+def run_federated(grid: Grid, cfg: Any, run_dir: str | Path, quiet: bool = False,
+                  resume: bool = False, deployment: bool = False) -> dict[str, Any]:
     """Run all rounds on ``grid``; write config, metrics.jsonl, summary.json and model.pt.
 
     The summary carries the run's status (fedmaml/federated/health.py): a run that diverges or
     fails stops at once with one line saying the round, the cause and what to try, and its model.pt
-    holds the last good model."""
+    holds the last good model. Every ``federated.checkpoint_every`` rounds, and when a stop is
+    requested (SIGINT/SIGTERM), the run directory gets a checkpoint; ``resume`` continues from it
+    (fedmaml/federated/checkpoint.py)."""
     setup = setup_for(cfg)
-    strategy = MetaStrategy(setup)
-    recorder = RunRecorder(run_dir, cfg)
-    progress = Progress(cfg.federated.rounds, quiet=quiet)
+    strategy = MetaStrategy(setup, deployment=deployment)
+    saved = checkpoint.load(run_dir) if resume else None
+    recorder = RunRecorder(run_dir, cfg, metrics=saved["metrics"] if saved else None)
+    rounds = cfg.federated.rounds
+    progress = Progress(rounds, quiet=quiet)
     health = RunHealth(cfg.federated.max_failed_rounds,
                        hint=f"a smaller algorithm.eta (now {cfg.algorithm.eta:g}) or "
                             f"federated.server_lr (now {cfg.federated.server_lr:g})")
     key = "accuracy" if setup.classification else "loss"
-    injected = {k: 0 for k in faults.KINDS}
-    last_eval: dict[str, Any] = {}
-    first_eval: dict[str, Any] = {}
+    # what the summary reports besides the health totals (kept in checkpoints)
+    state: dict[str, Any] = {"injected": {k: 0 for k in faults.KINDS}, "first_eval": {},
+                             "last_eval": {}, "seconds": 0.0}
+    if saved is not None:
+        health.restore(saved["health"])
+        state = saved["app"]
+        checkpoint.set_rng_state(saved["rng"])
+    every = cfg.federated.checkpoint_every
+
+    def save_checkpoint(server_round: int) -> None:
+        try:
+            memories = strategy.checkpoint_memories(grid)
+        except FedmamlError as e:  # the previous checkpoint (if any) stays
+            log.warning("round %d: no checkpoint written: %s", server_round, e)
+            return
+        checkpoint.save(run_dir, {
+            "round": server_round, "seconds": state["seconds"], "rng": checkpoint.rng_state(),
+            "strategy": strategy.checkpoint_state(), "memories": memories,
+            "health": health.state(), "app": state, "metrics": recorder.text()})
 
     def on_round(row: dict[str, Any]) -> None:
-        if row["round"] > 0 and faults.enabled(cfg):  # what was injected, beside what was counted
-            row["injected"] = faults.injected(cfg, row["clients"], row["round"])
+        r = row["round"]
+        if r > 0 and faults.enabled(cfg):  # what was injected, beside what was counted
+            row["injected"] = faults.injected(cfg, row["clients"], r)
             for k, n in row["injected"].items():
-                injected[k] += n
+                state["injected"][k] += n
         recorder.log_round(row)
+        state["seconds"] = row["seconds"]
         if "pattern_selection" in row:  # the table also gets a file of its own
             write_selection(run_dir, row["pattern_selection"])
         health.observe(row, strategy.last_error)  # raises RunStopped: diverged or failed
         if "eval" in row:
-            last_eval.clear()
-            last_eval.update(row["eval"])
-            if not first_eval:
-                first_eval.update(row["eval"])
-        shown = last_eval.get(f"seen.{key}.mean")
+            state["last_eval"] = dict(row["eval"])
+            if not state["first_eval"]:
+                state["first_eval"] = dict(row["eval"])
+        stop = checkpoint.stop_requested()
+        if r < rounds and (stop or (every and r > 0 and r % every == 0)):
+            save_checkpoint(r)
+        if stop and r < rounds:
+            raise RunStopped("interrupted", r, f"interrupted after round {r}; resume with: "
+                             f"fedmaml run --resume {run_dir}")
+        shown = state["last_eval"].get(f"seen.{key}.mean")
         info = f"{key} {shown:.4g}" if shown is not None else ""
         if "loss_after" in row:
             info = f"train loss {row['loss_after']:.4g} | eval {info}"
-        progress.update(row["round"], info)
+        progress.update(r, info)
 
     timeout = cfg.federated.round_timeout or None
     status, message, model = "completed", "", None
     try:
         with collector.frozen():  # collections skip what existed before the run (collector.py)
-            strategy.start(grid, R.to_record(setup.initial_params), cfg.federated.rounds,
-                           timeout=timeout, on_round=on_round)
+            strategy.start(grid, R.to_record(setup.initial_params), rounds, timeout=timeout,
+                           on_round=on_round, resume=saved)
     except RunStopped as stop:
         status, message = stop.status, stop.message
         model = strategy.w_before_update if stop.distrust_w else strategy.w
-        log.error("%s", message)
+        (log.warning if status == "interrupted" else log.error)("%s", message)
     summary = {
         "name": cfg.name,
         "algorithm": cfg.algorithm.name,
         "status": status,
         **({"message": message} if message else {}),
-        "rounds": cfg.federated.rounds,
+        "rounds": rounds,
         **health.totals(),
-        **({"injected": injected} if faults.enabled(cfg) else {}),
+        **({"injected": state["injected"]} if faults.enabled(cfg) else {}),
         "metric": key,
         "eval_steps": cfg.evaluation.steps,
-        "before": {k: v for k, v in first_eval.items() if not k.endswith(".clients")},
-        "after": {k: v for k, v in last_eval.items() if not k.endswith(".clients")},
-        "seconds": progress_elapsed(progress),
+        "before": {k: v for k, v in state["first_eval"].items() if not k.endswith(".clients")},
+        "after": {k: v for k, v in state["last_eval"].items() if not k.endswith(".clients")},
+        "seconds": state["seconds"],
     }
     if strategy.selector.record is not None:
         summary["pattern_selection"] = selection_summary(strategy.selector.record)
     recorder.finish(summary, strategy.w if model is None else model)
+    if status != "interrupted":  # the summary says what the run became; nothing to resume
+        checkpoint.remove(run_dir)
     return summary
-
-
-def progress_elapsed(progress: Progress) -> float:
-    import time
-
-    return time.perf_counter() - progress.start
 
 
 # The app that ``flwr run .`` loads (see [tool.flwr.app.components] in pyproject.toml).

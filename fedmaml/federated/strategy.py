@@ -46,7 +46,7 @@ from fedmaml import collector
 from fedmaml.core.params import Params
 from fedmaml.core.server import ServerOptimizer, aggregate_stacked
 from fedmaml.errors import MessageError
-from fedmaml.federated import faults
+from fedmaml.federated import checkpoint, faults
 from fedmaml.federated import records as R
 from fedmaml.federated.discovery import PartitionDirectory
 from fedmaml.federated.health import round_outcome
@@ -57,8 +57,9 @@ log = logging.getLogger("fedmaml")
 
 TRAIN_METRICS = ("loss-before", "loss-after")
 EVAL_METRICS = ("loss", "accuracy", "memory-loss", "memory-accuracy", "adapt-ms")
-# Nodes register while the ServerApp starts (and devices connect late): wait at least this long for
-# them, even when rounds have no time limit (round_timeout 0 -> timeout None).
+# Devices register while the ServerApp starts (and connect late): in a deployment wait at least this
+# long for them, even when rounds have no time limit (round_timeout 0 -> timeout None). A
+# simulation waits engine.discovery_timeout for the nodes its engine started.
 DISCOVERY_SECONDS = 60.0
 #: The round record keys the strategy's accounting contributes to a metrics row.
 ROUND_KEYS = ("clients", "replies", "failures", "failures_by_kind", "rejected", "updated",
@@ -112,8 +113,11 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float | None,
 
 
 class MetaStrategy(Strategy):
-    def __init__(self, setup: ExperimentSetup) -> None:
+    def __init__(self, setup: ExperimentSetup, deployment: bool = False) -> None:
+        """``deployment``: the nodes are real SuperNodes (``flwr run``), not ones a simulation
+        engine started; it changes how long discovery waits and what its errors advise."""
         self.setup = setup
+        self.deployment = deployment
         self.cfg = setup.config
         fed = self.cfg.federated
         self.optimizer = ServerOptimizer(fed.server_optimizer, fed.server_lr, fed.server_momentum,
@@ -127,6 +131,8 @@ class MetaStrategy(Strategy):
         self._panel: list[int] | None = None
         self.poll_interval = fed.poll_interval
         self.w_before_update: Params = self.w  # the model before the last applied update
+        self.touched: set[int] = set()  # clients sent a train instruction (they may hold a memory)
+        self.totals = {"samples": 0, "bytes_up": 0, "bytes_down": 0}
         self.last_error = ""  # the last reason a reply was not used (for the run's status line)
 
     # -- sampling -------------------------------------------------------------------------------
@@ -171,6 +177,7 @@ class MetaStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         cids = self.clients_for_round(server_round)
+        self.touched.update(cids)
         self.round_stats = {"clients": cids}
         cfg = ConfigRecord({**dict(config), **self.selector.train_config(), R.ROUND: server_round,
                             R.ETA: self.setup.eta_for_round(server_round)})
@@ -318,6 +325,33 @@ class MetaStrategy(Strategy):
                 out[f"{group}.{key}.clients"] = values
         return MetricRecord(out)
 
+    # -- checkpoints (fedmaml/federated/checkpoint.py) ------------------------------------------
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The server's state after a round: what the rest of the run depends on."""
+        sel = self.selector
+        return {"w": dict(self.w), "w_before_update": dict(self.w_before_update),
+                "optimizer": {"state": dict(self.optimizer.state), "steps": self.optimizer.steps},
+                "trained": sorted(self.trained), "touched": sorted(self.touched),
+                "selector": {"record": sel.record, "train": dict(sel._train),
+                             "evaluate": dict(sel._evaluate)},
+                "totals": dict(self.totals)}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        self.w, self.w_before_update = dict(state["w"]), dict(state["w_before_update"])
+        self.optimizer.state = dict(state["optimizer"]["state"])
+        self.optimizer.steps = int(state["optimizer"]["steps"])
+        self.trained, self.touched = set(state["trained"]), set(state["touched"])
+        sel = self.selector
+        sel.record = state["selector"]["record"]
+        sel._train, sel._evaluate = dict(state["selector"]["train"]), dict(state["selector"]["evaluate"])
+        self.totals = dict(state["totals"])
+
+    def checkpoint_memories(self, grid: Grid) -> dict[str, Any]:
+        """Every client's memory (``checkpoint.collect_memories``), asked through ``grid``."""
+        return checkpoint.collect_memories(
+            grid, self.nodes, sorted(self.touched),
+            lambda ms: exchange(grid, ms, self._timeout, self.poll_interval))
+
     def summary(self) -> None:
         fed = self.cfg.federated
         log.info("MetaStrategy: %s, %s, %s aggregation, server %s lr=%g", self.cfg.algorithm.name,
@@ -328,21 +362,34 @@ class MetaStrategy(Strategy):
               timeout: float = 3600, train_config: ConfigRecord | None = None,
               evaluate_config: ConfigRecord | None = None,
               evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
-              *, on_round: Callable[[dict[str, Any]], None] | None = None) -> Result:
+              *, on_round: Callable[[dict[str, Any]], None] | None = None,
+              resume: dict[str, Any] | None = None) -> Result:
         """Flower's train -> aggregate -> evaluate loop, plus partition discovery, an evaluation
-        before training, and a per-round record (``on_round``) with bytes, samples and time."""
+        before training, and a per-round record (``on_round``) with bytes, samples and time.
+        ``resume``: a checkpoint (fedmaml/federated/checkpoint.py) to continue from, after its
+        round, with the server's state and every client's memory as they were then."""
         self.summary()
         train_config = train_config or ConfigRecord()
         evaluate_config = evaluate_config or ConfigRecord()
         self._timeout = timeout
         directory = PartitionDirectory(grid, self.setup.federation.num_clients
                                        + self.setup.federation.num_unseen)
-        self.nodes = directory.discover(discovery_seconds(timeout))
+        if self.deployment:
+            self.nodes = directory.discover(discovery_seconds(timeout))
+        else:
+            self.nodes = directory.discover(self.cfg.engine.discovery_timeout, simulation=True)
         self.w = R.from_record(initial_arrays, self.setup.initial_params, "initial arrays")
         self.w_before_update = self.w
         arrays, result, start = initial_arrays, Result(), time.perf_counter()
-        totals = {"samples": 0, "bytes_up": 0, "bytes_down": 0}
-        for server_round in range(0, num_rounds + 1):
+        totals = self.totals = {"samples": 0, "bytes_up": 0, "bytes_down": 0}
+        first = 0
+        if resume is not None:
+            self.restore_state(resume["strategy"])
+            checkpoint.restore_memories(grid, self.nodes, resume["memories"],
+                                        lambda ms: exchange(grid, ms, timeout, self.poll_interval))
+            arrays, totals, first = R.to_record(self.w), self.totals, resume["round"] + 1
+            start -= resume["seconds"]
+        for server_round in range(first, num_rounds + 1):
             row: dict[str, Any] = {"round": server_round}
             self.nodes = directory.refresh()  # nodes that joined or restarted since
             if server_round > 0:

@@ -1,5 +1,6 @@
 """A run directory: ``config.yaml`` (resolved), ``metrics.jsonl`` (one line per round),
-``summary.json`` and ``model.pt`` (final meta-model). Files other than the append-only metrics log
+``summary.json`` (status and final numbers), ``model.pt`` (final meta-model) and, while a run can be
+resumed, ``checkpoint.pt`` (fedmaml/federated/checkpoint.py). Files other than the append-only metrics log
 are written atomically."""
 
 from __future__ import annotations
@@ -28,14 +29,23 @@ def _clean(value: Any) -> Any:
 
 
 class RunRecorder:
-    def __init__(self, run_dir: str | Path, config: Any) -> None:
+    """``metrics``: the metrics.jsonl text of a checkpoint to continue after (a resumed run)."""
+
+    def __init__(self, run_dir: str | Path, config: Any, metrics: str | None = None) -> None:
         from fedmaml.config import dump_yaml
 
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.dir / CONFIG_FILE, dump_yaml(config))
         (self.dir / SUMMARY_FILE).unlink(missing_ok=True)  # a summary marks a finished run
-        self._metrics = open(self.dir / METRICS_FILE, "w", encoding="utf-8")
+        if metrics is not None:  # rows written after the checkpoint (a round cut short) go
+            atomic_write_text(self.dir / METRICS_FILE, metrics)
+        self._metrics = open(self.dir / METRICS_FILE, "a" if metrics is not None else "w",
+                             encoding="utf-8")
+
+    def text(self) -> str:
+        """The metrics.jsonl lines written so far."""
+        return (self.dir / METRICS_FILE).read_text(encoding="utf-8")
 
     def log_round(self, row: dict[str, Any]) -> None:
         self._metrics.write(json.dumps(_clean(row)) + "\n")

@@ -1,0 +1,241 @@
+"""Checkpoints of a run and its exact resume.
+
+``<run dir>/checkpoint.pt`` (written atomically: temp file, fsync, rename) holds everything the rest
+of the run depends on, so that a run interrupted after round ``r`` and resumed ends bitwise equal to
+one that never stopped:
+
+* the server: ``w`` (and the model before its last update), the server optimizer's state and step
+  count, the clients that have trained, the pattern selector's choice, the running totals, the run's
+  health counters (fedmaml/federated/health.py);
+* every client memory: the vectorized engine's memory bank as a whole; on the other engines each
+  client's memory, fetched with a ``query.memory`` message (:func:`memory_query_reply`), in the
+  checkpoint file of the simulation's run directory. A client whose memory is a file on its device
+  (``memory-dir``) answers with a reference instead (file name and SHA-256), so a device's memory
+  never leaves the device; on resume the device's file must still match it;
+* the round and the ``metrics.jsonl`` lines written so far (a resumed run rewrites the file to them,
+  dropping rows of a round that a kill cut short);
+* the random state. fedmaml draws every random choice from counter-based streams of the seed, the
+  round and the client (client sampling, data, injected faults, the evaluation panel), so a run has
+  almost no RNG state; the global ``random``, NumPy and torch generators of the server process are
+  saved and restored all the same.
+
+A checkpoint is written every ``federated.checkpoint_every`` rounds and when a stop is requested:
+the first SIGINT (Ctrl-C) or SIGTERM during a run (:func:`stop_on_signals`) lets the current round
+finish, writes the checkpoint and ends the run with status ``interrupted``; a second one aborts at
+once. ``fedmaml run --resume RUN_DIR`` continues from it. A run that ends (completed, diverged or
+failed) deletes its checkpoint: its summary.json says what it became.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+from fedmaml.atomic import atomic_torch_save
+from fedmaml.core.params import Params
+from fedmaml.errors import DataError, FedmamlError, MessageError
+from fedmaml.federated import codec
+from fedmaml.federated import records as R
+from fedmaml.federated.memory_store import FileStore, MemoryStore, digest
+
+CHECKPOINT_FILE = "checkpoint.pt"
+FORMAT = "fedmaml-checkpoint-1"
+MEMORY_QUERY = "query.memory"  # the ClientApp's @app.query("memory")
+OP, GET, SET = "op", "get", "set"
+HAS_MEMORY, FILE, SHA256 = "has-memory", "file", "sha256"
+
+# -- stopping ---------------------------------------------------------------------------------------
+
+_STOP = threading.Event()
+
+
+def request_stop() -> None:
+    """Ask the running run to stop after its current round (with a checkpoint)."""
+    _STOP.set()
+
+
+def stop_requested() -> bool:
+    return _STOP.is_set()
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """During the block, the first SIGINT/SIGTERM requests a stop after the current round; a second
+    one raises KeyboardInterrupt at once. Outside the main thread (signals cannot be caught there)
+    only :func:`request_stop` stops a run."""
+    _STOP.clear()
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, frame: Any) -> None:
+        if _STOP.is_set():
+            raise KeyboardInterrupt
+        _STOP.set()
+        print(f"\n{signal.Signals(signum).name}: stopping after this round with a checkpoint "
+              "(send it again to abort at once)", file=sys.stderr, flush=True)
+
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        _STOP.clear()
+
+
+# -- client side: the memory query ------------------------------------------------------------------
+
+def memory_query_reply(msg: Message, store: MemoryStore, cid: int, like: Params) -> Message:
+    """Answer a ``query.memory`` message: ``get`` returns the client's memory (or, for a file on a
+    device, its reference), ``set`` replaces it by the one sent (a device checks its file against
+    the reference instead)."""
+    op = str(msg.content[R.CONFIG][OP])
+    metrics: dict[str, Any] = {R.PARTITION: cid}
+    content: dict[str, Any] = {}
+    if op == GET:
+        memory = store.load()
+        metrics[HAS_MEMORY] = int(memory is not None)
+        if memory is not None and isinstance(store, FileStore):
+            content[R.CONFIG] = ConfigRecord({FILE: str(store.path),
+                                              SHA256: digest(store.path.read_bytes())})
+        elif memory is not None:
+            content[R.ARRAYS] = codec.encode(memory)
+    elif op == SET:
+        if isinstance(store, FileStore):
+            want = str(msg.content[R.CONFIG][SHA256])
+            have = digest(store.path.read_bytes()) if store.path.exists() else "none"
+            if have != want:
+                raise DataError(f"memory file {store.path} has sha256 {have}, the checkpoint "
+                                f"expects {want}: the device's memory moved on (or was lost) "
+                                "since the checkpoint, so the run cannot resume exactly")
+        else:
+            memory = dict(codec.decode(msg.content[R.ARRAYS]))
+            if list(memory) != list(like):
+                raise MessageError(f"memory of client {cid}: parameters {list(memory)}, expected "
+                                   f"{list(like)}")
+            store.save(memory)
+    else:
+        raise MessageError(f"memory query: {OP} {op!r} is not {GET!r} or {SET!r}")
+    return Message(RecordDict({R.METRICS: MetricRecord(metrics), **content}), reply_to=msg)
+
+
+# -- server side ------------------------------------------------------------------------------------
+
+Send = Callable[[list[Message]], list[Message]]
+
+
+def collect_memories(grid: Any, nodes: Mapping[int, int], cids: list[int], send: Send
+                     ) -> dict[str, Any]:
+    """Every client memory of the run: the vectorized engine's bank, or each client's (a tensor
+    dict, or a ``{file, sha256}`` reference) by ``query.memory``. Raises FedmamlError when a client
+    does not answer: a checkpoint without its memory could not resume exactly."""
+    if hasattr(grid, "memory_state"):
+        return {"bank": grid.memory_state()}
+    asked = [c for c in cids if c in nodes]
+    messages = [Message(RecordDict({R.CONFIG: ConfigRecord({OP: GET})}), nodes[c], MEMORY_QUERY,
+                        group_id="checkpoint") for c in asked]
+    memories: dict[int, Any] = {}
+    for reply in send(messages):
+        if reply.has_error():
+            continue
+        m = reply.content[R.METRICS]
+        cid = int(m[R.PARTITION])
+        if not int(m[HAS_MEMORY]):
+            memories[cid] = None
+        elif R.ARRAYS in reply.content:
+            memories[cid] = dict(codec.decode(reply.content[R.ARRAYS]))
+        else:
+            c = reply.content[R.CONFIG]
+            memories[cid] = {FILE: str(c[FILE]), SHA256: str(c[SHA256])}
+    missing = sorted(set(asked) - set(memories)) + sorted(set(cids) - set(nodes))
+    if missing:
+        raise FedmamlError(f"client(s) {missing[:10]} did not return their memory")
+    return {"clients": {c: v for c, v in memories.items() if v is not None}}
+
+
+def restore_memories(grid: Any, nodes: Mapping[int, int], memories: Mapping[str, Any],
+                     send: Send) -> None:
+    """Give every client its memory back (the inverse of :func:`collect_memories`)."""
+    if "bank" in memories:
+        if not hasattr(grid, "load_memory_state"):
+            raise FedmamlError("this checkpoint holds a vectorized engine's memory bank; resume it "
+                               "with engine.name: vectorized")
+        grid.load_memory_state(memories["bank"])
+        return
+    if hasattr(grid, "load_memory_state"):
+        raise FedmamlError("this checkpoint holds per-client memories; the vectorized engine "
+                           "cannot resume it (use the engine the run was started on)")
+    clients = memories["clients"]
+    absent = sorted(c for c in clients if c not in nodes)
+    if absent:
+        raise FedmamlError(f"cannot restore the memories of client(s) {absent[:10]}: no node "
+                           "serves them")
+    messages = []
+    for cid, memory in clients.items():
+        if FILE in memory:
+            content = RecordDict({R.CONFIG: ConfigRecord({OP: SET, SHA256: memory[SHA256]})})
+        else:
+            content = RecordDict({R.CONFIG: ConfigRecord({OP: SET}),
+                                  R.ARRAYS: codec.encode(memory)})
+        messages.append(Message(content, nodes[cid], MEMORY_QUERY, group_id="restore"))
+    replies = send(messages)
+    errors = [r.error.reason for r in replies if r.has_error()]
+    if errors or len(replies) < len(messages):
+        raise FedmamlError(f"restoring the clients' memories failed ({len(messages) - len(replies)}"
+                           f" did not answer){': ' + errors[0] if errors else ''}")
+
+
+def rng_state() -> dict[str, Any]:
+    """The global generators' states, as plain values and tensors (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"random": random.getstate(),
+            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                      float(gauss)),
+            "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    random.setstate(state["random"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+
+
+# -- the file ---------------------------------------------------------------------------------------
+
+def path_of(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINT_FILE
+
+
+def save(run_dir: str | Path, state: dict[str, Any]) -> None:
+    atomic_torch_save({"format": FORMAT, **state}, path_of(run_dir))
+
+
+def load(run_dir: str | Path) -> dict[str, Any]:
+    path = path_of(run_dir)
+    if not path.exists():
+        raise FedmamlError(f"{Path(run_dir)}: no {CHECKPOINT_FILE} to resume from (the run was "
+                           "not interrupted, or stopped before its first checkpoint: see "
+                           "federated.checkpoint_every)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise DataError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise DataError(f"{path} is not a fedmaml checkpoint (format {FORMAT})")
+    return state
+
+
+def remove(run_dir: str | Path) -> None:
+    path_of(run_dir).unlink(missing_ok=True)

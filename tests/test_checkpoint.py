@@ -1,0 +1,212 @@
+"""Checkpoints and exact resume: a run interrupted after a random round and resumed ends bitwise
+identical (model, every client memory, metrics.jsonl apart from timing) to a run that never
+stopped, on every engine; SIGTERM really stops a run with a checkpoint; reruns and sweeps find
+unfinished runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedmaml.config import dump_yaml, replace_path
+from fedmaml.engines.inprocess import FIRST_CLIENT_NODE, run_inprocess
+from fedmaml.engines.vectorized import run_vectorized
+from fedmaml.errors import FedmamlError
+from fedmaml.experiment import run_experiment
+from fedmaml.federated import checkpoint
+from fedmaml.federated import records as R
+from fedmaml.federated.client_app import make_client_app
+from fedmaml.federated.memory_store import ContextStateStore
+from fedmaml.federated.server_app import make_server_app
+from fedmaml.federated.setup import setup_for
+from fedmaml.results.recorder import read_metrics, read_summary
+
+REPO = Path(__file__).resolve().parents[1]
+TIMING = ("seconds", "train_seconds_max")
+ROUNDS = 6
+# MOML with memories, Adam on the server (optimizer state), faults (their draws must continue
+# exactly), evaluation from memory every 2 rounds on every client.
+RESUMABLE = ("algorithm.name=moml", f"federated.rounds={ROUNDS}", "federated.eval_every=2",
+             "federated.server_optimizer=adam", "federated.server_lr=0.01",
+             "federated.round_timeout=60", "faults.fail=0.2", "faults.straggle=0.1")
+
+
+def without_timing(row: dict) -> dict:
+    """A row (or summary) without wall-clock fields: the round's seconds, the slowest client's
+    training seconds, and the evaluation's adaptation milliseconds."""
+    out = {k: v for k, v in row.items() if k not in TIMING}
+    for k in ("eval", "before", "after"):
+        if k in out:
+            out[k] = {m: v for m, v in out[k].items() if ".adapt-ms." not in m}
+    return out
+
+
+@pytest.fixture
+def stop_after(monkeypatch):
+    """``stop_after(k)``: the next run is asked to stop at the end of round ``k``, as a SIGINT
+    arriving during that round would (the run checks for a stop request once per round, on every
+    engine; the real signal path is tested with a subprocess below)."""
+
+    def arm(k: int) -> None:
+        rounds = iter(range(10 ** 6))
+        monkeypatch.setattr(checkpoint, "stop_requested", lambda: next(rounds) >= k)
+
+    yield arm
+    monkeypatch.undo()
+
+
+def run_on(engine: str, cfg, run_dir: Path, resume: bool = False):
+    """Run on the in-process or vectorized engine; return the memories the clients hold at the end."""
+    setup = setup_for(cfg)
+    num_nodes = setup.federation.num_clients + setup.federation.num_unseen
+    server = make_server_app(cfg, run_dir, quiet=True, resume=resume)
+    app = make_client_app(cfg)
+    with checkpoint.stop_on_signals():
+        if engine == "inprocess":
+            grid = run_inprocess(server, app, num_nodes)
+            return {c - FIRST_CLIENT_NODE: ContextStateStore(ctx).load()
+                    for c, ctx in grid.contexts.items() if ContextStateStore(ctx).load() is not None}
+        grid = run_vectorized(server, app, num_nodes, cfg)
+        try:
+            ids = grid.bank.client_ids().tolist()
+            stacked = grid.bank.read(ids)
+            return {c: {k: v[j] for k, v in stacked.items()} for j, c in enumerate(ids)}
+        finally:
+            grid.close()
+
+
+def assert_same_run(a: Path, b: Path, memories_a=None, memories_b=None) -> None:
+    ra, rb = read_metrics(a), read_metrics(b)
+    assert [r["round"] for r in rb] == list(range(ROUNDS + 1))
+    assert [without_timing(r) for r in ra] == [without_timing(r) for r in rb]
+    ma, mb = (torch.load(d / "model.pt", weights_only=True) for d in (a, b))
+    assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
+    sa, sb = read_summary(a), read_summary(b)
+    assert sb["status"] == "completed"
+    assert without_timing(sa) == without_timing(sb)
+    if memories_a is not None:
+        assert memories_a.keys() == memories_b.keys() and memories_a
+        for c in memories_a:
+            for k in memories_a[c]:
+                assert torch.equal(memories_a[c][k], memories_b[c][k]), (c, k)
+    assert not checkpoint.path_of(b).exists()  # a run that ended keeps no checkpoint
+
+
+@pytest.mark.parametrize("engine", ["inprocess", "vectorized"])
+def test_an_interrupted_run_resumes_bitwise_identical(engine, tiny_config, tmp_path, stop_after,
+                                                       monkeypatch):
+    cfg = tiny_config(*RESUMABLE, f"engine.name={engine}")
+    stop_at = random.randint(1, ROUNDS - 1)
+    full = run_on(engine, cfg, tmp_path / "full")
+    stop_after(stop_at)
+    cut = run_on(engine, cfg, tmp_path / "cut")
+    monkeypatch.undo()
+    summary = read_summary(tmp_path / "cut")
+    assert summary["status"] == "interrupted", stop_at
+    assert summary["message"] == (f"interrupted after round {stop_at}; resume with: fedmaml run "
+                                  f"--resume {tmp_path / 'cut'}")
+    assert checkpoint.load(tmp_path / "cut")["round"] == stop_at
+    assert cut.keys() <= full.keys()
+    # a kill after the checkpoint may leave rows of a later round: the resume drops them
+    with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"round": stop_at + 1, "partial": True}) + "\n")
+    resumed = run_on(engine, cfg, tmp_path / "cut", resume=True)
+    assert_same_run(tmp_path / "full", tmp_path / "cut", full, resumed)
+
+
+def test_periodic_checkpoints_survive_a_kill(tiny_config, tmp_path):
+    # checkpoint_every=2, killed (SIGKILL: no chance to write anything) during round 5: the
+    # checkpoint of round 4 is there, and the resume from it ends as the uninterrupted run.
+    cfg = tiny_config(*RESUMABLE, "federated.checkpoint_every=2")
+    run_on("inprocess", cfg, tmp_path / "full")
+    assert not checkpoint.path_of(tmp_path / "full").exists()
+    config = tmp_path / "c.yaml"
+    config.write_text(dump_yaml(cfg))
+    script = ("import sys, os, signal\n"
+              "from fedmaml.config import load_config\n"
+              "from fedmaml.federated import server_app\n"
+              "from fedmaml.experiment import run_experiment\n"
+              "observe = server_app.RunHealth.observe\n"
+              "def kill_in_5(self, row, last_error=''):\n"
+              "    observe(self, row, last_error)\n"
+              "    if row['round'] == 5: os.kill(os.getpid(), signal.SIGKILL)\n"
+              "server_app.RunHealth.observe = kill_in_5\n"
+              f"run_experiment(load_config({str(config)!r}), quiet=True, run_dir={str(tmp_path / 'cut')!r})\n")
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert read_summary(tmp_path / "cut") is None
+    assert [r["round"] for r in read_metrics(tmp_path / "cut")] == [0, 1, 2, 3, 4, 5]
+    assert checkpoint.load(tmp_path / "cut")["round"] == 4
+    run_on("inprocess", cfg, tmp_path / "cut", resume=True)
+    assert_same_run(tmp_path / "full", tmp_path / "cut")
+
+
+def test_a_checkpoint_of_one_engine_is_refused_by_another(tiny_config, tmp_path, stop_after):
+    cfg = tiny_config(*RESUMABLE, "engine.name=vectorized")
+    stop_after(2)
+    run_on("vectorized", cfg, tmp_path / "cut")
+    with pytest.raises(FedmamlError, match="holds a vectorized engine's memory bank; resume it "
+                                           "with engine.name: vectorized"):
+        run_on("inprocess", cfg, tmp_path / "cut", resume=True)
+
+
+def cli(*args: str, cwd: Path, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "fedmaml", *args], cwd=cwd,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_a_cli_run_a_rerun_says_how_to_resume_and_resume_finishes_it(
+        tiny_config, tmp_path):
+    rounds = 150
+    cfg = tiny_config("algorithm.name=moml", f"federated.rounds={rounds}", "federated.eval_every=50",
+                      f"output_dir={tmp_path / 'out'}")
+    config = tmp_path / "c.yaml"
+    config.write_text(dump_yaml(cfg))
+    run_dir = tmp_path / "out" / "tiny"
+    proc = cli("run", str(config), "--quiet", cwd=tmp_path)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not metrics.exists()
+                                           or len(metrics.read_text().splitlines()) < 5):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    summary = read_summary(run_dir)
+    assert summary["status"] == "interrupted", "the run ended before the signal: make it longer"
+    stopped = checkpoint.load(run_dir)["round"]
+    assert 4 <= stopped < rounds
+    assert "SIGTERM: stopping after this round with a checkpoint" in err
+    assert f"interrupted after round {stopped}; resume with: fedmaml run --resume {run_dir}" in err
+
+    # Running the config again does not silently start over in tiny-2.
+    again = cli("run", str(config), "--quiet", cwd=tmp_path)
+    out, err = again.communicate(timeout=120)
+    assert again.returncode == 2
+    assert (f"error: {run_dir} is an unfinished run of this config (checkpoint after round "
+            f"{stopped} of {rounds}); resume it with `fedmaml run --resume {run_dir}`") in err
+    assert not (tmp_path / "out" / "tiny-2").exists()
+
+    resumed = cli("run", "--resume", str(run_dir), "--quiet", cwd=tmp_path)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    full = run_experiment(cfg, quiet=True, run_dir=tmp_path / "full")
+    assert [without_timing(r) for r in read_metrics(full)] == \
+        [without_timing(r) for r in read_metrics(run_dir)]
+    a, b = (torch.load(d / "model.pt", weights_only=True) for d in (full, run_dir))
+    assert all(torch.equal(a[k], b[k]) for k in a)
