@@ -11,8 +11,9 @@ Layout::
 A run directory is named by its grid values and seed (keys in their shortest unambiguous form, see
 :func:`fedmaml.config.short_key`), so its name does not depend on the order of the grid or on other
 runs and a re-invoked sweep finds it again. ``summary.json`` is written last by a run: a directory that
-has it (and, with ``compare_with``, its baselines too) is finished and skipped; one without it was
-interrupted and is deleted and run again from scratch. A finished run whose config differs from the
+has it (and, with ``compare_with``, its baselines too) is finished and skipped, unless its status is
+``interrupted``; an unfinished run continues from its checkpoint (``checkpoint.pt``) when it has
+one, and is deleted and run again from scratch otherwise. A finished run whose config differs from the
 planned one is never silently reused: that is an error naming the keys that differ.
 
 Runs execute one after another in this process (``jobs=1``) or in a pool of worker processes.
@@ -354,24 +355,35 @@ def config_differences(a: Config, b: Config,
 # --------------------------------------------------------------------------------------------------
 
 def execute_run(cfg: Config, run_dir: str | Path) -> tuple[float, str | None]:
-    """Run one config into a clean ``run_dir``: ``(seconds, None)`` or ``(seconds, error text)``.
+    """Run one config into ``run_dir``: ``(seconds, None)`` or ``(seconds, error text)``.
 
-    Any exception is caught and written to ``error.txt`` so one bad run does not stop the sweep; the
-    directory has no summary.json then, so the next invocation runs it again.
+    A directory left by an interrupted attempt continues from its checkpoint (``checkpoint.pt``,
+    fedmaml/federated/checkpoint.py) when it has one, and is cleaned and run from scratch
+    otherwise. Any exception is caught and written to ``error.txt`` so one bad run does not stop
+    the sweep; the directory has no summary.json then, so the next invocation runs it again. A run
+    stopped by SIGINT/SIGTERM (checkpointed) stops the sweep: KeyboardInterrupt.
     """
     from fedmaml.experiment import run_experiment  # lazy: torch and flwr, in the worker only
+    from fedmaml.federated.checkpoint import CHECKPOINT_FILE
 
     run_dir = Path(run_dir)
-    if run_dir.exists():
+    resume = any(d.joinpath(CHECKPOINT_FILE).exists()
+                 for d in [run_dir, *baseline_dirs(run_dir, cfg)])
+    if run_dir.exists() and not resume:
         shutil.rmtree(run_dir)  # an interrupted attempt: start clean, no stale files
+    (run_dir / ERROR_FILE).unlink(missing_ok=True)
     start = time.perf_counter()
     try:
-        run_experiment(cfg, quiet=True, run_dir=run_dir)
+        run_experiment(cfg, quiet=True, run_dir=run_dir, resume=resume)
     except Exception as e:  # noqa: BLE001 - reported per run, the sweep goes on
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / ERROR_FILE).write_text(traceback.format_exc(), encoding="utf-8")
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         return time.perf_counter() - start, f"{type(e).__name__}: {first}"
+    summary = run_dir / SUMMARY_FILE
+    if summary.exists() and json.loads(summary.read_text(encoding="utf-8")).get(
+            "status") == "interrupted":
+        raise KeyboardInterrupt  # the run checkpointed itself; the sweep stops too
     return time.perf_counter() - start, None
 
 

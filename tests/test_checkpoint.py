@@ -241,3 +241,25 @@ def test_ray_memories_go_through_the_checkpoint_and_the_resume_is_bitwise_identi
     assert "seen.memory-loss.clients" in read_metrics(full)[-1]["eval"]
     assert_same_run(full, tmp_path / "cut")
     check_counts(cfg, tmp_path / "cut")
+
+
+def test_a_sweep_resumes_its_interrupted_run_from_the_checkpoint(tiny_config, tmp_path, stop_after,
+                                                               monkeypatch):
+    from fedmaml.sweep import SweepSpec, run_sweep
+
+    base = tiny_config(*RESUMABLE)
+    spec = SweepSpec(grid={"algorithm.beta": (0.3, 0.9)}, seeds=(0,))
+    run_sweep(base, spec, tmp_path / "whole", quiet=True)
+    stop_after(3)  # the first run of the sweep stops after round 3
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(base, spec, tmp_path / "cut", quiet=True)
+    monkeypatch.undo()
+    first = tmp_path / "cut" / "beta=0.3,seed=0"
+    assert checkpoint.load(first)["round"] == 3 and not (tmp_path / "cut" / "beta=0.9,seed=0").exists()
+    kept = (first / "metrics.jsonl").read_text()
+    result = run_sweep(base, spec, tmp_path / "cut", quiet=True)
+    assert result.ran == ["beta=0.3,seed=0", "beta=0.9,seed=0"] and not result.failed
+    # continued, not restarted: rounds 0-3 are the very lines written before (timing included)
+    assert (first / "metrics.jsonl").read_text().startswith(kept) and kept.count("\n") == 4
+    for name in result.ran:
+        assert_same_run(tmp_path / "whole" / name, tmp_path / "cut" / name)
