@@ -87,7 +87,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = _field("mlp", "Model architecture.", choices=("mlp", "conv4"))
+    name: str = _field("mlp", "Model architecture (linear = an MLP without hidden layers).",
+                       choices=("mlp", "conv4", "linear"))
     hidden: tuple[int, ...] = _field((40, 40), "Hidden layer widths of the MLP.", min=1)
     conv_width: int = _field(64, "Channels of each conv4 block.", min=1)
     conv_strided: bool = _field(False, "Strided convolutions instead of max-pooling in conv4.")
@@ -278,6 +279,7 @@ CROSS_FIELD_RULES = (
     "`federated.min_replies` must not exceed `federated.clients_per_round` when that is above 0, "
     "nor `data.num_clients`.",
     "`compare_with` lists algorithm names (those of `algorithm.name`).",
+    "`model.name: mlp` needs at least one `model.hidden` width (`linear` is the model without).",
     "`model.name: conv4` needs an image family (" + ", ".join(f"`{f}`" for f in IMAGE_FAMILIES) + ").",
     "`pattern_selection.at_round` must not exceed `federated.rounds`; `pattern_selection.apply_to` "
     "lists " + ", ".join(f"`{t}`" for t in PATTERN_TARGETS) + ".",
@@ -315,6 +317,10 @@ def cross_field_problems(cfg: Config) -> list[str]:
         if name not in ALGORITHM_NAMES:
             problems.append(f"compare_with: {name!r} is not an algorithm; allowed: "
                             f"{', '.join(ALGORITHM_NAMES)}" + _suggest(name, ALGORITHM_NAMES))
+
+    if cfg.model.name == "mlp" and not cfg.model.hidden:
+        problems.append("model.hidden: [] leaves the MLP without a hidden layer; give at least one "
+                        "width, e.g. [40, 40], or set model.name: linear for a linear model")
 
     if cfg.model.name == "conv4" and data.family not in IMAGE_FAMILIES:
         problems.append(f"model.name: 'conv4' needs an image family ({', '.join(IMAGE_FAMILIES)}); "
@@ -438,6 +444,8 @@ _SPECS: dict[str, FieldSpec] = {s.path: s for s in schema()}
 
 def _show(value: Any) -> str:
     """A value as the user wrote it (YAML spelling for null and booleans)."""
+    if getattr(value, "yaml_text", None):
+        return str(int(value))
     if value is None:
         return "null (empty)"
     if isinstance(value, bool):
@@ -464,7 +472,12 @@ def _check_value(spec: FieldSpec, value: Any, problems: list[str]) -> Any:
         return value
     if spec.type is str:
         if not isinstance(value, str):
-            hint = f" (quote it: '{value}')" if _is_int(value) or isinstance(value, float) else ""
+            hint = ""
+            if getattr(value, "yaml_text", None):  # 011 -> 9: say what was written
+                hint = (f" (YAML read {value.yaml_text} as the number {int(value)}; quote it: "
+                        f"'{value.yaml_text}')")
+            elif _is_int(value) or isinstance(value, float):
+                hint = f" (YAML read it as a number; quote it: '{value}')"
             problems.append(f"{where}: expected a string, got {_show(value)}{hint}")
             return None
         if spec.choices is not None and value not in spec.choices:
@@ -476,6 +489,7 @@ def _check_value(spec: FieldSpec, value: Any, problems: list[str]) -> Any:
         if not _is_int(value):
             problems.append(f"{where}: expected an integer, got {_show(value)}")
             return None
+        value = int(value)  # a plain int, not YAML's YamlInt
     elif spec.type is float:
         # PyYAML reads 1e-3 (no dot) as a string; accept numeric strings so '1e-3' works everywhere.
         if isinstance(value, str):
@@ -500,7 +514,7 @@ def _check_value(spec: FieldSpec, value: Any, problems: list[str]) -> Any:
             elif not spec.in_range(item):
                 problems.append(f"{where}[{i}]: {item} is out of range; allowed: {spec.range_text()}")
                 ok = False
-        return tuple(value) if ok else None
+        return tuple(int(v) for v in value) if ok else None
     else:  # pragma: no cover - a schema bug, not a user mistake
         raise TypeError(f"unsupported schema type {spec.type!r} for {where}")
     if not spec.in_range(value):
@@ -758,6 +772,25 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+class YamlInt(int):
+    """An integer that YAML read from text other than its decimal spelling (``011`` is 9 in
+    YAML 1.1, ``0001`` is 1): ``yaml_text`` keeps what was written, for error messages."""
+
+    yaml_text: str = ""
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    value = loader.construct_yaml_int(node)
+    if node.value.strip() == str(value):
+        return value
+    out = YamlInt(value)
+    out.yaml_text = node.value.strip()
+    return out
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
@@ -777,8 +810,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         context = getattr(e, "context", None)
         raise ConfigError(f"{where}: invalid YAML: {problem}"
                           + (f" ({context})" if context else "")) from None
-    if data is None:  # empty file or only comments: all defaults
-        return {}
+    if data is None:
+        raise ConfigError(f"{path}: the config file is empty (or holds only comments); write at "
+                          "least one key, e.g. 'name: my-run' (the others take their defaults; "
+                          "`fedmaml config show` lists them)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys (e.g. 'name: run'), "
                           f"got a {type(data).__name__}")
@@ -821,6 +856,8 @@ class _Dumper(yaml.SafeDumper):
     """Block-style sections, inline lists ("hidden: [40, 40]"), as a person would write them."""
 
 
+_Dumper.add_representer(YamlInt, yaml.SafeDumper.represent_int)
+yaml.SafeDumper.add_representer(YamlInt, yaml.SafeDumper.represent_int)  # sweep manifests
 _Dumper.add_representer(
     list, lambda dumper, value: dumper.represent_sequence("tag:yaml.org,2002:seq", value,
                                                           flow_style=True))

@@ -100,12 +100,46 @@ def test_load_file_with_overrides(tmp_path):
     assert cfg.federated.round_timeout == 5.0 and isinstance(cfg.federated.round_timeout, float)
 
 
-def test_empty_file_and_empty_section_mean_defaults(tmp_path):
+def test_an_empty_file_is_an_error_and_an_empty_section_means_defaults(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text("# nothing yet\n")
-    assert load_config(f) == Config()
+    for text in ("", "# nothing yet\n"):
+        f.write_text(text)
+        with pytest.raises(ConfigError, match=rf"{f}: the config file is empty \(or holds only "
+                                              r"comments\); write at least one key, e.g. 'name: "):
+            load_config(f)
     f.write_text("data:\n")
     assert load_config(f) == Config()
+
+
+def test_an_empty_hidden_list_is_an_error_unless_the_model_is_linear(tmp_path):
+    with pytest.raises(ConfigError, match=r"model.hidden: \[\] leaves the MLP without a hidden "
+                                          r"layer; give at least one width, e.g. \[40, 40\], or "
+                                          r"set model.name: linear"):
+        load_config(None, ["model.hidden=[]"])
+    cfg = load_config(None, ["model.name=linear", "data.num_clients=4"])
+    from fedmaml.federated.setup import setup_for
+
+    model = setup_for(cfg).model
+    assert len(model.group_names) == 1 and [tuple(v.shape) for v in
+                                            setup_for(cfg).initial_params.values()] == [(1, 1), (1,)]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("011", "evaluation.pattern: expected a string, got 9 (YAML read 011 as the number 9; quote "
+            "it: '011')"),
+    ("0001", "evaluation.pattern: expected a string, got 1 (YAML read 0001 as the number 1; quote "
+             "it: '0001')"),
+    ("111", "evaluation.pattern: expected a string, got 111 (YAML read it as a number; quote it: "
+            "'111')"),
+])
+def test_a_pattern_that_yaml_reads_as_a_number_says_how_to_quote_it(tmp_path, text, message):
+    f = tmp_path / "c.yaml"
+    f.write_text(f"evaluation:\n  pattern: {text}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert str(e.value) == f"{f}: {message}"
+    f.write_text("federated:\n  rounds: 010\n")  # an integer key takes it as the number it is
+    assert load_config(f).federated.rounds == 8 and type(load_config(f).federated.rounds) is int
 
 
 def test_missing_file():
@@ -207,7 +241,7 @@ def test_unknown_key_without_near_miss_lists_allowed_keys():
     ({"algorithm": {"eta": float("nan")}}, "algorithm.eta: expected a finite number, got nan"),
     ({"model": {"conv_strided": 1}}, "model.conv_strided: expected true or false, got 1"),
     ({"name": None}, "name: expected a string, got null"),
-    ({"evaluation": {"pattern": 1}}, "evaluation.pattern: expected a string, got 1 (quote it: '1')"),
+    ({"evaluation": {"pattern": 1}}, "evaluation.pattern: expected a string, got 1 (YAML read it as a number; quote it: '1')"),
     ({"model": {"hidden": 40}}, "model.hidden: expected a list of integers"),
     ({"model": {"hidden": [40, 4.5]}}, "model.hidden[1]: expected an integer, got 4.5"),
     ({"model": {"hidden": [40, True]}}, "model.hidden[1]: expected an integer, got true"),
@@ -225,7 +259,7 @@ def test_int_accepted_where_float_expected():
 
 def test_tuple_and_list_both_accepted():
     assert config_from_dict({"model": {"hidden": (8,)}}).model.hidden == (8,)
-    assert config_from_dict({"model": {"hidden": []}}).model.hidden == ()
+    assert config_from_dict({"model": {"name": "linear", "hidden": []}}).model.hidden == ()
 
 
 @pytest.mark.parametrize("d, expected", [
@@ -330,7 +364,7 @@ def test_flat_round_trip():
 def test_flat_partial_and_list_forms():
     cfg = config_from_flat({"algorithm.beta": 0.5, "model.hidden": "[20, 20]", "seed": 3})
     assert cfg.algorithm.beta == 0.5 and cfg.model.hidden == (20, 20) and cfg.seed == 3
-    assert config_from_flat({"model.hidden": ""}).model.hidden == ()
+    assert config_from_flat({"model.name": "linear", "model.hidden": ""}).model.hidden == ()
     assert config_from_flat({"model.hidden": [4]}).model.hidden == (4,)
 
 

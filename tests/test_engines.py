@@ -161,3 +161,29 @@ def test_exchange_polls_a_grid_until_all_replies_or_the_timeout():
     # a synchronous grid (the in-process engine) is called once, without polling
     sync = InProcessGrid(counting_app(), 2)
     assert len(exchange(sync, messages([0, 1]), timeout=None, poll_interval=10.0)) == 2
+
+
+class UnknownNodesGrid(QueuedGrid):
+    """A polling grid that, like Flower's Ray simulation, does not know which node serves which
+    client id: discovery asks them (node 3 never answers)."""
+
+    partition_nodes = None
+
+
+def test_discovery_waits_the_configured_time_and_advises_for_the_kind_of_federation(tiny_config):
+    from fedmaml.errors import MessageError
+    from fedmaml.federated.client_app import make_client_app
+    from fedmaml.federated.discovery import PartitionDirectory
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SERVER_NODE_ID
+    app = make_client_app(tiny_config())
+    directory = PartitionDirectory(UnknownNodesGrid(app, 5, delay=1), 5)
+    start = time.monotonic()
+    with pytest.raises(MessageError, match=r"1 of the 5 simulated nodes \(one per client id, in Ray "
+                                           r"actors\) did not answer within 2s.*raise "
+                                           r"engine.discovery_timeout"):
+        directory.discover(2.0, simulation=True)
+    assert 2.0 <= time.monotonic() - start < 4.0
+    # a deployment starts without the missing SuperNode (it may connect later)
+    nodes = PartitionDirectory(UnknownNodesGrid(app, 5, delay=1), 5).discover(0.6)
+    assert sorted(nodes) == [0, 1, 2, 4]

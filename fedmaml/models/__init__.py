@@ -16,9 +16,11 @@ def build_model(spec: Any, input_shape: Sequence[int], num_outputs: int) -> Stag
     """Build the model named by ``spec.name`` (the config's ``model`` section) for a data set."""
     if spec.name == "mlp":
         return mlp(input_shape, list(spec.hidden), num_outputs)
+    if spec.name == "linear":  # one layer group: the MLP without hidden layers
+        return mlp(input_shape, [], num_outputs)
     if spec.name == "conv4":
         if len(input_shape) != 3:
             raise ConfigError(f"model.name: conv4 needs image data [channels, height, width], but "
                               f"the data has inputs of shape {list(input_shape)}; use model.name: mlp")
         return conv4(input_shape, num_outputs, width=spec.conv_width, strided=spec.conv_strided)
-    raise ConfigError(f"model.name: unknown model {spec.name!r}; allowed: mlp, conv4")
+    raise ConfigError(f"model.name: unknown model {spec.name!r}; allowed: mlp, conv4, linear")
