@@ -263,3 +263,34 @@ def test_a_sweep_resumes_its_interrupted_run_from_the_checkpoint(tiny_config, tm
     assert (first / "metrics.jsonl").read_text().startswith(kept) and kept.count("\n") == 4
     for name in result.ran:
         assert_same_run(tmp_path / "whole" / name, tmp_path / "cut" / name)
+
+
+def test_a_device_memory_file_is_referenced_never_sent(tmp_path, tiny_config):
+    from flwr.app import ConfigRecord, RecordDict
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedmaml.engines.inprocess import SERVER_NODE_ID
+    from fedmaml.errors import DataError
+    from fedmaml.federated.memory_store import FileStore, digest
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SERVER_NODE_ID
+    like = setup_for(tiny_config()).initial_params
+    store = FileStore(tmp_path, 3, like=like)
+    store.save({k: v.unsqueeze(0) + 1 for k, v in like.items()})
+
+    def ask(op: str, **extra) -> Message:
+        msg = Message(RecordDict({R.CONFIG: ConfigRecord({checkpoint.OP: op, **extra})}), 5,
+                      checkpoint.MEMORY_QUERY, group_id="checkpoint")
+        msg.metadata.__dict__["_message_id"] = "m1"
+        return checkpoint.memory_query_reply(msg, store, 3, like)
+
+    reply = ask(checkpoint.GET)
+    assert R.ARRAYS not in reply.content  # the memory stays on the device
+    sha = digest(store.path.read_bytes())
+    assert dict(reply.content[R.CONFIG]) == {checkpoint.FILE: str(store.path), checkpoint.SHA256: sha}
+    ask(checkpoint.SET, **{checkpoint.SHA256: sha})  # the file still matches: nothing to do
+    store.save({k: v.unsqueeze(0) for k, v in like.items()})  # the device trained on since
+    with pytest.raises(DataError, match=rf"memory file {store.path} has sha256 \w+, the checkpoint "
+                                        rf"expects {sha}: the device's memory moved on"):
+        ask(checkpoint.SET, **{checkpoint.SHA256: sha})
