@@ -207,6 +207,11 @@ GOOD_USER = {"x": [[0.5] * 784] * 3, "y": [1, 2, 3]}
          ["user 'w7'", "x[1] has 783 values", "784"]),
         ({"users": ["a"], "user_data": {"a": {"x": [[0.5] * 784], "y": [62]}}}, ["user 'a'", "0..61"]),
         ({"users": ["a"], "num_samples": [5], "user_data": {"a": GOOD_USER}}, ["num_samples = 5", "3 examples"]),
+        # JSON readers accept NaN and Infinity: the first bad record is named
+        ('{"users": ["a"], "user_data": {"a": {"x": [' + ",".join(
+            ["[" + ",".join(["0.5"] * 784) + "]"] * 2 + ["[NaN" + ",0.5" * 783 + "]",
+                                                         "[Infinity" + ",0.5" * 783 + "]"])
+         + '], "y": [1, 2, 3, 4]}}}', ["user 'a'", "x[2] holds NaN or infinite values (2 such"]),
     ],
 )
 def test_femnist_malformed_files_name_file_and_user(tmp_path, content, words):

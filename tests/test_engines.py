@@ -187,3 +187,29 @@ def test_discovery_waits_the_configured_time_and_advises_for_the_kind_of_federat
     # a deployment starts without the missing SuperNode (it may connect later)
     nodes = PartitionDirectory(UnknownNodesGrid(app, 5, delay=1), 5).discover(0.6)
     assert sorted(nodes) == [0, 1, 2, 4]
+
+
+def test_ray_address_empty_means_a_fresh_local_instance_and_an_unreachable_one_fails_fast(
+        tiny_config):
+    import socket
+
+    from fedmaml.engines.ray_engine import check_reachable, ray_backend_config
+    from fedmaml.errors import ConfigError
+
+    assert ray_backend_config(tiny_config().engine)["init_args"]["address"] == "local"
+    given = tiny_config("engine.ray_address=10.0.0.1:6379").engine
+    assert ray_backend_config(given)["init_args"]["address"] == "10.0.0.1:6379"
+    with socket.socket() as s:  # a port nobody listens on: bound, never accepting
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        start = time.monotonic()
+        with pytest.raises(ConfigError, match=rf"engine.ray_address: cannot reach 127.0.0.1:{port} "
+                                              r"within 2s .*leave ray_address empty"):
+            check_reachable(f"127.0.0.1:{port}", seconds=2.0)
+        assert time.monotonic() - start < 3.0
+    with pytest.raises(ConfigError, match="is not host:port"):
+        check_reachable("nowhere")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        check_reachable(f"ray://127.0.0.1:{s.getsockname()[1]}")  # accepts: fine

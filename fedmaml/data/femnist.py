@@ -111,6 +111,10 @@ def _user_arrays(path: Path, user: str, data: Any) -> tuple[np.ndarray, np.ndarr
         y_arr = np.asarray(y)
     except (TypeError, ValueError) as exc:
         raise DataError(f"{where}: 'x' must hold numbers ({exc})") from exc
+    bad = np.flatnonzero(~np.isfinite(x_arr).all(axis=1))
+    if len(bad):  # JSON readers accept NaN and Infinity; a model trained on them only diverges
+        raise DataError(f"{where}: x[{bad[0]}] holds NaN or infinite values ({len(bad)} such "
+                        "record(s)); pixel values must be finite numbers")
     if len(y) and (
         not np.issubdtype(y_arr.dtype, np.integer) or y_arr.min() < 0 or y_arr.max() >= NUM_CLASSES
     ):

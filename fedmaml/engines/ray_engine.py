@@ -3,23 +3,33 @@
 Each client message runs in a Ray actor with ``engine.num_cpus`` CPUs and ``engine.num_gpus`` GPUs
 (fractional GPUs share a device). ``engine.ray_address`` connects to a running Ray cluster (start it
 with ``ray start --head`` on one machine and ``ray start --address=HEAD:6379`` on the others), so the
-actors spread over several machines.
+actors spread over several machines; an address that does not answer is an error within
+``CONNECT_SECONDS``. An empty address starts a fresh local Ray instance, never a stale one.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 from typing import Any
 
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
+from fedmaml.errors import ConfigError
+
+
+#: Seconds to wait for a given Ray cluster's address to accept a connection.
+CONNECT_SECONDS = 10.0
+
 
 def ray_backend_config(engine: Any) -> dict[str, Any]:
-    init_args: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": False}
-    if engine.ray_address:
-        init_args["address"] = engine.ray_address
+    # An empty address means a fresh local instance ("local"): Ray's default (None) would instead
+    # join the cluster recorded by the last `ray start` on this machine, and hang for good
+    # printing GCS warnings when that cluster has died since.
+    init_args: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": False,
+                                 "address": engine.ray_address or "local"}
     return {"client_resources": {"num_cpus": engine.num_cpus, "num_gpus": engine.num_gpus},
             "init_args": init_args}
 
@@ -37,10 +47,29 @@ class _DropRunSimulationDeprecation(logging.Filter):
 _DEPRECATION_FILTER = _DropRunSimulationDeprecation()
 
 
+def check_reachable(address: str, seconds: float = CONNECT_SECONDS) -> None:
+    """A ConfigError, within ``seconds``, when ``engine.ray_address`` (``host:port`` or
+    ``ray://host:port``) does not accept a TCP connection: Ray itself would retry for minutes."""
+    if not address or address in ("local", "auto"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=seconds).close()
+    except ValueError:
+        raise ConfigError(f"engine.ray_address: {address!r} is not host:port (e.g. "
+                          "192.168.1.10:6379, or ray://host:10001); leave it empty to start a "
+                          "local Ray instance") from None
+    except OSError as e:
+        raise ConfigError(f"engine.ray_address: cannot reach {address} within {seconds:.0f}s ({e}); "
+                          "start the cluster there (`ray start --head`), or leave ray_address "
+                          "empty to start a local Ray instance") from None
+
+
 def run_ray(server_app: ServerApp, client_app: ClientApp, num_nodes: int, engine: Any,
             verbose: bool = False) -> None:
     from flwr.simulation import run_simulation
 
+    check_reachable(engine.ray_address)
     # Keep Ray from hiding GPUs from actors that ask for none (and from warning about it).
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     flwr_log = logging.getLogger("flwr")
