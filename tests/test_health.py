@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,10 +22,7 @@ from fedmaml.federated.setup import setup_for
 from fedmaml.results.compare import build_comparison
 from fedmaml.results.compare_report import markdown_table
 from fedmaml.results.recorder import read_metrics, read_summary
-from fedmaml.sweep import load_sweep, run_sweep
-
-REPO = Path(__file__).resolve().parents[1]
-
+from test_federated import cli  # the suite's CLI runner (a subprocess)
 
 class TrainGrid(InProcessGrid):
     """The in-process grid, keeping the meta-model each round's train instructions carried."""
@@ -174,12 +168,6 @@ def test_failed_rounds_must_be_consecutive(tiny_config, tmp_path):
     summary = read_summary(tmp_path / "run")
     assert summary["status"] == "completed"
     assert summary["failures"]["error"] == 6 and summary["replies"] == 6
-
-
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "fedmaml", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow
