@@ -173,9 +173,10 @@ class EngineConfig:
     num_cpus: float = _field(1.0, "CPUs per client under Ray.", min=0, min_exclusive=True)
     num_gpus: float = _field(0.0, "GPUs per client under Ray.", min=0)
     ray_address: str = _field("", "Address of an existing Ray cluster; empty = start a local one.")
-    discovery_timeout: float = _field(300.0, "ray: seconds to wait at the start for every simulated "
-                                             "node (Ray actor) to answer; actors start slowly on a "
-                                             "loaded machine.", min=0, min_exclusive=True)
+    discovery_timeout: float = _field(300.0, "ray: seconds to wait at the start for every "
+                                             "simulated node (Ray actor) to answer; actors start "
+                                             "slowly on a loaded machine.", min=0,
+                                      min_exclusive=True)
     device: str = _field("cpu", "Torch device.", choices=("cpu", "cuda", "auto"))
     torch_threads: int = _field(1, "Torch intra-op threads; 0 = torch default.", min=0)
     max_cohort_size: int = _field(1024, "vectorized: most clients batched in one vmapped call "

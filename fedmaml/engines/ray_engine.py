@@ -60,8 +60,8 @@ def check_reachable(address: str, seconds: float = CONNECT_SECONDS) -> None:
                           "192.168.1.10:6379, or ray://host:10001); leave it empty to start a "
                           "local Ray instance") from None
     except OSError as e:
-        raise ConfigError(f"engine.ray_address: cannot reach {address} within {seconds:.0f}s ({e}); "
-                          "start the cluster there (`ray start --head`), or leave ray_address "
+        raise ConfigError(f"engine.ray_address: cannot reach {address} within {seconds:.0f}s "
+                          f"({e}); start the cluster there (`ray start --head`), or leave ray_address "
                           "empty to start a local Ray instance") from None
 
 

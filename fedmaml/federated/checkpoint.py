@@ -54,7 +54,7 @@ MEMORY_QUERY = "query.memory"  # the ClientApp's @app.query("memory")
 OP, GET, SET = "op", "get", "set"
 HAS_MEMORY, FILE, SHA256 = "has-memory", "file", "sha256"
 
-# -- stopping ---------------------------------------------------------------------------------------
+# -- stopping --------------------------------------------------------------------------------------
 
 _STOP = threading.Event()
 
@@ -94,7 +94,7 @@ def stop_on_signals() -> Iterator[None]:
         _STOP.clear()
 
 
-# -- client side: the memory query ------------------------------------------------------------------
+# -- client side: the memory query -----------------------------------------------------------------
 
 def memory_query_reply(msg: Message, store: MemoryStore, cid: int, like: Params) -> Message:
     """Answer a ``query.memory`` message: ``get`` returns the client's memory (or, for a file on a
@@ -130,7 +130,7 @@ def memory_query_reply(msg: Message, store: MemoryStore, cid: int, like: Params)
     return Message(RecordDict({R.METRICS: MetricRecord(metrics), **content}), reply_to=msg)
 
 
-# -- server side ------------------------------------------------------------------------------------
+# -- server side -----------------------------------------------------------------------------------
 
 Send = Callable[[list[Message]], list[Message]]
 
@@ -212,7 +212,7 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
-# -- the file ---------------------------------------------------------------------------------------
+# -- the file --------------------------------------------------------------------------------------
 
 def path_of(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINT_FILE
