@@ -35,14 +35,13 @@ def make_server_app(config: Any = None, run_dir: str | Path | None = None,
     def main(grid: Grid, context: Context) -> None:
         cfg = config if config is not None else config_from_run_config(context.run_config)
         out = run_dir or Path(cfg.output_dir) / f"{cfg.name}-{context.run_id}"
-        # without a config given here, the app runs under `flwr run`: on real SuperNodes
-        run_federated(grid, cfg, out, quiet=quiet, resume=resume, deployment=config is None)
+        run_federated(grid, cfg, out, quiet=quiet, resume=resume)
 
     return app
 
 
 def run_federated(grid: Grid, cfg: Any, run_dir: str | Path, quiet: bool = False,
-                  resume: bool = False, deployment: bool = False) -> dict[str, Any]:
+                  resume: bool = False) -> dict[str, Any]:
     """Run all rounds on ``grid``; write config, metrics.jsonl, summary.json and model.pt.
 
     The summary carries the run's status (fedmaml/federated/health.py): a run that diverges or
@@ -51,7 +50,7 @@ def run_federated(grid: Grid, cfg: Any, run_dir: str | Path, quiet: bool = False
     requested (SIGINT/SIGTERM), the run directory gets a checkpoint; ``resume`` continues from it
     (fedmaml/federated/checkpoint.py)."""
     setup = setup_for(cfg)
-    strategy = MetaStrategy(setup, deployment=deployment)
+    strategy = MetaStrategy(setup)
     saved = checkpoint.load(run_dir) if resume else None
     recorder = RunRecorder(run_dir, cfg, metrics=saved["metrics"] if saved else None)
     rounds = cfg.federated.rounds

@@ -41,6 +41,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
+from flwr.superlink.grid import InMemoryGrid
 
 from fedmaml import collector
 from fedmaml.core.params import Params
@@ -113,11 +114,8 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float | None,
 
 
 class MetaStrategy(Strategy):
-    def __init__(self, setup: ExperimentSetup, deployment: bool = False) -> None:
-        """``deployment``: the nodes are real SuperNodes (``flwr run``), not ones a simulation
-        engine started; it changes how long discovery waits and what its errors advise."""
+    def __init__(self, setup: ExperimentSetup) -> None:
         self.setup = setup
-        self.deployment = deployment
         self.cfg = setup.config
         fed = self.cfg.federated
         self.optimizer = ServerOptimizer(fed.server_optimizer, fed.server_lr, fed.server_momentum,
@@ -374,10 +372,10 @@ class MetaStrategy(Strategy):
         self._timeout = timeout
         directory = PartitionDirectory(grid, self.setup.federation.num_clients
                                        + self.setup.federation.num_unseen)
-        if self.deployment:
-            self.nodes = directory.discover(discovery_seconds(timeout))
-        else:
+        if isinstance(grid, InMemoryGrid):  # Flower's (Ray) simulation: it started every node
             self.nodes = directory.discover(self.cfg.engine.discovery_timeout, simulation=True)
+        else:  # devices, which may connect late
+            self.nodes = directory.discover(discovery_seconds(timeout))
         self.w = R.from_record(initial_arrays, self.setup.initial_params, "initial arrays")
         self.w_before_update = self.w
         arrays, result, start = initial_arrays, Result(), time.perf_counter()
