@@ -265,7 +265,7 @@ def test_a_sweep_resumes_its_interrupted_run_from_the_checkpoint(tiny_config, tm
         assert_same_run(tmp_path / "whole" / name, tmp_path / "cut" / name)
 
 
-def test_a_device_memory_file_is_referenced_never_sent(tmp_path, tiny_config):
+def test_a_device_memory_is_referenced_never_sent(tmp_path, tiny_config):
     from flwr.app import ConfigRecord, RecordDict
 
     from flwr.supercore.task_identity import TaskIdentity
@@ -279,13 +279,13 @@ def test_a_device_memory_file_is_referenced_never_sent(tmp_path, tiny_config):
     store = FileStore(tmp_path, 3, like=like)
     store.save({k: v.unsqueeze(0) + 1 for k, v in like.items()})
 
-    def ask(op: str, **extra) -> Message:
+    def ask(op: str, store=store, **extra) -> Message:
         msg = Message(RecordDict({R.CONFIG: ConfigRecord({checkpoint.OP: op, **extra})}), 5,
                       checkpoint.MEMORY_QUERY, group_id="checkpoint")
         msg.metadata.__dict__["_message_id"] = "m1"
         return checkpoint.memory_query_reply(msg, store, 3, like)
 
-    reply = ask(checkpoint.GET)
+    reply = ask(checkpoint.GET, **{checkpoint.SEND: 1})  # even when the server asks for it
     assert R.ARRAYS not in reply.content  # the memory stays on the device
     sha = digest(store.path.read_bytes())
     assert dict(reply.content[R.CONFIG]) == {checkpoint.FILE: str(store.path), checkpoint.SHA256: sha}
@@ -294,3 +294,14 @@ def test_a_device_memory_file_is_referenced_never_sent(tmp_path, tiny_config):
     with pytest.raises(DataError, match=rf"memory file {store.path} has sha256 \w+, the checkpoint "
                                         rf"expects {sha}: the device's memory moved on"):
         ask(checkpoint.SET, **{checkpoint.SHA256: sha})
+    # A memory in a SuperNode's Context.state is sent only to a simulation's server: a deployment's
+    # checkpoint gets its fingerprint.
+    state = ContextStateStore(Context(run_id=1, node_id=5, node_config={}, state=RecordDict(),
+                                      run_config={}))
+    state.save({k: v.unsqueeze(0) + 2 for k, v in like.items()})
+    reply = ask(checkpoint.GET, store=state)
+    assert R.ARRAYS not in reply.content and reply.content[R.CONFIG][checkpoint.SHA256]
+    ask(checkpoint.SET, store=state, **{checkpoint.SHA256: reply.content[R.CONFIG][checkpoint.SHA256]})
+    sent = ask(checkpoint.GET, store=state, **{checkpoint.SEND: 1})
+    assert torch.equal(dict(sent.content[R.ARRAYS].to_torch_state_dict())[next(iter(like))],
+                       next(iter(like.values())).unsqueeze(0) + 2)

@@ -51,7 +51,7 @@ from fedmaml.federated.memory_store import FileStore, MemoryStore, digest
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT = "fedmaml-checkpoint-1"
 MEMORY_QUERY = "query.memory"  # the ClientApp's @app.query("memory")
-OP, GET, SET = "op", "get", "set"
+OP, GET, SET, SEND = "op", "get", "set", "send-memory"
 HAS_MEMORY, FILE, SHA256 = "has-memory", "file", "sha256"
 
 # -- stopping --------------------------------------------------------------------------------------
@@ -97,28 +97,33 @@ def stop_on_signals() -> Iterator[None]:
 # -- client side: the memory query -----------------------------------------------------------------
 
 def memory_query_reply(msg: Message, store: MemoryStore, cid: int, like: Params) -> Message:
-    """Answer a ``query.memory`` message: ``get`` returns the client's memory (or, for a file on a
-    device, its reference), ``set`` replaces it by the one sent (a device checks its file against
-    the reference instead)."""
-    op = str(msg.content[R.CONFIG][OP])
+    """Answer a ``query.memory`` message. ``get`` returns the client's memory when the server asks
+    for it (``send-memory``, only in simulation), else a reference: the file and its SHA-256 for
+    a memory file on a device, the SHA-256 of the memory for one in ``Context.state``. ``set``
+    replaces the memory by the one sent, or checks that the memory still matches the reference."""
+    config = msg.content[R.CONFIG]
+    op = str(config[OP])
     metrics: dict[str, Any] = {R.PARTITION: cid}
     content: dict[str, Any] = {}
     if op == GET:
         memory = store.load()
         metrics[HAS_MEMORY] = int(memory is not None)
-        if memory is not None and isinstance(store, FileStore):
-            content[R.CONFIG] = ConfigRecord({FILE: str(store.path),
-                                              SHA256: digest(store.path.read_bytes())})
+        if memory is not None and (isinstance(store, FileStore) or not int(config.get(SEND, 0))):
+            content[R.CONFIG] = ConfigRecord({FILE: str(getattr(store, "path", "")),
+                                              SHA256: _fingerprint(store, memory)})
         elif memory is not None:
             content[R.ARRAYS] = codec.encode(memory)
     elif op == SET:
-        if isinstance(store, FileStore):
-            want = str(msg.content[R.CONFIG][SHA256])
-            have = digest(store.path.read_bytes()) if store.path.exists() else "none"
+        if SHA256 in config:  # a reference: the memory never left the device
+            want = str(config[SHA256])
+            memory = store.load()
+            have = "none" if memory is None else _fingerprint(store, memory)
             if have != want:
-                raise DataError(f"memory file {store.path} has sha256 {have}, the checkpoint "
-                                f"expects {want}: the device's memory moved on (or was lost) "
-                                "since the checkpoint, so the run cannot resume exactly")
+                where = f"memory file {store.path}" if isinstance(store, FileStore) else \
+                    f"the memory of client {cid}"
+                raise DataError(f"{where} has sha256 {have}, the checkpoint expects {want}: the "
+                                "device's memory moved on (or was lost) since the checkpoint, so "
+                                "the run cannot resume exactly")
         else:
             memory = dict(codec.decode(msg.content[R.ARRAYS]))
             if list(memory) != list(like):
@@ -130,20 +135,29 @@ def memory_query_reply(msg: Message, store: MemoryStore, cid: int, like: Params)
     return Message(RecordDict({R.METRICS: MetricRecord(metrics), **content}), reply_to=msg)
 
 
+def _fingerprint(store: MemoryStore, memory: Params) -> str:
+    """SHA-256 (first 16 hex digits) of a memory file's bytes, or of a memory's encoded arrays."""
+    if isinstance(store, FileStore):
+        return digest(store.path.read_bytes())
+    return digest(b"".join(bytes(a.data) for a in codec.encode(memory).values()))
+
+
 # -- server side -----------------------------------------------------------------------------------
 
 Send = Callable[[list[Message]], list[Message]]
 
 
-def collect_memories(grid: Any, nodes: Mapping[int, int], cids: list[int], send: Send
-                     ) -> dict[str, Any]:
-    """Every client memory of the run: the vectorized engine's bank, or each client's (a tensor
-    dict, or a ``{file, sha256}`` reference) by ``query.memory``. Raises FedmamlError when a client
-    does not answer: a checkpoint without its memory could not resume exactly."""
+def collect_memories(grid: Any, nodes: Mapping[int, int], cids: list[int], send: Send,
+                     simulated: bool) -> dict[str, Any]:
+    """Every client memory of the run: the vectorized engine's bank, or each client's by
+    ``query.memory``: its tensors in a simulation, a ``{file, sha256}`` reference otherwise (a
+    device's memory never leaves it). Raises FedmamlError when a client does not answer: a
+    checkpoint without its memory could not resume exactly."""
     if hasattr(grid, "memory_state"):
         return {"bank": grid.memory_state()}
     asked = [c for c in cids if c in nodes]
-    messages = [Message(RecordDict({R.CONFIG: ConfigRecord({OP: GET})}), nodes[c], MEMORY_QUERY,
+    query = ConfigRecord({OP: GET, SEND: int(simulated)})
+    messages = [Message(RecordDict({R.CONFIG: query}), nodes[c], MEMORY_QUERY,
                         group_id="checkpoint") for c in asked]
     memories: dict[int, Any] = {}
     for reply in send(messages):

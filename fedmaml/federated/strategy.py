@@ -348,7 +348,7 @@ class MetaStrategy(Strategy):
         """Every client's memory (``checkpoint.collect_memories``), asked through ``grid``."""
         return checkpoint.collect_memories(
             grid, self.nodes, sorted(self.touched),
-            lambda ms: exchange(grid, ms, self._timeout, self.poll_interval))
+            lambda ms: exchange(grid, ms, self._timeout, self.poll_interval), simulated(grid))
 
     def summary(self) -> None:
         fed = self.cfg.federated
@@ -424,6 +424,12 @@ class MetaStrategy(Strategy):
                 on_round(row)
         result.arrays = arrays
         return result
+
+
+def simulated(grid: Grid) -> bool:
+    """Whether ``grid`` is a simulation (Flower's Ray engine, or fedmaml's in-process and
+    vectorized engines, which deliver synchronously) rather than real devices."""
+    return isinstance(grid, InMemoryGrid) or bool(getattr(grid, "synchronous", False))
 
 
 def discovery_seconds(timeout: float | None) -> float:
