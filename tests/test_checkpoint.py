@@ -305,3 +305,20 @@ def test_a_device_memory_is_referenced_never_sent(tmp_path, tiny_config):
     sent = ask(checkpoint.GET, store=state, **{checkpoint.SEND: 1})
     assert torch.equal(dict(sent.content[R.ARRAYS].to_torch_state_dict())[next(iter(like))],
                        next(iter(like.values())).unsqueeze(0) + 2)
+
+
+def test_a_pattern_selection_made_before_the_stop_survives_the_resume(tiny_config, tmp_path,
+                                                                     stop_after, monkeypatch):
+    # The selection measures time, so two runs may choose differently: the resumed run must keep
+    # the choice of the run it continues (and the record, as the summary reports it).
+    cfg = tiny_config("federated.rounds=4", "pattern_selection.mode=central",
+                      "pattern_selection.at_round=1", "pattern_selection.repeats=1",
+                      "pattern_selection.warmup=0", "pattern_selection.validation_clients=2")
+    stop_after(2)
+    run_experiment(cfg, quiet=True, run_dir=tmp_path / "cut")
+    monkeypatch.undo()
+    saved = checkpoint.load(tmp_path / "cut")
+    chosen = json.loads(saved["strategy"]["selector"]["record"])["chosen"]
+    run_experiment(cfg, quiet=True, run_dir=tmp_path / "cut", resume=True)
+    summary = read_summary(tmp_path / "cut")
+    assert summary["status"] == "completed" and summary["pattern_selection"]["chosen"] == chosen

@@ -30,6 +30,7 @@ counted) and ``seconds`` since the start.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -330,8 +331,9 @@ class MetaStrategy(Strategy):
         return {"w": dict(self.w), "w_before_update": dict(self.w_before_update),
                 "optimizer": {"state": dict(self.optimizer.state), "steps": self.optimizer.steps},
                 "trained": sorted(self.trained), "touched": sorted(self.touched),
-                "selector": {"record": sel.record, "train": dict(sel._train),
-                             "evaluate": dict(sel._evaluate)},
+                # the record as its JSON (what it is written as): it holds e.g. torch versions
+                "selector": {"record": json.dumps(sel.record, default=str),
+                             "train": dict(sel._train), "evaluate": dict(sel._evaluate)},
                 "totals": dict(self.totals)}
 
     def restore_state(self, state: dict[str, Any]) -> None:
@@ -340,7 +342,7 @@ class MetaStrategy(Strategy):
         self.optimizer.steps = int(state["optimizer"]["steps"])
         self.trained, self.touched = set(state["trained"]), set(state["touched"])
         sel = self.selector
-        sel.record = state["selector"]["record"]
+        sel.record = json.loads(state["selector"]["record"])
         sel._train, sel._evaluate = dict(state["selector"]["train"]), dict(state["selector"]["evaluate"])
         self.totals = dict(state["totals"])
 
