@@ -171,4 +171,10 @@ def format_summary(run_dirs: list[str | Path]) -> str:
         lines.append(row + f"   ({s['seconds']:.0f}s){mark}")
         if status != "completed":
             notes.append(f"{s['algorithm']} did not complete: {s.get('message', status)}")
+        lost = {k: n for k, n in {**s.get("failures", {}),
+                                  "rejected": s.get("rejected_updates", 0)}.items() if n}
+        if status == "completed" and lost:  # it completed, but not every client took part
+            notes.append(f"{s['algorithm']} completed with {sum(lost.values())} replies not used ("
+                         + ", ".join(f"{k} {n}" for k, n in lost.items()) + f"; {s['replies']} "
+                         "used)")
     return "\n".join(lines + notes)

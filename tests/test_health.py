@@ -215,3 +215,18 @@ def test_sweep_and_compare_report_runs_that_did_not_complete(tmp_path, tiny_conf
     assert "| 2 (+1 diverged (seed 1)) |" in markdown_table(c)
     assert any("3 diverged (seeds 0, 1, 2); left out of its numbers (0 of 3 runs completed)" in n
                for n in c.notes)
+
+
+def test_the_printed_table_says_when_a_completed_run_lost_replies(tiny_config, tmp_path):
+    from fedmaml.experiment import format_summary
+
+    cfg = tiny_config("data.num_clients=20", "federated.clients_per_round=10",
+                      "federated.round_timeout=60", "faults.fail=0.2", "faults.straggle=0.1")
+    run_dir = run_experiment(cfg, quiet=True, run_dir=tmp_path / "run")
+    s = read_summary(run_dir)
+    lost = s["failures"]["error"] + s["failures"]["timeout"]
+    assert lost > 0
+    assert (f"moml completed with {lost} replies not used (error {s['failures']['error']}, "
+            f"timeout {s['failures']['timeout']}; {s['replies']} used)") in format_summary([run_dir])
+    clean = run_experiment(tiny_config(), quiet=True, run_dir=tmp_path / "clean")
+    assert "not used" not in format_summary([clean])
