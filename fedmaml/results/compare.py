@@ -494,8 +494,8 @@ def build_comparison(paths: Sequence[str | Path], metric: str | None = None,
         if s.runs:
             settings.append(s)
     if unfinished:
-        notes.append(f"left out {len(unfinished)} unfinished run(s) (no {SUMMARY_FILE}, or interrupted): "
-                     + ", ".join(str(d) for d in unfinished[:5])
+        notes.append(f"left out {len(unfinished)} unfinished run(s) (no {SUMMARY_FILE}, or "
+                     "interrupted): " + ", ".join(str(d) for d in unfinished[:5])
                      + (" ..." if len(unfinished) > 5 else ""))
     differ = evaluation_differences(settings)
     if differ:
