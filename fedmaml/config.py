@@ -108,6 +108,10 @@ class AlgorithmConfig:
                                 choices=("first_order", "second_order", "hessian_free"))
     hf_delta: float = _field(0.001, "Finite-difference step of the hessian_free estimator.",
                              min=0, min_exclusive=True)
+    hf_perturbation: str = _field("absolute", "Step of the hessian_free estimator: hf_delta * v "
+                                              "(absolute, Per-FedAvg's form) or hf_delta * v / ||v|| "
+                                              "(normalized).",
+                                  choices=("absolute", "normalized"))
     scale_by_beta: bool = _field(False, "Multiply the meta-gradient by beta, as the official MOML "
                                         "code does.")
     local_steps: int = _field(1, "Local meta-steps per round (H).", min=1)

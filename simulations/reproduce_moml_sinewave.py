@@ -81,7 +81,15 @@ METHODS = (
     Method("Reptile", ("algorithm.name=reptile", "algorithm.scale_by_beta=false"), False,
            {1: (0.05, 1.0), 3: (0.1, 1.0)}),
 )
-BY_NAME = {m.name: m for m in METHODS}
+#: Variants run on request (``--methods``), not by default: Per-FedAvg-HF with the finite-difference
+#: step taken along v / ||v|| (simulations/hf_divergence.py), at two probe lengths.
+EXTRA_METHODS = tuple(
+    Method(f"Per-FedAvg-HF-normalized{suffix}",
+           ("algorithm.name=per_fedavg", "algorithm.meta_gradient=hessian_free",
+            "algorithm.hf_perturbation=normalized", f"algorithm.hf_delta={delta}",
+            "algorithm.scale_by_beta=false"), False, {1: (0.001, 1.0), 3: (0.005, 1.0)})
+    for suffix, delta in (("", 0.001), ("-d0.01", 0.01)))
+BY_NAME = {m.name: m for m in METHODS + EXTRA_METHODS}
 
 
 def k_overrides(k: int) -> list[str]:
@@ -283,7 +291,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--ks", type=int, nargs="+", default=[1, 3])
     p.add_argument("--methods", nargs="+", default=[m.name for m in METHODS],
-                   choices=[m.name for m in METHODS])
+                   choices=list(BY_NAME))
     p.add_argument("--public-values", action="store_true",
                    help="skip tuning; use the public code's eta/beta (ALGORITHMS.md §8)")
     p.add_argument("--curve-points", type=int, default=8)
