@@ -70,7 +70,8 @@ def build_hyper(cfg: Any, model: StagedModel, algorithm: Algorithm) -> Hyper:
     k = a.support_size
     return Hyper(step=step, eta=a.eta, local_steps=a.local_steps, tasks_per_step=a.tasks_per_step,
                  support_size=k, query_size=a.query_size or k,
-                 init_support_size=a.init_support_size or k, memory_policy=a.memory_policy)
+                 init_support_size=a.init_support_size or k, memory_policy=a.memory_policy,
+                 memory_init=a.memory_init)
 
 
 def _cache_key(cfg: Any) -> str:
@@ -108,7 +109,7 @@ def _setup_cached(_key: str, cfg: Any) -> ExperimentSetup:
     return ExperimentSetup(
         config=cfg, federation=federation, model=model, loss_fn=loss_for(federation.task_type),
         algorithm=algorithm, hyper=hyper, eval_pattern=eval_pattern,
-        eval_alpha=ev.alpha or cfg.algorithm.alpha, initial_params=model.init(cfg.seed))
+        eval_alpha=ev.alpha or cfg.algorithm.alpha, initial_params=model.init(cfg.seed if cfg.model.init_seed < 0 else cfg.model.init_seed))
 
 
 def resolve_device(name: str) -> torch.device:
