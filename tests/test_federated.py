@@ -587,3 +587,17 @@ def test_model_init_seed_fixes_the_initial_model_across_run_seeds(tiny_config):
     model = setup_for(tiny_config()).model
     assert all(torch.equal(own_1[k], model.init(1)[k]) for k in own_1)
     assert all(torch.equal(fixed_1[k], model.init(1234)[k]) for k in fixed_1)
+
+
+def test_mlp_init_seed_1234_is_the_moml_public_codes_initial_model():
+    """The public code builds its 1-40-40-1 model after ``torch.manual_seed(1234)`` with PyTorch's
+    default ``nn.Linear`` initialisation; ``model.init_seed: 1234`` must give those very weights."""
+    from fedmaml.models import mlp
+
+    torch.manual_seed(1234)
+    public = torch.nn.Sequential(torch.nn.Linear(1, 40), torch.nn.ReLU(), torch.nn.Linear(40, 40),
+                                 torch.nn.ReLU(), torch.nn.Linear(40, 1))
+    ours = mlp((1,), [40, 40], 1).init(1234)
+    assert len(ours) == len(public.state_dict())
+    for mine, theirs in zip(ours.values(), public.state_dict().values()):
+        assert torch.equal(mine, theirs)
