@@ -30,7 +30,9 @@ from reproduce_moml_sinewave import run_all  # noqa: E402  (the reference protoc
 #: perturbation (and probe length) -> the reference script's method name
 VARIANTS = {"absolute, d = 0.001": "Per-FedAvg-HF",
             "normalized, d = 0.001": "Per-FedAvg-HF-normalized",
-            "normalized, d = 0.01": "Per-FedAvg-HF-normalized-d0.01"}
+            "normalized, d = 0.01": "Per-FedAvg-HF-normalized-d0.01",
+            # the exact meta-gradient J^T v (Hessian on the support batch, no finite difference)
+            "exact second order (MAML)": "MAML-SO"}
 #: An untrained model scores about 5.3 on the test tasks; a run ending 10x above that has blown up
 #: even if its numbers are still finite.
 EXPLODED_MSE = 50.0

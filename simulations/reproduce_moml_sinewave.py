@@ -82,13 +82,17 @@ METHODS = (
            {1: (0.05, 1.0), 3: (0.1, 1.0)}),
 )
 #: Variants run on request (``--methods``), not by default: Per-FedAvg-HF with the finite-difference
-#: step taken along v / ||v|| (simulations/hf_divergence.py), at two probe lengths.
+#: step taken along v / ||v|| (simulations/hf_divergence.py), at two probe lengths, and the exact
+#: second-order MAML meta-gradient that the Hessian-free estimator approximates.
 EXTRA_METHODS = tuple(
     Method(f"Per-FedAvg-HF-normalized{suffix}",
            ("algorithm.name=per_fedavg", "algorithm.meta_gradient=hessian_free",
             "algorithm.hf_perturbation=normalized", f"algorithm.hf_delta={delta}",
             "algorithm.scale_by_beta=false"), False, {1: (0.001, 1.0), 3: (0.005, 1.0)})
-    for suffix, delta in (("", 0.001), ("-d0.01", 0.01)))
+    for suffix, delta in (("", 0.001), ("-d0.01", 0.01))) + (
+    Method("MAML-SO", ("algorithm.name=fedmeta", "algorithm.meta_gradient=second_order",
+                       "algorithm.scale_by_beta=false"), False, {1: (0.001, 1.0), 3: (0.005, 1.0)}),
+)
 BY_NAME = {m.name: m for m in METHODS + EXTRA_METHODS}
 
 
