@@ -80,6 +80,12 @@ class DataConfig:
     eval_adapt_size: int = _field(10, "Examples a client adapts on at evaluation.", min=1)
     eval_heldout_size: int = _field(100, "Held-out evaluation examples per task (generated families).",
                                     min=1)
+    eval_points: str = _field("separate", "Sinusoid evaluation points: separate (each task adapts on "
+                                          "its own points and is measured on other ones) or shared "
+                                          "(the MOML public code's: one set drawn with seed 2021 for "
+                                          "every task, adapting on its first eval_adapt_size and "
+                                          "measuring on all of them).",
+                              choices=("separate", "shared"))
     synthetic_alpha: float = _field(1.0, "Synthetic(alpha, beta): model heterogeneity.", min=0)
     synthetic_beta: float = _field(1.0, "Synthetic(alpha, beta): data heterogeneity.", min=0)
     mnist1d_samples: int = _field(4000, "Examples generated for mnist1d.", min=100)
@@ -89,6 +95,8 @@ class DataConfig:
 class ModelConfig:
     name: str = _field("mlp", "Model architecture (linear = an MLP without hidden layers).",
                        choices=("mlp", "conv4", "linear"))
+    init_seed: int = _field(-1, "Seed of the initial meta-model; -1 = the run seed (the MOML public "
+                                "code starts every seed from one model: 1234).", min=-1)
     hidden: tuple[int, ...] = _field((40, 40), "Hidden layer widths of the MLP.", min=1)
     conv_width: int = _field(64, "Channels of each conv4 block.", min=1)
     conv_strided: bool = _field(False, "Strided convolutions instead of max-pooling in conv4.")
@@ -109,6 +117,10 @@ class AlgorithmConfig:
                                 choices=("first_order", "second_order", "hessian_free"))
     hf_delta: float = _field(0.001, "Finite-difference step of the hessian_free estimator.",
                              min=0, min_exclusive=True)
+    hf_perturbation: str = _field("absolute", "Step of the hessian_free estimator: hf_delta * v "
+                                              "(absolute, Per-FedAvg's form) or hf_delta * v / ||v|| "
+                                              "(normalized).",
+                                  choices=("absolute", "normalized"))
     scale_by_beta: bool = _field(False, "Multiply the meta-gradient by beta, as the official MOML "
                                         "code does.")
     local_steps: int = _field(1, "Local meta-steps per round (H).", min=1)
@@ -120,6 +132,11 @@ class AlgorithmConfig:
     memory_policy: str = _field("keep", "Memory of a client that rejoins: keep, reinit from w, or "
                                         "decay towards w every step.",
                                 choices=("keep", "reinit", "decay_to_w"))
+    memory_init: str = _field("current_model", "A client's first memory adapts the meta-model of its "
+                                               "first round (current_model) or the initial meta-model "
+                                               "(initial_model: as if every memory were made at the "
+                                               "start, like the MOML public code).",
+                              choices=("current_model", "initial_model"))
 
 
 @dataclass(frozen=True)
@@ -274,6 +291,7 @@ _META_GRADIENTS = {
 #: The rules of :func:`cross_field_problems` in words, for the docs. Keep the two in step.
 CROSS_FIELD_RULES = (
     "`algorithm.memory_policy: decay_to_w` requires `federated.mode: cross_silo`.",
+    "`algorithm.memory_init: initial_model` does not go with `algorithm.memory_policy: reinit`.",
     "`algorithm.name: per_fedavg` takes `algorithm.meta_gradient` `first_order` or `hessian_free`; "
     "`fedmeta` takes `first_order` or `second_order`.",
     "`federated.clients_per_round` must not exceed `data.num_clients`.",
@@ -298,6 +316,12 @@ def cross_field_problems(cfg: Config) -> list[str]:
     if alg.memory_policy == "decay_to_w" and fed.mode != "cross_silo":
         problems.append(f"algorithm.memory_policy: 'decay_to_w' requires federated.mode "
                         f"'cross_silo' (got {fed.mode!r}); use 'keep' or 'reinit' in cross-device mode")
+
+    # reinit rebuilds the memory from w_r at every participation: there is no first memory to move.
+    if alg.memory_init == "initial_model" and alg.memory_policy == "reinit":
+        problems.append("algorithm.memory_init: 'initial_model' does not go with "
+                        "algorithm.memory_policy 'reinit' (which rebuilds the memory from the round's "
+                        "model at every participation); use 'keep' or memory_init 'current_model'")
 
     allowed = _META_GRADIENTS.get(alg.name)
     if allowed is not None and alg.meta_gradient not in allowed:

@@ -81,7 +81,19 @@ METHODS = (
     Method("Reptile", ("algorithm.name=reptile", "algorithm.scale_by_beta=false"), False,
            {1: (0.05, 1.0), 3: (0.1, 1.0)}),
 )
-BY_NAME = {m.name: m for m in METHODS}
+#: Variants run on request (``--methods``), not by default: Per-FedAvg-HF with the finite-difference
+#: step taken along v / ||v|| (simulations/hf_divergence.py), at two probe lengths, and the exact
+#: second-order MAML meta-gradient that the Hessian-free estimator approximates.
+EXTRA_METHODS = tuple(
+    Method(f"Per-FedAvg-HF-normalized{suffix}",
+           ("algorithm.name=per_fedavg", "algorithm.meta_gradient=hessian_free",
+            "algorithm.hf_perturbation=normalized", f"algorithm.hf_delta={delta}",
+            "algorithm.scale_by_beta=false"), False, {1: (0.001, 1.0), 3: (0.005, 1.0)})
+    for suffix, delta in (("", 0.001), ("-d0.01", 0.01))) + (
+    Method("MAML-SO", ("algorithm.name=fedmeta", "algorithm.meta_gradient=second_order",
+                       "algorithm.scale_by_beta=false"), False, {1: (0.001, 1.0), 3: (0.005, 1.0)}),
+)
+BY_NAME = {m.name: m for m in METHODS + EXTRA_METHODS}
 
 
 def k_overrides(k: int) -> list[str]:
@@ -90,27 +102,57 @@ def k_overrides(k: int) -> list[str]:
             f"algorithm.init_support_size={2 * k}"]
 
 
-def rounds_for(method: Method, steps: int) -> int:
+#: The evaluation protocols (docs/results.md): fedmaml's default, and the MOML public code's.
+PROTOCOLS = ("fedmaml", "public")
+
+
+def protocol_overrides(protocol: str, method: Method, k: int) -> list[str]:
+    """The public code's protocol: every seed starts from one model (seed 1234); the test tasks
+    adapt on the first 10 of 100 shared points (seed 2021) and are measured on all 100; MOML's
+    memories are made from the initial model with K points; LocalMOML rebuilds its memory at every
+    participation with K0 = 2K points. (It also samples LocalMOML's tasks with replacement, which
+    fedmaml's client sampling does not offer.)"""
+    if protocol == "fedmaml":
+        return []
+    common = ["data.eval_points=shared", "model.init_seed=1234"]
+    if method.name == "LocalMOML":
+        return [*common, "algorithm.memory_policy=reinit"]
+    if method.uses_beta:
+        return [*common, "algorithm.memory_init=initial_model", f"algorithm.init_support_size={k}"]
+    return common
+
+
+def rounds_for(method: Method, steps: int, k: int = 1, protocol: str = "fedmaml") -> int:
     # LocalMOML does H meta-steps per round: steps / H rounds see the same number of samples.
-    return max(1, steps // LOCAL_STEPS) if method.name == "LocalMOML" else steps
+    if method.name != "LocalMOML":
+        return steps
+    if protocol == "public":
+        # It also rebuilds its memory from K0 = 2K points at every participation; the public code
+        # pays for them with fewer rounds: steps / ratio iterations, ratio = (K0 + K H) / (K H).
+        ratio = (2 * k + k * LOCAL_STEPS) / (k * LOCAL_STEPS)
+        return max(1, int(steps // ratio) // LOCAL_STEPS)
+    return max(1, steps // LOCAL_STEPS)
 
 
-def run_name(method: Method, k: int, eta: float, beta: float, seed: int, steps: int) -> str:
+def run_name(method: Method, k: int, eta: float, beta: float, seed: int, steps: int,
+             protocol: str = "fedmaml") -> str:
     b = f"-b{beta:g}" if method.uses_beta else ""
-    return f"{method.name}-K{k}-e{eta:g}{b}-s{seed}-n{steps}"
+    p = "" if protocol == "fedmaml" else f"-{protocol}"
+    return f"{method.name}-K{k}-e{eta:g}{b}-s{seed}-n{steps}{p}"
 
 
 def make_config(method: Method, k: int, eta: float, beta: float, seed: int, steps: int,
-                out: Path, curve_points: int) -> Any:
+                out: Path, curve_points: int, protocol: str = "fedmaml") -> Any:
     from fedmaml.config import load_config
 
-    rounds = rounds_for(method, steps)
+    rounds = rounds_for(method, steps, k, protocol)
     every = max(1, rounds // curve_points) if curve_points else 0
     beta_key = [f"algorithm.beta={beta}"] if method.uses_beta else []
-    return load_config(CONFIG, [*method.overrides, *k_overrides(k), f"algorithm.eta={eta}",
+    return load_config(CONFIG, [*method.overrides, *k_overrides(k),
+                                *protocol_overrides(protocol, method, k), f"algorithm.eta={eta}",
                                 *beta_key, f"seed={seed}", f"federated.rounds={rounds}",
                                 f"federated.eval_every={every}", f"output_dir={out}",
-                                f"name={run_name(method, k, eta, beta, seed, steps)}"])
+                                f"name={run_name(method, k, eta, beta, seed, steps, protocol)}"])
 
 
 def heldout_mse(run_dir: Path, cfg: Any, tasks: range) -> list[float]:
@@ -126,7 +168,8 @@ def heldout_mse(run_dir: Path, cfg: Any, tasks: range) -> list[float]:
     pool = build_federation({"family": "sinusoid_grid", "num_clients": 1, "unseen_clients": 1,
                              "tasks_per_client": 25,
                              "eval_adapt_size": cfg.data.eval_adapt_size,
-                             "eval_heldout_size": cfg.data.eval_heldout_size}, 0).unseen_tasks(0)
+                             "eval_heldout_size": cfg.data.eval_heldout_size,
+                             "eval_points": cfg.data.eval_points}, 0).unseen_tasks(0)
     return [float(personalized_metrics(setup.model, setup.loss_fn, w, *pool[q].evaluation_split(),
                                        setup.eval_pattern, setup.eval_alpha, False)["loss"])
             for q in tasks]
@@ -142,15 +185,18 @@ def step_ms(metrics: list[dict[str, Any]], method: Method) -> float:
     return per_round / (LOCAL_STEPS if method.name == "LocalMOML" else 1)
 
 
-def run_one(job: tuple[str, int, float, float, int, int, str, int]) -> dict[str, Any]:
-    """Run (or reuse) one training run and score it; executed in a worker process."""
+def run_one(job: tuple) -> dict[str, Any]:
+    """Run (or reuse) one training run and score it; executed in a worker process. ``job`` is
+    ``(method, K, eta, beta, seed, steps, output dir, curve points[, protocol])``."""
     torch.set_num_threads(1)
-    name, k, eta, beta, seed, steps, out, curve_points = job
+    name, k, eta, beta, seed, steps, out, curve_points, *rest = job
+    protocol = rest[0] if rest else "fedmaml"
     from fedmaml.experiment import run_experiment
+    from fedmaml.federated.health import run_status
     from fedmaml.results.recorder import read_metrics, read_summary
 
     method = BY_NAME[name]
-    cfg = make_config(method, k, eta, beta, seed, steps, Path(out), curve_points)
+    cfg = make_config(method, k, eta, beta, seed, steps, Path(out), curve_points, protocol)
     run_dir = Path(out) / cfg.name
     if read_summary(run_dir) is None:
         run_experiment(cfg, quiet=True, run_dir=run_dir)
@@ -160,6 +206,7 @@ def run_one(job: tuple[str, int, float, float, int, int, str, int]) -> dict[str,
     curve = [(r["round"] * (LOCAL_STEPS if name == "LocalMOML" else 1), r["eval"]["unseen.loss.mean"])
              for r in metrics if "eval" in r and "unseen.loss.mean" in r["eval"]]
     return {"method": name, "K": k, "eta": eta, "beta": beta, "seed": seed, "steps": steps,
+            "protocol": protocol, "status": run_status(read_summary(run_dir)),
             "run_dir": str(run_dir), "test_mse": statistics.mean(test), "val_mse": statistics.mean(val),
             "ms_per_step": step_ms(metrics, method),
             "samples": max(r.get("samples", 0) for r in metrics), "curve": curve}
@@ -177,27 +224,35 @@ def run_all(jobs: list[tuple], workers: int) -> list[dict[str, Any]]:
     return results
 
 
+def usable(result: dict[str, Any]) -> bool:
+    """A run that completed with a finite score. A diverged run stops and keeps its last good
+    model, whose score may be finite: its status says it diverged."""
+    return result.get("status", "completed") == "completed" and math.isfinite(result["test_mse"])
+
+
 def best(results: list[dict[str, Any]], name: str, k: int) -> tuple[float, float]:
     mine = [r for r in results if r["method"] == name and r["K"] == k]
-    # A diverged run (NaN or inf) never wins.
-    r = min(mine, key=lambda r: r["val_mse"] if math.isfinite(r["val_mse"]) else math.inf)
+    # A diverged run never wins.
+    r = min(mine, key=lambda r: r["val_mse"] if usable(r) else math.inf)
     return r["eta"], r["beta"]
 
 
 def tune(methods: list[Method], ks: list[int], grid: str, steps: int, seed: int, out: Path,
-         workers: int) -> tuple[dict[tuple[str, int], tuple[float, float]], list[dict[str, Any]]]:
+         workers: int, protocol: str = "fedmaml"
+         ) -> tuple[dict[tuple[str, int], tuple[float, float]], list[dict[str, Any]]]:
     first: list[tuple] = []
     for m, k in itertools.product(methods, ks):
         _, public_beta = m.public[k]
         betas = BETA_GRID if (m.uses_beta and grid == "full") else (public_beta,)
-        first += [(m.name, k, e, b, seed, steps, str(out), 0) for e in ETA_GRID for b in betas]
+        first += [(m.name, k, e, b, seed, steps, str(out), 0, protocol) for e in ETA_GRID
+                  for b in betas]
     results = run_all(first, workers)
     if grid == "coordinate":
         second = []
         for m, k in itertools.product(methods, ks):
             if m.uses_beta:
                 eta, public_beta = best(results, m.name, k)
-                second += [(m.name, k, eta, b, seed, steps, str(out), 0)
+                second += [(m.name, k, eta, b, seed, steps, str(out), 0, protocol)
                            for b in BETA_GRID if b != public_beta]
         results += run_all(second, workers)
     chosen = {(m.name, k): best(results, m.name, k) for m in methods for k in ks}
@@ -209,8 +264,8 @@ def summarize(final: list[dict[str, Any]], chosen: dict, methods: list[Method], 
     rows = []
     for k, m in itertools.product(ks, methods):
         mine = [r for r in final if r["method"] == m.name and r["K"] == k]
-        # Diverged seeds (NaN / inf) are counted and left out of the mean, never hidden.
-        mse = [r["test_mse"] for r in mine if math.isfinite(r["test_mse"])]
+        # Diverged seeds are counted and left out of the mean, never hidden.
+        mse = [r["test_mse"] for r in mine if usable(r)]
         ms = [r["ms_per_step"] for r in mine]
         eta, beta = chosen[(m.name, k)]
         rows.append({"K": k, "method": m.name, "eta": eta, "beta": beta if m.uses_beta else None,
@@ -255,7 +310,7 @@ def plot(final: list[dict[str, Any]], methods: list[Method], ks: list[int], path
             if m.name == "MOML-V2":
                 continue  # its run-time unseen metric averages 25 test tasks, not the 5 reported
             curves = [r["curve"] for r in final if r["method"] == m.name and r["K"] == k
-                      and math.isfinite(r["test_mse"])]
+                      and usable(r)]
             if not curves or not curves[0]:
                 continue
             n = min(len(c) for c in curves)
@@ -283,9 +338,12 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--ks", type=int, nargs="+", default=[1, 3])
     p.add_argument("--methods", nargs="+", default=[m.name for m in METHODS],
-                   choices=[m.name for m in METHODS])
+                   choices=list(BY_NAME))
     p.add_argument("--public-values", action="store_true",
                    help="skip tuning; use the public code's eta/beta (ALGORITHMS.md §8)")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="fedmaml",
+                   help="evaluation protocol: fedmaml's default or the MOML public code's "
+                        "(shared evaluation points, one initial model, memories made at the start)")
     p.add_argument("--curve-points", type=int, default=8)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--output-dir", default="results/moml_sinewave")
@@ -306,9 +364,10 @@ def main() -> None:
         chosen = {(m.name, k): m.public[k] for m in methods for k in a.ks}
     else:
         chosen, tuning = tune(methods, a.ks, a.grid, a.tune_steps, a.tune_seed, out / "tune",
-                              a.workers)
+                              a.workers, a.protocol)
     print("chosen (eta, beta):", {f"{n} K={k}": v for (n, k), v in chosen.items()}, flush=True)
-    jobs = [(m.name, k, *chosen[(m.name, k)], s, a.steps, str(out / "final"), a.curve_points)
+    jobs = [(m.name, k, *chosen[(m.name, k)], s, a.steps, str(out / "final"), a.curve_points,
+             a.protocol)
             for k in a.ks for m in methods for s in a.seeds]
     final = run_all(jobs, a.workers)
     rows = summarize(final, chosen, methods, a.ks)

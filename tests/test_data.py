@@ -86,6 +86,10 @@ def test_spec_reads_any_config_object_with_defaults():
         ({"family": "sinusoid_grid", "num_clients": 13, "tasks_per_client": 2}, ["26", "25"]),
         ({"eval_adapt_size": 0}, ["data.eval_adapt_size", ">= 1"]),
         ({"family": "omniglot", "path": ""}, ["data.path", "omniglot"]),
+        ({"eval_points": "fixed"}, ["data.eval_points", "'fixed'", "separate", "shared"]),
+        ({"family": "digits", "eval_points": "shared"}, ["data.eval_points", "'digits'", "separate"]),
+        ({"eval_points": "shared", "eval_adapt_size": 20, "eval_heldout_size": 10},
+         ["data.eval_adapt_size", "20", "data.eval_heldout_size", "10"]),
     ],
 )
 def test_spec_rejects_bad_values_naming_key_value_and_allowed(fields, words):
@@ -151,6 +155,28 @@ def test_sinusoid_evaluation_split_is_fixed_and_sized():
     again = build_federation(spec, 0).client_tasks(3)[0]
     assert_tasks_equal([task], [again])
     assert not torch.equal(ax, build_federation(spec, 0).client_tasks(4)[0].evaluation_split()[0])
+
+
+@pytest.mark.parametrize("family", ["sinusoid", "sinusoid_grid"])
+def test_shared_evaluation_points_are_the_public_codes(family):
+    """``eval_points: shared``: every task adapts on the first 10 of the same 100 points and is
+    measured on all 100, the points of ``np.random.seed(2021); np.random.uniform(-5, 5, n)``."""
+    spec = DataSpec(family=family, num_clients=2, unseen_clients=2, eval_points="shared")
+    fed = build_federation(spec, 7)
+    tasks = fed.client_tasks(0) + fed.client_tasks(1) + fed.unseen_tasks(0) + fed.unseen_tasks(1)
+    np.random.seed(2021)  # the public code's two draws, each after re-seeding
+    plot = np.random.uniform(-5, 5, 100)
+    np.random.seed(2021)
+    adapt = np.random.uniform(-5, 5, 10)
+    for task in tasks:
+        ax, ay, hx, hy = task.evaluation_split()
+        assert hx.shape == hy.shape == (100, 1) and ax.shape == ay.shape == (10, 1)
+        np.testing.assert_array_equal(hx[:, 0].numpy(), plot.astype(np.float32))
+        np.testing.assert_array_equal(ax[:, 0].numpy(), adapt.astype(np.float32))
+        torch.testing.assert_close(hy, task.target(hx))
+        torch.testing.assert_close(ay, hy[:10])
+    # the tasks differ in their targets only
+    assert not torch.equal(tasks[0].evaluation_split()[3], tasks[2].evaluation_split()[3])
 
 
 def test_sinusoid_is_deterministic_per_seed_and_unseen_tasks_differ():

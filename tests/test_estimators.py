@@ -2,6 +2,7 @@
 differences, and the memory point at which MOML evaluates them (§4)."""
 
 import pytest
+import torch
 
 from fedmaml.core.adaptation import adapt
 from fedmaml.core.estimators import adapt_with_vjp, hessian_free_product, loss_grad
@@ -202,3 +203,64 @@ def test_scale_by_beta(estimator):
     assert_params_equal(u1, u2)
     assert_params_equal(g2, {k: 0.3 * v for k, v in g1.items()})
     assert StepConfig.__dataclass_fields__["scale_by_beta"].default is False  # default off (§3)
+
+
+@pytest.mark.parametrize("name, text", [("mlp", "1111"), ("mlp", "1111|0001x2"),
+                                        ("conv4", "00011|00001")])
+def test_normalized_hessian_free_equals_the_hand_product_and_second_order(name, text):
+    """``hf_perturbation: normalized`` steps ``d / ||P_s v||`` along ``v`` at every step ``s``."""
+    model, w, batch, loss_fn = problem(name)
+    p = Pattern.parse(text)
+    (xs, ys), (xq, yq), (xe, ye) = batch(22), batch(23), batch(24)
+    _, g_so, _ = task_step(model, loss_fn, cfg_for(p, "second_order"), w, None, (xs, ys), (xq, yq))
+    cfg = cfg_for(p, "hessian_free", hf_delta=1e-5, hf_perturbation="normalized")
+    _, g_hf, _ = task_step(model, loss_fn, cfg, w, None, (xs, ys), (xq, yq), hf_batch=(xs, ys))
+    assert rel_err(g_hf, g_so) < 1e-4, rel_err(g_hf, g_so)
+
+    _, g_ind, _ = task_step(model, loss_fn, cfg, w, None, (xs, ys), (xq, yq), hf_batch=(xe, ye))
+    traj = []
+    u = adapt(model, w, xs, ys, loss_fn, p, ALPHA, trajectory=traj)
+    out = reference_grad(model, u, xq, yq, loss_fn)
+    groups = group_of(model)
+    for s in reversed(range(p.steps)):
+        mask = {k: float(p.rows[s][groups[k]]) for k in w}
+        norm = sum(float((mask[k] * out[k]).pow(2).sum()) for k in w) ** 0.5
+        step = 1e-5 / norm
+        plus = {k: traj[s][k] + step * mask[k] * out[k] for k in w}
+        minus = {k: traj[s][k] - step * mask[k] * out[k] for k in w}
+        gp, gm = (reference_grad(model, q, xe, ye, loss_fn) for q in (plus, minus))
+        out = {k: out[k] - ALPHA * (gp[k] - gm[k]) / (2 * step) for k in w}
+    assert_params_close(g_ind, out, atol=1e-9, what="normalized HF by hand")
+
+
+def test_normalized_hessian_free_is_linear_in_v_and_absolute_is_not():
+    """Scaling ``v`` scales the normalized estimate exactly (the same points are probed); the
+    absolute step probes ``d * c * v``, far outside the linear regime for a large ``c``."""
+    model, w, batch, loss_fn = problem("mlp")
+    p = Pattern.parse("1111x2")
+    xs, ys = batch(25)
+    traj = []
+    adapt(model, w, xs, ys, loss_fn, p, ALPHA, trajectory=traj)
+    v = random_like(w, 26)
+    big = {k: 1e4 * t for k, t in v.items()}
+    for kind, expect_linear in (("normalized", True), ("absolute", False)):
+        small_out = hessian_free_product(model, traj, v, xs, ys, loss_fn, p, ALPHA, 1e-3, kind)
+        big_out = hessian_free_product(model, traj, big, xs, ys, loss_fn, p, ALPHA, 1e-3, kind)
+        err = rel_err(big_out, {k: 1e4 * t for k, t in small_out.items()})
+        assert (err < 1e-8) if expect_linear else (err > 1e-3), (kind, err)
+
+
+def test_normalized_hessian_free_of_a_zero_v_is_zero():
+    model, w, batch, loss_fn = problem("mlp")
+    p = Pattern.parse("1111")
+    xs, ys = batch(27)
+    traj = []
+    adapt(model, w, xs, ys, loss_fn, p, ALPHA, trajectory=traj)
+    zero = {k: torch.zeros_like(t) for k, t in w.items()}
+    out = hessian_free_product(model, traj, zero, xs, ys, loss_fn, p, ALPHA, 1e-3, "normalized")
+    assert_params_equal(out, zero)
+
+
+def test_unknown_hf_perturbation_is_refused():
+    with pytest.raises(ValueError, match="hf_perturbation 'relative'.*absolute.*normalized"):
+        cfg_for(Pattern.parse("1111"), "hessian_free", hf_perturbation="relative")

@@ -573,3 +573,31 @@ def test_cli_run_with_a_bad_key_exits_2_with_a_clear_message(tiny_config, tmp_pa
     assert done.returncode == 2
     assert "federated.rounds_: unknown key; did you mean 'rounds'?" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_model_init_seed_fixes_the_initial_model_across_run_seeds(tiny_config):
+    """``model.init_seed`` (the MOML public code starts every seed from one model); -1 = the seed."""
+    def initial(*overrides):
+        return setup_for(tiny_config(*overrides)).initial_params
+
+    fixed_1, fixed_2 = initial("seed=1", "model.init_seed=1234"), initial("seed=2", "model.init_seed=1234")
+    own_1, own_2 = initial("seed=1"), initial("seed=2")
+    assert all(torch.equal(fixed_1[k], fixed_2[k]) for k in fixed_1)
+    assert not all(torch.equal(own_1[k], own_2[k]) for k in own_1)
+    model = setup_for(tiny_config()).model
+    assert all(torch.equal(own_1[k], model.init(1)[k]) for k in own_1)
+    assert all(torch.equal(fixed_1[k], model.init(1234)[k]) for k in fixed_1)
+
+
+def test_mlp_init_seed_1234_is_the_moml_public_codes_initial_model():
+    """The public code builds its 1-40-40-1 model after ``torch.manual_seed(1234)`` with PyTorch's
+    default ``nn.Linear`` initialisation; ``model.init_seed: 1234`` must give those very weights."""
+    from fedmaml.models import mlp
+
+    torch.manual_seed(1234)
+    public = torch.nn.Sequential(torch.nn.Linear(1, 40), torch.nn.ReLU(), torch.nn.Linear(40, 40),
+                                 torch.nn.ReLU(), torch.nn.Linear(40, 1))
+    ours = mlp((1,), [40, 40], 1).init(1234)
+    assert len(ours) == len(public.state_dict())
+    for mine, theirs in zip(ours.values(), public.state_dict().values()):
+        assert torch.equal(mine, theirs)

@@ -21,7 +21,7 @@ from fedmaml.core.task_step import StepConfig, task_step
 from fedmaml.data.tasks import PoolTask
 from helpers import single_thread  # noqa: F401  (autouse fixture)
 from helpers import (assert_params_close, assert_params_equal, leaves, problem, random_like,
-                     reference_adapt, reference_grad, reference_vjp)
+                     reference_adapt, reference_grad, reference_vjp, rel_err)
 
 ALPHA = 0.3
 P_MLP = Pattern.parse("1111|0001")
@@ -403,3 +403,26 @@ def test_federated_round_is_one_centralized_moml_step(estimator, weighting):
         gs.append(g)
     expected = {k: w[k] - 0.25 * sum(g[k] for g in gs) / n for k in w}
     assert_params_close(w_fed, expected, atol=1e-14, rtol=1e-12)
+
+
+def test_memory_init_from_the_initial_model():
+    """``memory_init: initial_model``: a first memory adapts w_0, not the round's w (then moves
+    with the round's step as usual); without w_0 the update refuses to guess."""
+    model, w, batch, loss_fn = problem("mlp")
+    w0 = random_like(w, seed=90)
+    hp = dataclasses.replace(hyper(beta=0.5, H=1, B=1), memory_init="initial_model")
+    index = torch.tensor([[1]])
+    data = make_round(batch, 91, H=1, B=1, n_tasks=3, index=index, init=True)
+    _, memory, _ = client_update(MOML, model, loss_fn, hp, w, None, data, initial=w0)
+    for i in (0, 2):  # not sampled: exactly A(w_0; S_0)
+        ref = reference_adapt(model, w0, data.init[0][i], data.init[1][i], loss_fn, P_MLP, ALPHA)
+        assert_params_close(unstack(memory)[i], ref, atol=1e-12)
+    u0 = reference_adapt(model, w0, data.init[0][1], data.init[1][1], loss_fn, P_MLP, ALPHA)
+    a = reference_adapt(model, w, data.support[0][0, 0], data.support[1][0, 0], loss_fn, P_MLP,
+                        ALPHA)
+    assert_params_close(unstack(memory)[1], {k: 0.5 * u0[k] + 0.5 * a[k] for k in w}, atol=1e-12)
+    # the default adapts the round's w instead: a different memory
+    _, current, _ = client_update(MOML, model, loss_fn, hyper(beta=0.5, H=1, B=1), w, None, data)
+    assert rel_err(unstack(current)[0], unstack(memory)[0]) > 1e-3
+    with pytest.raises(ValueError, match="initial_model"):
+        client_update(MOML, model, loss_fn, hp, w, None, data)

@@ -37,6 +37,12 @@ CASES = {
                      "algorithm.meta_gradient=hessian_free", "algorithm.hf_delta=0.01"),
     "moml-reinit": ("algorithm.name=moml", "algorithm.memory_policy=reinit",
                     "algorithm.local_steps=2"),
+    # the MOML public code's protocol options: first memories from the initial model, which every
+    # seed shares; evaluation on shared points
+    "moml-public-protocol": ("algorithm.name=moml", "algorithm.memory_init=initial_model",
+                             "model.init_seed=1234", "data.eval_points=shared"),
+    "per_fedavg-hf-normalized": ("algorithm.name=per_fedavg", "algorithm.meta_gradient=hessian_free",
+                                 "algorithm.hf_perturbation=normalized", "algorithm.hf_delta=0.01"),
     "per_fedavg-hf": ("algorithm.name=per_fedavg", "algorithm.meta_gradient=hessian_free",
                       "algorithm.hf_delta=0.01"),
     "fedmeta-so": ("algorithm.name=fedmeta", "algorithm.meta_gradient=second_order",

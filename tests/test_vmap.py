@@ -31,13 +31,16 @@ def at(batch, i):
     return batch[0][i], batch[1][i]
 
 
-@pytest.mark.parametrize("estimator", ["first_order", "second_order", "hessian_free"])
+@pytest.mark.parametrize("estimator", ["first_order", "second_order", "hessian_free",
+                                       "hessian_free/normalized"])
 @pytest.mark.parametrize("name, kind", list(PATTERNS))
 def test_vmapped_task_step_equals_loop(name, kind, estimator):
     model, w, batch, loss_fn = problem(name, dtype=torch.float32)
     p = Pattern.parse(PATTERNS[name, kind]).validate(model.group_names)
+    estimator, _, perturbation = estimator.partition("/")
     cfg = StepConfig(alpha=0.2, beta=0.5, estimator=estimator, inner_pattern=p, memory_pattern=p,
-                     hf_delta=0.1)  # FD amplifies float32 rounding by alpha/delta
+                     hf_delta=0.1,  # FD amplifies float32 rounding by alpha/delta
+                     hf_perturbation=perturbation or "absolute")
     S, Q, E = cohort(batch, 1, 5), cohort(batch, 2, 4), cohort(batch, 3, 5)
     U = stack([{k: w[k] + 0.1 * d for k, d in random_like(w, 10 + i).items()}
                for i in range(COHORT)])

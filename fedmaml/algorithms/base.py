@@ -34,6 +34,7 @@ class Hyper:
     query_size: int = 5
     init_support_size: int = 5  # K0
     memory_policy: str = "keep"  # keep | reinit | decay_to_w
+    memory_init: str = "current_model"  # first memory from w_r, or from the initial model w_0
 
     def with_eta(self, eta: float) -> "Hyper":
         return dataclasses.replace(self, eta=eta)
@@ -102,11 +103,16 @@ def initial_memory(model: StagedModel, loss_fn: LossFn, hp: Hyper, w: Params,
 
 
 def client_update(algorithm: Algorithm, model: StagedModel, loss_fn: LossFn, hp: Hyper,
-                  w: Params, memory: Params | None, data: RoundData
+                  w: Params, memory: Params | None, data: RoundData,
+                  initial: Params | None = None
                   ) -> tuple[Params, Params | None, dict[str, Tensor]]:
-    """``w_r -> (delta, memory', metrics)``; (re)initialises memory when ``data.init`` is given."""
+    """``w_r -> (delta, memory', metrics)``; (re)initialises memory when ``data.init`` is given,
+    from ``w_r`` or, with ``memory_init: initial_model``, from the initial meta-model ``initial``."""
     if algorithm.uses_memory and data.init is not None:
-        memory = initial_memory(model, loss_fn, hp, w, data.init)
+        if hp.memory_init == "initial_model" and initial is None:
+            raise ValueError("memory_init 'initial_model' needs the initial meta-model (initial=)")
+        start = initial if hp.memory_init == "initial_model" else w
+        memory = initial_memory(model, loss_fn, hp, start, data.init)
     w_new, memory, metrics = algorithm.local_round(model, loss_fn, hp, w, memory, data)
     return sub(w_new, w), memory, metrics
 

@@ -11,6 +11,11 @@ For a task with memory (or adapted parameters) ``u``, query batch ``Q`` and ``v 
   product is applied step by step backwards along the adaptation trajectory, with each step's
   Hessian-vector product restricted to the groups that step adapts:
   ``J^T v = J_0^T (J_1^T (... J_{S-1}^T v))``, ``J_s^T = I - alpha H(theta_s) P_s``.
+
+  The perturbation is ``d v`` (``hf_perturbation: absolute``, Fallah et al.'s form) or
+  ``(d / ||P_s v||) v`` (``normalized``): a unit-length step of size ``d`` whatever the scale of
+  ``v``, so that a large query gradient does not push the difference quotient far from the
+  linear regime (the estimate is divided by the same step, so both estimate ``H v``).
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from fedmaml.models.base import StagedModel
 
 Estimator = Literal["first_order", "second_order", "hessian_free"]
 ESTIMATORS: tuple[str, ...] = ("first_order", "second_order", "hessian_free")
+#: How the Hessian-free estimator scales its finite-difference step (see the module docstring).
+HF_PERTURBATIONS: tuple[str, ...] = ("absolute", "normalized")
 
 
 def loss_grad(model: StagedModel, params: Params, x: Tensor, y: Tensor,
@@ -49,20 +56,28 @@ def adapt_with_vjp(model: StagedModel, w: Params, x: Tensor, y: Tensor, loss_fn:
 
 def hessian_free_product(model: StagedModel, trajectory: list[Params], v: Params, x: Tensor,
                          y: Tensor, loss_fn: LossFn, pattern: Pattern, alpha: float | Tensor,
-                         delta: float) -> Params:
+                         delta: float, perturbation: str = "absolute") -> Params:
     """Approximate ``J_A^T v`` by central finite differences of gradients on the batch ``(x, y)``.
 
-    ``trajectory[s]`` holds the parameters before step ``s`` of the adaptation.
+    ``trajectory[s]`` holds the parameters before step ``s`` of the adaptation. ``perturbation``
+    is ``absolute`` (step ``delta * v``) or ``normalized`` (step ``delta * v / ||P_s v||``).
     """
+    if perturbation not in HF_PERTURBATIONS:
+        raise ValueError(f"perturbation {perturbation!r} is not one of {list(HF_PERTURBATIONS)}")
     out = dict(v)
     for s in reversed(range(pattern.steps)):
         names = model.names_of(pattern.adapted(s))
         if not names:
             continue
         theta = trajectory[s]
-        plus = {k: (t + delta * out[k]) if k in names else t for k, t in theta.items()}
-        minus = {k: (t - delta * out[k]) if k in names else t for k, t in theta.items()}
+        step: float | Tensor = delta
+        if perturbation == "normalized":
+            norm = torch.sqrt(sum((out[k].double() ** 2).sum() for k in names)).to(out[names[0]].dtype)
+            # vmap-safe (no branch on the value): a zero v gives plus == minus and a zero product.
+            step = delta / norm.clamp_min(torch.finfo(norm.dtype).tiny)
+        plus = {k: (t + step * out[k]) if k in names else t for k, t in theta.items()}
+        minus = {k: (t - step * out[k]) if k in names else t for k, t in theta.items()}
         g_plus, _ = loss_grad(model, plus, x, y, loss_fn)
         g_minus, _ = loss_grad(model, minus, x, y, loss_fn)
-        out = {k: out[k] - alpha * (g_plus[k] - g_minus[k]) / (2 * delta) for k in out}
+        out = {k: out[k] - alpha * (g_plus[k] - g_minus[k]) / (2 * step) for k in out}
     return out

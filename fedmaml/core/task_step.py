@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from fedmaml.core.adaptation import adapt, query_loss
-from fedmaml.core.estimators import (ESTIMATORS, Estimator, adapt_with_vjp, hessian_free_product,
-                                     loss_grad)
+from fedmaml.core.estimators import (ESTIMATORS, HF_PERTURBATIONS, Estimator, adapt_with_vjp,
+                                     hessian_free_product, loss_grad)
 from fedmaml.core.losses import LossFn
 from fedmaml.core.memory import momentum_update
 from fedmaml.core.params import Params, scale
@@ -34,6 +34,7 @@ class StepConfig:
     inner_pattern: Pattern
     memory_pattern: Pattern
     hf_delta: float = 1e-3
+    hf_perturbation: str = "absolute"  # or "normalized": a step of hf_delta along v / ||v||
     scale_by_beta: bool = False
     cache_prefix: bool = True
     #: The memory update adapts with ``memory_alpha_scale * alpha`` (MOML-V2's unbiased ``n / B``);
@@ -43,6 +44,9 @@ class StepConfig:
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator {self.estimator!r} is not one of {list(ESTIMATORS)}")
+        if self.hf_perturbation not in HF_PERTURBATIONS:
+            raise ValueError(f"hf_perturbation {self.hf_perturbation!r} is not one of "
+                             f"{list(HF_PERTURBATIONS)}")
 
     @property
     def memory_alpha(self) -> float:
@@ -82,7 +86,7 @@ def task_step(model: StagedModel, loss_fn: LossFn, cfg: StepConfig, w: Params, u
         if hf_batch is None:
             raise ValueError("the hessian_free estimator needs an independent batch (hf_batch)")
         g = hessian_free_product(model, trajectory, v, hf_batch[0], hf_batch[1], loss_fn,
-                                 cfg.inner_pattern, cfg.alpha, cfg.hf_delta)
+                                 cfg.inner_pattern, cfg.alpha, cfg.hf_delta, cfg.hf_perturbation)
     if cfg.scale_by_beta:
         g = scale(g, cfg.beta)
     loss_before = query_loss(model, w, xq, yq, loss_fn).detach()

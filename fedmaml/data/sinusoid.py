@@ -15,10 +15,11 @@ Two families:
 
 Inputs are ``x ~ U[-5, 5]`` of shape ``[n, 1]`` and targets float32 ``[n, 1]``. ``draw`` returns fresh
 points from the caller's generator. The evaluation split (``adapt_size`` points to adapt on,
-``heldout_size`` others to measure on) is fixed per task by the task's own evaluation seed. Unlike
-the public code, which adapts on the first 10 of the same 100 points it measures on (both drawn with
-seed 2021, shared by all test tasks), the adapt and measured points here are disjoint draws, so the
-measured MSE is never on points the model adapted to.
+``heldout_size`` others to measure on) is fixed per task by the task's own evaluation seed
+(``data.eval_points: separate``, the default): the adapt and measured points are disjoint draws, so
+the measured MSE is never on points the model adapted to. ``data.eval_points: shared`` is the public
+code's protocol instead: ``heldout_size`` points drawn once with ``numpy.random.seed(2021)`` are the
+same for every task, a task adapts on the first ``adapt_size`` of them and is measured on all of them.
 """
 
 from __future__ import annotations
@@ -65,11 +66,13 @@ class SinusoidTask(Task):
         adapt_size: int = 10,
         heldout_size: int = 100,
         x_range: tuple[float, float] = X_RANGE,
+        shared_points: bool = False,
     ) -> None:
         self.amplitude, self.phase = float(amplitude), float(phase)
         self.eval_seed = int(eval_seed)
         self.adapt_size, self.heldout_size = int(adapt_size), int(heldout_size)
         self.x_range = (float(x_range[0]), float(x_range[1]))
+        self.shared_points = bool(shared_points)
         self._evaluation: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
 
     def target(self, x: Tensor) -> Tensor:
@@ -86,19 +89,37 @@ class SinusoidTask(Task):
 
     def evaluation_split(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         if self._evaluation is None:
-            generator = torch.Generator().manual_seed(self.eval_seed)
-            x, y = self._points(generator, self.adapt_size + self.heldout_size)
             k = self.adapt_size
-            self._evaluation = (x[:k], y[:k], x[k:], y[k:])
+            if self.shared_points:
+                x = shared_evaluation_inputs(self.heldout_size, self.x_range)
+                y = self.target(x)
+                self._evaluation = (x[:k], y[:k], x, y)
+            else:
+                generator = torch.Generator().manual_seed(self.eval_seed)
+                x, y = self._points(generator, k + self.heldout_size)
+                self._evaluation = (x[:k], y[:k], x[k:], y[k:])
         return self._evaluation
 
     def __repr__(self) -> str:
         return f"SinusoidTask(amplitude={self.amplitude:.4g}, phase={self.phase:.4g})"
 
 
+def shared_evaluation_inputs(n: int, x_range: tuple[float, float] = X_RANGE) -> Tensor:
+    """The public code's evaluation inputs, ``[n, 1]`` float32: ``numpy.random.seed(2021)`` then
+    ``numpy.random.uniform(low, high, n)`` (its ``sample_test_data``), the same for every task.
+    Its 10 adaptation points are the first 10 of these: the same seed, the same stream."""
+    x = np.random.RandomState(GRID_EVAL_SEED).uniform(x_range[0], x_range[1], n)
+    return torch.tensor(x, dtype=torch.float32).unsqueeze(1)
+
+
+def _sizes(spec: DataSpec) -> tuple[int, int, int, bool]:
+    return (spec.tasks_per_client, spec.eval_adapt_size, spec.eval_heldout_size,
+            spec.eval_points == "shared")
+
+
 def build_sinusoid(spec: DataSpec, seed: int) -> Federation:
     """Finn et al.'s sinusoid family: clients and unseen clients generated lazily."""
-    sizes = (spec.tasks_per_client, spec.eval_adapt_size, spec.eval_heldout_size)
+    sizes = _sizes(spec)
     return _federation(
         spec,
         partial(_random_tasks, seed, "sinusoid/train", *sizes),
@@ -111,7 +132,7 @@ def build_sinusoid_grid(spec: DataSpec, seed: int) -> Federation:
 
     ``seed`` is accepted for a uniform interface; nothing here depends on it (see module docstring).
     """
-    sizes = (spec.tasks_per_client, spec.eval_adapt_size, spec.eval_heldout_size)
+    sizes = _sizes(spec)
     return _federation(
         spec,
         partial(_indexed_tasks, grid_parameters, "sinusoid_grid/train", *sizes),
@@ -134,7 +155,7 @@ def _federation(
 
 
 def _random_tasks(
-    seed: int, stream: str, count: int, adapt_size: int, heldout_size: int, cid: int
+    seed: int, stream: str, count: int, adapt_size: int, heldout_size: int, shared: bool, cid: int
 ) -> list[Task]:
     tasks: list[Task] = []
     for t in range(count):
@@ -142,7 +163,8 @@ def _random_tasks(
         amplitude = rng.uniform(*AMPLITUDE_RANGE)
         phase = rng.uniform(*PHASE_RANGE)
         eval_seed = int(rng.integers(2**63))
-        tasks.append(SinusoidTask(amplitude, phase, eval_seed, adapt_size, heldout_size))
+        tasks.append(SinusoidTask(amplitude, phase, eval_seed, adapt_size, heldout_size,
+                                  shared_points=shared))
     return tasks
 
 
@@ -165,11 +187,13 @@ def _indexed_tasks(
     count: int,
     adapt_size: int,
     heldout_size: int,
+    shared: bool,
     cid: int,
 ) -> list[Task]:
     """Tasks ``cid * count .. cid * count + count - 1`` of a numbered task list (grid or test)."""
     tasks: list[Task] = []
     for q in range(cid * count, (cid + 1) * count):
         eval_seed = derived_seed(GRID_EVAL_SEED, stream, q)
-        tasks.append(SinusoidTask(*parameters(q), eval_seed, adapt_size, heldout_size))
+        tasks.append(SinusoidTask(*parameters(q), eval_seed, adapt_size, heldout_size,
+                                  shared_points=shared))
     return tasks

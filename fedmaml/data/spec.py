@@ -34,7 +34,9 @@ FILE_FAMILIES = ("omniglot", "femnist")
 GRID_TASKS = 25
 
 _COMMON = ("family", "num_clients", "unseen_clients", "tasks_per_client")
-_SINUSOID = ("eval_adapt_size", "eval_heldout_size")
+_SINUSOID = ("eval_adapt_size", "eval_heldout_size", "eval_points")
+SINUSOID_FAMILIES = ("sinusoid", "sinusoid_grid")
+EVAL_POINTS = ("separate", "shared")
 _POOL = ("partition", "n_way", "heldout_fraction", "eval_adapt_size")
 #: Fields each family reads (besides ``family`` and the client counts); the partition's own
 #: parameter is added for pool families (``dirichlet_alpha`` or ``classes_per_client``).
@@ -74,6 +76,7 @@ class DataSpec:
     heldout_fraction: float = 0.2
     eval_adapt_size: int = 10
     eval_heldout_size: int = 100
+    eval_points: str = "separate"
     synthetic_alpha: float = 1.0
     synthetic_beta: float = 1.0
     mnist1d_samples: int = 4000
@@ -94,6 +97,7 @@ class DataSpec:
             object.__setattr__(self, "path", "" if self.path is None else os.fspath(self.path))
         _check_choice("family", self.family, FAMILIES)
         _check_choice("partition", self.partition, PARTITIONS)
+        _check_choice("eval_points", self.eval_points, EVAL_POINTS)
         if not isinstance(self.path, str):
             _fail("path", self.path, "a path string")
         _check_int("num_clients", self.num_clients, 1)
@@ -129,6 +133,17 @@ class DataSpec:
                 f"{self.tasks_per_client} asks for {self.num_clients * self.tasks_per_client} "
                 f"training tasks; family 'sinusoid_grid' has exactly {GRID_TASKS} "
                 f"(num_clients * tasks_per_client must be <= {GRID_TASKS})"
+            )
+        if self.eval_points == "shared" and family not in SINUSOID_FAMILIES:
+            raise DataError(
+                f"data.eval_points = 'shared' applies to the sinusoid families "
+                f"({', '.join(SINUSOID_FAMILIES)}), not to family {family!r}; use 'separate'"
+            )
+        if self.eval_points == "shared" and self.eval_adapt_size > self.eval_heldout_size:
+            raise DataError(
+                f"data.eval_adapt_size = {self.eval_adapt_size} exceeds data.eval_heldout_size = "
+                f"{self.eval_heldout_size}; with data.eval_points = 'shared' a task adapts on the "
+                "first eval_adapt_size of the points it is measured on"
             )
         if family in FILE_FAMILIES and not self.path:
             raise DataError(

@@ -47,9 +47,9 @@ from fedmaml.engines.memory_bank import BankStore, MemoryBank
 from fedmaml.federated import codec, faults
 from fedmaml.federated import records as R
 from fedmaml.federated.client_app import (draw_client_round, evaluate_client,
-                                          evaluate_instruction, needs_memory_init, to_device,
-                                          train_client, train_instruction, train_metrics,
-                                          train_reply)
+                                          evaluate_instruction, initial_for, needs_memory_init,
+                                          to_device, train_client, train_instruction,
+                                          train_metrics, train_reply)
 from fedmaml.federated.setup import resolve_device, setup_for
 from fedmaml.models.base import StagedModel
 
@@ -57,18 +57,19 @@ log = logging.getLogger("fedmaml")
 
 
 def cohort_update(algorithm: Algorithm, model: StagedModel, loss_fn: LossFn, hp: Hyper, w: Params,
-                  memory: Params | None, data: RoundData
+                  memory: Params | None, data: RoundData, initial: Params | None = None
                   ) -> tuple[Params, Params | None, dict[str, torch.Tensor]]:
     """:func:`~fedmaml.algorithms.client_update` vmapped over a cohort.
 
     ``w`` is shared; ``memory`` (``[C, tasks, ...]``, or ``None`` when the cohort initialises its
     memories or the algorithm keeps none) and every tensor of ``data`` are stacked along a leading
-    client axis. Returns stacked deltas, memories (or ``None``) and metrics (``[C]`` each).
+    client axis. ``initial`` (shared) is the initial meta-model of ``memory_init: initial_model``.
+    Returns stacked deltas, memories (or ``None``) and metrics (``[C]`` each).
     """
     def one(w_, memory_, task_index, support, query, extra, init):
         delta, new_memory, metrics = client_update(
             algorithm, model, loss_fn, hp, w_, memory_,
-            RoundData(task_index, support, query, extra, init))
+            RoundData(task_index, support, query, extra, init), initial)
         return delta, ({} if new_memory is None else new_memory), metrics
 
     batched = lambda x: None if x is None else 0  # noqa: E731 - None inputs are not mapped
@@ -273,7 +274,7 @@ class VectorizedGrid(InProcessGrid):
             memory = to_device(self.bank.read(cids), self.device)
         data = stack_rounds([c.data for c in clients]).to(self.device)
         delta, memory, metrics = cohort_update(setup.algorithm, setup.model, setup.loss_fn, hp, w,
-                                               memory, data)
+                                               memory, data, initial_for(setup, hp, self.device))
         if memory is not None:
             self.bank.write(cids, memory)
         values = {k: v.tolist() for k, v in metrics.items()}

@@ -89,7 +89,7 @@ def train_client(msg: Message, cfg: Any, setup: ExperimentSetup, cid: int, store
     fresh = needs_memory_init(setup, hp, memory is not None)
     tasks, data = draw_client_round(cfg, setup, cid, hp, server_round, fresh)
     delta, memory, metrics = client_update(setup.algorithm, setup.model, setup.loss_fn, hp, w,
-                                           memory, data.to(device))
+                                           memory, data.to(device), initial_for(setup, hp, device))
     if memory is not None:
         store.save(memory)
     reply = train_reply(msg, R.to_record(delta), train_metrics(cid, tasks, data, metrics,
@@ -124,6 +124,11 @@ def _decode_shared(record: Any, like: Params, what: str) -> Params:
     params = R.from_record(record, like, what)
     _last_decoded[:] = [(key, params)]
     return params
+
+
+def initial_for(setup: ExperimentSetup, hp: Hyper, device: torch.device) -> Params | None:
+    """The initial meta-model, when first memories adapt it (``algorithm.memory_init``)."""
+    return to_device(setup.initial_params, device) if hp.memory_init == "initial_model" else None
 
 
 def needs_memory_init(setup: ExperimentSetup, hp: Hyper, has_memory: bool) -> bool:

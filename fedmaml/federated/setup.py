@@ -65,11 +65,13 @@ def build_hyper(cfg: Any, model: StagedModel, algorithm: Algorithm) -> Hyper:
     # Algorithms without memory are MOML with beta = 1: the "memory" is A(w; S) itself.
     beta = a.beta if algorithm.uses_memory else 1.0
     step = StepConfig(alpha=a.alpha, beta=beta, estimator=a.meta_gradient, inner_pattern=inner,
-                      memory_pattern=memory, hf_delta=a.hf_delta, scale_by_beta=a.scale_by_beta)
+                      memory_pattern=memory, hf_delta=a.hf_delta,
+                      hf_perturbation=a.hf_perturbation, scale_by_beta=a.scale_by_beta)
     k = a.support_size
     return Hyper(step=step, eta=a.eta, local_steps=a.local_steps, tasks_per_step=a.tasks_per_step,
                  support_size=k, query_size=a.query_size or k,
-                 init_support_size=a.init_support_size or k, memory_policy=a.memory_policy)
+                 init_support_size=a.init_support_size or k, memory_policy=a.memory_policy,
+                 memory_init=a.memory_init)
 
 
 def _cache_key(cfg: Any) -> str:
@@ -107,7 +109,7 @@ def _setup_cached(_key: str, cfg: Any) -> ExperimentSetup:
     return ExperimentSetup(
         config=cfg, federation=federation, model=model, loss_fn=loss_for(federation.task_type),
         algorithm=algorithm, hyper=hyper, eval_pattern=eval_pattern,
-        eval_alpha=ev.alpha or cfg.algorithm.alpha, initial_params=model.init(cfg.seed))
+        eval_alpha=ev.alpha or cfg.algorithm.alpha, initial_params=model.init(cfg.seed if cfg.model.init_seed < 0 else cfg.model.init_seed))
 
 
 def resolve_device(name: str) -> torch.device:
