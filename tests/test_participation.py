@@ -230,3 +230,11 @@ def test_memory_diagnostics_are_recorded_and_consistent(tiny_config, tmp_path):
                                    quiet=True, run_dir=tmp_path / "off"))
     assert "seen.tracking-error.mean" not in off[-1]["eval"]
     assert "seen.memory-gap.mean" in off[-1]["eval"]
+
+    # `fedmaml compare` plots the diagnostics like any other metric.
+    from fedmaml.results.compare import axis_label, compare
+
+    out = compare([run_dir, tmp_path / "plain"], tmp_path / "cmp", metric="sampled.staleness.mean")
+    assert any(p.name.startswith("convergence-sampled.staleness.mean") for p in out.figures)
+    assert "over clients" not in axis_label("sampled.staleness.mean")
+    assert "tracking error" in axis_label("seen.tracking-error.mean")
