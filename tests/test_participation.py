@@ -238,3 +238,18 @@ def test_memory_diagnostics_are_recorded_and_consistent(tiny_config, tmp_path):
     assert any(p.name.startswith("convergence-sampled.staleness.mean") for p in out.figures)
     assert "over clients" not in axis_label("sampled.staleness.mean")
     assert "tracking error" in axis_label("seen.tracking-error.mean")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_same_seed_same_cohorts_on_the_ray_engine(tiny_config, tmp_path, ray_guard):
+    # About 30-50 s on 2 busy cores, nearly all of it starting Ray.
+    cfg = tiny_config("algorithm.name=moml", "participation.model=markov",
+                      "participation.markov_on_to_off=0.5", "engine.num_cpus=1")
+    ray_rows = read_rows(run_experiment(replace_path(cfg, "engine.name", "ray"), quiet=True,
+                                        run_dir=tmp_path / "ray"))
+    local_rows = read_rows(run_experiment(cfg, quiet=True, run_dir=tmp_path / "inprocess"))
+    assert [r["clients"] for r in ray_rows[1:]] == [r["clients"] for r in local_rows[1:]]
+    assert [r["available"] for r in ray_rows[1:]] == [r["available"] for r in local_rows[1:]]
+    for key in ("seen.tracking-error.mean", "sampled.first.fraction", "memory.bytes.total"):
+        assert ray_rows[-1]["eval"][key] == pytest.approx(local_rows[-1]["eval"][key], rel=1e-5)
