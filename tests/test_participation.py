@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from fedmaml.config import ConfigError, replace_path, replace_paths
+from fedmaml.config import ConfigError, ParticipationConfig, replace_path, replace_paths
 from fedmaml.core.diagnostics import tracking_error
 from fedmaml.core.losses import mse
 from fedmaml.core.patterns import Pattern
 from fedmaml.experiment import run_experiment
-from fedmaml.federated.participation import (Participation, ParticipationSpec, Staleness,
-                                             sample_clients, staleness_stats)
+from fedmaml.federated.participation import (Participation, Staleness, sample_clients,
+                                             staleness_stats)
 from fedmaml.models.mlp import mlp
 
 
@@ -25,7 +25,7 @@ def frequencies(part: Participation, rounds: int) -> np.ndarray:
 
 
 def test_uniform_is_the_plain_seeded_sample():
-    part = Participation(ParticipationSpec(), seed=3, num_clients=50)
+    part = Participation(ParticipationConfig(), seed=3, num_clients=50)
     for r in (1, 2, 17):
         assert part.cohort(r, 5) == sample_clients(3, r, 50, 5)
     assert part.available(1) is None and part.last_available is None
@@ -33,7 +33,7 @@ def test_uniform_is_the_plain_seeded_sample():
 
 def test_heterogeneous_long_run_availability_matches_each_clients_probability():
     n, rounds = 40, 3000
-    part = Participation(ParticipationSpec("heterogeneous", beta_a=0.5, beta_b=0.5), 7, n)
+    part = Participation(ParticipationConfig("heterogeneous", beta_a=0.5, beta_b=0.5), 7, n)
     p = part.constants()
     assert p.min() < 0.2 and p.max() > 0.8  # Beta(0.5, 0.5): really heterogeneous
     # A client's count is Binomial(rounds, p_i): |freq - p_i| <= 4.5 sigma for all 40 clients fails
@@ -48,7 +48,8 @@ def test_heterogeneous_long_run_availability_matches_each_clients_probability():
 
 def test_markov_long_run_availability_and_stretch_lengths():
     n, rounds, off, on = 200, 1500, 0.05, 0.2  # available 80 % of rounds, stretches of 20 and 5
-    part = Participation(ParticipationSpec("markov", on_to_off=off, off_to_on=on), 11, n)
+    spec = ParticipationConfig("markov", markov_on_to_off=off, markov_off_to_on=on)
+    part = Participation(spec, 11, n)
     states = np.array([part.available(r) for r in range(1, rounds + 1)])
     pi = on / (on + off)
     # The chain's lag-1 autocorrelation is lam = 1 - on - off; the variance of a client's long-run
@@ -58,7 +59,8 @@ def test_markov_long_run_availability_and_stretch_lengths():
     sd = math.sqrt(pi * (1 - pi) / rounds * (1 + lam) / (1 - lam) / n)
     assert abs(states.mean() - pi) <= 5 * sd
     # Stretches are geometric: off stretches last 1 / on = 5 rounds on average, on stretches 1 / off
-    # = 20 (censored ones at the ends excluded). Thousands of stretches: 10 % is > 5 standard errors.
+    # = 20 (censored ones at the ends excluded). Thousands of stretches: 10 % is > 5 standard
+    # errors.
     off_lengths, on_lengths = [], []
     for c in range(n):
         s = states[:, c]
@@ -68,27 +70,29 @@ def test_markov_long_run_availability_and_stretch_lengths():
     assert abs(np.mean(off_lengths) - 1 / on) < 0.1 / on
     assert abs(np.mean(on_lengths) - 1 / off) < 0.1 / off
     # The state at a round is a function of (seed, round): asked out of order, or by a new object.
-    again = Participation(ParticipationSpec("markov", on_to_off=off, off_to_on=on), 11, n)
+    again = Participation(spec, 11, n)
     assert np.array_equal(again.available(700), states[699])
     assert np.array_equal(part.available(3), states[2])
 
 
 def test_diurnal_availability_follows_the_cycle():
     n, period = 4000, 8
-    spec = ParticipationSpec("diurnal", period=period, mean=0.5, amplitude=0.4, phase_spread=0.0)
+    spec = ParticipationConfig("diurnal", diurnal_period=period, diurnal_mean=0.5,
+                               diurnal_amplitude=0.4, diurnal_phase_spread=0.0)
     part = Participation(spec, 5, n)
     for r in range(1, period + 1):
         expected = 0.5 + 0.4 * math.cos(2 * math.pi * r / period)
         # n Bernoulli draws: 5 standard deviations of the fraction (<= 0.5 / sqrt(n) = 0.008)
         assert abs(part.available(r).mean() - expected) <= 5 * math.sqrt(0.25 / n)
-    spread = Participation(ParticipationSpec("diurnal", period=period, phase_spread=1.0), 5, n)
+    spread = Participation(ParticipationConfig("diurnal", diurnal_period=period,
+                                                     diurnal_phase_spread=1.0), 5, n)
     # Phases spread over a whole cycle: the federation's availability no longer cycles.
     assert all(abs(spread.available(r).mean() - 0.5) < 0.05 for r in range(1, period + 1))
 
 
 def test_cohort_is_drawn_among_available_clients_and_shortfall_takes_them_all():
     n = 30
-    part = Participation(ParticipationSpec("heterogeneous", beta_a=1.0, beta_b=3.0), 2, n)
+    part = Participation(ParticipationConfig("heterogeneous", beta_a=1.0, beta_b=3.0), 2, n)
     sizes = []
     for r in range(1, 200):
         available = set(np.flatnonzero(part.available(r)).tolist())
@@ -98,12 +102,12 @@ def test_cohort_is_drawn_among_available_clients_and_shortfall_takes_them_all():
         sizes.append(len(cohort))
     assert min(sizes) < 6 and max(sizes) == 6  # both cases happened (mean availability 1/4)
     # Nobody available: an empty cohort.
-    rare = Participation(ParticipationSpec("heterogeneous", beta_a=0.01, beta_b=50.0), 0, 5)
+    rare = Participation(ParticipationConfig("heterogeneous", beta_a=0.01, beta_b=50.0), 0, 5)
     assert any(rare.cohort(r, 2) == [] for r in range(1, 20))
 
 
 def test_same_seed_same_cohorts_and_another_seed_differs():
-    spec = ParticipationSpec("markov", on_to_off=0.3, off_to_on=0.3)
+    spec = ParticipationConfig("markov", markov_on_to_off=0.3, markov_off_to_on=0.3)
     a = [Participation(spec, 4, 100).cohort(r, 10) for r in range(1, 30)]
     b_part = Participation(spec, 4, 100)
     assert a == [b_part.cohort(r, 10) for r in range(1, 30)]
@@ -147,9 +151,10 @@ def test_tracking_error_matches_a_hand_computation_in_float64():
     got = tracking_error(model, mse, w, u, x, y, Pattern.full(1, 1), alpha)
     assert got.dtype == torch.float64
     assert float(got) == pytest.approx(expected, rel=1e-12)
-    assert float(tracking_error(model, mse, w, {"layer1.weight": torch.tensor([[a1]], dtype=torch.float64),
-                                                "layer1.bias": torch.tensor([b1], dtype=torch.float64)},
-                                x, y, Pattern.full(1, 1), alpha)) == pytest.approx(0, abs=1e-15)
+    exact = {"layer1.weight": torch.tensor([[a1]], dtype=torch.float64),
+             "layer1.bias": torch.tensor([b1], dtype=torch.float64)}
+    assert float(tracking_error(model, mse, w, exact, x, y, Pattern.full(1, 1), alpha)) == \
+        pytest.approx(0, abs=1e-15)
 
 
 def test_participation_config_is_validated(tiny_config):
@@ -161,7 +166,8 @@ def test_participation_config_is_validated(tiny_config):
         replace_paths(cfg, {"participation.model": "diurnal", "participation.diurnal_mean": 0.8})
     with pytest.raises(ConfigError, match="needs federated.mode 'cross_device'"):
         replace_paths(cfg, {"participation.model": "markov", "federated.mode": "cross_silo"})
-    with pytest.raises(ConfigError, match=r"participation.markov_off_to_on: 0.0 is out of range; allowed: \(0, 1\]"):
+    with pytest.raises(ConfigError, match=r"participation.markov_off_to_on: 0.0 is out of "
+                                          r"range; allowed: \(0, 1\]"):
         replace_path(cfg, "participation.markov_off_to_on", 0)
 
 
@@ -177,7 +183,7 @@ def test_same_seed_same_cohorts_on_the_inprocess_and_vectorized_engines(tiny_con
     rows = {engine: read_rows(run_experiment(replace_path(cfg, "engine.name", engine), quiet=True,
                                              run_dir=tmp_path / engine))
             for engine in ("inprocess", "vectorized")}
-    part = Participation(ParticipationSpec.from_config(cfg.participation), cfg.seed, 6)
+    part = Participation(cfg.participation, cfg.seed, 6)
     expected = [part.cohort(r, 3) for r in range(1, 5)]
     for engine, rs in rows.items():
         assert [r["clients"] for r in rs[1:]] == expected, engine

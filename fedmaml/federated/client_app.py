@@ -213,7 +213,8 @@ def memory_diagnostics(setup: ExperimentSetup, tasks: list[Task], w: Params, mem
     alpha = hp.step.memory_alpha
     if hp.memory_policy == "decay_to_w":  # the unbiased step of the sampled tasks' update
         alpha *= len(tasks) / min(hp.tasks_per_step, len(tasks))
-    errors = [float(tracking_error(setup.model, setup.loss_fn, w, {k: v[i] for k, v in memory.items()},
+    errors = [float(tracking_error(setup.model, setup.loss_fn, w,
+                                   {k: v[i] for k, v in memory.items()},
                                    *task.evaluation_split()[:2], hp.step.memory_pattern, alpha))
               for i, task in enumerate(tasks)]
     out["tracking-error"] = sum(errors) / len(errors)

@@ -4,16 +4,18 @@ A round's cohort is drawn uniformly, without replacement, among the clients **av
 round. The models differ in who is available:
 
 * ``uniform``: everybody, every round (the classic FedAvg sampling).
-* ``heterogeneous``: client ``i`` is available with its own probability ``p_i ~ Beta(a, b)``, drawn
-  once per run, independently each round. Some clients come often, others rarely.
+* ``heterogeneous``: client ``i`` is available with its own probability
+  ``p_i ~ Beta(beta_a, beta_b)``, drawn once per run, independently each round. Some clients come
+  often, others rarely.
 * ``markov``: each client is a two-state (on/off) Markov chain over rounds: an available client
-  leaves with probability ``on_to_off``, an absent one returns with ``off_to_on``. Clients stay away
-  for stretches (mean off stretch ``1 / off_to_on`` rounds); in the long run a client is available a
-  fraction ``off_to_on / (on_to_off + off_to_on)`` of the rounds. Round 1 starts from that
-  stationary distribution.
+  leaves with probability ``markov_on_to_off``, an absent one returns with ``markov_off_to_on``.
+  Clients stay away for stretches (mean absent stretch ``1 / markov_off_to_on`` rounds); in the long
+  run a client is available a fraction ``off_to_on / (on_to_off + off_to_on)`` of the rounds.
+  Round 1 starts from that stationary distribution.
 * ``diurnal``: client ``i`` is available at round ``r`` with probability
-  ``mean + amplitude * cos(2 pi (r / period - phase_i))``, independently each round; the phases
-  (time zones) are spread uniformly over ``phase_spread`` of a period (0 = everybody in step).
+  ``diurnal_mean + diurnal_amplitude * cos(2 pi (r / diurnal_period - phase_i))``, independently
+  each round; the phases (time zones) are uniform over ``diurnal_phase_spread`` of a period (0 =
+  everybody in step).
 
 **Shortfall**: when fewer clients are available than the cohort size, the cohort is every available
 client (possibly none). The round then has fewer participants; when they are fewer than
@@ -25,17 +27,15 @@ from one keyed by ``(seed, round)``, so every engine and every process draws the
 Markov chain's state at round ``r`` depends on the earlier rounds; it is advanced from the last
 round asked (or recomputed from round 1), so asking rounds in order costs one step each.
 The work per round is O(k) for ``uniform`` and vectorized numpy over all clients otherwise (a
-million clients take a few tens of milliseconds per round). No Flower, no torch.
+million clients took 15-80 ms per round, docs/participation.md). No Flower, no torch.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import numpy as np
 
-MODELS = ("uniform", "heterogeneous", "markov", "diurnal")
+from fedmaml.config import PARTICIPATION_MODELS, ParticipationConfig
 
 # Stream tags: independent generators for independent uses of the same seed.
 _COHORT, _AVAILABLE, _CLIENT_CONSTANTS, _MARKOV_START = 0xC1, 0xA8, 0xA7, 0xA9
@@ -47,32 +47,14 @@ def sample_clients(seed: int, server_round: int, num_clients: int, k: int) -> li
     return sorted(int(c) for c in rng.choice(num_clients, size=k, replace=False))
 
 
-@dataclass(frozen=True)
-class ParticipationSpec:
-    """The model and its parameters (``participation.*`` in the config)."""
-
-    model: str = "uniform"
-    beta_a: float = 2.0
-    beta_b: float = 2.0
-    on_to_off: float = 0.1
-    off_to_on: float = 0.1
-    period: int = 24
-    mean: float = 0.5
-    amplitude: float = 0.4
-    phase_spread: float = 1.0
-
-    @classmethod
-    def from_config(cls, p) -> "ParticipationSpec":
-        return cls(p.model, p.beta_a, p.beta_b, p.markov_on_to_off, p.markov_off_to_on,
-                   p.diurnal_period, p.diurnal_mean, p.diurnal_amplitude, p.diurnal_phase_spread)
-
-
 class Participation:
-    """Availability and cohorts of one run (``seed``, ``num_clients``) under ``spec``."""
+    """Availability and cohorts of one run (``seed``, ``num_clients``) under ``spec`` (the config's
+    ``participation`` section)."""
 
-    def __init__(self, spec: ParticipationSpec, seed: int, num_clients: int) -> None:
-        if spec.model not in MODELS:
-            raise ValueError(f"participation model {spec.model!r} is not one of {', '.join(MODELS)}")
+    def __init__(self, spec: ParticipationConfig, seed: int, num_clients: int) -> None:
+        if spec.model not in PARTICIPATION_MODELS:
+            raise ValueError(f"participation model {spec.model!r} is not one of "
+                             f"{', '.join(PARTICIPATION_MODELS)}")
         self.spec, self.seed, self.n = spec, seed, num_clients
         self._constants: np.ndarray | None = None  # p_i (heterogeneous) or phase_i (diurnal)
         self._markov: tuple[int, np.ndarray] | None = None  # (round, state)
@@ -86,7 +68,7 @@ class Participation:
             if s.model == "heterogeneous":
                 self._constants = rng.beta(s.beta_a, s.beta_b, size=self.n)
             else:
-                self._constants = rng.random(self.n) * s.phase_spread
+                self._constants = rng.random(self.n) * s.diurnal_phase_spread
         return self._constants
 
     def probability(self, server_round: int) -> np.ndarray | float:
@@ -98,9 +80,9 @@ class Participation:
         if s.model == "heterogeneous":
             return self.constants()
         if s.model == "markov":
-            return s.off_to_on / (s.on_to_off + s.off_to_on)
-        return np.clip(s.mean + s.amplitude * np.cos(
-            2 * math.pi * (server_round / s.period - self.constants())), 0.0, 1.0)
+            return s.markov_off_to_on / (s.markov_on_to_off + s.markov_off_to_on)
+        return np.clip(s.diurnal_mean + s.diurnal_amplitude * np.cos(
+            2 * math.pi * (server_round / s.diurnal_period - self.constants())), 0.0, 1.0)
 
     # -- availability ---------------------------------------------------------------------------
     def available(self, server_round: int) -> np.ndarray | None:
@@ -123,8 +105,8 @@ class Participation:
         while r < server_round:
             r += 1
             u = np.random.default_rng([self.seed, r, _AVAILABLE]).random(self.n)
-            # on stays on unless it draws below on_to_off; off turns on when it draws below off_to_on
-            state = np.where(state, u >= s.on_to_off, u < s.off_to_on)
+            # on stays on unless it draws below on_to_off; off turns on if it draws below off_to_on
+            state = np.where(state, u >= s.markov_on_to_off, u < s.markov_off_to_on)
         self._markov = (r, state)
         return state
 

@@ -48,8 +48,7 @@ from fedmaml.core.server import ServerOptimizer, aggregate_stacked
 from fedmaml.errors import MessageError
 from fedmaml.federated import records as R
 from fedmaml.federated.discovery import PartitionDirectory
-from fedmaml.federated.participation import (Participation, ParticipationSpec, Staleness,
-                                             sample_clients)
+from fedmaml.federated.participation import Participation, Staleness, sample_clients
 from fedmaml.federated.pattern_selection import PatternSelector
 from fedmaml.federated.setup import ExperimentSetup
 
@@ -118,8 +117,7 @@ class MetaStrategy(Strategy):
         self._panel: list[int] | None = None
         self.poll_interval = fed.poll_interval
         n = setup.federation.num_clients
-        self.participation = Participation(ParticipationSpec.from_config(self.cfg.participation),
-                                           self.cfg.seed, n)
+        self.participation = Participation(self.cfg.participation, self.cfg.seed, n)
         self.staleness = Staleness(n)
         self.available: int | None = None  # clients available in the last sampled round
 
