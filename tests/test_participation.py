@@ -232,6 +232,10 @@ def test_memory_diagnostics_are_recorded_and_consistent(tiny_config, tmp_path):
                                      run_dir=tmp_path / "plain"))
     assert "seen.tracking-error.mean" not in plain[-1]["eval"]
     assert plain[-1]["eval"]["memory.bytes.total"] == 0
+    silo = read_rows(run_experiment(replace_path(cfg, "federated.mode", "cross_silo"), quiet=True,
+                                    run_dir=tmp_path / "silo"))
+    assert silo[-1]["eval"]["sampled.staleness.max"] == 1  # every silo, every round
+    assert silo[-1]["eval"]["memory.clients.count"] == cfg.data.num_clients
     off = read_rows(run_experiment(replace_path(cfg, "evaluation.tracking_error", False),
                                    quiet=True, run_dir=tmp_path / "off"))
     assert "seen.tracking-error.mean" not in off[-1]["eval"]

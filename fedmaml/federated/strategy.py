@@ -125,10 +125,11 @@ class MetaStrategy(Strategy):
     def clients_for_round(self, server_round: int) -> list[int]:
         fed, n = self.cfg.federated, self.setup.federation.num_clients
         if fed.mode == "cross_silo":
-            return list(range(n))
-        k = fed.clients_per_round or max(1, round(fed.fraction * n))
-        cids = self.participation.cohort(server_round, min(k, n))
-        self.available = self.participation.last_available
+            cids = list(range(n))
+        else:
+            k = fed.clients_per_round or max(1, round(fed.fraction * n))
+            cids = self.participation.cohort(server_round, min(k, n))
+            self.available = self.participation.last_available
         self.staleness.record(server_round, cids)
         return cids
 
