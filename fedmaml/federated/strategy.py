@@ -48,7 +48,8 @@ from fedmaml.core.server import ServerOptimizer, aggregate_stacked
 from fedmaml.errors import MessageError
 from fedmaml.federated import records as R
 from fedmaml.federated.discovery import PartitionDirectory
-from fedmaml.federated.participation import Participation, Staleness, sample_clients
+from fedmaml.federated.participation import Participation, Staleness
+from fedmaml.federated.participation import sample_clients  # noqa: F401 - its former home
 from fedmaml.federated.pattern_selection import PatternSelector
 from fedmaml.federated.setup import ExperimentSetup
 
@@ -166,7 +167,7 @@ class MetaStrategy(Strategy):
         stats = self.staleness.run_stats()
         per_client = self.memory_bytes_per_client()
         holders = self.staleness.clients_seen
-        return {**{k: v for k, v in stats.items()}, "clients_participated": float(holders),
+        return {**stats, "clients_participated": float(holders),
                 "memory_bytes_per_client": float(per_client),
                 "memory_bytes_total": float(per_client * holders if per_client else 0)}
 
