@@ -7,7 +7,7 @@ run with ``fedmaml sweep``'s resumable runner on the vectorized engine:
 * families: sinusoid regression (K = 2) and scikit-learn digits (Dirichlet label skew);
 * ``federated.fraction`` 1.0 (every client every round), 0.3, 0.1, 0.03 (3 of 100 clients a round);
 * ``participation.model`` uniform, or heterogeneous availability ``p_i ~ Beta(0.5, 0.5)``;
-* ``algorithm.name`` moml, per_fedavg; seeds 0-2.
+* ``algorithm.name`` moml, per_fedavg; seeds 0-4.
 
 The x axis of the figure is the *realized* participation rate (participations per client per
 round, from each run's summary.json), because under heterogeneous availability only about half of
