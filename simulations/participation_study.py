@@ -198,7 +198,7 @@ def figure(records: dict[str, list[dict[str, Any]]], path: Path) -> None:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
         row[1].axhline(0, color="black", lw=0.8)
-        row[2].set_yscale("symlog", linthresh=1.0)  # a memory refreshed this round has age 0
+        row[2].set_ylim(bottom=0)  # a memory refreshed in the evaluated round has age 0
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

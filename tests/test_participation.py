@@ -263,3 +263,36 @@ def test_same_seed_same_cohorts_on_the_ray_engine(tiny_config, tmp_path, ray_gua
     assert [r["available"] for r in ray_rows[1:]] == [r["available"] for r in local_rows[1:]]
     for key in ("seen.tracking-error.mean", "sampled.first.fraction", "memory.bytes.total"):
         assert ray_rows[-1]["eval"][key] == pytest.approx(local_rows[-1]["eval"][key], rel=1e-5)
+
+
+def test_tracking_error_is_measured_at_the_final_w_from_each_clients_own_memory(tiny_config,
+                                                                                tmp_path):
+    """The recorded value equals the definition recomputed from the run's final model and the
+    memory the client's node holds: the right w, the right memory, the adaptation split."""
+    from fedmaml.engines.inprocess import FIRST_CLIENT_NODE, run_inprocess
+    from fedmaml.federated.client_app import make_client_app, memory_store
+    from fedmaml.federated.server_app import make_server_app
+    from fedmaml.federated.setup import setup_for
+
+    cfg = tiny_config("algorithm.name=moml", "federated.rounds=4", "federated.clients_per_round=2",
+                      "algorithm.inner_steps=2")
+    setup = setup_for(cfg)
+    n = cfg.data.num_clients
+    grid = run_inprocess(make_server_app(cfg, tmp_path / "run", quiet=True), make_client_app(cfg),
+                         n + cfg.data.unseen_clients)
+    final = read_rows(tmp_path / "run")[-1]["eval"]
+    w = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    checked = 0
+    for cid, recorded in zip(final["seen.ids"], final["seen.tracking-error.clients"]):
+        context = grid.contexts.get(cid + FIRST_CLIENT_NODE)
+        memory = None if context is None else memory_store(context, setup, cid).load()
+        assert (memory is None) == (recorded is None), cid
+        if memory is None:
+            continue
+        x, y = setup.federation.client_tasks(cid)[0].evaluation_split()[:2]
+        u = {k: v[0] for k, v in memory.items()}
+        expected = tracking_error(setup.model, setup.loss_fn, w, u, x, y,
+                                  setup.hyper.step.memory_pattern, cfg.algorithm.alpha)
+        assert recorded == pytest.approx(float(expected), rel=1e-5)
+        checked += 1
+    assert checked >= 2
