@@ -92,6 +92,13 @@ def fmt(values: list[float | None], digits: int = 3) -> str:
     return "-" if not n else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+def fmt_adv(values: list[float]) -> str:
+    """Mean ± std over seeds, and in how many seeds MOML was better."""
+    if not values:
+        return "-"
+    return f"{fmt(values)} ({sum(v > 0 for v in values)}/{len(values)})"
+
+
 def advantages(recs: list[dict[str, Any]], model: str, fraction: float) -> dict[str, list[float]]:
     """Per seed, MOML minus Per-FedAvg (signed: positive = MOML better): from w on trained clients,
     on unseen clients, and MOML from its memory against Per-FedAvg from w."""
@@ -118,7 +125,8 @@ def table(records: dict[str, list[dict[str, Any]]]) -> str:
     lines = []
     for family, recs in records.items():
         task = recs[0]["metric"]
-        lines += [f"### {family} (personalized {task}; advantage > 0 = MOML better)", "",
+        lines += [f"### {family} (personalized {task}; advantage > 0 = MOML better, (k/n) = "
+                  "seeds where MOML was better)", "",
                   "| availability | fraction | participation rate | staleness mean (p90) | "
                   f"MOML {task}, trained (from w) | from memory | Per-FedAvg-FO {task}, trained | "
                   "advantage from w | advantage, memory vs w | advantage, unseen | "
@@ -138,7 +146,8 @@ def table(records: dict[str, list[dict[str, Any]]]) -> str:
                     f"| {model} | {fraction:g} | {stat([r['rate'] for r in mine])[0]:.3f} | "
                     f"{stale:.1f} ({p90:.0f}) | {fmt([r['seen'] for r in moml])} | "
                     f"{fmt([r['seen_memory'] for r in moml])} | {fmt([r['seen'] for r in pfa])} | "
-                    f"{fmt(adv['seen'])} | {fmt(adv['memory'])} | {fmt(adv['unseen'])} | "
+                    f"{fmt_adv(adv['seen'])} | {fmt_adv(adv['memory'])} | "
+                    f"{fmt_adv(adv['unseen'])} | "
                     f"{fmt([r['tracking_final'] for r in moml])} | {len(moml)}+{len(pfa)} |")
         lines.append("")
     return "\n".join(lines)
