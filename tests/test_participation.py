@@ -296,3 +296,23 @@ def test_tracking_error_is_measured_at_the_final_w_from_each_clients_own_memory(
         assert recorded == pytest.approx(float(expected), rel=1e-5)
         checked += 1
     assert checked >= 2
+
+
+def test_a_round_with_fewer_available_clients_than_min_replies_leaves_w_unchanged(tiny_config,
+                                                                                    tmp_path):
+    # Beta(0.3, 1) over 6 clients, cohorts of 3 (seed 0): rounds 1-6 have 2, 2, 0, 3, 2 and 3
+    # clients available, so the run sees a shortfall, an empty round and a full cohort.
+    cfg = tiny_config("algorithm.name=moml", "participation.model=heterogeneous",
+                      "participation.beta_a=0.3", "participation.beta_b=1", "federated.rounds=6",
+                      "federated.min_replies=1")
+    rows = read_rows(run_experiment(cfg, quiet=True, run_dir=tmp_path / "run"))[1:]
+    empty = [r for r in rows if r["available"] == 0]
+    assert empty, "the draw should leave some round without available clients"
+    for r in empty:
+        assert r["clients"] == [] and r["replies"] == 0 and r["failures"] == 0
+        assert r["updated"] is False
+    for r in rows:
+        assert len(r["clients"]) == min(3, r["available"])
+        if r["clients"]:
+            assert r["replies"] == len(r["clients"]) and r["updated"] is True
+    assert {len(r["clients"]) for r in rows} == {0, 2, 3}
