@@ -182,6 +182,9 @@ class EvaluationConfig:
     pattern: str = _field("full", "Lambda pattern of the evaluation adaptation.")
     alpha: float = _field(0.0, "Adaptation step size at evaluation; 0 = algorithm.alpha.", min=0)
     from_memory: bool = _field(True, "Also evaluate starting from each client's memory.")
+    tracking_error: bool = _field(True, "Memory algorithms: on evaluated clients that have a "
+                                        "memory, also measure ||u_i - A_i(w)|| / ||A_i(w)|| "
+                                        "(docs/participation.md).")
 
 
 @dataclass(frozen=True)
@@ -212,6 +215,38 @@ class FaultsConfig:
                                   "round timeout.", min=0, max=1)
     dropout: float = _field(0.0, "Fraction of sampled clients that are away for the whole round "
                                  "(no work, no reply in time).", min=0, max=1)
+
+
+PARTICIPATION_MODELS = ("uniform", "heterogeneous", "markov", "diurnal")
+
+
+@dataclass(frozen=True)
+class ParticipationConfig:
+    model: str = _field("uniform", "Who is available to be sampled each round (cross-device): "
+                                   "uniform = everybody; heterogeneous = client i with its own "
+                                   "probability p_i ~ Beta(beta_a, beta_b); markov = on/off "
+                                   "availability chains; diurnal = a daily cycle over rounds. The "
+                                   "cohort is drawn among the available clients, all of them when "
+                                   "fewer than the cohort size (docs/participation.md).",
+                        choices=PARTICIPATION_MODELS)
+    beta_a: float = _field(2.0, "heterogeneous: first shape parameter of Beta(a, b), the "
+                                "distribution of the clients' availability probabilities.",
+                           min=0, min_exclusive=True)
+    beta_b: float = _field(2.0, "heterogeneous: second shape parameter of Beta(a, b); the mean "
+                                "availability is a / (a + b).", min=0, min_exclusive=True)
+    markov_on_to_off: float = _field(0.1, "markov: probability that an available client is gone "
+                                          "the next round (mean available stretch = 1 / this).",
+                                     min=0, max=1, min_exclusive=True)
+    markov_off_to_on: float = _field(0.1, "markov: probability that an absent client is back the "
+                                          "next round (mean absent stretch = 1 / this).",
+                                     min=0, max=1, min_exclusive=True)
+    diurnal_period: int = _field(24, "diurnal: rounds per cycle.", min=1)
+    diurnal_mean: float = _field(0.5, "diurnal: mean availability probability.", min=0, max=1)
+    diurnal_amplitude: float = _field(0.4, "diurnal: amplitude of the availability probability "
+                                           "around its mean.", min=0, max=1)
+    diurnal_phase_spread: float = _field(1.0, "diurnal: clients' phases (time zones) are uniform "
+                                              "over this fraction of a cycle; 0 = all in step.",
+                                         min=0, max=1)
 
 
 #: What a selected Lambda pattern can replace (pattern_selection.apply_to).
@@ -269,6 +304,9 @@ class Config:
     algorithm: AlgorithmConfig = _section(AlgorithmConfig, "Client-side update and its step sizes.")
     federated: FederatedConfig = _section(FederatedConfig, "Rounds, sampling, aggregation and the "
                                                            "server optimizer.")
+    participation: ParticipationConfig = _section(
+        ParticipationConfig, "Client availability under cross-device sampling "
+                             "(docs/participation.md).")
     evaluation: EvaluationConfig = _section(EvaluationConfig, "Personalization evaluation.")
     engine: EngineConfig = _section(EngineConfig, "Where and how clients run.")
     pattern_selection: PatternSelectionConfig = _section(
@@ -300,6 +338,9 @@ CROSS_FIELD_RULES = (
     "`compare_with` lists algorithm names (those of `algorithm.name`).",
     "`model.name: mlp` needs at least one `model.hidden` width (`linear` is the model without).",
     "`model.name: conv4` needs an image family (" + ", ".join(f"`{f}`" for f in IMAGE_FAMILIES) + ").",
+    "`participation.model` other than `uniform` requires `federated.mode: cross_device`; "
+    "`participation.diurnal_mean` plus or minus `participation.diurnal_amplitude` must stay "
+    "within [0, 1].",
     "`pattern_selection.at_round` must not exceed `federated.rounds`; `pattern_selection.apply_to` "
     "lists " + ", ".join(f"`{t}`" for t in PATTERN_TARGETS) + ".",
     "`faults.fail + faults.straggle + faults.dropout` must not exceed 1; `faults.straggle` and "
@@ -350,6 +391,17 @@ def cross_field_problems(cfg: Config) -> list[str]:
     if cfg.model.name == "conv4" and data.family not in IMAGE_FAMILIES:
         problems.append(f"model.name: 'conv4' needs an image family ({', '.join(IMAGE_FAMILIES)}); "
                         f"data.family is {data.family!r}")
+
+    part = cfg.participation
+    if part.model != "uniform" and fed.mode != "cross_device":
+        problems.append(f"participation.model: {part.model!r} needs federated.mode 'cross_device' "
+                        f"(got {fed.mode!r}); cross-silo takes every silo every round")
+    if part.model == "diurnal" and not (
+            0 <= part.diurnal_mean - part.diurnal_amplitude
+            and part.diurnal_mean + part.diurnal_amplitude <= 1):
+        problems.append(f"participation.diurnal_amplitude: {part.diurnal_amplitude} around "
+                        f"diurnal_mean {part.diurnal_mean} leaves [0, 1]; allowed: at most "
+                        f"{min(part.diurnal_mean, 1 - part.diurnal_mean):g}")
 
     sel = cfg.pattern_selection
     if sel.at_round > fed.rounds:

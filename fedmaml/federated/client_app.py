@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedmaml.algorithms import Hyper, RoundData, client_update, draw_round
+from fedmaml.core.diagnostics import tracking_error
 from fedmaml.core.evaluation import personalized_metrics
 from fedmaml.core.params import Params
 from fedmaml.core.patterns import Pattern
@@ -203,10 +204,40 @@ def evaluate_client(setup: ExperimentSetup, cid: int, w: Params, store: MemorySt
             for k, v in m.items():
                 sums[prefix + k] = sums.get(prefix + k, 0.0) + float(v) / len(tasks)
     sums["adapt-ms"] = (time.perf_counter() - start) * 1000 / len(tasks)
+    if memory is not None:
+        sums.update(memory_diagnostics(setup, tasks, w, memory, sums))
     sums[R.NUM_EXAMPLES] = sum(len(t.evaluation_split()[2]) for t in tasks)
     sums[R.PARTITION] = cid
     sums["unseen"] = int(unseen)
     return sums
+
+
+def memory_diagnostics(setup: ExperimentSetup, tasks: list[Task], w: Params, memory: Params,
+                       metrics: dict[str, float]) -> dict[str, float]:
+    """How fresh a client's memory is, from its evaluation (docs/participation.md):
+
+    * ``memory-gap``: ``memory-loss - loss`` of ``metrics`` (negative = the memory is the better
+      starting point);
+    * ``tracking-error`` (with ``evaluation.tracking_error``): mean over the client's tasks of
+      ``||u_i - A_i(w)|| / ||A_i(w)||``, where ``A_i(w)`` is the adaptation the memory update
+      averages: the algorithm's memory pattern (``algorithm.memory_pattern``, else its inner
+      pattern) with step ``algorithm.alpha`` (times ``n_tasks / B`` under ``decay_to_w``), applied
+      to ``w`` on the task's adaptation split (the examples evaluation adapts on). One adaptation
+      per task, no meta-gradient.
+    """
+    out = {"memory-gap": metrics["memory-loss"] - metrics["loss"]}
+    if not setup.config.evaluation.tracking_error:
+        return out
+    hp = setup.hyper
+    alpha = hp.step.memory_alpha
+    if hp.memory_policy == "decay_to_w":  # the unbiased step of the sampled tasks' update
+        alpha *= len(tasks) / min(hp.tasks_per_step, len(tasks))
+    errors = [float(tracking_error(setup.model, setup.loss_fn, w,
+                                   {k: v[i] for k, v in memory.items()},
+                                   *task.evaluation_split()[:2], hp.step.memory_pattern, alpha))
+              for i, task in enumerate(tasks)]
+    out["tracking-error"] = sum(errors) / len(errors)
+    return out
 
 
 def config_from_run_config(run_config: Any) -> Any:

@@ -130,6 +130,7 @@ def run_federated(grid: Grid, cfg: Any, run_dir: str | Path, quiet: bool = False
         "after": {k: v for k, v in state["last_eval"].items() if not k.endswith(".clients")},
         "seconds": state["seconds"],
     }
+    summary["participation"] = strategy.participation_summary()
     if strategy.selector.record is not None:
         summary["pattern_selection"] = selection_summary(strategy.selector.record)
     recorder.finish(summary, strategy.w if model is None else model)

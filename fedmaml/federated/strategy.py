@@ -15,14 +15,19 @@
   same clients (a per-round sample would add client-to-client variance to the curve). Per-client
   metrics are summarised as mean, std and p10/p50/p90 (ALGORITHMS.md §7); memory-based metrics cover
   the panel clients that have a memory (have trained).
+* **Participation** (:mod:`~fedmaml.federated.participation`): the cohort is drawn among the
+  clients available that round under ``participation.model``; the rounds since each sampled
+  client's previous participation are counted as it is sampled.
 
 One ``metrics.jsonl`` row per round (``on_round``): ``round``; for rounds >= 1 ``clients`` (sampled
 ids), ``replies`` (valid), ``failures`` (errors, malformed and missing replies and rejected
 updates), ``failures_by_kind`` (``error``, ``timeout``, ``malformed``), ``rejected`` (updates holding
 NaN/inf), ``updated`` (whether ``w`` changed), ``diverged`` (only when the aggregated update was not
-finite), ``loss_before`` / ``loss_after`` / ``train_seconds_max`` (when a reply
+finite), ``available`` (clients available, under a participation model other than uniform),
+``loss_before`` / ``loss_after`` / ``train_seconds_max`` (when a reply
 arrived); on evaluation rounds ``eval`` (``<group>.<metric>.<stat>``, ``<group>.<metric>.clients``,
-``<group>.ids``, ``eval-failures``); and always the running totals ``samples`` (training examples
+``<group>.ids``, ``eval-failures``, and the memory diagnostics of :meth:`MetaStrategy.memory_metrics`
+and ``seen.staleness.*``); and always the running totals ``samples`` (training examples
 drawn by clients that replied), ``bytes_up`` / ``bytes_down`` (array bytes of training replies /
 instructions; evaluation traffic is a measurement, not part of the algorithm's cost, and is not
 counted) and ``seconds`` since the start.
@@ -45,20 +50,23 @@ from flwr.serverapp.strategy import Result, Strategy
 from flwr.superlink.grid import InMemoryGrid
 
 from fedmaml import collector
-from fedmaml.core.params import Params
+from fedmaml.core.params import Params, num_bytes
 from fedmaml.core.server import ServerOptimizer, aggregate_stacked
 from fedmaml.errors import MessageError
 from fedmaml.federated import checkpoint, faults
 from fedmaml.federated import records as R
 from fedmaml.federated.discovery import PartitionDirectory
 from fedmaml.federated.health import round_outcome
+from fedmaml.federated.participation import Participation, Staleness
+from fedmaml.federated.participation import sample_clients  # noqa: F401 - its former home
 from fedmaml.federated.pattern_selection import PatternSelector
 from fedmaml.federated.setup import ExperimentSetup
 
 log = logging.getLogger("fedmaml")
 
 TRAIN_METRICS = ("loss-before", "loss-after")
-EVAL_METRICS = ("loss", "accuracy", "memory-loss", "memory-accuracy", "adapt-ms")
+EVAL_METRICS = ("loss", "accuracy", "memory-loss", "memory-accuracy", "memory-gap",
+                "tracking-error", "staleness", "adapt-ms")
 # Devices register while the ServerApp starts (and connect late): in a deployment wait at least this
 # long for them, even when rounds have no time limit (round_timeout 0 -> timeout None). A
 # simulation waits engine.discovery_timeout for the nodes its engine started.
@@ -66,12 +74,6 @@ DISCOVERY_SECONDS = 60.0
 #: The round record keys the strategy's accounting contributes to a metrics row.
 ROUND_KEYS = ("clients", "replies", "failures", "failures_by_kind", "rejected", "updated",
               "diverged")
-
-
-def sample_clients(seed: int, server_round: int, num_clients: int, k: int) -> list[int]:
-    """``k`` distinct client ids for a round, a function of (seed, round) only."""
-    rng = np.random.default_rng([seed, server_round, 0xC1])
-    return sorted(int(c) for c in rng.choice(num_clients, size=k, replace=False))
 
 
 def summarize(values: list[float], weights: list[float]) -> dict[str, float]:
@@ -133,14 +135,59 @@ class MetaStrategy(Strategy):
         self.touched: set[int] = set()  # clients sent a train instruction (they may hold a memory)
         self.totals = {"samples": 0, "bytes_up": 0, "bytes_down": 0}
         self.last_error = ""  # the last reason a reply was not used (for the run's status line)
+        n = setup.federation.num_clients
+        self.participation = Participation(self.cfg.participation, self.cfg.seed, n)
+        self.staleness = Staleness(n)
+        self.available: int | None = None  # clients available in the last sampled round
 
     # -- sampling -------------------------------------------------------------------------------
     def clients_for_round(self, server_round: int) -> list[int]:
         fed, n = self.cfg.federated, self.setup.federation.num_clients
         if fed.mode == "cross_silo":
-            return list(range(n))
-        k = fed.clients_per_round or max(1, round(fed.fraction * n))
-        return sample_clients(self.cfg.seed, server_round, n, min(k, n))
+            cids = list(range(n))
+        else:
+            k = fed.clients_per_round or max(1, round(fed.fraction * n))
+            cids = self.participation.cohort(server_round, min(k, n))
+            self.available = self.participation.last_available
+        self.staleness.record(server_round, cids)
+        return cids
+
+    def memory_metrics(self, server_round: int) -> dict[str, float]:
+        """Evaluation-round diagnostics of participation and memory (docs/participation.md):
+        ``sampled.staleness.{mean,p50,p90,max}`` (rounds since a sampled client's previous
+        participation, over the participations since the previous evaluation; first participations
+        excluded), ``sampled.first.fraction``, ``sampled.participations.count``, and the memory
+        footprint ``memory.bytes.client`` / ``memory.bytes.total`` / ``memory.clients.count``
+        (clients holding a memory: those sampled at least once)."""
+        out: dict[str, float] = {}
+        window = self.staleness.take_window()
+        for stat in ("mean", "p50", "p90", "max"):
+            if stat in window:
+                out[f"sampled.staleness.{stat}"] = window[stat]
+        if window:
+            out["sampled.first.fraction"] = window["first"]
+            out["sampled.participations.count"] = window["participations"]
+        per_client = self.memory_bytes_per_client()
+        holders = self.staleness.clients_seen if per_client else 0
+        out.update({"memory.bytes.client": float(per_client),
+                    "memory.bytes.total": float(per_client * holders),
+                    "memory.clients.count": float(holders)})
+        return out
+
+    def memory_bytes_per_client(self) -> int:
+        """Bytes of one client's memories (one model per task; 0 without memory)."""
+        if not self.setup.algorithm.uses_memory:
+            return 0
+        return num_bytes(self.setup.initial_params) * self.cfg.data.tasks_per_client
+
+    def participation_summary(self) -> dict[str, float]:
+        """The run's staleness over every participation, and its final memory footprint."""
+        stats = self.staleness.run_stats()
+        per_client = self.memory_bytes_per_client()
+        holders = self.staleness.clients_seen
+        return {**stats, "clients_participated": float(holders),
+                "memory_bytes_per_client": float(per_client),
+                "memory_bytes_total": float(per_client * holders if per_client else 0)}
 
     def eval_panel(self) -> list[int]:
         """The training clients evaluated at every evaluation round (a function of the seed)."""
@@ -304,8 +351,11 @@ class MetaStrategy(Strategy):
                 failures += 1
                 log.warning("round %d: malformed evaluation reply: %s", server_round, e)
                 continue
+            age = self.staleness.age(cid, server_round) if not unseen else math.nan
+            if not math.isnan(age):  # its memory's age, from the strategy's own bookkeeping
+                m = MetricRecord({**dict(m), "staleness": age})
             groups["unseen" if unseen else "seen"][cid] = m
-        out: dict[str, Any] = {"eval-failures": failures}
+        out: dict[str, Any] = {"eval-failures": failures, **self.memory_metrics(server_round)}
         for group, by_id in groups.items():
             if not by_id:
                 continue
@@ -334,7 +384,7 @@ class MetaStrategy(Strategy):
                 # the record as its JSON (what it is written as): it holds e.g. torch versions
                 "selector": {"record": json.dumps(sel.record, default=str),
                              "train": dict(sel._train), "evaluate": dict(sel._evaluate)},
-                "totals": dict(self.totals)}
+                "totals": dict(self.totals), "staleness": self.staleness.state()}
 
     def restore_state(self, state: dict[str, Any]) -> None:
         self.w, self.w_before_update = dict(state["w"]), dict(state["w_before_update"])
@@ -345,6 +395,7 @@ class MetaStrategy(Strategy):
         sel.record = json.loads(state["selector"]["record"])
         sel._train, sel._evaluate = dict(state["selector"]["train"]), dict(state["selector"]["evaluate"])
         self.totals = dict(state["totals"])
+        self.staleness.load_state(state["staleness"])
 
     def checkpoint_memories(self, grid: Grid) -> dict[str, Any]:
         """Every client's memory (``checkpoint.collect_memories``), asked through ``grid``."""
@@ -407,6 +458,8 @@ class MetaStrategy(Strategy):
                 totals["samples"] += int(train_metrics["samples"]) if train_metrics else 0
                 totals["bytes_up"] += up
                 totals["bytes_down"] += down
+                if self.available is not None:
+                    row["available"] = self.available
                 row.update({k: self.round_stats[k] for k in ROUND_KEYS if k in self.round_stats},
                            **({k.replace("-", "_"): v for k, v in train_metrics.items()}
                               if train_metrics else {}))

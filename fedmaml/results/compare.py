@@ -104,9 +104,19 @@ class Metric:
 
 _NAMES = {"loss": "personalized loss", "accuracy": "personalized accuracy",
           "memory-loss": "loss adapted from memory", "memory-accuracy": "accuracy adapted from memory",
-          "adapt-ms": "adaptation time (ms)"}
-_GROUPS = {"seen": "trained clients", "unseen": "unseen clients"}
-_STATS = {"mean": "mean", "p50": "median", "p10": "10th pct.", "p90": "90th pct.", "std": "std"}
+          "adapt-ms": "adaptation time (ms)",
+          "memory-gap": "loss from memory minus loss from w",
+          "tracking-error": "memory tracking error ||u - A(w)|| / ||A(w)||",
+          "staleness": "rounds since previous participation",
+          "first": "first participations", "participations": "participations",
+          "bytes": "memory bytes", "clients": "clients holding a memory"}
+_GROUPS = {"seen": "trained clients", "unseen": "unseen clients",
+           "sampled": "sampled clients since the previous evaluation", "memory": "all clients"}
+#: Groups whose statistics are not over evaluated clients (participation and memory bookkeeping).
+_RUN_GROUPS = ("sampled", "memory")
+_STATS = {"mean": "mean", "p50": "median", "p10": "10th pct.", "p90": "90th pct.", "std": "std",
+          "max": "max", "fraction": "fraction", "count": "count", "client": "per client",
+          "total": "total"}
 _TRAIN_NAMES = {"loss_before": "training query loss at w",
                 "loss_after": "training query loss after adaptation"}
 X_LABELS = {"rounds": "round", "samples": "training samples processed",
@@ -118,8 +128,9 @@ def axis_label(key: str) -> str:
     if key in _TRAIN_NAMES:
         return _TRAIN_NAMES[key].replace(" after", "\nafter").replace(" at", "\nat")
     group, name, stat = key.split(".")
+    over = "" if group in _RUN_GROUPS else " over clients"
     return (f"{_NAMES.get(name, name)}\n"
-            f"{_GROUPS.get(group, group)}, {_STATS.get(stat, stat)} over clients")
+            f"{_GROUPS.get(group, group)}, {_STATS.get(stat, stat)}{over}")
 
 
 def client_axis_label(key: str) -> str:
@@ -134,8 +145,9 @@ def describe_metric(key: str) -> str:
     if key in _TRAIN_NAMES:
         return _TRAIN_NAMES[key]
     group, name, stat = key.split(".")
+    over = "" if group in _RUN_GROUPS else " over clients"
     return (f"{_NAMES.get(name, name)}, {_GROUPS.get(group, group)} "
-            f"({_STATS.get(stat, stat)} over clients)")
+            f"({_STATS.get(stat, stat)}{over})")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,204 @@
+"""Who can take part in a round: participation models for cross-device sampling.
+
+A round's cohort is drawn uniformly, without replacement, among the clients **available** that
+round. The models differ in who is available:
+
+* ``uniform``: everybody, every round (the classic FedAvg sampling).
+* ``heterogeneous``: client ``i`` is available with its own probability
+  ``p_i ~ Beta(beta_a, beta_b)``, drawn once per run, independently each round. Some clients come
+  often, others rarely.
+* ``markov``: each client is a two-state (on/off) Markov chain over rounds: an available client
+  leaves with probability ``markov_on_to_off``, an absent one returns with ``markov_off_to_on``.
+  Clients stay away for stretches (mean absent stretch ``1 / markov_off_to_on`` rounds); in the long
+  run a client is available a fraction ``off_to_on / (on_to_off + off_to_on)`` of the rounds.
+  Round 1 starts from that stationary distribution.
+* ``diurnal``: client ``i`` is available at round ``r`` with probability
+  ``diurnal_mean + diurnal_amplitude * cos(2 pi (r / diurnal_period - phase_i))``, independently
+  each round; the phases (time zones) are uniform over ``diurnal_phase_spread`` of a period (0 =
+  everybody in step).
+
+**Shortfall**: when fewer clients are available than the cohort size, the cohort is every available
+client (possibly none). The round then has fewer participants; when they are fewer than
+``federated.min_replies`` the model is not updated that round, exactly as when replies are missing.
+
+Everything is a pure function of ``(seed, round)`` and the number of clients: per-client constants
+(``p_i``, phases) come from a generator keyed by the seed, each round's availability and cohort
+from one keyed by ``(seed, round)``, so every engine and every process draws the same cohorts. The
+Markov chain's state at round ``r`` depends on the earlier rounds; it is advanced from the last
+round asked (or recomputed from round 1), so asking rounds in order costs one step each.
+The work per round is O(k) for ``uniform`` and vectorized numpy over all clients otherwise (a
+million clients took 15-80 ms per round, docs/participation.md). No Flower, no torch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedmaml.config import PARTICIPATION_MODELS, ParticipationConfig
+
+# Stream tags: independent generators for independent uses of the same seed.
+_COHORT, _AVAILABLE, _CLIENT_CONSTANTS, _MARKOV_START = 0xC1, 0xA8, 0xA7, 0xA9
+
+
+def sample_clients(seed: int, server_round: int, num_clients: int, k: int) -> list[int]:
+    """``k`` distinct client ids for a round among all clients, a function of (seed, round) only."""
+    rng = np.random.default_rng([seed, server_round, _COHORT])
+    return sorted(int(c) for c in rng.choice(num_clients, size=k, replace=False))
+
+
+class Participation:
+    """Availability and cohorts of one run (``seed``, ``num_clients``) under ``spec`` (the config's
+    ``participation`` section)."""
+
+    def __init__(self, spec: ParticipationConfig, seed: int, num_clients: int) -> None:
+        if spec.model not in PARTICIPATION_MODELS:
+            raise ValueError(f"participation model {spec.model!r} is not one of "
+                             f"{', '.join(PARTICIPATION_MODELS)}")
+        self.spec, self.seed, self.n = spec, seed, num_clients
+        self._constants: np.ndarray | None = None  # p_i (heterogeneous) or phase_i (diurnal)
+        self._markov: tuple[int, np.ndarray] | None = None  # (round, state)
+        self.last_available: int | None = None  # clients available in the last cohort's round
+
+    # -- per-client constants -------------------------------------------------------------------
+    def constants(self) -> np.ndarray:
+        if self._constants is None:
+            rng = np.random.default_rng([self.seed, _CLIENT_CONSTANTS])
+            s = self.spec
+            if s.model == "heterogeneous":
+                self._constants = rng.beta(s.beta_a, s.beta_b, size=self.n)
+            else:
+                self._constants = rng.random(self.n) * s.diurnal_phase_spread
+        return self._constants
+
+    def probability(self, server_round: int) -> np.ndarray | float:
+        """Each client's probability of being available at ``server_round`` (before conditioning on
+        its past: for ``markov`` this is the stationary probability)."""
+        s = self.spec
+        if s.model == "uniform":
+            return 1.0
+        if s.model == "heterogeneous":
+            return self.constants()
+        if s.model == "markov":
+            return s.markov_off_to_on / (s.markov_on_to_off + s.markov_off_to_on)
+        return np.clip(s.diurnal_mean + s.diurnal_amplitude * np.cos(
+            2 * math.pi * (server_round / s.diurnal_period - self.constants())), 0.0, 1.0)
+
+    # -- availability ---------------------------------------------------------------------------
+    def available(self, server_round: int) -> np.ndarray | None:
+        """A boolean mask over client ids of the clients available at ``server_round`` (``None``
+        for ``uniform``: everybody)."""
+        s = self.spec
+        if s.model == "uniform":
+            return None
+        if s.model == "markov":
+            return self._markov_state(server_round)
+        u = np.random.default_rng([self.seed, server_round, _AVAILABLE]).random(self.n)
+        return u < self.probability(server_round)
+
+    def _markov_state(self, server_round: int) -> np.ndarray:
+        s = self.spec
+        if self._markov is None or self._markov[0] > server_round:
+            start = np.random.default_rng([self.seed, _MARKOV_START]).random(self.n)
+            self._markov = (1, start < self.probability(1))
+        r, state = self._markov
+        while r < server_round:
+            r += 1
+            u = np.random.default_rng([self.seed, r, _AVAILABLE]).random(self.n)
+            # on stays on unless it draws below on_to_off; off turns on if it draws below off_to_on
+            state = np.where(state, u >= s.markov_on_to_off, u < s.markov_off_to_on)
+        self._markov = (r, state)
+        return state
+
+    # -- the cohort -----------------------------------------------------------------------------
+    def cohort(self, server_round: int, k: int) -> list[int]:
+        """Up to ``k`` distinct client ids, uniformly among the available ones; every available
+        client when fewer than ``k`` are (see the module docstring)."""
+        mask = self.available(server_round)
+        if mask is None:
+            self.last_available = None
+            return sample_clients(self.seed, server_round, self.n, min(k, self.n))
+        ids = np.flatnonzero(mask)
+        self.last_available = len(ids)
+        if len(ids) <= k:
+            return [int(c) for c in ids]
+        rng = np.random.default_rng([self.seed, server_round, _COHORT])
+        return sorted(int(c) for c in rng.choice(ids, size=k, replace=False))
+
+
+class Staleness:
+    """Rounds since each sampled client's previous participation (pure bookkeeping, O(k) a round).
+
+    A client *participates* in a round when it is sampled for it: its memory is refreshed when it
+    runs the round, even if its reply then arrives too late to count. ``record`` is idempotent per
+    round (asking a round's cohort twice counts it once).
+    """
+
+    def __init__(self, num_clients: int) -> None:
+        self.last = np.full(num_clients, -1, dtype=np.int64)  # last participation round, -1 = never
+        self.last_round = 0
+        self.window: dict[int, int] = {}  # gap -> count since the last evaluation (0 = first)
+        self.total: dict[int, int] = {}  # gap -> count over the run
+
+    def record(self, server_round: int, cids: list[int]) -> None:
+        if server_round <= self.last_round or not cids:
+            return
+        self.last_round = server_round
+        ids = np.asarray(cids, dtype=np.int64)
+        prev = self.last[ids]
+        gaps = np.where(prev < 0, 0, server_round - prev)
+        self.last[ids] = server_round
+        for gap, count in zip(*np.unique(gaps, return_counts=True)):
+            for hist in (self.window, self.total):
+                hist[int(gap)] = hist.get(int(gap), 0) + int(count)
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps (plain values and a tensor: loadable with weights_only)."""
+        return {"last": torch.from_numpy(self.last.copy()), "last_round": self.last_round,
+                "window": dict(self.window), "total": dict(self.total)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.last = state["last"].numpy().astype(np.int64)
+        self.last_round = int(state["last_round"])
+        self.window = {int(k): int(v) for k, v in state["window"].items()}
+        self.total = {int(k): int(v) for k, v in state["total"].items()}
+
+    def age(self, cid: int, server_round: int) -> float:
+        """Rounds since ``cid`` last participated (NaN if never): the age of its memory."""
+        last = int(self.last[cid])
+        return math.nan if last < 0 else float(server_round - last)
+
+    @property
+    def clients_seen(self) -> int:
+        return int((self.last >= 0).sum())
+
+    def take_window(self) -> dict[str, float]:
+        """The window's summary (see :func:`staleness_stats`), and a new empty window."""
+        stats, self.window = staleness_stats(self.window), {}
+        return stats
+
+    def run_stats(self) -> dict[str, float]:
+        return staleness_stats(self.total)
+
+
+def staleness_stats(hist: dict[int, int]) -> dict[str, float]:
+    """``mean``, ``p50``, ``p90``, ``max`` of the gaps of returning participations, the ``first``
+    participations' fraction of all, and the ``participations`` counted. Percentiles are of the
+    empirical distribution (the smallest gap with at least that share of returns at or below it)."""
+    returns = sorted((g, c) for g, c in hist.items() if g > 0)
+    total = sum(hist.values())
+    if not total:
+        return {}
+    out = {"participations": float(total), "first": hist.get(0, 0) / total}
+    if returns:
+        gaps = np.array([g for g, _ in returns], dtype=float)
+        counts = np.array([c for _, c in returns], dtype=float)
+        cdf = np.cumsum(counts) / counts.sum()
+        out.update(mean=float((gaps * counts).sum() / counts.sum()),
+                   p50=float(gaps[np.searchsorted(cdf, 0.5 - 1e-12)]),
+                   p90=float(gaps[np.searchsorted(cdf, 0.9 - 1e-12)]),
+                   max=float(gaps[-1]))
+    return out
