@@ -221,6 +221,26 @@ class PatternSelectionConfig:
                                          "won by fewer adapted group-steps.", min=0)
 
 
+#: Where client updates are clipped (privacy.clipping).
+CLIPPING_MODES = ("none", "server", "client")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    clipping: str = _field("none", "Differential privacy of the updates (docs/privacy.md): server = "
+                                   "the server clips each update to clipping_norm before averaging; "
+                                   "client = each client clips its own update (the server checks "
+                                   "the bound again); none = no clipping, no noise.",
+                           choices=CLIPPING_MODES)
+    clipping_norm: float = _field(1.0, "L2 bound of one client's whole update (all tensors).",
+                                  min=0, min_exclusive=True)
+    noise_multiplier: float = _field(0.0, "Gaussian noise std on the mean update, in units of "
+                                          "clipping_norm / sampled clients; 0 = clipping only.",
+                                     min=0)
+    delta: float = _field(1e-5, "delta at which summary.json reports the run's epsilon.",
+                          min=0, max=1, min_exclusive=True, max_exclusive=True)
+
+
 @dataclass(frozen=True)
 class Config:
     name: str = _field("run", "Run name, used in the run directory name.")
@@ -237,6 +257,8 @@ class Config:
     engine: EngineConfig = _section(EngineConfig, "Where and how clients run.")
     pattern_selection: PatternSelectionConfig = _section(
         PatternSelectionConfig, "Lambda-pattern selection (docs/lambda_patterns.md).")
+    privacy: PrivacyConfig = _section(PrivacyConfig, "Differential privacy of the meta-updates "
+                                                     "(docs/privacy.md).")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -262,6 +284,8 @@ CROSS_FIELD_RULES = (
     "`model.name: conv4` needs an image family (" + ", ".join(f"`{f}`" for f in IMAGE_FAMILIES) + ").",
     "`pattern_selection.at_round` must not exceed `federated.rounds`; `pattern_selection.apply_to` "
     "lists " + ", ".join(f"`{t}`" for t in PATTERN_TARGETS) + ".",
+    "`privacy.clipping` other than `none` requires `federated.aggregation: uniform`; "
+    "`privacy.noise_multiplier` above 0 requires `privacy.clipping` other than `none`.",
 )
 
 
@@ -307,6 +331,16 @@ def cross_field_problems(cfg: Config) -> list[str]:
         if target not in PATTERN_TARGETS:
             problems.append(f"pattern_selection.apply_to: {target!r} is not allowed; list some of "
                             f"{', '.join(PATTERN_TARGETS)}" + _suggest(target, PATTERN_TARGETS))
+
+    dp = cfg.privacy
+    # The sensitivity C / k of the mean holds only when every update weighs the same.
+    if dp.clipping != "none" and fed.aggregation != "uniform":
+        problems.append(f"privacy.clipping: {dp.clipping!r} requires federated.aggregation "
+                        f"'uniform' (got {fed.aggregation!r}): example weights would let one "
+                        "client move the mean by more than clipping_norm / clients")
+    if dp.noise_multiplier > 0 and dp.clipping == "none":
+        problems.append(f"privacy.noise_multiplier: {dp.noise_multiplier} needs a bound on each "
+                        "update: set privacy.clipping to 'server' or 'client'")
     return problems
 
 

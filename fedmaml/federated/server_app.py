@@ -75,6 +75,8 @@ def run_federated(grid: Grid, cfg: Any, run_dir: str | Path, quiet: bool = False
         "after": {k: v for k, v in last_eval.items() if not k.endswith(".clients")},
         "seconds": progress_elapsed(progress),
     }
+    if (privacy := strategy.privacy.summary()) is not None:
+        summary["privacy"] = privacy
     if strategy.selector.record is not None:
         summary["pattern_selection"] = selection_summary(strategy.selector.record)
     recorder.finish(summary, strategy.w)

@@ -39,11 +39,12 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from fedmaml import collector
 from fedmaml.core.params import Params
-from fedmaml.core.server import ServerOptimizer, aggregate_stacked
+from fedmaml.core.server import ServerOptimizer
 from fedmaml.errors import MessageError
 from fedmaml.federated import records as R
 from fedmaml.federated.discovery import PartitionDirectory
 from fedmaml.federated.pattern_selection import PatternSelector
+from fedmaml.federated.privacy import UpdatePrivacy
 from fedmaml.federated.setup import ExperimentSetup
 
 log = logging.getLogger("fedmaml")
@@ -115,6 +116,9 @@ class MetaStrategy(Strategy):
         self.selector = PatternSelector(setup)  # Lambda-pattern selection; inert when mode is none
         self._panel: list[int] | None = None
         self.poll_interval = fed.poll_interval
+        # The mean update (differential privacy when configured) and the privacy account.
+        self.privacy = UpdatePrivacy(self.cfg, setup.federation.num_clients,
+                                     len(self.clients_for_round(1)))
 
     # -- sampling -------------------------------------------------------------------------------
     def clients_for_round(self, server_round: int) -> list[int]:
@@ -214,8 +218,8 @@ class MetaStrategy(Strategy):
         if updated:
             if len(rows) < len(parsed):
                 stacked = {k: v[rows] for k, v in stacked.items()}
-            self.w = self.optimizer.step(self.w, aggregate_stacked(stacked, counts,
-                                                                   self.cfg.federated.aggregation))
+            self.w = self.optimizer.step(self.w, self.privacy.mean_update(
+                server_round, stacked, counts, num_sampled=len(expected)))
         out = {k: math.fsum(float(m[k]) for m in metrics) / len(metrics) for k in TRAIN_METRICS
                if all(k in m for m in metrics)}
         out["samples"] = sum(int(m["samples"]) for m in metrics)
