@@ -85,7 +85,10 @@ def main(argv: list[str] | None = None) -> None:
     from flwr.supercore import log
     from flwr.supercore.http_logging import get_uvicorn_log_config
     from flwr.supercore.logger import console_handler
-    from flwr.superlink.cli import flower_superlink as fs
+    import importlib
+
+    # The module, not the function of the same name that flwr.superlink.cli exports.
+    fs = importlib.import_module("flwr.superlink.cli.flower_superlink")
     from flwr.superlink.main import create_app
 
     # flower-superlink's own parsing, validation and certificate loading read sys.argv.
@@ -103,7 +106,10 @@ def main(argv: list[str] | None = None) -> None:
         app=app, reload=False, access_log=True, workers=1,
         log_config=get_uvicorn_log_config(console_handler.level),
         ssl_keyfile=config.ssl_keyfile, ssl_certfile=config.ssl_certfile))
-    server.run(sockets=sockets)
+    try:
+        server.run(sockets=sockets)
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled; the shutdown is done
+        pass
 
 
 if __name__ == "__main__":
