@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -230,6 +231,11 @@ def test_only_the_operator_controls_the_federation(tmp_path, monkeypatch, capsys
         [run_dir] = (tmp_path / "runs").glob("control-*")
         rows = read_metrics(run_dir)
         assert [r["round"] for r in rows] == [0, 1] and rows[1]["replies"] == 1
+        # The device ran the submitted bundle (installed under its FLWR_HOME), not its own fedmaml,
+        # each message in a process forked from the warm one.
+        apps = re.findall(r"ClientApp task \d+ ran in [0-9.]+s \(forked, exit code 0, app (\S+)\)",
+                          (tmp_path / "device.log").read_text())
+        assert apps and all(a.startswith(str(tmp_path / "home-device")) for a in apps), apps
     finally:
         for proc in reversed(procs):
             processes.stop(proc)

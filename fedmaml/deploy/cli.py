@@ -98,7 +98,10 @@ def _superlink(a: argparse.Namespace) -> int:
         _err(INSECURE_WARNING)
     if a.control_host not in LOOPBACK_HOSTS:
         _err(CONTROL_WARNING.format(host=a.control_host, port=a.control_port))
-    return _exec(argv, a.dry_run)
+    # The SuperLink's SuperExec looks for new runs every second by default (Flower's variable).
+    env = {**os.environ, "FLWR_SUPEREXEC_TASK_POLL_INTERVAL":
+           os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")}
+    return _exec(argv, a.dry_run, env)
 
 
 def _add_supernode(p: argparse.ArgumentParser) -> None:

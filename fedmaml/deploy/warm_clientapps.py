@@ -31,6 +31,7 @@ import argparse
 import os
 import sys
 import traceback
+from pathlib import Path
 
 #: How often the executor asks the local SuperNode for a task (Flower's default: 1 s). A local HTTP
 #: call; 20 per second cost well under 1 % of a core.
@@ -115,8 +116,10 @@ def _run_task(spec) -> int:
     except BaseException:  # noqa: BLE001 - a child must never return into the parent's loop
         traceback.print_exc()
     finally:
+        app = sys.modules.get("fedmaml")  # the submitted bundle's package, once loaded
+        where = f", app {Path(app.__file__).parent.parent}" if app and app.__file__ else ""
         print(f"fedmaml: ClientApp task {spec.task_id} ran in {time.perf_counter() - start:.2f}s "
-              f"(forked, exit code {code})", file=sys.stderr)
+              f"(forked, exit code {code}{where})", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
     return code
