@@ -79,6 +79,7 @@ def deployed(mode: str, rounds: int, root: Path) -> dict:
     env = {**os.environ, "FLWR_HOME": str(root / "cli-home"), "PYTHONUNBUFFERED": "1",
            "FLWR_LOG_LEVEL": "INFO",  # the SuperNode ID line tells that a node is in
            "PYTHONPATH": path}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # a device caches the bundle's bytecode
     procs: list[subprocess.Popen] = []
     try:
         t0 = time.monotonic()
