@@ -172,3 +172,25 @@ def test_a_private_run_bounds_its_steps_and_records_its_budget(tiny_config, tmp_
     assert s["releases"] == 3 and s["sampling"] == "without-replacement"
     assert s["epsilon"] == pytest.approx(epsilon_after(3, z, 6, 3, 1e-5))
     assert s["noise_std"] == pytest.approx(z * c / 3)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_engine_gives_the_same_private_run(tiny_config, tmp_path, ray_guard):
+    """On Ray the clients clip in their own ClientApps and the server adds the same seeded noise:
+    the same model and budget as in-process (Ray is the engine that costs a start-up, so one run)."""
+    from fedmaml.config import replace_path
+    from fedmaml.experiment import run_experiment
+    from fedmaml.results.recorder import read_summary
+
+    cfg = tiny_config("federated.aggregation=uniform", "privacy.clipping=client",
+                      "privacy.clipping_norm=1e-4", "privacy.noise_multiplier=0.5",
+                      "federated.rounds=2", "engine.num_cpus=1", "name=private")
+    ray = run_experiment(replace_path(cfg, "engine.name", "ray"), quiet=True,
+                         run_dir=tmp_path / "ray")
+    local = run_experiment(cfg, quiet=True, run_dir=tmp_path / "inprocess")
+    got, want = torch.load(ray / "model.pt"), torch.load(local / "model.pt")
+    assert all(torch.allclose(got[k], want[k], rtol=1e-5, atol=1e-9) for k in want)
+    assert read_summary(ray)["privacy"]["epsilon"] == pytest.approx(
+        read_summary(local)["privacy"]["epsilon"])
+    assert read_summary(ray)["privacy"]["releases"] == 2
