@@ -141,6 +141,9 @@ def _supernode(a: argparse.Namespace) -> int:
                                          supernode_argv)
 
     node = NodeSettings(a.partition_id, a.num_partitions, a.memory_dir, a.data_path, a.memory_reset)
+    if not a.cold_clientapps and not hasattr(os, "fork"):  # e.g. Windows
+        _err("fedmaml: this system cannot fork: every ClientApp process starts from scratch")
+        a.cold_clientapps = True
     argv = supernode_argv(a.superlink, node, ca=a.ca, key=a.key, port=a.port, insecure=a.insecure,
                           max_retries=a.max_retries, warm=not a.cold_clientapps,
                           trusted_entities=a.trusted_entities)
