@@ -292,6 +292,26 @@ class PatternSelectionConfig:
                                          "won by fewer adapted group-steps.", min=0)
 
 
+#: Where client updates are clipped (privacy.clipping).
+CLIPPING_MODES = ("none", "server", "client")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    clipping: str = _field("none", "Differential privacy of the updates (docs/privacy.md): server = "
+                                   "the server clips each update to clipping_norm before averaging; "
+                                   "client = each client clips its own update (the server checks "
+                                   "the bound again); none = no clipping, no noise.",
+                           choices=CLIPPING_MODES)
+    clipping_norm: float = _field(1.0, "L2 bound of one client's whole update (all tensors).",
+                                  min=0, min_exclusive=True)
+    noise_multiplier: float = _field(0.0, "Gaussian noise std on the mean update, in units of "
+                                          "clipping_norm / sampled clients; 0 = clipping only.",
+                                     min=0)
+    delta: float = _field(1e-5, "delta at which summary.json reports the run's epsilon.",
+                          min=0, max=1, min_exclusive=True, max_exclusive=True)
+
+
 @dataclass(frozen=True)
 class Config:
     name: str = _field("run", "Run name, used in the run directory name.")
@@ -313,6 +333,8 @@ class Config:
         PatternSelectionConfig, "Lambda-pattern selection (docs/lambda_patterns.md).")
     faults: FaultsConfig = _section(FaultsConfig, "Injected client faults in training rounds, to "
                                                   "study robustness (docs/robustness.md).")
+    privacy: PrivacyConfig = _section(PrivacyConfig, "Differential privacy of the meta-updates "
+                                                     "(docs/privacy.md).")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -345,6 +367,9 @@ CROSS_FIELD_RULES = (
     "lists " + ", ".join(f"`{t}`" for t in PATTERN_TARGETS) + ".",
     "`faults.fail + faults.straggle + faults.dropout` must not exceed 1; `faults.straggle` and "
     "`faults.dropout` need `federated.round_timeout > 0`.",
+    "`privacy.clipping` other than `none` requires `federated.aggregation: uniform`; "
+    "`privacy.noise_multiplier` above 0 requires `privacy.clipping` other than `none` and "
+    "`participation.model: uniform`.",
 )
 
 
@@ -422,6 +447,21 @@ def cross_field_problems(cfg: Config) -> list[str]:
         problems.append(f"faults.{late[0]}: late clients need a deadline; set "
                         "federated.round_timeout > 0 (without one a real server would wait for "
                         "ever)")
+
+    dp = cfg.privacy
+    # The sensitivity C / k of the mean holds only when every update weighs the same.
+    if dp.clipping != "none" and fed.aggregation != "uniform":
+        problems.append(f"privacy.clipping: {dp.clipping!r} requires federated.aggregation "
+                        f"'uniform' (got {fed.aggregation!r}): example weights would let one "
+                        "client move the mean by more than clipping_norm / clients")
+    if dp.noise_multiplier > 0 and dp.clipping == "none":
+        problems.append(f"privacy.noise_multiplier: {dp.noise_multiplier} needs a bound on each "
+                        "update: set privacy.clipping to 'server' or 'client'")
+    # The accountant's amplification assumes every client equally likely to be sampled.
+    if dp.noise_multiplier > 0 and cfg.participation.model != "uniform":
+        problems.append(f"privacy.noise_multiplier: the privacy account assumes uniform client "
+                        f"sampling; participation.model is {cfg.participation.model!r} (use "
+                        "'uniform' with differential privacy)")
     return problems
 
 

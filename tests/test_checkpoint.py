@@ -107,7 +107,22 @@ def assert_same_run(a: Path, b: Path, memories_a=None, memories_b=None) -> None:
 @pytest.mark.parametrize("engine", ["inprocess", "vectorized"])
 def test_an_interrupted_run_resumes_bitwise_identical(engine, tiny_config, tmp_path, stop_after,
                                                        monkeypatch):
-    cfg = tiny_config(*RESUMABLE, f"engine.name={engine}")
+    interrupt_and_resume(engine, tiny_config(*RESUMABLE, f"engine.name={engine}"), tmp_path,
+                         stop_after, monkeypatch)
+
+
+@pytest.mark.parametrize("extra", [
+    ("participation.model=markov",),  # staleness bookkeeping and the availability chains
+    ("privacy.clipping=server", "federated.aggregation=uniform",  # the privacy account
+     "privacy.noise_multiplier=0.5"),
+], ids=["participation", "privacy"])
+def test_participation_and_privacy_state_resume_bitwise_identical(extra, tiny_config, tmp_path,
+                                                                   stop_after, monkeypatch):
+    interrupt_and_resume("inprocess", tiny_config(*RESUMABLE, *extra), tmp_path, stop_after,
+                         monkeypatch)
+
+
+def interrupt_and_resume(engine, cfg, tmp_path, stop_after, monkeypatch):
     stop_at = random.randint(1, ROUNDS - 1)
     full = run_on(engine, cfg, tmp_path / "full")
     stop_after(stop_at)

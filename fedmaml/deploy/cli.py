@@ -74,27 +74,39 @@ def _add_superlink(p: argparse.ArgumentParser) -> None:
     p.add_argument("--certs", metavar="DIR", help="directory made by `fedmaml deploy certs`")
     p.add_argument("--insecure", action="store_true",
                    help="no TLS and no node authentication (local tests only; warned)")
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0, all "
-                   "interfaces; 127.0.0.1 for this machine only)")
-    p.add_argument("--port", type=int, default=9093, help="port of the SuperLink (default: 9093)")
+    p.add_argument("--host", default="0.0.0.0", help="address where SuperNodes connect (the Fleet "
+                   "API only; default: 0.0.0.0, all interfaces)")
+    p.add_argument("--port", type=int, default=9092, help="port where SuperNodes connect "
+                   "(default: 9092)")
+    p.add_argument("--control-host", default="127.0.0.1", help="address of the Control API, where "
+                   "`flwr` submits runs and registers node keys (default: 127.0.0.1, this machine "
+                   "only: operators elsewhere use an SSH tunnel; anything else is warned about)")
+    p.add_argument("--control-port", type=int, default=9093, help="port of the Control API "
+                   "(default: 9093)")
     p.add_argument("--database", metavar="FILE", help="keep registered nodes and runs in this "
                    "SQLite file, across SuperLink restarts (default: in memory)")
     p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
 
 
 def _superlink(a: argparse.Namespace) -> int:
-    from fedmaml.deploy.commands import INSECURE_WARNING, superlink_argv
+    from fedmaml.deploy.commands import (CONTROL_WARNING, INSECURE_WARNING, LOOPBACK_HOSTS,
+                                         superlink_argv)
 
-    argv = superlink_argv(a.certs, host=a.host, port=a.port, database=a.database,
-                          insecure=a.insecure)
+    argv = superlink_argv(a.certs, host=a.host, port=a.port, control_host=a.control_host,
+                          control_port=a.control_port, database=a.database, insecure=a.insecure)
     if a.insecure:
         _err(INSECURE_WARNING)
-    return _exec(argv, a.dry_run)
+    if a.control_host not in LOOPBACK_HOSTS:
+        _err(CONTROL_WARNING.format(host=a.control_host, port=a.control_port))
+    # The SuperLink's SuperExec looks for new runs every second by default (Flower's variable).
+    env = {**os.environ, "FLWR_SUPEREXEC_TASK_POLL_INTERVAL":
+           os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")}
+    return _exec(argv, a.dry_run, env)
 
 
 def _add_supernode(p: argparse.ArgumentParser) -> None:
     p.add_argument("--superlink", required=True, metavar="HOST:PORT",
-                   help="address of the SuperLink, e.g. 192.168.1.10:9093")
+                   help="the SuperLink's fleet address, e.g. 192.168.1.10:9092")
     p.add_argument("--ca", metavar="FILE", help="the federation's ca.crt")
     p.add_argument("--key", metavar="FILE", help="this node's private key (registered)")
     p.add_argument("--insecure", action="store_true",
@@ -115,6 +127,12 @@ def _add_supernode(p: argparse.ArgumentParser) -> None:
                    "one machine; default: $FLWR_HOME or ~/.flwr)")
     p.add_argument("--max-retries", type=int, metavar="N", help="stop after N failed connection "
                    "attempts (default: keep trying)")
+    p.add_argument("--cold-clientapps", action="store_true", help="let Flower start every "
+                   "ClientApp process from scratch (seconds per message) instead of forking it from "
+                   "a process that has torch and Flower loaded")
+    p.add_argument("--trusted-entities", metavar="YAML", help="run only apps signed by these keys "
+                   "(Flower's app verification; see docs/deployment.md: in Flower 1.41 only apps "
+                   "published on Flower Hub carry signatures, so this refuses `flwr run .`)")
     p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
 
 
@@ -123,8 +141,12 @@ def _supernode(a: argparse.Namespace) -> int:
                                          supernode_argv)
 
     node = NodeSettings(a.partition_id, a.num_partitions, a.memory_dir, a.data_path, a.memory_reset)
+    if not a.cold_clientapps and not hasattr(os, "fork"):  # e.g. Windows
+        _err("fedmaml: this system cannot fork: every ClientApp process starts from scratch")
+        a.cold_clientapps = True
     argv = supernode_argv(a.superlink, node, ca=a.ca, key=a.key, port=a.port, insecure=a.insecure,
-                          max_retries=a.max_retries)
+                          max_retries=a.max_retries, warm=not a.cold_clientapps,
+                          trusted_entities=a.trusted_entities)
     if a.insecure:
         _err(INSECURE_WARNING)
     env = None
@@ -136,6 +158,19 @@ def _supernode(a: argparse.Namespace) -> int:
         prepare_memory_dir(node)
     if a.memory_dir is None and not a.dry_run:
         _err("fedmaml: no --memory-dir: memories live in this node's RAM and a restart loses them")
+    if not a.cold_clientapps:
+        # Started first, as a child of this process, which then becomes the SuperNode (same PID):
+        # it polls the node's Runtime API until the node is up, and exits when the node does.
+        from fedmaml.deploy.commands import program_env, show, warm_clientapps_argv
+
+        warm = warm_clientapps_argv(a.port, os.getpid())
+        if a.dry_run:
+            print(show(warm) + " &")
+        else:
+            import subprocess
+
+            _err(f"fedmaml: starting {show(warm)}")
+            subprocess.Popen(warm, env=program_env(env), stdin=subprocess.DEVNULL)
     return _exec(argv, a.dry_run, env)
 
 
@@ -235,8 +270,9 @@ def _add_submit(p: argparse.ArgumentParser) -> None:
     _add_overrides(p)
     p.add_argument("--connection", metavar="NAME", help="SuperLink connection (default: the "
                    "default one)")
-    p.add_argument("--app", default=".", metavar="DIR", help="the fedmaml project directory, with "
-                   "its pyproject.toml (default: .)")
+    p.add_argument("--app", metavar="DIR", help="a Flower app directory with its pyproject.toml, "
+                   "e.g. the fedmaml project (default: the fedmaml package this command runs, "
+                   "bundled on the fly: works from any directory)")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="stop waiting after this long")
 
 
@@ -251,7 +287,13 @@ def _submit(a: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     run_config = out / f"{cfg.name}.run-config.toml"
     atomic_write_text(run_config, text)
-    run_id = submit(a.app, a.connection, run_config)
+    if a.app is not None:
+        run_id = submit(a.app, a.connection, run_config)
+    else:
+        from fedmaml.deploy.app_bundle import staged_app
+
+        with staged_app() as app:
+            run_id = submit(app, a.connection, run_config)
     conn = f" {a.connection}" if a.connection else ""
     print(f"submitted run {run_id} (run config {run_config}); follow its log with: "
           f"flwr log {run_id}{conn}", flush=True)

@@ -20,8 +20,17 @@ from pathlib import Path
 
 from fedmaml.deploy.crypto import Certificates, DeployError
 
+#: The SuperLink's fleet socket (SuperNodes connect here) and its control socket (``flwr`` and the
+#: ServerApp processes; on this machine only, by default). See fedmaml/deploy/superlink_server.py.
+DEFAULT_FLEET_PORT = 9092
 DEFAULT_SUPERLINK_PORT = 9093
+DEFAULT_CONTROL_HOST = "127.0.0.1"
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 DEFAULT_SUPERNODE_PORT = 9094
+CONTROL_WARNING = ("WARNING: the Control API listens on {host}: whoever reaches {host}:{port} can "
+                   "submit runs, which every device executes, and register node keys (open-source "
+                   "Flower 1.41 does not authenticate `flwr` users). Keep it to the operator: "
+                   "127.0.0.1 plus an SSH tunnel (docs/deployment.md).")
 INSECURE_WARNING = ("WARNING: insecure mode: traffic is not encrypted and the SuperLink accepts any "
                     "SuperNode. Use it only on a machine or network you fully trust, for tests.")
 
@@ -58,14 +67,24 @@ def show(argv: Sequence[str]) -> str:
 
 
 def superlink_argv(certs: str | Path | None, *, host: str = "0.0.0.0",
-                   port: int = DEFAULT_SUPERLINK_PORT, database: str | Path | None = None,
+                   port: int = DEFAULT_FLEET_PORT, control_host: str = DEFAULT_CONTROL_HOST,
+                   control_port: int = DEFAULT_SUPERLINK_PORT, database: str | Path | None = None,
                    insecure: bool = False) -> list[str]:
     """A SuperLink with TLS (``certs``: a directory made by
     :func:`~fedmaml.deploy.crypto.make_certificates`), node authentication, and apps loaded from
     the submitted bundle without installing anything (runtime dependency installation needs the
     internet, and would change the environment). ``insecure``: neither TLS nor node
-    authentication."""
-    argv = [program("flower-superlink")]
+    authentication.
+
+    SuperNodes connect to ``host:port`` (the fleet socket, which answers the Fleet API only);
+    ``flwr`` and the ServerApp processes to ``control_host:control_port`` (every API; this machine
+    only by default). Flower 1.41 serves all its APIs on one socket, so the SuperLink runs under
+    :mod:`fedmaml.deploy.superlink_server`, which splits them."""
+    if (host, port) == (control_host, control_port):
+        raise DeployError(f"--host/--port {host}:{port} is also the control address: the fleet "
+                          "socket (SuperNodes) and the control socket (flwr) must differ")
+    argv = [sys.executable, "-m", "fedmaml.deploy.superlink_server", "--fleet-host", host,
+            "--fleet-port", str(port)]
     if insecure:
         if certs is not None:
             raise DeployError("give either --certs (TLS, the default) or --insecure, not both")
@@ -77,7 +96,8 @@ def superlink_argv(certs: str | Path | None, *, host: str = "0.0.0.0",
         c = Certificates(Path(certs).expanduser().resolve()).check()
         argv += ["--ssl-ca-certfile", str(c.ca), "--ssl-certfile", str(c.cert),
                  "--ssl-keyfile", str(c.key), "--enable-supernode-auth"]
-    argv += ["--disable-runtime-dependency-installation", "--host", host, "--port", str(port)]
+    argv += ["--disable-runtime-dependency-installation", "--host", control_host,
+             "--port", str(control_port)]
     if database is not None:  # registered node keys and runs survive a SuperLink restart
         argv += ["--database", str(Path(database).expanduser().resolve())]
     return argv
@@ -130,12 +150,17 @@ def _value(v: object) -> str:
 
 def supernode_argv(superlink: str, node: NodeSettings, *, ca: str | Path | None = None,
                    key: str | Path | None = None, port: int = DEFAULT_SUPERNODE_PORT,
-                   insecure: bool = False, max_retries: int | None = None) -> list[str]:
+                   insecure: bool = False, max_retries: int | None = None, warm: bool = True,
+                   trusted_entities: str | Path | None = None) -> list[str]:
     """A SuperNode that trusts ``ca`` and authenticates with ``key`` (or neither, ``insecure``).
 
     ``port``: its local Runtime API, where its ClientApp processes connect; distinct per node when
     several share a machine. ``max_retries``: give up after that many failed connection attempts
-    (default: retry for ever, which a device that boots before the server wants)."""
+    (default: retry for ever, which a device that boots before the server wants). ``warm``: the
+    node's ClientApp processes are forked by :func:`warm_clientapps_argv`'s process, started next to
+    it (``--isolation process``); otherwise Flower starts each one from scratch.
+    ``trusted_entities``: Flower's list of public keys whose signed apps the node runs (it then
+    refuses every other app)."""
     if ":" not in superlink or "://" in superlink:
         raise DeployError(f"--superlink {superlink!r}: expected HOST:PORT, e.g. 192.168.1.10:9093")
     argv = [program("flower-supernode"), "--superlink", superlink]
@@ -153,9 +178,23 @@ def supernode_argv(superlink: str, node: NodeSettings, *, ca: str | Path | None 
         argv += ["--root-certificates", str(Path(ca).expanduser().resolve()),
                  "--auth-supernode-private-key", str(Path(key).expanduser().resolve())]
     argv += ["--node-config", node.node_config(), "--port", str(port)]
+    if warm:
+        argv += ["--isolation", "process"]
+    if trusted_entities is not None:
+        path = Path(trusted_entities).expanduser().resolve()
+        if not path.is_file():
+            raise DeployError(f"--trusted-entities {path}: file not found")
+        argv += ["--trusted-entities", str(path)]
     if max_retries is not None:
         argv += ["--max-retries", str(max_retries)]
     return argv
+
+
+def warm_clientapps_argv(port: int, supernode_pid: int) -> list[str]:
+    """The process that forks a SuperNode's ClientApp processes (fedmaml/deploy/warm_clientapps.py),
+    for a node whose Runtime API is on ``127.0.0.1:port``; it exits with the node."""
+    return [sys.executable, "-m", "fedmaml.deploy.warm_clientapps", "--runtime-api-address",
+            f"127.0.0.1:{port}", "--insecure", "--parent-pid", str(supernode_pid)]
 
 
 def prepare_memory_dir(node: NodeSettings) -> None:

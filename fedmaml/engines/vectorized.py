@@ -39,6 +39,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedmaml.algorithms import Algorithm, Hyper, RoundData, client_update
 from fedmaml.core.losses import LossFn
 from fedmaml.core.params import Params
+from fedmaml.core.privacy import clip_stacked
 from fedmaml.data.tasks import Task
 from fedmaml.engines.allocator import retain_freed_memory
 from fedmaml.engines.inprocess import (CLIENT_APP_ERROR, FIRST_CLIENT_NODE, SERVER_NODE_ID,
@@ -277,6 +278,8 @@ class VectorizedGrid(InProcessGrid):
                                                memory, data, initial_for(setup, hp, self.device))
         if memory is not None:
             self.bank.write(cids, memory)
+        if self.cfg.privacy.clipping == "client":  # as each client's ClientApp would (client_app.py)
+            delta, _ = clip_stacked(delta, self.cfg.privacy.clipping_norm)
         values = {k: v.tolist() for k, v in metrics.items()}
         records = codec.encode_rows(delta)
         share = (time.perf_counter() - start) / len(clients)

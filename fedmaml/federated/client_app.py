@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 
 from fedmaml.algorithms import Hyper, RoundData, client_update, draw_round
 from fedmaml.core.diagnostics import tracking_error
+from fedmaml.core.privacy import clip_update
 from fedmaml.core.evaluation import personalized_metrics
 from fedmaml.core.params import Params
 from fedmaml.core.patterns import Pattern
@@ -93,6 +94,8 @@ def train_client(msg: Message, cfg: Any, setup: ExperimentSetup, cid: int, store
                                            memory, data.to(device), initial_for(setup, hp, device))
     if memory is not None:
         store.save(memory)
+    if cfg.privacy.clipping == "client":  # the update leaves the device within the DP bound
+        delta = clip_update(delta, cfg.privacy.clipping_norm)
     reply = train_reply(msg, R.to_record(delta), train_metrics(cid, tasks, data, metrics,
                                                               time.perf_counter() - start))
     return faults.mark_late(reply) if fault == "straggle" else reply

@@ -131,6 +131,8 @@ def run_federated(grid: Grid, cfg: Any, run_dir: str | Path, quiet: bool = False
         "seconds": state["seconds"],
     }
     summary["participation"] = strategy.participation_summary()
+    if (privacy := strategy.privacy.summary()) is not None:
+        summary["privacy"] = privacy
     if strategy.selector.record is not None:
         summary["pattern_selection"] = selection_summary(strategy.selector.record)
     recorder.finish(summary, strategy.w if model is None else model)

@@ -51,7 +51,7 @@ from flwr.superlink.grid import InMemoryGrid
 
 from fedmaml import collector
 from fedmaml.core.params import Params, num_bytes
-from fedmaml.core.server import ServerOptimizer, aggregate_stacked
+from fedmaml.core.server import ServerOptimizer
 from fedmaml.errors import MessageError
 from fedmaml.federated import checkpoint, faults
 from fedmaml.federated import records as R
@@ -60,6 +60,7 @@ from fedmaml.federated.health import round_outcome
 from fedmaml.federated.participation import Participation, Staleness
 from fedmaml.federated.participation import sample_clients  # noqa: F401 - its former home
 from fedmaml.federated.pattern_selection import PatternSelector
+from fedmaml.federated.privacy import UpdatePrivacy
 from fedmaml.federated.setup import ExperimentSetup
 
 log = logging.getLogger("fedmaml")
@@ -139,15 +140,22 @@ class MetaStrategy(Strategy):
         self.participation = Participation(self.cfg.participation, self.cfg.seed, n)
         self.staleness = Staleness(n)
         self.available: int | None = None  # clients available in the last sampled round
+        # The mean update (differential privacy when configured) and the privacy account.
+        self.privacy = UpdatePrivacy(self.cfg, n, self.cohort_size())
 
     # -- sampling -------------------------------------------------------------------------------
-    def clients_for_round(self, server_round: int) -> list[int]:
+    def cohort_size(self) -> int:
+        """Clients asked per round: every silo, or the configured count or fraction."""
         fed, n = self.cfg.federated, self.setup.federation.num_clients
         if fed.mode == "cross_silo":
-            cids = list(range(n))
+            return n
+        return min(fed.clients_per_round or max(1, round(fed.fraction * n)), n)
+
+    def clients_for_round(self, server_round: int) -> list[int]:
+        if self.cfg.federated.mode == "cross_silo":
+            cids = list(range(self.setup.federation.num_clients))
         else:
-            k = fed.clients_per_round or max(1, round(fed.fraction * n))
-            cids = self.participation.cohort(server_round, min(k, n))
+            cids = self.participation.cohort(server_round, self.cohort_size())
             self.available = self.participation.last_available
         self.staleness.record(server_round, cids)
         return cids
@@ -284,8 +292,8 @@ class MetaStrategy(Strategy):
         if updated:
             if len(rows) < len(parsed):
                 stacked = {k: v[rows] for k, v in stacked.items()}
-            w = self.optimizer.step(self.w, aggregate_stacked(stacked, counts,
-                                                              self.cfg.federated.aggregation))
+            w = self.optimizer.step(self.w, self.privacy.mean_update(
+                server_round, stacked, counts, num_sampled=len(expected)))
             if all(bool(torch.isfinite(v).all()) for v in w.values()):
                 self.w_before_update, self.w = self.w, w
             else:  # finite updates can still sum or step to infinity: keep the last good w
@@ -384,7 +392,8 @@ class MetaStrategy(Strategy):
                 # the record as its JSON (what it is written as): it holds e.g. torch versions
                 "selector": {"record": json.dumps(sel.record, default=str),
                              "train": dict(sel._train), "evaluate": dict(sel._evaluate)},
-                "totals": dict(self.totals), "staleness": self.staleness.state()}
+                "totals": dict(self.totals), "staleness": self.staleness.state(),
+                "privacy": self.privacy.state()}
 
     def restore_state(self, state: dict[str, Any]) -> None:
         self.w, self.w_before_update = dict(state["w"]), dict(state["w_before_update"])
@@ -396,6 +405,7 @@ class MetaStrategy(Strategy):
         sel._train, sel._evaluate = dict(state["selector"]["train"]), dict(state["selector"]["evaluate"])
         self.totals = dict(state["totals"])
         self.staleness.load_state(state["staleness"])
+        self.privacy.load_state(state["privacy"])
 
     def checkpoint_memories(self, grid: Grid) -> dict[str, Any]:
         """Every client's memory (``checkpoint.collect_memories``), asked through ``grid``."""
