@@ -322,9 +322,11 @@ def run_state(run_dir: Path, cfg: Config) -> str:
 
 def config_differences(a: Config, b: Config,
                        ignore: Iterable[str] = ("output_dir",)) -> list[tuple[str, Any, Any]]:
-    """``(key, value in a, value in b)`` for every key that differs, in schema order."""
+    """``(key, value in a, value in b)`` for every key that differs, in schema order, leaving out
+    ``ignore`` and the ``tracking`` keys (where a run is logged does not change its results)."""
     fa, fb, skip = config_to_flat(a), config_to_flat(b), set(ignore)
-    return [(k, fa[k], fb[k]) for k in fa if k not in skip and fa[k] != fb[k]]
+    return [(k, fa[k], fb[k]) for k in fa
+            if k not in skip and not k.startswith("tracking.") and fa[k] != fb[k]]
 
 
 # --------------------------------------------------------------------------------------------------
