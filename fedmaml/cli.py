@@ -243,6 +243,42 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------------
+# fedmaml export
+# --------------------------------------------------------------------------------------------------
+
+TRACKING_BACKENDS = ("tensorboard", "mlflow", "wandb")  # fedmaml.config.TRACKING_BACKENDS; a test
+#                                                          keeps them equal
+
+
+def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("paths", nargs="+", metavar="RUN_OR_SWEEP_DIR",
+                        help="run directories, or directories holding them (a sweep, results/)")
+    parser.add_argument("--to", required=True, choices=TRACKING_BACKENDS,
+                        help="tracking backend: tensorboard (event files in each run directory), "
+                             "mlflow or wandb")
+    parser.add_argument("--mlflow-uri", metavar="URI", help="MLflow tracking URI (default: a "
+                        "file store in the directory holding the runs, <dir>/mlruns)")
+    parser.add_argument("--project", metavar="NAME", help="MLflow experiment / W&B project "
+                        "(default: the run's tracking.project, else the sweep's name, else "
+                        "fedmaml)")
+    parser.add_argument("--wandb-mode", choices=("offline", "online"),
+                        help="W&B mode (default: the run's tracking.wandb_mode, offline)")
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from fedmaml.experiment import quiet_frameworks
+    from fedmaml.tracking import check_available
+    from fedmaml.tracking.export import export_runs
+
+    quiet_frameworks()
+    check_available([args.to])
+    runs = export_runs(args.paths, args.to, mlflow_uri=args.mlflow_uri, project=args.project,
+                       wandb_mode=args.wandb_mode)
+    print(f"exported {len(runs)} run{'s' if len(runs) != 1 else ''} to {args.to}")
+    return 0
+
+
 COMMANDS: list[Command] = [
     Command("run", "run one experiment from a config file", _add_run_arguments, _cmd_run),
     Command("config", "inspect configurations", subcommands=(
@@ -258,6 +294,8 @@ COMMANDS: list[Command] = [
             "sweep directory (resumable)", _add_sweep_arguments, _cmd_sweep),
     Command("compare", "compare finished runs: convergence and per-client plots, Markdown report",
             _add_compare_arguments, _cmd_compare),
+    Command("export", "write runs (or every run of a sweep) to TensorBoard, MLflow or W&B from "
+            "their metrics.jsonl", _add_export_arguments, _cmd_export),
 ]
 
 

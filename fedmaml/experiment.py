@@ -15,8 +15,8 @@ from fedmaml.errors import ConfigError
 from fedmaml.federated.client_app import make_client_app
 from fedmaml.federated.server_app import make_server_app
 from fedmaml.federated.setup import setup_for
-from fedmaml.results.plots import plot_run
 from fedmaml.results.recorder import read_summary
+from fedmaml.tracking import check_available
 
 
 def quiet_frameworks() -> None:
@@ -70,6 +70,7 @@ def baseline_config(cfg: Any, algorithm: str) -> Any:
 def run_one(cfg: Any, run_dir: Path, quiet: bool) -> None:
     """One config on the engine it names; the same ClientApp/ServerApp on every engine."""
     setup = setup_for(cfg)  # fail fast on bad data/model/pattern settings, before any engine starts
+    check_available(cfg.tracking.backends)  # and on a tracking extra that is not installed
     num_nodes = setup.federation.num_clients + setup.federation.num_unseen
     server_app = make_server_app(cfg, run_dir, quiet=quiet)
     client_app = make_client_app(cfg)
@@ -89,7 +90,6 @@ def run_one(cfg: Any, run_dir: Path, quiet: bool) -> None:
     else:
         raise ConfigError(f"engine.name: {engine!r} is not available in this version; "
                           "use inprocess, ray or vectorized")
-    plot_run(run_dir)
 
 
 def format_summary(run_dirs: list[str | Path]) -> str:

@@ -15,8 +15,10 @@ from fedmaml.federated.client_app import config_from_run_config
 from fedmaml.federated.pattern_selection import selection_summary, write_selection
 from fedmaml.federated.setup import setup_for
 from fedmaml.federated.strategy import MetaStrategy
+from fedmaml.results.plots import plot_run
 from fedmaml.results.progress import Progress
 from fedmaml.results.recorder import RunRecorder
+from fedmaml.tracking import open_tracker
 
 log = logging.getLogger("fedmaml")
 
@@ -37,10 +39,12 @@ def make_server_app(config: Any = None, run_dir: str | Path | None = None,
 
 
 def run_federated(grid: Grid, cfg: Any, run_dir: str | Path, quiet: bool = False) -> dict[str, Any]:
-    """Run all rounds on ``grid``; write config, metrics.jsonl, summary.json and model.pt."""
+    """Run all rounds on ``grid``; write config, metrics.jsonl, summary.json, model.pt and
+    convergence.png, and log them to the trackers of ``cfg.tracking`` (fedmaml/tracking/)."""
     setup = setup_for(cfg)
     strategy = MetaStrategy(setup)
     recorder = RunRecorder(run_dir, cfg)
+    tracker = open_tracker(cfg, run_dir)
     progress = Progress(cfg.federated.rounds, quiet=quiet)
     key = "accuracy" if setup.classification else "loss"
     last_eval: dict[str, Any] = {}
@@ -48,6 +52,7 @@ def run_federated(grid: Grid, cfg: Any, run_dir: str | Path, quiet: bool = False
 
     def on_round(row: dict[str, Any]) -> None:
         recorder.log_round(row)
+        tracker.log_round(row)
         if "pattern_selection" in row:  # the table also gets a file of its own
             write_selection(run_dir, row["pattern_selection"])
         if "eval" in row:
@@ -62,7 +67,9 @@ def run_federated(grid: Grid, cfg: Any, run_dir: str | Path, quiet: bool = False
         progress.update(row["round"], info)
 
     timeout = cfg.federated.round_timeout or None
-    with collector.frozen():  # collections skip what existed before the run (fedmaml/collector.py)
+    # collections skip what existed before the run (fedmaml/collector.py); the tracker ends its
+    # runs as failed or interrupted if the rounds raise
+    with collector.frozen(), tracker:
         result = strategy.start(grid, R.to_record(setup.initial_params), cfg.federated.rounds,
                                 timeout=timeout, on_round=on_round)
     summary = {
@@ -78,6 +85,8 @@ def run_federated(grid: Grid, cfg: Any, run_dir: str | Path, quiet: bool = False
     if strategy.selector.record is not None:
         summary["pattern_selection"] = selection_summary(strategy.selector.record)
     recorder.finish(summary, strategy.w)
+    plot_run(run_dir)
+    tracker.finish(summary, run_dir)
     del result
     return summary
 
