@@ -11,6 +11,7 @@ code 2 and no traceback; anything else is a bug and keeps its traceback.
 """
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -59,10 +60,39 @@ def _split_config_and_overrides(config: str | None, overrides: list[str]) -> tup
 # fedmaml run
 # --------------------------------------------------------------------------------------------------
 
+def _positive(kind: type) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a positive {kind.__name__}")
+        return value
+
+    return parse
+
+
+def _add_progress_arguments(parser: argparse.ArgumentParser, steps: str) -> None:
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument("--progress-every", type=_positive(int), metavar="N",
+                        help=f"when not on a terminal (log file, pipe): a progress line every N "
+                             f"{steps} (default: a tenth of them)")
+    parser.add_argument("--progress-seconds", type=_positive(float), metavar="T",
+                        help="when not on a terminal: a progress line at least every T seconds "
+                             "(default: 60)")
+
+
+def _configure_progress(args: argparse.Namespace) -> None:
+    from fedmaml.results.progress import configure
+
+    configure(every=args.progress_every, seconds=args.progress_seconds)
+
+
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", metavar="CONFIG", help="YAML config file")
     _add_overrides(parser)
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_progress_arguments(parser, "rounds")
     parser.add_argument("--output-dir", metavar="DIR", help="directory for run directories "
                         "(overrides output_dir)")
 
@@ -70,6 +100,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     from fedmaml.config import load_config, replace_path
 
+    _configure_progress(args)
     cfg = load_config(args.config, args.overrides)
     if args.output_dir is not None:
         cfg = replace_path(cfg, "output_dir", args.output_dir)
@@ -188,12 +219,13 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
                         "break a rule linking several keys, instead of refusing the sweep")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and their state; run "
                         "nothing")
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_progress_arguments(parser, "runs")
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from fedmaml.sweep import load_sweep, run_sweep, sweep_summary
 
+    _configure_progress(args)
     base, spec = load_sweep(args.config, args.overrides, args.grid, args.seeds)
     result = run_sweep(base, spec, args.sweep_dir, jobs=args.jobs, quiet=args.quiet,
                        skip_invalid=args.skip_invalid, dry_run=args.dry_run)
@@ -353,10 +385,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         args._parser.print_help(sys.stderr)
         return EXIT_USER_ERROR
     try:
-        return args._handler(args)
+        code = args._handler(args)
+        sys.stdout.flush()  # a reader that went away shows up here rather than at exit
+        return code
     except FedmamlError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _reader_gone()
+
+
+def _reader_gone() -> int:
+    """The reader of our output went away (``fedmaml compare ... | head``): stop quietly with the
+    exit status of a Unix tool ended by SIGPIPE. Python would otherwise print a traceback, and
+    another error when it flushes the standard streams at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            os.dup2(devnull, stream.fileno())
+        except (OSError, ValueError):  # not a real file (captured in tests): nothing to flush
+            pass
+    return 128 + 13  # 13 = SIGPIPE

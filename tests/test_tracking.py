@@ -336,3 +336,36 @@ def test_tracking_stays_offline(tiny_config):
     seen = list(remote)
     remote.clear()
     assert not seen, f"tracking tried the network: {seen[:5]}"
+
+
+# -- sweeps -------------------------------------------------------------------------------------
+
+def test_sweep_runs_carry_their_grid_values_as_hyperparameters(tiny_config, tmp_path):
+    """TensorBoard HParams and MLflow compare see a sweep's runs side by side: one experiment named
+    after the sweep, each run's grid values (and seed) as its hyperparameters; a finished sweep
+    exports the same way."""
+    needs("tensorboard", "tensorboard")
+    needs("mlflow", "mlflow")
+    from fedmaml.sweep import SweepSpec, run_sweep
+
+    sweep_dir = tmp_path / "betas"
+    spec = SweepSpec(grid={"algorithm.beta": (0.3, 0.9)}, seeds=(0,))
+    result = run_sweep(tiny_config("tracking.backends=[tensorboard, mlflow]"), spec, sweep_dir,
+                       quiet=True)
+    assert not result.failed
+    for name, beta in (("beta=0.3,seed=0", 0.3), ("beta=0.9,seed=0", 0.9)):
+        hparams = hparams_of(tensorboard_data(sweep_dir / name))
+        assert hparams.keys() == {"algorithm.beta", "seed"}
+        assert hparams["algorithm.beta"] == pytest.approx(beta) and hparams["seed"] == 0
+    client, runs = mlflow_runs(sweep_dir / "mlruns", "betas")
+    assert sorted(r.info.run_name for r in runs) == ["beta=0.3,seed=0", "beta=0.9,seed=0"]
+    for run in runs:
+        assert run.data.tags["fedmaml.sweep"] == "betas"
+        check_mlflow(client, run, sweep_dir / run.info.run_name)
+
+    store = tmp_path / "exported"
+    assert main(["export", str(sweep_dir), "--to", "mlflow", "--mlflow-uri", store.as_uri()]) == 0
+    client, runs = mlflow_runs(store, "betas")
+    assert len(runs) == 2
+    for run in runs:
+        check_mlflow(client, run, sweep_dir / run.info.run_name)

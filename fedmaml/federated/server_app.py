@@ -64,12 +64,15 @@ def run_federated(grid: Grid, cfg: Any, run_dir: str | Path, quiet: bool = False
         info = f"{key} {shown:.4g}" if shown is not None else ""
         if "loss_after" in row:
             info = f"train loss {row['loss_after']:.4g} | eval {info}"
+        if "replies" in row:
+            info += f" | replies {row['replies']}/{len(row['clients'])}"
+            info += f", {row['failures']} failed" if row["failures"] else ""
         progress.update(row["round"], info)
 
     timeout = cfg.federated.round_timeout or None
     # collections skip what existed before the run (fedmaml/collector.py); the tracker ends its
-    # runs as failed or interrupted if the rounds raise
-    with collector.frozen(), tracker:
+    # runs as failed or interrupted if the rounds raise; the progress bar stops either way
+    with collector.frozen(), tracker, progress:
         result = strategy.start(grid, R.to_record(setup.initial_params), cfg.federated.rounds,
                                 timeout=timeout, on_round=on_round)
     summary = {
