@@ -369,3 +369,17 @@ def test_sweep_runs_carry_their_grid_values_as_hyperparameters(tiny_config, tmp_
     assert len(runs) == 2
     for run in runs:
         check_mlflow(client, run, sweep_dir / run.info.run_name)
+
+
+def test_mlflow_store_deleted_between_runs_of_one_process(tiny_config, tmp_path):
+    """MLflow caches its store per URI for the process; a second run into a cleaned output
+    directory still logs."""
+    import shutil
+
+    needs("mlflow", "mlflow")
+    first = tracked_run(tiny_config, "mlflow")
+    shutil.rmtree(first.parent)
+    second = tracked_run(tiny_config, "mlflow")
+    client, runs = mlflow_runs(second.parent / "mlruns", "fedmaml")
+    assert len(runs) == 1
+    check_mlflow(client, runs[0], second)

@@ -54,6 +54,16 @@ def open_client(uri: str) -> Any:
     _quiet_offline_environment(uri)
     from mlflow.tracking import MlflowClient
 
+    if is_file_store(uri):
+        # MLflow keeps one store object per URI for the whole process, which fails if the store's
+        # directory was deleted since (a second run into a cleaned output directory): lay out
+        # again what the file store creates when it opens (the root and its .trash folder).
+        from urllib.parse import urlparse
+        from urllib.request import url2pathname
+
+        path = url2pathname(urlparse(uri).path) if uri.startswith("file:") else uri
+        (Path(path) / ".trash").mkdir(parents=True, exist_ok=True)
+
     return MlflowClient(tracking_uri=uri)
 
 
