@@ -84,6 +84,8 @@ def summary_scalars(summary: Mapping[str, Any]) -> dict[str, float]:
 
 def artifact_files(run_dir: Path) -> list[Path]:
     """The files of :data:`ARTIFACT_NAMES` and the figures that exist in ``run_dir``, in order."""
+    if not run_dir.is_dir():
+        return []
     files = [run_dir / n for n in ARTIFACT_NAMES if (run_dir / n).is_file()]
     return files + sorted(p for p in run_dir.iterdir()
                           if p.is_file() and p.suffix in FIGURE_SUFFIXES)
