@@ -4,7 +4,7 @@ The store is ``tracking.mlflow_uri``, by default a file store in ``<output_dir>/
 for the runs of an output directory or a sweep, so that ``mlflow ui --backend-store-uri
 <output_dir>/mlruns`` compares them. Every config key is a parameter; metrics are sent in batches
 (at most every :data:`FLUSH_SECONDS`, and at the end) because the file store writes one file per
-metric (written by MLflow's asynchronous logging thread); MLflow has no histograms, so per-client distributions are left out. At the end: the
+metric; MLflow has no histograms, so per-client distributions are left out. At the end: the
 ``summary/`` metrics, the ``fedmaml.status`` tag, the run status (FINISHED for completed, KILLED
 for interrupted, FAILED otherwise) and the files as artifacts.
 """
@@ -101,7 +101,6 @@ class MLflowBackend(Backend):
         for i in range(0, len(params), _PARAM_BATCH):
             self.client.log_batch(self.run_id, params=params[i:i + _PARAM_BATCH])
         self.pending: list[Any] = []  # metrics not yet sent
-        self.writes: list[Any] = []  # batches sent, being written
         self.last_flush = time.monotonic()
         self.step = 0
 
@@ -130,16 +129,13 @@ class MLflowBackend(Backend):
         self.pending.extend(Metric(k, v, now, step) for k, v in scalars.items())
 
     def _flush(self) -> None:
-        # Asynchronous: MLflow's own thread writes the batch while the rounds go on.
+        # Synchronous: MLflow's asynchronous logging wrote batches of one run concurrently, and
+        # the file store then read a metric file while another batch was appending to it.
         for i in range(0, len(self.pending), _BATCH):
-            self.writes.append(self.client.log_batch(self.run_id, metrics=self.pending[i:i + _BATCH],
-                                                     synchronous=False))
+            self.client.log_batch(self.run_id, metrics=self.pending[i:i + _BATCH])
         self.pending = []
         self.last_flush = time.monotonic()
 
     def _end(self, status: str) -> None:
-        for write in self.writes:  # every metric is stored before the run is marked as ended
-            write.wait()
-        self.writes = []
         self.client.set_tag(self.run_id, "fedmaml.status", status)
         self.client.set_terminated(self.run_id, mlflow_status(status))
