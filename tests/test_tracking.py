@@ -19,6 +19,7 @@ import pytest
 from fedmaml.cli import TRACKING_BACKENDS, main
 from fedmaml.config import TRACKING_BACKENDS as SCHEMA_BACKENDS
 from fedmaml.config import config_to_flat, load_config
+from fedmaml.errors import ConfigError
 from fedmaml.experiment import run_experiment
 from fedmaml.tracking import Tracker, flatten, open_tracker
 from fedmaml.tracking.base import summary_scalars
@@ -82,6 +83,16 @@ def test_flatten_names_values_and_distributions():
 
 def test_cli_lists_the_schema_backends():
     assert TRACKING_BACKENDS == SCHEMA_BACKENDS
+
+
+def test_a_missing_extra_is_named_before_the_run_starts(tiny_config, monkeypatch, capsys):
+    """A package that cannot be imported (None in sys.modules: Python's own way to block one)."""
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    cfg = tiny_config("tracking.backends=[tensorboard, wandb]")
+    with pytest.raises(ConfigError, match=r"tracking.backends: 'wandb' needs the wandb package, "
+                                          r"which is not installed; pip install \"fedmaml\[wandb\]\""):
+        run_experiment(cfg, quiet=True)
+    assert not Path(cfg.output_dir).exists()  # nothing was run
 
 
 def test_no_backend_means_no_files(tiny_config):

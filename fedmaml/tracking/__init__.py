@@ -24,24 +24,37 @@ from fedmaml.tracking.base import COMPLETED, Backend, RunInfo, artifact_files, f
 
 log = logging.getLogger("fedmaml")
 
-#: backend name -> (module, class, the package it needs, the extra that installs it)
+#: backend name -> (module, class, the package it needs; its extra has the backend's name)
 BACKENDS = {
     "tensorboard": ("fedmaml.tracking.tensorboard_backend", "TensorBoardBackend", "tensorboard"),
     "mlflow": ("fedmaml.tracking.mlflow_backend", "MLflowBackend", "mlflow"),
     "wandb": ("fedmaml.tracking.wandb_backend", "WandbBackend", "wandb"),
 }
 
+#: Environment set (unless already set) before a backend's package is imported: no telemetry, no
+#: chatter. Offline modes and stores are set where the backend opens its run.
+QUIET_ENVIRONMENT = {
+    "mlflow": {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"},
+    "wandb": {"WANDB_SILENT": "true"},
+}
+
 
 def check_available(backends: tuple[str, ...] | list[str]) -> None:
-    """Raise a ConfigError naming the extra to install when a backend's package is missing."""
-    import importlib.util
+    """Raise a ConfigError naming the extra to install when a backend's package is missing (it is
+    imported here, before the run starts, which is where the run would import it anyway)."""
+    import importlib
+    import os
 
     for name in backends:
         package = BACKENDS[name][2]
-        if importlib.util.find_spec(package) is None:
+        for key, value in QUIET_ENVIRONMENT.get(name, {}).items():
+            os.environ.setdefault(key, value)
+        try:
+            importlib.import_module(package)
+        except ImportError:
             raise ConfigError(f"tracking.backends: {name!r} needs the {package} package, which is "
                               f"not installed; pip install \"fedmaml[{name}]\" (or remove {name} "
-                              "from tracking.backends)")
+                              "from tracking.backends)") from None
 
 
 class Tracker:

@@ -25,10 +25,12 @@ _PARAM_BATCH = 100
 
 
 def _quiet_offline_environment(uri: str) -> None:
-    """No telemetry; the file store (in maintenance mode since MLflow 3.x, still maintained for
+    """No telemetry; the file store (in maintenance mode since MLflow 3.x, still working for
     reading and writing) allowed without an exception."""
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("DO_NOT_TRACK", "true")
+    from fedmaml.tracking import QUIET_ENVIRONMENT
+
+    for key, value in QUIET_ENVIRONMENT["mlflow"].items():
+        os.environ.setdefault(key, value)
     if is_file_store(uri):
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 

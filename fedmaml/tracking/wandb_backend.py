@@ -22,7 +22,10 @@ class WandbBackend(Backend):
     name = "wandb"
 
     def __init__(self, info: RunInfo, tracking: Any) -> None:
-        os.environ.setdefault("WANDB_SILENT", "true")
+        from fedmaml.tracking import QUIET_ENVIRONMENT
+
+        for key, value in QUIET_ENVIRONMENT["wandb"].items():
+            os.environ.setdefault(key, value)
         if tracking.wandb_mode == "offline":
             os.environ.setdefault("WANDB_MODE", "offline")
         import wandb
