@@ -3,9 +3,9 @@
 The store is ``tracking.mlflow_uri``, by default a file store in ``<output_dir>/mlruns``: one store
 for the runs of an output directory or a sweep, so that ``mlflow ui --backend-store-uri
 <output_dir>/mlruns`` compares them. Every config key (but output_dir and tracking.*) is a
-parameter; metrics are sent in batches
-(about every :data:`FLUSH_SECONDS`, and at the end) because the file store writes one file per
-metric; MLflow has no histograms, so per-client distributions are left out. At the end: the
+parameter; metrics are sent in batches (about every :data:`FLUSH_SECONDS`, and at the end) because
+the file store writes one file per metric; MLflow has no histograms, so per-client distributions
+are left out. At the end: the
 ``summary/`` metrics, the ``fedmaml.status`` tag, the run status (FINISHED for completed, KILLED
 for interrupted, FAILED otherwise) and the files as artifacts.
 """
