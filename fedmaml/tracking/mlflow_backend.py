@@ -5,9 +5,8 @@ for the runs of an output directory or a sweep, so that ``mlflow ui --backend-st
 <output_dir>/mlruns`` compares them. Every config key (but output_dir and tracking.*) is a
 parameter; metrics are sent in batches (about every :data:`FLUSH_SECONDS`, and at the end) because
 the file store writes one file per metric; MLflow has no histograms, so per-client distributions
-are left out. At the end: the
-``summary/`` metrics, the ``fedmaml.status`` tag, the run status (FINISHED for completed, KILLED
-for interrupted, FAILED otherwise) and the files as artifacts.
+are left out. At the end: the ``summary/`` metrics, the ``fedmaml.status`` tag, the run status
+(FINISHED for completed, KILLED for interrupted, FAILED otherwise) and the files as artifacts.
 """
 
 from __future__ import annotations
