@@ -318,3 +318,16 @@ def test_sweep_lock_is_held_across_processes_and_names_the_holder(tmp_path):
         assert other() == (f"{sweep_dir}: another fedmaml sweep is running in this directory "
                            f"(pid {os.getpid()}); wait for it or use another --sweep-dir")
     assert other() == "acquired"
+
+
+def test_tracking_keys_do_not_make_a_finished_run_different():
+    """Where a run is logged does not change its results: a sweep re-invoked with tracking on
+    reuses its finished runs (``fedmaml export`` logs those)."""
+    from fedmaml.config import Config, replace_paths
+    from fedmaml.sweep import config_differences
+
+    tracked = replace_paths(Config(), {"tracking.backends": ["tensorboard", "mlflow"],
+                                       "tracking.project": "p"})
+    assert config_differences(Config(), tracked) == []
+    assert config_differences(Config(), replace_paths(tracked, {"algorithm.beta": 0.5})) == [
+        ("algorithm.beta", 0.3, 0.5)]
