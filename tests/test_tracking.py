@@ -394,3 +394,28 @@ def test_mlflow_store_deleted_between_runs_of_one_process(tiny_config, tmp_path)
     client, runs = mlflow_runs(second.parent / "mlruns", "fedmaml")
     assert len(runs) == 1
     check_mlflow(client, runs[0], second)
+
+
+def test_a_backend_failing_mid_run_is_dropped_and_the_others_go_on(tiny_config, tmp_path,
+                                                                   caplog, monkeypatch):
+    """The MLflow run is deleted behind the tracker's back (a real MLflow error on the next
+    write): one warning, MLflow logs nothing more, TensorBoard still gets every round."""
+    needs("tensorboard", "tensorboard")
+    needs("mlflow", "mlflow")
+    from fedmaml.tracking import mlflow_backend
+
+    monkeypatch.setattr(mlflow_backend, "FLUSH_SECONDS", 0.0)  # every round writes its batch
+    cfg = tiny_config("tracking.backends=[mlflow, tensorboard]")
+    run_dir = tmp_path / "run"
+    tracker = open_tracker(cfg, run_dir)
+    mlflow_run = tracker.backends[0]
+    tracker.log_round({"round": 0, "eval": {"seen.loss.mean": 1.0}})
+    mlflow_run.client.delete_run(mlflow_run.run_id)
+    with caplog.at_level("WARNING", logger="fedmaml"):
+        for step in (1, 2):
+            tracker.log_round({"round": step, "loss_after": 0.5})
+        tracker.finish({"rounds": 2}, run_dir)
+    warnings = [r.getMessage() for r in caplog.records if "tracking: mlflow failed" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert [b.name for b in tracker.backends] == ["tensorboard"]
+    assert [e.step for e in tensorboard_data(run_dir).Scalars("loss_after")] == [1, 2]
