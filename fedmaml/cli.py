@@ -12,6 +12,7 @@ complete exits with 1 (diverged or failed) or 130 (interrupted).
 """
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -62,10 +63,39 @@ def _split_config_and_overrides(config: str | None, overrides: list[str]) -> tup
 # fedmaml run
 # --------------------------------------------------------------------------------------------------
 
+def _positive(kind: type) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a positive {kind.__name__}")
+        return value
+
+    return parse
+
+
+def _add_progress_arguments(parser: argparse.ArgumentParser, steps: str) -> None:
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument("--progress-every", type=_positive(int), metavar="N",
+                        help=f"when not on a terminal (log file, pipe): a progress line every N "
+                             f"{steps} (default: a tenth of them)")
+    parser.add_argument("--progress-seconds", type=_positive(float), metavar="T",
+                        help="when not on a terminal: a progress line at least every T seconds "
+                             "(default: 60)")
+
+
+def _configure_progress(args: argparse.Namespace) -> None:
+    from fedmaml.results.progress import configure
+
+    configure(every=args.progress_every, seconds=args.progress_seconds)
+
+
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", metavar="CONFIG", nargs="?", help="YAML config file")
     _add_overrides(parser)
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_progress_arguments(parser, "rounds")
     parser.add_argument("--output-dir", metavar="DIR", help="directory for run directories "
                         "(overrides output_dir)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its "
@@ -75,6 +105,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     from fedmaml.config import load_config, replace_path
 
+    _configure_progress(args)
     config, overrides = _split_config_and_overrides(args.config, args.overrides)
     if args.resume is not None:
         if config is not None or overrides or args.output_dir is not None:
@@ -217,12 +248,13 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
                         "break a rule linking several keys, instead of refusing the sweep")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and their state; run "
                         "nothing")
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_progress_arguments(parser, "runs")
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from fedmaml.sweep import load_sweep, run_sweep, sweep_summary
 
+    _configure_progress(args)
     base, spec = load_sweep(args.config, args.overrides, args.grid, args.seeds)
     result = run_sweep(base, spec, args.sweep_dir, jobs=args.jobs, quiet=args.quiet,
                        skip_invalid=args.skip_invalid, dry_run=args.dry_run)
@@ -272,6 +304,42 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------------
+# fedmaml export
+# --------------------------------------------------------------------------------------------------
+
+TRACKING_BACKENDS = ("tensorboard", "mlflow", "wandb")  # fedmaml.config.TRACKING_BACKENDS; a test
+#                                                          keeps them equal
+
+
+def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("paths", nargs="+", metavar="RUN_OR_SWEEP_DIR",
+                        help="run directories, or directories holding them (a sweep, results/)")
+    parser.add_argument("--to", required=True, choices=TRACKING_BACKENDS,
+                        help="tracking backend: tensorboard (event files in each run directory), "
+                             "mlflow or wandb")
+    parser.add_argument("--mlflow-uri", metavar="URI", help="MLflow tracking URI (default: a "
+                        "file store in the directory holding the runs, <dir>/mlruns)")
+    parser.add_argument("--project", metavar="NAME", help="MLflow experiment / W&B project "
+                        "(default: the run's tracking.project, else the sweep's name, else "
+                        "fedmaml)")
+    parser.add_argument("--wandb-mode", choices=("offline", "online"),
+                        help="W&B mode (default: the run's tracking.wandb_mode, offline)")
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from fedmaml.experiment import quiet_frameworks
+    from fedmaml.tracking import check_available
+    from fedmaml.tracking.export import export_runs
+
+    quiet_frameworks()
+    check_available([args.to])
+    runs = export_runs(args.paths, args.to, mlflow_uri=args.mlflow_uri, project=args.project,
+                       wandb_mode=args.wandb_mode)
+    print(f"exported {len(runs)} run{'s' if len(runs) != 1 else ''} to {args.to}")
+    return 0
+
+
 COMMANDS: list[Command] = [
     Command("run", "run one experiment from a config file", _add_run_arguments, _cmd_run),
     Command("config", "inspect configurations", subcommands=(
@@ -287,6 +355,8 @@ COMMANDS: list[Command] = [
             "sweep directory (resumable)", _add_sweep_arguments, _cmd_sweep),
     Command("compare", "compare finished runs: convergence and per-client plots, Markdown report",
             _add_compare_arguments, _cmd_compare),
+    Command("export", "write runs (or every run of a sweep) to TensorBoard, MLflow or W&B from "
+            "their metrics.jsonl", _add_export_arguments, _cmd_export),
 ]
 
 
@@ -344,10 +414,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         args._parser.print_help(sys.stderr)
         return EXIT_USER_ERROR
     try:
-        return args._handler(args)
+        code = args._handler(args)
+        sys.stdout.flush()  # a reader that went away shows up here rather than at exit
+        return code
     except FedmamlError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return _reader_gone()
+
+
+def _reader_gone() -> int:
+    """The reader of our output went away (``fedmaml compare ... | head``): stop quietly with the
+    exit status of a Unix tool ended by SIGPIPE. Python would otherwise print a traceback, and
+    another error when it flushes the standard streams at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            os.dup2(devnull, stream.fileno())
+        except (OSError, ValueError):  # not a real file (captured in tests): nothing to flush
+            pass
+    return 128 + 13  # 13 = SIGPIPE

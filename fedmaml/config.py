@@ -7,8 +7,9 @@ them, so adding a key means adding one ``_field(...)`` line here (plus a cross-f
 
 Field metadata (read by :func:`schema`): ``help`` (one line), optional ``choices`` (a tuple of
 strings), ``min`` / ``max`` (numeric bounds, inclusive unless ``min_exclusive`` / ``max_exclusive``).
-For ``tuple[int, ...]`` fields the bounds apply to each element. Lists are stored as tuples so that a
-``Config`` is immutable and hashable; YAML and dicts use lists.
+For ``tuple[int, ...]`` fields the bounds apply to each element; for ``tuple[str, ...]`` fields the
+choices do, and no element may repeat. Lists are stored as tuples so that a ``Config`` is immutable
+and hashable; YAML and dicts use lists.
 
 Every user mistake raises :class:`~fedmaml.errors.ConfigError` naming the full key path, the bad
 value and what is allowed. Field-level problems are collected and reported together; cross-field
@@ -19,6 +20,7 @@ rules (:func:`cross_field_problems`) run only once every field is individually v
 import dataclasses
 import difflib
 import math
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -312,6 +314,25 @@ class PrivacyConfig:
                           min=0, max=1, min_exclusive=True, max_exclusive=True)
 
 
+TRACKING_BACKENDS = ("tensorboard", "mlflow", "wandb")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    backends: tuple[str, ...] = _field((), "Experiment trackers that log the run live: every "
+                                           "round's metrics, the config, the summary, figures and "
+                                           "model.pt (docs/tracking.md). Each needs its extra: "
+                                           "pip install 'fedmaml[tensorboard]'.",
+                                       choices=TRACKING_BACKENDS)
+    project: str = _field("", "MLflow experiment and W&B project; empty = the sweep's directory name "
+                              "for a run of a sweep, else 'fedmaml'.")
+    mlflow_uri: str = _field("", "MLflow tracking URI; empty = a file store in <output_dir>/mlruns, "
+                                 "shared by the runs of one output directory or sweep.")
+    wandb_mode: str = _field("offline", "W&B mode: offline writes the run under the run directory "
+                                        "(upload later with `wandb sync`); online needs `wandb "
+                                        "login`.", choices=("offline", "online"))
+
+
 @dataclass(frozen=True)
 class Config:
     name: str = _field("run", "Run name, used in the run directory name.")
@@ -335,6 +356,8 @@ class Config:
                                                   "study robustness (docs/robustness.md).")
     privacy: PrivacyConfig = _section(PrivacyConfig, "Differential privacy of the meta-updates "
                                                      "(docs/privacy.md).")
+    tracking: TrackingConfig = _section(TrackingConfig, "Experiment tracking (TensorBoard, MLflow, "
+                                                        "W&B); it never changes the run's results.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -474,7 +497,7 @@ class FieldSpec:
     """One configuration key, as declared in the schema."""
 
     path: str  # dotted, e.g. "algorithm.beta"; top-level keys have no dot
-    type: Any  # str, int, float, bool or tuple[int, ...]
+    type: Any  # str, int, float, bool, tuple[int, ...] or tuple[str, ...]
     default: Any
     help: str
     choices: tuple[str, ...] | None = None
@@ -485,16 +508,22 @@ class FieldSpec:
 
     @property
     def is_list(self) -> bool:
-        return self.type == tuple[int, ...]
+        return typing.get_origin(self.type) is tuple
+
+    @property
+    def item_type(self) -> type:
+        """The type of a list's elements (int or str)."""
+        return typing.get_args(self.type)[0]
 
     @property
     def type_name(self) -> str:
-        return "list[int]" if self.is_list else self.type.__name__
+        return f"list[{self.item_type.__name__}]" if self.is_list else self.type.__name__
 
     def allowed(self) -> str:
         """What values are allowed, in words (for errors and docs)."""
         if self.choices is not None:
-            return "one of " + ", ".join(self.choices)
+            return ("a list of distinct items among " if self.is_list else "one of ") + ", ".join(
+                self.choices)
         rng = self.range_text()
         if self.is_list:
             return f"a list of integers, each {rng}" if rng else "a list of integers"
@@ -618,6 +647,8 @@ def _check_value(spec: FieldSpec, value: Any, problems: list[str]) -> Any:
             problems.append(f"{where}: expected a finite number, got {_show(value)}")
             return None
         value = float(value)
+    elif spec.is_list and spec.item_type is str:
+        return _check_str_list(spec, value, problems)
     elif spec.is_list:
         if not isinstance(value, (list, tuple)):
             problems.append(f"{where}: expected a list of integers such as [40, 40], "
@@ -638,6 +669,27 @@ def _check_value(spec: FieldSpec, value: Any, problems: list[str]) -> Any:
         problems.append(f"{where}: {_show(value)} is out of range; allowed: {spec.range_text()}")
         return None
     return value
+
+
+def _check_str_list(spec: FieldSpec, value: Any, problems: list[str]) -> Any:
+    """A list of distinct strings, each among the field's choices (when it has some)."""
+    where, example = spec.path, ", ".join((spec.choices or ("a", "b"))[:2])
+    if not isinstance(value, (list, tuple)):
+        problems.append(f"{where}: expected a list such as [{example}], got {_show(value)}")
+        return None
+    ok = True
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            problems.append(f"{where}[{i}]: expected a string, got {_show(item)}")
+            ok = False
+        elif spec.choices is not None and item not in spec.choices:
+            problems.append(f"{where}[{i}]: {item!r} is not allowed; allowed: "
+                            f"{', '.join(spec.choices)}" + _suggest(item, spec.choices))
+            ok = False
+        elif spec.choices is not None and item in value[:i]:
+            problems.append(f"{where}[{i}]: {item!r} appears twice")
+            ok = False
+    return tuple(value) if ok else None
 
 
 def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
@@ -786,7 +838,8 @@ def config_from_flat(flat: Mapping[str, Any], *, source: str = "run config") -> 
 
 
 def _parse_int_list(text: str) -> Any:
-    """"40,40" or "[40, 40]" -> [40, 40]; anything unparsable is returned as is for the type check."""
+    """"40,40" or "[40, 40]" -> [40, 40]; "a,b" -> ["a", "b"]; items that are not integers stay
+    strings, for the type check of the key."""
     text = text.strip().removeprefix("[").removesuffix("]").strip()
     if not text:
         return []
@@ -1002,10 +1055,11 @@ def _default_text(spec: FieldSpec) -> str:
 
 def _allowed_md(spec: FieldSpec) -> str:
     if spec.choices is not None:
-        return ", ".join(f"`{c}`" for c in spec.choices)
+        listed = ", ".join(f"`{c}`" for c in spec.choices)
+        return f"any of {listed}, each once" if spec.is_list else listed
     rng = spec.range_text()
     if spec.is_list:
-        return f"each {rng}" if rng else "integers"
+        return f"each {rng}" if rng else ("integers" if spec.item_type is int else "strings")
     if rng:
         return rng
     return "`true`, `false`" if spec.type is bool else "any"

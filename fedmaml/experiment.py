@@ -17,8 +17,8 @@ from fedmaml.federated.client_app import make_client_app
 from fedmaml.federated.health import run_status
 from fedmaml.federated.server_app import make_server_app
 from fedmaml.federated.setup import setup_for
-from fedmaml.results.plots import plot_run
 from fedmaml.results.recorder import read_summary
+from fedmaml.tracking import check_available
 
 
 def quiet_frameworks() -> None:
@@ -112,6 +112,7 @@ def baseline_config(cfg: Any, algorithm: str) -> Any:
 def run_one(cfg: Any, run_dir: Path, quiet: bool, resume: bool = False) -> None:
     """One config on the engine it names; the same ClientApp/ServerApp on every engine."""
     setup = setup_for(cfg)  # fail fast on bad data/model/pattern settings, before any engine starts
+    check_available(cfg.tracking.backends)  # and on a tracking extra that is not installed
     num_nodes = setup.federation.num_clients + setup.federation.num_unseen
     server_app = make_server_app(cfg, run_dir, quiet=quiet, resume=resume)
     client_app = make_client_app(cfg)
@@ -131,7 +132,6 @@ def run_one(cfg: Any, run_dir: Path, quiet: bool, resume: bool = False) -> None:
     else:
         raise ConfigError(f"engine.name: {engine!r} is not available in this version; "
                           "use inprocess, ray or vectorized")
-    plot_run(run_dir)
 
 
 def run_dirs_of(run_dir: str | Path, cfg: Any) -> list[Path]:

@@ -49,7 +49,7 @@ from fedmaml.config import (SWEEP_SECTION, Config, check_value, config_to_flat, 
 from fedmaml.errors import ConfigError, FedmamlError
 
 MANIFEST = "sweep.yaml"
-LOCK_FILE = ".sweep.lock"
+LOCK_FILE, PID_FILE = ".sweep.lock", ".sweep.pid"
 ERROR_FILE = "error.txt"  # written into a run directory whose run raised
 CONFIG_FILE, SUMMARY_FILE = "config.yaml", "summary.json"  # as fedmaml.results.recorder writes them
 # Keys a sweep sets itself: the run's identity and place, not part of its setting.
@@ -345,9 +345,11 @@ def not_completed(run_dir: Path, cfg: Config) -> str | None:
 
 def config_differences(a: Config, b: Config,
                        ignore: Iterable[str] = ("output_dir",)) -> list[tuple[str, Any, Any]]:
-    """``(key, value in a, value in b)`` for every key that differs, in schema order."""
+    """``(key, value in a, value in b)`` for every key that differs, in schema order, leaving out
+    ``ignore`` and the ``tracking`` keys (where a run is logged does not change its results)."""
     fa, fb, skip = config_to_flat(a), config_to_flat(b), set(ignore)
-    return [(k, fa[k], fb[k]) for k in fa if k not in skip and fa[k] != fb[k]]
+    return [(k, fa[k], fb[k]) for k in fa
+            if k not in skip and not k.startswith("tracking.") and fa[k] != fb[k]]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -416,35 +418,35 @@ def _worker_init(parent_pid: int) -> None:
 
 
 class _Lock:
-    """An exclusive lock on the sweep directory, released by the OS if this process dies."""
+    """An exclusive lock on the sweep directory (``filelock``: an OS lock on every platform, released
+    if this process dies). The holder's pid sits in a file beside it for the error message (the
+    lock file itself may be truncated by a process trying to take it)."""
 
     def __init__(self, sweep_dir: Path) -> None:
+        from filelock import FileLock
+
         self.path = sweep_dir / LOCK_FILE
-        self.file: Any = None
+        self.pid_file = sweep_dir / PID_FILE
+        self.lock = FileLock(self.path, timeout=0)
 
     def __enter__(self) -> _Lock:
+        from filelock import Timeout
+
         try:
-            import fcntl
-        except ImportError:  # not POSIX: no locking, as before
-            return self
-        self.file = open(self.path, "a+")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.file.seek(0)
-            pid = self.file.read().strip() or "?"
-            self.file.close()
+            self.lock.acquire()
+        except Timeout:
+            try:
+                pid = self.pid_file.read_text().strip() or "?"
+            except OSError:
+                pid = "?"
             raise FedmamlError(f"{self.path.parent}: another fedmaml sweep is running in this "
                                f"directory (pid {pid}); wait for it or use another "
                                "--sweep-dir") from None
-        self.file.truncate(0)
-        self.file.write(str(os.getpid()))
-        self.file.flush()
+        self.pid_file.write_text(str(os.getpid()))
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self.file is not None:
-            self.file.close()  # closing releases the flock
+        self.lock.release()
 
 
 def write_manifest(sweep_dir: Path, base: Config, spec: SweepSpec) -> None:

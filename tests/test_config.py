@@ -44,7 +44,8 @@ def test_every_field_has_type_default_and_help():
             assert f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
     for spec in schema():
         assert "\n" not in spec.help
-        assert spec.choices is None or spec.default in spec.choices, spec.path
+        default = spec.default if spec.is_list else (spec.default,)
+        assert spec.choices is None or set(default) <= set(spec.choices), spec.path
 
 
 def test_defaults_are_valid_and_frozen():
@@ -411,3 +412,24 @@ def test_committed_docs_match_the_schema():
     assert generated == config_reference_markdown(), (
         "docs/configuration.md is out of date: run "
         "`python -m fedmaml config reference --update docs/configuration.md`")
+
+
+# -- lists of strings (tracking.backends) -----------------------------------------------------------
+
+def test_string_list_keys_parse_validate_and_round_trip():
+    cfg = load_config(None, ["tracking.backends=[tensorboard, mlflow]"])
+    assert cfg.tracking.backends == ("tensorboard", "mlflow")
+    assert config_to_flat(cfg)["tracking.backends"] == "tensorboard,mlflow"  # Flower run config
+    assert config_from_flat(config_to_flat(cfg)) == cfg
+    assert config_from_flat({"tracking.backends": ""}).tracking.backends == ()
+    assert load_config(None, ["tracking.backends=[]"]) == Config()
+    for override, message in [
+            ("[tensorbord]", "tracking.backends[0]: 'tensorbord' is not allowed; allowed: "
+                             "tensorboard, mlflow, wandb; did you mean 'tensorboard'?"),
+            ("tensorboard", "tracking.backends: expected a list such as [tensorboard, mlflow], "
+                            "got 'tensorboard'"),
+            ("[mlflow, mlflow]", "tracking.backends[1]: 'mlflow' appears twice"),
+            ("[1]", "tracking.backends[0]: expected a string, got 1")]:
+        with pytest.raises(ConfigError) as info:
+            load_config(None, [f"tracking.backends={override}"])
+        assert message in str(info.value)

@@ -590,7 +590,12 @@ def _assert_close(got, want, path: str = "") -> None:
 @pytest.mark.deployment
 @pytest.mark.slow
 def test_flwr_run_dot_on_the_offline_local_superlink(tmp_path):
-    """The Flower-native path: `flwr run .` with [tool.flwr.app] from pyproject.toml."""
+    """The Flower-native path: `flwr run .` with [tool.flwr.app] from pyproject.toml; the ServerApp
+    also logs to TensorBoard when its extra is installed (tests/test_tracking.py checks the
+    values)."""
+    import importlib.util
+
+    tracking = "tensorboard" if importlib.util.find_spec("tensorboard") else ""
     home = tmp_path / "flwr-home"
     env = {**program_env(), "PYTHONPATH": str(REPO), "FLWR_HOME": str(home),
            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(processes.free_port())}
@@ -603,7 +608,7 @@ def test_flwr_run_dot_on_the_offline_local_superlink(tmp_path):
         done = subprocess.run(
             [str(Path(sys.executable).parent / "flwr"), "run", str(app), "--format", "json",
              "--run-config", f"data.num_clients=2 federated.rounds=2 federated.eval_every=1 "
-                             f"name='native' output_dir='{out}'"],
+                             f"name='native' output_dir='{out}' tracking.backends='{tracking}'"],
             capture_output=True, text=True, env=os.environ.copy(), timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr
         run_id = int(re.search(r'"run-id": "(\d+)"', done.stdout).group(1))
@@ -611,6 +616,7 @@ def test_flwr_run_dot_on_the_offline_local_superlink(tmp_path):
         assert entry["status"] == COMPLETED, entry
         rows = read_metrics(out / f"native-{run_id}")
         assert [r["round"] for r in rows] == [0, 1, 2] and rows[2]["replies"] == 1
+        assert bool(list((out / f"native-{run_id}").glob("events.out.tfevents.*"))) == bool(tracking)
     finally:
         assert main(["deploy", "local-superlink", "--stop"]) == 0
         for k, v in old.items():

@@ -295,3 +295,39 @@ def test_resume_after_killing_the_sweep_process(tmp_path):
     assert len(result.ran) == 4 - len(done_before) and not result.failed
     after = summaries(sweep_dir)
     assert len(after) == 4 and all(after[k] == v for k, v in done_before.items())
+
+
+def test_sweep_lock_is_held_across_processes_and_names_the_holder(tmp_path):
+    """The lock is an OS lock: another process cannot take it while this one holds it, and can
+    once it is released."""
+
+    sweep_dir = tmp_path / "sw"
+    sweep_dir.mkdir()
+    code = ("import sys; from pathlib import Path; from fedmaml.sweep import _Lock\n"
+            "from fedmaml.errors import FedmamlError\n"
+            "try:\n    _Lock(Path(sys.argv[1])).__enter__()\n    print('acquired')\n"
+            "except FedmamlError as e:\n    print(e)\n")
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root}
+
+    def other() -> str:
+        return subprocess.run([sys.executable, "-c", code, str(sweep_dir)], capture_output=True,
+                              text=True, env=env, check=True).stdout.strip()
+
+    with _Lock(sweep_dir):
+        assert other() == (f"{sweep_dir}: another fedmaml sweep is running in this directory "
+                           f"(pid {os.getpid()}); wait for it or use another --sweep-dir")
+    assert other() == "acquired"
+
+
+def test_tracking_keys_do_not_make_a_finished_run_different():
+    """Where a run is logged does not change its results: a sweep re-invoked with tracking on
+    reuses its finished runs (``fedmaml export`` logs those)."""
+    from fedmaml.config import Config, replace_paths
+    from fedmaml.sweep import config_differences
+
+    tracked = replace_paths(Config(), {"tracking.backends": ["tensorboard", "mlflow"],
+                                       "tracking.project": "p"})
+    assert config_differences(Config(), tracked) == []
+    assert config_differences(Config(), replace_paths(tracked, {"algorithm.beta": 0.5})) == [
+        ("algorithm.beta", 0.3, 0.5)]

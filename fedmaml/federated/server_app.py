@@ -18,8 +18,10 @@ from fedmaml.federated.health import RunHealth, RunStopped
 from fedmaml.federated.pattern_selection import selection_summary, write_selection
 from fedmaml.federated.setup import setup_for
 from fedmaml.federated.strategy import MetaStrategy
+from fedmaml.results.plots import plot_run
 from fedmaml.results.progress import Progress
 from fedmaml.results.recorder import RunRecorder
+from fedmaml.tracking import open_tracker
 
 log = logging.getLogger("fedmaml")
 
@@ -42,7 +44,8 @@ def make_server_app(config: Any = None, run_dir: str | Path | None = None,
 
 def run_federated(grid: Grid, cfg: Any, run_dir: str | Path, quiet: bool = False,
                   resume: bool = False) -> dict[str, Any]:
-    """Run all rounds on ``grid``; write config, metrics.jsonl, summary.json and model.pt.
+    """Run all rounds on ``grid``; write config, metrics.jsonl, summary.json, model.pt and
+    convergence.png, and log them to the trackers of ``cfg.tracking`` (fedmaml/tracking/).
 
     The summary carries the run's status (fedmaml/federated/health.py): a run that diverges or
     fails stops at once with one line saying the round, the cause and what to try, and its model.pt
@@ -53,6 +56,7 @@ def run_federated(grid: Grid, cfg: Any, run_dir: str | Path, quiet: bool = False
     strategy = MetaStrategy(setup)
     saved = checkpoint.load(run_dir) if resume else None
     recorder = RunRecorder(run_dir, cfg, metrics=saved["metrics"] if saved else None)
+    tracker = open_tracker(cfg, run_dir)
     rounds = cfg.federated.rounds
     progress = Progress(rounds, quiet=quiet)
     health = RunHealth(cfg.federated.max_failed_rounds,
@@ -87,6 +91,7 @@ def run_federated(grid: Grid, cfg: Any, run_dir: str | Path, quiet: bool = False
                 state["injected"][k] += n
         recorder.log_round(row)
         state["seconds"] = row["seconds"]
+        tracker.log_round(row)
         if "pattern_selection" in row:  # the table also gets a file of its own
             write_selection(run_dir, row["pattern_selection"])
         health.observe(row, strategy.last_error)  # raises RunStopped: diverged or failed
@@ -104,18 +109,26 @@ def run_federated(grid: Grid, cfg: Any, run_dir: str | Path, quiet: bool = False
         info = f"{key} {shown:.4g}" if shown is not None else ""
         if "loss_after" in row:
             info = f"train loss {row['loss_after']:.4g} | eval {info}"
+        if "replies" in row:
+            info += f" | replies {row['replies']}/{len(row['clients'])}"
+            info += f", {row['failures']} failed" if row["failures"] else ""
         progress.update(r, info)
 
     timeout = cfg.federated.round_timeout or None
     status, message, model = "completed", "", None
     try:
-        with collector.frozen():  # collections skip what existed before the run (collector.py)
+        # collections skip what existed before the run (collector.py); the progress bar stops
+        # either way
+        with collector.frozen(), progress:
             strategy.start(grid, R.to_record(setup.initial_params), rounds, timeout=timeout,
                            on_round=on_round, resume=saved)
-    except RunStopped as stop:
+    except RunStopped as stop:  # diverged, failed or interrupted: the summary says which
         status, message = stop.status, stop.message
         model = strategy.w_before_update if stop.distrust_w else strategy.w
         (log.warning if status == "interrupted" else log.error)("%s", message)
+    except BaseException as e:  # a crash: the trackers' runs end too, as what happened
+        tracker.abort("interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
+        raise
     summary = {
         "name": cfg.name,
         "algorithm": cfg.algorithm.name,
@@ -138,6 +151,8 @@ def run_federated(grid: Grid, cfg: Any, run_dir: str | Path, quiet: bool = False
     recorder.finish(summary, strategy.w if model is None else model)
     if status != "interrupted":  # the summary says what the run became; nothing to resume
         checkpoint.remove(run_dir)
+    plot_run(run_dir)
+    tracker.finish(summary, run_dir)
     return summary
 
 

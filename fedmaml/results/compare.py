@@ -24,6 +24,7 @@ import numpy as np
 
 from fedmaml.config import Config, config_to_flat, load_config, short_key
 from fedmaml.errors import FedmamlError
+from fedmaml.tracking.base import TRACKER_DIRS
 
 # File names of a run directory (fedmaml/results/recorder.py). Read here without importing the
 # recorder, which pulls in torch (through fedmaml.atomic) and would add seconds to every compare.
@@ -158,7 +159,8 @@ def find_run_dirs(paths: Sequence[str | Path]) -> list[Path]:
     """Every run directory (one with config.yaml) at or under the given paths, once, in path order.
 
     Run directories inside run directories count too: ``compare_with`` baselines live in
-    ``<run>/baselines/<algorithm>/``.
+    ``<run>/baselines/<algorithm>/``. The trackers' stores (``mlruns``, ``wandb``) hold copies of
+    run files, not runs, and are not searched.
     """
     found: dict[Path, None] = {}
     for p in paths:
@@ -170,7 +172,7 @@ def find_run_dirs(paths: Sequence[str | Path]) -> list[Path]:
                                "directories")
         before = len(found)
         for root, dirs, files in os.walk(path):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in TRACKER_DIRS)
             if CONFIG_FILE in files:
                 found.setdefault(Path(root).resolve())
         if len(found) == before:
