@@ -241,6 +241,20 @@ def test_mlflow_export_and_a_failed_run(tiny_config, tmp_path):
         assert client.get_metric_history(runs[0].info.run_id, "eval/seen.loss.mean")[0].value == 1
 
 
+def test_a_diverged_run_ends_its_mlflow_run_with_its_status(tiny_config, tmp_path):
+    """Run health stops a diverged run before its rounds end: the tracker still gets the summary,
+    so MLflow records the status the run ended with, not 'completed' and not a crash."""
+    needs("mlflow", "mlflow")
+    store = tmp_path / "store"
+    run_dir = run_experiment(tiny_config("algorithm.eta=1e6", "tracking.backends=[mlflow]",
+                                         f"tracking.mlflow_uri={store.as_uri()}",
+                                         "tracking.project=health"), quiet=True)
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "diverged"
+    _, runs = mlflow_runs(store, "health")
+    assert len(runs) == 1 and runs[0].data.tags["fedmaml.status"] == "diverged"
+    assert runs[0].info.status == "FAILED"
+
+
 # -- W&B ----------------------------------------------------------------------------------------
 
 def wandb_records(run_dir: Path) -> list:
