@@ -13,9 +13,9 @@ Two families:
   public code's ``sample_amp_pha(..., seed=q)``: test tasks 0-4 are the paper's, and they are the
   same for every run seed (seeds vary training only, as in the public code).
 
-Inputs are ``x ~ U[-5, 5]`` of shape ``[n, 1]`` and targets float32 ``[n, 1]``. ``draw`` returns fresh
-points from the caller's generator. The evaluation split (``adapt_size`` points to adapt on,
-``heldout_size`` others to measure on) is fixed per task by the task's own evaluation seed. Unlike
+Inputs are ``x ~ U[-5, 5]`` of shape ``[n, 1]`` and targets float32 ``[n, 1]``. ``draw_slots``
+returns fresh points from the caller's counter streams (:mod:`fedmaml.data.counter`). The
+evaluation split (``adapt_size`` points to adapt on, ``heldout_size`` others to measure on) is fixed per task by the task's own evaluation seed. Unlike
 the public code, which adapts on the first 10 of the same 100 points it measures on (both drawn with
 seed 2021, shared by all test tasks), the adapt and measured points here are disjoint draws, so the
 measured MSE is never on points the model adapted to.
@@ -24,13 +24,14 @@ measured MSE is never on points the model adapted to.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from .counter import Stream
 from .seeding import derived_seed, numpy_rng
 from .spec import DataSpec
 from .tasks import Federation, Task
@@ -81,8 +82,14 @@ class SinusoidTask(Task):
         x = low + (high - low) * torch.rand(n, 1, generator=generator, dtype=torch.float32)
         return x, self.target(x)
 
-    def draw(self, generator: torch.Generator, n: int) -> tuple[Tensor, Tensor]:
-        return self._points(generator, n)
+    @classmethod
+    def draw_slots(cls, tasks: Sequence[Task], streams: Stream, n: int) -> tuple[Tensor, Tensor]:
+        device = streams.state.device
+        params = torch.tensor([(t.amplitude, t.phase, *t.x_range) for t in tasks],  # type: ignore[attr-defined]
+                              dtype=torch.float32, device=device).unsqueeze(1).unsqueeze(1)
+        amplitude, phase, low, high = params.unbind(-1)  # [S, 1, 1] each
+        x = low + (high - low) * streams.uniform(n).unsqueeze(-1)
+        return x.cpu(), (amplitude * torch.sin(x + phase)).cpu()
 
     def evaluation_split(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         if self._evaluation is None:

@@ -14,10 +14,12 @@ from __future__ import annotations
 import abc
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
 import torch
 from torch import Tensor
+
+from .counter import Stream
 
 TaskType = Literal["regression", "classification"]
 
@@ -28,14 +30,23 @@ class Task(abc.ABC):
     #: Number of training examples (the weight of this task in example-weighted averaging).
     num_examples: int
 
+    @classmethod
     @abc.abstractmethod
-    def draw(self, generator: torch.Generator, n: int) -> tuple[Tensor, Tensor]:
-        """Return ``n`` training examples ``(x, y)``, all distinct when the pool allows it.
+    def draw_slots(cls, tasks: Sequence["Task"], streams: Stream, n: int) -> tuple[Tensor, Tensor]:
+        """``n`` training examples for each of ``S`` slots at once: slot ``s`` draws from
+        ``tasks[s]`` (all of this class) with the counter stream ``streams.state[s]``; returns
+        ``(x [S, n, ...], y [S, n, ...])``. A slot's examples depend only on its task and its stream,
+        never on the other slots, so one client's draw equals its part of a cohort's draw.
 
         Finite pools sample without replacement when ``n <= num_examples`` and with replacement
         otherwise, so batch shapes never depend on the pool size. Generative tasks draw fresh points.
         Callers draw support and query together (``n = K_s + K_q``) and split, so they are disjoint.
         """
+
+    def draw(self, stream: Stream, n: int) -> tuple[Tensor, Tensor]:
+        """``n`` training examples from one stream (``draw_slots`` with one slot)."""
+        x, y = type(self).draw_slots([self], stream.flat(), n)
+        return x[0], y[0]
 
     @abc.abstractmethod
     def evaluation_split(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -61,12 +72,34 @@ class PoolTask(Task):
         # Evaluation adapts on the first `adapt_size` training examples (all of them by default).
         self.adapt_size = len(train_x) if adapt_size is None else min(adapt_size, len(train_x))
 
-    def draw(self, generator: torch.Generator, n: int) -> tuple[Tensor, Tensor]:
-        if n <= self.num_examples:
-            idx = torch.randperm(self.num_examples, generator=generator)[:n]
-        else:
-            idx = torch.randint(self.num_examples, (n,), generator=generator)
-        return self.train_x[idx], self.train_y[idx]
+    @classmethod
+    def draw_slots(cls, tasks: Sequence[Task], streams: Stream, n: int) -> tuple[Tensor, Tensor]:
+        # The slots' distinct tasks are joined into one pool and every slot's examples are picked
+        # with one gather: a slot's indices into its own task, offset to where the task starts.
+        first: dict[int, int] = {}
+        unique: list[PoolTask] = []
+        slot_task = []
+        for t in tasks:
+            j = first.get(id(t))
+            if j is None:
+                j = first[id(t)] = len(unique)
+                unique.append(t)  # type: ignore[arg-type]
+            slot_task.append(j)
+        device = streams.state.device
+        sizes = torch.tensor([t.num_examples for t in unique], dtype=torch.int64)
+        starts = torch.cumsum(sizes, 0) - sizes
+        slot = torch.tensor(slot_task, dtype=torch.int64)
+        size = sizes[slot].to(device)
+        width = max(int(sizes.max()), n)
+        without = streams.child(0).first_of_permutation(size, n, width)
+        with_replacement = streams.child(1).below(size, n)
+        local = torch.where((size >= n).unsqueeze(-1), without, with_replacement)
+        index = (starts[slot].to(device).unsqueeze(-1) + local).cpu()
+        if len(unique) == 1:  # one client's step
+            return unique[0].train_x[index], unique[0].train_y[index]
+        x = torch.cat([t.train_x for t in unique])
+        y = torch.cat([t.train_y for t in unique])
+        return x[index], y[index]
 
     def evaluation_split(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         k = self.adapt_size

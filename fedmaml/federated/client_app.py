@@ -15,7 +15,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedmaml.algorithms import Hyper, RoundData, client_update, draw_round
+from fedmaml.algorithms import Hyper, RoundData, client_update, draw_cohort, draw_round
 from fedmaml.core.evaluation import personalized_metrics
 from fedmaml.core.params import Params
 from fedmaml.core.patterns import Pattern
@@ -24,7 +24,8 @@ from fedmaml.federated import pattern_selection as selected
 from fedmaml.federated import node_config
 from fedmaml.federated import records as R
 from fedmaml.federated.memory_store import MemoryStore
-from fedmaml.federated.setup import ExperimentSetup, client_generator, resolve_device, setup_for
+from fedmaml.federated.setup import (ExperimentSetup, client_round_keys, resolve_device,
+                                     setup_for)
 
 
 def make_client_app(config: Any = None) -> ClientApp:
@@ -71,6 +72,17 @@ def train_client(msg: Message, cfg: Any, setup: ExperimentSetup, cid: int, store
     start = time.perf_counter()
     device = resolve_device(cfg.engine.device)
     w, server_round, hp = train_instruction(msg, setup, device)
+    delta, metrics = train_step(cfg, setup, cid, w, hp, server_round, store, device, start)
+    return train_reply(msg, R.to_record(delta), metrics)
+
+
+def train_step(cfg: Any, setup: ExperimentSetup, cid: int, w: Params, hp: Hyper,
+               server_round: int, store: MemoryStore, device: torch.device,
+               start: float | None = None) -> tuple[Params, MetricRecord]:
+    """One client's update from a decoded instruction: memory -> data -> client update -> memory.
+    Returns the update ``w - w_r`` and the reply's metrics (``train-seconds`` counted from
+    ``start``, default now)."""
+    start = time.perf_counter() if start is None else start
     memory = store.load() if setup.algorithm.uses_memory else None
     memory = None if memory is None else to_device(memory, device)
     fresh = needs_memory_init(setup, hp, memory is not None)
@@ -79,8 +91,7 @@ def train_client(msg: Message, cfg: Any, setup: ExperimentSetup, cid: int, store
                                            memory, data.to(device))
     if memory is not None:
         store.save(memory)
-    return train_reply(msg, R.to_record(delta), train_metrics(cid, tasks, data, metrics,
-                                                             time.perf_counter() - start))
+    return delta, train_metrics(cid, tasks, data, metrics, time.perf_counter() - start)
 
 
 def train_instruction(msg: Message, setup: ExperimentSetup, device: torch.device
@@ -119,12 +130,27 @@ def needs_memory_init(setup: ExperimentSetup, hp: Hyper, has_memory: bool) -> bo
 def draw_client_round(cfg: Any, setup: ExperimentSetup, cid: int, hp: Hyper, server_round: int,
                       fresh: bool) -> tuple[list[Task], RoundData]:
     """A training client's tasks and its round's data, from its own (seed, id, round) stream."""
-    if cid >= setup.federation.num_clients:
-        raise ValueError(f"client {cid} is an unseen (evaluation-only) client and cannot train")
-    tasks = setup.federation.client_tasks(cid)
-    data = draw_round(tasks, hp, client_generator(cfg.seed, cid, server_round),
+    tasks = training_tasks(setup, cid)
+    data = draw_round(tasks, hp, client_round_keys(cfg.seed, [cid], server_round)[0],
                       extra=setup.algorithm.needs_extra_batch(hp), init=fresh)
     return tasks, data
+
+
+def draw_cohort_round(cfg: Any, setup: ExperimentSetup, cids: list[int], hp: Hyper,
+                      server_round: int, fresh: bool) -> tuple[list[list[Task]], RoundData]:
+    """:func:`draw_client_round` for many clients at once (equal numbers of tasks), stacked along a
+    leading client axis: each client's part equals its own draw."""
+    tasks = [training_tasks(setup, cid) for cid in cids]
+    data = draw_cohort(tasks, hp, client_round_keys(cfg.seed, cids, server_round),
+                       extra=setup.algorithm.needs_extra_batch(hp), init=fresh)
+    return tasks, data
+
+
+def training_tasks(setup: ExperimentSetup, cid: int) -> list[Task]:
+    """A training client's tasks (an unseen client cannot train)."""
+    if cid >= setup.federation.num_clients:
+        raise ValueError(f"client {cid} is an unseen (evaluation-only) client and cannot train")
+    return setup.federation.client_tasks(cid)
 
 
 def train_metrics(cid: int, tasks: list[Task], data: RoundData, metrics: dict[str, Any],

@@ -69,7 +69,7 @@ from fedmaml.config import load_config
 from fedmaml.core.server import ServerOptimizer, aggregate
 from fedmaml.engines.allocator import retain_freed_memory
 from fedmaml.experiment import run_experiment
-from fedmaml.federated.setup import client_generator, setup_for
+from fedmaml.federated.setup import client_round_keys, setup_for
 from fedmaml.federated.strategy import MetaStrategy
 from fedmaml.results.recorder import read_metrics
 
@@ -140,7 +140,7 @@ def bare_ms_per_round(cfg, through_flower: bool = False) -> float:
         tasks = setup.federation.client_tasks(cid)
         memory = memories.get(cid)
         fresh = alg.uses_memory and (memory is None or hp_r.memory_policy == "reinit")
-        data = draw_round(tasks, hp_r, client_generator(cfg.seed, cid, server_round),
+        data = draw_round(tasks, hp_r, client_round_keys(cfg.seed, [cid], server_round)[0],
                           extra=alg.needs_extra_batch(hp_r), init=fresh)
         delta, memory, _ = client_update(alg, setup.model, setup.loss_fn, hp_r, w, memory, data)
         if memory is not None:
@@ -215,7 +215,7 @@ def compute_only(cfg, repeats: int = 5) -> dict[str, float]:
     alg, hp, w = setup.algorithm, setup.hyper, setup.initial_params
     cids = MetaStrategy(setup).clients_for_round(2)
     draw = lambda cid, r, init: draw_round(  # noqa: E731
-        setup.federation.client_tasks(cid), hp, client_generator(cfg.seed, cid, r),
+        setup.federation.client_tasks(cid), hp, client_round_keys(cfg.seed, [cid], r)[0],
         extra=alg.needs_extra_batch(hp), init=init)
     first = stack_rounds([draw(c, 1, alg.uses_memory) for c in cids])
     _, memory, _ = cohort_update(alg, setup.model, setup.loss_fn, hp, w, None, first)

@@ -1,0 +1,133 @@
+"""Counter-based random numbers: every draw is a hash of ``(key, words...)``, computed with tensor ops.
+
+A client's round data must be a pure function of ``(seed, client id, round)`` (ARCHITECTURE.md), and
+a vectorized engine must draw a whole cohort's data at once. A sequential generator
+(``torch.Generator``, one per client) does the first but not the second: each client's stream is
+advanced by its own Python calls. Here the ``i``-th number of a stream is a hash of the stream's key
+and ``i``, so a cohort's numbers are one broadcast tensor expression over (client, slot, element),
+and one client's numbers are the same expression with a client axis of one: the same bits whatever
+the cohort, the engine or the order of calls.
+
+The hash is MurmurHash3 (x86, 32 bit) over 32-bit words, computed on int64 tensors whose values stay
+below 2**32; 32x32-bit products are split into 16-bit halves so that no intermediate exceeds 2**49
+(no reliance on integer overflow). Its output passes the usual avalanche tests; for simulation data
+(indices, uniform inputs) that is what matters. Streams are built in two steps so that the long
+axis (elements) is mixed in last: ``Stream.of(keys).child(purpose, h, b)`` costs a few ops on the
+``[clients, slots]`` state, and ``bits(n)`` mixes the element counter and finalizes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+_MASK = 0xFFFFFFFF
+_C1, _C2 = 0xCC9E2D51, 0x1B873593
+_F1, _F2 = 0x85EBCA6B, 0xC2B2AE35
+#: Pads positions that must sort after every real hash (real values are < 2**32).
+SORT_LAST = 1 << 40
+
+
+def _mul(x: Tensor, c: int) -> Tensor:
+    """``x * c mod 2**32`` for ``0 <= x < 2**32`` without overflowing int64."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK
+
+
+def _rotl(x: Tensor, r: int) -> Tensor:
+    return ((x << r) & _MASK) | (x >> (32 - r))
+
+
+def _mix(h: Tensor, word: Tensor | int) -> Tensor:
+    """One MurmurHash3 body step: mix a 32-bit word into the state ``h``."""
+    k = torch.as_tensor(word, dtype=torch.int64, device=h.device) & _MASK
+    k = _mul(_rotl(_mul(k, _C1), 15), _C2)
+    h = _rotl(h ^ k, 13)
+    return (h * 5 + 0xE6546B64) & _MASK
+
+
+def _finalize(h: Tensor, length: int) -> Tensor:
+    h = h ^ (4 * length)
+    h = h ^ (h >> 16)
+    h = _mul(h, _F1)
+    h = h ^ (h >> 13)
+    h = _mul(h, _F2)
+    return h ^ (h >> 16)
+
+
+def murmur3(words: Sequence[Tensor | int], device: torch.device | str = "cpu") -> Tensor:
+    """MurmurHash3_x86_32 (seed 0) of the little-endian 32-bit ``words``, broadcast elementwise."""
+    h = torch.zeros((), dtype=torch.int64, device=device)
+    for w in words:
+        h = _mix(h, w)
+    return _finalize(h, len(words))
+
+
+def _split64(value: int) -> tuple[int, int]:
+    return value & _MASK, (value >> 32) & _MASK
+
+
+def round_keys(seed: int, client_ids: Sequence[int] | Tensor, server_round: int,
+               device: torch.device | str = "cpu") -> Tensor:
+    """``[C, 2]`` int64: the 64-bit key (two 32-bit words) of each client's round stream.
+
+    Distinct (seed, client, round) triples get independent-looking keys; 64 bits keep keys apart
+    over millions of clients and rounds."""
+    cids = torch.as_tensor(client_ids, dtype=torch.int64, device=device)
+    if cids.numel() and (int(cids.min()) < 0 or int(cids.max()) > _MASK):
+        raise ValueError("client ids must be in 0..2**32-1")
+    words = [*_split64(int(seed)), cids, *_split64(int(server_round))]
+    return torch.stack([murmur3([*words, part], device) for part in (0x5EED0, 0x5EED1)], dim=-1)
+
+
+class Stream:
+    """Keyed counters: ``state`` is the hash state after the key and the slot words (any shape)."""
+
+    def __init__(self, state: Tensor, length: int) -> None:
+        self.state, self.length = state, length
+
+    @classmethod
+    def of(cls, keys: Tensor) -> "Stream":
+        """Streams of ``[..., 2]`` keys (``round_keys``); the state has the keys' leading shape."""
+        h = torch.zeros(keys.shape[:-1], dtype=torch.int64, device=keys.device)
+        return cls(_mix(_mix(h, keys[..., 0]), keys[..., 1]), 2)
+
+    def child(self, *words: Tensor | int) -> "Stream":
+        """A sub-stream per value of ``words`` (broadcast against the state)."""
+        h = self.state
+        for w in words:
+            h = _mix(h, w)
+        return Stream(h, self.length + len(words))
+
+    def flat(self) -> "Stream":
+        """The same streams along one axis (row-major)."""
+        return Stream(self.state.reshape(-1), self.length)
+
+    def select(self, index: Tensor) -> "Stream":
+        """The streams at ``index`` of the state's first axis (e.g. one row per slot)."""
+        return Stream(self.state[index], self.length)
+
+    def bits(self, n: int) -> Tensor:
+        """``[*state.shape, n]`` int64 in ``0 .. 2**32-1``: elements ``0..n-1`` of every stream."""
+        counter = torch.arange(n, dtype=torch.int64, device=self.state.device)
+        return _finalize(_mix(self.state.unsqueeze(-1), counter), self.length + 1)
+
+    def uniform(self, n: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``[*state.shape, n]`` uniform in ``[0, 1)`` on a 2**-24 grid (exact in float32)."""
+        return (self.bits(n) >> 8).to(dtype) * (1.0 / (1 << 24))
+
+    def below(self, bound: Tensor, n: int) -> Tensor:
+        """``[*state.shape, n]`` integers uniform in ``0 .. bound-1`` (``bound`` broadcasts against
+        the state; Lemire's multiply-shift, bias below 2**-32 * bound)."""
+        return (self.bits(n) * bound.unsqueeze(-1)) >> 32
+
+    def first_of_permutation(self, size: Tensor, n: int, width: int) -> Tensor:
+        """``[*state.shape, n]``: the first ``n`` entries of a uniform random permutation of
+        ``0 .. size-1`` per stream (``n <= size``), computed over ``width >= max(size)`` positions.
+        Positions at or beyond a stream's size sort last, so the result does not depend on
+        ``width``: a client draws the same indices alone as in any cohort."""
+        keys = self.bits(width)
+        position = torch.arange(width, dtype=torch.int64, device=keys.device)
+        keys = torch.where(position < size.unsqueeze(-1), keys, SORT_LAST)
+        return torch.argsort(keys, dim=-1, stable=True)[..., :n]
