@@ -89,13 +89,13 @@ def draw_cohort(clients: Sequence[Sequence[Task]], hp: Hyper, keys: Tensor, *, e
     B = min(hp.tasks_per_step, n)
     steps = torch.arange(H, dtype=torch.int64)
     # Streams per (client, step[, slot]): the client's key mixed with the purpose and the position.
-    order = Stream.of(keys.reshape(C, 1, 2)).child(_TASKS, steps)  # [C, H]
+    client = Stream.of(keys.reshape(C, 1, 2))  # state [C, 1]
+    order = client.child(_TASKS, steps)  # [C, H]
     index = order.first_of_permutation(torch.tensor(n), B, n)  # [C, H, B]
     k, q = hp.support_size, hp.query_size
     picks = index.tolist()
     slot_tasks = [clients[c][i] for c in range(C) for row in picks[c] for i in row]
-    slots = Stream.of(keys.reshape(C, 1, 1, 2)).child(_STEP, steps.reshape(H, 1),
-                                                      torch.arange(B, dtype=torch.int64))
+    slots = client.expand().child(_STEP, steps.reshape(H, 1), torch.arange(B, dtype=torch.int64))
     x, y = _draw(slot_tasks, slots.flat(), k + q + (k if extra else 0))  # [C * H * B, m, ...]
 
     def part(start: int, stop: int) -> Batch:
@@ -105,7 +105,7 @@ def draw_cohort(clients: Sequence[Sequence[Task]], hp: Hyper, keys: Tensor, *, e
     init_batch = None
     if init:
         tasks = [t for ts in clients for t in ts]
-        slots = Stream.of(keys.reshape(C, 1, 2)).child(_INIT, torch.arange(n, dtype=torch.int64))
+        slots = client.child(_INIT, torch.arange(n, dtype=torch.int64))
         xi, yi = _draw(tasks, slots.flat(), hp.init_support_size)
         init_batch = (xi.reshape(C, n, *xi.shape[1:]), yi.reshape(C, n, *yi.shape[1:]))
     return RoundData(index, part(0, k), part(k, k + q), part(k + q, 2 * k + q) if extra else None,

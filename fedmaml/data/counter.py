@@ -9,8 +9,10 @@ and one client's numbers are the same expression with a client axis of one: the 
 the cohort, the engine or the order of calls.
 
 The hash is MurmurHash3 (x86, 32 bit) over 32-bit words, computed on int64 tensors whose values stay
-below 2**32; 32x32-bit products are split into 16-bit halves so that no intermediate exceeds 2**49
-(no reliance on integer overflow). Its output passes the usual avalanche tests; for simulation data
+below 2**32 between steps. A 32x32-bit product can exceed 2**63; int64 multiplication wraps modulo
+2**64 on every backend torch runs on (two's complement hardware), which keeps the low 32 bits exact
+(tests/test_counter.py checks every bit against a plain-Python reference, so a backend that did not
+wrap would fail there, not silently). Its output passes the usual avalanche tests; for simulation data
 (indices, uniform inputs) that is what matters. Streams are built in two steps so that the long
 axis (elements) is mixed in last: ``Stream.of(keys).child(purpose, h, b)`` costs a few ops on the
 ``[clients, slots]`` state, and ``bits(n)`` mixes the element counter and finalizes.
@@ -31,8 +33,8 @@ SORT_LAST = 1 << 40
 
 
 def _mul(x: Tensor, c: int) -> Tensor:
-    """``x * c mod 2**32`` for ``0 <= x < 2**32`` without overflowing int64."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK
+    """``x * c mod 2**32`` for ``0 <= x, c < 2**32`` (the int64 product wraps; its low bits stay)."""
+    return (x * c) & _MASK
 
 
 def _rotl(x: Tensor, r: int) -> Tensor:
@@ -99,6 +101,10 @@ class Stream:
         for w in words:
             h = _mix(h, w)
         return Stream(h, self.length + len(words))
+
+    def expand(self) -> "Stream":
+        """The same streams with one more trailing axis (for words that broadcast over two axes)."""
+        return Stream(self.state.unsqueeze(-1), self.length)
 
     def flat(self) -> "Stream":
         """The same streams along one axis (row-major)."""

@@ -90,10 +90,16 @@ class PoolTask(Task):
         starts = torch.cumsum(sizes, 0) - sizes
         slot = torch.tensor(slot_task, dtype=torch.int64)
         size = sizes[slot].to(device)
-        width = max(int(sizes.max()), n)
-        without = streams.child(0).first_of_permutation(size, n, width)
-        with_replacement = streams.child(1).below(size, n)
-        local = torch.where((size >= n).unsqueeze(-1), without, with_replacement)
+        # Each slot uses one of the two draws; a draw no slot uses is not computed (its values
+        # would not depend on the other slots either way).
+        enough = size >= n
+        local = None
+        if bool(enough.any()):
+            local = streams.child(0).first_of_permutation(size, n, max(int(sizes.max()), n))
+        if not bool(enough.all()):
+            with_replacement = streams.child(1).below(size, n)
+            local = (with_replacement if local is None else
+                     torch.where(enough.unsqueeze(-1), local, with_replacement))
         index = (starts[slot].to(device).unsqueeze(-1) + local).cpu()
         if len(unique) == 1:  # one client's step
             return unique[0].train_x[index], unique[0].train_y[index]
