@@ -119,6 +119,9 @@ class AlgorithmConfig:
     memory_policy: str = _field("keep", "Memory of a client that rejoins: keep, reinit from w, or "
                                         "decay towards w every step.",
                                 choices=("keep", "reinit", "decay_to_w"))
+    loss_before: bool = _field(False, "Also report the training query loss at w before adaptation "
+                                      "(loss_before in metrics.jsonl): one more forward pass per "
+                                      "task and local step.")
 
 
 @dataclass(frozen=True)

@@ -191,7 +191,11 @@ def test_moml_round_matches_plain_loop(estimator):
     assert_params_close({k: w[k] + delta[k] for k in w}, w_ref, atol=1e-10)
     for i in range(4):
         assert_params_close(unstack(mem_out)[i], mems_ref[i], atol=1e-10, what=f"memory {i}")
-    assert set(metrics) == {"loss_before", "loss_after"}
+    assert set(metrics) == {"loss_after"}  # loss_before is asked for (algorithm.loss_before)
+    _, _, more = client_update(MOML, model, loss_fn, dataclasses.replace(
+        hp, step=dataclasses.replace(hp.step, loss_before=True)), w, memory, data)
+    assert set(more) == {"loss_before", "loss_after"}
+    assert torch.equal(more["loss_after"], metrics["loss_after"])
 
 
 @pytest.mark.parametrize("estimator", ["first_order", "second_order"])
@@ -252,7 +256,7 @@ def test_reptile_direction():
 
 def test_fedavg_is_sgd_on_support_and_query():
     model, w, batch, loss_fn = problem("mlp")
-    hp = hyper(H=3, B=2, eta=0.1)
+    hp = hyper(H=3, B=2, eta=0.1, loss_before=True)
     data = make_round(batch, 100, H=3, B=2, n_tasks=3)
     delta, memory, metrics = client_update(FEDAVG, model, loss_fn, hp, w, None, data)
     assert memory is None

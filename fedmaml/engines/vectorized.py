@@ -264,10 +264,12 @@ class VectorizedGrid(InProcessGrid):
         has = (self.bank.contains(cids) if self.bank is not None and cids
                else [False] * len(cids))
         groups: dict[tuple[bool, int], list[int]] = {}
+        tasks: dict[int, list[Task]] = {}
         for cid, has_memory in zip(cids, has):
             try:
                 fresh = needs_memory_init(setup, hp, bool(has_memory))
-                groups.setdefault((fresh, len(training_tasks(setup, cid))), []).append(cid)
+                tasks[cid] = training_tasks(setup, cid)
+                groups.setdefault((fresh, len(tasks[cid])), []).append(cid)
             except Exception as e:  # noqa: BLE001 - the client fails, the cohort goes on
                 failures.append((cid, failure_kind(e), f"{type(e).__name__}: {e}"))
         parts: list[tuple[list[int], Params, dict[str, list[float]]]] = []
@@ -275,18 +277,21 @@ class VectorizedGrid(InProcessGrid):
             size = self.max_cohort or len(members)
             for at in range(0, len(members), size):
                 chunk = members[at:at + size]
-                part = self._train_vmapped(w, hp, server_round, chunk, fresh) if len(chunk) > 1 else None
+                part = (self._train_vmapped(w, hp, server_round, chunk, fresh,
+                                            [tasks[c] for c in chunk])
+                        if len(chunk) > 1 else None)
                 parts += [part] if part is not None else [
                     p for p in (self._train_one(w, hp, server_round, cid, failures) for cid in chunk)
                     if p is not None]
         return _assemble(cids, parts, failures, timeout, setup.initial_params)
 
     def _train_vmapped(self, w: Params, hp: Hyper, server_round: int, cids: list[int],
-                       fresh: bool) -> tuple[list[int], Params, dict[str, list[float]]] | None:
+                       fresh: bool, tasks: list[list[Task]]
+                       ) -> tuple[list[int], Params, dict[str, list[float]]] | None:
         """One cohort through one ``cohort_update`` (``None``: it cannot run batched)."""
         setup, start = self.setup, time.perf_counter()
         try:
-            tasks, data = draw_cohort_round(self.cfg, setup, cids, hp, server_round, fresh)
+            tasks, data = draw_cohort_round(self.cfg, setup, cids, hp, server_round, fresh, tasks)
             memory = None
             if self.bank is not None and not fresh:
                 memory = to_device(self.bank.read(cids), self.device)

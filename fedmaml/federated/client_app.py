@@ -137,10 +137,12 @@ def draw_client_round(cfg: Any, setup: ExperimentSetup, cid: int, hp: Hyper, ser
 
 
 def draw_cohort_round(cfg: Any, setup: ExperimentSetup, cids: list[int], hp: Hyper,
-                      server_round: int, fresh: bool) -> tuple[list[list[Task]], RoundData]:
+                      server_round: int, fresh: bool, tasks: list[list[Task]] | None = None
+                      ) -> tuple[list[list[Task]], RoundData]:
     """:func:`draw_client_round` for many clients at once (equal numbers of tasks), stacked along a
-    leading client axis: each client's part equals its own draw."""
-    tasks = [training_tasks(setup, cid) for cid in cids]
+    leading client axis: each client's part equals its own draw. ``tasks``: the clients' tasks,
+    if the caller has them already."""
+    tasks = [training_tasks(setup, cid) for cid in cids] if tasks is None else tasks
     data = draw_cohort(tasks, hp, client_round_keys(cfg.seed, cids, server_round),
                        extra=setup.algorithm.needs_extra_batch(hp), init=fresh)
     return tasks, data

@@ -66,7 +66,8 @@ def build_hyper(cfg: Any, model: StagedModel, algorithm: Algorithm) -> Hyper:
     # Algorithms without memory are MOML with beta = 1: the "memory" is A(w; S) itself.
     beta = a.beta if algorithm.uses_memory else 1.0
     step = StepConfig(alpha=a.alpha, beta=beta, estimator=a.meta_gradient, inner_pattern=inner,
-                      memory_pattern=memory, hf_delta=a.hf_delta, scale_by_beta=a.scale_by_beta)
+                      memory_pattern=memory, hf_delta=a.hf_delta, scale_by_beta=a.scale_by_beta,
+                      loss_before=a.loss_before)
     k = a.support_size
     return Hyper(step=step, eta=a.eta, local_steps=a.local_steps, tasks_per_step=a.tasks_per_step,
                  support_size=k, query_size=a.query_size or k,
