@@ -179,6 +179,8 @@ class EngineConfig:
                                              "memories move to memory-mapped files.", min=0)
     memory_dir: str = _field("", "vectorized: directory of the memory-mapped bank; empty = a "
                                  "temporary directory, deleted after the run.")
+    compile: bool = _field(False, "vectorized: torch.compile the cohort update; compiles once per "
+                                  "cohort shape (minutes on a CPU), then runs faster: for long runs.")
 
 
 #: What a selected Lambda pattern can replace (pattern_selection.apply_to).

@@ -210,3 +210,13 @@ class _Memories:
 
     def save(self, memory):
         pass
+
+
+@pytest.mark.slow
+def test_a_compiled_cohort_update_gives_the_same_run(tiny_config, tmp_path):
+    """engine.compile: torch.compile of the cohort update (compiles the fresh and the returning
+    cohort's shapes, about a minute on 2 cores) changes nothing but the time."""
+    _, grid, _ = assert_same_run(tiny_config, tmp_path, "algorithm.name=moml", "engine.compile=true",
+                                 "federated.rounds=2", "federated.clients_per_round=2",
+                                 "data.num_clients=2", "federated.eval_every=0")
+    assert grid._compiled not in (None, False)  # it compiled, and did not fall back

@@ -155,6 +155,7 @@ class VectorizedGrid(InProcessGrid):
         self.bank = bank
         self.stats = CohortStats()
         self._nodes: dict[int, int] | None = None
+        self._compiled: Any = None  # engine.compile: the compiled cohort update, once built
 
     def partition_nodes(self) -> dict[int, int]:
         # Built once: the strategy asks every round, and with a million clients building the
@@ -295,8 +296,7 @@ class VectorizedGrid(InProcessGrid):
             memory = None
             if self.bank is not None and not fresh:
                 memory = to_device(self.bank.read(cids), self.device)
-            delta, memory, metrics = cohort_update(setup.algorithm, setup.model, setup.loss_fn,
-                                                   hp, w, memory, data.to(self.device))
+            delta, memory, metrics = self._cohort_update(hp, w, memory, data.to(self.device))
         except Exception as e:  # noqa: BLE001 - e.g. an op vmap cannot batch: go one by one
             self.stats.fallbacks += 1
             log.warning("vectorized engine: a cohort of %d clients could not run batched "
@@ -312,6 +312,25 @@ class VectorizedGrid(InProcessGrid):
         self.stats.cohorts += 1
         self.stats.vmapped_clients += n
         return cids, delta, columns
+
+    def _cohort_update(self, hp: Hyper, w: Params, memory: Params | None, data: RoundData
+                       ) -> tuple[Params, Params | None, dict[str, torch.Tensor]]:
+        """:func:`cohort_update`, compiled with ``torch.compile`` when ``engine.compile`` is set; a
+        compilation that fails falls back to the eager call for the rest of the run."""
+        setup = self.setup
+        if self.cfg.engine.compile and self._compiled is not False:
+            if self._compiled is None:
+                self._compiled = torch.compile(
+                    lambda hp_, w_, m_, d_: cohort_update(setup.algorithm, setup.model,
+                                                          setup.loss_fn, hp_, w_, m_, d_),
+                    dynamic=False)
+            try:
+                return self._compiled(hp, w, memory, data)
+            except Exception as e:  # noqa: BLE001 - e.g. no C++ compiler: run eagerly
+                log.warning("vectorized engine: torch.compile of the cohort update failed (%s: %s); "
+                            "running it eagerly", type(e).__name__, e)
+                self._compiled = False
+        return cohort_update(setup.algorithm, setup.model, setup.loss_fn, hp, w, memory, data)
 
     def _train_one(self, w: Params, hp: Hyper, server_round: int, cid: int,
                    failures: list[tuple[int, str, str]]
