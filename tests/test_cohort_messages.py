@@ -39,7 +39,7 @@ def failing_setup(cfg, failing: dict[int, Exception]):
         return real(cid)
 
     return dataclasses.replace(setup, federation=dataclasses.replace(
-        fed, _client_tasks=tasks, _unseen_tasks=fed._unseen_tasks))
+        fed, _client_tasks=tasks, _unseen_tasks=fed._unseen_tasks, _many_client_tasks=None))
 
 
 def one_round(cfg, setup, cohorts: bool, tamper=None):

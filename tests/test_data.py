@@ -474,3 +474,21 @@ def test_plan_client_tasks_splits_a_silo_into_disjoint_tasks():
     with pytest.raises(DataError, match="holds 5 examples"):
         plan_client_tasks(np.arange(5), labels, tasks=3, n_way=0, heldout_fraction=0.2,
                           rng=np.random.default_rng(0))
+
+
+def test_many_clients_tasks_equal_each_clients_own():
+    """A family's batch builder (sinusoid) gives every client the tasks it gets alone; cached and
+    new clients mix; ids outside the federation are refused."""
+    spec = DataSpec(family="sinusoid", num_clients=1000, tasks_per_client=3)
+    alone = build_federation(spec, 5)
+    clear_cache()
+    batched = build_federation(spec, 5)
+    batched.client_tasks(7)  # one cached, the others built in one batch
+    got = batched.clients_tasks([7, 999, 0, 7])
+    for cid, tasks in zip([7, 999, 0, 7], got):
+        want = alone._client_tasks.fn(cid)
+        assert [(t.amplitude, t.phase, t.eval_seed) for t in tasks] == \
+               [(t.amplitude, t.phase, t.eval_seed) for t in want]
+    assert len({t.amplitude for ts in got[:3] for t in ts}) == 9
+    with pytest.raises(IndexError, match="1000"):
+        batched.clients_tasks([3, 1000])

@@ -70,17 +70,22 @@ def _split64(value: int) -> tuple[int, int]:
     return value & _MASK, (value >> 32) & _MASK
 
 
+def derive_keys(seed: int, ids: Sequence[int] | Tensor, purpose: int,
+                device: torch.device | str = "cpu") -> Tensor:
+    """``[len(ids), 2]`` int64: a 64-bit key (two 32-bit words) per id for one ``purpose`` (any
+    integer below 2**64) under a run seed. Distinct triples get independent-looking keys; 64 bits
+    keep keys apart over millions of ids."""
+    ids = torch.as_tensor(ids, dtype=torch.int64, device=device)
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) > _MASK):
+        raise ValueError("ids must be in 0..2**32-1")
+    words = [*_split64(int(seed)), ids, *_split64(int(purpose))]
+    return torch.stack([murmur3([*words, part], device) for part in (0x5EED0, 0x5EED1)], dim=-1)
+
+
 def round_keys(seed: int, client_ids: Sequence[int] | Tensor, server_round: int,
                device: torch.device | str = "cpu") -> Tensor:
-    """``[C, 2]`` int64: the 64-bit key (two 32-bit words) of each client's round stream.
-
-    Distinct (seed, client, round) triples get independent-looking keys; 64 bits keep keys apart
-    over millions of clients and rounds."""
-    cids = torch.as_tensor(client_ids, dtype=torch.int64, device=device)
-    if cids.numel() and (int(cids.min()) < 0 or int(cids.max()) > _MASK):
-        raise ValueError("client ids must be in 0..2**32-1")
-    words = [*_split64(int(seed)), cids, *_split64(int(server_round))]
-    return torch.stack([murmur3([*words, part], device) for part in (0x5EED0, 0x5EED1)], dim=-1)
+    """``[C, 2]``: the key of each client's round stream (the purpose is the round)."""
+    return derive_keys(seed, client_ids, server_round, device)
 
 
 class Stream:

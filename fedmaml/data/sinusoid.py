@@ -3,8 +3,9 @@
 Two families:
 
 * ``sinusoid`` (Finn et al. 2017): every task draws ``A ~ U[0.1, 5]`` and ``phi ~ U[0, pi]`` from
-  the run seed and its (client id, task index), so a million clients cost nothing until one is asked
-  for, and every process rebuilds the same client.
+  a counter-based stream keyed by the run seed and its (client id, task index): a million clients
+  cost nothing until one is asked for, a cohort's clients are built with a few tensor operations,
+  and every process rebuilds the same client.
 * ``sinusoid_grid`` (MOML public code, ``sinewave/``): the 25 training tasks are the fixed grid
   ``A in {1..5}`` x ``phi in {pi/5, ..., pi}`` in the public code's order (amplitude-major:
   task ``g`` has ``A = g // 5 + 1``, ``phi = (g % 5 + 1) * pi / 5``); client ``cid`` holds grid tasks
@@ -24,6 +25,7 @@ measured MSE is never on points the model adapted to.
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -31,8 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .counter import Stream
-from .seeding import derived_seed, numpy_rng
+from .counter import Stream, derive_keys
+from .seeding import derived_seed
 from .spec import DataSpec
 from .tasks import Federation, Task
 
@@ -110,6 +112,7 @@ def build_sinusoid(spec: DataSpec, seed: int) -> Federation:
         spec,
         partial(_random_tasks, seed, "sinusoid/train", *sizes),
         partial(_random_tasks, seed, "sinusoid/unseen", *sizes),
+        partial(_random_tasks_many, seed, "sinusoid/train", *sizes),
     )
 
 
@@ -127,7 +130,10 @@ def build_sinusoid_grid(spec: DataSpec, seed: int) -> Federation:
 
 
 def _federation(
-    spec: DataSpec, client_tasks: Callable[[int], list[Task]], unseen_tasks: Callable[[int], list[Task]]
+    spec: DataSpec,
+    client_tasks: Callable[[int], list[Task]],
+    unseen_tasks: Callable[[int], list[Task]],
+    many_client_tasks: Callable[[list[int]], list[list[Task]]] | None = None,
 ) -> Federation:
     return Federation(
         num_clients=spec.num_clients,
@@ -137,20 +143,30 @@ def _federation(
         task_type="regression",
         _client_tasks=client_tasks,
         _unseen_tasks=unseen_tasks,
+        _many_client_tasks=many_client_tasks,
     )
 
 
 def _random_tasks(
     seed: int, stream: str, count: int, adapt_size: int, heldout_size: int, cid: int
 ) -> list[Task]:
-    tasks: list[Task] = []
-    for t in range(count):
-        rng = numpy_rng(seed, stream, cid, t)
-        amplitude = rng.uniform(*AMPLITUDE_RANGE)
-        phase = rng.uniform(*PHASE_RANGE)
-        eval_seed = int(rng.integers(2**63))
-        tasks.append(SinusoidTask(amplitude, phase, eval_seed, adapt_size, heldout_size))
-    return tasks
+    return _random_tasks_many(seed, stream, count, adapt_size, heldout_size, [cid])[0]
+
+
+def _random_tasks_many(
+    seed: int, stream: str, count: int, adapt_size: int, heldout_size: int, cids: list[int]
+) -> list[list[Task]]:
+    """Tasks of many clients at once: task ``t`` of client ``cid`` takes its amplitude, phase and
+    evaluation seed from the counter stream keyed by (seed, stream, cid) at position ``t``, so a
+    client's tasks are the same built alone or in a batch."""
+    keys = derive_keys(seed, cids, zlib.crc32(stream.encode()))
+    bits = Stream.of(keys).expand().child(torch.arange(count, dtype=torch.int64)).bits(4)
+    u = bits[..., :2].to(torch.float64) / 2.0**32  # [C, count, 2] uniform in [0, 1)
+    amplitude = AMPLITUDE_RANGE[0] + (AMPLITUDE_RANGE[1] - AMPLITUDE_RANGE[0]) * u[..., 0]
+    phase = PHASE_RANGE[0] + (PHASE_RANGE[1] - PHASE_RANGE[0]) * u[..., 1]
+    eval_seed = (bits[..., 2] << 31) | (bits[..., 3] >> 1)  # 63 bits
+    return [[SinusoidTask(a, p, e, adapt_size, heldout_size) for a, p, e in zip(*rows)]
+            for rows in zip(amplitude.tolist(), phase.tolist(), eval_seed.tolist())]
 
 
 def grid_parameters(g: int) -> tuple[float, float]:

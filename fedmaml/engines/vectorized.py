@@ -265,11 +265,11 @@ class VectorizedGrid(InProcessGrid):
         has = (self.bank.contains(cids) if self.bank is not None and cids
                else [False] * len(cids))
         groups: dict[tuple[bool, int], list[int]] = {}
-        tasks: dict[int, list[Task]] = {}
+        tasks = self._tasks_of(cids)
         for cid, has_memory in zip(cids, has):
             try:
                 fresh = needs_memory_init(setup, hp, bool(has_memory))
-                tasks[cid] = training_tasks(setup, cid)
+                tasks[cid] = tasks.get(cid) or training_tasks(setup, cid)
                 groups.setdefault((fresh, len(tasks[cid])), []).append(cid)
             except Exception as e:  # noqa: BLE001 - the client fails, the cohort goes on
                 failures.append((cid, failure_kind(e), f"{type(e).__name__}: {e}"))
@@ -285,6 +285,16 @@ class VectorizedGrid(InProcessGrid):
                     p for p in (self._train_one(w, hp, server_round, cid, failures) for cid in chunk)
                     if p is not None]
         return _assemble(cids, parts, failures, timeout, setup.initial_params)
+
+    def _tasks_of(self, cids: list[int]) -> dict[int, list[Task]]:
+        """The training clients' tasks, built in one batch where the family can; on any error
+        none (each client then asks for its own and reports its own error)."""
+        fed = self.setup.federation
+        try:
+            ids = [c for c in cids if 0 <= c < fed.num_clients]
+            return dict(zip(ids, fed.clients_tasks(ids)))
+        except Exception:  # noqa: BLE001 - client by client below
+            return {}
 
     def _train_vmapped(self, w: Params, hp: Hyper, server_round: int, cids: list[int],
                        fresh: bool, tasks: list[list[Task]]
