@@ -13,8 +13,8 @@ one reply back. For a cohort the grid
    the group's memories from a :class:`MemoryBank`;
 3. runs the algorithm's :func:`~fedmaml.algorithms.client_update` under ``torch.func.vmap`` with
    ``w`` shared (:func:`cohort_update`) and writes the memories back;
-4. replies with the stacked updates ``[clients, ...]``, the per-client metrics as lists and the
-   clients that failed (id, kind, reason), in the order of the cohort's ids.
+4. replies with the stacked updates ``[clients, ...]`` (group by group), the per-client metrics as
+   lists and the clients that failed (id, kind, reason).
 
 A group of one, or one whose vmapped call fails, runs client by client through the ClientApp's own
 :func:`~fedmaml.federated.client_app.train_step` (with its memory in the bank) in the same round.
@@ -284,7 +284,7 @@ class VectorizedGrid(InProcessGrid):
                 parts += [part] if part is not None else [
                     p for p in (self._train_one(w, hp, server_round, cid, failures) for cid in chunk)
                     if p is not None]
-        return _assemble(cids, parts, failures, timeout, setup.initial_params)
+        return _assemble(parts, failures, timeout, setup.initial_params)
 
     def _tasks_of(self, cids: list[int]) -> dict[int, list[Task]]:
         """The training clients' tasks, built in one batch where the family can; on any error
@@ -386,31 +386,31 @@ def _cohort_ids(msg: Message) -> Any:
     return None if config is None else config.get(R.COHORT)
 
 
-def _assemble(cids: list[int], parts: list[tuple[list[int], Params, dict[str, list[float]]]],
+def _assemble(parts: list[tuple[list[int], Params, dict[str, list[float]]]],
               failures: list[tuple[int, str, str]], timeout: float | None, like: Params
               ) -> CohortResult:
-    """The parts' rows in the order of ``cids`` (the order per-client replies would arrive in);
-    clients over ``timeout`` join the failures."""
+    """The parts' rows joined (in the order they were trained: the order of rows only changes the
+    rounding of their average); clients over ``timeout`` join the failures."""
     joined = [c for part_cids, _, _ in parts for c in part_cids]
     columns = {k: [v for _, _, cols in parts for v in cols[k]] for k in (parts[0][2] if parts else
                (R.NUM_EXAMPLES, "samples", "train-seconds"))}
-    late = ({c for c, s in zip(joined, columns["train-seconds"]) if s > timeout}
-            if timeout is not None else set())
-    position = {cid: j for j, cid in enumerate(cids)}
-    rows = sorted((position[c], j) for j, c in enumerate(joined) if c not in late)
-    index = [j for _, j in rows]
-    if len(parts) == 1 and index == list(range(len(joined))):
-        delta = parts[0][1]
-    elif parts:
-        at = torch.tensor(index, dtype=torch.int64)
-        delta = {k: (v := torch.cat([p[1][k] for p in parts])).index_select(0, at.to(v.device))
-                 for k in like}
-        columns = {k: [v[j] for j in index] for k, v in columns.items()}
-    else:
+    late = ([j for j, s in enumerate(columns["train-seconds"]) if s > timeout]
+            if timeout is not None else [])
+    if not parts:
         delta = {k: v.new_zeros((0, *v.shape)) for k, v in like.items()}
-    failures = failures + [(c, "timeout", f"client {c} took longer than the round timeout "
-                            f"({timeout} s)") for c in sorted(late, key=position.__getitem__)]
-    return CohortResult([joined[j] for j in index], delta, columns, failures)
+    elif len(parts) == 1:
+        delta = parts[0][1]
+    else:
+        delta = {k: torch.cat([p[1][k] for p in parts]) for k in like}
+    if late:
+        failures = failures + [(joined[j], "timeout", f"client {joined[j]} took longer than the "
+                                f"round timeout ({timeout} s)") for j in late]
+        keep = sorted(set(range(len(joined))) - set(late))
+        at = torch.tensor(keep, dtype=torch.int64)
+        delta = {k: v.index_select(0, at.to(v.device)) for k, v in delta.items()}
+        columns = {k: [v[j] for j in keep] for k, v in columns.items()}
+        joined = [joined[j] for j in keep]
+    return CohortResult(joined, delta, columns, failures)
 
 
 def _error_reply(msg: Message, e: Exception) -> Message:
