@@ -189,8 +189,10 @@ class _RecentlyUsed:
         found = {k: self.results[k][0] for k in keys if k in self.results}
         missing = [k for k in dict.fromkeys(keys) if k not in found]
         if missing and build is not None:
-            for k, tasks in zip(missing, build(missing)):
-                found[k] = tasks
+            built = build(missing)
+            found.update(zip(missing, built))
+            # a batch larger than the cache would only push its own first clients out again
+            for k, tasks in list(zip(missing, built))[-self.size:]:
                 self._keep(k, tasks)
         return [list(found[k]) if k in found else self(k) for k in keys]
 
