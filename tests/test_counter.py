@@ -34,6 +34,9 @@ def test_murmur3_matches_the_reference_on_full_32_bit_words():
     words += [[M] * 5, [0] * 5]
     got = murmur3([torch.tensor([w[i] for w in words]) for i in range(5)])
     assert got.tolist() == [reference_murmur3(w) for w in words]
+    # plain-int words (mixed in Python) and tensor words give the same hash
+    mixed = murmur3([*words[0][:3], torch.tensor([w[3] for w in words]), words[0][4]])
+    assert int(mixed[0]) == reference_murmur3(words[0])
 
 
 def test_keys_are_a_function_of_seed_client_and_round_only():

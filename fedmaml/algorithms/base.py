@@ -90,8 +90,11 @@ def draw_cohort(clients: Sequence[Sequence[Task]], hp: Hyper, keys: Tensor, *, e
     steps = torch.arange(H, dtype=torch.int64)
     # Streams per (client, step[, slot]): the client's key mixed with the purpose and the position.
     client = Stream.of(keys.reshape(C, 1, 2))  # state [C, 1]
-    order = client.child(_TASKS, steps)  # [C, H]
-    index = order.first_of_permutation(torch.tensor(n), B, n)  # [C, H, B]
+    if n == 1:  # one task (cross-device clients): the only permutation, no numbers needed
+        index = torch.zeros((C, H, 1), dtype=torch.int64)
+    else:
+        order = client.child(_TASKS, steps)  # [C, H]
+        index = order.first_of_permutation(torch.tensor(n), B, n)  # [C, H, B]
     k, q = hp.support_size, hp.query_size
     picks = index.tolist()
     slot_tasks = [clients[c][i] for c in range(C) for row in picks[c] for i in row]

@@ -32,24 +32,28 @@ _F1, _F2 = 0x85EBCA6B, 0xC2B2AE35
 SORT_LAST = 1 << 40
 
 
-def _mul(x: Tensor, c: int) -> Tensor:
+# Every step works on Python ints and on int64 tensors alike: words and states that are plain
+# integers (seeds, purposes) are mixed in Python, and only per-element words cost tensor ops.
+Word = Tensor | int
+
+
+def _mul(x: Word, c: int) -> Word:
     """``x * c mod 2**32`` for ``0 <= x, c < 2**32`` (the int64 product wraps; its low bits stay)."""
     return (x * c) & _MASK
 
 
-def _rotl(x: Tensor, r: int) -> Tensor:
+def _rotl(x: Word, r: int) -> Word:
     return ((x << r) & _MASK) | (x >> (32 - r))
 
 
-def _mix(h: Tensor, word: Tensor | int) -> Tensor:
+def _mix(h: Word, word: Word) -> Word:
     """One MurmurHash3 body step: mix a 32-bit word into the state ``h``."""
-    k = torch.as_tensor(word, dtype=torch.int64, device=h.device) & _MASK
-    k = _mul(_rotl(_mul(k, _C1), 15), _C2)
+    k = _mul(_rotl(_mul(word & _MASK, _C1), 15), _C2)
     h = _rotl(h ^ k, 13)
     return (h * 5 + 0xE6546B64) & _MASK
 
 
-def _finalize(h: Tensor, length: int) -> Tensor:
+def _finalize(h: Word, length: int) -> Word:
     h = h ^ (4 * length)
     h = h ^ (h >> 16)
     h = _mul(h, _F1)
@@ -58,12 +62,12 @@ def _finalize(h: Tensor, length: int) -> Tensor:
     return h ^ (h >> 16)
 
 
-def murmur3(words: Sequence[Tensor | int], device: torch.device | str = "cpu") -> Tensor:
+def murmur3(words: Sequence[Word], device: torch.device | str = "cpu") -> Tensor:
     """MurmurHash3_x86_32 (seed 0) of the little-endian 32-bit ``words``, broadcast elementwise."""
-    h = torch.zeros((), dtype=torch.int64, device=device)
+    h: Word = 0
     for w in words:
         h = _mix(h, w)
-    return _finalize(h, len(words))
+    return torch.as_tensor(_finalize(h, len(words)), dtype=torch.int64, device=device)
 
 
 def _split64(value: int) -> tuple[int, int]:
@@ -78,8 +82,9 @@ def derive_keys(seed: int, ids: Sequence[int] | Tensor, purpose: int,
     ids = torch.as_tensor(ids, dtype=torch.int64, device=device)
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) > _MASK):
         raise ValueError("ids must be in 0..2**32-1")
-    words = [*_split64(int(seed)), ids, *_split64(int(purpose))]
-    return torch.stack([murmur3([*words, part], device) for part in (0x5EED0, 0x5EED1)], dim=-1)
+    words = [*_split64(int(seed)), *_split64(int(purpose))]  # plain ints first: mixed in Python
+    return torch.stack([murmur3([*words, part, ids], device) for part in (0x5EED0, 0x5EED1)],
+                       dim=-1)
 
 
 def round_keys(seed: int, client_ids: Sequence[int] | Tensor, server_round: int,
@@ -97,8 +102,7 @@ class Stream:
     @classmethod
     def of(cls, keys: Tensor) -> "Stream":
         """Streams of ``[..., 2]`` keys (``round_keys``); the state has the keys' leading shape."""
-        h = torch.zeros(keys.shape[:-1], dtype=torch.int64, device=keys.device)
-        return cls(_mix(_mix(h, keys[..., 0]), keys[..., 1]), 2)
+        return cls(_mix(_mix(0, keys[..., 0]), keys[..., 1]), 2)
 
     def child(self, *words: Tensor | int) -> "Stream":
         """A sub-stream per value of ``words`` (broadcast against the state)."""
