@@ -258,13 +258,16 @@ class MemoryBank:
 class BankStore:
     """One client's memory in a :class:`MemoryBank`, behind the per-node memory-store interface."""
 
-    def __init__(self, bank: MemoryBank, client_id: int) -> None:
+    def __init__(self, bank: MemoryBank, client_id: int,
+                 device: torch.device | str | None = None) -> None:
         self.bank, self.client_id = bank, client_id
+        self.device = device  # where load() hands the memory out (None: where the bank keeps it)
 
     def load(self) -> Params | None:
         if not self.bank.contains([self.client_id])[0]:
             return None
-        return {k: v[0] for k, v in self.bank.read([self.client_id]).items()}
+        return {k: v[0] if self.device is None else v[0].to(self.device)
+                for k, v in self.bank.read([self.client_id]).items()}
 
     def save(self, memory: Params) -> None:
         self.bank.write([self.client_id], {k: v.unsqueeze(0) for k, v in memory.items()})

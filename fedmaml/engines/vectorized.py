@@ -364,7 +364,9 @@ class VectorizedGrid(InProcessGrid):
         try:
             w, pattern = evaluate_instruction(msg, self.setup)
             trains = cid < self.setup.federation.num_clients
-            store = self.store(cid) if trains else _NoMemory()
+            # evaluation runs on the host: the memory comes out of the bank there
+            store = (BankStore(self.bank, cid, "cpu") if trains and self.bank is not None
+                     else _NoMemory())
             metrics = evaluate_client(self.setup, cid, w, store, pattern)
             reply = Message(RecordDict({R.METRICS: MetricRecord(metrics)}), reply_to=msg)
         except Exception as e:  # noqa: BLE001 - reported to the strategy as an error reply
