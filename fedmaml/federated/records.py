@@ -83,9 +83,18 @@ def stack_from_records(records: Sequence[ArrayRecord], like: Params, whats: Sequ
     stacked = {k: _joined(parts[k], n, v) for k, v in like.items()}
     for j, k, tensor in others:
         stacked[k][j] = tensor
-    # A row holding a NaN or an infinity has a non-finite sum; a finite row rarely does (only by
-    # overflow): one sum per parameter and one test for the whole round; only a row that fails it
-    # is checked element by element, which also names the parameter.
+    _reject_non_finite(stacked, errors, whats)
+    return stacked, errors
+
+
+def _reject_non_finite(stacked: Params, errors: list[str | None], whats: Sequence[str]) -> None:
+    """Name every row of ``stacked`` that holds a NaN or an infinity in ``errors`` (unless it has
+    an error already), and zero the rows with errors.
+
+    A row holding a NaN or an infinity has a non-finite sum; a finite row rarely does (only by
+    overflow): one sum per parameter and one test for the whole round; only a row that fails it is
+    checked element by element, which also names the parameter."""
+    n = len(errors)
     if n:
         totals = sum(v.reshape(n, -1).sum(1) for v in stacked.values())
         for j in torch.nonzero(~torch.isfinite(totals)).flatten().tolist():
@@ -97,7 +106,6 @@ def stack_from_records(records: Sequence[ArrayRecord], like: Params, whats: Sequ
     if bad:
         for v in stacked.values():
             v[bad] = 0
-    return stacked, errors
 
 
 def stack_from_cohort(record: ArrayRecord, like: Params, whats: Sequence[str]
@@ -118,17 +126,7 @@ def stack_from_cohort(record: ArrayRecord, like: Params, whats: Sequence[str]
                                f"{[n, *like[k].shape]}")
         stacked[k] = v if v.dtype == like[k].dtype else v.to(like[k].dtype)
     errors: list[str | None] = [None] * n
-    if n:
-        totals = sum(v.reshape(n, -1).sum(1) for v in stacked.values())
-        for j in torch.nonzero(~torch.isfinite(totals)).flatten().tolist():
-            bad_key = next((k for k, v in stacked.items() if not bool(torch.isfinite(v[j]).all())),
-                           None)
-            if bad_key is not None:
-                errors[j] = _not_finite(bad_key, whats[j])
-        bad = [j for j, e in enumerate(errors) if e is not None]
-        if bad:
-            for v in stacked.values():
-                v[bad] = 0
+    _reject_non_finite(stacked, errors, whats)
     return stacked, errors
 
 
