@@ -134,8 +134,8 @@ def test_sinusoid_shapes_ranges_and_fresh_draws():
         assert 0.1 <= task.amplitude <= 5.0 and 0.0 <= task.phase <= math.pi
         assert task.num_examples == SinusoidTask.NOMINAL_NUM_EXAMPLES
     task = tasks[0]
-    x1, y1 = task.draw(Stream.of(round_keys(0, [0], 1)[0]), 7)
-    x2, _ = task.draw(Stream.of(round_keys(0, [0], 2)[0]), 7)
+    x1, y1 = task.draw(Stream(round_keys(0, [0], 1)), 7)
+    x2, _ = task.draw(Stream(round_keys(0, [0], 2)), 7)
     assert x1.shape == y1.shape == (7, 1) and x1.dtype == y1.dtype == torch.float32
     assert not torch.equal(x1, x2)  # fresh points each draw
     assert x1.min() >= -5 and x1.max() <= 5
@@ -265,7 +265,7 @@ def test_synthetic_million_clients_are_lazy():
 
 def test_pool_task_draws_without_replacement_when_possible():
     task = build_federation(DataSpec(family="synthetic", num_clients=1), 0).client_tasks(0)[0]
-    g = Stream.of(round_keys(0, [0], 1)[0])
+    g = Stream(round_keys(0, [0], 1))
     x, y = task.draw(g, task.num_examples)
     assert len(row_keys(x)) == task.num_examples  # every training example exactly once
     assert row_keys(x) == row_keys(task.train_x)

@@ -306,7 +306,8 @@ def test_a_cohort_draw_is_each_clients_own_draw():
     pools = [[PoolTask(torch.randn(size, 3), torch.arange(size), torch.zeros(1, 3),
                        torch.zeros(1, dtype=torch.int64)) for size in (sizes, sizes + 7, 4)]
              for sizes in (5, 30, 12)]
-    waves = [[SinusoidTask(1 + c, 0.5 * t) for t in range(3)] for c in range(3)]
+    waves = [[SinusoidTask(1.3 + c, 0.5 * t, x_range=(-1.3, 2.7)) for t in range(3)]
+             for c in range(3)]
     hp = hyper(H=2, B=2)
     for clients in (pools, waves):
         keys = round_keys(3, [10, 11, 12], 4)

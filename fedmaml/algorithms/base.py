@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -74,7 +75,7 @@ class Algorithm(Protocol):
 _TASKS, _STEP, _INIT = 0, 1, 2
 
 
-def draw_cohort(clients: Sequence[Sequence[Task]], hp: Hyper, keys: Tensor, *, extra: bool,
+def draw_cohort(clients: Sequence[Sequence[Task]], hp: Hyper, keys: np.ndarray, *, extra: bool,
                 init: bool) -> RoundData:
     """Draw the round of ``C`` clients at once, stacked along a leading client axis ``[C, ...]``.
 
@@ -87,18 +88,18 @@ def draw_cohort(clients: Sequence[Sequence[Task]], hp: Hyper, keys: Tensor, *, e
     if any(len(tasks) != n for tasks in clients):
         raise ValueError("a cohort's clients must hold the same number of tasks")
     B = min(hp.tasks_per_step, n)
-    steps = torch.arange(H, dtype=torch.int64)
+    steps = np.arange(H)
     # Streams per (client, step[, slot]): the client's key mixed with the purpose and the position.
-    client = Stream.of(keys.reshape(C, 1, 2))  # state [C, 1]
+    client = Stream(np.asarray(keys, dtype=np.uint64).reshape(C, 1))
     if n == 1:  # one task (cross-device clients): the only permutation, no numbers needed
         index = torch.zeros((C, H, 1), dtype=torch.int64)
     else:
         order = client.child(_TASKS, steps)  # [C, H]
-        index = order.first_of_permutation(torch.tensor(n), B, n)  # [C, H, B]
+        index = order.first_of_permutation(n, B, n)  # [C, H, B]
     k, q = hp.support_size, hp.query_size
     picks = index.tolist()
     slot_tasks = [clients[c][i] for c in range(C) for row in picks[c] for i in row]
-    slots = client.expand().child(_STEP, steps.reshape(H, 1), torch.arange(B, dtype=torch.int64))
+    slots = client.expand().child(_STEP, steps.reshape(H, 1), np.arange(B))  # [C, H, B]
     x, y = _draw(slot_tasks, slots.flat(), k + q + (k if extra else 0))  # [C * H * B, m, ...]
 
     def part(start: int, stop: int) -> Batch:
@@ -108,7 +109,7 @@ def draw_cohort(clients: Sequence[Sequence[Task]], hp: Hyper, keys: Tensor, *, e
     init_batch = None
     if init:
         tasks = [t for ts in clients for t in ts]
-        slots = client.child(_INIT, torch.arange(n, dtype=torch.int64))
+        slots = client.child(_INIT, np.arange(n))
         xi, yi = _draw(tasks, slots.flat(), hp.init_support_size)
         init_batch = (xi.reshape(C, n, *xi.shape[1:]), yi.reshape(C, n, *yi.shape[1:]))
     return RoundData(index, part(0, k), part(k, k + q), part(k + q, 2 * k + q) if extra else None,
@@ -122,19 +123,20 @@ def _draw(tasks: list[Task], streams: Stream, n: int) -> tuple[Tensor, Tensor]:
         return type(tasks[0]).draw_slots(tasks, streams, n)
     x = y = None
     for kind in kinds:
-        rows = torch.tensor([j for j, t in enumerate(tasks) if type(t) is kind])
-        xk, yk = kind.draw_slots([tasks[j] for j in rows.tolist()], streams.select(rows), n)
+        rows = [j for j, t in enumerate(tasks) if type(t) is kind]
+        xk, yk = kind.draw_slots([tasks[j] for j in rows], streams.select(rows), n)
         if x is None:
             x = xk.new_empty((len(tasks), *xk.shape[1:]))
             y = yk.new_empty((len(tasks), *yk.shape[1:]))
-        x[rows], y[rows] = xk, yk
+        x[torch.tensor(rows)], y[torch.tensor(rows)] = xk, yk
     return x, y
 
 
-def draw_round(tasks: Sequence[Task], hp: Hyper, key: Tensor, *, extra: bool,
+def draw_round(tasks: Sequence[Task], hp: Hyper, key: np.ndarray | np.uint64, *, extra: bool,
                init: bool) -> RoundData:
-    """One client's round (``key``: its ``[2]`` round key): :func:`draw_cohort` for a cohort of one."""
-    data = draw_cohort([tasks], hp, key.reshape(1, 2), extra=extra, init=init)
+    """One client's round (``key``: its round key): :func:`draw_cohort` for a cohort of one."""
+    data = draw_cohort([tasks], hp, np.asarray(key, dtype=np.uint64).reshape(1), extra=extra,
+                       init=init)
     one = lambda b: None if b is None else (b[0][0], b[1][0])  # noqa: E731
     return RoundData(data.task_index[0], one(data.support), one(data.query), one(data.extra),
                      one(data.init))

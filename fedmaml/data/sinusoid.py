@@ -86,12 +86,18 @@ class SinusoidTask(Task):
 
     @classmethod
     def draw_slots(cls, tasks: Sequence[Task], streams: Stream, n: int) -> tuple[Tensor, Tensor]:
-        device = streams.state.device
+        if len(tasks) == 1:  # one slot: the same float32 arithmetic with its parameters as scalars
+            t = tasks[0]
+            a, p, lo, hi = (np.float32(v) for v in (t.amplitude, t.phase, *t.x_range))  # type: ignore[attr-defined]
+            span = float(hi - lo)  # the float32 difference, as the batched tensors compute it
+            x = float(lo) + span * streams.uniform(n).unsqueeze(-1)
+            a, p = float(a), float(p)
+            return x, a * torch.sin(x + p)
         params = torch.tensor([(t.amplitude, t.phase, *t.x_range) for t in tasks],  # type: ignore[attr-defined]
-                              dtype=torch.float32, device=device).unsqueeze(1).unsqueeze(1)
+                              dtype=torch.float32).unsqueeze(1).unsqueeze(1)
         amplitude, phase, low, high = params.unbind(-1)  # [S, 1, 1] each
         x = low + (high - low) * streams.uniform(n).unsqueeze(-1)
-        return x.cpu(), (amplitude * torch.sin(x + phase)).cpu()
+        return x, amplitude * torch.sin(x + phase)
 
     def evaluation_split(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         if self._evaluation is None:
@@ -160,11 +166,11 @@ def _random_tasks_many(
     evaluation seed from the counter stream keyed by (seed, stream, cid) at position ``t``, so a
     client's tasks are the same built alone or in a batch."""
     keys = derive_keys(seed, cids, zlib.crc32(stream.encode()))
-    bits = Stream.of(keys).expand().child(torch.arange(count, dtype=torch.int64)).bits(4)
-    u = bits[..., :2].to(torch.float64) / 2.0**32  # [C, count, 2] uniform in [0, 1)
+    bits = Stream(keys).expand().child(np.arange(count)).bits(3)  # [C, count, 3]
+    u = (bits[..., :2] >> np.uint64(11)).astype(np.float64) * 2.0**-53  # uniform in [0, 1)
     amplitude = AMPLITUDE_RANGE[0] + (AMPLITUDE_RANGE[1] - AMPLITUDE_RANGE[0]) * u[..., 0]
     phase = PHASE_RANGE[0] + (PHASE_RANGE[1] - PHASE_RANGE[0]) * u[..., 1]
-    eval_seed = (bits[..., 2] << 31) | (bits[..., 3] >> 1)  # 63 bits
+    eval_seed = (bits[..., 2] >> np.uint64(1)).astype(np.int64)  # 63 bits
     return [[SinusoidTask(a, p, e, adapt_size, heldout_size) for a, p, e in zip(*rows)]
             for rows in zip(amplitude.tolist(), phase.tolist(), eval_seed.tolist())]
 

@@ -16,6 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Literal, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -74,6 +75,12 @@ class PoolTask(Task):
 
     @classmethod
     def draw_slots(cls, tasks: Sequence[Task], streams: Stream, n: int) -> tuple[Tensor, Tensor]:
+        if len(tasks) == 1:  # one slot (a client's step with one task): the same numbers, directly
+            t = tasks[0]
+            m = t.num_examples  # type: ignore[attr-defined]
+            local = (streams.child(0).first_of_permutation(m, n, m) if m >= n
+                     else streams.child(1).below(m, n))  # [1, n]
+            return t.train_x[local], t.train_y[local]  # type: ignore[attr-defined]
         # The slots' distinct tasks are joined into one pool and every slot's examples are picked
         # with one gather: a slot's indices into its own task, offset to where the task starts.
         first: dict[int, int] = {}
@@ -85,23 +92,22 @@ class PoolTask(Task):
                 j = first[id(t)] = len(unique)
                 unique.append(t)  # type: ignore[arg-type]
             slot_task.append(j)
-        device = streams.state.device
-        sizes = torch.tensor([t.num_examples for t in unique], dtype=torch.int64)
-        starts = torch.cumsum(sizes, 0) - sizes
-        slot = torch.tensor(slot_task, dtype=torch.int64)
-        size = sizes[slot].to(device)
+        sizes = np.array([t.num_examples for t in unique], dtype=np.int64)
+        starts = np.cumsum(sizes) - sizes
+        slot = np.asarray(slot_task, dtype=np.int64)
+        size = sizes[slot]
         # Each slot uses one of the two draws; a draw no slot uses is not computed (its values
         # would not depend on the other slots either way).
         enough = size >= n
         local = None
-        if bool(enough.any()):
+        if enough.any():
             local = streams.child(0).first_of_permutation(size, n, max(int(sizes.max()), n))
-        if not bool(enough.all()):
+        if not enough.all():
             with_replacement = streams.child(1).below(size, n)
             local = (with_replacement if local is None else
-                     torch.where(enough.unsqueeze(-1), local, with_replacement))
-        index = (starts[slot].to(device).unsqueeze(-1) + local).cpu()
-        if len(unique) == 1:  # one client's step
+                     torch.where(torch.from_numpy(enough)[:, None], local, with_replacement))
+        index = torch.from_numpy(starts[slot])[:, None] + local
+        if len(unique) == 1:  # one client's steps
             return unique[0].train_x[index], unique[0].train_y[index]
         x = torch.cat([t.train_x for t in unique])
         y = torch.cat([t.train_y for t in unique])

@@ -122,7 +122,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def client_round_keys(seed: int, client_ids: list[int], server_round: int) -> torch.Tensor:
-    """``[C, 2]``: the keys of the clients' round streams, a function of (seed, client id, round)
+def client_round_keys(seed: int, client_ids: list[int], server_round: int) -> np.ndarray:
+    """``[C]`` (uint64): the keys of the clients' round streams, a function of (seed, client id, round)
     only (independent of who else participates); see :mod:`fedmaml.data.counter`."""
     return round_keys(seed, client_ids, server_round)
