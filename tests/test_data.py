@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from fedmaml.data import DataSpec, PoolTask, SinusoidTask, build_federation, clear_cache, load_pool
+from fedmaml.data.counter import Stream, round_keys
 from fedmaml.data.fewshot import plan_client_tasks, round_robin, stratified_split
 from fedmaml.data.partition import (
     class_partition,
@@ -137,9 +138,8 @@ def test_sinusoid_shapes_ranges_and_fresh_draws():
         assert 0.1 <= task.amplitude <= 5.0 and 0.0 <= task.phase <= math.pi
         assert task.num_examples == SinusoidTask.NOMINAL_NUM_EXAMPLES
     task = tasks[0]
-    g = torch.Generator().manual_seed(0)
-    x1, y1 = task.draw(g, 7)
-    x2, _ = task.draw(g, 7)
+    x1, y1 = task.draw(Stream(round_keys(0, [0], 1)), 7)
+    x2, _ = task.draw(Stream(round_keys(0, [0], 2)), 7)
     assert x1.shape == y1.shape == (7, 1) and x1.dtype == y1.dtype == torch.float32
     assert not torch.equal(x1, x2)  # fresh points each draw
     assert x1.min() >= -5 and x1.max() <= 5
@@ -291,7 +291,7 @@ def test_synthetic_million_clients_are_lazy():
 
 def test_pool_task_draws_without_replacement_when_possible():
     task = build_federation(DataSpec(family="synthetic", num_clients=1), 0).client_tasks(0)[0]
-    g = torch.Generator().manual_seed(0)
+    g = Stream(round_keys(0, [0], 1))
     x, y = task.draw(g, task.num_examples)
     assert len(row_keys(x)) == task.num_examples  # every training example exactly once
     assert row_keys(x) == row_keys(task.train_x)
@@ -500,3 +500,21 @@ def test_plan_client_tasks_splits_a_silo_into_disjoint_tasks():
     with pytest.raises(DataError, match="holds 5 examples"):
         plan_client_tasks(np.arange(5), labels, tasks=3, n_way=0, heldout_fraction=0.2,
                           rng=np.random.default_rng(0))
+
+
+def test_many_clients_tasks_equal_each_clients_own():
+    """A family's batch builder (sinusoid) gives every client the tasks it gets alone; cached and
+    new clients mix; ids outside the federation are refused."""
+    spec = DataSpec(family="sinusoid", num_clients=1000, tasks_per_client=3)
+    alone = build_federation(spec, 5)
+    clear_cache()
+    batched = build_federation(spec, 5)
+    batched.client_tasks(7)  # one cached, the others built in one batch
+    got = batched.clients_tasks([7, 999, 0, 7])
+    for cid, tasks in zip([7, 999, 0, 7], got):
+        want = alone._client_tasks.fn(cid)
+        assert [(t.amplitude, t.phase, t.eval_seed) for t in tasks] == \
+               [(t.amplitude, t.phase, t.eval_seed) for t in want]
+    assert len({t.amplitude for ts in got[:3] for t in ts}) == 9
+    with pytest.raises(IndexError, match="1000"):
+        batched.clients_tasks([3, 1000])

@@ -47,7 +47,8 @@ def test_second_order_equals_unrolled_reference(name, text):
         assert_params_close(vjp(v), ref, atol=1e-10, what=f"vjp {p} cache={cache}")
 
     # task_step with u=None, beta=1 (FedMeta second order)
-    u, g, m = task_step(model, loss_fn, cfg_for(p, "second_order"), w, None, (xs, ys), (xq, yq))
+    u, g, m = task_step(model, loss_fn, cfg_for(p, "second_order", loss_before=True), w, None,
+                        (xs, ys), (xq, yq))
     assert_params_close(g, ref, atol=1e-10, what=f"task_step {p}")
     assert not any(t.requires_grad for t in g.values())
     assert abs(float(m["loss_after"]) - float(loss_fn(model.forward(u, xq), yq))) < 1e-12

@@ -251,7 +251,7 @@ def test_every_algorithm_runs_through_the_apps(tiny_config, tmp_path, case):
     cfg = tiny_config(*ALGORITHM_CASES[case], "algorithm.inner_pattern=11|01",
                       "evaluation.pattern=head", "evaluation.steps=3", "federated.rounds=2",
                       "federated.eval_every=0", "federated.clients_per_round=0",
-                      "federated.fraction=0.5")
+                      "federated.fraction=0.5", "algorithm.loss_before=true")
     run_dir = run_experiment(cfg, quiet=True, run_dir=tmp_path / "run")
     rows = read_metrics(run_dir)
     assert [r["round"] for r in rows] == [0, 1, 2]
@@ -514,7 +514,7 @@ def test_non_memory_algorithm_reports_no_memory_metrics(tiny_config, tmp_path):
 # -- 8. run directory and CLI ------------------------------------------------------------------------
 
 def test_run_directory_contents(tiny_config, tmp_path):
-    cfg = tiny_config()
+    cfg = tiny_config("algorithm.loss_before=true")
     run_dir = run_experiment(cfg, quiet=True, run_dir=tmp_path / "run")
     assert {p.name for p in run_dir.iterdir()} >= {"config.yaml", "metrics.jsonl", "summary.json",
                                                    "model.pt", "convergence.png"}

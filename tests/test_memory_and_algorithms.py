@@ -6,7 +6,8 @@ import dataclasses
 import pytest
 import torch
 
-from fedmaml.algorithms import (Hyper, RoundData, client_update, draw_round, get_algorithm,
+from fedmaml.algorithms import (Hyper, RoundData, client_update, draw_cohort, draw_round,
+                                get_algorithm,
                                 initial_memory)
 from fedmaml.algorithms.fedavg import FEDAVG
 from fedmaml.algorithms.fedmeta import FEDMETA
@@ -18,6 +19,8 @@ from fedmaml.core.params import stack, unstack
 from fedmaml.core.patterns import Pattern
 from fedmaml.core.server import ServerOptimizer, aggregate, aggregate_stacked
 from fedmaml.core.task_step import StepConfig, task_step
+from fedmaml.data.counter import round_keys
+from fedmaml.data.sinusoid import SinusoidTask
 from fedmaml.data.tasks import PoolTask
 from helpers import single_thread  # noqa: F401  (autouse fixture)
 from helpers import (assert_params_close, assert_params_equal, leaves, problem, random_like,
@@ -188,7 +191,11 @@ def test_moml_round_matches_plain_loop(estimator):
     assert_params_close({k: w[k] + delta[k] for k in w}, w_ref, atol=1e-10)
     for i in range(4):
         assert_params_close(unstack(mem_out)[i], mems_ref[i], atol=1e-10, what=f"memory {i}")
-    assert set(metrics) == {"loss_before", "loss_after"}
+    assert set(metrics) == {"loss_after"}  # loss_before is asked for (algorithm.loss_before)
+    _, _, more = client_update(MOML, model, loss_fn, dataclasses.replace(
+        hp, step=dataclasses.replace(hp.step, loss_before=True)), w, memory, data)
+    assert set(more) == {"loss_before", "loss_after"}
+    assert torch.equal(more["loss_after"], metrics["loss_after"])
 
 
 @pytest.mark.parametrize("estimator", ["first_order", "second_order"])
@@ -249,7 +256,7 @@ def test_reptile_direction():
 
 def test_fedavg_is_sgd_on_support_and_query():
     model, w, batch, loss_fn = problem("mlp")
-    hp = hyper(H=3, B=2, eta=0.1)
+    hp = hyper(H=3, B=2, eta=0.1, loss_before=True)
     data = make_round(batch, 100, H=3, B=2, n_tasks=3)
     delta, memory, metrics = client_update(FEDAVG, model, loss_fn, hp, w, None, data)
     assert memory is None
@@ -276,11 +283,10 @@ def test_registry_and_extra_batch_needs():
 
 
 def test_draw_round_shapes_and_disjoint_batches():
-    g = torch.Generator().manual_seed(0)
     tasks = [PoolTask(torch.arange(40.0).reshape(20, 2) + 100 * t, torch.zeros(20, 1),
                       torch.zeros(3, 2), torch.zeros(3, 1)) for t in range(4)]
     hp = hyper(H=3, B=2)
-    data = draw_round(tasks, hp, g, extra=True, init=True)
+    data = draw_round(tasks, hp, round_keys(0, [7], 1)[0], extra=True, init=True)
     assert data.task_index.shape == (3, 2)
     assert data.support[0].shape == (3, 2, 5, 2) and data.query[0].shape == (3, 2, 4, 2)
     assert data.extra[0].shape == (3, 2, 5, 2) and data.init[0].shape == (4, 6, 2)
@@ -292,6 +298,28 @@ def test_draw_round_shapes_and_disjoint_batches():
                     for r in part[0][h, b]]
             assert len(set(rows)) == len(rows)  # support, query and S' disjoint
             assert all(100 * t <= r[0] < 100 * t + 40 for r in rows)  # drawn from the right task
+
+
+def test_a_cohort_draw_is_each_clients_own_draw():
+    """draw_cohort stacks exactly what each client draws alone (pools of unequal sizes, and sinusoid
+    tasks), whoever else is in the cohort; other keys draw other data."""
+    pools = [[PoolTask(torch.randn(size, 3), torch.arange(size), torch.zeros(1, 3),
+                       torch.zeros(1, dtype=torch.int64)) for size in (sizes, sizes + 7, 4)]
+             for sizes in (5, 30, 12)]
+    waves = [[SinusoidTask(1.3 + c, 0.5 * t, x_range=(-1.3, 2.7)) for t in range(3)]
+             for c in range(3)]
+    hp = hyper(H=2, B=2)
+    for clients in (pools, waves):
+        keys = round_keys(3, [10, 11, 12], 4)
+        cohort = draw_cohort(clients, hp, keys, extra=True, init=True)
+        for c, tasks in enumerate(clients):
+            alone = draw_round(tasks, hp, keys[c], extra=True, init=True)
+            assert torch.equal(cohort.task_index[c], alone.task_index)
+            for part in ("support", "query", "extra", "init"):
+                for j in range(2):
+                    assert torch.equal(getattr(cohort, part)[j][c], getattr(alone, part)[j]), part
+        other = draw_round(clients[0], hp, round_keys(3, [10], 5)[0], extra=True, init=True)
+        assert not torch.equal(other.support[0], cohort.support[0][0])
 
 
 # -- server ---------------------------------------------------------------------------------------

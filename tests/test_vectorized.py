@@ -216,3 +216,20 @@ class _Memories:
 
     def save(self, memory):
         pass
+
+
+@pytest.mark.slow
+def test_a_compiled_cohort_update_gives_the_same_run(tiny_config, tmp_path):
+    """engine.compile: torch.compile of the cohort update (compiles the fresh and the returning
+    cohort's shapes, about a minute on 2 cores) changes nothing but the time."""
+    _, grid, _ = assert_same_run(tiny_config, tmp_path, "algorithm.name=moml", "engine.compile=true",
+                                 "federated.rounds=2", "federated.clients_per_round=2",
+                                 "data.num_clients=2", "federated.eval_every=0")
+    assert grid._compiled not in (None, False)  # it compiled, and did not fall back
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+def test_vectorized_on_cuda_equals_inprocess(tiny_config, tmp_path):
+    """engine.device=cuda: cohorts, the memory bank (on the device) and evaluation (on the host)."""
+    _, grid, _ = assert_same_run(tiny_config, tmp_path, "algorithm.name=moml", "engine.device=cuda")
+    assert grid.bank.device.type == "cuda"

@@ -7,8 +7,8 @@ and ``local_round(...)``; servers aggregate every algorithm's updates the same w
 
 from __future__ import annotations
 
-from fedmaml.algorithms.base import (Algorithm, Hyper, RoundData, client_update, draw_round,
-                                     initial_memory)
+from fedmaml.algorithms.base import (Algorithm, Hyper, RoundData, client_update, draw_cohort,
+                                     draw_round, initial_memory)
 from fedmaml.algorithms.fedavg import FEDAVG
 from fedmaml.algorithms.fedmeta import FEDMETA
 from fedmaml.algorithms.moml import MOML
@@ -17,8 +17,8 @@ from fedmaml.algorithms.reptile import REPTILE
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (MOML, PER_FEDAVG, FEDMETA, REPTILE, FEDAVG)}
 
-__all__ = ["ALGORITHMS", "Algorithm", "Hyper", "RoundData", "client_update", "draw_round",
-           "get_algorithm", "initial_memory"]
+__all__ = ["ALGORITHMS", "Algorithm", "Hyper", "RoundData", "client_update", "draw_cohort",
+           "draw_round", "get_algorithm", "initial_memory"]
 
 
 def get_algorithm(name: str) -> Algorithm:

@@ -1,7 +1,8 @@
 """What every algorithm shares: static hyperparameters, a client's pre-drawn round data, and the
 client update that turns ``w_r`` into ``delta = w - w_r`` (ALGORITHMS.md §5 step 2).
 
-A round's data is drawn *before* the update (``draw_round``), so the update itself is a pure
+A round's data is drawn *before* the update (``draw_round``, or ``draw_cohort`` for many clients at
+once, both from counter-based streams keyed by ``(seed, client id, round)``), so the update itself is a pure
 function of tensors: the same code runs per client (Flower ``ClientApp``) or vmapped over a cohort.
 """
 
@@ -11,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -18,6 +20,7 @@ from fedmaml.core.losses import LossFn
 from fedmaml.core.memory import init_memory
 from fedmaml.core.params import Params, stack, sub
 from fedmaml.core.task_step import Batch, StepConfig
+from fedmaml.data.counter import Stream
 from fedmaml.data.tasks import Task
 from fedmaml.models.base import StagedModel
 
@@ -69,30 +72,75 @@ class Algorithm(Protocol):
                     ) -> tuple[Params, Params | None, dict[str, Tensor]]: ...
 
 
-def draw_round(tasks: Sequence[Task], hp: Hyper, generator: torch.Generator, *,
-               extra: bool, init: bool) -> RoundData:
-    """Draw a client's round: per step, ``B`` distinct tasks and disjoint support/query batches."""
-    n, H = len(tasks), hp.local_steps
-    B = min(hp.tasks_per_step, n)
-    index = torch.stack([torch.randperm(n, generator=generator)[:B] for _ in range(H)])
-    k, q = hp.support_size, hp.query_size
-    xs, ys, xq, yq, xe, ye = [], [], [], [], [], []
-    for i in index.flatten().tolist():
-        x, y = tasks[i].draw(generator, k + q + (k if extra else 0))
-        xs.append(x[:k]); ys.append(y[:k])
-        xq.append(x[k:k + q]); yq.append(y[k:k + q])
-        xe.append(x[k + q:]); ye.append(y[k + q:])
+#: Purposes of a client's round stream (the first word mixed after its key).
+_TASKS, _STEP, _INIT = 0, 1, 2
 
-    def shaped(parts: list[Tensor]) -> Tensor:
-        t = torch.stack(parts)
-        return t.reshape(H, B, *t.shape[1:])
+
+def draw_cohort(clients: Sequence[Sequence[Task]], hp: Hyper, keys: np.ndarray, *, extra: bool,
+                init: bool) -> RoundData:
+    """Draw the round of ``C`` clients at once, stacked along a leading client axis ``[C, ...]``.
+
+    Client ``c`` holds ``clients[c]`` (every client the same number of tasks, of one class) and
+    draws from its round key ``keys[c]`` (:func:`fedmaml.data.counter.round_keys`): per step ``B``
+    distinct tasks and disjoint support/query(/extra) batches, and with ``init`` ``K0`` examples of
+    every task. Every number is a counter-based hash of the client's key and its position, so a
+    client's data is the same alone (:func:`draw_round`) as in any cohort."""
+    C, n, H = len(clients), len(clients[0]), hp.local_steps
+    if any(len(tasks) != n for tasks in clients):
+        raise ValueError("a cohort's clients must hold the same number of tasks")
+    B = min(hp.tasks_per_step, n)
+    steps = np.arange(H)
+    # Streams per (client, step[, slot]): the client's key mixed with the purpose and the position.
+    client = Stream(np.asarray(keys, dtype=np.uint64).reshape(C, 1))
+    if n == 1:  # one task (cross-device clients): the only permutation, no numbers needed
+        index = torch.zeros((C, H, 1), dtype=torch.int64)
+    else:
+        order = client.child(_TASKS, steps)  # [C, H]
+        index = order.first_of_permutation(n, B, n)  # [C, H, B]
+    k, q = hp.support_size, hp.query_size
+    picks = index.tolist()
+    slot_tasks = [clients[c][i] for c in range(C) for row in picks[c] for i in row]
+    slots = client.expand().child(_STEP, steps.reshape(H, 1), np.arange(B))  # [C, H, B]
+    x, y = _draw(slot_tasks, slots.flat(), k + q + (k if extra else 0))  # [C * H * B, m, ...]
+
+    def part(start: int, stop: int) -> Batch:
+        return (x[:, start:stop].reshape(C, H, B, stop - start, *x.shape[2:]),
+                y[:, start:stop].reshape(C, H, B, stop - start, *y.shape[2:]))
 
     init_batch = None
     if init:
-        drawn = [t.draw(generator, hp.init_support_size) for t in tasks]
-        init_batch = (torch.stack([d[0] for d in drawn]), torch.stack([d[1] for d in drawn]))
-    return RoundData(index, (shaped(xs), shaped(ys)), (shaped(xq), shaped(yq)),
-                     (shaped(xe), shaped(ye)) if extra else None, init_batch)
+        tasks = [t for ts in clients for t in ts]
+        slots = client.child(_INIT, np.arange(n))
+        xi, yi = _draw(tasks, slots.flat(), hp.init_support_size)
+        init_batch = (xi.reshape(C, n, *xi.shape[1:]), yi.reshape(C, n, *yi.shape[1:]))
+    return RoundData(index, part(0, k), part(k, k + q), part(k + q, 2 * k + q) if extra else None,
+                     init_batch)
+
+
+def _draw(tasks: list[Task], streams: Stream, n: int) -> tuple[Tensor, Tensor]:
+    """``Task.draw_slots`` for slots whose tasks may be of several classes (grouped by class)."""
+    kinds = {type(t) for t in tasks}
+    if len(kinds) == 1:
+        return type(tasks[0]).draw_slots(tasks, streams, n)
+    x = y = None
+    for kind in kinds:
+        rows = [j for j, t in enumerate(tasks) if type(t) is kind]
+        xk, yk = kind.draw_slots([tasks[j] for j in rows], streams.select(rows), n)
+        if x is None:
+            x = xk.new_empty((len(tasks), *xk.shape[1:]))
+            y = yk.new_empty((len(tasks), *yk.shape[1:]))
+        x[torch.tensor(rows)], y[torch.tensor(rows)] = xk, yk
+    return x, y
+
+
+def draw_round(tasks: Sequence[Task], hp: Hyper, key: np.ndarray | np.uint64, *, extra: bool,
+               init: bool) -> RoundData:
+    """One client's round (``key``: its round key): :func:`draw_cohort` for a cohort of one."""
+    data = draw_cohort([tasks], hp, np.asarray(key, dtype=np.uint64).reshape(1), extra=extra,
+                       init=init)
+    one = lambda b: None if b is None else (b[0][0], b[1][0])  # noqa: E731
+    return RoundData(data.task_index[0], one(data.support), one(data.query), one(data.extra),
+                     one(data.init))
 
 
 def initial_memory(model: StagedModel, loss_fn: LossFn, hp: Hyper, w: Params,

@@ -32,11 +32,12 @@ class FedAvg:
                 (xs, ys), (xq, yq), _ = step_batches(data, h, b)
                 g, _ = loss_grad(model, w, torch.cat([xs, xq]), torch.cat([ys, yq]), loss_fn)
                 grads.append(g)
-                queries.append((xq, yq, query_loss(model, w, xq, yq, loss_fn).detach()))
+                before = ({"loss_before": query_loss(model, w, xq, yq, loss_fn).detach()}
+                          if hp.step.loss_before else {})
+                queries.append((xq, yq, before))
             w = sub(w, scale(mean(grads), hp.eta))
             # "after" = the task's query loss after this local step (FedAvg adapts nothing per task)
-            metrics += [{"loss_before": before,
-                         "loss_after": query_loss(model, w, xq, yq, loss_fn).detach()}
+            metrics += [{**before, "loss_after": query_loss(model, w, xq, yq, loss_fn).detach()}
                         for xq, yq, before in queries]
         return w, None, mean_metrics(metrics)
 

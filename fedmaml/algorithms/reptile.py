@@ -36,8 +36,10 @@ class Reptile:
                 theta = adapt(model, w, x, y, loss_fn, hp.step.inner_pattern, hp.step.alpha,
                               cache_prefix=hp.step.cache_prefix)
                 directions.append(sub(w, theta))
-                metrics.append({"loss_before": query_loss(model, w, xq, yq, loss_fn).detach(),
-                                "loss_after": query_loss(model, theta, xq, yq, loss_fn).detach()})
+                m = {"loss_after": query_loss(model, theta, xq, yq, loss_fn).detach()}
+                if hp.step.loss_before:  # a forward pass for the log only: asked for by the run
+                    m["loss_before"] = query_loss(model, w, xq, yq, loss_fn).detach()
+                metrics.append(m)
             w = sub(w, scale(mean(directions), hp.eta))
         return w, None, mean_metrics(metrics)
 

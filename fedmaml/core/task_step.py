@@ -40,6 +40,9 @@ class StepConfig:
     #: The memory update adapts with ``memory_alpha_scale * alpha`` (MOML-V2's unbiased ``n / B``);
     #: the meta-gradient's Jacobian always uses ``alpha``.
     memory_alpha_scale: float = 1.0
+    #: Also measure the query loss at ``w`` (metric ``loss_before``): a forward pass that feeds only
+    #: a log line, so runs ask for it (``algorithm.loss_before``).
+    loss_before: bool = False
 
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATORS:
@@ -89,5 +92,7 @@ def task_step(model: StagedModel, loss_fn: LossFn, cfg: StepConfig, w: Params, u
                                  cfg.inner_pattern, cfg.alpha, cfg.hf_delta, cfg.hf_perturbation)
     if cfg.scale_by_beta:
         g = scale(g, cfg.beta)
-    loss_before = query_loss(model, w, xq, yq, loss_fn).detach()
-    return u_new, g, {"loss_before": loss_before, "loss_after": loss_after.detach()}
+    metrics = {"loss_after": loss_after.detach()}
+    if cfg.loss_before:
+        metrics["loss_before"] = query_loss(model, w, xq, yq, loss_fn).detach()
+    return u_new, g, metrics

@@ -3,8 +3,9 @@
 Two families:
 
 * ``sinusoid`` (Finn et al. 2017): every task draws ``A ~ U[0.1, 5]`` and ``phi ~ U[0, pi]`` from
-  the run seed and its (client id, task index), so a million clients cost nothing until one is asked
-  for, and every process rebuilds the same client.
+  a counter-based stream keyed by the run seed and its (client id, task index): a million clients
+  cost nothing until one is asked for, a cohort's clients are built with a few tensor operations,
+  and every process rebuilds the same client.
 * ``sinusoid_grid`` (MOML public code, ``sinewave/``): the 25 training tasks are the fixed grid
   ``A in {1..5}`` x ``phi in {pi/5, ..., pi}`` in the public code's order (amplitude-major:
   task ``g`` has ``A = g // 5 + 1``, ``phi = (g % 5 + 1) * pi / 5``); client ``cid`` holds grid tasks
@@ -13,26 +14,29 @@ Two families:
   public code's ``sample_amp_pha(..., seed=q)``: test tasks 0-4 are the paper's, and they are the
   same for every run seed (seeds vary training only, as in the public code).
 
-Inputs are ``x ~ U[-5, 5]`` of shape ``[n, 1]`` and targets float32 ``[n, 1]``. ``draw`` returns fresh
-points from the caller's generator. The evaluation split (``adapt_size`` points to adapt on,
-``heldout_size`` others to measure on) is fixed per task by the task's own evaluation seed
-(``data.eval_points: separate``, the default): the adapt and measured points are disjoint draws, so
-the measured MSE is never on points the model adapted to. ``data.eval_points: shared`` is the public
-code's protocol instead: ``heldout_size`` points drawn once with ``numpy.random.seed(2021)`` are the
-same for every task, a task adapts on the first ``adapt_size`` of them and is measured on all of them.
+Inputs are ``x ~ U[-5, 5]`` of shape ``[n, 1]`` and targets float32 ``[n, 1]``. ``draw_slots``
+returns fresh points from the caller's counter streams (:mod:`fedmaml.data.counter`). The
+evaluation split (``adapt_size`` points to adapt on, ``heldout_size`` others to measure on) is fixed
+per task by the task's own evaluation seed (``data.eval_points: separate``, the default): the adapt
+and measured points are disjoint draws, so the measured MSE is never on points the model adapted
+to. ``data.eval_points: shared`` is the public code's protocol instead: ``heldout_size`` points
+drawn once with ``numpy.random.seed(2021)`` are the same for every task, a task adapts on the first
+``adapt_size`` of them and is measured on all of them.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .seeding import derived_seed, numpy_rng
+from .counter import Stream, derive_keys
+from .seeding import derived_seed
 from .spec import DataSpec
 from .tasks import Federation, Task
 
@@ -84,8 +88,20 @@ class SinusoidTask(Task):
         x = low + (high - low) * torch.rand(n, 1, generator=generator, dtype=torch.float32)
         return x, self.target(x)
 
-    def draw(self, generator: torch.Generator, n: int) -> tuple[Tensor, Tensor]:
-        return self._points(generator, n)
+    @classmethod
+    def draw_slots(cls, tasks: Sequence[Task], streams: Stream, n: int) -> tuple[Tensor, Tensor]:
+        if len(tasks) == 1:  # one slot: the same float32 arithmetic with its parameters as scalars
+            t = tasks[0]
+            a, p, lo, hi = (np.float32(v) for v in (t.amplitude, t.phase, *t.x_range))  # type: ignore[attr-defined]
+            span = float(hi - lo)  # the float32 difference, as the batched tensors compute it
+            x = float(lo) + span * streams.uniform(n).unsqueeze(-1)
+            a, p = float(a), float(p)
+            return x, a * torch.sin(x + p)
+        params = torch.tensor([(t.amplitude, t.phase, *t.x_range) for t in tasks],  # type: ignore[attr-defined]
+                              dtype=torch.float32).unsqueeze(1).unsqueeze(1)
+        amplitude, phase, low, high = params.unbind(-1)  # [S, 1, 1] each
+        x = low + (high - low) * streams.uniform(n).unsqueeze(-1)
+        return x, amplitude * torch.sin(x + phase)
 
     def evaluation_split(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         if self._evaluation is None:
@@ -124,6 +140,7 @@ def build_sinusoid(spec: DataSpec, seed: int) -> Federation:
         spec,
         partial(_random_tasks, seed, "sinusoid/train", *sizes),
         partial(_random_tasks, seed, "sinusoid/unseen", *sizes),
+        partial(_random_tasks_many, seed, "sinusoid/train", *sizes),
     )
 
 
@@ -141,7 +158,10 @@ def build_sinusoid_grid(spec: DataSpec, seed: int) -> Federation:
 
 
 def _federation(
-    spec: DataSpec, client_tasks: Callable[[int], list[Task]], unseen_tasks: Callable[[int], list[Task]]
+    spec: DataSpec,
+    client_tasks: Callable[[int], list[Task]],
+    unseen_tasks: Callable[[int], list[Task]],
+    many_client_tasks: Callable[[list[int]], list[list[Task]]] | None = None,
 ) -> Federation:
     return Federation(
         num_clients=spec.num_clients,
@@ -151,21 +171,32 @@ def _federation(
         task_type="regression",
         _client_tasks=client_tasks,
         _unseen_tasks=unseen_tasks,
+        _many_client_tasks=many_client_tasks,
     )
 
 
 def _random_tasks(
     seed: int, stream: str, count: int, adapt_size: int, heldout_size: int, shared: bool, cid: int
 ) -> list[Task]:
-    tasks: list[Task] = []
-    for t in range(count):
-        rng = numpy_rng(seed, stream, cid, t)
-        amplitude = rng.uniform(*AMPLITUDE_RANGE)
-        phase = rng.uniform(*PHASE_RANGE)
-        eval_seed = int(rng.integers(2**63))
-        tasks.append(SinusoidTask(amplitude, phase, eval_seed, adapt_size, heldout_size,
-                                  shared_points=shared))
-    return tasks
+    return _random_tasks_many(seed, stream, count, adapt_size, heldout_size, shared, [cid])[0]
+
+
+def _random_tasks_many(
+    seed: int, stream: str, count: int, adapt_size: int, heldout_size: int, shared: bool,
+    cids: list[int]
+) -> list[list[Task]]:
+    """Tasks of many clients at once: task ``t`` of client ``cid`` takes its amplitude, phase and
+    evaluation seed from the counter stream keyed by (seed, stream, cid) at position ``t``, so a
+    client's tasks are the same built alone or in a batch."""
+    keys = derive_keys(seed, cids, zlib.crc32(stream.encode()))
+    bits = Stream(keys).expand().child(np.arange(count)).bits(3)  # [C, count, 3]
+    u = (bits[..., :2] >> np.uint64(11)).astype(np.float64) * 2.0**-53  # uniform in [0, 1)
+    amplitude = AMPLITUDE_RANGE[0] + (AMPLITUDE_RANGE[1] - AMPLITUDE_RANGE[0]) * u[..., 0]
+    phase = PHASE_RANGE[0] + (PHASE_RANGE[1] - PHASE_RANGE[0]) * u[..., 1]
+    eval_seed = (bits[..., 2] >> np.uint64(1)).astype(np.int64)  # 63 bits
+    return [[SinusoidTask(a, p, e, adapt_size, heldout_size, shared_points=shared)
+             for a, p, e in zip(*rows)]
+            for rows in zip(amplitude.tolist(), phase.tolist(), eval_seed.tolist())]
 
 
 def grid_parameters(g: int) -> tuple[float, float]:

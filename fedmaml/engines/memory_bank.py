@@ -7,8 +7,8 @@ A :class:`MemoryBank` keeps them that way:
 * **Lazy**: a client takes a row (a *slot*) only when its first memory is written, and slots are
   handed out in order, so the store holds exactly the clients that have trained (a million-client
   federation with 1 % sampling stores what its participants need, not a million rows).
-* **RAM or disk**: storage starts in RAM and grows by doubling; once it would exceed
-  ``budget_mb`` it moves to memory-mapped files (one per parameter) in ``directory`` (a temporary
+* **RAM (or GPU) or disk**: storage starts in RAM, or on ``device`` (a GPU that runs the cohorts),
+  and grows by doubling; once it would exceed ``budget_mb`` it moves to memory-mapped files (one per parameter) in ``directory`` (a temporary
   directory, removed on :meth:`close`, when none is given), and keeps growing there. The OS then
   pages memories in and out; the engine reads and writes only the sampled cohort's rows.
 * **Checkpointable**: :meth:`save` writes the stored rows and their client ids atomically;
@@ -47,7 +47,8 @@ class MemoryBank:
     """
 
     def __init__(self, like: Params, num_clients: int, *, budget_mb: float = 4096.0,
-                 directory: str | Path | None = None) -> None:
+                 directory: str | Path | None = None,
+                 device: torch.device | str = "cpu") -> None:
         if num_clients < 1:
             raise ValueError(f"a memory bank needs at least one client, got {num_clients}")
         self.like = {k: v.detach() for k, v in like.items()}
@@ -62,6 +63,9 @@ class MemoryBank:
         self._store: dict[str, Tensor] = {}
         self._maps: dict[str, np.memmap] = {}
         self._cleanup: weakref.finalize | None = None
+        #: Where the store lives while it fits the budget (e.g. the GPU the cohort runs on: reads
+        #: and writes are then device-side gathers and scatters); beyond it, files on the host.
+        self.device = torch.device(device)
 
     # -- queries --------------------------------------------------------------------------------
     @property
@@ -112,7 +116,7 @@ class MemoryBank:
             missing = ids[rows < 0].tolist()
             raise KeyError(f"no memory stored for client(s) {missing[:10]}")
         index = torch.from_numpy(rows)
-        return {k: s.index_select(0, index) for k, s in self._store.items()}
+        return {k: s.index_select(0, index.to(s.device)) for k, s in self._store.items()}
 
     def write(self, cids: Sequence[int], memory: Params) -> None:
         """Store stacked memories ``[len(cids), tasks, ...]``; clients seen for the first time get a row."""
@@ -129,7 +133,8 @@ class MemoryBank:
             self._used += len(new)
         index = torch.from_numpy(self._slot[ids])
         for k, s in self._store.items():
-            s.index_copy_(0, index, memory[k].detach().to(device=s.device, dtype=s.dtype))
+            s.index_copy_(0, index.to(s.device),
+                          memory[k].detach().to(device=s.device, dtype=s.dtype))
 
     # -- checkpoints --------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -137,7 +142,7 @@ class MemoryBank:
         n = self._used
         return {"format": CHECKPOINT_FORMAT, "num_clients": self.num_clients,
                 "client_ids": torch.from_numpy(self._owner[:n].copy()),
-                "memory": {k: s[:n].clone() for k, s in self._store.items()}}
+                "memory": {k: s[:n].to("cpu", copy=True) for k, s in self._store.items()}}
 
     def save(self, path: str | Path) -> None:
         """Write a checkpoint atomically (a crash leaves the previous checkpoint intact)."""
@@ -213,11 +218,11 @@ class MemoryBank:
         if was_on_disk or capacity * self.row_bytes > self.budget_bytes:
             self._store = self._map_files(capacity)  # grows the files; existing rows stay put
         else:
-            self._store = {k: torch.empty(capacity, self._tasks, *v.shape, dtype=v.dtype)
-                           for k, v in self.like.items()}
+            self._store = {k: torch.empty(capacity, self._tasks, *v.shape, dtype=v.dtype,
+                                          device=self.device) for k, v in self.like.items()}
         if not was_on_disk:  # rows move from the old RAM store (growing files keeps them)
             for k, s in old.items():
-                self._store[k][:n] = s[:n]
+                self._store[k][:n] = s[:n].to(self._store[k].device)
         owner = np.empty(capacity, dtype=np.int64)
         owner[:n] = self._owner[:n]
         self._owner = owner
@@ -257,13 +262,16 @@ class MemoryBank:
 class BankStore:
     """One client's memory in a :class:`MemoryBank`, behind the per-node memory-store interface."""
 
-    def __init__(self, bank: MemoryBank, client_id: int) -> None:
+    def __init__(self, bank: MemoryBank, client_id: int,
+                 device: torch.device | str | None = None) -> None:
         self.bank, self.client_id = bank, client_id
+        self.device = device  # where load() hands the memory out (None: where the bank keeps it)
 
     def load(self) -> Params | None:
         if not self.bank.contains([self.client_id])[0]:
             return None
-        return {k: v[0] for k, v in self.bank.read([self.client_id]).items()}
+        return {k: v[0] if self.device is None else v[0].to(self.device)
+                for k, v in self.bank.read([self.client_id]).items()}
 
     def save(self, memory: Params) -> None:
         self.bank.write([self.client_id], {k: v.unsqueeze(0) for k, v in memory.items()})

@@ -2,22 +2,26 @@
 
 For the small models of meta-learning research a client step is a few milliseconds of tiny tensor
 operations, so a per-client loop (one message, one ClientApp call per client) is bound by Python
-and dispatch overhead. This grid receives a round's train messages at once and:
+and dispatch overhead. The grid announces ``takes_cohorts``: the strategy then sends it one train
+message per round's cohort (``w_r`` once, the sampled ids, the round config; records.py) and gets
+one reply back. For a cohort the grid
 
-1. groups them by instruction (the same meta-model and round config);
-2. applies injected faults (``fedmaml.federated.faults``, as the ClientApp does), then draws each
-   client's round data exactly as the ClientApp does (``draw_client_round``: the client's
-   own ``(seed, id, round)`` generator), reads the cohort's memories from a :class:`MemoryBank`;
-3. groups clients whose inputs have the same shapes (clients needing memory initialisation form their
-   own cohort; ragged clients their own), stacks them, and runs the algorithm's
-   :func:`~fedmaml.algorithms.client_update` under ``torch.func.vmap`` with ``w`` shared;
-4. writes the memories back and returns one reply per client, with the ClientApp's record keys and
-   metrics, so the ServerApp and the Strategy are unchanged.
+1. applies injected faults (``fedmaml.federated.faults``, decided as the ClientApp decides them),
+   then groups the clients by shape: clients that initialise their memory apart from the others,
+   and by number of tasks (at most ``engine.max_cohort_size`` clients per group);
+2. draws each group's round data at once (``draw_cohort_round``: counter-based streams keyed by
+   each client's ``(seed, id, round)``, so a client's data equals its own ClientApp draw) and reads
+   the group's memories from a :class:`MemoryBank`;
+3. runs the algorithm's :func:`~fedmaml.algorithms.client_update` under ``torch.func.vmap`` with
+   ``w`` shared (:func:`cohort_update`) and writes the memories back;
+4. replies with the stacked updates ``[clients, ...]`` (group by group), the per-client metrics as
+   lists and the clients that failed (id, kind, reason).
 
-A cohort of one, or one whose vmapped call fails, runs client by client through the ClientApp's own
-:func:`~fedmaml.federated.client_app.train_client` (with its memory in the bank) in the same round.
-Evaluate messages run client by client (``evaluate_client``), other messages go to the ClientApp.
-Replies come back in message order, so the server aggregates in the same order as in-process.
+A group of one, or one whose vmapped call fails, runs client by client through the ClientApp's own
+:func:`~fedmaml.federated.client_app.train_step` (with its memory in the bank) in the same round.
+Per-client train messages (a strategy that does not send cohorts) are trained the same way and
+answered one reply per client. Evaluate messages run client by client (``evaluate_client``), other
+messages go to the ClientApp.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from flwr.app import Context, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (ConfigRecord, Context, Error, Message, MessageType, MetricRecord,
+                      RecordDict)
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 from flwr.supercore.task_identity import TaskIdentity
@@ -47,10 +52,10 @@ from fedmaml.engines.inprocess import (CLIENT_APP_ERROR, FIRST_CLIENT_NODE, SERV
 from fedmaml.engines.memory_bank import BankStore, MemoryBank
 from fedmaml.federated import codec, faults
 from fedmaml.federated import records as R
-from fedmaml.federated.client_app import (draw_client_round, evaluate_client,
+from fedmaml.federated.client_app import (draw_cohort_round, evaluate_client,
                                           evaluate_instruction, initial_for, needs_memory_init,
-                                          to_device, train_client, train_instruction,
-                                          train_metrics, train_reply)
+                                          samples_drawn, to_device, train_instruction, train_reply,
+                                          train_step, training_tasks)
 from fedmaml.federated.setup import resolve_device, setup_for
 from fedmaml.models.base import StagedModel
 
@@ -91,24 +96,6 @@ def stack_rounds(rounds: list[RoundData]) -> RoundData:
                      batch(lambda r: r.query), batch(lambda r: r.extra), batch(lambda r: r.init))
 
 
-def round_signature(data: RoundData, num_tasks: int, fresh: bool) -> tuple:
-    """Clients with the same signature can be stacked into one cohort."""
-    tensors = [data.task_index, *(t for b in (data.support, data.query, data.extra, data.init)
-                                  for t in (b or (None, None)))]
-    return (fresh, num_tasks, tuple(None if t is None else (tuple(t.shape), t.dtype)
-                                    for t in tensors))
-
-
-@dataclass
-class _Client:
-    msg: Message
-    cid: int
-    tasks: list[Task]
-    data: RoundData
-    fresh: bool
-    draw_seconds: float
-
-
 class _NoMemory:
     """The memory store of algorithms that keep no memory."""
 
@@ -129,8 +116,29 @@ class CohortStats:
     fallbacks: int = 0  # cohorts whose vmapped call failed and ran client by client
 
 
+@dataclass
+class CohortResult:
+    """A round's training of many clients: row ``j`` of ``delta`` and of every ``metrics`` list is
+    client ``cids[j]``; ``failures`` are ``(client id, kind, reason)`` of the clients left out."""
+
+    cids: list[int]
+    delta: Params
+    metrics: dict[str, list[float]]
+    failures: list[tuple[int, str, str]]
+
+
+def failure_kind(e: BaseException) -> str:
+    """The failure kind a client's exception reports (``kind`` attribute, e.g. an injected fault's;
+    ``error`` otherwise)."""
+    kind = getattr(e, "kind", None)
+    return kind if isinstance(kind, str) else "error"
+
+
 class VectorizedGrid(InProcessGrid):
     """An in-process grid that trains each round's cohort through one vmapped client update."""
+
+    #: The strategy sends this grid one train message per cohort (federated.strategy).
+    takes_cohorts = True
 
     def __init__(self, config: Any, client_app: ClientApp, num_nodes: int,
                  bank: MemoryBank | None = None, run_id: int = 1) -> None:
@@ -146,10 +154,11 @@ class VectorizedGrid(InProcessGrid):
         if bank is None and self.setup.algorithm.uses_memory:
             bank = MemoryBank(self.setup.initial_params, self.setup.federation.num_clients,
                               budget_mb=engine.memory_budget_mb,
-                              directory=engine.memory_dir or None)
+                              directory=engine.memory_dir or None, device=self.device)
         self.bank = bank
         self.stats = CohortStats()
         self._nodes: dict[int, int] | None = None
+        self._compiled: Any = None  # engine.compile: the compiled cohort update, once built
 
     def partition_nodes(self) -> dict[int, int]:
         # Built once: the strategy asks every round, and with a million clients building the
@@ -166,7 +175,6 @@ class VectorizedGrid(InProcessGrid):
         if self.bank is not None:
             self.bank.close()
 
-    # -- checkpoints (fedmaml/federated/checkpoint.py): the bank as a whole ------------------------
     def memory_state(self) -> dict | None:
         return None if self.bank is None else self.bank.state_dict()
 
@@ -179,13 +187,16 @@ class VectorizedGrid(InProcessGrid):
                          timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
         train, evaluate, other = [], [], []
+        replies: dict[int, tuple[Message, float]] = {}
         for i, msg in enumerate(messages):
             kind = msg.metadata.message_type
-            (train if kind == MessageType.TRAIN else
-             evaluate if kind == MessageType.EVALUATE else other).append(i)
-        replies: dict[int, tuple[Message, float]] = {}
+            if kind == MessageType.TRAIN and _cohort_ids(msg) is not None:
+                replies[i] = (self._train_cohort_message(msg, timeout), 0.0)
+            else:
+                (train if kind == MessageType.TRAIN else
+                 evaluate if kind == MessageType.EVALUATE else other).append(i)
         if train:
-            replies.update(self._train({i: messages[i] for i in train}))
+            replies.update(self._train({i: messages[i] for i in train}, timeout))
         for i in evaluate:
             replies[i] = self._evaluate(messages[i])
         if other:  # discovery, pattern selection...: the ClientApp itself, as in-process
@@ -197,7 +208,28 @@ class VectorizedGrid(InProcessGrid):
                 if timeout is None or seconds <= timeout]
 
     # -- training -------------------------------------------------------------------------------
-    def _train(self, messages: dict[int, Message]) -> dict[int, tuple[Message, float]]:
+    def _train_cohort_message(self, msg: Message, timeout: float | None) -> Message:
+        """One message for a cohort -> one reply: the stacked updates, per-client metrics as lists
+        and the failed clients by id (records.py)."""
+        _set_message_id(msg)
+        try:
+            w, server_round, hp = train_instruction(msg, self.setup, self.device)
+            cids = [int(c) for c in _cohort_ids(msg)]
+        except Exception as e:  # noqa: BLE001 - a bad instruction fails the whole cohort
+            return _error_reply(msg, e)
+        result = self.train_clients(w, hp, server_round, cids, timeout)
+        failures = ConfigRecord({R.PARTITION: [f[0] for f in result.failures],
+                                 R.KIND: [f[1] for f in result.failures],
+                                 R.REASON: [f[2] for f in result.failures]})
+        return Message(RecordDict({R.ARRAYS: codec.encode(result.delta),
+                                   R.METRICS: MetricRecord({R.PARTITION: result.cids,
+                                                            **result.metrics}),
+                                   R.FAILURES: failures}), reply_to=msg)
+
+    def _train(self, messages: dict[int, Message], timeout: float | None
+               ) -> dict[int, tuple[Message, float]]:
+        """Per-client train messages (from a strategy that does not send cohorts): grouped by
+        instruction, trained as cohorts, answered one reply per client."""
         groups: dict[tuple, list[int]] = {}
         keys: dict[int, tuple] = {}  # a round's messages usually share one content object
         for i, msg in messages.items():
@@ -211,98 +243,155 @@ class VectorizedGrid(InProcessGrid):
             groups.setdefault(key, []).append(i)
         replies: dict[int, tuple[Message, float]] = {}
         for indices in groups.values():
-            replies.update(self._train_group({i: messages[i] for i in indices}))
+            group = {i: messages[i] for i in indices}
+            first = next(iter(group.values()))
+            try:
+                w, server_round, hp = train_instruction(first, self.setup, self.device)
+            except Exception as e:  # noqa: BLE001 - each client reports the bad instruction
+                replies.update({i: (_error_reply(m, e), 0.0) for i, m in group.items()})
+                continue
+            by_cid = {m.metadata.dst_node_id - FIRST_CLIENT_NODE: i for i, m in group.items()}
+            result = self.train_clients(w, hp, server_round, list(by_cid), None)
+            records = codec.encode_rows(result.delta)
+            for j, cid in enumerate(result.cids):
+                i = by_cid[cid]
+                m = MetricRecord({R.PARTITION: cid, **{k: v[j] for k, v in result.metrics.items()}})
+                replies[i] = (train_reply(messages[i], records[j], m),
+                              result.metrics["train-seconds"][j])
+            for cid, _, reason in result.failures:
+                i = by_cid[cid]
+                replies[i] = (Message(Error(code=CLIENT_APP_ERROR, reason=reason),
+                                      reply_to=messages[i]), 0.0)
         return replies
 
-    def _train_group(self, messages: dict[int, Message]) -> dict[int, tuple[Message, float]]:
-        setup, replies = self.setup, {}
-        first = next(iter(messages.values()))
-        try:
-            w, server_round, hp = train_instruction(first, setup, self.device)
-        except Exception:  # noqa: BLE001 - each client reports the bad instruction itself
-            return {i: self._train_one(msg) for i, msg in messages.items()}
-        cohorts: dict[tuple, list[tuple[int, _Client]]] = {}
-        stragglers: list[int] = []
-        for i, msg in messages.items():
-            start = time.perf_counter()
-            cid = msg.metadata.dst_node_id - FIRST_CLIENT_NODE
-            fault = faults.client_fault(self.cfg, cid, server_round)  # as train_client decides
-            if fault == "fail":
-                replies[i] = (_error_reply(msg, faults.fail(cid, server_round)), 0.0)
-                continue
-            if fault == "dropout":
-                replies[i] = (faults.dropout_reply(msg, cid), 0.0)
-                continue
-            if fault == "straggle":
-                stragglers.append(i)
+    def train_clients(self, w: Params, hp: Hyper, server_round: int, cids: list[int],
+                      timeout: float | None) -> CohortResult:
+        """Train ``cids`` for a round: grouped into cohorts of equal shapes (clients that initialise
+        their memory apart; at most ``engine.max_cohort_size`` each), each drawn and updated with a
+        few batched calls. A client that raises, or whose share of its cohort's time exceeds
+        ``timeout``, is left out and listed in the failures, as are injected faults (an injected
+        straggler trains, its memory moves, but it is listed as late)."""
+        setup = self.setup
+        failures: list[tuple[int, str, str]] = []
+        late: list[int] = []  # injected stragglers
+        if faults.enabled(self.cfg):
+            cids, late = self._inject_faults(cids, server_round, failures)
+        has = (self.bank.contains(cids) if self.bank is not None and cids
+               else [False] * len(cids))
+        groups: dict[tuple[bool, int], list[int]] = {}
+        tasks = self._tasks_of(cids)
+        for cid, has_memory in zip(cids, has):
             try:
-                has_memory = self.bank is not None and bool(self.bank.contains([cid])[0])
-                fresh = needs_memory_init(setup, hp, has_memory)
-                tasks, data = draw_client_round(self.cfg, setup, cid, hp, server_round, fresh)
-            except Exception as e:  # noqa: BLE001 - reported to the strategy as an error reply
-                replies[i] = (_error_reply(msg, e), time.perf_counter() - start)
-                continue
-            client = _Client(msg, cid, tasks, data, fresh, time.perf_counter() - start)
-            cohorts.setdefault(round_signature(data, len(tasks), fresh), []).append((i, client))
-        for members in cohorts.values():
+                fresh = needs_memory_init(setup, hp, bool(has_memory))
+                tasks[cid] = tasks.get(cid) or training_tasks(setup, cid)
+                groups.setdefault((fresh, len(tasks[cid])), []).append(cid)
+            except Exception as e:  # noqa: BLE001 - the client fails, the cohort goes on
+                failures.append((cid, failure_kind(e), f"{type(e).__name__}: {e}"))
+        parts: list[tuple[list[int], Params, dict[str, list[float]]]] = []
+        for (fresh, _), members in groups.items():
             size = self.max_cohort or len(members)
             for at in range(0, len(members), size):
-                replies.update(self._train_cohort(w, hp, members[at:at + size]))
-        for i in stragglers:  # trained (memory written), but the reply comes after the deadline
-            reply, seconds = replies[i]
-            if not reply.has_error():
-                replies[i] = (faults.mark_late(reply), seconds)
-        return replies
+                chunk = members[at:at + size]
+                part = (self._train_vmapped(w, hp, server_round, chunk, fresh,
+                                            [tasks[c] for c in chunk])
+                        if len(chunk) > 1 else None)
+                parts += [part] if part is not None else [
+                    p for p in (self._train_one(w, hp, server_round, cid, failures) for cid in chunk)
+                    if p is not None]
+        return _assemble(parts, failures, timeout, setup.initial_params, late)
 
-    def _train_cohort(self, w: Params, hp: Hyper, members: list[tuple[int, _Client]]
-                      ) -> dict[int, tuple[Message, float]]:
-        if len(members) > 1:
-            try:
-                return self._train_vmapped(w, hp, members)
-            except Exception as e:  # noqa: BLE001 - e.g. an op vmap cannot batch: go one by one
-                self.stats.fallbacks += 1
-                log.warning("vectorized engine: a cohort of %d clients could not run batched "
-                            "(%s: %s); running them one by one", len(members), type(e).__name__, e)
-        return {i: self._train_one(c.msg) for i, c in members}
+    def _inject_faults(self, cids: list[int], server_round: int,
+                       failures: list[tuple[int, str, str]]) -> tuple[list[int], list[int]]:
+        """The clients that train, and the stragglers among them; injected failures and dropouts
+        join ``failures`` (error and timeout, as the per-client path counts them)."""
+        training, late = [], []
+        for cid in cids:
+            fault = faults.client_fault(self.cfg, cid, server_round)
+            if fault == "fail":
+                e = faults.fail(cid, server_round)
+                failures.append((cid, failure_kind(e), f"{type(e).__name__}: {e}"))
+                continue
+            if fault == "dropout":
+                failures.append((cid, "timeout", f"client {cid} dropped out (faults.dropout)"))
+                continue
+            if fault == "straggle":
+                late.append(cid)
+            training.append(cid)
+        return training, late
 
-    def _train_vmapped(self, w: Params, hp: Hyper, members: list[tuple[int, _Client]]
-                       ) -> dict[int, tuple[Message, float]]:
+    def _tasks_of(self, cids: list[int]) -> dict[int, list[Task]]:
+        """The training clients' tasks, built in one batch where the family can; on any error
+        none (each client then asks for its own and reports its own error)."""
+        fed = self.setup.federation
+        try:
+            ids = [c for c in cids if 0 <= c < fed.num_clients]
+            return dict(zip(ids, fed.clients_tasks(ids)))
+        except Exception:  # noqa: BLE001 - client by client below
+            return {}
+
+    def _train_vmapped(self, w: Params, hp: Hyper, server_round: int, cids: list[int],
+                       fresh: bool, tasks: list[list[Task]]
+                       ) -> tuple[list[int], Params, dict[str, list[float]]] | None:
+        """One cohort through one ``cohort_update`` (``None``: it cannot run batched)."""
         setup, start = self.setup, time.perf_counter()
-        clients = [c for _, c in members]
-        cids = [c.cid for c in clients]
-        memory = None
-        if self.bank is not None and not clients[0].fresh:
-            memory = to_device(self.bank.read(cids), self.device)
-        data = stack_rounds([c.data for c in clients]).to(self.device)
-        delta, memory, metrics = cohort_update(setup.algorithm, setup.model, setup.loss_fn, hp, w,
-                                               memory, data, initial_for(setup, hp, self.device))
+        try:
+            tasks, data = draw_cohort_round(self.cfg, setup, cids, hp, server_round, fresh, tasks)
+            memory = None
+            if self.bank is not None and not fresh:
+                memory = to_device(self.bank.read(cids), self.device)
+            delta, memory, metrics = self._cohort_update(hp, w, memory, data.to(self.device))
+        except Exception as e:  # noqa: BLE001 - e.g. an op vmap cannot batch: go one by one
+            self.stats.fallbacks += 1
+            log.warning("vectorized engine: a cohort of %d clients could not run batched "
+                        "(%s: %s); running them one by one", len(cids), type(e).__name__, e)
+            return None
         if memory is not None:
             self.bank.write(cids, memory)
-        if self.cfg.privacy.clipping == "client":  # as each client's ClientApp would (client_app.py)
+        if self.cfg.privacy.clipping == "client":  # as each client's train_step does
             delta, _ = clip_stacked(delta, self.cfg.privacy.clipping_norm)
-        values = {k: v.tolist() for k, v in metrics.items()}
-        records = codec.encode_rows(delta)
-        share = (time.perf_counter() - start) / len(clients)
-        replies = {}
-        for j, (i, c) in enumerate(members):
-            seconds = share + c.draw_seconds
-            m = train_metrics(c.cid, c.tasks, c.data, {k: v[j] for k, v in values.items()},
-                              seconds)
-            replies[i] = (train_reply(c.msg, records[j], m), seconds)
+        n = len(cids)
+        seconds = (time.perf_counter() - start) / n
+        columns = {R.NUM_EXAMPLES: [sum(t.num_examples for t in ts) for ts in tasks],
+                   "samples": [samples_drawn(data) // n] * n, "train-seconds": [seconds] * n,
+                   **{k.replace("_", "-"): v.tolist() for k, v in metrics.items()}}
         self.stats.cohorts += 1
-        self.stats.vmapped_clients += len(clients)
-        return replies
+        self.stats.vmapped_clients += n
+        return cids, delta, columns
 
-    def _train_one(self, msg: Message) -> tuple[Message, float]:
-        """The per-client path: the ClientApp's own train function, with the memory in the bank."""
-        start = time.perf_counter()
-        cid = msg.metadata.dst_node_id - FIRST_CLIENT_NODE
+    def _cohort_update(self, hp: Hyper, w: Params, memory: Params | None, data: RoundData
+                       ) -> tuple[Params, Params | None, dict[str, torch.Tensor]]:
+        """:func:`cohort_update`, compiled with ``torch.compile`` when ``engine.compile`` is set; a
+        compilation that fails falls back to the eager call for the rest of the run."""
+        setup = self.setup
+        initial = initial_for(setup, hp, self.device)
+        if self.cfg.engine.compile and self._compiled is not False:
+            if self._compiled is None:
+                self._compiled = torch.compile(
+                    lambda hp_, w_, m_, d_, i_: cohort_update(setup.algorithm, setup.model,
+                                                              setup.loss_fn, hp_, w_, m_, d_, i_),
+                    dynamic=False)
+            try:
+                return self._compiled(hp, w, memory, data, initial)
+            except Exception as e:  # noqa: BLE001 - e.g. no C++ compiler: run eagerly
+                log.warning("vectorized engine: torch.compile of the cohort update failed (%s: %s); "
+                            "running it eagerly", type(e).__name__, e)
+                self._compiled = False
+        return cohort_update(setup.algorithm, setup.model, setup.loss_fn, hp, w, memory, data,
+                             initial)
+
+    def _train_one(self, w: Params, hp: Hyper, server_round: int, cid: int,
+                   failures: list[tuple[int, str, str]]
+                   ) -> tuple[list[int], Params, dict[str, list[float]]] | None:
+        """The per-client path: the ClientApp's own train step, with the memory in the bank."""
         self.stats.per_client += 1
         try:
-            reply = train_client(msg, self.cfg, self.setup, cid, self.store(cid))
-        except Exception as e:  # noqa: BLE001 - reported to the strategy as an error reply
-            reply = _error_reply(msg, e)
-        return reply, time.perf_counter() - start
+            delta, m = train_step(self.cfg, self.setup, cid, w, hp, server_round, self.store(cid),
+                                  self.device)
+        except Exception as e:  # noqa: BLE001 - the client fails, the cohort goes on
+            failures.append((cid, failure_kind(e), f"{type(e).__name__}: {e}"))
+            return None
+        columns = {k: [v] for k, v in m.items() if k != R.PARTITION}
+        return [cid], {k: v.unsqueeze(0) for k, v in delta.items()}, columns
 
     # -- evaluation -----------------------------------------------------------------------------
     def _evaluate(self, msg: Message) -> tuple[Message, float]:
@@ -312,7 +401,9 @@ class VectorizedGrid(InProcessGrid):
         try:
             w, pattern = evaluate_instruction(msg, self.setup)
             trains = cid < self.setup.federation.num_clients
-            store = self.store(cid) if trains else _NoMemory()
+            # evaluation runs on the host: the memory comes out of the bank there
+            store = (BankStore(self.bank, cid, "cpu") if trains and self.bank is not None
+                     else _NoMemory())
             metrics = evaluate_client(self.setup, cid, w, store, pattern)
             reply = Message(RecordDict({R.METRICS: MetricRecord(metrics)}), reply_to=msg)
         except Exception as e:  # noqa: BLE001 - reported to the strategy as an error reply
@@ -327,6 +418,42 @@ _ID_PREFIX = uuid.uuid4().hex[:16]  # unique per process; a counter makes the re
 def _set_message_id(msg: Message) -> None:
     # Replies point at their instruction's id, which a SuperLink would have assigned.
     msg.metadata.__dict__["_message_id"] = f"{_ID_PREFIX}{next(_MESSAGE_IDS):016x}"
+
+
+def _cohort_ids(msg: Message) -> Any:
+    config = msg.content.get(R.CONFIG) if msg.has_content() else None
+    return None if config is None else config.get(R.COHORT)
+
+
+def _assemble(parts: list[tuple[list[int], Params, dict[str, list[float]]]],
+              failures: list[tuple[int, str, str]], timeout: float | None, like: Params,
+              stragglers: Iterable[int] = ()) -> CohortResult:
+    """The parts' rows joined (in the order they were trained: the order of rows only changes the
+    rounding of their average); clients over ``timeout``, and injected ``stragglers``, join the
+    failures."""
+    joined = [c for part_cids, _, _ in parts for c in part_cids]
+    columns = {k: [v for _, _, cols in parts for v in cols[k]] for k in (parts[0][2] if parts else
+               (R.NUM_EXAMPLES, "samples", "train-seconds"))}
+    stragglers = set(stragglers)
+    late = [j for j, s in enumerate(columns["train-seconds"])
+            if joined[j] in stragglers or (timeout is not None and s > timeout)]
+    if not parts:
+        delta = {k: v.new_zeros((0, *v.shape)) for k, v in like.items()}
+    elif len(parts) == 1:
+        delta = parts[0][1]
+    else:
+        delta = {k: torch.cat([p[1][k] for p in parts]) for k in like}
+    if late:
+        failures = failures + [(joined[j], "timeout", f"client {joined[j]} took longer than the "
+                                f"round timeout ({timeout} s)" + (" (faults.straggle)"
+                                                                  if joined[j] in stragglers else ""))
+                               for j in late]
+        keep = sorted(set(range(len(joined))) - set(late))
+        at = torch.tensor(keep, dtype=torch.int64)
+        delta = {k: v.index_select(0, at.to(v.device)) for k, v in delta.items()}
+        columns = {k: [v[j] for j in keep] for k, v in columns.items()}
+        joined = [joined[j] for j in keep]
+    return CohortResult(joined, delta, columns, failures)
 
 
 def _error_reply(msg: Message, e: Exception) -> Message:

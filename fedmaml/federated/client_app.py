@@ -15,7 +15,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedmaml.algorithms import Hyper, RoundData, client_update, draw_round
+from fedmaml.algorithms import Hyper, RoundData, client_update, draw_cohort, draw_round
 from fedmaml.core.diagnostics import tracking_error
 from fedmaml.core.privacy import clip_update
 from fedmaml.core.evaluation import personalized_metrics
@@ -27,7 +27,8 @@ from fedmaml.federated import pattern_selection as selected
 from fedmaml.federated import node_config
 from fedmaml.federated import records as R
 from fedmaml.federated.memory_store import MemoryStore
-from fedmaml.federated.setup import ExperimentSetup, client_generator, resolve_device, setup_for
+from fedmaml.federated.setup import (ExperimentSetup, client_round_keys, resolve_device,
+                                     setup_for)
 
 
 def make_client_app(config: Any = None) -> ClientApp:
@@ -86,6 +87,18 @@ def train_client(msg: Message, cfg: Any, setup: ExperimentSetup, cid: int, store
         raise faults.fail(cid, server_round)
     if fault == "dropout":
         return faults.dropout_reply(msg, cid)
+    delta, metrics = train_step(cfg, setup, cid, w, hp, server_round, store, device, start)
+    reply = train_reply(msg, R.to_record(delta), metrics)
+    return faults.mark_late(reply) if fault == "straggle" else reply
+
+
+def train_step(cfg: Any, setup: ExperimentSetup, cid: int, w: Params, hp: Hyper,
+               server_round: int, store: MemoryStore, device: torch.device,
+               start: float | None = None) -> tuple[Params, MetricRecord]:
+    """One client's update from a decoded instruction: memory -> data -> client update -> memory.
+    Returns the update ``w - w_r`` (clipped with ``privacy.clipping: client``) and the reply's
+    metrics (``train-seconds`` counted from ``start``, default now)."""
+    start = time.perf_counter() if start is None else start
     memory = store.load() if setup.algorithm.uses_memory else None
     memory = None if memory is None else to_device(memory, device)
     fresh = needs_memory_init(setup, hp, memory is not None)
@@ -96,9 +109,7 @@ def train_client(msg: Message, cfg: Any, setup: ExperimentSetup, cid: int, store
         store.save(memory)
     if cfg.privacy.clipping == "client":  # the update leaves the device within the DP bound
         delta = clip_update(delta, cfg.privacy.clipping_norm)
-    reply = train_reply(msg, R.to_record(delta), train_metrics(cid, tasks, data, metrics,
-                                                              time.perf_counter() - start))
-    return faults.mark_late(reply) if fault == "straggle" else reply
+    return delta, train_metrics(cid, tasks, data, metrics, time.perf_counter() - start)
 
 
 def train_instruction(msg: Message, setup: ExperimentSetup, device: torch.device
@@ -142,12 +153,29 @@ def needs_memory_init(setup: ExperimentSetup, hp: Hyper, has_memory: bool) -> bo
 def draw_client_round(cfg: Any, setup: ExperimentSetup, cid: int, hp: Hyper, server_round: int,
                       fresh: bool) -> tuple[list[Task], RoundData]:
     """A training client's tasks and its round's data, from its own (seed, id, round) stream."""
-    if cid >= setup.federation.num_clients:
-        raise ValueError(f"client {cid} is an unseen (evaluation-only) client and cannot train")
-    tasks = setup.federation.client_tasks(cid)
-    data = draw_round(tasks, hp, client_generator(cfg.seed, cid, server_round),
+    tasks = training_tasks(setup, cid)
+    data = draw_round(tasks, hp, client_round_keys(cfg.seed, [cid], server_round)[0],
                       extra=setup.algorithm.needs_extra_batch(hp), init=fresh)
     return tasks, data
+
+
+def draw_cohort_round(cfg: Any, setup: ExperimentSetup, cids: list[int], hp: Hyper,
+                      server_round: int, fresh: bool, tasks: list[list[Task]] | None = None
+                      ) -> tuple[list[list[Task]], RoundData]:
+    """:func:`draw_client_round` for many clients at once (equal numbers of tasks), stacked along a
+    leading client axis: each client's part equals its own draw. ``tasks``: the clients' tasks,
+    if the caller has them already."""
+    tasks = [training_tasks(setup, cid) for cid in cids] if tasks is None else tasks
+    data = draw_cohort(tasks, hp, client_round_keys(cfg.seed, cids, server_round),
+                       extra=setup.algorithm.needs_extra_batch(hp), init=fresh)
+    return tasks, data
+
+
+def training_tasks(setup: ExperimentSetup, cid: int) -> list[Task]:
+    """A training client's tasks (an unseen client cannot train)."""
+    if cid >= setup.federation.num_clients:
+        raise ValueError(f"client {cid} is an unseen (evaluation-only) client and cannot train")
+    return setup.federation.client_tasks(cid)
 
 
 def train_metrics(cid: int, tasks: list[Task], data: RoundData, metrics: dict[str, Any],

@@ -34,7 +34,8 @@ def encode(params: Params) -> ArrayRecord:
     for k, v in params.items():
         a = v.detach().cpu().contiguous().numpy()
         header, dtype = _header(a)
-        items.append((k, _array(dtype, tuple(a.shape), header + a.tobytes())))
+        # one copy: join reads the array's buffer (header + a.tobytes() would copy twice)
+        items.append((k, _array(dtype, tuple(a.shape), b"".join((header, a.data)))))
     return _record(items)
 
 
@@ -46,7 +47,7 @@ def encode_rows(stacked: Params) -> list[ArrayRecord]:
         a = v.detach().cpu().contiguous().numpy()
         header, dtype = _header(a[0])
         columns.append((k, a, header, dtype, tuple(a.shape[1:])))
-    return [_record([(k, _array(dtype, shape, header + a[j].tobytes()))
+    return [_record([(k, _array(dtype, shape, b"".join((header, a[j].data))))
                      for k, a, header, dtype, shape in columns])
             for j in range(len(columns[0][1]) if columns else 0)]
 

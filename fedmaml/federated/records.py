@@ -4,6 +4,12 @@ Train instruction: ``arrays`` (the meta-model ``w_r``) and ``config`` (``server-
 Train reply: ``arrays`` (the update ``delta = w - w_r``) and ``metrics`` (``num-examples``, losses,
 timing). Evaluate instruction: ``arrays`` and ``config``; reply: ``metrics`` only. Query (partition
 discovery): the reply's ``metrics`` carry the node's ``partition-id``. Memories never appear here.
+
+Cohort train instruction (to a grid that takes cohorts, the vectorized engine): one message for
+many clients, ``arrays`` (``w_r`` once) and ``config`` with ``cohort`` (the clients' ids). Its
+reply: ``arrays`` (the updates of the clients that trained, stacked ``[n, ...]``), ``metrics``
+(per-client lists, ``partition-id`` naming each row) and ``failures`` (``partition-id``, ``kind``
+and ``reason`` of every client that did not train: ``error``, ``timeout``, ``malformed``).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from fedmaml.federated import codec
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
 ROUND, ETA = "server-round", "eta"
 NUM_EXAMPLES, PARTITION = "num-examples", "partition-id"
+COHORT, FAILURES, KIND, REASON = "cohort", "failures", "kind", "reason"
 
 
 def to_record(params: Params) -> ArrayRecord:
@@ -76,9 +83,18 @@ def stack_from_records(records: Sequence[ArrayRecord], like: Params, whats: Sequ
     stacked = {k: _joined(parts[k], n, v) for k, v in like.items()}
     for j, k, tensor in others:
         stacked[k][j] = tensor
-    # A row holding a NaN or an infinity has a non-finite sum; a finite row rarely does (only by
-    # overflow): one sum per parameter and one test for the whole round; only a row that fails it
-    # is checked element by element, which also names the parameter.
+    _reject_non_finite(stacked, errors, whats)
+    return stacked, errors
+
+
+def _reject_non_finite(stacked: Params, errors: list[str | None], whats: Sequence[str]) -> None:
+    """Name every row of ``stacked`` that holds a NaN or an infinity in ``errors`` (unless it has
+    an error already), and zero the rows with errors.
+
+    A row holding a NaN or an infinity has a non-finite sum; a finite row rarely does (only by
+    overflow): one sum per parameter and one test for the whole round; only a row that fails it is
+    checked element by element, which also names the parameter."""
+    n = len(errors)
     if n:
         totals = sum(v.reshape(n, -1).sum(1) for v in stacked.values())
         for j in torch.nonzero(~torch.isfinite(totals)).flatten().tolist():
@@ -90,6 +106,27 @@ def stack_from_records(records: Sequence[ArrayRecord], like: Params, whats: Sequ
     if bad:
         for v in stacked.values():
             v[bad] = 0
+
+
+def stack_from_cohort(record: ArrayRecord, like: Params, whats: Sequence[str]
+                      ) -> tuple[Params, list[str | None]]:
+    """A cohort reply's stacked updates (``[n, *shape]`` per parameter, row ``j`` is ``whats[j]``),
+    checked like :func:`from_record` (names, shapes; a record that fails is a ``MessageError``), and
+    per row ``None`` or why the row is not finite (its row is then zero), as
+    :func:`stack_from_records`."""
+    n, what = len(whats), "cohort reply"
+    if not isinstance(record, ArrayRecord):
+        raise TypeError(f"{what}'s {ARRAYS!r} is a {type(record).__name__}, not an ArrayRecord")
+    tensors = codec.decode(record)
+    _check_names(list(tensors), like, what)
+    stacked = {}
+    for k, v in tensors.items():
+        if tuple(v.shape) != (n, *like[k].shape):
+            raise MessageError(f"{what}: parameter {k!r} has shape {list(v.shape)}, expected "
+                               f"{[n, *like[k].shape]}")
+        stacked[k] = v if v.dtype == like[k].dtype else v.to(like[k].dtype)
+    errors: list[str | None] = [None] * n
+    _reject_non_finite(stacked, errors, whats)
     return stacked, errors
 
 
@@ -136,6 +173,32 @@ class NonFinite(str):
 
 def _not_finite(k: str, what: str) -> NonFinite:
     return NonFinite(f"{what}: parameter {k!r} contains NaN or infinite values")
+
+
+def cohort_size(message: Message) -> int | None:
+    """The number of clients a cohort instruction is for (``None``: a per-client message)."""
+    config = message.content.get(CONFIG) if message.has_content() else None
+    ids = config.get(COHORT) if config is not None else None
+    return None if ids is None else len(ids)
+
+
+def instruction_bytes(message: Message) -> int:
+    """Array bytes of an instruction, counted per client: a cohort instruction carries ``w_r`` once
+    for all its clients, which per-client messages would each have carried."""
+    return message_bytes(message) * (cohort_size(message) or 1)
+
+
+def reply_bytes(message: Message, like: Params) -> int:
+    """Array bytes of a train reply, counted as per-client replies would carry them: a cohort
+    reply's stacked rows each as a record of their own (``like``'s names, headers and sizes)."""
+    if not message.has_content() or FAILURES not in message.content:
+        return message_bytes(message)
+    record = message.content.get(ARRAYS)
+    if not isinstance(record, ArrayRecord) or not len(record):
+        return 0
+    first = next(iter(record.values()))
+    rows = first.shape[0] if first.shape else 0
+    return rows * sum(len(k) + len(header) + nbytes for k, (header, nbytes) in _layouts(like).items())
 
 
 def message_bytes(message: Message) -> int:

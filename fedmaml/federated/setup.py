@@ -21,6 +21,7 @@ from fedmaml.core.params import Params
 from fedmaml.core.patterns import Pattern, resolve_pattern
 from fedmaml.core.task_step import StepConfig
 from fedmaml.data import build_federation
+from fedmaml.data.counter import round_keys
 from fedmaml.data.tasks import Federation
 from fedmaml.errors import ConfigError, PatternError
 from fedmaml.models import StagedModel, build_model
@@ -66,7 +67,8 @@ def build_hyper(cfg: Any, model: StagedModel, algorithm: Algorithm) -> Hyper:
     beta = a.beta if algorithm.uses_memory else 1.0
     step = StepConfig(alpha=a.alpha, beta=beta, estimator=a.meta_gradient, inner_pattern=inner,
                       memory_pattern=memory, hf_delta=a.hf_delta,
-                      hf_perturbation=a.hf_perturbation, scale_by_beta=a.scale_by_beta)
+                      hf_perturbation=a.hf_perturbation, scale_by_beta=a.scale_by_beta,
+                      loss_before=a.loss_before)
     k = a.support_size
     return Hyper(step=step, eta=a.eta, local_steps=a.local_steps, tasks_per_step=a.tasks_per_step,
                  support_size=k, query_size=a.query_size or k,
@@ -122,7 +124,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def client_generator(seed: int, client_id: int, server_round: int, stream: int = 0) -> torch.Generator:
-    """Per-client RNG derived from (seed, client id, round): independent of who else participates."""
-    state = np.random.SeedSequence([seed, client_id, server_round, stream]).generate_state(2)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+def client_round_keys(seed: int, client_ids: list[int], server_round: int) -> np.ndarray:
+    """``[C]`` (uint64): the keys of the clients' round streams, a function of (seed, client id, round)
+    only (independent of who else participates); see :mod:`fedmaml.data.counter`."""
+    return round_keys(seed, client_ids, server_round)

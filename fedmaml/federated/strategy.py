@@ -39,7 +39,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -56,7 +57,7 @@ from fedmaml.errors import MessageError
 from fedmaml.federated import checkpoint, faults
 from fedmaml.federated import records as R
 from fedmaml.federated.discovery import PartitionDirectory
-from fedmaml.federated.health import round_outcome
+from fedmaml.federated.health import FAILURE_KINDS, round_outcome
 from fedmaml.federated.participation import Participation, Staleness
 from fedmaml.federated.participation import sample_clients  # noqa: F401 - its former home
 from fedmaml.federated.pattern_selection import PatternSelector
@@ -82,6 +83,40 @@ def summarize(values: list[float], weights: list[float]) -> dict[str, float]:
     mean = float(np.average(v, weights=w)) if w.sum() > 0 else float(v.mean())
     p10, p50, p90 = (float(x) for x in np.percentile(v, [10, 50, 90]))
     return {"mean": mean, "std": float(v.std()), "p10": p10, "p50": p50, "p90": p90}
+
+
+@dataclass
+class TrainOutcome:
+    """What one client's train round came to, whichever message carried it: a row of a stack of
+    updates with its example count and metrics, or a failure ``(kind, message)`` with kind
+    ``error``, ``timeout`` or ``malformed``. ``cid`` is ``None`` when the reply did not say."""
+
+    cid: int | None
+    row: tuple[int, int] | None = None  # (stack, row) of the update
+    count: int = 0
+    metrics: Mapping[str, Any] | None = None
+    failure: tuple[str, str] | None = None
+
+
+def _rows(stacks: list[Params], rows: list[tuple[int, int]]) -> Params:
+    """The update rows ``(stack, row)`` of several stacks, as one stack (no copy when they are one
+    whole stack in order)."""
+    if len({s for s, _ in rows}) == 1:
+        s = rows[0][0]
+        index = [j for _, j in rows]
+        n = len(next(iter(stacks[s].values()))) if stacks[s] else 0
+        if index == list(range(n)):
+            return stacks[s]
+        at = torch.tensor(index)
+        return {k: v[at] for k, v in stacks[s].items()}
+    return {k: torch.stack([stacks[s][k][j] for s, j in rows]) for k in stacks[rows[0][0]]}
+
+
+def _update_failure(error: str) -> tuple[str, str]:
+    """An update that could not be used: ``rejected`` when it is well-formed but not finite
+    (training diverged; health.py counts these apart), ``malformed`` otherwise."""
+    kind = "rejected" if isinstance(error, R.NonFinite) else "malformed"
+    return kind, f"{kind} update: {error}"
 
 
 #: Longest wait between two polls for replies (see exchange).
@@ -233,73 +268,154 @@ class MetaStrategy(Strategy):
         cids = self.clients_for_round(server_round)
         self.touched.update(cids)
         self.round_stats = {"clients": cids}
-        cfg = ConfigRecord({**dict(config), **self.selector.train_config(), R.ROUND: server_round,
-                            R.ETA: self.setup.eta_for_round(server_round)})
-        return self._messages(cids, RecordDict({R.ARRAYS: arrays, R.CONFIG: cfg}), "train",
-                              server_round)
+        cfg = {**dict(config), **self.selector.train_config(), R.ROUND: server_round,
+               R.ETA: self.setup.eta_for_round(server_round)}
+        if getattr(grid, "takes_cohorts", False):  # one message for the round's whole cohort
+            messages = self._messages(cids[:1], RecordDict(), "train", server_round)
+            known = [c for c in cids if c in self.nodes]
+            if not messages or not known:
+                return []
+            content = RecordDict({R.ARRAYS: arrays, R.CONFIG: ConfigRecord({**cfg, R.COHORT: known})})
+            cohort = Message(content, self.nodes[known[0]], "train", ttl=messages[0].metadata.ttl,
+                             group_id=str(server_round))
+            self.round_stats["cohorts"] = [(cohort, known)]  # its id is set when it is sent
+            return [cohort]
+        return self._messages(cids, RecordDict({R.ARRAYS: arrays, R.CONFIG: ConfigRecord(cfg)}),
+                              "train", server_round)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Apply the mean update when ``min_replies`` valid replies arrived. The metrics (losses,
-        samples) are returned whenever any reply is valid: the clients did the work either way."""
-        replies = list(replies)
-        expected = set(self.round_stats.get("clients", []))
-        errors: list[tuple[str, str]] = []  # (kind, why): health.round_outcome counts the kinds
-        parsed: list[tuple[int, ArrayRecord, int, MetricRecord]] = []
+        samples) are returned whenever any reply is valid: the clients did the work either way.
+
+        Per-client replies and cohort replies (one for many clients, updates stacked) both become
+        the same per-client :class:`TrainOutcome` s, accounted and averaged by one function."""
+        stacks: list[Params] = []
+        outcomes: list[TrainOutcome] = []
+        per_client: list[Message] = []
+        for msg in replies:
+            if msg.has_content() and R.FAILURES in msg.content:
+                outcomes += self._cohort_outcomes(msg, len(stacks), stacks)
+            elif msg.has_error() and self._cohort_of(msg) is not None:
+                outcomes += [TrainOutcome(cid, failure=("error", f"client error: {msg.error.reason}"))
+                             for cid in self._cohort_of(msg)]
+            else:
+                per_client.append(msg)
+        if per_client:
+            outcomes += self._client_outcomes(per_client, len(stacks), stacks)
+        return self._account_train(server_round, stacks, outcomes)
+
+    def _client_outcomes(self, replies: list[Message], stack: int, stacks: list[Params]
+                         ) -> list[TrainOutcome]:
+        """Per-client replies: decoded and checked together (``R.stack_from_records``)."""
+        outcomes, parsed = [], []
         for msg in replies:
             if msg.has_error():
-                errors.append(("error", f"client error: {msg.error.reason}"))
+                outcomes.append(TrainOutcome(None, failure=("error",
+                                                            f"client error: {msg.error.reason}")))
                 continue
             try:
                 parsed.append(self._parse_train_reply(msg))
             except (KeyError, TypeError, ValueError, MessageError) as e:
-                errors.append(("malformed", f"malformed reply: {e}"))
-        # The round's updates are decoded and checked together (R.stack_from_records).
+                outcomes.append(TrainOutcome(None, failure=("malformed", f"malformed reply: {e}")))
         stacked, array_errors = R.stack_from_records(
             [p[1] for p in parsed], self.w, [f"update from client {p[0]}" for p in parsed])
-        rows: list[int] = []  # rows of `stacked` that are used, one per client
-        used: set[int] = set()  # their clients
-        counts: list[int] = []
-        metrics: list[MetricRecord] = []
-        for j, ((cid, _, count, m), array_error) in enumerate(zip(parsed, array_errors)):
-            if array_error is not None:
-                kind = "rejected" if isinstance(array_error, R.NonFinite) else "malformed"
-                errors.append((kind, f"{kind} update: {array_error}"))
-            elif cid not in expected or cid in used:
-                errors.append(("malformed",
-                               f"unexpected reply from client {cid} (not sampled, or a duplicate)"))
+        stacks.append(stacked)
+        for j, ((cid, _, count, m), error) in enumerate(zip(parsed, array_errors)):
+            outcomes.append(TrainOutcome(cid, (stack, j), count, m) if error is None else
+                            TrainOutcome(cid, failure=_update_failure(error)))
+        return outcomes
+
+    def _cohort_outcomes(self, msg: Message, stack: int, stacks: list[Params]
+                         ) -> list[TrainOutcome]:
+        """A cohort reply: every client it names becomes an outcome; a reply that cannot be read
+        fails every client of its cohort as malformed."""
+        content = msg.content
+        try:
+            m, failed = content[R.METRICS], content[R.FAILURES]
+            ids = [int(c) for c in m[R.PARTITION]]
+            columns = {k: list(m[k]) for k in m.keys()}
+            if any(len(v) != len(ids) for v in columns.values()):
+                raise ValueError("per-client metric lists differ in length from partition-id")
+            counts = [int(c) for c in columns[R.NUM_EXAMPLES]]
+            for key in ("samples", "train-seconds"):
+                for v in columns[key]:
+                    float(v)
+            failures = list(zip([int(c) for c in failed[R.PARTITION]],
+                                [str(k) for k in failed[R.KIND]],
+                                [str(r) for r in failed[R.REASON]], strict=True))
+            stacked, row_errors = R.stack_from_cohort(
+                content[R.ARRAYS], self.w, [f"update from client {c}" for c in ids])
+        except (KeyError, TypeError, ValueError, MessageError) as e:
+            cids = self._cohort_of(msg) or [None]
+            return [TrainOutcome(cid, failure=("malformed", f"malformed reply: {e}"))
+                    for cid in cids]
+        stacks.append(stacked)
+        outcomes = []
+        for j, (cid, count, error) in enumerate(zip(ids, counts, row_errors)):
+            if error is not None:
+                outcomes.append(TrainOutcome(cid, failure=_update_failure(error)))
+            elif count <= 0:
+                outcomes.append(TrainOutcome(cid, failure=(
+                    "malformed", f"malformed reply: client {cid} reported {count} examples")))
             else:
-                used.add(cid)
-                self.trained.add(cid)
-                rows.append(j)
-                counts.append(count)
-                metrics.append(m)
-        missing = len(expected) - len(replies)
+                outcomes.append(TrainOutcome(cid, (stack, j), count,
+                                             {k: v[j] for k, v in columns.items()}))
+        for cid, kind, reason in failures:
+            label = {"error": "client error", "malformed": "malformed reply"}.get(kind, kind)
+            kind = kind if kind in FAILURE_KINDS else "error"  # a kind we do not know: it failed
+            outcomes.append(TrainOutcome(cid, failure=(kind, f"{label}: client {cid}: {reason}")))
+        return outcomes
+
+    def _cohort_of(self, msg: Message) -> list[int] | None:
+        """The client ids of the cohort instruction ``msg`` answers (``None``: not a cohort's)."""
+        answered = msg.metadata.reply_to_message_id
+        return next((cids for m, cids in self.round_stats.get("cohorts", [])
+                     if m.metadata.message_id == answered), None)
+
+    def _account_train(self, server_round: int, stacks: list[Params],
+                       outcomes: list[TrainOutcome]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Count, log and average a round's per-client outcomes, whatever messages carried them."""
+        expected = set(self.round_stats.get("clients", []))
+        errors: list[tuple[str, str]] = []  # (kind, why): health.round_outcome counts the kinds
+        used: dict[int, TrainOutcome] = {}  # valid outcomes by client, in arrival order
+        for o in outcomes:
+            failure = o.failure
+            if failure is None and (o.cid not in expected or o.cid in used):
+                failure = ("malformed",
+                           f"unexpected reply from client {o.cid} (not sampled, or a duplicate)")
+            if failure is None:
+                used[o.cid] = o
+            else:
+                errors.append(failure)
+        missing = max(len(expected) - len(outcomes), 0)
         for _, e in errors:
             log.warning("round %d: %s", server_round, e)
         if errors:
             self.last_error = errors[-1][1]
         if missing > 0:
             log.warning("round %d: %d client(s) did not reply in time", server_round, missing)
-        updated = len(rows) >= self.cfg.federated.min_replies
-        self.round_stats.update(round_outcome((k for k, _ in errors), missing), replies=len(rows),
+        valid = list(used.values())
+        self.trained.update(used)
+        updated = len(valid) >= self.cfg.federated.min_replies
+        self.round_stats.update(round_outcome((k for k, _ in errors), missing), replies=len(valid),
                                 updated=updated)
         if not updated:
             log.warning("round %d: %d valid replies < min_replies=%d; the model is not updated",
-                        server_round, len(rows), self.cfg.federated.min_replies)
-        if not rows:
+                        server_round, len(valid), self.cfg.federated.min_replies)
+        if not valid:
             return None, None
         if updated:
-            if len(rows) < len(parsed):
-                stacked = {k: v[rows] for k, v in stacked.items()}
+            stacked = _rows(stacks, [o.row for o in valid])
             w = self.optimizer.step(self.w, self.privacy.mean_update(
-                server_round, stacked, counts, num_sampled=len(expected)))
+                server_round, stacked, [o.count for o in valid], num_sampled=len(expected)))
             if all(bool(torch.isfinite(v).all()) for v in w.values()):
                 self.w_before_update, self.w = self.w, w
             else:  # finite updates can still sum or step to infinity: keep the last good w
                 updated = False
                 self.round_stats.update(updated=False, diverged="the aggregated update is not "
                                         "finite (the model would hold NaN or infinite values)")
+        metrics = [o.metrics for o in valid]
         out = {k: math.fsum(float(m[k]) for m in metrics) / len(metrics) for k in TRAIN_METRICS
                if all(k in m for m in metrics)}
         out["samples"] = sum(int(m["samples"]) for m in metrics)
@@ -456,9 +572,9 @@ class MetaStrategy(Strategy):
             if server_round > 0:
                 with collector.paused():  # the round's messages come and go at once (collector.py)
                     messages = list(self.configure_train(server_round, arrays, train_config, grid))
-                    down = sum(R.message_bytes(m) for m in messages)
+                    down = sum(R.instruction_bytes(m) for m in messages)
                     replies = exchange(grid, messages, timeout, self.poll_interval)
-                    up = sum(R.message_bytes(m) for m in replies)
+                    up = sum(R.reply_bytes(m, self.w) for m in replies)
                     new_arrays, train_metrics = self.aggregate_train(server_round, replies)
                     del messages, replies
                 if new_arrays is not None:

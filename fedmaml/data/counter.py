@@ -1,0 +1,149 @@
+"""Counter-based random numbers: every draw is a hash of ``(key, position)``, vectorized with numpy.
+
+A client's round data must be a pure function of ``(seed, client id, round)`` (ARCHITECTURE.md), and
+a vectorized engine must draw a whole cohort's data at once. A sequential generator
+(``torch.Generator``, one per client) does the first but not the second: each client's stream is
+advanced by its own Python calls. Here the ``i``-th number of a stream is a hash of the stream's key
+and ``i``, so a cohort's numbers are one broadcast array expression over (client, slot, element),
+and one client's numbers are the same expression with a client axis of one: the same bits whatever
+the cohort, the engine or the order of calls.
+
+The generator is SplitMix64 (Steele, Lea, Flood 2014; Java's ``SplittableRandom``): element ``i``
+of the stream with key ``k`` is ``mix64(k + (i + 1) * GAMMA)``, and keys are derived by mixing the
+run seed, the ids and purposes into 64 bits. Arithmetic is on numpy ``uint64`` (which wraps modulo
+2**64 by definition) or on Python ints masked to 64 bits, with the same code: words that are plain
+integers (seeds, purposes) cost no array operations, and one client's draw costs a handful of small
+array operations (tests/test_counter.py checks the published SplitMix64 outputs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+_M64 = (1 << 64) - 1
+GAMMA = 0x9E3779B97F4A7C15
+_Z1, _Z2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+Word = Union[int, np.ndarray]
+
+
+def _u64(x: Word) -> Word:
+    if isinstance(x, (int, np.integer)):
+        return int(x) & _M64
+    x = np.asarray(x)
+    return x if x.dtype == np.uint64 else x.astype(np.uint64)
+
+
+def mix64(z: Word) -> Word:
+    """SplitMix64's output function (a bijection of 64-bit words with full avalanche)."""
+    if isinstance(z, int):
+        z = ((z ^ (z >> 30)) * _Z1) & _M64
+        z = ((z ^ (z >> 27)) * _Z2) & _M64
+        return z ^ (z >> 31)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(_Z1)  # uint64 arithmetic wraps
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(_Z2)
+    z ^= z >> np.uint64(31)
+    return z
+
+
+def combine(key: Word, word: Word) -> Word:
+    """A key derived from ``key`` and one more integer word (any array broadcasts)."""
+    word = _u64(word)
+    if isinstance(word, np.ndarray) and word.size == 1 and (
+            isinstance(key, int) or word.ndim <= np.ndim(key)):
+        word = int(word.reshape(()))  # broadcasting it changes no shape: mix it in Python
+    if not isinstance(word, int):
+        return mix64(np.asarray(key, dtype=np.uint64) ^ mix64(word + np.uint64(GAMMA)))
+    word = mix64((word + GAMMA) & _M64)
+    if isinstance(key, int):
+        return mix64(key ^ word)
+    key = np.asarray(key, dtype=np.uint64)
+    if key.size == 1:  # one stream (one client's draw): Python ints beat tiny array operations
+        return np.full(key.shape, mix64(int(key.reshape(())) ^ word), dtype=np.uint64)
+    return mix64(key ^ np.uint64(word))
+
+
+_STEPS: dict[int, np.ndarray] = {}
+
+
+def splitmix64(key: Word, n: int) -> np.ndarray:
+    """``[*shape(key), n]`` uint64: elements ``0..n-1`` of the streams keyed by ``key``."""
+    steps = _STEPS.get(n)
+    if steps is None:
+        steps = np.arange(1, n + 1, dtype=np.uint64) * np.uint64(GAMMA)
+        if len(_STEPS) < 256:
+            _STEPS[n] = steps
+    return mix64(np.asarray(key, dtype=np.uint64)[..., None] + steps)
+
+
+def derive_keys(seed: int, ids: Sequence[int] | np.ndarray, purpose: int) -> np.ndarray:
+    """``[len(ids)]`` uint64: a 64-bit key per id for one ``purpose`` under a run seed."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if len(ids) and ids.min() < 0:
+        raise ValueError("ids must be >= 0")
+    prefix = combine(combine(mix64((int(seed) + GAMMA) & _M64), int(purpose)), 0xC0)
+    return np.asarray(combine(prefix, ids.astype(np.uint64)), dtype=np.uint64).reshape(-1)
+
+
+def round_keys(seed: int, client_ids: Sequence[int] | np.ndarray, server_round: int) -> np.ndarray:
+    """``[C]`` uint64: the key of each client's round stream (the purpose is the round)."""
+    return derive_keys(seed, client_ids, server_round)
+
+
+class Stream:
+    """Keyed counters: ``key`` is a uint64 array (any shape), one stream per entry."""
+
+    def __init__(self, key: np.ndarray) -> None:
+        self.key = np.asarray(key, dtype=np.uint64)
+
+    def child(self, *words: Word) -> "Stream":
+        """A sub-stream per value of ``words`` (broadcast against the keys)."""
+        key: Word = self.key
+        for w in words:
+            key = combine(key, w)
+        return Stream(key)
+
+    def expand(self) -> "Stream":
+        """The same streams with one more trailing axis (for words that broadcast over two axes)."""
+        return Stream(self.key[..., None])
+
+    def flat(self) -> "Stream":
+        """The same streams along one axis (row-major)."""
+        return Stream(self.key.reshape(-1))
+
+    def select(self, index: Sequence[int] | np.ndarray) -> "Stream":
+        """The streams at ``index`` of the first axis."""
+        return Stream(self.key[np.asarray(index, dtype=np.int64)])
+
+    def bits(self, n: int) -> np.ndarray:
+        """``[*key.shape, n]`` uint64: elements ``0..n-1`` of every stream."""
+        return splitmix64(self.key, n)
+
+    def uniform(self, n: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``[*key.shape, n]`` uniform in ``[0, 1)`` on a 2**-24 grid (exact in float32)."""
+        top = (self.bits(n) >> np.uint64(40)).astype(np.float64) * (1.0 / (1 << 24))
+        return torch.from_numpy(top).to(dtype)
+
+    def below(self, bound: np.ndarray | int, n: int) -> Tensor:
+        """``[*key.shape, n]`` int64 uniform in ``0 .. bound-1`` (``bound`` < 2**31 broadcasts against
+        the keys; Lemire's multiply-shift on the top 32 bits, bias below 2**-32 * bound)."""
+        top = self.bits(n) >> np.uint64(32)
+        bound = np.asarray(bound, dtype=np.uint64)[..., None]
+        return torch.from_numpy(((top * bound) >> np.uint64(32)).astype(np.int64))
+
+    def first_of_permutation(self, size: np.ndarray | int, n: int, width: int) -> Tensor:
+        """``[*key.shape, n]`` int64: the first ``n`` entries of a uniform random permutation of
+        ``0 .. size-1`` per stream (``n <= size``), computed over ``width >= max(size)`` positions.
+        Positions at or beyond a stream's size sort last, so the result does not depend on
+        ``width``: a client draws the same indices alone as in any cohort."""
+        keys = self.bits(width)
+        position = np.arange(width, dtype=np.int64)
+        keys = np.where(position < np.asarray(size, dtype=np.int64)[..., None], keys,
+                        np.uint64(_M64))
+        return torch.from_numpy(np.argsort(keys, axis=-1, kind="stable")[..., :n].astype(np.int64))
