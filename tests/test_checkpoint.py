@@ -11,16 +11,14 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from flwr.app import Context, Message
-from flwr.clientapp import ClientApp
 
-from fedmaml.config import dump_yaml, replace_path
+from fedmaml.config import dump_yaml
 from fedmaml.engines.inprocess import FIRST_CLIENT_NODE, run_inprocess
 from fedmaml.engines.vectorized import run_vectorized
 from fedmaml.errors import FedmamlError

@@ -33,7 +33,7 @@ from fedmaml.deploy.app_bundle import pyproject_text, staged_app
 from fedmaml.deploy.commands import program, program_env, superlink_argv
 from fedmaml.deploy.crypto import DeployError, make_certificates
 from fedmaml.deploy.flwr_config import write_connection
-from fedmaml.deploy.runs import COMPLETED, flwr, flwr_env, run_status
+from fedmaml.deploy.runs import flwr, flwr_env
 from fedmaml.results.recorder import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ from fedmaml.config import TRACKING_BACKENDS as SCHEMA_BACKENDS
 from fedmaml.config import config_to_flat, load_config
 from fedmaml.errors import ConfigError
 from fedmaml.experiment import run_experiment
-from fedmaml.tracking import Tracker, flatten, open_tracker
+from fedmaml.tracking import flatten, open_tracker
 from fedmaml.tracking.base import summary_scalars
 
 
