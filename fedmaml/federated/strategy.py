@@ -395,7 +395,9 @@ class MetaStrategy(Strategy):
             self.last_error = errors[-1][1]
         if missing > 0:
             log.warning("round %d: %d client(s) did not reply in time", server_round, missing)
-        valid = list(used.values())
+        # In client-id order: replies arrive in any order (Ray, devices), and the average's last
+        # bits must not depend on it (a resumed run equals an uninterrupted one).
+        valid = sorted(used.values(), key=lambda o: o.cid)
         self.trained.update(used)
         updated = len(valid) >= self.cfg.federated.min_replies
         self.round_stats.update(round_outcome((k for k, _ in errors), missing), replies=len(valid),
