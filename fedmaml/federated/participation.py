@@ -21,6 +21,10 @@ round. The models differ in who is available:
 client (possibly none). The round then has fewer participants; when they are fewer than
 ``federated.min_replies`` the model is not updated that round, exactly as when replies are missing.
 
+**Compute speed** (:func:`speed_multipliers`) is separate from availability: a per-client factor on
+the simulated train time (``participation.speed``), so that under a round deadline the slow clients
+are the stragglers.
+
 Everything is a pure function of ``(seed, round)`` and the number of clients: per-client constants
 (``p_i``, phases) come from a generator keyed by the seed, each round's availability and cohort
 from one keyed by ``(seed, round)``, so every engine and every process draws the same cohorts. The
