@@ -55,33 +55,33 @@ def test_without_a_deadline_speed_changes_only_the_reported_time(tiny_config, tm
     assert a[-1]["eval"]["seen.loss.clients"] == b[-1]["eval"]["seen.loss.clients"]
 
 
-# A deadline of 1 s and sigma 20: a measured train time of a tiny client lies between 1e-5 s and
-# 30 s on any machine, so a client is surely late when its multiplier exceeds 1e5 and surely on
-# time below 1/30. The seed is the first whose six clients are all sure, some late, some not.
-TIMEOUT, SURE_LATE, SURE_ON_TIME = 1.0, 1e5, 1 / 30
+# A deadline T and sigma 20: a measured train time of a tiny client lies between 1e-5 s and 30 s on
+# any machine, so a client is surely late when its multiplier exceeds T / 1e-5 and surely on time
+# below T / 30. The seed is the first whose six clients are all sure, some late, some not.
+TIMEOUT = 1.0
 
 
-def deadline_run(tiny_config, *more):
+def deadline_run(tiny_config, *more, timeout=TIMEOUT):
     spec = ParticipationConfig(speed="lognormal", speed_sigma=20.0)
     for seed in range(1000):
         m = speed_multipliers(spec, seed, np.arange(6))
-        late, ok = m > SURE_LATE, m < SURE_ON_TIME
+        late, ok = m > timeout / 1e-5, m < timeout / 30
         if np.all(late | ok) and late.any() and ok.sum() >= 2:
             break
     cfg = tiny_config(f"seed={seed}", "participation.speed=lognormal",
-                      "participation.speed_sigma=20", f"federated.round_timeout={TIMEOUT}",
+                      "participation.speed_sigma=20", f"federated.round_timeout={timeout}",
                       "federated.rounds=4", "federated.eval_every=0", *more)
     return cfg, {int(c) for c in np.flatnonzero(late)}
 
 
-def check_rows(rows, late):
+def check_rows(rows, late, timeout=TIMEOUT):
     assert any(set(r["clients"]) & late for r in rows[1:])  # the test sees some late clients
     for row in rows[1:]:
         want = len(set(row["clients"]) & late)
         assert row["failures_by_kind"] == {"error": 0, "timeout": want, "malformed": 0}
         assert row["replies"] == len(row["clients"]) - want
         if row["replies"]:
-            assert row["train_seconds_max"] <= TIMEOUT
+            assert row["train_seconds_max"] <= timeout
 
 
 def test_inprocess_marks_exactly_the_clients_over_the_deadline_late(tiny_config, tmp_path):
@@ -117,3 +117,11 @@ def test_the_vectorized_cohort_drops_the_same_clients_as_inprocess(tiny_config, 
     assert {c for c, kind, _ in result.failures if kind == "timeout"} == late
     assert set(result.cids) == set(range(6)) - late
     assert max(result.metrics["train-seconds"]) <= TIMEOUT
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_ray_engine_counts_the_same_late_clients(tiny_config, tmp_path, ray_guard):
+    # A generous real deadline (60 s): Ray's own clock must not drop a reply the speeds keep in time.
+    cfg, late = deadline_run(tiny_config, "engine.name=ray", "engine.num_cpus=1", timeout=60.0)
+    check_rows(read_metrics(run_experiment(cfg, quiet=True, run_dir=tmp_path / "ray")), late, 60.0)
