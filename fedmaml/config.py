@@ -225,6 +225,7 @@ class FaultsConfig:
 
 
 PARTICIPATION_MODELS = ("uniform", "heterogeneous", "markov", "diurnal")
+SPEED_MODELS = ("uniform", "lognormal")
 
 
 @dataclass(frozen=True)
@@ -254,6 +255,15 @@ class ParticipationConfig:
     diurnal_phase_spread: float = _field(1.0, "diurnal: clients' phases (time zones) are uniform "
                                               "over this fraction of a cycle; 0 = all in step.",
                                          min=0, max=1)
+    speed: str = _field("uniform", "Simulated compute speed: each client's train-seconds is its "
+                                   "measured time times its own multiplier; under "
+                                   "federated.round_timeout > 0 a client over the deadline is late. "
+                                   "uniform = 1 for everybody; lognormal = exp(speed_sigma * z), "
+                                   "z ~ N(0, 1) drawn once per (seed, client) (median 1).",
+                        choices=SPEED_MODELS)
+    speed_sigma: float = _field(1.0, "lognormal speed: standard deviation of the log multiplier "
+                                     "(0.7 puts the middle 90% of clients within a factor 3.2 of "
+                                     "the median).", min=0, max=20)
 
 
 #: What a selected Lambda pattern can replace (pattern_selection.apply_to).

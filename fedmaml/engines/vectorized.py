@@ -56,6 +56,7 @@ from fedmaml.federated.client_app import (draw_cohort_round, evaluate_client,
                                           evaluate_instruction, initial_for, needs_memory_init,
                                           samples_drawn, to_device, train_instruction, train_reply,
                                           train_step, training_tasks)
+from fedmaml.federated.participation import speed_multipliers
 from fedmaml.federated.setup import resolve_device, setup_for
 from fedmaml.models.base import StagedModel
 
@@ -350,9 +351,11 @@ class VectorizedGrid(InProcessGrid):
         if self.cfg.privacy.clipping == "client":  # as each client's train_step does
             delta, _ = clip_stacked(delta, self.cfg.privacy.clipping_norm)
         n = len(cids)
-        seconds = (time.perf_counter() - start) / n
+        # each client's share of the cohort's time, times its simulated speed (as train_step does)
+        seconds = ((time.perf_counter() - start) / n
+                   * speed_multipliers(self.cfg.participation, self.cfg.seed, cids)).tolist()
         columns = {R.NUM_EXAMPLES: [sum(t.num_examples for t in ts) for ts in tasks],
-                   "samples": [samples_drawn(data) // n] * n, "train-seconds": [seconds] * n,
+                   "samples": [samples_drawn(data) // n] * n, "train-seconds": seconds,
                    **{k.replace("_", "-"): v.tolist() for k, v in metrics.items()}}
         self.stats.cohorts += 1
         self.stats.vmapped_clients += n

@@ -27,6 +27,7 @@ from fedmaml.federated import pattern_selection as selected
 from fedmaml.federated import node_config
 from fedmaml.federated import records as R
 from fedmaml.federated.memory_store import MemoryStore
+from fedmaml.federated.participation import speed_multipliers
 from fedmaml.federated.setup import (ExperimentSetup, client_round_keys, resolve_device,
                                      setup_for)
 
@@ -89,7 +90,16 @@ def train_client(msg: Message, cfg: Any, setup: ExperimentSetup, cid: int, store
         return faults.dropout_reply(msg, cid)
     delta, metrics = train_step(cfg, setup, cid, w, hp, server_round, store, device, start)
     reply = train_reply(msg, R.to_record(delta), metrics)
-    return faults.mark_late(reply) if fault == "straggle" else reply
+    late = fault == "straggle" or past_deadline(cfg, float(metrics["train-seconds"]))
+    return faults.mark_late(reply) if late else reply
+
+
+def past_deadline(cfg: Any, seconds: float) -> bool:
+    """Whether a client whose simulated train time is ``seconds`` misses the round deadline. Only
+    simulated speeds (``participation.speed`` other than uniform) are judged here: a measured time
+    is judged by the engine's clock, as a real reply would be."""
+    timeout = cfg.federated.round_timeout
+    return cfg.participation.speed != "uniform" and timeout > 0 and seconds > timeout
 
 
 def train_step(cfg: Any, setup: ExperimentSetup, cid: int, w: Params, hp: Hyper,
@@ -97,7 +107,8 @@ def train_step(cfg: Any, setup: ExperimentSetup, cid: int, w: Params, hp: Hyper,
                start: float | None = None) -> tuple[Params, MetricRecord]:
     """One client's update from a decoded instruction: memory -> data -> client update -> memory.
     Returns the update ``w - w_r`` (clipped with ``privacy.clipping: client``) and the reply's
-    metrics (``train-seconds`` counted from ``start``, default now)."""
+    metrics (``train-seconds`` counted from ``start``, default now, times the client's simulated
+    speed multiplier, ``participation.speed``)."""
     start = time.perf_counter() if start is None else start
     memory = store.load() if setup.algorithm.uses_memory else None
     memory = None if memory is None else to_device(memory, device)
@@ -109,7 +120,9 @@ def train_step(cfg: Any, setup: ExperimentSetup, cid: int, w: Params, hp: Hyper,
         store.save(memory)
     if cfg.privacy.clipping == "client":  # the update leaves the device within the DP bound
         delta = clip_update(delta, cfg.privacy.clipping_norm)
-    return delta, train_metrics(cid, tasks, data, metrics, time.perf_counter() - start)
+    seconds = (time.perf_counter() - start) * float(
+        speed_multipliers(cfg.participation, cfg.seed, [cid])[0])
+    return delta, train_metrics(cid, tasks, data, metrics, seconds)
 
 
 def train_instruction(msg: Message, setup: ExperimentSetup, device: torch.device

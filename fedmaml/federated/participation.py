@@ -21,6 +21,10 @@ round. The models differ in who is available:
 client (possibly none). The round then has fewer participants; when they are fewer than
 ``federated.min_replies`` the model is not updated that round, exactly as when replies are missing.
 
+**Compute speed** (:func:`speed_multipliers`) is separate from availability: a per-client factor on
+the simulated train time (``participation.speed``), so that under a round deadline the slow clients
+are the stragglers.
+
 Everything is a pure function of ``(seed, round)`` and the number of clients: per-client constants
 (``p_i``, phases) come from a generator keyed by the seed, each round's availability and cohort
 from one keyed by ``(seed, round)``, so every engine and every process draws the same cohorts. The
@@ -38,16 +42,38 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedmaml.config import PARTICIPATION_MODELS, ParticipationConfig
+from fedmaml.config import PARTICIPATION_MODELS, SPEED_MODELS, ParticipationConfig
+from fedmaml.data.counter import derive_keys, splitmix64
 
 # Stream tags: independent generators for independent uses of the same seed.
 _COHORT, _AVAILABLE, _CLIENT_CONSTANTS, _MARKOV_START = 0xC1, 0xA8, 0xA7, 0xA9
+# The purpose word of the speed keys: far above any round number (round keys use the round).
+_SPEED = (1 << 62) | 0x5BEED
 
 
 def sample_clients(seed: int, server_round: int, num_clients: int, k: int) -> list[int]:
     """``k`` distinct client ids for a round among all clients, a function of (seed, round) only."""
     rng = np.random.default_rng([seed, server_round, _COHORT])
     return sorted(int(c) for c in rng.choice(num_clients, size=k, replace=False))
+
+
+def speed_multipliers(spec: ParticipationConfig, seed: int, cids: list[int] | np.ndarray
+                      ) -> np.ndarray:
+    """Each client's compute-speed multiplier on its simulated train time (``participation.speed``):
+    1 for ``uniform``; ``exp(speed_sigma * z)`` for ``lognormal``, with ``z ~ N(0, 1)`` a pure
+    function of ``(seed, client id)`` (a counter-based hash, Box-Muller; vectorized over ``cids``),
+    so every engine and process scales a client's time by the same factor, in every round."""
+    if spec.speed not in SPEED_MODELS:
+        raise ValueError(f"participation.speed {spec.speed!r} is not one of "
+                         f"{', '.join(SPEED_MODELS)}")
+    ids = np.asarray(cids, dtype=np.int64).reshape(-1)
+    if spec.speed == "uniform":
+        return np.ones(len(ids))
+    bits = splitmix64(derive_keys(seed, ids, _SPEED), 2) >> np.uint64(11)  # 53-bit uniforms
+    u1 = (bits[:, 0].astype(np.float64) + 1.0) * 2.0 ** -53  # in (0, 1]: log(u1) is finite
+    u2 = bits[:, 1].astype(np.float64) * 2.0 ** -53
+    z = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * math.pi * u2)
+    return np.exp(spec.speed_sigma * z)
 
 
 class Participation:
