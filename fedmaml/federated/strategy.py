@@ -262,6 +262,20 @@ class MetaStrategy(Strategy):
         return [Message(content, self.nodes[c], kind, ttl=ttl, group_id=str(server_round))
                 for c in cids if c in self.nodes]
 
+    def _cohort_message(self, cids: list[int], arrays: ArrayRecord, config: dict[str, Any],
+                        kind: str, server_round: int) -> list[Message]:
+        """One ``kind`` message for all of ``cids`` that a node serves (to a grid that takes
+        cohorts), remembered with its clients so that its reply can be traced to them."""
+        known = [c for c in cids if c in self.nodes]
+        if len(known) < len(cids):  # counted as failed (no reply) by the aggregation
+            log.warning("round %d: no node serves client(s) %s; skipped", server_round,
+                        [c for c in cids if c not in self.nodes])
+        content = RecordDict({R.ARRAYS: arrays, R.CONFIG: ConfigRecord({**config, R.COHORT: known})})
+        messages = self._messages(known[:1], content, kind, server_round)  # to the first's node
+        if messages:  # its id is set when it is sent
+            self.round_stats.setdefault("cohorts", []).append((messages[0], known))
+        return messages
+
     # -- Strategy API ---------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -271,15 +285,7 @@ class MetaStrategy(Strategy):
         cfg = {**dict(config), **self.selector.train_config(), R.ROUND: server_round,
                R.ETA: self.setup.eta_for_round(server_round)}
         if getattr(grid, "takes_cohorts", False):  # one message for the round's whole cohort
-            messages = self._messages(cids[:1], RecordDict(), "train", server_round)
-            known = [c for c in cids if c in self.nodes]
-            if not messages or not known:
-                return []
-            content = RecordDict({R.ARRAYS: arrays, R.CONFIG: ConfigRecord({**cfg, R.COHORT: known})})
-            cohort = Message(content, self.nodes[known[0]], "train", ttl=messages[0].metadata.ttl,
-                             group_id=str(server_round))
-            self.round_stats["cohorts"] = [(cohort, known)]  # its id is set when it is sent
-            return [cohort]
+            return self._cohort_message(cids, arrays, cfg, "train", server_round)
         return self._messages(cids, RecordDict({R.ARRAYS: arrays, R.CONFIG: ConfigRecord(cfg)}),
                               "train", server_round)
 
@@ -332,18 +338,13 @@ class MetaStrategy(Strategy):
         fails every client of its cohort as malformed."""
         content = msg.content
         try:
-            m, failed = content[R.METRICS], content[R.FAILURES]
-            ids = [int(c) for c in m[R.PARTITION]]
-            columns = {k: list(m[k]) for k in m.keys()}
-            if any(len(v) != len(ids) for v in columns.values()):
-                raise ValueError("per-client metric lists differ in length from partition-id")
-            counts = [int(c) for c in columns[R.NUM_EXAMPLES]]
-            for key in ("samples", "train-seconds"):
-                for v in columns[key]:
-                    float(v)
-            failures = list(zip([int(c) for c in failed[R.PARTITION]],
-                                [str(k) for k in failed[R.KIND]],
-                                [str(r) for r in failed[R.REASON]], strict=True))
+            rows = R.metric_rows(content[R.METRICS])
+            ids = [int(m[R.PARTITION]) for m in rows]
+            counts = [int(m[R.NUM_EXAMPLES]) for m in rows]
+            for m in rows:
+                for key in ("samples", "train-seconds"):
+                    float(m[key])
+            failures = R.failures_from(content[R.FAILURES])
             stacked, row_errors = R.stack_from_cohort(
                 content[R.ARRAYS], self.w, [f"update from client {c}" for c in ids])
         except (KeyError, TypeError, ValueError, MessageError) as e:
@@ -359,8 +360,7 @@ class MetaStrategy(Strategy):
                 outcomes.append(TrainOutcome(cid, failure=(
                     "malformed", f"malformed reply: client {cid} reported {count} examples")))
             else:
-                outcomes.append(TrainOutcome(cid, (stack, j), count,
-                                             {k: v[j] for k, v in columns.items()}))
+                outcomes.append(TrainOutcome(cid, (stack, j), count, rows[j]))
         for cid, kind, reason in failures:
             label = {"error": "client error", "malformed": "malformed reply"}.get(kind, kind)
             kind = kind if kind in FAILURE_KINDS else "error"  # a kind we do not know: it failed
@@ -368,7 +368,8 @@ class MetaStrategy(Strategy):
         return outcomes
 
     def _cohort_of(self, msg: Message) -> list[int] | None:
-        """The client ids of the cohort instruction ``msg`` answers (``None``: not a cohort's)."""
+        """The client ids of the cohort instruction (train or evaluate) ``msg`` answers (``None``:
+        not a cohort's)."""
         answered = msg.metadata.reply_to_message_id
         return next((cids for m, cids in self.round_stats.get("cohorts", [])
                      if m.metadata.message_id == answered), None)
