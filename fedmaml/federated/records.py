@@ -199,7 +199,7 @@ def metric_columns(rows: Sequence[dict[str, Any]]) -> tuple[MetricRecord, Config
     """Per-client metric dicts as a cohort reply's ``metrics`` (one list per key, row ``j`` is
     ``rows[j]``) and ``absent`` (per key, the ``partition-id`` of the rows without it, whose place
     holds NaN, or 0 in a list of integers)."""
-    keys = list(dict.fromkeys(k for row in rows for k in row))
+    keys = list(dict.fromkeys([PARTITION, *(k for row in rows for k in row)]))
     columns: dict[str, Any] = {}
     absent: dict[str, list[int]] = {}
     for k in keys:

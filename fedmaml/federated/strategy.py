@@ -443,11 +443,12 @@ class MetaStrategy(Strategy):
                            grid: Grid) -> Iterable[Message]:
         if not self.is_eval_round(server_round):
             return []
-        content = RecordDict({R.ARRAYS: arrays,
-                              R.CONFIG: ConfigRecord({**dict(config), **self.selector.evaluate_config(),
-                                                      R.ROUND: server_round})})
+        cfg = {**dict(config), **self.selector.evaluate_config(), R.ROUND: server_round}
         cids = self.eval_clients(server_round)
         self.round_stats["eval-clients"] = cids
+        if getattr(grid, "takes_cohorts", False):  # one message for the whole panel
+            return self._cohort_message(cids, arrays, cfg, "evaluate", server_round)
+        content = RecordDict({R.ARRAYS: arrays, R.CONFIG: ConfigRecord(cfg)})
         return self._messages(cids, content, "evaluate", server_round)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
@@ -455,20 +456,22 @@ class MetaStrategy(Strategy):
         """Per group (seen = the training panel, unseen): every metric's summary and per-client
         list, ordered as ``<group>.ids``. A client without a memory has NaN for memory metrics
         (null in metrics.jsonl); their summary covers the clients that have one. Error, malformed
-        and missing replies are counted in ``eval-failures`` and never stop the run."""
-        replies = list(replies)
+        and missing replies are counted in ``eval-failures`` and never stop the run.
+
+        Per-client replies and cohort replies (one for a whole panel, metrics as per-client lists)
+        both become per-client outcomes, summarized by the same code."""
+        outcomes = [o for msg in replies for o in self._evaluate_outcomes(msg)]
         expected = set(self.round_stats.get("eval-clients", []))
-        groups: dict[str, dict[int, MetricRecord]] = {"seen": {}, "unseen": {}}
-        failures = max(len(expected) - len(replies), 0)  # no reply in time
+        groups: dict[str, dict[int, Mapping[str, Any]]] = {"seen": {}, "unseen": {}}
+        failures = max(len(expected) - len(outcomes), 0)  # no reply in time
         if failures:
             log.warning("round %d: %d evaluation(s) did not reply in time", server_round, failures)
-        for msg in replies:
-            if msg.has_error():
+        for m, failure in outcomes:
+            if failure is not None:
                 failures += 1
-                log.warning("round %d: evaluation error: %s", server_round, msg.error.reason)
+                log.warning("round %d: %s", server_round, failure)
                 continue
             try:
-                m = msg.content[R.METRICS]
                 cid, unseen, weight = int(m[R.PARTITION]), int(m["unseen"]), float(m[R.NUM_EXAMPLES])
                 if cid not in expected or weight <= 0:
                     raise ValueError(f"client {cid}: not asked, or {weight} examples")
@@ -478,7 +481,7 @@ class MetaStrategy(Strategy):
                 continue
             age = self.staleness.age(cid, server_round) if not unseen else math.nan
             if not math.isnan(age):  # its memory's age, from the strategy's own bookkeeping
-                m = MetricRecord({**dict(m), "staleness": age})
+                m = {**dict(m), "staleness": age}
             groups["unseen" if unseen else "seen"][cid] = m
         out: dict[str, Any] = {"eval-failures": failures, **self.memory_metrics(server_round)}
         for group, by_id in groups.items():
@@ -498,6 +501,26 @@ class MetaStrategy(Strategy):
                     out[f"{group}.{key}.{stat}"] = v
                 out[f"{group}.{key}.clients"] = values
         return MetricRecord(out)
+
+    def _evaluate_outcomes(self, msg: Message) -> list[tuple[Mapping[str, Any] | None, str | None]]:
+        """An evaluate reply as per-client ``(metrics, None)`` or ``(None, why it failed)``: one for
+        a per-client reply, one per client for a cohort reply; an error reply to a cohort, or a
+        cohort reply that cannot be read, fails every client of its cohort."""
+        cohort = self._cohort_of(msg)
+        if msg.has_error():
+            return [(None, f"evaluation error: {msg.error.reason}")] * len(cohort or [None])
+        content = msg.content
+        try:
+            if R.FAILURES not in content:
+                return [(content[R.METRICS], None)]
+            rows = R.metric_rows(content[R.METRICS], content.get(R.ABSENT))
+            failed = R.failures_from(content[R.FAILURES])
+        except (KeyError, TypeError, ValueError) as e:
+            return [(None, f"malformed evaluation reply: {e}")] * len(cohort or [None])
+        labels = {"error": "evaluation error", "malformed": "malformed evaluation reply"}
+        return [*((m, None) for m in rows),
+                *((None, f"{labels.get(kind, 'evaluation ' + kind)}: client {cid}: {reason}")
+                  for cid, kind, reason in failed)]
 
     # -- checkpoints (fedmaml/federated/checkpoint.py) ------------------------------------------
     def checkpoint_state(self) -> dict[str, Any]:
