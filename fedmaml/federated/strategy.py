@@ -14,7 +14,8 @@
   unseen client. The panel is the same at every evaluation so that "before" and "after" compare the
   same clients (a per-round sample would add client-to-client variance to the curve). Per-client
   metrics are summarised as mean, std and p10/p50/p90 (ALGORITHMS.md §7); memory-based metrics cover
-  the panel clients that have a memory (have trained).
+  the panel clients that have a memory (have trained). A grid that takes cohorts (the vectorized
+  engine) gets one evaluate message for the whole panel and answers once (records.py).
 * **Participation** (:mod:`~fedmaml.federated.participation`): the cohort is drawn among the
   clients available that round under ``participation.model``; the rounds since each sampled
   client's previous participation are counted as it is sampled.
