@@ -421,8 +421,8 @@ class VectorizedGrid(InProcessGrid):
                 failures.append((cid, failure_kind(e), f"{type(e).__name__}: {e}"))
                 continue
             if timeout is not None and time.perf_counter() - start > timeout:
-                failures.append((cid, "timeout", f"client {cid} took longer than the round "
-                                 f"timeout ({timeout} s)"))
+                late = f"client {cid} took longer than the round timeout ({timeout} s)"
+                failures.append((cid, "timeout", late))
             else:
                 rows.append(metrics)
         metrics, absent = R.metric_columns(rows)

@@ -217,10 +217,10 @@ def metric_rows(metrics: Any, absent: Any = None) -> list[dict[str, Any]]:
     """The per-client metric dicts a cohort reply's ``metrics`` and ``absent`` carry (the inverse of
     :func:`metric_columns`); ``ValueError`` if a list's length differs from ``partition-id``'s."""
     ids = [int(c) for c in metrics[PARTITION]]
-    columns = {k: list(metrics[k]) for k in metrics.keys()}
+    columns = {k: list(v) for k, v in metrics.items()}
     if any(len(v) != len(ids) for v in columns.values()):
         raise ValueError("per-client metric lists differ in length from partition-id")
-    missing = {k: {int(c) for c in absent[k]} for k in absent.keys()} if absent is not None else {}
+    missing = {k: {int(c) for c in v} for k, v in absent.items()} if absent is not None else {}
     return [{k: v[j] for k, v in columns.items() if cid not in missing.get(k, ())}
             for j, cid in enumerate(ids)]
 
