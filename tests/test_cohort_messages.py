@@ -6,7 +6,9 @@ raised, a non-finite update, an unreadable reply), the same bytes."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import math
 
 import pytest
 import torch
@@ -179,3 +181,88 @@ def test_bank_on_cuda_when_available():
     bank.write([4, 7], {"w": torch.arange(12.0).reshape(2, 2, 3)})
     assert bank.read([7])["w"].device.type == "cuda"
     assert torch.equal(bank.read([7])["w"].cpu(), torch.arange(6.0, 12.0).reshape(1, 2, 3))
+
+
+# -- evaluation rounds --------------------------------------------------------------------------
+
+def evaluated(cfg, setup, cohorts: bool, tamper=None):
+    """Round 1 trained with a cohort message (some clients then hold memories, the others none),
+    then evaluated with one cohort message or per-client messages: (strategy, eval metrics,
+    number of evaluate messages, grid)."""
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    grid = VectorizedGrid(cfg, make_client_app(cfg), setup.federation.num_clients
+                          + setup.federation.num_unseen)
+    grid.setup = setup
+    strategy = MetaStrategy(setup)
+    strategy.nodes = grid.partition_nodes()
+    strategy.aggregate_train(1, grid.send_and_receive(
+        strategy.configure_train(1, R.to_record(strategy.w), ConfigRecord(), grid)))
+    messages = list(strategy.configure_evaluate(cfg.federated.rounds, R.to_record(strategy.w),
+                                                ConfigRecord(), grid if cohorts else None))
+    replies = list(grid.send_and_receive(messages))
+    if tamper:
+        replies = [tamper(r) for r in replies]
+    return strategy, strategy.aggregate_evaluate(cfg.federated.rounds, replies), len(messages), grid
+
+
+def without_timing(metrics) -> str:
+    """The evaluation's record without its timing, as JSON (NaN, for clients without a memory,
+    compares equal there)."""
+    return json.dumps({k: v for k, v in dict(metrics).items() if ".adapt-ms." not in k},
+                      sort_keys=True)
+
+
+def test_a_cohort_evaluation_equals_per_client_evaluations(tiny_config):
+    cfg = tiny_config("algorithm.name=moml", "evaluation.tracking_error=true")
+    setup = setup_for(cfg)
+    strategy, cohort, sent, grid = evaluated(cfg, setup, cohorts=True)
+    panel = strategy.round_stats["eval-clients"]
+    assert sent == 1 and grid.stats.eval_cohorts == 1 and len(panel) == 8
+    _, per_client, sent, grid = evaluated(cfg, setup, cohorts=False)
+    assert sent == len(panel) and grid.stats.eval_cohorts == 0
+    assert without_timing(cohort) == without_timing(per_client)
+    assert cohort["eval-failures"] == 0
+    assert cohort["seen.ids"] == list(range(6)) and cohort["unseen.ids"] == [6, 7]
+    # clients without a memory have no memory metrics (NaN in the lists), the trained ones have
+    memory_loss = cohort["seen.memory-loss.clients"]
+    trained = sorted(strategy.trained)
+    assert len(trained) == 3
+    assert [c for c, v in enumerate(memory_loss) if not math.isnan(v)] == trained
+    assert not any(k.startswith("unseen.memory-") for k in cohort)
+
+
+def test_an_evaluation_that_raises_is_counted_in_eval_failures(tiny_config, caplog):
+    cfg = tiny_config("algorithm.name=moml")
+    setup = failing_setup(cfg, {2: ValueError("broken data file")})
+    with caplog.at_level(logging.WARNING, logger="fedmaml"):
+        _, cohort, _, _ = evaluated(cfg, setup, cohorts=True)
+    assert cohort["eval-failures"] == 1
+    assert cohort["seen.ids"] == [0, 1, 3, 4, 5] and cohort["unseen.ids"] == [6, 7]
+    assert "evaluation error: client 2: ValueError: broken data file" in caplog.text
+    _, per_client, _, _ = evaluated(cfg, setup, cohorts=False)
+    assert without_timing(cohort) == without_timing(per_client)
+
+
+def test_an_unreadable_cohort_evaluation_reply_fails_all_its_clients(tiny_config, caplog):
+    cfg = tiny_config("algorithm.name=moml")
+    setup = setup_for(cfg)
+
+    def short_list(reply):  # one client's loss missing: the lists no longer line up
+        metrics = reply.content[R.METRICS]
+        metrics["loss"] = list(metrics["loss"])[1:]
+        return reply
+
+    with caplog.at_level(logging.WARNING, logger="fedmaml"):
+        _, out, _, _ = evaluated(cfg, setup, cohorts=True, tamper=short_list)
+    assert out["eval-failures"] == 8 and "seen.ids" not in out and "unseen.ids" not in out
+    assert "malformed evaluation reply" in caplog.text
+
+    # an instruction that cannot be decoded: the grid answers with an error for the whole panel
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    grid = VectorizedGrid(cfg, make_client_app(cfg), 8)
+    strategy = MetaStrategy(setup)
+    strategy.nodes = grid.partition_nodes()
+    [msg] = strategy.configure_evaluate(0, R.to_record({"w": torch.zeros(2)}), ConfigRecord(), grid)
+    replies = list(grid.send_and_receive([msg]))
+    assert replies[0].has_error()
+    assert strategy.aggregate_evaluate(0, replies)["eval-failures"] == 8

@@ -20,6 +20,7 @@ from fedmaml.federated.client_app import make_client_app
 from fedmaml.federated.memory_store import ContextStateStore
 from fedmaml.federated.server_app import make_server_app
 from fedmaml.federated.setup import setup_for
+from fedmaml.federated.strategy import MetaStrategy
 from fedmaml.results.recorder import MODEL_FILE, read_metrics
 
 TIMING = ("seconds", "train_seconds_max", "adapt-ms")  # wall-clock fields differ between runs
@@ -131,6 +132,10 @@ def test_vectorized_equals_inprocess(tiny_config, tmp_path, case):
     if not setup.algorithm.uses_memory or cfg.federated.mode == "cross_silo":
         assert stats.per_client == 0
     assert bool(memories) == setup.algorithm.uses_memory
+    # its eval rows (equal to the in-process engine's per-client evaluations) came from one
+    # evaluate message per evaluation round
+    assert stats.eval_cohorts == sum(1 for r in range(rounds + 1)
+                                     if MetaStrategy(setup).is_eval_round(r))
 
 
 def test_unbatchable_cohorts_run_client_by_client_in_the_same_round(tiny_config, tmp_path):

@@ -20,8 +20,14 @@ one reply back. For a cohort the grid
 A group of one, or one whose vmapped call fails, runs client by client through the ClientApp's own
 :func:`~fedmaml.federated.client_app.train_step` (with its memory in the bank) in the same round.
 Per-client train messages (a strategy that does not send cohorts) are trained the same way and
-answered one reply per client. Evaluate messages run client by client (``evaluate_client``), other
-messages go to the ClientApp.
+answered one reply per client.
+
+Evaluation rounds are batched the same way: the strategy sends one evaluate message for the whole
+panel (seen and unseen ids) and gets one reply with every client's metrics as per-client lists and
+the clients whose evaluation failed. The clients are evaluated one by one through the ClientApp's
+``evaluate_client`` (evaluation is not vmapped: it is a small share of a run), so the metrics
+equal those of per-client evaluate messages, which the grid also answers. Other messages go to the
+ClientApp.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from flwr.app import (ConfigRecord, Context, Error, Message, MessageType, MetricRecord,
+from flwr.app import (Context, Error, Message, MessageType, MetricRecord,
                       RecordDict)
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
@@ -115,6 +121,7 @@ class CohortStats:
     cohorts: int = 0
     per_client: int = 0
     fallbacks: int = 0  # cohorts whose vmapped call failed and ran client by client
+    eval_cohorts: int = 0  # evaluation panels answered with one reply
 
 
 @dataclass
@@ -193,6 +200,8 @@ class VectorizedGrid(InProcessGrid):
             kind = msg.metadata.message_type
             if kind == MessageType.TRAIN and _cohort_ids(msg) is not None:
                 replies[i] = (self._train_cohort_message(msg, timeout), 0.0)
+            elif kind == MessageType.EVALUATE and _cohort_ids(msg) is not None:
+                replies[i] = (self._evaluate_cohort_message(msg, timeout), 0.0)
             else:
                 (train if kind == MessageType.TRAIN else
                  evaluate if kind == MessageType.EVALUATE else other).append(i)
@@ -219,13 +228,10 @@ class VectorizedGrid(InProcessGrid):
         except Exception as e:  # noqa: BLE001 - a bad instruction fails the whole cohort
             return _error_reply(msg, e)
         result = self.train_clients(w, hp, server_round, cids, timeout)
-        failures = ConfigRecord({R.PARTITION: [f[0] for f in result.failures],
-                                 R.KIND: [f[1] for f in result.failures],
-                                 R.REASON: [f[2] for f in result.failures]})
         return Message(RecordDict({R.ARRAYS: codec.encode(result.delta),
                                    R.METRICS: MetricRecord({R.PARTITION: result.cids,
                                                             **result.metrics}),
-                                   R.FAILURES: failures}), reply_to=msg)
+                                   R.FAILURES: R.failure_record(result.failures)}), reply_to=msg)
 
     def _train(self, messages: dict[int, Message], timeout: float | None
                ) -> dict[int, tuple[Message, float]]:
@@ -397,21 +403,54 @@ class VectorizedGrid(InProcessGrid):
         return [cid], {k: v.unsqueeze(0) for k, v in delta.items()}, columns
 
     # -- evaluation -----------------------------------------------------------------------------
+    def _evaluate_cohort_message(self, msg: Message, timeout: float | None) -> Message:
+        """One message for an evaluation panel -> one reply: every client evaluated as its own
+        evaluate message would be, the metrics as per-client lists and the failed clients by id
+        (records.py). A client whose evaluation exceeds ``timeout`` is listed as late."""
+        _set_message_id(msg)
+        self.stats.eval_cohorts += 1
+        try:
+            w, pattern = evaluate_instruction(msg, self.setup)
+            cids = [int(c) for c in _cohort_ids(msg)]
+        except Exception as e:  # noqa: BLE001 - a bad instruction fails the whole panel
+            return _error_reply(msg, e)
+        rows: list[dict[str, float]] = []
+        failures: list[tuple[int, str, str]] = []
+        for cid in cids:
+            start = time.perf_counter()
+            try:
+                metrics = self._evaluate_client(cid, w, pattern)
+            except Exception as e:  # noqa: BLE001 - the client fails, the panel goes on
+                failures.append((cid, failure_kind(e), f"{type(e).__name__}: {e}"))
+                continue
+            if timeout is not None and time.perf_counter() - start > timeout:
+                late = f"client {cid} took longer than the round timeout ({timeout} s)"
+                failures.append((cid, "timeout", late))
+            else:
+                rows.append(metrics)
+        metrics, absent = R.metric_columns(rows)
+        return Message(RecordDict({R.METRICS: metrics, R.ABSENT: absent,
+                                   R.FAILURES: R.failure_record(failures)}), reply_to=msg)
+
     def _evaluate(self, msg: Message) -> tuple[Message, float]:
         _set_message_id(msg)
         start = time.perf_counter()
         cid = msg.metadata.dst_node_id - FIRST_CLIENT_NODE
         try:
             w, pattern = evaluate_instruction(msg, self.setup)
-            trains = cid < self.setup.federation.num_clients
-            # evaluation runs on the host: the memory comes out of the bank there
-            store = (BankStore(self.bank, cid, "cpu") if trains and self.bank is not None
-                     else _NoMemory())
-            metrics = evaluate_client(self.setup, cid, w, store, pattern)
+            metrics = self._evaluate_client(cid, w, pattern)
             reply = Message(RecordDict({R.METRICS: MetricRecord(metrics)}), reply_to=msg)
         except Exception as e:  # noqa: BLE001 - reported to the strategy as an error reply
             reply = _error_reply(msg, e)
         return reply, time.perf_counter() - start
+
+    def _evaluate_client(self, cid: int, w: Params, pattern: Any) -> dict[str, float]:
+        """Client ``cid``'s evaluation (the ClientApp's ``evaluate_client``) with its memory."""
+        trains = cid < self.setup.federation.num_clients
+        # evaluation runs on the host: the memory comes out of the bank there
+        store = (BankStore(self.bank, cid, "cpu") if trains and self.bank is not None
+                 else _NoMemory())
+        return evaluate_client(self.setup, cid, w, store, pattern)
 
 
 _MESSAGE_IDS = itertools.count(1)

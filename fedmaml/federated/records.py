@@ -10,16 +10,22 @@ many clients, ``arrays`` (``w_r`` once) and ``config`` with ``cohort`` (the clie
 reply: ``arrays`` (the updates of the clients that trained, stacked ``[n, ...]``), ``metrics``
 (per-client lists, ``partition-id`` naming each row) and ``failures`` (``partition-id``, ``kind``
 and ``reason`` of every client that did not train: ``error``, ``timeout``, ``malformed``).
+
+Cohort evaluate instruction: ``arrays`` and ``config`` with ``cohort`` (the panel's ids, seen and
+unseen). Its reply: ``metrics`` (every key of a client's evaluation as a per-client list,
+``partition-id`` naming each row), ``absent`` (per key, the ids of the clients whose evaluation
+has no such metric, e.g. memory metrics of a client without a memory) and ``failures`` as above.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
 from fedmaml.core.params import Params
 from fedmaml.errors import MessageError
@@ -29,6 +35,7 @@ ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
 ROUND, ETA = "server-round", "eta"
 NUM_EXAMPLES, PARTITION = "num-examples", "partition-id"
 COHORT, FAILURES, KIND, REASON = "cohort", "failures", "kind", "reason"
+ABSENT = "absent"
 
 
 def to_record(params: Params) -> ArrayRecord:
@@ -173,6 +180,49 @@ class NonFinite(str):
 
 def _not_finite(k: str, what: str) -> NonFinite:
     return NonFinite(f"{what}: parameter {k!r} contains NaN or infinite values")
+
+
+def failure_record(failures: Sequence[tuple[int, str, str]]) -> ConfigRecord:
+    """A cohort reply's ``failures``: the ``(client id, kind, reason)`` of the clients left out."""
+    return ConfigRecord({PARTITION: [int(f[0]) for f in failures], KIND: [f[1] for f in failures],
+                         REASON: [f[2] for f in failures]})
+
+
+def failures_from(record: Any) -> list[tuple[int, str, str]]:
+    """The failures a cohort reply's ``failures`` record lists (``ValueError`` if lists differ in
+    length)."""
+    return list(zip([int(c) for c in record[PARTITION]], [str(k) for k in record[KIND]],
+                    [str(r) for r in record[REASON]], strict=True))
+
+
+def metric_columns(rows: Sequence[dict[str, Any]]) -> tuple[MetricRecord, ConfigRecord]:
+    """Per-client metric dicts as a cohort reply's ``metrics`` (one list per key, row ``j`` is
+    ``rows[j]``) and ``absent`` (per key, the ``partition-id`` of the rows without it, whose place
+    holds NaN, or 0 in a list of integers)."""
+    keys = list(dict.fromkeys([PARTITION, *(k for row in rows for k in row)]))
+    columns: dict[str, Any] = {}
+    absent: dict[str, list[int]] = {}
+    for k in keys:
+        present = [row[k] for row in rows if k in row]
+        whole = all(isinstance(v, int) and not isinstance(v, bool) for v in present)
+        fill = 0 if whole else math.nan
+        columns[k] = [(int(row[k]) if whole else float(row[k])) if k in row else fill
+                      for row in rows]
+        if len(present) < len(rows):
+            absent[k] = [int(row[PARTITION]) for row in rows if k not in row]
+    return MetricRecord(columns), ConfigRecord(absent)
+
+
+def metric_rows(metrics: Any, absent: Any = None) -> list[dict[str, Any]]:
+    """The per-client metric dicts a cohort reply's ``metrics`` and ``absent`` carry (the inverse of
+    :func:`metric_columns`); ``ValueError`` if a list's length differs from ``partition-id``'s."""
+    ids = [int(c) for c in metrics[PARTITION]]
+    columns = {k: list(v) for k, v in metrics.items()}
+    if any(len(v) != len(ids) for v in columns.values()):
+        raise ValueError("per-client metric lists differ in length from partition-id")
+    missing = {k: {int(c) for c in v} for k, v in absent.items()} if absent is not None else {}
+    return [{k: v[j] for k, v in columns.items() if cid not in missing.get(k, ())}
+            for j, cid in enumerate(ids)]
 
 
 def cohort_size(message: Message) -> int | None:

@@ -14,7 +14,8 @@
   unseen client. The panel is the same at every evaluation so that "before" and "after" compare the
   same clients (a per-round sample would add client-to-client variance to the curve). Per-client
   metrics are summarised as mean, std and p10/p50/p90 (ALGORITHMS.md §7); memory-based metrics cover
-  the panel clients that have a memory (have trained).
+  the panel clients that have a memory (have trained). A grid that takes cohorts (the vectorized
+  engine) gets one evaluate message for the whole panel and answers once (records.py).
 * **Participation** (:mod:`~fedmaml.federated.participation`): the cohort is drawn among the
   clients available that round under ``participation.model``; the rounds since each sampled
   client's previous participation are counted as it is sampled.
@@ -262,6 +263,20 @@ class MetaStrategy(Strategy):
         return [Message(content, self.nodes[c], kind, ttl=ttl, group_id=str(server_round))
                 for c in cids if c in self.nodes]
 
+    def _cohort_message(self, cids: list[int], arrays: ArrayRecord, config: dict[str, Any],
+                        kind: str, server_round: int) -> list[Message]:
+        """One ``kind`` message for all of ``cids`` that a node serves (to a grid that takes
+        cohorts), remembered with its clients so that its reply can be traced to them."""
+        known = [c for c in cids if c in self.nodes]
+        if len(known) < len(cids):  # counted as failed (no reply) by the aggregation
+            log.warning("round %d: no node serves client(s) %s; skipped", server_round,
+                        [c for c in cids if c not in self.nodes])
+        content = RecordDict({R.ARRAYS: arrays, R.CONFIG: ConfigRecord({**config, R.COHORT: known})})
+        messages = self._messages(known[:1], content, kind, server_round)  # to the first's node
+        if messages:  # its id is set when it is sent
+            self.round_stats.setdefault("cohorts", []).append((messages[0], known))
+        return messages
+
     # -- Strategy API ---------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -271,15 +286,7 @@ class MetaStrategy(Strategy):
         cfg = {**dict(config), **self.selector.train_config(), R.ROUND: server_round,
                R.ETA: self.setup.eta_for_round(server_round)}
         if getattr(grid, "takes_cohorts", False):  # one message for the round's whole cohort
-            messages = self._messages(cids[:1], RecordDict(), "train", server_round)
-            known = [c for c in cids if c in self.nodes]
-            if not messages or not known:
-                return []
-            content = RecordDict({R.ARRAYS: arrays, R.CONFIG: ConfigRecord({**cfg, R.COHORT: known})})
-            cohort = Message(content, self.nodes[known[0]], "train", ttl=messages[0].metadata.ttl,
-                             group_id=str(server_round))
-            self.round_stats["cohorts"] = [(cohort, known)]  # its id is set when it is sent
-            return [cohort]
+            return self._cohort_message(cids, arrays, cfg, "train", server_round)
         return self._messages(cids, RecordDict({R.ARRAYS: arrays, R.CONFIG: ConfigRecord(cfg)}),
                               "train", server_round)
 
@@ -332,18 +339,13 @@ class MetaStrategy(Strategy):
         fails every client of its cohort as malformed."""
         content = msg.content
         try:
-            m, failed = content[R.METRICS], content[R.FAILURES]
-            ids = [int(c) for c in m[R.PARTITION]]
-            columns = {k: list(m[k]) for k in m.keys()}
-            if any(len(v) != len(ids) for v in columns.values()):
-                raise ValueError("per-client metric lists differ in length from partition-id")
-            counts = [int(c) for c in columns[R.NUM_EXAMPLES]]
-            for key in ("samples", "train-seconds"):
-                for v in columns[key]:
-                    float(v)
-            failures = list(zip([int(c) for c in failed[R.PARTITION]],
-                                [str(k) for k in failed[R.KIND]],
-                                [str(r) for r in failed[R.REASON]], strict=True))
+            rows = R.metric_rows(content[R.METRICS])
+            ids = [int(m[R.PARTITION]) for m in rows]
+            counts = [int(m[R.NUM_EXAMPLES]) for m in rows]
+            for m in rows:
+                for key in ("samples", "train-seconds"):
+                    float(m[key])
+            failures = R.failures_from(content[R.FAILURES])
             stacked, row_errors = R.stack_from_cohort(
                 content[R.ARRAYS], self.w, [f"update from client {c}" for c in ids])
         except (KeyError, TypeError, ValueError, MessageError) as e:
@@ -359,8 +361,7 @@ class MetaStrategy(Strategy):
                 outcomes.append(TrainOutcome(cid, failure=(
                     "malformed", f"malformed reply: client {cid} reported {count} examples")))
             else:
-                outcomes.append(TrainOutcome(cid, (stack, j), count,
-                                             {k: v[j] for k, v in columns.items()}))
+                outcomes.append(TrainOutcome(cid, (stack, j), count, rows[j]))
         for cid, kind, reason in failures:
             label = {"error": "client error", "malformed": "malformed reply"}.get(kind, kind)
             kind = kind if kind in FAILURE_KINDS else "error"  # a kind we do not know: it failed
@@ -368,7 +369,8 @@ class MetaStrategy(Strategy):
         return outcomes
 
     def _cohort_of(self, msg: Message) -> list[int] | None:
-        """The client ids of the cohort instruction ``msg`` answers (``None``: not a cohort's)."""
+        """The client ids of the cohort instruction (train or evaluate) ``msg`` answers (``None``:
+        not a cohort's)."""
         answered = msg.metadata.reply_to_message_id
         return next((cids for m, cids in self.round_stats.get("cohorts", [])
                      if m.metadata.message_id == answered), None)
@@ -444,11 +446,12 @@ class MetaStrategy(Strategy):
                            grid: Grid) -> Iterable[Message]:
         if not self.is_eval_round(server_round):
             return []
-        content = RecordDict({R.ARRAYS: arrays,
-                              R.CONFIG: ConfigRecord({**dict(config), **self.selector.evaluate_config(),
-                                                      R.ROUND: server_round})})
+        cfg = {**dict(config), **self.selector.evaluate_config(), R.ROUND: server_round}
         cids = self.eval_clients(server_round)
         self.round_stats["eval-clients"] = cids
+        if getattr(grid, "takes_cohorts", False):  # one message for the whole panel
+            return self._cohort_message(cids, arrays, cfg, "evaluate", server_round)
+        content = RecordDict({R.ARRAYS: arrays, R.CONFIG: ConfigRecord(cfg)})
         return self._messages(cids, content, "evaluate", server_round)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
@@ -456,20 +459,22 @@ class MetaStrategy(Strategy):
         """Per group (seen = the training panel, unseen): every metric's summary and per-client
         list, ordered as ``<group>.ids``. A client without a memory has NaN for memory metrics
         (null in metrics.jsonl); their summary covers the clients that have one. Error, malformed
-        and missing replies are counted in ``eval-failures`` and never stop the run."""
-        replies = list(replies)
+        and missing replies are counted in ``eval-failures`` and never stop the run.
+
+        Per-client replies and cohort replies (one for a whole panel, metrics as per-client lists)
+        both become per-client outcomes, summarized by the same code."""
+        outcomes = [o for msg in replies for o in self._evaluate_outcomes(msg)]
         expected = set(self.round_stats.get("eval-clients", []))
-        groups: dict[str, dict[int, MetricRecord]] = {"seen": {}, "unseen": {}}
-        failures = max(len(expected) - len(replies), 0)  # no reply in time
+        groups: dict[str, dict[int, Mapping[str, Any]]] = {"seen": {}, "unseen": {}}
+        failures = max(len(expected) - len(outcomes), 0)  # no reply in time
         if failures:
             log.warning("round %d: %d evaluation(s) did not reply in time", server_round, failures)
-        for msg in replies:
-            if msg.has_error():
+        for m, failure in outcomes:
+            if failure is not None:
                 failures += 1
-                log.warning("round %d: evaluation error: %s", server_round, msg.error.reason)
+                log.warning("round %d: %s", server_round, failure)
                 continue
             try:
-                m = msg.content[R.METRICS]
                 cid, unseen, weight = int(m[R.PARTITION]), int(m["unseen"]), float(m[R.NUM_EXAMPLES])
                 if cid not in expected or weight <= 0:
                     raise ValueError(f"client {cid}: not asked, or {weight} examples")
@@ -479,7 +484,7 @@ class MetaStrategy(Strategy):
                 continue
             age = self.staleness.age(cid, server_round) if not unseen else math.nan
             if not math.isnan(age):  # its memory's age, from the strategy's own bookkeeping
-                m = MetricRecord({**dict(m), "staleness": age})
+                m = {**dict(m), "staleness": age}
             groups["unseen" if unseen else "seen"][cid] = m
         out: dict[str, Any] = {"eval-failures": failures, **self.memory_metrics(server_round)}
         for group, by_id in groups.items():
@@ -499,6 +504,26 @@ class MetaStrategy(Strategy):
                     out[f"{group}.{key}.{stat}"] = v
                 out[f"{group}.{key}.clients"] = values
         return MetricRecord(out)
+
+    def _evaluate_outcomes(self, msg: Message) -> list[tuple[Mapping[str, Any] | None, str | None]]:
+        """An evaluate reply as per-client ``(metrics, None)`` or ``(None, why it failed)``: one for
+        a per-client reply, one per client for a cohort reply; an error reply to a cohort, or a
+        cohort reply that cannot be read, fails every client of its cohort."""
+        cohort = self._cohort_of(msg)
+        if msg.has_error():
+            return [(None, f"evaluation error: {msg.error.reason}")] * len(cohort or [None])
+        content = msg.content
+        try:
+            if R.FAILURES not in content:
+                return [(content[R.METRICS], None)]
+            rows = R.metric_rows(content[R.METRICS], content.get(R.ABSENT))
+            failed = R.failures_from(content[R.FAILURES])
+        except (KeyError, TypeError, ValueError) as e:
+            return [(None, f"malformed evaluation reply: {e}")] * len(cohort or [None])
+        labels = {"error": "evaluation error", "malformed": "malformed evaluation reply"}
+        return [*((m, None) for m in rows),
+                *((None, f"{labels.get(kind, 'evaluation ' + kind)}: client {cid}: {reason}")
+                  for cid, kind, reason in failed)]
 
     # -- checkpoints (fedmaml/federated/checkpoint.py) ------------------------------------------
     def checkpoint_state(self) -> dict[str, Any]:
