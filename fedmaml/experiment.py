@@ -177,4 +177,8 @@ def format_summary(run_dirs: list[str | Path]) -> str:
             notes.append(f"{s['algorithm']} completed with {sum(lost.values())} replies not used ("
                          + ", ".join(f"{k} {n}" for k, n in lost.items()) + f"; {s['replies']} "
                          "used)")
+        if status == "completed" and s.get("memory_resets"):  # fresh memories replaced corrupt ones
+            notes.append(f"{s['algorithm']} completed, {s['memory_resets']} client memories reset "
+                         f"(clients {', '.join(map(str, s.get('memory_reset_clients', [])))}: their "
+                         "memory files were corrupt and were moved aside; memory-reset=true)")
     return "\n".join(lines + notes)

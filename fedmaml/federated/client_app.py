@@ -122,7 +122,10 @@ def train_step(cfg: Any, setup: ExperimentSetup, cid: int, w: Params, hp: Hyper,
         delta = clip_update(delta, cfg.privacy.clipping_norm)
     seconds = (time.perf_counter() - start) * float(
         speed_multipliers(cfg.participation, cfg.seed, [cid])[0])
-    return delta, train_metrics(cid, tasks, data, metrics, seconds)
+    reply = train_metrics(cid, tasks, data, metrics, seconds)
+    if getattr(store, "reset", False):  # a corrupt memory file was moved aside (memory-reset=true)
+        reply[R.MEMORY_RESET] = 1
+    return delta, reply
 
 
 def train_instruction(msg: Message, setup: ExperimentSetup, device: torch.device

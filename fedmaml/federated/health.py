@@ -70,6 +70,10 @@ class RunHealth:
     rejected: int = 0
     rounds_completed: int = 0
     failed_in_a_row: int = 0
+    #: clients whose corrupt memory file was replaced by a fresh memory (memory-reset=true), and
+    #: how many times that happened
+    memory_resets: int = 0
+    memory_reset_clients: set[int] = field(default_factory=set)
 
     def observe(self, row: Mapping[str, Any], last_error: str = "") -> None:
         """Account for one metrics row; raise :class:`RunStopped` when the run must stop."""
@@ -79,6 +83,8 @@ class RunHealth:
             for kind, n in row.get("failures_by_kind", {}).items():
                 self.failures[kind] = self.failures.get(kind, 0) + int(n)
             self.rejected += int(row.get("rejected", 0))
+            self.memory_resets += int(row.get("memory_resets", 0))
+            self.memory_reset_clients.update(int(c) for c in row.get("memory_reset_clients", []))
             if row.get("diverged"):
                 raise RunStopped("diverged", r, f"run diverged at round {r}: {row['diverged']}; "
                                  f"try {self.hint}")
@@ -103,20 +109,28 @@ class RunHealth:
                              "federated.round_timeout")
 
     def totals(self) -> dict[str, Any]:
-        """The summary's share: total valid replies, failures by kind, rejected updates, rounds."""
+        """The summary's share: total valid replies, failures by kind, rejected updates, rounds, and
+        the memory resets (count and client ids)."""
         return {"replies": self.replies, "failures": dict(self.failures),
-                "rejected_updates": self.rejected, "rounds_completed": self.rounds_completed}
+                "rejected_updates": self.rejected, "rounds_completed": self.rounds_completed,
+                "memory_resets": self.memory_resets,
+                "memory_reset_clients": sorted(self.memory_reset_clients)}
 
     def state(self) -> dict[str, Any]:
         """Everything needed to continue counting after a resume."""
         return {"replies": self.replies, "failures": dict(self.failures), "rejected": self.rejected,
-                "rounds_completed": self.rounds_completed, "failed_in_a_row": self.failed_in_a_row}
+                "rounds_completed": self.rounds_completed, "failed_in_a_row": self.failed_in_a_row,
+                "memory_resets": self.memory_resets,
+                "memory_reset_clients": sorted(self.memory_reset_clients)}
 
     def restore(self, state: Mapping[str, Any]) -> None:
         self.replies, self.rejected = int(state["replies"]), int(state["rejected"])
         self.failures = {k: int(v) for k, v in state["failures"].items()}
         self.rounds_completed = int(state["rounds_completed"])
         self.failed_in_a_row = int(state["failed_in_a_row"])
+        # checkpoints written before memory resets were counted have none
+        self.memory_resets = int(state.get("memory_resets", 0))
+        self.memory_reset_clients = {int(c) for c in state.get("memory_reset_clients", [])}
 
 
 def _finite(value: Any) -> bool:

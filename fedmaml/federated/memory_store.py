@@ -84,7 +84,8 @@ class FileStore:
     ``like``: the model's parameters (the expected names and per-task shapes), checked on load.
     ``reset_corrupt``: move an unreadable or mismatched file to ``<name>.corrupt-<UTC time>`` and
     start fresh instead of failing. ``report``: called with one line per load and save (path, tasks,
-    a digest of the bytes), so a device's log shows which memory a client used.
+    a digest of the bytes), so a device's log shows which memory a client used. ``reset`` becomes
+    true when a load moved a bad file aside, so the client can say so in its reply.
     """
 
     def __init__(self, directory: str | Path, client_id: int, like: Params | None = None, *,
@@ -94,6 +95,7 @@ class FileStore:
         self.like = like
         self.reset_corrupt = reset_corrupt
         self.report = report
+        self.reset = False
 
     def load(self) -> Params | None:
         if not self.path.exists():
@@ -111,6 +113,7 @@ class FileStore:
             aside = self.path.with_name(f"{self.path.name}.corrupt-"
                                         f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
             self.path.replace(aside)
+            self.reset = True
             self._say(f"{problem}; moved to {aside.name}, starting with a fresh memory "
                       "(memory-reset=true)")
             return None

@@ -36,6 +36,9 @@ ROUND, ETA = "server-round", "eta"
 NUM_EXAMPLES, PARTITION = "num-examples", "partition-id"
 COHORT, FAILURES, KIND, REASON = "cohort", "failures", "kind", "reason"
 ABSENT = "absent"
+#: In a train reply's metrics: 1 when the client's memory file was corrupt and was moved aside for
+#: a fresh memory this round (a device with ``memory-reset=true``); absent otherwise.
+MEMORY_RESET = "memory-reset"
 
 
 def to_record(params: Params) -> ArrayRecord:

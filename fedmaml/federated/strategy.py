@@ -23,7 +23,8 @@
 One ``metrics.jsonl`` row per round (``on_round``): ``round``; for rounds >= 1 ``clients`` (sampled
 ids), ``replies`` (valid), ``failures`` (errors, malformed and missing replies and rejected
 updates), ``failures_by_kind`` (``error``, ``timeout``, ``malformed``), ``rejected`` (updates holding
-NaN/inf), ``updated`` (whether ``w`` changed), ``diverged`` (only when the aggregated update was not
+NaN/inf), ``updated`` (whether ``w`` changed), ``memory_resets`` / ``memory_reset_clients`` (only when a
+device's corrupt memory file was replaced by a fresh memory, ``memory-reset=true``), ``diverged`` (only when the aggregated update was not
 finite), ``available`` (clients available, under a participation model other than uniform),
 ``loss_before`` / ``loss_after`` / ``train_seconds_max`` (when a reply
 arrived); on evaluation rounds ``eval`` (``<group>.<metric>.<stat>``, ``<group>.<metric>.clients``,
@@ -76,7 +77,7 @@ EVAL_METRICS = ("loss", "accuracy", "memory-loss", "memory-accuracy", "memory-ga
 DISCOVERY_SECONDS = 60.0
 #: The round record keys the strategy's accounting contributes to a metrics row.
 ROUND_KEYS = ("clients", "replies", "failures", "failures_by_kind", "rejected", "updated",
-              "diverged")
+              "diverged", "memory_resets", "memory_reset_clients")
 
 
 def summarize(values: list[float], weights: list[float]) -> dict[str, float]:
@@ -404,6 +405,11 @@ class MetaStrategy(Strategy):
         updated = len(valid) >= self.cfg.federated.min_replies
         self.round_stats.update(round_outcome((k for k, _ in errors), missing), replies=len(valid),
                                 updated=updated)
+        reset = [o.cid for o in valid if float(o.metrics.get(R.MEMORY_RESET, 0)) > 0]
+        if reset:  # devices whose corrupt memory file was replaced by a fresh memory this round
+            log.warning("round %d: client(s) %s started with a fresh memory (their memory file was "
+                        "corrupt; memory-reset=true)", server_round, reset)
+            self.round_stats.update(memory_resets=len(reset), memory_reset_clients=reset)
         if not updated:
             log.warning("round %d: %d valid replies < min_replies=%d; the model is not updated",
                         server_round, len(valid), self.cfg.federated.min_replies)
