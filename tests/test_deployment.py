@@ -425,22 +425,26 @@ def test_secure_federation_survives_a_killed_node_and_a_straggler(tmp_path, monk
         with pytest.raises(DeployError):
             flwr(["ls", "plain"], home=cli_home, timeout=60)
 
-        def start_node(i: int, name: str, key: str | None = None) -> subprocess.Popen:
+        def start_node(i: int, name: str, key: str | None = None,
+                       retry_for: float = 120) -> subprocess.Popen:
             runtime_ports[name] = processes.free_port()
             return run.start(name, _fedmaml(
                 "deploy", "supernode", "--superlink", f"127.0.0.1:{port}", "--ca", str(ca),
                 "--key", str(keys / (key or f"node-{i}")), "--partition-id", str(i),
                 "--num-partitions", "3", "--memory-dir", str(tmp_path / f"memory-{i}"),
-                "--port", str(runtime_ports[name]), "--home", str(tmp_path / f"home-{i}")))
+                "--port", str(runtime_ports[name]), "--home", str(tmp_path / f"home-{i}"),
+                "--retry-for", str(retry_for)))
 
         for i in range(3):
             start_node(i, f"node-{i}")
-        rogue = start_node(1, "rogue", key="rogue")  # its key was never registered
+        # Its key was never registered: refused, tried again for 2 s, then it gives up.
+        rogue = start_node(1, "rogue", key="rogue", retry_for=2)
         for i in range(3):  # authenticated: each node has the id its key was registered under
             processes.wait_until(lambda i=i: ACCEPTED.format(registered[i]) in run.log(f"node-{i}"),
                                  60, f"node {i} to connect")
         processes.wait_until(lambda: rogue.poll() is not None, 60, "the unregistered node to stop")
         assert rogue.returncode != 0 and "Failed to activate SuperNode" in run.log("rogue")
+        assert "retrying in" in run.log("rogue") and "giving up" in run.log("rogue")
         phases["federation up"] = time.monotonic() - t0
 
         # Submit the experiment with flwr run.
@@ -492,7 +496,7 @@ def test_secure_federation_survives_a_killed_node_and_a_straggler(tmp_path, monk
                 if finished.is_set():
                     return
                 name = f"node-2-restart-{attempt}"
-                proc = start_node(2, name)
+                proc = start_node(2, name, retry_for=0)  # this loop is the retrying
                 processes.wait_until(lambda: finished.is_set() or proc.poll() is not None
                                      or ACCEPTED.format(registered[2]) in run.log(name), 120,
                                      f"restart {attempt} of node 2")

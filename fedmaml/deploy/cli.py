@@ -127,6 +127,10 @@ def _add_supernode(p: argparse.ArgumentParser) -> None:
                    "one machine; default: $FLWR_HOME or ~/.flwr)")
     p.add_argument("--max-retries", type=int, metavar="N", help="stop after N failed connection "
                    "attempts (default: keep trying)")
+    p.add_argument("--retry-for", type=float, default=120.0, metavar="SECONDS",
+                   help="when the SuperLink refuses to activate the node (Flower refuses a key "
+                   "whose node was killed, for about a minute), start it again every few seconds "
+                   "for up to SECONDS, then exit non-zero (default: 120; 0: exit at once)")
     p.add_argument("--cold-clientapps", action="store_true", help="let Flower start every "
                    "ClientApp process from scratch (seconds per message) instead of forking it from "
                    "a process that has torch and Flower loaded")
@@ -159,8 +163,9 @@ def _supernode(a: argparse.Namespace) -> int:
     if a.memory_dir is None and not a.dry_run:
         _err("fedmaml: no --memory-dir: memories live in this node's RAM and a restart loses them")
     if not a.cold_clientapps:
-        # Started first, as a child of this process, which then becomes the SuperNode (same PID):
-        # it polls the node's Runtime API until the node is up, and exits when the node does.
+        # Started first, as a child of this process, which then becomes the SuperNode (same PID;
+        # with --retry-for, runs it): it polls the node's Runtime API until the node is up, and
+        # exits when this process does.
         from fedmaml.deploy.commands import program_env, show, warm_clientapps_argv
 
         warm = warm_clientapps_argv(a.port, os.getpid())
@@ -171,6 +176,12 @@ def _supernode(a: argparse.Namespace) -> int:
 
             _err(f"fedmaml: starting {show(warm)}")
             subprocess.Popen(warm, env=program_env(env), stdin=subprocess.DEVNULL)
+    if a.retry_for > 0 and not a.dry_run:  # this process stays, and restarts a refused node
+        from fedmaml.deploy.commands import program_env, show
+        from fedmaml.deploy.retry import run_retrying
+
+        _err(f"fedmaml: starting {show(argv)}")
+        return run_retrying(argv, env=program_env(env), retry_for=a.retry_for)
     return _exec(argv, a.dry_run, env)
 
 
