@@ -261,13 +261,14 @@ def test_nodes_restarting_with_memories_on_disk_give_the_same_run(tiny_config, t
 # -- a reset is reported: reply -> metrics.jsonl -> summary.json -> the printed table ------------
 
 class CorruptingDevices(InProcessGrid):
-    """In-process nodes with memories on disk and ``memory-reset=true``; just before the train
-    messages of round ``at`` are delivered, every memory file of the clients they go to is
-    overwritten with garbage, as a failing disk or a foreign write would."""
+    """In-process nodes with memories on disk and ``memory-reset=true``; just before the messages
+    of a ``(message type, round)`` in ``at`` are delivered, every memory file of the clients they
+    go to is overwritten with garbage, as a failing disk or a foreign write would."""
 
-    def __init__(self, client_app, num_nodes, memory_root: Path, at: int) -> None:
+    def __init__(self, client_app, num_nodes, memory_root: Path, at: set) -> None:
         super().__init__(client_app, num_nodes)
-        self.memory_root, self.at, self.corrupted = memory_root, at, []
+        self.memory_root, self.at = memory_root, at
+        self.corrupted: dict[tuple[str, int], list[int]] = {}
 
     def context(self, node_id):
         ctx = super().context(node_id)
@@ -278,36 +279,43 @@ class CorruptingDevices(InProcessGrid):
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
         for msg in messages:
-            if (msg.metadata.message_type == "train"
-                    and int(msg.content["config"]["server-round"]) == self.at):
+            when = (msg.metadata.message_type, int(msg.content["config"]["server-round"]))
+            if when in self.at:
                 cid = msg.metadata.dst_node_id - 2
                 for path in (self.memory_root / f"node-{msg.metadata.dst_node_id}").rglob(
                         f"memory-{cid}.pt"):
                     path.write_bytes(b"not a memory")
-                    self.corrupted.append(cid)
+                    self.corrupted.setdefault(when, []).append(cid)
         return super().send_and_receive(messages, timeout=timeout)
 
 
 def test_a_completed_run_reports_the_client_memories_it_reset(tiny_config, tmp_path):
+    """Files corrupted before round 2's training and before round 3's evaluation: each reset is
+    counted in its round, in the summary (with the client ids) and in the printed table."""
     from fedmaml.experiment import format_summary
     from fedmaml.results.recorder import read_summary
 
     cfg = tiny_config("federated.rounds=3", "federated.eval_every=3")
     n = cfg.data.num_clients + cfg.data.unseen_clients
     app = make_client_app(cfg)
-    grid = CorruptingDevices(app, n, tmp_path / "memories", at=2)
+    grid = CorruptingDevices(app, n, tmp_path / "memories", at={("train", 2), ("evaluate", 3)})
     run_dir = tmp_path / "run"
     run_inprocess(make_server_app(cfg, run_dir, quiet=True), app, n, grid=grid)
-    assert grid.corrupted, "no sampled client of round 2 had a memory file to corrupt"
+    trained, evaluated = grid.corrupted.get(("train", 2)), grid.corrupted.get(("evaluate", 3))
+    assert trained and evaluated, f"nothing to corrupt: {grid.corrupted}"
     rows = {row["round"]: row for row in read_metrics(run_dir)}
-    assert rows[2]["memory_resets"] == len(grid.corrupted)
-    assert rows[2]["memory_reset_clients"] == sorted(grid.corrupted)
-    assert "memory_resets" not in rows[1] and "memory_resets" not in rows[3]
+    assert (rows[2]["memory_resets"], rows[2]["memory_reset_clients"]) == (len(trained),
+                                                                           sorted(trained))
+    assert (rows[3]["memory_resets"], rows[3]["memory_reset_clients"]) == (len(evaluated),
+                                                                           sorted(evaluated))
+    assert "memory_resets" not in rows[0] and "memory_resets" not in rows[1]
     summary = read_summary(run_dir)
+    every = sorted(set(trained) | set(evaluated))
     assert summary["status"] == "completed"
-    assert summary["memory_resets"] == len(grid.corrupted)
-    assert summary["memory_reset_clients"] == sorted(grid.corrupted)
+    assert summary["memory_resets"] == len(trained) + len(evaluated)
+    assert summary["memory_reset_clients"] == every
     # the bad files were moved aside, not deleted
-    assert len(list((tmp_path / "memories").rglob("memory-*.pt.corrupt-*"))) == len(grid.corrupted)
-    assert (f"completed, {len(grid.corrupted)} client memories reset (clients "
-            f"{', '.join(map(str, sorted(grid.corrupted)))}" in format_summary([run_dir]))
+    assert (len(list((tmp_path / "memories").rglob("memory-*.pt.corrupt-*")))
+            == len(trained) + len(evaluated))
+    assert (f"completed, {len(trained) + len(evaluated)} client memories reset (clients "
+            f"{', '.join(map(str, every))}:" in format_summary([run_dir]))

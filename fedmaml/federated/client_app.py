@@ -239,6 +239,8 @@ def evaluate_client(setup: ExperimentSetup, cid: int, w: Params, store: MemorySt
     from_memory = setup.algorithm.uses_memory and setup.config.evaluation.from_memory
     memory = store.load() if from_memory and not unseen else None
     sums: dict[str, float] = {}
+    if getattr(store, "reset", False):  # a corrupt memory file was moved aside (memory-reset=true)
+        sums[R.MEMORY_RESET] = 1
     start = time.perf_counter()
     for i, task in enumerate(tasks):
         split = task.evaluation_split()

@@ -110,8 +110,10 @@ class FileStore:
                                 " with a fresh memory, move the file away, or restart the SuperNode "
                                 "with memory-reset=true in its --node-config (`fedmaml deploy "
                                 "supernode --memory-reset`)") from None
-            aside = self.path.with_name(f"{self.path.name}.corrupt-"
-                                        f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+            stamp = f"{self.path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+            aside, n = self.path.with_name(stamp), 1
+            while aside.exists():  # a file set aside in the same second is kept too
+                aside, n = self.path.with_name(f"{stamp}-{n}"), n + 1
             self.path.replace(aside)
             self.reset = True
             self._say(f"{problem}; moved to {aside.name}, starting with a fresh memory "

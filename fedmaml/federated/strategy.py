@@ -77,7 +77,9 @@ EVAL_METRICS = ("loss", "accuracy", "memory-loss", "memory-accuracy", "memory-ga
 DISCOVERY_SECONDS = 60.0
 #: The round record keys the strategy's accounting contributes to a metrics row.
 ROUND_KEYS = ("clients", "replies", "failures", "failures_by_kind", "rejected", "updated",
-              "diverged", "memory_resets", "memory_reset_clients")
+              "diverged")
+#: Memory resets of a round (its training and its evaluation), added to the row after evaluation.
+RESET_KEYS = ("memory_resets", "memory_reset_clients")
 
 
 def summarize(values: list[float], weights: list[float]) -> dict[str, float]:
@@ -405,11 +407,8 @@ class MetaStrategy(Strategy):
         updated = len(valid) >= self.cfg.federated.min_replies
         self.round_stats.update(round_outcome((k for k, _ in errors), missing), replies=len(valid),
                                 updated=updated)
-        reset = [o.cid for o in valid if float(o.metrics.get(R.MEMORY_RESET, 0)) > 0]
-        if reset:  # devices whose corrupt memory file was replaced by a fresh memory this round
-            log.warning("round %d: client(s) %s started with a fresh memory (their memory file was "
-                        "corrupt; memory-reset=true)", server_round, reset)
-            self.round_stats.update(memory_resets=len(reset), memory_reset_clients=reset)
+        self._count_resets(server_round, [o.cid for o in valid
+                                          if float(o.metrics.get(R.MEMORY_RESET, 0)) > 0])
         if not updated:
             log.warning("round %d: %d valid replies < min_replies=%d; the model is not updated",
                         server_round, len(valid), self.cfg.federated.min_replies)
@@ -431,6 +430,17 @@ class MetaStrategy(Strategy):
         out["samples"] = sum(int(m["samples"]) for m in metrics)
         out["train-seconds-max"] = max(float(m["train-seconds"]) for m in metrics)
         return (R.to_record(self.w) if updated else None), MetricRecord(out)
+
+    def _count_resets(self, server_round: int, cids: list[int]) -> None:
+        """Note the clients whose corrupt memory file was replaced by a fresh memory (a device with
+        ``memory-reset=true``), found by a training or an evaluation of this round."""
+        if not cids:
+            return
+        log.warning("round %d: client(s) %s started with a fresh memory (their memory file was "
+                    "corrupt; memory-reset=true)", server_round, cids)
+        before = self.round_stats.get("memory_reset_clients", [])
+        self.round_stats.update(memory_resets=len(before) + len(cids),
+                                memory_reset_clients=sorted([*before, *cids]))
 
     def _parse_train_reply(self, msg: Message) -> tuple[int, ArrayRecord, int, MetricRecord]:
         """What the server uses from a train reply, its metrics checked here and its arrays by
@@ -492,6 +502,9 @@ class MetaStrategy(Strategy):
             if not math.isnan(age):  # its memory's age, from the strategy's own bookkeeping
                 m = {**dict(m), "staleness": age}
             groups["unseen" if unseen else "seen"][cid] = m
+        self._count_resets(server_round, sorted(
+            c for by_id in groups.values() for c, m in by_id.items()
+            if float(m.get(R.MEMORY_RESET, 0)) > 0))
         out: dict[str, Any] = {"eval-failures": failures, **self.memory_metrics(server_round)}
         for group, by_id in groups.items():
             if not by_id:
@@ -633,6 +646,8 @@ class MetaStrategy(Strategy):
                 if eval_metrics is not None:
                     result.evaluate_metrics_clientapp[server_round] = eval_metrics
                     row["eval"] = dict(eval_metrics)
+            row.update({k: self.round_stats[k] for k in RESET_KEYS if k in self.round_stats})
+            self.round_stats = {k: v for k, v in self.round_stats.items() if k not in RESET_KEYS}
             row.update(totals, seconds=time.perf_counter() - start)
             if on_round:
                 on_round(row)
