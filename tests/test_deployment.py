@@ -437,14 +437,16 @@ def test_secure_federation_survives_a_killed_node_and_a_straggler(tmp_path, monk
 
         for i in range(3):
             start_node(i, f"node-{i}")
-        # Its key was never registered: refused, tried again for 2 s, then it gives up.
-        rogue = start_node(1, "rogue", key="rogue", retry_for=2)
+        # Its key was never registered: refused, started again (an attempt takes seconds: the
+        # node's start-up) until 15 s have passed, then it gives up.
+        rogue = start_node(1, "rogue", key="rogue", retry_for=15)
         for i in range(3):  # authenticated: each node has the id its key was registered under
             processes.wait_until(lambda i=i: ACCEPTED.format(registered[i]) in run.log(f"node-{i}"),
                                  60, f"node {i} to connect")
         processes.wait_until(lambda: rogue.poll() is not None, 60, "the unregistered node to stop")
         assert rogue.returncode != 0 and "Failed to activate SuperNode" in run.log("rogue")
-        assert "retrying in" in run.log("rogue") and "giving up" in run.log("rogue")
+        assert "fedmaml: the SuperLink refused to activate this SuperNode (attempt 1)" in run.log(
+            "rogue") and "; giving up." in run.log("rogue")
         phases["federation up"] = time.monotonic() - t0
 
         # Submit the experiment with flwr run.
