@@ -466,7 +466,8 @@ def test_secure_federation_survives_a_killed_node_and_a_straggler(tmp_path, monk
                                                run.log("node-1")), 240, "node 1's round-1 reply")
         for _ in range(2):  # again, for a process started while we froze its parent
             for pid in processes.descendants(run.procs["node-1"].pid):
-                if pid not in run.frozen:
+                # not flower-supernode itself (a child of `fedmaml deploy supernode`): it stays up
+                if pid not in run.frozen and "flower-supernode" not in processes.command_of(pid):
                     run.freeze(pid)
         _rows_until(run_dir, 1, run_id, cli_home, 240)
         phases["round 1 done"] = time.monotonic() - t0
