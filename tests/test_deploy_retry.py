@@ -8,11 +8,14 @@ from __future__ import annotations
 import sys
 import time
 
+from fedmaml.deploy.processes import alive
 from fedmaml.deploy.retry import REFUSAL, run_retrying
 
 REFUSED_NODE = """
 import sys
+import time
 from pathlib import Path
+time.sleep(float(sys.argv[4]))  # an attempt's start-up
 runs = Path(sys.argv[1])
 n = int(runs.read_text()) if runs.exists() else 0
 runs.write_text(str(n + 1))
@@ -24,10 +27,11 @@ sys.exit(int(sys.argv[3]))
 """
 
 
-def node(tmp_path, refusals: int, code: int = 0) -> list[str]:
+def node(tmp_path, refusals: int, code: int = 0, startup: float = 0.0) -> list[str]:
     script = tmp_path / "node.py"
     script.write_text(REFUSED_NODE)
-    return [sys.executable, str(script), str(tmp_path / "runs"), str(refusals), str(code)]
+    return [sys.executable, str(script), str(tmp_path / "runs"), str(refusals), str(code),
+            str(startup)]
 
 
 def runs(tmp_path) -> int:
@@ -65,3 +69,23 @@ def test_supernode_command_takes_retry_for():
 
     assert main(["deploy", "supernode", "--superlink", "127.0.0.1:9092", "--insecure",
                  "--partition-id", "0", "--retry-for", "30", "--dry-run"]) == 0
+
+
+def test_the_command_beside_runs_next_to_every_attempt_and_stops_with_it(tmp_path):
+    # stands in for the warm ClientApp executor: notes its start, then would run for ever
+    helper = tmp_path / "helper.py"
+    helper.write_text("import os, sys, time\n"
+                      "with open(sys.argv[1], 'a') as f: f.write(f'{os.getpid()}\\n')\n"
+                      "time.sleep(600)\n")
+    started = tmp_path / "started"
+    code = run_retrying(node(tmp_path, 2, startup=1.0), retry_for=30, pause=0.05,
+                        say=lambda _: None,
+                        beside=[sys.executable, str(helper), str(started)])
+    assert code == 0
+    deadline = time.monotonic() + 10  # each helper notes itself once it has started
+    while time.monotonic() < deadline and len(started.read_text().split()
+                                               if started.exists() else []) < 3:
+        time.sleep(0.05)
+    pids = [int(p) for p in started.read_text().split()]
+    assert len(pids) == 3  # one per attempt
+    assert not any(alive(p) for p in pids)  # each stopped when its attempt ended

@@ -162,13 +162,24 @@ def _supernode(a: argparse.Namespace) -> int:
         prepare_memory_dir(node)
     if a.memory_dir is None and not a.dry_run:
         _err("fedmaml: no --memory-dir: memories live in this node's RAM and a restart loses them")
+    warm = None
     if not a.cold_clientapps:
-        # Started first, as a child of this process, which then becomes the SuperNode (same PID;
-        # with --retry-for, runs it): it polls the node's Runtime API until the node is up, and
-        # exits when this process does.
-        from fedmaml.deploy.commands import program_env, show, warm_clientapps_argv
+        from fedmaml.deploy.commands import warm_clientapps_argv
 
         warm = warm_clientapps_argv(a.port, os.getpid())
+    if a.retry_for > 0 and not a.dry_run:  # this process stays, and restarts a refused node
+        from fedmaml.deploy.commands import program_env, show
+        from fedmaml.deploy.retry import run_retrying
+
+        if warm is not None:  # a fresh one next to every attempt of the node
+            _err(f"fedmaml: starting {show(warm)} next to the SuperNode")
+        _err(f"fedmaml: starting {show(argv)}")
+        return run_retrying(argv, env=program_env(env), retry_for=a.retry_for, beside=warm)
+    if warm is not None:
+        # Started first, as a child of this process, which then becomes the SuperNode (same PID):
+        # it polls the node's Runtime API until the node is up, and exits when the node does.
+        from fedmaml.deploy.commands import program_env, show
+
         if a.dry_run:
             print(show(warm) + " &")
         else:
@@ -176,12 +187,6 @@ def _supernode(a: argparse.Namespace) -> int:
 
             _err(f"fedmaml: starting {show(warm)}")
             subprocess.Popen(warm, env=program_env(env), stdin=subprocess.DEVNULL)
-    if a.retry_for > 0 and not a.dry_run:  # this process stays, and restarts a refused node
-        from fedmaml.deploy.commands import program_env, show
-        from fedmaml.deploy.retry import run_retrying
-
-        _err(f"fedmaml: starting {show(argv)}")
-        return run_retrying(argv, env=program_env(env), retry_for=a.retry_for)
     return _exec(argv, a.dry_run, env)
 
 

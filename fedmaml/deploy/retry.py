@@ -18,6 +18,8 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 
+from fedmaml.deploy.processes import stop
+
 #: What flower-supernode prints when the SuperLink refuses to activate it.
 REFUSAL = "Failed to activate SuperNode"
 #: Pause between attempts (seconds).
@@ -30,9 +32,12 @@ def _err(text: str) -> None:
 
 def run_retrying(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
                  retry_for: float = 120.0, pause: float = RETRY_PAUSE, refusal: str = REFUSAL,
-                 say: Callable[[str], None] = _err) -> int:
+                 say: Callable[[str], None] = _err,
+                 beside: Sequence[str] | None = None) -> int:
     """Run ``argv`` until it exits without printing ``refusal``, or ``retry_for`` seconds have
-    passed since the first start; returns the exit code (1 when the bound was reached)."""
+    passed since the first start; returns the exit code (1 when the bound was reached).
+    ``beside``: a command started next to every attempt and stopped when it ends (the warm
+    ClientApp executor, which serves one SuperNode's Runtime API)."""
     deadline = time.monotonic() + retry_for
     current: list[subprocess.Popen] = []
     stopping: list[int] = []
@@ -53,13 +58,20 @@ def run_retrying(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
                                     stdin=subprocess.DEVNULL,
                                     env=dict(env) if env is not None else None,
                                     start_new_session=True)
-            current[:] = [proc]
+            helper = None if beside is None else subprocess.Popen(
+                list(beside), env=dict(env) if env is not None else None,
+                stdin=subprocess.DEVNULL, start_new_session=True)
+            current[:] = [proc, *([helper] if helper else [])]
             refused = False
-            for line in proc.stdout:  # passed through as it comes
-                sys.stderr.buffer.write(line)
-                sys.stderr.flush()
-                refused = refused or refusal.encode() in line
-            code = proc.wait()
+            try:
+                for line in proc.stdout:  # passed through as it comes
+                    sys.stderr.buffer.write(line)
+                    sys.stderr.flush()
+                    refused = refused or refusal.encode() in line
+                code = proc.wait()
+            finally:
+                if helper is not None:
+                    stop(helper)
             if not refused or code == 0 or stopping:
                 return code
             left = deadline - time.monotonic()
