@@ -3,7 +3,9 @@
 Each entry of :data:`SUBCOMMANDS` is ``(name, help, add_arguments, handler)``; ``fedmaml/cli.py``
 turns them into its ``Command`` objects. Only the standard library is imported here: handlers import
 the rest when they run. ``superlink`` and ``supernode`` print the Flower command line and then
-*become* that process (``exec``), so it keeps the PID, the terminal and the signals.
+*become* that process (``exec``), so it keeps the PID, the terminal and the signals; ``supernode``
+with ``--retry-for`` (the default) stays as its parent instead, to start it again while the
+SuperLink refuses it (fedmaml/deploy/retry.py), and passes SIGINT and SIGTERM on.
 """
 
 from __future__ import annotations
