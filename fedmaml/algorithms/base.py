@@ -107,14 +107,19 @@ def draw_cohort(clients: Sequence[Sequence[Task]], hp: Hyper, keys: np.ndarray, 
         return (x[:, start:stop].reshape(C, H, B, stop - start, *x.shape[2:]),
                 y[:, start:stop].reshape(C, H, B, stop - start, *y.shape[2:]))
 
-    init_batch = None
-    if init:
-        tasks = [t for ts in clients for t in ts]
-        slots = client.child(_INIT, np.arange(n))
-        xi, yi = _draw(tasks, slots.flat(), hp.init_support_size)
-        init_batch = (xi.reshape(C, n, *xi.shape[1:]), yi.reshape(C, n, *yi.shape[1:]))
     return RoundData(index, part(0, k), part(k, k + q), part(k + q, 2 * k + q) if extra else None,
-                     init_batch)
+                     draw_init(clients, hp, keys) if init else None)
+
+
+def draw_init(clients: Sequence[Sequence[Task]], hp: Hyper, keys: np.ndarray) -> Batch:
+    """The memory (re)initialisation data of ``C`` clients (``[C, tasks, K0, ...]``): ``K0``
+    examples of every task from each client's round key, as :func:`draw_cohort` draws them."""
+    C, n = len(clients), len(clients[0])
+    client = Stream(np.asarray(keys, dtype=np.uint64).reshape(C, 1))
+    tasks = [t for ts in clients for t in ts]
+    slots = client.child(_INIT, np.arange(n))
+    xi, yi = _draw(tasks, slots.flat(), hp.init_support_size)
+    return xi.reshape(C, n, *xi.shape[1:]), yi.reshape(C, n, *yi.shape[1:])
 
 
 def _draw(tasks: list[Task], streams: Stream, n: int) -> tuple[Tensor, Tensor]:

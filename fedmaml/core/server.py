@@ -67,13 +67,17 @@ def _weights(num_examples: list[int], weighting: str) -> tuple[list[float], floa
 
 @dataclass
 class ServerOptimizer:
+    """The server optimizer. ``lr`` and ``steps`` may be tensors ``[R]`` when ``w`` stacks ``R`` runs
+    along a leading axis (a vectorized sweep, fedmaml/engines/run_batch.py): each run then steps
+    with its own rate and bias correction, by the same formulas."""
+
     kind: str = "sgd"
-    lr: float = 1.0
+    lr: float | torch.Tensor = 1.0
     momentum: float = 0.9
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     state: dict[str, torch.Tensor] = field(default_factory=dict)
-    steps: int = 0
+    steps: int | torch.Tensor = 0
 
     def __post_init__(self) -> None:
         if self.kind not in ("sgd", "momentum", "adam"):
@@ -81,18 +85,30 @@ class ServerOptimizer:
 
     def step(self, w: Params, delta: Params) -> Params:
         self.steps += 1
+        lr = lambda k: per_run(self.lr, w[k])  # noqa: E731
         if self.kind == "sgd":
-            return {k: w[k] + self.lr * delta[k] for k in w}
+            return {k: w[k] + lr(k) * delta[k] for k in w}
         if self.kind == "momentum":
             for k in w:
                 self.state[f"m.{k}"] = self.momentum * self.state.get(f"m.{k}", 0) + delta[k]
-            return {k: w[k] + self.lr * self.state[f"m.{k}"] for k in w}
+            return {k: w[k] + lr(k) * self.state[f"m.{k}"] for k in w}
         b1, b2 = self.betas
         out = {}
         for k in w:
             m = b1 * self.state.get(f"m.{k}", 0) + (1 - b1) * delta[k]
             v = b2 * self.state.get(f"v.{k}", 0) + (1 - b2) * delta[k] ** 2
             self.state[f"m.{k}"], self.state[f"v.{k}"] = m, v
-            m_hat, v_hat = m / (1 - b1 ** self.steps), v / (1 - b2 ** self.steps)
-            out[k] = w[k] + self.lr * m_hat / (v_hat.sqrt() + self.eps)
+            m_hat = m / per_run(1 - b1 ** self.steps, w[k])
+            v_hat = v / per_run(1 - b2 ** self.steps, w[k])
+            out[k] = w[k] + lr(k) * m_hat / (v_hat.sqrt() + self.eps)
         return out
+
+
+def per_run(value: float | int | torch.Tensor, like: torch.Tensor) -> float | int | torch.Tensor:
+    """``value`` as is, or a tensor ``[R]`` shaped ``[R, 1, ...]`` (in ``like``'s dtype when
+    floating) to broadcast over ``like``'s per-run parameter (``like``: ``[R, ...]``)."""
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return value
+    if value.is_floating_point():
+        value = value.to(like.dtype)
+    return value.reshape(-1, *([1] * (like.dim() - 1)))

@@ -251,7 +251,12 @@ def reply_bytes(message: Message, like: Params) -> int:
         return 0
     first = next(iter(record.values()))
     rows = first.shape[0] if first.shape else 0
-    return rows * sum(len(k) + len(header) + nbytes for k, (header, nbytes) in _layouts(like).items())
+    return rows * row_bytes(like)
+
+
+def row_bytes(like: Params) -> int:
+    """Array bytes of one client's update as its own record (names, headers and values)."""
+    return sum(len(k) + len(header) + nbytes for k, (header, nbytes) in _layouts(like).items())
 
 
 def message_bytes(message: Message) -> int:

@@ -59,13 +59,10 @@ def run_federated(grid: Grid, cfg: Any, run_dir: str | Path, quiet: bool = False
     tracker = open_tracker(cfg, run_dir)
     rounds = cfg.federated.rounds
     progress = Progress(rounds, quiet=quiet)
-    health = RunHealth(cfg.federated.max_failed_rounds,
-                       hint=f"a smaller algorithm.eta (now {cfg.algorithm.eta:g}) or "
-                            f"federated.server_lr (now {cfg.federated.server_lr:g})")
+    health = run_health(cfg)
     key = "accuracy" if setup.classification else "loss"
     # what the summary reports besides the health totals (kept in checkpoints)
-    state: dict[str, Any] = {"injected": {k: 0 for k in faults.KINDS}, "first_eval": {},
-                             "last_eval": {}, "seconds": 0.0}
+    state = new_run_state()
     if saved is not None:
         health.restore(saved["health"])
         state = saved["app"]
@@ -95,10 +92,7 @@ def run_federated(grid: Grid, cfg: Any, run_dir: str | Path, quiet: bool = False
         if "pattern_selection" in row:  # the table also gets a file of its own
             write_selection(run_dir, row["pattern_selection"])
         health.observe(row, strategy.last_error)  # raises RunStopped: diverged or failed
-        if "eval" in row:
-            state["last_eval"] = dict(row["eval"])
-            if not state["first_eval"]:
-                state["first_eval"] = dict(row["eval"])
+        note_evaluation(state, row)
         stop = checkpoint.stop_requested()
         if r < rounds and (stop or (every and r > 0 and r % every == 0)):
             save_checkpoint(r)
@@ -129,12 +123,47 @@ def run_federated(grid: Grid, cfg: Any, run_dir: str | Path, quiet: bool = False
     except BaseException as e:  # a crash: the trackers' runs end too, as what happened
         tracker.abort("interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
         raise
+    summary = run_summary(cfg, strategy, health, state, status, message)
+    recorder.finish(summary, strategy.w if model is None else model)
+    if status != "interrupted":  # the summary says what the run became; nothing to resume
+        checkpoint.remove(run_dir)
+    plot_run(run_dir)
+    tracker.finish(summary, run_dir)
+    return summary
+
+
+def run_health(cfg: Any) -> RunHealth:
+    """The health rules of a run, with what to try when it diverges."""
+    return RunHealth(cfg.federated.max_failed_rounds,
+                     hint=f"a smaller algorithm.eta (now {cfg.algorithm.eta:g}) or "
+                          f"federated.server_lr (now {cfg.federated.server_lr:g})")
+
+
+def new_run_state() -> dict[str, Any]:
+    """What a run's summary reports besides the health totals (kept in checkpoints): faults
+    injected, the first and last evaluation and the running clock."""
+    return {"injected": {k: 0 for k in faults.KINDS}, "first_eval": {}, "last_eval": {},
+            "seconds": 0.0}
+
+
+def note_evaluation(state: dict[str, Any], row: dict[str, Any]) -> None:
+    """Keep an evaluation row's metrics as the run's last (and, the first time, first) ones."""
+    if "eval" in row:
+        state["last_eval"] = dict(row["eval"])
+        if not state["first_eval"]:
+            state["first_eval"] = dict(row["eval"])
+
+
+def run_summary(cfg: Any, strategy: MetaStrategy, health: RunHealth, state: dict[str, Any],
+                status: str, message: str) -> dict[str, Any]:
+    """summary.json of a run that ended with ``status`` (``message``: why it stopped early)."""
+    key = "accuracy" if strategy.setup.classification else "loss"
     summary = {
         "name": cfg.name,
         "algorithm": cfg.algorithm.name,
         "status": status,
         **({"message": message} if message else {}),
-        "rounds": rounds,
+        "rounds": cfg.federated.rounds,
         **health.totals(),
         **({"injected": state["injected"]} if faults.enabled(cfg) else {}),
         "metric": key,
@@ -148,11 +177,6 @@ def run_federated(grid: Grid, cfg: Any, run_dir: str | Path, quiet: bool = False
         summary["privacy"] = privacy
     if strategy.selector.record is not None:
         summary["pattern_selection"] = selection_summary(strategy.selector.record)
-    recorder.finish(summary, strategy.w if model is None else model)
-    if status != "interrupted":  # the summary says what the run became; nothing to resume
-        checkpoint.remove(run_dir)
-    plot_run(run_dir)
-    tracker.finish(summary, run_dir)
     return summary
 
 

@@ -480,7 +480,15 @@ class MetaStrategy(Strategy):
         Per-client replies and cohort replies (one for a whole panel, metrics as per-client lists)
         both become per-client outcomes, summarized by the same code."""
         outcomes = [o for msg in replies for o in self._evaluate_outcomes(msg)]
-        expected = set(self.round_stats.get("eval-clients", []))
+        return self.evaluation_metrics(server_round, self.round_stats.get("eval-clients", []),
+                                       outcomes)
+
+    def evaluation_metrics(self, server_round: int, cids: list[int],
+                           outcomes: list[tuple[Mapping[str, Any] | None, str | None]]
+                           ) -> MetricRecord:
+        """The evaluation record of the panel ``cids`` from its per-client outcomes, ``(metrics,
+        None)`` or ``(None, why it failed)`` (:meth:`aggregate_evaluate`)."""
+        expected = set(cids)
         groups: dict[str, dict[int, Mapping[str, Any]]] = {"seen": {}, "unseen": {}}
         failures = max(len(expected) - len(outcomes), 0)  # no reply in time
         if failures:
