@@ -82,13 +82,55 @@ def splitmix64(key: Word, n: int) -> np.ndarray:
     return mix64(np.asarray(key, dtype=np.uint64)[..., None] + steps)
 
 
-def derive_keys(seed: int, ids: Sequence[int] | np.ndarray, purpose: int) -> np.ndarray:
-    """``[len(ids)]`` uint64: a 64-bit key per id for one ``purpose`` under a run seed."""
+def derive_keys(seed: int | np.ndarray, ids: Sequence[int] | np.ndarray, purpose: int
+                ) -> np.ndarray:
+    """``[len(ids)]`` uint64: a 64-bit key per id for one ``purpose`` under a run seed. With
+    ``seed`` an array ``[R]`` (the runs of a vectorized sweep) and ``ids`` ``[R, C]``: ``[R, C]``,
+    row ``r`` equal to ``derive_keys(seed[r], ids[r], purpose)``."""
+    if np.ndim(seed):
+        seeds = np.asarray(seed, dtype=np.int64).reshape(-1)
+        ids = np.asarray(ids, dtype=np.int64).reshape(len(seeds), -1)
+        if ids.size and ids.min() < 0:
+            raise ValueError("ids must be >= 0")
+        prefix = combine(combine(mix64(seeds.astype(np.uint64) + np.uint64(GAMMA)),
+                                 int(purpose)), 0xC0)
+        return np.asarray(combine(prefix[:, None], ids.astype(np.uint64)), dtype=np.uint64)
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     if len(ids) and ids.min() < 0:
         raise ValueError("ids must be >= 0")
     prefix = combine(combine(mix64((int(seed) + GAMMA) & _M64), int(purpose)), 0xC0)
     return np.asarray(combine(prefix, ids.astype(np.uint64)), dtype=np.uint64).reshape(-1)
+
+
+def sample_without_replacement(keys: np.ndarray, n: int, k: int) -> np.ndarray:
+    """``[R, k]`` int64, each row sorted: ``k`` distinct values of ``0 .. n-1`` drawn uniformly per
+    stream key (``keys``: ``[R]``), a function of the key alone.
+
+    For ``4 k < n`` a row holds the first ``k`` distinct values of the stream's uniform integers
+    (in order of first appearance, which is a uniform sample without replacement); expected work
+    ``O(k)`` whatever ``n``. Otherwise it is the first ``k`` of a uniform permutation of ``n``."""
+    keys = np.asarray(keys, dtype=np.uint64).reshape(-1)
+    if k <= 0 or not len(keys):
+        return np.zeros((len(keys), max(k, 0)), dtype=np.int64)
+    if k > n:
+        raise ValueError(f"cannot draw {k} distinct values below {n}")
+    if 4 * k >= n:
+        picked = Stream(keys).first_of_permutation(n, k, n).numpy()
+        return np.sort(picked, axis=1)
+    m = k + max(8, k // 4)
+    while True:  # a longer prefix of the same streams until every row has k distinct values
+        u = (splitmix64(keys, m) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+        candidates = np.floor(u * n).astype(np.int64)  # bias below n * 2**-53
+        order = np.argsort(candidates, axis=1, kind="stable")
+        ordered = np.take_along_axis(candidates, order, axis=1)
+        first = np.ones(ordered.shape, dtype=bool)
+        first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]  # stable: the earliest of equals
+        keep = np.empty_like(first)
+        np.put_along_axis(keep, order, first, axis=1)
+        rank = np.cumsum(keep, axis=1)
+        if (rank[:, -1] >= k).all():
+            return np.sort(candidates[keep & (rank <= k)].reshape(len(keys), k), axis=1)
+        m *= 2
 
 
 def round_keys(seed: int, client_ids: Sequence[int] | np.ndarray, server_round: int) -> np.ndarray:

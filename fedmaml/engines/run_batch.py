@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -43,21 +42,24 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from fedmaml import collector
 from fedmaml.algorithms import Hyper, RoundData
 from fedmaml.algorithms.base import draw_cohort, draw_init, initial_memory
 from fedmaml.config import config_to_flat
 from fedmaml.core.params import Params
 from fedmaml.core.server import ServerOptimizer, per_run
+from fedmaml.data.counter import derive_keys
 from fedmaml.data.tasks import Task
+from fedmaml.engines.batch_evaluation import BatchEvaluator
+from fedmaml.engines.memory_bank import CHECKPOINT_FORMAT as BANK_FORMAT
 from fedmaml.engines.vectorized import cohort_update
-from fedmaml import collector
 from fedmaml.federated import checkpoint
 from fedmaml.federated import records as R
-from fedmaml.federated.client_app import evaluate_client
 from fedmaml.federated.health import RunHealth, RunStopped, round_outcome
+from fedmaml.federated.participation import sample_cohorts
 from fedmaml.federated.server_app import (new_run_state, note_evaluation, run_health,
                                           run_summary)
-from fedmaml.federated.setup import ExperimentSetup, client_round_keys, resolve_device, setup_for
+from fedmaml.federated.setup import ExperimentSetup, resolve_device, setup_for
 from fedmaml.federated.strategy import TRAIN_METRICS, MetaStrategy
 from fedmaml.results.plots import plot_run
 from fedmaml.results.progress import Progress
@@ -75,6 +77,8 @@ PER_RUN_KEYS = ("name", "seed", "output_dir", "model.init_seed", "algorithm.eta"
 _PER_RUN_PREFIXES = ("tracking.", "evaluation.", "engine.")
 #: The hyperparameters a batch carries per run, as tensors ``[R]``.
 _VALUES = ("eta", "alpha", "beta", "hf_delta")
+#: Pending rows are written at least this often (rounds).
+_FLUSH_ROUNDS = 200
 
 
 def batch_refusal(cfg: Any) -> str | None:
@@ -108,18 +112,6 @@ def _stack(params: Sequence[Params]) -> Params:
 
 def _row(params: Params, i: int) -> Params:
     return {k: v[i].clone() for k, v in params.items()}
-
-
-class _DenseStore:
-    """One client's memory store, a view of the batch's dense memories (for evaluation)."""
-
-    def __init__(self, batch: "RunBatch", at: int, cid: int) -> None:
-        self.batch, self.at, self.cid = batch, at, cid
-
-    def load(self) -> Params | None:
-        if not self.batch.has_memory[self.at, self.cid]:
-            return None
-        return {k: v[self.at, self.cid] for k, v in self.batch.memory.items()}
 
 
 class RunBatch:
@@ -161,6 +153,7 @@ class RunBatch:
         self.progress = Progress(self.rounds, quiet=quiet,
                                  label=f"round ({len(self.cfgs)} runs)")
         self._tasks: list[dict[int, list[Task]]] = [{} for _ in self.cfgs]
+        self._examples: np.ndarray | None = None  # [runs, clients]: example counts
         fed = self.cfgs[0].federated
         n = first.federation.num_clients
         # The per-run state along the batch axis.
@@ -180,26 +173,41 @@ class RunBatch:
         self.initial = _stack([s.initial_params for s in self.setups])
         self.values = {name: torch.tensor([_value(s.hyper, name) for s in self.setups],
                                           dtype=torch.float32) for name in _VALUES}
-        self.totals = [{"samples": 0, "bytes_up": 0, "bytes_down": 0} for _ in self.cfgs]
+        self.alpha_all = self.values["alpha"].clone()  # by run index (values follow the live runs)
+        self._etas: dict[tuple, torch.Tensor] = {}
+        self.seeds = np.asarray([c.seed for c in self.cfgs], dtype=np.int64)
+        # Bookkeeping by run index (rows of finished runs stay): the rounds of each client's last
+        # participation (each strategy's Staleness reads its row: a view), the clients with a
+        # valid update, and the running totals of a metrics row.
+        self.last = np.full((len(self.cfgs), n), -1, dtype=np.int64)
+        for i, s in enumerate(self.strategies):
+            s.staleness.last = self.last[i]
+        self.gaps: list[list[np.ndarray]] = [[] for _ in self.cfgs]  # not yet in the histograms
+        self.trained = np.zeros((len(self.cfgs), n), dtype=bool)
+        self.totals = {k: np.zeros(len(self.cfgs), dtype=np.int64)
+                       for k in ("samples", "bytes_up", "bytes_down")}
+        self.pending: list[dict[str, Any]] = []  # trained rounds whose rows are not written yet
         self.seconds = 0.0
         like = first.initial_params
         self.bytes_down, self.bytes_up = R.to_record(like).count_bytes(), R.row_bytes(like)
+        self.evaluator = BatchEvaluator(self)
         if resume:
             self._restore(saved)
 
     # -- the run loop ---------------------------------------------------------------------------
     def run(self) -> dict[int, dict[str, Any]]:
         """Run every round; return each run's summary (by its index in ``configs``)."""
-        start = time.perf_counter() - self.seconds
+        self.start = time.perf_counter() - self.seconds
         try:
             with collector.frozen(), self.progress:
                 if not self.resumed:
-                    self._evaluate_and_log(0, {i: {"round": 0} for i in self.live}, start)
+                    self._log(0, evaluate=True)
                 for server_round in range(self.first_round, self.rounds + 1):
                     if not self.live:
                         break
-                    rows = self._train_round(server_round)
-                    self._evaluate_and_log(server_round, rows, start)
+                    with collector.paused():
+                        alarm = self._train_round(server_round)
+                    self._log(server_round, evaluate=self._eval_round(server_round), alarm=alarm)
                     self.progress.update(server_round, f"{len(self.live)} runs going")
         except BaseException as e:  # a crash: the trackers' runs end too, as what happened
             for i in self.live:
@@ -210,152 +218,180 @@ class RunBatch:
             self._finish(i, "completed", "")
         return self.results
 
-    def _train_round(self, server_round: int) -> dict[int, dict[str, Any]]:
-        """One round of every live run: sample, draw, update, average, step; the rows' round part."""
+    def _eval_round(self, server_round: int) -> bool:
+        return self.strategies[self.live[0]].is_eval_round(server_round)
+
+    def _train_round(self, server_round: int) -> bool:
+        """One round of every live run: sample, draw, update, average, step. The round's numbers
+        join the pending rows; returns whether a run must be looked at now (it diverged, or no
+        update of it was finite)."""
         live = self.live
-        cids = [self.strategies[i].clients_for_round(server_round) for i in live]
-        for i, c in zip(live, cids):
-            self.strategies[i].touched.update(c)
-        start = time.perf_counter()
-        C = len(cids[0])
-        tasks = [self._client_tasks(i, c) for i, c in zip(live, cids) for c in c]
-        keys = np.concatenate([client_round_keys(self.cfgs[i].seed, c, server_round)
-                               for i, c in zip(live, cids)])
+        R_, start = len(live), time.perf_counter()
+        runs = np.asarray(live)
+        cids = self._cohorts(server_round, runs)  # [R, C]
+        C = cids.shape[1]
+        self._participate(server_round, runs, cids)
+        tasks = [self._client_tasks(i, c) for i, row in zip(live, cids.tolist()) for c in row]
+        keys = derive_keys(self.seeds[runs], cids, server_round).reshape(-1)
         hp = self.setups[live[0]].hyper
         data = draw_cohort(tasks, hp, keys, extra=self.algorithm.needs_extra_batch(hp), init=False)
-        rows_at = torch.arange(len(live)).repeat_interleave(C)  # batch positions
-        runs_at = torch.tensor(live).repeat_interleave(C)  # run indices (memories keep every run)
-        cols = torch.tensor([c for cs in cids for c in cs], dtype=torch.int64)
-        fresh = self._fresh(cids)
+        runs_at = torch.from_numpy(runs).repeat_interleave(C)  # run index of every flat client
+        cols = torch.from_numpy(cids.reshape(-1))
+        slots = runs_at * self.has_memory.shape[1] + cols  # rows of the flattened memories
+        fresh = self._fresh(runs, cids).reshape(-1)
         if fresh.any():
-            self._initialise(np.flatnonzero(fresh), tasks, keys, hp, rows_at, cols)
-        values = {k: v for k, v in self.values.items()}
-        values["eta"] = torch.tensor([self.setups[i].eta_for_round(server_round) for i in live],
-                                     dtype=torch.float32)
-        memory = ({k: v[runs_at, cols].reshape(len(live), C, *v.shape[2:])
+            self._initialise(np.flatnonzero(fresh), tasks, keys, hp, runs_at, cols)
+        values = dict(self.values, eta=self._eta(server_round))
+        memory = ({k: v.flatten(0, 1).index_select(0, slots).reshape(R_, C, *v.shape[2:])
                    for k, v in self.memory.items()} if self.memory else None)
-        shaped = RoundData(*(_unflatten(x, len(live), C) for x in
+        shaped = RoundData(*(_unflatten(x, R_, C) for x in
                              (data.task_index, data.support, data.query, data.extra)))
         delta, new_memory, metrics = _runs_update(self.algorithm, self.model, self.loss_fn, hp,
                                                   self.w, memory, shaped, values)
         if new_memory is not None:
-            for k, v in new_memory.items():
-                self.memory[k][runs_at, cols] = v.reshape(len(live) * C, *v.shape[2:])
+            for k, v in new_memory.items():  # flatten(0, 1) of the contiguous store is a view
+                self.memory[k].flatten(0, 1).index_copy_(0, slots, v.reshape(R_ * C, *v.shape[2:]))
             self.has_memory[runs_at.numpy(), cols.numpy()] = True
-        return self._apply(server_round, cids, delta, metrics, fresh.reshape(len(live), C),
-                           samples=_samples(data, C * len(live)), start=start)
+        return self._apply(server_round, runs, cids, delta, metrics, fresh.reshape(R_, C),
+                           _samples(data) // (R_ * C), start)
 
-    def _apply(self, server_round: int, cids: list[list[int]], delta: Params,
-               metrics: dict[str, torch.Tensor], fresh: np.ndarray, samples: int, start: float
-               ) -> dict[int, dict[str, Any]]:
-        """Average each run's finite updates, step its server optimizer, and write its row."""
-        live, C = self.live, len(cids[0])
-        finite = torch.stack([torch.isfinite(v).flatten(2).all(-1) for v in delta.values()]).all(0)
-        counts = torch.tensor([[self._num_examples(i, c) for c in cs]
-                               for i, cs in zip(live, cids)], dtype=torch.float64)
-        weights = (counts if self.cfgs[live[0]].federated.aggregation == "weighted"
+    def _cohorts(self, server_round: int, runs: np.ndarray) -> np.ndarray:
+        """``[R, C]``: each run's sampled clients (its strategy's cohort, drawn for all at once)."""
+        strategy = self.strategies[runs[0]]
+        n = strategy.setup.federation.num_clients
+        if self.cfgs[runs[0]].federated.mode == "cross_silo":
+            return np.tile(np.arange(n), (len(runs), 1))
+        return sample_cohorts(self.seeds[runs], server_round, n, strategy.cohort_size())
+
+    def _participate(self, server_round: int, runs: np.ndarray, cids: np.ndarray) -> None:
+        """The staleness bookkeeping of :meth:`Staleness.record` for every run at once."""
+        rows = runs[:, None]
+        prev = self.last[rows, cids]
+        gaps = np.where(prev < 0, 0, server_round - prev)
+        self.last[rows, cids] = server_round
+        for i, g in zip(runs.tolist(), gaps):
+            self.gaps[i].append(g)
+
+    def _eta(self, server_round: int) -> torch.Tensor:
+        """Each live run's step size this round (its schedule, ``eta_for_round``)."""
+        key = (tuple(self.live), self.setups[self.live[0]].eta_for_round(server_round)
+               == self.cfgs[self.live[0]].algorithm.eta)
+        eta = self._etas.get(key)
+        if eta is None:
+            self._etas.clear()
+            eta = self._etas[key] = torch.tensor(
+                [self.setups[i].eta_for_round(server_round) for i in self.live],
+                dtype=torch.float32)
+        return eta
+
+    def _apply(self, server_round: int, runs: np.ndarray, cids: np.ndarray, delta: Params,
+               metrics: dict[str, torch.Tensor], fresh: np.ndarray, per_client: int,
+               start: float) -> bool:
+        """Average each run's finite updates, step its server optimizer; the round's numbers join
+        the pending rows. Returns whether a run diverged or had no finite update."""
+        C = cids.shape[1]
+        finite = _finite_rows(delta)  # [R, C]
+        cfg = self.cfgs[runs[0]]
+        counts = torch.from_numpy(self._example_counts(runs, cids))
+        weights = (counts if cfg.federated.aggregation == "weighted"
                    else torch.ones_like(counts)) * finite
         valid = finite.sum(1)
-        updated = valid >= self.cfgs[live[0]].federated.min_replies
+        updated = valid >= cfg.federated.min_replies
         total = weights.sum(1).clamp_min(1e-300)
-        mean = {k: _weighted_mean(v, weights.to(v.dtype), total.to(v.dtype))
-                for k, v in delta.items()}
+        if cfg.federated.aggregation == "uniform" and bool(finite.all()):  # the usual round
+            mean = {k: v.sum(1) / C for k, v in delta.items()}
+        else:
+            mean = {k: _weighted_mean(v, weights.to(v.dtype), total.to(v.dtype))
+                    for k, v in delta.items()}
         old_state, old_steps = dict(self.optimizer.state), self.optimizer.steps.clone()
         w = self.optimizer.step(self.w, mean)
-        finite_w = torch.stack([torch.isfinite(v).flatten(1).all(-1) for v in w.values()]).all(0)
+        finite_w = _finite_rows({k: v.unsqueeze(1) for k, v in w.items()})[:, 0]
         keep = updated & finite_w
         if not bool(keep.all()):  # some runs do not move: their w and optimizer state stay
             w = {k: torch.where(per_run(keep, v), v, self.w[k]) for k, v in w.items()}
             self.optimizer.state = {k: torch.where(per_run(keep, v), v, old_state.get(k, 0 * v))
                                     for k, v in self.optimizer.state.items()}
             self.optimizer.steps = torch.where(keep, self.optimizer.steps, old_steps)
-        moved = keep.any()
-        if bool(moved):
+        if bool(keep.any()):
             self.w_before = {k: torch.where(per_run(keep, v), v, self.w_before[k])
                              for k, v in self.w.items()}
             self.w = w
-        seconds = (time.perf_counter() - start) / (len(live) * C)
-        losses = {k.replace("_", "-"): v.tolist() for k, v in metrics.items()}
-        finite_l, valid_l, updated_l = finite.tolist(), valid.tolist(), updated.tolist()
-        finite_w_l = finite_w.tolist()
-        per_client = samples // (len(live) * C)
-        init_samples = self._init_samples()
-        rows: dict[int, dict[str, Any]] = {}
-        for j, i in enumerate(live):
-            strategy, ok = self.strategies[i], finite_l[j]
-            used = [c for c, good in zip(cids[j], ok) if good]
-            strategy.trained.update(used)
-            rejected = C - valid_l[j]
-            row: dict[str, Any] = {"round": server_round, "clients": cids[j],
-                                   "replies": valid_l[j], **round_outcome(["rejected"] * rejected, 0),
-                                   "updated": bool(updated_l[j] and finite_w_l[j])}
-            if updated_l[j] and not finite_w_l[j]:
-                row["diverged"] = ("the aggregated update is not finite (the model would hold NaN "
-                                   "or infinite values)")
-            if rejected:
-                strategy.last_error = "rejected update: it holds NaN or infinite values"
-            if used:
-                for key in TRAIN_METRICS:
-                    if key in losses:
-                        vals = [v for v, good in zip(losses[key][j], ok) if good]
-                        row[key.replace("-", "_")] = math.fsum(vals) / len(vals)
-                drawn = sum(per_client + (init_samples if f else 0)
-                            for f, good in zip(fresh[j], ok) if good)
-                row["samples"] = drawn
-                row["train_seconds_max"] = seconds
-                self.totals[i]["samples"] += drawn
-            self.totals[i]["bytes_down"] += self.bytes_down * C
-            self.totals[i]["bytes_up"] += self.bytes_up * C
-            rows[i] = row
-        return rows
+        finite_np = finite.numpy()
+        self.trained[runs[:, None], cids] |= finite_np
+        mask = finite.to(torch.float64)
+        n_valid = valid.to(torch.float64).clamp_min(1)
+        losses = {k.replace("_", "-"): ((v.to(torch.float64) * mask).sum(1) / n_valid).numpy()
+                  for k, v in metrics.items() if k.replace("_", "-") in TRAIN_METRICS}
+        init = self.cfgs[runs[0]].data.tasks_per_client * self.setups[runs[0]].hyper.init_support_size
+        samples = ((per_client + init * fresh) * finite_np).sum(1)
+        self.totals["samples"][runs] += samples
+        self.totals["bytes_down"][runs] += self.bytes_down * C
+        self.totals["bytes_up"][runs] += self.bytes_up * C
+        diverged = (updated & ~finite_w).numpy()
+        self.pending.append({"round": server_round, "runs": runs, "clients": cids,
+                             "valid": valid.numpy(), "updated": keep.numpy(),
+                             "diverged": diverged, "losses": losses, "samples": samples,
+                             "train_seconds_max": (time.perf_counter() - start) / (len(runs) * C),
+                             "totals": {k: v[runs].copy() for k, v in self.totals.items()},
+                             "seconds": time.perf_counter() - self.start})
+        return bool(diverged.any() or (valid == 0).any())
 
-    def _evaluate_and_log(self, server_round: int, rows: dict[int, dict[str, Any]],
-                          start: float) -> None:
-        """Evaluate the runs due, then log, account and checkpoint every live run's row."""
+    def _log(self, server_round: int, evaluate: bool = False, alarm: bool = False) -> None:
+        """Write the pending rows when due: at evaluation and checkpoint rounds, when a run needs
+        its health checked now (``alarm``), at a stop request, every few hundred rounds and at the
+        end; each run's rows are written, tracked and checked by its health rules in order."""
         stop = checkpoint.stop_requested()
+        due = [i for i in self.live if self._checkpoint_due(i, server_round, stop)]
+        if not (evaluate or alarm or due or stop or server_round in (0, self.rounds)
+                or len(self.pending) >= _FLUSH_ROUNDS):
+            return
+        evals = self.evaluator.evaluate(server_round) if evaluate else {}
+        pending, self.pending = self.pending, []
+        if server_round == 0:
+            pending = [{"round": 0, "runs": np.asarray(self.live), "totals":
+                        {k: v[np.asarray(self.live)].copy() for k, v in self.totals.items()}}]
+        if evaluate:  # the round's clock includes its evaluation, as a run alone's does
+            pending[-1]["seconds"] = time.perf_counter() - self.start
         ended: list[tuple[int, RunStopped]] = []
-        for j, i in enumerate(list(self.live)):
-            strategy, row = self.strategies[i], rows[i]
-            if strategy.is_eval_round(server_round):
-                row["eval"] = self._evaluate(j, i, server_round)
-            resets = {k: v for k, v in strategy.round_stats.items() if k.startswith("memory_reset")}
-            row.update(resets)
-            strategy.round_stats = {}
-            row.update(self.totals[i], seconds=time.perf_counter() - start)
-            self.states[i]["seconds"] = row["seconds"]
-            self.recorders[i].log_round(row)
-            self.trackers[i].log_round(row)
+        for i in list(self.live):
+            rows = []
             try:
-                self.healths[i].observe(row, strategy.last_error)
+                for p in pending:
+                    j = int(np.flatnonzero(p["runs"] == i)[0])
+                    row = _row_of(p, j)
+                    if p["round"] == server_round and i in evals:
+                        row["eval"] = evals[i]
+                        # the totals follow the evaluation; "samples" keeps its place when the
+                        # round's own (train metrics) put it before
+                        after = ("bytes_up", "bytes_down", "seconds") if "train_seconds_max" in row \
+                            else ("samples", "bytes_up", "bytes_down", "seconds")
+                        row.update({k: row.pop(k) for k in after})
+                    rows.append(row)
+                    self.healths[i].observe(row, self.strategies[i].last_error)
+                    note_evaluation(self.states[i], row)
             except RunStopped as e:
                 ended.append((i, e))
-                continue
-            note_evaluation(self.states[i], row)
-            every = self.cfgs[i].federated.checkpoint_every
-            if server_round < self.rounds and (stop or (every and server_round > 0
-                                                        and server_round % every == 0)):
-                self._save_checkpoint(j, i, server_round)
+            finally:
+                self.strategies[i].round_stats = {}
+                self.recorders[i].log_rounds(rows)
+                for row in rows:
+                    self.trackers[i].log_round(row)
+                if rows:
+                    self.states[i]["seconds"] = rows[-1]["seconds"]
         for i, e in ended:
             self._finish(i, e.status, e.message, distrust_w=e.distrust_w)
+        for i in self.live:
+            if self._checkpoint_due(i, server_round, stop):
+                self._save_checkpoint(i, server_round)
         if stop and server_round < self.rounds:
             for i in list(self.live):
                 self._finish(i, "interrupted", f"interrupted after round {server_round}; resume "
-                             "with: fedmaml sweep (the same command)")
-            self.live = []
+                             "with the same fedmaml sweep command")
 
-    def _evaluate(self, j: int, i: int, server_round: int) -> dict[str, Any]:
-        """Run ``i``'s evaluation panel, client by client, summarised by its strategy."""
-        strategy, setup = self.strategies[i], self.setups[i]
-        w = {k: v[j] for k, v in self.w.items()}
-        cids = strategy.eval_clients(server_round)
-        outcomes: list[tuple[Any, str | None]] = []
-        for cid in cids:
-            try:
-                store = _DenseStore(self, i, cid) if cid < self.has_memory.shape[1] else _NoStore()
-                outcomes.append((evaluate_client(setup, cid, w, store), None))
-            except Exception as e:  # noqa: BLE001 - the client fails, the panel goes on
-                outcomes.append((None, f"evaluation error: client {cid}: {type(e).__name__}: {e}"))
-        return dict(strategy.evaluation_metrics(server_round, cids, outcomes))
+    def _checkpoint_due(self, i: int, server_round: int, stop: bool) -> bool:
+        every = self.cfgs[i].federated.checkpoint_every
+        return server_round < self.rounds and (stop or bool(every and server_round > 0
+                                                            and server_round % every == 0))
 
     # -- pieces -----------------------------------------------------------------------------------
     def _client_tasks(self, i: int, cid: int) -> list[Task]:
@@ -364,31 +400,37 @@ class RunBatch:
             tasks = self._tasks[i][cid] = self.setups[i].federation.client_tasks(cid)
         return tasks
 
-    def _num_examples(self, i: int, cid: int) -> int:
-        return sum(t.num_examples for t in self._client_tasks(i, cid))
+    def _example_counts(self, runs: np.ndarray, cids: np.ndarray) -> np.ndarray:
+        """``[R, C]`` float64: each sampled client's example count (its update's weight)."""
+        if self._examples is None:
+            n = self.has_memory.shape[1]
+            self._examples = np.asarray(
+                [[sum(t.num_examples for t in self._client_tasks(i, c)) for c in range(n)]
+                 for i in range(len(self.cfgs))], dtype=np.float64)
+        return self._examples[runs[:, None], cids]
 
-    def _fresh(self, cids: list[list[int]]) -> np.ndarray:
-        """Per (run, client), flattened: does the client (re)initialise its memory this round?"""
+    def _fresh(self, runs: np.ndarray, cids: np.ndarray) -> np.ndarray:
+        """``[R, C]``: does the client (re)initialise its memory this round?"""
         if not self.algorithm.uses_memory:
-            return np.zeros(sum(len(c) for c in cids), dtype=bool)
-        if self.setups[self.live[0]].hyper.memory_policy == "reinit":
-            return np.ones(sum(len(c) for c in cids), dtype=bool)
-        return np.concatenate([~self.has_memory[i, c] for i, c in zip(self.live, cids)])
+            return np.zeros(cids.shape, dtype=bool)
+        if self.setups[runs[0]].hyper.memory_policy == "reinit":
+            return np.ones(cids.shape, dtype=bool)
+        return ~self.has_memory[runs[:, None], cids]
 
     def _initialise(self, at: np.ndarray, tasks: list[list[Task]], keys: np.ndarray, hp: Hyper,
-                    rows_at: torch.Tensor, cols: torch.Tensor) -> None:
+                    runs_at: torch.Tensor, cols: torch.Tensor) -> None:
         """First memories of the clients at flat positions ``at``: ``A(w; S_0)`` from their run's
         ``w_r`` (or initial model, ``memory_init: initial_model``), as ``client_update`` makes them."""
         init = draw_init([tasks[a] for a in at], hp, keys[at])
         pick = torch.from_numpy(at)
-        runs = rows_at[pick]
-        source = self.initial if hp.memory_init == "initial_model" else self.w
-        if source is self.initial:
-            live = torch.tensor(self.live)
-            start = {k: v[live[runs]] for k, v in source.items()}
+        runs = runs_at[pick]  # run indices
+        if hp.memory_init == "initial_model":
+            start = {k: v[runs] for k, v in self.initial.items()}
         else:
-            start = {k: v[runs] for k, v in source.items()}
-        alpha = self.values["alpha"][runs]
+            position = torch.full((len(self.cfgs),), -1, dtype=torch.int64)
+            position[torch.tensor(self.live)] = torch.arange(len(self.live))
+            start = {k: v[position[runs]] for k, v in self.w.items()}
+        alpha = self.alpha_all[runs]
         model, loss_fn = self.model, self.loss_fn
 
         def one(w_, x, y, a):
@@ -396,14 +438,9 @@ class RunBatch:
             return initial_memory(model, loss_fn, dataclasses.replace(hp, step=step), w_, (x, y))
 
         memory = torch.func.vmap(one)(start, init[0], init[1], alpha)
-        live_runs = torch.tensor(self.live)[runs]
         for k, v in memory.items():
-            self.memory[k][live_runs, cols[pick]] = v
-        self.has_memory[live_runs.numpy(), cols[pick].numpy()] = True
-
-    def _init_samples(self) -> int:
-        hp = self.setups[self.live[0]].hyper
-        return self.cfgs[self.live[0]].data.tasks_per_client * hp.init_support_size
+            self.memory[k][runs, cols[pick]] = v
+        self.has_memory[runs.numpy(), cols[pick].numpy()] = True
 
     # -- ending, checkpoints ----------------------------------------------------------------------
     def _finish(self, i: int, status: str, message: str, distrust_w: bool = False) -> None:
@@ -413,6 +450,7 @@ class RunBatch:
         cfg, strategy = self.cfgs[i], self.strategies[i]
         if status != "completed":
             (log.warning if status == "interrupted" else log.error)("%s: %s", cfg.name, message)
+        self._sync_strategy(i)
         summary = run_summary(cfg, strategy, self.healths[i], self.states[i], status, message)
         summary["batch"] = {"runs": len(self.cfgs), "engine": "fedmaml sweep --vectorize"}
         model = _row(self.w_before if distrust_w else self.w, j)
@@ -434,31 +472,43 @@ class RunBatch:
         self.optimizer.lr = self.optimizer.lr.index_select(0, keep)
         self.optimizer.steps = self.optimizer.steps.index_select(0, keep)
         self.values = take(self.values)
+        self._etas.clear()
 
-    def _save_checkpoint(self, j: int, i: int, server_round: int) -> None:
+    def _save_checkpoint(self, i: int, server_round: int) -> None:
         """Run ``i``'s checkpoint, in the format a run alone writes (memories as a memory bank)."""
         strategy = self.strategies[i]
-        self._sync_strategy(j, i)
+        self._sync_strategy(i)
         checkpoint.save(self.dirs[i], {
             "round": server_round, "seconds": self.states[i]["seconds"],
             "rng": checkpoint.rng_state(), "strategy": strategy.checkpoint_state(),
             "memories": {"bank": self._bank_state(i)}, "health": self.healths[i].state(),
             "app": self.states[i], "metrics": self.recorders[i].text()})
 
-    def _sync_strategy(self, j: int, i: int) -> None:
+    def _sync_strategy(self, i: int) -> None:
+        """Run ``i``'s strategy holds the batch's state of it (for a checkpoint or the summary)."""
         s = self.strategies[i]
-        s.w, s.w_before_update = _row(self.w, j), _row(self.w_before, j)
-        s.optimizer.state = {k: v[j].clone() for k, v in self.optimizer.state.items()}
-        s.optimizer.steps = int(self.optimizer.steps[j])
-        s.totals = dict(self.totals[i])
+        if i in self.live:
+            j = self.live.index(i)
+            s.w, s.w_before_update = _row(self.w, j), _row(self.w_before, j)
+            s.optimizer.state = {k: v[j].clone() for k, v in self.optimizer.state.items()}
+            s.optimizer.steps = int(self.optimizer.steps[j])
+        s.totals = {k: int(v[i]) for k, v in self.totals.items()}
+        s.touched = set(np.flatnonzero(self.last[i] >= 0).tolist())
+        s.trained = set(np.flatnonzero(self.trained[i]).tolist())
+        self._sync_staleness(i)
+
+    def _sync_staleness(self, i: int) -> None:
+        staleness = self.strategies[i].staleness
+        if self.gaps[i]:
+            staleness.add_gaps(np.concatenate(self.gaps[i]))
+            self.gaps[i] = []
+        staleness.last_round = int(self.last[i].max(initial=0))
 
     def _bank_state(self, i: int) -> dict[str, Any]:
-        from fedmaml.engines.memory_bank import CHECKPOINT_FORMAT
-
         n = self.has_memory.shape[1]
         ids = np.flatnonzero(self.has_memory[i]) if self.memory else np.zeros(0, dtype=np.int64)
         index = torch.from_numpy(ids.astype(np.int64))
-        return {"format": CHECKPOINT_FORMAT, "num_clients": n, "client_ids": index,
+        return {"format": BANK_FORMAT, "num_clients": n, "client_ids": index,
                 "memory": {k: v[i].index_select(0, index).clone() for k, v in self.memory.items()}}
 
     def _restore(self, saved: list[dict[str, Any]]) -> None:
@@ -466,9 +516,13 @@ class RunBatch:
         for i, s in enumerate(saved):
             strategy = self.strategies[i]
             strategy.restore_state(s["strategy"])
+            self.last[i] = strategy.staleness.last
+            strategy.staleness.last = self.last[i]
+            self.trained[i, sorted(strategy.trained)] = True
             self.healths[i].restore(s["health"])
             self.states[i] = s["app"]
-            self.totals[i] = dict(strategy.totals)
+            for k in self.totals:
+                self.totals[k][i] = int(strategy.totals[k])
             bank = s["memories"].get("bank")
             if self.memory:
                 if bank is None:
@@ -488,9 +542,36 @@ class RunBatch:
         self.seconds = max(float(s["seconds"]) for s in saved)
 
 
-class _NoStore:
-    def load(self) -> None:
-        return None
+def _row_of(pending: dict[str, Any], j: int) -> dict[str, Any]:
+    """Run ``j``'s metrics row of a pending round, keyed as ``MetaStrategy.start`` writes it."""
+    row: dict[str, Any] = {"round": pending["round"]}
+    if pending["round"] > 0:
+        valid = int(pending["valid"][j])
+        C = pending["clients"].shape[1]
+        row.update(clients=pending["clients"][j].tolist(), replies=valid,
+                   **round_outcome(["rejected"] * (C - valid), 0),
+                   updated=bool(pending["updated"][j]))
+        if pending["diverged"][j]:
+            row["diverged"] = ("the aggregated update is not finite (the model would hold NaN or "
+                               "infinite values)")
+        if valid:
+            for key, v in pending["losses"].items():
+                row[key.replace("-", "_")] = float(v[j])
+            row["samples"] = int(pending["samples"][j])
+            row["train_seconds_max"] = pending["train_seconds_max"]
+    row.update({k: int(v[j]) for k, v in pending["totals"].items()},
+               seconds=pending["seconds"])
+    return row
+
+
+def _finite_rows(params: Params) -> torch.Tensor:
+    """``[R, C]`` bool: is every value of each row finite? (One sum per parameter first: when the
+    sums are finite, so is every value, which spares the element-wise check.)"""
+    sums = torch.stack([v.flatten(2).sum(-1) for v in params.values()])  # [P, R, C]
+    ok = torch.isfinite(sums).all(0)
+    if bool(ok.all()):
+        return ok
+    return torch.stack([torch.isfinite(v).flatten(2).all(-1) for v in params.values()]).all(0)
 
 
 def _value(hp: Hyper, name: str) -> float:
@@ -506,8 +587,8 @@ def _unflatten(x: Any, runs: int, clients: int) -> Any:
     return x.reshape(runs, clients, *x.shape[1:])
 
 
-def _samples(data: RoundData, clients: int) -> int:
-    """Examples a round's step data holds over ``clients`` clients (the init batch apart)."""
+def _samples(data: RoundData) -> int:
+    """Examples a round's step data holds over all its clients (the init batch apart)."""
     return sum(b[1].numel() for b in (data.support, data.query, data.extra) if b is not None)
 
 

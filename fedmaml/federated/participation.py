@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from fedmaml.config import PARTICIPATION_MODELS, SPEED_MODELS, ParticipationConfig
-from fedmaml.data.counter import derive_keys, splitmix64
+from fedmaml.data.counter import derive_keys, sample_without_replacement, splitmix64
 
 # Stream tags: independent generators for independent uses of the same seed.
 _COHORT, _AVAILABLE, _CLIENT_CONSTANTS, _MARKOV_START = 0xC1, 0xA8, 0xA7, 0xA9
@@ -52,9 +52,16 @@ _SPEED = (1 << 62) | 0x5BEED
 
 
 def sample_clients(seed: int, server_round: int, num_clients: int, k: int) -> list[int]:
-    """``k`` distinct client ids for a round among all clients, a function of (seed, round) only."""
-    rng = np.random.default_rng([seed, server_round, _COHORT])
-    return sorted(int(c) for c in rng.choice(num_clients, size=k, replace=False))
+    """``k`` distinct client ids for a round among all clients, a function of (seed, round) only
+    (a counter-based stream, so the runs of a vectorized sweep sample theirs at once:
+    :func:`sample_cohorts`)."""
+    return sample_cohorts(np.asarray([seed]), server_round, num_clients, k)[0].tolist()
+
+
+def sample_cohorts(seeds: np.ndarray, server_round: int, num_clients: int, k: int) -> np.ndarray:
+    """``[R, k]``: :func:`sample_clients` of each seed, in one vectorized draw."""
+    keys = derive_keys(np.asarray(seeds), np.full((len(seeds), 1), server_round), _COHORT)
+    return sample_without_replacement(keys[:, 0], num_clients, k)
 
 
 def speed_multipliers(spec: ParticipationConfig, seed: int, cids: list[int] | np.ndarray
@@ -151,8 +158,8 @@ class Participation:
         self.last_available = len(ids)
         if len(ids) <= k:
             return [int(c) for c in ids]
-        rng = np.random.default_rng([self.seed, server_round, _COHORT])
-        return sorted(int(c) for c in rng.choice(ids, size=k, replace=False))
+        return [int(ids[j]) for j in sample_cohorts(np.asarray([self.seed]), server_round,
+                                                     len(ids), k)[0]]
 
 
 class Staleness:
@@ -177,6 +184,10 @@ class Staleness:
         prev = self.last[ids]
         gaps = np.where(prev < 0, 0, server_round - prev)
         self.last[ids] = server_round
+        self.add_gaps(gaps)
+
+    def add_gaps(self, gaps: np.ndarray) -> None:
+        """Count participations with these gaps (0 = first) in the window and the run's total."""
         for gap, count in zip(*np.unique(gaps, return_counts=True)):
             for hist in (self.window, self.total):
                 hist[int(gap)] = hist.get(int(gap), 0) + int(count)

@@ -48,8 +48,13 @@ class RunRecorder:
         return (self.dir / METRICS_FILE).read_text(encoding="utf-8")
 
     def log_round(self, row: dict[str, Any]) -> None:
-        self._metrics.write(json.dumps(_clean(row)) + "\n")
-        self._metrics.flush()
+        self.log_rounds([row])
+
+    def log_rounds(self, rows: list[dict[str, Any]]) -> None:
+        """Append rows and flush once (a vectorized sweep writes its rows a few hundred at a time)."""
+        if rows:
+            self._metrics.write("".join(json.dumps(_clean(row)) + "\n" for row in rows))
+            self._metrics.flush()
 
     def finish(self, summary: dict[str, Any], params: Params) -> None:
         self._metrics.close()

@@ -1,0 +1,192 @@
+"""Evaluation rounds of a :class:`~fedmaml.engines.run_batch.RunBatch`: every run's panel at once.
+
+A run evaluates a fixed panel (its seen panel and every unseen client, ``MetaStrategy.eval_clients``):
+each task of each client adapts from ``w`` (and, for clients with a memory, from the memory) and
+is measured held out (``personalized_metrics``). With a hundred runs that is thousands of small
+independent adaptations, so they are stacked (every run, client, task and starting point along one
+axis) and run through one vmapped ``personalized_metrics``; the per-client metrics are then put
+together exactly as the ClientApp's ``evaluate_client`` puts them together, and summarised by each
+run's strategy. Runs whose tasks cannot be stacked (splits of different shapes) or that ask for the
+tracking error are evaluated client by client through ``evaluate_client`` itself.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from fedmaml.core.evaluation import personalized_metrics
+from fedmaml.core.params import Params
+from fedmaml.federated import records as R
+from fedmaml.federated.client_app import evaluate_client
+
+if TYPE_CHECKING:
+    from fedmaml.engines.run_batch import RunBatch
+
+#: Adaptations vmapped in one call (bounds the activations held at once).
+CHUNK = 2048
+
+
+@dataclass
+class _Panel:
+    """One run's evaluation panel, its tasks' splits stacked (built once: the panel is fixed)."""
+
+    cids: list[int]
+    tasks: list[tuple[int, int, int]]  # (client id, task index, tasks of the client) per row
+    splits: tuple[torch.Tensor, ...]  # adapt x, adapt y, held-out x, held-out y: [T, ...]
+    examples: dict[int, int]  # client id -> held-out examples (its weight in the summary)
+
+
+class _Store:
+    """A client's memory in the batch (``evaluate_client``'s store)."""
+
+    def __init__(self, batch: "RunBatch", i: int, cid: int) -> None:
+        self.batch, self.i, self.cid = batch, i, cid
+
+    def load(self) -> Params | None:
+        b = self.batch
+        if self.cid >= b.has_memory.shape[1] or not b.has_memory[self.i, self.cid]:
+            return None
+        return {k: v[self.i, self.cid] for k, v in b.memory.items()}
+
+
+class BatchEvaluator:
+    def __init__(self, batch: "RunBatch") -> None:
+        self.batch = batch
+        self._panels: dict[int, _Panel | None] = {}  # None: evaluated client by client
+
+    def evaluate(self, server_round: int) -> dict[int, dict[str, Any]]:
+        """Every live run's evaluation record (its row's ``eval``), by run index."""
+        b = self.batch
+        out: dict[int, dict[str, Any]] = {}
+        stacked = [i for i in b.live if self._panel(i, server_round) is not None]
+        for i in b.live:
+            if i not in stacked:
+                out[i] = self._one_by_one(i, server_round)
+        groups: dict[tuple, list[int]] = {}
+        for i in stacked:  # runs adapting alike (pattern, kind of task) go through one call
+            s = b.setups[i]
+            groups.setdefault((repr(s.eval_pattern), s.classification,
+                               tuple(t.shape[1:] for t in self._panels[i].splits)), []).append(i)
+        for runs in groups.values():
+            out.update(self._stacked(runs, server_round))
+        return out
+
+    def _panel(self, i: int, server_round: int) -> _Panel | None:
+        if i in self._panels:
+            return self._panels[i]
+        b = self.batch
+        setup = b.setups[i]
+        fed = setup.federation
+        panel = None
+        if not setup.config.evaluation.tracking_error:
+            cids = b.strategies[i].eval_clients(server_round)
+            rows, splits, examples = [], [], {}
+            for cid in cids:
+                tasks = (fed.unseen_tasks(cid - fed.num_clients) if cid >= fed.num_clients
+                         else fed.client_tasks(cid))
+                for t, task in enumerate(tasks):
+                    rows.append((cid, t, len(tasks)))
+                    splits.append(task.evaluation_split())
+                examples[cid] = sum(len(task.evaluation_split()[2]) for task in tasks)
+            try:
+                panel = _Panel(cids, rows, tuple(torch.stack([s[k] for s in splits])
+                                                 for k in range(4)), examples)
+            except RuntimeError:  # splits of different shapes: client by client
+                panel = None
+        self._panels[i] = panel
+        return panel
+
+    def _one_by_one(self, i: int, server_round: int) -> dict[str, Any]:
+        b = self.batch
+        strategy, setup = b.strategies[i], b.setups[i]
+        j = b.live.index(i)
+        w = {k: v[j] for k, v in b.w.items()}
+        cids = strategy.eval_clients(server_round)
+        outcomes: list[tuple[Any, str | None]] = []
+        for cid in cids:
+            try:
+                outcomes.append((evaluate_client(setup, cid, w, _Store(b, i, cid)), None))
+            except Exception as e:  # noqa: BLE001 - the client fails, the panel goes on
+                outcomes.append((None, f"evaluation error: client {cid}: {type(e).__name__}: {e}"))
+        b._sync_staleness(i)
+        return dict(strategy.evaluation_metrics(server_round, cids, outcomes))
+
+    def _stacked(self, runs: list[int], server_round: int) -> dict[int, dict[str, Any]]:
+        """Runs ``runs``' panels adapted in vmapped chunks, then summarised per run."""
+        b = self.batch
+        start = time.perf_counter()
+        n = b.has_memory.shape[1]
+        # One entry per (run, task row, start): the run's position, the row, memory or not.
+        entries: list[tuple[int, int, int, bool]] = []
+        for i in runs:
+            from_memory = (b.algorithm.uses_memory and b.cfgs[i].evaluation.from_memory)
+            for r, (cid, t, _) in enumerate(self._panels[i].tasks):
+                entries.append((i, r, t, False))
+                if from_memory and cid < n and b.has_memory[i, cid]:
+                    entries.append((i, r, t, True))
+        position = {i: b.live.index(i) for i in runs}
+        losses: dict[str, list[float]] = {}
+        for at in range(0, len(entries), CHUNK):
+            part = entries[at:at + CHUNK]
+            for k, v in self._adapt(part, position).items():
+                losses.setdefault(k, []).extend(v.tolist())
+        per_item_ms = (time.perf_counter() - start) * 1000 / max(len(entries), 1)
+        # Per client, as evaluate_client sums: metric / tasks, task by task.
+        sums: dict[tuple[int, int], dict[str, float]] = {}
+        items: dict[tuple[int, int], int] = {}
+        for e, (i, r, t, memory) in enumerate(entries):
+            cid, _, count = self._panels[i].tasks[r]
+            client = sums.setdefault((i, cid), {})
+            items[(i, cid)] = items.get((i, cid), 0) + 1
+            prefix = "memory-" if memory else ""
+            for k, values in losses.items():
+                client[prefix + k] = client.get(prefix + k, 0.0) + values[e] / count
+        out = {}
+        for i in runs:
+            panel, strategy = self._panels[i], b.strategies[i]
+            outcomes: list[tuple[Any, str | None]] = []
+            for cid in panel.cids:
+                m = dict(sums[(i, cid)])
+                count = next(c for c_, _, c in panel.tasks if c_ == cid)
+                m["adapt-ms"] = per_item_ms * items[(i, cid)] / count
+                if "memory-loss" in m:
+                    m["memory-gap"] = m["memory-loss"] - m["loss"]
+                m.update({R.NUM_EXAMPLES: panel.examples[cid], R.PARTITION: cid,
+                          "unseen": int(cid >= n)})
+                outcomes.append((m, None))
+            b._sync_staleness(i)
+            out[i] = dict(strategy.evaluation_metrics(server_round, panel.cids, outcomes))
+        return out
+
+    def _adapt(self, entries: list[tuple[int, int, int, bool]], position: dict[int, int]
+               ) -> dict[str, torch.Tensor]:
+        """``personalized_metrics`` of ``entries`` in one vmapped call."""
+        b = self.batch
+        first = b.setups[entries[0][0]]
+        run_pos = torch.tensor([position[i] for i, _, _, _ in entries])
+        starts = {k: v.index_select(0, run_pos) for k, v in b.w.items()}
+        memory_rows = [e for e, (_, _, _, memory) in enumerate(entries) if memory]
+        if memory_rows:
+            at = torch.tensor(memory_rows)
+            runs = torch.tensor([entries[e][0] for e in memory_rows])
+            cids = torch.tensor([self._panels[entries[e][0]].tasks[entries[e][1]][0]
+                                 for e in memory_rows])
+            tasks = torch.tensor([entries[e][2] for e in memory_rows])
+            for k, v in b.memory.items():
+                starts[k] = starts[k].index_copy(0, at, v[runs, cids, tasks])
+        splits = [torch.stack([self._panels[i].splits[s][r] for i, r, _, _ in entries])
+                  for s in range(4)]
+        alpha = torch.tensor([b.setups[i].eval_alpha for i, _, _, _ in entries],
+                             dtype=next(iter(starts.values())).dtype)
+        model, loss_fn = first.model, first.loss_fn
+        pattern, classification = first.eval_pattern, first.classification
+
+        def one(start, ax, ay, hx, hy, a):
+            return personalized_metrics(model, loss_fn, start, ax, ay, hx, hy, pattern, a,
+                                        classification)
+
+        return torch.func.vmap(one)(starts, *splits, alpha)
