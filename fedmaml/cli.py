@@ -246,6 +246,10 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
                         "<output_dir>/<name>)")
     parser.add_argument("--skip-invalid", action="store_true", help="leave out combinations that "
                         "break a rule linking several keys, instead of refusing the sweep")
+    parser.add_argument("--vectorize", action="store_true",
+                        help="run the runs that share every shape (they differ in seeds, eta, "
+                        "beta, alpha, hf_delta, server_lr) as one batched computation, each still "
+                        "into its own run directory (docs/sweeps.md)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and their state; run "
                         "nothing")
     _add_progress_arguments(parser, "runs")
@@ -257,7 +261,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     _configure_progress(args)
     base, spec = load_sweep(args.config, args.overrides, args.grid, args.seeds)
     result = run_sweep(base, spec, args.sweep_dir, jobs=args.jobs, quiet=args.quiet,
-                       skip_invalid=args.skip_invalid, dry_run=args.dry_run)
+                       skip_invalid=args.skip_invalid, dry_run=args.dry_run,
+                       vectorize=args.vectorize)
     if not args.dry_run:
         print(sweep_summary(result))
     return EXIT_RUN_NOT_COMPLETED if result.failed or result.not_completed else 0

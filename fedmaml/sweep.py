@@ -478,10 +478,70 @@ def resolve_jobs(jobs: int, base: Config) -> int:
     return jobs
 
 
+def execute_batch(configs: list[Config], run_dirs: list[Path], quiet: bool = True
+                  ) -> list[tuple[float, str | None]]:
+    """Run ``configs`` as one vectorized batch (fedmaml/engines/run_batch.py): one outcome per run,
+    as :func:`execute_run` gives it. Runs with a checkpoint continue from it (the batch's runs are
+    all new, or all checkpointed after one round); leftovers of an attempt without one are
+    cleaned. An exception fails every run of the batch (``error.txt`` in each)."""
+    from fedmaml.engines.run_batch import run_batch
+    from fedmaml.experiment import quiet_frameworks
+    from fedmaml.federated.checkpoint import CHECKPOINT_FILE
+
+    quiet_frameworks()
+    resume = all((d / CHECKPOINT_FILE).exists() for d in run_dirs)
+    for d in run_dirs:
+        if d.exists() and not resume:
+            shutil.rmtree(d)
+        (d / ERROR_FILE).unlink(missing_ok=True)
+    start = time.perf_counter()
+    try:
+        summaries = run_batch(configs, run_dirs, quiet=quiet, resume=resume)
+    except Exception as e:  # noqa: BLE001 - reported per run, the sweep goes on
+        text = traceback.format_exc()
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        for d in run_dirs:
+            d.mkdir(parents=True, exist_ok=True)
+            (d / ERROR_FILE).write_text(text, encoding="utf-8")
+        return [(time.perf_counter() - start, f"{type(e).__name__}: {first}")] * len(run_dirs)
+    if any(s.get("status") == "interrupted" for s in summaries.values()):
+        raise KeyboardInterrupt  # the runs checkpointed themselves; the sweep stops too
+    return [(time.perf_counter() - start, None)] * len(run_dirs)
+
+
+def plan_batches(todo: list[PlannedRun], sweep_dir: Path, jobs: int
+                 ) -> tuple[list[list[PlannedRun]], list[PlannedRun], dict[str, str]]:
+    """``--vectorize``: the runs to train as batches (equal shapes, and equal checkpoint rounds
+    when resuming; each batch split in ``jobs`` parts for ``jobs`` processes), the runs that run
+    one by one, and why each of those cannot join a batch."""
+    from fedmaml.engines.run_batch import batch_key, batch_refusal
+    from fedmaml.federated.checkpoint import CHECKPOINT_FILE, load
+
+    groups: dict[tuple, list[PlannedRun]] = {}
+    alone: list[PlannedRun] = []
+    why: dict[str, str] = {}
+    for run in todo:
+        reason = batch_refusal(run.config)
+        if reason is None:
+            path = sweep_dir / run.name / CHECKPOINT_FILE
+            at = load(sweep_dir / run.name)["round"] if path.exists() else None
+            groups.setdefault((batch_key(run.config), at), []).append(run)
+        else:
+            alone.append(run)
+            why[run.name] = reason
+    batches = []
+    for runs in groups.values():
+        parts = min(jobs, len(runs))
+        size = math.ceil(len(runs) / parts)
+        batches += [runs[at:at + size] for at in range(0, len(runs), size)]
+    return batches, alone, why
+
+
 def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None, jobs: int = 1,
               quiet: bool = False, skip_invalid: bool = False, dry_run: bool = False,
-              stream: TextIO | None = None) -> SweepResult:
-    """Plan the sweep, skip finished runs, run the rest (in ``jobs`` processes), report progress."""
+              stream: TextIO | None = None, vectorize: bool = False) -> SweepResult:
+    """Plan the sweep, skip finished runs, run the rest (in ``jobs`` processes), report progress.
+    ``vectorize``: runs of equal shapes train together as batches (:func:`plan_batches`)."""
     from fedmaml.results.progress import Progress
 
     out = stream or sys.stderr
@@ -536,24 +596,43 @@ def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None
             failed = f" | {len(result.failed)} failed" if result.failed else ""
             progress.update(done, f"{run.name} {status}{failed}")
 
+        batches: list[list[PlannedRun]] = []
+        if vectorize:
+            batches, todo, why = plan_batches(todo, sweep_dir, jobs)
+            say(f"vectorized: {sum(map(len, batches))} runs in {len(batches)} batch(es) of "
+                f"{', '.join(str(len(b)) for b in batches) or '-'} runs"
+                + (f"; {len(todo)} run(s) one by one" if todo else ""))
+            for reason in sorted(set(why.values())):
+                names = [n for n, r in why.items() if r == reason]
+                say(f"  one by one ({reason}): {len(names)} run(s), e.g. {names[0]}")
+        jobs_of = [(execute_batch, ([r.config for r in b], [sweep_dir / r.name for r in b], quiet),
+                    b) for b in batches]
+        jobs_of += [(execute_run, (r.config, sweep_dir / r.name), [r]) for r in todo]
+
+        def record_all(members: list[PlannedRun], outcome: Any) -> None:
+            outcomes = outcome if isinstance(outcome, list) else [outcome] * len(members)
+            for run, o in zip(members, outcomes):
+                record(run, o)
+
         try:
             with _sigterm_as_interrupt():
-                if jobs == 1 or len(todo) == 1:
-                    for run in todo:
-                        record(run, execute_run(run.config, sweep_dir / run.name))
+                if jobs == 1 or len(jobs_of) == 1:
+                    for fn, args, members in jobs_of:
+                        record_all(members, fn(*args))
                 else:
-                    _run_pool(todo, sweep_dir, min(jobs, len(todo)), record)
+                    _run_pool(jobs_of, min(jobs, len(jobs_of)), record_all)
         except KeyboardInterrupt:
-            say(f"\ninterrupted: {len(result.ran)} of {len(todo)} runs finished in this "
-                "invocation; run the same command again to resume")
+            say(f"\ninterrupted: {len(result.ran)} of {len(runs) - len(result.skipped)} runs "
+                "finished in this invocation; run the same command again to resume")
             raise
     for name, error in result.failed.items():
         say(f"failed: {name}: {error} (see {sweep_dir / name / ERROR_FILE})")
     return result
 
 
-def _run_pool(todo: list[PlannedRun], sweep_dir: Path, jobs: int,
-              record: Any) -> None:
+def _run_pool(work: list[tuple[Any, tuple, list[PlannedRun]]], jobs: int, record: Any) -> None:
+    """Run ``work`` (``(function, arguments, its runs)``) in ``jobs`` spawned worker processes;
+    ``record(runs, outcome)`` as each finishes."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
@@ -561,17 +640,17 @@ def _run_pool(todo: list[PlannedRun], sweep_dir: Path, jobs: int,
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
                                initargs=(os.getpid(),))
     try:
-        futures = {pool.submit(execute_run, r.config, sweep_dir / r.name): r for r in todo}
+        futures = {pool.submit(fn, *args): runs for fn, args, runs in work}
         pending = set(futures)
         while pending:
             finished, pending = wait(pending, return_when=FIRST_COMPLETED)
             for fut in finished:
-                run = futures[fut]
+                runs = futures[fut]
                 try:
                     outcome = fut.result()
                 except Exception as e:  # noqa: BLE001 - a worker died (killed, out of memory)
                     outcome = (0.0, f"worker process died: {type(e).__name__}: {e}")
-                record(run, outcome)
+                record(runs, outcome)
     except BaseException:
         # Stop the workers now: a resumed sweep must not find them still writing into run dirs.
         for proc in list(getattr(pool, "_processes", {}).values()):

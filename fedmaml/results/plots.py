@@ -43,7 +43,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ax_train.legend()
     ax_train.grid(alpha=0.3)
     fig.suptitle(f"{summary.get('name', run_dir.name)} ({summary.get('algorithm', '')})")
-    fig.tight_layout()
+    # fixed margins: tight_layout measures every tick label, the dearest part of a figure that a
+    # vectorized sweep draws for each of its runs
+    fig.subplots_adjust(left=0.07, right=0.985, bottom=0.13, top=0.88, wspace=0.22)
     out = Path(out) if out else run_dir / "convergence.png"
     fig.savefig(out, dpi=120)
     plt.close(fig)
