@@ -6,8 +6,9 @@ is measured held out (``personalized_metrics``). With a hundred runs that is tho
 independent adaptations, so they are stacked (every run, client, task and starting point along one
 axis) and run through one vmapped ``personalized_metrics``; the per-client metrics are then put
 together exactly as the ClientApp's ``evaluate_client`` puts them together, and summarised by each
-run's strategy. Runs whose tasks cannot be stacked (splits of different shapes) or that ask for the
-tracking error are evaluated client by client through ``evaluate_client`` itself.
+run's strategy; the memories' tracking error (``memory_diagnostics``) is computed the same way. Runs
+whose tasks cannot be stacked (splits of different shapes) are evaluated client by client through
+``evaluate_client`` itself.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fedmaml.core.diagnostics import tracking_error
 from fedmaml.core.evaluation import personalized_metrics
 from fedmaml.core.params import Params
 from fedmaml.federated import records as R
@@ -79,24 +81,21 @@ class BatchEvaluator:
         if i in self._panels:
             return self._panels[i]
         b = self.batch
-        setup = b.setups[i]
-        fed = setup.federation
-        panel = None
-        if not setup.config.evaluation.tracking_error:
-            cids = b.strategies[i].eval_clients(server_round)
-            rows, splits, examples = [], [], {}
-            for cid in cids:
-                tasks = (fed.unseen_tasks(cid - fed.num_clients) if cid >= fed.num_clients
-                         else fed.client_tasks(cid))
-                for t, task in enumerate(tasks):
-                    rows.append((cid, t, len(tasks)))
-                    splits.append(task.evaluation_split())
-                examples[cid] = sum(len(task.evaluation_split()[2]) for task in tasks)
-            try:
-                panel = _Panel(cids, rows, tuple(torch.stack([s[k] for s in splits])
-                                                 for k in range(4)), examples)
-            except RuntimeError:  # splits of different shapes: client by client
-                panel = None
+        fed = b.setups[i].federation
+        cids = b.strategies[i].eval_clients(server_round)
+        rows, splits, examples = [], [], {}
+        for cid in cids:
+            tasks = (fed.unseen_tasks(cid - fed.num_clients) if cid >= fed.num_clients
+                     else fed.client_tasks(cid))
+            for t, task in enumerate(tasks):
+                rows.append((cid, t, len(tasks)))
+                splits.append(task.evaluation_split())
+            examples[cid] = sum(len(task.evaluation_split()[2]) for task in tasks)
+        try:
+            panel: _Panel | None = _Panel(cids, rows, tuple(torch.stack([s[k] for s in splits])
+                                                            for k in range(4)), examples)
+        except RuntimeError:  # splits of different shapes: client by client
+            panel = None
         self._panels[i] = panel
         return panel
 
@@ -134,6 +133,13 @@ class BatchEvaluator:
             part = entries[at:at + CHUNK]
             for k, v in self._adapt(part, position).items():
                 losses.setdefault(k, []).extend(v.tolist())
+        tracked = [e for e, (i, _, _, memory) in enumerate(entries)
+                   if memory and b.cfgs[i].evaluation.tracking_error]
+        errors: list[float] = []
+        for at in range(0, len(tracked), CHUNK):
+            errors += self._tracking([entries[e] for e in tracked[at:at + CHUNK]],
+                                     position).tolist()
+        error_of = dict(zip(tracked, errors))
         per_item_ms = (time.perf_counter() - start) * 1000 / max(len(entries), 1)
         # Per client, as evaluate_client sums: metric / tasks, task by task.
         sums: dict[tuple[int, int], dict[str, float]] = {}
@@ -145,6 +151,8 @@ class BatchEvaluator:
             prefix = "memory-" if memory else ""
             for k, values in losses.items():
                 client[prefix + k] = client.get(prefix + k, 0.0) + values[e] / count
+            if e in error_of:  # memory_diagnostics: the mean over the client's tasks
+                client["tracking-error"] = client.get("tracking-error", 0.0) + error_of[e] / count
         out = {}
         for i in runs:
             panel, strategy = self._panels[i], b.strategies[i]
@@ -155,6 +163,8 @@ class BatchEvaluator:
                 m["adapt-ms"] = per_item_ms * items[(i, cid)] / count
                 if "memory-loss" in m:
                     m["memory-gap"] = m["memory-loss"] - m["loss"]
+                    if "tracking-error" in m:  # after the gap, as memory_diagnostics orders them
+                        m["tracking-error"] = m.pop("tracking-error")
                 m.update({R.NUM_EXAMPLES: panel.examples[cid], R.PARTITION: cid,
                           "unseen": int(cid >= n)})
                 outcomes.append((m, None))
@@ -162,11 +172,10 @@ class BatchEvaluator:
             out[i] = dict(strategy.evaluation_metrics(server_round, panel.cids, outcomes))
         return out
 
-    def _adapt(self, entries: list[tuple[int, int, int, bool]], position: dict[int, int]
-               ) -> dict[str, torch.Tensor]:
-        """``personalized_metrics`` of ``entries`` in one vmapped call."""
+    def _starts(self, entries: list[tuple[int, int, int, bool]], position: dict[int, int]
+                ) -> Params:
+        """Each entry's starting point: its run's ``w``, or its client's task memory."""
         b = self.batch
-        first = b.setups[entries[0][0]]
         run_pos = torch.tensor([position[i] for i, _, _, _ in entries])
         starts = {k: v.index_select(0, run_pos) for k, v in b.w.items()}
         memory_rows = [e for e, (_, _, _, memory) in enumerate(entries) if memory]
@@ -178,6 +187,38 @@ class BatchEvaluator:
             tasks = torch.tensor([entries[e][2] for e in memory_rows])
             for k, v in b.memory.items():
                 starts[k] = starts[k].index_copy(0, at, v[runs, cids, tasks])
+        return starts
+
+    def _tracking(self, entries: list[tuple[int, int, int, bool]], position: dict[int, int]
+                  ) -> torch.Tensor:
+        """The tracking error of memory ``entries`` (``memory_diagnostics``) in one vmapped call."""
+        b = self.batch
+        memories = self._starts(entries, position)
+        w = self._starts([(i, r, t, False) for i, r, t, _ in entries], position)
+        splits = [torch.stack([self._panels[i].splits[s][r] for i, r, _, _ in entries])
+                  for s in range(2)]
+        hp = b.setups[entries[0][0]].hyper
+        alphas = []
+        for i, _, _, _ in entries:  # the step the memory update takes (as memory_diagnostics)
+            h, n_tasks = b.setups[i].hyper, b.cfgs[i].data.tasks_per_client
+            alpha = h.step.memory_alpha
+            if h.memory_policy == "decay_to_w":
+                alpha *= n_tasks / min(h.tasks_per_step, n_tasks)
+            alphas.append(alpha)
+        alpha = torch.tensor(alphas, dtype=next(iter(w.values())).dtype)
+        model, loss_fn, pattern = b.model, b.loss_fn, hp.step.memory_pattern
+
+        def one(w_, u, x, y, a):
+            return tracking_error(model, loss_fn, w_, u, x, y, pattern, a)
+
+        return torch.func.vmap(one)(w, memories, *splits, alpha)
+
+    def _adapt(self, entries: list[tuple[int, int, int, bool]], position: dict[int, int]
+               ) -> dict[str, torch.Tensor]:
+        """``personalized_metrics`` of ``entries`` in one vmapped call."""
+        b = self.batch
+        first = b.setups[entries[0][0]]
+        starts = self._starts(entries, position)
         splits = [torch.stack([self._panels[i].splits[s][r] for i, r, _, _ in entries])
                   for s in range(4)]
         alpha = torch.tensor([b.setups[i].eval_alpha for i, _, _, _ in entries],
