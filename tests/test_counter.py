@@ -5,9 +5,11 @@ with the distributions they claim."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
-from fedmaml.data.counter import GAMMA, Stream, combine, mix64, round_keys, splitmix64
+from fedmaml.data.counter import (GAMMA, Stream, combine, derive_keys, mix64, round_keys,
+                                  sample_without_replacement, splitmix64)
 
 M = (1 << 64) - 1
 
@@ -67,3 +69,27 @@ def test_uniform_below_and_permutations_have_their_distributions():
     assert first.min() >= 8  # every position can come first (200 draws, 20 expected each)
     # sub-streams differ from each other and from their parent
     assert not torch.equal(s.child(0).uniform(5), s.child(1).uniform(5))
+
+
+@pytest.mark.parametrize("n,k", [(25, 3), (1000, 10), (10, 9), (12, 3), (1_000_000, 50)])
+def test_sampling_without_replacement_is_uniform_distinct_and_the_same_in_any_batch(n, k):
+    keys = derive_keys(np.arange(400), np.full((400, 1), 5), 0xC1)[:, 0]
+    rows = sample_without_replacement(keys, n, k)
+    assert rows.shape == (400, k)
+    for row in rows.tolist():  # k distinct ids below n, sorted
+        assert len(set(row)) == k and row == sorted(row) and 0 <= row[0] and row[-1] < n
+    # the same key gives the same cohort alone as inside any batch
+    for r in (0, 17, 399):
+        assert np.array_equal(sample_without_replacement(keys[r:r + 1], n, k)[0], rows[r])
+    if n <= 1000:  # every id is about equally likely: within 5 standard deviations
+        counts = np.bincount(rows.ravel(), minlength=n)
+        expected = 400 * k / n
+        assert np.abs(counts - expected).max() < 5 * np.sqrt(expected) + 1
+
+
+def test_per_seed_keys_equal_the_keys_of_each_seed():
+    seeds = np.array([0, 3, 2 ** 40 + 5])
+    ids = np.array([[1, 2], [0, 9], [4, 4]])
+    batched = derive_keys(seeds, ids, 17)
+    for r in range(3):
+        assert np.array_equal(batched[r], derive_keys(int(seeds[r]), ids[r], 17))

@@ -390,6 +390,29 @@ def test_server_momentum_and_adam_match_torch_optim(kind):
     assert ours.steps == 5
 
 
+@pytest.mark.parametrize("kind", ["sgd", "momentum", "adam"])
+def test_a_server_optimizer_over_stacked_runs_equals_one_per_run(kind):
+    """A vectorized sweep steps R runs at once: per-run rates ``lr [R]`` and step counts
+    ``steps [R]`` along the leading axis give each run exactly its own optimizer's steps."""
+    _, w, _, _ = problem("mlp")
+    lrs, runs = (0.05, 0.2, 0.01), 3
+    alone = [ServerOptimizer(kind, lr=lr, momentum=0.8, betas=(0.9, 0.99), eps=1e-6)
+             for lr in lrs]
+    stacked = ServerOptimizer(kind, lr=torch.tensor(lrs, dtype=torch.float64), momentum=0.8,
+                              betas=(0.9, 0.99), eps=1e-6, steps=torch.zeros(runs,
+                                                                           dtype=torch.float64))
+    cur_alone = [w] * runs
+    cur = {k: torch.stack([v] * runs) for k, v in w.items()}
+    for step in range(4):
+        deltas = [random_like(w, 300 + 10 * step + r, scale=0.1) for r in range(runs)]
+        cur_alone = [opt.step(c, d) for opt, c, d in zip(alone, cur_alone, deltas)]
+        cur = stacked.step(cur, {k: torch.stack([d[k] for d in deltas]) for k in w})
+        for r in range(runs):
+            assert_params_close({k: v[r] for k, v in cur.items()}, cur_alone[r], atol=1e-13,
+                                rtol=1e-12, what=f"{kind} run {r} step {step}")
+    assert stacked.steps.tolist() == [4.0] * runs
+
+
 # -- federated round == centralized MOML step ------------------------------------------------------
 
 @pytest.mark.parametrize("estimator", ["first_order", "second_order", "hessian_free"])
