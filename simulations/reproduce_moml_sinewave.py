@@ -148,10 +148,12 @@ def make_config(method: Method, k: int, eta: float, beta: float, seed: int, step
     rounds = rounds_for(method, steps, k, protocol)
     every = max(1, rounds // curve_points) if curve_points else 0
     beta_key = [f"algorithm.beta={beta}"] if method.uses_beta else []
+    # long runs checkpoint, so that a stopped protocol resumes where it was
+    keep = [f"federated.checkpoint_every={max(1, rounds // 8)}"] if steps >= 10000 else []
     return load_config(CONFIG, [*method.overrides, *k_overrides(k),
                                 *protocol_overrides(protocol, method, k), f"algorithm.eta={eta}",
                                 *beta_key, f"seed={seed}", f"federated.rounds={rounds}",
-                                f"federated.eval_every={every}", f"output_dir={out}",
+                                f"federated.eval_every={every}", f"output_dir={out}", *keep,
                                 f"name={run_name(method, k, eta, beta, seed, steps, protocol)}"])
 
 
@@ -203,16 +205,70 @@ def run_one(job: tuple) -> dict[str, Any]:
     metrics = read_metrics(run_dir)
     test = heldout_mse(run_dir, cfg, TEST_TASKS)
     val = heldout_mse(run_dir, cfg, VALIDATION_TASKS)
-    curve = [(r["round"] * (LOCAL_STEPS if name == "LocalMOML" else 1), r["eval"]["unseen.loss.mean"])
+    # test MSE of the unseen clients against the training examples drawn so far
+    curve = [(r["samples"], r["eval"]["unseen.loss.mean"])
              for r in metrics if "eval" in r and "unseen.loss.mean" in r["eval"]]
     return {"method": name, "K": k, "eta": eta, "beta": beta, "seed": seed, "steps": steps,
             "protocol": protocol, "status": run_status(read_summary(run_dir)),
             "run_dir": str(run_dir), "test_mse": statistics.mean(test), "val_mse": statistics.mean(val),
-            "ms_per_step": step_ms(metrics, method),
+            # a vectorized batch's round trains all its runs: one run's share
+            "ms_per_step": step_ms(metrics, method) / read_summary(run_dir).get("batch", {}).get(
+                "runs", 1),
             "samples": max(r.get("samples", 0) for r in metrics), "curve": curve}
 
 
-def run_all(jobs: list[tuple], workers: int) -> list[dict[str, Any]]:
+def train_part(jobs: list[tuple]) -> float:
+    """Train jobs of one method, K, protocol and budget (they differ in eta, beta and seed) as one
+    vectorized batch (``fedmaml sweep --vectorize``'s engine); runs that finished are skipped,
+    runs checkpointed after one round continue from there. Returns the wall time."""
+    import time
+
+    from fedmaml.results.recorder import read_summary
+    from fedmaml.sweep import execute_batch
+
+    torch.set_num_threads(1)
+    configs, dirs = [], []
+    for name, k, eta, beta, seed, steps, out, curve_points, protocol in jobs:
+        cfg = make_config(BY_NAME[name], k, eta, beta, seed, steps, Path(out), curve_points,
+                          protocol)
+        if read_summary(Path(out) / cfg.name) is None:
+            configs.append(cfg)
+            dirs.append(Path(out) / cfg.name)
+    if not configs:
+        return 0.0
+    start = time.perf_counter()
+    label = f"{jobs[0][0]} K={jobs[0][1]} {jobs[0][8]} ({len(configs)} runs, {jobs[0][5]} steps)"
+    print(f"batch {label}: started", flush=True)
+    errors = {e for _, e in execute_batch(configs, dirs, quiet=True) if e}
+    seconds = time.perf_counter() - start
+    print(f"batch {label}: {seconds:.0f} s" + (f"; FAILED: {errors}" if errors else ""),
+          flush=True)
+    return seconds
+
+
+def train_batched(jobs: list[tuple], workers: int) -> None:
+    """All jobs' training as vectorized batches: one per method, K, protocol and budget, split in
+    ``workers`` parts that run in parallel processes."""
+    groups: dict[tuple, list[tuple]] = {}
+    for job in jobs:
+        name, k, _, _, _, steps, out, curve_points, *rest = job
+        full = (*job[:8], rest[0] if rest else "fedmaml")
+        groups.setdefault((name, k, steps, out, curve_points, full[8]), []).append(full)
+    parts = []
+    for members in groups.values():
+        n = min(workers, len(members))
+        parts += [members[i::n] for i in range(n)]
+    parts.sort(key=len, reverse=True)  # the largest first: the pool ends evenly
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers, maxtasksperchild=1) as pool:
+        for _ in pool.imap_unordered(train_part, parts):
+            pass
+
+
+def run_all(jobs: list[tuple], workers: int, vectorize: bool = True) -> list[dict[str, Any]]:
+    """Train (vectorized batches, or run by run) and score every job."""
+    if vectorize:
+        train_batched(jobs, workers)
     results = []
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(workers, maxtasksperchild=20) as pool:
@@ -238,7 +294,7 @@ def best(results: list[dict[str, Any]], name: str, k: int) -> tuple[float, float
 
 
 def tune(methods: list[Method], ks: list[int], grid: str, steps: int, seed: int, out: Path,
-         workers: int, protocol: str = "fedmaml"
+         workers: int, protocol: str = "fedmaml", vectorize: bool = True
          ) -> tuple[dict[tuple[str, int], tuple[float, float]], list[dict[str, Any]]]:
     first: list[tuple] = []
     for m, k in itertools.product(methods, ks):
@@ -246,7 +302,7 @@ def tune(methods: list[Method], ks: list[int], grid: str, steps: int, seed: int,
         betas = BETA_GRID if (m.uses_beta and grid == "full") else (public_beta,)
         first += [(m.name, k, e, b, seed, steps, str(out), 0, protocol) for e in ETA_GRID
                   for b in betas]
-    results = run_all(first, workers)
+    results = run_all(first, workers, vectorize)
     if grid == "coordinate":
         second = []
         for m, k in itertools.product(methods, ks):
@@ -254,7 +310,7 @@ def tune(methods: list[Method], ks: list[int], grid: str, steps: int, seed: int,
                 eta, public_beta = best(results, m.name, k)
                 second += [(m.name, k, eta, b, seed, steps, str(out), 0, protocol)
                            for b in BETA_GRID if b != public_beta]
-        results += run_all(second, workers)
+        results += run_all(second, workers, vectorize)
     chosen = {(m.name, k): best(results, m.name, k) for m in methods for k in ks}
     return chosen, results
 
@@ -278,8 +334,8 @@ def summarize(final: list[dict[str, Any]], chosen: dict, methods: list[Method], 
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| K | method | eta | beta | test MSE (mean ± std) | diverged seeds | ms / step "
-             "| samples / run |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| K | method | eta | beta | test MSE (mean ± std) | diverged seeds | ms / step (one "
+             "run's share) | samples / run |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         beta = "-" if r["beta"] is None else f"{r['beta']:g}"
         lines.append(f"| {r['K']} | {r['method']} | {r['eta']:g} | {beta} | "
@@ -319,7 +375,7 @@ def plot(final: list[dict[str, Any]], methods: list[Method], ks: list[int], path
             ax.plot(x, y.mean(0), label=m.name)
             ax.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), alpha=0.15)
         ax.set_title(f"sinewave grid, K = {k} (mean ± std over seeds)")
-        ax.set_xlabel("meta-steps (LocalMOML: rounds x H)")
+        ax.set_xlabel("training examples drawn")
         ax.set_ylabel("test MSE, 5 unseen tasks, 10 adaptation steps")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
@@ -327,6 +383,45 @@ def plot(final: list[dict[str, Any]], methods: list[Method], ks: list[int], path
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
+
+
+def run_protocol(a: argparse.Namespace, methods: list[Method], protocol: str, out: Path,
+                 figure: str | None, public_values: bool, runs: Path) -> dict[str, Any]:
+    """Tuning (unless ``public_values``), then the finals on ``a.seeds``, for one protocol;
+    writes table.md, tuning.md, results.json under ``out`` and the figure. The runs go under
+    ``runs`` (tune/, final/), so a final that tuning and the public values share runs once."""
+    import time
+
+    start = time.perf_counter()
+    tuning: list[dict[str, Any]] = []
+    if public_values:
+        chosen = {(m.name, k): m.public[k] for m in methods for k in a.ks}
+    else:
+        chosen, tuning = tune(methods, a.ks, a.grid, a.tune_steps, a.tune_seed, runs / "tune",
+                              a.workers, protocol, a.engine == "batch")
+    print("chosen (eta, beta):", {f"{n} K={k}": v for (n, k), v in chosen.items()}, flush=True)
+    jobs = [(m.name, k, *chosen[(m.name, k)], s, a.steps, str(runs / "final"), a.curve_points,
+             protocol)
+            for k in a.ks for m in methods for s in a.seeds]
+    final = run_all(jobs, a.workers, a.engine == "batch")
+    rows = summarize(final, chosen, methods, a.ks)
+    table = markdown_table(rows)
+    what = "the public code's step sizes" if public_values else "step sizes tuned on validation tasks"
+    print(f"\n[{protocol} protocol, {what}] final test MSE after {a.steps} meta-steps, seeds "
+          f"{a.seeds}:\n{table}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(table + "\n")
+    if tuning:
+        (out / "tuning.md").write_text(tuning_table(tuning) + "\n")
+    seconds = time.perf_counter() - start
+    (out / "results.json").write_text(json.dumps(
+        {"args": vars(a), "protocol": protocol, "public_values": public_values, "rows": rows,
+         "final": final, "tuning": tuning, "wall_seconds": seconds}, indent=1))
+    if figure:
+        plot(final, methods, a.ks, Path(figure))
+        print(f"figure: {figure}")
+    print(f"[{protocol} protocol, {what}] wall time {seconds / 60:.1f} min", flush=True)
+    return {"rows": rows, "seconds": seconds}
 
 
 def main() -> None:
@@ -341,47 +436,51 @@ def main() -> None:
                    choices=list(BY_NAME))
     p.add_argument("--public-values", action="store_true",
                    help="skip tuning; use the public code's eta/beta (ALGORITHMS.md §8)")
-    p.add_argument("--protocol", choices=PROTOCOLS, default="fedmaml",
+    p.add_argument("--also-public-values", action="store_true",
+                   help="after the tuned finals, the finals with the public code's eta/beta too "
+                        "(under <output-dir>/public-values)")
+    p.add_argument("--protocol", choices=(*PROTOCOLS, "both"), default="fedmaml",
                    help="evaluation protocol: fedmaml's default or the MOML public code's "
-                        "(shared evaluation points, one initial model, memories made at the start)")
+                        "(shared evaluation points, one initial model, memories made at the start); "
+                        "both: one after the other, each under <output-dir>/<protocol>")
+    p.add_argument("--engine", choices=("batch", "runs"), default="batch",
+                   help="batch: the runs of a method, K and protocol train as vectorized batches "
+                        "(fedmaml sweep --vectorize's engine); runs: one run per process")
     p.add_argument("--curve-points", type=int, default=8)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--output-dir", default="results/moml_sinewave")
     p.add_argument("--figure", default="docs/figures/sinewave_convergence.png")
     p.add_argument("--quick", action="store_true", help="smoke test: 200 steps, 2 seeds, K = 1")
     p.add_argument("--full-protocol", action="store_true",
-                   help="the paper's protocol: 40,000 steps, full grid tuned at 40,000 steps")
+                   help="the paper's protocol: 40,000 steps, full grid tuned at 40,000 steps, "
+                        "5 seeds, both evaluation protocols, also the public code's step sizes")
     a = p.parse_args()
     if a.quick:
         a.steps, a.tune_steps, a.seeds, a.ks = 200, 100, [0, 1], [1]
     if a.full_protocol:
         a.steps, a.tune_steps, a.grid, a.seeds = 40000, 40000, "full", [0, 1, 2, 3, 4]
-    out = Path(a.output_dir)
+        a.protocol, a.also_public_values = "both", True
     methods = [BY_NAME[n] for n in a.methods]
-
-    tuning: list[dict[str, Any]] = []
-    if a.public_values:
-        chosen = {(m.name, k): m.public[k] for m in methods for k in a.ks}
-    else:
-        chosen, tuning = tune(methods, a.ks, a.grid, a.tune_steps, a.tune_seed, out / "tune",
-                              a.workers, a.protocol)
-    print("chosen (eta, beta):", {f"{n} K={k}": v for (n, k), v in chosen.items()}, flush=True)
-    jobs = [(m.name, k, *chosen[(m.name, k)], s, a.steps, str(out / "final"), a.curve_points,
-             a.protocol)
-            for k in a.ks for m in methods for s in a.seeds]
-    final = run_all(jobs, a.workers)
-    rows = summarize(final, chosen, methods, a.ks)
-    table = markdown_table(rows)
-    print(f"\nFinal test MSE after {a.steps} meta-steps, seeds {a.seeds}:\n{table}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(table + "\n")
-    if tuning:
-        (out / "tuning.md").write_text(tuning_table(tuning) + "\n")
-    (out / "results.json").write_text(json.dumps({"args": vars(a), "rows": rows, "final": final,
-                                                  "tuning": tuning}, indent=1))
-    if a.figure:
-        plot(final, methods, a.ks, Path(a.figure))
-        print(f"figure: {a.figure}")
+    protocols = PROTOCOLS if a.protocol == "both" else (a.protocol,)
+    out = Path(a.output_dir)
+    timings = {}
+    for protocol in protocols:
+        where = out / protocol if a.protocol == "both" else out
+        figure = a.figure
+        if figure and a.protocol == "both":
+            figure = str(Path(figure).with_name(f"{Path(figure).stem}_{protocol}.png"))
+        variants = [a.public_values] + ([True] if a.also_public_values and not a.public_values
+                                        else [])
+        for public in variants:
+            sub = where / "public-values" if public and not a.public_values else where
+            fig = figure
+            if fig and public and not a.public_values:
+                fig = str(Path(fig).with_name(f"{Path(fig).stem}_public-values.png"))
+            timings[f"{protocol}{'/public-values' if public else ''}"] = run_protocol(
+                a, methods, protocol, sub, fig, public, where)["seconds"]
+    total = sum(timings.values())
+    print("wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items())
+          + f"; total {total / 60:.1f} min", flush=True)
 
 
 if __name__ == "__main__":
