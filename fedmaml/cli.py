@@ -249,7 +249,7 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vectorize", action="store_true",
                         help="run the runs that share every shape (they differ in seeds, eta, "
                         "beta, alpha, hf_delta, server_lr) as one batched computation, each still "
-                        "into its own run directory (docs/sweeps.md)")
+                        "into its own run directory (docs/comparing.md)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and their state; run "
                         "nothing")
     _add_progress_arguments(parser, "runs")

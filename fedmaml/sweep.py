@@ -512,7 +512,7 @@ def execute_batch(configs: list[Config], run_dirs: list[Path], quiet: bool = Tru
 def plan_batches(todo: list[PlannedRun], sweep_dir: Path, jobs: int
                  ) -> tuple[list[list[PlannedRun]], list[PlannedRun], dict[str, str]]:
     """``--vectorize``: the runs to train as batches (equal shapes, and equal checkpoint rounds
-    when resuming; each batch split in ``jobs`` parts for ``jobs`` processes), the runs that run
+    when resuming; split when there are fewer batches than ``jobs`` processes), the runs that run
     one by one, and why each of those cannot join a batch."""
     from fedmaml.engines.run_batch import batch_key, batch_refusal
     from fedmaml.federated.checkpoint import CHECKPOINT_FILE, load
@@ -529,10 +529,12 @@ def plan_batches(todo: list[PlannedRun], sweep_dir: Path, jobs: int
         else:
             alone.append(run)
             why[run.name] = reason
+    # Split batches only as far as it takes to give every process work: a bigger batch is cheaper
+    # per run.
+    split = max(1, math.ceil(jobs / len(groups))) if groups else 1
     batches = []
     for runs in groups.values():
-        parts = min(jobs, len(runs))
-        size = math.ceil(len(runs) / parts)
+        size = math.ceil(len(runs) / min(split, len(runs)))
         batches += [runs[at:at + size] for at in range(0, len(runs), size)]
     return batches, alone, why
 

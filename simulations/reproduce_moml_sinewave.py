@@ -400,6 +400,12 @@ def run_protocol(a: argparse.Namespace, methods: list[Method], protocol: str, ou
         chosen, tuning = tune(methods, a.ks, a.grid, a.tune_steps, a.tune_seed, runs / "tune",
                               a.workers, protocol, a.engine == "batch")
     print("chosen (eta, beta):", {f"{n} K={k}": v for (n, k), v in chosen.items()}, flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if tuning:  # written at once: the finals take as long again
+        (out / "tuning.md").write_text(tuning_table(tuning) + "\n")
+        (out / "tuning.json").write_text(json.dumps(
+            {"chosen": {f"{n} K={k}": v for (n, k), v in chosen.items()}, "tuning": tuning,
+             "wall_seconds": time.perf_counter() - start}, indent=1))
     jobs = [(m.name, k, *chosen[(m.name, k)], s, a.steps, str(runs / "final"), a.curve_points,
              protocol)
             for k in a.ks for m in methods for s in a.seeds]

@@ -131,6 +131,9 @@ class RunBatch:
                 raise ValueError(f"{c.name} cannot run in a batch: {why}")
         self.cfgs = list(configs)
         self.dirs = [Path(d) for d in run_dirs]
+        threads = self.cfgs[0].engine.torch_threads  # as a ClientApp sets them (0: torch's)
+        if threads and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         self.setups: list[ExperimentSetup] = [setup_for(c) for c in self.cfgs]
         first = self.setups[0]
         self.algorithm, self.model, self.loss_fn = first.algorithm, first.model, first.loss_fn
