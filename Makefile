@@ -17,8 +17,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -e ".[test]"
 	touch $@
 
+# The MOML paper's sinewave setting in miniature: three methods x three seeds as one vectorized
+# sweep, then their comparison (mean +- std over seeds, and the figure).
 quickstart: install
-	FLWR_TELEMETRY_ENABLED=0 $(BIN)/fedmaml run configs/quickstart.yaml
+	FLWR_TELEMETRY_ENABLED=0 $(BIN)/fedmaml sweep configs/moml_miniature.yaml --vectorize --jobs 2
+	$(BIN)/fedmaml compare results/moml_miniature --metric unseen.loss --x samples
 
 test: install
 	FLWR_TELEMETRY_ENABLED=0 $(BIN)/python -m pytest -q

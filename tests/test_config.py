@@ -433,3 +433,18 @@ def test_string_list_keys_parse_validate_and_round_trip():
         with pytest.raises(ConfigError) as info:
             load_config(None, [f"tracking.backends={override}"])
         assert message in str(info.value)
+
+
+def test_the_quickstart_sweep_is_the_papers_setting_in_miniature_in_three_batches(tmp_path):
+    from fedmaml.sweep import load_sweep, plan_batches, plan_sweep
+
+    path = ROOT / "configs" / "moml_miniature.yaml"
+    assert path.read_text().startswith("# ")
+    base, spec = load_sweep(path)
+    assert base.data.family == "sinusoid_grid" and base.data.num_clients == 25
+    assert base.federated.clients_per_round == 3 and base.algorithm.support_size == 1
+    assert spec.grid == {"algorithm.name": ("moml", "fedmeta", "per_fedavg")}
+    assert spec.seeds == (0, 1, 2)
+    runs, _ = plan_sweep(base, spec, tmp_path)
+    batches, alone, _ = plan_batches(runs, tmp_path, jobs=2)
+    assert not alone and sorted(len(b) for b in batches) == [3, 3, 3]  # one per method
