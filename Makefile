@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 # The MOML paper's sinewave setting in miniature: three methods x three seeds as one vectorized
 # sweep, then their comparison (mean +- std over seeds, and the figure).
 quickstart: install
-	FLWR_TELEMETRY_ENABLED=0 $(BIN)/fedmaml sweep configs/moml_miniature.yaml --vectorize --jobs 2
+	FLWR_TELEMETRY_ENABLED=0 $(BIN)/fedmaml sweep configs/sweeps/moml_miniature.yaml --vectorize --jobs 2
 	$(BIN)/fedmaml compare results/moml_miniature --metric unseen.loss --x samples
 
 test: install
