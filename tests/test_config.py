@@ -438,7 +438,7 @@ def test_string_list_keys_parse_validate_and_round_trip():
 def test_the_quickstart_sweep_is_the_papers_setting_in_miniature_in_three_batches(tmp_path):
     from fedmaml.sweep import load_sweep, plan_batches, plan_sweep
 
-    path = ROOT / "configs" / "moml_miniature.yaml"
+    path = ROOT / "configs" / "sweeps" / "moml_miniature.yaml"
     assert path.read_text().startswith("# ")
     base, spec = load_sweep(path)
     assert base.data.family == "sinusoid_grid" and base.data.num_clients == 25
