@@ -3,22 +3,50 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from fedmaml.results.recorder import read_metrics, read_summary
 
+#: One figure, reused by every call: creating a figure's axes and tick labels is most of the cost
+#: of drawing it, and a vectorized sweep draws one for each of its runs.
+_FIGURE: list[Any] = []
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """``convergence.png``: personalized evaluation metric vs round, and training loss."""
+
+def _blank_figure() -> tuple[Any, Any, Any]:
+    """The reusable figure and its two axes, emptied of the previous run's lines and legends."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not _FIGURE or not plt.fignum_exists(_FIGURE[0].number):
+        fig, (ax_eval, ax_train) = plt.subplots(1, 2, figsize=(11, 4))
+        ax_eval.set_xlabel("round")
+        ax_train.set_xlabel("round")
+        ax_train.set_ylabel("training loss")
+        ax_train.set_yscale("log")
+        for ax in (ax_eval, ax_train):
+            ax.grid(alpha=0.3)
+        # fixed margins: tight_layout measures every tick label
+        fig.subplots_adjust(left=0.07, right=0.985, bottom=0.13, top=0.88, wspace=0.22)
+        _FIGURE[:] = [fig, ax_eval, ax_train]
+    fig, ax_eval, ax_train = _FIGURE
+    for ax in (ax_eval, ax_train):
+        for line in list(ax.lines):
+            line.remove()
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+        ax.set_prop_cycle(None)  # every run's lines get the same colours
+    return fig, ax_eval, ax_train
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """``convergence.png``: personalized evaluation metric vs round, and training loss."""
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
     summary = read_summary(run_dir) or {}
     key = summary.get("metric", "loss")
-    fig, (ax_eval, ax_train) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, ax_eval, ax_train = _blank_figure()
     series = [("seen", "", "clients that trained, from w"),
               ("seen", "memory-", "clients that trained, from memory"),
               ("unseen", "", "unseen clients, from w")]
@@ -27,26 +55,17 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
                if f"{group}.{prefix}{key}.mean" in r.get("eval", {})]
         if pts:
             ax_eval.plot(*zip(*pts), marker="o", label=label)
-    ax_eval.set_xlabel("round")
     ax_eval.set_ylabel(f"personalized {key} (after adaptation)")
-    if ax_eval.lines:
-        ax_eval.legend()
-    ax_eval.grid(alpha=0.3)
     for k, label in (("loss_before", "query loss at w"), ("loss_after", "query loss after adaptation")):
         pts = [(r["round"], r[k]) for r in rows if k in r]
         if pts:
             ax_train.plot(*zip(*pts), label=label, alpha=0.8)
-    ax_train.set_xlabel("round")
-    ax_train.set_ylabel("training loss")
-    ax_train.set_yscale("log")
-    if ax_train.lines:
-        ax_train.legend()
-    ax_train.grid(alpha=0.3)
+    for ax in (ax_eval, ax_train):
+        if ax.lines:
+            ax.legend()
+        ax.relim()
+        ax.autoscale_view()
     fig.suptitle(f"{summary.get('name', run_dir.name)} ({summary.get('algorithm', '')})")
-    # fixed margins: tight_layout measures every tick label, the dearest part of a figure that a
-    # vectorized sweep draws for each of its runs
-    fig.subplots_adjust(left=0.07, right=0.985, bottom=0.13, top=0.88, wspace=0.22)
     out = Path(out) if out else run_dir / "convergence.png"
     fig.savefig(out, dpi=120)
-    plt.close(fig)
     return out
