@@ -247,16 +247,19 @@ def train_part(jobs: list[tuple]) -> float:
 
 
 def train_batched(jobs: list[tuple], workers: int) -> None:
-    """All jobs' training as vectorized batches: one per method, K, protocol and budget, split in
-    ``workers`` parts that run in parallel processes."""
+    """All jobs' training as vectorized batches, one per method, K, protocol and budget, run by
+    ``workers`` parallel processes."""
     groups: dict[tuple, list[tuple]] = {}
     for job in jobs:
         name, k, _, _, _, steps, out, curve_points, *rest = job
         full = (*job[:8], rest[0] if rest else "fedmaml")
         groups.setdefault((name, k, steps, out, curve_points, full[8]), []).append(full)
+    # A group is split only when there are fewer groups than workers: a bigger batch costs less
+    # per run.
+    split = max(1, -(-workers // len(groups))) if groups else 1
     parts = []
     for members in groups.values():
-        n = min(workers, len(members))
+        n = min(split, len(members))
         parts += [members[i::n] for i in range(n)]
     parts.sort(key=len, reverse=True)  # the largest first: the pool ends evenly
     ctx = multiprocessing.get_context("spawn")
