@@ -35,6 +35,7 @@ import itertools
 import json
 import math
 import multiprocessing
+import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,8 +263,11 @@ def train_batched(jobs: list[tuple], workers: int) -> None:
         n = min(split, len(members))
         parts += [members[i::n] for i in range(n)]
     parts.sort(key=len, reverse=True)  # the largest first: the pool ends evenly
+    from fedmaml.sweep import _worker_init  # workers exit when this process is killed
+
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers, maxtasksperchild=1) as pool:
+    with ctx.Pool(workers, initializer=_worker_init, initargs=(os.getpid(),),
+                  maxtasksperchild=1) as pool:
         for _ in pool.imap_unordered(train_part, parts):
             pass
 
