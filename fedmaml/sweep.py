@@ -539,6 +539,49 @@ def plan_batches(todo: list[PlannedRun], sweep_dir: Path, jobs: int
     return batches, alone, why
 
 
+def train_configs(configs: Sequence[Config], jobs: int = 1, quiet: bool = True,
+                  vectorize: bool = True) -> dict[str, str | None]:
+    """Train ``configs`` (each into ``<output_dir>/<name>``) as :func:`run_sweep` trains a
+    sweep's runs: runs whose ``summary.json`` exists are skipped, the others run as vectorized
+    batches where they can (``vectorize``) and one by one otherwise, in ``jobs`` processes, each
+    resuming from its checkpoint. For experiment scripts that build their configs themselves.
+    Returns each trained run's error (``None``: it ran to its end)."""
+    runs, by_dir = [], {}
+    for cfg in configs:
+        run_dir = Path(cfg.output_dir) / cfg.name
+        if finished_status(run_dir) is None:
+            run = PlannedRun(name=cfg.name, values={}, seed=cfg.seed, config=cfg)
+            runs.append(run)
+            by_dir[run.name] = run_dir
+    batches: list[list[PlannedRun]] = []
+    if vectorize and runs:
+        groups: dict[Path, list[PlannedRun]] = {}
+        for run in runs:
+            groups.setdefault(by_dir[run.name].parent, []).append(run)
+        alone = []
+        for parent, members in groups.items():
+            b, rest, _ = plan_batches(members, parent, jobs)
+            batches += b
+            alone += rest
+        runs = alone
+    work = [(execute_batch, ([r.config for r in b], [by_dir[r.name] for r in b], quiet), b)
+            for b in batches]
+    work += [(execute_run, (r.config, by_dir[r.name]), [r]) for r in runs]
+    errors: dict[str, str | None] = {}
+
+    def record(members: list[PlannedRun], outcome: Any) -> None:
+        outcomes = outcome if isinstance(outcome, list) else [outcome] * len(members)
+        for run, (_, error) in zip(members, outcomes):
+            errors[run.name] = error
+
+    if jobs <= 1 or len(work) <= 1:
+        for fn, args, members in work:
+            record(members, fn(*args))
+    else:
+        _run_pool(work, min(jobs, len(work)), record)
+    return errors
+
+
 def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None, jobs: int = 1,
               quiet: bool = False, skip_invalid: bool = False, dry_run: bool = False,
               stream: TextIO | None = None, vectorize: bool = False) -> SweepResult:

@@ -65,22 +65,28 @@ def job_name(setting: str, method: str, extra: tuple[str, ...], seed: int) -> st
     return f"{slug(setting)}-{slug(method)}{tag}-s{seed}"
 
 
+def job_config(job: tuple[str, str, tuple[str, ...], int, int, int, str]) -> Any:
+    from fedmaml.config import load_config
+
+    setting, method, extra, seed, rounds, eval_every, out = job
+    return load_config(ROOT / "configs" / SETTINGS[setting][0],
+                       [*METHODS[method], *extra, f"seed={seed}", f"federated.rounds={rounds}",
+                        f"federated.eval_every={eval_every}", "compare_with=",
+                        f"name={job_name(setting, method, extra, seed)}", f"output_dir={out}"])
+
+
 def run_one(job: tuple[str, str, tuple[str, ...], int, int, int, str]) -> dict[str, Any]:
     """Run (or reuse) one run in a worker process and return its curves and final numbers."""
     import torch
 
     torch.set_num_threads(1)
-    from fedmaml.config import load_config
     from fedmaml.experiment import run_experiment
+    from fedmaml.federated.health import run_status
     from fedmaml.results.recorder import read_metrics, read_summary
 
     setting, method, extra, seed, rounds, eval_every, out = job
-    name = job_name(setting, method, extra, seed)
-    cfg = load_config(ROOT / "configs" / SETTINGS[setting][0],
-                      [*METHODS[method], *extra, f"seed={seed}", f"federated.rounds={rounds}",
-                       f"federated.eval_every={eval_every}", "compare_with=", f"name={name}",
-                       f"output_dir={out}"])
-    run_dir = Path(out) / name
+    cfg = job_config(job)
+    run_dir = Path(out) / cfg.name
     if read_summary(run_dir) is None:
         run_experiment(cfg, quiet=True, run_dir=run_dir)
     rows = read_metrics(run_dir)
@@ -96,12 +102,21 @@ def run_one(job: tuple[str, str, tuple[str, ...], int, int, int, str]) -> dict[s
                           "seen_memory": e.get(SEEN_MEMORY), "unseen": e.get(UNSEEN)})
     after = summary["after"]
     return {"setting": setting, "method": method, "extra": list(extra), "seed": seed,
-            "run_dir": str(run_dir), "seen": after.get(SEEN), "seen_memory": after.get(SEEN_MEMORY),
+            "status": run_status(summary), "run_dir": str(run_dir), "seen": after.get(SEEN), "seen_memory": after.get(SEEN_MEMORY),
             "unseen": after.get(UNSEEN), "bytes": totals["bytes"], "samples": totals["samples"],
             "seconds": summary.get("seconds"), "curve": curve}
 
 
-def run_all(jobs: list[tuple], workers: int) -> list[dict[str, Any]]:
+def run_all(jobs: list[tuple], workers: int, vectorize: bool = True) -> list[dict[str, Any]]:
+    """Train every job (as vectorized batches where runs share their shapes:
+    ``fedmaml.sweep.train_configs``), then read each run's curves and final numbers."""
+    if vectorize:
+        from fedmaml.sweep import train_configs
+
+        failed = {n: e for n, e in train_configs([job_config(j) for j in jobs], workers).items()
+                  if e}
+        for name, error in failed.items():
+            print(f"FAILED {name}: {error}", flush=True)
     results = []
     with multiprocessing.get_context("spawn").Pool(workers, maxtasksperchild=10) as pool:
         for i, r in enumerate(pool.imap(run_one, jobs)):
@@ -111,6 +126,47 @@ def run_all(jobs: list[tuple], workers: int) -> list[dict[str, Any]]:
                   f"seed {r['seed']}: seen {r['seen']:.3f}{mem} unseen {r['unseen']:.3f}",
                   flush=True)
     return results
+
+
+#: Step sizes tried per method and setting (``--tune``), and LocalMOML's betas.
+ETA_GRID = (0.2, 0.1, 0.05, 0.02, 0.01)
+BETA_GRID = (0.1, 0.5, 0.9)
+TUNE_SEED = 100
+
+
+def tune(settings: list[str], job: Any, workers: int) -> tuple[dict, list[dict[str, Any]]]:
+    """Per setting and method, the ``eta`` (and LocalMOML's ``beta``) whose run on the tuning seed
+    ends with the best personalized accuracy of its trained clients (from ``w``); a run that did
+    not complete never wins. Returns ``{(setting, method): overrides}`` and every tuning run."""
+    jobs = []
+    for setting in settings:
+        for method in METHODS:
+            betas = BETA_GRID if method == "LocalMOML" else (None,)
+            for eta in ETA_GRID:
+                for beta in betas:
+                    extra = (f"algorithm.eta={eta}",) + (() if beta is None else
+                                                         (f"algorithm.beta={beta}",))
+                    jobs.append(job(setting, method, extra, TUNE_SEED, tuning=True))
+    results = run_all(jobs, workers)
+    chosen = {}
+    for setting in settings:
+        for method in METHODS:
+            mine = [r for r in results if r["setting"] == setting and r["method"] == method]
+            best = max(mine, key=lambda r: (r["status"] == "completed",
+                                            -1.0 if r["seen"] is None else r["seen"]))
+            chosen[(setting, method)] = tuple(best["extra"])
+    return chosen, results
+
+
+def tuning_table(results: list[dict[str, Any]], chosen: dict) -> str:
+    lines = ["| setting | method | values | status | personalized acc., trained clients |",
+             "|---|---|---|---|---|"]
+    for r in results:
+        mark = " **chosen**" if tuple(r["extra"]) == chosen[(r["setting"], r["method"])] else ""
+        seen = "-" if r["seen"] is None else f"{r['seen']:.3f}"
+        lines.append(f"| {r['setting']} | {r['method']} | {', '.join(map(short, r['extra']))} | "
+                     f"{r['status']} | {seen}{mark} |")
+    return "\n".join(lines)
 
 
 def mean_std(values: list[float | None]) -> str:
@@ -126,7 +182,7 @@ def main_table(results: list[dict[str, Any]]) -> str:
     for setting in SETTINGS:
         for method in METHODS:
             mine = [r for r in results if r["setting"] == setting and r["method"] == method
-                    and not r["extra"]]
+                    and not r["variant"]]
             if not mine:
                 continue
             mb = statistics.mean(r["bytes"] for r in mine) / 1e6
@@ -144,8 +200,8 @@ def ablation_table(results: list[dict[str, Any]], base_beta: float) -> str:
         if r["setting"] != ABLATION_SETTING:
             continue
         if r["method"] == "LocalMOML":
-            label = ", ".join(short(e) for e in r["extra"]) or f"beta={base_beta:g}, keep"
-        elif r["method"] == "Per-FedAvg-FO" and not r["extra"]:
+            label = ", ".join(short(e) for e in r["variant"]) or f"beta={base_beta:g}, keep"
+        elif r["method"] == "Per-FedAvg-FO" and not r["variant"]:
             label = "beta=1 (= Per-FedAvg-FO)"
         else:
             continue
@@ -169,7 +225,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     for col, setting in enumerate(settings):
         for method in METHODS:
             curves = [r["curve"] for r in results
-                      if r["setting"] == setting and r["method"] == method and not r["extra"]]
+                      if r["setting"] == setting and r["method"] == method and not r["variant"]]
             if not curves:
                 continue
             n = min(len(c) for c in curves)
@@ -204,37 +260,62 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--no-ablation", action="store_true")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=int, default=2)
     p.add_argument("--output-dir", default="results/pfl")
     p.add_argument("--figure", default="docs/figures/pfl_accuracy.png")
+    p.add_argument("--tune", action="store_true",
+                   help="per setting and method, pick eta (and LocalMOML's beta) on a tuning seed "
+                        f"({TUNE_SEED}) first; the reported runs use the chosen values")
     p.add_argument("--quick", action="store_true", help="smoke test: 4 rounds, 1 seed")
+    p.add_argument("--full-budget", action="store_true",
+                   help="the configs' budget (200 rounds cross-device, 100 cross-silo), tuned, "
+                        "5 seeds")
     a = p.parse_args()
     if a.quick:
         a.rounds_device, a.rounds_silo, a.evals, a.seeds = 4, 4, 2, [0]
+    if a.full_budget:
+        a.rounds_device, a.rounds_silo, a.tune, a.seeds = 200, 100, True, [0, 1, 2, 3, 4]
     rounds = {"device": a.rounds_device, "silo": a.rounds_silo}
     out = str(Path(a.output_dir))
 
-    def job(setting: str, method: str, extra: tuple[str, ...], seed: int) -> tuple:
+    def job(setting: str, method: str, extra: tuple[str, ...], seed: int,
+            tuning: bool = False) -> tuple:
         r = rounds[SETTINGS[setting][1]]
-        return (setting, method, extra, seed, r, max(1, r // a.evals), out)
+        where = str(Path(out) / "tune") if tuning else out
+        return (setting, method, extra, seed, r, max(1, r // a.evals), where)
 
+    chosen: dict = {(s, m): () for s in a.settings for m in METHODS}
+    tuning: list[dict[str, Any]] = []
+    if a.tune:
+        chosen, tuning = tune(a.settings, job, a.workers)
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "tuning.md").write_text(tuning_table(tuning, chosen) + "\n")
+        print("chosen:", {f"{s} / {m}": v for (s, m), v in chosen.items()}, flush=True)
     # Seed-major, so that an interrupted run still has every method at the first seeds.
-    jobs = [job(s, m, (), seed) for seed in a.seeds for s in a.settings for m in METHODS]
+    jobs = [job(s, m, chosen[(s, m)], seed) for seed in a.seeds for s in a.settings
+            for m in METHODS]
     if not a.no_ablation and ABLATION_SETTING in a.settings:
         variants = [(f"algorithm.beta={b}",) for b in ABLATION_BETAS]
         variants.append(("algorithm.memory_policy=reinit",))
-        jobs += [job(ABLATION_SETTING, "LocalMOML", v, seed) for seed in a.seeds for v in variants]
+        base = chosen[(ABLATION_SETTING, "LocalMOML")]
+        jobs += [job(ABLATION_SETTING, "LocalMOML", base + v, seed) for seed in a.seeds
+                 for v in variants if v[0] not in base]  # the chosen beta is the main run
     results = run_all(jobs, a.workers)
+    for r in results:  # what an ablation run changes besides the chosen values
+        r["variant"] = [e for e in r["extra"] if e not in chosen[(r["setting"], r["method"])]]
 
     from fedmaml.config import load_config
 
-    base_beta = load_config(ROOT / "configs" / SETTINGS[ABLATION_SETTING][0]).algorithm.beta
+    base_beta = load_config(ROOT / "configs" / SETTINGS[ABLATION_SETTING][0],
+                            list(chosen.get((ABLATION_SETTING, "LocalMOML"), ()))).algorithm.beta
     main_md, abl_md = main_table(results), ablation_table(results, base_beta)
     print(f"\n{main_md}\n\nAblation ({ABLATION_SETTING}):\n{abl_md}")
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "table.md").write_text(main_md + "\n")
     (Path(out) / "ablation.md").write_text(abl_md + "\n")
-    (Path(out) / "results.json").write_text(json.dumps({"args": vars(a), "runs": results}, indent=1))
+    (Path(out) / "results.json").write_text(json.dumps(
+        {"args": vars(a), "runs": results, "tuning": tuning,
+         "chosen": {f"{s} / {m}": v for (s, m), v in chosen.items()}}, indent=1))
     if a.figure:
         plot(results, Path(a.figure))
         print(f"figure: {a.figure}")
