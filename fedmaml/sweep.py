@@ -488,6 +488,8 @@ def execute_batch(configs: list[Config], run_dirs: list[Path], quiet: bool = Tru
     from fedmaml.experiment import quiet_frameworks
     from fedmaml.federated.checkpoint import CHECKPOINT_FILE
 
+    from fedmaml.federated.checkpoint import stop_on_signals
+
     quiet_frameworks()
     resume = all((d / CHECKPOINT_FILE).exists() for d in run_dirs)
     for d in run_dirs:
@@ -496,14 +498,20 @@ def execute_batch(configs: list[Config], run_dirs: list[Path], quiet: bool = Tru
         (d / ERROR_FILE).unlink(missing_ok=True)
     start = time.perf_counter()
     try:
-        summaries = run_batch(configs, run_dirs, quiet=quiet, resume=resume)
+        with stop_on_signals():  # SIGINT/SIGTERM: every run checkpoints after its round
+            summaries = run_batch(configs, run_dirs, quiet=quiet, resume=resume)
     except Exception as e:  # noqa: BLE001 - reported per run, the sweep goes on
         text = traceback.format_exc()
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        outcomes: list[tuple[float, str | None]] = []
         for d in run_dirs:
+            if finished_status(d) is not None:  # it ended before the batch failed
+                outcomes.append((time.perf_counter() - start, None))
+                continue
             d.mkdir(parents=True, exist_ok=True)
             (d / ERROR_FILE).write_text(text, encoding="utf-8")
-        return [(time.perf_counter() - start, f"{type(e).__name__}: {first}")] * len(run_dirs)
+            outcomes.append((time.perf_counter() - start, f"{type(e).__name__}: {first}"))
+        return outcomes
     if any(s.get("status") == "interrupted" for s in summaries.values()):
         raise KeyboardInterrupt  # the runs checkpointed themselves; the sweep stops too
     return [(time.perf_counter() - start, None)] * len(run_dirs)
@@ -522,9 +530,14 @@ def plan_batches(todo: list[PlannedRun], sweep_dir: Path, jobs: int
     why: dict[str, str] = {}
     for run in todo:
         reason = batch_refusal(run.config)
+        at = None
+        if reason is None and (sweep_dir / run.name / CHECKPOINT_FILE).exists():
+            saved = load(sweep_dir / run.name)
+            at = saved["round"]
+            clients = saved["memories"].get("clients", {})
+            if any("file" in m for m in clients.values()):
+                reason = "its checkpoint refers to memory files on devices"
         if reason is None:
-            path = sweep_dir / run.name / CHECKPOINT_FILE
-            at = load(sweep_dir / run.name)["round"] if path.exists() else None
             groups.setdefault((batch_key(run.config), at), []).append(run)
         else:
             alone.append(run)
@@ -534,9 +547,22 @@ def plan_batches(todo: list[PlannedRun], sweep_dir: Path, jobs: int
     split = max(1, math.ceil(jobs / len(groups))) if groups else 1
     batches = []
     for runs in groups.values():
-        size = math.ceil(len(runs) / min(split, len(runs)))
+        size = min(math.ceil(len(runs) / min(split, len(runs))), _batch_limit(runs[0].config))
         batches += [runs[at:at + size] for at in range(0, len(runs), size)]
     return batches, alone, why
+
+
+def _batch_limit(cfg: Config) -> int:
+    """Runs per batch within ``engine.memory_budget_mb``: a batch holds every client's memory of
+    every run in memory (a run alone keeps its bank there up to the same budget)."""
+    from fedmaml.federated.setup import setup_for
+
+    setup = setup_for(cfg)
+    if not setup.algorithm.uses_memory:
+        return 1 << 30
+    per_run = (sum(v.numel() * v.element_size() for v in setup.initial_params.values())
+               * cfg.data.tasks_per_client * setup.federation.num_clients)
+    return max(1, int(cfg.engine.memory_budget_mb * 2 ** 20 // max(per_run, 1)))
 
 
 def train_configs(configs: Sequence[Config], jobs: int = 1, quiet: bool = True,
@@ -545,12 +571,12 @@ def train_configs(configs: Sequence[Config], jobs: int = 1, quiet: bool = True,
     sweep's runs: runs whose ``summary.json`` exists are skipped, the others run as vectorized
     batches where they can (``vectorize``) and one by one otherwise, in ``jobs`` processes, each
     resuming from its checkpoint. For experiment scripts that build their configs themselves.
-    Returns each trained run's error (``None``: it ran to its end)."""
+    Returns each trained run's error (``None``: it ran to its end), by run directory."""
     runs, by_dir = [], {}
     for cfg in configs:
         run_dir = Path(cfg.output_dir) / cfg.name
         if finished_status(run_dir) is None:
-            run = PlannedRun(name=cfg.name, values={}, seed=cfg.seed, config=cfg)
+            run = PlannedRun(name=str(run_dir), values={}, seed=cfg.seed, config=cfg)
             runs.append(run)
             by_dir[run.name] = run_dir
     batches: list[list[PlannedRun]] = []

@@ -41,6 +41,8 @@ BATCH_CASES = {
                          "federated.mode=cross_silo", "federated.clients_per_round=0",
                          "data.num_clients=1",
                          "data.tasks_per_client=5", "algorithm.tasks_per_step=2"),
+    # the query loss at w too: the row keeps loss_before before loss_after, as a run alone's
+    "moml-loss-before": ("algorithm.name=moml", "algorithm.loss_before=true"),
     "adam-weighted": ("algorithm.name=moml", "federated.server_optimizer=adam",
                       "federated.aggregation=weighted", "federated.lr_decay_at=0.5",
                       "data.family=sinusoid", "data.tasks_per_client=2"),

@@ -13,6 +13,7 @@ whose tasks cannot be stacked (splits of different shapes) are evaluated client 
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,8 @@ from fedmaml.federated.client_app import evaluate_client
 
 if TYPE_CHECKING:
     from fedmaml.engines.run_batch import RunBatch
+
+log = logging.getLogger("fedmaml")
 
 #: Adaptations vmapped in one call (bounds the activations held at once).
 CHUNK = 2048
@@ -74,7 +77,14 @@ class BatchEvaluator:
             groups.setdefault((repr(s.eval_pattern), s.classification,
                                tuple(t.shape[1:] for t in self._panels[i].splits)), []).append(i)
         for runs in groups.values():
-            out.update(self._stacked(runs, server_round))
+            try:
+                out.update(self._stacked(runs, server_round))
+            except Exception as e:  # noqa: BLE001 - e.g. an op vmap cannot batch
+                log.warning("vectorized sweep: the stacked evaluation of %d runs failed (%s: %s);"
+                            " evaluating them client by client", len(runs), type(e).__name__, e)
+                for i in runs:
+                    self._panels[i] = None
+                    out[i] = self._one_by_one(i, server_round)
         return out
 
     def _panel(self, i: int, server_round: int) -> _Panel | None:

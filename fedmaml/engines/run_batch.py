@@ -79,6 +79,8 @@ _PER_RUN_PREFIXES = ("tracking.", "evaluation.", "engine.")
 _VALUES = ("eta", "alpha", "beta", "hf_delta")
 #: Pending rows are written at least this often (rounds).
 _FLUSH_ROUNDS = 200
+#: Clients whose tasks a batch keeps at hand, per run.
+_TASK_CACHE = 4096
 
 
 def batch_refusal(cfg: Any) -> str | None:
@@ -156,7 +158,6 @@ class RunBatch:
         self.progress = Progress(self.rounds, quiet=quiet,
                                  label=f"round ({len(self.cfgs)} runs)")
         self._tasks: list[dict[int, list[Task]]] = [{} for _ in self.cfgs]
-        self._examples: np.ndarray | None = None  # [runs, clients]: example counts
         fed = self.cfgs[0].federated
         n = first.federation.num_clients
         # The per-run state along the batch axis.
@@ -295,9 +296,9 @@ class RunBatch:
         C = cids.shape[1]
         finite = _finite_rows(delta)  # [R, C]
         cfg = self.cfgs[runs[0]]
-        counts = torch.from_numpy(self._example_counts(runs, cids))
-        weights = (counts if cfg.federated.aggregation == "weighted"
-                   else torch.ones_like(counts)) * finite
+        weights = (torch.from_numpy(self._example_counts(runs, cids))
+                   if cfg.federated.aggregation == "weighted"
+                   else torch.ones(cids.shape, dtype=torch.float64)) * finite
         valid = finite.sum(1)
         updated = valid >= cfg.federated.min_replies
         total = weights.sum(1).clamp_min(1e-300)
@@ -312,7 +313,8 @@ class RunBatch:
         keep = updated & finite_w
         if not bool(keep.all()):  # some runs do not move: their w and optimizer state stay
             w = {k: torch.where(per_run(keep, v), v, self.w[k]) for k, v in w.items()}
-            self.optimizer.state = {k: torch.where(per_run(keep, v), v, old_state.get(k, 0 * v))
+            self.optimizer.state = {k: torch.where(per_run(keep, v), v,
+                                                   old_state.get(k, torch.zeros_like(v)))
                                     for k, v in self.optimizer.state.items()}
             self.optimizer.steps = torch.where(keep, self.optimizer.steps, old_steps)
         if bool(keep.any()):
@@ -321,10 +323,14 @@ class RunBatch:
             self.w = w
         finite_np = finite.numpy()
         self.trained[runs[:, None], cids] |= finite_np
-        mask = finite.to(torch.float64)
         n_valid = valid.to(torch.float64).clamp_min(1)
-        losses = {k.replace("_", "-"): ((v.to(torch.float64) * mask).sum(1) / n_valid).numpy()
-                  for k, v in metrics.items() if k.replace("_", "-") in TRAIN_METRICS}
+        zero = torch.zeros((), dtype=torch.float64)
+        losses = {}  # the mean over the valid clients (a rejected client's loss may be NaN)
+        for key in TRAIN_METRICS:  # in the order a run alone writes them
+            v = metrics.get(key.replace("-", "_"))
+            if v is not None:
+                losses[key] = (torch.where(finite, v.to(torch.float64), zero).sum(1)
+                               / n_valid).numpy()
         init = self.cfgs[runs[0]].data.tasks_per_client * self.setups[runs[0]].hyper.init_support_size
         samples = ((per_client + init * fresh) * finite_np).sum(1)
         self.totals["samples"][runs] += samples
@@ -398,19 +404,19 @@ class RunBatch:
 
     # -- pieces -----------------------------------------------------------------------------------
     def _client_tasks(self, i: int, cid: int) -> list[Task]:
+        """Run ``i``'s client ``cid``'s tasks (kept for small federations; large ones ask their
+        federation, which caches what it builds)."""
         tasks = self._tasks[i].get(cid)
         if tasks is None:
-            tasks = self._tasks[i][cid] = self.setups[i].federation.client_tasks(cid)
+            tasks = self.setups[i].federation.client_tasks(cid)
+            if len(self._tasks[i]) < _TASK_CACHE:
+                self._tasks[i][cid] = tasks
         return tasks
 
     def _example_counts(self, runs: np.ndarray, cids: np.ndarray) -> np.ndarray:
         """``[R, C]`` float64: each sampled client's example count (its update's weight)."""
-        if self._examples is None:
-            n = self.has_memory.shape[1]
-            self._examples = np.asarray(
-                [[sum(t.num_examples for t in self._client_tasks(i, c)) for c in range(n)]
-                 for i in range(len(self.cfgs))], dtype=np.float64)
-        return self._examples[runs[:, None], cids]
+        return np.asarray([[sum(t.num_examples for t in self._client_tasks(i, c)) for c in row]
+                           for i, row in zip(runs.tolist(), cids.tolist())], dtype=np.float64)
 
     def _fresh(self, runs: np.ndarray, cids: np.ndarray) -> np.ndarray:
         """``[R, C]``: does the client (re)initialise its memory this round?"""
@@ -527,10 +533,13 @@ class RunBatch:
             for k in self.totals:
                 self.totals[k][i] = int(strategy.totals[k])
             bank = s["memories"].get("bank")
+            if bank is None and "clients" in s["memories"]:  # another engine's checkpoint
+                bank = checkpoint.clients_to_bank(s["memories"]["clients"],
+                                                  self.has_memory.shape[1])
             if self.memory:
                 if bank is None:
-                    raise ValueError(f"{self.dirs[i]}: the checkpoint holds no memory bank (it was "
-                                     "written by another engine); resume it alone")
+                    raise ValueError(f"{self.dirs[i]}: the checkpoint holds references to memory "
+                                     "files on devices; resume it alone")
                 ids = bank["client_ids"].to(torch.int64)
                 for k, v in bank["memory"].items():
                     self.memory[k][i, ids] = v

@@ -178,19 +178,45 @@ def collect_memories(grid: Any, nodes: Mapping[int, int], cids: list[int], send:
     return {"clients": {c: v for c, v in memories.items() if v is not None}}
 
 
+def bank_to_clients(bank: Mapping[str, Any]) -> dict[int, Params]:
+    """A memory bank's state (the vectorized engine's, or a vectorized sweep's) as each client's
+    memory, the form the other engines' checkpoints hold."""
+    ids = bank["client_ids"].tolist()
+    return {int(c): {k: v[row].clone() for k, v in bank["memory"].items()}
+            for row, c in enumerate(ids)}
+
+
+def clients_to_bank(clients: Mapping[int, Any], num_clients: int) -> dict[str, Any] | None:
+    """Per-client memories (tensors) as a memory bank's state; ``None`` when a memory is a
+    reference to a device's file (it never left the device, so no bank can hold it)."""
+    from fedmaml.engines.memory_bank import CHECKPOINT_FORMAT
+
+    if any(FILE in m for m in clients.values()):
+        return None
+    ids = sorted(clients)
+    names = list(clients[ids[0]]) if ids else []
+    return {"format": CHECKPOINT_FORMAT, "num_clients": num_clients,
+            "client_ids": torch.tensor(ids, dtype=torch.int64),
+            "memory": {k: torch.stack([clients[c][k] for c in ids]) for k in names}}
+
+
 def restore_memories(grid: Any, nodes: Mapping[int, int], memories: Mapping[str, Any],
                      send: Send) -> None:
-    """Give every client its memory back (the inverse of :func:`collect_memories`)."""
-    if "bank" in memories:
-        if not hasattr(grid, "load_memory_state"):
-            raise FedmamlError("this checkpoint holds a vectorized engine's memory bank; resume it "
-                               "with engine.name: vectorized")
-        grid.load_memory_state(memories["bank"])
-        return
+    """Give every client its memory back (the inverse of :func:`collect_memories`). A simulation's
+    checkpoint resumes on any engine: a memory bank is handed to per-client engines client by
+    client, and per-client memories become a bank for the vectorized engine."""
     if hasattr(grid, "load_memory_state"):
-        raise FedmamlError("this checkpoint holds per-client memories; the vectorized engine "
-                           "cannot resume it (use the engine the run was started on)")
-    clients = memories["clients"]
+        bank = memories.get("bank")
+        if bank is None:
+            bank = clients_to_bank(memories["clients"], grid.bank.num_clients)
+            if bank is None:
+                raise FedmamlError("this checkpoint holds references to memory files on devices; "
+                                   "the vectorized engine cannot resume it (use the engine the "
+                                   "run was started on)")
+        grid.load_memory_state(bank)
+        return
+    clients = (bank_to_clients(memories["bank"]) if "bank" in memories
+               else memories["clients"])
     absent = sorted(c for c in clients if c not in nodes)
     if absent:
         raise FedmamlError(f"cannot restore the memories of client(s) {absent[:10]}: no node "
