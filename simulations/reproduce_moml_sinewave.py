@@ -211,6 +211,7 @@ def run_one(job: tuple) -> dict[str, Any]:
              for r in metrics if "eval" in r and "unseen.loss.mean" in r["eval"]]
     return {"method": name, "K": k, "eta": eta, "beta": beta, "seed": seed, "steps": steps,
             "protocol": protocol, "status": run_status(read_summary(run_dir)),
+            "rounds_completed": read_summary(run_dir).get("rounds_completed"),
             "run_dir": str(run_dir), "test_mse": statistics.mean(test), "val_mse": statistics.mean(val),
             # a vectorized batch's round trains all its runs: one run's share
             "ms_per_step": step_ms(metrics, method) / read_summary(run_dir).get("batch", {}).get(
@@ -294,9 +295,13 @@ def usable(result: dict[str, Any]) -> bool:
 
 
 def best(results: list[dict[str, Any]], name: str, k: int) -> tuple[float, float]:
+    """The values with the lowest validation MSE; a diverged run never wins. When every value
+    diverged, the one that trained longest before it did (the most stable of the grid)."""
     mine = [r for r in results if r["method"] == name and r["K"] == k]
-    # A diverged run never wins.
-    r = min(mine, key=lambda r: r["val_mse"] if usable(r) else math.inf)
+    if any(usable(r) for r in mine):
+        r = min(mine, key=lambda r: r["val_mse"] if usable(r) else math.inf)
+    else:
+        r = max(mine, key=lambda r: r.get("rounds_completed") or 0)
     return r["eta"], r["beta"]
 
 
@@ -353,10 +358,14 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def tuning_table(results: list[dict[str, Any]]) -> str:
-    lines = ["| K | method | eta | beta | validation MSE |", "|---|---|---|---|---|"]
+    lines = ["| K | method | eta | beta | validation MSE | status |", "|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (r["K"], r["method"], r["eta"], r["beta"])):
         beta = f"{r['beta']:g}" if BY_NAME[r["method"]].uses_beta else "-"
-        lines.append(f"| {r['K']} | {r['method']} | {r['eta']:g} | {beta} | {r['val_mse']:.3f} |")
+        status = r.get("status", "completed")
+        if status == "diverged" and r.get("rounds_completed") is not None:
+            status = f"diverged after round {r['rounds_completed']}"
+        mse = f"{r['val_mse']:.3f}" if usable(r) else "-"
+        lines.append(f"| {r['K']} | {r['method']} | {r['eta']:g} | {beta} | {mse} | {status} |")
     return "\n".join(lines)
 
 
