@@ -174,7 +174,7 @@ class RunBatch:
             tasks = self.cfgs[0].data.tasks_per_client
             self.memory = {k: v.new_zeros((len(self.cfgs), n, tasks, *v.shape[1:]))
                            for k, v in self.w.items()}
-        self.initial = _stack([s.initial_params for s in self.setups])
+        self.initial = self.w  # the initial models (memory_init: initial_model); w is replaced
         self.values = {name: torch.tensor([_value(s.hyper, name) for s in self.setups],
                                           dtype=torch.float32) for name in _VALUES}
         self.alpha_all = self.values["alpha"].clone()  # by run index (values follow the live runs)
