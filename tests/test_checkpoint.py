@@ -21,7 +21,6 @@ from flwr.app import Context, Message
 from fedmaml.config import dump_yaml
 from fedmaml.engines.inprocess import FIRST_CLIENT_NODE, run_inprocess
 from fedmaml.engines.vectorized import run_vectorized
-from fedmaml.errors import FedmamlError
 from fedmaml.experiment import run_experiment
 from fedmaml.federated import checkpoint, faults
 from fedmaml.federated import records as R

@@ -19,7 +19,7 @@ from fedmaml.engines.run_batch import RunBatch, batch_key, batch_refusal
 from fedmaml.federated import checkpoint
 from fedmaml.results.recorder import MODEL_FILE, read_metrics, read_summary
 from tests.test_checkpoint import stop_after  # noqa: F401 - a fixture
-from tests.test_vectorized import (CASES, SILO, assert_close_values, assert_params_close,
+from tests.test_vectorized import (CASES, assert_close_values, assert_params_close,
                                    run_engine)
 
 # Three runs of one setting that differ in everything a batch carries per run.
