@@ -470,8 +470,11 @@ def main() -> None:
                         "(fedmaml sweep --vectorize's engine); runs: one run per process")
     p.add_argument("--curve-points", type=int, default=8)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--output-dir", default="results/moml_sinewave")
-    p.add_argument("--figure", default="docs/figures/sinewave_convergence.png")
+    p.add_argument("--output-dir", help="default: results/moml_sinewave (--full-protocol: "
+                                        "results/moml_sinewave_full)")
+    p.add_argument("--figure", help="default: docs/figures/sinewave_convergence.png "
+                                    "(--full-protocol: docs/figures/sinewave_full.png, one per "
+                                    "protocol and step-size choice)")
     p.add_argument("--quick", action="store_true", help="smoke test: 200 steps, 2 seeds, K = 1")
     p.add_argument("--full-protocol", action="store_true",
                    help="the paper's protocol: 40,000 steps, full grid tuned at 40,000 steps, "
@@ -482,6 +485,10 @@ def main() -> None:
     if a.full_protocol:
         a.steps, a.tune_steps, a.grid, a.seeds = 40000, 40000, "full", [0, 1, 2, 3, 4]
         a.protocol, a.also_public_values = "both", True
+    full = "_full" if a.full_protocol else ""
+    a.output_dir = a.output_dir or f"results/moml_sinewave{full}"
+    a.figure = a.figure or ("docs/figures/sinewave_full.png" if a.full_protocol
+                            else "docs/figures/sinewave_convergence.png")
     methods = [BY_NAME[n] for n in a.methods]
     protocols = PROTOCOLS if a.protocol == "both" else (a.protocol,)
     out = Path(a.output_dir)
