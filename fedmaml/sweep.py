@@ -481,17 +481,21 @@ def resolve_jobs(jobs: int, base: Config) -> int:
 def execute_batch(configs: list[Config], run_dirs: list[Path], quiet: bool = True
                   ) -> list[tuple[float, str | None]]:
     """Run ``configs`` as one vectorized batch (fedmaml/engines/run_batch.py): one outcome per run,
-    as :func:`execute_run` gives it. Runs with a checkpoint continue from it (the batch's runs are
-    all new, or all checkpointed after one round); leftovers of an attempt without one are
-    cleaned. An exception fails every run of the batch (``error.txt`` in each)."""
+    as :func:`execute_run` gives it. When every run has a checkpoint after the same round the batch
+    continues from there; otherwise its leftovers are cleaned and it starts again. An exception
+    fails every run of the batch that had not ended (``error.txt`` in each)."""
     from fedmaml.engines.run_batch import run_batch
     from fedmaml.experiment import quiet_frameworks
     from fedmaml.federated.checkpoint import CHECKPOINT_FILE
 
     from fedmaml.federated.checkpoint import stop_on_signals
 
+    from fedmaml.federated.checkpoint import load
+
     quiet_frameworks()
     resume = all((d / CHECKPOINT_FILE).exists() for d in run_dirs)
+    if resume and len({load(d)["round"] for d in run_dirs}) > 1:
+        resume = False  # killed while writing the batch's checkpoints: start the batch again
     for d in run_dirs:
         if d.exists() and not resume:
             shutil.rmtree(d)
