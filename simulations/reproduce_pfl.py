@@ -27,6 +27,7 @@ import argparse
 import json
 import multiprocessing
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -261,8 +262,9 @@ def main() -> None:
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--no-ablation", action="store_true")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--output-dir", default="results/pfl")
-    p.add_argument("--figure", default="docs/figures/pfl_accuracy.png")
+    p.add_argument("--output-dir", help="default: results/pfl (--full-budget: results/pfl_full)")
+    p.add_argument("--figure", help="default: docs/figures/pfl_accuracy.png "
+                                    "(--full-budget: docs/figures/pfl_full_accuracy.png)")
     p.add_argument("--tune", action="store_true",
                    help="per setting and method, pick eta (and LocalMOML's beta) on a tuning seed "
                         f"({TUNE_SEED}) first; the reported runs use the chosen values")
@@ -275,6 +277,9 @@ def main() -> None:
         a.rounds_device, a.rounds_silo, a.evals, a.seeds = 4, 4, 2, [0]
     if a.full_budget:
         a.rounds_device, a.rounds_silo, a.tune, a.seeds = 200, 100, True, [0, 1, 2, 3, 4]
+    full = "_full" if a.full_budget else ""  # the reduced budget's results stay beside
+    a.output_dir = a.output_dir or f"results/pfl{full}"
+    a.figure = a.figure if a.figure is not None else f"docs/figures/pfl{full}_accuracy.png"
     rounds = {"device": a.rounds_device, "silo": a.rounds_silo}
     out = str(Path(a.output_dir))
 
@@ -286,8 +291,11 @@ def main() -> None:
 
     chosen: dict = {(s, m): () for s in a.settings for m in METHODS}
     tuning: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    wall = {}
     if a.tune:
         chosen, tuning = tune(a.settings, job, a.workers)
+        wall["tuning"] = time.perf_counter() - started
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "tuning.md").write_text(tuning_table(tuning, chosen) + "\n")
         print("chosen:", {f"{s} / {m}": v for (s, m), v in chosen.items()}, flush=True)
@@ -301,6 +309,10 @@ def main() -> None:
         jobs += [job(ABLATION_SETTING, "LocalMOML", base + v, seed) for seed in a.seeds
                  for v in variants if v[0] not in base]  # the chosen beta is the main run
     results = run_all(jobs, a.workers)
+    wall["total"] = time.perf_counter() - started
+    wall["finals"] = wall["total"] - wall.get("tuning", 0.0)
+    print("wall time (s, of this invocation; finished runs are reused):",
+          {k: round(v) for k, v in wall.items()}, flush=True)
     for r in results:  # what an ablation run changes besides the chosen values
         r["variant"] = [e for e in r["extra"] if e not in chosen[(r["setting"], r["method"])]]
 
@@ -314,7 +326,7 @@ def main() -> None:
     (Path(out) / "table.md").write_text(main_md + "\n")
     (Path(out) / "ablation.md").write_text(abl_md + "\n")
     (Path(out) / "results.json").write_text(json.dumps(
-        {"args": vars(a), "runs": results, "tuning": tuning,
+        {"args": vars(a), "wall_seconds": wall, "runs": results, "tuning": tuning,
          "chosen": {f"{s} / {m}": v for (s, m), v in chosen.items()}}, indent=1))
     if a.figure:
         plot(results, Path(a.figure))
