@@ -230,3 +230,24 @@ def test_the_printed_table_says_when_a_completed_run_lost_replies(tiny_config, t
             f"timeout {s['failures']['timeout']}; {s['replies']} used)") in format_summary([run_dir])
     clean = run_experiment(tiny_config(), quiet=True, run_dir=tmp_path / "clean")
     assert "not used" not in format_summary([clean])
+
+
+def test_metrics_lines_are_strict_json_with_nan_and_inf_as_null(tiny_config, tmp_path):
+    """Finite rows take the encoder's fast path; a row with NaN/inf anywhere (nested too) is still
+    written as strict JSON with null there, and rows keep their order."""
+    from fedmaml.results.recorder import RunRecorder
+
+    recorder = RunRecorder(tmp_path / "run", tiny_config())
+    rows = [{"round": 1, "loss_after": 0.5, "clients": [3, 1]},
+            {"round": 2, "loss_after": math.nan, "eval": {"seen.loss.mean": math.inf,
+                                                          "seen.loss.std": 0.25}},
+            {"round": 3, "loss_after": 0.125, "loss_list": [1.0, -math.inf]}]
+    recorder.log_rounds(rows)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    parsed = [json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))
+              for line in lines]
+    assert parsed == [rows[0],
+                      {"round": 2, "loss_after": None,
+                       "eval": {"seen.loss.mean": None, "seen.loss.std": 0.25}},
+                      {"round": 3, "loss_after": 0.125, "loss_list": [1.0, None]}]
+    assert read_metrics(tmp_path / "run") == parsed

@@ -179,6 +179,7 @@ class RunBatch:
                                           dtype=torch.float32) for name in _VALUES}
         self.alpha_all = self.values["alpha"].clone()  # by run index (values follow the live runs)
         self._etas: dict[tuple, torch.Tensor] = {}
+        self._position_key, self._position = b"", {}  # see _positions
         self.seeds = np.asarray([c.seed for c in self.cfgs], dtype=np.int64)
         # Bookkeeping by run index (rows of finished runs stay): the rounds of each client's last
         # participation (each strategy's Staleness reads its row: a view), the clients with a
@@ -337,11 +338,14 @@ class RunBatch:
         self.totals["bytes_down"][runs] += self.bytes_down * C
         self.totals["bytes_up"][runs] += self.bytes_up * C
         diverged = (updated & ~finite_w).numpy()
-        self.pending.append({"round": server_round, "runs": runs, "clients": cids,
-                             "valid": valid.numpy(), "updated": keep.numpy(),
-                             "diverged": diverged, "losses": losses, "samples": samples,
+        # Python lists: a row per run is read out of them, a value at a time
+        self.pending.append({"round": server_round, "runs": runs, "position": self._positions(runs),
+                             "clients": cids.tolist(), "valid": valid.tolist(),
+                             "updated": keep.tolist(), "diverged": diverged.tolist(),
+                             "losses": {k: v.tolist() for k, v in losses.items()},
+                             "samples": samples.tolist(),
                              "train_seconds_max": (time.perf_counter() - start) / (len(runs) * C),
-                             "totals": {k: v[runs].copy() for k, v in self.totals.items()},
+                             "totals": {k: v[runs].tolist() for k, v in self.totals.items()},
                              "seconds": time.perf_counter() - self.start})
         return bool(diverged.any() or (valid == 0).any())
 
@@ -357,8 +361,9 @@ class RunBatch:
         evals = self.evaluator.evaluate(server_round) if evaluate else {}
         pending, self.pending = self.pending, []
         if server_round == 0:
-            pending = [{"round": 0, "runs": np.asarray(self.live), "totals":
-                        {k: v[np.asarray(self.live)].copy() for k, v in self.totals.items()}}]
+            runs = np.asarray(self.live)
+            pending = [{"round": 0, "runs": runs, "position": self._positions(runs),
+                        "totals": {k: v[runs].tolist() for k, v in self.totals.items()}}]
         if evaluate:  # the round's clock includes its evaluation, as a run alone's does
             pending[-1]["seconds"] = time.perf_counter() - self.start
         ended: list[tuple[int, RunStopped]] = []
@@ -366,8 +371,7 @@ class RunBatch:
             rows = []
             try:
                 for p in pending:
-                    j = int(np.flatnonzero(p["runs"] == i)[0])
-                    row = _row_of(p, j)
+                    row = _row_of(p, p["position"][i])
                     if p["round"] == server_round and i in evals:
                         row["eval"] = evals[i]
                         # the totals follow the evaluation; "samples" keeps its place when the
@@ -396,6 +400,14 @@ class RunBatch:
             for i in list(self.live):
                 self._finish(i, "interrupted", f"interrupted after round {server_round}; resume "
                              "with the same fedmaml sweep command")
+
+    def _positions(self, runs: np.ndarray) -> dict[int, int]:
+        """``{run: its row in this round's arrays}``, shared by the rounds of one set of live runs."""
+        key = runs.tobytes()
+        if self._position_key != key:
+            self._position_key, self._position = key, {int(i): j for j, i in
+                                                        enumerate(runs.tolist())}
+        return self._position
 
     def _checkpoint_due(self, i: int, server_round: int, stop: bool) -> bool:
         every = self.cfgs[i].federated.checkpoint_every
@@ -558,20 +570,19 @@ def _row_of(pending: dict[str, Any], j: int) -> dict[str, Any]:
     """Run ``j``'s metrics row of a pending round, keyed as ``MetaStrategy.start`` writes it."""
     row: dict[str, Any] = {"round": pending["round"]}
     if pending["round"] > 0:
-        valid = int(pending["valid"][j])
-        C = pending["clients"].shape[1]
-        row.update(clients=pending["clients"][j].tolist(), replies=valid,
-                   **round_outcome(["rejected"] * (C - valid), 0),
-                   updated=bool(pending["updated"][j]))
+        valid, clients = pending["valid"][j], pending["clients"][j]
+        row.update(clients=clients, replies=valid,
+                   **round_outcome(["rejected"] * (len(clients) - valid), 0),
+                   updated=pending["updated"][j])
         if pending["diverged"][j]:
             row["diverged"] = ("the aggregated update is not finite (the model would hold NaN or "
                                "infinite values)")
         if valid:
             for key, v in pending["losses"].items():
-                row[key.replace("-", "_")] = float(v[j])
-            row["samples"] = int(pending["samples"][j])
+                row[key.replace("-", "_")] = v[j]
+            row["samples"] = pending["samples"][j]
             row["train_seconds_max"] = pending["train_seconds_max"]
-    row.update({k: int(v[j]) for k, v in pending["totals"].items()},
+    row.update({k: v[j] for k, v in pending["totals"].items()},
                seconds=pending["seconds"])
     return row
 

@@ -50,9 +50,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     series = [("seen", "", "clients that trained, from w"),
               ("seen", "memory-", "clients that trained, from memory"),
               ("unseen", "", "unseen clients, from w")]
+    evaluated = [r for r in rows if "eval" in r]  # a few rows of thousands
     for group, prefix, label in series:
-        pts = [(r["round"], r["eval"][f"{group}.{prefix}{key}.mean"]) for r in rows
-               if f"{group}.{prefix}{key}.mean" in r.get("eval", {})]
+        metric = f"{group}.{prefix}{key}.mean"
+        pts = [(r["round"], r["eval"][metric]) for r in evaluated if metric in r["eval"]]
         if pts:
             ax_eval.plot(*zip(*pts), marker="o", label=label)
     ax_eval.set_ylabel(f"personalized {key} (after adaptation)")
