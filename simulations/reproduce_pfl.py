@@ -122,10 +122,11 @@ def run_all(jobs: list[tuple], workers: int, vectorize: bool = True) -> list[dic
     with multiprocessing.get_context("spawn").Pool(workers, maxtasksperchild=10) as pool:
         for i, r in enumerate(pool.imap(run_one, jobs)):
             results.append(r)
-            mem = "" if r["seen_memory"] is None else f" memory {r['seen_memory']:.3f}"
+            numbers = " ".join(f"{name} {r[key]:.3f}" for name, key in
+                               (("seen", "seen"), ("memory", "seen_memory"), ("unseen", "unseen"))
+                               if r[key] is not None)
             print(f"[{i + 1}/{len(jobs)}] {r['setting']:22s} {r['method']:13s} {r['extra']} "
-                  f"seed {r['seed']}: seen {r['seen']:.3f}{mem} unseen {r['unseen']:.3f}",
-                  flush=True)
+                  f"seed {r['seed']}: {r['status']}, {numbers}", flush=True)
     return results
 
 
@@ -179,25 +180,36 @@ def mean_std(values: list[float | None]) -> str:
     return f"{statistics.mean(v):.3f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.3f}"
 
 
+def completed(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+    """The runs that completed, and ``"stopped/all"`` (a diverged run's last numbers are those of
+    the model before it diverged, not of a trained one, so the means leave it out)."""
+    done = [r for r in runs if r["status"] == "completed"]
+    return done, f"{len(runs) - len(done)}/{len(runs)}"
+
+
 def main_table(results: list[dict[str, Any]]) -> str:
-    lines = ["| setting | method | seeds | personalized acc., trained clients (from w) | from memory "
-             "| unseen clients | MB exchanged |", "|---|---|---|---|---|---|---|"]
+    lines = ["| setting | method | values | diverged / seeds | personalized acc., trained clients "
+             "(from w) | from memory | unseen clients | MB exchanged |",
+             "|---|---|---|---|---|---|---|---|"]
     for setting in SETTINGS:
         for method in METHODS:
             mine = [r for r in results if r["setting"] == setting and r["method"] == method
                     and not r["variant"]]
             if not mine:
                 continue
+            done, stopped = completed(mine)
+            values = ", ".join(short(e) for e in mine[0]["extra"]) or "config's"
             mb = statistics.mean(r["bytes"] for r in mine) / 1e6
-            lines.append(f"| {setting} | {method} | {len(mine)} | {mean_std([r['seen'] for r in mine])} "
-                         f"| {mean_std([r['seen_memory'] for r in mine])} "
-                         f"| {mean_std([r['unseen'] for r in mine])} | {mb:.1f} |")
+            lines.append(f"| {setting} | {method} | {values} | {stopped} "
+                         f"| {mean_std([r['seen'] for r in done])} "
+                         f"| {mean_std([r['seen_memory'] for r in done])} "
+                         f"| {mean_std([r['unseen'] for r in done])} | {mb:.1f} |")
     return "\n".join(lines)
 
 
 def ablation_table(results: list[dict[str, Any]], base_beta: float) -> str:
-    lines = ["| LocalMOML variant | seeds | trained clients (from w) | from memory | unseen clients |",
-             "|---|---|---|---|---|"]
+    lines = ["| LocalMOML variant | diverged / seeds | trained clients (from w) | from memory "
+             "| unseen clients |", "|---|---|---|---|---|"]
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in results:
         if r["setting"] != ABLATION_SETTING:
@@ -210,9 +222,10 @@ def ablation_table(results: list[dict[str, Any]], base_beta: float) -> str:
             continue
         groups.setdefault(label, []).append(r)
     for label, mine in sorted(groups.items()):
-        lines.append(f"| {label} | {len(mine)} | {mean_std([r['seen'] for r in mine])} | "
-                     f"{mean_std([r['seen_memory'] for r in mine])} | "
-                     f"{mean_std([r['unseen'] for r in mine])} |")
+        done, stopped = completed(mine)
+        lines.append(f"| {label} | {stopped} | {mean_std([r['seen'] for r in done])} | "
+                     f"{mean_std([r['seen_memory'] for r in done])} | "
+                     f"{mean_std([r['unseen'] for r in done])} |")
     return "\n".join(lines)
 
 
@@ -227,8 +240,9 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(3, len(settings), figsize=(4.6 * len(settings), 10), squeeze=False)
     for col, setting in enumerate(settings):
         for method in METHODS:
-            curves = [r["curve"] for r in results
-                      if r["setting"] == setting and r["method"] == method and not r["variant"]]
+            curves = [r["curve"] for r in results  # a diverged run's curve ends early
+                      if r["setting"] == setting and r["method"] == method and not r["variant"]
+                      and r["status"] == "completed"]
             if not curves:
                 continue
             n = min(len(c) for c in curves)
