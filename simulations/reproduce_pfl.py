@@ -46,7 +46,7 @@ METHODS = {
     "FedAvg+FT": ("algorithm.name=fedavg",),
 }
 ABLATION_SETTING = "digits cross-device"
-ABLATION_BETAS = (0.1, 0.9)  # the config's 0.5 is the main run; beta = 1 is Per-FedAvg-FO
+ABLATION_BETAS = (0.1, 0.5, 0.9)  # the tuned one is the main run; beta = 1 is Per-FedAvg-FO
 # Metric keys of an evaluation row (fedmaml/federated/strategy.py).
 SEEN, SEEN_MEMORY, UNSEEN = "seen.accuracy.mean", "seen.memory-accuracy.mean", "unseen.accuracy.mean"
 
