@@ -319,8 +319,8 @@ def run_state(run_dir: Path, cfg: Config) -> str:
     if diff:
         shown = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in diff[:5])
         raise FedmamlError(f"{run_dir}: a finished run of a different config ({shown}"
-                           f"{'; ...' if len(diff) > 5 else ''}); use another --sweep-dir, or "
-                           "delete that run directory to run it again")
+                           f"{'; ...' if len(diff) > 5 else ''}); use another --sweep-dir (or "
+                           "output directory), or delete that run directory to run it again")
     return "finished"
 
 
@@ -579,7 +579,7 @@ def train_configs(configs: Sequence[Config], jobs: int = 1, quiet: bool = True,
     runs, by_dir = [], {}
     for cfg in configs:
         run_dir = Path(cfg.output_dir) / cfg.name
-        if finished_status(run_dir) is None:
+        if run_state(run_dir, cfg) != "finished":  # a finished run of another config is an error
             run = PlannedRun(name=str(run_dir), values={}, seed=cfg.seed, config=cfg)
             runs.append(run)
             by_dir[run.name] = run_dir

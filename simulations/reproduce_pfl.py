@@ -136,6 +136,7 @@ def run_all(jobs: list[tuple], workers: int, vectorize: bool = True) -> list[dic
 ETA_GRID = (0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01)
 BETA_GRID = (0.1, 0.5, 0.9)
 TUNE_SEED = 100
+TUNE_EVALS = 3  # evaluation points of a tuning run: only its last one counts
 
 
 def tune(settings: list[str], job: Any, workers: int) -> tuple[dict, list[dict[str, Any]]]:
@@ -273,7 +274,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds-device", type=int, default=30)
     p.add_argument("--rounds-silo", type=int, default=15)
-    p.add_argument("--evals", type=int, default=3, help="evaluation points per run")
+    p.add_argument("--evals", type=int, default=3,
+                   help="evaluation points per run (--full-budget: 10), tuning runs apart "
+                        f"({TUNE_EVALS})")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--no-ablation", action="store_true")
@@ -293,6 +296,7 @@ def main() -> None:
         a.rounds_device, a.rounds_silo, a.evals, a.seeds = 4, 4, 2, [0]
     if a.full_budget:
         a.rounds_device, a.rounds_silo, a.tune, a.seeds = 200, 100, True, [0, 1, 2, 3, 4]
+        a.evals = 10
     full = "_full" if a.full_budget else ""  # the reduced budget's results stay beside
     a.output_dir = a.output_dir or f"results/pfl{full}"
     a.figure = a.figure if a.figure is not None else f"docs/figures/pfl{full}_accuracy.png"
@@ -303,7 +307,8 @@ def main() -> None:
             tuning: bool = False) -> tuple:
         r = rounds[SETTINGS[setting][1]]
         where = str(Path(out) / "tune") if tuning else out
-        return (setting, method, extra, seed, r, max(1, r // a.evals), where)
+        evals = min(a.evals, TUNE_EVALS) if tuning else a.evals
+        return (setting, method, extra, seed, r, max(1, r // evals), where)
 
     chosen: dict = {(s, m): () for s in a.settings for m in METHODS}
     tuning: list[dict[str, Any]] = []

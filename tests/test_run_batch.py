@@ -200,3 +200,25 @@ def test_cli_sweep_vectorize_batches_runs_and_runs_the_rest_one_by_one(tiny_conf
                  str(tmp_path / "sw"), "--quiet"]) == 0
     assert "8 runs; 8 were finished already" in capsys.readouterr().out
     assert main(["compare", str(tmp_path / "sw"), "--out", str(tmp_path / "cmp")]) == 0
+
+
+def test_train_configs_batches_reuses_finished_runs_and_refuses_a_changed_one(tiny_config,
+                                                                             tmp_path):
+    """The experiment scripts' entry (``fedmaml.sweep.train_configs``): runs of one shape train as a
+    batch, a second call reuses every finished run, and a finished run whose config has since
+    changed is an error naming the run and the key rather than a silently reused result."""
+    from fedmaml.errors import FedmamlError
+    from fedmaml.sweep import train_configs
+
+    configs = configs_of(tiny_config, tmp_path, ("algorithm.name=moml",))
+    errors = train_configs(configs)
+    assert sorted(errors) == sorted(str(tmp_path / "runs" / c.name) for c in configs)
+    assert all(e is None for e in errors.values())
+    for c in configs:
+        assert read_summary(tmp_path / "runs" / c.name)["batch"]["runs"] == len(configs)
+    model = (tmp_path / "runs" / "run0" / MODEL_FILE).read_bytes()
+    assert train_configs(configs) == {}  # nothing left to train
+    assert (tmp_path / "runs" / "run0" / MODEL_FILE).read_bytes() == model
+    changed = [replace_paths(configs[0], {"federated.eval_every": 3}), *configs[1:]]
+    with pytest.raises(FedmamlError, match=r"run0.*federated\.eval_every"):
+        train_configs(changed)
