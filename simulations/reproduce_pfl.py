@@ -239,6 +239,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 
     settings = [s for s in SETTINGS if any(r["setting"] == s for r in results)]
     fig, axes = plt.subplots(3, len(settings), figsize=(4.6 * len(settings), 10), squeeze=False)
+    colour = {m: f"C{i}" for i, m in enumerate(METHODS)}  # the same in every panel
     for col, setting in enumerate(settings):
         for method in METHODS:
             curves = [r["curve"] for r in results  # a diverged run's curve ends early
@@ -247,15 +248,21 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
             if not curves:
                 continue
             n = min(len(c) for c in curves)
-            for row, (x_key, y_key) in enumerate((("round", "seen"), ("bytes", "seen"),
-                                                  ("round", "unseen"))):
+            panels = [(0, "round", "seen", method, "-"), (1, "bytes", "seen", method, "-"),
+                      (2, "round", "unseen", method, "-")]
+            # LocalMOML, from its memories too (none exist at round 0: a gap there)
+            if any(p.get("seen_memory") is not None for p in curves[0]):
+                panels += [(0, "round", "seen_memory", f"{method} (memory)", "--"),
+                           (1, "bytes", "seen_memory", f"{method} (memory)", "--")]
+            for row, x_key, y_key, label, style in panels:
                 x = np.array([[p[x_key] for p in c[:n]] for c in curves]).mean(0)
                 if x_key == "bytes":
                     x = x / 1e6
                 y = np.array([[p[y_key] for p in c[:n]] for c in curves], dtype=float)
                 ax = axes[row][col]
-                ax.plot(x, y.mean(0), label=method, marker=".")
-                ax.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), alpha=0.15)
+                ax.plot(x, y.mean(0), style, label=label, marker=".", color=colour[method])
+                ax.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), alpha=0.15,
+                                color=colour[method])
         titles = ("trained clients, vs rounds", "trained clients, vs MB exchanged",
                   "unseen clients, vs rounds")
         for row in range(3):
