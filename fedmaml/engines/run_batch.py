@@ -179,7 +179,6 @@ class RunBatch:
                                           dtype=torch.float32) for name in _VALUES}
         self.alpha_all = self.values["alpha"].clone()  # by run index (values follow the live runs)
         self._etas: dict[tuple, torch.Tensor] = {}
-        self._position_key, self._position = b"", {}  # see _positions
         self.seeds = np.asarray([c.seed for c in self.cfgs], dtype=np.int64)
         # Bookkeeping by run index (rows of finished runs stay): the rounds of each client's last
         # participation (each strategy's Staleness reads its row: a view), the clients with a
@@ -339,7 +338,7 @@ class RunBatch:
         self.totals["bytes_up"][runs] += self.bytes_up * C
         diverged = (updated & ~finite_w).numpy()
         # Python lists: a row per run is read out of them, a value at a time
-        self.pending.append({"round": server_round, "runs": runs, "position": self._positions(runs),
+        self.pending.append({"round": server_round, "runs": runs, "position": _positions(runs),
                              "clients": cids.tolist(), "valid": valid.tolist(),
                              "updated": keep.tolist(), "diverged": diverged.tolist(),
                              "losses": {k: v.tolist() for k, v in losses.items()},
@@ -362,7 +361,7 @@ class RunBatch:
         pending, self.pending = self.pending, []
         if server_round == 0:
             runs = np.asarray(self.live)
-            pending = [{"round": 0, "runs": runs, "position": self._positions(runs),
+            pending = [{"round": 0, "runs": runs, "position": _positions(runs),
                         "totals": {k: v[runs].tolist() for k, v in self.totals.items()}}]
         if evaluate:  # the round's clock includes its evaluation, as a run alone's does
             pending[-1]["seconds"] = time.perf_counter() - self.start
@@ -400,14 +399,6 @@ class RunBatch:
             for i in list(self.live):
                 self._finish(i, "interrupted", f"interrupted after round {server_round}; resume "
                              "with the same fedmaml sweep command")
-
-    def _positions(self, runs: np.ndarray) -> dict[int, int]:
-        """``{run: its row in this round's arrays}``, shared by the rounds of one set of live runs."""
-        key = runs.tobytes()
-        if self._position_key != key:
-            self._position_key, self._position = key, {int(i): j for j, i in
-                                                        enumerate(runs.tolist())}
-        return self._position
 
     def _checkpoint_due(self, i: int, server_round: int, stop: bool) -> bool:
         every = self.cfgs[i].federated.checkpoint_every
@@ -585,6 +576,11 @@ def _row_of(pending: dict[str, Any], j: int) -> dict[str, Any]:
     row.update({k: v[j] for k, v in pending["totals"].items()},
                seconds=pending["seconds"])
     return row
+
+
+def _positions(runs: np.ndarray) -> dict[int, int]:
+    """``{run: its row in a round's arrays}`` (one dict a round; each run's row reads it)."""
+    return {i: j for j, i in enumerate(runs.tolist())}
 
 
 def _finite_rows(params: Params) -> torch.Tensor:
