@@ -182,7 +182,8 @@ def mean_std(values: list[float | None]) -> str:
 
 
 def completed(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
-    """The runs that completed, and ``"stopped/all"`` (a diverged run's last numbers are those of
+    """The runs that completed, and ``"<not completed>/<all>"`` for the "diverged / seeds" column
+    (every run that stopped early here diverged; a diverged run's last numbers are those of
     the model before it diverged, not of a trained one, so the means leave it out)."""
     done = [r for r in runs if r["status"] == "completed"]
     return done, f"{len(runs) - len(done)}/{len(runs)}"
