@@ -4,13 +4,15 @@ each under a sweep directory.
 Layout::
 
     <sweep dir>/
-      sweep.yaml                        the manifest: base config + the `sweep:` section (grid, seeds)
+      sweep.yaml                        the manifest: base config + the `sweep:` section (settings,
+                                        grid, seeds)
       beta=0.3,federated.mode=cross_device,seed=0/    a run directory (config.yaml, metrics.jsonl,
       ...                                              summary.json, model.pt, convergence.png)
+      MOML,beta=0.3,seed=0/             the same in a sweep with named settings
 
-A run directory is named by its grid values and seed (keys in their shortest unambiguous form, see
-:func:`fedmaml.config.short_key`), so its name does not depend on the order of the grid or on other
-runs and a re-invoked sweep finds it again. ``summary.json`` is written last by a run: a directory that
+A run directory is named by its named setting (if the sweep has ``settings``), its grid values and its
+seed (keys in their shortest unambiguous form, see :func:`fedmaml.config.short_key`), so its name does
+not depend on the order of the grid or on other runs and a re-invoked sweep finds it again. ``summary.json`` is written last by a run: a directory that
 has it (and, with ``compare_with``, its baselines too) is finished and skipped, unless its status is
 ``interrupted``; an unfinished run continues from its checkpoint (``checkpoint.pt``) when it has
 one, and is deleted and run again from scratch otherwise. A finished run whose config differs from the
@@ -61,14 +63,19 @@ _MAX_DIR_NAME = 150  # well below the usual 255-byte limit, leaving room for tem
 
 @dataclass(frozen=True)
 class SweepSpec:
-    """What varies: full dotted key -> the values it takes (in the given order), and the seeds."""
+    """What varies: named override sets (``settings``: name -> full dotted key -> value, in the given
+    order; none: the base config alone), crossed with the grid (full dotted key -> the values it
+    takes) and the seeds. ``references``: a setting's name -> a number reported elsewhere for it
+    (shown beside its row by ``fedmaml compare``)."""
 
     grid: dict[str, tuple[Any, ...]]
     seeds: tuple[int, ...]
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    references: dict[str, str] = field(default_factory=dict)
 
     @property
     def num_settings(self) -> int:
-        return math.prod(len(v) for v in self.grid.values())
+        return max(1, len(self.settings)) * math.prod(len(v) for v in self.grid.values())
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,7 @@ class PlannedRun:
     values: dict[str, Any]  # the grid values of this run (full keys)
     seed: int
     config: Config
+    setting: str | None = None  # the named setting (sweep.settings) the run belongs to
 
 
 @dataclass
@@ -169,17 +177,98 @@ def parse_seeds(value: Any, where: str = "--seeds") -> tuple[int, ...]:
     return tuple(value)
 
 
+#: A setting's name is a run directory's first part: letters, digits and ``._+-``, no ``=`` or ``,``
+#: (which separate the grid values in the name), not starting with ``.`` or ``-``.
+_SETTING_NAME = re.compile(r"[A-Za-z0-9_+][A-Za-z0-9._+-]*")
+_MAX_SETTING_NAME = 40
+_SECTION_KEYS = ("settings", "references", "grid", "seeds")
+
+
+def parse_settings(value: Any, where: str) -> dict[str, dict[str, Any]]:
+    """``sweep.settings``: named override sets, as a mapping ``{MOML: {algorithm.name: moml, ...}}``
+    or a list of one-entry mappings ``[{MOML: {...}}, {FO-MAML: {...}}]`` -> name -> full key ->
+    value, in the given order. Names must be safe as directory names and distinct; keys are config
+    keys (or unambiguous suffixes, as in the grid) and each value must be valid for its key."""
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    elif isinstance(value, list):
+        items = []
+        for i, entry in enumerate(value):
+            if not isinstance(entry, Mapping) or len(entry) != 1:
+                raise ConfigError(f"{where}[{i}]: each entry must be one `NAME: {{key: value, ...}}`"
+                                  f" mapping, got {entry!r}")
+            items += list(entry.items())
+    else:
+        raise ConfigError(f"{where}: must map setting names to override sets, e.g. "
+                          "{MOML: {algorithm.name: moml}, FO-MAML: {algorithm.name: fedmeta}}, "
+                          f"got {value!r}")
+    if not items:
+        raise ConfigError(f"{where}: is empty; name at least one setting, or leave it out")
+    settings: dict[str, dict[str, Any]] = {}
+    for name, overrides in items:
+        if not isinstance(name, str) or not _SETTING_NAME.fullmatch(name) \
+                or len(name) > _MAX_SETTING_NAME:
+            raise ConfigError(f"{where}: setting name {name!r} is not allowed; a name becomes a "
+                              f"run directory's name: up to {_MAX_SETTING_NAME} letters, digits and "
+                              "._+- (no spaces, '=' or ','), not starting with '.' or '-'")
+        if name in settings:
+            raise ConfigError(f"{where}: setting {name!r} appears twice")
+        if overrides is None:
+            overrides = {}  # `base:` alone: the base config itself
+        if not isinstance(overrides, Mapping):
+            raise ConfigError(f"{where}.{name}: must map config keys to values, e.g. "
+                              f"{{algorithm.eta: 0.005}}, got {overrides!r}")
+        resolved: dict[str, Any] = {}
+        for key, v in overrides.items():
+            full = _grid_key(str(key), [v], f"{where}.{name}.{key}")
+            if full in resolved:
+                raise ConfigError(f"{where}.{name}.{key}: {full} is set twice in this setting")
+            try:
+                check_value(full, v)
+            except ConfigError as e:
+                raise ConfigError(f"{where}.{name}: {_strip_source(e)}") from None
+            resolved[full] = v
+        same = next((n for n, o in settings.items() if o == resolved), None)
+        if same is not None:
+            raise ConfigError(f"{where}: settings {same!r} and {name!r} set the same values; "
+                              "remove one of them")
+        settings[name] = resolved
+    return settings
+
+
+def parse_references(value: Any, settings: Mapping[str, Any], where: str) -> dict[str, str]:
+    """``sweep.references``: setting name -> a number reported elsewhere for that setting, with its
+    source (text, e.g. ``"0.297 ± 0.022 (40,000 steps; docs/results.md)"``)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: must map setting names to text, got {value!r}")
+    out = {}
+    for name, text in value.items():
+        if name not in settings:
+            raise ConfigError(f"{where}.{name}: no setting of that name; settings: "
+                              + (", ".join(settings) or "none (sweep.settings is empty)"))
+        if not isinstance(text, (str, int, float)) or isinstance(text, bool) or str(text) == "":
+            raise ConfigError(f"{where}.{name}: must be a number or text, got {text!r}")
+        out[str(name)] = str(text)
+    return out
+
+
 def spec_from_section(section: Any, source: str) -> tuple[dict[str, tuple[Any, ...]], Any]:
-    """The grid (validated keys, raw values) and the raw seeds of a YAML ``sweep:`` section."""
+    """The grid (validated keys, raw values) and the raw seeds of a YAML ``sweep:`` section (its
+    settings: :func:`settings_from_section`)."""
     where = f"{source}: {SWEEP_SECTION}"
     if section is None:
         return {}, None
     if not isinstance(section, Mapping):
-        raise ConfigError(f"{where}: must be a mapping with grid and seeds, got {section!r}")
-    unknown = set(section) - {"grid", "seeds"}
+        raise ConfigError(f"{where}: must be a mapping with settings, grid and seeds, got "
+                          f"{section!r}")
+    unknown = set(section) - set(_SECTION_KEYS)
     if unknown:
         raise ConfigError(f"{where}.{sorted(map(str, unknown))[0]}: unknown key; allowed keys: "
-                          "grid, seeds")
+                          + ", ".join(_SECTION_KEYS))
     grid_in = section.get("grid") or {}
     if not isinstance(grid_in, Mapping):
         raise ConfigError(f"{where}.grid: must map keys to lists of values, got {grid_in!r}")
@@ -195,6 +284,16 @@ def spec_from_section(section: Any, source: str) -> tuple[dict[str, tuple[Any, .
     return grid, section.get("seeds")
 
 
+def settings_from_section(section: Any, source: str
+                          ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """The named settings and their references of a (validated) YAML ``sweep:`` section."""
+    if not isinstance(section, Mapping):
+        return {}, {}
+    where = f"{source}: {SWEEP_SECTION}"
+    settings = parse_settings(section.get("settings"), f"{where}.settings")
+    return settings, parse_references(section.get("references"), settings, f"{where}.references")
+
+
 def load_sweep(path: str | Path, overrides: Sequence[str] = (), grid_args: Sequence[str] = (),
                seeds: str | None = None) -> tuple[Config, SweepSpec]:
     """The base config and the sweep of a file (its optional ``sweep:`` section), with the CLI's
@@ -202,6 +301,7 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = (), grid_args: Seque
     ``--seeds``."""
     base, section = load_config_and_sweep(path, overrides)
     grid, file_seeds = spec_from_section(section, str(path))
+    settings, references = settings_from_section(section, str(path))
     cli_keys: set[str] = set()
     for text in grid_args:
         key, values = parse_grid_arg(text)
@@ -215,7 +315,7 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = (), grid_args: Seque
         seed_list = parse_seeds(file_seeds, f"{path}: {SWEEP_SECTION}.seeds")
     else:
         seed_list = (base.seed,)
-    return base, SweepSpec(grid=grid, seeds=seed_list)
+    return base, SweepSpec(grid=grid, seeds=seed_list, settings=settings, references=references)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -230,11 +330,13 @@ def _value_text(value: Any) -> str:
     return str(value)
 
 
-def run_name(values: Mapping[str, Any], seed: int) -> str:
-    """``beta=0.3,federated.mode=cross_silo,seed=0``: file-system safe, independent of grid order."""
+def run_name(values: Mapping[str, Any], seed: int, setting: str | None = None) -> str:
+    """``beta=0.3,federated.mode=cross_silo,seed=0`` (``MOML,beta=0.3,seed=0`` in named setting
+    ``MOML``): file-system safe, independent of grid order."""
     parts = [f"{short_key(k)}={_value_text(v)}" for k, v in sorted(values.items())]
     name = ",".join([*parts, f"seed={seed}"])
-    return re.sub(r"[^A-Za-z0-9._=,+-]", "-", name)
+    name = re.sub(r"[^A-Za-z0-9._=,+-]", "-", name)
+    return f"{setting},{name}" if setting else name  # names are validated: parse_settings
 
 
 def plan_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path,
@@ -245,7 +347,13 @@ def plan_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path,
     grid = {_grid_key(k, v, f"grid {k}"): tuple(v) for k, v in spec.grid.items()}  # suffixes too
     if len(grid) != len(spec.grid):
         raise ConfigError(f"grid: a key appears twice ({', '.join(spec.grid)})")
-    spec = SweepSpec(grid=grid, seeds=spec.seeds)
+    named = parse_settings(spec.settings, "settings") if spec.settings else {}
+    for name, overrides in named.items():
+        both = sorted(set(overrides) & set(grid))
+        if both:
+            raise ConfigError(f"settings.{name}: {both[0]} is set both by this setting and by the "
+                              "grid; vary it in one place")
+    spec = SweepSpec(grid=grid, seeds=spec.seeds, settings=named, references=spec.references)
     keys = list(grid)
     # Each value alone first, so an error names that value rather than a whole combination.
     for key in keys:
@@ -256,25 +364,29 @@ def plan_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path,
             dup = next(t for t in texts if texts.count(t) > 1)
             raise ConfigError(f"grid {key}: value {dup} appears twice")
     runs, invalid = [], []
-    for combo in itertools.product(*(spec.grid[k] for k in keys)):
+    for (named_as, overrides), combo in itertools.product(
+            list(named.items()) or [(None, {})], itertools.product(*(spec.grid[k] for k in keys))):
         values = dict(zip(keys, combo))
-        label = ", ".join(f"{short_key(k)}={_value_text(v)}" for k, v in values.items())
-        try:
-            setting = replace_paths(base, values)  # together: cross-field rules may link them
+        label = ", ".join([*([f"setting {named_as}"] if named_as else []),
+                           *(f"{short_key(k)}={_value_text(v)}" for k, v in values.items())])
+        try:  # together: cross-field rules may link them
+            setting = replace_paths(base, {**overrides, **values})
         except ConfigError as e:
+            what = "grid combination" if values else "the base config with"
             if not skip_invalid:
-                raise ConfigError(f"grid combination {label} is invalid: {_strip_source(e)} "
+                raise ConfigError(f"{what} {label} is invalid: {_strip_source(e)} "
                                   "(--skip-invalid leaves such combinations out)") from None
             invalid.append(f"{label}: {_strip_source(e)}")
             continue
         for seed in spec.seeds:
-            name = run_name(values, seed)
+            name = run_name(values, seed, named_as)
             if len(name) > _MAX_DIR_NAME:
                 raise ConfigError(f"grid: the run directory name {name[:60]}... is longer than "
                                   f"{_MAX_DIR_NAME} characters; use fewer or shorter grid values")
             cfg = replace_paths(setting, {"seed": seed, "name": name,
                                           "output_dir": str(sweep_dir)})
-            runs.append(PlannedRun(name=name, values=values, seed=seed, config=cfg))
+            runs.append(PlannedRun(name=name, values=values, seed=seed, config=cfg,
+                                   setting=named_as))
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
@@ -455,7 +567,11 @@ def write_manifest(sweep_dir: Path, base: Config, spec: SweepSpec) -> None:
     from fedmaml.atomic import atomic_write_text
 
     where = replace_paths(base, {"output_dir": str(sweep_dir.parent), "name": sweep_dir.name})
-    section = {SWEEP_SECTION: {"grid": {k: list(v) for k, v in spec.grid.items()},
+    named = ({"settings": {n: dict(o) for n, o in spec.settings.items()}} if spec.settings
+             else {})
+    if spec.references:
+        named["references"] = dict(spec.references)
+    section = {SWEEP_SECTION: {**named, "grid": {k: list(v) for k, v in spec.grid.items()},
                                "seeds": list(spec.seeds)}}
     text = ("# fedmaml sweep manifest: the base config and the sweep section of this directory.\n"
             + dump_yaml(where)
