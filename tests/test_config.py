@@ -436,15 +436,41 @@ def test_string_list_keys_parse_validate_and_round_trip():
 
 
 def test_the_quickstart_sweep_is_the_papers_setting_in_miniature_in_three_batches(tmp_path):
-    from fedmaml.sweep import load_sweep, plan_batches, plan_sweep
+    """Each named setting of the quickstart is exactly the reference experiment's run of that
+    method under the public code's protocol and step sizes (simulations/reproduce_moml_sinewave.py,
+    whose 40,000-step numbers are the references), at 5,000 steps."""
+    import sys
 
+    from fedmaml.sweep import config_differences, load_sweep, plan_batches, plan_sweep
+
+    sys.path.insert(0, str(ROOT / "simulations"))
+    try:
+        import reproduce_moml_sinewave as reference
+    finally:
+        sys.path.remove(str(ROOT / "simulations"))
     path = ROOT / "configs" / "sweeps" / "moml_miniature.yaml"
     assert path.read_text().startswith("# ")
     base, spec = load_sweep(path)
-    assert base.data.family == "sinusoid_grid" and base.data.num_clients == 25
-    assert base.federated.clients_per_round == 3 and base.algorithm.support_size == 1
-    assert spec.grid == {"algorithm.name": ("moml", "fedmeta", "per_fedavg")}
+    assert list(spec.settings) == ["MOML", "LocalMOML", "FO-MAML"] and not spec.grid
     assert spec.seeds == (0, 1, 2)
+    assert list(spec.references) == list(spec.settings)
+    assert all("40,000 steps" in t and "docs/results.md" in t for t in spec.references.values())
+    results = (ROOT / "docs" / "results.md").read_text(encoding="utf-8")
+    public = results[results.index("#### The public code's evaluation protocol at full budget"):]
+    public = public[public.index("**With the public code's step sizes:**"):]
+    for name, text in spec.references.items():  # the row of the public values' table at K = 1
+        eta, beta = reference.BY_NAME[name].public[1]
+        beta_cell = f"{beta:g}" if reference.BY_NAME[name].uses_beta else "-"
+        assert f"| 1 | {name} | {eta:g} | {beta_cell} | {text.split(' (')[0]} |" in public, name
     runs, _ = plan_sweep(base, spec, tmp_path)
+    for run in runs:
+        method = reference.BY_NAME[run.setting]
+        eta, beta = method.public[1]
+        expected = reference.make_config(method, 1, eta, beta, run.seed, 5000, tmp_path, 10,
+                                         "public")
+        # eval_every only sets how often the curve is sampled; fedmeta has no memory to initialise
+        ignore = ("output_dir", "name", "federated.eval_every",
+                  *(["algorithm.init_support_size"] if method.name == "FO-MAML" else []))
+        assert config_differences(expected, run.config, ignore=ignore) == [], run.name
     batches, alone, _ = plan_batches(runs, tmp_path, jobs=2)
     assert not alone and sorted(len(b) for b in batches) == [3, 3, 3]  # one per method
