@@ -10,13 +10,16 @@ Layout::
       ...                                              summary.json, model.pt, convergence.png)
       MOML,beta=0.3,seed=0/             the same in a sweep with named settings
 
-A run directory is named by its named setting (if the sweep has ``settings``), its grid values and its
-seed (keys in their shortest unambiguous form, see :func:`fedmaml.config.short_key`), so its name does
-not depend on the order of the grid or on other runs and a re-invoked sweep finds it again. ``summary.json`` is written last by a run: a directory that
+A run directory is named by its grid values and seed (keys in their shortest unambiguous form, see
+:func:`fedmaml.config.short_key`), so its name does not depend on the order of the grid or on other
+runs and a re-invoked sweep finds it again. ``summary.json`` is written last by a run: a directory that
 has it (and, with ``compare_with``, its baselines too) is finished and skipped, unless its status is
 ``interrupted``; an unfinished run continues from its checkpoint (``checkpoint.pt``) when it has
 one, and is deleted and run again from scratch otherwise. A finished run whose config differs from the
 planned one is never silently reused: that is an error naming the keys that differ.
+
+In a sweep with named settings (``settings``), a run directory's name starts with its setting's
+name: ``MOML,beta=0.3,seed=0``.
 
 Runs execute one after another in this process (``jobs=1``) or in a pool of worker processes.
 Workers are spawned, not forked, because forking a process that has already loaded torch can

@@ -140,14 +140,15 @@ def test_sweep_section_in_yaml(tmp_path):
     with pytest.raises(ConfigError, match=r"sweep\.grid\.beta: expected a non-empty list"):
         load_sweep(bad)
     bad = write_config(tmp_path, {"sweep": {"grids": {}}}, "bad2.yaml")
-    with pytest.raises(ConfigError, match=r"sweep\.grids: unknown key; allowed keys: grid, seeds"):
+    with pytest.raises(ConfigError, match=r"sweep\.grids: unknown key; allowed keys: settings, "
+                                          r"references, grid, seeds"):
         load_sweep(bad)
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_sweep_file_plans(path, tmp_path):
     base, spec = load_sweep(path)
-    assert spec.grid and path.read_text().startswith("# ")
+    assert (spec.grid or spec.settings) and path.read_text().startswith("# ")
     runs, invalid = plan_sweep(base, spec, tmp_path)
     assert len(runs) == spec.num_settings * len(spec.seeds) and not invalid
 
@@ -352,9 +353,10 @@ def test_named_settings_cross_the_grid_and_seeds_and_name_the_run_directories(tm
                                       for n in (2, 4) for seed in (0, 1)]
     for r in runs:
         assert r.setting == r.name.split(",")[0]
-        expected = {"algorithm.name": "moml", "algorithm.beta": 0.3, "algorithm.eta": base.algorithm.eta} \
-            if r.setting == "MOML" else {"algorithm.name": "fedmeta", "algorithm.beta": base.algorithm.beta,
-                                         "algorithm.eta": 0.001}
+        alg = base.algorithm  # what a setting does not set comes from the base config
+        expected = ({"algorithm.name": "moml", "algorithm.beta": 0.3, "algorithm.eta": alg.eta}
+                    if r.setting == "MOML" else
+                    {"algorithm.name": "fedmeta", "algorithm.beta": alg.beta, "algorithm.eta": 0.001})
         assert {k: getattr(r.config.algorithm, k.split(".")[1]) for k in expected} == expected
         assert r.config.federated.rounds == r.values["federated.rounds"]
     # A list of one-entry mappings is the same spec, in its order.

@@ -5,8 +5,9 @@ and compute the curves and numbers that the figures (compare_plots.py) and the M
 A *setting* is a config up to its seed: runs whose configs differ only in ``seed`` (and in the keys
 that name or place a run: ``name``, ``output_dir``, ``compare_with``) are seeds of one setting and are
 averaged, with a band over seeds. Runs of a sweep with named settings (``sweep.settings`` in its
-``sweep.yaml``, fedmaml/sweep.py) are grouped and labelled by those names, in the sweep's order. Runs are comparable when they measure the same metric on the same
-task family; the requested metric must exist in every run. Anything else is a :class:`CompareError`
+``sweep.yaml``, fedmaml/sweep.py) are grouped and labelled by those names, in the sweep's order.
+Runs are comparable when they measure the same metric on the same task family; the requested metric
+must exist in every run. Anything else is a :class:`CompareError`
 that says which runs differ and how, rather than a misleading plot.
 """
 
