@@ -219,7 +219,7 @@ def named_sweep(tmp_path_factory):
     cfg.write_text(yaml.safe_dump({**tiny(algorithm__name="moml"), "output_dir": str(root)})
                    + "sweep:\n  settings:\n    slow: {algorithm.eta: 0.001}\n"
                    "    fast: {algorithm.eta: 0.02, algorithm.beta: 0.5}\n"
-                   "    FO-MAML: {algorithm.name: fedmeta}\n"
+                   "    FO-MAML: {algorithm.name: fedmeta, algorithm.scale_by_beta: false}\n"
                    "  references:\n    fast: 0.123 at 100 rounds (elsewhere)\n"
                    "  grid:\n    algorithm.alpha: [0.01, 0.02]\n  seeds: [0, 1]\n")
     base, spec = load_sweep(cfg)
@@ -272,3 +272,12 @@ def test_the_table_shows_the_value_before_training_and_a_legend(runs, capsys):
     assert "personalized loss, unseen clients" in printed.split("Columns (")[1].splitlines()[0]
     assert "Lambda pattern full (evaluation.pattern) in every column" in legend
     assert "Reference" not in printed.split("\n")[0]  # no reference column without references
+
+
+def test_the_report_of_a_named_sweep_says_what_each_name_sets_and_what_all_share(named_sweep,
+                                                                                tmp_path):
+    assert main(["compare", str(named_sweep), "--out", str(tmp_path / "cmp")]) == 0
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert "- **Settings** differ in " in report and "- **One setting**" not in report
+    assert ("- **FO-MAML** (a named setting of the sweep) sets `algorithm.name=fedmeta`, "
+            "`algorithm.scale_by_beta=false`.") in report

@@ -32,6 +32,11 @@ def fmt_stat(stat: Stat, digits: int = 4) -> str:
     return _num(stat.mean, digits) + ("" if math.isnan(std) else f" ± {_num(std, 2)}")
 
 
+def _yaml_text(value: object) -> str:
+    """A config value as a YAML file writes it (``false``, not Python's ``False``)."""
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
 def fmt_bytes(n: float) -> str:
     if math.isnan(n):
         return "-"
@@ -122,12 +127,13 @@ def write_report(c: Comparison, out: Path, figures: Sequence[Path], xs: Sequence
     if differ:
         lines.append("- **Settings** differ in " + ", ".join(f"`{k}`" for k in differ)
                      + "; they share " + ", ".join(shared) + ".")
-    for s in c.settings:
-        if s.named:
-            sets = ", ".join(f"`{k}={v}`" for k, v in s.named.overrides.items()) or "nothing"
-            lines.append(f"- **{s.named.name}** (a named setting of the sweep) sets {sets}.")
     else:
         lines.append("- **One setting**: " + ", ".join(shared) + ".")
+    for s in c.settings:
+        if s.named:
+            sets = ", ".join(f"`{k}={_yaml_text(v)}`" for k, v in s.named.overrides.items())
+            lines.append(f"- **{s.named.name}** (a named setting of the sweep) sets "
+                         f"{sets or 'nothing (the base config)'}.")
     target_how = ("the least good final mean among the settings; `--target` sets another"
                   if c.target_is_default else "given with `--target`")
     lines += [
