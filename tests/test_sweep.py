@@ -373,6 +373,11 @@ def test_named_settings_cross_the_grid_and_seeds_and_name_the_run_directories(tm
         f"{s},rounds={n},seed=0" for s in NAMED for n in (2, 4))
     result = run_sweep(again_base, again, tmp_path / "sw", quiet=True)
     assert len(result.skipped) == 4 and not result.ran
+    # Trackers log the keys that the settings vary as hyperparameters, with the grid's.
+    from fedmaml.tracking import sweep_grid
+
+    assert set(sweep_grid(tmp_path / "sw" / "MOML,rounds=2,seed=0")) == {
+        "federated.rounds", "algorithm.name", "algorithm.beta", "algorithm.eta"}
 
 
 @pytest.mark.parametrize("section, message", [
