@@ -218,6 +218,10 @@ def parse_settings(value: Any, where: str) -> dict[str, dict[str, Any]]:
                               "._+- (no spaces, '=' or ','), not starting with '.' or '-'")
         if name in settings:
             raise ConfigError(f"{where}: setting {name!r} appears twice")
+        clash = next((n for n in settings if n.lower() == name.lower()), None)
+        if clash is not None:  # one directory on case-insensitive file systems (macOS, Windows)
+            raise ConfigError(f"{where}: settings {clash!r} and {name!r} differ only in case; "
+                              "their run directories would collide on some file systems")
         if overrides is None:
             overrides = {}  # `base:` alone: the base config itself
         if not isinstance(overrides, Mapping):

@@ -384,6 +384,8 @@ def test_named_settings_cross_the_grid_and_seeds_and_name_the_run_directories(tm
     ({"settings": {"MOML": {"algorithm.betta": 0.3}}},
      r"sweep\.settings\.MOML\.algorithm\.betta: algorithm\.betta: unknown key"),
     ({"settings": [{"A": {"beta": 0.3}}, {"A": {"beta": 0.5}}]}, r"setting 'A' appears twice"),
+    ({"settings": [{"moml": {"beta": 0.3}}, {"MOML": {"beta": 0.5}}]},
+     r"settings 'moml' and 'MOML' differ only in case"),
     ({"settings": {"a b": {"beta": 0.3}}}, r"setting name 'a b' is not allowed.*directory"),
     ({"settings": {"x=1": {"beta": 0.3}}}, r"setting name 'x=1' is not allowed"),
     ({"settings": {"../up": {"beta": 0.3}}}, r"setting name '../up' is not allowed"),
