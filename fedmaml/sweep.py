@@ -586,6 +586,26 @@ def write_manifest(sweep_dir: Path, base: Config, spec: SweepSpec) -> None:
     atomic_write_text(sweep_dir / MANIFEST, text)
 
 
+def _refresh_references(sweep_dir: Path, spec: SweepSpec) -> None:
+    """A finished sweep run again after its ``references`` were edited (they only label the
+    comparison; no run depends on them) keeps its manifest but takes the new references, so that
+    ``fedmaml compare`` shows them. Anything else changed, or a sweep running there, leaves it."""
+    import dataclasses
+
+    path = sweep_dir / MANIFEST
+    if not path.is_file():
+        return
+    try:
+        old_base, old = load_sweep(path)
+    except ConfigError:
+        return
+    if old.references == spec.references or (old.settings, old.grid, old.seeds) != (
+            spec.settings, spec.grid, spec.seeds):
+        return
+    with contextlib.suppress(FedmamlError), _Lock(sweep_dir):
+        write_manifest(sweep_dir, old_base, dataclasses.replace(old, references=spec.references))
+
+
 def default_sweep_dir(base: Config) -> Path:
     return Path(base.output_dir) / base.name
 
@@ -772,6 +792,7 @@ def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None
             say(f"  {states[r.name]:<10} {r.name}")
         return result
     if not todo:
+        _refresh_references(sweep_dir, spec)
         return result
 
     sweep_dir.mkdir(parents=True, exist_ok=True)

@@ -373,6 +373,16 @@ def test_named_settings_cross_the_grid_and_seeds_and_name_the_run_directories(tm
         f"{s},rounds={n},seed=0" for s in NAMED for n in (2, 4))
     result = run_sweep(again_base, again, tmp_path / "sw", quiet=True)
     assert len(result.skipped) == 4 and not result.ran
+    # Edited references reach a finished sweep's manifest (what compare shows); nothing reruns.
+    edited = SweepSpec(grid=again.grid, seeds=again.seeds, settings=again.settings,
+                       references={"FO-MAML": "0.9 at 40,000 steps"})
+    result = run_sweep(again_base, edited, tmp_path / "sw", quiet=True)
+    assert len(result.skipped) == 4 and not result.ran
+    assert load_sweep(tmp_path / "sw" / "sweep.yaml")[1].references == edited.references
+    from fedmaml.results.compare import named_settings
+
+    assert named_settings(tmp_path / "sw")["FO-MAML"].reference == "0.9 at 40,000 steps"
+    assert named_settings(tmp_path / "sw")["MOML"].reference == ""
     # Trackers log the keys that the settings vary as hyperparameters, with the grid's.
     from fedmaml.tracking import sweep_grid
 
