@@ -152,6 +152,12 @@ class FederatedConfig:
     clients_per_round: int = _field(0, "Clients sampled per round; 0 = use fraction.", min=0)
     fraction: float = _field(0.1, "Fraction of clients sampled per round.",
                              min=0, max=1, min_exclusive=True)
+    sampling: str = _field("fixed", "cross_device: how a round's clients are drawn: fixed = exactly "
+                                    "clients_per_round (or fraction of the clients), without "
+                                    "replacement; poisson = each client independently with "
+                                    "probability clients_per_round / clients (or fraction), so a "
+                                    "cohort's size varies and can be 0 (docs/privacy.md).",
+                           choices=("fixed", "poisson"))
     aggregation: str = _field("weighted", "Average client updates by example count or uniformly.",
                               choices=("weighted", "uniform"))
     server_optimizer: str = _field("sgd", "Optimizer applying the averaged update to w.",
@@ -408,6 +414,9 @@ CROSS_FIELD_RULES = (
     "`privacy.clipping` other than `none` requires `federated.aggregation: uniform`; "
     "`privacy.noise_multiplier` above 0 requires `privacy.clipping` other than `none` and "
     "`participation.model: uniform`.",
+    "`federated.sampling: poisson` requires `federated.mode: cross_device`; with "
+    "`privacy.noise_multiplier` above 0 it requires `federated.min_replies: 1` (a private Poisson "
+    "round releases its noisy mean whatever the number of replies).",
 )
 
 
@@ -500,6 +509,16 @@ def cross_field_problems(cfg: Config) -> list[str]:
         problems.append(f"privacy.noise_multiplier: the privacy account assumes uniform client "
                         f"sampling; participation.model is {cfg.participation.model!r} (use "
                         "'uniform' with differential privacy)")
+    if fed.sampling == "poisson" and fed.mode != "cross_device":
+        problems.append(f"federated.sampling: 'poisson' needs federated.mode 'cross_device' (got "
+                        f"{fed.mode!r}); cross-silo takes every silo every round")
+    # Whether a round updated would reveal whether anybody was sampled: the account assumes a
+    # release every round (docs/privacy.md).
+    if fed.sampling == "poisson" and dp.noise_multiplier > 0 and fed.min_replies != 1:
+        problems.append(f"federated.min_replies: {fed.min_replies} does not go with "
+                        "federated.sampling 'poisson' and privacy.noise_multiplier > 0: a private "
+                        "Poisson round releases its noisy mean whatever the number of replies; "
+                        "use 1")
     return problems
 
 
