@@ -149,7 +149,8 @@ class FederatedConfig:
     mode: str = _field("cross_device", "cross_device samples clients; cross_silo uses all every round.",
                        choices=("cross_device", "cross_silo"))
     rounds: int = _field(100, "Number of federated rounds.", min=1)
-    clients_per_round: int = _field(0, "Clients sampled per round; 0 = use fraction.", min=0)
+    clients_per_round: int = _field(0, "Clients sampled per round (their expected number under "
+                                       "sampling: poisson); 0 = use fraction.", min=0)
     fraction: float = _field(0.1, "Fraction of clients sampled per round.",
                              min=0, max=1, min_exclusive=True)
     sampling: str = _field("fixed", "cross_device: how a round's clients are drawn: fixed = exactly "
@@ -329,7 +330,8 @@ class PrivacyConfig:
     clipping_norm: float = _field(1.0, "L2 bound of one client's whole update (all tensors).",
                                   min=0, min_exclusive=True)
     noise_multiplier: float = _field(0.0, "Gaussian noise std on the mean update, in units of "
-                                          "clipping_norm / sampled clients; 0 = clipping only.",
+                                          "clipping_norm / clients per round (expected, under "
+                                          "Poisson sampling); 0 = clipping only.",
                                      min=0)
     delta: float = _field(1e-5, "delta at which summary.json reports the run's epsilon.",
                           min=0, max=1, min_exclusive=True, max_exclusive=True)
