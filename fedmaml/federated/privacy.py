@@ -120,7 +120,7 @@ class UpdatePrivacy:
 
     def load_state(self, state: dict[str, Any]) -> None:
         if self.account is not None:
-            self.account = PrivacyAccount(self.sampling, self.dp.noise_multiplier)
+            self.account.count = 0  # same mechanism: keep its curve, recount the releases
         self.releases, self.sampled = 0, []
         for num_sampled in state["sampled"]:
             self._release(int(num_sampled))
@@ -262,8 +262,8 @@ class PrivacyAccount:
         (``epsilon_gaussian`` or ``epsilon_pld``, :func:`second_bound`) and ``accountant`` (which
         bound ``epsilon`` is)."""
         rdp, order = self.rdp_epsilon(delta)
-        if self.count == 0:
-            return {"epsilon": 0.0, "epsilon_rdp": 0.0, "rdp_order": order, "accountant": "rdp"}
+        if self.count == 0:  # nothing released (rdp_order None: JSON has no NaN)
+            return {"epsilon": 0.0, "epsilon_rdp": 0.0, "rdp_order": None, "accountant": "rdp"}
         name, other = second_bound(self.sampling, self.noise_multiplier, self.count, delta)
         return {"epsilon": min(rdp, other), "epsilon_rdp": rdp, "rdp_order": order,
                 f"epsilon_{name}": other, "accountant": name if other < rdp else "rdp"}
