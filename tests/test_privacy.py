@@ -140,7 +140,8 @@ def test_unsampled_rounds_are_composed_gaussian_mechanisms():
     """Cross-silo (every client every round, add/remove-one): T releases of a Gaussian mechanism
     with noise multiplier z have RDP T*a/(2 z^2) (Mironov 2017, Prop. 7 and Prop. 1); dp-accounting
     converts it with eps = min_a RDP(a) + log((a-1)/a) - (log(delta) + log(a)) / (a-1). The exact
-    epsilon of the composition (one Gaussian with noise z / sqrt(T), Balle and Wang 2018) is below."""
+    epsilon of the composition (one Gaussian with noise z / sqrt(T), Balle and Wang 2018) is
+    below."""
     z, rounds = 2.0, 50
     account = PrivacyAccount(_sampling("all", 10, 10), z)
     account.compose(rounds)
@@ -231,7 +232,7 @@ def test_epsilon_never_grows_when_the_sampling_fraction_falls(scheme):
             == pytest.approx(epsilon_after(30, 1.0, _sampling("all", 200, 200), DELTA), rel=0.01))
 
 
-# -- Poisson client sampling ------------------------------------------------------------------------
+# -- Poisson client sampling -----------------------------------------------------------------------
 
 def test_poisson_cohorts_are_seeded_independent_coins():
     n, q, rounds = 50, 0.1, 2000
@@ -398,7 +399,7 @@ def test_a_private_poisson_run_is_the_same_on_both_engines_and_survives_empty_ro
         summary = read_summary(run)
         assert summary["status"] == "completed"  # an empty round is not a failed round
         s = summary["privacy"]
-        assert s["releases"] == 8 and s["sampling"] == "poisson" and s["relation"] == "add-or-remove-one"
+        assert (s["releases"], s["sampling"], s["relation"]) == (8, "poisson", "add-or-remove-one")
         assert s["denominator"] == pytest.approx(1.0) and s["sensitivity"] == c
         assert s["epsilon"] == pytest.approx(epsilon_after(8, z, ClientSampling(
             "poisson", 6, 1, 1 / 6), 1e-5))
@@ -452,5 +453,5 @@ def test_a_private_poisson_run_resumes_bitwise_identical_with_its_account(tiny_c
         monkeypatch)
     from fedmaml.results.recorder import read_summary
 
-    full, cut = read_summary(tmp_path / "full")["privacy"], read_summary(tmp_path / "cut")["privacy"]
-    assert full == cut and full["releases"] == ROUNDS
+    full = read_summary(tmp_path / "full")["privacy"]
+    assert read_summary(tmp_path / "cut")["privacy"] == full and full["releases"] == ROUNDS
