@@ -149,9 +149,16 @@ class FederatedConfig:
     mode: str = _field("cross_device", "cross_device samples clients; cross_silo uses all every round.",
                        choices=("cross_device", "cross_silo"))
     rounds: int = _field(100, "Number of federated rounds.", min=1)
-    clients_per_round: int = _field(0, "Clients sampled per round; 0 = use fraction.", min=0)
+    clients_per_round: int = _field(0, "Clients sampled per round (their expected number under "
+                                       "sampling: poisson); 0 = use fraction.", min=0)
     fraction: float = _field(0.1, "Fraction of clients sampled per round.",
                              min=0, max=1, min_exclusive=True)
+    sampling: str = _field("fixed", "cross_device: how a round's clients are drawn: fixed = exactly "
+                                    "clients_per_round (or fraction of the clients), without "
+                                    "replacement; poisson = each client independently with "
+                                    "probability clients_per_round / clients (or fraction), so a "
+                                    "cohort's size varies and can be 0 (docs/privacy.md).",
+                           choices=("fixed", "poisson"))
     aggregation: str = _field("weighted", "Average client updates by example count or uniformly.",
                               choices=("weighted", "uniform"))
     server_optimizer: str = _field("sgd", "Optimizer applying the averaged update to w.",
@@ -323,7 +330,8 @@ class PrivacyConfig:
     clipping_norm: float = _field(1.0, "L2 bound of one client's whole update (all tensors).",
                                   min=0, min_exclusive=True)
     noise_multiplier: float = _field(0.0, "Gaussian noise std on the mean update, in units of "
-                                          "clipping_norm / sampled clients; 0 = clipping only.",
+                                          "clipping_norm / clients per round (expected, under "
+                                          "Poisson sampling); 0 = clipping only.",
                                      min=0)
     delta: float = _field(1e-5, "delta at which summary.json reports the run's epsilon.",
                           min=0, max=1, min_exclusive=True, max_exclusive=True)
@@ -408,6 +416,9 @@ CROSS_FIELD_RULES = (
     "`privacy.clipping` other than `none` requires `federated.aggregation: uniform`; "
     "`privacy.noise_multiplier` above 0 requires `privacy.clipping` other than `none` and "
     "`participation.model: uniform`.",
+    "`federated.sampling: poisson` requires `federated.mode: cross_device`; with "
+    "`privacy.noise_multiplier` above 0 it requires `federated.min_replies: 1` (a private Poisson "
+    "round releases its noisy mean whatever the number of replies).",
 )
 
 
@@ -500,6 +511,16 @@ def cross_field_problems(cfg: Config) -> list[str]:
         problems.append(f"privacy.noise_multiplier: the privacy account assumes uniform client "
                         f"sampling; participation.model is {cfg.participation.model!r} (use "
                         "'uniform' with differential privacy)")
+    if fed.sampling == "poisson" and fed.mode != "cross_device":
+        problems.append(f"federated.sampling: 'poisson' needs federated.mode 'cross_device' (got "
+                        f"{fed.mode!r}); cross-silo takes every silo every round")
+    # Whether a round updated would reveal whether anybody was sampled: the account assumes a
+    # release every round (docs/privacy.md).
+    if fed.sampling == "poisson" and dp.noise_multiplier > 0 and fed.min_replies != 1:
+        problems.append(f"federated.min_replies: {fed.min_replies} does not go with "
+                        "federated.sampling 'poisson' and privacy.noise_multiplier > 0: a private "
+                        "Poisson round releases its noisy mean whatever the number of replies; "
+                        "use 1")
     return problems
 
 

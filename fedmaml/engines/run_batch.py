@@ -26,9 +26,9 @@ alone's. Memories live in one dense tensor per parameter, ``[R, clients, tasks, 
 writes each run's as a memory bank (the vectorized engine's format), so one run of a batch can also
 be resumed alone (``fedmaml run --resume`` with ``engine.name: vectorized``).
 
-What a batch cannot hold (:func:`batch_refusal`): injected faults, differential privacy, round
-deadlines, participation models other than uniform, compute-speed models, pattern selection and
-``compare_with`` baselines. ``fedmaml sweep --vectorize`` runs such runs one by one, as without it.
+What a batch cannot hold (:func:`batch_refusal`): injected faults, differential privacy, Poisson
+client sampling, round deadlines, participation models other than uniform, compute-speed models,
+pattern selection and ``compare_with`` baselines. ``fedmaml sweep --vectorize`` runs such runs one by one, as without it.
 """
 
 from __future__ import annotations
@@ -91,6 +91,8 @@ def batch_refusal(cfg: Any) -> str | None:
         return "faults are injected"
     if cfg.privacy.clipping != "none" or cfg.privacy.noise_multiplier > 0:
         return "differential privacy is on"
+    if cfg.federated.sampling != "fixed":  # a batch draws one fixed-size cohort per run
+        return "clients are Poisson-sampled (federated.sampling): cohorts vary in size"
     if cfg.federated.round_timeout:
         return "rounds have a deadline (federated.round_timeout)"
     if cfg.participation.model != "uniform" or cfg.participation.speed != "uniform":

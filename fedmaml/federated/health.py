@@ -93,7 +93,9 @@ class RunHealth:
                 raise RunStopped("diverged", r, f"run diverged at round {r}: every update that "
                                  f"arrived ({row['rejected']}) holds NaN or infinite values; try "
                                  f"{self.hint}", distrust_w=True)
-            self.failed_in_a_row = self.failed_in_a_row + 1 if int(row.get("replies", 0)) == 0 else 0
+            if row.get("clients", True):  # a round that asked nobody (Poisson) did not fail
+                self.failed_in_a_row = (self.failed_in_a_row + 1 if int(row.get("replies", 0)) == 0
+                                        else 0)
         bad = [k for k in _LOSS_KEYS if k in row.get("eval", {})
                and not _finite(row["eval"][k])]
         if bad:

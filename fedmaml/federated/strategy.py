@@ -60,7 +60,7 @@ from fedmaml.federated import checkpoint, faults
 from fedmaml.federated import records as R
 from fedmaml.federated.discovery import PartitionDirectory
 from fedmaml.federated.health import FAILURE_KINDS, round_outcome
-from fedmaml.federated.participation import Participation, Staleness
+from fedmaml.federated.participation import Participation, Staleness, client_sampling
 from fedmaml.federated.participation import sample_clients  # noqa: F401 - its former home
 from fedmaml.federated.pattern_selection import PatternSelector
 from fedmaml.federated.privacy import UpdatePrivacy
@@ -180,21 +180,22 @@ class MetaStrategy(Strategy):
         self.staleness = Staleness(n)
         self.available: int | None = None  # clients available in the last sampled round
         # The mean update (differential privacy when configured) and the privacy account.
-        self.privacy = UpdatePrivacy(self.cfg, n, self.cohort_size())
+        self.sampling = client_sampling(fed, n)  # the scheme: denominator and privacy account
+        self.privacy = UpdatePrivacy(self.cfg, self.sampling)
 
     # -- sampling -------------------------------------------------------------------------------
     def cohort_size(self) -> int:
-        """Clients asked per round: every silo, or the configured count or fraction."""
-        fed, n = self.cfg.federated, self.setup.federation.num_clients
-        if fed.mode == "cross_silo":
-            return n
-        return min(fed.clients_per_round or max(1, round(fed.fraction * n)), n)
+        """Clients asked per round: every silo, or the configured count or fraction (under
+        Poisson sampling, its expected count rounded)."""
+        return self.sampling.size
 
     def clients_for_round(self, server_round: int) -> list[int]:
-        if self.cfg.federated.mode == "cross_silo":
+        s = self.sampling
+        if s.scheme == "all":
             cids = list(range(self.setup.federation.num_clients))
         else:
-            cids = self.participation.cohort(server_round, self.cohort_size())
+            cids = self.participation.cohort(
+                server_round, s.size, s.rate if s.scheme == "poisson" else None)
             self.available = self.participation.last_available
         self.staleness.record(server_round, cids)
         return cids
@@ -404,7 +405,8 @@ class MetaStrategy(Strategy):
         # bits must not depend on it (a resumed run equals an uninterrupted one).
         valid = sorted(used.values(), key=lambda o: o.cid)
         self.trained.update(used)
-        updated = len(valid) >= self.cfg.federated.min_replies
+        updated = (len(valid) >= self.cfg.federated.min_replies
+                   or self.privacy.releases_every_round)
         self.round_stats.update(round_outcome((k for k, _ in errors), missing), replies=len(valid),
                                 updated=updated)
         self._count_resets(server_round, [o.cid for o in valid
@@ -412,10 +414,11 @@ class MetaStrategy(Strategy):
         if not updated:
             log.warning("round %d: %d valid replies < min_replies=%d; the model is not updated",
                         server_round, len(valid), self.cfg.federated.min_replies)
-        if not valid:
+        if not valid and not updated:
             return None, None
         if updated:
-            stacked = _rows(stacks, [o.row for o in valid])
+            stacked = (_rows(stacks, [o.row for o in valid]) if valid
+                       else {k: torch.zeros(0, *v.shape, dtype=v.dtype) for k, v in self.w.items()})
             w = self.optimizer.step(self.w, self.privacy.mean_update(
                 server_round, stacked, [o.count for o in valid], num_sampled=len(expected)))
             if all(bool(torch.isfinite(v).all()) for v in w.values()):
@@ -424,6 +427,8 @@ class MetaStrategy(Strategy):
                 updated = False
                 self.round_stats.update(updated=False, diverged="the aggregated update is not "
                                         "finite (the model would hold NaN or infinite values)")
+        if not valid:  # a private Poisson round that nobody answered: its release, no metrics
+            return (R.to_record(self.w) if updated else None), None
         metrics = [o.metrics for o in valid]
         out = {k: math.fsum(float(m[k]) for m in metrics) / len(metrics) for k in TRAIN_METRICS
                if all(k in m for m in metrics)}
