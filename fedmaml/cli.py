@@ -323,8 +323,8 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--to", required=True, choices=TRACKING_BACKENDS,
                         help="tracking backend: tensorboard (event files in each run directory), "
                              "mlflow or wandb")
-    parser.add_argument("--mlflow-uri", metavar="URI", help="MLflow tracking URI (default: a "
-                        "file store in the directory holding the runs, <dir>/mlruns)")
+    parser.add_argument("--mlflow-uri", metavar="URI", help="MLflow tracking URI (default: "
+                        "sqlite:///<dir>/mlflow.db in the directory holding the runs)")
     parser.add_argument("--project", metavar="NAME", help="MLflow experiment / W&B project "
                         "(default: the run's tracking.project, else the sweep's name, else "
                         "fedmaml)")

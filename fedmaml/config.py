@@ -341,8 +341,9 @@ class TrackingConfig:
                                        choices=TRACKING_BACKENDS)
     project: str = _field("", "MLflow experiment and W&B project; empty = the sweep's directory name "
                               "for a run of a sweep, else 'fedmaml'.")
-    mlflow_uri: str = _field("", "MLflow tracking URI; empty = a file store in <output_dir>/mlruns, "
-                                 "shared by the runs of one output directory or sweep.")
+    mlflow_uri: str = _field("", "MLflow tracking URI; empty = sqlite:///<output_dir>/mlflow.db "
+                                 "(files in <output_dir>/mlartifacts), shared by the runs of one "
+                                 "output directory or sweep.")
     wandb_mode: str = _field("offline", "W&B mode: offline writes the run under the run directory "
                                         "(upload later with `wandb sync`); online needs `wandb "
                                         "login`.", choices=("offline", "online"))
