@@ -77,7 +77,8 @@ def _positive(kind: type) -> Callable[[str], float]:
 
 
 def _add_progress_arguments(parser: argparse.ArgumentParser, steps: str) -> None:
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument("--quiet", action="store_true", help="no progress output (a run still "
+                        "prints its directory, on stdout)")
     parser.add_argument("--progress-every", type=_positive(int), metavar="N",
                         help=f"when not on a terminal (log file, pipe): a progress line every N "
                              f"{steps} (default: a tenth of them)")
@@ -128,6 +129,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         run_experiment(cfg, quiet=args.quiet, run_dir=run_dir, resume=True)
     else:
         run_dir = run_experiment(cfg, quiet=args.quiet)
+    if args.quiet:  # still say where it went: repeated runs go to <name>-2, -3, ...
+        print(run_dir, flush=True)
     return exit_code(statuses(run_dirs_of(run_dir, cfg)).values())
 
 
@@ -250,8 +253,8 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run the runs that share every shape (they differ in seeds, eta, "
                         "beta, alpha, hf_delta, server_lr) as one batched computation, each still "
                         "into its own run directory (docs/comparing.md)")
-    parser.add_argument("--dry-run", action="store_true", help="list the runs and their state; run "
-                        "nothing")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and their state (on "
+                        "stdout, even with --quiet); run nothing")
     _add_progress_arguments(parser, "runs")
 
 

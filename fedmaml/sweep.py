@@ -420,7 +420,9 @@ def _worker_init(parent_pid: int) -> None:
 class _Lock:
     """An exclusive lock on the sweep directory (``filelock``: an OS lock on every platform, released
     if this process dies). The holder's pid sits in a file beside it for the error message (the
-    lock file itself may be truncated by a process trying to take it)."""
+    lock file itself may be truncated by a process trying to take it); it goes when the sweep ends
+    (normally, with an error, or with Ctrl-C). The lock file stays: deleting it could let two
+    sweeps lock two different files of the same name."""
 
     def __init__(self, sweep_dir: Path) -> None:
         from filelock import FileLock
@@ -446,7 +448,10 @@ class _Lock:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.lock.release()
+        try:
+            self.pid_file.unlink(missing_ok=True)  # while still holding the lock
+        finally:
+            self.lock.release()
 
 
 def write_manifest(sweep_dir: Path, base: Config, spec: SweepSpec) -> None:
@@ -619,7 +624,7 @@ def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None
     ``vectorize``: runs of equal shapes train together as batches (:func:`plan_batches`)."""
     from fedmaml.results.progress import Progress
 
-    out = stream or sys.stderr
+    out = stream or (sys.stdout if dry_run else sys.stderr)  # a listing is output, not progress
     sweep_dir = Path(sweep_dir) if sweep_dir is not None else default_sweep_dir(base)
     if (sweep_dir / CONFIG_FILE).exists():
         raise FedmamlError(f"{sweep_dir}: is a run directory, not a sweep directory; give "
@@ -636,7 +641,7 @@ def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None
             result.not_completed[r.name] = bad
 
     def say(text: str) -> None:
-        if not quiet:
+        if dry_run or not quiet:
             print(text, file=out, flush=True)
 
     say(f"sweep {sweep_dir}: {len(runs)} runs ({len(runs) // len(spec.seeds)} settings x "
@@ -700,6 +705,8 @@ def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None
             say(f"\ninterrupted: {len(result.ran)} of {len(runs) - len(result.skipped)} runs "
                 "finished in this invocation; run the same command again to resume")
             raise
+        finally:
+            progress.close()
     for name, error in result.failed.items():
         say(f"failed: {name}: {error} (see {sweep_dir / name / ERROR_FILE})")
     return result
