@@ -123,6 +123,9 @@ def test_a_long_phase_says_what_it_does():
         assert "pattern selection: 12 candidates" in progress.render()
         progress.update(21, "eval loss 0.5 @r20")  # the next round: the phase is over
         assert "pattern selection" not in progress.render()
+        with Progress(10, quiet=True):  # a quiet run inside (of a sweep) keeps its phases
+            status("evaluating on 40 clients")
+        assert "evaluating" not in progress.render()
     status("nobody listens")  # no progress shown: nothing happens
 
     log = io.StringIO()  # in a log: a line at the start of a phase, then only after `seconds`

@@ -35,7 +35,10 @@ class ProgressOptions:
 
 OPTIONS = ProgressOptions()
 REDRAW_SECONDS = 1.0  # the live line's elapsed time and ETA move on while a step runs
-_ACTIVE: list["Progress"] = []  # shown progresses, innermost last: only that one draws
+MIN_DRAW_SECONDS = 0.1  # and steps of a few ms do not redraw it hundreds of times a second
+#: Open progresses, innermost last: only that one draws, and :func:`status` goes to it (a quiet
+#: one, such as a run inside a sweep, swallows the statuses of its run).
+_ACTIVE: list["Progress"] = []
 _LOCK = threading.RLock()
 
 
@@ -48,8 +51,8 @@ def configure(every: int | None = None, seconds: float | None = None) -> None:
 
 
 def status(text: str, force: bool = False) -> None:
-    """Say what the innermost shown progress is doing now (until its next ``update``); nothing when
-    no progress is shown (quiet, or none started). ``force``: in a log, write the line now (the
+    """Say what the innermost open progress is doing now (until its next ``update``); nothing when
+    it is quiet or there is none. ``force``: in a log, write the line now (the
     start of a long phase) rather than only when nothing was written for a while."""
     with _LOCK:
         if _ACTIVE:
@@ -80,7 +83,8 @@ def _duration(seconds: float) -> str:
     return f"{minutes // 60}h{minutes % 60:02d}m"
 
 
-def fit_line(head: str, info: str, times: str, width: int, fraction: float) -> str:
+def fit_line(head: str, info: str, times: str, width: int, fraction: float,
+             unicode: bool = True) -> str:
     """``head [bar] info | times`` in at most ``width`` characters: the bar only when at least 10
     columns are left beside the info, the info shortened with an ellipsis; on a very narrow
     terminal the ETA alone stands for the times, and the line is cut at its end."""
@@ -90,7 +94,8 @@ def fit_line(head: str, info: str, times: str, width: int, fraction: float) -> s
     room = width - fixed  # for " info |" and the bar
     line = f"{head} {times}"
     if info and room >= 6:
-        shown = info if len(info) + 3 <= room else info[:room - 4] + "…"
+        cut = "…" if unicode else "~"
+        shown = info if len(info) + 3 <= room else info[:room - 4] + cut
         room -= len(shown) + 3
         line = f"{head} {shown} | {times}"
     else:
@@ -98,7 +103,8 @@ def fit_line(head: str, info: str, times: str, width: int, fraction: float) -> s
     if room >= 11:
         cells = min(room - 1, 30)
         filled = int(round(cells * min(max(fraction, 0.0), 1.0)))
-        bar = "━" * filled + "╺" * (cells - filled)  # ╺: thin, so the done part stands out
+        done, left = ("━", "╺") if unicode else ("#", "-")  # ╺: thin, the done part stands out
+        bar = done * filled + left * (cells - filled)
         line = f"{head} {bar} {shown} | {times}" if shown else f"{head} {bar} {times}"
     return line[:width]
 
@@ -123,12 +129,12 @@ class Progress:
         self._latest: tuple[int, float] | None = None  # and of the latest
         self._last_line: tuple[int, float] | None = None  # (done, time) of the last plain line
         self._width = width
+        self._drawn = -1e300  # when the live line was last drawn
         self._live = not quiet and (is_interactive(self.stream) if bar is None else bar)
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
-        if not quiet:
-            with _LOCK:
-                _ACTIVE.append(self)
+        with _LOCK:
+            _ACTIVE.append(self)
         if self._live:
             self._ticker = threading.Thread(target=self._tick, name="fedmaml-progress", daemon=True)
             self._ticker.start()
@@ -155,8 +161,9 @@ class Progress:
         """The live line as it would be drawn now."""
         now = self.clock() if now is None else now
         width = (self._width or terminal_width(self.stream)) - 1  # the last column would wrap
+        unicode = "utf" in (getattr(self.stream, "encoding", None) or "utf-8").lower()
         return fit_line(f"{self.label} {self.done}/{self.total}", self._info(), self._times(now),
-                         width, self.done / self.total if self.total else 1.0)
+                        width, self.done / self.total if self.total else 1.0, unicode)
 
     def _plain_line(self, now: float) -> str:
         parts = [f"{self.label} {self.done}/{self.total}", self._info(),
@@ -167,6 +174,8 @@ class Progress:
 
     def update(self, done: int, info: str = "") -> None:
         if self.quiet:
+            if done >= self.total:
+                self.close()
             return
         now = self.clock()
         with _LOCK:
@@ -174,7 +183,8 @@ class Progress:
             self._first = self._first or (done, now)
             self._latest = (done, now)
             if self._live:
-                self._draw(now)
+                if done < self.total and now - self._drawn >= MIN_DRAW_SECONDS:  # else close draws
+                    self._draw(now)
             else:
                 last = self._last_line
                 if (last is None or done >= self.total or done - last[0] >= self.every
@@ -203,6 +213,8 @@ class Progress:
     def _draw(self, now: float | None = None) -> None:
         if _ACTIVE and _ACTIVE[-1] is not self:
             return  # an inner progress (a run of a sweep) has the line
+        now = self.clock() if now is None else now
+        self._drawn = now
         self.stream.write("\r" + self.render(now) + "\x1b[K")
         self.stream.flush()
 
@@ -219,15 +231,16 @@ class Progress:
     def close(self) -> None:
         """Stop the live line (leaving its last state on screen); plain lines need nothing."""
         with _LOCK:
-            if self in _ACTIVE:
-                _ACTIVE.remove(self)
             if self._live and not self._stop.is_set():
                 self._stop.set()
                 try:
+                    self._draw()  # the latest state (a throttled update may not be drawn yet)
                     self.stream.write("\n")
                     self.stream.flush()
                 except (OSError, ValueError):
                     pass
+            if self in _ACTIVE:
+                _ACTIVE.remove(self)
         if self._ticker is not None and self._ticker is not threading.current_thread():
             self._ticker.join()
             self._ticker = None
