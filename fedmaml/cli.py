@@ -45,7 +45,8 @@ class Command:
 
 def _add_overrides(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="override a config key, e.g. algorithm.beta=0.5 model.hidden=[20,20]")
+                        help="override a config key, e.g. algorithm.beta=0.5 model.hidden=20,20 "
+                        "(a list: a,b or [a,b])")
 
 
 def _is_override(arg: str) -> bool:
