@@ -661,7 +661,8 @@ def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None
         write_manifest(sweep_dir, base, spec)
         progress = Progress(len(todo), label="run", quiet=quiet, stream=out)
 
-        def record(run: PlannedRun, outcome: tuple[float, str | None]) -> None:
+        def record(run: PlannedRun, outcome: tuple[float, str | None]) -> str:
+            """Note how ``run`` ended; return its progress text."""
             seconds, error = outcome
             if error is None:
                 result.ran.append(run.name)
@@ -670,11 +671,9 @@ def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None
                     result.not_completed[run.name] = bad
             else:
                 result.failed[run.name] = error
-            done = len(result.ran) + len(result.failed)
             status = (f"failed: {error}" if error else
                       f"{result.not_completed.get(run.name, 'done')} in {seconds:.1f}s")
-            failed = f" | {len(result.failed)} failed" if result.failed else ""
-            progress.update(done, f"{run.name} {status}{failed}")
+            return f"{run.name} {status}"
 
         batches: list[list[PlannedRun]] = []
         if vectorize:
@@ -691,8 +690,12 @@ def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None
 
         def record_all(members: list[PlannedRun], outcome: Any) -> None:
             outcomes = outcome if isinstance(outcome, list) else [outcome] * len(members)
-            for run, o in zip(members, outcomes):
-                record(run, o)
+            texts = [record(run, o) for run, o in zip(members, outcomes)]
+            # one update for a batch: its runs end together, and an update per run would read as
+            # runs measured 0 s apart (the ETA is the time per run between updates)
+            info = texts[0] if len(texts) == 1 else f"{len(texts)} runs of a batch: {texts[-1]}"
+            failed = f" | {len(result.failed)} failed" if result.failed else ""
+            progress.update(len(result.ran) + len(result.failed), info + failed)
 
         try:
             with _sigterm_as_interrupt():
