@@ -659,7 +659,7 @@ def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None
     sweep_dir.mkdir(parents=True, exist_ok=True)
     with _Lock(sweep_dir):
         write_manifest(sweep_dir, base, spec)
-        progress = Progress(len(todo), label="run", quiet=quiet, stream=out)
+        progress = Progress(len(todo), label="run", quiet=quiet, stream=out, warmup_updates=jobs)
 
         def record(run: PlannedRun, outcome: tuple[float, str | None]) -> str:
             """Note how ``run`` ended; return its progress text."""

@@ -114,6 +114,22 @@ def test_the_eta_comes_from_measured_steps_only():
     assert progress.eta(clock.now) == "0s"
 
 
+def test_parallel_workers_first_cluster_of_updates_is_warm_up():
+    """Two workers: their first runs end together (0.5 s apart), each with its own start. Measured
+    from the first update that cluster would promise 0.5 s a run; from the second, the real rate."""
+    clock = Clock()
+    progress = Progress(6, label="run", stream=io.StringIO(), bar=False, clock=clock,
+                        warmup_updates=2)
+    clock.now += 60
+    progress.update(1)
+    clock.now += 0.5
+    progress.update(2)
+    assert progress.eta(clock.now) == "--"  # only the warm-up cluster so far
+    clock.now += 20
+    progress.update(3)  # 20 s for one more run (of two running): 3 runs left
+    assert progress.eta(clock.now) == "1m00s"
+
+
 def test_a_long_phase_says_what_it_does():
     clock = Clock()
     out = io.StringIO()

@@ -112,12 +112,17 @@ def fit_line(head: str, info: str, times: str, width: int, fraction: float,
 class Progress:
     """``update(done, info)`` after each step of ``total``; ``close()`` (or the ``with`` block's
     end) when stopping early. ``bar`` forces (True) or forbids (False) the live line; ``width``
-    fixes its width (default: the terminal's); ``clock`` is the time source (tests)."""
+    fixes its width (default: the terminal's); ``clock`` is the time source (tests).
+
+    ``warmup_updates``: the ETA is measured from this update on (1: from the first). Work done by
+    P parallel workers ends in a cluster of P updates, each worker's first step carrying its own
+    start: measuring from the P-th update keeps that cluster out of the rate."""
 
     def __init__(self, total: int, label: str = "round", quiet: bool = False,
                  stream: TextIO | None = None, every: int | None = None,
                  seconds: float | None = None, bar: bool | None = None,
-                 width: int | None = None, clock: Callable[[], float] = time.perf_counter) -> None:
+                 width: int | None = None, clock: Callable[[], float] = time.perf_counter,
+                 warmup_updates: int = 1) -> None:
         self.total, self.label, self.quiet = total, label, quiet
         self.stream = stream or sys.stderr
         self.every = every or OPTIONS.every or max(1, total // 10)
@@ -125,7 +130,8 @@ class Progress:
         self.clock = clock
         self.start = clock()
         self.done, self.info, self.phase = 0, "", ""
-        self._first: tuple[int, float] | None = None  # (done, time) of the first update
+        self._warmup, self._updates = max(1, warmup_updates), 0
+        self._first: tuple[int, float] | None = None  # (done, time) of the warm-up's last update
         self._latest: tuple[int, float] | None = None  # and of the latest
         self._last_line: tuple[int, float] | None = None  # (done, time) of the last plain line
         self._width = width
@@ -142,7 +148,8 @@ class Progress:
     # -- what is shown ----------------------------------------------------------------------------
 
     def eta(self, now: float) -> str:
-        """Time left at the measured rate (steps since the first update); ``--`` before any."""
+        """Time left at the measured rate (steps since the warm-up's last update); ``--`` before
+        a step is measured."""
         if self.done >= self.total:
             return "0s"
         first, latest = self._first, self._latest
@@ -180,7 +187,9 @@ class Progress:
         now = self.clock()
         with _LOCK:
             self.done, self.info, self.phase = done, info, ""
-            self._first = self._first or (done, now)
+            self._updates += 1
+            if self._updates <= self._warmup:
+                self._first = (done, now)
             self._latest = (done, now)
             if self._live:
                 if done < self.total and now - self._drawn >= MIN_DRAW_SECONDS:  # else close draws
