@@ -684,8 +684,11 @@ def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None
             for reason in sorted(set(why.values())):
                 names = [n for n, r in why.items() if r == reason]
                 say(f"  one by one ({reason}): {len(names)} run(s), e.g. {names[0]}")
-        jobs_of = [(execute_batch, ([r.config for r in b], [sweep_dir / r.name for r in b], quiet),
-                    b) for b in batches]
+        # A batch shows its rounds when it runs here; batches of parallel workers would draw their
+        # lines over each other and over the sweep's, which goes on ticking for them.
+        quiet_batches = quiet or (jobs > 1 and len(batches) + len(todo) > 1)
+        jobs_of = [(execute_batch, ([r.config for r in b], [sweep_dir / r.name for r in b],
+                                    quiet_batches), b) for b in batches]
         jobs_of += [(execute_run, (r.config, sweep_dir / r.name), [r]) for r in todo]
 
         def record_all(members: list[PlannedRun], outcome: Any) -> None:
