@@ -45,7 +45,8 @@ class Command:
 
 def _add_overrides(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="override a config key, e.g. algorithm.beta=0.5 model.hidden=[20,20]")
+                        help="override a config key, e.g. algorithm.beta=0.5 model.hidden=20,20 "
+                        "(a list: a,b or [a,b])")
 
 
 def _is_override(arg: str) -> bool:
@@ -77,7 +78,8 @@ def _positive(kind: type) -> Callable[[str], float]:
 
 
 def _add_progress_arguments(parser: argparse.ArgumentParser, steps: str) -> None:
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument("--quiet", action="store_true", help="no progress output (a run still "
+                        "prints its directory, on stdout)")
     parser.add_argument("--progress-every", type=_positive(int), metavar="N",
                         help=f"when not on a terminal (log file, pipe): a progress line every N "
                              f"{steps} (default: a tenth of them)")
@@ -128,6 +130,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         run_experiment(cfg, quiet=args.quiet, run_dir=run_dir, resume=True)
     else:
         run_dir = run_experiment(cfg, quiet=args.quiet)
+    if args.quiet:  # still say where it went: repeated runs go to <name>-2, -3, ...
+        print(run_dir, flush=True)
     return exit_code(statuses(run_dirs_of(run_dir, cfg)).values())
 
 
@@ -250,8 +254,8 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run the runs that share every shape (they differ in seeds, eta, "
                         "beta, alpha, hf_delta, server_lr) as one batched computation, each still "
                         "into its own run directory (docs/comparing.md)")
-    parser.add_argument("--dry-run", action="store_true", help="list the runs and their state; run "
-                        "nothing")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and their state (on "
+                        "stdout, even with --quiet); run nothing")
     _add_progress_arguments(parser, "runs")
 
 
@@ -323,8 +327,8 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--to", required=True, choices=TRACKING_BACKENDS,
                         help="tracking backend: tensorboard (event files in each run directory), "
                              "mlflow or wandb")
-    parser.add_argument("--mlflow-uri", metavar="URI", help="MLflow tracking URI (default: a "
-                        "file store in the directory holding the runs, <dir>/mlruns)")
+    parser.add_argument("--mlflow-uri", metavar="URI", help="MLflow tracking URI (default: "
+                        "sqlite:///<dir>/mlflow.db in the directory holding the runs)")
     parser.add_argument("--project", metavar="NAME", help="MLflow experiment / W&B project "
                         "(default: the run's tracking.project, else the sweep's name, else "
                         "fedmaml)")

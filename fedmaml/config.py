@@ -349,8 +349,9 @@ class TrackingConfig:
                                        choices=TRACKING_BACKENDS)
     project: str = _field("", "MLflow experiment and W&B project; empty = the sweep's directory name "
                               "for a run of a sweep, else 'fedmaml'.")
-    mlflow_uri: str = _field("", "MLflow tracking URI; empty = a file store in <output_dir>/mlruns, "
-                                 "shared by the runs of one output directory or sweep.")
+    mlflow_uri: str = _field("", "MLflow tracking URI; empty = sqlite:///<output_dir>/mlflow.db "
+                                 "(files in <output_dir>/mlartifacts), shared by the runs of one "
+                                 "output directory or sweep.")
     wandb_mode: str = _field("offline", "W&B mode: offline writes the run under the run directory "
                                         "(upload later with `wandb sync`); online needs `wandb "
                                         "login`.", choices=("offline", "online"))
@@ -684,10 +685,11 @@ def _check_value(spec: FieldSpec, value: Any, problems: list[str]) -> Any:
             return None
         value = float(value)
     elif spec.is_list and spec.item_type is str:
-        return _check_str_list(spec, value, problems)
+        return _check_str_list(spec, _as_list(value), problems)
     elif spec.is_list:
+        value = _as_list(value)
         if not isinstance(value, (list, tuple)):
-            problems.append(f"{where}: expected a list of integers such as [40, 40], "
+            problems.append(f"{where}: expected a list of integers such as 40,40 or [40, 40], "
                             f"got {_show(value)}")
             return None
         ok = True
@@ -709,9 +711,10 @@ def _check_value(spec: FieldSpec, value: Any, problems: list[str]) -> Any:
 
 def _check_str_list(spec: FieldSpec, value: Any, problems: list[str]) -> Any:
     """A list of distinct strings, each among the field's choices (when it has some)."""
-    where, example = spec.path, ", ".join((spec.choices or ("a", "b"))[:2])
+    where, example = spec.path, (spec.choices or ("a", "b"))[:2]
     if not isinstance(value, (list, tuple)):
-        problems.append(f"{where}: expected a list such as [{example}], got {_show(value)}")
+        problems.append(f"{where}: expected a list such as {','.join(example)} or "
+                        f"[{', '.join(example)}], got {_show(value)}")
         return None
     ok = True
     for i, item in enumerate(value):
@@ -726,6 +729,18 @@ def _check_str_list(spec: FieldSpec, value: Any, problems: list[str]) -> Any:
             problems.append(f"{where}[{i}]: {item!r} appears twice")
             ok = False
     return tuple(value) if ok else None
+
+
+def _as_list(value: Any) -> Any:
+    """One list syntax everywhere: a list key takes ``[a, b]`` (YAML), the text ``a,b`` (the
+    command line, Flower's run config, whose values are scalars) or ``[a,b]`` as text, and a single
+    item ``a`` as ``[a]``. Other values (true, 0.5, a mapping) are left for the type check to
+    refuse."""
+    if isinstance(value, str):
+        return _parse_int_list(value)
+    if _is_int(value) and not isinstance(value, bool):
+        return [value]
+    return value
 
 
 def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
@@ -874,8 +889,8 @@ def config_from_flat(flat: Mapping[str, Any], *, source: str = "run config") -> 
 
 
 def _parse_int_list(text: str) -> Any:
-    """"40,40" or "[40, 40]" -> [40, 40]; "a,b" -> ["a", "b"]; items that are not integers stay
-    strings, for the type check of the key."""
+    """"40,40" or "[40, 40]" -> [40, 40]; "a,b" -> ["a", "b"]; "" -> []; items that are not
+    integers stay strings, for the type check of the key."""
     text = text.strip().removeprefix("[").removesuffix("]").strip()
     if not text:
         return []

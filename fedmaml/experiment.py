@@ -124,6 +124,8 @@ def run_one(cfg: Any, run_dir: Path, quiet: bool, resume: bool = False) -> None:
     elif engine == "ray":
         from fedmaml.engines.ray_engine import run_ray
 
+        if not quiet:  # 5-10 s before the first round's line
+            print("starting Ray...", file=sys.stderr, flush=True)
         run_ray(server_app, client_app, num_nodes, cfg.engine)
     elif engine == "vectorized":
         from fedmaml.engines.vectorized import run_vectorized

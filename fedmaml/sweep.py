@@ -420,7 +420,9 @@ def _worker_init(parent_pid: int) -> None:
 class _Lock:
     """An exclusive lock on the sweep directory (``filelock``: an OS lock on every platform, released
     if this process dies). The holder's pid sits in a file beside it for the error message (the
-    lock file itself may be truncated by a process trying to take it)."""
+    lock file itself may be truncated by a process trying to take it); it goes when the sweep ends
+    (normally, with an error, or with Ctrl-C). The lock file stays: deleting it could let two
+    sweeps lock two different files of the same name."""
 
     def __init__(self, sweep_dir: Path) -> None:
         from filelock import FileLock
@@ -446,7 +448,10 @@ class _Lock:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.lock.release()
+        try:
+            self.pid_file.unlink(missing_ok=True)  # while still holding the lock
+        finally:
+            self.lock.release()
 
 
 def write_manifest(sweep_dir: Path, base: Config, spec: SweepSpec) -> None:
@@ -619,7 +624,7 @@ def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None
     ``vectorize``: runs of equal shapes train together as batches (:func:`plan_batches`)."""
     from fedmaml.results.progress import Progress
 
-    out = stream or sys.stderr
+    out = stream or (sys.stdout if dry_run else sys.stderr)  # a listing is output, not progress
     sweep_dir = Path(sweep_dir) if sweep_dir is not None else default_sweep_dir(base)
     if (sweep_dir / CONFIG_FILE).exists():
         raise FedmamlError(f"{sweep_dir}: is a run directory, not a sweep directory; give "
@@ -636,7 +641,7 @@ def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None
             result.not_completed[r.name] = bad
 
     def say(text: str) -> None:
-        if not quiet:
+        if dry_run or not quiet:
             print(text, file=out, flush=True)
 
     say(f"sweep {sweep_dir}: {len(runs)} runs ({len(runs) // len(spec.seeds)} settings x "
@@ -654,9 +659,10 @@ def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None
     sweep_dir.mkdir(parents=True, exist_ok=True)
     with _Lock(sweep_dir):
         write_manifest(sweep_dir, base, spec)
-        progress = Progress(len(todo), label="run", quiet=quiet, stream=out)
+        progress = Progress(len(todo), label="run", quiet=quiet, stream=out, warmup_updates=jobs)
 
-        def record(run: PlannedRun, outcome: tuple[float, str | None]) -> None:
+        def record(run: PlannedRun, outcome: tuple[float, str | None]) -> str:
+            """Note how ``run`` ended; return its progress text."""
             seconds, error = outcome
             if error is None:
                 result.ran.append(run.name)
@@ -665,11 +671,9 @@ def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None
                     result.not_completed[run.name] = bad
             else:
                 result.failed[run.name] = error
-            done = len(result.ran) + len(result.failed)
             status = (f"failed: {error}" if error else
                       f"{result.not_completed.get(run.name, 'done')} in {seconds:.1f}s")
-            failed = f" | {len(result.failed)} failed" if result.failed else ""
-            progress.update(done, f"{run.name} {status}{failed}")
+            return f"{run.name} {status}"
 
         batches: list[list[PlannedRun]] = []
         if vectorize:
@@ -680,14 +684,21 @@ def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None
             for reason in sorted(set(why.values())):
                 names = [n for n, r in why.items() if r == reason]
                 say(f"  one by one ({reason}): {len(names)} run(s), e.g. {names[0]}")
-        jobs_of = [(execute_batch, ([r.config for r in b], [sweep_dir / r.name for r in b], quiet),
-                    b) for b in batches]
+        # A batch shows its rounds when it runs here; batches of parallel workers would draw their
+        # lines over each other and over the sweep's, which goes on ticking for them.
+        quiet_batches = quiet or (jobs > 1 and len(batches) + len(todo) > 1)
+        jobs_of = [(execute_batch, ([r.config for r in b], [sweep_dir / r.name for r in b],
+                                    quiet_batches), b) for b in batches]
         jobs_of += [(execute_run, (r.config, sweep_dir / r.name), [r]) for r in todo]
 
         def record_all(members: list[PlannedRun], outcome: Any) -> None:
             outcomes = outcome if isinstance(outcome, list) else [outcome] * len(members)
-            for run, o in zip(members, outcomes):
-                record(run, o)
+            texts = [record(run, o) for run, o in zip(members, outcomes)]
+            # one update for a batch: its runs end together, and an update per run would read as
+            # runs measured 0 s apart (the ETA is the time per run between updates)
+            info = texts[0] if len(texts) == 1 else f"{len(texts)} runs of a batch: {texts[-1]}"
+            failed = f" | {len(result.failed)} failed" if result.failed else ""
+            progress.update(len(result.ran) + len(result.failed), info + failed)
 
         try:
             with _sigterm_as_interrupt():
@@ -700,6 +711,8 @@ def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None
             say(f"\ninterrupted: {len(result.ran)} of {len(runs) - len(result.skipped)} runs "
                 "finished in this invocation; run the same command again to resume")
             raise
+        finally:
+            progress.close()
     for name, error in result.failed.items():
         say(f"failed: {name}: {error} (see {sweep_dir / name / ERROR_FILE})")
     return result

@@ -65,6 +65,7 @@ from fedmaml.federated.participation import sample_clients  # noqa: F401 - its f
 from fedmaml.federated.pattern_selection import PatternSelector
 from fedmaml.federated.privacy import UpdatePrivacy
 from fedmaml.federated.setup import ExperimentSetup
+from fedmaml.results.progress import status
 
 log = logging.getLogger("fedmaml")
 
@@ -654,6 +655,7 @@ class MetaStrategy(Strategy):
                     lambda ms: exchange(grid, ms, timeout, self.poll_interval), self.nodes)
             eval_messages = list(self.configure_evaluate(server_round, arrays, evaluate_config, grid))
             if eval_messages:
+                status(f"evaluating on {len(eval_messages)} clients")  # can outlast many rounds
                 eval_metrics = self.aggregate_evaluate(
                     server_round, exchange(grid, eval_messages, timeout, self.poll_interval))
                 if eval_metrics is not None:

@@ -333,11 +333,26 @@ def _some_dirs(runs: Sequence[Run], limit: int = 3) -> str:
 # Curves and numbers
 # --------------------------------------------------------------------------------------------------
 
-def _x_value(row: dict[str, Any], x: str) -> float:
+def batch_size(run: Run) -> int:
+    """How many runs trained together with this one in a vectorized batch (1: it ran alone). Their
+    ``seconds`` are the batch's wall time, shared by all of them (summary.json's ``batch``)."""
+    batch = run.summary.get("batch")
+    return max(1, int(batch.get("runs", 1))) if isinstance(batch, dict) else 1
+
+
+def run_seconds(run: Run) -> float:
+    """A run's wall time; for a run of a vectorized batch, its share: the batch's wall time divided
+    by the batch's runs (the batch's time itself would read as each run's, N times over)."""
+    return float(run.summary.get("seconds") or math.nan) / batch_size(run)
+
+
+def _x_value(row: dict[str, Any], x: str, share: int = 1) -> float:
     if x == "rounds":
         return float(row["round"])
     if x == "bytes":
         return float(row.get("bytes_up", 0) + row.get("bytes_down", 0))
+    if x == "seconds":
+        return float(row.get(x, 0)) / share
     return float(row.get(x, 0))
 
 
@@ -367,7 +382,8 @@ def setting_curve(setting: Setting, metric: Metric, x: str, band: str = "std") -
     or min-max over seeds). With ``x`` other than rounds, a point's x is the seed-mean at that round."""
     points = [run_points(r, metric) for r in setting.runs]
     rounds = sorted(set.intersection(*(set(p) for p in points)))
-    xs = np.array([[_x_value(p[rd][0], x) for rd in rounds] for p in points])
+    xs = np.array([[_x_value(p[rd][0], x, batch_size(r)) for rd in rounds]
+                   for r, p in zip(setting.runs, points)])
     ys = np.array([[p[rd][1] for rd in rounds] for p in points])
     n = len(points)
     with warnings.catch_warnings():
@@ -411,9 +427,10 @@ class SettingStats:
     # target, and the seed-mean samples processed by then; NaN when it never does.
     rounds_to_target: float
     samples_to_target: float
-    seconds: Stat
+    seconds: Stat  # per run; a batched run's share of its batch (run_seconds)
     bytes: Stat
     samples: Stat
+    batched: int = 0  # runs that trained in a vectorized batch
 
 
 def reaches(value: float, target: float, metric: Metric) -> bool:
@@ -444,7 +461,7 @@ def setting_stats(setting: Setting, metric: Metric, target: float) -> SettingSta
         final.append(values[-1] if values else math.nan)
         finite = [v for v in values if not math.isnan(v)]
         best.append((max(finite) if metric.higher_is_better else min(finite)) if finite else math.nan)
-        secs.append(float(run.summary.get("seconds") or math.nan))
+        secs.append(run_seconds(run))
         last = run.rows[-1] if run.rows else {}
         nbytes.append(float(last.get("bytes_up", 0) + last.get("bytes_down", 0)))
         nsamples.append(float(last.get("samples", 0)))
@@ -456,7 +473,8 @@ def setting_stats(setting: Setting, metric: Metric, target: float) -> SettingSta
         runs=len(setting.runs), final=Stat(final), best=Stat(best),
         rounds_to_target=math.nan if hit is None else float(by_round.x[hit]),
         samples_to_target=math.nan if hit is None else float(by_samples.x[hit]),
-        seconds=Stat(secs), bytes=Stat(nbytes), samples=Stat(nsamples))
+        seconds=Stat(secs), bytes=Stat(nbytes), samples=Stat(nsamples),
+        batched=sum(batch_size(r) > 1 for r in setting.runs))
 
 
 def final_client_values(setting: Setting, metric: Metric) -> list[float]:
@@ -523,6 +541,12 @@ def build_comparison(paths: Sequence[str | Path], metric: str | None = None,
     default = target is None
     tgt = default_target(settings, m) if default else float(target)
     stats = [setting_stats(s, m, tgt) for s in settings]
+    batched = sum(st.batched for st in stats)
+    if batched:
+        notes.append(f"wall time of the {batched} run(s) that trained in vectorized batches "
+                     "(`fedmaml sweep --vectorize`, marked *) is the batch's wall time divided by "
+                     "its runs; a batch also carries its own start (the first of a process the "
+                     "imports and warm-up), so compare it between runs that ran the same way")
     return Comparison(settings=settings, metric=m, task_metric=runs[0].summary.get("metric", "loss"),
                       target=tgt, target_is_default=default, stats=stats, unfinished=unfinished,
                       notes=notes)

@@ -52,7 +52,8 @@ def markdown_table(c: Comparison) -> str:
             rounds, samples = f"{st.rounds_to_target:,.0f}", f"{st.samples_to_target:,.0f}"
         runs = f"{st.runs}" + (f" (+{setting.incomplete_text()})" if setting.incomplete else "")
         rows.append(f"| {setting.label} | {runs} | {fmt_stat(st.final)} | {fmt_stat(st.best)} | "
-                    f"{rounds} | {samples} | {fmt_stat(st.seconds, 3)} | {fmt_bytes(st.bytes.mean)} |")
+                    f"{rounds} | {samples} | {fmt_stat(st.seconds, 3)}{' *' if st.batched else ''} | "
+                    f"{fmt_bytes(st.bytes.mean)} |")
     return head + "\n".join(rows) + "\n"
 
 
@@ -90,8 +91,9 @@ def write_report(c: Comparison, out: Path, figures: Sequence[Path], xs: Sequence
         "(`federated.eval_every`); samples to target are the training samples processed by then.",
         "- **Final** is each run's last evaluation; **best** its best evaluation, round 0 "
         "(before training) included.",
-        "- **Wall time** is a run's total time (`summary.json`); **communicated** the bytes of all "
-        "training messages, server to clients and back (mean over seeds).",
+        "- **Wall time** is a run's total time (`summary.json`); for runs trained together in a "
+        "vectorized batch (marked *) the batch's time divided by its runs. **Communicated**: the "
+        "bytes of all training messages, server to clients and back (mean over seeds).",
         ""]
 
     lines += ["## Figures", ""]
