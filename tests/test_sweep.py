@@ -4,6 +4,7 @@ skipping finished runs, resuming after a crash and after a real kill, parallel w
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -315,8 +316,11 @@ def test_sweep_lock_is_held_across_processes_and_names_the_holder(tmp_path):
                               text=True, env=env, check=True).stdout.strip()
 
     with _Lock(sweep_dir):
-        assert other() == (f"{sweep_dir}: another fedmaml sweep is running in this directory "
-                           f"(pid {os.getpid()}); wait for it or use another --sweep-dir")
+        message = other()
+        assert message.startswith(f"{sweep_dir}: another fedmaml sweep is running in this "
+                                  f"directory (pid {os.getpid()} on host {socket.gethostname()} "
+                                  "since ")
+        assert message.endswith("); wait for it or use another --sweep-dir")
     assert other() == "acquired"
 
 
