@@ -47,19 +47,20 @@ class DirectoryLock:
     """An exclusive lock on a directory while a process works in it (``filelock``: an OS lock, which
     the kernel releases when the process dies, even by ``kill -9``). Who holds it (pid, host,
     command, since when) is written beside the lock file, because the lock file itself may be
-    truncated by a process trying to take it. Re-entrant in the holding thread (the same lock
-    object for the same path), so a sweep can lock a run directory and then run the run, which
-    locks it again; another thread or process fails at once with a FedmamlError naming the holder.
+    truncated by a process trying to take it. Another process (or thread) fails at once with a
+    FedmamlError naming the holder. ``reentrant``: the holding thread may take it again (one lock
+    object per path), so a sweep can lock a run directory and then run the run, which locks it too.
     """
 
-    def __init__(self, directory: str | Path, lock_name: str, what: str, hint: str) -> None:
+    def __init__(self, directory: str | Path, lock_name: str, what: str, hint: str,
+                 reentrant: bool = False) -> None:
         from filelock import FileLock
 
         self.dir = Path(directory)
         self.path = self.dir / lock_name
         self.holder_file = self.dir / (lock_name + HOLDER_SUFFIX)
         self.what, self.hint = what, hint
-        self.lock = FileLock(self.path, timeout=0, is_singleton=True)
+        self.lock = FileLock(self.path, timeout=0, is_singleton=reentrant)
 
     def __enter__(self) -> DirectoryLock:
         from filelock import Timeout
@@ -96,7 +97,8 @@ def run_lock(run_dir: str | Path) -> DirectoryLock:
     """The lock of a run directory: held by ``fedmaml run`` (and ``--resume``) and by a sweep for
     each run (or each run of a vectorized batch) while it trains."""
     return DirectoryLock(run_dir, RUN_LOCK, "fedmaml run",
-                         "wait for it to end, or stop it (Ctrl-C or `kill PID` checkpoints it)")
+                         "wait for it to end, or stop it (Ctrl-C or `kill PID` checkpoints it)",
+                         reentrant=True)
 
 
 def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
