@@ -75,7 +75,7 @@ class DirectoryLock:
             since = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
             atomic_write_text(self.holder_file, json.dumps({
                 "pid": os.getpid(), "host": socket.gethostname(),
-                "command": shlex.join(sys.argv), "since": since}) + "\n")
+                "command": _command(), "since": since}) + "\n")
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -91,6 +91,15 @@ class DirectoryLock:
             return f"pid {h['pid']} on host {h['host']} since {h['since']}: {h['command']}"
         except (OSError, ValueError, KeyError, TypeError):
             return "pid ?"
+
+
+def _command() -> str:
+    """This process's command line as the user typed it (``python -m fedmaml`` shows up as the
+    path of fedmaml/__main__.py)."""
+    argv = list(sys.argv)
+    if argv and Path(argv[0]).name in ("__main__.py", "fedmaml"):
+        argv[0] = "fedmaml"
+    return shlex.join(argv)
 
 
 def run_lock(run_dir: str | Path) -> DirectoryLock:

@@ -47,7 +47,8 @@ from fedmaml.config import (SWEEP_SECTION, Config, check_value, config_to_flat, 
                             load_config, load_config_and_sweep, parse_override, replace_paths,
                             resolve_key, short_key)
 from fedmaml.errors import ConfigError, FedmamlError
-from fedmaml.run_dir import DirectoryLock, clear, config_differences, has_content, run_lock
+from fedmaml.run_dir import (DirectoryLock, clear, config_differences, has_content, load_checkpoint,
+                             run_lock)
 
 MANIFEST = "sweep.yaml"
 LOCK_FILE = ".sweep.lock"
@@ -505,7 +506,7 @@ def plan_batches(todo: list[PlannedRun], sweep_dir: Path, jobs: int
     when resuming; split when there are fewer batches than ``jobs`` processes), the runs that run
     one by one, and why each of those cannot join a batch."""
     from fedmaml.engines.run_batch import batch_key, batch_refusal
-    from fedmaml.federated.checkpoint import CHECKPOINT_FILE, load
+    from fedmaml.federated.checkpoint import CHECKPOINT_FILE
 
     groups: dict[tuple, list[PlannedRun]] = {}
     alone: list[PlannedRun] = []
@@ -514,7 +515,7 @@ def plan_batches(todo: list[PlannedRun], sweep_dir: Path, jobs: int
         reason = batch_refusal(run.config)
         at = None
         if reason is None and (sweep_dir / run.name / CHECKPOINT_FILE).exists():
-            saved = load(sweep_dir / run.name)
+            saved = load_checkpoint(sweep_dir / run.name)  # a corrupt one says how to start again
             at = saved["round"]
             clients = saved["memories"].get("clients", {})
             if any("file" in m for m in clients.values()):

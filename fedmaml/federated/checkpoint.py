@@ -288,7 +288,9 @@ def load(run_dir: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
-        raise DataError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from None
+        # its messages run to paragraphs about weights_only; the kind and the size say enough
+        raise DataError(f"checkpoint {path} is unreadable: truncated, or not written by fedmaml "
+                        f"({path.stat().st_size} bytes; torch: {type(e).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise DataError(f"{path} is not a fedmaml checkpoint (format {FORMAT})")
     return state
