@@ -54,7 +54,7 @@ def run_experiment(cfg: Any, quiet: bool = False, run_dir: str | Path | None = N
     names = [n.strip() for n in cfg.compare_with.split(",") if n.strip()]
     runs = [(cfg, run_dir)] + [(baseline_config(cfg, n), run_dir / "baselines" / n) for n in names]
     with rd.run_lock(run_dir), checkpoint.stop_on_signals():
-        todo = []
+        todo, changes = [], []
         for i, (c, d) in enumerate(runs):
             summary = read_summary(d)
             if resume and run_status(summary) not in (None, "interrupted"):
@@ -65,9 +65,11 @@ def run_experiment(cfg: Any, quiet: bool = False, run_dir: str | Path | None = N
                                        f"federated.rounds {c.federated.rounds}; start a new run")
                 continue  # ended before: its summary says how
             resumes = resume and checkpoint.path_of(d).exists()
-            if resumes:  # before any run starts: a refused change leaves every run as it was
-                rd.check_resume(d, c, top=run_dir)
+            if resumes:  # every run is checked before any change is recorded or run starts
+                changes.append(rd.check_resume(d, c, top=run_dir))
             todo.append((i, c, d, resumes))
+        for record in filter(None, changes):
+            record()
         for i, c, d, resumes in todo:
             if i and not quiet:
                 print(f"baseline {c.algorithm.name}:", file=sys.stderr)

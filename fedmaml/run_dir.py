@@ -111,6 +111,7 @@ def run_lock(run_dir: str | Path) -> DirectoryLock:
 
 
 def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
+    """fedmaml/results/recorder.py's read_summary, without importing torch (see above)."""
     path = Path(run_dir) / SUMMARY_FILE
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
@@ -262,20 +263,22 @@ def saved_config(saved: dict[str, Any], where: str | Path) -> Config | None:
     return config_from_flat(flat, source=f"the config kept in the checkpoint of {where}")
 
 
-def check_resume(run_dir: str | Path, cfg: Config, top: str | Path | None = None) -> None:
+def check_resume(run_dir: str | Path, cfg: Config,
+                 top: str | Path | None = None) -> Callable[[], None] | None:
     """Refuse to resume ``run_dir``'s checkpoint with ``cfg`` unless every key that differs from the
-    checkpoint's config may change (:data:`CHANGEABLE_ON_RESUME`) to the value given; an accepted
-    change is recorded (checkpoint, ``config.yaml``, later ``config_changes`` in summary.json)."""
+    checkpoint's config may change (:data:`CHANGEABLE_ON_RESUME`) to the value given. Returns what
+    records an accepted change (checkpoint, ``config.yaml``, later ``config_changes`` in
+    summary.json), to call once every run of the directory passed its check; None: no change."""
     run_dir = Path(run_dir)
     saved = load_checkpoint(run_dir, top)
     old = saved_config(saved, run_dir)
     if old is None:  # an older checkpoint: nothing to compare with
-        return
+        return None
     # every key but where the directory was made (tracking too: its backends would hold half a run)
     fa, fb = config_to_flat(old), config_to_flat(cfg)
     diff = [(k, fa[k], fb[k]) for k in fa if k != "output_dir" and fa[k] != fb[k]]
     if not diff:
-        return
+        return None
     fixed = [(k, a, b) for k, a, b in diff if k not in CHANGEABLE_ON_RESUME]
     if fixed:
         shown = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in fixed)
@@ -290,7 +293,7 @@ def check_resume(run_dir: str | Path, cfg: Config, top: str | Path | None = None
         why = check(saved, old, cfg) if check is not None else None
         if why is not None:
             raise FedmamlError(f"{run_dir}: cannot resume with {why}")
-    record_change(run_dir, saved, cfg, diff)
+    return lambda: record_change(run_dir, saved, cfg, diff)
 
 
 def record_change(run_dir: Path, saved: dict[str, Any], cfg: Config,

@@ -30,20 +30,19 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 import yaml
 
-from fedmaml.config import (SWEEP_SECTION, Config, check_value, config_to_flat, dump_yaml,
+from fedmaml.config import (SWEEP_SECTION, Config, check_value, dump_yaml,
                             load_config, load_config_and_sweep, parse_override, replace_paths,
                             resolve_key, short_key)
 from fedmaml.errors import ConfigError, FedmamlError
@@ -475,12 +474,14 @@ def execute_batch(configs: list[Config], run_dirs: list[Path], quiet: bool = Tru
             resume = all((d / CHECKPOINT_FILE).exists() for d in run_dirs)
             if resume and len({load(d)["round"] for d in run_dirs}) > 1:
                 resume = False  # killed while writing the batch's checkpoints: start it again
-            for d, c in zip(run_dirs, configs):
+            # every run is checked before any change is recorded
+            changes = [check_resume(d, c) for d, c in zip(run_dirs, configs)] if resume else []
+            for record in filter(None, changes):
+                record()
+            for d in run_dirs:
                 if not resume:
                     clear(d)
                 (d / ERROR_FILE).unlink(missing_ok=True)
-                if resume:
-                    check_resume(d, c)
             with stop_on_signals():  # SIGINT/SIGTERM: every run checkpoints after its round
                 summaries = run_batch(configs, run_dirs, quiet=quiet, resume=resume)
         except Exception as e:  # noqa: BLE001 - reported per run, the sweep goes on

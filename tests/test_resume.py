@@ -254,7 +254,7 @@ def test_a_batch_locks_each_of_its_run_directories(tiny_config, tmp_path):
 # -- a corrupt checkpoint --------------------------------------------------------------------------
 
 def test_a_corrupt_checkpoint_says_how_to_start_again_and_restart_does(tiny_config, tmp_path,
-                                                                       stop_after, capsys):  # noqa: F811
+        stop_after, capsys):  # noqa: F811
     run_dir, cfg = interrupted(tiny_config, tmp_path, stop_after)
     checkpoint.path_of(run_dir).write_bytes(b"not a checkpoint")
     hint = f"`fedmaml run --restart {run_dir}` (moves {run_dir} aside to cut.old-N beside it"
@@ -282,3 +282,27 @@ def test_a_corrupt_checkpoint_says_how_to_start_again_and_restart_does(tiny_conf
     # a second restart takes the next free name
     assert main(["run", "--restart", str(moved), "--quiet"]) == 0
     assert (tmp_path / "runs" / "tiny.old-2" / "summary.json").exists()
+
+
+def test_a_directory_whose_run_ended_cannot_be_extended_and_the_refusal_changes_nothing(
+        tiny_config, tmp_path,
+        stop_after, capsys):  # noqa: F811
+    # the run completes its 4 rounds, then its fedavg baseline is stopped: the directory cannot be
+    # extended (the run that ended would keep 4 rounds), and the refusal changes nothing
+    cfg = tiny_config(*BASE, "federated.rounds=4", "compare_with=fedavg")
+    stop_after(7)  # a stop request at the 8th end of a round: round 2 of the baseline
+    run_dir = run_experiment(cfg, quiet=True, run_dir=tmp_path / "cut")
+    stop_after(10 ** 6)
+    baseline = run_dir / "baselines" / "fedavg"
+    assert read_summary(run_dir)["status"] == "completed"
+    assert read_summary(baseline)["status"] == "interrupted"
+    saved = checkpoint.path_of(baseline).read_bytes()
+    assert main(["run", "--resume", str(run_dir), "federated.rounds=6", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert (f"{run_dir}: ended (completed) with federated.rounds 4; a run that ended cannot be "
+            "extended") in err, err
+    assert checkpoint.path_of(baseline).read_bytes() == saved
+    assert load_config(baseline / "config.yaml").federated.rounds == 4
+    # resumed as it was, the baseline finishes
+    assert main(["run", "--resume", str(run_dir), "--quiet"]) == 0
+    assert read_summary(baseline)["status"] == "completed"
