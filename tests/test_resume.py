@@ -253,8 +253,8 @@ def test_a_batch_locks_each_of_its_run_directories(tiny_config, tmp_path):
 
 # -- a corrupt checkpoint --------------------------------------------------------------------------
 
-def test_a_corrupt_checkpoint_says_how_to_start_again_and_restart_does(tiny_config, tmp_path,
-        stop_after, capsys):  # noqa: F811
+def test_a_corrupt_checkpoint_says_how_to_start_again_and_restart_does(
+        tiny_config, tmp_path, stop_after, capsys):  # noqa: F811
     run_dir, cfg = interrupted(tiny_config, tmp_path, stop_after)
     checkpoint.path_of(run_dir).write_bytes(b"not a checkpoint")
     hint = f"`fedmaml run --restart {run_dir}` (moves {run_dir} aside to cut.old-N beside it"
@@ -285,8 +285,7 @@ def test_a_corrupt_checkpoint_says_how_to_start_again_and_restart_does(tiny_conf
 
 
 def test_a_directory_whose_run_ended_cannot_be_extended_and_the_refusal_changes_nothing(
-        tiny_config, tmp_path,
-        stop_after, capsys):  # noqa: F811
+        tiny_config, tmp_path, stop_after, capsys):  # noqa: F811
     # the run completes its 4 rounds, then its fedavg baseline is stopped: the directory cannot be
     # extended (the run that ended would keep 4 rounds), and the refusal changes nothing
     cfg = tiny_config(*BASE, "federated.rounds=4", "compare_with=fedavg")
