@@ -305,3 +305,28 @@ def test_a_directory_whose_run_ended_cannot_be_extended_and_the_refusal_changes_
     # resumed as it was, the baseline finishes
     assert main(["run", "--resume", str(run_dir), "--quiet"]) == 0
     assert read_summary(baseline)["status"] == "completed"
+
+
+def test_a_sweep_does_not_resume_a_run_with_a_changed_base_config(tiny_config, tmp_path,
+                                                                 stop_after, monkeypatch):  # noqa: F811
+    # the run directories of a sweep are named after the grid values only: a base config edited
+    # between invocations finds the interrupted run, which must not continue with another eta
+    from fedmaml.config import replace_paths
+    from fedmaml.sweep import SweepSpec, run_sweep
+
+    base = tiny_config(*BASE, "federated.rounds=4")
+    spec = SweepSpec(grid={"algorithm.beta": (0.3,)}, seeds=(0,))
+    stop_after(2)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(base, spec, tmp_path / "sw", quiet=True)
+    stop_after(10 ** 6)
+    run = tmp_path / "sw" / "beta=0.3,seed=0"
+    before = checkpoint.path_of(run).read_bytes()
+    result = run_sweep(replace_paths(base, {"algorithm.eta": 0.05}), spec, tmp_path / "sw",
+                       quiet=True)
+    assert f"algorithm.eta: {base.algorithm.eta!r} in the checkpoint, 0.05 now" in \
+        result.failed["beta=0.3,seed=0"]
+    assert checkpoint.path_of(run).read_bytes() == before
+    # the sweep with its own config continues the run
+    result = run_sweep(base, spec, tmp_path / "sw", quiet=True)
+    assert result.ran == ["beta=0.3,seed=0"] and not result.failed
