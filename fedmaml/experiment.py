@@ -46,13 +46,16 @@ def run_experiment(cfg: Any, quiet: bool = False, run_dir: str | Path | None = N
     quiet_frameworks()
     if (resume or restart) and run_dir is None:
         raise FedmamlError("resume and restart need the run directory")
+    names = [n.strip() for n in cfg.compare_with.split(",") if n.strip()]
+    configs = [cfg] + [baseline_config(cfg, n) for n in names]
+    for c in configs:  # a config error is reported before anything is moved or locked
+        check_config(c)
     if restart and run_dir is not None and Path(run_dir).exists():
         aside = rd.move_aside(run_dir)
         if not quiet:
             print(f"moved {run_dir} aside to {aside}", file=sys.stderr)
     run_dir = Path(run_dir) if run_dir else rd.new_run_dir(cfg)
-    names = [n.strip() for n in cfg.compare_with.split(",") if n.strip()]
-    runs = [(cfg, run_dir)] + [(baseline_config(cfg, n), run_dir / "baselines" / n) for n in names]
+    runs = list(zip(configs, [run_dir] + [run_dir / "baselines" / n for n in names]))
     with rd.run_lock(run_dir), checkpoint.stop_on_signals():
         todo, changes = [], []
         for i, (c, d) in enumerate(runs):
@@ -93,10 +96,17 @@ def baseline_config(cfg: Any, algorithm: str) -> Any:
     return replace_paths(cfg, updates)
 
 
+def check_config(cfg: Any) -> None:
+    """Fail fast on bad data/model/pattern settings and on a tracking extra that is not installed,
+    before any engine starts."""
+    setup_for(cfg)
+    check_available(cfg.tracking.backends)
+
+
 def run_one(cfg: Any, run_dir: Path, quiet: bool, resume: bool = False) -> None:
     """One config on the engine it names; the same ClientApp/ServerApp on every engine."""
-    setup = setup_for(cfg)  # fail fast on bad data/model/pattern settings, before any engine starts
-    check_available(cfg.tracking.backends)  # and on a tracking extra that is not installed
+    check_config(cfg)
+    setup = setup_for(cfg)  # cached
     num_nodes = setup.federation.num_clients + setup.federation.num_unseen
     server_app = make_server_app(cfg, run_dir, quiet=quiet, resume=resume)
     client_app = make_client_app(cfg)
