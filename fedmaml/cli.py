@@ -101,7 +101,12 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", metavar="DIR", help="directory for run directories "
                         "(overrides output_dir)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its "
-                        "checkpoint, with the config saved in RUN_DIR (no CONFIG, no overrides)")
+                        "checkpoint, with the config it was made from; only federated.rounds "
+                        "(more than the checkpoint's round) and federated.checkpoint_every may be "
+                        "given as key=value (docs/robustness.md)")
+    parser.add_argument("--restart", metavar="RUN_DIR", help="start the run of RUN_DIR again from "
+                        "the beginning with its config.yaml, after moving RUN_DIR aside to "
+                        "RUN_DIR.old-N (nothing is deleted)")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -109,14 +114,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     _configure_progress(args)
     config, overrides = _split_config_and_overrides(args.config, args.overrides)
-    if args.resume is not None:
-        if config is not None or overrides or args.output_dir is not None:
-            raise FedmamlError("--resume RUN_DIR takes the config saved in RUN_DIR: give no "
-                               "CONFIG, overrides or --output-dir with it")
-        run_dir: Path | None = Path(args.resume)
+    given = args.resume if args.resume is not None else args.restart
+    if args.resume is not None and args.restart is not None:
+        raise FedmamlError("give --resume RUN_DIR (continue it) or --restart RUN_DIR (start it "
+                           "again), not both")
+    if given is not None:
+        option = "--resume" if args.resume is not None else "--restart"
+        if config is not None or args.output_dir is not None:
+            raise FedmamlError(f"{option} RUN_DIR takes the config saved in RUN_DIR: give no "
+                               "CONFIG or --output-dir with it")
+        run_dir: Path | None = Path(given)
         if not (run_dir / "config.yaml").is_file():
-            raise FedmamlError(f"--resume {run_dir}: not a run directory (no config.yaml)")
-        cfg = load_config(run_dir / "config.yaml")
+            raise FedmamlError(f"{option} {run_dir}: not a run directory (no config.yaml)")
+        if overrides:
+            _check_resume_overrides(option, overrides)
+        cfg = load_config(run_dir / "config.yaml", overrides)
     else:
         if config is None:
             raise FedmamlError("give a CONFIG file (or --resume RUN_DIR)")
@@ -127,12 +139,32 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from fedmaml.experiment import run_dirs_of, run_experiment, statuses  # lazy: torch and flwr
 
     if run_dir is not None:
-        run_experiment(cfg, quiet=args.quiet, run_dir=run_dir, resume=True)
+        run_experiment(cfg, quiet=args.quiet, run_dir=run_dir, resume=args.resume is not None,
+                       restart=args.restart is not None)
     else:
         run_dir = run_experiment(cfg, quiet=args.quiet)
     if args.quiet:  # still say where it went: repeated runs go to <name>-2, -3, ...
         print(run_dir, flush=True)
     return exit_code(statuses(run_dirs_of(run_dir, cfg)).values())
+
+
+def _check_resume_overrides(option: str, overrides: list[str]) -> None:
+    """On ``--resume``, overrides may only change what a resume may change (fedmaml/run_dir.py);
+    ``--restart`` reruns the directory's config as it is."""
+    from fedmaml.config import parse_override, resolve_key
+    from fedmaml.run_dir import CHANGEABLE_ON_RESUME
+
+    if option == "--restart":
+        raise FedmamlError(f"--restart RUN_DIR reruns the config saved in RUN_DIR: give no "
+                           f"overrides ({' '.join(overrides)}); to run another config, run it as "
+                           "a new run")
+    for text in overrides:
+        key, value = parse_override(text)
+        full = resolve_key(key, [value])
+        if full not in CHANGEABLE_ON_RESUME:
+            raise FedmamlError(f"--resume: {full} cannot change when a run resumes (it would "
+                               "alter the rounds already run); only "
+                               f"{', '.join(CHANGEABLE_ON_RESUME)} may")
 
 
 def exit_code(run_statuses: Iterable[str]) -> int:

@@ -30,26 +30,27 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 import yaml
 
-from fedmaml.config import (SWEEP_SECTION, Config, check_value, config_to_flat, dump_yaml,
+from fedmaml.config import (SWEEP_SECTION, Config, check_value, dump_yaml,
                             load_config, load_config_and_sweep, parse_override, replace_paths,
                             resolve_key, short_key)
 from fedmaml.errors import ConfigError, FedmamlError
+from fedmaml.run_dir import (DirectoryLock, clear, config_differences, has_content, load_checkpoint,
+                             run_lock)
 
 MANIFEST = "sweep.yaml"
-LOCK_FILE, PID_FILE = ".sweep.lock", ".sweep.pid"
+LOCK_FILE = ".sweep.lock"
 ERROR_FILE = "error.txt"  # written into a run directory whose run raised
 CONFIG_FILE, SUMMARY_FILE = "config.yaml", "summary.json"  # as fedmaml.results.recorder writes them
 # Keys a sweep sets itself: the run's identity and place, not part of its setting.
@@ -307,7 +308,7 @@ def baseline_dirs(run_dir: Path, cfg: Config) -> list[Path]:
 
 def run_state(run_dir: Path, cfg: Config) -> str:
     """``new``, ``finished`` or ``unfinished``; a finished run made with another config is an error."""
-    if not run_dir.exists() or not any(run_dir.iterdir()):
+    if not has_content(run_dir):
         return "new"
     if not (run_dir / CONFIG_FILE).exists() and not (run_dir / ERROR_FILE).exists():
         raise FedmamlError(f"{run_dir}: exists but is not a run directory of this sweep (no "
@@ -343,15 +344,6 @@ def not_completed(run_dir: Path, cfg: Config) -> str | None:
     return None
 
 
-def config_differences(a: Config, b: Config,
-                       ignore: Iterable[str] = ("output_dir",)) -> list[tuple[str, Any, Any]]:
-    """``(key, value in a, value in b)`` for every key that differs, in schema order, leaving out
-    ``ignore`` and the ``tracking`` keys (where a run is logged does not change its results)."""
-    fa, fb, skip = config_to_flat(a), config_to_flat(b), set(ignore)
-    return [(k, fa[k], fb[k]) for k in fa
-            if k not in skip and not k.startswith("tracking.") and fa[k] != fb[k]]
-
-
 # --------------------------------------------------------------------------------------------------
 # Running
 # --------------------------------------------------------------------------------------------------
@@ -369,19 +361,25 @@ def execute_run(cfg: Config, run_dir: str | Path) -> tuple[float, str | None]:
     from fedmaml.federated.checkpoint import CHECKPOINT_FILE
 
     run_dir = Path(run_dir)
-    resume = any(d.joinpath(CHECKPOINT_FILE).exists()
-                 for d in [run_dir, *baseline_dirs(run_dir, cfg)])
-    if run_dir.exists() and not resume:
-        shutil.rmtree(run_dir)  # an interrupted attempt: start clean, no stale files
-    (run_dir / ERROR_FILE).unlink(missing_ok=True)
     start = time.perf_counter()
     try:
-        run_experiment(cfg, quiet=True, run_dir=run_dir, resume=resume)
-    except Exception as e:  # noqa: BLE001 - reported per run, the sweep goes on
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / ERROR_FILE).write_text(traceback.format_exc(), encoding="utf-8")
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return time.perf_counter() - start, f"{type(e).__name__}: {first}"
+        lock = run_lock(run_dir).__enter__()  # held while the run trains: no second process in it
+    except FedmamlError as e:
+        return time.perf_counter() - start, f"FedmamlError: {e}"
+    try:
+        resume = any(d.joinpath(CHECKPOINT_FILE).exists()
+                     for d in [run_dir, *baseline_dirs(run_dir, cfg)])
+        if not resume:
+            clear(run_dir)  # an interrupted attempt: start clean, no stale files
+        (run_dir / ERROR_FILE).unlink(missing_ok=True)
+        try:
+            run_experiment(cfg, quiet=True, run_dir=run_dir, resume=resume)
+        except Exception as e:  # noqa: BLE001 - reported per run, the sweep goes on
+            (run_dir / ERROR_FILE).write_text(traceback.format_exc(), encoding="utf-8")
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            return time.perf_counter() - start, f"{type(e).__name__}: {first}"
+    finally:
+        lock.__exit__(None, None, None)
     summary = run_dir / SUMMARY_FILE
     if summary.exists() and json.loads(summary.read_text(encoding="utf-8")).get(
             "status") == "interrupted":
@@ -417,41 +415,11 @@ def _worker_init(parent_pid: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-class _Lock:
-    """An exclusive lock on the sweep directory (``filelock``: an OS lock on every platform, released
-    if this process dies). The holder's pid sits in a file beside it for the error message (the
-    lock file itself may be truncated by a process trying to take it); it goes when the sweep ends
-    (normally, with an error, or with Ctrl-C). The lock file stays: deleting it could let two
-    sweeps lock two different files of the same name."""
-
-    def __init__(self, sweep_dir: Path) -> None:
-        from filelock import FileLock
-
-        self.path = sweep_dir / LOCK_FILE
-        self.pid_file = sweep_dir / PID_FILE
-        self.lock = FileLock(self.path, timeout=0)
-
-    def __enter__(self) -> _Lock:
-        from filelock import Timeout
-
-        try:
-            self.lock.acquire()
-        except Timeout:
-            try:
-                pid = self.pid_file.read_text().strip() or "?"
-            except OSError:
-                pid = "?"
-            raise FedmamlError(f"{self.path.parent}: another fedmaml sweep is running in this "
-                               f"directory (pid {pid}); wait for it or use another "
-                               "--sweep-dir") from None
-        self.pid_file.write_text(str(os.getpid()))
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        try:
-            self.pid_file.unlink(missing_ok=True)  # while still holding the lock
-        finally:
-            self.lock.release()
+def _Lock(sweep_dir: Path) -> DirectoryLock:
+    """The exclusive lock on a sweep directory (fedmaml/run_dir.py: an OS lock that the kernel
+    releases when the process dies; the holder is named beside it)."""
+    return DirectoryLock(sweep_dir, LOCK_FILE, "fedmaml sweep",
+                         "wait for it or use another --sweep-dir")
 
 
 def write_manifest(sweep_dir: Path, base: Config, spec: SweepSpec) -> None:
@@ -491,36 +459,43 @@ def execute_batch(configs: list[Config], run_dirs: list[Path], quiet: bool = Tru
     fails every run of the batch that had not ended (``error.txt`` in each)."""
     from fedmaml.engines.run_batch import run_batch
     from fedmaml.experiment import quiet_frameworks
-    from fedmaml.federated.checkpoint import CHECKPOINT_FILE
-
-    from fedmaml.federated.checkpoint import stop_on_signals
-
-    from fedmaml.federated.checkpoint import load
+    from fedmaml.federated.checkpoint import CHECKPOINT_FILE, load, stop_on_signals
+    from fedmaml.run_dir import check_resume
 
     quiet_frameworks()
-    resume = all((d / CHECKPOINT_FILE).exists() for d in run_dirs)
-    if resume and len({load(d)["round"] for d in run_dirs}) > 1:
-        resume = False  # killed while writing the batch's checkpoints: start the batch again
-    for d in run_dirs:
-        if d.exists() and not resume:
-            shutil.rmtree(d)
-        (d / ERROR_FILE).unlink(missing_ok=True)
     start = time.perf_counter()
-    try:
-        with stop_on_signals():  # SIGINT/SIGTERM: every run checkpoints after its round
-            summaries = run_batch(configs, run_dirs, quiet=quiet, resume=resume)
-    except Exception as e:  # noqa: BLE001 - reported per run, the sweep goes on
-        text = traceback.format_exc()
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        outcomes: list[tuple[float, str | None]] = []
-        for d in run_dirs:
-            if finished_status(d) is not None:  # it ended before the batch failed
-                outcomes.append((time.perf_counter() - start, None))
-                continue
-            d.mkdir(parents=True, exist_ok=True)
-            (d / ERROR_FILE).write_text(text, encoding="utf-8")
-            outcomes.append((time.perf_counter() - start, f"{type(e).__name__}: {first}"))
-        return outcomes
+    with contextlib.ExitStack() as locks:
+        try:  # every run directory of the batch is locked while the batch trains
+            for d in run_dirs:
+                locks.enter_context(run_lock(d))
+        except FedmamlError as e:
+            return [(time.perf_counter() - start, f"FedmamlError: {e}")] * len(run_dirs)
+        try:
+            resume = all((d / CHECKPOINT_FILE).exists() for d in run_dirs)
+            if resume and len({load(d)["round"] for d in run_dirs}) > 1:
+                resume = False  # killed while writing the batch's checkpoints: start it again
+            # every run is checked before any change is recorded
+            changes = [check_resume(d, c) for d, c in zip(run_dirs, configs)] if resume else []
+            for record in filter(None, changes):
+                record()
+            for d in run_dirs:
+                if not resume:
+                    clear(d)
+                (d / ERROR_FILE).unlink(missing_ok=True)
+            with stop_on_signals():  # SIGINT/SIGTERM: every run checkpoints after its round
+                summaries = run_batch(configs, run_dirs, quiet=quiet, resume=resume)
+        except Exception as e:  # noqa: BLE001 - reported per run, the sweep goes on
+            text = traceback.format_exc()
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            outcomes: list[tuple[float, str | None]] = []
+            for d in run_dirs:
+                if finished_status(d) is not None:  # it ended before the batch failed
+                    outcomes.append((time.perf_counter() - start, None))
+                    continue
+                d.mkdir(parents=True, exist_ok=True)
+                (d / ERROR_FILE).write_text(text, encoding="utf-8")
+                outcomes.append((time.perf_counter() - start, f"{type(e).__name__}: {first}"))
+            return outcomes
     if any(s.get("status") == "interrupted" for s in summaries.values()):
         raise KeyboardInterrupt  # the runs checkpointed themselves; the sweep stops too
     return [(time.perf_counter() - start, None)] * len(run_dirs)
@@ -532,7 +507,7 @@ def plan_batches(todo: list[PlannedRun], sweep_dir: Path, jobs: int
     when resuming; split when there are fewer batches than ``jobs`` processes), the runs that run
     one by one, and why each of those cannot join a batch."""
     from fedmaml.engines.run_batch import batch_key, batch_refusal
-    from fedmaml.federated.checkpoint import CHECKPOINT_FILE, load
+    from fedmaml.federated.checkpoint import CHECKPOINT_FILE
 
     groups: dict[tuple, list[PlannedRun]] = {}
     alone: list[PlannedRun] = []
@@ -541,7 +516,7 @@ def plan_batches(todo: list[PlannedRun], sweep_dir: Path, jobs: int
         reason = batch_refusal(run.config)
         at = None
         if reason is None and (sweep_dir / run.name / CHECKPOINT_FILE).exists():
-            saved = load(sweep_dir / run.name)
+            saved = load_checkpoint(sweep_dir / run.name)  # a corrupt one says how to start again
             at = saved["round"]
             clients = saved["memories"].get("clients", {})
             if any("file" in m for m in clients.values()):

@@ -496,7 +496,7 @@ class RunBatch:
             "round": server_round, "seconds": self.states[i]["seconds"],
             "rng": checkpoint.rng_state(), "strategy": strategy.checkpoint_state(),
             "memories": {"bank": self._bank_state(i)}, "health": self.healths[i].state(),
-            "app": self.states[i], "metrics": self.recorders[i].text()})
+            "app": self.states[i], "metrics": self.recorders[i].text()}, self.cfgs[i])
 
     def _sync_strategy(self, i: int) -> None:
         """Run ``i``'s strategy holds the batch's state of it (for a checkpoint or the summary)."""

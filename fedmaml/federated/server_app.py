@@ -78,7 +78,7 @@ def run_federated(grid: Grid, cfg: Any, run_dir: str | Path, quiet: bool = False
         checkpoint.save(run_dir, {
             "round": server_round, "seconds": state["seconds"], "rng": checkpoint.rng_state(),
             "strategy": strategy.checkpoint_state(), "memories": memories,
-            "health": health.state(), "app": state, "metrics": recorder.text()})
+            "health": health.state(), "app": state, "metrics": recorder.text()}, cfg)
 
     eval_round: list[int | None] = [None]  # of state["last_eval"]; unknown after a resume
 
@@ -191,6 +191,8 @@ def run_summary(cfg: Any, strategy: MetaStrategy, health: RunHealth, state: dict
         summary["privacy"] = privacy
     if strategy.selector.record is not None:
         summary["pattern_selection"] = selection_summary(strategy.selector.record)
+    if state.get("config_changes"):  # what a resume changed, and when (fedmaml/run_dir.py)
+        summary["config_changes"] = state["config_changes"]
     return summary
 
 
