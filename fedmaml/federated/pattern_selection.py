@@ -37,6 +37,7 @@ from fedmaml.core.patterns import Pattern, resolve_pattern
 from fedmaml.errors import ConfigError, MessageError, PatternError
 from fedmaml.federated import records as R
 from fedmaml.federated.setup import ExperimentSetup, resolve_device
+from fedmaml.provenance import with_provenance
 from fedmaml.results.recorder import _clean
 
 log = logging.getLogger("fedmaml")
@@ -352,7 +353,7 @@ def write_selection(directory: str | Path, record: Mapping[str, Any], name: str 
     """Write a selection record as JSON (atomically; NaN/inf become null)."""
     path = Path(directory) / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(_clean(dict(record)), indent=2) + "\n")
+    atomic_write_text(path, json.dumps(_clean(with_provenance(dict(record))), indent=2) + "\n")
     return path
 
 
