@@ -92,6 +92,8 @@ def test_py_typed_and_every_example_config_are_in_the_package() -> None:
     assert {"quickstart", "sweeps/moml_miniature"} <= set(on_disk)
     data = PYPROJECT["tool"]["setuptools"]["package-data"]
     assert "py.typed" in data["fedmaml"]
+    # Written twice (flwr run reads a static project.version): provenance reports the package's.
+    assert PYPROJECT["project"]["version"] == __version__
 
 
 def test_config_names_resolve_from_any_directory(tmp_path, monkeypatch, capsys) -> None:
