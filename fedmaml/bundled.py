@@ -41,5 +41,5 @@ def resolve_config(text: str | Path) -> Path:
     if name in names:
         return CONFIG_DIR / f"{name}.yaml"
     listing = ", ".join(names) if names else "none (the package's configs directory is missing)"
-    raise ConfigError(f"config {str(text)!r}: no such file, and no bundled config of that name; "
-                      f"bundled configs: {listing}")
+    raise ConfigError(f"config file not found: {text} (nor a bundled config of that name; "
+                      f"bundled configs: {listing})")
