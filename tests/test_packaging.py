@@ -80,7 +80,7 @@ def test_every_imported_package_is_declared_and_optional_ones_are_lazy() -> None
             elif top_level and not names & core:
                 problems.append(f"{where}: imports the optional {module} at module level (an "
                                 "extra must be imported where it is used, with a clear error)")
-    assert not problems, "\n".join(problems)
+    assert not problems, "\n".join(dict.fromkeys(problems))
 
 
 def test_py_typed_and_every_example_config_are_in_the_package() -> None:
