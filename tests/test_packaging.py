@@ -176,6 +176,10 @@ def test_provenance_of_this_checkout_and_a_run_summary(tmp_path) -> None:
     recorder.finish({"status": "completed"}, {"w": torch.zeros(2)})
     summary = read_summary(tmp_path / "run")
     assert summary["status"] == "completed" and summary["provenance"] == record
+    from fedmaml.federated.pattern_selection import write_selection
+
+    selection = json.loads(write_selection(tmp_path / "sel", {"chosen": "0001"}).read_text())
+    assert selection == {"chosen": "0001", "provenance": record}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -37,7 +37,6 @@ from fedmaml.core.patterns import Pattern, resolve_pattern
 from fedmaml.errors import ConfigError, MessageError, PatternError
 from fedmaml.federated import records as R
 from fedmaml.federated.setup import ExperimentSetup, resolve_device
-from fedmaml.provenance import with_provenance
 from fedmaml.results.recorder import _clean
 
 log = logging.getLogger("fedmaml")
@@ -350,7 +349,10 @@ def _received(text: Any, setup: ExperimentSetup, key: str) -> Pattern:
 # --------------------------------------------------------------------------------------------------
 
 def write_selection(directory: str | Path, record: Mapping[str, Any], name: str = RUN_FILE) -> Path:
-    """Write a selection record as JSON (atomically; NaN/inf become null)."""
+    """Write a selection record as JSON (atomically; NaN/inf become null), with the version and
+    commit that made it (fedmaml/provenance.py)."""
+    from fedmaml.provenance import with_provenance
+
     path = Path(directory) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(_clean(with_provenance(dict(record))), indent=2) + "\n")
