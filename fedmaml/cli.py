@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedmaml import __version__
+from fedmaml.bundled import resolve_config
 from fedmaml.errors import FedmamlError
 
 EXIT_USER_ERROR = 2  # same code argparse uses for bad arguments
@@ -42,6 +43,11 @@ class Command:
 # --------------------------------------------------------------------------------------------------
 # Shared argument helpers
 # --------------------------------------------------------------------------------------------------
+
+# An existing path wins; else a config shipped with fedmaml (fedmaml/bundled.py).
+_CONFIG_HELP = ("YAML config file, or the name of a bundled example: quickstart, "
+                "sweeps/moml_miniature... (an unknown name lists them)")
+
 
 def _add_overrides(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value",
@@ -95,7 +101,7 @@ def _configure_progress(args: argparse.Namespace) -> None:
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", metavar="CONFIG", nargs="?", help="YAML config file")
+    parser.add_argument("config", metavar="CONFIG", nargs="?", help=_CONFIG_HELP)
     _add_overrides(parser)
     _add_progress_arguments(parser, "rounds")
     parser.add_argument("--output-dir", metavar="DIR", help="directory for run directories "
@@ -132,7 +138,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         if config is None:
             raise FedmamlError("give a CONFIG file (or --resume RUN_DIR)")
-        cfg = load_config(config, overrides)
+        cfg = load_config(resolve_config(config), overrides)
         if args.output_dir is not None:
             cfg = replace_path(cfg, "output_dir", args.output_dir)
         run_dir = None
@@ -181,7 +187,7 @@ def exit_code(run_statuses: Iterable[str]) -> int:
 
 def _add_show_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", metavar="CONFIG",
-                        help="YAML config file (default: the built-in defaults)")
+                        help=f"{_CONFIG_HELP} (default: the built-in defaults)")
     _add_overrides(parser)
 
 
@@ -189,7 +195,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
     from fedmaml.config import dump_yaml, load_config
 
     path, overrides = _split_config_and_overrides(args.config, args.overrides)
-    print(dump_yaml(load_config(path, overrides)), end="")
+    print(dump_yaml(load_config(None if path is None else resolve_config(path), overrides)), end="")
     return 0
 
 
@@ -250,7 +256,7 @@ def _cmd_select_pattern(args: argparse.Namespace) -> int:
     # nargs="+" also swallows key=value overrides written after --candidates; patterns never hold '='
     candidates = None if args.candidates is None else [c for c in args.candidates if "=" not in c]
     overrides = [*args.overrides, *(c for c in args.candidates or () if "=" in c)]
-    record, path = select_from_cli(args.target, overrides, epsilon=args.epsilon,
+    record, path = select_from_cli(resolve_config(args.target), overrides, epsilon=args.epsilon,
                                    candidates=candidates,
                                    family=False if args.only_candidates else None,
                                    checkpoint=args.checkpoint, out=args.out)
@@ -295,7 +301,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from fedmaml.sweep import load_sweep, run_sweep, sweep_summary
 
     _configure_progress(args)
-    base, spec = load_sweep(args.config, args.overrides, args.grid, args.seeds)
+    base, spec = load_sweep(resolve_config(args.config), args.overrides, args.grid, args.seeds)
     result = run_sweep(base, spec, args.sweep_dir, jobs=args.jobs, quiet=args.quiet,
                        skip_invalid=args.skip_invalid, dry_run=args.dry_run,
                        vectorize=args.vectorize)

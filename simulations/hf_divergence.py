@@ -26,6 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reproduce_moml_sinewave import run_all  # noqa: E402  (the reference protocol's runner)
+from fedmaml.provenance import with_provenance  # noqa: E402
 
 #: perturbation (and probe length) -> the reference script's method name
 VARIANTS = {"absolute, d = 0.001": "Per-FedAvg-HF",
@@ -76,8 +77,8 @@ def main() -> None:
     print(f"\nPer-FedAvg-HF after {a.steps} meta-steps:\n{text}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(text + "\n")
-    (out / "results.json").write_text(json.dumps({"args": vars(a), "rows": rows,
-                                                  "runs": results}, indent=1))
+    (out / "results.json").write_text(json.dumps(with_provenance({"args": vars(a), "rows": rows,
+                                                                  "runs": results}), indent=1))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,8 @@ from typing import Any
 
 import torch
 
+from fedmaml.provenance import with_provenance
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "sinewave_centralized.yaml"
 ETA_GRID = (0.1, 0.05, 0.01, 0.005, 0.001)
@@ -419,9 +421,9 @@ def run_protocol(a: argparse.Namespace, methods: list[Method], protocol: str, ou
     out.mkdir(parents=True, exist_ok=True)
     if tuning:  # written at once: the finals take as long again
         (out / "tuning.md").write_text(tuning_table(tuning) + "\n")
-        (out / "tuning.json").write_text(json.dumps(
+        (out / "tuning.json").write_text(json.dumps(with_provenance(
             {"chosen": {f"{n} K={k}": v for (n, k), v in chosen.items()}, "tuning": tuning,
-             "wall_seconds": time.perf_counter() - start}, indent=1))
+             "wall_seconds": time.perf_counter() - start}), indent=1))
     jobs = [(m.name, k, *chosen[(m.name, k)], s, a.steps, str(runs / "final"), a.curve_points,
              protocol)
             for k in a.ks for m in methods for s in a.seeds]
@@ -436,9 +438,9 @@ def run_protocol(a: argparse.Namespace, methods: list[Method], protocol: str, ou
     if tuning:
         (out / "tuning.md").write_text(tuning_table(tuning) + "\n")
     seconds = time.perf_counter() - start
-    (out / "results.json").write_text(json.dumps(
+    (out / "results.json").write_text(json.dumps(with_provenance(
         {"args": vars(a), "protocol": protocol, "public_values": public_values, "rows": rows,
-         "final": final, "tuning": tuning, "wall_seconds": seconds}, indent=1))
+         "final": final, "tuning": tuning, "wall_seconds": seconds}), indent=1))
     if figure:
         plot(final, methods, a.ks, Path(figure))
         print(f"figure: {figure}")

@@ -358,10 +358,13 @@ def _received(text: Any, setup: ExperimentSetup, key: str) -> Pattern:
 # --------------------------------------------------------------------------------------------------
 
 def write_selection(directory: str | Path, record: Mapping[str, Any], name: str = RUN_FILE) -> Path:
-    """Write a selection record as JSON (atomically; NaN/inf become null)."""
+    """Write a selection record as JSON (atomically; NaN/inf become null), with the version and
+    commit that made it (fedmaml/provenance.py)."""
+    from fedmaml.provenance import with_provenance
+
     path = Path(directory) / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(_clean(dict(record)), indent=2) + "\n")
+    atomic_write_text(path, json.dumps(_clean(with_provenance(dict(record))), indent=2) + "\n")
     return path
 
 
