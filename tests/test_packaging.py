@@ -229,7 +229,7 @@ def test_wheel_installs_into_a_fresh_environment_and_runs_the_quickstart(tmp_pat
         metadata = z.read(f"fedmaml-{__version__}.dist-info/METADATA").decode()
     assert "fedmaml/py.typed" in names
     assert {f"fedmaml/configs/{n}.yaml" for n in bundled_names()} <= names
-    for dist in ("rich", "cryptography", "tomli-w", "uvicorn", "pillow", "ray"):
+    for dist in ("cryptography", "tomli-w", "uvicorn", "pillow", "ray"):
         assert re.search(rf"^Requires-Dist: {dist}\b", metadata, re.M), dist
     assert "Project-URL: Repository, https://github.com/fedmaml/fedmaml" in metadata
 

@@ -79,8 +79,9 @@ def flatten(row: Mapping[str, Any], prefix: str = "") -> tuple[dict[str, float],
 
 
 def summary_scalars(summary: Mapping[str, Any]) -> dict[str, float]:
-    """The numbers of a summary.json as ``summary/<path>`` scalars (lists left out)."""
-    return flatten(summary, "summary/")[0]
+    """The numbers of a summary.json as ``summary/<path>`` scalars (lists left out; the
+    ``provenance`` block describes the code, not the run, and trackers never receive it)."""
+    return flatten({k: v for k, v in summary.items() if k != "provenance"}, "summary/")[0]
 
 
 def artifact_files(run_dir: Path) -> list[Path]:
