@@ -171,7 +171,7 @@ def test_only_the_operator_controls_the_federation(tmp_path, monkeypatch, capsys
                      there.address, "--port", str(fleet), "--control-port", str(control)),
             tmp_path / "superlink.log", env={**env, "FLWR_HOME": str(tmp_path / "home-link")},
             cwd=tmp_path))
-        processes.wait_until(lambda: processes.port_open("127.0.0.1", control), 60, "SuperLink")
+        processes.wait_until(lambda: processes.port_open("127.0.0.1", control), 180, "SuperLink")
 
         # The other host: the control port does not answer at all...
         probe = ("import socket,sys\ntry:\n socket.create_connection((sys.argv[1], int(sys.argv[2])),"
@@ -267,7 +267,7 @@ def test_a_node_that_trusts_only_signed_apps_refuses_an_unsigned_run(tmp_path):
             "deploy", "superlink", "--insecure", "--host", "127.0.0.1", "--port", str(fleet),
             "--control-port", str(control)), tmp_path / "superlink.log",
             env={**env, "FLWR_HOME": str(tmp_path / "home-link")}, cwd=tmp_path))
-        processes.wait_until(lambda: processes.port_open("127.0.0.1", control), 60, "SuperLink")
+        processes.wait_until(lambda: processes.port_open("127.0.0.1", control), 180, "SuperLink")
         procs.append(processes.start(_fedmaml(
             "deploy", "supernode", "--superlink", f"127.0.0.1:{fleet}", "--insecure",
             "--partition-id", "0", "--trusted-entities", str(tmp_path / "trusted.yaml"), "--port",

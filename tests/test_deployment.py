@@ -416,7 +416,7 @@ def test_secure_federation_survives_a_killed_node_and_a_straggler(tmp_path, monk
                                         "--control-port", str(control), "--database",
                                         str(tmp_path / "superlink.db")),
                   FLWR_HOME=str(tmp_path / "home-superlink"))
-        processes.wait_until(lambda: processes.port_open("127.0.0.1", control), 60, "the SuperLink")
+        processes.wait_until(lambda: processes.port_open("127.0.0.1", control), 180, "the SuperLink")
         assert main(["deploy", "connection", "fed", "--address", f"127.0.0.1:{control}", "--ca",
                      str(ca), "--home", str(cli_home)]) == 0
         registered = {i: int(flwr(["supernode", "register", str(keys / f"node-{i}.pub"), "fed"],
