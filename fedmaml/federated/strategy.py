@@ -64,6 +64,7 @@ from fedmaml.federated.participation import Participation, Staleness, client_sam
 from fedmaml.federated.participation import sample_clients  # noqa: F401 - its former home
 from fedmaml.federated.pattern_selection import PatternSelector
 from fedmaml.federated.privacy import UpdatePrivacy
+from fedmaml.federated.reply_pull import puller_for
 from fedmaml.federated.setup import ExperimentSetup
 from fedmaml.results.progress import status
 
@@ -139,21 +140,32 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float | None,
     cost the SuperLink a pull request every few milliseconds. Grids that deliver synchronously
     (``synchronous = True``: the in-process and vectorized engines) answer in one call. Replies
     that injected faults make late (``faults.arrived``) count as not arrived.
+
+    Against a SuperLink, replies are pulled with :class:`~fedmaml.federated.reply_pull.ReplyPuller`,
+    which never waits for a reply still being uploaded: Flower's ``pull_messages`` blocks on one
+    (until its upload session expires, 180 s) when its device died mid-upload, and the round lost
+    the replies of the others. Replies complete by the deadline count; the rest do not.
     """
     if getattr(grid, "synchronous", False):
         return faults.arrived(grid.send_and_receive(messages, timeout=timeout))
+    puller = puller_for(grid)
+    pull = grid.pull_messages if puller is None else puller.pull
     pending = {mid for mid in grid.push_messages(messages) if mid}
     start = time.monotonic()
     deadline = None if timeout is None else start + timeout
     replies: list[Message] = []
     while pending:
-        got = list(grid.pull_messages(list(pending)))
+        got = list(pull(list(pending)))
         replies += got
         pending -= {m.metadata.reply_to_message_id for m in got}
         now = time.monotonic()
         if not pending or (deadline is not None and now >= deadline):
             break
         time.sleep(min(MAX_POLL_SECONDS, max(poll_interval, (now - start) / 10)))
+    if puller is not None and puller.incomplete():
+        log.warning("%d repl%s still uploading at the round's deadline: not used (a device that "
+                    "stopped while sending)", len(puller.incomplete()),
+                    "y was" if len(puller.incomplete()) == 1 else "ies were")
     return faults.arrived(replies)
 
 
