@@ -16,7 +16,7 @@ from fedmaml.federated import checkpoint
 from fedmaml.federated.client_app import make_client_app
 from fedmaml.federated.health import run_status
 from fedmaml.federated.server_app import make_server_app
-from fedmaml.federated.setup import setup_for
+from fedmaml.federated.setup import check_device, setup_for
 from fedmaml.results.recorder import read_summary
 from fedmaml.tracking import check_available
 
@@ -112,6 +112,7 @@ def baseline_config(cfg: Any, algorithm: str) -> Any:
 def run_one(cfg: Any, run_dir: Path, quiet: bool, resume: bool = False) -> None:
     """One config on the engine it names; the same ClientApp/ServerApp on every engine."""
     setup = setup_for(cfg)  # fail fast on bad data/model/pattern settings, before any engine starts
+    check_device(cfg.engine)  # and on a device the clients cannot have, the same on every engine
     check_available(cfg.tracking.backends)  # and on a tracking extra that is not installed
     num_nodes = setup.federation.num_clients + setup.federation.num_unseen
     server_app = make_server_app(cfg, run_dir, quiet=quiet, resume=resume)

@@ -119,9 +119,21 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("engine.device: 'cuda' was asked for but torch sees no CUDA device here; "
-                          "use 'auto' or 'cpu'")
+        build = (f"torch {torch.__version__} is built without CUDA" if torch.version.cuda is None
+                 else f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no GPU")
+        raise ConfigError(f"engine.device: 'cuda' is not available on this machine ({build}); "
+                          "available here: cpu. Use 'cpu', or 'auto' (cuda where present)")
     return torch.device(name)
+
+
+def check_device(engine: Any) -> None:
+    """Refuse, before any engine starts, an ``engine.device`` its clients cannot have, with the
+    same error on every engine. Clients run on this machine, except on a Ray cluster named by
+    ``engine.ray_address``, whose machines may have a GPU this one lacks: there a client without
+    it fails its replies, and a run whose rounds all fail ends ``failed`` (health.py)."""
+    if engine.name == "ray" and engine.ray_address not in ("", "local"):
+        return
+    resolve_device(engine.device)
 
 
 def client_round_keys(seed: int, client_ids: list[int], server_round: int) -> np.ndarray:
