@@ -25,9 +25,10 @@ REPO = Path(__file__).resolve().parents[1]
 ENGINES = ["inprocess", "vectorized",
            pytest.param("ray", marks=[pytest.mark.ray, pytest.mark.slow])]
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-CUDA_REFUSED = ("error: engine.device: 'cuda' is not available on this machine (torch "
-                f"{torch.__version__} is built without CUDA); available here: cpu. Use 'cpu', or "
-                "'auto' (cuda where present)")
+NO_GPU = (f"torch {torch.__version__} is built without CUDA" if torch.version.cuda is None
+          else f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no GPU")
+CUDA_REFUSED = (f"error: engine.device: 'cuda' is not available on this machine ({NO_GPU}); "
+                "available here: cpu. Use 'cpu', or 'auto' (cuda where present)")
 
 
 def fedmaml(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -85,3 +86,16 @@ def test_a_vectorized_sweep_reports_cuda_without_a_gpu_as_every_engine_does(conf
     for run in ("eta=0.005,seed=0", "eta=0.01,seed=0"):
         assert f"failed: {run}: ConfigError: {message}" in done.stderr
         assert not (tmp_path / "sw" / run / "summary.json").exists()
+
+
+@NO_CUDA
+def test_ray_gpus_per_client_without_a_gpu_are_refused_up_front(config_file, tmp_path):
+    # Flower would start Ray, find room for no actor ("ActorPool is empty") and hang (measured)
+    done = fedmaml(tmp_path, "run", str(config_file), "engine.name=ray", "engine.num_gpus=0.5",
+                   f"output_dir={tmp_path / 'out'}")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: engine.num_gpus: 0.5 gives each client a share of a GPU, but there is none on this "
+        f"machine ({NO_GPU}); available here: 0 GPUs. Use "
+        "engine.num_gpus: 0, or engine.ray_address of a Ray cluster with GPUs")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "state").exists()
