@@ -174,7 +174,8 @@ class FederatedConfig:
     checkpoint_every: int = _field(0, "Write a checkpoint to resume from every this many rounds; "
                                       "0 = only when the run is stopped by SIGINT/SIGTERM.", min=0)
     max_failed_rounds: int = _field(3, "Consecutive rounds without a valid reply after which the "
-                                       "run stops with status failed.", min=1)
+                                       "run stops with status failed (a run without a valid reply "
+                                       "in any round fails too, however few its rounds).", min=1)
     round_timeout: float = _field(0.0, "Seconds to wait for replies per round; 0 = no limit.", min=0)
     poll_interval: float = _field(0.01, "Seconds between the server's polls for replies on Flower's "
                                         "grids (the Ray engine, a SuperLink), growing to a tenth of "

@@ -17,7 +17,7 @@ from fedmaml.federated import checkpoint
 from fedmaml.federated.client_app import make_client_app
 from fedmaml.federated.health import run_status
 from fedmaml.federated.server_app import make_server_app
-from fedmaml.federated.setup import setup_for
+from fedmaml.federated.setup import check_device, setup_for
 from fedmaml.results.recorder import read_summary
 from fedmaml.tracking import check_available
 
@@ -97,9 +97,10 @@ def baseline_config(cfg: Any, algorithm: str) -> Any:
 
 
 def check_config(cfg: Any) -> None:
-    """Fail fast on bad data/model/pattern settings and on a tracking extra that is not installed,
-    before any engine starts."""
+    """Fail fast on bad data/model/pattern settings, on a device the clients cannot have (the same
+    on every engine) and on a tracking extra that is not installed, before any engine starts."""
     setup_for(cfg)
+    check_device(cfg.engine)
     check_available(cfg.tracking.backends)
 
 

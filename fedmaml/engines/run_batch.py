@@ -99,7 +99,9 @@ def batch_refusal(cfg: Any) -> str | None:
         return "participation is not uniform (participation.model / participation.speed)"
     if cfg.pattern_selection.mode != "none":
         return "Lambda patterns are selected during the run (pattern_selection.mode)"
-    if resolve_device(cfg.engine.device).type != "cpu":
+    # "cuda" joins no batch even where it is missing: the run alone is then refused up front with
+    # the error every engine gives (federated.setup.check_device)
+    if cfg.engine.device == "cuda" or resolve_device(cfg.engine.device).type != "cpu":
         return "batches run on the CPU"
     return None
 

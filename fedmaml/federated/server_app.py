@@ -133,7 +133,8 @@ def run_health(cfg: Any) -> RunHealth:
     """The health rules of a run, with what to try when it diverges."""
     return RunHealth(cfg.federated.max_failed_rounds,
                      hint=f"a smaller algorithm.eta (now {cfg.algorithm.eta:g}) or "
-                          f"federated.server_lr (now {cfg.federated.server_lr:g})")
+                          f"federated.server_lr (now {cfg.federated.server_lr:g})",
+                     rounds=cfg.federated.rounds)
 
 
 def new_run_state() -> dict[str, Any]:
