@@ -1,4 +1,4 @@
-"""Meta-gradient estimators (ALGORITHMS.md §3).
+"""Meta-gradient estimators (docs/algorithms.md#meta-gradient-estimators).
 
 For a task with memory (or adapted parameters) ``u``, query batch ``Q`` and ``v = grad L(u; Q)``:
 

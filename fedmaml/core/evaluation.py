@@ -1,4 +1,5 @@
-"""Personalized evaluation of one task (ALGORITHMS.md §7): adapt from a start point, then measure."""
+"""Personalized evaluation of one task: adapt from a start point, then measure
+(docs/algorithms.md#evaluation)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""MOML's memory: each task's personalized model ``u_i`` and how it moves (ALGORITHMS.md §4).
+"""MOML's memory: each task's personalized model ``u_i`` and how it moves
+(docs/algorithms.md#moml-the-memory).
 
 * initialisation at first participation: ``u_i = A_i(w; S_0)``;
 * momentum update when sampled: ``u_i <- (1 - beta) u_i + beta A_i(w_t; S)``;

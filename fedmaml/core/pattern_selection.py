@@ -1,4 +1,5 @@
-"""Lambda-pattern selection (ALGORITHMS.md §2, Khabarlak's rule), as pure functions.
+"""Lambda-pattern selection (Khabarlak's rule), as pure functions
+(docs/algorithms.md#layer-groups-and-lambda-patterns, docs/lambda_patterns.md).
 
 Three jobs, each independent of where it runs (the CLI, the server, a Flower client):
 

@@ -1,4 +1,5 @@
-"""One task's meta-learning step as a pure function (ALGORITHMS.md §3-4).
+"""One task's meta-learning step as a pure function (docs/algorithms.md#moml-the-memory,
+docs/algorithms.md#meta-gradient-estimators).
 
 ``(w, u, S, Q) -> (u', G, metrics)``: update the memory ``u`` with the adaptation of ``w`` on the
 support batch, then compute the meta-gradient ``G`` at the new memory on the query batch.

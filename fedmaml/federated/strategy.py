@@ -1,4 +1,5 @@
-"""``MetaStrategy``: the server side of fedmaml as a Flower ``Strategy`` (ALGORITHMS.md §5).
+"""``MetaStrategy``: the server side of fedmaml as a Flower ``Strategy``
+(docs/algorithms.md#federated-localmoml).
 
 * **Sampling** by stable client id (partition id) with a seeded RNG, never by transport node ids:
   cross-device samples a fraction or count of clients per round (without replacement, O(k) work
@@ -13,9 +14,9 @@
   fixed panel of training clients (``eval_clients`` of them, drawn once from the seed) and every
   unseen client. The panel is the same at every evaluation so that "before" and "after" compare the
   same clients (a per-round sample would add client-to-client variance to the curve). Per-client
-  metrics are summarised as mean, std and p10/p50/p90 (ALGORITHMS.md §7); memory-based metrics cover
-  the panel clients that have a memory (have trained). A grid that takes cohorts (the vectorized
-  engine) gets one evaluate message for the whole panel and answers once (records.py).
+  metrics are summarised as mean, std and p10/p50/p90 (docs/algorithms.md#evaluation); memory-based
+  metrics cover the panel clients that have a memory (have trained). A grid that takes cohorts (the
+  vectorized engine) gets one evaluate message for the whole panel and answers once (records.py).
 * **Participation** (:mod:`~fedmaml.federated.participation`): the cohort is drawn among the
   clients available that round under ``participation.model``; the rounds since each sampled
   client's previous participation are counted as it is sampled.
