@@ -13,7 +13,7 @@ from fedmaml.core.adaptation import adapt
 from fedmaml.core.losses import LossFn
 from fedmaml.core.params import Params, norm, sub
 from fedmaml.core.patterns import Pattern
-from fedmaml.models.base import StagedModel
+from fedmaml.core.staged import StagedModel
 
 
 def tracking_error(model: StagedModel, loss_fn: LossFn, w: Params, u: Params, x: Tensor, y: Tensor,

@@ -9,7 +9,7 @@ from fedmaml.core.adaptation import adapt
 from fedmaml.core.losses import LossFn, accuracy
 from fedmaml.core.params import Params
 from fedmaml.core.patterns import Pattern
-from fedmaml.models.base import StagedModel
+from fedmaml.core.staged import StagedModel
 
 
 def personalized_metrics(model: StagedModel, loss_fn: LossFn, start: Params, adapt_x: Tensor,

@@ -19,7 +19,7 @@ from fedmaml.core.adaptation import adapt
 from fedmaml.core.losses import LossFn
 from fedmaml.core.params import Params, detach, lerp
 from fedmaml.core.patterns import Pattern
-from fedmaml.models.base import StagedModel
+from fedmaml.core.staged import StagedModel
 
 
 def init_memory(model: StagedModel, loss_fn: LossFn, w: Params, x: Tensor, y: Tensor,

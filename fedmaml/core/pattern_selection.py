@@ -40,7 +40,7 @@ from fedmaml.core.losses import LossFn
 from fedmaml.core.params import Params, detach
 from fedmaml.core.patterns import Pattern, resolve_pattern
 from fedmaml.errors import PatternError
-from fedmaml.models.base import StagedModel
+from fedmaml.core.staged import StagedModel
 
 #: Units of epsilon. ``auto`` (a config value) means accuracy points for classification and loss
 #: percent for regression.

@@ -20,7 +20,7 @@ from fedmaml.core.losses import LossFn
 from fedmaml.core.memory import momentum_update
 from fedmaml.core.params import Params, scale
 from fedmaml.core.patterns import Pattern
-from fedmaml.models.base import StagedModel
+from fedmaml.core.staged import StagedModel
 
 Batch = tuple[Tensor, Tensor]
 
