@@ -339,7 +339,7 @@ def _add_compare_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from fedmaml.results.compare import compare
+    from fedmaml.results.compare_outputs import compare
 
     result = compare(args.paths, out_dir=args.out, metric=args.metric, xs=args.x or ["rounds"],
                      log=args.log, target=args.target, band=args.band, dist=args.dist,
@@ -377,7 +377,7 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
 def _cmd_export(args: argparse.Namespace) -> int:
     from fedmaml.experiment import quiet_frameworks
     from fedmaml.tracking import check_available
-    from fedmaml.tracking.export import export_runs
+    from fedmaml.results.export import export_runs
 
     quiet_frameworks()
     check_available([args.to])

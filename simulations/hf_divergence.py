@@ -1,11 +1,12 @@
 """How often Per-FedAvg-HF diverges, with the absolute and the normalized finite-difference step.
 
-The Hessian-free estimator (ALGORITHMS.md §3) probes ``w +- d v``. With ``hf_perturbation:
-absolute`` (Per-FedAvg's form) the probe's length is ``d * ||v||``, so a large query gradient moves
-it far from the linear regime; ``normalized`` probes ``w +- d v / ||v||`` (length ``d``) and divides
-by the same step. This script runs both on the MOML sinewave protocol (``reproduce_moml_sinewave.py``:
-centralized, 25 grid tasks, B = 3, K = 1 and 3) over a range of ``eta`` and seeds and counts the runs
-that diverged (a non-finite or exploded test MSE), writing ``table.md`` and ``results.json``.
+The Hessian-free estimator (docs/algorithms.md#meta-gradient-estimators) probes ``w +- d v``.
+With ``hf_perturbation: absolute`` (Per-FedAvg's form) the probe's length is ``d * ||v||``, so a
+large query gradient moves it far from the linear regime; ``normalized`` probes ``w +- d v / ||v||``
+(length ``d``) and divides by the same step. This script runs both on the MOML sinewave protocol
+(``reproduce_moml_sinewave.py``: centralized, 25 grid tasks, B = 3, K = 1 and 3) over a range of
+``eta`` and seeds and counts the runs that diverged (a non-finite or exploded test MSE), writing
+``table.md`` and ``results.json``.
 
     PYTHONPATH=. python simulations/hf_divergence.py                       # defaults below
     PYTHONPATH=. python simulations/hf_divergence.py --steps 200 --seeds 0 --etas 0.01   # smoke

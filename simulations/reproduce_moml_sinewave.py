@@ -1,4 +1,5 @@
-"""Reference experiment 1: the MOML sinewave protocol (ALGORITHMS.md §8), one command.
+"""Reference experiment 1: the MOML sinewave protocol, one command
+(docs/algorithms.md#reference-protocol-moml-sinewave).
 
 Six methods on the 25-task sinewave grid, centralized (the federated engine with H = 1, one task per
 client, B = 3 tasks per step, in-process), at K = 1 and K = 3:
@@ -59,7 +60,8 @@ class Method:
     name: str
     overrides: tuple[str, ...]
     uses_beta: bool
-    # The public code's chosen values (ALGORITHMS.md §8): {K: (eta, beta)}.
+    # The public code's chosen values {K: (eta, beta)}
+    # (docs/algorithms.md#reference-protocol-moml-sinewave).
     public: dict[int, tuple[float, float]]
 
 
@@ -459,7 +461,8 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=[m.name for m in METHODS],
                    choices=list(BY_NAME))
     p.add_argument("--public-values", action="store_true",
-                   help="skip tuning; use the public code's eta/beta (ALGORITHMS.md §8)")
+                   help="skip tuning; use the public code's eta/beta "
+                        "(docs/algorithms.md#reference-protocol-moml-sinewave)")
     p.add_argument("--also-public-values", action="store_true",
                    help="after the tuned finals, the finals with the public code's eta/beta too "
                         "(under <output-dir>/public-values)")

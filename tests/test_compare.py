@@ -17,8 +17,8 @@ import yaml
 from fedmaml.cli import COMPARE_BANDS, COMPARE_X_AXES, main
 from fedmaml.config import config_from_dict
 from fedmaml.experiment import run_experiment
-from fedmaml.results.compare import (BANDS, X_AXES, CompareError, build_comparison, compare,
-                                     setting_curve)
+from fedmaml.results.compare import BANDS, X_AXES, CompareError, build_comparison, setting_curve
+from fedmaml.results.compare_outputs import compare
 from fedmaml.results.compare_report import markdown_table
 from fedmaml.sweep import load_sweep, run_sweep
 
@@ -194,7 +194,7 @@ def test_unfinished_runs_are_left_out_with_a_note(runs, tmp_path):
 
 def test_compare_does_not_import_torch(runs, tmp_path):
     """Reading JSON and plotting must stay fast: no torch (seconds to import) in compare's path."""
-    code = ("import sys; from fedmaml.results.compare import compare; "
+    code = ("import sys; from fedmaml.results.compare_outputs import compare; "
             f"compare([{str(runs / 'sweep')!r}], out_dir={str(tmp_path)!r}); "
             "assert 'torch' not in sys.modules, 'compare imported torch'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT,

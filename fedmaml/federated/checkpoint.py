@@ -50,6 +50,7 @@ from fedmaml.config import config_to_flat
 from fedmaml.core.params import Params
 from fedmaml.errors import DataError, FedmamlError, MessageError
 from fedmaml.federated import codec
+from fedmaml.federated.bank_state import bank_state
 from fedmaml.federated import records as R
 from fedmaml.federated.memory_store import FileStore, MemoryStore, digest
 
@@ -194,15 +195,12 @@ def bank_to_clients(bank: Mapping[str, Any]) -> dict[int, Params]:
 def clients_to_bank(clients: Mapping[int, Any], num_clients: int) -> dict[str, Any] | None:
     """Per-client memories (tensors) as a memory bank's state; ``None`` when a memory is a
     reference to a device's file (it never left the device, so no bank can hold it)."""
-    from fedmaml.engines.memory_bank import CHECKPOINT_FORMAT
-
     if any(FILE in m for m in clients.values()):
         return None
     ids = sorted(clients)
     names = list(clients[ids[0]]) if ids else []
-    return {"format": CHECKPOINT_FORMAT, "num_clients": num_clients,
-            "client_ids": torch.tensor(ids, dtype=torch.int64),
-            "memory": {k: torch.stack([clients[c][k] for c in ids]) for k in names}}
+    return bank_state(num_clients, torch.tensor(ids, dtype=torch.int64),
+                      {k: torch.stack([clients[c][k] for c in ids]) for k in names})
 
 
 def restore_memories(grid: Any, nodes: Mapping[int, int], memories: Mapping[str, Any],

@@ -1,4 +1,5 @@
-"""``MetaStrategy``: the server side of fedmaml as a Flower ``Strategy`` (ALGORITHMS.md §5).
+"""``MetaStrategy``: the server side of fedmaml as a Flower ``Strategy``
+(docs/algorithms.md#federated-localmoml).
 
 * **Sampling** by stable client id (partition id) with a seeded RNG, never by transport node ids:
   cross-device samples a fraction or count of clients per round (without replacement, O(k) work
@@ -13,9 +14,9 @@
   fixed panel of training clients (``eval_clients`` of them, drawn once from the seed) and every
   unseen client. The panel is the same at every evaluation so that "before" and "after" compare the
   same clients (a per-round sample would add client-to-client variance to the curve). Per-client
-  metrics are summarised as mean, std and p10/p50/p90 (ALGORITHMS.md §7); memory-based metrics cover
-  the panel clients that have a memory (have trained). A grid that takes cohorts (the vectorized
-  engine) gets one evaluate message for the whole panel and answers once (records.py).
+  metrics are summarised as mean, std and p10/p50/p90 (docs/algorithms.md#evaluation); memory-based
+  metrics cover the panel clients that have a memory (have trained). A grid that takes cohorts (the
+  vectorized engine) gets one evaluate message for the whole panel and answers once (records.py).
 * **Participation** (:mod:`~fedmaml.federated.participation`): the cohort is drawn among the
   clients available that round under ``participation.model``; the rounds since each sampled
   client's previous participation are counted as it is sampled.
@@ -261,7 +262,8 @@ class MetaStrategy(Strategy):
                 self._panel = sorted(int(c) for c in rng.choice(n, size=k, replace=False))
         return self._panel
 
-    def eval_clients(self, server_round: int) -> list[int]:
+    def eval_clients(self) -> list[int]:
+        """Who every evaluation measures: the fixed panel, then every unseen client."""
         n = self.setup.federation.num_clients
         return self.eval_panel() + [n + j for j in range(self.setup.federation.num_unseen)]
 
@@ -481,7 +483,7 @@ class MetaStrategy(Strategy):
         if not self.is_eval_round(server_round):
             return []
         cfg = {**dict(config), **self.selector.evaluate_config(), R.ROUND: server_round}
-        cids = self.eval_clients(server_round)
+        cids = self.eval_clients()
         self.round_stats["eval-clients"] = cids
         if getattr(grid, "takes_cohorts", False):  # one message for the whole panel
             return self._cohort_message(cids, arrays, cfg, "evaluate", server_round)
@@ -610,13 +612,14 @@ class MetaStrategy(Strategy):
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
               timeout: float = 3600, train_config: ConfigRecord | None = None,
               evaluate_config: ConfigRecord | None = None,
-              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
               *, on_round: Callable[[dict[str, Any]], None] | None = None,
               resume: dict[str, Any] | None = None) -> Result:
         """Flower's train -> aggregate -> evaluate loop, plus partition discovery, an evaluation
         before training, and a per-round record (``on_round``) with bytes, samples and time.
         ``resume``: a checkpoint (fedmaml/federated/checkpoint.py) to continue from, after its
-        round, with the server's state and every client's memory as they were then."""
+        round, with the server's state and every client's memory as they were then. There is no
+        ``evaluate_fn`` (Flower's server-side evaluation): evaluation is personalized, on the
+        clients' own data, so a server-side function would have nothing to measure."""
         self.summary()
         train_config = train_config or ConfigRecord()
         evaluate_config = evaluate_config or ConfigRecord()
@@ -691,8 +694,3 @@ def simulated(grid: Grid) -> bool:
 def discovery_seconds(timeout: float | None) -> float:
     """How long the run waits at its start for a node per client id."""
     return DISCOVERY_SECONDS if timeout is None else max(timeout, DISCOVERY_SECONDS)
-
-
-def discover_partitions(grid: Grid, expected: int, timeout: float | None) -> dict[int, int]:
-    """Map client ids to node ids (see :class:`~fedmaml.federated.discovery.PartitionDirectory`)."""
-    return PartitionDirectory(grid, expected).discover(discovery_seconds(timeout))
