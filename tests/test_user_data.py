@@ -81,7 +81,7 @@ NATURAL = {"partition": "natural", "num_clients": 4, "unseen_clients": 1, "heldo
 # ------------------------------------------------------------------------- the ways agree
 
 
-def test_arrays_npz_dir_pt_dir_csv_and_npz_table_give_the_same_federation(tmp_path):
+def test_arrays_npz_dir_pt_dir_csv_npz_table_and_parquet_give_the_same_federation(tmp_path):
     clients = make_clients()
     reference = build_federation({"family": "files", "path": str(save_client_arrays(clients)),
                                   **NATURAL}, seed=3)
@@ -102,7 +102,19 @@ def test_arrays_npz_dir_pt_dir_csv_and_npz_table_give_the_same_federation(tmp_pa
     np.savez(table, x=np.concatenate([x for x, _ in clients.values()]),
              y=np.concatenate([y for _, y in clients.values()]),
              client=np.concatenate([np.full(len(y), cid) for cid, (_, y) in clients.items()]))
-    for path in (npz_dir, pt_dir, csv, table):
+    paths = [npz_dir, pt_dir, csv, table]
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:  # Parquet is optional (fedmaml[datasets])
+        pass
+    else:
+        columns = {f"f{j}": np.concatenate([x[:, j] for x, _ in clients.values()]) for j in range(4)}
+        columns["label"] = np.concatenate([y for _, y in clients.values()])
+        columns["client"] = np.concatenate([[f"{cid}"] * len(y) for cid, (_, y) in clients.items()])
+        pq.write_table(pa.table(columns), tmp_path / "all.parquet")
+        paths.append(tmp_path / "all.parquet")
+    for path in paths:
         clear_cache()
         assert_same_federation(reference, build_federation(
             {"family": "files", "path": str(path), **NATURAL}, seed=3))

@@ -6,7 +6,7 @@ Each reader returns a :class:`~fedmaml.data.user.ClientData`; checking and plann
 * ``data.family: files``, ``data.path`` a directory: one ``<client id>.npz`` (arrays ``x``, ``y``)
   or ``<client id>.pt`` (``torch.save`` of ``{"x": ..., "y": ...}`` or ``(x, y)``) per client;
 * ``data.path`` one ``.npz`` (arrays ``x``, ``y`` and the client ids under ``data.client_column``)
-  or one ``.csv`` with a header (``data.label_column``, ``data.client_column``, every other
+  or one ``.csv`` (or ``.parquet``) with a header (``data.label_column``, ``data.client_column``, every other
   column an input feature);
 * ``data.family: flower``, ``data.flower_task: "package.module"`` (or ``"package.module:function"``):
   ``load_data(partition_id, num_partitions) -> (trainloader, testloader)``, as in Flower's PyTorch
@@ -16,7 +16,7 @@ Each reader returns a :class:`~fedmaml.data.user.ClientData`; checking and plann
   must be files so that every process of a run, e.g. Ray actors, reads the same clients), and
   :func:`partitioner_clients` converts a flwr-datasets ``Partitioner`` or ``FederatedDataset``.
 
-Parquet is not read (fedmaml does not depend on pyarrow): convert to CSV or NPZ.
+One ``.parquet`` file is read like the CSV file when pyarrow is installed (``fedmaml[datasets]``).
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from .spec import DataSpec
 from .user import ClientData, as_array, client_data_from_mapping, order_ids
 
 DIR_LAYOUT = "a directory of <client id>.npz (arrays x, y) or <client id>.pt ({'x': ..., 'y': ...}) files"
-FILE_LAYOUT = ("one .npz file (arrays x, y and the client ids under data.client_column) or one .csv "
-               "file with a header row")
+FILE_LAYOUT = ("one .npz file (arrays x, y and the client ids under data.client_column), one .csv "
+               "file with a header row or one .parquet file")
 
 
 def read_files(spec: DataSpec) -> ClientData:
@@ -57,8 +57,10 @@ def read_files(spec: DataSpec) -> ClientData:
         return _read_npz_table(path, spec)
     if suffix == ".csv":
         return _read_csv(path, spec)
+    if suffix == ".parquet":
+        return _read_parquet(path, spec)
     raise DataError(f"data.path = '{spec.path}': cannot read {suffix or 'extensionless'} files; "
-                    f"expected {FILE_LAYOUT}, or {DIR_LAYOUT} (Parquet: convert to CSV or NPZ)")
+                    f"expected {FILE_LAYOUT}, or {DIR_LAYOUT}")
 
 
 def _read_directory(root: Path) -> ClientData:
@@ -142,23 +144,51 @@ def _read_csv(path: Path, spec: DataSpec) -> ClientData:
     if len(rows) < 2:
         raise DataError(f"{path}: expected a header row and at least one example row")
     header, body = [h.strip() for h in rows[0]], rows[1:]
-    if spec.label_column not in header:
-        raise DataError(f"{path}: no column '{spec.label_column}' (data.label_column) in the "
-                        f"header {header}; set data.label_column to the target's column")
     for line, row in enumerate(body, start=2):
         if len(row) != len(header):
             raise DataError(f"{path}, line {line}: {len(row)} values for {len(header)} columns")
-    columns = {name: [row[j].strip() for row in body] for j, name in enumerate(header)}
-    inputs = [h for h in header if h not in (spec.label_column, spec.client_column)]
+    columns = {}
+    for j, name in enumerate(header):
+        values = [row[j].strip() for row in body]
+        if name == spec.client_column:
+            columns[name] = np.array(values)
+        else:
+            integer = name == spec.label_column and all(re.fullmatch(r"[+-]?\d+", v) for v in values)
+            columns[name] = _numbers(path, name, values, integer)
+    return _from_columns(path, columns, spec)
+
+
+def _read_parquet(path: Path, spec: DataSpec) -> ClientData:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet needs pyarrow (pip install 'fedmaml[datasets]'"
+                        " or pyarrow); or convert the file to CSV or NPZ") from None
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises its own error types for a bad file
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from exc
+    columns = {}
+    for name in table.column_names:
+        values = np.asarray(table.column(name).to_pylist())
+        if name != spec.client_column and values.dtype.kind not in "biuf":
+            raise DataError(f"{path}: column '{name}' holds {values.dtype} values, not numbers; "
+                            "input and target columns must be numeric")
+        columns[name] = values
+    return _from_columns(path, columns, spec)
+
+
+def _from_columns(path: Path, columns: dict[str, np.ndarray], spec: DataSpec) -> ClientData:
+    """A table's columns: the label, the client ids (if present), every other one an input."""
+    if spec.label_column not in columns:
+        raise DataError(f"{path}: no column '{spec.label_column}' (data.label_column) among "
+                        f"{list(columns)}; set data.label_column to the target's column")
+    inputs = [h for h in columns if h not in (spec.label_column, spec.client_column)]
     if not inputs:
         raise DataError(f"{path}: no input columns besides '{spec.label_column}' and "
                         f"'{spec.client_column}'")
-    x = np.stack([_numbers(path, name, columns[name], integer=False) for name in inputs], axis=1)
-    labels = columns[spec.label_column]
-    integer = all(re.fullmatch(r"[+-]?\d+", v) for v in labels)
-    y = _numbers(path, spec.label_column, labels, integer=integer)
-    client = np.array(columns[spec.client_column]) if spec.client_column in columns else None
-    return _group(path, x, y, client, spec)
+    x = np.stack([columns[name] for name in inputs], axis=1)
+    return _group(path, x, columns[spec.label_column], columns.get(spec.client_column), spec)
 
 
 def _numbers(path: Path, name: str, values: list[str], integer: bool) -> np.ndarray:
