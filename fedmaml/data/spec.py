@@ -28,7 +28,7 @@ GENERATED_FAMILIES = ("sinusoid", "sinusoid_grid", "synthetic")
 #: Families built from a finite labelled pool that is partitioned across clients.
 POOL_FAMILIES = ("digits", "mnist1d", "omniglot", "femnist")
 #: Families whose examples carry a natural client (writer) id, so ``partition: natural`` works.
-NATURAL_FAMILIES = ("femnist", "files")
+NATURAL_FAMILIES = ("femnist", "files", "flower")
 #: A user's own data (fedmaml/data/user.py): per-client files or a Flower app's load_data.
 USER_FAMILIES = ("files", "flower")
 #: Families read from files under ``data.path``.
