@@ -7,6 +7,7 @@ and vectorized engines train on user data, for classification and regression.
 
 from __future__ import annotations
 
+import os
 import textwrap
 
 import numpy as np
@@ -380,9 +381,46 @@ def test_user_data_trains_on_the_inprocess_and_vectorized_engines(tiny_config, t
     assert a["seen.loss.mean"] == pytest.approx(b["seen.loss.mean"], rel=1e-4)
 
 
-def test_a_flower_task_module_trains(tiny_config, tmp_path, flower_task):
-    cfg = tiny_config("data.family=flower", "data.flower_task=user_flower_task",
-                      "data.num_clients=3", "data.unseen_clients=1", "model.name=conv4",
-                      "model.conv_width=8", "federated.rounds=2", "federated.eval_every=0")
-    summary = read_summary(run_experiment(cfg, quiet=True, run_dir=tmp_path / "run"))
+def flower_config(tiny_config, *more):
+    return tiny_config("data.family=flower", "data.flower_task=user_flower_task",
+                       "data.num_clients=3", "data.unseen_clients=1", "model.name=conv4",
+                       "model.conv_width=8", "federated.rounds=3", "federated.clients_per_round=2",
+                       "federated.eval_every=0", "engine.num_cpus=1", *more)
+
+
+def assert_same_run(a, b):
+    sa, sb = read_summary(a), read_summary(b)
+    compared = [k for k in sa["after"] if "loss" in k or "acc" in k]  # not timings
+    assert "seen.loss.mean" in compared and "unseen.loss.mean" in compared
+    for key in compared:
+        value = sa["after"][key]
+        if isinstance(value, float):
+            assert value == pytest.approx(sb["after"][key], rel=1e-4, abs=1e-6), key
+    ma = torch.load(a / "model.pt", weights_only=True)
+    mb = torch.load(b / "model.pt", weights_only=True)
+    for k in ma:
+        torch.testing.assert_close(ma[k], mb[k], rtol=1e-4, atol=1e-6)
+
+
+def test_a_flower_task_module_trains_alike_in_process_and_vectorized(tiny_config, tmp_path,
+                                                                      flower_task):
+    runs = {engine: run_experiment(flower_config(tiny_config, f"engine.name={engine}"),
+                                   quiet=True, run_dir=tmp_path / engine)
+            for engine in ("inprocess", "vectorized")}
+    summary = read_summary(runs["inprocess"])
     assert np.isfinite(summary["after"]["seen.loss.mean"])
+    assert_same_run(runs["inprocess"], runs["vectorized"])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_flower_task_module_trains_alike_on_ray(tiny_config, tmp_path, flower_task, ray_guard,
+                                                  monkeypatch):
+    # Ray's actors are separate processes: they import the task module through PYTHONPATH (the
+    # docs say so), which the raylet passes on from this process's environment.
+    path = os.environ.get("PYTHONPATH", "")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), path])))
+    ray_dir = run_experiment(flower_config(tiny_config, "engine.name=ray"), quiet=True,
+                             run_dir=tmp_path / "ray")
+    local = run_experiment(flower_config(tiny_config), quiet=True, run_dir=tmp_path / "inprocess")
+    assert_same_run(local, ray_dir)
