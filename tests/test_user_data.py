@@ -71,7 +71,7 @@ def write_csv(path, clients, float_labels=False):
             for row, label in zip(x, y):
                 # repr of the float32 value read back as float64 and cast to float32 is exact
                 values = [repr(float(v)) for v in row]
-                fh.write(",".join(values + [str(cid), repr(float(label)) if float_labels
+                fh.write(",".join(values + [str(cid), repr(float(np.ravel(label)[0])) if float_labels
                                             else str(int(label))]) + "\n")
     return path
 
@@ -424,3 +424,32 @@ def test_a_flower_task_module_trains_alike_on_ray(tiny_config, tmp_path, flower_
                              run_dir=tmp_path / "ray")
     local = run_experiment(flower_config(tiny_config), quiet=True, run_dir=tmp_path / "inprocess")
     assert_same_run(local, ray_dir)
+
+
+def test_fedmaml_run_trains_a_csv_regression_and_refuses_a_bad_csv(tmp_path, capsys):
+    from fedmaml.cli import main
+
+    clients = make_clients(n=5, size=(24, 28, 30), regression=True)
+    good = write_csv(tmp_path / "table.csv", clients, float_labels=True)
+    config = tmp_path / "run.yaml"
+    config.write_text(textwrap.dedent(f"""\
+        name: tabular
+        output_dir: {tmp_path / "runs"}
+        data: {{family: files, path: {good}, partition: natural, num_clients: 4,
+                unseen_clients: 1, heldout_fraction: 0.25, eval_adapt_size: 5}}
+        model: {{hidden: [16]}}
+        algorithm: {{support_size: 5, eta: 0.05}}
+        federated: {{rounds: 6, clients_per_round: 2, eval_every: 0}}
+        """))
+    assert main(["run", str(config), "--quiet", "--output-dir", str(tmp_path / "runs")]) == 0
+    summary = read_summary(next((tmp_path / "runs").glob("tabular*")))
+    assert summary["after"]["seen.loss.mean"] < summary["before"]["seen.loss.mean"]
+
+    lines = good.read_text().splitlines()
+    lines[3] = lines[3].replace(lines[3].split(",")[1], "nan", 1)  # client 0, example 2
+    good.write_text("\n".join(lines) + "\n")
+    clear_cache()
+    assert main(["run", str(config), "--quiet", "--output-dir", str(tmp_path / "bad")]) != 0
+    err = capsys.readouterr().err
+    assert "table.csv, client '0': inputs of example 2 hold NaN or infinite values" in err
+    assert not list((tmp_path / "bad").glob("*/metrics.jsonl"))  # refused before training
