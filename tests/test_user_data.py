@@ -453,3 +453,22 @@ def test_fedmaml_run_trains_a_csv_regression_and_refuses_a_bad_csv(tmp_path, cap
     err = capsys.readouterr().err
     assert "table.csv, client '0': inputs of example 2 hold NaN or infinite values" in err
     assert not list((tmp_path / "bad").glob("*/metrics.jsonl"))  # refused before training
+
+
+@pytest.mark.slow
+def test_the_tabular_guide_script_runs_end_to_end(tmp_path, monkeypatch):
+    # simulations/custom_tabular.py --short: the CSV, the run with its baselines, the figure.
+    import importlib.util
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(root),
+                                                                   os.environ.get("PYTHONPATH")])))
+    spec = importlib.util.spec_from_file_location("custom_tabular",
+                                                  root / "simulations" / "custom_tabular.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--short", "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "compare" / "convergence-seen.loss.mean-rounds.png").stat().st_size
+    report = (tmp_path / "out" / "compare" / "report.md").read_text()
+    assert all(f"| {name} | 1 |" in report for name in ("fedavg", "moml", "per_fedavg"))
