@@ -50,7 +50,7 @@ data:
   heldout_fraction: 0.3
   eval_adapt_size: 10
 model: {{name: mlp, hidden: [32]}}
-algorithm: {{name: moml, support_size: 10, alpha: 0.05, eta: 0.02, beta: 0.5}}
+algorithm: {{name: moml, support_size: 10, alpha: 0.05, eta: 0.01, beta: 0.5}}
 federated: {{rounds: {rounds}, clients_per_round: 8, eval_every: {every}}}
 evaluation: {{steps: 5}}
 compare_with: fedavg,per_fedavg
