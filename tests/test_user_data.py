@@ -346,6 +346,19 @@ def test_file_problems_name_the_file(tmp_path):
                           "num_clients": 1}, seed=0)
     with pytest.raises(DataError, match=r"data.flower_task is empty"):
         DataSpec(family="flower")
+    with pytest.raises(DataError, match=r"client 'a/b': a client id becomes a file name"):
+        save_client_arrays({"a/b": make_clients()[0]})
+    with pytest.raises(DataError, match=r"pooled\.npz', data.partition = 'iid' over 50 clients: "
+                                        r"80 examples cannot give 50 parts at least 2 examples"):
+        np.savez(tmp_path / "pooled.npz", x=np.zeros((80, 2)), y=np.arange(80) % 2)
+        build_federation({"family": "files", "path": str(tmp_path / "pooled.npz"),
+                          "partition": "iid", "num_clients": 50, "tasks_per_client": 1}, seed=0)
+
+
+def test_tensors_from_python_are_the_same_clients_as_arrays():
+    clients = make_clients()
+    tensors = {cid: (torch.from_numpy(x), torch.from_numpy(y)) for cid, (x, y) in clients.items()}
+    assert save_client_arrays(tensors) == save_client_arrays(clients)  # named by the contents
 
 
 def test_a_client_smaller_than_support_plus_query_is_refused_before_training(tiny_config):
@@ -353,7 +366,7 @@ def test_a_client_smaller_than_support_plus_query_is_refused_before_training(tin
     cfg = tiny_config(*overrides(files_spec(clients, heldout_fraction=0.25, num_clients=4,
                                             unseen_clients=1)),
                       "algorithm.support_size=5", "algorithm.query_size=5")
-    with pytest.raises(DataError, match=r"client 2 \(task 0\): 9 training examples .* "
+    with pytest.raises(DataError, match=r"client 2 in id order \(task 0\): 9 training examples .* "
                                         r"algorithm.support_size \+ query_size = 10"):
         setup_for(cfg)
 

@@ -247,7 +247,8 @@ def _repartition(checked: Checked, spec: DataSpec, parts: int, rng: np.random.Ge
         raise DataError(f"{data.where[0]}: a source with its own held-out split cannot be "
                         "re-partitioned; use data.partition = 'natural'")
     x, y = np.concatenate(data.x), np.concatenate(data.y)
-    setting = f"{data.where[0]}, data.partition = {spec.partition!r} over {parts} clients"
+    source = f"data.path = '{spec.path}'" if spec.path else data.where[0]
+    setting = f"{source}, data.partition = {spec.partition!r} over {parts} clients"
     if spec.partition != "iid" and checked.task_type != "classification":
         raise DataError(f"{setting}: {spec.partition!r} splits by label, which needs "
                         "classification labels; use 'iid' or 'natural' for regression targets")
@@ -262,8 +263,8 @@ def _repartition(checked: Checked, spec: DataSpec, parts: int, rng: np.random.Ge
     except DataError as exc:
         raise DataError(f"{setting}: {exc}") from exc
     return ClientData(tuple(str(i) for i in range(parts)), tuple(x[p] for p in idx),
-                      tuple(y[p] for p in idx), tuple(f"{data.where[0]} part {i}"
-                                                      for i in range(parts)))
+                      tuple(y[p] for p in idx), tuple(f"{source} (part {i} of the {spec.partition} "
+                                                      "partition)" for i in range(parts)))
 
 
 def _tasks(tensors: tuple, plans: tuple[list[TaskPlan], ...], adapt: int, i: int) -> list[Task]:
@@ -286,7 +287,8 @@ def check_client_sizes(federation: Federation, needed: int, what: str, where: st
         for t, task in enumerate(federation.client_tasks(cid)):
             if task.num_examples < needed:
                 raise DataError(
-                    f"{where}, client {cid} (task {t}): {task.num_examples} training examples "
+                    f"{where}, client {cid} in id order (task {t}): {task.num_examples} training "
+                    "examples "
                     f"(after holding out its evaluation split) but {what} = {needed}; lower "
                     "algorithm.support_size / query_size or data.heldout_fraction, or give that "
                     "client more examples")
