@@ -58,15 +58,17 @@ def _section(cls: type, help: str) -> Any:
 # The schema
 # --------------------------------------------------------------------------------------------------
 
-DATA_FAMILIES = ("sinusoid", "sinusoid_grid", "synthetic", "digits", "mnist1d", "omniglot", "femnist")
-IMAGE_FAMILIES = ("digits", "omniglot", "femnist")
+DATA_FAMILIES = ("sinusoid", "sinusoid_grid", "synthetic", "digits", "mnist1d", "omniglot", "femnist",
+                 "files", "flower")
+# files and flower are a user's own data, images or not (the model checks the shape it gets)
+IMAGE_FAMILIES = ("digits", "omniglot", "femnist", "files", "flower")
 ALGORITHM_NAMES = ("moml", "per_fedavg", "fedmeta", "reptile", "fedavg")
 
 
 @dataclass(frozen=True)
 class DataConfig:
     family: str = _field("sinusoid", "Task family (data set or generator).", choices=DATA_FAMILIES)
-    path: str = _field("", "Data directory or file, for omniglot and femnist.")
+    path: str = _field("", "Data directory or file, for omniglot, femnist and files.")
     num_clients: int = _field(100, "Number of training clients.", min=1)
     unseen_clients: int = _field(0, "Clients held out from training, evaluated only.", min=0)
     tasks_per_client: int = _field(1, "Tasks per client (silo).", min=1)
@@ -91,6 +93,12 @@ class DataConfig:
     synthetic_alpha: float = _field(1.0, "Synthetic(alpha, beta): model heterogeneity.", min=0)
     synthetic_beta: float = _field(1.0, "Synthetic(alpha, beta): data heterogeneity.", min=0)
     mnist1d_samples: int = _field(4000, "Examples generated for mnist1d.", min=100)
+    client_column: str = _field("client", "files: the client-id column of one NPZ or CSV file.")
+    label_column: str = _field("label", "files, flower: the target column (CSV, dict batches).")
+    input_column: str = _field("", "flower: the input key of dict batches; empty = the only other "
+                                   "key.")
+    flower_task: str = _field("", "flower: a Flower app's task module, 'package.module' (its "
+                                  "load_data) or 'package.module:function'.")
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,9 @@ from fedmaml.core.patterns import Pattern, resolve_pattern
 from fedmaml.core.task_step import StepConfig
 from fedmaml.data import build_federation
 from fedmaml.data.counter import round_keys
+from fedmaml.data.spec import USER_FAMILIES
 from fedmaml.data.tasks import Federation
+from fedmaml.data.user import check_client_sizes
 from fedmaml.errors import ConfigError, PatternError
 from fedmaml.models import StagedModel, build_model
 
@@ -106,6 +108,9 @@ def _setup_cached(_key: str, cfg: Any) -> ExperimentSetup:
     except ValueError as e:
         raise ConfigError(f"algorithm.name: {e}") from None
     hyper = build_hyper(cfg, model, algorithm)
+    if cfg.data.family in USER_FAMILIES:  # a user's clients may be too small for a step
+        check_client_sizes(federation, hyper.support_size + hyper.query_size,
+                           "algorithm.support_size + query_size", f"data.family = {cfg.data.family!r}")
     ev = cfg.evaluation
     eval_pattern = _pattern("evaluation.pattern", ev.pattern, model, ev.steps)
     return ExperimentSetup(
