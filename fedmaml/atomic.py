@@ -1,23 +1,54 @@
 """Atomic file writes: a temp file in the target's directory, fsync, then rename over the target.
 
 A crash or kill at any moment leaves either the old file or the new one, never a torn mix.
+
+Permissions are those ``open(path, "w")`` would give: a new file gets ``0o666`` minus the process
+umask, a file that is replaced keeps its mode. ``tempfile.mkstemp`` alone creates ``0o600`` files, and
+the rename would carry that over: a shared results directory (or TensorBoard run by another user)
+could not read them.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import stat
 import tempfile
 from pathlib import Path
 
+
+def current_umask() -> int:
+    """The process umask. Linux reports it in /proc without changing it; elsewhere it can only be read
+    by setting it, which is restored at once (a file another thread creates in between could get
+    the wrong mode, hence /proc first)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _mode_for(path: Path) -> int:
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~current_umask()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = _mode_for(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            if hasattr(os, "fchmod"):  # not on Windows, where modes mean little anyway
+                os.fchmod(f.fileno(), mode)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

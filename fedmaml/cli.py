@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedmaml import __version__
+from fedmaml.bundled import resolve_config
 from fedmaml.errors import FedmamlError
 
 EXIT_USER_ERROR = 2  # same code argparse uses for bad arguments
@@ -43,9 +44,15 @@ class Command:
 # Shared argument helpers
 # --------------------------------------------------------------------------------------------------
 
+# An existing path wins; else a config shipped with fedmaml (fedmaml/bundled.py).
+_CONFIG_HELP = ("YAML config file, or the name of a bundled example: quickstart, "
+                "sweeps/moml_miniature... (an unknown name lists them)")
+
+
 def _add_overrides(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="override a config key, e.g. algorithm.beta=0.5 model.hidden=[20,20]")
+                        help="override a config key, e.g. algorithm.beta=0.5 model.hidden=20,20 "
+                        "(a list: a,b or [a,b])")
 
 
 def _is_override(arg: str) -> bool:
@@ -77,7 +84,8 @@ def _positive(kind: type) -> Callable[[str], float]:
 
 
 def _add_progress_arguments(parser: argparse.ArgumentParser, steps: str) -> None:
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument("--quiet", action="store_true", help="no progress output (a run still "
+                        "prints its directory, on stdout)")
     parser.add_argument("--progress-every", type=_positive(int), metavar="N",
                         help=f"when not on a terminal (log file, pipe): a progress line every N "
                              f"{steps} (default: a tenth of them)")
@@ -93,13 +101,18 @@ def _configure_progress(args: argparse.Namespace) -> None:
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", metavar="CONFIG", nargs="?", help="YAML config file")
+    parser.add_argument("config", metavar="CONFIG", nargs="?", help=_CONFIG_HELP)
     _add_overrides(parser)
     _add_progress_arguments(parser, "rounds")
     parser.add_argument("--output-dir", metavar="DIR", help="directory for run directories "
                         "(overrides output_dir)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its "
-                        "checkpoint, with the config saved in RUN_DIR (no CONFIG, no overrides)")
+                        "checkpoint, with the config it was made from; only federated.rounds "
+                        "(more than the checkpoint's round) and federated.checkpoint_every may be "
+                        "given as key=value (docs/robustness.md)")
+    parser.add_argument("--restart", metavar="RUN_DIR", help="start the run of RUN_DIR again from "
+                        "the beginning with its config.yaml, after moving RUN_DIR aside to "
+                        "RUN_DIR.old-N (nothing is deleted)")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -107,28 +120,57 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     _configure_progress(args)
     config, overrides = _split_config_and_overrides(args.config, args.overrides)
-    if args.resume is not None:
-        if config is not None or overrides or args.output_dir is not None:
-            raise FedmamlError("--resume RUN_DIR takes the config saved in RUN_DIR: give no "
-                               "CONFIG, overrides or --output-dir with it")
-        run_dir: Path | None = Path(args.resume)
+    given = args.resume if args.resume is not None else args.restart
+    if args.resume is not None and args.restart is not None:
+        raise FedmamlError("give --resume RUN_DIR (continue it) or --restart RUN_DIR (start it "
+                           "again), not both")
+    if given is not None:
+        option = "--resume" if args.resume is not None else "--restart"
+        if config is not None or args.output_dir is not None:
+            raise FedmamlError(f"{option} RUN_DIR takes the config saved in RUN_DIR: give no "
+                               "CONFIG or --output-dir with it")
+        run_dir: Path | None = Path(given)
         if not (run_dir / "config.yaml").is_file():
-            raise FedmamlError(f"--resume {run_dir}: not a run directory (no config.yaml)")
-        cfg = load_config(run_dir / "config.yaml")
+            raise FedmamlError(f"{option} {run_dir}: not a run directory (no config.yaml)")
+        if overrides:
+            _check_resume_overrides(option, overrides)
+        cfg = load_config(run_dir / "config.yaml", overrides)
     else:
         if config is None:
             raise FedmamlError("give a CONFIG file (or --resume RUN_DIR)")
-        cfg = load_config(config, overrides)
+        cfg = load_config(resolve_config(config), overrides)
         if args.output_dir is not None:
             cfg = replace_path(cfg, "output_dir", args.output_dir)
         run_dir = None
     from fedmaml.experiment import run_dirs_of, run_experiment, statuses  # lazy: torch and flwr
 
     if run_dir is not None:
-        run_experiment(cfg, quiet=args.quiet, run_dir=run_dir, resume=True)
+        run_experiment(cfg, quiet=args.quiet, run_dir=run_dir, resume=args.resume is not None,
+                       restart=args.restart is not None)
     else:
         run_dir = run_experiment(cfg, quiet=args.quiet)
+    if args.quiet:  # still say where it went: repeated runs go to <name>-2, -3, ...
+        print(run_dir, flush=True)
     return exit_code(statuses(run_dirs_of(run_dir, cfg)).values())
+
+
+def _check_resume_overrides(option: str, overrides: list[str]) -> None:
+    """On ``--resume``, overrides may only change what a resume may change (fedmaml/run_dir.py);
+    ``--restart`` reruns the directory's config as it is."""
+    from fedmaml.config import parse_override, resolve_key
+    from fedmaml.run_dir import CHANGEABLE_ON_RESUME
+
+    if option == "--restart":
+        raise FedmamlError(f"--restart RUN_DIR reruns the config saved in RUN_DIR: give no "
+                           f"overrides ({' '.join(overrides)}); to run another config, run it as "
+                           "a new run")
+    for text in overrides:
+        key, value = parse_override(text)
+        full = resolve_key(key, [value])
+        if full not in CHANGEABLE_ON_RESUME:
+            raise FedmamlError(f"--resume: {full} cannot change when a run resumes (it would "
+                               "alter the rounds already run); only "
+                               f"{', '.join(CHANGEABLE_ON_RESUME)} may")
 
 
 def exit_code(run_statuses: Iterable[str]) -> int:
@@ -145,7 +187,7 @@ def exit_code(run_statuses: Iterable[str]) -> int:
 
 def _add_show_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", metavar="CONFIG",
-                        help="YAML config file (default: the built-in defaults)")
+                        help=f"{_CONFIG_HELP} (default: the built-in defaults)")
     _add_overrides(parser)
 
 
@@ -153,7 +195,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
     from fedmaml.config import dump_yaml, load_config
 
     path, overrides = _split_config_and_overrides(args.config, args.overrides)
-    print(dump_yaml(load_config(path, overrides)), end="")
+    print(dump_yaml(load_config(None if path is None else resolve_config(path), overrides)), end="")
     return 0
 
 
@@ -214,7 +256,7 @@ def _cmd_select_pattern(args: argparse.Namespace) -> int:
     # nargs="+" also swallows key=value overrides written after --candidates; patterns never hold '='
     candidates = None if args.candidates is None else [c for c in args.candidates if "=" not in c]
     overrides = [*args.overrides, *(c for c in args.candidates or () if "=" in c)]
-    record, path = select_from_cli(args.target, overrides, epsilon=args.epsilon,
+    record, path = select_from_cli(resolve_config(args.target), overrides, epsilon=args.epsilon,
                                    candidates=candidates,
                                    family=False if args.only_candidates else None,
                                    checkpoint=args.checkpoint, out=args.out)
@@ -250,8 +292,8 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run the runs that share every shape (they differ in seeds, eta, "
                         "beta, alpha, hf_delta, server_lr) as one batched computation, each still "
                         "into its own run directory (docs/comparing.md)")
-    parser.add_argument("--dry-run", action="store_true", help="list the runs and their state; run "
-                        "nothing")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and their state (on "
+                        "stdout, even with --quiet); run nothing")
     _add_progress_arguments(parser, "runs")
 
 
@@ -259,7 +301,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from fedmaml.sweep import load_sweep, run_sweep, sweep_summary
 
     _configure_progress(args)
-    base, spec = load_sweep(args.config, args.overrides, args.grid, args.seeds)
+    base, spec = load_sweep(resolve_config(args.config), args.overrides, args.grid, args.seeds)
     result = run_sweep(base, spec, args.sweep_dir, jobs=args.jobs, quiet=args.quiet,
                        skip_invalid=args.skip_invalid, dry_run=args.dry_run,
                        vectorize=args.vectorize)
@@ -297,7 +339,7 @@ def _add_compare_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from fedmaml.results.compare import compare
+    from fedmaml.results.compare_outputs import compare
 
     result = compare(args.paths, out_dir=args.out, metric=args.metric, xs=args.x or ["rounds"],
                      log=args.log, target=args.target, band=args.band, dist=args.dist,
@@ -323,8 +365,8 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--to", required=True, choices=TRACKING_BACKENDS,
                         help="tracking backend: tensorboard (event files in each run directory), "
                              "mlflow or wandb")
-    parser.add_argument("--mlflow-uri", metavar="URI", help="MLflow tracking URI (default: a "
-                        "file store in the directory holding the runs, <dir>/mlruns)")
+    parser.add_argument("--mlflow-uri", metavar="URI", help="MLflow tracking URI (default: "
+                        "sqlite:///<dir>/mlflow.db in the directory holding the runs)")
     parser.add_argument("--project", metavar="NAME", help="MLflow experiment / W&B project "
                         "(default: the run's tracking.project, else the sweep's name, else "
                         "fedmaml)")
@@ -335,7 +377,7 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
 def _cmd_export(args: argparse.Namespace) -> int:
     from fedmaml.experiment import quiet_frameworks
     from fedmaml.tracking import check_available
-    from fedmaml.tracking.export import export_runs
+    from fedmaml.results.export import export_runs
 
     quiet_frameworks()
     check_available([args.to])

@@ -58,15 +58,17 @@ def _section(cls: type, help: str) -> Any:
 # The schema
 # --------------------------------------------------------------------------------------------------
 
-DATA_FAMILIES = ("sinusoid", "sinusoid_grid", "synthetic", "digits", "mnist1d", "omniglot", "femnist")
-IMAGE_FAMILIES = ("digits", "omniglot", "femnist")
+DATA_FAMILIES = ("sinusoid", "sinusoid_grid", "synthetic", "digits", "mnist1d", "omniglot", "femnist",
+                 "files", "flower")
+# files and flower are a user's own data, images or not (the model checks the shape it gets)
+IMAGE_FAMILIES = ("digits", "omniglot", "femnist", "files", "flower")
 ALGORITHM_NAMES = ("moml", "per_fedavg", "fedmeta", "reptile", "fedavg")
 
 
 @dataclass(frozen=True)
 class DataConfig:
     family: str = _field("sinusoid", "Task family (data set or generator).", choices=DATA_FAMILIES)
-    path: str = _field("", "Data directory or file, for omniglot and femnist.")
+    path: str = _field("", "Data directory or file, for omniglot, femnist and files.")
     num_clients: int = _field(100, "Number of training clients.", min=1)
     unseen_clients: int = _field(0, "Clients held out from training, evaluated only.", min=0)
     tasks_per_client: int = _field(1, "Tasks per client (silo).", min=1)
@@ -91,6 +93,12 @@ class DataConfig:
     synthetic_alpha: float = _field(1.0, "Synthetic(alpha, beta): model heterogeneity.", min=0)
     synthetic_beta: float = _field(1.0, "Synthetic(alpha, beta): data heterogeneity.", min=0)
     mnist1d_samples: int = _field(4000, "Examples generated for mnist1d.", min=100)
+    client_column: str = _field("client", "files: the client-id column of one NPZ or CSV file.")
+    label_column: str = _field("label", "files, flower: the target column (CSV, dict batches).")
+    input_column: str = _field("", "flower: the input key of dict batches; empty = the only other "
+                                   "key.")
+    flower_task: str = _field("", "flower: a Flower app's task module, 'package.module' (its "
+                                  "load_data) or 'package.module:function'.")
 
 
 @dataclass(frozen=True)
@@ -149,9 +157,16 @@ class FederatedConfig:
     mode: str = _field("cross_device", "cross_device samples clients; cross_silo uses all every round.",
                        choices=("cross_device", "cross_silo"))
     rounds: int = _field(100, "Number of federated rounds.", min=1)
-    clients_per_round: int = _field(0, "Clients sampled per round; 0 = use fraction.", min=0)
+    clients_per_round: int = _field(0, "Clients sampled per round (their expected number under "
+                                       "sampling: poisson); 0 = use fraction.", min=0)
     fraction: float = _field(0.1, "Fraction of clients sampled per round.",
                              min=0, max=1, min_exclusive=True)
+    sampling: str = _field("fixed", "cross_device: how a round's clients are drawn: fixed = exactly "
+                                    "clients_per_round (or fraction of the clients), without "
+                                    "replacement; poisson = each client independently with "
+                                    "probability clients_per_round / clients (or fraction), so a "
+                                    "cohort's size varies and can be 0 (docs/privacy.md).",
+                           choices=("fixed", "poisson"))
     aggregation: str = _field("weighted", "Average client updates by example count or uniformly.",
                               choices=("weighted", "uniform"))
     server_optimizer: str = _field("sgd", "Optimizer applying the averaged update to w.",
@@ -167,7 +182,8 @@ class FederatedConfig:
     checkpoint_every: int = _field(0, "Write a checkpoint to resume from every this many rounds; "
                                       "0 = only when the run is stopped by SIGINT/SIGTERM.", min=0)
     max_failed_rounds: int = _field(3, "Consecutive rounds without a valid reply after which the "
-                                       "run stops with status failed.", min=1)
+                                       "run stops with status failed (a run without a valid reply "
+                                       "in any round fails too, however few its rounds).", min=1)
     round_timeout: float = _field(0.0, "Seconds to wait for replies per round; 0 = no limit.", min=0)
     poll_interval: float = _field(0.01, "Seconds between the server's polls for replies on Flower's "
                                         "grids (the Ray engine, a SuperLink), growing to a tenth of "
@@ -323,7 +339,8 @@ class PrivacyConfig:
     clipping_norm: float = _field(1.0, "L2 bound of one client's whole update (all tensors).",
                                   min=0, min_exclusive=True)
     noise_multiplier: float = _field(0.0, "Gaussian noise std on the mean update, in units of "
-                                          "clipping_norm / sampled clients; 0 = clipping only.",
+                                          "clipping_norm / clients per round (expected, under "
+                                          "Poisson sampling); 0 = clipping only.",
                                      min=0)
     delta: float = _field(1e-5, "delta at which summary.json reports the run's epsilon.",
                           min=0, max=1, min_exclusive=True, max_exclusive=True)
@@ -341,8 +358,9 @@ class TrackingConfig:
                                        choices=TRACKING_BACKENDS)
     project: str = _field("", "MLflow experiment and W&B project; empty = the sweep's directory name "
                               "for a run of a sweep, else 'fedmaml'.")
-    mlflow_uri: str = _field("", "MLflow tracking URI; empty = a file store in <output_dir>/mlruns, "
-                                 "shared by the runs of one output directory or sweep.")
+    mlflow_uri: str = _field("", "MLflow tracking URI; empty = sqlite:///<output_dir>/mlflow.db "
+                                 "(files in <output_dir>/mlartifacts), shared by the runs of one "
+                                 "output directory or sweep.")
     wandb_mode: str = _field("offline", "W&B mode: offline writes the run under the run directory "
                                         "(upload later with `wandb sync`); online needs `wandb "
                                         "login`.", choices=("offline", "online"))
@@ -408,6 +426,9 @@ CROSS_FIELD_RULES = (
     "`privacy.clipping` other than `none` requires `federated.aggregation: uniform`; "
     "`privacy.noise_multiplier` above 0 requires `privacy.clipping` other than `none` and "
     "`participation.model: uniform`.",
+    "`federated.sampling: poisson` requires `federated.mode: cross_device`; with "
+    "`privacy.noise_multiplier` above 0 it requires `federated.min_replies: 1` (a private Poisson "
+    "round releases its noisy mean whatever the number of replies).",
 )
 
 
@@ -500,6 +521,16 @@ def cross_field_problems(cfg: Config) -> list[str]:
         problems.append(f"privacy.noise_multiplier: the privacy account assumes uniform client "
                         f"sampling; participation.model is {cfg.participation.model!r} (use "
                         "'uniform' with differential privacy)")
+    if fed.sampling == "poisson" and fed.mode != "cross_device":
+        problems.append(f"federated.sampling: 'poisson' needs federated.mode 'cross_device' (got "
+                        f"{fed.mode!r}); cross-silo takes every silo every round")
+    # Whether a round updated would reveal whether anybody was sampled: the account assumes a
+    # release every round (docs/privacy.md).
+    if fed.sampling == "poisson" and dp.noise_multiplier > 0 and fed.min_replies != 1:
+        problems.append(f"federated.min_replies: {fed.min_replies} does not go with "
+                        "federated.sampling 'poisson' and privacy.noise_multiplier > 0: a private "
+                        "Poisson round releases its noisy mean whatever the number of replies; "
+                        "use 1")
     return problems
 
 
@@ -663,10 +694,11 @@ def _check_value(spec: FieldSpec, value: Any, problems: list[str]) -> Any:
             return None
         value = float(value)
     elif spec.is_list and spec.item_type is str:
-        return _check_str_list(spec, value, problems)
+        return _check_str_list(spec, _as_list(value), problems)
     elif spec.is_list:
+        value = _as_list(value)
         if not isinstance(value, (list, tuple)):
-            problems.append(f"{where}: expected a list of integers such as [40, 40], "
+            problems.append(f"{where}: expected a list of integers such as 40,40 or [40, 40], "
                             f"got {_show(value)}")
             return None
         ok = True
@@ -688,9 +720,10 @@ def _check_value(spec: FieldSpec, value: Any, problems: list[str]) -> Any:
 
 def _check_str_list(spec: FieldSpec, value: Any, problems: list[str]) -> Any:
     """A list of distinct strings, each among the field's choices (when it has some)."""
-    where, example = spec.path, ", ".join((spec.choices or ("a", "b"))[:2])
+    where, example = spec.path, (spec.choices or ("a", "b"))[:2]
     if not isinstance(value, (list, tuple)):
-        problems.append(f"{where}: expected a list such as [{example}], got {_show(value)}")
+        problems.append(f"{where}: expected a list such as {','.join(example)} or "
+                        f"[{', '.join(example)}], got {_show(value)}")
         return None
     ok = True
     for i, item in enumerate(value):
@@ -705,6 +738,18 @@ def _check_str_list(spec: FieldSpec, value: Any, problems: list[str]) -> Any:
             problems.append(f"{where}[{i}]: {item!r} appears twice")
             ok = False
     return tuple(value) if ok else None
+
+
+def _as_list(value: Any) -> Any:
+    """One list syntax everywhere: a list key takes ``[a, b]`` (YAML), the text ``a,b`` (the
+    command line, Flower's run config, whose values are scalars) or ``[a,b]`` as text, and a single
+    item ``a`` as ``[a]``. Other values (true, 0.5, a mapping) are left for the type check to
+    refuse."""
+    if isinstance(value, str):
+        return _parse_int_list(value)
+    if _is_int(value) and not isinstance(value, bool):
+        return [value]
+    return value
 
 
 def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
@@ -853,8 +898,8 @@ def config_from_flat(flat: Mapping[str, Any], *, source: str = "run config") -> 
 
 
 def _parse_int_list(text: str) -> Any:
-    """"40,40" or "[40, 40]" -> [40, 40]; "a,b" -> ["a", "b"]; items that are not integers stay
-    strings, for the type check of the key."""
+    """"40,40" or "[40, 40]" -> [40, 40]; "a,b" -> ["a", "b"]; "" -> []; items that are not
+    integers stay strings, for the type check of the key."""
     text = text.strip().removeprefix("[").removesuffix("]").strip()
     if not text:
         return []
@@ -1006,7 +1051,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 #: The top-level section of a sweep file: a config plus the grid and seeds that ``fedmaml sweep``
-#: expands (validated in fedmaml/sweep.py). A run's own config never has one.
+#: expands (validated in fedmaml/sweep_spec.py). A run's own config never has one.
 SWEEP_SECTION = "sweep"
 
 

@@ -11,12 +11,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fedmaml import run_dir as rd
 from fedmaml.errors import ConfigError, FedmamlError
 from fedmaml.federated import checkpoint
 from fedmaml.federated.client_app import make_client_app
 from fedmaml.federated.health import run_status
 from fedmaml.federated.server_app import make_server_app
-from fedmaml.federated.setup import setup_for
+from fedmaml.federated.setup import check_device, setup_for
 from fedmaml.results.recorder import read_summary
 from fedmaml.tracking import check_available
 
@@ -29,67 +30,53 @@ def quiet_frameworks() -> None:
     logging.getLogger("flwr").setLevel(logging.WARNING)
 
 
-def new_run_dir(cfg: Any) -> Path:
-    """``<output_dir>/<name>``, or ``<name>-2``, ``-3``... if that exists already. When the last of
-    them is an unfinished run of this very config, that is an error saying how to resume it
-    (rather than silently starting over in the next directory)."""
-    base = Path(cfg.output_dir) / cfg.name
-    path, i, last = base, 1, None
-    while path.exists() and any(path.iterdir()):
-        last = path
-        i += 1
-        path = base.with_name(f"{base.name}-{i}")
-    if last is not None:
-        refuse_unfinished(last, cfg)
-    return path
-
-
-def refuse_unfinished(run_dir: Path, cfg: Any) -> None:
-    """A FedmamlError if ``run_dir`` is an unfinished run of ``cfg`` (same config up to
-    output_dir): resume it or remove it, but do not leave it behind unnoticed."""
-    from fedmaml.config import load_config
-    from fedmaml.sweep import config_differences
-
-    status = run_status(read_summary(run_dir))
-    if status not in (None, "interrupted") or not (run_dir / "config.yaml").exists():
-        return
-    try:
-        if config_differences(load_config(run_dir / "config.yaml"), cfg):
-            return
-    except FedmamlError:  # not a config this version reads: another experiment
-        return
-    if checkpoint.path_of(run_dir).exists():
-        saved = checkpoint.load(run_dir)
-        raise FedmamlError(f"{run_dir} is an unfinished run of this config (checkpoint after "
-                           f"round {saved['round']} of {cfg.federated.rounds}); resume it with "
-                           f"`fedmaml run --resume {run_dir}`, or move it away to start again")
-    raise FedmamlError(f"{run_dir} is an unfinished run of this config without a checkpoint (it "
-                       "crashed or was killed before its first one; see "
-                       "federated.checkpoint_every); move it away (or delete it) to start again")
-
-
 def run_experiment(cfg: Any, quiet: bool = False, run_dir: str | Path | None = None,
-                   resume: bool = False) -> Path:
+                   resume: bool = False, restart: bool = False) -> Path:
     """Run ``cfg`` (and the ``compare_with`` baselines under ``<run_dir>/baselines/``); return the run
     directory (config.yaml, metrics.jsonl, summary.json, model.pt, convergence.png).
 
-    ``resume``: continue the runs of ``run_dir`` from their checkpoints; runs that already ended
-    are kept, runs without a checkpoint start from the beginning. During a run the first SIGINT or
-    SIGTERM stops it after the current round with a checkpoint (fedmaml/federated/checkpoint.py);
-    the later runs (baselines) are then not started."""
+    The run directory is locked while the runs train (fedmaml/run_dir.py): a second process that
+    tries to work in it fails at once, naming this one. ``resume``: continue the runs of
+    ``run_dir`` from their checkpoints, each with the config of its checkpoint (only the keys of
+    ``run_dir.CHANGEABLE_ON_RESUME`` may differ, and the change is recorded); runs that already ended
+    are kept, runs without a checkpoint start from the beginning. ``restart``: move ``run_dir`` aside
+    (``<run_dir>.old-N``) and start again there. During a run the first SIGINT or SIGTERM stops it
+    after the current round with a checkpoint (fedmaml/federated/checkpoint.py); the later runs
+    (baselines) are then not started."""
     quiet_frameworks()
-    if resume and run_dir is None:
-        raise FedmamlError("resume needs the run directory")
-    run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
+    if (resume or restart) and run_dir is None:
+        raise FedmamlError("resume and restart need the run directory")
     names = [n.strip() for n in cfg.compare_with.split(",") if n.strip()]
-    runs = [(cfg, run_dir)] + [(baseline_config(cfg, n), run_dir / "baselines" / n) for n in names]
-    with checkpoint.stop_on_signals():
+    configs = [cfg] + [baseline_config(cfg, n) for n in names]
+    for c in configs:  # a config error is reported before anything is moved or locked
+        check_config(c)
+    if restart and run_dir is not None and Path(run_dir).exists():
+        aside = rd.move_aside(run_dir)
+        if not quiet:
+            print(f"moved {run_dir} aside to {aside}", file=sys.stderr)
+    run_dir = Path(run_dir) if run_dir else rd.new_run_dir(cfg)
+    runs = list(zip(configs, [run_dir] + [run_dir / "baselines" / n for n in names]))
+    with rd.run_lock(run_dir), checkpoint.stop_on_signals():
+        todo, changes = [], []
         for i, (c, d) in enumerate(runs):
-            if resume and run_status(read_summary(d)) not in (None, "interrupted"):
+            summary = read_summary(d)
+            if resume and run_status(summary) not in (None, "interrupted"):
+                if summary.get("rounds", c.federated.rounds) != c.federated.rounds:
+                    raise FedmamlError(f"{d}: ended ({summary['status']}) with federated.rounds "
+                                       f"{summary['rounds']}; a run that ended cannot be "
+                                       f"extended, so {run_dir} cannot resume with "
+                                       f"federated.rounds {c.federated.rounds}; start a new run")
                 continue  # ended before: its summary says how
+            resumes = resume and checkpoint.path_of(d).exists()
+            if resumes:  # every run is checked before any change is recorded or run starts
+                changes.append(rd.check_resume(d, c, top=run_dir))
+            todo.append((i, c, d, resumes))
+        for record in filter(None, changes):
+            record()
+        for i, c, d, resumes in todo:
             if i and not quiet:
                 print(f"baseline {c.algorithm.name}:", file=sys.stderr)
-            run_one(c, d, quiet, resume=resume and checkpoint.path_of(d).exists())
+            run_one(c, d, quiet, resume=resumes)
             if run_status(read_summary(d)) == "interrupted":
                 break
     if not quiet:
@@ -109,10 +96,18 @@ def baseline_config(cfg: Any, algorithm: str) -> Any:
     return replace_paths(cfg, updates)
 
 
+def check_config(cfg: Any) -> None:
+    """Fail fast on bad data/model/pattern settings, on a device the clients cannot have (the same
+    on every engine) and on a tracking extra that is not installed, before any engine starts."""
+    setup_for(cfg)
+    check_device(cfg.engine)
+    check_available(cfg.tracking.backends)
+
+
 def run_one(cfg: Any, run_dir: Path, quiet: bool, resume: bool = False) -> None:
     """One config on the engine it names; the same ClientApp/ServerApp on every engine."""
-    setup = setup_for(cfg)  # fail fast on bad data/model/pattern settings, before any engine starts
-    check_available(cfg.tracking.backends)  # and on a tracking extra that is not installed
+    check_config(cfg)
+    setup = setup_for(cfg)  # cached
     num_nodes = setup.federation.num_clients + setup.federation.num_unseen
     server_app = make_server_app(cfg, run_dir, quiet=quiet, resume=resume)
     client_app = make_client_app(cfg)
@@ -124,6 +119,8 @@ def run_one(cfg: Any, run_dir: Path, quiet: bool, resume: bool = False) -> None:
     elif engine == "ray":
         from fedmaml.engines.ray_engine import run_ray
 
+        if not quiet:  # 5-10 s before the first round's line
+            print("starting Ray...", file=sys.stderr, flush=True)
         run_ray(server_app, client_app, num_nodes, cfg.engine)
     elif engine == "vectorized":
         from fedmaml.engines.vectorized import run_vectorized

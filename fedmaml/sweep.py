@@ -35,50 +35,34 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 import yaml
 
-from fedmaml.config import (SWEEP_SECTION, Config, check_value, config_to_flat, dump_yaml,
-                            load_config, load_config_and_sweep, parse_override, replace_paths,
-                            resolve_key, short_key)
+from fedmaml.config import (SWEEP_SECTION, Config, check_value, dump_yaml, load_config,
+                            replace_paths, short_key)
 from fedmaml.errors import ConfigError, FedmamlError
+from fedmaml.run_dir import (DirectoryLock, clear, config_differences, has_content, load_checkpoint,
+                             run_lock)
+# The specification and the manifest reader (fedmaml/sweep_spec.py) sit below tracking, which reads
+# manifests too; their names stay importable from here, the sweep's public module.
+from fedmaml.sweep_spec import (MANIFEST, SweepSpec, grid_key, load_sweep,  # noqa: F401
+                                parse_grid_arg, parse_references, parse_seeds, parse_settings,
+                                settings_from_section, spec_from_section, split_values,
+                                strip_source)
 
-MANIFEST = "sweep.yaml"
-LOCK_FILE, PID_FILE = ".sweep.lock", ".sweep.pid"
+LOCK_FILE = ".sweep.lock"
 ERROR_FILE = "error.txt"  # written into a run directory whose run raised
 CONFIG_FILE, SUMMARY_FILE = "config.yaml", "summary.json"  # as fedmaml.results.recorder writes them
-# Keys a sweep sets itself: the run's identity and place, not part of its setting.
-_RESERVED = {"seed": "use --seeds (or sweep.seeds) for seeds",
-             "name": "each run is named after its grid values",
-             "output_dir": "runs go under the sweep directory (--sweep-dir)"}
 _MAX_DIR_NAME = 150  # well below the usual 255-byte limit, leaving room for temp-file suffixes
-
-
-@dataclass(frozen=True)
-class SweepSpec:
-    """What varies: named override sets (``settings``: name -> full dotted key -> value, in the given
-    order; none: the base config alone), crossed with the grid (full dotted key -> the values it
-    takes) and the seeds. ``references``: a setting's name -> a number reported elsewhere for it
-    (shown beside its row by ``fedmaml compare``)."""
-
-    grid: dict[str, tuple[Any, ...]]
-    seeds: tuple[int, ...]
-    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
-    references: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def num_settings(self) -> int:
-        return max(1, len(self.settings)) * math.prod(len(v) for v in self.grid.values())
 
 
 @dataclass(frozen=True)
@@ -100,229 +84,6 @@ class SweepResult:
     invalid: list[str] = field(default_factory=list)  # combinations left out (skip_invalid)
     #: name -> status (diverged, failed) of the finished runs that did not complete
     not_completed: dict[str, str] = field(default_factory=dict)
-
-
-# --------------------------------------------------------------------------------------------------
-# Parsing the grid and the seeds
-# --------------------------------------------------------------------------------------------------
-
-def split_values(text: str) -> list[str]:
-    """Split ``0.3,0.5`` at commas outside brackets, so ``[40,40],[20]`` is two values."""
-    parts, depth, current = [], 0, ""
-    for ch in text:
-        if ch in "[{":
-            depth += 1
-        elif ch in "]}":
-            depth -= 1
-        if ch == "," and depth == 0:
-            parts.append(current.strip())
-            current = ""
-        else:
-            current += ch
-    parts.append(current.strip())
-    return parts
-
-
-def parse_grid_arg(text: str) -> tuple[str, tuple[Any, ...]]:
-    """``--grid beta=0.3,0.5`` -> ``("algorithm.beta", (0.3, 0.5))``; values are read as overrides."""
-    key, sep, raw = text.partition("=")
-    key = key.strip()
-    if not sep or not key or not raw.strip():
-        raise ConfigError(f"--grid {text!r} must look like key=value1,value2,... "
-                          "(e.g. --grid algorithm.beta=0.3,0.5,0.9)")
-    texts = split_values(raw)
-    if any(t == "" for t in texts):
-        raise ConfigError(f"--grid {text!r}: an empty value (two commas in a row, or a trailing one)")
-    # Read generically first to pick the key (a suffix may need the values), then as that key's type.
-    full = _grid_key(key, [parse_override(f"{key}={t}")[1] for t in texts], f"--grid {key}")
-    return full, tuple(parse_override(f"{full}={t}")[1] for t in texts)
-
-
-def _grid_key(key: str, values: Sequence[Any], where: str) -> str:
-    try:
-        full = resolve_key(key, values)
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
-    if full in _RESERVED:
-        raise ConfigError(f"{where}: {full!r} cannot be a grid key; {_RESERVED[full]}")
-    return full
-
-
-def parse_seeds(value: Any, where: str = "--seeds") -> tuple[int, ...]:
-    """``"0-4"``, ``"0,2,5"``, ``"0-2,7"``, ``3`` or ``[0, 1]`` -> the distinct seeds, in order."""
-    if isinstance(value, bool):
-        value = None  # not a seed; reported below
-    elif isinstance(value, int):
-        value = [value]
-    elif isinstance(value, str):
-        seeds: list[Any] = []
-        for part in value.split(","):
-            lo, dash, hi = part.strip().partition("-")
-            try:
-                if dash:
-                    a, b = int(lo), int(hi)
-                    if b < a:
-                        raise ValueError
-                    seeds.extend(range(a, b + 1))
-                else:
-                    seeds.append(int(lo))
-            except ValueError:
-                raise ConfigError(f"{where}: {value!r} is not a seed list; write e.g. 0-4, 0,2,5 "
-                                  "or 0-2,7") from None
-        value = seeds
-    if (not isinstance(value, (list, tuple)) or not value
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value)):
-        raise ConfigError(f"{where}: {value!r} is not a seed list; write non-negative integers, "
-                          "e.g. 0-4, 0,2,5 or [0, 1, 2]")
-    if len(set(value)) != len(value):
-        dup = next(s for s in value if list(value).count(s) > 1)
-        raise ConfigError(f"{where}: seed {dup} appears twice")
-    return tuple(value)
-
-
-#: A setting's name is a run directory's first part: letters, digits and ``._+-``, no ``=`` or ``,``
-#: (which separate the grid values in the name), not starting with ``.`` or ``-``.
-_SETTING_NAME = re.compile(r"[A-Za-z0-9_+][A-Za-z0-9._+-]*")
-_MAX_SETTING_NAME = 40
-_SECTION_KEYS = ("settings", "references", "grid", "seeds")
-
-
-def parse_settings(value: Any, where: str) -> dict[str, dict[str, Any]]:
-    """``sweep.settings``: named override sets, as a mapping ``{MOML: {algorithm.name: moml, ...}}``
-    or a list of one-entry mappings ``[{MOML: {...}}, {FO-MAML: {...}}]`` -> name -> full key ->
-    value, in the given order. Names must be safe as directory names and distinct; keys are config
-    keys (or unambiguous suffixes, as in the grid) and each value must be valid for its key."""
-    if value is None:
-        return {}
-    if isinstance(value, Mapping):
-        items = list(value.items())
-    elif isinstance(value, list):
-        items = []
-        for i, entry in enumerate(value):
-            if not isinstance(entry, Mapping) or len(entry) != 1:
-                raise ConfigError(f"{where}[{i}]: each entry must be one `NAME: {{key: value, ...}}`"
-                                  f" mapping, got {entry!r}")
-            items += list(entry.items())
-    else:
-        raise ConfigError(f"{where}: must map setting names to override sets, e.g. "
-                          "{MOML: {algorithm.name: moml}, FO-MAML: {algorithm.name: fedmeta}}, "
-                          f"got {value!r}")
-    if not items:
-        raise ConfigError(f"{where}: is empty; name at least one setting, or leave it out")
-    settings: dict[str, dict[str, Any]] = {}
-    for name, overrides in items:
-        if not isinstance(name, str) or not _SETTING_NAME.fullmatch(name) \
-                or len(name) > _MAX_SETTING_NAME:
-            raise ConfigError(f"{where}: setting name {name!r} is not allowed; a name becomes a "
-                              f"run directory's name: up to {_MAX_SETTING_NAME} letters, digits and "
-                              "._+- (no spaces, '=' or ','), not starting with '.' or '-'")
-        if name in settings:
-            raise ConfigError(f"{where}: setting {name!r} appears twice")
-        clash = next((n for n in settings if n.lower() == name.lower()), None)
-        if clash is not None:  # one directory on case-insensitive file systems (macOS, Windows)
-            raise ConfigError(f"{where}: settings {clash!r} and {name!r} differ only in case; "
-                              "their run directories would collide on some file systems")
-        if overrides is None:
-            overrides = {}  # `base:` alone: the base config itself
-        if not isinstance(overrides, Mapping):
-            raise ConfigError(f"{where}.{name}: must map config keys to values, e.g. "
-                              f"{{algorithm.eta: 0.005}}, got {overrides!r}")
-        resolved: dict[str, Any] = {}
-        for key, v in overrides.items():
-            full = _grid_key(str(key), [v], f"{where}.{name}.{key}")
-            if full in resolved:
-                raise ConfigError(f"{where}.{name}.{key}: {full} is set twice in this setting")
-            try:
-                check_value(full, v)
-            except ConfigError as e:
-                raise ConfigError(f"{where}.{name}: {_strip_source(e)}") from None
-            resolved[full] = v
-        same = next((n for n, o in settings.items() if o == resolved), None)
-        if same is not None:
-            raise ConfigError(f"{where}: settings {same!r} and {name!r} set the same values; "
-                              "remove one of them")
-        settings[name] = resolved
-    return settings
-
-
-def parse_references(value: Any, settings: Mapping[str, Any], where: str) -> dict[str, str]:
-    """``sweep.references``: setting name -> a number reported elsewhere for that setting, with its
-    source (text, e.g. ``"1.330 ± 0.083 at 5,000 steps (3 seeds): the paper's public code"``)."""
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"{where}: must map setting names to text, got {value!r}")
-    out = {}
-    for name, text in value.items():
-        if name not in settings:
-            raise ConfigError(f"{where}.{name}: no setting of that name; settings: "
-                              + (", ".join(settings) or "none (sweep.settings is empty)"))
-        if not isinstance(text, (str, int, float)) or isinstance(text, bool) or str(text) == "":
-            raise ConfigError(f"{where}.{name}: must be a number or text, got {text!r}")
-        out[str(name)] = str(text)
-    return out
-
-
-def spec_from_section(section: Any, source: str) -> tuple[dict[str, tuple[Any, ...]], Any]:
-    """The grid (validated keys, raw values) and the raw seeds of a YAML ``sweep:`` section (its
-    settings: :func:`settings_from_section`)."""
-    where = f"{source}: {SWEEP_SECTION}"
-    if section is None:
-        return {}, None
-    if not isinstance(section, Mapping):
-        raise ConfigError(f"{where}: must be a mapping with settings, grid and seeds, got "
-                          f"{section!r}")
-    unknown = set(section) - set(_SECTION_KEYS)
-    if unknown:
-        raise ConfigError(f"{where}.{sorted(map(str, unknown))[0]}: unknown key; allowed keys: "
-                          + ", ".join(_SECTION_KEYS))
-    grid_in = section.get("grid") or {}
-    if not isinstance(grid_in, Mapping):
-        raise ConfigError(f"{where}.grid: must map keys to lists of values, got {grid_in!r}")
-    grid: dict[str, tuple[Any, ...]] = {}
-    for key, values in grid_in.items():
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"{where}.grid.{key}: expected a non-empty list of values, e.g. "
-                              f"[0.3, 0.5], got {values!r}")
-        full = _grid_key(str(key), values, f"{where}.grid.{key}")
-        if full in grid:
-            raise ConfigError(f"{where}.grid.{key}: {full} appears twice in the grid")
-        grid[full] = tuple(values)
-    return grid, section.get("seeds")
-
-
-def settings_from_section(section: Any, source: str
-                          ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-    """The named settings and their references of a (validated) YAML ``sweep:`` section."""
-    if not isinstance(section, Mapping):
-        return {}, {}
-    where = f"{source}: {SWEEP_SECTION}"
-    settings = parse_settings(section.get("settings"), f"{where}.settings")
-    return settings, parse_references(section.get("references"), settings, f"{where}.references")
-
-
-def load_sweep(path: str | Path, overrides: Sequence[str] = (), grid_args: Sequence[str] = (),
-               seeds: str | None = None) -> tuple[Config, SweepSpec]:
-    """The base config and the sweep of a file (its optional ``sweep:`` section), with the CLI's
-    ``key=value`` overrides, ``--grid`` arguments (adding to or replacing the file's) and
-    ``--seeds``."""
-    base, section = load_config_and_sweep(path, overrides)
-    grid, file_seeds = spec_from_section(section, str(path))
-    settings, references = settings_from_section(section, str(path))
-    cli_keys: set[str] = set()
-    for text in grid_args:
-        key, values = parse_grid_arg(text)
-        if key in cli_keys:
-            raise ConfigError(f"--grid {text!r}: {key} is given twice")
-        cli_keys.add(key)
-        grid[key] = values
-    if seeds is not None:
-        seed_list = parse_seeds(seeds)
-    elif file_seeds is not None:
-        seed_list = parse_seeds(file_seeds, f"{path}: {SWEEP_SECTION}.seeds")
-    else:
-        seed_list = (base.seed,)
-    return base, SweepSpec(grid=grid, seeds=seed_list, settings=settings, references=references)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -351,7 +112,7 @@ def plan_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path,
     """Every (combination, seed) as a validated config; returns the runs and the combinations left
     out as invalid (only with ``skip_invalid``; otherwise an invalid one is a ConfigError)."""
     sweep_dir = Path(sweep_dir)
-    grid = {_grid_key(k, v, f"grid {k}"): tuple(v) for k, v in spec.grid.items()}  # suffixes too
+    grid = {grid_key(k, v, f"grid {k}"): tuple(v) for k, v in spec.grid.items()}  # suffixes too
     if len(grid) != len(spec.grid):
         raise ConfigError(f"grid: a key appears twice ({', '.join(spec.grid)})")
     named = parse_settings(spec.settings, "settings") if spec.settings else {}
@@ -381,9 +142,9 @@ def plan_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path,
         except ConfigError as e:
             what = "grid combination" if values else "the base config with"
             if not skip_invalid:
-                raise ConfigError(f"{what} {label} is invalid: {_strip_source(e)} "
+                raise ConfigError(f"{what} {label} is invalid: {strip_source(e)} "
                                   "(--skip-invalid leaves such combinations out)") from None
-            invalid.append(f"{label}: {_strip_source(e)}")
+            invalid.append(f"{label}: {strip_source(e)}")
             continue
         for seed in spec.seeds:
             name = run_name(values, seed, named_as)
@@ -409,11 +170,6 @@ def _check_alone(key: str, value: Any) -> None:
         raise ConfigError(f"grid {e}") from None
 
 
-def _strip_source(e: ConfigError) -> str:
-    """ConfigError texts start with "config: "; inside a sweep message that is noise."""
-    return re.sub(r"^config: ", "", str(e))
-
-
 # --------------------------------------------------------------------------------------------------
 # State of a run directory
 # --------------------------------------------------------------------------------------------------
@@ -426,7 +182,7 @@ def baseline_dirs(run_dir: Path, cfg: Config) -> list[Path]:
 
 def run_state(run_dir: Path, cfg: Config) -> str:
     """``new``, ``finished`` or ``unfinished``; a finished run made with another config is an error."""
-    if not run_dir.exists() or not any(run_dir.iterdir()):
+    if not has_content(run_dir):
         return "new"
     if not (run_dir / CONFIG_FILE).exists() and not (run_dir / ERROR_FILE).exists():
         raise FedmamlError(f"{run_dir}: exists but is not a run directory of this sweep (no "
@@ -462,15 +218,6 @@ def not_completed(run_dir: Path, cfg: Config) -> str | None:
     return None
 
 
-def config_differences(a: Config, b: Config,
-                       ignore: Iterable[str] = ("output_dir",)) -> list[tuple[str, Any, Any]]:
-    """``(key, value in a, value in b)`` for every key that differs, in schema order, leaving out
-    ``ignore`` and the ``tracking`` keys (where a run is logged does not change its results)."""
-    fa, fb, skip = config_to_flat(a), config_to_flat(b), set(ignore)
-    return [(k, fa[k], fb[k]) for k in fa
-            if k not in skip and not k.startswith("tracking.") and fa[k] != fb[k]]
-
-
 # --------------------------------------------------------------------------------------------------
 # Running
 # --------------------------------------------------------------------------------------------------
@@ -488,19 +235,25 @@ def execute_run(cfg: Config, run_dir: str | Path) -> tuple[float, str | None]:
     from fedmaml.federated.checkpoint import CHECKPOINT_FILE
 
     run_dir = Path(run_dir)
-    resume = any(d.joinpath(CHECKPOINT_FILE).exists()
-                 for d in [run_dir, *baseline_dirs(run_dir, cfg)])
-    if run_dir.exists() and not resume:
-        shutil.rmtree(run_dir)  # an interrupted attempt: start clean, no stale files
-    (run_dir / ERROR_FILE).unlink(missing_ok=True)
     start = time.perf_counter()
     try:
-        run_experiment(cfg, quiet=True, run_dir=run_dir, resume=resume)
-    except Exception as e:  # noqa: BLE001 - reported per run, the sweep goes on
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / ERROR_FILE).write_text(traceback.format_exc(), encoding="utf-8")
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return time.perf_counter() - start, f"{type(e).__name__}: {first}"
+        lock = run_lock(run_dir).__enter__()  # held while the run trains: no second process in it
+    except FedmamlError as e:
+        return time.perf_counter() - start, f"FedmamlError: {e}"
+    try:
+        resume = any(d.joinpath(CHECKPOINT_FILE).exists()
+                     for d in [run_dir, *baseline_dirs(run_dir, cfg)])
+        if not resume:
+            clear(run_dir)  # an interrupted attempt: start clean, no stale files
+        (run_dir / ERROR_FILE).unlink(missing_ok=True)
+        try:
+            run_experiment(cfg, quiet=True, run_dir=run_dir, resume=resume)
+        except Exception as e:  # noqa: BLE001 - reported per run, the sweep goes on
+            (run_dir / ERROR_FILE).write_text(traceback.format_exc(), encoding="utf-8")
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            return time.perf_counter() - start, f"{type(e).__name__}: {first}"
+    finally:
+        lock.__exit__(None, None, None)
     summary = run_dir / SUMMARY_FILE
     if summary.exists() and json.loads(summary.read_text(encoding="utf-8")).get(
             "status") == "interrupted":
@@ -536,36 +289,11 @@ def _worker_init(parent_pid: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-class _Lock:
-    """An exclusive lock on the sweep directory (``filelock``: an OS lock on every platform, released
-    if this process dies). The holder's pid sits in a file beside it for the error message (the
-    lock file itself may be truncated by a process trying to take it)."""
-
-    def __init__(self, sweep_dir: Path) -> None:
-        from filelock import FileLock
-
-        self.path = sweep_dir / LOCK_FILE
-        self.pid_file = sweep_dir / PID_FILE
-        self.lock = FileLock(self.path, timeout=0)
-
-    def __enter__(self) -> _Lock:
-        from filelock import Timeout
-
-        try:
-            self.lock.acquire()
-        except Timeout:
-            try:
-                pid = self.pid_file.read_text().strip() or "?"
-            except OSError:
-                pid = "?"
-            raise FedmamlError(f"{self.path.parent}: another fedmaml sweep is running in this "
-                               f"directory (pid {pid}); wait for it or use another "
-                               "--sweep-dir") from None
-        self.pid_file.write_text(str(os.getpid()))
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.lock.release()
+def _Lock(sweep_dir: Path) -> DirectoryLock:
+    """The exclusive lock on a sweep directory (fedmaml/run_dir.py: an OS lock that the kernel
+    releases when the process dies; the holder is named beside it)."""
+    return DirectoryLock(sweep_dir, LOCK_FILE, "fedmaml sweep",
+                         "wait for it or use another --sweep-dir")
 
 
 def write_manifest(sweep_dir: Path, base: Config, spec: SweepSpec) -> None:
@@ -629,36 +357,43 @@ def execute_batch(configs: list[Config], run_dirs: list[Path], quiet: bool = Tru
     fails every run of the batch that had not ended (``error.txt`` in each)."""
     from fedmaml.engines.run_batch import run_batch
     from fedmaml.experiment import quiet_frameworks
-    from fedmaml.federated.checkpoint import CHECKPOINT_FILE
-
-    from fedmaml.federated.checkpoint import stop_on_signals
-
-    from fedmaml.federated.checkpoint import load
+    from fedmaml.federated.checkpoint import CHECKPOINT_FILE, load, stop_on_signals
+    from fedmaml.run_dir import check_resume
 
     quiet_frameworks()
-    resume = all((d / CHECKPOINT_FILE).exists() for d in run_dirs)
-    if resume and len({load(d)["round"] for d in run_dirs}) > 1:
-        resume = False  # killed while writing the batch's checkpoints: start the batch again
-    for d in run_dirs:
-        if d.exists() and not resume:
-            shutil.rmtree(d)
-        (d / ERROR_FILE).unlink(missing_ok=True)
     start = time.perf_counter()
-    try:
-        with stop_on_signals():  # SIGINT/SIGTERM: every run checkpoints after its round
-            summaries = run_batch(configs, run_dirs, quiet=quiet, resume=resume)
-    except Exception as e:  # noqa: BLE001 - reported per run, the sweep goes on
-        text = traceback.format_exc()
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        outcomes: list[tuple[float, str | None]] = []
-        for d in run_dirs:
-            if finished_status(d) is not None:  # it ended before the batch failed
-                outcomes.append((time.perf_counter() - start, None))
-                continue
-            d.mkdir(parents=True, exist_ok=True)
-            (d / ERROR_FILE).write_text(text, encoding="utf-8")
-            outcomes.append((time.perf_counter() - start, f"{type(e).__name__}: {first}"))
-        return outcomes
+    with contextlib.ExitStack() as locks:
+        try:  # every run directory of the batch is locked while the batch trains
+            for d in run_dirs:
+                locks.enter_context(run_lock(d))
+        except FedmamlError as e:
+            return [(time.perf_counter() - start, f"FedmamlError: {e}")] * len(run_dirs)
+        try:
+            resume = all((d / CHECKPOINT_FILE).exists() for d in run_dirs)
+            if resume and len({load(d)["round"] for d in run_dirs}) > 1:
+                resume = False  # killed while writing the batch's checkpoints: start it again
+            # every run is checked before any change is recorded
+            changes = [check_resume(d, c) for d, c in zip(run_dirs, configs)] if resume else []
+            for record in filter(None, changes):
+                record()
+            for d in run_dirs:
+                if not resume:
+                    clear(d)
+                (d / ERROR_FILE).unlink(missing_ok=True)
+            with stop_on_signals():  # SIGINT/SIGTERM: every run checkpoints after its round
+                summaries = run_batch(configs, run_dirs, quiet=quiet, resume=resume)
+        except Exception as e:  # noqa: BLE001 - reported per run, the sweep goes on
+            text = traceback.format_exc()
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            outcomes: list[tuple[float, str | None]] = []
+            for d in run_dirs:
+                if finished_status(d) is not None:  # it ended before the batch failed
+                    outcomes.append((time.perf_counter() - start, None))
+                    continue
+                d.mkdir(parents=True, exist_ok=True)
+                (d / ERROR_FILE).write_text(text, encoding="utf-8")
+                outcomes.append((time.perf_counter() - start, f"{type(e).__name__}: {first}"))
+            return outcomes
     if any(s.get("status") == "interrupted" for s in summaries.values()):
         raise KeyboardInterrupt  # the runs checkpointed themselves; the sweep stops too
     return [(time.perf_counter() - start, None)] * len(run_dirs)
@@ -670,7 +405,7 @@ def plan_batches(todo: list[PlannedRun], sweep_dir: Path, jobs: int
     when resuming; split when there are fewer batches than ``jobs`` processes), the runs that run
     one by one, and why each of those cannot join a batch."""
     from fedmaml.engines.run_batch import batch_key, batch_refusal
-    from fedmaml.federated.checkpoint import CHECKPOINT_FILE, load
+    from fedmaml.federated.checkpoint import CHECKPOINT_FILE
 
     groups: dict[tuple, list[PlannedRun]] = {}
     alone: list[PlannedRun] = []
@@ -679,7 +414,7 @@ def plan_batches(todo: list[PlannedRun], sweep_dir: Path, jobs: int
         reason = batch_refusal(run.config)
         at = None
         if reason is None and (sweep_dir / run.name / CHECKPOINT_FILE).exists():
-            saved = load(sweep_dir / run.name)
+            saved = load_checkpoint(sweep_dir / run.name)  # a corrupt one says how to start again
             at = saved["round"]
             clients = saved["memories"].get("clients", {})
             if any("file" in m for m in clients.values()):
@@ -762,7 +497,7 @@ def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None
     ``vectorize``: runs of equal shapes train together as batches (:func:`plan_batches`)."""
     from fedmaml.results.progress import Progress
 
-    out = stream or sys.stderr
+    out = stream or (sys.stdout if dry_run else sys.stderr)  # a listing is output, not progress
     sweep_dir = Path(sweep_dir) if sweep_dir is not None else default_sweep_dir(base)
     if (sweep_dir / CONFIG_FILE).exists():
         raise FedmamlError(f"{sweep_dir}: is a run directory, not a sweep directory; give "
@@ -779,7 +514,7 @@ def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None
             result.not_completed[r.name] = bad
 
     def say(text: str) -> None:
-        if not quiet:
+        if dry_run or not quiet:
             print(text, file=out, flush=True)
 
     say(f"sweep {sweep_dir}: {len(runs)} runs ({len(runs) // len(spec.seeds)} settings x "
@@ -798,9 +533,10 @@ def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None
     sweep_dir.mkdir(parents=True, exist_ok=True)
     with _Lock(sweep_dir):
         write_manifest(sweep_dir, base, spec)
-        progress = Progress(len(todo), label="run", quiet=quiet, stream=out)
+        progress = Progress(len(todo), label="run", quiet=quiet, stream=out, warmup_updates=jobs)
 
-        def record(run: PlannedRun, outcome: tuple[float, str | None]) -> None:
+        def record(run: PlannedRun, outcome: tuple[float, str | None]) -> str:
+            """Note how ``run`` ended; return its progress text."""
             seconds, error = outcome
             if error is None:
                 result.ran.append(run.name)
@@ -809,11 +545,9 @@ def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None
                     result.not_completed[run.name] = bad
             else:
                 result.failed[run.name] = error
-            done = len(result.ran) + len(result.failed)
             status = (f"failed: {error}" if error else
                       f"{result.not_completed.get(run.name, 'done')} in {seconds:.1f}s")
-            failed = f" | {len(result.failed)} failed" if result.failed else ""
-            progress.update(done, f"{run.name} {status}{failed}")
+            return f"{run.name} {status}"
 
         batches: list[list[PlannedRun]] = []
         if vectorize:
@@ -824,14 +558,21 @@ def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None
             for reason in sorted(set(why.values())):
                 names = [n for n, r in why.items() if r == reason]
                 say(f"  one by one ({reason}): {len(names)} run(s), e.g. {names[0]}")
-        jobs_of = [(execute_batch, ([r.config for r in b], [sweep_dir / r.name for r in b], quiet),
-                    b) for b in batches]
+        # A batch shows its rounds when it runs here; batches of parallel workers would draw their
+        # lines over each other and over the sweep's, which goes on ticking for them.
+        quiet_batches = quiet or (jobs > 1 and len(batches) + len(todo) > 1)
+        jobs_of = [(execute_batch, ([r.config for r in b], [sweep_dir / r.name for r in b],
+                                    quiet_batches), b) for b in batches]
         jobs_of += [(execute_run, (r.config, sweep_dir / r.name), [r]) for r in todo]
 
         def record_all(members: list[PlannedRun], outcome: Any) -> None:
             outcomes = outcome if isinstance(outcome, list) else [outcome] * len(members)
-            for run, o in zip(members, outcomes):
-                record(run, o)
+            texts = [record(run, o) for run, o in zip(members, outcomes)]
+            # one update for a batch: its runs end together, and an update per run would read as
+            # runs measured 0 s apart (the ETA is the time per run between updates)
+            info = texts[0] if len(texts) == 1 else f"{len(texts)} runs of a batch: {texts[-1]}"
+            failed = f" | {len(result.failed)} failed" if result.failed else ""
+            progress.update(len(result.ran) + len(result.failed), info + failed)
 
         try:
             with _sigterm_as_interrupt():
@@ -844,6 +585,8 @@ def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None
             say(f"\ninterrupted: {len(result.ran)} of {len(runs) - len(result.skipped)} runs "
                 "finished in this invocation; run the same command again to resume")
             raise
+        finally:
+            progress.close()
     for name, error in result.failed.items():
         say(f"failed: {name}: {error} (see {sweep_dir / name / ERROR_FILE})")
     return result

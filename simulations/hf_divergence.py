@@ -1,11 +1,12 @@
 """How often Per-FedAvg-HF diverges, with the absolute and the normalized finite-difference step.
 
-The Hessian-free estimator (ALGORITHMS.md §3) probes ``w +- d v``. With ``hf_perturbation:
-absolute`` (Per-FedAvg's form) the probe's length is ``d * ||v||``, so a large query gradient moves
-it far from the linear regime; ``normalized`` probes ``w +- d v / ||v||`` (length ``d``) and divides
-by the same step. This script runs both on the MOML sinewave protocol (``reproduce_moml_sinewave.py``:
-centralized, 25 grid tasks, B = 3, K = 1 and 3) over a range of ``eta`` and seeds and counts the runs
-that diverged (a non-finite or exploded test MSE), writing ``table.md`` and ``results.json``.
+The Hessian-free estimator (docs/algorithms.md#meta-gradient-estimators) probes ``w +- d v``.
+With ``hf_perturbation: absolute`` (Per-FedAvg's form) the probe's length is ``d * ||v||``, so a
+large query gradient moves it far from the linear regime; ``normalized`` probes ``w +- d v / ||v||``
+(length ``d``) and divides by the same step. This script runs both on the MOML sinewave protocol
+(``reproduce_moml_sinewave.py``: centralized, 25 grid tasks, B = 3, K = 1 and 3) over a range of
+``eta`` and seeds and counts the runs that diverged (a non-finite or exploded test MSE), writing
+``table.md`` and ``results.json``.
 
     PYTHONPATH=. python simulations/hf_divergence.py                       # defaults below
     PYTHONPATH=. python simulations/hf_divergence.py --steps 200 --seeds 0 --etas 0.01   # smoke
@@ -26,6 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reproduce_moml_sinewave import run_all  # noqa: E402  (the reference protocol's runner)
+from fedmaml.provenance import with_provenance  # noqa: E402
 
 #: perturbation (and probe length) -> the reference script's method name
 VARIANTS = {"absolute, d = 0.001": "Per-FedAvg-HF",
@@ -76,8 +78,8 @@ def main() -> None:
     print(f"\nPer-FedAvg-HF after {a.steps} meta-steps:\n{text}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(text + "\n")
-    (out / "results.json").write_text(json.dumps({"args": vars(a), "rows": rows,
-                                                  "runs": results}, indent=1))
+    (out / "results.json").write_text(json.dumps(with_provenance({"args": vars(a), "rows": rows,
+                                                                  "runs": results}), indent=1))
 
 
 if __name__ == "__main__":

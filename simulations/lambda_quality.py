@@ -35,6 +35,7 @@ from fedmaml.core.patterns import Pattern
 from fedmaml.experiment import run_experiment
 from fedmaml.federated import pattern_selection as fps
 from fedmaml.federated.setup import setup_for
+from fedmaml.provenance import with_provenance
 from fedmaml.results.recorder import read_summary
 
 BENCHMARKS = {"digits_conv4": "configs/lambda_digits.yaml",
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     for bench, runs in result["benchmarks"].items():
         result["benchmarks"][bench] = {"model": runs[0]["model"], "runs": runs,
                                        "selections": runs[0]["selections"]}
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps(with_provenance(result), indent=2) + "\n")
     if args.md:
         Path(args.md).write_text(markdown({"benchmarks": {b: v["runs"] for b, v in
                                                           result["benchmarks"].items()}}))

@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedmaml.provenance import with_provenance
+
 ROOT = Path(__file__).resolve().parent.parent
 FAMILIES = {"sinusoid": "participation_sinusoid.yaml", "digits": "participation_digits.yaml"}
 MODELS = ("uniform", "heterogeneous")
@@ -230,12 +232,12 @@ def main() -> None:
     text = table(records)
     print(text)
     (out / "table.md").write_text(text + "\n", encoding="utf-8")
-    (out / "results.json").write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
+    (out / "results.json").write_text(json.dumps(with_provenance(records), indent=1) + "\n", encoding="utf-8")
     docs = ROOT / "docs"
     (docs / "results" / "participation.md").write_text(text + "\n", encoding="utf-8")
     (docs / "results" / "participation.json").write_text(
-        json.dumps({f: [{k: v for k, v in r.items() if k != "dir"} for r in recs]
-                    for f, recs in records.items()}, indent=1) + "\n", encoding="utf-8")
+        json.dumps(with_provenance({f: [{k: v for k, v in r.items() if k != "dir"} for r in recs]
+                                    for f, recs in records.items()}), indent=1) + "\n", encoding="utf-8")
     figure(records, docs / "figures" / "participation.png")
     print(f"figure: {docs / 'figures' / 'participation.png'}")
 

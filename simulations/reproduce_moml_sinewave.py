@@ -1,4 +1,5 @@
-"""Reference experiment 1: the MOML sinewave protocol (ALGORITHMS.md §8), one command.
+"""Reference experiment 1: the MOML sinewave protocol, one command
+(docs/algorithms.md#reference-protocol-moml-sinewave).
 
 Six methods on the 25-task sinewave grid, centralized (the federated engine with H = 1, one task per
 client, B = 3 tasks per step, in-process), at K = 1 and K = 3:
@@ -43,6 +44,8 @@ from typing import Any
 
 import torch
 
+from fedmaml.provenance import with_provenance
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "sinewave_centralized.yaml"
 ETA_GRID = (0.1, 0.05, 0.01, 0.005, 0.001)
@@ -57,7 +60,8 @@ class Method:
     name: str
     overrides: tuple[str, ...]
     uses_beta: bool
-    # The public code's chosen values (ALGORITHMS.md §8): {K: (eta, beta)}.
+    # The public code's chosen values {K: (eta, beta)}
+    # (docs/algorithms.md#reference-protocol-moml-sinewave).
     public: dict[int, tuple[float, float]]
 
 
@@ -419,9 +423,9 @@ def run_protocol(a: argparse.Namespace, methods: list[Method], protocol: str, ou
     out.mkdir(parents=True, exist_ok=True)
     if tuning:  # written at once: the finals take as long again
         (out / "tuning.md").write_text(tuning_table(tuning) + "\n")
-        (out / "tuning.json").write_text(json.dumps(
+        (out / "tuning.json").write_text(json.dumps(with_provenance(
             {"chosen": {f"{n} K={k}": v for (n, k), v in chosen.items()}, "tuning": tuning,
-             "wall_seconds": time.perf_counter() - start}, indent=1))
+             "wall_seconds": time.perf_counter() - start}), indent=1))
     jobs = [(m.name, k, *chosen[(m.name, k)], s, a.steps, str(runs / "final"), a.curve_points,
              protocol)
             for k in a.ks for m in methods for s in a.seeds]
@@ -436,9 +440,9 @@ def run_protocol(a: argparse.Namespace, methods: list[Method], protocol: str, ou
     if tuning:
         (out / "tuning.md").write_text(tuning_table(tuning) + "\n")
     seconds = time.perf_counter() - start
-    (out / "results.json").write_text(json.dumps(
+    (out / "results.json").write_text(json.dumps(with_provenance(
         {"args": vars(a), "protocol": protocol, "public_values": public_values, "rows": rows,
-         "final": final, "tuning": tuning, "wall_seconds": seconds}, indent=1))
+         "final": final, "tuning": tuning, "wall_seconds": seconds}), indent=1))
     if figure:
         plot(final, methods, a.ks, Path(figure))
         print(f"figure: {figure}")
@@ -457,7 +461,8 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=[m.name for m in METHODS],
                    choices=list(BY_NAME))
     p.add_argument("--public-values", action="store_true",
-                   help="skip tuning; use the public code's eta/beta (ALGORITHMS.md §8)")
+                   help="skip tuning; use the public code's eta/beta "
+                        "(docs/algorithms.md#reference-protocol-moml-sinewave)")
     p.add_argument("--also-public-values", action="store_true",
                    help="after the tuned finals, the finals with the public code's eta/beta too "
                         "(under <output-dir>/public-values)")

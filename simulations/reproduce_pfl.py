@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedmaml.provenance import with_provenance
+
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {  # name: (config, mode)
     "digits cross-device": ("digits_cross_device.yaml", "device"),
@@ -354,9 +356,9 @@ def main() -> None:
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "table.md").write_text(main_md + "\n")
     (Path(out) / "ablation.md").write_text(abl_md + "\n")
-    (Path(out) / "results.json").write_text(json.dumps(
+    (Path(out) / "results.json").write_text(json.dumps(with_provenance(
         {"args": vars(a), "wall_seconds": wall, "runs": results, "tuning": tuning,
-         "chosen": {f"{s} / {m}": v for (s, m), v in chosen.items()}}, indent=1))
+         "chosen": {f"{s} / {m}": v for (s, m), v in chosen.items()}}), indent=1))
     if a.figure:
         plot(results, Path(a.figure))
         print(f"figure: {a.figure}")

@@ -1,4 +1,5 @@
-"""Centralized sinewave: MOML vs FO-MAML on the MOML paper's 25-task grid (ALGORITHMS.md §8).
+"""Centralized sinewave: MOML vs FO-MAML on the MOML paper's 25-task grid
+(docs/algorithms.md#reference-protocol-moml-sinewave).
 
 Centralized meta-learning is the federated engine's special case (H = 1, server_lr = 1, uniform
 averaging, one task per client, B = 3 clients per round), so this script only changes config keys

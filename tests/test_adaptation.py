@@ -1,5 +1,6 @@
-"""Pattern-restricted adaptation (ALGORITHMS.md §2): values against an independent masked reference,
-prefix caching, exactness of the all-ones case, frozen groups, and compute really skipped."""
+"""Pattern-restricted adaptation (docs/algorithms.md#layer-groups-and-lambda-patterns): values
+against an independent masked reference, prefix caching, exactness of the all-ones case, frozen
+groups, and compute really skipped."""
 
 import pytest
 import torch

@@ -17,8 +17,8 @@ import yaml
 from fedmaml.cli import COMPARE_BANDS, COMPARE_X_AXES, main
 from fedmaml.config import config_from_dict
 from fedmaml.experiment import run_experiment
-from fedmaml.results.compare import (BANDS, X_AXES, CompareError, build_comparison, compare,
-                                     setting_curve)
+from fedmaml.results.compare import BANDS, X_AXES, CompareError, build_comparison, setting_curve
+from fedmaml.results.compare_outputs import compare
 from fedmaml.results.compare_report import markdown_table
 from fedmaml.sweep import load_sweep, run_sweep
 
@@ -195,7 +195,7 @@ def test_unfinished_runs_are_left_out_with_a_note(runs, tmp_path):
 
 def test_compare_does_not_import_torch(runs, tmp_path):
     """Reading JSON and plotting must stay fast: no torch (seconds to import) in compare's path."""
-    code = ("import sys; from fedmaml.results.compare import compare; "
+    code = ("import sys; from fedmaml.results.compare_outputs import compare; "
             f"compare([{str(runs / 'sweep')!r}], out_dir={str(tmp_path)!r}); "
             "assert 'torch' not in sys.modules, 'compare imported torch'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT,
@@ -281,3 +281,34 @@ def test_the_report_of_a_named_sweep_says_what_each_name_sets_and_what_all_share
     assert "- **Settings** differ in " in report and "- **One setting**" not in report
     assert ("- **FO-MAML** (a named setting of the sweep) sets `algorithm.name=fedmeta`, "
             "`algorithm.scale_by_beta=false`.") in report
+
+
+def test_batched_runs_report_their_share_of_the_batch_wall_time(tmp_path):
+    """Runs trained together by `fedmaml sweep --vectorize` all record the batch's wall time: the
+    wall-time column shows each run's share (batch time / runs in the batch), marked, with a note;
+    runs made one by one keep their own time."""
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump({**TINY, "output_dir": str(tmp_path)}))
+    base, spec = load_sweep(cfg, grid_args=["beta=0.3,0.9"], seeds="0-1")
+    result = run_sweep(base, spec, tmp_path / "batched", quiet=True, vectorize=True)
+    assert not result.failed
+    summaries = [json.loads(p.read_text()) for p in (tmp_path / "batched").glob("*/summary.json")]
+    assert len(summaries) == 4 and all(s["batch"]["runs"] == 4 for s in summaries)
+    c = build_comparison([tmp_path / "batched"])
+    for setting, stats in zip(c.settings, c.stats):
+        own = [json.loads((r.dir / "summary.json").read_text()) for r in setting.runs]
+        assert stats.seconds.values == pytest.approx([s["seconds"] / 4 for s in own])
+        assert stats.batched == 2
+        by_time = setting_curve(setting, c.metric, "seconds")
+        assert by_time.x[-1] == pytest.approx(np.mean([s["seconds"] / 4 for s in own]), rel=0.05)
+    table = markdown_table(c)
+    assert table.count(" * |") == 2
+    assert any("vectorized batches" in n and "divided by its runs" in n for n in c.notes)
+
+    run_sweep(base, spec, tmp_path / "alone", quiet=True)  # one by one: no mark, no note
+    alone = build_comparison([tmp_path / "alone"])
+    assert all(st.batched == 0 for st in alone.stats) and " * |" not in markdown_table(alone)
+    assert not any("vectorized" in n for n in alone.notes)
+    run = alone.settings[0].runs[0]
+    assert alone.stats[0].seconds.values[0] == json.loads(
+        (run.dir / "summary.json").read_text())["seconds"]

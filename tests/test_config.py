@@ -243,7 +243,8 @@ def test_unknown_key_without_near_miss_lists_allowed_keys():
     ({"model": {"conv_strided": 1}}, "model.conv_strided: expected true or false, got 1"),
     ({"name": None}, "name: expected a string, got null"),
     ({"evaluation": {"pattern": 1}}, "evaluation.pattern: expected a string, got 1 (YAML read it as a number; quote it: '1')"),
-    ({"model": {"hidden": 40}}, "model.hidden: expected a list of integers"),
+    ({"model": {"hidden": 4.5}}, "model.hidden: expected a list of integers such as 40,40 or "
+                                 "[40, 40], got 4.5"),
     ({"model": {"hidden": [40, 4.5]}}, "model.hidden[1]: expected an integer, got 4.5"),
     ({"model": {"hidden": [40, True]}}, "model.hidden[1]: expected an integer, got true"),
     ({"data": 3}, "data: section 'data' must be a mapping of keys, got 3"),
@@ -426,13 +427,41 @@ def test_string_list_keys_parse_validate_and_round_trip():
     for override, message in [
             ("[tensorbord]", "tracking.backends[0]: 'tensorbord' is not allowed; allowed: "
                              "tensorboard, mlflow, wandb; did you mean 'tensorboard'?"),
-            ("tensorboard", "tracking.backends: expected a list such as [tensorboard, mlflow], "
-                            "got 'tensorboard'"),
+            ("true", "tracking.backends: expected a list such as tensorboard,mlflow or "
+                     "[tensorboard, mlflow], got true"),
+            ("tensorboard,mlfow", "tracking.backends[1]: 'mlfow' is not allowed; allowed: "
+                                  "tensorboard, mlflow, wandb; did you mean 'mlflow'?"),
             ("[mlflow, mlflow]", "tracking.backends[1]: 'mlflow' appears twice"),
             ("[1]", "tracking.backends[0]: expected a string, got 1")]:
         with pytest.raises(ConfigError) as info:
             load_config(None, [f"tracking.backends={override}"])
         assert message in str(info.value)
+
+
+@pytest.mark.parametrize("written", ["{},{}", "[{},{}]", "[{}, {}]"])
+def test_one_list_syntax_on_the_command_line_as_in_flowers_run_config(written):
+    """``a,b`` (as in `flwr run --run-config` and --grid) and ``[a,b]`` (YAML) both set a list key;
+    a single item is a list of one; an empty value the empty list."""
+    ints, names = written.format(20, 30), written.format("tensorboard", "mlflow")
+    cfg = load_config(None, [f"model.hidden={ints}", f"tracking.backends={names}"])
+    assert cfg.model.hidden == (20, 30) and cfg.tracking.backends == ("tensorboard", "mlflow")
+    assert cfg == config_from_flat({"model.hidden": ints, "tracking.backends": names})
+    one = load_config(None, ["model.hidden=16", "tracking.backends=mlflow"])
+    assert one.model.hidden == (16,) and one.tracking.backends == ("mlflow",)
+    assert load_config(None, ["tracking.backends="]).tracking.backends == ()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.hidden=40,abc", "model.hidden[1]: expected an integer, got 'abc'"),
+    ("model.hidden=[40,abc]", "model.hidden[1]: expected an integer, got 'abc'"),
+    ("model.hidden=40,0", "model.hidden[1]: 0 is out of range; allowed: >= 1"),
+    ("model.hidden=true", "model.hidden: expected a list of integers such as 40,40 or [40, 40], "
+                          "got true"),
+])
+def test_a_bad_list_value_names_the_key_the_value_and_what_is_allowed(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert message in str(info.value)
 
 
 def public_code_reference(method: dict) -> str:
@@ -454,7 +483,8 @@ def test_the_quickstart_sweep_is_the_papers_setting_in_miniature_in_three_batche
     import json
     import sys
 
-    from fedmaml.sweep import config_differences, load_sweep, plan_batches, plan_sweep
+    from fedmaml.run_dir import config_differences
+    from fedmaml.sweep import load_sweep, plan_batches, plan_sweep
 
     sys.path.insert(0, str(ROOT / "simulations"))
     try:

@@ -171,7 +171,7 @@ def test_only_the_operator_controls_the_federation(tmp_path, monkeypatch, capsys
                      there.address, "--port", str(fleet), "--control-port", str(control)),
             tmp_path / "superlink.log", env={**env, "FLWR_HOME": str(tmp_path / "home-link")},
             cwd=tmp_path))
-        processes.wait_until(lambda: processes.port_open("127.0.0.1", control), 60, "SuperLink")
+        processes.wait_until(lambda: processes.port_open("127.0.0.1", control), 180, "SuperLink")
 
         # The other host: the control port does not answer at all...
         probe = ("import socket,sys\ntry:\n socket.create_connection((sys.argv[1], int(sys.argv[2])),"
@@ -204,7 +204,8 @@ def test_only_the_operator_controls_the_federation(tmp_path, monkeypatch, capsys
         # The operator, on the SuperLink's machine: registers the device, which joins from the other
         # host through the fleet socket (the intruder's key stayed unregistered).
         home = tmp_path / "home-op"
-        write_connection("op", f"127.0.0.1:{control}", ca, default=True, home=home)
+        write_connection("op", f"127.0.0.1:{control}", ca, default=True, home=home,
+                         token_file=tmp_path / "certs" / "operator.token")
         device_id = int(flwr(["supernode", "register", str(keys / "device.pub"), "op"],
                              home=home)["node-id"])
         procs.append(processes.start(there.run_argv(_fedmaml(
@@ -266,7 +267,7 @@ def test_a_node_that_trusts_only_signed_apps_refuses_an_unsigned_run(tmp_path):
             "deploy", "superlink", "--insecure", "--host", "127.0.0.1", "--port", str(fleet),
             "--control-port", str(control)), tmp_path / "superlink.log",
             env={**env, "FLWR_HOME": str(tmp_path / "home-link")}, cwd=tmp_path))
-        processes.wait_until(lambda: processes.port_open("127.0.0.1", control), 60, "SuperLink")
+        processes.wait_until(lambda: processes.port_open("127.0.0.1", control), 180, "SuperLink")
         procs.append(processes.start(_fedmaml(
             "deploy", "supernode", "--superlink", f"127.0.0.1:{fleet}", "--insecure",
             "--partition-id", "0", "--trusted-entities", str(tmp_path / "trusted.yaml"), "--port",
@@ -275,7 +276,8 @@ def test_a_node_that_trusts_only_signed_apps_refuses_an_unsigned_run(tmp_path):
         processes.wait_until(lambda: "SuperNode ID" in (tmp_path / "node.log").read_text(
             errors="replace"), 120, "the node to join")
         home = tmp_path / "home-op"
-        write_connection("op", f"127.0.0.1:{control}", None, insecure=True, home=home)
+        write_connection("op", f"127.0.0.1:{control}", None, insecure=True, home=home,
+                         token_file=tmp_path / "home-link" / "operator.token")
         (tmp_path / "exp.yaml").write_text(CONFIG.format(out=tmp_path / "runs"))
         assert main(["deploy", "run-config", str(tmp_path / "exp.yaml"), "-o",
                      str(tmp_path / "run.toml")]) == 0
@@ -292,3 +294,128 @@ def test_a_node_that_trusts_only_signed_apps_refuses_an_unsigned_run(tmp_path):
     finally:
         for proc in reversed(procs):
             processes.stop(proc)
+
+
+# -- the operator token: other processes on the SuperLink's own machine ----------------------------
+
+def test_operator_token_file_is_private_and_checked(tmp_path, capsys):
+    from fedmaml.deploy.operator_token import authorized, ensure_token, read_token
+
+    path = tmp_path / "link" / "operator.token"
+    token = ensure_token(path)
+    assert (path.stat().st_mode & 0o777) == 0o600 and len(token) >= 40
+    assert ensure_token(path) == token == read_token(path)  # made once, then read
+    assert authorized(f"Bearer {token}".encode(), token)
+    for header in (None, b"", b"Bearer", f"Bearer {token}x".encode(), f"Basic {token}".encode(),
+                   f"Bearer {ensure_token(tmp_path / 'other.token')}".encode()):
+        assert not authorized(header, token), header
+    path.chmod(0o640)  # a token others can read is refused, as ssh refuses such a key
+    with pytest.raises(DeployError, match=r"mode 0640: others can read it; allowed: readable by "
+                                          r"its owner only \(chmod 600 .*operator.token\)"):
+        read_token(path)
+    (tmp_path / "empty.token").write_text("\n")
+    (tmp_path / "empty.token").chmod(0o600)
+    with pytest.raises(DeployError, match="empty.token holds no token"):
+        read_token(tmp_path / "empty.token")
+    with pytest.raises(DeployError, match="missing.token not found"):
+        read_token(tmp_path / "missing.token")
+    # The SuperLink's command line always carries it: next to the certificates by default.
+    c = make_certificates(tmp_path / "certs")
+    assert main(["deploy", "superlink", "--certs", str(c.directory), "--dry-run"]) == 0
+    assert f"--operator-token-file {c.directory / 'operator.token'}" in capsys.readouterr().out
+    assert not (c.directory / "operator.token").exists()  # a dry run creates nothing
+
+
+needs_local_ports = pytest.mark.skipif(os.environ.get("FEDMAML_SKIP_DEPLOYMENT") == "1",
+                                       reason="FEDMAML_SKIP_DEPLOYMENT=1")
+
+
+@needs_local_ports
+@pytest.mark.deployment
+@pytest.mark.slow
+def test_a_local_process_without_the_operator_token_is_refused(tmp_path, capsys):
+    """Any process on the SuperLink's machine reaches the control socket (127.0.0.1): without the
+    operator token it can neither list runs, nor submit one, nor register a node key -- raw HTTP
+    requests and the flwr CLI alike; the operator's flwr commands work unchanged."""
+    import ssl
+
+    import httpx
+
+    env = {**program_env(), "PYTHONPATH": str(REPO), "FLWR_LOG_LEVEL": "INFO",
+           "PYTHONUNBUFFERED": "1"}
+    procs = []
+    try:
+        assert main(["deploy", "certs", str(tmp_path / "certs")]) == 0
+        assert main(["deploy", "keys", str(tmp_path / "keys"), "device", "other"]) == 0
+        ca, keys = tmp_path / "certs" / "ca.crt", tmp_path / "keys"
+        fleet, control = processes.free_port(), processes.free_port()
+        procs.append(processes.start(
+            _fedmaml("deploy", "superlink", "--certs", str(tmp_path / "certs"), "--host",
+                     "127.0.0.1", "--port", str(fleet), "--control-port", str(control)),
+            tmp_path / "superlink.log", env={**env, "FLWR_HOME": str(tmp_path / "home-link")},
+            cwd=tmp_path))
+        processes.wait_until(lambda: processes.port_open("127.0.0.1", control), 120, "SuperLink")
+        token = (tmp_path / "certs" / "operator.token").read_text().strip()
+
+        # Raw requests, as `curl` would send them: refused before Flower sees them.
+        base = f"https://127.0.0.1:{control}/v1/control/"
+        statuses = {}
+        with httpx.Client(verify=ssl.create_default_context(cafile=str(ca)), timeout=60) as client:
+            for method in ("list-runs", "start-run", "register-node"):
+                for name, headers in (("none", {}), ("wrong", {"Authorization": "Bearer nope"})):
+                    answer = client.post(base + method, content=b"",
+                                         headers={"content-type": "application/protobuf",
+                                                  **headers})
+                    statuses[f"{method}, {name}"] = answer.status_code
+                    assert "operator token" in answer.text, (method, answer.text)
+            # The same request with the token reaches Flower (whatever Flower then answers).
+            statuses["list-runs, token"] = client.post(
+                base + "list-runs", content=b"", headers={"content-type": "application/protobuf",
+                                                          "Authorization": f"Bearer {token}"}
+            ).status_code
+        assert {k: v for k, v in statuses.items() if k.endswith(("none", "wrong"))} == {
+            k: 401 for k in statuses if k.endswith(("none", "wrong"))}, statuses
+        assert statuses["list-runs, token"] != 401, statuses
+
+        # The flwr CLI of a local user who does not hold the token: the connection is there
+        # (address and CA are public), the credential is not.
+        stranger = tmp_path / "home-stranger"
+        write_connection("link", f"127.0.0.1:{control}", ca, default=True, home=stranger)
+        refused = {}
+        for what, args in (("list", ["ls", "link"]),
+                           ("register", ["supernode", "register", str(keys / "other.pub"), "link"])):
+            with pytest.raises(DeployError, match="Authentication failed") as e:
+                flwr(args, home=stranger)
+            refused[what] = str(e.value)
+        (tmp_path / "exp.yaml").write_text(CONFIG.format(out=tmp_path / "runs"))
+        assert main(["deploy", "run-config", str(tmp_path / "exp.yaml"), "-o",
+                     str(tmp_path / "run.toml")]) == 0
+        from fedmaml.deploy.runs import submit
+
+        with staged_app() as app, pytest.raises(DeployError, match="Authentication failed"):
+            submit(app, "link", tmp_path / "run.toml", home=stranger)
+
+        # The operator: `fedmaml deploy connection` stores the token found next to the CA, and
+        # flwr's own commands work: register a key, list nodes and runs, submit, stop.
+        home = tmp_path / "home-op"
+        assert main(["deploy", "connection", "op", "--address", f"127.0.0.1:{control}", "--ca",
+                     str(ca), "--default", "--home", str(home)]) == 0
+        assert "stored the operator token" in capsys.readouterr().out
+        assert ((home / "credentials.yaml").stat().st_mode & 0o777) == 0o600
+        node_id = int(flwr(["supernode", "register", str(keys / "device.pub"), "op"],
+                           home=home)["node-id"])
+        assert [int(n["node-id"]) for n in flwr(["supernode", "ls", "op"], home=home)["nodes"]
+                ] == [node_id]  # the stranger's key was not registered
+        assert flwr(["ls", "op"], home=home).get("runs", []) == []  # nor was its run submitted
+        with staged_app() as app:
+            run_id = submit(app, "op", tmp_path / "run.toml", home=home)
+        assert [int(r["run-id"]) for r in flwr(["ls", "op"], home=home)["runs"]] == [run_id]
+        flwr(["stop", str(run_id), "op"], home=home)
+        log = (tmp_path / "superlink.log").read_text(errors="replace")
+        assert log.count('/v1/control/list-runs HTTP/1.1" 401') >= 3  # raw twice, flwr once
+        assert 'POST /v1/control/start-run HTTP/1.1" 200' in log
+    finally:
+        for proc in reversed(procs):
+            processes.stop(proc)
+    for proc in procs:
+        assert proc.poll() is not None

@@ -6,7 +6,7 @@ refusal from a real SuperLink is covered by the deployment end-to-end test (an u
 from __future__ import annotations
 
 import sys
-import time
+from pathlib import Path
 
 from fedmaml.deploy.processes import alive
 from fedmaml.deploy.retry import REFUSAL, run_retrying
@@ -15,9 +15,13 @@ REFUSED_NODE = """
 import sys
 import time
 from pathlib import Path
-time.sleep(float(sys.argv[4]))  # an attempt's start-up
 runs = Path(sys.argv[1])
 n = int(runs.read_text()) if runs.exists() else 0
+if len(sys.argv) > 4:  # stays up until the helper of this attempt has started (an event)
+    started, give_up = Path(sys.argv[4]), time.monotonic() + 120
+    while len(started.read_text().split() if started.exists() else []) <= n:
+        assert time.monotonic() < give_up, "the helper never started"
+        time.sleep(0.01)
 runs.write_text(str(n + 1))
 if n < int(sys.argv[2]):
     print("ERROR : Failed to activate SuperNode.", flush=True)
@@ -27,11 +31,11 @@ sys.exit(int(sys.argv[3]))
 """
 
 
-def node(tmp_path, refusals: int, code: int = 0, startup: float = 0.0) -> list[str]:
+def node(tmp_path, refusals: int, code: int = 0, wait_for: Path | None = None) -> list[str]:
     script = tmp_path / "node.py"
     script.write_text(REFUSED_NODE)
     return [sys.executable, str(script), str(tmp_path / "runs"), str(refusals), str(code),
-            str(startup)]
+            *([str(wait_for)] if wait_for else [])]
 
 
 def runs(tmp_path) -> int:
@@ -49,12 +53,16 @@ def test_a_refused_node_is_started_again_until_it_is_let_in(tmp_path, capfd):
 
 def test_retrying_stops_at_the_bound_with_a_clear_message(tmp_path):
     said: list[str] = []
-    start = time.monotonic()
-    code = run_retrying(node(tmp_path, 10_000), retry_for=0.5, pause=0.1, say=said.append)
-    assert code == 1 and time.monotonic() - start < 10
-    assert runs(tmp_path) >= 2
-    assert "giving up" in said[-1] and "--retry-for" in said[-1]
-    assert all("retrying in" in s for s in said[:-1]) and len(said) == runs(tmp_path)
+    # A clock that follows the attempts, not the machine's load: 10 s pass with each attempt, so
+    # --retry-for 25 is over after the third, however long the attempts really took.
+    clock = lambda: 10.0 * (runs(tmp_path) if (tmp_path / "runs").exists() else 0)  # noqa: E731
+    code = run_retrying(node(tmp_path, 10_000), retry_for=25, pause=0.01, say=said.append,
+                        clock=clock)
+    assert code == 1 and runs(tmp_path) == 3
+    assert "giving up" in said[-1] and "after 25s (3 attempts)" in said[-1] and "--retry-for" in (
+        said[-1])
+    assert [s.split("(attempt ")[1][0] for s in said[:-1]] == ["1", "2"]
+    assert all("retrying in" in s for s in said[:-1])
 
 
 def test_other_exits_are_not_retried(tmp_path):
@@ -78,14 +86,11 @@ def test_the_command_beside_runs_next_to_every_attempt_and_stops_with_it(tmp_pat
                       "with open(sys.argv[1], 'a') as f: f.write(f'{os.getpid()}\\n')\n"
                       "time.sleep(600)\n")
     started = tmp_path / "started"
-    code = run_retrying(node(tmp_path, 2, startup=1.0), retry_for=30, pause=0.05,
+    # each attempt of the node waits until its helper has noted itself
+    code = run_retrying(node(tmp_path, 2, wait_for=started), retry_for=600, pause=0.05,
                         say=lambda _: None,
                         beside=[sys.executable, str(helper), str(started)])
     assert code == 0
-    deadline = time.monotonic() + 10  # each helper notes itself once it has started
-    while time.monotonic() < deadline and len(started.read_text().split()
-                                               if started.exists() else []) < 3:
-        time.sleep(0.05)
     pids = [int(p) for p in started.read_text().split()]
     assert len(pids) == 3  # one per attempt
     assert not any(alive(p) for p in pids)  # each stopped when its attempt ended

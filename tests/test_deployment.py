@@ -381,8 +381,10 @@ output_dir: {out}
 """
 # A healthy round takes ~20 s here (three ClientApp processes on two cores). Round 2 lasts the whole
 # timeout (a straggler holds it open), which must also cover the restart of the killed node: the
-# SuperLink refuses its key until the crashed session expires, up to 60 s after its last heartbeat.
-ROUND_TIMEOUT = 80
+# SuperLink refuses its key until the crashed session expires, up to 60 s after its last heartbeat,
+# then the restarted node needs its start-up (seconds on a quiet machine, tens of seconds at load
+# 10+): 150 s leaves room for both.
+ROUND_TIMEOUT = 150
 SAVED = r"client 2: memory saved \S+ \(1 tasks, sha256 (\w+)\)"
 LOADED = r"client 2: memory loaded \S+ \(1 tasks, sha256 (\w+)\)"
 ACCEPTED = "SuperNode ID: {}"
@@ -414,7 +416,7 @@ def test_secure_federation_survives_a_killed_node_and_a_straggler(tmp_path, monk
                                         "--control-port", str(control), "--database",
                                         str(tmp_path / "superlink.db")),
                   FLWR_HOME=str(tmp_path / "home-superlink"))
-        processes.wait_until(lambda: processes.port_open("127.0.0.1", control), 60, "the SuperLink")
+        processes.wait_until(lambda: processes.port_open("127.0.0.1", control), 180, "the SuperLink")
         assert main(["deploy", "connection", "fed", "--address", f"127.0.0.1:{control}", "--ca",
                      str(ca), "--home", str(cli_home)]) == 0
         registered = {i: int(flwr(["supernode", "register", str(keys / f"node-{i}.pub"), "fed"],
@@ -437,16 +439,20 @@ def test_secure_federation_survives_a_killed_node_and_a_straggler(tmp_path, monk
 
         for i in range(3):
             start_node(i, f"node-{i}")
-        # Its key was never registered: refused, started again (an attempt takes seconds: the
-        # node's start-up) until 15 s have passed, then it gives up.
-        rogue = start_node(1, "rogue", key="rogue", retry_for=15)
+        # Its key was never registered: refused, and started again. Waited for as an event (the
+        # retry notice after its first refusal), then stopped: how long an attempt takes depends
+        # on the machine's load, so no time bound is asserted here (tests/test_deploy_retry.py
+        # checks that --retry-for gives up at its bound).
+        rogue = start_node(1, "rogue", key="rogue", retry_for=3600)
         for i in range(3):  # authenticated: each node has the id its key was registered under
             processes.wait_until(lambda i=i: ACCEPTED.format(registered[i]) in run.log(f"node-{i}"),
-                                 60, f"node {i} to connect")
-        processes.wait_until(lambda: rogue.poll() is not None, 60, "the unregistered node to stop")
+                                 300, f"node {i} to connect")
+        processes.wait_until(lambda: "fedmaml: the SuperLink refused to activate this SuperNode "
+                             "(attempt 1)" in run.log("rogue"), 300, "the rogue node's refusal")
+        assert rogue.poll() is None  # still retrying
+        processes.stop(rogue)
         assert rogue.returncode != 0 and "Failed to activate SuperNode" in run.log("rogue")
-        assert "fedmaml: the SuperLink refused to activate this SuperNode (attempt 1)" in run.log(
-            "rogue") and "; giving up." in run.log("rogue")
+        assert ACCEPTED.split(":")[0] + ":" not in run.log("rogue")  # never let in
         phases["federation up"] = time.monotonic() - t0
 
         # Submit the experiment with flwr run.
@@ -478,7 +484,7 @@ def test_secure_federation_survives_a_killed_node_and_a_straggler(tmp_path, monk
             return re.search(r"ROUND 2\]\s*\n.*Receiving: train message", run.log(name)) is not None
 
         killed_with = None
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 300
         while killed_with is None:
             assert time.monotonic() < deadline, "round 2 did not reach node 2"
             if killed_with is None and has_round_2("node-2"):
@@ -512,8 +518,11 @@ def test_secure_federation_survives_a_killed_node_and_a_straggler(tmp_path, monk
         assert (row2["replies"], row2["failures"], row2["updated"]) == (1, 2, True), row2
         run.thaw()  # the straggler finishes late; its reply is not waited for
         assert accepted, "node 2 was not accepted back before round 3"
-        assert "fedmaml: the SuperLink refused to activate this SuperNode (attempt 1)" in run.log(
-            "node-2-restart")  # it was refused at first, and retried
+        # Refused while the SuperLink still counted the killed node as active (usually; at high load
+        # its first attempt may come after that), and then retried.
+        restart_log = run.log("node-2-restart")
+        assert "Failed to activate SuperNode" not in restart_log or (
+            "fedmaml: the SuperLink refused to activate this SuperNode (attempt 1)" in restart_log)
 
         entry = wait_for_run(run_id, "fed", home=cli_home, timeout=300)
         phases["run finished"] = time.monotonic() - t0

@@ -1,5 +1,6 @@
-"""Meta-gradient estimators (ALGORITHMS.md §3) against an independent unrolled reference, finite
-differences, and the memory point at which MOML evaluates them (§4)."""
+"""Meta-gradient estimators (docs/algorithms.md#meta-gradient-estimators) against an independent
+unrolled reference, finite differences, and the memory point at which MOML evaluates them
+(docs/algorithms.md#moml-the-memory)."""
 
 import pytest
 import torch

@@ -142,18 +142,43 @@ def test_a_non_finite_evaluation_loss_stops_the_run(tiny_config, tmp_path):
 
 
 def test_rounds_without_a_valid_reply_fail_the_run_after_max_failed_rounds(tiny_config, tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("every client must fail: needs a machine without CUDA")
-    cfg = tiny_config("federated.rounds=10", "engine.device=cuda")
+    cfg = tiny_config("federated.rounds=10", "faults.fail=1.0")
     run_dir = run_experiment(cfg, quiet=True, run_dir=tmp_path / "run")
     summary = read_summary(run_dir)
     assert summary["status"] == "failed"
     assert summary["message"].startswith("run failed at round 3: no valid reply for 3 consecutive "
-                                         "rounds (last error: client error: ConfigError: "
-                                         "engine.device: 'cuda'")
+                                         "rounds (last error: client error: InjectedFault: "
+                                         "injected failure (faults.fail)")
     assert summary["failures"] == {"error": 9, "timeout": 0, "malformed": 0}
     assert summary["replies"] == 0 and summary["rounds_completed"] == 3
     assert len(read_metrics(run_dir)) == 4
+
+
+def test_a_run_whose_rounds_never_got_a_valid_reply_fails_whatever_max_failed_rounds_is():
+    """Fewer rounds than ``max_failed_rounds``, none with a valid reply: failed at the last round.
+    One valid reply in any round is enough to complete (its losses say the rest)."""
+    from fedmaml.federated.health import RunHealth, RunStopped
+
+    def rows(replies):
+        return [{"round": 0}] + [{"round": r, "replies": n, "failures_by_kind": {"error": 3 - n}}
+                                 for r, n in enumerate(replies, start=1)]
+
+    health = RunHealth(max_failed_rounds=10, rounds=3)
+    for row in rows([0, 0]):
+        health.observe(row)
+    with pytest.raises(RunStopped) as stop:
+        health.observe(rows([0, 0, 0])[-1], "client error: boom")
+    assert stop.value.status == "failed" and stop.value.round == 3
+    assert stop.value.message.startswith("run failed: none of its 3 rounds got a valid reply, so "
+                                         "nothing was trained (last error: client error: boom)")
+    assert health.totals()["failures"]["error"] == 9
+    for replies in ([1, 0, 0], [0, 0, 2]):
+        health = RunHealth(max_failed_rounds=10, rounds=3)
+        for row in rows(replies):
+            health.observe(row)  # completes
+    health = RunHealth(max_failed_rounds=10)  # rounds unknown: no such check
+    for row in rows([0, 0, 0]):
+        health.observe(row)
 
 
 def test_failed_rounds_must_be_consecutive(tiny_config, tmp_path):

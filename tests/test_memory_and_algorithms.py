@@ -1,5 +1,6 @@
-"""MOML's memory (ALGORITHMS.md §4), the algorithms' client updates, the server side and the
-federated/centralized equivalence (§5), each against an independent plain-loop reference."""
+"""MOML's memory (docs/algorithms.md#moml-the-memory), the algorithms' client updates, the server
+side and the federated/centralized equivalence (docs/algorithms.md#federated-localmoml), each
+against an independent plain-loop reference."""
 
 import dataclasses
 

@@ -242,7 +242,8 @@ def test_memory_diagnostics_are_recorded_and_consistent(tiny_config, tmp_path):
     assert "seen.memory-gap.mean" in off[-1]["eval"]
 
     # `fedmaml compare` plots the diagnostics like any other metric.
-    from fedmaml.results.compare import axis_label, compare
+    from fedmaml.results.compare import axis_label
+    from fedmaml.results.compare_outputs import compare
 
     out = compare([run_dir, tmp_path / "plain"], tmp_path / "cmp", metric="sampled.staleness.mean")
     assert any(p.name.startswith("convergence-sampled.staleness.mean") for p in out.figures)

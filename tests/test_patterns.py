@@ -1,4 +1,5 @@
-"""Lambda patterns (ALGORITHMS.md §2): textual form, canonicalisation, errors, aliases, queries."""
+"""Lambda patterns (docs/algorithms.md#layer-groups-and-lambda-patterns): textual form,
+canonicalisation, errors, aliases, queries."""
 
 import random
 
@@ -139,8 +140,9 @@ def test_wrong_width_for_model_names_the_groups(text):
 
 @pytest.mark.parametrize("text", ["", "0120", "11111|1111", "00001x0", "11111||00001"])
 def test_every_invalid_pattern_for_a_model_names_its_groups(text):
-    """ALGORITHMS.md §2: invalid patterns (wrong length, empty, non-binary) get a clear error naming
-    the model's groups -- not only the wrong-width case."""
+    """Invalid patterns (wrong length, empty, non-binary) get a clear error naming the model's
+    groups (docs/algorithms.md#layer-groups-and-lambda-patterns) -- not only the wrong-width
+    case."""
     model = small_conv()
     with pytest.raises(PatternError) as info:
         resolve_pattern(text, model.group_names, steps=3, model_name=model.name)

@@ -4,6 +4,7 @@ skipping finished runs, resuming after a crash and after a real kill, parallel w
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,7 +16,8 @@ import yaml
 from fedmaml.cli import main
 from fedmaml.config import load_config, load_config_and_sweep, resolve_key, short_key
 from fedmaml.errors import ConfigError, FedmamlError
-from fedmaml.sweep import (SweepSpec, _Lock, load_sweep, parse_grid_arg, parse_seeds, plan_sweep,
+from fedmaml.run_dir import HOLDER_SUFFIX
+from fedmaml.sweep import (LOCK_FILE, SweepSpec, _Lock, load_sweep, parse_grid_arg, parse_seeds, plan_sweep,
                            run_name, run_sweep)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -230,10 +232,27 @@ def test_dry_run_lists_states_and_runs_nothing(tmp_path, capsys):
     cfg = write_config(tmp_path)
     sweep_dir = tmp_path / "sw"
     assert main(["sweep", str(cfg), "--grid", "beta=0.3,0.9", "--sweep-dir", str(sweep_dir),
-                 "--dry-run"]) == 0
-    err = capsys.readouterr().err
-    assert "new        beta=0.3,seed=0" in err and "new        beta=0.9,seed=0" in err
+                 "--dry-run", "--quiet"]) == 0
+    out, err = capsys.readouterr()  # the listing is the output: stdout, even with --quiet
+    assert "new        beta=0.3,seed=0" in out and "new        beta=0.9,seed=0" in out
+    assert out.startswith(f"sweep {sweep_dir}: 2 runs") and err == ""
     assert not sweep_dir.exists()
+
+
+def test_no_holder_file_stays_behind(tmp_path):
+    """The holder file names a running sweep: it goes when the sweep ends, however it ends."""
+    holder_file = LOCK_FILE + HOLDER_SUFFIX
+    base, spec = load_sweep(write_config(tmp_path), grid_args=["beta=0.3"], seeds="0")
+    sweep_dir = tmp_path / "sw"
+    assert not run_sweep(base, spec, sweep_dir, quiet=True).failed
+    assert (sweep_dir / "beta=0.3,seed=0" / "summary.json").is_file()
+    assert not (sweep_dir / holder_file).exists()
+    for error in (RuntimeError, KeyboardInterrupt):
+        with pytest.raises(error):
+            with _Lock(sweep_dir):
+                assert json.loads((sweep_dir / holder_file).read_text())["pid"] == os.getpid()
+                raise error()
+        assert not (sweep_dir / holder_file).exists()
 
 
 def test_concurrent_sweep_in_one_directory_is_refused(tmp_path):
@@ -316,8 +335,11 @@ def test_sweep_lock_is_held_across_processes_and_names_the_holder(tmp_path):
                               text=True, env=env, check=True).stdout.strip()
 
     with _Lock(sweep_dir):
-        assert other() == (f"{sweep_dir}: another fedmaml sweep is running in this directory "
-                           f"(pid {os.getpid()}); wait for it or use another --sweep-dir")
+        message = other()
+        assert message.startswith(f"{sweep_dir}: another fedmaml sweep is running in this "
+                                  f"directory (pid {os.getpid()} on host {socket.gethostname()} "
+                                  "since ")
+        assert message.endswith("); wait for it or use another --sweep-dir")
     assert other() == "acquired"
 
 

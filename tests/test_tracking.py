@@ -98,7 +98,7 @@ def test_a_missing_extra_is_named_before_the_run_starts(tiny_config, monkeypatch
 def test_no_backend_means_no_files(tiny_config):
     run_dir = run_experiment(tiny_config(), quiet=True)
     assert not list(run_dir.glob("events.out.tfevents.*")) and not (run_dir / "wandb").exists()
-    assert not (run_dir.parent / "mlruns").exists()
+    assert not {"mlruns", "mlartifacts", "mlflow.db"} & {p.name for p in run_dir.parent.iterdir()}
 
 
 # -- TensorBoard --------------------------------------------------------------------------------
@@ -181,11 +181,17 @@ def mlflow_client(uri: str):
     return open_client(uri)
 
 
-def mlflow_runs(store: Path, experiment: str) -> list:
-    client = mlflow_client(store.resolve().as_uri())
+def mlflow_runs(store: Path | str, experiment: str) -> list:
+    """The runs of an experiment in a store: a URI, or the directory of a file store."""
+    client = mlflow_client(store if isinstance(store, str) else store.resolve().as_uri())
     exp = client.get_experiment_by_name(experiment)
     assert exp is not None, f"no MLflow experiment {experiment!r} in {store}"
     return client, client.search_runs([exp.experiment_id])
+
+
+def default_store(output_dir: Path) -> str:
+    """The default store's URI, spelled out independently of the code under test."""
+    return f"sqlite:///{(output_dir / 'mlflow.db').resolve()}"
 
 
 def hyperparameters(run_dir: Path) -> dict:
@@ -212,9 +218,37 @@ def check_mlflow(client, run, run_dir: Path) -> None:
 def test_mlflow_live_run_matches_metrics_jsonl(tiny_config):
     needs("mlflow", "mlflow")
     run_dir = tracked_run(tiny_config, "mlflow")
-    client, runs = mlflow_runs(run_dir.parent / "mlruns", "fedmaml")
+    client, runs = mlflow_runs(default_store(run_dir.parent), "fedmaml")
     assert len(runs) == 1 and runs[0].info.run_name == run_dir.name
     check_mlflow(client, runs[0], run_dir)
+
+
+def test_the_default_mlflow_store_reads_without_extra_settings(tiny_config, tmp_path, monkeypatch):
+    """The default store is a SQLite database in the output directory, the runs' files beside it
+    (not in ./mlruns of whatever directory the run started from): a plain MlflowClient in a fresh
+    process, without MLFLOW_ALLOW_FILE_STORE or any other MLflow variable, reads it."""
+    import os
+    import subprocess
+
+    needs("mlflow", "mlflow")
+    monkeypatch.chdir(tmp_path)
+    run_dir = tracked_run(tiny_config, "mlflow")
+    output_dir = run_dir.parent
+    assert (output_dir / "mlflow.db").is_file() and not (tmp_path / "mlruns").exists()
+    script = ("import sys; from mlflow import MlflowClient\n"
+              "c = MlflowClient(tracking_uri=sys.argv[1])\n"
+              "e = c.get_experiment_by_name('fedmaml')\n"
+              "r = c.search_runs([e.experiment_id])[0]\n"
+              "print(r.info.run_name, r.info.status, r.info.artifact_uri)\n"
+              "print(' '.join(sorted(a.path for a in c.list_artifacts(r.info.run_id))))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_DISABLE_TELEMETRY"] = env["DO_NOT_TRACK"] = "true"  # offline, not a store setting
+    out = subprocess.run([sys.executable, "-c", script, default_store(output_dir)], env=env,
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    name, status, artifact_uri = out[0].split()
+    assert (name, status) == (run_dir.name, "FINISHED")
+    assert artifact_uri.startswith((output_dir / "mlartifacts").resolve().as_uri())
+    assert {"config.yaml", "summary.json", "model.pt"} <= set(out[1].split())
 
 
 def test_mlflow_export_and_a_failed_run(tiny_config, tmp_path):
@@ -382,7 +416,7 @@ def test_sweep_runs_carry_their_grid_values_as_hyperparameters(tiny_config, tmp_
         hparams = hparams_of(tensorboard_data(sweep_dir / name))
         assert hparams.keys() == {"algorithm.beta", "seed"}
         assert hparams["algorithm.beta"] == pytest.approx(beta) and hparams["seed"] == 0
-    client, runs = mlflow_runs(sweep_dir / "mlruns", "betas")
+    client, runs = mlflow_runs(default_store(sweep_dir), "betas")
     assert sorted(r.info.run_name for r in runs) == ["beta=0.3,seed=0", "beta=0.9,seed=0"]
     for run in runs:
         assert run.data.tags["fedmaml.sweep"] == "betas"
@@ -405,7 +439,7 @@ def test_mlflow_store_deleted_between_runs_of_one_process(tiny_config, tmp_path)
     first = tracked_run(tiny_config, "mlflow")
     shutil.rmtree(first.parent)
     second = tracked_run(tiny_config, "mlflow")
-    client, runs = mlflow_runs(second.parent / "mlruns", "fedmaml")
+    client, runs = mlflow_runs(default_store(second.parent), "fedmaml")
     assert len(runs) == 1
     check_mlflow(client, runs[0], second)
 

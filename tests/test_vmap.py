@@ -1,5 +1,6 @@
-"""The core is vmappable (ALGORITHMS.md §4): ``torch.func.vmap`` over a cohort of clients gives the
-same results as a per-client loop: for the task step, the memory helpers and a client update."""
+"""The core is vmappable (docs/algorithms.md#moml-the-memory): ``torch.func.vmap`` over a cohort
+of clients gives the same results as a per-client loop: for the task step, the memory helpers and
+a client update."""
 
 import pytest
 import torch

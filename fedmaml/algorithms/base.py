@@ -1,5 +1,6 @@
 """What every algorithm shares: static hyperparameters, a client's pre-drawn round data, and the
-client update that turns ``w_r`` into ``delta = w - w_r`` (ALGORITHMS.md §5 step 2).
+client update that turns ``w_r`` into ``delta = w - w_r`` (step 2 of
+docs/algorithms.md#federated-localmoml).
 
 A round's data is drawn *before* the update (``draw_round``, or ``draw_cohort`` for many clients at
 once, both from counter-based streams keyed by ``(seed, client id, round)``), so the update itself is a pure

@@ -3,7 +3,8 @@
 Step ``s`` updates only the groups its pattern row selects:
 ``theta_l <- theta_l - alpha * grad_{theta_l} L(theta; S)`` for ``Lambda[s, l] = 1``.
 
-Two mechanisms turn skipped groups into saved time (ALGORITHMS.md §2):
+Two mechanisms turn skipped groups into saved time
+(docs/algorithms.md#compute-is-skipped-not-multiplied-by-zero):
 
 1. **Only adapted tensors are differentiated.** The gradient is taken with respect to the
    adapted groups alone; frozen tensors enter as constants, so backpropagation stops at the lowest
@@ -29,7 +30,7 @@ from fedmaml.core.autodiff import grad_and_value
 from fedmaml.core.losses import LossFn
 from fedmaml.core.params import Params, detach
 from fedmaml.core.patterns import Pattern
-from fedmaml.models.base import StagedModel
+from fedmaml.core.staged import StagedModel
 
 
 def adapt(

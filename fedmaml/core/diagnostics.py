@@ -1,4 +1,4 @@
-"""How well a memory tracks its target (ALGORITHMS.md §4; docs/participation.md).
+"""How well a memory tracks its target (docs/algorithms.md#moml-the-memory; docs/participation.md).
 
 MOML's memory ``u_i`` is a momentum average of the client's adaptations ``A_i(w_t; S)`` and is
 meant to track ``A_i(w_t)``, the adaptation of the *current* meta-model. Between participations
@@ -13,7 +13,7 @@ from fedmaml.core.adaptation import adapt
 from fedmaml.core.losses import LossFn
 from fedmaml.core.params import Params, norm, sub
 from fedmaml.core.patterns import Pattern
-from fedmaml.models.base import StagedModel
+from fedmaml.core.staged import StagedModel
 
 
 def tracking_error(model: StagedModel, loss_fn: LossFn, w: Params, u: Params, x: Tensor, y: Tensor,

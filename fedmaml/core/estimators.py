@@ -1,4 +1,4 @@
-"""Meta-gradient estimators (ALGORITHMS.md §3).
+"""Meta-gradient estimators (docs/algorithms.md#meta-gradient-estimators).
 
 For a task with memory (or adapted parameters) ``u``, query batch ``Q`` and ``v = grad L(u; Q)``:
 
@@ -30,7 +30,7 @@ from fedmaml.core.autodiff import grad_and_value
 from fedmaml.core.losses import LossFn
 from fedmaml.core.params import Params, detach
 from fedmaml.core.patterns import Pattern
-from fedmaml.models.base import StagedModel
+from fedmaml.core.staged import StagedModel
 
 Estimator = Literal["first_order", "second_order", "hessian_free"]
 ESTIMATORS: tuple[str, ...] = ("first_order", "second_order", "hessian_free")

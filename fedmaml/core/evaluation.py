@@ -1,4 +1,5 @@
-"""Personalized evaluation of one task (ALGORITHMS.md §7): adapt from a start point, then measure."""
+"""Personalized evaluation of one task: adapt from a start point, then measure
+(docs/algorithms.md#evaluation)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from fedmaml.core.adaptation import adapt
 from fedmaml.core.losses import LossFn, accuracy
 from fedmaml.core.params import Params
 from fedmaml.core.patterns import Pattern
-from fedmaml.models.base import StagedModel
+from fedmaml.core.staged import StagedModel
 
 
 def personalized_metrics(model: StagedModel, loss_fn: LossFn, start: Params, adapt_x: Tensor,

@@ -1,4 +1,5 @@
-"""MOML's memory: each task's personalized model ``u_i`` and how it moves (ALGORITHMS.md §4).
+"""MOML's memory: each task's personalized model ``u_i`` and how it moves
+(docs/algorithms.md#moml-the-memory).
 
 * initialisation at first participation: ``u_i = A_i(w; S_0)``;
 * momentum update when sampled: ``u_i <- (1 - beta) u_i + beta A_i(w_t; S)``;
@@ -18,7 +19,7 @@ from fedmaml.core.adaptation import adapt
 from fedmaml.core.losses import LossFn
 from fedmaml.core.params import Params, detach, lerp
 from fedmaml.core.patterns import Pattern
-from fedmaml.models.base import StagedModel
+from fedmaml.core.staged import StagedModel
 
 
 def init_memory(model: StagedModel, loss_fn: LossFn, w: Params, x: Tensor, y: Tensor,

@@ -1,4 +1,5 @@
-"""Lambda-pattern selection (ALGORITHMS.md §2, Khabarlak's rule), as pure functions.
+"""Lambda-pattern selection (Khabarlak's rule), as pure functions
+(docs/algorithms.md#layer-groups-and-lambda-patterns, docs/lambda_patterns.md).
 
 Three jobs, each independent of where it runs (the CLI, the server, a Flower client):
 
@@ -39,7 +40,7 @@ from fedmaml.core.losses import LossFn
 from fedmaml.core.params import Params, detach
 from fedmaml.core.patterns import Pattern, resolve_pattern
 from fedmaml.errors import PatternError
-from fedmaml.models.base import StagedModel
+from fedmaml.core.staged import StagedModel
 
 #: Units of epsilon. ``auto`` (a config value) means accuracy points for classification and loss
 #: percent for regression.

@@ -3,10 +3,12 @@
 Central DP with fixed clipping (DP-FedAvg, McMahan et al. 2018, arXiv:1710.06963; Flower's
 ``DifferentialPrivacy*FixedClipping``): every client update ``delta_i`` is scaled to L2 norm at
 most ``C`` (all its tensors together: ``delta_i * min(1, C / ||delta_i||)``), the clipped updates
-are summed, divided by the number of clients *sampled* for the round ``k`` (not by the number that
-replied, so one client moves the mean by at most ``C / k`` whatever the others do), and Gaussian
-noise of standard deviation ``z * C / k`` is added to every coordinate (``z``: the noise
-multiplier). The noisy mean is what the server optimizer then applies; anything done to it later
+are summed, divided by a denominator ``d`` fixed by the configuration (the cohort size ``k``, the
+number of silos, or the expected cohort size ``q n`` under Poisson sampling; never the number that
+replied, so one client moves the mean by at most ``C / d`` whatever the others do), and Gaussian
+noise of standard deviation ``z * C / d`` is added to every coordinate (``z``: the noise
+multiplier). Which neighbouring relation that protects is the caller's business
+(fedmaml/federated/privacy.py, docs/privacy.md). The noisy mean is what the server optimizer then applies; anything done to it later
 (momentum, Adam) is post-processing and keeps the guarantee.
 
 Updates are "stacked": each tensor has a leading client axis ``[n, ...]``, as the server decodes a
@@ -16,6 +18,8 @@ the caller seeds, so a run stays a function of its config and seed.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fedmaml.core.params import Params
@@ -23,7 +27,9 @@ from fedmaml.core.params import Params
 
 def update_norms(stacked: Params) -> torch.Tensor:
     """The L2 norm of each client's whole update (all its tensors), shape ``[n]``, in float64."""
-    squares = [v.reshape(len(v), -1).to(torch.float64).square().sum(1) for v in stacked.values()]
+    # reshape with an explicit width: -1 is ambiguous for a stack of no update
+    squares = [v.reshape(len(v), math.prod(v.shape[1:])).to(torch.float64).square().sum(1)
+               for v in stacked.values()]
     return torch.stack(squares).sum(0).sqrt()
 
 
@@ -48,23 +54,23 @@ def clip_update(update: Params, clipping_norm: float) -> Params:
     return {k: v[0] for k, v in clipped.items()}
 
 
-def noise_std(noise_multiplier: float, clipping_norm: float, num_sampled: int) -> float:
-    """Standard deviation of the noise on the mean of ``num_sampled`` clipped updates."""
-    return noise_multiplier * clipping_norm / num_sampled
+def noise_std(noise_multiplier: float, clipping_norm: float, denominator: float) -> float:
+    """Standard deviation of the noise on the clipped sum divided by ``denominator``."""
+    return noise_multiplier * clipping_norm / denominator
 
 
 def private_mean(stacked: Params, clipping_norm: float, noise_multiplier: float,
-                 num_sampled: int, generator: torch.Generator) -> tuple[Params, torch.Tensor]:
-    """Clip every update, sum, divide by ``num_sampled``, add ``N(0, noise_std^2)`` noise to every
-    coordinate. Returns the noisy mean and the norms before clipping."""
-    n = len(next(iter(stacked.values())))
-    if num_sampled < n:
-        raise ValueError(f"{n} updates but only {num_sampled} clients were sampled")
+                 denominator: float, generator: torch.Generator) -> tuple[Params, torch.Tensor]:
+    """Clip every update, sum, divide by ``denominator``, add ``N(0, noise_std^2)`` noise to every
+    coordinate. Returns the noisy mean and the norms before clipping. ``stacked`` may have no row
+    (nobody answered): the mean is then the noise alone."""
+    if not denominator > 0:
+        raise ValueError(f"the denominator of the private mean must be > 0, got {denominator}")
     clipped, norms = clip_stacked(stacked, clipping_norm)
-    std = noise_std(noise_multiplier, clipping_norm, num_sampled)
+    std = noise_std(noise_multiplier, clipping_norm, denominator)
     out = {}
     for k, v in clipped.items():
-        mean = v.sum(0) / num_sampled
+        mean = v.sum(0) / denominator
         if std > 0:
             noise = torch.randn(mean.shape, generator=generator, dtype=torch.float64,
                                 device=generator.device)

@@ -1,4 +1,5 @@
-"""Server side: averaging client updates and the server optimizer (ALGORITHMS.md §5 step 4).
+"""Server side: averaging client updates and the server optimizer (step 4 of
+docs/algorithms.md#federated-localmoml).
 
 ``w_{r+1} = w_r + server_lr * avg(delta)`` for SGD; momentum and Adam treat ``-avg(delta)`` as a
 gradient (FedAvgM, FedAdam). The optimizer state is a dict of tensors so it can be checkpointed.

@@ -1,4 +1,5 @@
-"""One task's meta-learning step as a pure function (ALGORITHMS.md §3-4).
+"""One task's meta-learning step as a pure function (docs/algorithms.md#moml-the-memory,
+docs/algorithms.md#meta-gradient-estimators).
 
 ``(w, u, S, Q) -> (u', G, metrics)``: update the memory ``u`` with the adaptation of ``w`` on the
 support batch, then compute the meta-gradient ``G`` at the new memory on the query batch.
@@ -19,7 +20,7 @@ from fedmaml.core.losses import LossFn
 from fedmaml.core.memory import momentum_update
 from fedmaml.core.params import Params, scale
 from fedmaml.core.patterns import Pattern
-from fedmaml.models.base import StagedModel
+from fedmaml.core.staged import StagedModel
 
 Batch = tuple[Tensor, Tensor]
 

@@ -18,6 +18,8 @@ digits          float32 ``[1, 8, 8]`` 10        scikit-learn digits, 1797 images
 mnist1d         float32 ``[40]``      10        generated locally, ``mnist1d_samples`` examples
 omniglot        float32 ``[1,28,28]`` #chars    ``<path>/<alphabet>/<character>/*.png``
 femnist         float32 ``[1,28,28]`` 62        LEAF JSON files ``<path>/*.json``
+files           the user's            the data  per-client ``.npz``/``.pt`` files or one NPZ/CSV file
+flower          the user's            the data  a Flower app's ``load_data`` (``data.flower_task``)
 =============== ===================== ========= ==================================================
 
 Regression targets are float32 ``[n, 1]``; classification targets int64 ``[n]`` (``0..n_way-1`` when
@@ -25,7 +27,9 @@ Regression targets are float32 ``[n, 1]``; classification targets int64 ``[n]`` 
 partitioned (``data.partition``: iid, dirichlet, classes, natural for femnist) over
 ``num_clients + unseen_clients`` clients; see :mod:`fedmaml.data.pools` and
 :mod:`fedmaml.data.fewshot`. Generated families ignore ``data.partition`` (except that 'natural' is
-rejected) and create each client on demand from (seed, client id).
+rejected) and create each client on demand from (seed, client id). The user families (files,
+flower) are read and checked by :mod:`fedmaml.data.user_sources` and :mod:`fedmaml.data.user`
+(docs/custom.md, "Your own data").
 """
 
 from __future__ import annotations
@@ -48,6 +52,9 @@ from .sinusoid import SinusoidTask, build_sinusoid, build_sinusoid_grid
 from .spec import FAMILIES, PARTITIONS, DataSpec
 from .synthetic import build_synthetic
 from .tasks import Federation, PoolTask, Task
+from .user import build_user_federation
+from .user_sources import (files_config, partitioner_clients, read_files, read_flower_task,
+                           save_client_arrays)
 
 __all__ = [
     "FAMILIES",
@@ -60,7 +67,10 @@ __all__ = [
     "Task",
     "build_federation",
     "clear_cache",
+    "files_config",
     "load_pool",
+    "partitioner_clients",
+    "save_client_arrays",
 ]
 
 #: How many built federations a process keeps (least recently used are dropped).
@@ -77,6 +87,7 @@ _GENERATED_BUILDERS: dict[str, Callable[[DataSpec, int], Federation]] = {
     "sinusoid_grid": build_sinusoid_grid,
     "synthetic": build_synthetic,
 }
+_USER_READERS = {"files": read_files, "flower": read_flower_task}
 
 _FEDERATIONS: OrderedDict[tuple, Federation] = OrderedDict()
 _LOCK = threading.Lock()
@@ -95,6 +106,8 @@ def build_federation(data: Any, seed: int) -> Federation:
             return _FEDERATIONS[key]
         if spec.family in _GENERATED_BUILDERS:
             federation = _GENERATED_BUILDERS[spec.family](spec, seed)
+        elif spec.family in _USER_READERS:
+            federation = build_user_federation(_USER_READERS[spec.family](spec), spec, seed)
         else:
             federation = build_pool_federation(load_pool(spec), spec, seed)
         _FEDERATIONS[key] = federation

@@ -20,16 +20,19 @@ from typing import Any
 
 from fedmaml.errors import DataError
 
-FAMILIES = ("sinusoid", "sinusoid_grid", "synthetic", "digits", "mnist1d", "omniglot", "femnist")
+FAMILIES = ("sinusoid", "sinusoid_grid", "synthetic", "digits", "mnist1d", "omniglot", "femnist",
+            "files", "flower")
 PARTITIONS = ("iid", "dirichlet", "classes", "natural")
 #: Families whose clients are generated on demand from (seed, client id): any number of clients.
 GENERATED_FAMILIES = ("sinusoid", "sinusoid_grid", "synthetic")
 #: Families built from a finite labelled pool that is partitioned across clients.
 POOL_FAMILIES = ("digits", "mnist1d", "omniglot", "femnist")
 #: Families whose examples carry a natural client (writer) id, so ``partition: natural`` works.
-NATURAL_FAMILIES = ("femnist",)
+NATURAL_FAMILIES = ("femnist", "files", "flower")
+#: A user's own data (fedmaml/data/user.py): per-client files or a Flower app's load_data.
+USER_FAMILIES = ("files", "flower")
 #: Families read from files under ``data.path``.
-FILE_FAMILIES = ("omniglot", "femnist")
+FILE_FAMILIES = ("omniglot", "femnist", "files")
 #: The MOML sinewave grid: amplitudes 1..5 times phases pi/5..pi.
 GRID_TASKS = 25
 
@@ -48,6 +51,10 @@ FAMILY_FIELDS: dict[str, tuple[str, ...]] = {
     "mnist1d": _POOL + ("mnist1d_samples",),
     "omniglot": _POOL + ("path",),
     "femnist": _POOL + ("path",),
+    "files": ("partition", "heldout_fraction", "eval_adapt_size", "path", "client_column",
+              "label_column"),
+    "flower": ("heldout_fraction", "eval_adapt_size", "flower_task", "input_column",
+               "label_column"),
 }
 _PARTITION_FIELDS = {"dirichlet": ("dirichlet_alpha",), "classes": ("classes_per_client",)}
 
@@ -80,6 +87,10 @@ class DataSpec:
     synthetic_alpha: float = 1.0
     synthetic_beta: float = 1.0
     mnist1d_samples: int = 4000
+    client_column: str = "client"
+    label_column: str = "label"
+    input_column: str = ""
+    flower_task: str = ""
 
     @classmethod
     def from_config(cls, data: Any) -> "DataSpec":
@@ -100,6 +111,9 @@ class DataSpec:
         _check_choice("eval_points", self.eval_points, EVAL_POINTS)
         if not isinstance(self.path, str):
             _fail("path", self.path, "a path string")
+        for name in ("client_column", "label_column", "input_column", "flower_task"):
+            if not isinstance(getattr(self, name), str):
+                _fail(name, getattr(self, name), "a string")
         _check_int("num_clients", self.num_clients, 1)
         _check_int("unseen_clients", self.unseen_clients, 0)
         _check_int("tasks_per_client", self.tasks_per_client, 1)
@@ -148,14 +162,20 @@ class DataSpec:
         if family in FILE_FAMILIES and not self.path:
             raise DataError(
                 f"data.path is empty; family {family!r} reads its files from data.path "
-                + ("(<path>/<alphabet>/<character>/<image>.png)" if family == "omniglot"
-                   else "(<path>/*.json, LEAF format)")
+                + {"omniglot": "(<path>/<alphabet>/<character>/<image>.png)",
+                   "femnist": "(<path>/*.json, LEAF format)",
+                   "files": "(a directory of <client id>.npz or .pt files, or one .npz or .csv "
+                            "file with a client-id column)"}[family]
             )
+        if family == "flower" and not self.flower_task:
+            raise DataError("data.flower_task is empty; family 'flower' reads a Flower app's task "
+                            "module: data.flower_task: 'package.module' (its load_data) or "
+                            "'package.module:function'")
 
     def cache_key(self) -> tuple:
         """The fields this family reads, as a hashable key (paths made absolute)."""
         names = _COMMON + FAMILY_FIELDS[self.family]
-        if self.family in POOL_FAMILIES:
+        if self.family in POOL_FAMILIES or self.family == "files":
             names += _PARTITION_FIELDS.get(self.partition, ())
         return tuple(
             (n, os.path.abspath(self.path) if n == "path" else getattr(self, n)) for n in names

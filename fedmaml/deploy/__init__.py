@@ -5,6 +5,7 @@
 * :mod:`~fedmaml.deploy.commands`: the ``flower-superlink`` / ``flower-supernode`` command lines.
 * :mod:`~fedmaml.deploy.superlink_server`: the SuperLink with its Control API on the operator's
   machine only (a fleet socket for devices, a control socket on 127.0.0.1).
+* :mod:`~fedmaml.deploy.operator_token`: the credential the control socket requires of ``flwr``.
 * :mod:`~fedmaml.deploy.warm_clientapps`: a SuperNode's ClientApp processes, forked from a process
   with torch and Flower loaded.
 * :mod:`~fedmaml.deploy.app_bundle`: the Flower app ``fedmaml deploy submit`` stages, from anywhere.

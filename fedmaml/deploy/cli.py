@@ -87,15 +87,36 @@ def _add_superlink(p: argparse.ArgumentParser) -> None:
                    "(default: 9093)")
     p.add_argument("--database", metavar="FILE", help="keep registered nodes and runs in this "
                    "SQLite file, across SuperLink restarts (default: in memory)")
+    p.add_argument("--operator-token", metavar="FILE", help="the credential the Control API "
+                   "requires (created, mode 0600, at the first start; default: operator.token in "
+                   "the --certs directory, or in $FLWR_HOME with --insecure)")
     p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
+
+
+def _token_file(a: argparse.Namespace) -> Path:
+    from fedmaml.deploy.flwr_config import flwr_home
+    from fedmaml.deploy.operator_token import TOKEN_FILE
+
+    if a.operator_token:
+        return Path(a.operator_token).expanduser().resolve()
+    return (Path(a.certs).expanduser().resolve() if a.certs else flwr_home()) / TOKEN_FILE
 
 
 def _superlink(a: argparse.Namespace) -> int:
     from fedmaml.deploy.commands import (CONTROL_WARNING, INSECURE_WARNING, LOOPBACK_HOSTS,
                                          superlink_argv)
 
+    token = _token_file(a)
     argv = superlink_argv(a.certs, host=a.host, port=a.port, control_host=a.control_host,
-                          control_port=a.control_port, database=a.database, insecure=a.insecure)
+                          control_port=a.control_port, database=a.database, insecure=a.insecure,
+                          operator_token=token)
+    if not a.dry_run:  # now, so that the operator can store it before the SuperLink is up
+        from fedmaml.deploy.operator_token import ensure_token
+
+        ensure_token(token)
+        _err(f"fedmaml: the Control API requires the operator token in {token}; store it for flwr "
+             f"with `fedmaml deploy connection NAME --address {a.control_host}:{a.control_port} "
+             f"--token-file {token} ...`")
     if a.insecure:
         _err(INSECURE_WARNING)
     if a.control_host not in LOOPBACK_HOSTS:
@@ -199,6 +220,8 @@ def _add_connection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ca", metavar="FILE", help="the federation's ca.crt (TLS)")
     p.add_argument("--insecure", action="store_true", help="no TLS (a --insecure SuperLink)")
     p.add_argument("--default", action="store_true", help="make it the default connection")
+    p.add_argument("--token-file", metavar="FILE", help="the SuperLink's operator token (default: "
+                   "operator.token next to --ca, if there is one)")
     p.add_argument("--home", metavar="DIR", help="FLWR_HOME to write to (default: $FLWR_HOME or "
                    "~/.flwr)")
 
@@ -206,10 +229,21 @@ def _add_connection(p: argparse.ArgumentParser) -> None:
 def _connection(a: argparse.Namespace) -> int:
     from fedmaml.deploy.flwr_config import write_connection
 
+    token = a.token_file
+    if token is None and a.ca is not None:
+        from fedmaml.deploy.operator_token import TOKEN_FILE
+
+        beside = Path(a.ca).expanduser().resolve().parent / TOKEN_FILE
+        token = beside if beside.is_file() else None
     path = write_connection(a.name, a.address, a.ca, insecure=a.insecure, default=a.default,
-                            home=a.home)
+                            home=a.home, token_file=token)
     print(f"wrote connection {a.name!r} ({a.address}, "
           f"{'INSECURE' if a.insecure else 'TLS'}) to {path}")
+    if token is not None:
+        print(f"stored the operator token of {token} for it in {path.parent / 'credentials.yaml'}")
+    else:
+        _err("fedmaml: no operator token stored (no --token-file, none next to --ca): the "
+             "SuperLink will refuse this connection's commands until you give it")
     return 0
 
 

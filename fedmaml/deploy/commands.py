@@ -27,10 +27,10 @@ DEFAULT_SUPERLINK_PORT = 9093
 DEFAULT_CONTROL_HOST = "127.0.0.1"
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 DEFAULT_SUPERNODE_PORT = 9094
-CONTROL_WARNING = ("WARNING: the Control API listens on {host}: whoever reaches {host}:{port} can "
-                   "submit runs, which every device executes, and register node keys (open-source "
-                   "Flower 1.41 does not authenticate `flwr` users). Keep it to the operator: "
-                   "127.0.0.1 plus an SSH tunnel (docs/deployment.md).")
+CONTROL_WARNING = ("WARNING: the Control API listens on {host}: whoever reaches {host}:{port} and "
+                   "holds the operator token can submit runs, which every device executes, and "
+                   "register node keys; the token crosses the network in clear unless TLS is on. "
+                   "Keep it to the operator: 127.0.0.1 plus an SSH tunnel (docs/deployment.md).")
 INSECURE_WARNING = ("WARNING: insecure mode: traffic is not encrypted and the SuperLink accepts any "
                     "SuperNode. Use it only on a machine or network you fully trust, for tests.")
 
@@ -69,7 +69,7 @@ def show(argv: Sequence[str]) -> str:
 def superlink_argv(certs: str | Path | None, *, host: str = "0.0.0.0",
                    port: int = DEFAULT_FLEET_PORT, control_host: str = DEFAULT_CONTROL_HOST,
                    control_port: int = DEFAULT_SUPERLINK_PORT, database: str | Path | None = None,
-                   insecure: bool = False) -> list[str]:
+                   insecure: bool = False, operator_token: str | Path | None = None) -> list[str]:
     """A SuperLink with TLS (``certs``: a directory made by
     :func:`~fedmaml.deploy.crypto.make_certificates`), node authentication, and apps loaded from
     the submitted bundle without installing anything (runtime dependency installation needs the
@@ -79,12 +79,16 @@ def superlink_argv(certs: str | Path | None, *, host: str = "0.0.0.0",
     SuperNodes connect to ``host:port`` (the fleet socket, which answers the Fleet API only);
     ``flwr`` and the ServerApp processes to ``control_host:control_port`` (every API; this machine
     only by default). Flower 1.41 serves all its APIs on one socket, so the SuperLink runs under
-    :mod:`fedmaml.deploy.superlink_server`, which splits them."""
+    :mod:`fedmaml.deploy.superlink_server`, which splits them. ``operator_token``: the file of the
+    token the control socket requires (fedmaml/deploy/operator_token.py); ``None``: no credential
+    (only for callers that add their own)."""
     if (host, port) == (control_host, control_port):
         raise DeployError(f"--host/--port {host}:{port} is also the control address: the fleet "
                           "socket (SuperNodes) and the control socket (flwr) must differ")
     argv = [sys.executable, "-m", "fedmaml.deploy.superlink_server", "--fleet-host", host,
             "--fleet-port", str(port)]
+    if operator_token is not None:
+        argv += ["--operator-token-file", str(Path(operator_token).expanduser().resolve())]
     if insecure:
         if certs is not None:
             raise DeployError("give either --certs (TLS, the default) or --insecure, not both")

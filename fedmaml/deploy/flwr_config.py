@@ -115,8 +115,11 @@ def flwr_home() -> Path:
 
 
 def write_connection(name: str, address: str, ca: str | Path | None, *, insecure: bool = False,
-                     default: bool = False, home: str | Path | None = None) -> Path:
-    """Add (or replace) ``[superlink.<name>]`` in ``<home>/config.toml``; returns the file."""
+                     default: bool = False, home: str | Path | None = None,
+                     token_file: str | Path | None = None) -> Path:
+    """Add (or replace) ``[superlink.<name>]`` in ``<home>/config.toml``; returns the file.
+    ``token_file``: the SuperLink's operator token, stored where ``flwr`` sends it from
+    (:func:`fedmaml.deploy.operator_token.store_for_flwr`)."""
     if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
         raise DeployError(f"connection name {name!r}: use letters, digits, '-' and '_' only")
     if "://" in address or ":" not in address:
@@ -146,6 +149,15 @@ def write_connection(name: str, address: str, ca: str | Path | None, *, insecure
     links[name] = entry
     if default:
         links["default"] = name
+    token = None
+    if token_file is not None:  # read first: a bad token file leaves config.toml unchanged
+        from fedmaml.deploy.operator_token import read_token
+
+        token = read_token(token_file)
     home.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, tomli_w.dumps(data))
+    if token is not None:
+        from fedmaml.deploy.operator_token import store_for_flwr
+
+        store_for_flwr(home, address, token)
     return path

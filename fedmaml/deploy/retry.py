@@ -33,12 +33,14 @@ def _err(text: str) -> None:
 def run_retrying(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
                  retry_for: float = 120.0, pause: float = RETRY_PAUSE, refusal: str = REFUSAL,
                  say: Callable[[str], None] = _err,
-                 beside: Sequence[str] | None = None) -> int:
+                 beside: Sequence[str] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> int:
     """Run ``argv`` until it exits without printing ``refusal``, or ``retry_for`` seconds have
     passed since the first start; returns the exit code (1 when the bound was reached).
     ``beside``: a command started next to every attempt and stopped when it ends (the warm
-    ClientApp executor, which serves one SuperNode's Runtime API)."""
-    deadline = time.monotonic() + retry_for
+    ClientApp executor, which serves one SuperNode's Runtime API). ``clock``: where the time
+    bound reads the time (tests pass one that follows the attempts, not the machine's load)."""
+    deadline = clock() + retry_for
     current: list[subprocess.Popen] = []
     stopping: list[int] = []
 
@@ -74,7 +76,7 @@ def run_retrying(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
                     stop(helper)
             if not refused or code == 0 or stopping:
                 return code
-            left = deadline - time.monotonic()
+            left = deadline - clock()
             if left <= 0:
                 say(f"fedmaml: the SuperLink still refuses to activate this SuperNode after "
                     f"{retry_for:.0f}s ({attempt} attempts); giving up. Check that its key is "

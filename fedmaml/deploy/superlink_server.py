@@ -14,6 +14,9 @@ This module runs Flower's own SuperLink application (``flwr.superlink.main.creat
   which answers the Fleet API only: any other path gets ``403``;
 * the **control socket** (Flower's ``--host``/``--port``, ``127.0.0.1:9093`` by default), with every
   API: ``flwr`` and the ServerApp processes on this machine, remote operators through an SSH tunnel.
+  With ``--operator-token-file FILE`` (what ``fedmaml deploy superlink`` passes), everything on it
+  but the Fleet and Runtime APIs requires ``Authorization: Bearer <the token in FILE>``
+  (fedmaml/deploy/operator_token.py): other local processes are refused (401) too.
 
 Usage (what ``fedmaml deploy superlink`` executes)::
 
@@ -33,32 +36,56 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 FLEET_PREFIX = "/v1/fleet/"
+#: Paths the control socket serves without the operator token: the Fleet API (what a SuperNode
+#: may call anyway, on the fleet socket) and the Runtime API (the ServerApp processes, which Flower
+#: starts and authenticates with per-task tokens; they cannot carry ours).
+OPEN_PREFIXES = (FLEET_PREFIX, "/v1/runtime/")
 
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
                    Awaitable[None]]
 
 
-class FleetOnly:
-    """ASGI wrapper: requests that arrive on ``fleet_port`` may only use the Fleet API."""
+async def _refuse(scope: Scope, send, status: int, body: bytes) -> None:
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    # No "WWW-Authenticate: Bearer" on a 401: the flwr CLI would try to refresh its token.
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"text/plain"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
-    def __init__(self, app: ASGIApp, fleet_port: int) -> None:
+
+class FleetOnly:
+    """ASGI wrapper: requests that arrive on ``fleet_port`` may only use the Fleet API; with a
+    ``token``, requests on the other socket need it, except for :data:`OPEN_PREFIXES`."""
+
+    def __init__(self, app: ASGIApp, fleet_port: int, token: str | None = None) -> None:
         self.app = app
         self.fleet_port = fleet_port
+        self.token = token
 
     async def __call__(self, scope: Scope, receive, send) -> None:
-        server = scope.get("server") or (None, None)
-        if (scope["type"] in ("http", "websocket") and server[1] == self.fleet_port
-                and not scope.get("path", "").startswith(FLEET_PREFIX)):
-            if scope["type"] == "websocket":
-                await send({"type": "websocket.close", "code": 1008})
-                return
-            body = b"this port serves SuperNodes only (Fleet API); the Control API is elsewhere\n"
-            await send({"type": "http.response.start", "status": 403,
-                        "headers": [(b"content-type", b"text/plain"),
-                                    (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
+        if scope["type"] not in ("http", "websocket"):  # lifespan
+            await self.app(scope, receive, send)
             return
+        server = scope.get("server") or (None, None)
+        path = scope.get("path", "")
+        if server[1] == self.fleet_port:
+            if not path.startswith(FLEET_PREFIX):
+                await _refuse(scope, send, 403, b"this port serves SuperNodes only (Fleet API); "
+                              b"the Control API is elsewhere\n")
+                return
+        elif self.token is not None and not path.startswith(OPEN_PREFIXES):
+            from fedmaml.deploy.operator_token import authorized
+
+            header = dict(scope.get("headers") or []).get(b"authorization")
+            if not authorized(header, self.token):
+                await _refuse(scope, send, 401, b"the Control API needs the operator token "
+                              b"(Authorization: Bearer ...); store it for flwr with `fedmaml deploy "
+                              b"connection NAME --address HOST:PORT --token-file operator.token`\n")
+                return
         await self.app(scope, receive, send)
 
 
@@ -79,7 +106,18 @@ def main(argv: list[str] | None = None) -> None:
     ours = argparse.ArgumentParser(add_help=False)
     ours.add_argument("--fleet-host", required=True)
     ours.add_argument("--fleet-port", type=int, required=True)
+    ours.add_argument("--operator-token-file", metavar="FILE", help="require the token in FILE "
+                      "(created, mode 0600, if missing) on the Control API")
     args, flower_args = ours.parse_known_args(sys.argv[1:] if argv is None else argv)
+    token = None
+    if args.operator_token_file is not None:
+        from fedmaml.deploy.crypto import DeployError
+        from fedmaml.deploy.operator_token import ensure_token
+
+        try:
+            token = ensure_token(args.operator_token_file)
+        except DeployError as e:
+            sys.exit(f"fedmaml: {e}")
 
     import uvicorn
     from flwr.supercore import log
@@ -96,12 +134,13 @@ def main(argv: list[str] | None = None) -> None:
     config = fs._parse_superlink_lifespan_config()  # noqa: SLF001 (pinned flwr 1.41)
     if (args.fleet_host, args.fleet_port) == (config.host, config.port):
         sys.exit("fedmaml: the fleet and control sockets must differ")
-    app = FleetOnly(create_app(config, fs.SuperLinkLifespan), args.fleet_port)
+    app = FleetOnly(create_app(config, fs.SuperLinkLifespan), args.fleet_port, token)
     sockets = [_listen(args.fleet_host, args.fleet_port), _listen(config.host, config.port)]
     import logging
 
     log(logging.INFO, "Starting Flower SuperLink: Fleet API on %s:%s; Fleet, Control and Runtime "
-        "APIs on %s:%s", args.fleet_host, args.fleet_port, config.host, config.port)
+        "APIs on %s:%s (Control API: %s)", args.fleet_host, args.fleet_port, config.host,
+        config.port, "operator token required" if token else "NO credential required")
     server = uvicorn.Server(uvicorn.Config(
         app=app, reload=False, access_log=True, workers=1,
         log_config=get_uvicorn_log_config(console_handler.level),

@@ -16,8 +16,9 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from fedmaml.core.diagnostics import tracking_error
@@ -26,10 +27,26 @@ from fedmaml.core.params import Params
 from fedmaml.federated import records as R
 from fedmaml.federated.client_app import evaluate_client
 
-if TYPE_CHECKING:
-    from fedmaml.engines.run_batch import RunBatch
-
 log = logging.getLogger("fedmaml")
+
+
+class RunBatchState(Protocol):
+    """What an evaluation reads from its batch of runs. ``RunBatch`` (fedmaml/engines/run_batch.py)
+    has all of it and hands itself to the evaluator; naming the needs here keeps the evaluator below
+    the batch in the import graph (the batch imports the evaluator, not the other way)."""
+
+    cfgs: list[Any]  # each run's Config
+    setups: list[Any]  # each run's ExperimentSetup
+    strategies: list[Any]  # each run's MetaStrategy (the evaluation's summariser)
+    live: list[int]  # indices of the runs still training
+    w: Params  # every run's model, stacked along the run axis
+    memory: Params  # [runs, clients, tasks, ...]
+    has_memory: np.ndarray  # [runs, clients]
+    model: Any
+    algorithm: Any
+    loss_fn: Any
+
+    def _sync_staleness(self, i: int) -> None: ...
 
 #: Adaptations vmapped in one call (bounds the activations held at once).
 CHUNK = 2048
@@ -48,7 +65,7 @@ class _Panel:
 class _Store:
     """A client's memory in the batch (``evaluate_client``'s store)."""
 
-    def __init__(self, batch: "RunBatch", i: int, cid: int) -> None:
+    def __init__(self, batch: RunBatchState, i: int, cid: int) -> None:
         self.batch, self.i, self.cid = batch, i, cid
 
     def load(self) -> Params | None:
@@ -59,7 +76,7 @@ class _Store:
 
 
 class BatchEvaluator:
-    def __init__(self, batch: "RunBatch") -> None:
+    def __init__(self, batch: RunBatchState) -> None:
         self.batch = batch
         self._panels: dict[int, _Panel | None] = {}  # None: evaluated client by client
 
@@ -92,7 +109,7 @@ class BatchEvaluator:
             return self._panels[i]
         b = self.batch
         fed = b.setups[i].federation
-        cids = b.strategies[i].eval_clients(server_round)
+        cids = b.strategies[i].eval_clients()
         rows, splits, examples = [], [], {}
         for cid in cids:
             tasks = (fed.unseen_tasks(cid - fed.num_clients) if cid >= fed.num_clients
@@ -114,7 +131,7 @@ class BatchEvaluator:
         strategy, setup = b.strategies[i], b.setups[i]
         j = b.live.index(i)
         w = {k: v[j] for k, v in b.w.items()}
-        cids = strategy.eval_clients(server_round)
+        cids = strategy.eval_clients()
         outcomes: list[tuple[Any, str | None]] = []
         for cid in cids:
             try:

@@ -34,8 +34,8 @@ from torch import Tensor
 from fedmaml.atomic import atomic_torch_save
 from fedmaml.core.params import Params
 from fedmaml.errors import DataError
+from fedmaml.federated.bank_state import CHECKPOINT_FORMAT, bank_state
 
-CHECKPOINT_FORMAT = "fedmaml-memory-bank-1"
 MIN_CAPACITY = 64
 
 
@@ -140,9 +140,8 @@ class MemoryBank:
     def state_dict(self) -> dict:
         """The stored rows and their client ids (copied out of the store)."""
         n = self._used
-        return {"format": CHECKPOINT_FORMAT, "num_clients": self.num_clients,
-                "client_ids": torch.from_numpy(self._owner[:n].copy()),
-                "memory": {k: s[:n].to("cpu", copy=True) for k, s in self._store.items()}}
+        return bank_state(self.num_clients, torch.from_numpy(self._owner[:n].copy()),
+                          {k: s[:n].to("cpu", copy=True) for k, s in self._store.items()})
 
     def save(self, path: str | Path) -> None:
         """Write a checkpoint atomically (a crash leaves the previous checkpoint intact)."""

@@ -5,6 +5,10 @@ Each client message runs in a Ray actor with ``engine.num_cpus`` CPUs and ``engi
 with ``ray start --head`` on one machine and ``ray start --address=HEAD:6379`` on the others), so the
 actors spread over several machines; an address that does not answer is an error within
 ``CONNECT_SECONDS``. An empty address starts a fresh local Ray instance, never a stale one.
+
+A local instance is fedmaml's to clean up: it is recorded while the run goes, stopped with the run
+(normal end, Ctrl-C, an error), and what a driver killed with ``kill -9`` left behind is stopped by
+the next run on this engine (fedmaml/engines/ray_session.py).
 """
 
 from __future__ import annotations
@@ -12,11 +16,13 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 from typing import Any
 
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
+from fedmaml.engines import ray_session
 from fedmaml.errors import ConfigError
 
 
@@ -76,9 +82,14 @@ def run_ray(server_app: ServerApp, client_app: ClientApp, num_nodes: int, engine
     if not verbose:
         flwr_log.setLevel(logging.WARNING)
     flwr_log.addFilter(_DEPRECATION_FILTER)  # idempotent: the same filter object
+    backend_config = ray_backend_config(engine)
+    session = None
     try:
+        if backend_config["init_args"]["address"] == "local":
+            ray_session.clean_leftovers()  # what a killed run's Ray left behind
+            session = start_local_ray(backend_config["init_args"])
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_nodes,
-                       backend_name="ray", backend_config=ray_backend_config(engine),
+                       backend_name="ray", backend_config=backend_config,
                        verbose_logging=verbose)
     finally:
         # Flower shuts Ray down when the simulation ends normally; make sure an interrupted or
@@ -87,3 +98,17 @@ def run_ray(server_app: ServerApp, client_app: ClientApp, num_nodes: int, engine
 
         if ray.is_initialized():
             ray.shutdown()
+        if session is not None:  # ray.shutdown() does not wait for its processes to exit
+            session.stop()
+
+
+def start_local_ray(init_args: dict[str, Any]) -> ray_session.SessionRecord:
+    """Start the local Ray instance here rather than in Flower (whose ``RayBackend.init_ray`` then
+    finds Ray running and keeps it), so that its session is recorded before any work starts. The
+    arguments are Flower's: no dashboard, and the workers get this process's import path."""
+    import ray
+
+    paths = [*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])]
+    context = ray.init(runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}},
+                       **{"include_dashboard": False, **init_args})
+    return ray_session.record_session(context.address_info["session_dir"])

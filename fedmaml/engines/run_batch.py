@@ -26,9 +26,9 @@ alone's. Memories live in one dense tensor per parameter, ``[R, clients, tasks, 
 writes each run's as a memory bank (the vectorized engine's format), so one run of a batch can also
 be resumed alone (``fedmaml run --resume`` with ``engine.name: vectorized``).
 
-What a batch cannot hold (:func:`batch_refusal`): injected faults, differential privacy, round
-deadlines, participation models other than uniform, compute-speed models, pattern selection and
-``compare_with`` baselines. ``fedmaml sweep --vectorize`` runs such runs one by one, as without it.
+What a batch cannot hold (:func:`batch_refusal`): injected faults, differential privacy, Poisson
+client sampling, round deadlines, participation models other than uniform, compute-speed models,
+pattern selection and ``compare_with`` baselines. ``fedmaml sweep --vectorize`` runs such runs one by one, as without it.
 """
 
 from __future__ import annotations
@@ -91,13 +91,17 @@ def batch_refusal(cfg: Any) -> str | None:
         return "faults are injected"
     if cfg.privacy.clipping != "none" or cfg.privacy.noise_multiplier > 0:
         return "differential privacy is on"
+    if cfg.federated.sampling != "fixed":  # a batch draws one fixed-size cohort per run
+        return "clients are Poisson-sampled (federated.sampling): cohorts vary in size"
     if cfg.federated.round_timeout:
         return "rounds have a deadline (federated.round_timeout)"
     if cfg.participation.model != "uniform" or cfg.participation.speed != "uniform":
         return "participation is not uniform (participation.model / participation.speed)"
     if cfg.pattern_selection.mode != "none":
         return "Lambda patterns are selected during the run (pattern_selection.mode)"
-    if resolve_device(cfg.engine.device).type != "cpu":
+    # "cuda" joins no batch even where it is missing: the run alone is then refused up front with
+    # the error every engine gives (federated.setup.check_device)
+    if cfg.engine.device == "cuda" or resolve_device(cfg.engine.device).type != "cpu":
         return "batches run on the CPU"
     return None
 
@@ -494,7 +498,7 @@ class RunBatch:
             "round": server_round, "seconds": self.states[i]["seconds"],
             "rng": checkpoint.rng_state(), "strategy": strategy.checkpoint_state(),
             "memories": {"bank": self._bank_state(i)}, "health": self.healths[i].state(),
-            "app": self.states[i], "metrics": self.recorders[i].text()})
+            "app": self.states[i], "metrics": self.recorders[i].text()}, self.cfgs[i])
 
     def _sync_strategy(self, i: int) -> None:
         """Run ``i``'s strategy holds the batch's state of it (for a checkpoint or the summary)."""

@@ -14,6 +14,8 @@ one that never stopped:
   never leaves the device; on resume the device's file must still match it;
 * the round and the ``metrics.jsonl`` lines written so far (a resumed run rewrites the file to them,
   dropping rows of a round that a kill cut short);
+* the config the run was made from (every key, and its SHA-256): ``fedmaml run --resume`` refuses
+  to continue with another one, but for the keys a resume may change (fedmaml/run_dir.py);
 * the random state. fedmaml draws every random choice from counter-based streams of the seed, the
   round and the client (client sampling, data, injected faults, the evaluation panel), so a run has
   almost no RNG state; the global ``random``, NumPy and torch generators of the server process are
@@ -29,6 +31,8 @@ failed) deletes its checkpoint: its summary.json says what it became.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import random
 import signal
 import sys
@@ -42,9 +46,11 @@ import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedmaml.atomic import atomic_torch_save
+from fedmaml.config import config_to_flat
 from fedmaml.core.params import Params
 from fedmaml.errors import DataError, FedmamlError, MessageError
 from fedmaml.federated import codec
+from fedmaml.federated.bank_state import bank_state
 from fedmaml.federated import records as R
 from fedmaml.federated.memory_store import FileStore, MemoryStore, digest
 
@@ -189,15 +195,12 @@ def bank_to_clients(bank: Mapping[str, Any]) -> dict[int, Params]:
 def clients_to_bank(clients: Mapping[int, Any], num_clients: int) -> dict[str, Any] | None:
     """Per-client memories (tensors) as a memory bank's state; ``None`` when a memory is a
     reference to a device's file (it never left the device, so no bank can hold it)."""
-    from fedmaml.engines.memory_bank import CHECKPOINT_FORMAT
-
     if any(FILE in m for m in clients.values()):
         return None
     ids = sorted(clients)
     names = list(clients[ids[0]]) if ids else []
-    return {"format": CHECKPOINT_FORMAT, "num_clients": num_clients,
-            "client_ids": torch.tensor(ids, dtype=torch.int64),
-            "memory": {k: torch.stack([clients[c][k] for c in ids]) for k in names}}
+    return bank_state(num_clients, torch.tensor(ids, dtype=torch.int64),
+                      {k: torch.stack([clients[c][k] for c in ids]) for k in names})
 
 
 def restore_memories(grid: Any, nodes: Mapping[int, int], memories: Mapping[str, Any],
@@ -258,8 +261,20 @@ def path_of(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINT_FILE
 
 
-def save(run_dir: str | Path, state: dict[str, Any]) -> None:
-    atomic_torch_save({"format": FORMAT, **state}, path_of(run_dir))
+def save(run_dir: str | Path, state: dict[str, Any], config: Any) -> None:
+    """``state`` and the resolved ``config`` the run was made from: every key (``config``) and the
+    SHA-256 of them (``config_sha256``), so that a resume can refuse a changed config and name the
+    keys that changed (fedmaml/run_dir.py)."""
+    flat = config_to_flat(config)
+    atomic_torch_save({"format": FORMAT, **state, "config": flat,
+                       "config_sha256": config_sha256(flat)}, path_of(run_dir))
+
+
+def config_sha256(flat: Mapping[str, Any]) -> str:
+    """SHA-256 of a flat config (``config_to_flat``), leaving out ``output_dir``: where the run
+    directory was made is not part of the run."""
+    kept = {k: v for k, v in flat.items() if k != "output_dir"}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
 
 
 def load(run_dir: str | Path) -> dict[str, Any]:
@@ -271,7 +286,9 @@ def load(run_dir: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
-        raise DataError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from None
+        # its messages run to paragraphs about weights_only; the kind and the size say enough
+        raise DataError(f"checkpoint {path} is unreadable: truncated, or not written by fedmaml "
+                        f"({path.stat().st_size} bytes; torch: {type(e).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise DataError(f"{path} is not a fedmaml checkpoint (format {FORMAT})")
     return state

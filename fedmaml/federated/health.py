@@ -6,8 +6,8 @@ A run ends with one status:
 * ``diverged``: the aggregated update, every update that arrived in a round, or an evaluation loss
   was NaN or infinite. The run stops at once; ``model.pt`` keeps the last good model;
 * ``failed``: ``federated.max_failed_rounds`` consecutive rounds without one valid reply (every
-  client erred, timed out or sent something malformed, e.g. ``engine.device: cuda`` on a machine
-  without a GPU);
+  client erred, timed out or sent something malformed), or a run whose rounds all ended without
+  one, whatever ``max_failed_rounds`` is: it trained nothing, so it did not complete;
 * ``interrupted``: stopped by SIGINT/SIGTERM (or a stop request) after a round; the run directory
   then holds a checkpoint to resume from (fedmaml/federated/checkpoint.py).
 
@@ -65,6 +65,9 @@ class RunHealth:
 
     max_failed_rounds: int
     hint: str = "a smaller algorithm.eta or federated.server_lr"
+    #: the run's last round (``federated.rounds``): a run that reaches it without a single valid
+    #: reply failed; 0: not known, no such check
+    rounds: int = 0
     replies: int = 0
     failures: dict[str, int] = field(default_factory=lambda: {k: 0 for k in FAILURE_KINDS})
     rejected: int = 0
@@ -93,7 +96,9 @@ class RunHealth:
                 raise RunStopped("diverged", r, f"run diverged at round {r}: every update that "
                                  f"arrived ({row['rejected']}) holds NaN or infinite values; try "
                                  f"{self.hint}", distrust_w=True)
-            self.failed_in_a_row = self.failed_in_a_row + 1 if int(row.get("replies", 0)) == 0 else 0
+            if row.get("clients", True):  # a round that asked nobody (Poisson) did not fail
+                self.failed_in_a_row = (self.failed_in_a_row + 1 if int(row.get("replies", 0)) == 0
+                                        else 0)
         bad = [k for k in _LOSS_KEYS if k in row.get("eval", {})
                and not _finite(row["eval"][k])]
         if bad:
@@ -107,6 +112,12 @@ class RunHealth:
                              f"{self.failed_in_a_row} consecutive rounds{why}; fix the clients' "
                              "problem, or raise federated.max_failed_rounds or "
                              "federated.round_timeout")
+        if self.rounds and r >= self.rounds and self.replies == 0:
+            why = f" (last error: {last_error})" if last_error else ""
+            raise RunStopped("failed", r, f"run failed: none of its {r} rounds got a valid reply, "
+                             f"so nothing was trained{why}; fix the clients' problem (fewer rounds "
+                             f"than federated.max_failed_rounds = {self.max_failed_rounds} do not "
+                             "stop a run early, but such a run cannot complete)")
 
     def totals(self) -> dict[str, Any]:
         """The summary's share: total valid replies, failures by kind, rejected updates, rounds, and

@@ -21,6 +21,12 @@ round. The models differ in who is available:
 client (possibly none). The round then has fewer participants; when they are fewer than
 ``federated.min_replies`` the model is not updated that round, exactly as when replies are missing.
 
+**Sampling scheme** (``federated.sampling``, :class:`ClientSampling`): ``fixed`` draws exactly
+``k`` clients as above; ``poisson`` takes each available client independently with probability
+``q`` (a coin per ``(seed, round, client)``), so the cohort's size varies around ``q n`` and can be
+0. Cross-silo takes everybody. The scheme fixes the server's denominator and the privacy account
+(docs/privacy.md).
+
 **Compute speed** (:func:`speed_multipliers`) is separate from availability: a per-client factor on
 the simulated train time (``participation.speed``), so that under a round deadline the slow clients
 are the stragglers.
@@ -37,16 +43,17 @@ million clients took 15-80 ms per round, docs/participation.md). No Flower, no t
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from fedmaml.config import PARTICIPATION_MODELS, SPEED_MODELS, ParticipationConfig
+from fedmaml.config import PARTICIPATION_MODELS, SPEED_MODELS, FederatedConfig, ParticipationConfig
 from fedmaml.data.counter import derive_keys, sample_without_replacement, splitmix64
 
 # Stream tags: independent generators for independent uses of the same seed.
-_COHORT, _AVAILABLE, _CLIENT_CONSTANTS, _MARKOV_START = 0xC1, 0xA8, 0xA7, 0xA9
+_COHORT, _AVAILABLE, _CLIENT_CONSTANTS, _MARKOV_START, _POISSON = 0xC1, 0xA8, 0xA7, 0xA9, 0xB0
 # The purpose word of the speed keys: far above any round number (round keys use the round).
 _SPEED = (1 << 62) | 0x5BEED
 
@@ -62,6 +69,48 @@ def sample_cohorts(seeds: np.ndarray, server_round: int, num_clients: int, k: in
     """``[R, k]``: :func:`sample_clients` of each seed, in one vectorized draw."""
     keys = derive_keys(np.asarray(seeds), np.full((len(seeds), 1), server_round), _COHORT)
     return sample_without_replacement(keys[:, 0], num_clients, k)
+
+
+@dataclass(frozen=True)
+class ClientSampling:
+    """How a round's clients are drawn: what the server's denominator and the privacy account
+    follow from (docs/privacy.md).
+
+    ``scheme``: ``all`` (cross-silo: every client every round), ``fixed`` (``size`` clients drawn
+    uniformly without replacement), ``poisson`` (each client independently with probability
+    ``rate``). ``rate`` is the chance that a given client is asked in a round: ``size / population``
+    for ``all`` and ``fixed``."""
+
+    scheme: str
+    population: int
+    size: int  # clients asked per round (all, fixed); for poisson its expected count, rounded
+    rate: float
+
+    @property
+    def expected_size(self) -> float:
+        """Clients asked per round on average: ``size``, or ``rate * population`` for poisson."""
+        return self.rate * self.population if self.scheme == "poisson" else float(self.size)
+
+
+def client_sampling(fed: FederatedConfig, num_clients: int) -> ClientSampling:
+    """The sampling scheme of ``federated.*`` over ``num_clients`` clients."""
+    n = num_clients
+    if fed.mode == "cross_silo":
+        return ClientSampling("all", n, n, 1.0)
+    if fed.sampling == "poisson":
+        rate = min(fed.clients_per_round / n, 1.0) if fed.clients_per_round else fed.fraction
+        return ClientSampling("poisson", n, max(1, round(rate * n)), rate)
+    k = min(fed.clients_per_round or max(1, round(fed.fraction * n)), n)
+    return ClientSampling("fixed", n, k, k / n)
+
+
+def poisson_mask(seed: int, server_round: int, num_clients: int, rate: float) -> np.ndarray:
+    """A boolean mask over client ids: each client in with probability ``rate``, by a coin that is
+    a function of ``(seed, round, client id)`` only (a counter-based hash, as every engine and
+    process must draw the same cohort). O(n) vectorized numpy a round."""
+    keys = derive_keys(seed, np.arange(num_clients), (1 << 62) | (server_round << 8) | _POISSON)
+    u = (splitmix64(keys, 1)[:, 0] >> np.uint64(11)).astype(np.float64) * 2.0 ** -53  # [0, 1)
+    return u < rate
 
 
 def speed_multipliers(spec: ParticipationConfig, seed: int, cids: list[int] | np.ndarray
@@ -147,10 +196,15 @@ class Participation:
         return state
 
     # -- the cohort -----------------------------------------------------------------------------
-    def cohort(self, server_round: int, k: int) -> list[int]:
+    def cohort(self, server_round: int, k: int, poisson_rate: float | None = None) -> list[int]:
         """Up to ``k`` distinct client ids, uniformly among the available ones; every available
-        client when fewer than ``k`` are (see the module docstring)."""
+        client when fewer than ``k`` are (see the module docstring). With ``poisson_rate``: each
+        available client independently with that probability (``k`` unused), sorted by id."""
         mask = self.available(server_round)
+        if poisson_rate is not None:
+            picked = poisson_mask(self.seed, server_round, self.n, poisson_rate)
+            self.last_available = None if mask is None else int(mask.sum())
+            return [int(c) for c in np.flatnonzero(picked if mask is None else picked & mask)]
         if mask is None:
             self.last_available = None
             return sample_clients(self.seed, server_round, self.n, min(k, self.n))

@@ -37,6 +37,7 @@ from fedmaml.core.patterns import Pattern, resolve_pattern
 from fedmaml.errors import ConfigError, MessageError, PatternError
 from fedmaml.federated import records as R
 from fedmaml.federated.setup import ExperimentSetup, resolve_device
+from fedmaml.results.progress import status
 from fedmaml.results.recorder import _clean
 
 log = logging.getLogger("fedmaml")
@@ -173,6 +174,9 @@ def select(setup: ExperimentSetup, measure: Measurer, sel: Any = None, *, mode: 
         "mode": mode, "metric": metric, "steps": selection_steps(cfg, sel), "validation_clients": val_ids,
         "test_clients": test_ids, "timing": {"warmup": sel.warmup, "repeats": sel.repeats,
                                              **ps.machine_info()}}
+    # a minute or more: say so (the progress line, or a log line) rather than go silent
+    status(f"pattern selection: {len(valid)} candidates on {len(val_ids)} validation clients",
+           force=True)
     parts, info = measure(val_ids, [c.pattern for c in valid], True)
     record["timing"].update(info)
     if not parts:
@@ -187,6 +191,7 @@ def select(setup: ExperimentSetup, measure: Measurer, sel: Any = None, *, mode: 
     record["validation_examples"] = merged.examples
     record["validation_replies"] = merged.sources
     if test_ids:
+        status(f"pattern selection: test quality on {len(test_ids)} clients")
         tests, _ = measure(test_ids, [c.pattern for c in valid], False)
         if tests:
             test = ps.combine_measurements(tests)
@@ -207,8 +212,12 @@ def central_measurer(setup: ExperimentSetup, w: Params, sel: Any = None) -> Meas
 
     def measure(cids: list[int], patterns: list[Pattern], timed: bool
                 ) -> tuple[list[ps.Measurement], dict[str, Any]]:
-        parts = [measure_client(setup, c, w, patterns, warmup=sel.warmup,
-                                repeats=sel.repeats if timed else 0, device=device) for c in cids]
+        parts = []
+        for i, c in enumerate(cids):
+            status(f"pattern selection: {'timing' if timed else 'testing'} on client "
+                   f"{i + 1}/{len(cids)}")
+            parts.append(measure_client(setup, c, w, patterns, warmup=sel.warmup,
+                                        repeats=sel.repeats if timed else 0, device=device))
         return parts, {"where": "this process", "device": str(device)}
     return measure
 
@@ -349,10 +358,13 @@ def _received(text: Any, setup: ExperimentSetup, key: str) -> Pattern:
 # --------------------------------------------------------------------------------------------------
 
 def write_selection(directory: str | Path, record: Mapping[str, Any], name: str = RUN_FILE) -> Path:
-    """Write a selection record as JSON (atomically; NaN/inf become null)."""
+    """Write a selection record as JSON (atomically; NaN/inf become null), with the version and
+    commit that made it (fedmaml/provenance.py)."""
+    from fedmaml.provenance import with_provenance
+
     path = Path(directory) / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(_clean(dict(record)), indent=2) + "\n")
+    atomic_write_text(path, json.dumps(_clean(with_provenance(dict(record))), indent=2) + "\n")
     return path
 
 

@@ -78,7 +78,9 @@ def run_federated(grid: Grid, cfg: Any, run_dir: str | Path, quiet: bool = False
         checkpoint.save(run_dir, {
             "round": server_round, "seconds": state["seconds"], "rng": checkpoint.rng_state(),
             "strategy": strategy.checkpoint_state(), "memories": memories,
-            "health": health.state(), "app": state, "metrics": recorder.text()})
+            "health": health.state(), "app": state, "metrics": recorder.text()}, cfg)
+
+    eval_round: list[int | None] = [None]  # of state["last_eval"]; unknown after a resume
 
     def on_round(row: dict[str, Any]) -> None:
         r = row["round"]
@@ -93,20 +95,15 @@ def run_federated(grid: Grid, cfg: Any, run_dir: str | Path, quiet: bool = False
             write_selection(run_dir, row["pattern_selection"])
         health.observe(row, strategy.last_error)  # raises RunStopped: diverged or failed
         note_evaluation(state, row)
+        if "eval" in row:
+            eval_round[0] = r
         stop = checkpoint.stop_requested()
         if r < rounds and (stop or (every and r > 0 and r % every == 0)):
             save_checkpoint(r)
         if stop and r < rounds:
             raise RunStopped("interrupted", r, f"interrupted after round {r}; resume with: "
                              f"fedmaml run --resume {run_dir}")
-        shown = state["last_eval"].get(f"seen.{key}.mean")
-        info = f"{key} {shown:.4g}" if shown is not None else ""
-        if "loss_after" in row:
-            info = f"train loss {row['loss_after']:.4g} | eval {info}"
-        if "replies" in row:
-            info += f" | replies {row['replies']}/{len(row['clients'])}"
-            info += f", {row['failures']} failed" if row["failures"] else ""
-        progress.update(r, info)
+        progress.update(r, progress_info(row, state, key, eval_round))
 
     timeout = cfg.federated.round_timeout or None
     status, message, model = "completed", "", None
@@ -136,7 +133,8 @@ def run_health(cfg: Any) -> RunHealth:
     """The health rules of a run, with what to try when it diverges."""
     return RunHealth(cfg.federated.max_failed_rounds,
                      hint=f"a smaller algorithm.eta (now {cfg.algorithm.eta:g}) or "
-                          f"federated.server_lr (now {cfg.federated.server_lr:g})")
+                          f"federated.server_lr (now {cfg.federated.server_lr:g})",
+                     rounds=cfg.federated.rounds)
 
 
 def new_run_state() -> dict[str, Any]:
@@ -144,6 +142,23 @@ def new_run_state() -> dict[str, Any]:
     injected, the first and last evaluation and the running clock."""
     return {"injected": {k: 0 for k in faults.KINDS}, "first_eval": {}, "last_eval": {},
             "seconds": 0.0}
+
+
+def progress_info(row: dict[str, Any], state: dict[str, Any], key: str,
+                  eval_round: list[int | None]) -> str:
+    """The progress line's info: the last evaluation first, with the round it was made at (it
+    stays the same between evaluations), then this round's training loss and replies."""
+    parts = []
+    shown = state["last_eval"].get(f"seen.{key}.mean")
+    if shown is not None:
+        at = f" @r{eval_round[0]}" if eval_round[0] is not None else ""
+        parts.append(f"eval {key} {shown:.4g}{at}")
+    if "loss_after" in row:
+        parts.append(f"train {row['loss_after']:.4g}")
+    if "replies" in row:
+        failed = f", {row['failures']} failed" if row["failures"] else ""
+        parts.append(f"replies {row['replies']}/{len(row['clients'])}{failed}")
+    return " | ".join(parts)
 
 
 def note_evaluation(state: dict[str, Any], row: dict[str, Any]) -> None:
@@ -177,6 +192,8 @@ def run_summary(cfg: Any, strategy: MetaStrategy, health: RunHealth, state: dict
         summary["privacy"] = privacy
     if strategy.selector.record is not None:
         summary["pattern_selection"] = selection_summary(strategy.selector.record)
+    if state.get("config_changes"):  # what a resume changed, and when (fedmaml/run_dir.py)
+        summary["config_changes"] = state["config_changes"]
     return summary
 
 

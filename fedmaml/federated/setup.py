@@ -22,7 +22,9 @@ from fedmaml.core.patterns import Pattern, resolve_pattern
 from fedmaml.core.task_step import StepConfig
 from fedmaml.data import build_federation
 from fedmaml.data.counter import round_keys
+from fedmaml.data.spec import USER_FAMILIES
 from fedmaml.data.tasks import Federation
+from fedmaml.data.user import check_client_sizes
 from fedmaml.errors import ConfigError, PatternError
 from fedmaml.models import StagedModel, build_model
 
@@ -106,6 +108,9 @@ def _setup_cached(_key: str, cfg: Any) -> ExperimentSetup:
     except ValueError as e:
         raise ConfigError(f"algorithm.name: {e}") from None
     hyper = build_hyper(cfg, model, algorithm)
+    if cfg.data.family in USER_FAMILIES:  # a user's clients may be too small for a step
+        check_client_sizes(federation, hyper.support_size + hyper.query_size,
+                           "algorithm.support_size + query_size", f"data.family = {cfg.data.family!r}")
     ev = cfg.evaluation
     eval_pattern = _pattern("evaluation.pattern", ev.pattern, model, ev.steps)
     return ExperimentSetup(
@@ -119,9 +124,33 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("engine.device: 'cuda' was asked for but torch sees no CUDA device here; "
-                          "use 'auto' or 'cpu'")
+        raise ConfigError(f"engine.device: 'cuda' is not available on this machine ({_no_gpu()}); "
+                          "available here: cpu. Use 'cpu', or 'auto' (cuda where present)")
     return torch.device(name)
+
+
+def check_device(engine: Any) -> None:
+    """Refuse, before any engine starts, an ``engine.device`` (or Ray ``engine.num_gpus``) its
+    clients cannot have, with the same error on every engine. Clients run on this machine, except
+    on a Ray cluster named by ``engine.ray_address``, whose machines may have a GPU this one lacks:
+    there a client without it fails its replies, and a run whose rounds all fail ends ``failed``
+    (health.py)."""
+    if engine.name == "ray" and engine.ray_address not in ("", "local"):
+        return
+    resolve_device(engine.device)
+    if engine.name == "ray" and engine.num_gpus > 0 and not torch.cuda.is_available():
+        # Flower would start Ray, find room for no actor and stop ("ActorPool is empty")
+        raise ConfigError(f"engine.num_gpus: {engine.num_gpus:g} gives each client a share of a "
+                          f"GPU, but there is none on this machine ({_no_gpu()}); available here: "
+                          "0 GPUs. Use engine.num_gpus: 0, or engine.ray_address of a Ray cluster "
+                          "with GPUs")
+
+
+def _no_gpu() -> str:
+    """Why torch finds no GPU here, for the messages above."""
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is built without CUDA"
+    return f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no GPU"
 
 
 def client_round_keys(seed: int, client_ids: list[int], server_round: int) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""``MetaStrategy``: the server side of fedmaml as a Flower ``Strategy`` (ALGORITHMS.md §5).
+"""``MetaStrategy``: the server side of fedmaml as a Flower ``Strategy``
+(docs/algorithms.md#federated-localmoml).
 
 * **Sampling** by stable client id (partition id) with a seeded RNG, never by transport node ids:
   cross-device samples a fraction or count of clients per round (without replacement, O(k) work
@@ -13,9 +14,9 @@
   fixed panel of training clients (``eval_clients`` of them, drawn once from the seed) and every
   unseen client. The panel is the same at every evaluation so that "before" and "after" compare the
   same clients (a per-round sample would add client-to-client variance to the curve). Per-client
-  metrics are summarised as mean, std and p10/p50/p90 (ALGORITHMS.md §7); memory-based metrics cover
-  the panel clients that have a memory (have trained). A grid that takes cohorts (the vectorized
-  engine) gets one evaluate message for the whole panel and answers once (records.py).
+  metrics are summarised as mean, std and p10/p50/p90 (docs/algorithms.md#evaluation); memory-based
+  metrics cover the panel clients that have a memory (have trained). A grid that takes cohorts (the
+  vectorized engine) gets one evaluate message for the whole panel and answers once (records.py).
 * **Participation** (:mod:`~fedmaml.federated.participation`): the cohort is drawn among the
   clients available that round under ``participation.model``; the rounds since each sampled
   client's previous participation are counted as it is sampled.
@@ -60,11 +61,13 @@ from fedmaml.federated import checkpoint, faults
 from fedmaml.federated import records as R
 from fedmaml.federated.discovery import PartitionDirectory
 from fedmaml.federated.health import FAILURE_KINDS, round_outcome
-from fedmaml.federated.participation import Participation, Staleness
+from fedmaml.federated.participation import Participation, Staleness, client_sampling
 from fedmaml.federated.participation import sample_clients  # noqa: F401 - its former home
 from fedmaml.federated.pattern_selection import PatternSelector
 from fedmaml.federated.privacy import UpdatePrivacy
+from fedmaml.federated.reply_pull import puller_for
 from fedmaml.federated.setup import ExperimentSetup
+from fedmaml.results.progress import status
 
 log = logging.getLogger("fedmaml")
 
@@ -138,21 +141,32 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float | None,
     cost the SuperLink a pull request every few milliseconds. Grids that deliver synchronously
     (``synchronous = True``: the in-process and vectorized engines) answer in one call. Replies
     that injected faults make late (``faults.arrived``) count as not arrived.
+
+    Against a SuperLink, replies are pulled with :class:`~fedmaml.federated.reply_pull.ReplyPuller`,
+    which never waits for a reply still being uploaded: Flower's ``pull_messages`` blocks on one
+    (until its upload session expires, 180 s) when its device died mid-upload, and the round lost
+    the replies of the others. Replies complete by the deadline count; the rest do not.
     """
     if getattr(grid, "synchronous", False):
         return faults.arrived(grid.send_and_receive(messages, timeout=timeout))
+    puller = puller_for(grid)
+    pull = grid.pull_messages if puller is None else puller.pull
     pending = {mid for mid in grid.push_messages(messages) if mid}
     start = time.monotonic()
     deadline = None if timeout is None else start + timeout
     replies: list[Message] = []
     while pending:
-        got = list(grid.pull_messages(list(pending)))
+        got = list(pull(list(pending)))
         replies += got
         pending -= {m.metadata.reply_to_message_id for m in got}
         now = time.monotonic()
         if not pending or (deadline is not None and now >= deadline):
             break
         time.sleep(min(MAX_POLL_SECONDS, max(poll_interval, (now - start) / 10)))
+    if puller is not None and puller.incomplete():
+        log.warning("%d repl%s still uploading at the round's deadline: not used (a device that "
+                    "stopped while sending)", len(puller.incomplete()),
+                    "y was" if len(puller.incomplete()) == 1 else "ies were")
     return faults.arrived(replies)
 
 
@@ -180,21 +194,22 @@ class MetaStrategy(Strategy):
         self.staleness = Staleness(n)
         self.available: int | None = None  # clients available in the last sampled round
         # The mean update (differential privacy when configured) and the privacy account.
-        self.privacy = UpdatePrivacy(self.cfg, n, self.cohort_size())
+        self.sampling = client_sampling(fed, n)  # the scheme: denominator and privacy account
+        self.privacy = UpdatePrivacy(self.cfg, self.sampling)
 
     # -- sampling -------------------------------------------------------------------------------
     def cohort_size(self) -> int:
-        """Clients asked per round: every silo, or the configured count or fraction."""
-        fed, n = self.cfg.federated, self.setup.federation.num_clients
-        if fed.mode == "cross_silo":
-            return n
-        return min(fed.clients_per_round or max(1, round(fed.fraction * n)), n)
+        """Clients asked per round: every silo, or the configured count or fraction (under
+        Poisson sampling, its expected count rounded)."""
+        return self.sampling.size
 
     def clients_for_round(self, server_round: int) -> list[int]:
-        if self.cfg.federated.mode == "cross_silo":
+        s = self.sampling
+        if s.scheme == "all":
             cids = list(range(self.setup.federation.num_clients))
         else:
-            cids = self.participation.cohort(server_round, self.cohort_size())
+            cids = self.participation.cohort(
+                server_round, s.size, s.rate if s.scheme == "poisson" else None)
             self.available = self.participation.last_available
         self.staleness.record(server_round, cids)
         return cids
@@ -247,7 +262,8 @@ class MetaStrategy(Strategy):
                 self._panel = sorted(int(c) for c in rng.choice(n, size=k, replace=False))
         return self._panel
 
-    def eval_clients(self, server_round: int) -> list[int]:
+    def eval_clients(self) -> list[int]:
+        """Who every evaluation measures: the fixed panel, then every unseen client."""
         n = self.setup.federation.num_clients
         return self.eval_panel() + [n + j for j in range(self.setup.federation.num_unseen)]
 
@@ -404,7 +420,8 @@ class MetaStrategy(Strategy):
         # bits must not depend on it (a resumed run equals an uninterrupted one).
         valid = sorted(used.values(), key=lambda o: o.cid)
         self.trained.update(used)
-        updated = len(valid) >= self.cfg.federated.min_replies
+        updated = (len(valid) >= self.cfg.federated.min_replies
+                   or self.privacy.releases_every_round)
         self.round_stats.update(round_outcome((k for k, _ in errors), missing), replies=len(valid),
                                 updated=updated)
         self._count_resets(server_round, [o.cid for o in valid
@@ -412,10 +429,11 @@ class MetaStrategy(Strategy):
         if not updated:
             log.warning("round %d: %d valid replies < min_replies=%d; the model is not updated",
                         server_round, len(valid), self.cfg.federated.min_replies)
-        if not valid:
+        if not valid and not updated:
             return None, None
         if updated:
-            stacked = _rows(stacks, [o.row for o in valid])
+            stacked = (_rows(stacks, [o.row for o in valid]) if valid
+                       else {k: torch.zeros(0, *v.shape, dtype=v.dtype) for k, v in self.w.items()})
             w = self.optimizer.step(self.w, self.privacy.mean_update(
                 server_round, stacked, [o.count for o in valid], num_sampled=len(expected)))
             if all(bool(torch.isfinite(v).all()) for v in w.values()):
@@ -424,6 +442,8 @@ class MetaStrategy(Strategy):
                 updated = False
                 self.round_stats.update(updated=False, diverged="the aggregated update is not "
                                         "finite (the model would hold NaN or infinite values)")
+        if not valid:  # a private Poisson round that nobody answered: its release, no metrics
+            return (R.to_record(self.w) if updated else None), None
         metrics = [o.metrics for o in valid]
         out = {k: math.fsum(float(m[k]) for m in metrics) / len(metrics) for k in TRAIN_METRICS
                if all(k in m for m in metrics)}
@@ -463,7 +483,7 @@ class MetaStrategy(Strategy):
         if not self.is_eval_round(server_round):
             return []
         cfg = {**dict(config), **self.selector.evaluate_config(), R.ROUND: server_round}
-        cids = self.eval_clients(server_round)
+        cids = self.eval_clients()
         self.round_stats["eval-clients"] = cids
         if getattr(grid, "takes_cohorts", False):  # one message for the whole panel
             return self._cohort_message(cids, arrays, cfg, "evaluate", server_round)
@@ -592,13 +612,14 @@ class MetaStrategy(Strategy):
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
               timeout: float = 3600, train_config: ConfigRecord | None = None,
               evaluate_config: ConfigRecord | None = None,
-              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
               *, on_round: Callable[[dict[str, Any]], None] | None = None,
               resume: dict[str, Any] | None = None) -> Result:
         """Flower's train -> aggregate -> evaluate loop, plus partition discovery, an evaluation
         before training, and a per-round record (``on_round``) with bytes, samples and time.
         ``resume``: a checkpoint (fedmaml/federated/checkpoint.py) to continue from, after its
-        round, with the server's state and every client's memory as they were then."""
+        round, with the server's state and every client's memory as they were then. There is no
+        ``evaluate_fn`` (Flower's server-side evaluation): evaluation is personalized, on the
+        clients' own data, so a server-side function would have nothing to measure."""
         self.summary()
         train_config = train_config or ConfigRecord()
         evaluate_config = evaluate_config or ConfigRecord()
@@ -649,6 +670,7 @@ class MetaStrategy(Strategy):
                     lambda ms: exchange(grid, ms, timeout, self.poll_interval), self.nodes)
             eval_messages = list(self.configure_evaluate(server_round, arrays, evaluate_config, grid))
             if eval_messages:
+                status(f"evaluating on {len(eval_messages)} clients")  # can outlast many rounds
                 eval_metrics = self.aggregate_evaluate(
                     server_round, exchange(grid, eval_messages, timeout, self.poll_interval))
                 if eval_metrics is not None:
@@ -672,8 +694,3 @@ def simulated(grid: Grid) -> bool:
 def discovery_seconds(timeout: float | None) -> float:
     """How long the run waits at its start for a node per client id."""
     return DISCOVERY_SECONDS if timeout is None else max(timeout, DISCOVERY_SECONDS)
-
-
-def discover_partitions(grid: Grid, expected: int, timeout: float | None) -> dict[int, int]:
-    """Map client ids to node ids (see :class:`~fedmaml.federated.discovery.PartitionDirectory`)."""
-    return PartitionDirectory(grid, expected).discover(discovery_seconds(timeout))

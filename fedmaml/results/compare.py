@@ -5,7 +5,7 @@ and compute the curves and numbers that the figures (compare_plots.py) and the M
 A *setting* is a config up to its seed: runs whose configs differ only in ``seed`` (and in the keys
 that name or place a run: ``name``, ``output_dir``, ``compare_with``) are seeds of one setting and are
 averaged, with a band over seeds. Runs of a sweep with named settings (``sweep.settings`` in its
-``sweep.yaml``, fedmaml/sweep.py) are grouped and labelled by those names, in the sweep's order.
+``sweep.yaml``, fedmaml/sweep_spec.py) are grouped and labelled by those names, in the sweep's order.
 Runs are comparable when they measure the same metric on the same task family; the requested metric
 must exist in every run. Anything else is a :class:`CompareError`
 that says which runs differ and how, rather than a misleading plot.
@@ -26,12 +26,12 @@ import numpy as np
 
 from fedmaml.config import Config, config_to_flat, load_config, short_key
 from fedmaml.errors import FedmamlError
+from fedmaml.sweep_spec import MANIFEST
 from fedmaml.tracking.base import TRACKER_DIRS
 
 # File names of a run directory (fedmaml/results/recorder.py). Read here without importing the
 # recorder, which pulls in torch (through fedmaml.atomic) and would add seconds to every compare.
 CONFIG_FILE, METRICS_FILE, SUMMARY_FILE = "config.yaml", "metrics.jsonl", "summary.json"
-MANIFEST = "sweep.yaml"  # fedmaml.sweep.MANIFEST (not imported: the sweep module is the layer above)
 
 #: Keys that name or place a run, or add baselines next to it: not part of its setting.
 IDENTITY_KEYS = ("seed", "name", "output_dir", "compare_with")
@@ -387,11 +387,26 @@ def _some_dirs(runs: Sequence[Run], limit: int = 3) -> str:
 # Curves and numbers
 # --------------------------------------------------------------------------------------------------
 
-def _x_value(row: dict[str, Any], x: str) -> float:
+def batch_size(run: Run) -> int:
+    """How many runs trained together with this one in a vectorized batch (1: it ran alone). Their
+    ``seconds`` are the batch's wall time, shared by all of them (summary.json's ``batch``)."""
+    batch = run.summary.get("batch")
+    return max(1, int(batch.get("runs", 1))) if isinstance(batch, dict) else 1
+
+
+def run_seconds(run: Run) -> float:
+    """A run's wall time; for a run of a vectorized batch, its share: the batch's wall time divided
+    by the batch's runs (the batch's time itself would read as each run's, N times over)."""
+    return float(run.summary.get("seconds") or math.nan) / batch_size(run)
+
+
+def _x_value(row: dict[str, Any], x: str, share: int = 1) -> float:
     if x == "rounds":
         return float(row["round"])
     if x == "bytes":
         return float(row.get("bytes_up", 0) + row.get("bytes_down", 0))
+    if x == "seconds":
+        return float(row.get(x, 0)) / share
     return float(row.get(x, 0))
 
 
@@ -421,7 +436,8 @@ def setting_curve(setting: Setting, metric: Metric, x: str, band: str = "std") -
     or min-max over seeds). With ``x`` other than rounds, a point's x is the seed-mean at that round."""
     points = [run_points(r, metric) for r in setting.runs]
     rounds = sorted(set.intersection(*(set(p) for p in points)))
-    xs = np.array([[_x_value(p[rd][0], x) for rd in rounds] for p in points])
+    xs = np.array([[_x_value(p[rd][0], x, batch_size(r)) for rd in rounds]
+                   for r, p in zip(setting.runs, points)])
     ys = np.array([[p[rd][1] for rd in rounds] for p in points])
     n = len(points)
     with warnings.catch_warnings():
@@ -466,9 +482,10 @@ class SettingStats:
     # target, and the seed-mean samples processed by then; NaN when it never does.
     rounds_to_target: float
     samples_to_target: float
-    seconds: Stat
+    seconds: Stat  # per run; a batched run's share of its batch (run_seconds)
     bytes: Stat
     samples: Stat
+    batched: int = 0  # runs that trained in a vectorized batch
 
 
 def reaches(value: float, target: float, metric: Metric) -> bool:
@@ -500,7 +517,7 @@ def setting_stats(setting: Setting, metric: Metric, target: float) -> SettingSta
         final.append(values[-1] if values else math.nan)
         finite = [v for v in values if not math.isnan(v)]
         best.append((max(finite) if metric.higher_is_better else min(finite)) if finite else math.nan)
-        secs.append(float(run.summary.get("seconds") or math.nan))
+        secs.append(run_seconds(run))
         last = run.rows[-1] if run.rows else {}
         nbytes.append(float(last.get("bytes_up", 0) + last.get("bytes_down", 0)))
         nsamples.append(float(last.get("samples", 0)))
@@ -512,7 +529,8 @@ def setting_stats(setting: Setting, metric: Metric, target: float) -> SettingSta
         runs=len(setting.runs), before=Stat(before), final=Stat(final), best=Stat(best),
         rounds_to_target=math.nan if hit is None else float(by_round.x[hit]),
         samples_to_target=math.nan if hit is None else float(by_samples.x[hit]),
-        seconds=Stat(secs), bytes=Stat(nbytes), samples=Stat(nsamples))
+        seconds=Stat(secs), bytes=Stat(nbytes), samples=Stat(nsamples),
+        batched=sum(batch_size(r) > 1 for r in setting.runs))
 
 
 def final_client_values(setting: Setting, metric: Metric) -> list[float]:
@@ -579,46 +597,12 @@ def build_comparison(paths: Sequence[str | Path], metric: str | None = None,
     default = target is None
     tgt = default_target(settings, m) if default else float(target)
     stats = [setting_stats(s, m, tgt) for s in settings]
+    batched = sum(st.batched for st in stats)
+    if batched:
+        notes.append(f"wall time of the {batched} run(s) that trained in vectorized batches "
+                     "(`fedmaml sweep --vectorize`, marked *) is the batch's wall time divided by "
+                     "its runs; a batch also carries its own start (the first of a process the "
+                     "imports and warm-up), so compare it between runs that ran the same way")
     return Comparison(settings=settings, metric=m, task_metric=runs[0].summary.get("metric", "loss"),
                       target=tgt, target_is_default=default, stats=stats, unfinished=unfinished,
                       notes=notes)
-
-
-@dataclass
-class CompareOutput:
-    out_dir: Path
-    report: Path
-    figures: list[Path]
-    table: str  # the Markdown table and its legend, also printed by the CLI
-
-
-def compare(paths: Sequence[str | Path], out_dir: str | Path | None = None,
-            metric: str | None = None, xs: Sequence[str] = ("rounds",), log: str = "",
-            target: float | None = None, band: str = "std", dist: str = "cdf",
-            formats: Sequence[str] = ("png",)) -> CompareOutput:
-    """Compare the runs under ``paths``: convergence figures (one per x axis), the per-client
-    distribution at the final evaluation, and ``report.md``, all written into ``out_dir``."""
-    from fedmaml.results.compare_plots import plot_client_distribution, plot_convergence
-    from fedmaml.results.compare_report import markdown_table, table_legend, write_report
-
-    for x in xs:
-        if x not in X_AXES:
-            raise CompareError(f"--x: {x!r} is not allowed; allowed: {', '.join(X_AXES)}")
-    if band not in BANDS:
-        raise CompareError(f"--band: {band!r} is not allowed; allowed: {', '.join(BANDS)}")
-    if set(log) - {"x", "y"}:
-        raise CompareError(f"--log: {log!r} is not allowed; allowed: x, y, xy")
-    if out_dir is None:
-        if len(paths) != 1:
-            raise CompareError("--out DIR is needed when comparing several directories")
-        out_dir = Path(paths[0]) / "compare"
-    comparison = build_comparison(paths, metric, target)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    figures: list[Path] = []
-    for x in xs:
-        figures += plot_convergence(comparison, x, out, log=log, band=band, formats=formats)
-    figures += plot_client_distribution(comparison, out, kind=dist, log="y" in log, formats=formats)
-    report = write_report(comparison, out, figures, xs=xs, band=band, paths=paths)
-    return CompareOutput(out_dir=out, report=report, figures=figures,
-                         table=markdown_table(comparison) + table_legend(comparison))

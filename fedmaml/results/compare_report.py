@@ -66,7 +66,8 @@ def markdown_table(c: Comparison) -> str:
         runs = f"{st.runs}" + (f" (+{setting.incomplete_text()})" if setting.incomplete else "")
         ref = f" {refs[len(rows)] or '-'} |" if ref_head else ""
         rows.append(f"| {setting.label} | {runs} | {fmt_stat(st.before)} | {fmt_stat(st.final)} | "
-                    f"{fmt_stat(st.best)} | {rounds} | {samples} | {fmt_stat(st.seconds, 3)} | "
+                    f"{fmt_stat(st.best)} | {rounds} | {samples} | "
+                    f"{fmt_stat(st.seconds, 3)}{' *' if st.batched else ''} | "
                     f"{fmt_bytes(st.bytes.mean)} |{ref}")
     return head + "\n".join(rows) + "\n"
 
@@ -87,7 +88,8 @@ def table_legend(c: Comparison) -> str:
         f"  Rounds / Samples to target: first evaluation where the seed-mean reaches "
         f"{_num(c.target)} (the least good final mean unless --target is given); samples = "
         "training examples drawn by then",
-        "  Wall time: a run's total seconds (summary.json); Communicated: bytes of all training "
+        "  Wall time: a run's total seconds (summary.json; marked *: its share of a vectorized "
+        "batch, the batch's time divided by its runs); Communicated: bytes of all training "
         "messages, both ways",
     ]
     if any(_references(c)):
@@ -143,8 +145,9 @@ def write_report(c: Comparison, out: Path, figures: Sequence[Path], xs: Sequence
         "(`federated.eval_every`); samples to target are the training samples processed by then.",
         "- **Final** is each run's last evaluation; **best** its best evaluation, round 0 "
         "(before training) included.",
-        "- **Wall time** is a run's total time (`summary.json`); **communicated** the bytes of all "
-        "training messages, server to clients and back (mean over seeds).",
+        "- **Wall time** is a run's total time (`summary.json`); for runs trained together in a "
+        "vectorized batch (marked *) the batch's time divided by its runs. **Communicated**: the "
+        "bytes of all training messages, server to clients and back (mean over seeds).",
         ""]
 
     lines += ["## Figures", ""]

@@ -12,6 +12,7 @@ from typing import Any
 
 from fedmaml.atomic import atomic_torch_save, atomic_write_text
 from fedmaml.core.params import Params
+from fedmaml.provenance import with_provenance
 
 CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, MODEL_FILE = ("config.yaml", "metrics.jsonl",
                                                       "summary.json", "model.pt")
@@ -68,7 +69,10 @@ class RunRecorder:
     def finish(self, summary: dict[str, Any], params: Params) -> None:
         self._metrics.close()
         atomic_torch_save({k: v.detach().cpu() for k, v in params.items()}, self.dir / MODEL_FILE)
-        atomic_write_text(self.dir / SUMMARY_FILE, json.dumps(_clean(summary), indent=2) + "\n")
+        # The version and commit that produced the numbers (fedmaml/provenance.py); only in the
+        # file: the tracking backends get the summary as the run computed it.
+        atomic_write_text(self.dir / SUMMARY_FILE,
+                          json.dumps(_clean(with_provenance(summary)), indent=2) + "\n")
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

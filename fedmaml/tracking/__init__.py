@@ -4,7 +4,7 @@
 (``pip install "fedmaml[tensorboard]"``, ``[mlflow]``, ``[wandb]``) imported only when named. The
 ServerApp opens a :class:`Tracker` for the run, hands it every ``metrics.jsonl`` row as it is
 written and the summary at the end; ``fedmaml export`` replays finished runs through the same
-calls (:mod:`fedmaml.tracking.export`), so live and exported runs log the same names and values.
+calls (:mod:`fedmaml.results.export`), so live and exported runs log the same names and values.
 
 Tracking never changes a run: a backend that fails in the middle of a run is reported once and
 dropped, the run goes on. Everything works offline (TensorBoard event files and W&B offline runs in
@@ -135,7 +135,7 @@ def _placement(key: str) -> bool:
 def sweep_grid(run_dir: Path) -> list[str] | None:
     """The grid keys (and the keys its named settings set) of the sweep that ``run_dir`` belongs to
     (its parent holds the sweep manifest), or None for a run outside a sweep."""
-    from fedmaml.sweep import MANIFEST, load_sweep
+    from fedmaml.sweep_spec import MANIFEST, load_sweep
 
     manifest = run_dir.resolve().parent / MANIFEST
     if not manifest.is_file():

@@ -24,9 +24,10 @@ from typing import Any
 ARTIFACT_NAMES = ("config.yaml", "summary.json", "model.pt")
 FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
 
-#: Directories the backends write by default (the MLflow file store in the output directory, W&B
-#: offline runs in the run directory): they hold copies of run files, not runs.
-TRACKER_DIRS = ("mlruns", "wandb")
+#: Directories the backends write (MLflow's artifacts beside its default database, an MLflow file
+#: store when one is given, W&B offline runs in the run directory): they hold copies of run files,
+#: not runs.
+TRACKER_DIRS = ("mlartifacts", "mlruns", "wandb")
 
 #: A run's end as the backends record it; ``completed`` unless the summary says otherwise.
 COMPLETED = "completed"
@@ -78,8 +79,9 @@ def flatten(row: Mapping[str, Any], prefix: str = "") -> tuple[dict[str, float],
 
 
 def summary_scalars(summary: Mapping[str, Any]) -> dict[str, float]:
-    """The numbers of a summary.json as ``summary/<path>`` scalars (lists left out)."""
-    return flatten(summary, "summary/")[0]
+    """The numbers of a summary.json as ``summary/<path>`` scalars (lists left out; the
+    ``provenance`` block describes the code, not the run, and trackers never receive it)."""
+    return flatten({k: v for k, v in summary.items() if k != "provenance"}, "summary/")[0]
 
 
 def artifact_files(run_dir: Path) -> list[Path]:

@@ -1,32 +1,41 @@
 """MLflow: one MLflow run per fedmaml run, in the experiment ``tracking.project``.
 
-The store is ``tracking.mlflow_uri``, by default a file store in ``<output_dir>/mlruns``: one store
-for the runs of an output directory or a sweep, so that ``mlflow ui --backend-store-uri
-<output_dir>/mlruns`` compares them. Every config key (but output_dir and tracking.*) is a
-parameter; metrics are sent in batches (about every :data:`FLUSH_SECONDS`, and at the end) because
-the file store writes one file per metric; MLflow has no histograms, so per-client distributions
-are left out. At the end: the ``summary/`` metrics, the ``fedmaml.status`` tag, the run status
+The store is ``tracking.mlflow_uri``, by default the SQLite database ``<output_dir>/mlflow.db`` (the
+store MLflow recommends since MLflow 3 keeps the file store in maintenance mode), with the runs' files
+in ``<output_dir>/mlartifacts``: one store for the runs of an output directory or a sweep, so that
+``mlflow ui --backend-store-uri sqlite:///<output_dir>/mlflow.db`` compares them, and
+``MlflowClient`` reads it without extra environment variables. A file store (a path or ``file:``
+URI) still works when given. Every config key (but output_dir and tracking.*) is a parameter;
+metrics are sent in batches (about every :data:`FLUSH_SECONDS`, and at the end); MLflow has no
+histograms, so per-client distributions are left out. At the end: the ``summary/`` metrics, the ``fedmaml.status`` tag, the run status
 (FINISHED for completed, KILLED for interrupted, FAILED otherwise) and the files as artifacts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from fedmaml.tracking.base import COMPLETED, TRACKER_DIRS, Backend, RunInfo, summary_scalars
+from fedmaml.errors import ConfigError
+from fedmaml.tracking.base import COMPLETED, Backend, RunInfo, summary_scalars
 
 FLUSH_SECONDS = 2.0
 _BATCH = 900  # MLflow accepts at most 1000 metrics and 100 parameters per log_batch call
 _PARAM_BATCH = 100
 
 
+#: Files of the default store, in the output directory (fedmaml.tracking.base.TRACKER_DIRS too).
+DATABASE = "mlflow.db"
+ARTIFACTS = "mlartifacts"  # the name ``mlflow server`` gives its artifact directory
+
+
 def _quiet_offline_environment(uri: str) -> None:
-    """No telemetry; the file store (in maintenance mode since MLflow 3.x, still working for
-    reading and writing) allowed without an exception."""
+    """No telemetry; a file store given explicitly (in maintenance mode since MLflow 3, still
+    working for reading and writing) allowed without an exception."""
     from fedmaml.tracking import QUIET_ENVIRONMENT
 
     for key, value in QUIET_ENVIRONMENT["mlflow"].items():
@@ -43,8 +52,22 @@ def is_file_store(uri: str) -> bool:
     return scheme in ("", "file") or len(scheme) == 1
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for any other store, and for in-memory)."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or uri[len(prefix):] in ("", ":memory:"):
+        return None
+    return Path(uri[len(prefix):].split("?", 1)[0])
+
+
 def default_uri(output_dir: Path) -> str:
-    return (Path(output_dir).resolve() / TRACKER_DIRS[0]).as_uri()
+    return f"sqlite:///{(Path(output_dir).resolve() / DATABASE).as_posix()}"
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment of a SQLite store keeps its runs' files: beside the database."""
+    database = sqlite_path(uri)
+    return (database.resolve().parent / ARTIFACTS).as_uri() if database is not None else None
 
 
 def mlflow_status(status: str) -> str:
@@ -56,6 +79,9 @@ def open_client(uri: str) -> Any:
     _quiet_offline_environment(uri)
     from mlflow.tracking import MlflowClient
 
+    database = sqlite_path(uri)
+    if database is not None:
+        return _open_sqlite(uri, database)
     if is_file_store(uri):
         # MLflow keeps one store object per URI for the whole process, which fails if the store's
         # directory was deleted since (a second run into a cleaned output directory): lay out
@@ -69,15 +95,78 @@ def open_client(uri: str) -> Any:
     return MlflowClient(tracking_uri=uri)
 
 
-def experiment_id(client: Any, name: str) -> str:
-    """The experiment called ``name``, created if needed (parallel sweep workers may race)."""
+def _open_sqlite(uri: str, database: Path) -> Any:
+    """An MlflowClient on a SQLite store, the database created (with MLflow's tables) if needed.
+
+    MLflow creates the tables when it first opens a database: parallel sweep workers opening a new
+    one at once would both try, so the first opening holds a lock on the database's directory.
+    MLflow also keeps one store and one connection pool per URI for the process: if the database
+    was deleted since (a second run into a cleaned output directory), they would go on writing to
+    the deleted file, so they are dropped first."""
+    import importlib.util
+
+    from mlflow.tracking import MlflowClient
+
+    missing = [p for p in ("sqlalchemy", "alembic") if importlib.util.find_spec(p) is None]
+    if missing:
+        raise ConfigError(f"tracking.mlflow_uri: {uri!r} is a SQLite store, which needs "
+                          f"{' and '.join(missing)} (not installed); pip install "
+                          "\"fedmaml[mlflow]\", or set tracking.mlflow_uri to another store")
+    database.parent.mkdir(parents=True, exist_ok=True)
+    if not database.exists():
+        _forget_store(uri)
+    with _directory_lock(database.parent):
+        # SQLite would create the file 0644 minus the umask; an empty file (an empty database to
+        # SQLite) created here follows the umask as every other file of a run does.
+        database.touch(exist_ok=True)
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)  # opens the store: creates the tables if needed
+    return client
+
+
+def _forget_store(uri: str) -> None:
+    """Drop MLflow's cached store and engine of ``uri`` (private MLflow state: skipped if an MLflow
+    version lays it out differently; a deleted database then fails loudly at the first write)."""
+    try:
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+        _tracking_store_registry._get_store_with_resolved_uri.cache_clear()
+        engine = SqlAlchemyStore._engine_map.pop(uri, None)
+        if engine is not None:
+            engine.dispose()
+    except (ImportError, AttributeError):
+        pass
+
+
+@contextlib.contextmanager
+def _directory_lock(directory: Path) -> Iterator[None]:
+    """An exclusive lock between processes, held on the directory itself (no lock file left
+    behind); a no-op where ``fcntl`` does not exist (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def experiment_id(client: Any, name: str, artifact_location: str | None = None) -> str:
+    """The experiment called ``name``, created if needed (parallel sweep workers may race), with
+    its files in ``artifact_location`` (MLflow's default for a database store is ``./mlruns`` in
+    whatever the current directory is)."""
     from mlflow.exceptions import MlflowException
 
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=artifact_location)
     except MlflowException:
         found = client.get_experiment_by_name(name)
         if found is None:
@@ -96,8 +185,9 @@ class MLflowBackend(Backend):
         tags = {"fedmaml.run_dir": str(info.run_dir.resolve())}
         if info.group:
             tags["fedmaml.sweep"] = info.group
-        run = self.client.create_run(experiment_id(self.client, info.project), run_name=info.name,
-                                     tags=tags)
+        run = self.client.create_run(experiment_id(self.client, info.project,
+                                                   artifact_location(self.uri)),
+                                     run_name=info.name, tags=tags)
         self.run_id = run.info.run_id
         params = [Param(k, str(v)) for k, v in info.params.items()]
         for i in range(0, len(params), _PARAM_BATCH):

@@ -43,6 +43,7 @@ from fedmaml.config import load_config
 from fedmaml.deploy import processes
 from fedmaml.deploy.runs import flwr
 from fedmaml.experiment import run_experiment
+from fedmaml.provenance import with_provenance
 from fedmaml.results.recorder import read_metrics
 
 # The docs' walk-through config (docs/deployment.md, step 2): three devices, LocalMOML, MLP 40-40.
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
               "modes": modes, "target": {"bound_s": round(bound, 3), "met": {
                   m: v["train_round_s"] <= bound for m, v in modes.items()}},
               "load": [[round(x, 2) for x in l] for l in load], "cpus": os.cpu_count()}
-    text = json.dumps(result, indent=1)
+    text = json.dumps(with_provenance(result), indent=1)
     print(text)
     if a.out:
         Path(a.out).write_text(text + "\n")

@@ -73,6 +73,7 @@ from fedmaml.engines.allocator import retain_freed_memory
 from fedmaml.experiment import run_experiment
 from fedmaml.federated.setup import client_round_keys, setup_for
 from fedmaml.federated.strategy import MetaStrategy
+from fedmaml.provenance import with_provenance
 from fedmaml.results.recorder import read_metrics
 
 COMMON = ("algorithm.name=moml", "algorithm.meta_gradient=first_order", "data.unseen_clients=0",
@@ -394,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
             results[case]["waited_for_quiet_s"] = waited
             results["machine"] = machine()
             results["targets"] = check_targets(results)
-            args.out.write_text(json.dumps(results, indent=2) + "\n")  # partial results survive
+            args.out.write_text(json.dumps(with_provenance(results), indent=2) + "\n")  # partial results survive
     print(json.dumps(results["targets"], indent=2))
     return 0
 

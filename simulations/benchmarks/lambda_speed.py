@@ -39,6 +39,7 @@ from fedmaml.core.pattern_selection import (adaptation_runner, family_patterns, 
                                             median_times_ms)
 from fedmaml.core.patterns import Pattern
 from fedmaml.models import conv4
+from fedmaml.provenance import with_provenance
 
 STEPS = 5
 ALPHA = 0.4  # Finn et al.'s Omniglot step size; the value does not change the cost
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                       "command": "simulations/benchmarks/lambda_speed.py " + " ".join(
                           a for a in (argv if argv is not None else sys.argv[1:]))}
     result["targets"] = targets(result, chosen)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps(with_provenance(result), indent=2) + "\n")
     if args.md:
         Path(args.md).write_text(markdown(result))
     for k, v in result["targets"].items():

@@ -39,6 +39,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedmaml.provenance import with_provenance
+
 ROUNDS = 10
 
 
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             results["runs"].append(r)
             print(f"  {r['round_s']:.3f} s/round, server {r['server_ms']:.1f} ms, peak "
                   f"{r['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
-            args.out.write_text(json.dumps(results, indent=2) + "\n")
+            args.out.write_text(json.dumps(with_provenance(results), indent=2) + "\n")
     return 0
 
 

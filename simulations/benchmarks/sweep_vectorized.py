@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from fedmaml.provenance import with_provenance
+
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "sinewave_centralized.yaml"
 
@@ -72,7 +74,7 @@ def main() -> None:
     results["load_after"] = os.getloadavg()
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(results, indent=1) + "\n")
+        Path(a.out).write_text(json.dumps(with_provenance(results), indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,45 @@
+"""The example configs shipped with fedmaml, and finding a config file by name.
+
+The examples live in the top-level ``configs/`` directory of a checkout; ``fedmaml/configs`` is a
+symlink to it, so the same files are package data in the wheel (pyproject.toml) and a user who
+installed with pip can run ``fedmaml run quickstart`` or ``fedmaml sweep sweeps/moml_miniature``
+from any directory. Standard library only: the CLI resolves names before importing torch.
+"""
+
+from pathlib import Path
+
+from fedmaml.errors import ConfigError
+
+#: Where the bundled configs are: inside the package (a symlink to configs/ in a checkout).
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+_SUFFIXES = (".yaml", ".yml")
+
+
+def bundled_names() -> list[str]:
+    """Names of the bundled configs, as ``fedmaml run`` accepts them: ``quickstart``,
+    ``sweeps/moml_miniature``... (relative to :data:`CONFIG_DIR`, without ``.yaml``)."""
+    if not CONFIG_DIR.is_dir():
+        return []
+    return sorted(p.relative_to(CONFIG_DIR).with_suffix("").as_posix()
+                  for p in CONFIG_DIR.rglob("*.yaml") if p.is_file())
+
+
+def resolve_config(text: str | Path) -> Path:
+    """The config file that ``text`` names: an existing path wins; otherwise a bundled config
+    (``quickstart``, ``quickstart.yaml``, ``sweeps/memory``). Anything else is a
+    :class:`ConfigError` that lists the bundled names."""
+    path = Path(text)
+    if path.exists():
+        return path
+    name = path.as_posix()
+    for suffix in _SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    names = bundled_names()
+    # Looked up in the list rather than joined to CONFIG_DIR: `../x` cannot escape the directory.
+    if name in names:
+        return CONFIG_DIR / f"{name}.yaml"
+    listing = ", ".join(names) if names else "none (the package's configs directory is missing)"
+    raise ConfigError(f"config file not found: {text} (nor a bundled config of that name; "
+                      f"bundled configs: {listing})")

@@ -1,0 +1,78 @@
+"""Where a result came from: the fedmaml version, the git commit of the code and whether the
+working tree had uncommitted changes, and the versions of the libraries that decide the numbers.
+
+Every summary.json (fedmaml/results/recorder.py), pattern-selection record and results JSON of
+simulations/ records :func:`provenance` under the key ``provenance``, so a number in docs/results.md
+can be traced to the code that produced it (docs/results.md, "Reproducing a documented run").
+
+The commit is read with ``git`` only when the imported package sits at the top of a git checkout
+(``<checkout>/fedmaml``); an installed wheel has no ``.git`` next to it and records its version
+alone (``git_commit`` and ``git_dirty`` are null). ``git_dirty`` counts changes to tracked files
+only: results and other untracked files in the checkout do not make every run "dirty".
+Standard library only, computed once per process.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from fedmaml import __version__
+
+#: Libraries whose version can change a run's numbers (kernels, random streams, aggregation).
+LIBRARIES = ("torch", "numpy", "flwr")
+_GIT_TIMEOUT = 30.0  # seconds; a loaded machine can take a while for `git status`
+
+
+def _git(checkout: Path, *args: str) -> str | None:
+    """``git -C checkout args`` standard output, or None when git is missing or fails."""
+    try:
+        done = subprocess.run(["git", "-C", str(checkout), *args], capture_output=True, text=True,
+                              timeout=_GIT_TIMEOUT, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def git_state(package_dir: Path | None = None) -> tuple[str | None, bool | None]:
+    """(commit, dirty) of the checkout holding ``package_dir`` (default: this package), or
+    (None, None) when the package is not at the top of a git checkout (an installed wheel)."""
+    package_dir = Path(__file__).resolve().parent if package_dir is None else package_dir
+    checkout = package_dir.parent
+    # `.git` is a directory in a clone and a file in a worktree. Requiring it right next to the
+    # package keeps a wheel installed in a venv inside some other repository from reporting that
+    # repository's commit.
+    if not (checkout / ".git").exists():
+        return None, None
+    commit = _git(checkout, "rev-parse", "HEAD")
+    if commit is None:
+        return None, None
+    status = _git(checkout, "status", "--porcelain", "--untracked-files=no")
+    return commit.strip(), None if status is None else bool(status.strip())
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def provenance() -> dict[str, Any]:
+    """``{"fedmaml_version", "git_commit", "git_dirty", "python", "torch", "numpy", "flwr"}``
+    (JSON-ready). Cached: copy it before changing it, as :func:`with_provenance` does."""
+    commit, dirty = git_state()
+    record: dict[str, Any] = {"fedmaml_version": __version__, "git_commit": commit,
+                              "git_dirty": dirty, "python": platform.python_version()}
+    record.update({name: _version(name) for name in LIBRARIES})
+    return record
+
+
+def with_provenance(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with a ``provenance`` entry (a new dict; ``record`` is not changed)."""
+    return {**record, "provenance": dict(provenance())}
