@@ -81,3 +81,19 @@ class CountsCalls(Residual):
 
 def not_a_module(input_shape, num_outputs):
     return "model"
+
+
+def _copy_in(module: nn.Module, params: dict) -> nn.Module:
+    """Load ``params`` (a built-in model's, in its order) into ``module``'s parameters (same order)."""
+    with torch.no_grad():
+        for (_, p), v in zip(module.named_parameters(), params.values(), strict=True):
+            p.copy_(v)
+    return module
+
+
+def mlp_with_builtin_init(input_shape, num_outputs, hidden=(16,)):
+    """mlp_like with the built-in MLP's initial weights for the seed fedmaml set (torch's seed)."""
+    from fedmaml.models import mlp
+
+    builtin = mlp(input_shape, list(hidden), num_outputs)
+    return _copy_in(mlp_like(input_shape, num_outputs, hidden), builtin.init(torch.initial_seed()))
