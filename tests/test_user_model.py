@@ -229,3 +229,41 @@ def test_model_show_prints_groups_and_counts(capsys):
     out = capsys.readouterr().out
     assert "3 layer groups" in out and "runs whole" in out
     assert "  1  block" in out and "272" in out and "total" in out and "321" in out
+
+
+def doc_files() -> dict[str, str]:
+    """The files docs/custom.md asks the reader to save (a ``<!-- file: NAME -->`` line, then a
+    fenced block)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "custom.md").read_text(encoding="utf-8")
+    return dict(re.findall(r"<!-- file: (\S+) -->\n```\w*\n(.*?)```", text, flags=re.S))
+
+
+def test_the_documented_example_runs(tmp_path, monkeypatch, capsys):
+    import re
+    import sys
+    from pathlib import Path
+
+    from fedmaml.cli import main
+
+    files = doc_files()
+    assert set(files) == {"my_models.py", "my_model.yaml"}
+    for name, body in files.items():
+        (tmp_path / name).write_text(body, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_models", raising=False)
+    assert main(["model", "show", "my_model.yaml"]) == 0
+    shown = capsys.readouterr().out
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "custom.md").read_text(encoding="utf-8")
+    documented = re.search(r"```text\n(my_models:small_resnet.*?)```", doc, flags=re.S).group(1)
+    assert shown == documented
+    cfg = load_config(tmp_path / "my_model.yaml", ["federated.rounds=2", "federated.eval_every=2",
+                                                    "data.num_clients=4", "data.unseen_clients=1",
+                                                    f"output_dir={tmp_path / 'runs'}"])
+    run_dir = run_experiment(cfg, quiet=True, run_dir=tmp_path / "run")
+    rows = read_metrics(run_dir)
+    assert rows[-1]["round"] == 2 and rows[-1]["failures"] == 0
+    assert set(torch.load(run_dir / "model.pt", weights_only=True)) >= {"2.conv.weight", "7.bias"}
