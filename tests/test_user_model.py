@@ -267,3 +267,31 @@ def test_the_documented_example_runs(tmp_path, monkeypatch, capsys):
     rows = read_metrics(run_dir)
     assert rows[-1]["round"] == 2 and rows[-1]["failures"] == 0
     assert set(torch.load(run_dir / "model.pt", weights_only=True)) >= {"2.conv.weight", "7.bias"}
+
+
+def test_a_sweep_batches_a_user_module_only_when_vmap_can(tiny_config):
+    from fedmaml.engines.run_batch import batch_refusal
+
+    assert batch_refusal(tiny_config("model.name=user_models:Residual")) is None
+    why = batch_refusal(tiny_config("model.name=user_models:Branchy"))
+    assert why.startswith("torch.func.vmap cannot batch the model") and "control flow" in why
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_user_mlp_on_ray_trains_like_the_builtin_mlp(tiny_config, tmp_path, ray_guard,
+                                                        monkeypatch):
+    import os
+    from pathlib import Path
+
+    # Ray's workers import the module by its path: put tests/ on their PYTHONPATH (pytest put it on
+    # this process's sys.path only).
+    here = str(Path(__file__).resolve().parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [here,
+                                                                    os.environ.get("PYTHONPATH")])))
+    cfg = tiny_config("algorithm.name=moml", "engine.num_cpus=1")
+    builtin = run_experiment(cfg, quiet=True, run_dir=tmp_path / "builtin")
+    user_cfg = replace_paths(cfg, {"model.name": "user_models:mlp_with_builtin_init",
+                                   "model.kwargs": {"hidden": [16]}, "engine.name": "ray"})
+    user = run_experiment(user_cfg, quiet=True, run_dir=tmp_path / "ray")
+    _runs_equal(builtin, user)

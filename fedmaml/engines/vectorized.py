@@ -505,19 +505,24 @@ def _error_reply(msg: Message, e: Exception) -> Message:
     return Message(Error(code=CLIENT_APP_ERROR, reason=f"{type(e).__name__}: {e}"), reply_to=msg)
 
 
+def unbatchable_reason(setup: Any) -> str | None:
+    """Why ``torch.func.vmap`` cannot batch the run's model across clients (None: it can)."""
+    model = setup.model
+    if not isinstance(model, ModuleModel):
+        return None  # the built-in models are written for vmap
+    return model.vmap_problem(setup.federation.input_shape)
+
+
 def refuse_unbatchable(setup: Any) -> None:
     """A user's module that ``vmap`` cannot batch (data-dependent Python control flow, in-place
     changes of its inputs, ...) is refused before the run, with the reason and the alternative."""
-    model = setup.model
-    if not isinstance(model, ModuleModel):
-        return  # the built-in models are written for vmap
-    problem = model.vmap_problem(setup.federation.input_shape)
+    problem = unbatchable_reason(setup)
     if problem is not None:
-        raise ConfigError(f"engine.name: the vectorized engine cannot batch {model.name} across "
-                          f"clients with torch.func.vmap ({problem}); use engine.name: inprocess "
-                          "or ray, which run clients one by one, or make the module's forward "
-                          "free of data-dependent branches and in-place changes of its inputs "
-                          "(docs/custom.md)")
+        raise ConfigError(f"engine.name: the vectorized engine cannot batch {setup.model.name} "
+                          f"across clients with torch.func.vmap ({problem}); use engine.name: "
+                          "inprocess or ray, which run clients one by one, or make the module's "
+                          "forward free of data-dependent branches and in-place changes of its "
+                          "inputs (docs/custom.md)")
 
 
 def run_vectorized(server_app: ServerApp, client_app: ClientApp, num_nodes: int, config: Any,
