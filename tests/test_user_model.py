@@ -295,3 +295,15 @@ def test_a_user_mlp_on_ray_trains_like_the_builtin_mlp(tiny_config, tmp_path, ra
                                    "model.kwargs": {"hidden": [16]}, "engine.name": "ray"})
     user = run_experiment(user_cfg, quiet=True, run_dir=tmp_path / "ray")
     _runs_equal(builtin, user)
+
+
+@pytest.mark.parametrize("ceil_mode", [True, False])
+@pytest.mark.parametrize("size", [7, 8])
+def test_the_fast_2x2_pool_equals_max_pool2d(ceil_mode, size):
+    from fedmaml.models.module import _is_pool_2x2, _pool_2x2
+
+    pool = nn.MaxPool2d(2, ceil_mode=ceil_mode)
+    assert _is_pool_2x2(pool) and not _is_pool_2x2(nn.MaxPool2d(3)) and not _is_pool_2x2(
+        nn.MaxPool2d(2, stride=1))
+    h = torch.randn(3, 4, size, size, generator=torch.Generator().manual_seed(size))
+    assert torch.equal(_pool_2x2(pool, h), pool(h))

@@ -40,9 +40,11 @@ from typing import Any, Callable, Mapping, Sequence, Union
 
 import torch
 import yaml
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedmaml.core.params import Params
+from fedmaml.models.base import max_pool_2x2
 from fedmaml.errors import ConfigError
 
 ModelSource = Union[nn.Module, Callable[..., nn.Module]]
@@ -233,6 +235,34 @@ def resolve_groups(module: nn.Module, groups: Mapping[str, Any] | None
     return tuple(groups), tuple(group_params)
 
 
+#: Exact leaf types whose forward is one functional op of (input, weight, bias): called directly,
+#: since ``functional_call`` costs about as much as the op itself on the small layers of
+#: meta-learning (subclasses may override ``forward``, so only the exact types).
+_FAST: dict[type, Callable[[nn.Module, Tensor, Tensor, Tensor | None], Tensor]] = {
+    nn.Linear: lambda m, h, w, b: F.linear(h, w, b),
+    nn.Conv1d: lambda m, h, w, b: m._conv_forward(h, w, b),
+    nn.Conv2d: lambda m, h, w, b: m._conv_forward(h, w, b),
+    # fedmaml's copy keeps no running statistics: batch statistics, as in nn.BatchNorm's forward
+    nn.BatchNorm1d: lambda m, h, w, b: F.batch_norm(h, None, None, w, b, True, 0.0, m.eps),
+    nn.BatchNorm2d: lambda m, h, w, b: F.batch_norm(h, None, None, w, b, True, 0.0, m.eps),
+}
+
+
+def _is_pool_2x2(m: nn.Module) -> bool:
+    """A plain 2x2 max-pool (stride 2): the pool of MAML's Conv-4."""
+    return (type(m) is nn.MaxPool2d and m.kernel_size in (2, (2, 2))
+            and m.stride in (2, (2, 2)) and m.padding in (0, (0, 0))
+            and m.dilation in (1, (1, 1)) and not m.return_indices)
+
+
+def _pool_2x2(m: nn.MaxPool2d, h: Tensor) -> Tensor:
+    """The same values as ``m(h)``, through the built-in Conv-4's pool (fedmaml/models/base.py:
+    4-15x faster on a frozen, cached prefix, where no gradient flows)."""
+    if not m.ceil_mode:  # floor mode drops an odd last row/column
+        h = h[..., : h.shape[-2] // 2 * 2, : h.shape[-1] // 2 * 2]
+    return max_pool_2x2(h)
+
+
 class ModuleModel:
     """A user's module with layer groups; the interface of StagedModel (see the module docstring)."""
 
@@ -258,7 +288,7 @@ class ModuleModel:
         return self.stage_children is not None
 
     def _stages(self) -> tuple[tuple[tuple[str, nn.Module], ...], ...] | None:
-        if not isinstance(self.module, nn.Sequential):
+        if type(self.module) is not nn.Sequential:  # a subclass may have its own forward
             return None
         children = list(self.module.named_children())
         owner = []  # the group of each child's parameters (None: it has none)
@@ -297,10 +327,25 @@ class ModuleModel:
         h = x
         for i in range(start, stop):
             for c, child in self.stage_children[i]:
-                local = {k: params[f"{c}.{k}"] for k, _ in child.named_parameters()}
-                local.update({k: self._buffers[f"{c}.{k}"] for k, _ in child.named_buffers()})
-                h = torch.func.functional_call(child, local, (h,)) if local else child(h)
+                h = self._run(child, c, params, h)
         return h
+
+    def _run(self, m: nn.Module, name: str, params: Params, h: Tensor) -> Tensor:
+        """``m(h)`` with ``m``'s parameters (named ``name.*``) taken from ``params``."""
+        kind = type(m)
+        if kind is nn.Sequential:  # its children in turn, so the fast paths below apply inside
+            for c, child in m.named_children():
+                h = self._run(child, f"{name}.{c}", params, h)
+            return h
+        fast = _FAST.get(kind)
+        if fast is not None and m.weight is not None:  # the op, without functional_call's swaps
+            return fast(m, h, params[f"{name}.weight"],
+                        params[f"{name}.bias"] if m.bias is not None else None)
+        if _is_pool_2x2(m):
+            return _pool_2x2(m, h)
+        local = {k: params[f"{name}.{k}"] for k, _ in m.named_parameters()}
+        local.update({k: self._buffers[f"{name}.{k}"] for k, _ in m.named_buffers()})
+        return torch.func.functional_call(m, local, (h,)) if local else m(h)
 
     __call__ = forward
 
