@@ -190,12 +190,13 @@ def test_a_user_mlp_trains_like_the_builtin_mlp(tiny_config, tmp_path, engine):
     _runs_equal(builtin, user)
 
 
+@pytest.mark.parametrize("module, reason", [("Branchy", "data-dependent control flow"),
+                                             ("InPlace", "changes its input tensor in place")])
 def test_the_vectorized_engine_refuses_what_vmap_cannot_batch_and_inprocess_runs_it(
-        tiny_config, tmp_path):
-    cfg = tiny_config("model.name=user_models:Branchy", "engine.name=vectorized")
-    with pytest.raises(ConfigError, match=r"vectorized engine cannot batch user_models:Branchy.*"
-                                          r"data-dependent control flow.*use engine.name: "
-                                          r"inprocess or ray"):
+        tiny_config, tmp_path, module, reason):
+    cfg = tiny_config(f"model.name=user_models:{module}", "engine.name=vectorized")
+    with pytest.raises(ConfigError, match=rf"vectorized engine cannot batch user_models:{module}.*"
+                                          rf"{reason}.*use engine.name: inprocess or ray"):
         run_experiment(cfg, quiet=True, run_dir=tmp_path / "vectorized")
     done = run_experiment(replace_path(cfg, "engine.name", "inprocess"), quiet=True,
                           run_dir=tmp_path / "inprocess")

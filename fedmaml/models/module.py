@@ -378,6 +378,12 @@ class ModuleModel:
         params = {k: v.detach() for k, v in self.module.named_parameters()}
         stacked = {k: torch.stack([v, v]) for k, v in params.items()}
         x = torch.randn(2, 3, *input_shape, generator=torch.Generator().manual_seed(0))
+        version = x._version  # torch's in-place counter: vmap may not see a change of x itself
+        with torch.no_grad():
+            self.forward(params, x[0])
+        if x._version != version:
+            return ("its forward changes its input tensor in place; batched, that input is "
+                    "shared by the clients of a cohort")
         try:
             torch.func.vmap(self.forward)(stacked, x)  # clients' params and data batched
             torch.func.vmap(self.forward, in_dims=(0, None))(stacked, x[0])  # shared data
