@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Sequence, Union
 
 from fedmaml.errors import ConfigError
 from fedmaml.models.base import ModuleStage, StagedModel, Stage
@@ -10,13 +10,14 @@ from fedmaml.models.conv4 import conv4
 from fedmaml.models.mlp import mlp
 from fedmaml.models.module import ModuleModel, is_user_model, module_model
 
-__all__ = ["StagedModel", "Stage", "ModuleStage", "ModuleModel", "mlp", "conv4", "build_model"]
+__all__ = ["Model", "StagedModel", "Stage", "ModuleStage", "ModuleModel", "mlp", "conv4",
+           "build_model"]
 
-BUILT_IN = ("mlp", "conv4", "linear")
+#: What the core and the engines take: a built-in StagedModel or a user's module (same interface).
+Model = Union[StagedModel, ModuleModel]
 
 
-def build_model(spec: Any, input_shape: Sequence[int], num_outputs: int
-                ) -> StagedModel | ModuleModel:
+def build_model(spec: Any, input_shape: Sequence[int], num_outputs: int) -> Model:
     """Build the model named by ``spec.name`` (the config's ``model`` section) for a data set:
     a built-in, or a user's ``torch.nn.Module`` ("package.module:factory"; fedmaml/models/module.py)."""
     if is_user_model(spec.name):
