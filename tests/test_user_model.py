@@ -201,6 +201,12 @@ def test_the_vectorized_engine_refuses_what_vmap_cannot_batch_and_inprocess_runs
     done = run_experiment(replace_path(cfg, "engine.name", "inprocess"), quiet=True,
                           run_dir=tmp_path / "inprocess")
     assert read_metrics(done)[-1]["round"] == 3
+    # an in-place change of the input reached a copy, not the clients' data (cached per process)
+    data = setup_for(cfg).federation
+    assert setup_for(cfg).model.copies_inputs == (module == "InPlace")
+    xs = torch.cat([t.evaluation_split()[i] for c in range(data.num_clients)
+                    for t in data.client_tasks(c) for i in (0, 2)])
+    assert xs.abs().max() > 3  # sinusoid inputs lie in [-5, 5]; InPlace clamps to [-3, 3]
 
 
 def test_fedmaml_run_takes_a_module_or_a_factory(tiny_config, tmp_path):

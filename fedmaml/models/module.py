@@ -25,7 +25,8 @@ Buffers: BatchNorm layers always normalise with the current batch's statistics (
 and the built-in Conv-4's): their running statistics are removed from fedmaml's copy of the module,
 so no client and no meta-model keeps or federates them. Other buffers are constants (as the factory
 made them, the same on every client, never federated); a module that writes a buffer in ``forward``
-is refused. The module runs in eval mode (dropout off), so a forward is a pure function.
+is refused. The module runs in eval mode (dropout off), so a forward is a pure function. A module
+that changes a stage's input in place gets copies (:meth:`ModuleModel.check` finds it).
 """
 
 from __future__ import annotations
@@ -276,6 +277,8 @@ class ModuleModel:
         self._buffers = {k: v.detach() for k, v in self.module.named_buffers()}
         #: For each group, the children of the Sequential it runs; None: the module runs whole.
         self.stage_children = self._stages()
+        #: The module changes a stage's input in place (found by :meth:`check`): forward copies.
+        self.copies_inputs = False
 
     @property
     def num_groups(self) -> int:
@@ -319,6 +322,8 @@ class ModuleModel:
 
     def forward(self, params: Params, x: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
         stop = self.num_groups if stop is None else stop
+        if self.copies_inputs:  # it would change fedmaml's tensors in place (see check)
+            x = x.clone()
         if self.stage_children is None:
             if (start, stop) != (0, self.num_groups):
                 raise ValueError(f"{self.name} is not staged: it runs whole (start 0, stop "
@@ -326,6 +331,8 @@ class ModuleModel:
             return torch.func.functional_call(self.module, {**params, **self._buffers}, (x,))
         h = x
         for i in range(start, stop):
+            if self.copies_inputs and i > start:
+                h = h.clone()
             for c, child in self.stage_children[i]:
                 h = self._run(child, c, params, h)
         return h
@@ -359,7 +366,7 @@ class ModuleModel:
         before = {k: v.clone() for k, v in self._buffers.items()}
         try:
             with torch.no_grad():
-                out = self.forward(params, x)
+                out = self._probe_inputs(params, x)
         except Exception as e:  # noqa: BLE001 - any failure of the user's forward, reported
             raise ConfigError(f"model.name: {self.name} failed on a batch of inputs of shape "
                               f"{list(x.shape)} ({type(e).__name__}: {e})") from None
@@ -373,16 +380,25 @@ class ModuleModel:
                               "fedmaml runs the module as a pure function (buffers are constants, "
                               "BatchNorm uses batch statistics): keep state in parameters")
 
+    def _probe_inputs(self, params: Params, x: Tensor) -> Tensor:
+        """Run the stages one by one and note whether any changes its input in place (torch's
+        version counter): such a module then gets copies, so it cannot alter the client's data
+        or the cached output of a frozen prefix."""
+        h = x
+        for i in range(self.num_groups if self.staged else 1):
+            version = h._version
+            out = self.forward(params, h, i, i + 1) if self.staged else self.forward(params, h)
+            self.copies_inputs = self.copies_inputs or h._version != version
+            h = out
+        return h
+
     def vmap_problem(self, input_shape: Sequence[int]) -> str | None:
         """Why ``torch.func.vmap`` cannot batch this module across clients (None: it can)."""
         params = {k: v.detach() for k, v in self.module.named_parameters()}
         stacked = {k: torch.stack([v, v]) for k, v in params.items()}
         x = torch.randn(2, 3, *input_shape, generator=torch.Generator().manual_seed(0))
-        version = x._version  # torch's in-place counter: vmap may not see a change of x itself
-        with torch.no_grad():
-            self.forward(params, x[0])
-        if x._version != version:
-            return ("its forward changes its input tensor in place; batched, that input is "
+        if self.copies_inputs:
+            return ("its forward changes its input tensor in place; batched, that input may be "
                     "shared by the clients of a cohort")
         try:
             torch.func.vmap(self.forward)(stacked, x)  # clients' params and data batched
