@@ -387,6 +387,31 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------------
+# fedmaml model show
+# --------------------------------------------------------------------------------------------------
+
+def _add_model_show_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", metavar="CONFIG_OR_IMPORT_PATH",
+                        help=f"{_CONFIG_HELP}; or your module's import path "
+                        "'package.module:factory' (with the default config's data)")
+    _add_overrides(parser)
+
+
+def _cmd_model_show(args: argparse.Namespace) -> int:
+    from fedmaml.config import load_config
+    from fedmaml.federated.setup import setup_for
+    from fedmaml.models.module import describe_groups, is_import_path
+
+    target, overrides = args.target, list(args.overrides)
+    if is_import_path(target) and not Path(target).exists():
+        cfg = load_config(None, [f"model.name={target}", *overrides])
+    else:
+        cfg = load_config(resolve_config(target), overrides)
+    print(describe_groups(setup_for(cfg).model))
+    return 0
+
+
 COMMANDS: list[Command] = [
     Command("run", "run one experiment from a config file", _add_run_arguments, _cmd_run),
     Command("config", "inspect configurations", subcommands=(
@@ -394,6 +419,10 @@ COMMANDS: list[Command] = [
                 _add_show_arguments, _cmd_show),
         Command("reference", "print the Markdown reference of every config key",
                 _add_reference_arguments, _cmd_reference),
+    )),
+    Command("model", "inspect models", subcommands=(
+        Command("show", "print a model's layer groups (the columns of a Lambda pattern) and "
+                "parameter counts", _add_model_show_arguments, _cmd_model_show),
     )),
     Command("select-pattern", "choose a Lambda pattern for a meta-trained model: the fastest "
             "within epsilon of full adaptation", _add_select_pattern_arguments,

@@ -19,7 +19,9 @@ rules (:func:`cross_field_problems`) run only once every field is individually v
 
 import dataclasses
 import difflib
+import json
 import math
+import re
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -103,8 +105,14 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = _field("mlp", "Model architecture (linear = an MLP without hidden layers).",
-                       choices=("mlp", "conv4", "linear"))
+    name: str = _field("mlp", "Model: mlp, conv4, linear (an MLP without hidden layers), or your own "
+                              "torch.nn.Module as an import path 'package.module:factory' "
+                              "(docs/custom.md).")
+    kwargs: str = _field("", "Keyword arguments of a model.name factory: a mapping such as "
+                             "{width: 32} (kept as JSON text).")
+    groups: str = _field("", "Layer groups of your own module for Lambda patterns: a mapping "
+                             "group -> parameter-name prefixes, input side first (kept as JSON "
+                             "text); empty = its top-level children that own parameters.")
     init_seed: int = _field(-1, "Seed of the initial meta-model; -1 = the run seed (the MOML public "
                                 "code starts every seed from one model: 1234).", min=-1)
     hidden: tuple[int, ...] = _field((40, 40), "Hidden layer widths of the MLP.", min=1)
@@ -468,6 +476,24 @@ def cross_field_problems(cfg: Config) -> list[str]:
             problems.append(f"compare_with: {name!r} is not an algorithm; allowed: "
                             f"{', '.join(ALGORITHM_NAMES)}" + _suggest(name, ALGORITHM_NAMES))
 
+    model_names = ("mlp", "conv4", "linear")
+    if cfg.model.name not in model_names and not _MODEL_PATH.match(cfg.model.name):
+        problems.append(f"model.name: {cfg.model.name!r} is not allowed; allowed: "
+                        f"{', '.join(model_names)}, or an import path 'package.module:factory' of "
+                        "your own torch.nn.Module" + _suggest(cfg.model.name, model_names))
+    for key in _MAPPING_KEYS:
+        text = getattr(cfg.model, key.split(".")[1])
+        if text.strip():
+            try:
+                value = yaml.safe_load(text)
+            except yaml.YAMLError:
+                value = None
+            if not isinstance(value, dict):
+                problems.append(f"{key}: expected a mapping such as {{name: value}}, got {text!r}")
+            elif cfg.model.name in model_names:
+                problems.append(f"{key}: only for your own module (model.name "
+                                f"'package.module:factory'); model.name is {cfg.model.name!r}")
+
     if cfg.model.name == "mlp" and not cfg.model.hidden:
         problems.append("model.hidden: [] leaves the MLP without a hidden layer; give at least one "
                         "width, e.g. [40, 40], or set model.name: linear for a linear model")
@@ -663,6 +689,8 @@ def _check_value(spec: FieldSpec, value: Any, problems: list[str]) -> Any:
             return None
         return value
     if spec.type is str:
+        if spec.path in _MAPPING_KEYS and isinstance(value, Mapping):
+            return json.dumps(dict(value))  # order kept: groups are input side first
         if not isinstance(value, str):
             hint = ""
             if getattr(value, "yaml_text", None):  # 011 -> 9: say what was written
@@ -716,6 +744,12 @@ def _check_value(spec: FieldSpec, value: Any, problems: list[str]) -> Any:
         problems.append(f"{where}: {_show(value)} is out of range; allowed: {spec.range_text()}")
         return None
     return value
+
+
+#: String keys that take a mapping in YAML and keep it as JSON text (a Config is flat and hashable).
+_MAPPING_KEYS = ("model.kwargs", "model.groups")
+#: ``model.name`` of a user's module: an import path, or ``python:...`` (a Python object; fedmaml.run)
+_MODEL_PATH = re.compile(r"^(python:.+|[A-Za-z_][\w.]*:[A-Za-z_][\w.]*)$")
 
 
 def _check_str_list(spec: FieldSpec, value: Any, problems: list[str]) -> Any:

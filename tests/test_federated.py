@@ -557,13 +557,14 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_cli_run_quiet_prints_nothing(tiny_config, tmp_path):
+def test_cli_run_quiet_prints_only_where_the_run_went(tiny_config, tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(dump_yaml(tiny_config()))
-    done = cli("run", str(config), "--quiet", f"output_dir={tmp_path / 'out'}", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    assert (done.stdout, done.stderr) == ("", "")
-    assert (tmp_path / "out" / "tiny" / "summary.json").exists()
+    for run_dir in ("tiny", "tiny-2"):  # a repeated run goes to a suffixed directory: say which
+        done = cli("run", str(config), "--quiet", f"output_dir={tmp_path / 'out'}", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert (done.stdout, done.stderr) == (f"{tmp_path / 'out' / run_dir}\n", "")
+        assert (tmp_path / "out" / run_dir / "summary.json").exists()
 
 
 def test_cli_run_with_a_bad_key_exits_2_with_a_clear_message(tiny_config, tmp_path):

@@ -55,6 +55,8 @@ def adapt(
     """
     pattern.validate(model.group_names, model.name)  # a too-short row would adapt the wrong groups
     theta = dict(params) if differentiable else detach(params)
+    # A user's module that is not a sequence of stages runs whole: nothing to cache.
+    cache_prefix = cache_prefix and getattr(model, "staged", True)
     level, h = 0, x  # h is the output of groups [0, level) on the support batch
     for s in range(pattern.steps):
         if trajectory is not None:

@@ -52,7 +52,8 @@ from fedmaml.data.counter import derive_keys
 from fedmaml.data.tasks import Task
 from fedmaml.engines.batch_evaluation import BatchEvaluator
 from fedmaml.engines.memory_bank import CHECKPOINT_FORMAT as BANK_FORMAT
-from fedmaml.engines.vectorized import cohort_update
+from fedmaml.engines.vectorized import cohort_update, unbatchable_reason
+from fedmaml.models.module import is_user_model
 from fedmaml.federated import checkpoint
 from fedmaml.federated import records as R
 from fedmaml.federated.health import RunHealth, RunStopped, round_outcome
@@ -103,6 +104,10 @@ def batch_refusal(cfg: Any) -> str | None:
     # the error every engine gives (federated.setup.check_device)
     if cfg.engine.device == "cuda" or resolve_device(cfg.engine.device).type != "cpu":
         return "batches run on the CPU"
+    # A user's module may be one vmap cannot batch (docs/custom.md); built-ins are written for it.
+    problem = unbatchable_reason(setup_for(cfg)) if is_user_model(cfg.model.name) else None
+    if problem is not None:
+        return f"torch.func.vmap cannot batch the model ({problem})"
     return None
 
 

@@ -64,7 +64,9 @@ from fedmaml.federated.client_app import (draw_cohort_round, evaluate_client,
                                           train_step, training_tasks)
 from fedmaml.federated.participation import speed_multipliers
 from fedmaml.federated.setup import resolve_device, setup_for
+from fedmaml.errors import ConfigError
 from fedmaml.models.base import StagedModel
+from fedmaml.models.module import ModuleModel
 
 log = logging.getLogger("fedmaml")
 
@@ -153,6 +155,7 @@ class VectorizedGrid(InProcessGrid):
         super().__init__(client_app, num_nodes, run_id)
         self.cfg = config
         self.setup = setup_for(config)
+        refuse_unbatchable(self.setup)
         self.device = resolve_device(config.engine.device)
         engine = config.engine
         if engine.torch_threads and torch.get_num_threads() != engine.torch_threads:
@@ -500,6 +503,26 @@ def _assemble(parts: list[tuple[list[int], Params, dict[str, list[float]]]],
 
 def _error_reply(msg: Message, e: Exception) -> Message:
     return Message(Error(code=CLIENT_APP_ERROR, reason=f"{type(e).__name__}: {e}"), reply_to=msg)
+
+
+def unbatchable_reason(setup: Any) -> str | None:
+    """Why ``torch.func.vmap`` cannot batch the run's model across clients (None: it can)."""
+    model = setup.model
+    if not isinstance(model, ModuleModel):
+        return None  # the built-in models are written for vmap
+    return model.vmap_problem(setup.federation.input_shape)
+
+
+def refuse_unbatchable(setup: Any) -> None:
+    """A user's module that ``vmap`` cannot batch (data-dependent Python control flow, in-place
+    changes of its inputs, ...) is refused before the run, with the reason and the alternative."""
+    problem = unbatchable_reason(setup)
+    if problem is not None:
+        raise ConfigError(f"engine.name: the vectorized engine cannot batch {setup.model.name} "
+                          f"across clients with torch.func.vmap ({problem}); use engine.name: "
+                          "inprocess or ray, which run clients one by one, or make the module's "
+                          "forward free of data-dependent branches and in-place changes of its "
+                          "inputs (docs/custom.md)")
 
 
 def run_vectorized(server_app: ServerApp, client_app: ClientApp, num_nodes: int, config: Any,

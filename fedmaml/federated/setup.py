@@ -26,14 +26,14 @@ from fedmaml.data.spec import USER_FAMILIES
 from fedmaml.data.tasks import Federation
 from fedmaml.data.user import check_client_sizes
 from fedmaml.errors import ConfigError, PatternError
-from fedmaml.models import StagedModel, build_model
+from fedmaml.models import Model, build_model
 
 
 @dataclass(frozen=True)
 class ExperimentSetup:
     config: Any
     federation: Federation
-    model: StagedModel
+    model: Model
     loss_fn: LossFn
     algorithm: Algorithm
     hyper: Hyper
@@ -53,14 +53,14 @@ class ExperimentSetup:
         return eta
 
 
-def _pattern(key: str, text: str, model: StagedModel, steps: int) -> Pattern:
+def _pattern(key: str, text: str, model: Model, steps: int) -> Pattern:
     try:
         return resolve_pattern(text, model.group_names, steps, model.name)
     except PatternError as e:
         raise PatternError(f"{key}: {e}") from None
 
 
-def build_hyper(cfg: Any, model: StagedModel, algorithm: Algorithm) -> Hyper:
+def build_hyper(cfg: Any, model: Model, algorithm: Algorithm) -> Hyper:
     a = cfg.algorithm
     inner = _pattern("algorithm.inner_pattern", a.inner_pattern, model, a.inner_steps)
     memory = (_pattern("algorithm.memory_pattern", a.memory_pattern, model, a.inner_steps)

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Sequence, Union
 
 from fedmaml.errors import ConfigError
 from fedmaml.models.base import ModuleStage, StagedModel, Stage
 from fedmaml.models.conv4 import conv4
 from fedmaml.models.mlp import mlp
+from fedmaml.models.module import ModuleModel, is_user_model, module_model
 
-__all__ = ["StagedModel", "Stage", "ModuleStage", "mlp", "conv4", "build_model"]
+__all__ = ["Model", "StagedModel", "Stage", "ModuleStage", "ModuleModel", "mlp", "conv4",
+           "build_model"]
+
+#: What the core and the engines take: a built-in StagedModel or a user's module (same interface).
+Model = Union[StagedModel, ModuleModel]
 
 
-def build_model(spec: Any, input_shape: Sequence[int], num_outputs: int) -> StagedModel:
-    """Build the model named by ``spec.name`` (the config's ``model`` section) for a data set."""
+def build_model(spec: Any, input_shape: Sequence[int], num_outputs: int) -> Model:
+    """Build the model named by ``spec.name`` (the config's ``model`` section) for a data set:
+    a built-in, or a user's ``torch.nn.Module`` ("package.module:factory"; fedmaml/models/module.py)."""
+    if is_user_model(spec.name):
+        return module_model(spec, input_shape, num_outputs)
     if spec.name == "mlp":
         return mlp(input_shape, list(spec.hidden), num_outputs)
     if spec.name == "linear":  # one layer group: the MLP without hidden layers
@@ -23,4 +31,5 @@ def build_model(spec: Any, input_shape: Sequence[int], num_outputs: int) -> Stag
             raise ConfigError(f"model.name: conv4 needs image data [channels, height, width], but "
                               f"the data has inputs of shape {list(input_shape)}; use model.name: mlp")
         return conv4(input_shape, num_outputs, width=spec.conv_width, strided=spec.conv_strided)
-    raise ConfigError(f"model.name: unknown model {spec.name!r}; allowed: mlp, conv4, linear")
+    raise ConfigError(f"model.name: unknown model {spec.name!r}; allowed: mlp, conv4, linear, "
+                      "or an import path 'package.module:factory' of your own torch.nn.Module")

@@ -1,0 +1,449 @@
+"""A user's ``torch.nn.Module`` as a fedmaml model (docs/custom.md, "Your own model").
+
+fedmaml keeps parameters outside the model (``name -> Tensor`` dicts, :mod:`fedmaml.core.params`)
+and calls the module functionally with ``torch.func.functional_call``, so every algorithm,
+meta-gradient estimator, memory policy and engine works with it. :class:`ModuleModel` offers the
+interface of :class:`~fedmaml.models.base.StagedModel` (layer groups, ``init``, ``forward`` with
+``start``/``stop``); the built-in MLP and Conv-4 stay StagedModels of their own (their numbers are
+pinned by docs/results/short_run.json).
+
+Layer groups (the columns of a Lambda pattern), input side first:
+
+* by default, the module's top-level children that own parameters, in *registration* order (the
+  order of ``named_children()``, which fedmaml takes as the forward order: fedmaml cannot see the
+  order ``forward`` uses them in);
+* or ``groups``: an ordered mapping ``group name -> parameter-name prefixes``; every parameter must
+  belong to exactly one group.
+
+A module whose groups are consecutive runs of the children of an ``nn.Sequential`` is *staged*:
+its forward can start and stop between groups, so a frozen prefix is run once and cached and no
+backward goes through it, exactly as for StagedModel. Any other module runs whole; gradients are
+still requested only for the adapted groups, so autograd computes no weight gradients for frozen
+ones and stops backpropagation where the graph allows, but nothing is cached.
+
+Buffers: BatchNorm layers always normalise with the current batch's statistics (MAML's convention,
+and the built-in Conv-4's): their running statistics are removed from fedmaml's copy of the module,
+so no client and no meta-model keeps or federates them. Other buffers are constants (as the factory
+made them, the same on every client, never federated); a module that writes a buffer in ``forward``
+is refused. The module runs in eval mode (dropout off), so a forward is a pure function. A module
+that changes a stage's input in place gets copies (:meth:`ModuleModel.check` finds it).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import inspect
+import itertools
+import json
+import re
+from typing import Any, Callable, Mapping, Sequence, Union
+
+import torch
+import yaml
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fedmaml.core.params import Params
+from fedmaml.models.base import max_pool_2x2
+from fedmaml.errors import ConfigError
+
+ModelSource = Union[nn.Module, Callable[..., nn.Module]]
+
+#: ``model.name`` of a model given from Python (:func:`register`): lives only in this process.
+PYTHON_PREFIX = "python:"
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+_REGISTERED: dict[str, ModelSource] = {}
+
+
+def is_import_path(name: str) -> bool:
+    return bool(_IMPORT_PATH.match(name))
+
+
+def is_user_model(name: str) -> bool:
+    """``model.name`` names a user's module (an import path or a registered Python object)."""
+    return name.startswith(PYTHON_PREFIX) or is_import_path(name)
+
+
+def register(source: ModelSource) -> str:
+    """Make a module or factory given from Python usable as ``model.name``; return that name.
+
+    A factory that can be imported by name (defined at the top level of an importable module)
+    becomes its import path, which other processes (Ray workers, devices) can resolve too.
+    Anything else (a module instance, a lambda, a function of ``__main__``) gets a
+    ``python:...`` name that only this process knows.
+    """
+    path = import_path_of(source)
+    if path is not None:
+        return path
+    for i in itertools.count(1):
+        name = f"{PYTHON_PREFIX}{getattr(source, '__name__', type(source).__name__)}-{i}"
+        if _REGISTERED.get(name, source) is source:
+            _REGISTERED[name] = source
+            return name
+    raise AssertionError("unreachable")
+
+
+def import_path_of(source: ModelSource) -> str | None:
+    """``package.module:name`` when ``source`` is a top-level function or class of an importable
+    module (not ``__main__``), else None."""
+    if isinstance(source, nn.Module) or not callable(source):
+        return None
+    module, qualname = getattr(source, "__module__", None), getattr(source, "__qualname__", "")
+    if not module or module == "__main__" or "<" in qualname:
+        return None
+    try:
+        found = _resolve_attr(importlib.import_module(module), qualname)
+    except (ImportError, AttributeError):
+        return None
+    return f"{module}:{qualname}" if found is source else None
+
+
+def _resolve_attr(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def load_source(name: str) -> ModelSource:
+    """The module or factory ``model.name`` points to; a clear error otherwise."""
+    if name.startswith(PYTHON_PREFIX):
+        if name not in _REGISTERED:
+            raise ConfigError(
+                f"model.name: {name!r} is a model given from Python in another process; this "
+                "process cannot see it. Engines that run clients in other processes (ray, "
+                "deployment) need the model as an import path 'package.module:factory'")
+        return _REGISTERED[name]
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"model.name: cannot import module {module_name!r} of {name!r} ({e}); "
+                          "the module must be importable (installed, or on PYTHONPATH)") from None
+    try:
+        source = _resolve_attr(module, attr)
+    except AttributeError:
+        raise ConfigError(f"model.name: module {module_name!r} has no attribute {attr!r}; "
+                          f"write 'package.module:factory' with a callable returning an "
+                          "nn.Module") from None
+    if not (isinstance(source, nn.Module) or callable(source)):
+        raise ConfigError(f"model.name: {name!r} is a {type(source).__name__}, not an nn.Module "
+                          "or a callable returning one")
+    return source
+
+
+def parse_mapping(key: str, text: str) -> dict[str, Any]:
+    """A config mapping kept as text (``model.kwargs``, ``model.groups``); ``""`` is empty."""
+    if not text.strip():
+        return {}
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: {text!r} is not a mapping ({e})") from None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ConfigError(f"{key}: expected a mapping such as {{hidden: 64}}, got {text!r}")
+    return value
+
+
+def build_module(source: ModelSource, kwargs: Mapping[str, Any], input_shape: Sequence[int] | None,
+                 num_outputs: int | None, seed: int | None, name: str) -> nn.Module:
+    """Call a factory (``kwargs``, plus ``input_shape`` / ``num_outputs`` when its signature asks
+    for them) with torch's global generator seeded by ``seed``; a module is returned as is."""
+    if isinstance(source, nn.Module):
+        if kwargs:
+            raise ConfigError(f"model.kwargs: {name} is a module instance, which takes no "
+                              f"arguments; got {dict(kwargs)}")
+        return source
+    args = dict(kwargs)
+    try:
+        params = inspect.signature(source).parameters
+    except (TypeError, ValueError):
+        params = {}
+    for key, value in (("input_shape", input_shape), ("num_outputs", num_outputs)):
+        if key in params and key not in args:
+            if value is None:
+                raise ConfigError(f"model.name: {name} asks for {key}, which comes from the data; "
+                                  "give a config with the data section, or model.kwargs")
+            args[key] = list(value) if key == "input_shape" else value
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        try:
+            module = source(**args)
+        except TypeError as e:
+            raise ConfigError(f"model.kwargs: calling {name} with {args} failed: {e}") from None
+    if not isinstance(module, nn.Module):
+        raise ConfigError(f"model.name: {name} returned a {type(module).__name__}, not a "
+                          "torch.nn.Module")
+    return module
+
+
+def _functional_copy(module: nn.Module) -> nn.Module:
+    """A copy in eval mode whose BatchNorm layers use batch statistics and keep none."""
+    m = copy.deepcopy(module)
+    for sub in m.modules():
+        if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+            sub.track_running_stats = False
+            sub.running_mean = None
+            sub.running_var = None
+            sub.num_batches_tracked = None
+    return m.eval()
+
+
+def _owns(prefix: str, param: str) -> bool:
+    return param == prefix or param.startswith(prefix + ".")
+
+
+def resolve_groups(module: nn.Module, groups: Mapping[str, Any] | None
+                   ) -> tuple[tuple[str, ...], tuple[tuple[str, ...], ...]]:
+    """``(group names, parameter names of each group)``; every parameter in exactly one group."""
+    names = [n for n, _ in module.named_parameters()]
+    if not names:
+        raise ConfigError("model.name: the module has no parameters; there is nothing to learn")
+    if not groups:  # top-level children that own parameters, in registration order
+        out = [(c, tuple(n for n in names if _owns(c, n))) for c, _ in module.named_children()]
+        out = [(c, ps) for c, ps in out if ps]
+        loose = [n for n in names if not any(_owns(c, n) for c, _ in out)]
+        if loose:
+            raise ConfigError(f"model.groups: parameters {loose} belong to no top-level child "
+                              "of the module, so they are in no default layer group; declare "
+                              "model.groups (group name -> parameter-name prefixes)")
+        return tuple(c for c, _ in out), tuple(ps for _, ps in out)
+    members: dict[str, list[str]] = {n: [] for n in names}
+    group_params = []
+    for g, prefixes in groups.items():
+        prefixes = [prefixes] if isinstance(prefixes, str) else prefixes
+        if not isinstance(prefixes, (list, tuple)) or not prefixes or not all(
+                isinstance(p, str) for p in prefixes):
+            raise ConfigError(f"model.groups.{g}: expected a list of parameter-name prefixes, got "
+                              f"{prefixes!r}")
+        mine = tuple(n for n in names if any(_owns(p, n) for p in prefixes))
+        unmatched = [p for p in prefixes if not any(_owns(p, n) for n in names)]
+        if unmatched:
+            raise ConfigError(f"model.groups.{g}: prefixes {unmatched} match no parameter; "
+                              f"parameters: {names}")
+        for n in mine:
+            members[n].append(g)
+        group_params.append(mine)
+    twice = {n: gs for n, gs in members.items() if len(gs) > 1}
+    none = [n for n, gs in members.items() if not gs]
+    if twice or none:
+        parts = ([f"in several groups: " + ", ".join(f"{n} ({', '.join(gs)})"
+                                                     for n, gs in twice.items())] if twice else []
+                 ) + ([f"in no group: {none}"] if none else [])
+        raise ConfigError("model.groups: every parameter must belong to exactly one group; "
+                          + "; ".join(parts))
+    return tuple(groups), tuple(group_params)
+
+
+#: Exact leaf types whose forward is one functional op of (input, weight, bias): called directly,
+#: since ``functional_call`` costs about as much as the op itself on the small layers of
+#: meta-learning (subclasses may override ``forward``, so only the exact types).
+_FAST: dict[type, Callable[[nn.Module, Tensor, Tensor, Tensor | None], Tensor]] = {
+    nn.Linear: lambda m, h, w, b: F.linear(h, w, b),
+    nn.Conv1d: lambda m, h, w, b: m._conv_forward(h, w, b),
+    nn.Conv2d: lambda m, h, w, b: m._conv_forward(h, w, b),
+    # fedmaml's copy keeps no running statistics: batch statistics, as in nn.BatchNorm's forward
+    nn.BatchNorm1d: lambda m, h, w, b: F.batch_norm(h, None, None, w, b, True, 0.0, m.eps),
+    nn.BatchNorm2d: lambda m, h, w, b: F.batch_norm(h, None, None, w, b, True, 0.0, m.eps),
+}
+
+
+def _is_pool_2x2(m: nn.Module) -> bool:
+    """A plain 2x2 max-pool (stride 2): the pool of MAML's Conv-4."""
+    return (type(m) is nn.MaxPool2d and m.kernel_size in (2, (2, 2))
+            and m.stride in (2, (2, 2)) and m.padding in (0, (0, 0))
+            and m.dilation in (1, (1, 1)) and not m.return_indices)
+
+
+def _pool_2x2(m: nn.MaxPool2d, h: Tensor) -> Tensor:
+    """The same values as ``m(h)``, through the built-in Conv-4's pool (fedmaml/models/base.py:
+    4-15x faster on a frozen, cached prefix, where no gradient flows)."""
+    if not m.ceil_mode:  # floor mode drops an odd last row/column
+        h = h[..., : h.shape[-2] // 2 * 2, : h.shape[-1] // 2 * 2]
+    return max_pool_2x2(h)
+
+
+class ModuleModel:
+    """A user's module with layer groups; the interface of StagedModel (see the module docstring)."""
+
+    def __init__(self, module: nn.Module, name: str, groups: Mapping[str, Any] | None = None,
+                 reinit: Callable[[int], nn.Module] | None = None) -> None:
+        self.module = _functional_copy(module)
+        self.name = name
+        self._reinit = reinit
+        self.group_names, self.group_params = resolve_groups(self.module, groups)
+        self._index = {n: i for i, ps in enumerate(self.group_params) for n in ps}
+        self._buffers = {k: v.detach() for k, v in self.module.named_buffers()}
+        #: For each group, the children of the Sequential it runs; None: the module runs whole.
+        self.stage_children = self._stages()
+        #: The module changes a stage's input in place (found by :meth:`check`): forward copies.
+        self.copies_inputs = False
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_names)
+
+    @property
+    def staged(self) -> bool:
+        """The forward can start and stop between groups (prefix caching, no backward through a
+        frozen prefix)."""
+        return self.stage_children is not None
+
+    def _stages(self) -> tuple[tuple[tuple[str, nn.Module], ...], ...] | None:
+        if type(self.module) is not nn.Sequential:  # a subclass may have its own forward
+            return None
+        children = list(self.module.named_children())
+        owner = []  # the group of each child's parameters (None: it has none)
+        for c, child in children:
+            gs = {self._index[f"{c}.{n}"] for n, _ in child.named_parameters()}
+            if len(gs) > 1:
+                return None  # a group boundary inside a child: it runs whole
+            owner.append(gs.pop() if gs else None)
+        # Parameter-free children (activations, pooling) join the group before them (the first
+        # group for leading ones); the groups must then be consecutive runs in group order.
+        current, run = 0, []
+        for g in owner:
+            current = current if g is None else g
+            run.append(current)
+        if any(b < a for a, b in zip(run, run[1:])) or sorted(set(run)) != list(range(self.num_groups)):
+            return None
+        return tuple(tuple(ch for ch, g in zip(children, run) if g == i)
+                     for i in range(self.num_groups))
+
+    def init(self, seed: int) -> Params:
+        """The initial parameters: the factory's module built with torch seeded by ``seed``, or
+        (a module instance) its own weights whatever the seed."""
+        module = self.module if self._reinit is None else self._reinit(seed)
+        return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+    def names_of(self, groups: Sequence[int]) -> list[str]:
+        return [n for g in groups for n in self.group_params[g]]
+
+    def forward(self, params: Params, x: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
+        stop = self.num_groups if stop is None else stop
+        if self.copies_inputs:  # it would change fedmaml's tensors in place (see check)
+            x = x.clone()
+        if self.stage_children is None:
+            if (start, stop) != (0, self.num_groups):
+                raise ValueError(f"{self.name} is not staged: it runs whole (start 0, stop "
+                                 f"{self.num_groups}), got start {start}, stop {stop}")
+            return torch.func.functional_call(self.module, {**params, **self._buffers}, (x,))
+        h = x
+        for i in range(start, stop):
+            if self.copies_inputs and i > start:
+                h = h.clone()
+            for c, child in self.stage_children[i]:
+                h = self._run(child, c, params, h)
+        return h
+
+    def _run(self, m: nn.Module, name: str, params: Params, h: Tensor) -> Tensor:
+        """``m(h)`` with ``m``'s parameters (named ``name.*``) taken from ``params``."""
+        kind = type(m)
+        if kind is nn.Sequential:  # its children in turn, so the fast paths below apply inside
+            for c, child in m.named_children():
+                h = self._run(child, f"{name}.{c}", params, h)
+            return h
+        fast = _FAST.get(kind)
+        if fast is not None and m.weight is not None:  # the op, without functional_call's swaps
+            return fast(m, h, params[f"{name}.weight"],
+                        params[f"{name}.bias"] if m.bias is not None else None)
+        if _is_pool_2x2(m):
+            return _pool_2x2(m, h)
+        local = {k: params[f"{name}.{k}"] for k, _ in m.named_parameters()}
+        local.update({k: self._buffers[f"{name}.{k}"] for k, _ in m.named_buffers()})
+        return torch.func.functional_call(m, local, (h,)) if local else m(h)
+
+    __call__ = forward
+
+    def describe(self) -> str:
+        return f"{self.name} with layer groups {list(self.group_names)}"
+
+    def check(self, input_shape: Sequence[int], num_outputs: int) -> None:
+        """One forward on a probe batch: output shape, buffers left unchanged."""
+        params = {k: v.detach() for k, v in self.module.named_parameters()}
+        x = torch.randn(3, *input_shape, generator=torch.Generator().manual_seed(0))
+        before = {k: v.clone() for k, v in self._buffers.items()}
+        try:
+            with torch.no_grad():
+                out = self._probe_inputs(params, x)
+        except Exception as e:  # noqa: BLE001 - any failure of the user's forward, reported
+            raise ConfigError(f"model.name: {self.name} failed on a batch of inputs of shape "
+                              f"{list(x.shape)} ({type(e).__name__}: {e})") from None
+        if not isinstance(out, Tensor) or out.shape != (3, num_outputs):
+            shape = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ConfigError(f"model.name: {self.name} maps inputs {list(x.shape)} to {shape}; "
+                              f"the data needs [batch, {num_outputs}] outputs")
+        changed = [k for k, v in before.items() if not torch.equal(v, self._buffers[k])]
+        if changed:
+            raise ConfigError(f"model.name: {self.name} changes its buffers {changed} in forward; "
+                              "fedmaml runs the module as a pure function (buffers are constants, "
+                              "BatchNorm uses batch statistics): keep state in parameters")
+
+    def _probe_inputs(self, params: Params, x: Tensor) -> Tensor:
+        """Run the stages one by one and note whether any changes its input in place (torch's
+        version counter): such a module then gets copies, so it cannot alter the client's data
+        or the cached output of a frozen prefix."""
+        h = x
+        for i in range(self.num_groups if self.staged else 1):
+            version = h._version
+            out = self.forward(params, h, i, i + 1) if self.staged else self.forward(params, h)
+            self.copies_inputs = self.copies_inputs or h._version != version
+            h = out
+        return h
+
+    def vmap_problem(self, input_shape: Sequence[int]) -> str | None:
+        """Why ``torch.func.vmap`` cannot batch this module across clients (None: it can)."""
+        params = {k: v.detach() for k, v in self.module.named_parameters()}
+        stacked = {k: torch.stack([v, v]) for k, v in params.items()}
+        x = torch.randn(2, 3, *input_shape, generator=torch.Generator().manual_seed(0))
+        if self.copies_inputs:
+            return ("its forward changes its input tensor in place; batched, that input may be "
+                    "shared by the clients of a cohort")
+        try:
+            torch.func.vmap(self.forward)(stacked, x)  # clients' params and data batched
+            torch.func.vmap(self.forward, in_dims=(0, None))(stacked, x[0])  # shared data
+        except Exception as e:  # noqa: BLE001 - the reason is reported to the user
+            return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return None
+
+
+def module_model(spec: Any, input_shape: Sequence[int] | None, num_outputs: int | None,
+                 source: ModelSource | None = None) -> ModuleModel:
+    """The model of ``spec`` (the config's ``model`` section) whose ``name`` is a user's module."""
+    name = spec.name
+    source = load_source(name) if source is None else source
+    kwargs = parse_mapping("model.kwargs", spec.kwargs)
+    groups = parse_mapping("model.groups", spec.groups)
+
+    def reinit(seed: int) -> nn.Module:
+        return build_module(source, kwargs, input_shape, num_outputs, seed, name)
+
+    module = build_module(source, kwargs, input_shape, num_outputs, 0, name)
+    model = ModuleModel(module, name, groups,
+                        reinit=None if isinstance(source, nn.Module) else reinit)
+    if input_shape is not None and num_outputs is not None:
+        model.check(input_shape, num_outputs)
+    return model
+
+
+def describe_groups(model: Any) -> str:
+    """A table of a model's layer groups and parameter counts, for writing a pattern."""
+    params = model.init(0)
+    lines = [f"{model.name}: {model.num_groups} layer groups, input side first"
+             + ("" if getattr(model, "staged", True) else
+                " (runs whole: no prefix caching, see docs/custom.md)"),
+             f"{'#':>3}  {'group':<24}{'parameters':>12}  tensors"]
+    for i, (g, names) in enumerate(zip(model.group_names, model.group_params)):
+        count = sum(params[n].numel() for n in names)
+        lines.append(f"{i:>3}  {g:<24}{count:>12}  {', '.join(names)}")
+    total = sum(v.numel() for v in params.values())
+    lines.append(f"     {'total':<24}{total:>12}")
+    lines.append("pattern: one bit per group in this order, e.g. head-only: "
+                 + "0" * (model.num_groups - 1) + "1")
+    return "\n".join(lines)
+
+
+def canonical_mapping(value: Mapping[str, Any]) -> str:
+    """A mapping as the text a config keeps (JSON keeps the order: groups are input side first)."""
+    return json.dumps(dict(value))
