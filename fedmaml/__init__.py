@@ -1,6 +1,8 @@
 """fedmaml: memory-based federated meta-learning with Lambda-pattern adaptation."""
 
-__version__ = "0.1.0"
+from fedmaml.version import __version__
+
+__all__ = ["__version__", "run"]
 
 
 def run(*args, **kwargs):  # type: ignore[no-untyped-def]

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedmaml import __version__
+from fedmaml.version import __version__
 from fedmaml.bundled import resolve_config
 from fedmaml.errors import FedmamlError
 

@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from fedmaml import __version__
+from fedmaml.version import __version__
 
 #: Libraries whose version can change a run's numbers (kernels, random streams, aggregation).
 LIBRARIES = ("torch", "numpy", "flwr")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import tomli_w
 
-import fedmaml
+from fedmaml.version import __version__
 from fedmaml.deploy.flwr_config import app_config_toml
 
 #: ``[tool.flwr.app]`` of the project's pyproject.toml (tests check that the two agree).
@@ -29,7 +29,7 @@ APP = {"publisher": "fedmaml", "fab-include": ["fedmaml/**/*.py"],
 
 def pyproject_text() -> str:
     head = tomli_w.dumps({
-        "project": {"name": "fedmaml", "version": fedmaml.__version__,
+        "project": {"name": "fedmaml", "version": __version__,
                     "description": "fedmaml's Flower app (written by `fedmaml deploy submit`)",
                     "license": "Apache-2.0"},
         "tool": {"flwr": {"app": {k: v for k, v in APP.items() if k != "components"}}},
@@ -45,6 +45,6 @@ def staged_app() -> Iterator[Path]:
         app = Path(tmp) / "fedmaml"
         app.mkdir()
         (app / "pyproject.toml").write_text(pyproject_text(), encoding="utf-8")
-        shutil.copytree(Path(fedmaml.__file__).resolve().parent, app / "fedmaml",
+        shutil.copytree(Path(__file__).resolve().parents[1], app / "fedmaml",
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         yield app
