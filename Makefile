@@ -17,8 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -e ".[test]"
 	touch $@
 
-# The MOML paper's sinewave setting in miniature: three methods x three seeds as one vectorized
-# sweep, then their comparison (mean +- std over seeds, and the figure).
+# The MOML paper's sinewave setting in miniature: MOML, LocalMOML and FO-MAML at the public code's
+# step sizes and protocol, 5,000 steps, three seeds each, as one vectorized sweep (three batches);
+# then their comparison (mean +- std over seeds beside the 40,000-step numbers, and the figure).
 quickstart: install
 	FLWR_TELEMETRY_ENABLED=0 $(BIN)/fedmaml sweep configs/sweeps/moml_miniature.yaml --vectorize --jobs 2
 	$(BIN)/fedmaml compare results/moml_miniature --metric unseen.loss --x samples

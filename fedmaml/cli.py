@@ -275,7 +275,7 @@ def _cmd_select_pattern(args: argparse.Namespace) -> int:
 
 def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", metavar="CONFIG", help="YAML config file, optionally with a "
-                        "`sweep:` section (grid, seeds)")
+                        "`sweep:` section (settings, grid, seeds)")
     _add_overrides(parser)
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                         help="values of a key to sweep (repeatable; every combination runs); KEY "

@@ -1085,7 +1085,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 #: The top-level section of a sweep file: a config plus the grid and seeds that ``fedmaml sweep``
-#: expands (validated in fedmaml/sweep.py). A run's own config never has one.
+#: expands (validated in fedmaml/sweep_spec.py). A run's own config never has one.
 SWEEP_SECTION = "sweep"
 
 
@@ -1183,8 +1183,10 @@ _SWEEP_SECTION_DOC = f"""## `{SWEEP_SECTION}` (sweep files only)
 
 A file given to `fedmaml sweep` may add a `{SWEEP_SECTION}:` section (`fedmaml run` refuses such a
 file). `grid` maps keys (full, or an unambiguous suffix: `beta` for `algorithm.beta`) to lists of
-values; every combination runs once per seed. `seeds` is a list of integers or a range such as
-`"0-4"` (default: the `seed` key). See docs/comparing.md.
+values; every combination runs once per seed. `settings` (optional) names override sets, such as
+`MOML: {{algorithm.name: moml, algorithm.eta: 0.005}}`, crossed with the grid; `references` gives a
+named setting a number reported elsewhere, shown by `fedmaml compare`. `seeds` is a list of integers
+or a range such as `"0-4"` (default: the `seed` key). See docs/comparing.md.
 
 ```yaml
 {SWEEP_SECTION}:

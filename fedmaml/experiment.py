@@ -142,30 +142,71 @@ def statuses(run_dirs: list[str | Path]) -> dict[Path, str]:
     return {Path(d): run_status(read_summary(d)) or "unfinished" for d in run_dirs}
 
 
+#: The rows of the single-run table: (group, metric prefix, clients, adapted from).
+_SUMMARY_ROWS = (("seen", "", "trained", "w (meta-model)"),
+                 ("seen", "memory-", "trained", "memory u_i"),
+                 ("unseen", "", "unseen", "w (meta-model)"))
+
+
+def _mean_std(values: dict[str, Any], key: str) -> str:
+    """``0.5241 ± 0.41`` (std over clients) from a summary's ``key.mean`` and ``key.std``."""
+    mean, std = values.get(f"{key}.mean"), values.get(f"{key}.std")
+    if mean is None:
+        return "-"
+    return f"{mean:.4g}" + (f" ± {std:.2g}" if std is not None else "")
+
+
+def eval_patterns(run_dir: str | Path, summary: dict[str, Any]) -> tuple[str, str]:
+    """The Lambda patterns of a run's first and last evaluation: ``evaluation.pattern``, and after a
+    pattern selection that applies to evaluation (``pattern_selection.apply_to``) the chosen one."""
+    from fedmaml.config import load_config
+
+    try:
+        cfg = load_config(Path(run_dir) / "config.yaml")
+    except (OSError, FedmamlError):
+        return "?", "?"
+    before = after = str(cfg.evaluation.pattern)
+    chosen = (summary.get("pattern_selection") or {}).get("chosen")
+    if chosen and "evaluation" in cfg.pattern_selection.apply_to:
+        after = str(chosen)
+    return before, after
+
+
 def format_summary(run_dirs: list[str | Path]) -> str:
-    """A small table: personalized quality before and after training, per algorithm, and the
-    status of every run that did not complete."""
+    """The table ``fedmaml run`` prints: per algorithm, the personalized metric of trained and unseen
+    clients adapted from the meta-model and (trained clients) from their memory, before and after
+    training, as mean ± std over clients, with the evaluation pattern of each column, a one-line
+    legend per column, and the status of every run that did not complete."""
     summaries = [(Path(d), read_summary(d)) for d in run_dirs]
     done = [(d, s) for d, s in summaries if s is not None]
     if not done:
         return "no finished run to summarize"
     key = done[0][1]["metric"]
-    cols = (("seen", "", "trained, from w"), ("seen", "memory-", "trained, from memory"),
-            ("unseen", "", "unseen, from w"))
-    head = f"{'algorithm':<14}{'before training':>17}" + "".join(f"{c[2]:>22}" for c in cols)
-    lines = [f"personalized {key} after {done[0][1].get('eval_steps', '')} adaptation steps "
-             f"(mean over clients); run directory {run_dirs[0]}".replace("after  ", "after "),
-             head, "-" * len(head)]
-    notes = []
+    steps = done[0][1].get("eval_steps", "")
+    head = (f"{'algorithm':<12}{'clients':<9}{'adapted from':<16}{'before training':>17}"
+            f"{'after training':>17}  pattern")
+    lines = [f"personalized {key} after {steps} adaptation steps, mean ± std over clients; run "
+             f"directory {run_dirs[0]}", head, "-" * len(head)]
+    notes, patterns = [], set()
     for d, s in done:
-        before = s["before"].get(f"seen.{key}.mean")
-        row = f"{s['algorithm']:<14}{(f'{before:.4g}' if before is not None else '-'):>17}"
-        for group, prefix, _ in cols:
-            v = s["after"].get(f"{group}.{prefix}{key}.mean")
-            row += f"{(f'{v:.4g}' if v is not None else '-'):>22}"
         status = run_status(s)
-        mark = "" if status == "completed" else f"  {status.upper()}"
-        lines.append(row + f"   ({s['seconds']:.0f}s){mark}")
+        before_p, after_p = eval_patterns(d, s)
+        patterns.add((before_p, after_p))
+        # The first column, down the algorithm's rows: its name, its time, its status if it failed.
+        side = [s["algorithm"], f"({s['seconds']:.0f}s)",
+                *([] if status == "completed" else [status.upper()])]
+        pattern = before_p if before_p == after_p else f"{before_p} -> {after_p}"
+        rows = [(clients, source, f"{group}.{prefix}{key}")
+                for group, prefix, clients, source in _SUMMARY_ROWS
+                if f"{group}.{prefix}{key}.mean" in {**s["before"], **s["after"]}]
+        for i in range(max(len(rows), len(side))):
+            first = side[i] if i < len(side) else ""
+            if i >= len(rows):
+                lines.append(first)
+                continue
+            clients, source, metric = rows[i]  # no memory row for FedAvg, no unseen row without them
+            lines.append(f"{first:<12}{clients:<9}{source:<16}{_mean_std(s['before'], metric):>17}"
+                         f"{_mean_std(s['after'], metric):>17}  {pattern}")
         if status != "completed":
             notes.append(f"{s['algorithm']} did not complete: {s.get('message', status)}")
         lost = {k: n for k, n in {**s.get("failures", {}),
@@ -178,4 +219,17 @@ def format_summary(run_dirs: list[str | Path]) -> str:
             notes.append(f"{s['algorithm']} completed, {s['memory_resets']} client memories reset "
                          f"(clients {', '.join(map(str, s.get('memory_reset_clients', [])))}: their "
                          "memory files were corrupt and were moved aside; memory-reset=true)")
-    return "\n".join(lines + notes)
+    switched = any(b != a for b, a in patterns)
+    legend = [
+        "columns:",
+        "  clients       trained: take part in training; unseen: never train (both are measured on "
+        "held-out points)",
+        f"  adapted from  w: the meta-model, adapted with {steps} steps on the client's own points "
+        "before it is measured; memory u_i: the client's memory (MOML), adapted the same way",
+        "  before/after  the first evaluation (round 0: the initial model, no memories yet) / the "
+        "last one",
+        "  pattern       the Lambda pattern of that adaptation (full: every layer group)"
+        + ("; 'a -> b': b was selected during training (pattern_selection): before used a, "
+           "after b" if switched else "; the same before and after"),
+    ]
+    return "\n".join(lines + notes + legend)

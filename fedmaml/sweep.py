@@ -4,9 +4,11 @@ each under a sweep directory.
 Layout::
 
     <sweep dir>/
-      sweep.yaml                        the manifest: base config + the `sweep:` section (grid, seeds)
+      sweep.yaml                        the manifest: base config + the `sweep:` section (settings,
+                                        grid, seeds)
       beta=0.3,federated.mode=cross_device,seed=0/    a run directory (config.yaml, metrics.jsonl,
       ...                                              summary.json, model.pt, convergence.png)
+      MOML,beta=0.3,seed=0/             the same in a sweep with named settings
 
 A run directory is named by its grid values and seed (keys in their shortest unambiguous form, see
 :func:`fedmaml.config.short_key`), so its name does not depend on the order of the grid or on other
@@ -15,6 +17,9 @@ has it (and, with ``compare_with``, its baselines too) is finished and skipped, 
 ``interrupted``; an unfinished run continues from its checkpoint (``checkpoint.pt``) when it has
 one, and is deleted and run again from scratch otherwise. A finished run whose config differs from the
 planned one is never silently reused: that is an error naming the keys that differ.
+
+In a sweep with named settings (``settings``), a run directory's name starts with its setting's
+name: ``MOML,beta=0.3,seed=0``.
 
 Runs execute one after another in this process (``jobs=1``) or in a pool of worker processes.
 Workers are spawned, not forked, because forking a process that has already loaded torch can
@@ -50,7 +55,9 @@ from fedmaml.run_dir import (DirectoryLock, clear, config_differences, has_conte
 # The specification and the manifest reader (fedmaml/sweep_spec.py) sit below tracking, which reads
 # manifests too; their names stay importable from here, the sweep's public module.
 from fedmaml.sweep_spec import (MANIFEST, SweepSpec, grid_key, load_sweep,  # noqa: F401
-                                parse_grid_arg, parse_seeds, spec_from_section, split_values)
+                                parse_grid_arg, parse_references, parse_seeds, parse_settings,
+                                settings_from_section, spec_from_section, split_values,
+                                strip_source)
 
 LOCK_FILE = ".sweep.lock"
 ERROR_FILE = "error.txt"  # written into a run directory whose run raised
@@ -64,6 +71,7 @@ class PlannedRun:
     values: dict[str, Any]  # the grid values of this run (full keys)
     seed: int
     config: Config
+    setting: str | None = None  # the named setting (sweep.settings) the run belongs to
 
 
 @dataclass
@@ -90,11 +98,13 @@ def _value_text(value: Any) -> str:
     return str(value)
 
 
-def run_name(values: Mapping[str, Any], seed: int) -> str:
-    """``beta=0.3,federated.mode=cross_silo,seed=0``: file-system safe, independent of grid order."""
+def run_name(values: Mapping[str, Any], seed: int, setting: str | None = None) -> str:
+    """``beta=0.3,federated.mode=cross_silo,seed=0`` (``MOML,beta=0.3,seed=0`` in named setting
+    ``MOML``): file-system safe, independent of grid order."""
     parts = [f"{short_key(k)}={_value_text(v)}" for k, v in sorted(values.items())]
     name = ",".join([*parts, f"seed={seed}"])
-    return re.sub(r"[^A-Za-z0-9._=,+-]", "-", name)
+    name = re.sub(r"[^A-Za-z0-9._=,+-]", "-", name)
+    return f"{setting},{name}" if setting else name  # names are validated: parse_settings
 
 
 def plan_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path,
@@ -105,7 +115,13 @@ def plan_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path,
     grid = {grid_key(k, v, f"grid {k}"): tuple(v) for k, v in spec.grid.items()}  # suffixes too
     if len(grid) != len(spec.grid):
         raise ConfigError(f"grid: a key appears twice ({', '.join(spec.grid)})")
-    spec = SweepSpec(grid=grid, seeds=spec.seeds)
+    named = parse_settings(spec.settings, "settings") if spec.settings else {}
+    for name, overrides in named.items():
+        both = sorted(set(overrides) & set(grid))
+        if both:
+            raise ConfigError(f"settings.{name}: {both[0]} is set both by this setting and by the "
+                              "grid; vary it in one place")
+    spec = SweepSpec(grid=grid, seeds=spec.seeds, settings=named, references=spec.references)
     keys = list(grid)
     # Each value alone first, so an error names that value rather than a whole combination.
     for key in keys:
@@ -116,25 +132,29 @@ def plan_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path,
             dup = next(t for t in texts if texts.count(t) > 1)
             raise ConfigError(f"grid {key}: value {dup} appears twice")
     runs, invalid = [], []
-    for combo in itertools.product(*(spec.grid[k] for k in keys)):
+    for (named_as, overrides), combo in itertools.product(
+            list(named.items()) or [(None, {})], itertools.product(*(spec.grid[k] for k in keys))):
         values = dict(zip(keys, combo))
-        label = ", ".join(f"{short_key(k)}={_value_text(v)}" for k, v in values.items())
-        try:
-            setting = replace_paths(base, values)  # together: cross-field rules may link them
+        label = ", ".join([*([f"setting {named_as}"] if named_as else []),
+                           *(f"{short_key(k)}={_value_text(v)}" for k, v in values.items())])
+        try:  # together: cross-field rules may link them
+            setting = replace_paths(base, {**overrides, **values})
         except ConfigError as e:
+            what = "grid combination" if values else "the base config with"
             if not skip_invalid:
-                raise ConfigError(f"grid combination {label} is invalid: {_strip_source(e)} "
+                raise ConfigError(f"{what} {label} is invalid: {strip_source(e)} "
                                   "(--skip-invalid leaves such combinations out)") from None
-            invalid.append(f"{label}: {_strip_source(e)}")
+            invalid.append(f"{label}: {strip_source(e)}")
             continue
         for seed in spec.seeds:
-            name = run_name(values, seed)
+            name = run_name(values, seed, named_as)
             if len(name) > _MAX_DIR_NAME:
                 raise ConfigError(f"grid: the run directory name {name[:60]}... is longer than "
                                   f"{_MAX_DIR_NAME} characters; use fewer or shorter grid values")
             cfg = replace_paths(setting, {"seed": seed, "name": name,
                                           "output_dir": str(sweep_dir)})
-            runs.append(PlannedRun(name=name, values=values, seed=seed, config=cfg))
+            runs.append(PlannedRun(name=name, values=values, seed=seed, config=cfg,
+                                   setting=named_as))
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
@@ -148,11 +168,6 @@ def _check_alone(key: str, value: Any) -> None:
         check_value(key, value)
     except ConfigError as e:
         raise ConfigError(f"grid {e}") from None
-
-
-def _strip_source(e: ConfigError) -> str:
-    """ConfigError texts start with "config: "; inside a sweep message that is noise."""
-    return re.sub(r"^config: ", "", str(e))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -287,12 +302,36 @@ def write_manifest(sweep_dir: Path, base: Config, spec: SweepSpec) -> None:
     from fedmaml.atomic import atomic_write_text
 
     where = replace_paths(base, {"output_dir": str(sweep_dir.parent), "name": sweep_dir.name})
-    section = {SWEEP_SECTION: {"grid": {k: list(v) for k, v in spec.grid.items()},
+    named = ({"settings": {n: dict(o) for n, o in spec.settings.items()}} if spec.settings
+             else {})
+    if spec.references:
+        named["references"] = dict(spec.references)
+    section = {SWEEP_SECTION: {**named, "grid": {k: list(v) for k, v in spec.grid.items()},
                                "seeds": list(spec.seeds)}}
     text = ("# fedmaml sweep manifest: the base config and the sweep section of this directory.\n"
             + dump_yaml(where)
             + yaml.safe_dump(section, sort_keys=False, default_flow_style=None))
     atomic_write_text(sweep_dir / MANIFEST, text)
+
+
+def _refresh_references(sweep_dir: Path, spec: SweepSpec) -> None:
+    """A finished sweep run again after its ``references`` were edited (they only label the
+    comparison; no run depends on them) keeps its manifest but takes the new references, so that
+    ``fedmaml compare`` shows them. Anything else changed, or a sweep running there, leaves it."""
+    import dataclasses
+
+    path = sweep_dir / MANIFEST
+    if not path.is_file():
+        return
+    try:
+        old_base, old = load_sweep(path)
+    except ConfigError:
+        return
+    if old.references == spec.references or (old.settings, old.grid, old.seeds) != (
+            spec.settings, spec.grid, spec.seeds):
+        return
+    with contextlib.suppress(FedmamlError), _Lock(sweep_dir):
+        write_manifest(sweep_dir, old_base, dataclasses.replace(old, references=spec.references))
 
 
 def default_sweep_dir(base: Config) -> Path:
@@ -488,6 +527,7 @@ def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None
             say(f"  {states[r.name]:<10} {r.name}")
         return result
     if not todo:
+        _refresh_references(sweep_dir, spec)
         return result
 
     sweep_dir.mkdir(parents=True, exist_ok=True)

@@ -131,7 +131,8 @@ def test_compare_writes_figures_and_report(runs, tmp_path, capsys):
         assert (out / f"{name}.pdf").read_bytes()[:4] == b"%PDF"
     report = (out / "report.md").read_text()
     assert "![convergence-seen.loss.mean-rounds](convergence-seen.loss.mean-rounds.png)" in report
-    assert "| Setting | Runs | Final | Best | Rounds to target | Samples to target |" in report
+    assert ("| Setting | Runs | Before training | Final | Best | Rounds to target | Samples to "
+            "target |") in report
     assert "differ in `algorithm.beta`" in report
     # Links to the runs are relative, so the report survives moving the directory.
     assert "](../" in report and str(tmp_path) not in report.split("## Runs")[1]
@@ -207,6 +208,79 @@ def test_missing_or_empty_paths(tmp_path):
         build_comparison([tmp_path / "nope"])
     with pytest.raises(CompareError, match="holds no run directory"):
         build_comparison([tmp_path])
+
+
+@pytest.fixture(scope="module")
+def named_sweep(tmp_path_factory):
+    """A vectorized sweep with named settings (2 settings x 2 grid values x 2 seeds) whose settings
+    differ only in keys a batch carries per run (eta, beta), plus one of another algorithm."""
+    root = tmp_path_factory.mktemp("named")
+    cfg = root / "named.yaml"
+    cfg.write_text(yaml.safe_dump({**tiny(algorithm__name="moml"), "output_dir": str(root)})
+                   + "sweep:\n  settings:\n    slow: {algorithm.eta: 0.001}\n"
+                   "    fast: {algorithm.eta: 0.02, algorithm.beta: 0.5}\n"
+                   "    FO-MAML: {algorithm.name: fedmeta, algorithm.scale_by_beta: false}\n"
+                   "  references:\n    fast: 0.123 at 100 rounds (elsewhere)\n"
+                   "  grid:\n    algorithm.alpha: [0.01, 0.02]\n  seeds: [0, 1]\n")
+    base, spec = load_sweep(cfg)
+    run_sweep(base, spec, root / "sweep", quiet=True, vectorize=True)
+    return root / "sweep"
+
+
+def test_named_settings_label_the_table_in_the_sweeps_order(named_sweep, capsys):
+    # slow and fast (moml, differing in eta and beta only) share every shape: one batch of 8 runs;
+    # FO-MAML (another algorithm) a batch of its own.
+    batches = {d.name: json.loads((d / "summary.json").read_text())["batch"]["runs"]
+               for d in named_sweep.iterdir() if d.is_dir()}
+    assert len(batches) == 12
+    assert {n: b for n, b in batches.items() if not n.startswith("FO-MAML")} == {
+        n: 8 for n in batches if not n.startswith("FO-MAML")}
+    assert {b for n, b in batches.items() if n.startswith("FO-MAML")} == {4}
+    c = build_comparison([named_sweep])
+    # Named settings keep the sweep's order; the grid's values follow the name.
+    assert [s.label for s in c.settings] == [f"{n}, algorithm.alpha={a}" for n in
+                                             ("slow", "fast", "FO-MAML") for a in (0.01, 0.02)]
+    assert all(len(s.runs) == 2 for s in c.settings)
+    table = markdown_table(c)
+    assert table.splitlines()[0].endswith("| Reference |")
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()[2:]}
+    assert rows["fast, algorithm.alpha=0.01"].endswith("| 0.123 at 100 rounds (elsewhere) |")
+    assert rows["slow, algorithm.alpha=0.01"].endswith("| - |")
+    assert main(["compare", str(named_sweep), "--out", str(named_sweep.parent / "cmp")]) == 0
+    printed = capsys.readouterr().out
+    assert "| FO-MAML, algorithm.alpha=0.02 | 2 |" in printed
+    report = (named_sweep.parent / "cmp" / "report.md").read_text()
+    assert "- **fast** (a named setting of the sweep) sets `algorithm.eta=0.02`, " \
+           "`algorithm.beta=0.5`." in report
+    assert "- FO-MAML, algorithm.alpha=0.01: [FO-MAML,algorithm.alpha=0.01,seed=0]" in report
+
+
+def test_the_table_shows_the_value_before_training_and_a_legend(runs, capsys):
+    c = build_comparison([runs / "sweep"], metric="unseen.loss")
+    for setting, stats in zip(c.settings, c.stats):
+        at_zero = [metric_values(r.dir, "unseen.loss.mean")[0] for r in setting.runs]
+        assert stats.before.values == pytest.approx(at_zero)
+        assert stats.before.std == pytest.approx(np.std(at_zero, ddof=1))
+    assert "| Before training | Final | Best |" in markdown_table(c)
+    assert main(["compare", str(runs / "sweep"), "--metric", "unseen.loss",
+                 "--out", str(runs / "cmp-legend")]) == 0
+    printed = capsys.readouterr().out
+    legend = printed.split("Columns (")[1]
+    for column in ("Setting:", "Runs:", "Before training:", "Final:", "Best:", "Rounds / Samples "
+                   "to target:", "Wall time:", "Communicated:"):
+        assert column in legend, column
+    assert "personalized loss, unseen clients" in printed.split("Columns (")[1].splitlines()[0]
+    assert "Lambda pattern full (evaluation.pattern) in every column" in legend
+    assert "Reference" not in printed.split("\n")[0]  # no reference column without references
+
+
+def test_the_report_of_a_named_sweep_says_what_each_name_sets_and_what_all_share(named_sweep,
+                                                                                tmp_path):
+    assert main(["compare", str(named_sweep), "--out", str(tmp_path / "cmp")]) == 0
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert "- **Settings** differ in " in report and "- **One setting**" not in report
+    assert ("- **FO-MAML** (a named setting of the sweep) sets `algorithm.name=fedmeta`, "
+            "`algorithm.scale_by_beta=false`.") in report
 
 
 def test_batched_runs_report_their_share_of_the_batch_wall_time(tmp_path):

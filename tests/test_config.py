@@ -465,16 +465,73 @@ def test_a_bad_list_value_names_the_key_the_value_and_what_is_allowed(override, 
     assert message in str(info.value)
 
 
+def public_code_reference(method: dict) -> str:
+    """The quickstart's reference text for one method of docs/results/public_code_sinewave.json."""
+    at = {budget: m["test_mse"] for budget, m in method.items()}
+    text = (f"{at['5000']['mean']:.3f} ± {at['5000']['std']:.3f} at 5,000 steps "
+            f"({at['5000']['seeds']} seeds)")
+    if "40000" in at:
+        text += (f", {at['40000']['mean']:.3f} ± {at['40000']['std']:.3f} at 40,000 "
+                 f"({at['40000']['seeds']} seeds)")
+    return text + ": the paper's public code"
+
+
 def test_the_quickstart_sweep_is_the_papers_setting_in_miniature_in_three_batches(tmp_path):
+    """Each named setting of the quickstart is exactly the reference experiment's run of that
+    method under the public code's protocol and step sizes (simulations/reproduce_moml_sinewave.py)
+    at 5,000 steps, and its reference is what the paper's public code itself gave for that method
+    and budget (docs/results/public_code_sinewave.json, docs/results.md)."""
+    import json
+    import sys
+
+    from fedmaml.run_dir import config_differences
     from fedmaml.sweep import load_sweep, plan_batches, plan_sweep
 
+    sys.path.insert(0, str(ROOT / "simulations"))
+    try:
+        import reproduce_moml_sinewave as reference
+    finally:
+        sys.path.remove(str(ROOT / "simulations"))
     path = ROOT / "configs" / "sweeps" / "moml_miniature.yaml"
     assert path.read_text().startswith("# ")
     base, spec = load_sweep(path)
-    assert base.data.family == "sinusoid_grid" and base.data.num_clients == 25
-    assert base.federated.clients_per_round == 3 and base.algorithm.support_size == 1
-    assert spec.grid == {"algorithm.name": ("moml", "fedmeta", "per_fedavg")}
+    assert list(spec.settings) == ["MOML", "LocalMOML", "FO-MAML"] and not spec.grid
     assert spec.seeds == (0, 1, 2)
+    assert list(spec.references) == list(spec.settings)
+    public = json.loads((ROOT / "docs" / "results" / "public_code_sinewave.json")
+                        .read_text(encoding="utf-8"))
+    assert public["source"]["commit"].startswith("5c30c0d")
+    by_method = {name: {b: public["budgets"][b][name] for b in public["budgets"]
+                        if name in public["budgets"][b]} for name in spec.settings}
+    for name, text in spec.references.items():
+        assert text == public_code_reference(by_method[name]), name
+        five = by_method[name]["5000"]
+        assert sorted(map(int, five["test_mse_per_seed"])) == list(spec.seeds), name
+        eta, beta = reference.BY_NAME[name].public[1]  # the same step sizes as the settings
+        assert five["step_sizes"]["eta"] == eta, name
+        assert five["step_sizes"].get("beta") == (beta if reference.BY_NAME[name].uses_beta
+                                                  else None), name
+    results = (ROOT / "docs" / "results.md").read_text(encoding="utf-8")
+    assert "docs/results/public_code_sinewave.json" in results
+    for name, method in by_method.items():  # the table of docs/results.md shows the same numbers
+        five = method["5000"]["test_mse"]
+        assert f"| {name} | {five['mean']:.3f} ± {five['std']:.3f} (" in results, name
     runs, _ = plan_sweep(base, spec, tmp_path)
+    for run in runs:
+        method = reference.BY_NAME[run.setting]
+        eta, beta = method.public[1]
+        expected = reference.make_config(method, 1, eta, beta, run.seed, 5000, tmp_path, 10,
+                                         "public")
+        # eval_every only sets how often the curve is sampled; fedmeta has no memory to initialise
+        ignore = ("output_dir", "name", "federated.eval_every",
+                  *(["algorithm.init_support_size"] if method.name == "FO-MAML" else []))
+        assert config_differences(expected, run.config, ignore=ignore) == [], run.name
+        schedule = by_method[run.setting]["5000"]["schedule"]  # the public code's 5,000-step run
+        assert run.config.federated.rounds == schedule.get("rounds_of_H_5_steps",
+                                                           schedule["iterations"]), run.name
+        if "H" in by_method[run.setting]["5000"]["step_sizes"]:  # LocalMOML's K0 and H
+            sizes = by_method[run.setting]["5000"]["step_sizes"]
+            assert (sizes["K0"], sizes["H"]) == (run.config.algorithm.init_support_size,
+                                                 run.config.algorithm.local_steps)
     batches, alone, _ = plan_batches(runs, tmp_path, jobs=2)
     assert not alone and sorted(len(b) for b in batches) == [3, 3, 3]  # one per method

@@ -142,14 +142,15 @@ def test_sweep_section_in_yaml(tmp_path):
     with pytest.raises(ConfigError, match=r"sweep\.grid\.beta: expected a non-empty list"):
         load_sweep(bad)
     bad = write_config(tmp_path, {"sweep": {"grids": {}}}, "bad2.yaml")
-    with pytest.raises(ConfigError, match=r"sweep\.grids: unknown key; allowed keys: grid, seeds"):
+    with pytest.raises(ConfigError, match=r"sweep\.grids: unknown key; allowed keys: settings, "
+                                          r"references, grid, seeds"):
         load_sweep(bad)
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_sweep_file_plans(path, tmp_path):
     base, spec = load_sweep(path)
-    assert spec.grid and path.read_text().startswith("# ")
+    assert (spec.grid or spec.settings) and path.read_text().startswith("# ")
     runs, invalid = plan_sweep(base, spec, tmp_path)
     assert len(runs) == spec.num_settings * len(spec.seeds) and not invalid
 
@@ -353,3 +354,109 @@ def test_tracking_keys_do_not_make_a_finished_run_different():
     assert config_differences(Config(), tracked) == []
     assert config_differences(Config(), replace_paths(tracked, {"algorithm.beta": 0.5})) == [
         ("algorithm.beta", 0.3, 0.5)]
+
+
+# -- named settings (sweep.settings) -----------------------------------------------------------------
+
+NAMED = {"MOML": {"algorithm.name": "moml", "beta": 0.3},
+         "FO-MAML": {"algorithm.name": "fedmeta", "algorithm.eta": 0.001}}
+
+
+def test_named_settings_cross_the_grid_and_seeds_and_name_the_run_directories(tmp_path):
+    path = write_config(tmp_path, {"sweep": {"settings": NAMED, "grid": {"rounds": [2, 4]},
+                                             "seeds": [0, 1]}})
+    base, spec = load_sweep(path)
+    assert spec.settings == {"MOML": {"algorithm.name": "moml", "algorithm.beta": 0.3},
+                             "FO-MAML": {"algorithm.name": "fedmeta", "algorithm.eta": 0.001}}
+    assert spec.num_settings == 4
+    runs, _ = plan_sweep(base, spec, tmp_path / "sw")
+    assert list(spec.settings) == ["FO-MAML", "MOML"]  # the file's order (safe_dump sorts keys)
+    assert [r.name for r in runs] == [f"{s},rounds={n},seed={seed}" for s in ("FO-MAML", "MOML")
+                                      for n in (2, 4) for seed in (0, 1)]
+    for r in runs:
+        assert r.setting == r.name.split(",")[0]
+        alg = base.algorithm  # what a setting does not set comes from the base config
+        expected = ({"algorithm.name": "moml", "algorithm.beta": 0.3, "algorithm.eta": alg.eta}
+                    if r.setting == "MOML" else
+                    {"algorithm.name": "fedmeta", "algorithm.beta": alg.beta, "algorithm.eta": 0.001})
+        assert {k: getattr(r.config.algorithm, k.split(".")[1]) for k in expected} == expected
+        assert r.config.federated.rounds == r.values["federated.rounds"]
+    # A list of one-entry mappings is the same spec, in its order.
+    listed = write_config(tmp_path, {"sweep": {"settings": [{"FO-MAML": NAMED["FO-MAML"]},
+                                                            {"MOML": NAMED["MOML"]}]}}, "l.yaml")
+    assert list(load_sweep(listed)[1].settings) == ["FO-MAML", "MOML"]
+    # The manifest keeps the settings (and references): `fedmaml sweep DIR/sweep.yaml` resumes it.
+    spec = SweepSpec(grid=spec.grid, seeds=(0,), settings=spec.settings,
+                     references={"MOML": "0.3 at 40,000 steps"})
+    run_sweep(base, spec, tmp_path / "sw", quiet=True)
+    again_base, again = load_sweep(tmp_path / "sw" / "sweep.yaml")
+    assert again.settings == spec.settings and again.references == spec.references
+    assert sorted(p.name for p in (tmp_path / "sw").iterdir() if p.is_dir()) == sorted(
+        f"{s},rounds={n},seed=0" for s in NAMED for n in (2, 4))
+    result = run_sweep(again_base, again, tmp_path / "sw", quiet=True)
+    assert len(result.skipped) == 4 and not result.ran
+    # Edited references reach a finished sweep's manifest (what compare shows); nothing reruns.
+    edited = SweepSpec(grid=again.grid, seeds=again.seeds, settings=again.settings,
+                       references={"FO-MAML": "0.9 at 40,000 steps"})
+    result = run_sweep(again_base, edited, tmp_path / "sw", quiet=True)
+    assert len(result.skipped) == 4 and not result.ran
+    assert load_sweep(tmp_path / "sw" / "sweep.yaml")[1].references == edited.references
+    from fedmaml.results.compare import named_settings
+
+    assert named_settings(tmp_path / "sw")["FO-MAML"].reference == "0.9 at 40,000 steps"
+    assert named_settings(tmp_path / "sw")["MOML"].reference == ""
+    # Trackers log the keys that the settings vary as hyperparameters, with the grid's.
+    from fedmaml.tracking import sweep_grid
+
+    assert set(sweep_grid(tmp_path / "sw" / "MOML,rounds=2,seed=0")) == {
+        "federated.rounds", "algorithm.name", "algorithm.beta", "algorithm.eta"}
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"settings": {"MOML": {"algorithm.betta": 0.3}}},
+     r"sweep\.settings\.MOML\.algorithm\.betta: algorithm\.betta: unknown key"),
+    ({"settings": [{"A": {"beta": 0.3}}, {"A": {"beta": 0.5}}]}, r"setting 'A' appears twice"),
+    ({"settings": [{"moml": {"beta": 0.3}}, {"MOML": {"beta": 0.5}}]},
+     r"settings 'moml' and 'MOML' differ only in case"),
+    ({"settings": {"a b": {"beta": 0.3}}}, r"setting name 'a b' is not allowed.*directory"),
+    ({"settings": {"x=1": {"beta": 0.3}}}, r"setting name 'x=1' is not allowed"),
+    ({"settings": {"../up": {"beta": 0.3}}}, r"setting name '../up' is not allowed"),
+    ({"settings": {".hidden": {}}}, r"setting name '.hidden' is not allowed"),
+    ({"settings": {"MOML": {"beta": "high"}}}, r"sweep\.settings\.MOML: .*algorithm\.beta"),
+    ({"settings": {"MOML": {"seed": 3}}}, r"settings\.MOML\.seed: 'seed' cannot be a grid key"),
+    ({"settings": {"MOML": [1, 2]}}, r"sweep\.settings\.MOML: must map config keys to values"),
+    ({"settings": {"A": {"beta": 0.3}, "B": {"algorithm.beta": 0.3}}},
+     r"settings 'A' and 'B' set the same values"),
+    ({"settings": ["MOML"]}, r"sweep\.settings\[0\]: each entry must be one"),
+    ({"settings": {}}, r"sweep\.settings: is empty"),
+    ({"settings": {"A": {"beta": 0.3}}, "references": {"B": "1.0"}},
+     r"sweep\.references\.B: no setting of that name; settings: A"),
+    ({"setting": {"A": {}}}, r"sweep\.setting: unknown key; allowed keys: settings, references"),
+])
+def test_bad_named_settings_are_refused_naming_the_setting_and_key(tmp_path, section, message):
+    path = write_config(tmp_path, {"sweep": section})
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(path)
+
+
+def test_a_duplicate_name_in_the_settings_mapping_is_refused(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text(yaml.safe_dump(TINY) + "sweep:\n  settings:\n    A: {beta: 0.3}\n"
+                    "    A: {beta: 0.5}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="duplicate key 'A'"):
+        load_sweep(path)
+
+
+def test_a_key_set_by_a_setting_and_by_the_grid_is_refused(tmp_path):
+    path = write_config(tmp_path, {"sweep": {"settings": {"A": {"beta": 0.3}}}})
+    base, spec = load_sweep(path, grid_args=["beta=0.5,0.9"])
+    with pytest.raises(ConfigError, match=r"settings\.A: algorithm\.beta is set both by this "
+                                          r"setting and by the grid"):
+        plan_sweep(base, spec, tmp_path / "sw")
+    # a setting that breaks a rule linking keys names the setting and the rule's key
+    bad = write_config(tmp_path, {"sweep": {"settings": {"B": {"clients_per_round": 10}},
+                                            "grid": {"beta": [0.3, 0.5]}}}, "bad.yaml")
+    base, spec = load_sweep(bad)
+    with pytest.raises(ConfigError, match=r"grid combination setting B, beta=0.3 is invalid: "
+                                          r"federated\.clients_per_round: 10 exceeds"):
+        plan_sweep(base, spec, tmp_path / "sw2")

@@ -4,8 +4,10 @@ and compute the curves and numbers that the figures (compare_plots.py) and the M
 
 A *setting* is a config up to its seed: runs whose configs differ only in ``seed`` (and in the keys
 that name or place a run: ``name``, ``output_dir``, ``compare_with``) are seeds of one setting and are
-averaged, with a band over seeds. Runs are comparable when they measure the same metric on the same
-task family; the requested metric must exist in every run. Anything else is a :class:`CompareError`
+averaged, with a band over seeds. Runs of a sweep with named settings (``sweep.settings`` in its
+``sweep.yaml``, fedmaml/sweep_spec.py) are grouped and labelled by those names, in the sweep's order.
+Runs are comparable when they measure the same metric on the same task family; the requested metric
+must exist in every run. Anything else is a :class:`CompareError`
 that says which runs differ and how, rather than a misleading plot.
 """
 
@@ -24,6 +26,7 @@ import numpy as np
 
 from fedmaml.config import Config, config_to_flat, load_config, short_key
 from fedmaml.errors import FedmamlError
+from fedmaml.sweep_spec import MANIFEST
 from fedmaml.tracking.base import TRACKER_DIRS
 
 # File names of a run directory (fedmaml/results/recorder.py). Read here without importing the
@@ -45,12 +48,24 @@ class CompareError(FedmamlError, ValueError):
     """The runs given to compare cannot be compared (or there are none)."""
 
 
+@dataclass(frozen=True)
+class NamedSetting:
+    """A named setting of a sweep (``sweep.settings`` of its manifest): its name, its place in the
+    sweep's list, the config values it sets, and the number reported elsewhere for it, if any."""
+
+    name: str
+    index: int
+    overrides: dict[str, Any]
+    reference: str = ""
+
+
 @dataclass
 class Run:
     dir: Path
     config: Config
     summary: dict[str, Any]
     rows: list[dict[str, Any]]
+    named: NamedSetting | None = None
 
     @property
     def seed(self) -> int:
@@ -71,6 +86,7 @@ class Setting:
     label: str = ""
     values: dict[str, Any] = field(default_factory=dict)  # the keys in which settings differ
     incomplete: list[Run] = field(default_factory=list)
+    named: NamedSetting | None = None  # the sweep's named setting, when it has them
 
     def incomplete_text(self) -> str:
         """``1 diverged (seed 2), 1 failed (seed 0)``; empty when every run completed."""
@@ -180,8 +196,29 @@ def find_run_dirs(paths: Sequence[str | Path]) -> list[Path]:
     return list(found)
 
 
-def load_run(run_dir: Path) -> Run | None:
-    """A finished run, or None when it has no summary.json (interrupted or still running)."""
+def named_settings(sweep_dir: Path) -> dict[str, NamedSetting]:
+    """The named settings of the sweep whose manifest is in ``sweep_dir`` (none without one). The
+    manifest was validated when the sweep ran; one this version cannot read names nothing."""
+    import yaml
+
+    try:
+        data = yaml.safe_load((sweep_dir / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    section = data.get("sweep") if isinstance(data, dict) else None
+    settings = section.get("settings") if isinstance(section, dict) else None
+    if not isinstance(settings, dict):
+        return {}
+    refs = section.get("references") or {}
+    refs = refs if isinstance(refs, dict) else {}
+    return {str(n): NamedSetting(str(n), i, dict(o or {}), str(refs.get(n, "")))
+            for i, (n, o) in enumerate(settings.items()) if isinstance(o, (dict, type(None)))}
+
+
+def load_run(run_dir: Path, named: dict[str, NamedSetting] | None = None) -> Run | None:
+    """A finished run, or None when it has no summary.json (interrupted or still running).
+    ``named``: the named settings of its sweep (:func:`named_settings`); a sweep names a run
+    directory ``<setting>,...``."""
     summary_path = run_dir / SUMMARY_FILE
     if not summary_path.exists():
         return None
@@ -191,15 +228,20 @@ def load_run(run_dir: Path) -> Run | None:
             rows = [json.loads(line) for line in f if line.strip()]
     except (OSError, json.JSONDecodeError) as e:
         raise CompareError(f"{run_dir}: cannot read the run ({e})") from None
-    return Run(dir=run_dir, config=load_config(run_dir / CONFIG_FILE), summary=summary, rows=rows)
+    setting = (named or {}).get(run_dir.name.split(",")[0])
+    return Run(dir=run_dir, config=load_config(run_dir / CONFIG_FILE), summary=summary, rows=rows,
+               named=setting)
 
 
 def load_runs(paths: Sequence[str | Path]) -> tuple[list[Run], list[Path]]:
     """The finished runs under ``paths`` (completed, diverged or failed) and the unfinished run
     directories (no summary, or interrupted) that were left out."""
     runs, unfinished = [], []
+    manifests: dict[Path, dict[str, NamedSetting]] = {}
     for d in find_run_dirs(paths):
-        run = load_run(d)
+        if d.parent not in manifests:
+            manifests[d.parent] = named_settings(d.parent)
+        run = load_run(d, manifests[d.parent])
         if run is None or run.status == "interrupted":
             unfinished.append(d)
         else:
@@ -229,17 +271,29 @@ def _sort_value(v: Any) -> tuple[int, Any]:
 
 def group_settings(runs: Iterable[Run]) -> list[Setting]:
     """Runs grouped by config up to the seed, sorted by the values in which settings differ, and
-    labelled by those values (``beta=0.3, federated.mode=cross_silo``; algorithms by name alone)."""
+    labelled by those values (``beta=0.3, federated.mode=cross_silo``; algorithms by name alone).
+    Runs of a named setting are labelled by its name (``MOML``, then the grid values it does not
+    set: ``MOML, support_size=3``) and come first, in the sweep's order."""
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
-        groups.setdefault(setting_key(run.config), []).append(run)
-    settings = [Setting(runs=sorted(rs, key=lambda r: (r.seed, str(r.dir)))) for rs in groups.values()]
-    flats = [dict(k) for k in groups]
+        name = run.named.name if run.named else None
+        groups.setdefault((name, setting_key(run.config)), []).append(run)
+    settings = [Setting(runs=sorted(rs, key=lambda r: (r.seed, str(r.dir))), named=rs[0].named)
+                for rs in groups.values()]
+    flats = [dict(k[1]) for k in groups]
     varying = [k for k in flats[0] if len({repr(f[k]) for f in flats}) > 1]
+    # The keys that named settings set are said by their names; the label adds the other values.
+    named_keys = {k for s in settings if s.named for k in s.named.overrides}
     for s, flat in zip(settings, flats):
         s.values = {k: flat[k] for k in varying}
-        s.label = ", ".join(_label_part(k, v) for k, v in s.values.items()) or s.config.algorithm.name
-    settings.sort(key=lambda s: tuple(_sort_value(v) for v in s.values.values()))
+        parts = [_label_part(k, v) for k, v in s.values.items()
+                 if not (s.named and k in named_keys)]
+        if s.named:
+            s.label = ", ".join([s.named.name, *parts])
+        else:
+            s.label = ", ".join(parts) or s.config.algorithm.name
+    settings.sort(key=lambda s: ((0, s.named.index) if s.named else (1, 0),
+                                 tuple(_sort_value(v) for v in s.values.values())))
     return settings
 
 
@@ -421,6 +475,7 @@ class Stat:
 @dataclass
 class SettingStats:
     runs: int
+    before: Stat  # the first evaluation (round 0: before training)
     final: Stat
     best: Stat
     # First evaluated round at which the seed-mean curve (the line of the figure) reaches the
@@ -455,9 +510,10 @@ def setting_stats(setting: Setting, metric: Metric, target: float) -> SettingSta
     seed also draws the clients' tasks), some seeds start below any sensible target and others never
     get there, and a per-seed count would say more about the seeds than about the setting.
     """
-    final, best, secs, nbytes, nsamples = [], [], [], [], []
+    before, final, best, secs, nbytes, nsamples = [], [], [], [], [], []
     for run in setting.runs:
         values = [v for _, (_, v) in sorted(run_points(run, metric).items())]
+        before.append(values[0] if values else math.nan)
         final.append(values[-1] if values else math.nan)
         finite = [v for v in values if not math.isnan(v)]
         best.append((max(finite) if metric.higher_is_better else min(finite)) if finite else math.nan)
@@ -470,7 +526,7 @@ def setting_stats(setting: Setting, metric: Metric, target: float) -> SettingSta
     hit = next((i for i, v in enumerate(by_round.mean)
                 if not math.isnan(target) and not math.isnan(v) and reaches(v, target, metric)), None)
     return SettingStats(
-        runs=len(setting.runs), final=Stat(final), best=Stat(best),
+        runs=len(setting.runs), before=Stat(before), final=Stat(final), best=Stat(best),
         rounds_to_target=math.nan if hit is None else float(by_round.x[hit]),
         samples_to_target=math.nan if hit is None else float(by_samples.x[hit]),
         seconds=Stat(secs), bytes=Stat(nbytes), samples=Stat(nsamples),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fedmaml.results.compare import BANDS, X_AXES, CompareError, build_comparison
 from fedmaml.results.compare_plots import plot_client_distribution, plot_convergence
-from fedmaml.results.compare_report import markdown_table, write_report
+from fedmaml.results.compare_report import markdown_table, table_legend, write_report
 
 
 @dataclass
@@ -21,7 +21,7 @@ class CompareOutput:
     out_dir: Path
     report: Path
     figures: list[Path]
-    table: str  # the Markdown table, also printed by the CLI
+    table: str  # the Markdown table and its legend, also printed by the CLI
 
 
 def compare(paths: Sequence[str | Path], out_dir: str | Path | None = None,
@@ -50,4 +50,4 @@ def compare(paths: Sequence[str | Path], out_dir: str | Path | None = None,
     figures += plot_client_distribution(comparison, out, kind=dist, log="y" in log, formats=formats)
     report = write_report(comparison, out, figures, xs=xs, band=band, paths=paths)
     return CompareOutput(out_dir=out, report=report, figures=figures,
-                         table=markdown_table(comparison))
+                         table=markdown_table(comparison) + table_legend(comparison))

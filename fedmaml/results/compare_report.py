@@ -32,6 +32,11 @@ def fmt_stat(stat: Stat, digits: int = 4) -> str:
     return _num(stat.mean, digits) + ("" if math.isnan(std) else f" ± {_num(std, 2)}")
 
 
+def _yaml_text(value: object) -> str:
+    """A config value as a YAML file writes it (``false``, not Python's ``False``)."""
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
 def fmt_bytes(n: float) -> str:
     if math.isnan(n):
         return "-"
@@ -41,9 +46,17 @@ def fmt_bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
+def _references(c: Comparison) -> list[str]:
+    """Each setting's reference (``sweep.references``: a number reported elsewhere), or ""."""
+    return [s.named.reference if s.named else "" for s in c.settings]
+
+
 def markdown_table(c: Comparison) -> str:
-    head = ("| Setting | Runs | Final | Best | Rounds to target | Samples to target | Wall time (s) "
-            "| Communicated |\n|---|---:|---:|---:|---:|---:|---:|---:|\n")
+    refs = _references(c)
+    ref_head, ref_rule = (" Reference |", "---|") if any(refs) else ("", "")
+    head = ("| Setting | Runs | Before training | Final | Best | Rounds to target | Samples to target "
+            f"| Wall time (s) | Communicated |{ref_head}\n"
+            f"|---|---:|---:|---:|---:|---:|---:|---:|---:|{ref_rule}\n")
     rows = []
     for setting, st in zip(c.settings, c.stats):
         if math.isnan(st.rounds_to_target):
@@ -51,10 +64,45 @@ def markdown_table(c: Comparison) -> str:
         else:
             rounds, samples = f"{st.rounds_to_target:,.0f}", f"{st.samples_to_target:,.0f}"
         runs = f"{st.runs}" + (f" (+{setting.incomplete_text()})" if setting.incomplete else "")
-        rows.append(f"| {setting.label} | {runs} | {fmt_stat(st.final)} | {fmt_stat(st.best)} | "
-                    f"{rounds} | {samples} | {fmt_stat(st.seconds, 3)}{' *' if st.batched else ''} | "
-                    f"{fmt_bytes(st.bytes.mean)} |")
+        ref = f" {refs[len(rows)] or '-'} |" if ref_head else ""
+        rows.append(f"| {setting.label} | {runs} | {fmt_stat(st.before)} | {fmt_stat(st.final)} | "
+                    f"{fmt_stat(st.best)} | {rounds} | {samples} | "
+                    f"{fmt_stat(st.seconds, 3)}{' *' if st.batched else ''} | "
+                    f"{fmt_bytes(st.bytes.mean)} |{ref}")
     return head + "\n".join(rows) + "\n"
+
+
+def table_legend(c: Comparison) -> str:
+    """One line per column of :func:`markdown_table`, for a reader who has not read the docs."""
+    what = describe_metric(c.metric.key)
+    better = "higher" if c.metric.higher_is_better else "lower"
+    lines = [
+        f"Columns ({what}; {better} is better; mean ± std over the seeds of a setting):",
+        "  Setting: the sweep's name for the setting, or the config values in which the settings "
+        "differ",
+        "  Runs: completed runs (seeds) averaged; runs that diverged or failed are counted in "
+        "brackets and left out",
+        "  Before training: the metric at round 0 (the initial model, adapted as at every "
+        "evaluation)",
+        "  Final: at the last evaluation; Best: the best evaluation of each run, round 0 included",
+        f"  Rounds / Samples to target: first evaluation where the seed-mean reaches "
+        f"{_num(c.target)} (the least good final mean unless --target is given); samples = "
+        "training examples drawn by then",
+        "  Wall time: a run's total seconds (summary.json; marked *: its share of a vectorized "
+        "batch, the batch's time divided by its runs); Communicated: bytes of all training "
+        "messages, both ways",
+    ]
+    if any(_references(c)):
+        lines.append("  Reference: a number reported elsewhere for the same setting, with its "
+                     "budget and source (the sweep's `references`)")
+    patterns = sorted({str(s.config.evaluation.pattern) for s in c.settings})
+    selected = any(s.config.pattern_selection.mode != "none"
+                   and "evaluation" in s.config.pattern_selection.apply_to for s in c.settings)
+    lines.append(f"  Evaluation adapts with Lambda pattern {', '.join(patterns)} (evaluation.pattern)"
+                 + ("; runs with pattern_selection switch the evaluation to the selected pattern "
+                    "after it is chosen, so Before and Final may use different patterns (see each "
+                    "run's pattern_selection.json)" if selected else " in every column"))
+    return "\n".join(lines) + "\n"
 
 
 def _rel(path: Path, out: Path) -> str:
@@ -72,7 +120,8 @@ def write_report(c: Comparison, out: Path, figures: Sequence[Path], xs: Sequence
              + ", ".join(f"`{p}`" for p in paths) + ". "
              f"Metric `{c.metric.key}` ({better} is better). Numbers are the mean ± sample standard "
              "deviation over the completed runs (seeds) of a setting; runs that diverged or failed are "
-             "counted in the Runs column and left out of the numbers.", "", markdown_table(c).rstrip(), ""]
+             "counted in the Runs column and left out of the numbers.", "", markdown_table(c).rstrip(), "",
+             "```", table_legend(c).rstrip(), "```", ""]
 
     differ = list(c.settings[0].values) if c.settings else []
     flat = config_to_flat(c.settings[0].config)
@@ -82,6 +131,11 @@ def write_report(c: Comparison, out: Path, figures: Sequence[Path], xs: Sequence
                      + "; they share " + ", ".join(shared) + ".")
     else:
         lines.append("- **One setting**: " + ", ".join(shared) + ".")
+    for s in c.settings:
+        if s.named:
+            sets = ", ".join(f"`{k}={_yaml_text(v)}`" for k, v in s.named.overrides.items())
+            lines.append(f"- **{s.named.name}** (a named setting of the sweep) sets "
+                         f"{sets or 'nothing (the base config)'}.")
     target_how = ("the least good final mean among the settings; `--target` sets another"
                   if c.target_is_default else "given with `--target`")
     lines += [

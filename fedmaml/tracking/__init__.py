@@ -133,19 +133,21 @@ def _placement(key: str) -> bool:
 
 
 def sweep_grid(run_dir: Path) -> list[str] | None:
-    """The grid keys of the sweep that ``run_dir`` belongs to (its parent holds the sweep
-    manifest), or None for a run outside a sweep."""
+    """The grid keys (and the keys its named settings set) of the sweep that ``run_dir`` belongs to
+    (its parent holds the sweep manifest), or None for a run outside a sweep."""
     from fedmaml.sweep_spec import MANIFEST, load_sweep
 
     manifest = run_dir.resolve().parent / MANIFEST
     if not manifest.is_file():
         return None
     try:
-        return list(load_sweep(manifest)[1].grid)
+        spec = load_sweep(manifest)[1]
     except ConfigError as e:  # an unreadable manifest: the run is still tracked, as a single run
         log.warning("tracking: %s is not a readable sweep manifest (%s); logging every config key "
                     "as a hyperparameter", manifest, e)
         return None
+    # Named settings vary their keys as the grid does: those are hyperparameters too.
+    return list(dict.fromkeys([*spec.grid, *(k for o in spec.settings.values() for k in o)]))
 
 
 def open_tracker(cfg: Any, run_dir: str | Path, strict: bool = False) -> Tracker:

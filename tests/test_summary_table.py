@@ -1,0 +1,64 @@
+"""The table `fedmaml run` prints (fedmaml.experiment.format_summary): every metric before and after
+training for trained and unseen clients, mean ± std over clients as summary.json holds them, a
+legend line per column, and the evaluation pattern of each column (a Lambda pattern selected during
+the run is shown as `before -> after`)."""
+
+from __future__ import annotations
+
+from fedmaml.config import replace_paths
+from fedmaml.experiment import format_summary, run_experiment
+from fedmaml.results.recorder import read_summary
+
+
+def _row(table: str, algorithm_line: int, clients: str, source: str) -> list[str]:
+    """The cells of the row for (clients, source) in the block that starts at ``algorithm_line``."""
+    lines = table.splitlines()
+    for line in lines[algorithm_line:]:
+        if line[12:21].strip() == clients and line[21:37].strip() == source:
+            return [line[37:54].strip(), line[54:71].strip(), line[71:].strip()]
+    raise AssertionError(f"no row {clients} / {source} in\n{table}")
+
+
+def test_the_table_shows_before_and_after_with_spread_legend_and_patterns(tiny_config, tmp_path):
+    cfg = replace_paths(tiny_config("algorithm.name=moml"), {"compare_with": "fedavg"})
+    run_dir = run_experiment(cfg, quiet=True, run_dir=tmp_path / "run")
+    table = format_summary([run_dir, run_dir / "baselines" / "fedavg"])
+    lines = table.splitlines()
+    assert lines[0].startswith("personalized loss after 2 adaptation steps, mean ± std over clients")
+    starts = {line.split()[0]: i for i, line in enumerate(lines) if line[:1].strip()
+              and line.split()[0] in ("moml", "fedavg")}
+    for algorithm, d in (("moml", run_dir), ("fedavg", run_dir / "baselines" / "fedavg")):
+        s = read_summary(d)
+        for clients, group in (("trained", "seen"), ("unseen", "unseen")):
+            before, after, pattern = _row(table, starts[algorithm], clients, "w (meta-model)")
+            b, a = s["before"], s["after"]
+            assert before == f"{b[f'{group}.loss.mean']:.4g} ± {b[f'{group}.loss.std']:.2g}"
+            assert after == f"{a[f'{group}.loss.mean']:.4g} ± {a[f'{group}.loss.std']:.2g}"
+            assert pattern == "full"
+    # MOML's memories: none before training, measured after it; FedAvg has no memory row.
+    before, after, _ = _row(table, starts["moml"], "trained", "memory u_i")
+    a = read_summary(run_dir)["after"]
+    assert before == "-" and after == f"{a['seen.memory-loss.mean']:.4g} ± " \
+                                      f"{a['seen.memory-loss.std']:.2g}"
+    fedavg_block = lines[starts["fedavg"]:lines.index("columns:")]
+    assert not any("memory u_i" in line for line in fedavg_block)
+    legend = "\n".join(lines[lines.index("columns:"):])
+    for column in ("clients ", "adapted from ", "before/after ", "pattern "):
+        assert f"\n  {column}" in legend, column
+    assert "the same before and after" in legend
+
+
+def test_a_pattern_selected_during_the_run_is_shown_as_before_and_after(tiny_config, tmp_path):
+    cfg = tiny_config("algorithm.name=moml", "federated.rounds=4", "pattern_selection.mode=central",
+                      "pattern_selection.at_round=1", "pattern_selection.repeats=1",
+                      "pattern_selection.warmup=0", "pattern_selection.validation_clients=2")
+    run_dir = run_experiment(cfg, quiet=True, run_dir=tmp_path / "run")
+    chosen = read_summary(run_dir)["pattern_selection"]["chosen"]
+    table = format_summary([run_dir])
+    _, _, pattern = _row(table, 3, "unseen", "w (meta-model)")
+    # The choice depends on measured times: full (nothing switched) or a faster pattern.
+    if chosen == "full":
+        assert pattern == "full" and "the same before and after" in table
+    else:
+        assert pattern == f"full -> {chosen}"
+        assert "'a -> b': b was selected during training" in table
