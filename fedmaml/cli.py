@@ -111,8 +111,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         "(more than the checkpoint's round) and federated.checkpoint_every may be "
                         "given as key=value (docs/robustness.md)")
     parser.add_argument("--restart", metavar="RUN_DIR", help="start the run of RUN_DIR again from "
-                        "the beginning with its config.yaml, after moving RUN_DIR aside to "
-                        "RUN_DIR.old-N (nothing is deleted)")
+                        "the beginning with its config.yaml, after moving RUN_DIR aside to the "
+                        "hidden .NAME.old-N beside it (nothing is deleted)")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -140,14 +140,22 @@ def clear(run_dir: str | Path) -> None:
             p.unlink()
 
 
+def aside_name(run_dir: str | Path, n: int | str) -> str:
+    """``.<name>.old-<n>``: hidden, because every scan of run directories (``fedmaml compare``,
+    which a sweep directory is given to) skips dot-directories; a visible name would make the old
+    attempt count as one more seed of the run that replaced it."""
+    return f".{Path(run_dir).name}.old-{n}"
+
+
 def move_aside(run_dir: str | Path) -> Path:
-    """Rename ``run_dir`` to ``<run_dir>.old-<n>`` (the first free n) under its lock, so that no
-    process is working in it; nothing is deleted. Returns the new path."""
+    """Rename ``run_dir`` to ``.<name>.old-<n>`` beside it (:func:`aside_name`, the first free n)
+    under its lock, so that no process is working in it; nothing is deleted. Returns the new
+    path."""
     run_dir = Path(run_dir)
     n = 1
-    while run_dir.with_name(f"{run_dir.name}.old-{n}").exists():
+    while run_dir.with_name(aside_name(run_dir, n)).exists():
         n += 1
-    target = run_dir.with_name(f"{run_dir.name}.old-{n}")
+    target = run_dir.with_name(aside_name(run_dir, n))
     with run_lock(run_dir) as lock:
         lock.holder_file.unlink(missing_ok=True)  # it would name this process in the old directory
         os.rename(run_dir, target)
@@ -156,7 +164,7 @@ def move_aside(run_dir: str | Path) -> Path:
 
 def restart_hint(run_dir: str | Path) -> str:
     return (f"to start it again from the beginning: `fedmaml run --restart {run_dir}` (moves "
-            f"{run_dir} aside to {Path(run_dir).name}.old-N beside it; nothing is deleted)")
+            f"{run_dir} aside to {aside_name(run_dir, 'N')} beside it; nothing is deleted)")
 
 
 # -- new and unfinished runs -----------------------------------------------------------------------

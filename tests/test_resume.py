@@ -20,6 +20,7 @@ from fedmaml.cli import main
 from fedmaml.config import dump_yaml, load_config
 from fedmaml.experiment import run_experiment
 from fedmaml.federated import checkpoint
+from fedmaml.results.compare import find_run_dirs
 from fedmaml.results.recorder import read_metrics, read_summary
 from fedmaml.run_dir import has_content, run_lock
 from tests.test_checkpoint import stop_after, without_timing  # noqa: F401 - a fixture
@@ -257,7 +258,7 @@ def test_a_corrupt_checkpoint_says_how_to_start_again_and_restart_does(
         tiny_config, tmp_path, stop_after, capsys):  # noqa: F811
     run_dir, cfg = interrupted(tiny_config, tmp_path, stop_after)
     checkpoint.path_of(run_dir).write_bytes(b"not a checkpoint")
-    hint = f"`fedmaml run --restart {run_dir}` (moves {run_dir} aside to cut.old-N beside it"
+    hint = f"`fedmaml run --restart {run_dir}` (moves {run_dir} aside to .cut.old-N beside it"
     assert main(["run", "--resume", str(run_dir), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "is unreadable" in err and hint in err, err
@@ -272,7 +273,7 @@ def test_a_corrupt_checkpoint_says_how_to_start_again_and_restart_does(
     assert "is unreadable" in err and f"fedmaml run --restart {moved}" in err, err
 
     assert main(["run", "--restart", str(moved), "--quiet"]) == 0
-    old = tmp_path / "runs" / "tiny.old-1"
+    old = tmp_path / "runs" / ".tiny.old-1"
     assert (old / "checkpoint.pt").read_bytes() == b"not a checkpoint"  # nothing deleted
     assert read_summary(moved)["status"] == "completed"
     full = run_experiment(cfg, quiet=True, run_dir=tmp_path / "full")
@@ -281,7 +282,9 @@ def test_a_corrupt_checkpoint_says_how_to_start_again_and_restart_does(
     assert same_model(full, moved)
     # a second restart takes the next free name
     assert main(["run", "--restart", str(moved), "--quiet"]) == 0
-    assert (tmp_path / "runs" / "tiny.old-2" / "summary.json").exists()
+    assert (tmp_path / "runs" / ".tiny.old-2" / "summary.json").exists()
+    # the old attempts are not more seeds of the run: compare (given a sweep-like parent) skips them
+    assert find_run_dirs([tmp_path / "runs"]) == [moved.resolve()]
 
 
 def test_a_directory_whose_run_ended_cannot_be_extended_and_the_refusal_changes_nothing(
