@@ -535,7 +535,7 @@ def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None
             progress.update(len(result.ran) + len(result.failed), info + failed)
 
         try:
-            with _sigterm_as_interrupt():
+            with _sigterm_as_interrupt(), progress:
                 if jobs == 1 or len(jobs_of) == 1:
                     for fn, args, members in jobs_of:
                         record_all(members, fn(*args))
@@ -545,8 +545,6 @@ def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None
             say(f"\ninterrupted: {len(result.ran)} of {len(runs) - len(result.skipped)} runs "
                 "finished in this invocation; run the same command again to resume")
             raise
-        finally:
-            progress.close()
     for name, error in result.failed.items():
         say(f"failed: {name}: {error} (see {sweep_dir / name / ERROR_FILE})")
     return result

@@ -202,3 +202,32 @@ def test_a_closed_pipe_ends_the_command_quietly(capsys):
         pipe.close()  # now /dev/null underneath (dup2), so closing cannot fail
     assert code == 141
     assert capsys.readouterr().err == ""
+
+
+def test_a_progress_that_never_opened_leaves_nothing_behind():
+    """A run constructs its progress before its ``with`` block (server_app.py, run_batch.py): an
+    error in between must not leave it registered (the outer sweep line would never be drawn
+    again, and statuses would go to it) nor leave its ticker thread running."""
+    clock = Clock()
+    out = io.StringIO()
+    with Progress(10, label="run", stream=out, bar=True, width=80, clock=clock) as outer:
+        outer.update(1)
+        try:
+            Progress(100, stream=io.StringIO(), bar=True)  # a run that fails before its block
+            raise RuntimeError("setup failed")
+        except RuntimeError:
+            pass
+        status("the next run: evaluating")
+        assert "the next run: evaluating" in outer.render()
+        clock.now += 1  # past the redraw throttle
+        outer.update(2)  # drawn: no leaked inner line holds the terminal
+        assert out.getvalue().split("\r")[-1].startswith("run 2/10")
+    assert not [t for t in __import__("threading").enumerate() if t.name == "fedmaml-progress"]
+
+    # and one that opened and ended by an exception is gone from the stack too
+    with Progress(10, label="run", stream=io.StringIO(), bar=True) as outer:
+        with pytest.raises(RuntimeError):
+            with Progress(100, stream=io.StringIO(), bar=True):
+                raise RuntimeError("a round failed")
+        status("still the outer one")
+        assert "still the outer one" in outer.render()
