@@ -333,3 +333,31 @@ def test_a_sweep_does_not_resume_a_run_with_a_changed_base_config(tiny_config, t
     # the sweep with its own config continues the run
     result = run_sweep(base, spec, tmp_path / "sw", quiet=True)
     assert result.ran == ["beta=0.3,seed=0"] and not result.failed
+
+
+# -- provenance across a resume --------------------------------------------------------------------
+
+def test_a_resumed_run_keeps_the_provenance_of_its_start(tiny_config, tmp_path, stop_after,  # noqa: F811
+                                                         monkeypatch):
+    """The code that started a run is what its summary names; a resume by other code is listed
+    beside it, not in its place. (Two commits stand in for a merge between the segments: the
+    commit is read through git_state, which is replaced here, not Flower or torch.)"""
+    from fedmaml import provenance
+
+    def code_at(commit: str) -> None:
+        monkeypatch.setattr(provenance, "git_state", lambda *a: (commit, False))
+        provenance.provenance.cache_clear()
+
+    try:
+        code_at("a" * 40)
+        run_dir, _ = interrupted(tiny_config, tmp_path, stop_after)
+        assert read_summary(run_dir)["provenance"]["git_commit"] == "a" * 40
+        code_at("b" * 40)
+        run_experiment(load_config(run_dir / "config.yaml"), quiet=True, run_dir=run_dir,
+                       resume=True)
+        record = read_summary(run_dir)["provenance"]
+        assert read_summary(run_dir)["status"] == "completed"
+        assert record["git_commit"] == "a" * 40  # the first segment's code
+        assert [r["git_commit"] for r in record["resumed_with"]] == ["b" * 40]
+    finally:
+        provenance.provenance.cache_clear()

@@ -61,6 +61,7 @@ from fedmaml.federated.server_app import (new_run_state, note_evaluation, run_he
                                           run_summary)
 from fedmaml.federated.setup import ExperimentSetup, resolve_device, setup_for
 from fedmaml.federated.strategy import TRAIN_METRICS, MetaStrategy
+from fedmaml.provenance import run_provenance
 from fedmaml.results.plots import plot_run
 from fedmaml.results.progress import Progress
 from fedmaml.results.recorder import RunRecorder
@@ -470,7 +471,7 @@ class RunBatch:
         summary = run_summary(cfg, strategy, self.healths[i], self.states[i], status, message)
         summary["batch"] = {"runs": len(self.cfgs), "engine": "fedmaml sweep --vectorize"}
         model = _row(self.w_before if distrust_w else self.w, j)
-        self.recorders[i].finish(summary, model)
+        self.recorders[i].finish(summary, model, self.states[i]["provenance"])
         if status != "interrupted":
             checkpoint.remove(self.dirs[i])
         plot_run(self.dirs[i])
@@ -537,6 +538,7 @@ class RunBatch:
             self.trained[i, sorted(strategy.trained)] = True
             self.healths[i].restore(s["health"])
             self.states[i] = s["app"]
+            self.states[i]["provenance"] = run_provenance(s["app"].get("provenance"))
             for k in self.totals:
                 self.totals[k][i] = int(strategy.totals[k])
             bank = s["memories"].get("bank")

@@ -66,13 +66,17 @@ class RunRecorder:
             self._metrics.write("".join(_json_line(row) for row in rows))
             self._metrics.flush()
 
-    def finish(self, summary: dict[str, Any], params: Params) -> None:
+    def finish(self, summary: dict[str, Any], params: Params,
+               provenance: dict[str, Any] | None = None) -> None:
+        """``provenance``: the run's, taken at its start (fedmaml/provenance.py run_provenance;
+        None: this process's)."""
         self._metrics.close()
         atomic_torch_save({k: v.detach().cpu() for k, v in params.items()}, self.dir / MODEL_FILE)
         # The version and commit that produced the numbers (fedmaml/provenance.py); only in the
         # file: the tracking backends get the summary as the run computed it.
-        atomic_write_text(self.dir / SUMMARY_FILE,
-                          json.dumps(_clean(with_provenance(summary)), indent=2) + "\n")
+        record = with_provenance(summary) if provenance is None else {**summary,
+                                                                      "provenance": provenance}
+        atomic_write_text(self.dir / SUMMARY_FILE, json.dumps(_clean(record), indent=2) + "\n")
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
