@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedmaml.atomic import atomic_torch_save
+from fedmaml.atomic import PRIVATE, atomic_torch_save
 from fedmaml.config import config_to_flat
 from fedmaml.core.params import Params
 from fedmaml.errors import DataError, FedmamlError, MessageError
@@ -266,8 +266,9 @@ def save(run_dir: str | Path, state: dict[str, Any], config: Any) -> None:
     SHA-256 of them (``config_sha256``), so that a resume can refuse a changed config and name the
     keys that changed (fedmaml/run_dir.py)."""
     flat = config_to_flat(config)
+    # owner-only, whatever the umask: it holds the clients' memories, which are never released
     atomic_torch_save({"format": FORMAT, **state, "config": flat,
-                       "config_sha256": config_sha256(flat)}, path_of(run_dir))
+                       "config_sha256": config_sha256(flat)}, path_of(run_dir), mode=PRIVATE)
 
 
 def config_sha256(flat: Mapping[str, Any]) -> str:
