@@ -256,7 +256,9 @@ def _cmd_select_pattern(args: argparse.Namespace) -> int:
     # nargs="+" also swallows key=value overrides written after --candidates; patterns never hold '='
     candidates = None if args.candidates is None else [c for c in args.candidates if "=" not in c]
     overrides = [*args.overrides, *(c for c in args.candidates or () if "=" in c)]
-    record, path = select_from_cli(resolve_config(args.target), overrides, epsilon=args.epsilon,
+    target = Path(args.target)  # a run directory, else a config file or a bundled name
+    target = target if target.is_dir() else resolve_config(target)
+    record, path = select_from_cli(target, overrides, epsilon=args.epsilon,
                                    candidates=candidates,
                                    family=False if args.only_candidates else None,
                                    checkpoint=args.checkpoint, out=args.out)
