@@ -46,7 +46,7 @@ def run_experiment(cfg: Any, quiet: bool = False, run_dir: str | Path | None = N
     quiet_frameworks()
     if (resume or restart) and run_dir is None:
         raise FedmamlError("resume and restart need the run directory")
-    names = [n.strip() for n in cfg.compare_with.split(",") if n.strip()]
+    names = list(cfg.compare_with)
     configs = [cfg] + [baseline_config(cfg, n) for n in names]
     for c in configs:  # a config error is reported before anything is moved or locked
         check_config(c)
@@ -88,7 +88,7 @@ def baseline_config(cfg: Any, algorithm: str) -> Any:
     """``cfg`` with another algorithm (first-order when its estimator does not apply)."""
     from fedmaml.config import replace_paths
 
-    updates: dict[str, Any] = {"algorithm.name": algorithm, "compare_with": "",
+    updates: dict[str, Any] = {"algorithm.name": algorithm, "compare_with": (),
                                "name": f"{cfg.name}-{algorithm}"}
     if algorithm in ("per_fedavg", "fedmeta") and cfg.algorithm.meta_gradient not in (
             ("first_order", "hessian_free") if algorithm == "per_fedavg" else ("first_order", "second_order")):
@@ -133,8 +133,7 @@ def run_one(cfg: Any, run_dir: Path, quiet: bool, resume: bool = False) -> None:
 
 def run_dirs_of(run_dir: str | Path, cfg: Any) -> list[Path]:
     """A run directory and the ``compare_with`` baselines inside it."""
-    names = filter(None, (n.strip() for n in cfg.compare_with.split(",")))
-    return [Path(run_dir), *(Path(run_dir) / "baselines" / n for n in names)]
+    return [Path(run_dir), *(Path(run_dir) / "baselines" / n for n in cfg.compare_with)]
 
 
 def statuses(run_dirs: list[str | Path]) -> dict[Path, str]:

@@ -161,8 +161,7 @@ def _strip_source(e: ConfigError) -> str:
 
 def baseline_dirs(run_dir: Path, cfg: Config) -> list[Path]:
     """The ``compare_with`` baselines that ``run_experiment`` writes inside a run directory."""
-    return [run_dir / "baselines" / n for n in filter(None, (x.strip() for x in
-                                                               cfg.compare_with.split(",")))]
+    return [run_dir / "baselines" / n for n in cfg.compare_with]
 
 
 def run_state(run_dir: Path, cfg: Config) -> str:

@@ -86,7 +86,7 @@ _TASK_CACHE = 4096
 
 def batch_refusal(cfg: Any) -> str | None:
     """Why ``cfg`` cannot run in a batch (``None``: it can)."""
-    if cfg.compare_with.strip():
+    if cfg.compare_with:
         return "compare_with baselines run inside the run directory"
     if any((cfg.faults.fail, cfg.faults.straggle, cfg.faults.dropout)):
         return "faults are injected"
