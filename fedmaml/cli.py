@@ -246,22 +246,29 @@ def _add_select_pattern_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: RUN_DIR/model.pt)")
     parser.add_argument("--out", metavar="FILE", help="where to write the JSON record (default: "
                         "pattern_selection_central.json next to the checkpoint)")
+    _add_progress_arguments(parser, "phases")
 
 
 def _cmd_select_pattern(args: argparse.Namespace) -> int:
     from fedmaml.experiment import quiet_frameworks  # lazy: pulls in torch and flwr
     from fedmaml.federated.pattern_selection import select_from_cli, table_text
+    from fedmaml.results.progress import Progress
 
     quiet_frameworks()
+    _configure_progress(args)
     # nargs="+" also swallows key=value overrides written after --candidates; patterns never hold '='
     candidates = None if args.candidates is None else [c for c in args.candidates if "=" not in c]
     overrides = [*args.overrides, *(c for c in args.candidates or () if "=" in c)]
     target = Path(args.target)  # a run directory, else a config file or a bundled name
     target = target if target.is_dir() else resolve_config(target)
-    record, path = select_from_cli(target, overrides, epsilon=args.epsilon,
-                                   candidates=candidates,
-                                   family=False if args.only_candidates else None,
-                                   checkpoint=args.checkpoint, out=args.out)
+    # One step: the line is there for the statuses of the selection (candidates, which client is
+    # being timed), which take about a minute on the bundled configs.
+    with Progress(1, label="select-pattern", quiet=args.quiet) as progress:
+        record, path = select_from_cli(target, overrides, epsilon=args.epsilon,
+                                       candidates=candidates,
+                                       family=False if args.only_candidates else None,
+                                       checkpoint=args.checkpoint, out=args.out)
+        progress.update(1, f"chosen: {record.get('chosen')}")
     timing = record["timing"]
     print(f"validation clients {record['validation_clients']}, test clients "
           f"{record['test_clients']}; {timing['torch_threads']} torch thread(s), load average "

@@ -365,6 +365,19 @@ def test_cli_selects_on_a_run_directory(trained_run, capsys):
     assert all("test_loss" in r for r in record["rows"] if "error" not in r)
 
 
+def test_cli_shows_what_the_selection_does_unless_quiet(trained_run, tmp_path, capsys):
+    args = ["select-pattern", str(trained_run), "--candidates", "none", "--only-candidates",
+            "--out", str(tmp_path / "sel.json"), "pattern_selection.repeats=1",
+            "pattern_selection.warmup=0"]
+    assert main(args) == 0
+    err = capsys.readouterr().err  # not a terminal: plain lines, the start of each phase
+    assert "select-pattern 0/1 | pattern selection: 2 candidates on " in err, err
+    assert "select-pattern 1/1 | chosen: " in err
+    assert main([*args, "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and "written to" in captured.out
+
+
 def test_cli_epsilon_zero_and_only_candidates(trained_run, tmp_path, capsys):
     out_file = tmp_path / "sel.json"
     code = main(["select-pattern", str(trained_run / "config.yaml"), "--checkpoint",
