@@ -168,9 +168,11 @@ def _check_resume_overrides(option: str, overrides: list[str]) -> None:
         key, value = parse_override(text)
         full = resolve_key(key, [value])
         if full not in CHANGEABLE_ON_RESUME:
-            raise FedmamlError(f"--resume: {full} cannot change when a run resumes (it would "
-                               "alter the rounds already run); only "
-                               f"{', '.join(CHANGEABLE_ON_RESUME)} may")
+            why = ("its trackers would hold half a run: the rounds already run were logged to "
+                   "the backends the run started with" if full.startswith("tracking.") else
+                   "it would alter the rounds already run")
+            raise FedmamlError(f"--resume: {full} cannot change when a run resumes ({why}); "
+                               f"only {', '.join(CHANGEABLE_ON_RESUME)} may")
 
 
 def exit_code(run_statuses: Iterable[str]) -> int:

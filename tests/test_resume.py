@@ -18,6 +18,7 @@ import torch
 
 from fedmaml.cli import main
 from fedmaml.config import dump_yaml, load_config
+from fedmaml.errors import DataError
 from fedmaml.experiment import run_experiment
 from fedmaml.federated import checkpoint
 from fedmaml.results.compare import find_run_dirs
@@ -83,11 +84,19 @@ def test_an_override_of_a_fixed_key_on_resume_is_refused(tiny_config, tmp_path, 
     run_dir, _ = interrupted(tiny_config, tmp_path, stop_after)
     assert main(["run", "--resume", str(run_dir), "algorithm.eta=0.05", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "--resume: algorithm.eta cannot change when a run resumes" in err
+    assert "--resume: algorithm.eta cannot change when a run resumes (it would alter the rounds " \
+        "already run)" in err
     assert "only federated.rounds, federated.checkpoint_every may" in err
+    # a tracking key changes no round: the reason is where the rounds were logged
+    assert main(["run", "--resume", str(run_dir), "tracking.backends=[tensorboard]",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume: tracking.backends cannot change when a run resumes (its trackers would " \
+        "hold half a run" in err and "alter the rounds" not in err
 
 
-def test_the_checkpoint_keeps_the_config_and_its_hash(tiny_config, tmp_path, stop_after):  # noqa: F811
+def test_the_checkpoint_keeps_the_config_and_its_hash(tiny_config, tmp_path, stop_after,  # noqa: F811
+                                                      capsys):
     from fedmaml.config import config_to_flat
 
     run_dir, cfg = interrupted(tiny_config, tmp_path, stop_after)
@@ -99,6 +108,16 @@ def test_the_checkpoint_keeps_the_config_and_its_hash(tiny_config, tmp_path, sto
     flat = {k: v for k, v in config_to_flat(cfg).items() if k != "output_dir"}
     assert saved["config_sha256"] == hashlib.sha256(
         json.dumps(flat, sort_keys=True).encode()).hexdigest()
+    # and it is checked: a stored config edited by hand (say, to change eta past the resume check)
+    # no longer matches its hash, and the resume is refused with the way forward
+    raw = torch.load(checkpoint.path_of(run_dir), weights_only=True)
+    raw["config"]["algorithm.eta"] = 0.05
+    torch.save(raw, checkpoint.path_of(run_dir))
+    with pytest.raises(DataError, match="the config stored in it does not match its config_sha256"):
+        checkpoint.load(run_dir)
+    assert main(["run", "--resume", str(run_dir), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "does not match its config_sha256" in err and "fedmaml run --restart" in err
 
 
 # -- changing the number of rounds -----------------------------------------------------------------

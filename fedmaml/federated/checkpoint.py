@@ -292,6 +292,12 @@ def load(run_dir: str | Path) -> dict[str, Any]:
                         f"({path.stat().st_size} bytes; torch: {type(e).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise DataError(f"{path} is not a fedmaml checkpoint (format {FORMAT})")
+    stored = state.get("config_sha256")
+    # the config decides what a resume may change (fedmaml/run_dir.py): a stored config that no
+    # longer matches its hash (damaged, or edited to slip a change past that check) is refused
+    if stored is not None and config_sha256(state.get("config") or {}) != stored:
+        raise DataError(f"checkpoint {path}: the config stored in it does not match its "
+                        f"config_sha256 (damaged, or edited by hand)")
     return state
 
 
