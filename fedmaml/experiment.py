@@ -22,12 +22,21 @@ from fedmaml.results.recorder import read_summary
 from fedmaml.tracking import check_available
 
 
-def quiet_frameworks() -> None:
-    """Flower and Ray are chatty; fedmaml prints its own progress."""
+def quiet_frameworks(quiet: bool = False) -> None:
+    """Flower and Ray are chatty; fedmaml prints its own progress. ``quiet`` (``--quiet``): MLflow
+    and its migrations (alembic) say only warnings too; their INFO lines (``Creating initial MLflow
+    database tables``) are otherwise the only output of a quiet run's first use of a store. Both
+    the environment (MLflow reads it when imported, here or in a sweep's worker processes) and the
+    loggers (if it was imported already)."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("FLWR_LOG_LEVEL", "WARNING")
     logging.getLogger("flwr").setLevel(logging.WARNING)
+    if quiet:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        for name in ("mlflow", "alembic"):
+            logger = logging.getLogger(name)
+            logger.setLevel(max(logger.level, logging.WARNING))
 
 
 def run_experiment(cfg: Any, quiet: bool = False, run_dir: str | Path | None = None,
@@ -43,7 +52,7 @@ def run_experiment(cfg: Any, quiet: bool = False, run_dir: str | Path | None = N
     (to a hidden ``.<name>.old-N`` beside it) and start again there. During a run the first SIGINT or SIGTERM stops it
     after the current round with a checkpoint (fedmaml/federated/checkpoint.py); the later runs
     (baselines) are then not started."""
-    quiet_frameworks()
+    quiet_frameworks(quiet)
     if (resume or restart) and run_dir is None:
         raise FedmamlError("resume and restart need the run directory")
     names = list(cfg.compare_with)
