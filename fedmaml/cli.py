@@ -285,7 +285,7 @@ def _cmd_select_pattern(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------------
 
 def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", metavar="CONFIG", help="YAML config file, optionally with a "
+    parser.add_argument("config", metavar="CONFIG", help=_CONFIG_HELP + "; optionally with a "
                         "`sweep:` section (grid, seeds)")
     _add_overrides(parser)
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",

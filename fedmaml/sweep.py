@@ -492,7 +492,7 @@ def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None
     sweep_dir.mkdir(parents=True, exist_ok=True)
     with _Lock(sweep_dir):
         write_manifest(sweep_dir, base, spec)
-        progress = Progress(len(todo), label="run", quiet=quiet, stream=out, warmup_updates=jobs)
+        total = len(todo)
 
         def record(run: PlannedRun, outcome: tuple[float, str | None]) -> str:
             """Note how ``run`` ended; return its progress text."""
@@ -523,6 +523,10 @@ def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None
         jobs_of = [(execute_batch, ([r.config for r in b], [sweep_dir / r.name for r in b],
                                     quiet_batches), b) for b in batches]
         jobs_of += [(execute_run, (r.config, sweep_dir / r.name), [r]) for r in todo]
+        # The first min(jobs, work items) updates end the workers' first items, each carrying
+        # its own start: the warm-up of the ETA (with more jobs than items, every update is one).
+        progress = Progress(total, label="run", quiet=quiet, stream=out,
+                            warmup_updates=min(jobs, len(jobs_of)))
 
         def record_all(members: list[PlannedRun], outcome: Any) -> None:
             outcomes = outcome if isinstance(outcome, list) else [outcome] * len(members)
