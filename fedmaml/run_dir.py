@@ -31,9 +31,10 @@ from fedmaml.config import Config, config_from_flat, config_to_flat, dump_yaml, 
 from fedmaml.errors import DataError, FedmamlError
 from fedmaml.federated.health import run_status
 
+from fedmaml.results.run_files import CONFIG_FILE, read_summary
+
 # torch and flwr (checkpoint.py, recorder.py) are imported where needed, so that a sweep's parent
 # process and the CLI's help stay light.
-CONFIG_FILE, SUMMARY_FILE = "config.yaml", "summary.json"  # as fedmaml/results/recorder.py writes
 
 RUN_LOCK = ".run.lock"
 HOLDER_SUFFIX = ".holder"  # beside a lock file: who holds it (JSON)
@@ -108,12 +109,6 @@ def run_lock(run_dir: str | Path) -> DirectoryLock:
     return DirectoryLock(run_dir, RUN_LOCK, "fedmaml run",
                          "wait for it to end, or stop it (Ctrl-C or `kill PID` checkpoints it)",
                          reentrant=True)
-
-
-def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
-    """fedmaml/results/recorder.py's read_summary, without importing torch (see above)."""
-    path = Path(run_dir) / SUMMARY_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
 def has_content(path: str | Path) -> bool:

@@ -45,6 +45,7 @@ import yaml
 from fedmaml.config import (SWEEP_SECTION, Config, check_value, dump_yaml, load_config,
                             replace_paths, short_key)
 from fedmaml.errors import ConfigError, FedmamlError
+from fedmaml.results.run_files import CONFIG_FILE, SUMMARY_FILE, read_summary
 from fedmaml.run_dir import (DirectoryLock, clear, config_differences, has_content, load_checkpoint,
                              run_lock)
 # The specification and the manifest reader (fedmaml/sweep_spec.py) sit below tracking, which reads
@@ -54,7 +55,6 @@ from fedmaml.sweep_spec import (MANIFEST, SweepSpec, grid_key, load_sweep,  # no
 
 LOCK_FILE = ".sweep.lock"
 ERROR_FILE = "error.txt"  # written into a run directory whose run raised
-CONFIG_FILE, SUMMARY_FILE = "config.yaml", "summary.json"  # as fedmaml.results.recorder writes them
 _MAX_DIR_NAME = 150  # well below the usual 255-byte limit, leaving room for temp-file suffixes
 
 
@@ -188,8 +188,7 @@ def finished_status(run_dir: Path) -> str | None:
     no summary.json, or an interrupted run that a checkpoint resumes."""
     from fedmaml.federated.health import run_status
 
-    path = run_dir / SUMMARY_FILE
-    status = run_status(json.loads(path.read_text(encoding="utf-8"))) if path.exists() else None
+    status = run_status(read_summary(run_dir))
     return None if status == "interrupted" else status
 
 
