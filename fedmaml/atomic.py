@@ -6,7 +6,8 @@ Permissions are those ``open(path, "w")`` would give: a new file gets ``0o666`` 
 umask, a file that is replaced keeps its mode. ``tempfile.mkstemp`` alone creates ``0o600`` files, and
 the rename would carry that over: a shared results directory (or TensorBoard run by another user)
 could not read them. Files that must stay private (a client's memory, derived from its data, and
-checkpoints holding memories) pass ``mode=PRIVATE``: that mode, whatever the umask or the old file's.
+checkpoints holding memories) pass ``mode=PRIVATE``: that mode, whatever the umask or the old
+file's.
 """
 
 from __future__ import annotations

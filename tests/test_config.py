@@ -482,7 +482,7 @@ def test_the_quickstart_sweep_is_the_papers_setting_in_miniature_in_three_batche
     assert not alone and sorted(len(b) for b in batches) == [3, 3, 3]  # one per method
 
 
-# -- one list syntax for every list key (issue 22.5) ---------------------------------------------------
+# -- one list syntax for every list key (issue 22.5) -----------------------------------------------
 
 LIST_KEYS = {  # key: (the text, the list it means)
     "compare_with": ("fedavg,per_fedavg", ("fedavg", "per_fedavg")),

@@ -217,7 +217,8 @@ def test_measure_candidates_matches_personalized_metrics_and_times():
 def test_config_keys_are_checked():
     with pytest.raises(ConfigError, match=r"pattern_selection.at_round: 9 exceeds federated.rounds"):
         load_config(None, ["federated.rounds=5", "pattern_selection.at_round=9"])
-    with pytest.raises(ConfigError, match=r"apply_to\[1\]: 'evalution' is not allowed.*did you mean 'evaluation'"):
+    with pytest.raises(ConfigError,
+                       match=r"apply_to\[1\]: 'evalution' is not allowed.*did you mean 'evaluation'"):
         load_config(None, ["pattern_selection.apply_to=inner,evalution"])
     with pytest.raises(ConfigError, match="pattern_selection.mode"):
         load_config(None, ["pattern_selection.mode=sometimes"])
