@@ -50,8 +50,8 @@ def run_experiment(cfg: Any, quiet: bool = False, run_dir: str | Path | None = N
     ``run_dir.CHANGEABLE_ON_RESUME`` may differ, and the change is recorded); runs that already ended
     are kept, runs without a checkpoint start from the beginning. ``restart``: move ``run_dir`` aside
     (to a hidden ``.<name>.old-N`` beside it) and start again there. During a run the first SIGINT
-    or SIGTERM stops it after the current round with a checkpoint (fedmaml/federated/checkpoint.py); the later runs
-    (baselines) are then not started."""
+    or SIGTERM stops it after the current round with a checkpoint
+    (fedmaml/federated/checkpoint.py); the later runs (baselines) are then not started."""
     quiet_frameworks(quiet)
     if (resume or restart) and run_dir is None:
         raise FedmamlError("resume and restart need the run directory")
