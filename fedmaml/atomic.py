@@ -5,7 +5,9 @@ A crash or kill at any moment leaves either the old file or the new one, never a
 Permissions are those ``open(path, "w")`` would give: a new file gets ``0o666`` minus the process
 umask, a file that is replaced keeps its mode. ``tempfile.mkstemp`` alone creates ``0o600`` files, and
 the rename would carry that over: a shared results directory (or TensorBoard run by another user)
-could not read them.
+could not read them. Files that must stay private (a client's memory, derived from its data, and
+checkpoints holding memories) pass ``mode=PRIVATE``: that mode, whatever the umask or the old
+file's.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ def current_umask() -> int:
     return mask
 
 
+#: The mode of files only their owner may read (``mode=PRIVATE``).
+PRIVATE = 0o600
+
+
 def _mode_for(path: Path) -> int:
     try:
         return stat.S_IMODE(path.stat().st_mode)
@@ -40,10 +46,12 @@ def _mode_for(path: Path) -> int:
         return 0o666 & ~current_umask()
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None) -> None:
+    """``mode``: the file's permissions (e.g. :data:`PRIVATE`); None: follow the umask, or keep
+    the mode of the file replaced."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    mode = _mode_for(path)
+    mode = _mode_for(path) if mode is None else mode
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -74,13 +82,13 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+def atomic_write_text(path: str | Path, text: str, mode: int | None = None) -> None:
+    atomic_write_bytes(path, text.encode(), mode)
 
 
-def atomic_torch_save(obj: object, path: str | Path) -> None:
+def atomic_torch_save(obj: object, path: str | Path, mode: int | None = None) -> None:
     import torch  # lazily: reading run files should not pay for importing torch
 
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue(), mode)

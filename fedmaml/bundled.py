@@ -25,11 +25,12 @@ def bundled_names() -> list[str]:
 
 
 def resolve_config(text: str | Path) -> Path:
-    """The config file that ``text`` names: an existing path wins; otherwise a bundled config
+    """The config file that ``text`` names: an existing file wins; otherwise a bundled config
     (``quickstart``, ``quickstart.yaml``, ``sweeps/memory``). Anything else is a
-    :class:`ConfigError` that lists the bundled names."""
+    :class:`ConfigError` that lists the bundled names. A *directory* of that name (``results/``
+    holding a run called ``quickstart``) does not hide the bundled config."""
     path = Path(text)
-    if path.exists():
+    if path.is_file():
         return path
     name = path.as_posix()
     for suffix in _SUFFIXES:
@@ -41,5 +42,6 @@ def resolve_config(text: str | Path) -> Path:
     if name in names:
         return CONFIG_DIR / f"{name}.yaml"
     listing = ", ".join(names) if names else "none (the package's configs directory is missing)"
-    raise ConfigError(f"config file not found: {text} (nor a bundled config of that name; "
-                      f"bundled configs: {listing})")
+    directory = "a directory, " if path.is_dir() else ""
+    raise ConfigError(f"config file not found: {text} ({directory}nor a bundled config of that "
+                      f"name; bundled configs: {listing})")

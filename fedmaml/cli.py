@@ -111,8 +111,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         "(more than the checkpoint's round) and federated.checkpoint_every may be "
                         "given as key=value (docs/robustness.md)")
     parser.add_argument("--restart", metavar="RUN_DIR", help="start the run of RUN_DIR again from "
-                        "the beginning with its config.yaml, after moving RUN_DIR aside to "
-                        "RUN_DIR.old-N (nothing is deleted)")
+                        "the beginning with its config.yaml, after moving RUN_DIR aside to the "
+                        "hidden .NAME.old-N beside it (nothing is deleted)")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -168,9 +168,11 @@ def _check_resume_overrides(option: str, overrides: list[str]) -> None:
         key, value = parse_override(text)
         full = resolve_key(key, [value])
         if full not in CHANGEABLE_ON_RESUME:
-            raise FedmamlError(f"--resume: {full} cannot change when a run resumes (it would "
-                               "alter the rounds already run); only "
-                               f"{', '.join(CHANGEABLE_ON_RESUME)} may")
+            why = ("its trackers would hold half a run: the rounds already run were logged to "
+                   "the backends the run started with" if full.startswith("tracking.") else
+                   "it would alter the rounds already run")
+            raise FedmamlError(f"--resume: {full} cannot change when a run resumes ({why}); "
+                               f"only {', '.join(CHANGEABLE_ON_RESUME)} may")
 
 
 def exit_code(run_statuses: Iterable[str]) -> int:
@@ -246,20 +248,29 @@ def _add_select_pattern_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: RUN_DIR/model.pt)")
     parser.add_argument("--out", metavar="FILE", help="where to write the JSON record (default: "
                         "pattern_selection_central.json next to the checkpoint)")
+    _add_progress_arguments(parser, "phases")
 
 
 def _cmd_select_pattern(args: argparse.Namespace) -> int:
     from fedmaml.experiment import quiet_frameworks  # lazy: pulls in torch and flwr
     from fedmaml.federated.pattern_selection import select_from_cli, table_text
+    from fedmaml.results.progress import Progress
 
     quiet_frameworks()
+    _configure_progress(args)
     # nargs="+" also swallows key=value overrides written after --candidates; patterns never hold '='
     candidates = None if args.candidates is None else [c for c in args.candidates if "=" not in c]
     overrides = [*args.overrides, *(c for c in args.candidates or () if "=" in c)]
-    record, path = select_from_cli(resolve_config(args.target), overrides, epsilon=args.epsilon,
-                                   candidates=candidates,
-                                   family=False if args.only_candidates else None,
-                                   checkpoint=args.checkpoint, out=args.out)
+    target = Path(args.target)  # a run directory, else a config file or a bundled name
+    target = target if target.is_dir() else resolve_config(target)
+    # One step: the line is there for the statuses of the selection (candidates, which client is
+    # being timed), which take about a minute on the bundled configs.
+    with Progress(1, label="select-pattern", quiet=args.quiet) as progress:
+        record, path = select_from_cli(target, overrides, epsilon=args.epsilon,
+                                       candidates=candidates,
+                                       family=False if args.only_candidates else None,
+                                       checkpoint=args.checkpoint, out=args.out)
+        progress.update(1, f"chosen: {record.get('chosen')}")
     timing = record["timing"]
     print(f"validation clients {record['validation_clients']}, test clients "
           f"{record['test_clients']}; {timing['torch_threads']} torch thread(s), load average "
@@ -274,7 +285,7 @@ def _cmd_select_pattern(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------------
 
 def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", metavar="CONFIG", help="YAML config file, optionally with a "
+    parser.add_argument("config", metavar="CONFIG", help=_CONFIG_HELP + "; optionally with a "
                         "`sweep:` section (settings, grid, seeds)")
     _add_overrides(parser)
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",

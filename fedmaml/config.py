@@ -316,13 +316,13 @@ class PatternSelectionConfig:
                                "groups); 0 = all groups but one.", min=0)
     full_steps: tuple[int, ...] = _field((1,), "Values of m for 'full (or top-K) for the first m "
                                                "steps, then top-k'.", min=1)
-    candidates: str = _field("", "Extra candidate patterns, comma-separated (e.g. "
-                                 "'00001x5, 11111|00011x4'); aliases allowed.")
+    candidates: tuple[str, ...] = _field((), "Extra candidate patterns (e.g. "
+                                             "[00001x5, 00011x5]); aliases allowed.")
     at_round: int = _field(0, "Select after this round's training (its evaluation already uses the "
                               "choice); 0 = the last round.", min=0)
-    apply_to: str = _field("inner,memory,evaluation", "Comma-separated uses of the chosen pattern "
-                                                      "after selection: inner, memory, evaluation; "
-                                                      "empty = only record the choice.")
+    apply_to: tuple[str, ...] = _field(PATTERN_TARGETS, "Uses of the chosen pattern after "
+                                                        "selection; empty = only record the "
+                                                        "choice.", choices=PATTERN_TARGETS)
     validation_clients: int = _field(10, "Training clients whose held-out split selects the "
                                          "pattern; 0 = all.", min=0)
     test_clients: int = _field(0, "Clients reporting test quality (unseen clients; training clients "
@@ -379,8 +379,9 @@ class Config:
     name: str = _field("run", "Run name, used in the run directory name.")
     seed: int = _field(0, "Seed of every random choice in the run.", min=0)
     output_dir: str = _field("results", "Directory under which run directories are created.")
-    compare_with: str = _field("", "Comma-separated algorithms (e.g. 'fedavg,per_fedavg') also run "
-                                   "on this config, as baselines in the summary table.")
+    compare_with: tuple[str, ...] = _field((), "Algorithms (e.g. [fedavg, per_fedavg]) also run "
+                                               "on this config, as baselines in the summary "
+                                               "table.", choices=ALGORITHM_NAMES)
     data: DataConfig = _section(DataConfig, "Task family, clients and their data.")
     model: ModelConfig = _section(ModelConfig, "The model being meta-learned.")
     algorithm: AlgorithmConfig = _section(AlgorithmConfig, "Client-side update and its step sizes.")
@@ -421,14 +422,12 @@ CROSS_FIELD_RULES = (
     "`federated.clients_per_round` must not exceed `data.num_clients`.",
     "`federated.min_replies` must not exceed `federated.clients_per_round` when that is above 0, "
     "nor `data.num_clients`.",
-    "`compare_with` lists algorithm names (those of `algorithm.name`).",
     "`model.name: mlp` needs at least one `model.hidden` width (`linear` is the model without).",
     "`model.name: conv4` needs an image family (" + ", ".join(f"`{f}`" for f in IMAGE_FAMILIES) + ").",
     "`participation.model` other than `uniform` requires `federated.mode: cross_device`; "
     "`participation.diurnal_mean` plus or minus `participation.diurnal_amplitude` must stay "
     "within [0, 1].",
-    "`pattern_selection.at_round` must not exceed `federated.rounds`; `pattern_selection.apply_to` "
-    "lists " + ", ".join(f"`{t}`" for t in PATTERN_TARGETS) + ".",
+    "`pattern_selection.at_round` must not exceed `federated.rounds`.",
     "`faults.fail + faults.straggle + faults.dropout` must not exceed 1; `faults.straggle` and "
     "`faults.dropout` need `federated.round_timeout > 0`.",
     "`privacy.clipping` other than `none` requires `federated.aggregation: uniform`; "
@@ -471,11 +470,6 @@ def cross_field_problems(cfg: Config) -> list[str]:
         problems.append(f"federated.min_replies: {fed.min_replies} exceeds "
                         f"data.num_clients ({data.num_clients})")
 
-    for name in filter(None, (n.strip() for n in cfg.compare_with.split(","))):
-        if name not in ALGORITHM_NAMES:
-            problems.append(f"compare_with: {name!r} is not an algorithm; allowed: "
-                            f"{', '.join(ALGORITHM_NAMES)}" + _suggest(name, ALGORITHM_NAMES))
-
     model_names = ("mlp", "conv4", "linear")
     if cfg.model.name not in model_names and not _MODEL_PATH.match(cfg.model.name):
         problems.append(f"model.name: {cfg.model.name!r} is not allowed; allowed: "
@@ -517,10 +511,6 @@ def cross_field_problems(cfg: Config) -> list[str]:
     if sel.at_round > fed.rounds:
         problems.append(f"pattern_selection.at_round: {sel.at_round} exceeds federated.rounds "
                         f"({fed.rounds}); use 0 for the last round")
-    for target in filter(None, (t.strip() for t in sel.apply_to.split(","))):
-        if target not in PATTERN_TARGETS:
-            problems.append(f"pattern_selection.apply_to: {target!r} is not allowed; list some of "
-                            f"{', '.join(PATTERN_TARGETS)}" + _suggest(target, PATTERN_TARGETS))
 
     faults = cfg.faults
     if faults.fail + faults.straggle + faults.dropout > 1 + 1e-12:
@@ -722,9 +712,9 @@ def _check_value(spec: FieldSpec, value: Any, problems: list[str]) -> Any:
             return None
         value = float(value)
     elif spec.is_list and spec.item_type is str:
-        return _check_str_list(spec, _as_list(value), problems)
+        return _check_str_list(spec, _as_list(value, str), problems)
     elif spec.is_list:
-        value = _as_list(value)
+        value = _as_list(value, int)
         if not isinstance(value, (list, tuple)):
             problems.append(f"{where}: expected a list of integers such as 40,40 or [40, 40], "
                             f"got {_show(value)}")
@@ -774,15 +764,19 @@ def _check_str_list(spec: FieldSpec, value: Any, problems: list[str]) -> Any:
     return tuple(value) if ok else None
 
 
-def _as_list(value: Any) -> Any:
-    """One list syntax everywhere: a list key takes ``[a, b]`` (YAML), the text ``a,b`` (the
-    command line, Flower's run config, whose values are scalars) or ``[a,b]`` as text, and a single
-    item ``a`` as ``[a]``. Other values (true, 0.5, a mapping) are left for the type check to
-    refuse."""
+def _as_list(value: Any, item_type: type) -> Any:
+    """One list syntax everywhere, parsed here only: a list key takes ``[a, b]`` (YAML), the text
+    ``a,b`` (the command line, Flower's run config, whose values are scalars) or ``[a,b]`` as
+    text, and a single item ``a`` as ``[a]``; empty text is the empty list. Items of a list of
+    strings stay text as written (a pattern ``0001`` is not the number 1). Other values (true,
+    0.5, a mapping) are left for the type check to refuse."""
     if isinstance(value, str):
-        return _parse_int_list(value)
-    if _is_int(value) and not isinstance(value, bool):
-        return [value]
+        return _parse_list(value, item_type)
+    if _is_int(value):
+        value = [value]
+    if item_type is str and isinstance(value, (list, tuple)):
+        # YAML reads [0001, 11111] as numbers: take them back as written
+        return [getattr(v, "yaml_text", None) or str(v) if _is_int(v) else v for v in value]
     return value
 
 
@@ -886,6 +880,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     spec = _SPECS.get(key)
     if spec is not None and spec.type is str and not isinstance(value, str):
         value = raw
+    elif spec is not None and spec.is_list and spec.item_type is str:
+        value = raw  # parsed as a list (fedmaml/config.py _as_list): [0001] stays the text 0001
     return key, value
 
 
@@ -921,9 +917,6 @@ def config_from_flat(flat: Mapping[str, Any], *, source: str = "run config") -> 
     """Build a :class:`Config` from dotted keys (a Flower run config); missing keys take defaults."""
     nested: dict[str, Any] = {}
     for key, value in flat.items():
-        spec = _SPECS.get(key)
-        if spec is not None and spec.is_list and isinstance(value, str):
-            value = _parse_int_list(value)
         try:
             _set_path(nested, str(key), value)
         except ConfigError as e:
@@ -931,18 +924,26 @@ def config_from_flat(flat: Mapping[str, Any], *, source: str = "run config") -> 
     return config_from_dict(nested, source=source)
 
 
-def _parse_int_list(text: str) -> Any:
-    """"40,40" or "[40, 40]" -> [40, 40]; "a,b" -> ["a", "b"]; "" -> []; items that are not
-    integers stay strings, for the type check of the key."""
+def _parse_list(text: str, item_type: type) -> list[Any]:
+    """"40,40" or "[40, 40]" -> [40, 40]; "a, b" or "['a', b]" -> ["a", "b"]; "" -> []. For an
+    integer list, items that are not integers stay strings, for the type check of the key."""
     text = text.strip().removeprefix("[").removesuffix("]").strip()
     if not text:
         return []
-    items = []
+    items: list[Any] = []
     for part in text.split(","):
-        try:
-            items.append(int(part))
-        except ValueError:
-            items.append(part.strip())
+        part = part.strip()
+        if len(part) >= 2 and part[0] == part[-1] and part[0] in "'\"":
+            part = part[1:-1]  # [a, 'b'] as text: quoted as YAML would allow
+        elif not part:  # "a,b," or "a,,b": no item between the commas
+            continue
+        if item_type is int:
+            try:
+                items.append(int(part))
+                continue
+            except ValueError:
+                pass
+        items.append(part)
     return items
 
 

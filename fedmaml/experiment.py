@@ -22,12 +22,21 @@ from fedmaml.results.recorder import read_summary
 from fedmaml.tracking import check_available
 
 
-def quiet_frameworks() -> None:
-    """Flower and Ray are chatty; fedmaml prints its own progress."""
+def quiet_frameworks(quiet: bool = False) -> None:
+    """Flower and Ray are chatty; fedmaml prints its own progress. ``quiet`` (``--quiet``): MLflow
+    and its migrations (alembic) say only warnings too; their INFO lines (``Creating initial MLflow
+    database tables``) are otherwise the only output of a quiet run's first use of a store. Both
+    the environment (MLflow reads it when imported, here or in a sweep's worker processes) and the
+    loggers (if it was imported already)."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("FLWR_LOG_LEVEL", "WARNING")
     logging.getLogger("flwr").setLevel(logging.WARNING)
+    if quiet:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        for name in ("mlflow", "alembic"):
+            logger = logging.getLogger(name)
+            logger.setLevel(max(logger.level, logging.WARNING))
 
 
 def run_experiment(cfg: Any, quiet: bool = False, run_dir: str | Path | None = None,
@@ -40,13 +49,13 @@ def run_experiment(cfg: Any, quiet: bool = False, run_dir: str | Path | None = N
     ``run_dir`` from their checkpoints, each with the config of its checkpoint (only the keys of
     ``run_dir.CHANGEABLE_ON_RESUME`` may differ, and the change is recorded); runs that already ended
     are kept, runs without a checkpoint start from the beginning. ``restart``: move ``run_dir`` aside
-    (``<run_dir>.old-N``) and start again there. During a run the first SIGINT or SIGTERM stops it
-    after the current round with a checkpoint (fedmaml/federated/checkpoint.py); the later runs
-    (baselines) are then not started."""
-    quiet_frameworks()
+    (to a hidden ``.<name>.old-N`` beside it) and start again there. During a run the first SIGINT
+    or SIGTERM stops it after the current round with a checkpoint
+    (fedmaml/federated/checkpoint.py); the later runs (baselines) are then not started."""
+    quiet_frameworks(quiet)
     if (resume or restart) and run_dir is None:
         raise FedmamlError("resume and restart need the run directory")
-    names = [n.strip() for n in cfg.compare_with.split(",") if n.strip()]
+    names = list(cfg.compare_with)
     configs = [cfg] + [baseline_config(cfg, n) for n in names]
     for c in configs:  # a config error is reported before anything is moved or locked
         check_config(c)
@@ -88,7 +97,7 @@ def baseline_config(cfg: Any, algorithm: str) -> Any:
     """``cfg`` with another algorithm (first-order when its estimator does not apply)."""
     from fedmaml.config import replace_paths
 
-    updates: dict[str, Any] = {"algorithm.name": algorithm, "compare_with": "",
+    updates: dict[str, Any] = {"algorithm.name": algorithm, "compare_with": (),
                                "name": f"{cfg.name}-{algorithm}"}
     if algorithm in ("per_fedavg", "fedmeta") and cfg.algorithm.meta_gradient not in (
             ("first_order", "hessian_free") if algorithm == "per_fedavg" else ("first_order", "second_order")):
@@ -133,8 +142,7 @@ def run_one(cfg: Any, run_dir: Path, quiet: bool, resume: bool = False) -> None:
 
 def run_dirs_of(run_dir: str | Path, cfg: Any) -> list[Path]:
     """A run directory and the ``compare_with`` baselines inside it."""
-    names = filter(None, (n.strip() for n in cfg.compare_with.split(",")))
-    return [Path(run_dir), *(Path(run_dir) / "baselines" / n for n in names)]
+    return [Path(run_dir), *(Path(run_dir) / "baselines" / n for n in cfg.compare_with)]
 
 
 def statuses(run_dirs: list[str | Path]) -> dict[Path, str]:

@@ -4,6 +4,9 @@ working tree had uncommitted changes, and the versions of the libraries that dec
 Every summary.json (fedmaml/results/recorder.py), pattern-selection record and results JSON of
 simulations/ records :func:`provenance` under the key ``provenance``, so a number in docs/results.md
 can be traced to the code that produced it (docs/results.md, "Reproducing a documented run").
+A run takes it when it starts (:func:`run_provenance`), not when it ends: a commit made while a long
+run trains is not the code that ran. A resumed run keeps its first segment's provenance (it travels
+in the checkpoint) and lists the code of each resume that differs under ``resumed_with``.
 
 The commit is read with ``git`` only when the imported package sits at the top of a git checkout
 (``<checkout>/fedmaml``); an installed wheel has no ``.git`` next to it and records its version
@@ -76,3 +79,20 @@ def provenance() -> dict[str, Any]:
 def with_provenance(record: dict[str, Any]) -> dict[str, Any]:
     """``record`` with a ``provenance`` entry (a new dict; ``record`` is not changed)."""
     return {**record, "provenance": dict(provenance())}
+
+
+def run_provenance(started: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The provenance of a run, taken at its start. ``started``: what a run that resumes recorded
+    at its own start (kept in its checkpoint); it stays, and this process's provenance is added
+    to its ``resumed_with`` list when it differs from the code that ran last. None (a new run, or
+    a checkpoint of a version that kept none): this process's provenance."""
+    now = dict(provenance())
+    if started is None:
+        return now
+    record = {**started, "resumed_with": list(started.get("resumed_with", []))}
+    last = record["resumed_with"][-1] if record["resumed_with"] else started
+    if any(last.get(k) != v for k, v in now.items()):
+        record["resumed_with"].append(now)
+    if not record["resumed_with"]:
+        del record["resumed_with"]
+    return record

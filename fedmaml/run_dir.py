@@ -31,9 +31,10 @@ from fedmaml.config import Config, config_from_flat, config_to_flat, dump_yaml, 
 from fedmaml.errors import DataError, FedmamlError
 from fedmaml.federated.health import run_status
 
+from fedmaml.results.run_files import CONFIG_FILE, read_summary
+
 # torch and flwr (checkpoint.py, recorder.py) are imported where needed, so that a sweep's parent
 # process and the CLI's help stay light.
-CONFIG_FILE, SUMMARY_FILE = "config.yaml", "summary.json"  # as fedmaml/results/recorder.py writes
 
 RUN_LOCK = ".run.lock"
 HOLDER_SUFFIX = ".holder"  # beside a lock file: who holds it (JSON)
@@ -110,12 +111,6 @@ def run_lock(run_dir: str | Path) -> DirectoryLock:
                          reentrant=True)
 
 
-def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
-    """fedmaml/results/recorder.py's read_summary, without importing torch (see above)."""
-    path = Path(run_dir) / SUMMARY_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
-
-
 def has_content(path: str | Path) -> bool:
     """Does ``path`` hold anything besides a run lock? (A lock left by a killed process does not
     make a directory a run.)"""
@@ -140,14 +135,22 @@ def clear(run_dir: str | Path) -> None:
             p.unlink()
 
 
+def aside_name(run_dir: str | Path, n: int | str) -> str:
+    """``.<name>.old-<n>``: hidden, because every scan of run directories (``fedmaml compare``,
+    which a sweep directory is given to) skips dot-directories; a visible name would make the old
+    attempt count as one more seed of the run that replaced it."""
+    return f".{Path(run_dir).name}.old-{n}"
+
+
 def move_aside(run_dir: str | Path) -> Path:
-    """Rename ``run_dir`` to ``<run_dir>.old-<n>`` (the first free n) under its lock, so that no
-    process is working in it; nothing is deleted. Returns the new path."""
+    """Rename ``run_dir`` to ``.<name>.old-<n>`` beside it (:func:`aside_name`, the first free n)
+    under its lock, so that no process is working in it; nothing is deleted. Returns the new
+    path."""
     run_dir = Path(run_dir)
     n = 1
-    while run_dir.with_name(f"{run_dir.name}.old-{n}").exists():
+    while run_dir.with_name(aside_name(run_dir, n)).exists():
         n += 1
-    target = run_dir.with_name(f"{run_dir.name}.old-{n}")
+    target = run_dir.with_name(aside_name(run_dir, n))
     with run_lock(run_dir) as lock:
         lock.holder_file.unlink(missing_ok=True)  # it would name this process in the old directory
         os.rename(run_dir, target)
@@ -156,7 +159,7 @@ def move_aside(run_dir: str | Path) -> Path:
 
 def restart_hint(run_dir: str | Path) -> str:
     return (f"to start it again from the beginning: `fedmaml run --restart {run_dir}` (moves "
-            f"{run_dir} aside to {Path(run_dir).name}.old-N beside it; nothing is deleted)")
+            f"{run_dir} aside to {aside_name(run_dir, 'N')} beside it; nothing is deleted)")
 
 
 # -- new and unfinished runs -----------------------------------------------------------------------

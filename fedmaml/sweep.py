@@ -50,6 +50,7 @@ import yaml
 from fedmaml.config import (SWEEP_SECTION, Config, check_value, dump_yaml, load_config,
                             replace_paths, short_key)
 from fedmaml.errors import ConfigError, FedmamlError
+from fedmaml.results.run_files import CONFIG_FILE, SUMMARY_FILE, read_summary
 from fedmaml.run_dir import (DirectoryLock, clear, config_differences, has_content, load_checkpoint,
                              run_lock)
 # The specification and the manifest reader (fedmaml/sweep_spec.py) sit below tracking, which reads
@@ -61,7 +62,6 @@ from fedmaml.sweep_spec import (MANIFEST, SweepSpec, grid_key, load_sweep,  # no
 
 LOCK_FILE = ".sweep.lock"
 ERROR_FILE = "error.txt"  # written into a run directory whose run raised
-CONFIG_FILE, SUMMARY_FILE = "config.yaml", "summary.json"  # as fedmaml.results.recorder writes them
 _MAX_DIR_NAME = 150  # well below the usual 255-byte limit, leaving room for temp-file suffixes
 
 
@@ -176,8 +176,7 @@ def _check_alone(key: str, value: Any) -> None:
 
 def baseline_dirs(run_dir: Path, cfg: Config) -> list[Path]:
     """The ``compare_with`` baselines that ``run_experiment`` writes inside a run directory."""
-    return [run_dir / "baselines" / n for n in filter(None, (x.strip() for x in
-                                                               cfg.compare_with.split(",")))]
+    return [run_dir / "baselines" / n for n in cfg.compare_with]
 
 
 def run_state(run_dir: Path, cfg: Config) -> str:
@@ -204,8 +203,7 @@ def finished_status(run_dir: Path) -> str | None:
     no summary.json, or an interrupted run that a checkpoint resumes."""
     from fedmaml.federated.health import run_status
 
-    path = run_dir / SUMMARY_FILE
-    status = run_status(json.loads(path.read_text(encoding="utf-8"))) if path.exists() else None
+    status = run_status(read_summary(run_dir))
     return None if status == "interrupted" else status
 
 
@@ -533,7 +531,7 @@ def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None
     sweep_dir.mkdir(parents=True, exist_ok=True)
     with _Lock(sweep_dir):
         write_manifest(sweep_dir, base, spec)
-        progress = Progress(len(todo), label="run", quiet=quiet, stream=out, warmup_updates=jobs)
+        total = len(todo)
 
         def record(run: PlannedRun, outcome: tuple[float, str | None]) -> str:
             """Note how ``run`` ended; return its progress text."""
@@ -564,6 +562,10 @@ def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None
         jobs_of = [(execute_batch, ([r.config for r in b], [sweep_dir / r.name for r in b],
                                     quiet_batches), b) for b in batches]
         jobs_of += [(execute_run, (r.config, sweep_dir / r.name), [r]) for r in todo]
+        # The first min(jobs, work items) updates end the workers' first items, each carrying
+        # its own start: the warm-up of the ETA (with more jobs than items, every update is one).
+        progress = Progress(total, label="run", quiet=quiet, stream=out,
+                            warmup_updates=min(jobs, len(jobs_of)))
 
         def record_all(members: list[PlannedRun], outcome: Any) -> None:
             outcomes = outcome if isinstance(outcome, list) else [outcome] * len(members)
@@ -575,7 +577,7 @@ def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None
             progress.update(len(result.ran) + len(result.failed), info + failed)
 
         try:
-            with _sigterm_as_interrupt():
+            with _sigterm_as_interrupt(), progress:
                 if jobs == 1 or len(jobs_of) == 1:
                     for fn, args, members in jobs_of:
                         record_all(members, fn(*args))
@@ -585,8 +587,6 @@ def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None
             say(f"\ninterrupted: {len(result.ran)} of {len(runs) - len(result.skipped)} runs "
                 "finished in this invocation; run the same command again to resume")
             raise
-        finally:
-            progress.close()
     for name, error in result.failed.items():
         say(f"failed: {name}: {error} (see {sweep_dir / name / ERROR_FILE})")
     return result

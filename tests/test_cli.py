@@ -18,6 +18,13 @@ def test_help_lists_subcommands(capsys):
     assert "run" in out and "config" in out
 
 
+@pytest.mark.parametrize("command", ["run", "sweep"])
+def test_commands_taking_a_config_mention_the_bundled_names(command, capsys):
+    assert main([command, "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the help
+    assert "name of a bundled example: quickstart, sweeps/moml_miniature" in out
+
+
 def test_no_command_prints_help_and_fails(capsys):
     assert main([]) == 2
     assert "usage: fedmaml" in capsys.readouterr().err

@@ -428,15 +428,18 @@ def test_string_list_keys_parse_validate_and_round_trip():
     for override, message in [
             ("[tensorbord]", "tracking.backends[0]: 'tensorbord' is not allowed; allowed: "
                              "tensorboard, mlflow, wandb; did you mean 'tensorboard'?"),
-            ("true", "tracking.backends: expected a list such as tensorboard,mlflow or "
-                     "[tensorboard, mlflow], got true"),
+            ("true", "tracking.backends[0]: 'true' is not allowed; allowed: tensorboard, "
+                     "mlflow, wandb"),  # on the command line a list item is text as written
             ("tensorboard,mlfow", "tracking.backends[1]: 'mlfow' is not allowed; allowed: "
                                   "tensorboard, mlflow, wandb; did you mean 'mlflow'?"),
             ("[mlflow, mlflow]", "tracking.backends[1]: 'mlflow' appears twice"),
-            ("[1]", "tracking.backends[0]: expected a string, got 1")]:
+            ("[1]", "tracking.backends[0]: '1' is not allowed")]:
         with pytest.raises(ConfigError) as info:
             load_config(None, [f"tracking.backends={override}"])
         assert message in str(info.value)
+    with pytest.raises(ConfigError, match=r"tracking.backends: expected a list such as "
+                                          r"tensorboard,mlflow or \[tensorboard, mlflow\], got true"):
+        config_from_dict({"tracking": {"backends": True}})  # in a file: YAML's true is no list
 
 
 @pytest.mark.parametrize("written", ["{},{}", "[{},{}]", "[{}, {}]"])
@@ -535,3 +538,54 @@ def test_the_quickstart_sweep_is_the_papers_setting_in_miniature_in_three_batche
                                                  run.config.algorithm.local_steps)
     batches, alone, _ = plan_batches(runs, tmp_path, jobs=2)
     assert not alone and sorted(len(b) for b in batches) == [3, 3, 3]  # one per method
+
+
+# -- one list syntax for every list key (issue 22.5) -----------------------------------------------
+
+LIST_KEYS = {  # key: (the text, the list it means)
+    "compare_with": ("fedavg,per_fedavg", ("fedavg", "per_fedavg")),
+    "pattern_selection.candidates": ("0001x5, 11111", ("0001x5", "11111")),
+    "pattern_selection.apply_to": ("inner,evaluation", ("inner", "evaluation")),
+    "tracking.backends": ("tensorboard", ("tensorboard",)),
+}
+
+
+@pytest.mark.parametrize("key", sorted(LIST_KEYS))
+def test_string_list_keys_take_every_list_spelling(key, tmp_path):
+    text, items = LIST_KEYS[key]
+    section, _, leaf = key.rpartition(".")
+    bracketed = "[" + ",".join(items) + "]"
+    for value in (text, bracketed, f"[{', '.join(items)}]"):  # the command line
+        assert _get(load_config(None, [f"{key}={value}"]), key) == items, value
+    for value in (list(items), text, bracketed):  # a YAML list, or a string, in a file
+        f = tmp_path / "c.yaml"
+        f.write_text(yaml.safe_dump({section: {leaf: value}} if section else {leaf: value}))
+        assert _get(load_config(f), key) == items, value
+    cfg = load_config(None, [f"{key}={text}"])  # Flower's run config: a comma string, and back
+    assert config_to_flat(cfg)[key] == ",".join(items)
+    assert _get(config_from_flat(config_to_flat(cfg)), key) == items
+    assert _get(load_config(None, [f"{key}="]), key) == ()  # empty: the empty list
+
+
+def _get(cfg, key):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def test_patterns_in_a_list_stay_text_as_written(tmp_path):
+    """0001 is a pattern, not the number 1, whichever way the list is written."""
+    f = tmp_path / "c.yaml"
+    f.write_text("pattern_selection:\n  candidates: [0001, 011, 11111]\n")
+    assert load_config(f).pattern_selection.candidates == ("0001", "011", "11111")
+    for value in ("[0001,011]", "0001,011", "0001"):
+        got = load_config(None, [f"pattern_selection.candidates={value}"]).pattern_selection
+        assert got.candidates == tuple(value.strip("[]").split(","))
+
+
+def test_bad_items_of_a_string_list_are_named():
+    with pytest.raises(ConfigError, match=r"compare_with\[1\]: 'fedavgg' is not allowed; allowed: "
+                                          r"moml, .*did you mean 'fedavg'"):
+        load_config(None, ["compare_with=[per_fedavg, fedavgg]"])
+    with pytest.raises(ConfigError, match=r"pattern_selection.apply_to\[1\]: 'inner' appears twice"):
+        load_config(None, ["pattern_selection.apply_to=inner,inner"])

@@ -112,6 +112,16 @@ def test_config_names_resolve_from_any_directory(tmp_path, monkeypatch, capsys) 
     assert "name: mine" in capsys.readouterr().out
     assert main(["config", "show", "quickstart"]) == 0  # no file of that exact name: bundled
     assert "name: quickstart" in capsys.readouterr().out
+    # A directory of that name (e.g. inside results/, a run called quickstart) is not a config.
+    (tmp_path / "quickstart").mkdir()
+    (tmp_path / "sweeps" / "moml_miniature").mkdir(parents=True)
+    assert resolve_config("quickstart") == CONFIG_DIR / "quickstart.yaml"
+    assert resolve_config("sweeps/moml_miniature") == CONFIG_DIR / "sweeps/moml_miniature.yaml"
+    assert main(["config", "show", "quickstart"]) == 0
+    assert "name: quickstart" in capsys.readouterr().out
+    (tmp_path / "other").mkdir()
+    with pytest.raises(ConfigError, match=r"config file not found: other \(a directory, nor a bundled"):
+        resolve_config("other")
 
 
 def test_an_unknown_config_name_lists_the_bundled_ones(tmp_path, monkeypatch, capsys) -> None:

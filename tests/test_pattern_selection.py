@@ -217,7 +217,8 @@ def test_measure_candidates_matches_personalized_metrics_and_times():
 def test_config_keys_are_checked():
     with pytest.raises(ConfigError, match=r"pattern_selection.at_round: 9 exceeds federated.rounds"):
         load_config(None, ["federated.rounds=5", "pattern_selection.at_round=9"])
-    with pytest.raises(ConfigError, match=r"apply_to: 'evalution'.*did you mean 'evaluation'"):
+    with pytest.raises(ConfigError,
+                       match=r"apply_to\[1\]: 'evalution' is not allowed.*did you mean 'evaluation'"):
         load_config(None, ["pattern_selection.apply_to=inner,evalution"])
     with pytest.raises(ConfigError, match="pattern_selection.mode"):
         load_config(None, ["pattern_selection.mode=sometimes"])
@@ -363,6 +364,19 @@ def test_cli_selects_on_a_run_directory(trained_run, capsys):
     assert record["checkpoint"] == "model.pt"
     assert [r["pattern"] for r in record["rows"]][-1] == "0011"
     assert all("test_loss" in r for r in record["rows"] if "error" not in r)
+
+
+def test_cli_shows_what_the_selection_does_unless_quiet(trained_run, tmp_path, capsys):
+    args = ["select-pattern", str(trained_run), "--candidates", "none", "--only-candidates",
+            "--out", str(tmp_path / "sel.json"), "pattern_selection.repeats=1",
+            "pattern_selection.warmup=0"]
+    assert main(args) == 0
+    err = capsys.readouterr().err  # not a terminal: plain lines, the start of each phase
+    assert "select-pattern 0/1 | pattern selection: 2 candidates on " in err, err
+    assert "select-pattern 1/1 | chosen: " in err
+    assert main([*args, "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and "written to" in captured.out
 
 
 def test_cli_epsilon_zero_and_only_candidates(trained_run, tmp_path, capsys):

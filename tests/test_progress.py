@@ -202,3 +202,56 @@ def test_a_closed_pipe_ends_the_command_quietly(capsys):
         pipe.close()  # now /dev/null underneath (dup2), so closing cannot fail
     assert code == 141
     assert capsys.readouterr().err == ""
+
+
+def test_a_progress_that_never_opened_leaves_nothing_behind():
+    """A run constructs its progress before its ``with`` block (server_app.py, run_batch.py): an
+    error in between must not leave it registered (the outer sweep line would never be drawn
+    again, and statuses would go to it) nor leave its ticker thread running."""
+    clock = Clock()
+    out = io.StringIO()
+    with Progress(10, label="run", stream=out, bar=True, width=80, clock=clock) as outer:
+        outer.update(1)
+        try:
+            Progress(100, stream=io.StringIO(), bar=True)  # a run that fails before its block
+            raise RuntimeError("setup failed")
+        except RuntimeError:
+            pass
+        status("the next run: evaluating")
+        assert "the next run: evaluating" in outer.render()
+        clock.now += 1  # past the redraw throttle
+        outer.update(2)  # drawn: no leaked inner line holds the terminal
+        assert out.getvalue().split("\r")[-1].startswith("run 2/10")
+    assert not [t for t in __import__("threading").enumerate() if t.name == "fedmaml-progress"]
+
+    # and one that opened and ended by an exception is gone from the stack too
+    with Progress(10, label="run", stream=io.StringIO(), bar=True) as outer:
+        with pytest.raises(RuntimeError):
+            with Progress(100, stream=io.StringIO(), bar=True):
+                raise RuntimeError("a round failed")
+        status("still the outer one")
+        assert "still the outer one" in outer.render()
+
+
+def test_quiet_runs_keep_mlflow_quiet_on_a_new_store(tmp_path):
+    """MLflow logs "Creating initial MLflow database tables" (and alembic its migrations) at INFO
+    the first time a store is used: with --quiet a run prints its directory and nothing else. A
+    fresh process, since MLflow configures its loggers when first imported."""
+    import subprocess
+    from pathlib import Path
+
+    pytest.importorskip("mlflow")
+    repo = Path(__file__).resolve().parents[1]
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text("name: tiny\n")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_LOGGING_LEVEL"}
+    done = subprocess.run(
+        [sys.executable, "-m", "fedmaml", "run", str(cfg), f"output_dir={tmp_path / 'runs'}",
+         "data.num_clients=4", "data.unseen_clients=0", "model.hidden=[8]", "federated.rounds=1",
+         "federated.clients_per_round=2", "federated.eval_every=0", "federated.eval_clients=2",
+         "evaluation.steps=1", "tracking.backends=[mlflow]", "--quiet"],
+        capture_output=True, text=True, env={**env, "PYTHONPATH": str(repo)}, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "runs" / "mlflow.db").exists()  # the store was created by this run
+    assert done.stdout.splitlines() == [str(tmp_path / "runs" / "tiny")]
+    assert done.stderr == ""

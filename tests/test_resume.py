@@ -18,8 +18,10 @@ import torch
 
 from fedmaml.cli import main
 from fedmaml.config import dump_yaml, load_config
+from fedmaml.errors import DataError
 from fedmaml.experiment import run_experiment
 from fedmaml.federated import checkpoint
+from fedmaml.results.compare import find_run_dirs
 from fedmaml.results.recorder import read_metrics, read_summary
 from fedmaml.run_dir import has_content, run_lock
 from tests.test_checkpoint import stop_after, without_timing  # noqa: F401 - a fixture
@@ -82,11 +84,19 @@ def test_an_override_of_a_fixed_key_on_resume_is_refused(tiny_config, tmp_path, 
     run_dir, _ = interrupted(tiny_config, tmp_path, stop_after)
     assert main(["run", "--resume", str(run_dir), "algorithm.eta=0.05", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "--resume: algorithm.eta cannot change when a run resumes" in err
+    assert "--resume: algorithm.eta cannot change when a run resumes (it would alter the rounds " \
+        "already run)" in err
     assert "only federated.rounds, federated.checkpoint_every may" in err
+    # a tracking key changes no round: the reason is where the rounds were logged
+    assert main(["run", "--resume", str(run_dir), "tracking.backends=[tensorboard]",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume: tracking.backends cannot change when a run resumes (its trackers would " \
+        "hold half a run" in err and "alter the rounds" not in err
 
 
-def test_the_checkpoint_keeps_the_config_and_its_hash(tiny_config, tmp_path, stop_after):  # noqa: F811
+def test_the_checkpoint_keeps_the_config_and_its_hash(tiny_config, tmp_path, stop_after,  # noqa: F811
+                                                      capsys):
     from fedmaml.config import config_to_flat
 
     run_dir, cfg = interrupted(tiny_config, tmp_path, stop_after)
@@ -98,6 +108,16 @@ def test_the_checkpoint_keeps_the_config_and_its_hash(tiny_config, tmp_path, sto
     flat = {k: v for k, v in config_to_flat(cfg).items() if k != "output_dir"}
     assert saved["config_sha256"] == hashlib.sha256(
         json.dumps(flat, sort_keys=True).encode()).hexdigest()
+    # and it is checked: a stored config edited by hand (say, to change eta past the resume check)
+    # no longer matches its hash, and the resume is refused with the way forward
+    raw = torch.load(checkpoint.path_of(run_dir), weights_only=True)
+    raw["config"]["algorithm.eta"] = 0.05
+    torch.save(raw, checkpoint.path_of(run_dir))
+    with pytest.raises(DataError, match="the config stored in it does not match its config_sha256"):
+        checkpoint.load(run_dir)
+    assert main(["run", "--resume", str(run_dir), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "does not match its config_sha256" in err and "fedmaml run --restart" in err
 
 
 # -- changing the number of rounds -----------------------------------------------------------------
@@ -257,7 +277,7 @@ def test_a_corrupt_checkpoint_says_how_to_start_again_and_restart_does(
         tiny_config, tmp_path, stop_after, capsys):  # noqa: F811
     run_dir, cfg = interrupted(tiny_config, tmp_path, stop_after)
     checkpoint.path_of(run_dir).write_bytes(b"not a checkpoint")
-    hint = f"`fedmaml run --restart {run_dir}` (moves {run_dir} aside to cut.old-N beside it"
+    hint = f"`fedmaml run --restart {run_dir}` (moves {run_dir} aside to .cut.old-N beside it"
     assert main(["run", "--resume", str(run_dir), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "is unreadable" in err and hint in err, err
@@ -272,7 +292,7 @@ def test_a_corrupt_checkpoint_says_how_to_start_again_and_restart_does(
     assert "is unreadable" in err and f"fedmaml run --restart {moved}" in err, err
 
     assert main(["run", "--restart", str(moved), "--quiet"]) == 0
-    old = tmp_path / "runs" / "tiny.old-1"
+    old = tmp_path / "runs" / ".tiny.old-1"
     assert (old / "checkpoint.pt").read_bytes() == b"not a checkpoint"  # nothing deleted
     assert read_summary(moved)["status"] == "completed"
     full = run_experiment(cfg, quiet=True, run_dir=tmp_path / "full")
@@ -281,7 +301,9 @@ def test_a_corrupt_checkpoint_says_how_to_start_again_and_restart_does(
     assert same_model(full, moved)
     # a second restart takes the next free name
     assert main(["run", "--restart", str(moved), "--quiet"]) == 0
-    assert (tmp_path / "runs" / "tiny.old-2" / "summary.json").exists()
+    assert (tmp_path / "runs" / ".tiny.old-2" / "summary.json").exists()
+    # the old attempts are not more seeds of the run: compare (given a sweep-like parent) skips them
+    assert find_run_dirs([tmp_path / "runs"]) == [moved.resolve()]
 
 
 def test_a_directory_whose_run_ended_cannot_be_extended_and_the_refusal_changes_nothing(
@@ -330,3 +352,31 @@ def test_a_sweep_does_not_resume_a_run_with_a_changed_base_config(tiny_config, t
     # the sweep with its own config continues the run
     result = run_sweep(base, spec, tmp_path / "sw", quiet=True)
     assert result.ran == ["beta=0.3,seed=0"] and not result.failed
+
+
+# -- provenance across a resume --------------------------------------------------------------------
+
+def test_a_resumed_run_keeps_the_provenance_of_its_start(tiny_config, tmp_path, stop_after,  # noqa: F811
+                                                         monkeypatch):
+    """The code that started a run is what its summary names; a resume by other code is listed
+    beside it, not in its place. (Two commits stand in for a merge between the segments: the
+    commit is read through git_state, which is replaced here, not Flower or torch.)"""
+    from fedmaml import provenance
+
+    def code_at(commit: str) -> None:
+        monkeypatch.setattr(provenance, "git_state", lambda *a: (commit, False))
+        provenance.provenance.cache_clear()
+
+    try:
+        code_at("a" * 40)
+        run_dir, _ = interrupted(tiny_config, tmp_path, stop_after)
+        assert read_summary(run_dir)["provenance"]["git_commit"] == "a" * 40
+        code_at("b" * 40)
+        run_experiment(load_config(run_dir / "config.yaml"), quiet=True, run_dir=run_dir,
+                       resume=True)
+        record = read_summary(run_dir)["provenance"]
+        assert read_summary(run_dir)["status"] == "completed"
+        assert record["git_commit"] == "a" * 40  # the first segment's code
+        assert [r["git_commit"] for r in record["resumed_with"]] == ["b" * 40]
+    finally:
+        provenance.provenance.cache_clear()

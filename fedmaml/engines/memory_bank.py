@@ -21,6 +21,7 @@ the bank through that same store interface, for the clients the engine runs one 
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import weakref
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fedmaml.atomic import atomic_torch_save
+from fedmaml.atomic import PRIVATE, atomic_torch_save
 from fedmaml.core.params import Params
 from fedmaml.errors import DataError
 from fedmaml.federated.bank_state import CHECKPOINT_FORMAT, bank_state
@@ -145,7 +146,7 @@ class MemoryBank:
 
     def save(self, path: str | Path) -> None:
         """Write a checkpoint atomically (a crash leaves the previous checkpoint intact)."""
-        atomic_torch_save(self.state_dict(), path)
+        atomic_torch_save(self.state_dict(), path, mode=PRIVATE)  # the clients' memories
 
     def restore(self, path: str | Path) -> None:
         """Replace the bank's contents by a checkpoint written by :meth:`save`."""
@@ -242,7 +243,9 @@ class MemoryBank:
             if k not in self._maps:  # a fresh file (a stale one from an earlier run is replaced)
                 path.unlink(missing_ok=True)
             size = int(np.prod(shape)) * dtype.itemsize
-            with open(path, "ab") as f:  # extend without touching existing bytes
+            # extend without touching existing bytes; owner-only like every file of memories
+            with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, PRIVATE),
+                           "ab") as f:
                 f.truncate(size)
             self._maps[k] = np.memmap(path, dtype=dtype, mode="r+", shape=shape)
             store[k] = torch.from_numpy(self._maps[k])

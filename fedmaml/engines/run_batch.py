@@ -62,6 +62,7 @@ from fedmaml.federated.server_app import (new_run_state, note_evaluation, run_he
                                           run_summary)
 from fedmaml.federated.setup import ExperimentSetup, resolve_device, setup_for
 from fedmaml.federated.strategy import TRAIN_METRICS, MetaStrategy
+from fedmaml.provenance import run_provenance
 from fedmaml.results.plots import plot_run
 from fedmaml.results.progress import Progress
 from fedmaml.results.recorder import RunRecorder
@@ -86,7 +87,7 @@ _TASK_CACHE = 4096
 
 def batch_refusal(cfg: Any) -> str | None:
     """Why ``cfg`` cannot run in a batch (``None``: it can)."""
-    if cfg.compare_with.strip():
+    if cfg.compare_with:
         return "compare_with baselines run inside the run directory"
     if any((cfg.faults.fail, cfg.faults.straggle, cfg.faults.dropout)):
         return "faults are injected"
@@ -475,7 +476,7 @@ class RunBatch:
         summary = run_summary(cfg, strategy, self.healths[i], self.states[i], status, message)
         summary["batch"] = {"runs": len(self.cfgs), "engine": "fedmaml sweep --vectorize"}
         model = _row(self.w_before if distrust_w else self.w, j)
-        self.recorders[i].finish(summary, model)
+        self.recorders[i].finish(summary, model, self.states[i]["provenance"])
         if status != "interrupted":
             checkpoint.remove(self.dirs[i])
         plot_run(self.dirs[i])
@@ -542,6 +543,7 @@ class RunBatch:
             self.trained[i, sorted(strategy.trained)] = True
             self.healths[i].restore(s["health"])
             self.states[i] = s["app"]
+            self.states[i]["provenance"] = run_provenance(s["app"].get("provenance"))
             for k in self.totals:
                 self.totals[k][i] = int(strategy.totals[k])
             bank = s["memories"].get("bank")

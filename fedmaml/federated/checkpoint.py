@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedmaml.atomic import atomic_torch_save
+from fedmaml.atomic import PRIVATE, atomic_torch_save
 from fedmaml.config import config_to_flat
 from fedmaml.core.params import Params
 from fedmaml.errors import DataError, FedmamlError, MessageError
@@ -266,8 +266,9 @@ def save(run_dir: str | Path, state: dict[str, Any], config: Any) -> None:
     SHA-256 of them (``config_sha256``), so that a resume can refuse a changed config and name the
     keys that changed (fedmaml/run_dir.py)."""
     flat = config_to_flat(config)
+    # owner-only, whatever the umask: it holds the clients' memories, which are never released
     atomic_torch_save({"format": FORMAT, **state, "config": flat,
-                       "config_sha256": config_sha256(flat)}, path_of(run_dir))
+                       "config_sha256": config_sha256(flat)}, path_of(run_dir), mode=PRIVATE)
 
 
 def config_sha256(flat: Mapping[str, Any]) -> str:
@@ -291,6 +292,12 @@ def load(run_dir: str | Path) -> dict[str, Any]:
                         f"({path.stat().st_size} bytes; torch: {type(e).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise DataError(f"{path} is not a fedmaml checkpoint (format {FORMAT})")
+    stored = state.get("config_sha256")
+    # the config decides what a resume may change (fedmaml/run_dir.py): a stored config that no
+    # longer matches its hash (damaged, or edited to slip a change past that check) is refused
+    if stored is not None and config_sha256(state.get("config") or {}) != stored:
+        raise DataError(f"checkpoint {path}: the config stored in it does not match its "
+                        f"config_sha256 (damaged, or edited by hand)")
     return state
 
 

@@ -24,7 +24,7 @@ from typing import Protocol
 import torch
 from flwr.app import ArrayRecord, Context
 
-from fedmaml.atomic import atomic_write_bytes
+from fedmaml.atomic import PRIVATE, atomic_write_bytes
 from fedmaml.core.params import Params
 from fedmaml.errors import DataError
 from fedmaml.federated import codec
@@ -126,7 +126,7 @@ class FileStore:
         buffer = io.BytesIO()
         torch.save({k: v.detach().cpu() for k, v in memory.items()}, buffer)
         data = buffer.getvalue()
-        atomic_write_bytes(self.path, data)
+        atomic_write_bytes(self.path, data, mode=PRIVATE)  # derived from the client's own data
         self._say(f"saved {self.path} ({_tasks(memory)} tasks, sha256 {digest(data)})")
 
     def _check(self, data: bytes) -> Params:

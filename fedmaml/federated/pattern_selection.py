@@ -286,7 +286,7 @@ class PatternSelector:
         return record
 
     def _switch(self, chosen: str) -> None:
-        targets = {t.strip() for t in self.sel.apply_to.split(",") if t.strip()}
+        targets = set(self.sel.apply_to)
         if "inner" in targets:
             self._train[INNER] = chosen
         # An empty algorithm.memory_pattern means "the inner pattern", so it follows the inner one.
@@ -439,7 +439,7 @@ def select_from_cli(target: str | Path, overrides: Sequence[str] = (), *,
     if epsilon is not None:
         updates["pattern_selection.epsilon"] = epsilon
     if candidates is not None:
-        updates["pattern_selection.candidates"] = ",".join(candidates)
+        updates["pattern_selection.candidates"] = list(candidates)
     if family is not None:
         updates["pattern_selection.family"] = family
     if updates:

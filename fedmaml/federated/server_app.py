@@ -18,6 +18,7 @@ from fedmaml.federated.health import RunHealth, RunStopped
 from fedmaml.federated.pattern_selection import selection_summary, write_selection
 from fedmaml.federated.setup import setup_for
 from fedmaml.federated.strategy import MetaStrategy
+from fedmaml.provenance import run_provenance
 from fedmaml.results.plots import plot_run
 from fedmaml.results.progress import Progress
 from fedmaml.results.recorder import RunRecorder
@@ -66,6 +67,7 @@ def run_federated(grid: Grid, cfg: Any, run_dir: str | Path, quiet: bool = False
     if saved is not None:
         health.restore(saved["health"])
         state = saved["app"]
+        state["provenance"] = run_provenance(state.get("provenance"))  # the first segment's stays
         checkpoint.set_rng_state(saved["rng"])
     every = cfg.federated.checkpoint_every
 
@@ -121,7 +123,7 @@ def run_federated(grid: Grid, cfg: Any, run_dir: str | Path, quiet: bool = False
         tracker.abort("interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
         raise
     summary = run_summary(cfg, strategy, health, state, status, message)
-    recorder.finish(summary, strategy.w if model is None else model)
+    recorder.finish(summary, strategy.w if model is None else model, state["provenance"])
     if status != "interrupted":  # the summary says what the run became; nothing to resume
         checkpoint.remove(run_dir)
     plot_run(run_dir)
@@ -139,9 +141,10 @@ def run_health(cfg: Any) -> RunHealth:
 
 def new_run_state() -> dict[str, Any]:
     """What a run's summary reports besides the health totals (kept in checkpoints): faults
-    injected, the first and last evaluation and the running clock."""
+    injected, the first and last evaluation, the running clock and the provenance of the code,
+    taken now, at the run's start (fedmaml/provenance.py)."""
     return {"injected": {k: 0 for k in faults.KINDS}, "first_eval": {}, "last_eval": {},
-            "seconds": 0.0}
+            "seconds": 0.0, "provenance": run_provenance()}
 
 
 def progress_info(row: dict[str, Any], state: dict[str, Any], key: str,

@@ -26,12 +26,10 @@ import numpy as np
 
 from fedmaml.config import Config, config_to_flat, load_config, short_key
 from fedmaml.errors import FedmamlError
+# the file names from run_files.py, not the recorder, which imports torch: seconds on every compare
+from fedmaml.results.run_files import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 from fedmaml.sweep_spec import MANIFEST
 from fedmaml.tracking.base import TRACKER_DIRS
-
-# File names of a run directory (fedmaml/results/recorder.py). Read here without importing the
-# recorder, which pulls in torch (through fedmaml.atomic) and would add seconds to every compare.
-CONFIG_FILE, METRICS_FILE, SUMMARY_FILE = "config.yaml", "metrics.jsonl", "summary.json"
 
 #: Keys that name or place a run, or add baselines next to it: not part of its setting.
 IDENTITY_KEYS = ("seed", "name", "output_dir", "compare_with")

@@ -139,11 +139,21 @@ class Progress:
         self._live = not quiet and (is_interactive(self.stream) if bar is None else bar)
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
+        self._state = "new"  # -> "open" (registered, ticking) -> "closed"
+
+    def _open(self) -> None:
+        """Register as the innermost progress and start the live line's ticker: at the ``with``
+        block's start or the first update, not at construction, so that a progress made early and
+        never used (an error before its block) neither hides the outer line nor leaves a thread."""
         with _LOCK:
+            if self._state != "new":
+                return
+            self._state = "open"
             _ACTIVE.append(self)
-        if self._live:
-            self._ticker = threading.Thread(target=self._tick, name="fedmaml-progress", daemon=True)
-            self._ticker.start()
+            if self._live:
+                self._ticker = threading.Thread(target=self._tick, name="fedmaml-progress",
+                                                daemon=True)
+                self._ticker.start()
 
     # -- what is shown ----------------------------------------------------------------------------
 
@@ -180,6 +190,9 @@ class Progress:
     # -- updates ----------------------------------------------------------------------------------
 
     def update(self, done: int, info: str = "") -> None:
+        self._open()
+        if self._state == "closed":
+            return
         if self.quiet:
             if done >= self.total:
                 self.close()
@@ -204,7 +217,7 @@ class Progress:
 
     def set_status(self, text: str, force: bool = False) -> None:
         """What happens now inside the current step (see :func:`status`)."""
-        if self.quiet:
+        if self.quiet or self._state != "open":
             return
         now = self.clock()
         with _LOCK:
@@ -240,7 +253,8 @@ class Progress:
     def close(self) -> None:
         """Stop the live line (leaving its last state on screen); plain lines need nothing."""
         with _LOCK:
-            if self._live and not self._stop.is_set():
+            was_open, self._state = self._state == "open", "closed"
+            if was_open and self._live and not self._stop.is_set():
                 self._stop.set()
                 try:
                     self._draw()  # the latest state (a throttled update may not be drawn yet)
@@ -255,6 +269,7 @@ class Progress:
             self._ticker = None
 
     def __enter__(self) -> Progress:
+        self._open()
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -14,8 +14,11 @@ from fedmaml.atomic import atomic_torch_save, atomic_write_text
 from fedmaml.core.params import Params
 from fedmaml.provenance import with_provenance
 
-CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, MODEL_FILE = ("config.yaml", "metrics.jsonl",
-                                                      "summary.json", "model.pt")
+from fedmaml.results.run_files import (CONFIG_FILE, METRICS_FILE, MODEL_FILE, SUMMARY_FILE,
+                                       read_metrics, read_summary)
+
+__all__ = ["CONFIG_FILE", "METRICS_FILE", "MODEL_FILE", "SUMMARY_FILE", "RunRecorder",
+           "read_metrics", "read_summary"]
 
 
 def _clean(value: Any) -> Any:
@@ -66,20 +69,15 @@ class RunRecorder:
             self._metrics.write("".join(_json_line(row) for row in rows))
             self._metrics.flush()
 
-    def finish(self, summary: dict[str, Any], params: Params) -> None:
+    def finish(self, summary: dict[str, Any], params: Params,
+               provenance: dict[str, Any] | None = None) -> None:
+        """``provenance``: the run's, taken at its start (fedmaml/provenance.py run_provenance;
+        None: this process's)."""
         self._metrics.close()
         atomic_torch_save({k: v.detach().cpu() for k, v in params.items()}, self.dir / MODEL_FILE)
         # The version and commit that produced the numbers (fedmaml/provenance.py); only in the
         # file: the tracking backends get the summary as the run computed it.
-        atomic_write_text(self.dir / SUMMARY_FILE,
-                          json.dumps(_clean(with_provenance(summary)), indent=2) + "\n")
+        record = with_provenance(summary) if provenance is None else {**summary,
+                                                                      "provenance": provenance}
+        atomic_write_text(self.dir / SUMMARY_FILE, json.dumps(_clean(record), indent=2) + "\n")
 
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    with open(Path(run_dir) / METRICS_FILE, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
-    path = Path(run_dir) / SUMMARY_FILE
-    return json.loads(path.read_text()) if path.exists() else None

@@ -1,0 +1,29 @@
+"""The names of a run directory's files and reading them back: one home for what the recorder
+writes (fedmaml/results/recorder.py) and what the run-directory logic, the sweep and compare read.
+
+Standard library only, so that a sweep's parent process, ``fedmaml compare`` and the CLI's checks
+of a run directory do not import torch (the recorder does, for model.pt).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+CONFIG_FILE = "config.yaml"  # the resolved config
+METRICS_FILE = "metrics.jsonl"  # one line per round, appended
+SUMMARY_FILE = "summary.json"  # written last: a directory that has one holds a run that ended
+MODEL_FILE = "model.pt"  # the final meta-model
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    with open(Path(run_dir) / METRICS_FILE, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
+    """summary.json, or None when there is none (a run not finished, or a directory of another
+    kind)."""
+    path = Path(run_dir) / SUMMARY_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
