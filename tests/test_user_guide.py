@@ -179,3 +179,97 @@ def test_the_images_guide_script_runs_end_to_end(tmp_path, monkeypatch):
     assert (compare / "convergence-seen.accuracy.mean-rounds.png").stat().st_size
     report = (compare / "report.md").read_text()
     assert all(f"| {name} | 1 |" in report for name in ("MOML-head", "MOML-full", "FedAvg"))
+
+
+# -- fedmaml deploy: the user's module travels with the app -----------------------------------------
+
+def test_the_deployed_app_bundles_the_users_module(user):
+    import io
+    import tomllib
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    from fedmaml.deploy.app_bundle import staged_app, user_code
+
+    (user / "my_pkg").mkdir()
+    (user / "my_pkg" / "__init__.py").write_text("")
+    (user / "my_pkg" / "nets.py").write_text("from my_models import small_resnet as net\n")
+    cfg = load_config(user / "user.yaml")
+    assert user_code(cfg) == [(user / "my_models.py").resolve()]
+    both = load_config(user / "user.yaml", ["data.family=flower", "data.flower_task=my_pkg.nets"])
+    assert user_code(both) == [(user / "my_models.py").resolve(), (user / "my_pkg").resolve()]
+    # Built in, installed (torch), fedmaml's own, or not found: nothing to bundle.
+    for name in ("torch.nn:Linear", "fedmaml.models:nothing", "nowhere:f"):
+        assert user_code(load_config(user / "user.yaml", [f"model.name={name}"])) == [], name
+    assert user_code(load_config(None, ["model.name=mlp"])) == []
+    with staged_app(user_code(both)) as app:
+        names = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(app))).namelist()
+        include = tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"][
+            "fab-include"]
+    assert include == ["fedmaml/**/*.py", "my_models.py", "my_pkg/**/*.py"]
+    assert {"my_models.py", "my_pkg/__init__.py", "my_pkg/nets.py",
+            "fedmaml/federated/client_app.py"} <= set(names)
+
+
+@pytest.mark.skipif(os.environ.get("FEDMAML_SKIP_DEPLOYMENT") == "1",
+                    reason="FEDMAML_SKIP_DEPLOYMENT=1")
+@pytest.mark.deployment
+@pytest.mark.slow
+def test_deploy_runs_the_users_module_and_files_on_a_local_superlink(user):
+    """A SuperLink and two SuperNodes (real processes) that cannot import my_models themselves
+    (their PYTHONPATH has fedmaml only): ``fedmaml deploy submit`` bundles it, and the run
+    trains the user's CNN on the user's files."""
+    import subprocess
+
+    from fedmaml.deploy import processes
+    from fedmaml.deploy.commands import program_env, superlink_argv
+    from fedmaml.deploy.flwr_config import write_connection
+
+    env = {**program_env(), "PYTHONPATH": str(REPO), "FLWR_LOG_LEVEL": "INFO",
+           "PYTHONUNBUFFERED": "1"}
+    (user / "user.yaml").write_text(CONFIG.format(clients=user / "clients", out=user / "runs")
+                                    .replace("num_clients: 6, unseen_clients: 2",
+                                             "num_clients: 2, unseen_clients: 0")
+                                    .replace("rounds: 4, clients_per_round: 3, eval_every: 2",
+                                             "rounds: 2, clients_per_round: 2, eval_every: 2, "
+                                             "round_timeout: 300, mode: cross_silo"))
+    for c in range(2, CLIENTS):  # a federation of two devices: clients 0 and 1
+        (user / "clients" / f"{c}.npz").unlink()
+    fleet, control = processes.free_port(), processes.free_port()
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        procs["superlink"] = processes.start(
+            superlink_argv(None, host="127.0.0.1", port=fleet, control_port=control,
+                           insecure=True, operator_token=user / "operator.token"),
+            user / "superlink.log", cwd=REPO, env={**env, "FLWR_HOME": str(user / "home-link")})
+        processes.wait_until(lambda: processes.port_open("127.0.0.1", control), 180, "SuperLink")
+        for i in range(2):
+            procs[f"node-{i}"] = processes.start(
+                [sys.executable, "-m", "fedmaml", "deploy", "supernode", "--superlink",
+                 f"127.0.0.1:{fleet}", "--insecure", "--partition-id", str(i), "--num-partitions",
+                 "2", "--port", str(processes.free_port()), "--home", str(user / f"home-{i}"),
+                 "--retry-for", "0"], user / f"node-{i}.log", env=env, cwd=REPO)
+        for i in range(2):
+            processes.wait_until(lambda i=i: "SuperNode ID: " in (user / f"node-{i}.log").read_text(
+                errors="replace"), 240, f"node {i} to connect")
+        home = user / "home-op"
+        write_connection("op", f"127.0.0.1:{control}", None, insecure=True, default=True,
+                         home=home, token_file=user / "operator.token")
+        # The submitter's environment has the user's directory on PYTHONPATH (the fixture's).
+        done = subprocess.run([sys.executable, "-m", "fedmaml", "deploy", "submit", "user.yaml",
+                               "--connection", "op", "--timeout", "900"],
+                              capture_output=True, text=True, cwd=user,
+                              env={**os.environ, **program_env(), "FLWR_HOME": str(home)},
+                              timeout=1000)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"bundling {(user / 'my_models.py').resolve()} with the app" in done.stdout
+        [run_dir] = [d for d in (user / "runs").iterdir() if d.is_dir()]
+        rows = read_metrics(run_dir)
+        assert [r["round"] for r in rows] == [0, 1, 2] and rows[2]["replies"] == 2, rows
+        assert set(torch.load(run_dir / "model.pt", weights_only=True)) >= {"2.conv.weight"}
+    finally:
+        for proc in reversed(list(procs.values())):
+            processes.stop(proc)
+    for name, proc in procs.items():
+        assert proc.poll() is not None, f"{name} still runs"
