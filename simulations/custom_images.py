@@ -5,12 +5,12 @@ example; fedmaml has no such model built in) on images the user has as arrays: s
 digits stand in for them. Each client's images are written as one file, ``clients/<id>.npz`` with
 ``x`` ``[n, 1, 8, 8]`` float32 and ``y`` ``[n]`` integer labels; each client holds three of the
 ten digits and calls them 0, 1, 2 in its own order, so a model adapted to a client beats one shared
-model. A sweep with named settings then
-compares MOML adapting only the CNN's head (Lambda pattern ``0001``), MOML adapting every layer,
-and FedAvg, on the same clients and seeds, and ``fedmaml compare`` draws the figure and the table.
+model. A sweep with named settings then compares MOML adapting only the CNN's head (Lambda pattern
+``0001``), MOML adapting every layer, and FedAvg, on the same clients and seeds, and ``fedmaml
+compare`` draws the figure and the table.
 Everything goes to ``--out`` (default ``results/custom_images``).
 
-    PYTHONPATH=. python simulations/custom_images.py            # 200 rounds x 2 seeds
+    PYTHONPATH=. python simulations/custom_images.py            # 400 rounds x 2 seeds
     PYTHONPATH=. python simulations/custom_images.py --short    # 6 rounds x 1 seed (CI)
 """
 
@@ -98,9 +98,9 @@ data:
 model:
   name: my_models:small_resnet
   kwargs: {{width: 16}}
-algorithm: {{name: moml, support_size: 10, alpha: 0.1, eta: 0.05, beta: 0.5}}
+algorithm: {{name: moml, support_size: 10, alpha: 0.5, eta: 0.05, beta: 0.5}}
 federated: {{rounds: {rounds}, clients_per_round: 5, eval_every: {every}}}
-evaluation: {{steps: 5, alpha: 0.1, pattern: "0001"}}   # every method adapts its head to evaluate
+evaluation: {{steps: 5, alpha: 0.5, pattern: "0001"}}   # every method adapts its head to evaluate
 sweep:
   settings:
     MOML-head: {{algorithm.inner_pattern: "0001"}}       # adapt only the head while training
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (fedmaml sweep --jobs)")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
-    rounds, seeds = (6, "[0]") if args.short else (200, "[0, 1]")
+    rounds, seeds = (6, "[0]") if args.short else (400, "[0, 1]")
 
     from sklearn.datasets import load_digits  # the user's images: any [N, H, W] array will do
 

@@ -147,7 +147,7 @@ def test_sweep_vectorized_and_compare(user, capsys):
     assert all(s["status"] == "completed" for s in summaries.values())
     # The two MOML settings differ only in eta: one batch on the user's module; FedAvg has
     # another shape and trains in a batch of its own.
-    assert summaries["slow,seed=0"]["batch"]["runs"] == summaries["fast,seed=0"]["batch"]["runs"] == 2
+    assert [summaries[f"{name},seed=0"]["batch"]["runs"] for name in ("slow", "fast")] == [2, 2]
     capsys.readouterr()
     assert main(["compare", str(user / "sweep"), "--out", str(user / "compare")]) == 0
     report = (user / "compare" / "report.md").read_text()
@@ -181,7 +181,7 @@ def test_the_images_guide_script_runs_end_to_end(tmp_path, monkeypatch):
     assert all(f"| {name} | 1 |" in report for name in ("MOML-head", "MOML-full", "FedAvg"))
 
 
-# -- fedmaml deploy: the user's module travels with the app -----------------------------------------
+# -- fedmaml deploy: the user's module travels with the app ----------------------------------------
 
 def test_the_deployed_app_bundles_the_users_module(user):
     import io
