@@ -170,15 +170,22 @@ def test_a_stopped_run_resumes_bitwise(user, stop_after):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_the_images_guide_script_runs_end_to_end(tmp_path, monkeypatch):
-    # simulations/custom_images.py --short: the files, the sweep of three settings, the figure.
+def test_the_guide_script_runs_both_parts_end_to_end(tmp_path, monkeypatch):
+    # simulations/custom_guide.py --short: the image files and the sweep of three settings on the
+    # user's CNN, the CSV and its run with baselines; a figure and a table for each.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO),
                                                                    os.environ.get("PYTHONPATH")])))
-    assert _script().main(["--short", "--out", str(tmp_path / "out")]) == 0
-    compare = tmp_path / "out" / "compare"
-    assert (compare / "convergence-seen.accuracy.mean-rounds.png").stat().st_size
-    report = (compare / "report.md").read_text()
+    spec = importlib.util.spec_from_file_location("custom_guide",
+                                                  REPO / "simulations" / "custom_guide.py")
+    guide = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(guide)
+    assert guide.main(["--short", "--out", str(tmp_path / "out")]) == 0
+    images, tabular = (tmp_path / "out" / part / "compare" for part in ("images", "tabular"))
+    assert (images / "convergence-seen.accuracy.mean-rounds.png").stat().st_size
+    report = (images / "report.md").read_text()
     assert all(f"| {name} | 1 |" in report for name in ("MOML-head", "MOML-full", "FedAvg"))
+    assert (tabular / "convergence-seen.loss.mean-rounds.png").stat().st_size
+    assert "| moml | 1 |" in (tabular / "report.md").read_text()
 
 
 # -- fedmaml deploy: the user's module travels with the app ----------------------------------------
