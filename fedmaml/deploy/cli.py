@@ -342,9 +342,12 @@ def _submit(a: argparse.Namespace) -> int:
     if a.app is not None:
         run_id = submit(a.app, a.connection, run_config)
     else:
-        from fedmaml.deploy.app_bundle import staged_app
+        from fedmaml.deploy.app_bundle import staged_app, user_code
 
-        with staged_app() as app:
+        bundled = user_code(cfg)  # the user's own module files travel with the app
+        for path in bundled:
+            print(f"bundling {path} with the app", flush=True)
+        with staged_app(bundled) as app:
             run_id = submit(app, a.connection, run_config)
     conn = f" {a.connection}" if a.connection else ""
     print(f"submitted run {run_id} (run config {run_config}); follow its log with: "
