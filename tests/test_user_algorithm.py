@@ -276,3 +276,52 @@ def test_ditto_with_builtin_baselines(my_ditto, tiny_config, tmp_path):
     assert read_summary(run_dir)["status"] == "completed"
     baselines = [p for p in run_dir.rglob("config.yaml") if p.parent != run_dir]
     assert [load_config(p).algorithm.name for p in baselines] == ["fedavg"]
+
+
+class BranchyFedAvg(FedAvg):
+    """FedAvg with a Python branch on a tensor's value, which vmap cannot batch."""
+
+    def local_round(self, model, loss_fn, hp, w, memory, data):
+        w, memory, metrics = super().local_round(model, loss_fn, hp, w, memory, data)
+        if float(metrics["loss_after"]) > 1e30:  # data-dependent: fine one client at a time
+            raise FloatingPointError("diverged")
+        return w, memory, metrics
+
+
+def test_an_algorithm_vmap_cannot_batch_runs_client_by_client_on_the_vectorized_engine(
+        tiny_config, tmp_path):
+    cfg = tiny_config(f"algorithm.name={__name__}:BranchyFedAvg")
+    run_engine(cfg, "inprocess", tmp_path / "inprocess")
+    _, _, _, grid = run_engine(cfg, "vectorized", tmp_path / "vectorized")
+    assert grid.stats.fallbacks > 0 and grid.stats.vmapped_clients == 0
+    grid.close()
+    assert_same_runs(tmp_path / "inprocess", tmp_path / "vectorized")
+
+
+def test_cli_sweep_vectorize_batches_ditto_and_runs_a_server_rule_one_by_one(
+        my_ditto, tiny_config, tmp_path, capsys):
+    import json
+
+    from fedmaml.cli import main
+    from fedmaml.config import dump_yaml
+
+    median = (f"algorithm.name={__name__}:MedianFedAvg",)
+    for name, overrides in (("ditto", DITTO), ("median", median)):
+        cfg_file = tmp_path / f"{name}.yaml"
+        cfg_file.write_text(dump_yaml(tiny_config(*overrides, "federated.rounds=2")))
+        code = main(["sweep", str(cfg_file), "--grid", "algorithm.eta=0.01,0.02", "--seeds", "0",
+                     "--vectorize", "--sweep-dir", str(tmp_path / name), "--progress-every",
+                     "1000"])
+        out = capsys.readouterr()
+        assert code == 0, out
+        text = out.out + out.err
+        dirs = sorted(p for p in (tmp_path / name).iterdir() if p.is_dir())
+        summaries = [json.loads((d / "summary.json").read_text()) for d in dirs]
+        assert len(dirs) == 2 and all(s["status"] == "completed" for s in summaries)
+        if name == "ditto":
+            assert "vectorized: 2 runs in 1 batch(es) of 2 runs" in text, text
+            assert all("batch" in s for s in summaries)
+        else:
+            assert ("one by one (the algorithm has its own server rule (server_update), which "
+                    "runs per run): 2 run(s)") in text, text
+            assert not any("batch" in s for s in summaries)
