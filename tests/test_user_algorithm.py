@@ -61,15 +61,17 @@ def assert_same_runs(a, b) -> None:
                         torch.load(b / MODEL_FILE, weights_only=True), "final model")
 
 
-def test_the_documented_ditto_is_an_algorithm_with_kwargs(my_ditto, tiny_config):
-    setup = setup_for(tiny_config(*DITTO))
+def test_the_documented_ditto_config_runs(my_ditto, tmp_path):
+    (tmp_path / "my_ditto.yaml").write_text(doc_files()["my_ditto.yaml"], encoding="utf-8")
+    cfg = load_config(tmp_path / "my_ditto.yaml", ["federated.rounds=2", "federated.eval_every=2",
+                                                   f"output_dir={tmp_path / 'runs'}"])
+    setup = setup_for(cfg)
     # (setups are cached per process: an earlier test's import of my_ditto may have built it)
     assert type(setup.algorithm).__qualname__ == "Ditto" and setup.algorithm.lam == 0.5
-    assert isinstance(get_algorithm("moml"), Algorithm)  # the built-ins are ordinary instances
-    doc = doc_files()["my_ditto.yaml"]
-    cfg = load_config(None, [])
-    cfg = replace_paths(cfg, {"algorithm.name": "my_ditto:Ditto"})  # the YAML's keys validate
-    assert "my_ditto:Ditto" in doc and cfg.algorithm.name == "my_ditto:Ditto"
+    assert isinstance(setup.algorithm, Algorithm) and isinstance(get_algorithm("moml"), Algorithm)
+    run_dir = run_experiment(cfg, quiet=True, run_dir=tmp_path / "run")
+    last = read_metrics(run_dir)[-1]
+    assert last["round"] == 2 and last["failures"] == 0 and "seen.memory-loss.mean" in last["eval"]
 
 
 def test_ditto_runs_alike_on_the_inprocess_and_vectorized_engines(my_ditto, tiny_config, tmp_path):

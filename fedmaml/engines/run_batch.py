@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from fedmaml import collector
-from fedmaml.algorithms import Hyper, RoundData, has_server_rule
+from fedmaml.algorithms import ALGORITHMS, Hyper, RoundData, get_algorithm, has_server_rule
 from fedmaml.algorithms.base import draw_cohort, draw_init
 from fedmaml.config import config_to_flat
 from fedmaml.core.params import Params
@@ -107,7 +107,8 @@ def batch_refusal(cfg: Any) -> str | None:
         return "batches run on the CPU"
     # A server rule sees one run's updates with their weights; a batch averages all runs at once
     # (rejected updates zeroed, not dropped), which only the mean can do the same way.
-    if has_server_rule(setup_for(cfg).algorithm):
+    if (cfg.algorithm.name not in ALGORITHMS  # no setup (data) built for the built-ins
+            and has_server_rule(get_algorithm(cfg.algorithm.name, cfg.algorithm.kwargs))):
         return "the algorithm has its own server rule (server_update), which runs per run"
     # A user's module may be one vmap cannot batch (docs/custom.md); built-ins are written for it.
     problem = unbatchable_reason(setup_for(cfg)) if is_user_model(cfg.model.name) else None
