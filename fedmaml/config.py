@@ -425,6 +425,8 @@ CROSS_FIELD_RULES = (
     "`federated.clients_per_round` must not exceed `data.num_clients`.",
     "`federated.min_replies` must not exceed `federated.clients_per_round` when that is above 0, "
     "nor `data.num_clients`.",
+    "`algorithm.name` is a built-in algorithm or an import path `package.module:Name`; "
+    "`algorithm.kwargs` only goes with an import path.",
     "`model.name: mlp` needs at least one `model.hidden` width (`linear` is the model without).",
     "`model.name: conv4` needs an image family (" + ", ".join(f"`{f}`" for f in IMAGE_FAMILIES) + ").",
     "`participation.model` other than `uniform` requires `federated.mode: cross_device`; "
