@@ -323,6 +323,11 @@ def test_cli_sweep_vectorize_batches_ditto_and_runs_a_server_rule_one_by_one(
         if name == "ditto":
             assert "vectorized: 2 runs in 1 batch(es) of 2 runs" in text, text
             assert all("batch" in s for s in summaries)
+            # compare reads its runs; select-pattern picks an evaluation pattern for its w
+            assert main(["compare", str(tmp_path / name), "--out", str(tmp_path / "cmp")]) == 0
+            assert main(["select-pattern", str(dirs[0]), "pattern_selection.steps=1",
+                         "--only-candidates", "--candidates", "01", "--quiet"]) == 0
+            assert (dirs[0] / "pattern_selection_central.json").exists()
         else:
             assert ("one by one (the algorithm has its own server rule (server_update), which "
                     "runs per run): 2 run(s)") in text, text
