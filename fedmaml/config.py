@@ -122,7 +122,10 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class AlgorithmConfig:
-    name: str = _field("moml", "Federated (meta-)learning algorithm.", choices=ALGORITHM_NAMES)
+    name: str = _field("moml", "Federated (meta-)learning algorithm: " + ", ".join(ALGORITHM_NAMES)
+                       + ", or your own as an import path 'package.module:Name' (docs/custom.md).")
+    kwargs: str = _field("", "Keyword arguments of your own algorithm.name: a mapping such as "
+                             "{lam: 0.1} (kept as JSON text).")
     alpha: float = _field(0.01, "Inner (adaptation) step size.", min=0, min_exclusive=True)
     eta: float = _field(0.005, "Meta / local step size.", min=0, min_exclusive=True)
     beta: float = _field(0.3, "Memory momentum of MOML (1 = no memory).",
@@ -422,6 +425,8 @@ CROSS_FIELD_RULES = (
     "`federated.clients_per_round` must not exceed `data.num_clients`.",
     "`federated.min_replies` must not exceed `federated.clients_per_round` when that is above 0, "
     "nor `data.num_clients`.",
+    "`algorithm.name` is a built-in algorithm or an import path `package.module:Name`; "
+    "`algorithm.kwargs` only goes with an import path.",
     "`model.name: mlp` needs at least one `model.hidden` width (`linear` is the model without).",
     "`model.name: conv4` needs an image family (" + ", ".join(f"`{f}`" for f in IMAGE_FAMILIES) + ").",
     "`participation.model` other than `uniform` requires `federated.mode: cross_device`; "
@@ -475,8 +480,14 @@ def cross_field_problems(cfg: Config) -> list[str]:
         problems.append(f"model.name: {cfg.model.name!r} is not allowed; allowed: "
                         f"{', '.join(model_names)}, or an import path 'package.module:factory' of "
                         "your own torch.nn.Module" + _suggest(cfg.model.name, model_names))
+    alg_names = ALGORITHM_NAMES
+    if alg.name not in alg_names and not _MODEL_PATH.match(alg.name):
+        problems.append(f"algorithm.name: {alg.name!r} is not allowed; allowed: "
+                        f"{', '.join(alg_names)}, or an import path 'package.module:Name' of your "
+                        "own algorithm" + _suggest(alg.name, alg_names))
     for key in _MAPPING_KEYS:
-        text = getattr(cfg.model, key.split(".")[1])
+        section, name = key.split(".")
+        text = getattr(getattr(cfg, section), name)
         if text.strip():
             try:
                 value = yaml.safe_load(text)
@@ -484,7 +495,10 @@ def cross_field_problems(cfg: Config) -> list[str]:
                 value = None
             if not isinstance(value, dict):
                 problems.append(f"{key}: expected a mapping such as {{name: value}}, got {text!r}")
-            elif cfg.model.name in model_names:
+            elif section == "algorithm" and alg.name in alg_names:
+                problems.append(f"{key}: only for your own algorithm (algorithm.name "
+                                f"'package.module:Name'); algorithm.name is {alg.name!r}")
+            elif section == "model" and cfg.model.name in model_names:
                 problems.append(f"{key}: only for your own module (model.name "
                                 f"'package.module:factory'); model.name is {cfg.model.name!r}")
 
@@ -737,7 +751,7 @@ def _check_value(spec: FieldSpec, value: Any, problems: list[str]) -> Any:
 
 
 #: String keys that take a mapping in YAML and keep it as JSON text (a Config is flat and hashable).
-_MAPPING_KEYS = ("model.kwargs", "model.groups")
+_MAPPING_KEYS = ("model.kwargs", "model.groups", "algorithm.kwargs")
 #: ``model.name`` of a user's module: an import path, or ``python:...`` (a Python object; fedmaml.run)
 _MODEL_PATH = re.compile(r"^(python:.+|[A-Za-z_][\w.]*:[A-Za-z_][\w.]*)$")
 

@@ -97,8 +97,9 @@ def baseline_config(cfg: Any, algorithm: str) -> Any:
     """``cfg`` with another algorithm (first-order when its estimator does not apply)."""
     from fedmaml.config import replace_paths
 
-    updates: dict[str, Any] = {"algorithm.name": algorithm, "compare_with": (),
-                               "name": f"{cfg.name}-{algorithm}"}
+    # a baseline is built in: the kwargs of the main run's own algorithm are not its
+    updates: dict[str, Any] = {"algorithm.name": algorithm, "algorithm.kwargs": "",
+                               "compare_with": (), "name": f"{cfg.name}-{algorithm}"}
     if algorithm in ("per_fedavg", "fedmeta") and cfg.algorithm.meta_gradient not in (
             ("first_order", "hessian_free") if algorithm == "per_fedavg" else ("first_order", "second_order")):
         updates["algorithm.meta_gradient"] = "first_order"

@@ -276,7 +276,7 @@ def test_fedavg_is_sgd_on_support_and_query():
 
 def test_registry_and_extra_batch_needs():
     assert get_algorithm("moml") is MOML and get_algorithm("reptile") is REPTILE
-    with pytest.raises(ValueError, match="unknown algorithm"):
+    with pytest.raises(ValueError, match=r"algorithm.name: 'maml\+\+' is not allowed; allowed"):
         get_algorithm("maml++")
     assert MOML.needs_extra_batch(hyper("hessian_free"))
     assert not MOML.needs_extra_batch(hyper("second_order"))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -60,17 +60,65 @@ class RoundData:
                          move(self.extra), move(self.init))
 
 
-class Algorithm(Protocol):
-    """A federated (meta-)learning algorithm: a local round on the client; averaging on the server."""
+class Algorithm:
+    """A federated (meta-)learning algorithm: a client update and a server rule (docs/custom.md,
+    "Your own algorithm"). The built-in algorithms are instances of subclasses; so is yours.
 
-    name: str
-    uses_memory: bool
+    Client side, :meth:`local_round` turns the round's global model ``w_r`` into the client's model
+    ``w`` (the update sent is ``w - w_r``, :func:`client_update`), its new memory and metrics. It
+    must be a pure function of tensors so that every engine gives the same numbers and the
+    vectorized engine can ``torch.func.vmap`` it over a cohort: do not change its inputs in place,
+    do not call ``.item()``/``float()`` on tensors and do not branch in Python on their values
+    (``torch.where`` does). Its hyperparameters are attributes set by ``__init__`` (the
+    ``algorithm.kwargs`` of the config), plus the shared ones of :class:`Hyper`.
 
-    def needs_extra_batch(self, hp: Hyper) -> bool: ...
+    Memory (``uses_memory = True``): per task of the client, a dict of parameter-shaped tensors
+    stacked along a task axis (``[tasks, ...]``); :meth:`initial_memory` makes it at a client's
+    first participation (and at every one with ``memory_policy: reinit``). The client keeps it
+    between rounds (``Context.state``, the memory bank, or files on a device) and evaluation also
+    starts from it (``memory-*`` metrics, ``evaluation.from_memory``).
+
+    Server side, :meth:`server_update` turns the stacked updates into the direction the server
+    optimizer steps along; the default is the weighted (or uniform, ``federated.aggregation``) mean.
+    """
+
+    #: Its name in logs and tables; ``algorithm.name`` is what the config records.
+    name: str = "algorithm"
+    #: Whether clients keep a memory between rounds (MOML's ``u_i``, Ditto's personal models).
+    uses_memory: bool = False
+
+    def needs_extra_batch(self, hp: Hyper) -> bool:
+        """Whether a round draws the independent batch ``S'`` (``RoundData.extra``)."""
+        return False
 
     def local_round(self, model: StagedModel, loss_fn: LossFn, hp: Hyper, w: Params,
                     memory: Params | None, data: RoundData
-                    ) -> tuple[Params, Params | None, dict[str, Tensor]]: ...
+                    ) -> tuple[Params, Params | None, dict[str, Tensor]]:
+        """``(w_r, memory, data) -> (w, memory', metrics)``: the client's model after its ``H``
+        local steps (``data`` has leading axes ``[H, B]``), its new memory (``None`` without) and
+        scalar tensor metrics (``loss_after``, optionally ``loss_before``: query losses)."""
+        raise NotImplementedError(f"{type(self).__name__} must define local_round")
+
+    def initial_memory(self, model: StagedModel, loss_fn: LossFn, hp: Hyper, w: Params,
+                       init: Batch) -> Params:
+        """A client's first memory from ``w`` (the round's model, or the initial model with
+        ``memory_init: initial_model``) and ``init`` (``K0`` examples of each of its tasks,
+        ``[tasks, K0, ...]``); MOML's default: ``u_i = A_i(w; S_0)`` per task."""
+        return initial_memory(model, loss_fn, hp, w, init)
+
+    def server_update(self, stacked: Params, weights: Tensor) -> Params:
+        """The direction the server optimizer steps along, from the clients' updates stacked along
+        a leading axis (``[n, ...]``, in client-id order) and their weights (``[n]`` float64:
+        example counts, or ones with ``federated.aggregation: uniform``). Override it for another
+        rule (a robust mean, a server-side correction); the default is not called: the server
+        takes its weighted mean as every built-in algorithm does (with differential privacy's
+        clipping and noise when configured)."""
+        raise NotImplementedError  # pragma: no cover - the default rule is the built-in mean
+
+
+def has_server_rule(algorithm: Algorithm) -> bool:
+    """Whether ``algorithm`` replaces the built-in mean of updates with its own server rule."""
+    return type(algorithm).server_update is not Algorithm.server_update
 
 
 #: Purposes of a client's round stream (the first word mixed after its key).
@@ -166,7 +214,7 @@ def client_update(algorithm: Algorithm, model: StagedModel, loss_fn: LossFn, hp:
         if hp.memory_init == "initial_model" and initial is None:
             raise ValueError("memory_init 'initial_model' needs the initial meta-model (initial=)")
         start = initial if hp.memory_init == "initial_model" else w
-        memory = initial_memory(model, loss_fn, hp, start, data.init)
+        memory = algorithm.initial_memory(model, loss_fn, hp, start, data.init)
     w_new, memory, metrics = algorithm.local_round(model, loss_fn, hp, w, memory, data)
     return sub(w_new, w), memory, metrics
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fedmaml.algorithms.base import Hyper, RoundData, mean_metrics, step_batches
+from fedmaml.algorithms.base import Algorithm, Hyper, RoundData, mean_metrics, step_batches
 from fedmaml.core.adaptation import query_loss
 from fedmaml.core.estimators import loss_grad
 from fedmaml.core.losses import LossFn
@@ -14,7 +14,7 @@ from fedmaml.core.params import Params, mean, scale, sub
 from fedmaml.models.base import StagedModel
 
 
-class FedAvg:
+class FedAvg(Algorithm):
     name = "fedavg"
     uses_memory = False
 

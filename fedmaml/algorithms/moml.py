@@ -16,7 +16,7 @@ import dataclasses
 
 from torch import Tensor
 
-from fedmaml.algorithms.base import Hyper, RoundData, mean_metrics, step_batches
+from fedmaml.algorithms.base import Algorithm, Hyper, RoundData, mean_metrics, step_batches
 from fedmaml.core import memory as mem
 from fedmaml.core.losses import LossFn
 from fedmaml.core.params import Params, mean, scale, sub
@@ -24,7 +24,7 @@ from fedmaml.core.task_step import task_step
 from fedmaml.models.base import StagedModel
 
 
-class MetaLearner:
+class MetaLearner(Algorithm):
     """The MOML family; ``uses_memory=False`` gives FO-MAML / FedMeta / Per-FedAvg (``u = A(w; S)``)."""
 
     def __init__(self, name: str, uses_memory: bool) -> None:

@@ -9,14 +9,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fedmaml.algorithms.base import Hyper, RoundData, mean_metrics, step_batches
+from fedmaml.algorithms.base import Algorithm, Hyper, RoundData, mean_metrics, step_batches
 from fedmaml.core.adaptation import adapt, query_loss
 from fedmaml.core.losses import LossFn
 from fedmaml.core.params import Params, mean, scale, sub
 from fedmaml.models.base import StagedModel
 
 
-class Reptile:
+class Reptile(Algorithm):
     name = "reptile"
     uses_memory = False
 

@@ -43,8 +43,8 @@ import numpy as np
 import torch
 
 from fedmaml import collector
-from fedmaml.algorithms import Hyper, RoundData
-from fedmaml.algorithms.base import draw_cohort, draw_init, initial_memory
+from fedmaml.algorithms import ALGORITHMS, Hyper, RoundData, get_algorithm, has_server_rule
+from fedmaml.algorithms.base import draw_cohort, draw_init
 from fedmaml.config import config_to_flat
 from fedmaml.core.params import Params
 from fedmaml.core.server import ServerOptimizer, per_run
@@ -105,6 +105,11 @@ def batch_refusal(cfg: Any) -> str | None:
     # the error every engine gives (federated.setup.check_device)
     if cfg.engine.device == "cuda" or resolve_device(cfg.engine.device).type != "cpu":
         return "batches run on the CPU"
+    # A server rule sees one run's updates with their weights; a batch averages all runs at once
+    # (rejected updates zeroed, not dropped), which only the mean can do the same way.
+    if (cfg.algorithm.name not in ALGORITHMS  # no setup (data) built for the built-ins
+            and has_server_rule(get_algorithm(cfg.algorithm.name, cfg.algorithm.kwargs))):
+        return "the algorithm has its own server rule (server_update), which runs per run"
     # A user's module may be one vmap cannot batch (docs/custom.md); built-ins are written for it.
     problem = unbatchable_reason(setup_for(cfg)) if is_user_model(cfg.model.name) else None
     if problem is not None:
@@ -453,11 +458,12 @@ class RunBatch:
             position[torch.tensor(self.live)] = torch.arange(len(self.live))
             start = {k: v[position[runs]] for k, v in self.w.items()}
         alpha = self.alpha_all[runs]
-        model, loss_fn = self.model, self.loss_fn
+        model, loss_fn, algorithm = self.model, self.loss_fn, self.algorithm
 
         def one(w_, x, y, a):
             step = dataclasses.replace(hp.step, alpha=a)
-            return initial_memory(model, loss_fn, dataclasses.replace(hp, step=step), w_, (x, y))
+            return algorithm.initial_memory(model, loss_fn, dataclasses.replace(hp, step=step), w_,
+                                            (x, y))
 
         memory = torch.func.vmap(one)(start, init[0], init[1], alpha)
         for k, v in memory.items():

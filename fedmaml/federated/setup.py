@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedmaml.algorithms import Algorithm, Hyper, get_algorithm
+from fedmaml.algorithms import Algorithm, Hyper, get_algorithm, has_server_rule
 from fedmaml.core.losses import LossFn, loss_for
 from fedmaml.core.params import Params
 from fedmaml.core.patterns import Pattern, resolve_pattern
@@ -103,10 +103,14 @@ def _setup_by_config(cfg: Any) -> ExperimentSetup:
 def _setup_cached(_key: str, cfg: Any) -> ExperimentSetup:
     federation = build_federation(cfg.data, cfg.seed)
     model = build_model(cfg.model, federation.input_shape, federation.num_outputs)
-    try:
-        algorithm = get_algorithm(cfg.algorithm.name)
-    except ValueError as e:
-        raise ConfigError(f"algorithm.name: {e}") from None
+    algorithm = get_algorithm(cfg.algorithm.name, cfg.algorithm.kwargs)
+    if has_server_rule(algorithm) and (cfg.privacy.clipping != "none"
+                                       or cfg.privacy.noise_multiplier > 0):
+        # the privacy guarantee is of the clipped, noised mean: another rule voids it
+        raise ConfigError(f"algorithm.name: {cfg.algorithm.name} has its own server rule "
+                          "(server_update), which differential privacy cannot account for; set "
+                          "privacy.clipping: none and privacy.noise_multiplier: 0, or drop "
+                          "server_update to use the mean")
     hyper = build_hyper(cfg, model, algorithm)
     if cfg.data.family in USER_FAMILIES:  # a user's clients may be too small for a step
         check_client_sizes(federation, hyper.support_size + hyper.query_size,

@@ -54,6 +54,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from flwr.superlink.grid import InMemoryGrid
 
 from fedmaml import collector
+from fedmaml.algorithms import has_server_rule
 from fedmaml.core.params import Params, num_bytes
 from fedmaml.core.server import ServerOptimizer
 from fedmaml.errors import MessageError
@@ -434,8 +435,8 @@ class MetaStrategy(Strategy):
         if updated:
             stacked = (_rows(stacks, [o.row for o in valid]) if valid
                        else {k: torch.zeros(0, *v.shape, dtype=v.dtype) for k, v in self.w.items()})
-            w = self.optimizer.step(self.w, self.privacy.mean_update(
-                server_round, stacked, [o.count for o in valid], num_sampled=len(expected)))
+            w = self.optimizer.step(self.w, self._server_direction(
+                server_round, stacked, [o.count for o in valid], len(expected)))
             if all(bool(torch.isfinite(v).all()) for v in w.values()):
                 self.w_before_update, self.w = self.w, w
             else:  # finite updates can still sum or step to infinity: keep the last good w
@@ -450,6 +451,17 @@ class MetaStrategy(Strategy):
         out["samples"] = sum(int(m["samples"]) for m in metrics)
         out["train-seconds-max"] = max(float(m["train-seconds"]) for m in metrics)
         return (R.to_record(self.w) if updated else None), MetricRecord(out)
+
+    def _server_direction(self, server_round: int, stacked: Params, counts: list[int],
+                          num_sampled: int) -> Params:
+        """The direction the server optimizer steps along: the algorithm's own server rule
+        (``Algorithm.server_update``), else the (private, when configured) mean of the updates."""
+        algorithm = self.setup.algorithm
+        if len(next(iter(stacked.values()))) and has_server_rule(algorithm):
+            weights = torch.tensor([float(c) for c in counts] if self.cfg.federated.aggregation
+                                   == "weighted" else [1.0] * len(counts), dtype=torch.float64)
+            return algorithm.server_update(stacked, weights)
+        return self.privacy.mean_update(server_round, stacked, counts, num_sampled=num_sampled)
 
     def _count_resets(self, server_round: int, cids: list[int]) -> None:
         """Note the clients whose corrupt memory file was replaced by a fresh memory (a device with
