@@ -374,7 +374,10 @@ def _earlier_draws(seed: int, layers: list[tuple[str, tuple[int, ...], int, bool
 def test_the_builtins_are_modules_on_the_users_path_with_their_earlier_names_and_draws():
     """One path: mlp and conv4 are ModuleModels of nn.Sequential modules, yet model.pt names and a
     seed's initial values are those of earlier runs, and the forward is the plain functional ops."""
+    state = torch.get_rng_state()
     net, conv = small_mlp(), small_conv()
+    net.init(1), conv.init(1)
+    assert torch.equal(torch.get_rng_state(), state)  # building draws nothing from torch's generator
     assert isinstance(net, ModuleModel) and isinstance(conv, ModuleModel)
     assert type(net.module) is nn.Sequential and type(conv.module) is nn.Sequential
     assert net.staged and conv.staged

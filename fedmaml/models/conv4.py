@@ -17,13 +17,13 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from fedmaml.models.mlp import init_linear_, uniform_
+from fedmaml.models.mlp import init_linear_, uniform_, uninitialised
 from fedmaml.models.module import ModuleModel
 
 
 def _block(cin: int, cout: int, strided: bool, g: torch.Generator) -> nn.Sequential:
-    conv = nn.utils.skip_init(nn.Conv2d, cin, cout, 3, stride=2 if strided else 1, padding=1)
-    bn = nn.utils.skip_init(nn.BatchNorm2d, cout)
+    conv = uninitialised(nn.Conv2d, cin, cout, 3, stride=2 if strided else 1, padding=1)
+    bn = uninitialised(nn.BatchNorm2d, cout)
     with torch.no_grad():
         bound = 1 / math.sqrt(cin * 9)
         uniform_(conv.weight, bound, g)
@@ -49,7 +49,7 @@ def conv4_module(input_shape: Sequence[int], num_outputs: int, width: int = 64,
     for _ in range(4):
         height, width_ = (height + 1) // 2, (width_ + 1) // 2
     features = width * height * width_
-    head = nn.utils.skip_init(nn.Linear, features, num_outputs)
+    head = uninitialised(nn.Linear, features, num_outputs)
     with torch.no_grad():
         init_linear_(head, g)
     return nn.Sequential(OrderedDict({**blocks, "flatten": nn.Flatten(), "head": head}))
