@@ -257,6 +257,16 @@ _FREE: dict[type, Callable[[nn.Module, Tensor], Tensor]] = {
 }
 
 
+def _leaves(m: nn.Module, name: str):
+    """``(name, module)`` of what ``m`` runs in order: a Sequential's children in turn (so the fast
+    paths apply inside nested Sequentials), any other module as one leaf."""
+    if type(m) is nn.Sequential:
+        for c, child in m.named_children():
+            yield from _leaves(child, f"{name}.{c}")
+    else:
+        yield name, m
+
+
 def _is_pool_2x2(m: nn.Module) -> bool:
     """A plain 2x2 max-pool (stride 2): the pool of MAML's Conv-4."""
     return (type(m) is nn.MaxPool2d and m.kernel_size in (2, (2, 2))
@@ -373,32 +383,44 @@ class ModuleModel:
 
     def _steps(self, m: nn.Module, name: str) -> list[Callable[[Params, Tensor], Tensor]]:
         """``m(h)`` as steps taking ``m``'s parameters (module names ``name.*``) from ``params``."""
+        leaves = list(_leaves(m, name))
+        steps = []
+        for j, (c, leaf) in enumerate(leaves):
+            if type(leaf) is nn.ReLU and j and type(leaves[j - 1][1]) is nn.Linear:
+                continue  # fused into the linear step before it
+            relu = j + 1 < len(leaves) and type(leaves[j + 1][1]) is nn.ReLU
+            steps.append(self._step(leaf, c, relu))
+        return steps
+
+    def _step(self, m: nn.Module, name: str, relu: bool = False
+              ) -> Callable[[Params, Tensor], Tensor]:
+        """One leaf ``m`` as a step; ``relu``: an ``nn.ReLU`` follows a Linear and is fused with it
+        (one Python call per layer, as a hand-written stage makes)."""
         kind = type(m)
-        if kind is nn.Sequential:  # its children in turn, so the fast paths below apply inside
-            return [step for c, child in m.named_children()
-                    for step in self._steps(child, f"{name}.{c}")]
         fast = _FAST.get(kind)
         if fast is not None and m.weight is not None:  # the op, without functional_call's swaps
             w = self._outer[f"{name}.weight"]
             b = self._outer[f"{name}.bias"] if m.bias is not None else None
             if kind is nn.Linear:
                 if b is None:
-                    return [lambda p, h: F.linear(h, p[w])]
-                return [lambda p, h: F.linear(h, p[w], p[b])]
+                    return ((lambda p, h: F.relu(F.linear(h, p[w]))) if relu else
+                            (lambda p, h: F.linear(h, p[w])))
+                return ((lambda p, h: F.relu(F.linear(h, p[w], p[b]))) if relu else
+                        (lambda p, h: F.linear(h, p[w], p[b])))
             if b is None:
-                return [lambda p, h: fast(m, h, p[w], None)]
-            return [lambda p, h: fast(m, h, p[w], p[b])]
+                return lambda p, h: fast(m, h, p[w], None)
+            return lambda p, h: fast(m, h, p[w], p[b])
         if _is_pool_2x2(m):
-            return [lambda p, h: _pool_2x2(m, h)]
+            return lambda p, h: _pool_2x2(m, h)
         free = _FREE.get(kind)
         if free is not None:
-            return [lambda p, h: free(m, h)]
+            return lambda p, h: free(m, h)
         local = [(k, self._outer[f"{name}.{k}"]) for k, _ in m.named_parameters()]
         buffers = {k: self._buffers[f"{name}.{k}"] for k, _ in m.named_buffers()}
         if not local and not buffers:
-            return [lambda p, h: m(h)]
-        return [lambda p, h: torch.func.functional_call(
-            m, {**{k: p[full] for k, full in local}, **buffers}, (h,))]
+            return lambda p, h: m(h)
+        return lambda p, h: torch.func.functional_call(
+            m, {**{k: p[full] for k, full in local}, **buffers}, (h,))
 
     __call__ = forward
 
