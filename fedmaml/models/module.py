@@ -407,11 +407,22 @@ class ModuleModel:
                             (lambda p, h: F.linear(h, p[w])))
                 return ((lambda p, h: F.relu(F.linear(h, p[w], p[b]))) if relu else
                         (lambda p, h: F.linear(h, p[w], p[b])))
+            if kind is nn.Conv2d and m.padding_mode == "zeros" and b is not None:
+                # what Conv2d._conv_forward calls, with the layer's settings bound once
+                st, pad, dil, grp = m.stride, m.padding, m.dilation, m.groups
+                return lambda p, h: F.conv2d(h, p[w], p[b], st, pad, dil, grp)
+            if kind is nn.BatchNorm2d and b is not None:
+                eps = m.eps
+                return lambda p, h: F.batch_norm(h, None, None, p[w], p[b], True, 0.0, eps)
             if b is None:
                 return lambda p, h: fast(m, h, p[w], None)
             return lambda p, h: fast(m, h, p[w], p[b])
         if _is_pool_2x2(m):
+            if m.ceil_mode:
+                return lambda p, h: max_pool_2x2(h)
             return lambda p, h: _pool_2x2(m, h)
+        if kind is nn.ReLU and not m.inplace:
+            return lambda p, h: F.relu(h)
         free = _FREE.get(kind)
         if free is not None:
             return lambda p, h: free(m, h)
