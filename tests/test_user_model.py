@@ -6,8 +6,11 @@ for the same weights on the core (every estimator, a Lambda pattern) and end to 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import user_models
@@ -350,3 +353,53 @@ def test_a_run_of_a_user_module_resumes_bitwise(tiny_config, tmp_path, stop_afte
     assert [without_timing(r) for r in read_metrics(run_dir)] == [
         without_timing(r) for r in read_metrics(full)]
     assert same_model(full, run_dir)
+
+
+def _earlier_draws(seed: int, layers: list[tuple[str, tuple[int, ...], int, bool]]) -> dict:
+    """The initial parameters fedmaml's built-ins have drawn since their first release, computed
+    here independently: per layer in order, weight then bias ~ (rand * 2 - 1) * bound with
+    bound = 1 / sqrt(fan_in) (bitwise: that rounding), from one generator, then (conv) the BatchNorm
+    affine as ones and zeros."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape, fan_in, bn in layers:
+        bound = 1 / math.sqrt(fan_in)
+        out[f"{name}.weight"] = (torch.rand(*shape, generator=g) * 2 - 1) * bound
+        out[f"{name}.bias"] = (torch.rand(shape[0], generator=g) * 2 - 1) * bound
+        if bn:
+            out[f"{name}.bn_weight"], out[f"{name}.bn_bias"] = torch.ones(shape[0]), torch.zeros(shape[0])
+    return out
+
+
+def test_the_builtins_are_modules_on_the_users_path_with_their_earlier_names_and_draws():
+    """One path: mlp and conv4 are ModuleModels of nn.Sequential modules, yet model.pt names and a
+    seed's initial values are those of earlier runs, and the forward is the plain functional ops."""
+    state = torch.get_rng_state()
+    net, conv = small_mlp(), small_conv()
+    net.init(1), conv.init(1)
+    assert torch.equal(torch.get_rng_state(), state)  # building draws nothing from torch's generator
+    assert isinstance(net, ModuleModel) and isinstance(conv, ModuleModel)
+    assert type(net.module) is nn.Sequential and type(conv.module) is nn.Sequential
+    assert net.staged and conv.staged
+    assert net.group_names == ("layer1", "layer2", "layer3", "layer4")
+    assert conv.group_names == ("conv1", "conv2", "conv3", "conv4", "head")
+    mlp_layers = [(f"layer{i + 1}", (o, n), n, False) for i, (n, o) in enumerate([(3, 6), (6, 5), (5, 4), (4, 1)])]
+    conv_layers = [(f"conv{i + 1}", (4, 1 if i == 0 else 4, 3, 3), 9 * (1 if i == 0 else 4), True)
+                   for i in range(4)] + [("head", (3, 4), 4, False)]  # 12 -> 6 -> 3 -> 2 -> 1
+    for model, layers in ((net, mlp_layers), (conv, conv_layers)):
+        for seed in (0, 7):
+            got, want = model.init(seed), _earlier_draws(seed, layers)
+            assert list(got) == list(want)  # names and order, as model.pt and checkpoints hold them
+            assert all(torch.equal(got[k], want[k]) for k in want), model.name
+    assert conv.group_params[0] == ("conv1.weight", "conv1.bias", "conv1.bn_weight", "conv1.bn_bias")
+
+    p = cast(conv.init(3))
+    x, _ = conv_batch(5)
+    h = x
+    for i in range(1, 5):
+        h = F.conv2d(h, p[f"conv{i}.weight"], p[f"conv{i}.bias"], padding=1)
+        h = F.batch_norm(h, None, None, p[f"conv{i}.bn_weight"], p[f"conv{i}.bn_bias"], training=True)
+        h = F.max_pool2d(F.relu(h), 2, ceil_mode=True)
+    want = F.linear(h.flatten(1), p["head.weight"], p["head.bias"])
+    assert torch.equal(conv(p, x), want)
+    assert torch.equal(conv(p, conv(p, x, 0, 3), 3), want)  # a cached prefix, then the rest

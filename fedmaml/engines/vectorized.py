@@ -509,7 +509,7 @@ def unbatchable_reason(setup: Any) -> str | None:
     """Why ``torch.func.vmap`` cannot batch the run's model across clients (None: it can)."""
     model = setup.model
     if not isinstance(model, ModuleModel):
-        return None  # the built-in models are written for vmap
+        return None  # a hand-written StagedModel (the low-level API): its author vouches for vmap
     return model.vmap_problem(setup.federation.input_shape)
 
 

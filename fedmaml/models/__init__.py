@@ -6,14 +6,15 @@ from typing import Any, Sequence, Union
 
 from fedmaml.errors import ConfigError
 from fedmaml.models.base import ModuleStage, StagedModel, Stage
-from fedmaml.models.conv4 import conv4
-from fedmaml.models.mlp import mlp
+from fedmaml.models.conv4 import conv4, conv4_module
+from fedmaml.models.mlp import mlp, mlp_module
 from fedmaml.models.module import ModuleModel, is_user_model, module_model
 
 __all__ = ["Model", "StagedModel", "Stage", "ModuleStage", "ModuleModel", "mlp", "conv4",
-           "build_model"]
+           "mlp_module", "conv4_module", "build_model"]
 
-#: What the core and the engines take: a built-in StagedModel or a user's module (same interface).
+#: What the core and the engines take: a module (built-in or a user's) or a hand-written
+#: StagedModel (the low-level API); both have the same interface.
 Model = Union[StagedModel, ModuleModel]
 
 

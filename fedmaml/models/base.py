@@ -1,4 +1,8 @@
-"""Functional models made of stages, one stage per layer group.
+"""Functional models made of stages, one stage per layer group (the low-level API).
+
+The built-in models are ``nn.Sequential`` modules run by fedmaml/models/module.py, like a user's
+module; this module keeps the hand-written stage interface for models written directly as stages,
+and the 2x2 max-pool those modules share.
 
 A :class:`StagedModel` is a sequence of stages ``h_l = stage_l(params_l, h_{l-1})``. Each stage owns
 exactly one *layer group* (a conv/linear weight, its bias and the BatchNorm affine that follows it),
@@ -44,30 +48,6 @@ class Linear:
             h = h.flatten(-(h.dim() - 1)) if h.dim() > 2 else h
         h = F.linear(h, p["weight"], p["bias"])
         return F.relu(h) if self.relu else h
-
-
-class ConvBlock:
-    """3x3 conv -> BatchNorm (batch statistics, as in MAML) -> ReLU -> 2x2 max-pool (or stride 2).
-
-    BatchNorm always normalises with the current batch's statistics and keeps no running averages,
-    so the block is a pure function of its parameters and input.
-    """
-
-    def __init__(self, name: str, in_channels: int, out_channels: int, strided: bool) -> None:
-        self.name, self.cin, self.cout, self.strided = name, in_channels, out_channels, strided
-
-    def init(self, g: torch.Generator) -> dict[str, Tensor]:
-        bound = 1 / math.sqrt(self.cin * 9)
-        return {"weight": _uniform((self.cout, self.cin, 3, 3), bound, g),
-                "bias": _uniform((self.cout,), bound, g),
-                "bn_weight": torch.ones(self.cout),
-                "bn_bias": torch.zeros(self.cout)}
-
-    def __call__(self, p: dict[str, Tensor], h: Tensor) -> Tensor:
-        h = F.conv2d(h, p["weight"], p["bias"], stride=2 if self.strided else 1, padding=1)
-        h = F.batch_norm(h, None, None, p["bn_weight"], p["bn_bias"], training=True)
-        h = F.relu(h)
-        return h if self.strided else max_pool_2x2(h)
 
 
 def max_pool_2x2(h: Tensor) -> Tensor:

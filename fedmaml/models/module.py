@@ -4,8 +4,8 @@ fedmaml keeps parameters outside the model (``name -> Tensor`` dicts, :mod:`fedm
 and calls the module functionally with ``torch.func.functional_call``, so every algorithm,
 meta-gradient estimator, memory policy and engine works with it. :class:`ModuleModel` offers the
 interface of :class:`~fedmaml.models.base.StagedModel` (layer groups, ``init``, ``forward`` with
-``start``/``stop``); the built-in MLP and Conv-4 stay StagedModels of their own (their numbers are
-pinned by docs/results/short_run.json).
+``start``/``stop``). The built-in MLP, linear model and Conv-4 are ordinary ``nn.Sequential``
+modules on this same path (fedmaml/models/mlp.py, conv4.py).
 
 Layer groups (the columns of a Lambda pattern), input side first:
 
@@ -249,6 +249,24 @@ _FAST: dict[type, Callable[[nn.Module, Tensor, Tensor, Tensor | None], Tensor]] 
 }
 
 
+#: Exact parameter-free leaf types run as their functional op (a module call's hooks bookkeeping
+#: costs more than the op on small layers).
+_FREE: dict[type, Callable[[nn.Module, Tensor], Tensor]] = {
+    nn.ReLU: lambda m, h: F.relu(h, m.inplace),
+    nn.Flatten: lambda m, h: h.flatten(m.start_dim, m.end_dim),
+}
+
+
+def _leaves(m: nn.Module, name: str):
+    """``(name, module)`` of what ``m`` runs in order: a Sequential's children in turn (so the fast
+    paths apply inside nested Sequentials), any other module as one leaf."""
+    if type(m) is nn.Sequential:
+        for c, child in m.named_children():
+            yield from _leaves(child, f"{name}.{c}")
+    else:
+        yield name, m
+
+
 def _is_pool_2x2(m: nn.Module) -> bool:
     """A plain 2x2 max-pool (stride 2): the pool of MAML's Conv-4."""
     return (type(m) is nn.MaxPool2d and m.kernel_size in (2, (2, 2))
@@ -268,15 +286,34 @@ class ModuleModel:
     """A user's module with layer groups; the interface of StagedModel (see the module docstring)."""
 
     def __init__(self, module: nn.Module, name: str, groups: Mapping[str, Any] | None = None,
-                 reinit: Callable[[int], nn.Module] | None = None) -> None:
+                 reinit: Callable[[int], nn.Module] | None = None,
+                 param_names: Mapping[str, str] | None = None) -> None:
+        """``param_names`` renames the module's parameters (module name -> fedmaml's name, every
+        parameter): the built-in Conv-4 keeps the names of its earlier runs' ``model.pt``."""
         self.module = _functional_copy(module)
         self.name = name
         self._reinit = reinit
-        self.group_names, self.group_params = resolve_groups(self.module, groups)
-        self._index = {n: i for i, ps in enumerate(self.group_params) for n in ps}
+        own = [n for n, _ in self.module.named_parameters()]
+        rename = dict(param_names) if param_names else {n: n for n in own}
+        if sorted(rename) != sorted(own) or len(set(rename.values())) != len(own):
+            raise ValueError(f"param_names must rename each of {own} to a distinct name, got "
+                             f"{dict(param_names or {})}")
+        #: The module's parameter name -> fedmaml's (parameter dicts use fedmaml's names).
+        self._outer = rename
+        self._inner = None if all(k == v for k, v in rename.items()) else {
+            v: k for k, v in rename.items()}
+        group_names, group_params = resolve_groups(self.module, groups)
+        self.group_names = group_names
+        self.group_params = tuple(tuple(rename[n] for n in ps) for ps in group_params)
+        self._index = {n: i for i, ps in enumerate(group_params) for n in ps}  # module names
         self._buffers = {k: v.detach() for k, v in self.module.named_buffers()}
         #: For each group, the children of the Sequential it runs; None: the module runs whole.
         self.stage_children = self._stages()
+        #: For each group, its forward as a list of ``step(params, h) -> h`` resolved once here, so
+        #: a forward does no name building, type dispatch or module-call bookkeeping per step.
+        self._plan = None if self.stage_children is None else tuple(
+            tuple(step for c, child in children for step in self._steps(child, c))
+            for children in self.stage_children)
         #: The module changes a stage's input in place (found by :meth:`check`): forward copies.
         self.copies_inputs = False
 
@@ -315,7 +352,11 @@ class ModuleModel:
         """The initial parameters: the factory's module built with torch seeded by ``seed``, or
         (a module instance) its own weights whatever the seed."""
         module = self.module if self._reinit is None else self._reinit(seed)
-        return {k: v.detach().clone() for k, v in module.named_parameters()}
+        return {self._outer[k]: v.detach().clone() for k, v in module.named_parameters()}
+
+    def _own_params(self) -> Params:
+        """The functional copy's own weights, under fedmaml's names."""
+        return {self._outer[k]: v.detach() for k, v in self.module.named_parameters()}
 
     def names_of(self, groups: Sequence[int]) -> list[str]:
         return [n for g in groups for n in self.group_params[g]]
@@ -328,31 +369,69 @@ class ModuleModel:
             if (start, stop) != (0, self.num_groups):
                 raise ValueError(f"{self.name} is not staged: it runs whole (start 0, stop "
                                  f"{self.num_groups}), got start {start}, stop {stop}")
+            if self._inner is not None:
+                params = {self._inner[k]: v for k, v in params.items()}
             return torch.func.functional_call(self.module, {**params, **self._buffers}, (x,))
         h = x
+        copies = self.copies_inputs
         for i in range(start, stop):
-            if self.copies_inputs and i > start:
+            if copies and i > start:
                 h = h.clone()
-            for c, child in self.stage_children[i]:
-                h = self._run(child, c, params, h)
+            for step in self._plan[i]:
+                h = step(params, h)
         return h
 
-    def _run(self, m: nn.Module, name: str, params: Params, h: Tensor) -> Tensor:
-        """``m(h)`` with ``m``'s parameters (named ``name.*``) taken from ``params``."""
+    def _steps(self, m: nn.Module, name: str) -> list[Callable[[Params, Tensor], Tensor]]:
+        """``m(h)`` as steps taking ``m``'s parameters (module names ``name.*``) from ``params``."""
+        leaves = list(_leaves(m, name))
+        steps = []
+        for j, (c, leaf) in enumerate(leaves):
+            if type(leaf) is nn.ReLU and j and type(leaves[j - 1][1]) is nn.Linear:
+                continue  # fused into the linear step before it
+            relu = j + 1 < len(leaves) and type(leaves[j + 1][1]) is nn.ReLU
+            steps.append(self._step(leaf, c, relu))
+        return steps
+
+    def _step(self, m: nn.Module, name: str, relu: bool = False
+              ) -> Callable[[Params, Tensor], Tensor]:
+        """One leaf ``m`` as a step; ``relu``: an ``nn.ReLU`` follows a Linear and is fused with it
+        (one Python call per layer, as a hand-written stage makes)."""
         kind = type(m)
-        if kind is nn.Sequential:  # its children in turn, so the fast paths below apply inside
-            for c, child in m.named_children():
-                h = self._run(child, f"{name}.{c}", params, h)
-            return h
         fast = _FAST.get(kind)
         if fast is not None and m.weight is not None:  # the op, without functional_call's swaps
-            return fast(m, h, params[f"{name}.weight"],
-                        params[f"{name}.bias"] if m.bias is not None else None)
+            w = self._outer[f"{name}.weight"]
+            b = self._outer[f"{name}.bias"] if m.bias is not None else None
+            if kind is nn.Linear:
+                if b is None:
+                    return ((lambda p, h: F.relu(F.linear(h, p[w]))) if relu else
+                            (lambda p, h: F.linear(h, p[w])))
+                return ((lambda p, h: F.relu(F.linear(h, p[w], p[b]))) if relu else
+                        (lambda p, h: F.linear(h, p[w], p[b])))
+            if kind is nn.Conv2d and m.padding_mode == "zeros" and b is not None:
+                # what Conv2d._conv_forward calls, with the layer's settings bound once
+                st, pad, dil, grp = m.stride, m.padding, m.dilation, m.groups
+                return lambda p, h: F.conv2d(h, p[w], p[b], st, pad, dil, grp)
+            if kind is nn.BatchNorm2d and b is not None:
+                eps = m.eps
+                return lambda p, h: F.batch_norm(h, None, None, p[w], p[b], True, 0.0, eps)
+            if b is None:
+                return lambda p, h: fast(m, h, p[w], None)
+            return lambda p, h: fast(m, h, p[w], p[b])
         if _is_pool_2x2(m):
-            return _pool_2x2(m, h)
-        local = {k: params[f"{name}.{k}"] for k, _ in m.named_parameters()}
-        local.update({k: self._buffers[f"{name}.{k}"] for k, _ in m.named_buffers()})
-        return torch.func.functional_call(m, local, (h,)) if local else m(h)
+            if m.ceil_mode:
+                return lambda p, h: max_pool_2x2(h)
+            return lambda p, h: _pool_2x2(m, h)
+        if kind is nn.ReLU and not m.inplace:
+            return lambda p, h: F.relu(h)
+        free = _FREE.get(kind)
+        if free is not None:
+            return lambda p, h: free(m, h)
+        local = [(k, self._outer[f"{name}.{k}"]) for k, _ in m.named_parameters()]
+        buffers = {k: self._buffers[f"{name}.{k}"] for k, _ in m.named_buffers()}
+        if not local and not buffers:
+            return lambda p, h: m(h)
+        return lambda p, h: torch.func.functional_call(
+            m, {**{k: p[full] for k, full in local}, **buffers}, (h,))
 
     __call__ = forward
 
@@ -361,7 +440,7 @@ class ModuleModel:
 
     def check(self, input_shape: Sequence[int], num_outputs: int) -> None:
         """One forward on a probe batch: output shape, buffers left unchanged."""
-        params = {k: v.detach() for k, v in self.module.named_parameters()}
+        params = self._own_params()
         x = torch.randn(3, *input_shape, generator=torch.Generator().manual_seed(0))
         before = {k: v.clone() for k, v in self._buffers.items()}
         try:
@@ -394,7 +473,7 @@ class ModuleModel:
 
     def vmap_problem(self, input_shape: Sequence[int]) -> str | None:
         """Why ``torch.func.vmap`` cannot batch this module across clients (None: it can)."""
-        params = {k: v.detach() for k, v in self.module.named_parameters()}
+        params = self._own_params()
         stacked = {k: torch.stack([v, v]) for k, v in params.items()}
         x = torch.randn(2, 3, *input_shape, generator=torch.Generator().manual_seed(0))
         if self.copies_inputs:
