@@ -9,9 +9,7 @@ in this process (the inprocess and vectorized engines take it; Ray and devices n
 
 from __future__ import annotations
 
-import importlib
 import inspect
-import itertools
 from typing import Any, Callable, Mapping, Union
 
 from fedmaml.algorithms.base import Algorithm
@@ -21,12 +19,12 @@ from fedmaml.algorithms.moml import MOML
 from fedmaml.algorithms.per_fedavg import PER_FEDAVG
 from fedmaml.algorithms.reptile import REPTILE
 from fedmaml.errors import ConfigError
-from fedmaml.models.module import PYTHON_PREFIX, is_import_path, parse_mapping
+from fedmaml.user_objects import PYTHON_PREFIX, Registry, is_import_path, parse_mapping
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (MOML, PER_FEDAVG, FEDMETA, REPTILE, FEDAVG)}
 
 AlgorithmSource = Union[Algorithm, Callable[..., Algorithm]]
-_REGISTERED: dict[str, AlgorithmSource] = {}
+_ALGORITHMS_GIVEN = Registry("algorithm.name", "package.module:Name")
 
 
 def get_algorithm(name: str, kwargs: str | Mapping[str, Any] = "") -> Algorithm:
@@ -83,60 +81,16 @@ def _check_kwargs(name: str, source: Callable[..., Any], given: dict[str, Any]) 
 
 
 def _load(name: str) -> AlgorithmSource:
-    if name.startswith(PYTHON_PREFIX):
-        if name not in _REGISTERED:
-            raise ConfigError(f"algorithm.name: {name!r} is an algorithm given from Python in "
-                              "another process; this process cannot see it. Engines that run "
-                              "clients in other processes (ray, deployment) need an import path "
-                              "'package.module:Name'")
-        return _REGISTERED[name]
-    if not is_import_path(name):
+    if not name.startswith(PYTHON_PREFIX) and not is_import_path(name):
         raise ConfigError(f"algorithm.name: {name!r} is not allowed; allowed: "
                           f"{', '.join(ALGORITHMS)}, or an import path 'package.module:Name' of "
                           "your own Algorithm")
-    module_name, _, attr = name.partition(":")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ConfigError(f"algorithm.name: cannot import module {module_name!r} of {name!r} "
-                          f"({e}); the module must be importable (installed, or on "
-                          "PYTHONPATH)") from None
-    try:
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except AttributeError:
-        raise ConfigError(f"algorithm.name: module {module_name!r} has no attribute {attr!r}; "
-                          "write 'package.module:Name' with an Algorithm subclass, instance or "
-                          "factory") from None
-    return obj
+    return _ALGORITHMS_GIVEN.load(name, "an Algorithm subclass, instance or factory")
 
 
 def register(source: AlgorithmSource) -> str:
     """Make an algorithm (an instance, a class or a factory) given from Python usable as
-    ``algorithm.name``; return that name: its import path when it has one (a top-level class,
-    function or instance of an importable module), else ``python:...`` (this process only)."""
-    path = _import_path_of(source)
-    if path is not None:
-        return path
-    base = getattr(source, "__name__", type(source).__name__)
-    for i in itertools.count(1):
-        name = f"{PYTHON_PREFIX}{base}-{i}"
-        if _REGISTERED.get(name, source) is source:
-            _REGISTERED[name] = source
-            return name
-    raise AssertionError("unreachable")
+    ``algorithm.name``; return that name: its import path when it has one (a top-level class or
+    function of an importable module), else ``python:...`` (this process only)."""
+    return _ALGORITHMS_GIVEN.register(source)
 
-
-def _import_path_of(source: AlgorithmSource) -> str | None:
-    """``module:qualname`` of a top-level class or function of an importable module whose name
-    resolves back to ``source`` (instances have no such name: they register as ``python:``)."""
-    module, qualname = getattr(source, "__module__", None), getattr(source, "__qualname__", "")
-    if isinstance(source, Algorithm) or not module or module == "__main__" or "<" in qualname:
-        return None
-    try:
-        found: Any = importlib.import_module(module)
-        for part in qualname.split("."):
-            found = getattr(found, part)
-    except (ImportError, AttributeError):
-        return None
-    return f"{module}:{qualname}" if found is source else None

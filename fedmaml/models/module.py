@@ -32,32 +32,24 @@ that changes a stage's input in place gets copies (:meth:`ModuleModel.check` fin
 from __future__ import annotations
 
 import copy
-import importlib
 import inspect
-import itertools
 import json
-import re
 from typing import Any, Callable, Mapping, Sequence, Union
 
 import torch
-import yaml
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedmaml.core.params import Params
 from fedmaml.models.base import max_pool_2x2
 from fedmaml.errors import ConfigError
+from fedmaml.user_objects import (PYTHON_PREFIX, Registry, is_import_path,
+                                   parse_mapping)
 
 ModelSource = Union[nn.Module, Callable[..., nn.Module]]
 
 #: ``model.name`` of a model given from Python (:func:`register`): lives only in this process.
-PYTHON_PREFIX = "python:"
-_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
-_REGISTERED: dict[str, ModelSource] = {}
-
-
-def is_import_path(name: str) -> bool:
-    return bool(_IMPORT_PATH.match(name))
+_MODELS = Registry("model.name", "package.module:factory")
 
 
 def is_user_model(name: str) -> bool:
@@ -73,76 +65,16 @@ def register(source: ModelSource) -> str:
     Anything else (a module instance, a lambda, a function of ``__main__``) gets a
     ``python:...`` name that only this process knows.
     """
-    path = import_path_of(source)
-    if path is not None:
-        return path
-    for i in itertools.count(1):
-        name = f"{PYTHON_PREFIX}{getattr(source, '__name__', type(source).__name__)}-{i}"
-        if _REGISTERED.get(name, source) is source:
-            _REGISTERED[name] = source
-            return name
-    raise AssertionError("unreachable")
-
-
-def import_path_of(source: ModelSource) -> str | None:
-    """``package.module:name`` when ``source`` is a top-level function or class of an importable
-    module (not ``__main__``), else None."""
-    if isinstance(source, nn.Module) or not callable(source):
-        return None
-    module, qualname = getattr(source, "__module__", None), getattr(source, "__qualname__", "")
-    if not module or module == "__main__" or "<" in qualname:
-        return None
-    try:
-        found = _resolve_attr(importlib.import_module(module), qualname)
-    except (ImportError, AttributeError):
-        return None
-    return f"{module}:{qualname}" if found is source else None
-
-
-def _resolve_attr(obj: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
+    return _MODELS.register(source)
 
 
 def load_source(name: str) -> ModelSource:
     """The module or factory ``model.name`` points to; a clear error otherwise."""
-    if name.startswith(PYTHON_PREFIX):
-        if name not in _REGISTERED:
-            raise ConfigError(
-                f"model.name: {name!r} is a model given from Python in another process; this "
-                "process cannot see it. Engines that run clients in other processes (ray, "
-                "deployment) need the model as an import path 'package.module:factory'")
-        return _REGISTERED[name]
-    module_name, _, attr = name.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ConfigError(f"model.name: cannot import module {module_name!r} of {name!r} ({e}); "
-                          "the module must be importable (installed, or on PYTHONPATH)") from None
-    try:
-        source = _resolve_attr(module, attr)
-    except AttributeError:
-        raise ConfigError(f"model.name: module {module_name!r} has no attribute {attr!r}; "
-                          f"write 'package.module:factory' with a callable returning an "
-                          "nn.Module") from None
+    source = _MODELS.load(name, "a callable returning an nn.Module")
     if not (isinstance(source, nn.Module) or callable(source)):
         raise ConfigError(f"model.name: {name!r} is a {type(source).__name__}, not an nn.Module "
                           "or a callable returning one")
     return source
-
-
-def parse_mapping(key: str, text: str) -> dict[str, Any]:
-    """A config mapping kept as text (``model.kwargs``, ``model.groups``); ``""`` is empty."""
-    if not text.strip():
-        return {}
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{key}: {text!r} is not a mapping ({e})") from None
-    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        raise ConfigError(f"{key}: expected a mapping such as {{hidden: 64}}, got {text!r}")
-    return value
 
 
 def build_module(source: ModelSource, kwargs: Mapping[str, Any], input_shape: Sequence[int] | None,
