@@ -113,6 +113,10 @@ class ModelConfig:
     groups: str = _field("", "Layer groups of your own module for Lambda patterns: a mapping "
                              "group -> parameter-name prefixes, input side first (kept as JSON "
                              "text); empty = its top-level children that own parameters.")
+    loss: str = _field("auto", "The task loss: auto (cross-entropy for integer labels, MSE for "
+                               "float targets), mse, cross_entropy, or your own as an import path "
+                               "'package.module:function' of f(prediction, target) -> a scalar "
+                               "tensor (pure, so that vmap can batch it; docs/custom.md).")
     init_seed: int = _field(-1, "Seed of the initial meta-model; -1 = the run seed (the MOML public "
                                 "code starts every seed from one model: 1234).", min=-1)
     hidden: tuple[int, ...] = _field((40, 40), "Hidden layer widths of the MLP.", min=1)
@@ -480,6 +484,11 @@ def cross_field_problems(cfg: Config) -> list[str]:
         problems.append(f"model.name: {cfg.model.name!r} is not allowed; allowed: "
                         f"{', '.join(model_names)}, or an import path 'package.module:factory' of "
                         "your own torch.nn.Module" + _suggest(cfg.model.name, model_names))
+    loss_names = ("auto", "mse", "cross_entropy")
+    if cfg.model.loss not in loss_names and not _MODEL_PATH.match(cfg.model.loss):
+        problems.append(f"model.loss: {cfg.model.loss!r} is not allowed; allowed: "
+                        f"{', '.join(loss_names)}, or an import path 'package.module:function' of "
+                        "your own loss" + _suggest(cfg.model.loss, loss_names))
     alg_names = ALGORITHM_NAMES
     if alg.name not in alg_names and not _MODEL_PATH.match(alg.name):
         problems.append(f"algorithm.name: {alg.name!r} is not allowed; allowed: "

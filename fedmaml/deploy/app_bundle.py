@@ -7,8 +7,8 @@ instead: a ``pyproject.toml`` with the project's ``[tool.flwr.app]`` (publisher,
 run config generated from the schema) and a copy of the ``fedmaml`` package this command runs,
 so what is submitted is the code the submitter has installed, wherever they are.
 
-A user's own code named by the config (``model.name: "my_models:factory"``, a Flower task module
-``data.flower_task``) goes with it when it is a module of the submitter's own files rather than an
+A user's own code named by the config (``model.name: "my_models:factory"``, ``model.loss``,
+``algorithm.name``, a Flower task module ``data.flower_task``) goes with it when it is a module of the submitter's own files rather than an
 installed package: :func:`user_code` finds it, and the bundle carries it beside ``fedmaml`` (Flower
 puts the app's directory on ``sys.path`` of the ServerApp and of every ClientApp, so the devices
 import it from the bundle). An installed package must be installed on the devices too.
@@ -29,6 +29,7 @@ import tomli_w
 
 from fedmaml.version import __version__
 from fedmaml.deploy.flwr_config import app_config_toml
+from fedmaml.user_objects import is_import_path
 
 #: ``[tool.flwr.app]`` of the project's pyproject.toml (tests check that the two agree).
 APP = {"publisher": "fedmaml", "fab-include": ["fedmaml/**/*.py"],
@@ -62,7 +63,8 @@ def user_code(cfg) -> list[Path]:
     ``cfg`` names by import path, found as this process finds them: the ones to bundle. Installed
     packages, fedmaml itself and names that cannot be found are left out (the devices then import
     them as they can, and a missing one fails there with the import path)."""
-    names = [cfg.model.name.split(":", 1)[0]] if ":" in cfg.model.name else []
+    names = [path.split(":", 1)[0] for path in (cfg.model.name, cfg.model.loss, cfg.algorithm.name)
+             if is_import_path(path)]
     if cfg.data.family == "flower" and cfg.data.flower_task:
         names.append(cfg.data.flower_task.split(":", 1)[0])
     found: list[Path] = []

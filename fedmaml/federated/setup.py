@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from fedmaml.algorithms import Algorithm, Hyper, get_algorithm, has_server_rule
-from fedmaml.core.losses import LossFn, loss_for
+from fedmaml.core.losses import LossFn, loss_named
 from fedmaml.core.params import Params
 from fedmaml.core.patterns import Pattern, resolve_pattern
 from fedmaml.core.task_step import StepConfig
@@ -118,7 +118,7 @@ def _setup_cached(_key: str, cfg: Any) -> ExperimentSetup:
     ev = cfg.evaluation
     eval_pattern = _pattern("evaluation.pattern", ev.pattern, model, ev.steps)
     return ExperimentSetup(
-        config=cfg, federation=federation, model=model, loss_fn=loss_for(federation.task_type),
+        config=cfg, federation=federation, model=model, loss_fn=loss_named(cfg.model.loss, federation.task_type),
         algorithm=algorithm, hyper=hyper, eval_pattern=eval_pattern,
         eval_alpha=ev.alpha or cfg.algorithm.alpha, initial_params=model.init(cfg.seed if cfg.model.init_seed < 0 else cfg.model.init_seed))
 
