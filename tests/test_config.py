@@ -230,7 +230,7 @@ def test_unknown_section_suggests_near_miss():
 def test_unknown_key_without_near_miss_lists_allowed_keys():
     msg = _error({"model": {"zzz": 1}})
     assert ("model.zzz: unknown key; allowed keys: conv_strided, conv_width, groups, hidden, "
-            "init_seed, kwargs, name") in msg
+            "init_seed, kwargs, loss, name") in msg
 
 
 @pytest.mark.parametrize("d, expected", [
