@@ -191,6 +191,7 @@ def test_the_guide_script_runs_both_parts_end_to_end(tmp_path, monkeypatch):
 # -- fedmaml deploy: the user's module travels with the app ----------------------------------------
 
 def test_the_deployed_app_bundles_the_users_module(user):
+    import importlib
     import io
     import tomllib
     import zipfile
@@ -206,6 +207,14 @@ def test_the_deployed_app_bundles_the_users_module(user):
     assert user_code(cfg) == [(user / "my_models.py").resolve()]
     both = load_config(user / "user.yaml", ["data.family=flower", "data.flower_task=my_pkg.nets"])
     assert user_code(both) == [(user / "my_models.py").resolve(), (user / "my_pkg").resolve()]
+    # the user's own loss and algorithm travel with the model
+    (user / "my_losses.py").write_text("def huber(pred, y):\n    return ((pred - y) ** 2).mean()\n")
+    (user / "my_algos.py").write_text("from fedmaml.algorithms.moml import MOML as Mine\n")
+    importlib.invalidate_caches()
+    every = load_config(user / "user.yaml", ["model.loss=my_losses:huber",
+                                             "algorithm.name=my_algos:Mine"])
+    assert user_code(every) == [(user / name).resolve()
+                                for name in ("my_models.py", "my_losses.py", "my_algos.py")]
     # Built in, installed (torch), fedmaml's own, or not found: nothing to bundle.
     for name in ("torch.nn:Linear", "fedmaml.models:nothing", "nowhere:f"):
         assert user_code(load_config(user / "user.yaml", [f"model.name={name}"])) == [], name
