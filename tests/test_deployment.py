@@ -610,8 +610,22 @@ def test_flwr_run_dot_on_the_offline_local_superlink(tmp_path):
     import importlib.util
 
     tracking = "tensorboard" if importlib.util.find_spec("tensorboard") else ""
+    run_dir, rows = flwr_run_on_local_superlink(
+        tmp_path, f"data.num_clients=2 federated.rounds=2 federated.eval_every=1 "
+                  f"tracking.backends='{tracking}'", name="native")
+    assert [r["round"] for r in rows] == [0, 1, 2] and rows[2]["replies"] == 1
+    assert bool(list(run_dir.glob("events.out.tfevents.*"))) == bool(tracking)
+
+
+def flwr_run_on_local_superlink(tmp_path: Path, run_config: str, name: str,
+                                pythonpath: tuple[Path, ...] = ()) -> tuple[Path, list[dict]]:
+    """`flwr run` of a copy of the project's Flower app on fedmaml's offline local SuperLink (run
+    config ``run_config`` plus ``name`` and ``output_dir``; ``pythonpath``: the user's code beside
+    the project); waits for the run to complete and stops the SuperLink. Returns the run
+    directory and its metrics rows."""
     home = tmp_path / "flwr-home"
-    env = {**program_env(), "PYTHONPATH": str(REPO), "FLWR_HOME": str(home),
+    env = {**program_env(), "PYTHONPATH": os.pathsep.join(map(str, (REPO, *pythonpath))),
+           "FLWR_HOME": str(home),
            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(processes.free_port())}
     app = _app_copy(tmp_path / "app")
     out = tmp_path / "runs"
@@ -621,16 +635,14 @@ def test_flwr_run_dot_on_the_offline_local_superlink(tmp_path):
         assert main(["deploy", "local-superlink"]) == 0
         done = subprocess.run(
             [str(Path(sys.executable).parent / "flwr"), "run", str(app), "--format", "json",
-             "--run-config", f"data.num_clients=2 federated.rounds=2 federated.eval_every=1 "
-                             f"name='native' output_dir='{out}' tracking.backends='{tracking}'"],
+             "--run-config", f"{run_config} name='{name}' output_dir='{out}'"],
             capture_output=True, text=True, env=os.environ.copy(), timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr
         run_id = int(re.search(r'"run-id": "(\d+)"', done.stdout).group(1))
         entry = wait_for_run(run_id, None, home=home, timeout=240)
         assert entry["status"] == COMPLETED, entry
-        rows = read_metrics(out / f"native-{run_id}")
-        assert [r["round"] for r in rows] == [0, 1, 2] and rows[2]["replies"] == 1
-        assert bool(list((out / f"native-{run_id}").glob("events.out.tfevents.*"))) == bool(tracking)
+        run_dir = out / f"{name}-{run_id}"
+        return run_dir, read_metrics(run_dir)
     finally:
         assert main(["deploy", "local-superlink", "--stop"]) == 0
         for k, v in old.items():

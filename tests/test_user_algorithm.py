@@ -25,7 +25,7 @@ from fedmaml.results.recorder import MODEL_FILE, read_metrics
 from helpers import single_thread  # noqa: F401  (autouse fixture)
 from tests.test_checkpoint import stop_after  # noqa: F401  (a fixture)
 from tests.test_checkpoint import without_timing
-from tests.test_deployment import needs_ports
+from tests.test_deployment import flwr_run_on_local_superlink, needs_ports
 from tests.test_resume import interrupted, same_model
 from tests.test_run_batch import assert_equal_to_alone
 from tests.test_user_model import doc_files
@@ -342,43 +342,9 @@ def test_ditto_on_the_offline_local_superlink(my_ditto, tmp_path):
     """`flwr run` of the Flower app with algorithm.name: my_ditto:Ditto: the SuperLink's processes
     import it from their PYTHONPATH, and the clients keep and are evaluated on their personal
     models."""
-    import re
-    import subprocess
-
-    from fedmaml.cli import main
-    from fedmaml.deploy import processes
-    from fedmaml.deploy.commands import program_env
-    from fedmaml.deploy.runs import COMPLETED, wait_for_run
-    from tests.test_deployment import REPO, _app_copy
-
-    home = tmp_path / "flwr-home"
-    user_code = Path(my_ditto.__file__).parent
-    env = {**program_env(), "PYTHONPATH": os.pathsep.join([str(REPO), str(user_code)]),
-           "FLWR_HOME": str(home),
-           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(processes.free_port())}
-    app = _app_copy(tmp_path / "app")
-    out = tmp_path / "runs"
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # the helpers below read FLWR_HOME and the port from the environment
-    try:
-        assert main(["deploy", "local-superlink"]) == 0
-        done = subprocess.run(
-            [str(Path(sys.executable).parent / "flwr"), "run", str(app), "--format", "json",
-             "--run-config", f"algorithm.name='my_ditto:Ditto' data.num_clients=2 "
-                             f"federated.rounds=2 federated.eval_every=1 evaluation.steps=0 "
-                             f"name='ditto' output_dir='{out}'"],
-            capture_output=True, text=True, env=os.environ.copy(), timeout=120)
-        assert done.returncode == 0, done.stdout + done.stderr
-        run_id = int(re.search(r'"run-id": "(\d+)"', done.stdout).group(1))
-        entry = wait_for_run(run_id, None, home=home, timeout=240)
-        assert entry["status"] == COMPLETED, entry
-        rows = read_metrics(out / f"ditto-{run_id}")
-        assert [r["round"] for r in rows] == [0, 1, 2] and rows[2]["failures"] == 0
-        assert "seen.memory-loss.mean" in rows[2]["eval"]
-    finally:
-        assert main(["deploy", "local-superlink", "--stop"]) == 0
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    _, rows = flwr_run_on_local_superlink(
+        tmp_path, "algorithm.name='my_ditto:Ditto' data.num_clients=2 federated.rounds=2 "
+                  "federated.eval_every=1 evaluation.steps=0", name="ditto",
+        pythonpath=(Path(my_ditto.__file__).parent,))
+    assert [r["round"] for r in rows] == [0, 1, 2] and rows[2]["failures"] == 0
+    assert "seen.memory-loss.mean" in rows[2]["eval"]
