@@ -29,7 +29,7 @@ from fedmaml.deploy.crypto import DeployError
 APP_CONFIG_HEADER = "[tool.flwr.app.config]"
 _NOTE = ("# Every key of fedmaml's config schema with its default (override with\n"
          "# `flwr run . --run-config 'key=value ...'`). Generated: do not edit by hand, run\n"
-         "# `fedmaml deploy app-config --update pyproject.toml` after changing fedmaml/config.py.\n")
+         "# `fedmaml deploy app-config --update pyproject.toml` after changing fedmaml/config/schema.py.\n")
 
 
 def _toml_value(value: Any) -> str:
