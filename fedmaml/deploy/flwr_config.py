@@ -24,6 +24,7 @@ from typing import Any
 import tomli_w
 
 from fedmaml.atomic import atomic_write_text
+from fedmaml.config.schema import Config
 from fedmaml.deploy.crypto import DeployError
 
 APP_CONFIG_HEADER = "[tool.flwr.app.config]"
@@ -94,7 +95,7 @@ def update_pyproject(pyproject: str | Path) -> bool:
     return True
 
 
-def run_config_toml(cfg: Any) -> str:
+def run_config_toml(cfg: Config) -> str:
     """A complete flat run config for ``flwr run --run-config FILE``: every key, so the run does not
     depend on pyproject defaults. A relative ``output_dir`` is made absolute here, because the
     ServerApp runs in the SuperLink's working directory, not the submitter's."""
