@@ -16,11 +16,13 @@ from typing import Any, Mapping
 
 from fedmaml.algorithms.registry import AlgorithmSource
 from fedmaml.algorithms.registry import register as register_algorithm
+from fedmaml.config.schema import Config
 from fedmaml.errors import ConfigError
 from fedmaml.models.module import ModelSource, register
 
 
-def run(config: Any = None, model: ModelSource | None = None, *,
+def run(config: Config | Mapping[str, Any] | str | Path | None = None,
+        model: ModelSource | None = None, *,
         algorithm: AlgorithmSource | None = None, run_dir: str | Path | None = None,
         quiet: bool = False, **overrides: Any) -> Path:
     """Run an experiment; return its run directory (as ``fedmaml run``).

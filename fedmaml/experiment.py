@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmaml import run_dir as rd
+from fedmaml.config.schema import Config
 from fedmaml.errors import ConfigError, FedmamlError
 from fedmaml.federated import checkpoint
 from fedmaml.federated.client_app import make_client_app
@@ -39,7 +40,7 @@ def quiet_frameworks(quiet: bool = False) -> None:
             logger.setLevel(max(logger.level, logging.WARNING))
 
 
-def run_experiment(cfg: Any, quiet: bool = False, run_dir: str | Path | None = None,
+def run_experiment(cfg: Config, quiet: bool = False, run_dir: str | Path | None = None,
                    resume: bool = False, restart: bool = False) -> Path:
     """Run ``cfg`` (and the ``compare_with`` baselines under ``<run_dir>/baselines/``); return the run
     directory (config.yaml, metrics.jsonl, summary.json, model.pt, convergence.png).
@@ -93,7 +94,7 @@ def run_experiment(cfg: Any, quiet: bool = False, run_dir: str | Path | None = N
     return run_dir
 
 
-def baseline_config(cfg: Any, algorithm: str) -> Any:
+def baseline_config(cfg: Config, algorithm: str) -> Config:
     """``cfg`` with another algorithm (first-order when its estimator does not apply)."""
     from fedmaml.config import replace_paths
 
@@ -106,7 +107,7 @@ def baseline_config(cfg: Any, algorithm: str) -> Any:
     return replace_paths(cfg, updates)
 
 
-def check_config(cfg: Any) -> None:
+def check_config(cfg: Config) -> None:
     """Fail fast on bad data/model/pattern settings, on a device the clients cannot have (the same
     on every engine) and on a tracking extra that is not installed, before any engine starts."""
     setup_for(cfg)
@@ -114,7 +115,7 @@ def check_config(cfg: Any) -> None:
     check_available(cfg.tracking.backends)
 
 
-def run_one(cfg: Any, run_dir: Path, quiet: bool, resume: bool = False) -> None:
+def run_one(cfg: Config, run_dir: Path, quiet: bool, resume: bool = False) -> None:
     """One config on the engine it names; the same ClientApp/ServerApp on every engine."""
     check_config(cfg)
     setup = setup_for(cfg)  # cached
@@ -141,7 +142,7 @@ def run_one(cfg: Any, run_dir: Path, quiet: bool, resume: bool = False) -> None:
                           "use inprocess, ray or vectorized")
 
 
-def run_dirs_of(run_dir: str | Path, cfg: Any) -> list[Path]:
+def run_dirs_of(run_dir: str | Path, cfg: Config) -> list[Path]:
     """A run directory and the ``compare_with`` baselines inside it."""
     return [Path(run_dir), *(Path(run_dir) / "baselines" / n for n in cfg.compare_with)]
 

@@ -1,6 +1,7 @@
 """The config schema: loading, overrides, validation messages, round trips and the generated docs."""
 
 import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
@@ -565,6 +566,20 @@ def test_string_list_keys_take_every_list_spelling(key, tmp_path):
     assert config_to_flat(cfg)[key] == ",".join(items)
     assert _get(config_from_flat(config_to_flat(cfg)), key) == items
     assert _get(load_config(None, [f"{key}="]), key) == ()  # empty: the empty list
+
+
+def test_every_list_key_is_a_tuple_and_every_string_list_is_checked_above():
+    """A list-valued key is a tuple in the schema, its default and a loaded config (never a comma
+    string to split later), and a new string-list key cannot skip the spelling test above."""
+    lists = [s for s in schema() if s.is_list]
+    assert {s.path for s in lists if s.item_type is str} == set(LIST_KEYS)
+    loaded = load_config(None, [f"{k}={text}" for k, (text, _) in LIST_KEYS.items()]
+                         + ["pattern_selection.full_steps=1,2", "model.hidden=8"])
+    for spec in lists:
+        assert typing.get_origin(spec.type) is tuple, spec.path
+        assert isinstance(spec.default, tuple), spec.path
+        assert isinstance(_get(Config(), spec.path), tuple), spec.path
+        assert isinstance(_get(loaded, spec.path), tuple) and _get(loaded, spec.path), spec.path
 
 
 def _get(cfg, key):

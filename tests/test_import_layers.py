@@ -1,7 +1,8 @@
 """Imports point down: the import-linter contracts of pyproject.toml (``[tool.importlinter]``: the
-layers, no cycles within a package, the math without flwr or ray) hold for fedmaml, and they do
-catch a violation: the same contracts fail on a copy of the package with upward, cyclic and
-Flower imports added (lazy ones, inside functions, as grimp sees them).
+layers, no cycles within a package, the config package's modules by job, the math without flwr or
+ray) hold for fedmaml, and they do catch a violation: the same contracts fail on a copy of the
+package with upward, cyclic and Flower imports and an unplaced config module added (lazy imports,
+inside functions, as grimp sees them).
 
 import-linter is in the ``test`` extra; the layers are drawn in docs/architecture.md."""
 
@@ -34,7 +35,7 @@ def lint(project: Path) -> subprocess.CompletedProcess[str]:
 def test_fedmaml_keeps_its_import_contracts():
     result = lint(ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "3 kept, 0 broken" in result.stdout, result.stdout
+    assert "4 kept, 0 broken" in result.stdout, result.stdout
 
 
 def _add_function(path: Path, body: str) -> None:
@@ -54,11 +55,18 @@ def test_the_contracts_catch_upward_cyclic_and_flower_imports(tmp_path):
     _add_function(pkg / "algorithms" / "base.py", "import flwr.app")  # Flower in the math
     _add_function(pkg / "results" / "compare.py",  # compare_plots imports compare: a cycle
                   "from fedmaml.results.compare_plots import plot_convergence")
+    # validation climbing to the reference generator (not a cycle: only the layers catch it), and
+    # a config module without a layer (the contract is exhaustive)
+    _add_function(pkg / "config" / "validate.py",
+                  "from fedmaml.config.reference import config_reference_markdown")
+    (pkg / "config" / "stray.py").write_text('"""A module the contract does not place."""\n')
     result = lint(tmp_path)
     out = result.stdout + result.stderr
     assert result.returncode != 0, out
-    assert "0 kept, 3 broken" in out, out
+    assert "0 kept, 4 broken" in out, out
     assert "fedmaml.core is not allowed to import fedmaml.engines" in out, out
     assert "fedmaml.core.params -> fedmaml.engines.memory_bank" in out, out
     assert "fedmaml.algorithms.base -> flwr (l." in out, out  # external packages as one node
     assert "No cycles are allowed in fedmaml.results" in out, out
+    assert "fedmaml.config.validate is not allowed to import fedmaml.config.reference" in out, out
+    assert "fedmaml.config.stray" in out, out

@@ -37,8 +37,8 @@ from __future__ import annotations
 import numbers
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from fedmaml.errors import ConfigError, DataError
 
@@ -55,6 +55,9 @@ from .tasks import Federation, PoolTask, Task
 from .user import build_user_federation
 from .user_sources import (files_config, partitioner_clients, read_files, read_flower_task,
                            save_client_arrays)
+
+if TYPE_CHECKING:  # an annotation only: the data layer stays usable without the config package
+    from fedmaml.config.schema import DataConfig
 
 __all__ = [
     "FAMILIES",
@@ -93,7 +96,7 @@ _FEDERATIONS: OrderedDict[tuple, Federation] = OrderedDict()
 _LOCK = threading.Lock()
 
 
-def build_federation(data: Any, seed: int) -> Federation:
+def build_federation(data: DataConfig | DataSpec | Mapping[str, Any], seed: int) -> Federation:
     """The federation described by ``data`` (a config section, :class:`DataSpec` or mapping)."""
     spec = DataSpec.from_config(data)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
@@ -116,7 +119,7 @@ def build_federation(data: Any, seed: int) -> Federation:
         return federation
 
 
-def load_pool(data: Any) -> LabelledPool:
+def load_pool(data: DataConfig | DataSpec | Mapping[str, Any]) -> LabelledPool:
     """The whole labelled pool of a pool family (digits, mnist1d, omniglot, femnist)."""
     spec = DataSpec.from_config(data)
     if spec.family not in _POOL_LOADERS:

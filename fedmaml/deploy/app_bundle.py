@@ -28,6 +28,7 @@ from pathlib import Path
 import tomli_w
 
 from fedmaml.version import __version__
+from fedmaml.config.schema import Config
 from fedmaml.deploy.flwr_config import app_config_toml
 from fedmaml.user_objects import is_import_path
 
@@ -58,7 +59,7 @@ def _installed(path: Path) -> bool:
         part in ("site-packages", "dist-packages") for part in path.parts)
 
 
-def user_code(cfg) -> list[Path]:
+def user_code(cfg: Config) -> list[Path]:
     """The top-level modules (``.py`` files) or packages (directories) of the user's own code that
     ``cfg`` names by import path, found as this process finds them: the ones to bundle. Installed
     packages, fedmaml itself and names that cannot be found are left out (the devices then import

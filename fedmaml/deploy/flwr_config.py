@@ -24,12 +24,13 @@ from typing import Any
 import tomli_w
 
 from fedmaml.atomic import atomic_write_text
+from fedmaml.config.schema import Config
 from fedmaml.deploy.crypto import DeployError
 
 APP_CONFIG_HEADER = "[tool.flwr.app.config]"
 _NOTE = ("# Every key of fedmaml's config schema with its default (override with\n"
          "# `flwr run . --run-config 'key=value ...'`). Generated: do not edit by hand, run\n"
-         "# `fedmaml deploy app-config --update pyproject.toml` after changing fedmaml/config.py.\n")
+         "# `fedmaml deploy app-config --update pyproject.toml` after changing fedmaml/config/schema.py.\n")
 
 
 def _toml_value(value: Any) -> str:
@@ -94,7 +95,7 @@ def update_pyproject(pyproject: str | Path) -> bool:
     return True
 
 
-def run_config_toml(cfg: Any) -> str:
+def run_config_toml(cfg: Config) -> str:
     """A complete flat run config for ``flwr run --run-config FILE``: every key, so the run does not
     depend on pyproject defaults. A relative ``output_dir`` is made absolute here, because the
     ServerApp runs in the SuperLink's working directory, not the submitter's."""

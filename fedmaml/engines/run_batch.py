@@ -45,7 +45,7 @@ import torch
 from fedmaml import collector
 from fedmaml.algorithms import ALGORITHMS, Hyper, RoundData, get_algorithm, has_server_rule
 from fedmaml.algorithms.base import draw_cohort, draw_init
-from fedmaml.config import config_to_flat
+from fedmaml.config import Config, config_to_flat
 from fedmaml.core.params import Params
 from fedmaml.core.server import ServerOptimizer, per_run
 from fedmaml.data.counter import derive_keys
@@ -85,7 +85,7 @@ _FLUSH_ROUNDS = 200
 _TASK_CACHE = 4096
 
 
-def batch_refusal(cfg: Any) -> str | None:
+def batch_refusal(cfg: Config) -> str | None:
     """Why ``cfg`` cannot run in a batch (``None``: it can)."""
     if cfg.compare_with:
         return "compare_with baselines run inside the run directory"
@@ -117,7 +117,7 @@ def batch_refusal(cfg: Any) -> str | None:
     return None
 
 
-def batch_key(cfg: Any) -> tuple:
+def batch_key(cfg: Config) -> tuple:
     """Runs with equal keys share every shape and rule and can run as one batch."""
     return tuple((k, repr(v)) for k, v in config_to_flat(cfg).items()
                  if k not in PER_RUN_KEYS and not k.startswith(_PER_RUN_PREFIXES))

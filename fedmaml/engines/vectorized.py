@@ -48,6 +48,7 @@ from flwr.serverapp import ServerApp
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedmaml.algorithms import Algorithm, Hyper, RoundData, client_update
+from fedmaml.config.schema import Config
 from fedmaml.core.losses import LossFn
 from fedmaml.core.params import Params
 from fedmaml.core.privacy import clip_stacked
@@ -150,7 +151,7 @@ class VectorizedGrid(InProcessGrid):
     #: The strategy sends this grid one train message per cohort (federated.strategy).
     takes_cohorts = True
 
-    def __init__(self, config: Any, client_app: ClientApp, num_nodes: int,
+    def __init__(self, config: Config, client_app: ClientApp, num_nodes: int,
                  bank: MemoryBank | None = None, run_id: int = 1) -> None:
         super().__init__(client_app, num_nodes, run_id)
         self.cfg = config
@@ -525,7 +526,7 @@ def refuse_unbatchable(setup: Any) -> None:
                           "inputs (docs/custom.md)")
 
 
-def run_vectorized(server_app: ServerApp, client_app: ClientApp, num_nodes: int, config: Any,
+def run_vectorized(server_app: ServerApp, client_app: ClientApp, num_nodes: int, config: Config,
                    bank: MemoryBank | None = None) -> VectorizedGrid:
     """Run ``server_app`` on a :class:`VectorizedGrid`; return the grid (its ``bank`` holds the
     memories; call ``close()`` when done with it)."""

@@ -46,7 +46,7 @@ import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedmaml.atomic import PRIVATE, atomic_torch_save
-from fedmaml.config import config_to_flat
+from fedmaml.config import Config, config_to_flat
 from fedmaml.core.params import Params
 from fedmaml.errors import DataError, FedmamlError, MessageError
 from fedmaml.federated import codec
@@ -261,7 +261,7 @@ def path_of(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINT_FILE
 
 
-def save(run_dir: str | Path, state: dict[str, Any], config: Any) -> None:
+def save(run_dir: str | Path, state: dict[str, Any], config: Config) -> None:
     """``state`` and the resolved ``config`` the run was made from: every key (``config``) and the
     SHA-256 of them (``config_sha256``), so that a resume can refuse a changed config and name the
     keys that changed (fedmaml/run_dir.py)."""

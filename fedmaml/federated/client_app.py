@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmaml.algorithms import Hyper, RoundData, client_update, draw_cohort, draw_round
+from fedmaml.config.schema import Config
 from fedmaml.core.diagnostics import tracking_error
 from fedmaml.core.privacy import clip_update
 from fedmaml.core.evaluation import personalized_metrics
@@ -32,11 +33,11 @@ from fedmaml.federated.setup import (ExperimentSetup, client_round_keys, resolve
                                      setup_for)
 
 
-def make_client_app(config: Any = None) -> ClientApp:
+def make_client_app(config: Config | None = None) -> ClientApp:
     """A ClientApp for ``config``; with ``None`` the config comes from the run config (``flwr run``)."""
     app = ClientApp()
 
-    def resolve(context: Context) -> tuple[Any, ExperimentSetup, int]:
+    def resolve(context: Context) -> tuple[Config, ExperimentSetup, int]:
         cfg = config if config is not None else config_from_run_config(context.run_config)
         cfg = node_config.with_node_data(cfg, context)  # a device's own data-path
         if cfg.engine.torch_threads and torch.get_num_threads() != cfg.engine.torch_threads:
@@ -77,7 +78,7 @@ def make_client_app(config: Any = None) -> ClientApp:
 
 
 # -- the pieces of a train round, shared with the vectorized engine (which batches a cohort) --------
-def train_client(msg: Message, cfg: Any, setup: ExperimentSetup, cid: int, store: MemoryStore
+def train_client(msg: Message, cfg: Config, setup: ExperimentSetup, cid: int, store: MemoryStore
                  ) -> Message:
     """One client's train round: instruction -> data -> client update -> memory -> reply."""
     start = time.perf_counter()
@@ -94,7 +95,7 @@ def train_client(msg: Message, cfg: Any, setup: ExperimentSetup, cid: int, store
     return faults.mark_late(reply) if late else reply
 
 
-def past_deadline(cfg: Any, seconds: float) -> bool:
+def past_deadline(cfg: Config, seconds: float) -> bool:
     """Whether a client whose simulated train time is ``seconds`` misses the round deadline. Only
     simulated speeds (``participation.speed`` other than uniform) are judged here: a measured time
     is judged by the engine's clock, as a real reply would be."""
@@ -102,7 +103,7 @@ def past_deadline(cfg: Any, seconds: float) -> bool:
     return cfg.participation.speed != "uniform" and timeout > 0 and seconds > timeout
 
 
-def train_step(cfg: Any, setup: ExperimentSetup, cid: int, w: Params, hp: Hyper,
+def train_step(cfg: Config, setup: ExperimentSetup, cid: int, w: Params, hp: Hyper,
                server_round: int, store: MemoryStore, device: torch.device,
                start: float | None = None) -> tuple[Params, MetricRecord]:
     """One client's update from a decoded instruction: memory -> data -> client update -> memory.
@@ -166,7 +167,7 @@ def needs_memory_init(setup: ExperimentSetup, hp: Hyper, has_memory: bool) -> bo
     return setup.algorithm.uses_memory and (not has_memory or hp.memory_policy == "reinit")
 
 
-def draw_client_round(cfg: Any, setup: ExperimentSetup, cid: int, hp: Hyper, server_round: int,
+def draw_client_round(cfg: Config, setup: ExperimentSetup, cid: int, hp: Hyper, server_round: int,
                       fresh: bool) -> tuple[list[Task], RoundData]:
     """A training client's tasks and its round's data, from its own (seed, id, round) stream."""
     tasks = training_tasks(setup, cid)
@@ -175,7 +176,7 @@ def draw_client_round(cfg: Any, setup: ExperimentSetup, cid: int, hp: Hyper, ser
     return tasks, data
 
 
-def draw_cohort_round(cfg: Any, setup: ExperimentSetup, cids: list[int], hp: Hyper,
+def draw_cohort_round(cfg: Config, setup: ExperimentSetup, cids: list[int], hp: Hyper,
                       server_round: int, fresh: bool, tasks: list[list[Task]] | None = None
                       ) -> tuple[list[list[Task]], RoundData]:
     """:func:`draw_client_round` for many clients at once (equal numbers of tasks), stacked along a
@@ -289,7 +290,7 @@ def memory_diagnostics(setup: ExperimentSetup, tasks: list[Task], w: Params, mem
     return out
 
 
-def config_from_run_config(run_config: Any) -> Any:
+def config_from_run_config(run_config: Any) -> Config:
     from fedmaml.config import config_from_flat
 
     return config_from_flat(dict(run_config), source="Flower run config")

@@ -20,11 +20,11 @@ clients queued behind it on that actor, which would then be late too.) Both need
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 import numpy as np
 from flwr.app import Message, MetricRecord, RecordDict
 
+from fedmaml.config.schema import Config
 from fedmaml.federated import records as R
 
 KINDS = ("fail", "straggle", "dropout")
@@ -37,12 +37,12 @@ class InjectedFault(RuntimeError):
     """The failure ``faults.fail`` injects (an exception in the client, as a crash would be)."""
 
 
-def fault_rates(cfg: Any) -> tuple[float, float, float]:
+def fault_rates(cfg: Config) -> tuple[float, float, float]:
     f = cfg.faults
     return f.fail, f.straggle, f.dropout
 
 
-def client_fault(cfg: Any, cid: int, server_round: int) -> str | None:
+def client_fault(cfg: Config, cid: int, server_round: int) -> str | None:
     """``fail``, ``straggle``, ``dropout`` or ``None`` for client ``cid`` in ``server_round``: one
     uniform draw from the client's own (seed, id, round) stream, cut at the three rates."""
     fail, straggle, dropout = fault_rates(cfg)
@@ -56,7 +56,7 @@ def client_fault(cfg: Any, cid: int, server_round: int) -> str | None:
     return None
 
 
-def injected(cfg: Any, cids: Iterable[int], server_round: int) -> dict[str, int]:
+def injected(cfg: Config, cids: Iterable[int], server_round: int) -> dict[str, int]:
     """How many of the round's sampled clients get each fault (what the server should count)."""
     counts = {k: 0 for k in KINDS}
     for cid in cids:
@@ -66,7 +66,7 @@ def injected(cfg: Any, cids: Iterable[int], server_round: int) -> dict[str, int]
     return counts
 
 
-def enabled(cfg: Any) -> bool:
+def enabled(cfg: Config) -> bool:
     return any(fault_rates(cfg))
 
 

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
 from flwr.app import Context
 
+from fedmaml.config.schema import Config
 from fedmaml.core.params import Params
 from fedmaml.errors import ConfigError
 from fedmaml.federated.memory_store import ContextStateStore, FileStore, MemoryStore
@@ -41,7 +41,7 @@ def client_id(context: Context) -> int:
     return int(value)
 
 
-def with_node_data(cfg: Any, context: Context) -> Any:
+def with_node_data(cfg: Config, context: Context) -> Config:
     """``cfg`` with ``data.path`` replaced by this node's ``data-path``, if it has one."""
     path = context.node_config.get(DATA_PATH)
     if not path:

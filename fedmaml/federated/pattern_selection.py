@@ -31,6 +31,7 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedmaml.algorithms import Hyper
 from fedmaml.atomic import atomic_write_text
+from fedmaml.config.schema import Config, PatternSelectionConfig
 from fedmaml.core import pattern_selection as ps
 from fedmaml.core.params import Params
 from fedmaml.core.patterns import Pattern, resolve_pattern
@@ -57,7 +58,7 @@ RUN_FILE = "pattern_selection.json"
 # What to select from
 # --------------------------------------------------------------------------------------------------
 
-def selection_steps(cfg: Any, sel: Any = None) -> int:
+def selection_steps(cfg: Config, sel: PatternSelectionConfig | None = None) -> int:
     """Steps of the generated candidates: ``pattern_selection.steps``, else ``evaluation.steps``."""
     steps = (sel or cfg.pattern_selection).steps or cfg.evaluation.steps
     if steps < 1:
@@ -66,7 +67,8 @@ def selection_steps(cfg: Any, sel: Any = None) -> int:
     return steps
 
 
-def candidates_for(setup: ExperimentSetup, sel: Any = None) -> list[ps.Candidate]:
+def candidates_for(setup: ExperimentSetup,
+                   sel: PatternSelectionConfig | None = None) -> list[ps.Candidate]:
     """The candidate list of a run's ``pattern_selection`` section (``sel`` overrides it)."""
     sel = sel or setup.config.pattern_selection
     steps = selection_steps(setup.config, sel)
@@ -75,7 +77,7 @@ def candidates_for(setup: ExperimentSetup, sel: Any = None) -> list[ps.Candidate
                                full_steps=sel.full_steps, user=sel.candidates)
 
 
-def epsilon_unit(setup: ExperimentSetup, sel: Any = None) -> str:
+def epsilon_unit(setup: ExperimentSetup, sel: PatternSelectionConfig | None = None) -> str:
     sel = sel or setup.config.pattern_selection
     return ps.resolve_unit(sel.epsilon_unit, setup.classification)
 
@@ -150,8 +152,8 @@ def measurement_from_reply(metrics: MetricRecord, patterns: Sequence[str], metri
 Measurer = Callable[[list[int], list[Pattern], bool], tuple[list[ps.Measurement], dict[str, Any]]]
 
 
-def select(setup: ExperimentSetup, measure: Measurer, sel: Any = None, *, mode: str
-           ) -> dict[str, Any]:
+def select(setup: ExperimentSetup, measure: Measurer, sel: PatternSelectionConfig | None = None, *,
+           mode: str) -> dict[str, Any]:
     """Measure the candidates on the validation clients, apply the rule, measure test quality.
 
     Returns a JSON-ready record: the rule's outcome and one row per candidate (time, validation
@@ -202,7 +204,8 @@ def select(setup: ExperimentSetup, measure: Measurer, sel: Any = None, *, mode: 
     return record
 
 
-def central_measurer(setup: ExperimentSetup, w: Params, sel: Any = None) -> Measurer:
+def central_measurer(setup: ExperimentSetup, w: Params,
+                     sel: PatternSelectionConfig | None = None) -> Measurer:
     """Measure on this process: every client's data is rebuilt here from the config and seed."""
     sel = sel or setup.config.pattern_selection
     device = resolve_device(setup.config.engine.device)
@@ -222,7 +225,8 @@ def central_measurer(setup: ExperimentSetup, w: Params, sel: Any = None) -> Meas
     return measure
 
 
-def select_central(setup: ExperimentSetup, w: Params, sel: Any = None) -> dict[str, Any]:
+def select_central(setup: ExperimentSetup, w: Params,
+                   sel: PatternSelectionConfig | None = None) -> dict[str, Any]:
     """Central selection on a meta-model ``w`` (the CLI's ``select-pattern`` and ``mode: central``)."""
     return select(setup, central_measurer(setup, w, sel), sel, mode="central")
 

@@ -47,6 +47,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from fedmaml.config.schema import Config
 from fedmaml.core.params import Params
 from fedmaml.core.privacy import noise_generator, noise_std, private_mean
 from fedmaml.core.server import aggregate_stacked
@@ -66,7 +67,7 @@ PLD_INTERVAL = 1e-3
 class UpdatePrivacy:
     """The mean update of a round, private or not, and the run's privacy account."""
 
-    def __init__(self, cfg: Any, sampling: ClientSampling) -> None:
+    def __init__(self, cfg: Config, sampling: ClientSampling) -> None:
         self.cfg = cfg
         self.dp = cfg.privacy
         self.enabled = self.dp.clipping != "none"

@@ -10,6 +10,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedmaml import collector
+from fedmaml.config.schema import Config
 from fedmaml.errors import FedmamlError
 from fedmaml.federated import checkpoint, faults
 from fedmaml.federated import records as R
@@ -27,7 +28,7 @@ from fedmaml.tracking import open_tracker
 log = logging.getLogger("fedmaml")
 
 
-def make_server_app(config: Any = None, run_dir: str | Path | None = None,
+def make_server_app(config: Config | None = None, run_dir: str | Path | None = None,
                     quiet: bool = False, resume: bool = False) -> ServerApp:
     """A ServerApp for ``config`` writing into ``run_dir``; with ``None`` both come from the run
     config (``flwr run``), the run directory being ``<output_dir>/<name>-<run id>``. ``resume``:
@@ -43,7 +44,7 @@ def make_server_app(config: Any = None, run_dir: str | Path | None = None,
     return app
 
 
-def run_federated(grid: Grid, cfg: Any, run_dir: str | Path, quiet: bool = False,
+def run_federated(grid: Grid, cfg: Config, run_dir: str | Path, quiet: bool = False,
                   resume: bool = False) -> dict[str, Any]:
     """Run all rounds on ``grid``; write config, metrics.jsonl, summary.json, model.pt and
     convergence.png, and log them to the trackers of ``cfg.tracking`` (fedmaml/tracking/).
@@ -131,7 +132,7 @@ def run_federated(grid: Grid, cfg: Any, run_dir: str | Path, quiet: bool = False
     return summary
 
 
-def run_health(cfg: Any) -> RunHealth:
+def run_health(cfg: Config) -> RunHealth:
     """The health rules of a run, with what to try when it diverges."""
     return RunHealth(cfg.federated.max_failed_rounds,
                      hint=f"a smaller algorithm.eta (now {cfg.algorithm.eta:g}) or "
@@ -172,7 +173,7 @@ def note_evaluation(state: dict[str, Any], row: dict[str, Any]) -> None:
             state["first_eval"] = dict(row["eval"])
 
 
-def run_summary(cfg: Any, strategy: MetaStrategy, health: RunHealth, state: dict[str, Any],
+def run_summary(cfg: Config, strategy: MetaStrategy, health: RunHealth, state: dict[str, Any],
                 status: str, message: str) -> dict[str, Any]:
     """summary.json of a run that ended with ``status`` (``message``: why it stopped early)."""
     key = "accuracy" if strategy.setup.classification else "loss"

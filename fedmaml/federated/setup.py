@@ -10,12 +10,14 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
 from fedmaml.algorithms import Algorithm, Hyper, get_algorithm, has_server_rule
+from fedmaml.config.schema import Config
+from fedmaml.core.estimators import Estimator
 from fedmaml.core.losses import LossFn, loss_named
 from fedmaml.core.params import Params
 from fedmaml.core.patterns import Pattern, resolve_pattern
@@ -31,7 +33,7 @@ from fedmaml.models import Model, build_model
 
 @dataclass(frozen=True)
 class ExperimentSetup:
-    config: Any
+    config: Config
     federation: Federation
     model: Model
     loss_fn: LossFn
@@ -60,15 +62,16 @@ def _pattern(key: str, text: str, model: Model, steps: int) -> Pattern:
         raise PatternError(f"{key}: {e}") from None
 
 
-def build_hyper(cfg: Any, model: Model, algorithm: Algorithm) -> Hyper:
+def build_hyper(cfg: Config, model: Model, algorithm: Algorithm) -> Hyper:
     a = cfg.algorithm
     inner = _pattern("algorithm.inner_pattern", a.inner_pattern, model, a.inner_steps)
     memory = (_pattern("algorithm.memory_pattern", a.memory_pattern, model, a.inner_steps)
               if a.memory_pattern else inner)
     # Algorithms without memory are MOML with beta = 1: the "memory" is A(w; S) itself.
     beta = a.beta if algorithm.uses_memory else 1.0
-    step = StepConfig(alpha=a.alpha, beta=beta, estimator=a.meta_gradient, inner_pattern=inner,
-                      memory_pattern=memory, hf_delta=a.hf_delta,
+    # algorithm.meta_gradient's choices are the estimators (StepConfig checks it again)
+    step = StepConfig(alpha=a.alpha, beta=beta, estimator=cast(Estimator, a.meta_gradient),
+                      inner_pattern=inner, memory_pattern=memory, hf_delta=a.hf_delta,
                       hf_perturbation=a.hf_perturbation, scale_by_beta=a.scale_by_beta,
                       loss_before=a.loss_before)
     k = a.support_size
@@ -78,7 +81,7 @@ def build_hyper(cfg: Any, model: Model, algorithm: Algorithm) -> Hyper:
                  memory_init=a.memory_init)
 
 
-def _cache_key(cfg: Any) -> str:
+def _cache_key(cfg: Config) -> str:
     from fedmaml.config import config_to_dict
 
     d = config_to_dict(cfg)
@@ -87,7 +90,7 @@ def _cache_key(cfg: Any) -> str:
     return json.dumps(keep, sort_keys=True)
 
 
-def setup_for(cfg: Any) -> ExperimentSetup:
+def setup_for(cfg: Config) -> ExperimentSetup:
     """The (cached) setup of a config."""
     # Apps call this once per message: look the config object up by value first (a hash and an
     # identity check, ~2 us) before serialising it into the key that ignores unrelated fields.
@@ -95,12 +98,12 @@ def setup_for(cfg: Any) -> ExperimentSetup:
 
 
 @functools.lru_cache(maxsize=8)
-def _setup_by_config(cfg: Any) -> ExperimentSetup:
+def _setup_by_config(cfg: Config) -> ExperimentSetup:
     return _setup_cached(_cache_key(cfg), cfg)
 
 
 @functools.lru_cache(maxsize=8)
-def _setup_cached(_key: str, cfg: Any) -> ExperimentSetup:
+def _setup_cached(_key: str, cfg: Config) -> ExperimentSetup:
     federation = build_federation(cfg.data, cfg.seed)
     model = build_model(cfg.model, federation.input_shape, federation.num_outputs)
     algorithm = get_algorithm(cfg.algorithm.name, cfg.algorithm.kwargs)

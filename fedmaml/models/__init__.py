@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence, Union
+from typing import TYPE_CHECKING, Sequence, Union
 
 from fedmaml.errors import ConfigError
 from fedmaml.models.base import ModuleStage, StagedModel, Stage
 from fedmaml.models.conv4 import conv4, conv4_module
 from fedmaml.models.mlp import mlp, mlp_module
 from fedmaml.models.module import ModuleModel, is_user_model, module_model
+
+if TYPE_CHECKING:  # an annotation only: models stay usable without the config package
+    from fedmaml.config.schema import ModelConfig
 
 __all__ = ["Model", "StagedModel", "Stage", "ModuleStage", "ModuleModel", "mlp", "conv4",
            "mlp_module", "conv4_module", "build_model"]
@@ -18,7 +21,7 @@ __all__ = ["Model", "StagedModel", "Stage", "ModuleStage", "ModuleModel", "mlp",
 Model = Union[StagedModel, ModuleModel]
 
 
-def build_model(spec: Any, input_shape: Sequence[int], num_outputs: int) -> Model:
+def build_model(spec: ModelConfig, input_shape: Sequence[int], num_outputs: int) -> Model:
     """Build the model named by ``spec.name`` (the config's ``model`` section) for a data set:
     a built-in, or a user's ``torch.nn.Module`` ("package.module:factory"; fedmaml/models/module.py)."""
     if is_user_model(spec.name):

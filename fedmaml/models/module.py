@@ -34,7 +34,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,9 @@ from fedmaml.models.base import max_pool_2x2
 from fedmaml.errors import ConfigError
 from fedmaml.user_objects import (PYTHON_PREFIX, Registry, is_import_path,
                                    parse_mapping)
+
+if TYPE_CHECKING:  # an annotation only: models stay usable without the config package
+    from fedmaml.config.schema import ModelConfig
 
 ModelSource = Union[nn.Module, Callable[..., nn.Module]]
 
@@ -419,7 +422,7 @@ class ModuleModel:
         return None
 
 
-def module_model(spec: Any, input_shape: Sequence[int] | None, num_outputs: int | None,
+def module_model(spec: ModelConfig, input_shape: Sequence[int] | None, num_outputs: int | None,
                  source: ModelSource | None = None) -> ModuleModel:
     """The model of ``spec`` (the config's ``model`` section) whose ``name`` is a user's module."""
     name = spec.name

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from fedmaml.config.schema import Config
 from fedmaml.errors import FedmamlError
 from fedmaml.tracking import open_tracker, run_info
 
@@ -71,7 +72,7 @@ def export_run(run_dir: str | Path, to: str, **options: str | None) -> None:
         tracker.finish(summary, run_dir)
 
 
-def logged_before(run_dir: Path, cfg: Any) -> str:
+def logged_before(run_dir: Path, cfg: Config) -> str:
     """Where ``run_dir`` was logged to the backend of ``cfg`` before, or "" if it was not."""
     backend = cfg.tracking.backends[0]
     if backend == "tensorboard":

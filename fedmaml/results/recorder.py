@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmaml.atomic import atomic_torch_save, atomic_write_text
+from fedmaml.config.schema import Config
 from fedmaml.core.params import Params
 from fedmaml.provenance import with_provenance
 
@@ -44,7 +45,7 @@ def _json_line(row: dict[str, Any]) -> str:
 class RunRecorder:
     """``metrics``: the metrics.jsonl text of a checkpoint to continue after (a resumed run)."""
 
-    def __init__(self, run_dir: str | Path, config: Any, metrics: str | None = None) -> None:
+    def __init__(self, run_dir: str | Path, config: Config, metrics: str | None = None) -> None:
         from fedmaml.config import dump_yaml
 
         self.dir = Path(run_dir)

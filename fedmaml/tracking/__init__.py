@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fedmaml.config.schema import Config
 from fedmaml.errors import ConfigError
 from fedmaml.tracking.base import COMPLETED, Backend, RunInfo, artifact_files, flatten
 
@@ -107,7 +108,7 @@ class Tracker:
                 self.backends.remove(backend)
 
 
-def run_info(cfg: Any, run_dir: str | Path) -> RunInfo:
+def run_info(cfg: Config, run_dir: str | Path) -> RunInfo:
     """Name, project, group and hyperparameters of the run in ``run_dir`` (see RunInfo)."""
     from fedmaml.config import config_to_dict, config_to_flat
 
@@ -150,7 +151,7 @@ def sweep_grid(run_dir: Path) -> list[str] | None:
     return list(dict.fromkeys([*spec.grid, *(k for o in spec.settings.values() for k in o)]))
 
 
-def open_tracker(cfg: Any, run_dir: str | Path, strict: bool = False) -> Tracker:
+def open_tracker(cfg: Config, run_dir: str | Path, strict: bool = False) -> Tracker:
     """Start the run on every backend of ``cfg.tracking.backends`` (``strict``: see Tracker)."""
     import importlib
 

@@ -20,6 +20,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from fedmaml.config.schema import TrackingConfig
 from fedmaml.errors import ConfigError
 from fedmaml.tracking.base import COMPLETED, Backend, RunInfo, summary_scalars
 
@@ -177,7 +178,7 @@ def experiment_id(client: Any, name: str, artifact_location: str | None = None) 
 class MLflowBackend(Backend):
     name = "mlflow"
 
-    def __init__(self, info: RunInfo, tracking: Any) -> None:
+    def __init__(self, info: RunInfo, tracking: TrackingConfig) -> None:
         from mlflow.entities import Param
 
         self.uri = tracking.mlflow_uri or default_uri(info.output_dir)

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fedmaml.config.schema import TrackingConfig
 from fedmaml.tracking.base import Backend, RunInfo, summary_scalars
 
 #: Seconds between flushes of the event file: a live run shows up in TensorBoard this late at most.
@@ -23,7 +24,7 @@ FLUSH_SECONDS = 5
 class TensorBoardBackend(Backend):
     name = "tensorboard"
 
-    def __init__(self, info: RunInfo, tracking: Any) -> None:
+    def __init__(self, info: RunInfo, tracking: TrackingConfig) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.info = info

@@ -15,13 +15,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fedmaml.config.schema import TrackingConfig
 from fedmaml.tracking.base import COMPLETED, Backend, RunInfo, summary_scalars
 
 
 class WandbBackend(Backend):
     name = "wandb"
 
-    def __init__(self, info: RunInfo, tracking: Any) -> None:
+    def __init__(self, info: RunInfo, tracking: TrackingConfig) -> None:
         from fedmaml.tracking import QUIET_ENVIRONMENT
 
         for key, value in QUIET_ENVIRONMENT["wandb"].items():
