@@ -47,6 +47,7 @@ from fedmaml.algorithms import ALGORITHMS, Hyper, RoundData, get_algorithm, has_
 from fedmaml.algorithms.base import draw_cohort, draw_init
 from fedmaml.config import config_to_flat
 from fedmaml.core.params import Params
+from fedmaml.core.privacy import clip_stacked
 from fedmaml.core.server import ServerOptimizer, per_run
 from fedmaml.data.counter import derive_keys
 from fedmaml.data.tasks import Task
@@ -56,10 +57,11 @@ from fedmaml.engines.vectorized import cohort_update, unbatchable_reason
 from fedmaml.models.module import is_user_model
 from fedmaml.federated import checkpoint
 from fedmaml.federated import records as R
-from fedmaml.federated.health import RunHealth, RunStopped, round_outcome
+from fedmaml.federated.health import RunHealth, RunStopped
 from fedmaml.federated.participation import sample_cohorts
 from fedmaml.federated.server_app import (new_run_state, note_evaluation, run_health,
                                           run_summary)
+from fedmaml.federated.server_round import aggregate_round
 from fedmaml.federated.setup import ExperimentSetup, resolve_device, setup_for
 from fedmaml.federated.strategy import TRAIN_METRICS, MetaStrategy
 from fedmaml.provenance import run_provenance
@@ -91,8 +93,6 @@ def batch_refusal(cfg: Any) -> str | None:
         return "compare_with baselines run inside the run directory"
     if any((cfg.faults.fail, cfg.faults.straggle, cfg.faults.dropout)):
         return "faults are injected"
-    if cfg.privacy.clipping != "none" or cfg.privacy.noise_multiplier > 0:
-        return "differential privacy is on"
     if cfg.federated.sampling != "fixed":  # a batch draws one fixed-size cohort per run
         return "clients are Poisson-sampled (federated.sampling): cohorts vary in size"
     if cfg.federated.round_timeout:
@@ -267,6 +267,10 @@ class RunBatch:
                              (data.task_index, data.support, data.query, data.extra)))
         delta, new_memory, metrics = _runs_update(self.algorithm, self.model, self.loss_fn, hp,
                                                   self.w, memory, shaped, values)
+        dp = self.cfgs[live[0]].privacy
+        if dp.clipping == "client":  # each device clips its update before sending it
+            flat, _ = clip_stacked({k: v.flatten(0, 1) for k, v in delta.items()}, dp.clipping_norm)
+            delta = {k: v.reshape(delta[k].shape) for k, v in flat.items()}
         if new_memory is not None:
             for k, v in new_memory.items():  # flatten(0, 1) of the contiguous store is a view
                 self.memory[k].flatten(0, 1).index_copy_(0, slots, v.reshape(R_ * C, *v.shape[2:]))
@@ -309,33 +313,20 @@ class RunBatch:
         """Average each run's finite updates, step its server optimizer; the round's numbers join
         the pending rows. Returns whether a run diverged or had no finite update."""
         C = cids.shape[1]
-        finite = _finite_rows(delta)  # [R, C]
         cfg = self.cfgs[runs[0]]
-        weights = (torch.from_numpy(self._example_counts(runs, cids))
-                   if cfg.federated.aggregation == "weighted"
-                   else torch.ones(cids.shape, dtype=torch.float64)) * finite
-        valid = finite.sum(1)
-        updated = valid >= cfg.federated.min_replies
-        total = weights.sum(1).clamp_min(1e-300)
-        if cfg.federated.aggregation == "uniform" and bool(finite.all()):  # the usual round
-            mean = {k: v.sum(1) / C for k, v in delta.items()}
-        else:
-            mean = {k: _weighted_mean(v, weights.to(v.dtype), total.to(v.dtype))
-                    for k, v in delta.items()}
-        old_state, old_steps = dict(self.optimizer.state), self.optimizer.steps.clone()
-        w = self.optimizer.step(self.w, mean)
-        finite_w = _finite_rows({k: v.unsqueeze(1) for k, v in w.items()})[:, 0]
-        keep = updated & finite_w
-        if not bool(keep.all()):  # some runs do not move: their w and optimizer state stay
-            w = {k: torch.where(per_run(keep, v), v, self.w[k]) for k, v in w.items()}
-            self.optimizer.state = {k: torch.where(per_run(keep, v), v,
-                                                   old_state.get(k, torch.zeros_like(v)))
-                                    for k, v in self.optimizer.state.items()}
-            self.optimizer.steps = torch.where(keep, self.optimizer.steps, old_steps)
+        weighted = cfg.federated.aggregation == "weighted"
+        done = aggregate_round(
+            self.w, self.optimizer, delta, torch.ones(cids.shape, dtype=torch.bool),
+            cids.tolist(), weighting=cfg.federated.aggregation,
+            min_replies=cfg.federated.min_replies,
+            counts=torch.from_numpy(self._example_counts(runs, cids)) if weighted else None,
+            privacy=[self.strategies[i].privacy for i in runs.tolist()], round_number=server_round)
+        keep, finite = done.moved, done.accepted
         if bool(keep.any()):
             self.w_before = {k: torch.where(per_run(keep, v), v, self.w_before[k])
                              for k, v in self.w.items()}
-            self.w = w
+            self.w = done.w
+        valid = finite.sum(1)
         finite_np = finite.numpy()
         self.trained[runs[:, None], cids] |= finite_np
         n_valid = valid.to(torch.float64).clamp_min(1)
@@ -351,17 +342,16 @@ class RunBatch:
         self.totals["samples"][runs] += samples
         self.totals["bytes_down"][runs] += self.bytes_down * C
         self.totals["bytes_up"][runs] += self.bytes_up * C
-        diverged = (updated & ~finite_w).numpy()
         # Python lists: a row per run is read out of them, a value at a time
         self.pending.append({"round": server_round, "runs": runs, "position": _positions(runs),
-                             "clients": cids.tolist(), "valid": valid.tolist(),
-                             "updated": keep.tolist(), "diverged": diverged.tolist(),
+                             "records": done.records,
                              "losses": {k: v.tolist() for k, v in losses.items()},
                              "samples": samples.tolist(),
                              "train_seconds_max": (time.perf_counter() - start) / (len(runs) * C),
                              "totals": {k: v[runs].tolist() for k, v in self.totals.items()},
                              "seconds": time.perf_counter() - self.start})
-        return bool(diverged.any() or (valid == 0).any())
+        diverged = any(r.diverged is not None for r in done.records)
+        return diverged or bool((valid == 0).any())
 
     def _log(self, server_round: int, evaluate: bool = False, alarm: bool = False) -> None:
         """Write the pending rows when due: at evaluation and checkpoint rounds, when a run needs
@@ -578,14 +568,9 @@ def _row_of(pending: dict[str, Any], j: int) -> dict[str, Any]:
     """Run ``j``'s metrics row of a pending round, keyed as ``MetaStrategy.start`` writes it."""
     row: dict[str, Any] = {"round": pending["round"]}
     if pending["round"] > 0:
-        valid, clients = pending["valid"][j], pending["clients"][j]
-        row.update(clients=clients, replies=valid,
-                   **round_outcome(["rejected"] * (len(clients) - valid), 0),
-                   updated=pending["updated"][j])
-        if pending["diverged"][j]:
-            row["diverged"] = ("the aggregated update is not finite (the model would hold NaN or "
-                               "infinite values)")
-        if valid:
+        record = pending["records"][j]
+        row.update(record.row())
+        if record.replies:
             for key, v in pending["losses"].items():
                 row[key.replace("-", "_")] = v[j]
             row["samples"] = pending["samples"][j]
@@ -598,16 +583,6 @@ def _row_of(pending: dict[str, Any], j: int) -> dict[str, Any]:
 def _positions(runs: np.ndarray) -> dict[int, int]:
     """``{run: its row in a round's arrays}`` (one dict a round; each run's row reads it)."""
     return {i: j for j, i in enumerate(runs.tolist())}
-
-
-def _finite_rows(params: Params) -> torch.Tensor:
-    """``[R, C]`` bool: is every value of each row finite? (One sum per parameter first: when the
-    sums are finite, so is every value, which spares the element-wise check.)"""
-    sums = torch.stack([v.flatten(2).sum(-1) for v in params.values()])  # [P, R, C]
-    ok = torch.isfinite(sums).all(0)
-    if bool(ok.all()):
-        return ok
-    return torch.stack([torch.isfinite(v).flatten(2).all(-1) for v in params.values()]).all(0)
 
 
 def _value(hp: Hyper, name: str) -> float:
@@ -626,14 +601,6 @@ def _unflatten(x: Any, runs: int, clients: int) -> Any:
 def _samples(data: RoundData) -> int:
     """Examples a round's step data holds over all its clients (the init batch apart)."""
     return sum(b[1].numel() for b in (data.support, data.query, data.extra) if b is not None)
-
-
-def _weighted_mean(v: torch.Tensor, weights: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
-    """``sum_c weights[r, c] v[r, c] / total[r]`` for ``v`` ``[R, C, ...]``; rejected rows (weight 0)
-    may hold NaN, so they are zeroed rather than multiplied."""
-    wts = weights.reshape(weights.shape + (1,) * (v.dim() - 2))
-    v = torch.where(wts > 0, v, torch.zeros((), dtype=v.dtype))
-    return (wts * v).sum(1) / total.reshape((-1,) + (1,) * (v.dim() - 2))
 
 
 def _runs_update(algorithm: Any, model: Any, loss_fn: Any, hp: Hyper, w: Params,
