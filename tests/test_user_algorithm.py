@@ -262,8 +262,13 @@ def test_a_server_rule_replaces_the_mean_and_is_refused_where_it_cannot_run(tiny
     median = run_experiment(replace_paths(cfg, {"algorithm.name": f"{here}:MedianFedAvg"}),
                             quiet=True, run_dir=tmp_path / "median")
     assert not same_model(mean, median)
-    assert batch_refusal(own) == ("the algorithm has its own server rule (server_update), which "
-                                  "runs per run")
+    # a batch applies the rule run by run (fedmaml/federated/server_round.py): as each run alone
+    runs = [replace_paths(cfg, {"algorithm.name": f"{here}:MedianFedAvg", "seed": s,
+                                "name": f"median{s}"}) for s in (0, 1)]
+    assert all(batch_refusal(c) is None for c in runs)
+    RunBatch(runs, [tmp_path / "batch" / c.name for c in runs]).run()
+    for c in runs:
+        assert_equal_to_alone(c, tmp_path / "batch" / c.name, tmp_path / "alone" / c.name)
     with pytest.raises(ConfigError, match=r"own server rule .* differential privacy"):
         setup_for(replace_paths(own, {"privacy.clipping": "server",
                                       "privacy.clipping_norm": 1.0,

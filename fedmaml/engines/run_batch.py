@@ -13,8 +13,11 @@ such runs along a leading run axis and takes every round of all of them at once:
    alone); first participations draw their memory initialisation apart and initialise it first;
 3. one call of :func:`~fedmaml.engines.vectorized.cohort_update` vmapped over the runs (itself
    vmapped over each run's cohort) with each run's ``w``, memories and hyperparameters as tensors;
-4. per run: updates holding NaN/inf are rejected, the rest averaged (uniform or by examples) and
-   stepped by the server optimizer with the run's own rate and state, a non-finite ``w`` kept out;
+4. the server round of every run at once (:func:`~fedmaml.federated.server_round.aggregate_round`,
+   the one a run alone takes): updates holding NaN/inf are rejected, the rest averaged (uniform or
+   by examples; clipped and noised per run with its own stream when private; the algorithm's own
+   server rule run by run) and stepped by the server optimizer with the run's own rate and state,
+   a non-finite ``w`` kept out;
 5. every run writes its own run directory as :func:`~fedmaml.federated.server_app.run_federated`
    does: the same metrics.jsonl rows (``seconds`` is the batch's clock), summary.json with its own
    status, model.pt, convergence.png, checkpoints and tracking. A run that diverges (or fails) ends
@@ -26,9 +29,9 @@ alone's. Memories live in one dense tensor per parameter, ``[R, clients, tasks, 
 writes each run's as a memory bank (the vectorized engine's format), so one run of a batch can also
 be resumed alone (``fedmaml run --resume`` with ``engine.name: vectorized``).
 
-What a batch cannot hold (:func:`batch_refusal`): injected faults, differential privacy, Poisson
-client sampling, round deadlines, participation models other than uniform, compute-speed models,
-pattern selection and ``compare_with`` baselines. ``fedmaml sweep --vectorize`` runs such runs one by one, as without it.
+What a batch cannot hold (:func:`batch_refusal`): injected faults, Poisson client sampling, round
+deadlines, participation models other than uniform, compute-speed models, pattern selection and
+``compare_with`` baselines. ``fedmaml sweep --vectorize`` runs such runs one by one, as without it.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ import numpy as np
 import torch
 
 from fedmaml import collector
-from fedmaml.algorithms import ALGORITHMS, Hyper, RoundData, get_algorithm, has_server_rule
+from fedmaml.algorithms import Hyper, RoundData, has_server_rule
 from fedmaml.algorithms.base import draw_cohort, draw_init
 from fedmaml.config import config_to_flat
 from fedmaml.core.params import Params
@@ -105,11 +108,6 @@ def batch_refusal(cfg: Any) -> str | None:
     # the error every engine gives (federated.setup.check_device)
     if cfg.engine.device == "cuda" or resolve_device(cfg.engine.device).type != "cpu":
         return "batches run on the CPU"
-    # A server rule sees one run's updates with their weights; a batch averages all runs at once
-    # (rejected updates zeroed, not dropped), which only the mean can do the same way.
-    if (cfg.algorithm.name not in ALGORITHMS  # no setup (data) built for the built-ins
-            and has_server_rule(get_algorithm(cfg.algorithm.name, cfg.algorithm.kwargs))):
-        return "the algorithm has its own server rule (server_update), which runs per run"
     # A user's module may be one vmap cannot batch (docs/custom.md); built-ins are written for it.
     problem = unbatchable_reason(setup_for(cfg)) if is_user_model(cfg.model.name) else None
     if problem is not None:
@@ -320,7 +318,8 @@ class RunBatch:
             cids.tolist(), weighting=cfg.federated.aggregation,
             min_replies=cfg.federated.min_replies,
             counts=torch.from_numpy(self._example_counts(runs, cids)) if weighted else None,
-            privacy=[self.strategies[i].privacy for i in runs.tolist()], round_number=server_round)
+            privacy=[self.strategies[i].privacy for i in runs.tolist()], round_number=server_round,
+            rule=self.algorithm.server_update if has_server_rule(self.algorithm) else None)
         keep, finite = done.moved, done.accepted
         if bool(keep.any()):
             self.w_before = {k: torch.where(per_run(keep, v), v, self.w_before[k])
