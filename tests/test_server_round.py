@@ -12,7 +12,7 @@ import torch
 
 from fedmaml.core.server import ServerOptimizer, aggregate_stacked
 from fedmaml.engines.run_batch import RunBatch
-from fedmaml.federated.participation import client_sampling
+from fedmaml.federated.participation import client_sampling, poisson_mask
 from fedmaml.federated.privacy import UpdatePrivacy
 from fedmaml.federated.server_round import DIVERGED, ROUND_KEYS, aggregate_round
 from fedmaml.federated.strategy import MetaStrategy
@@ -194,3 +194,26 @@ def test_a_private_run_of_a_batch_equals_the_same_run_alone(tiny_config, tmp_pat
                               memories_of(batch, i))
         privacy = read_summary(tmp_path / "batch" / cfg.name)["privacy"]
         assert privacy["releases"] == cfg.federated.rounds and privacy["epsilon"] > 0
+
+
+@pytest.mark.parametrize("private, runs", [(False, 3), (True, 3), (True, 1)])
+def test_a_poisson_sampled_run_of_a_batch_equals_the_same_run_alone(tiny_config, tmp_path,
+                                                                   private, runs):
+    """Poisson cohorts vary in size (empty ones too): a batch pads them and masks the padding out
+    (the server round's valid mask); a private run releases its noise even in an empty round (with
+    one run, seed 0: rounds where the whole batch has nobody)."""
+    dp = ("privacy.clipping=server", "privacy.clipping_norm=0.05", "privacy.noise_multiplier=0.5",
+          "federated.aggregation=uniform") if private else ("federated.aggregation=weighted",)
+    cfgs = configs_of(tiny_config, tmp_path, ("algorithm.name=moml", "federated.sampling=poisson",
+                                              "federated.clients_per_round=2", *dp),
+                      PER_RUN[:runs])
+    sizes = [[int(poisson_mask(c.seed, r, 6, 2 / 6).sum()) for c in cfgs] for r in range(1, 5)]
+    assert 0 in sum(sizes, []), sizes  # empty cohorts...
+    assert runs == 1 or any(len(set(s)) > 1 for s in sizes), sizes  # ...of different sizes
+    batch = RunBatch(cfgs, [tmp_path / "batch" / c.name for c in cfgs])
+    batch.run()
+    for i, cfg in enumerate(cfgs):
+        assert_equal_to_alone(cfg, tmp_path / "batch" / cfg.name, tmp_path / "alone" / cfg.name,
+                              memories_of(batch, i))
+        if private:
+            assert read_summary(tmp_path / "batch" / cfg.name)["privacy"]["releases"] == 4

@@ -306,7 +306,7 @@ def test_an_algorithm_vmap_cannot_batch_runs_client_by_client_on_the_vectorized_
     assert_same_runs(tmp_path / "inprocess", tmp_path / "vectorized")
 
 
-def test_cli_sweep_vectorize_batches_ditto_and_runs_a_server_rule_one_by_one(
+def test_cli_sweep_vectorize_batches_ditto_and_a_server_rule(
         my_ditto, tiny_config, tmp_path, capsys):
     import json
 
@@ -334,10 +334,9 @@ def test_cli_sweep_vectorize_batches_ditto_and_runs_a_server_rule_one_by_one(
             assert main(["select-pattern", str(dirs[0]), "pattern_selection.steps=1",
                          "--only-candidates", "--candidates", "01", "--quiet"]) == 0
             assert (dirs[0] / "pattern_selection_central.json").exists()
-        else:
-            assert ("one by one (the algorithm has its own server rule (server_update), which "
-                    "runs per run): 2 run(s)") in text, text
-            assert not any("batch" in s for s in summaries)
+        else:  # the batch applies the rule run by run (fedmaml/federated/server_round.py)
+            assert "vectorized: 2 runs in 1 batch(es) of 2 runs" in text, text
+            assert all("batch" in s for s in summaries)
 
 
 @needs_ports

@@ -29,9 +29,12 @@ alone's. Memories live in one dense tensor per parameter, ``[R, clients, tasks, 
 writes each run's as a memory bank (the vectorized engine's format), so one run of a batch can also
 be resumed alone (``fedmaml run --resume`` with ``engine.name: vectorized``).
 
-What a batch cannot hold (:func:`batch_refusal`): injected faults, Poisson client sampling, round
-deadlines, participation models other than uniform, compute-speed models, pattern selection and
-``compare_with`` baselines. ``fedmaml sweep --vectorize`` runs such runs one by one, as without it.
+Poisson-sampled cohorts vary in size: each run's is padded at the end to the round's longest and
+the padding is masked out (the server round's valid mask; no memory, staleness or count of it).
+
+What a batch cannot hold (:func:`batch_refusal`): injected faults, round deadlines, participation
+models other than uniform, compute-speed models, pattern selection and ``compare_with``
+baselines. ``fedmaml sweep --vectorize`` runs such runs one by one, as without it.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ from fedmaml.models.module import is_user_model
 from fedmaml.federated import checkpoint
 from fedmaml.federated import records as R
 from fedmaml.federated.health import RunHealth, RunStopped
-from fedmaml.federated.participation import sample_cohorts
+from fedmaml.federated.participation import poisson_mask, sample_cohorts
 from fedmaml.federated.server_app import (new_run_state, note_evaluation, run_health,
                                           run_summary)
 from fedmaml.federated.server_round import aggregate_round
@@ -96,8 +99,6 @@ def batch_refusal(cfg: Any) -> str | None:
         return "compare_with baselines run inside the run directory"
     if any((cfg.faults.fail, cfg.faults.straggle, cfg.faults.dropout)):
         return "faults are injected"
-    if cfg.federated.sampling != "fixed":  # a batch draws one fixed-size cohort per run
-        return "clients are Poisson-sampled (federated.sampling): cohorts vary in size"
     if cfg.federated.round_timeout:
         return "rounds have a deadline (federated.round_timeout)"
     if cfg.participation.model != "uniform" or cfg.participation.speed != "uniform":
@@ -245,9 +246,13 @@ class RunBatch:
         live = self.live
         R_, start = len(live), time.perf_counter()
         runs = np.asarray(live)
-        cids = self._cohorts(server_round, runs)  # [R, C]
+        cids, valid = self._cohorts(server_round, runs)  # [R, C]; valid: not padding
         C = cids.shape[1]
-        self._participate(server_round, runs, cids)
+        self._participate(server_round, runs, cids, valid)
+        if C == 0:  # nobody sampled (Poisson): the server round alone (a private run releases)
+            return self._apply(server_round, runs, cids, valid,
+                               {k: v.new_zeros(R_, 0, *v.shape[1:]) for k, v in self.w.items()},
+                               {}, np.zeros(cids.shape, dtype=bool), 0, start)
         tasks = [self._client_tasks(i, c) for i, row in zip(live, cids.tolist()) for c in row]
         keys = derive_keys(self.seeds[runs], cids, server_round).reshape(-1)
         hp = self.setups[live[0]].hyper
@@ -255,7 +260,7 @@ class RunBatch:
         runs_at = torch.from_numpy(runs).repeat_interleave(C)  # run index of every flat client
         cols = torch.from_numpy(cids.reshape(-1))
         slots = runs_at * self.has_memory.shape[1] + cols  # rows of the flattened memories
-        fresh = self._fresh(runs, cids).reshape(-1)
+        fresh = (self._fresh(runs, cids) & valid).reshape(-1)
         if fresh.any():
             self._initialise(np.flatnonzero(fresh), tasks, keys, hp, runs_at, cols)
         values = dict(self.values, eta=self._eta(server_round))
@@ -270,28 +275,48 @@ class RunBatch:
             flat, _ = clip_stacked({k: v.flatten(0, 1) for k, v in delta.items()}, dp.clipping_norm)
             delta = {k: v.reshape(delta[k].shape) for k, v in flat.items()}
         if new_memory is not None:
+            real = torch.from_numpy(valid.reshape(-1))  # padding keeps no memory
+            whole = bool(real.all())
             for k, v in new_memory.items():  # flatten(0, 1) of the contiguous store is a view
-                self.memory[k].flatten(0, 1).index_copy_(0, slots, v.reshape(R_ * C, *v.shape[2:]))
-            self.has_memory[runs_at.numpy(), cols.numpy()] = True
-        return self._apply(server_round, runs, cids, delta, metrics, fresh.reshape(R_, C),
+                v = v.reshape(R_ * C, *v.shape[2:])
+                self.memory[k].flatten(0, 1).index_copy_(0, slots if whole else slots[real],
+                                                         v if whole else v[real])
+            self.has_memory[runs_at.numpy()[valid.reshape(-1)], cids[valid]] = True
+        return self._apply(server_round, runs, cids, valid, delta, metrics, fresh.reshape(R_, C),
                            _samples(data) // (R_ * C), start)
 
-    def _cohorts(self, server_round: int, runs: np.ndarray) -> np.ndarray:
-        """``[R, C]``: each run's sampled clients (its strategy's cohort, drawn for all at once)."""
+    def _cohorts(self, server_round: int, runs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``[R, C]`` each run's sampled clients (its strategy's cohort, drawn for all at once) and
+        ``[R, C]`` whether each is one: Poisson cohorts vary in size, the shorter ones are padded
+        at the end with client 0 (computed on, never used: the server round's valid mask)."""
         strategy = self.strategies[runs[0]]
         n = strategy.setup.federation.num_clients
+        sampling = strategy.sampling
+        if sampling.scheme == "poisson":
+            picked = [np.flatnonzero(poisson_mask(int(seed), server_round, n, sampling.rate))
+                      for seed in self.seeds[runs]]
+            width = max(len(p) for p in picked)
+            cids = np.zeros((len(runs), width), dtype=np.int64)
+            valid = np.zeros((len(runs), width), dtype=bool)
+            for j, p in enumerate(picked):
+                cids[j, :len(p)], valid[j, :len(p)] = p, True
+            return cids, valid
         if self.cfgs[runs[0]].federated.mode == "cross_silo":
-            return np.tile(np.arange(n), (len(runs), 1))
-        return sample_cohorts(self.seeds[runs], server_round, n, strategy.cohort_size())
+            cids = np.tile(np.arange(n), (len(runs), 1))
+        else:
+            cids = sample_cohorts(self.seeds[runs], server_round, n, strategy.cohort_size())
+        return cids, np.ones(cids.shape, dtype=bool)
 
-    def _participate(self, server_round: int, runs: np.ndarray, cids: np.ndarray) -> None:
+    def _participate(self, server_round: int, runs: np.ndarray, cids: np.ndarray,
+                     valid: np.ndarray) -> None:
         """The staleness bookkeeping of :meth:`Staleness.record` for every run at once."""
         rows = runs[:, None]
         prev = self.last[rows, cids]
         gaps = np.where(prev < 0, 0, server_round - prev)
-        self.last[rows, cids] = server_round
-        for i, g in zip(runs.tolist(), gaps):
-            self.gaps[i].append(g)
+        at, col = np.nonzero(valid)  # padding (a repeated id) must not write
+        self.last[runs[at], cids[at, col]] = server_round
+        for i, g, v in zip(runs.tolist(), gaps, valid):
+            self.gaps[i].append(g[v])
 
     def _eta(self, server_round: int) -> torch.Tensor:
         """Each live run's step size this round (its schedule, ``eta_for_round``)."""
@@ -305,17 +330,17 @@ class RunBatch:
                 dtype=torch.float32)
         return eta
 
-    def _apply(self, server_round: int, runs: np.ndarray, cids: np.ndarray, delta: Params,
-               metrics: dict[str, torch.Tensor], fresh: np.ndarray, per_client: int,
-               start: float) -> bool:
+    def _apply(self, server_round: int, runs: np.ndarray, cids: np.ndarray, arrived: np.ndarray,
+               delta: Params, metrics: dict[str, torch.Tensor], fresh: np.ndarray,
+               per_client: int, start: float) -> bool:
         """Average each run's finite updates, step its server optimizer; the round's numbers join
         the pending rows. Returns whether a run diverged or had no finite update."""
         C = cids.shape[1]
         cfg = self.cfgs[runs[0]]
         weighted = cfg.federated.aggregation == "weighted"
         done = aggregate_round(
-            self.w, self.optimizer, delta, torch.ones(cids.shape, dtype=torch.bool),
-            cids.tolist(), weighting=cfg.federated.aggregation,
+            self.w, self.optimizer, delta, torch.from_numpy(arrived),
+            [row[v].tolist() for row, v in zip(cids, arrived)], weighting=cfg.federated.aggregation,
             min_replies=cfg.federated.min_replies,
             counts=torch.from_numpy(self._example_counts(runs, cids)) if weighted else None,
             privacy=[self.strategies[i].privacy for i in runs.tolist()], round_number=server_round,
@@ -327,7 +352,8 @@ class RunBatch:
             self.w = done.w
         valid = finite.sum(1)
         finite_np = finite.numpy()
-        self.trained[runs[:, None], cids] |= finite_np
+        at, col = np.nonzero(finite_np)  # padding (a repeated id) must not write
+        self.trained[runs[at], cids[at, col]] = True
         n_valid = valid.to(torch.float64).clamp_min(1)
         zero = torch.zeros((), dtype=torch.float64)
         losses = {}  # the mean over the valid clients (a rejected client's loss may be NaN)
@@ -339,14 +365,16 @@ class RunBatch:
         init = self.cfgs[runs[0]].data.tasks_per_client * self.setups[runs[0]].hyper.init_support_size
         samples = ((per_client + init * fresh) * finite_np).sum(1)
         self.totals["samples"][runs] += samples
-        self.totals["bytes_down"][runs] += self.bytes_down * C
-        self.totals["bytes_up"][runs] += self.bytes_up * C
+        asked = arrived.sum(1)
+        self.totals["bytes_down"][runs] += self.bytes_down * asked
+        self.totals["bytes_up"][runs] += self.bytes_up * asked
         # Python lists: a row per run is read out of them, a value at a time
         self.pending.append({"round": server_round, "runs": runs, "position": _positions(runs),
                              "records": done.records,
                              "losses": {k: v.tolist() for k, v in losses.items()},
                              "samples": samples.tolist(),
-                             "train_seconds_max": (time.perf_counter() - start) / (len(runs) * C),
+                             "train_seconds_max": (time.perf_counter() - start)
+                             / max(len(runs) * C, 1),
                              "totals": {k: v[runs].tolist() for k, v in self.totals.items()},
                              "seconds": time.perf_counter() - self.start})
         diverged = any(r.diverged is not None for r in done.records)

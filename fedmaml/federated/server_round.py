@@ -164,7 +164,7 @@ def _batched_mean(updates: Params, counts: torch.Tensor | None, accepted: torch.
     """``[R, ...]``: each run's weighted or uniform mean of its accepted updates, for all runs at
     once. A rejected update (weight 0) may hold NaN, so it is zeroed rather than multiplied."""
     width = accepted.shape[1]
-    if weighting == "uniform" and bool(accepted.all()):  # the usual round
+    if weighting == "uniform" and width and bool(accepted.all()):  # the usual round
         return {k: v.sum(1) / width for k, v in updates.items()}
     base = counts.to(torch.float64) if weighting == "weighted" else torch.ones(accepted.shape,
                                                                               dtype=torch.float64)
