@@ -4,8 +4,10 @@
 * **Sampling** by stable client id (partition id) with a seeded RNG, never by transport node ids:
   cross-device samples a fraction or count of clients per round (without replacement, O(k) work
   whatever the number of clients); cross-silo takes every silo every round.
-* **Aggregation**: example-weighted or uniform mean of the clients' updates, then a server
-  optimizer (SGD, momentum, Adam).
+* **Aggregation**: the replies are decoded here, then the server round
+  (:func:`~fedmaml.federated.server_round.aggregate_round` with one run, the one a vectorized batch
+  takes with many): example-weighted or uniform mean of the clients' updates (private, or the
+  algorithm's own rule, when configured), then a server optimizer (SGD, momentum, Adam).
 * **Failures**: error replies, malformed replies and missing replies (timeouts) are counted by kind
   and logged, updates holding NaN/inf are counted as rejected (``health.round_outcome``); the update
   is applied when at least ``min_replies`` valid replies arrived and the new ``w`` is finite (else
