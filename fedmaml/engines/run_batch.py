@@ -340,7 +340,8 @@ class RunBatch:
         weighted = cfg.federated.aggregation == "weighted"
         done = aggregate_round(
             self.w, self.optimizer, delta, torch.from_numpy(arrived),
-            [row[v].tolist() for row, v in zip(cids, arrived)], weighting=cfg.federated.aggregation,
+            cids.tolist() if arrived.all() else [row[v].tolist() for row, v in zip(cids, arrived)],
+            weighting=cfg.federated.aggregation,
             min_replies=cfg.federated.min_replies,
             counts=torch.from_numpy(self._example_counts(runs, cids)) if weighted else None,
             privacy=[self.strategies[i].privacy for i in runs.tolist()], round_number=server_round,

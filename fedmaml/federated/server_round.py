@@ -106,8 +106,10 @@ def aggregate_round(w: Params, optimizer: ServerOptimizer, updates: Params, vali
     accepted = valid & _finite_rows(updates)
     n_valid = accepted.sum(1)
     privacy = list(privacy) if privacy is not None else [None] * runs
-    every_round = torch.tensor([p is not None and p.releases_every_round for p in privacy])
-    updated = (n_valid >= min_replies) | every_round
+    updated = n_valid >= min_replies
+    every_round = [p is not None and p.releases_every_round for p in privacy]
+    if any(every_round):  # a private Poisson run releases its noise whoever replied
+        updated |= torch.tensor(every_round)
     new_w, moved = w, torch.zeros(runs, dtype=torch.bool)
     if bool(updated.any()):
         sampled = [len(c) for c in clients] if num_sampled is None else list(num_sampled)
