@@ -155,7 +155,7 @@ def _direction(w: Params, updates: Params, counts: torch.Tensor | None, accepted
         if rule is not None and weights:
             out.append(rule(stacked, torch.tensor(weights, dtype=torch.float64)))
         elif p is not None and p.enabled:
-            out.append(p.mean_update(round_number, stacked, weights, num_sampled=sampled[r]))
+            out.append(p.mean_update(round_number, stacked, num_sampled=sampled[r]))
         else:
             out.append(aggregate_stacked(stacked, weights, weighting))
     return {k: torch.stack([d[k] for d in out]) for k in w}
