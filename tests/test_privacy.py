@@ -278,12 +278,12 @@ def test_a_private_poisson_round_divides_by_the_expected_cohort_and_releases_whe
     up = UpdatePrivacy(cfg, s)
     assert up.releases_every_round and up.denominator(5) == 2.0  # q n, whoever was asked
     stacked = _stacked(3)
-    mean = up.mean_update(4, stacked, [1, 1, 1], num_sampled=3)
+    mean = up.mean_update(4, stacked, num_sampled=3)
     clipped, _ = clip_stacked(stacked, 0.5)
     noise, _ = private_mean({k: v[:0] for k, v in stacked.items()}, 0.5, 0.8, 2.0,
                             noise_generator(cfg.seed, 4))
     assert all(torch.allclose(mean[k], clipped[k].sum(0) / 2.0 + noise[k]) for k in stacked)
-    up.mean_update(5, {k: v[:0] for k, v in stacked.items()}, [], num_sampled=0)
+    up.mean_update(5, {k: v[:0] for k, v in stacked.items()}, num_sampled=0)
     summary = up.summary()
     assert summary["releases"] == 2 and summary["denominator"] == 2.0
     assert summary["noise_std"] == pytest.approx(0.8 * 0.5 / 2.0)
@@ -320,10 +320,10 @@ def test_privacy_config_rules():
         load_config(None, [*private_poisson, "federated.min_replies=2"])
     load_config(None, private_poisson)
     load_config(None, ["federated.sampling=poisson", "federated.min_replies=2"])  # no DP: fine
-    # a sweep batch draws one fixed-size cohort per run: it refuses Poisson sampling
+    # a sweep batch pads Poisson cohorts (tests/test_server_round.py): it holds them
     from fedmaml.engines.run_batch import batch_refusal
 
-    assert "Poisson" in batch_refusal(load_config(None, ["federated.sampling=poisson"]))
+    assert batch_refusal(load_config(None, ["federated.sampling=poisson"])) is None
 
 
 def _model_step_norm(run_dir, tiny_config_params) -> float:

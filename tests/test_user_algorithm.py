@@ -262,8 +262,13 @@ def test_a_server_rule_replaces_the_mean_and_is_refused_where_it_cannot_run(tiny
     median = run_experiment(replace_paths(cfg, {"algorithm.name": f"{here}:MedianFedAvg"}),
                             quiet=True, run_dir=tmp_path / "median")
     assert not same_model(mean, median)
-    assert batch_refusal(own) == ("the algorithm has its own server rule (server_update), which "
-                                  "runs per run")
+    # a batch applies the rule run by run (fedmaml/federated/server_round.py): as each run alone
+    runs = [replace_paths(cfg, {"algorithm.name": f"{here}:MedianFedAvg", "seed": s,
+                                "name": f"median{s}"}) for s in (0, 1)]
+    assert all(batch_refusal(c) is None for c in runs)
+    RunBatch(runs, [tmp_path / "batch" / c.name for c in runs]).run()
+    for c in runs:
+        assert_equal_to_alone(c, tmp_path / "batch" / c.name, tmp_path / "alone" / c.name)
     with pytest.raises(ConfigError, match=r"own server rule .* differential privacy"):
         setup_for(replace_paths(own, {"privacy.clipping": "server",
                                       "privacy.clipping_norm": 1.0,
@@ -301,7 +306,7 @@ def test_an_algorithm_vmap_cannot_batch_runs_client_by_client_on_the_vectorized_
     assert_same_runs(tmp_path / "inprocess", tmp_path / "vectorized")
 
 
-def test_cli_sweep_vectorize_batches_ditto_and_runs_a_server_rule_one_by_one(
+def test_cli_sweep_vectorize_batches_ditto_and_a_server_rule(
         my_ditto, tiny_config, tmp_path, capsys):
     import json
 
@@ -329,10 +334,9 @@ def test_cli_sweep_vectorize_batches_ditto_and_runs_a_server_rule_one_by_one(
             assert main(["select-pattern", str(dirs[0]), "pattern_selection.steps=1",
                          "--only-candidates", "--candidates", "01", "--quiet"]) == 0
             assert (dirs[0] / "pattern_selection_central.json").exists()
-        else:
-            assert ("one by one (the algorithm has its own server rule (server_update), which "
-                    "runs per run): 2 run(s)") in text, text
-            assert not any("batch" in s for s in summaries)
+        else:  # the batch applies the rule run by run (fedmaml/federated/server_round.py)
+            assert "vectorized: 2 runs in 1 batch(es) of 2 runs" in text, text
+            assert all("batch" in s for s in summaries)
 
 
 @needs_ports

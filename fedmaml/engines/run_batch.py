@@ -13,8 +13,11 @@ such runs along a leading run axis and takes every round of all of them at once:
    alone); first participations draw their memory initialisation apart and initialise it first;
 3. one call of :func:`~fedmaml.engines.vectorized.cohort_update` vmapped over the runs (itself
    vmapped over each run's cohort) with each run's ``w``, memories and hyperparameters as tensors;
-4. per run: updates holding NaN/inf are rejected, the rest averaged (uniform or by examples) and
-   stepped by the server optimizer with the run's own rate and state, a non-finite ``w`` kept out;
+4. the server round of every run at once (:func:`~fedmaml.federated.server_round.aggregate_round`,
+   the one a run alone takes): updates holding NaN/inf are rejected, the rest averaged (uniform or
+   by examples; clipped and noised per run with its own stream when private; the algorithm's own
+   server rule run by run) and stepped by the server optimizer with the run's own rate and state,
+   a non-finite ``w`` kept out;
 5. every run writes its own run directory as :func:`~fedmaml.federated.server_app.run_federated`
    does: the same metrics.jsonl rows (``seconds`` is the batch's clock), summary.json with its own
    status, model.pt, convergence.png, checkpoints and tracking. A run that diverges (or fails) ends
@@ -26,9 +29,12 @@ alone's. Memories live in one dense tensor per parameter, ``[R, clients, tasks, 
 writes each run's as a memory bank (the vectorized engine's format), so one run of a batch can also
 be resumed alone (``fedmaml run --resume`` with ``engine.name: vectorized``).
 
-What a batch cannot hold (:func:`batch_refusal`): injected faults, differential privacy, Poisson
-client sampling, round deadlines, participation models other than uniform, compute-speed models,
-pattern selection and ``compare_with`` baselines. ``fedmaml sweep --vectorize`` runs such runs one by one, as without it.
+Poisson-sampled cohorts vary in size: each run's is padded at the end to the round's longest and
+the padding is masked out (the server round's valid mask; no memory, staleness or count of it).
+
+What a batch cannot hold (:func:`batch_refusal`): injected faults, round deadlines, participation
+models other than uniform, compute-speed models, pattern selection and ``compare_with``
+baselines. ``fedmaml sweep --vectorize`` runs such runs one by one, as without it.
 """
 
 from __future__ import annotations
@@ -43,10 +49,11 @@ import numpy as np
 import torch
 
 from fedmaml import collector
-from fedmaml.algorithms import ALGORITHMS, Hyper, RoundData, get_algorithm, has_server_rule
+from fedmaml.algorithms import Hyper, RoundData, has_server_rule
 from fedmaml.algorithms.base import draw_cohort, draw_init
 from fedmaml.config import Config, config_to_flat
 from fedmaml.core.params import Params
+from fedmaml.core.privacy import clip_stacked
 from fedmaml.core.server import ServerOptimizer, per_run
 from fedmaml.data.counter import derive_keys
 from fedmaml.data.tasks import Task
@@ -56,10 +63,11 @@ from fedmaml.engines.vectorized import cohort_update, unbatchable_reason
 from fedmaml.models.module import is_user_model
 from fedmaml.federated import checkpoint
 from fedmaml.federated import records as R
-from fedmaml.federated.health import RunHealth, RunStopped, round_outcome
-from fedmaml.federated.participation import sample_cohorts
+from fedmaml.federated.health import RunHealth, RunStopped
+from fedmaml.federated.participation import poisson_mask, sample_cohorts
 from fedmaml.federated.server_app import (new_run_state, note_evaluation, run_health,
                                           run_summary)
+from fedmaml.federated.server_round import aggregate_round
 from fedmaml.federated.setup import ExperimentSetup, resolve_device, setup_for
 from fedmaml.federated.strategy import TRAIN_METRICS, MetaStrategy
 from fedmaml.provenance import run_provenance
@@ -91,10 +99,6 @@ def batch_refusal(cfg: Config) -> str | None:
         return "compare_with baselines run inside the run directory"
     if any((cfg.faults.fail, cfg.faults.straggle, cfg.faults.dropout)):
         return "faults are injected"
-    if cfg.privacy.clipping != "none" or cfg.privacy.noise_multiplier > 0:
-        return "differential privacy is on"
-    if cfg.federated.sampling != "fixed":  # a batch draws one fixed-size cohort per run
-        return "clients are Poisson-sampled (federated.sampling): cohorts vary in size"
     if cfg.federated.round_timeout:
         return "rounds have a deadline (federated.round_timeout)"
     if cfg.participation.model != "uniform" or cfg.participation.speed != "uniform":
@@ -105,11 +109,6 @@ def batch_refusal(cfg: Config) -> str | None:
     # the error every engine gives (federated.setup.check_device)
     if cfg.engine.device == "cuda" or resolve_device(cfg.engine.device).type != "cpu":
         return "batches run on the CPU"
-    # A server rule sees one run's updates with their weights; a batch averages all runs at once
-    # (rejected updates zeroed, not dropped), which only the mean can do the same way.
-    if (cfg.algorithm.name not in ALGORITHMS  # no setup (data) built for the built-ins
-            and has_server_rule(get_algorithm(cfg.algorithm.name, cfg.algorithm.kwargs))):
-        return "the algorithm has its own server rule (server_update), which runs per run"
     # A user's module may be one vmap cannot batch (docs/custom.md); built-ins are written for it.
     problem = unbatchable_reason(setup_for(cfg)) if is_user_model(cfg.model.name) else None
     if problem is not None:
@@ -247,9 +246,13 @@ class RunBatch:
         live = self.live
         R_, start = len(live), time.perf_counter()
         runs = np.asarray(live)
-        cids = self._cohorts(server_round, runs)  # [R, C]
+        cids, valid = self._cohorts(server_round, runs)  # [R, C]; valid: not padding
         C = cids.shape[1]
-        self._participate(server_round, runs, cids)
+        self._participate(server_round, runs, cids, valid)
+        if C == 0:  # nobody sampled (Poisson): the server round alone (a private run releases)
+            return self._apply(server_round, runs, cids, valid,
+                               {k: v.new_zeros(R_, 0, *v.shape[1:]) for k, v in self.w.items()},
+                               {}, np.zeros(cids.shape, dtype=bool), 0, start)
         tasks = [self._client_tasks(i, c) for i, row in zip(live, cids.tolist()) for c in row]
         keys = derive_keys(self.seeds[runs], cids, server_round).reshape(-1)
         hp = self.setups[live[0]].hyper
@@ -257,7 +260,7 @@ class RunBatch:
         runs_at = torch.from_numpy(runs).repeat_interleave(C)  # run index of every flat client
         cols = torch.from_numpy(cids.reshape(-1))
         slots = runs_at * self.has_memory.shape[1] + cols  # rows of the flattened memories
-        fresh = self._fresh(runs, cids).reshape(-1)
+        fresh = (self._fresh(runs, cids) & valid).reshape(-1)
         if fresh.any():
             self._initialise(np.flatnonzero(fresh), tasks, keys, hp, runs_at, cols)
         values = dict(self.values, eta=self._eta(server_round))
@@ -267,29 +270,53 @@ class RunBatch:
                              (data.task_index, data.support, data.query, data.extra)))
         delta, new_memory, metrics = _runs_update(self.algorithm, self.model, self.loss_fn, hp,
                                                   self.w, memory, shaped, values)
+        dp = self.cfgs[live[0]].privacy
+        if dp.clipping == "client":  # each device clips its update before sending it
+            flat, _ = clip_stacked({k: v.flatten(0, 1) for k, v in delta.items()}, dp.clipping_norm)
+            delta = {k: v.reshape(delta[k].shape) for k, v in flat.items()}
         if new_memory is not None:
+            real = torch.from_numpy(valid.reshape(-1))  # padding keeps no memory
+            whole = bool(real.all())
             for k, v in new_memory.items():  # flatten(0, 1) of the contiguous store is a view
-                self.memory[k].flatten(0, 1).index_copy_(0, slots, v.reshape(R_ * C, *v.shape[2:]))
-            self.has_memory[runs_at.numpy(), cols.numpy()] = True
-        return self._apply(server_round, runs, cids, delta, metrics, fresh.reshape(R_, C),
+                v = v.reshape(R_ * C, *v.shape[2:])
+                self.memory[k].flatten(0, 1).index_copy_(0, slots if whole else slots[real],
+                                                         v if whole else v[real])
+            self.has_memory[runs_at.numpy()[valid.reshape(-1)], cids[valid]] = True
+        return self._apply(server_round, runs, cids, valid, delta, metrics, fresh.reshape(R_, C),
                            _samples(data) // (R_ * C), start)
 
-    def _cohorts(self, server_round: int, runs: np.ndarray) -> np.ndarray:
-        """``[R, C]``: each run's sampled clients (its strategy's cohort, drawn for all at once)."""
+    def _cohorts(self, server_round: int, runs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``[R, C]`` each run's sampled clients (its strategy's cohort, drawn for all at once) and
+        ``[R, C]`` whether each is one: Poisson cohorts vary in size, the shorter ones are padded
+        at the end with client 0 (computed on, never used: the server round's valid mask)."""
         strategy = self.strategies[runs[0]]
         n = strategy.setup.federation.num_clients
+        sampling = strategy.sampling
+        if sampling.scheme == "poisson":
+            picked = [np.flatnonzero(poisson_mask(int(seed), server_round, n, sampling.rate))
+                      for seed in self.seeds[runs]]
+            width = max(len(p) for p in picked)
+            cids = np.zeros((len(runs), width), dtype=np.int64)
+            valid = np.zeros((len(runs), width), dtype=bool)
+            for j, p in enumerate(picked):
+                cids[j, :len(p)], valid[j, :len(p)] = p, True
+            return cids, valid
         if self.cfgs[runs[0]].federated.mode == "cross_silo":
-            return np.tile(np.arange(n), (len(runs), 1))
-        return sample_cohorts(self.seeds[runs], server_round, n, strategy.cohort_size())
+            cids = np.tile(np.arange(n), (len(runs), 1))
+        else:
+            cids = sample_cohorts(self.seeds[runs], server_round, n, strategy.cohort_size())
+        return cids, np.ones(cids.shape, dtype=bool)
 
-    def _participate(self, server_round: int, runs: np.ndarray, cids: np.ndarray) -> None:
+    def _participate(self, server_round: int, runs: np.ndarray, cids: np.ndarray,
+                     valid: np.ndarray) -> None:
         """The staleness bookkeeping of :meth:`Staleness.record` for every run at once."""
         rows = runs[:, None]
         prev = self.last[rows, cids]
         gaps = np.where(prev < 0, 0, server_round - prev)
-        self.last[rows, cids] = server_round
-        for i, g in zip(runs.tolist(), gaps):
-            self.gaps[i].append(g)
+        at, col = np.nonzero(valid)  # padding (a repeated id) must not write
+        self.last[runs[at], cids[at, col]] = server_round
+        for i, g, v in zip(runs.tolist(), gaps, valid):
+            self.gaps[i].append(g[v])
 
     def _eta(self, server_round: int) -> torch.Tensor:
         """Each live run's step size this round (its schedule, ``eta_for_round``)."""
@@ -303,41 +330,31 @@ class RunBatch:
                 dtype=torch.float32)
         return eta
 
-    def _apply(self, server_round: int, runs: np.ndarray, cids: np.ndarray, delta: Params,
-               metrics: dict[str, torch.Tensor], fresh: np.ndarray, per_client: int,
-               start: float) -> bool:
+    def _apply(self, server_round: int, runs: np.ndarray, cids: np.ndarray, arrived: np.ndarray,
+               delta: Params, metrics: dict[str, torch.Tensor], fresh: np.ndarray,
+               per_client: int, start: float) -> bool:
         """Average each run's finite updates, step its server optimizer; the round's numbers join
         the pending rows. Returns whether a run diverged or had no finite update."""
         C = cids.shape[1]
-        finite = _finite_rows(delta)  # [R, C]
         cfg = self.cfgs[runs[0]]
-        weights = (torch.from_numpy(self._example_counts(runs, cids))
-                   if cfg.federated.aggregation == "weighted"
-                   else torch.ones(cids.shape, dtype=torch.float64)) * finite
-        valid = finite.sum(1)
-        updated = valid >= cfg.federated.min_replies
-        total = weights.sum(1).clamp_min(1e-300)
-        if cfg.federated.aggregation == "uniform" and bool(finite.all()):  # the usual round
-            mean = {k: v.sum(1) / C for k, v in delta.items()}
-        else:
-            mean = {k: _weighted_mean(v, weights.to(v.dtype), total.to(v.dtype))
-                    for k, v in delta.items()}
-        old_state, old_steps = dict(self.optimizer.state), self.optimizer.steps.clone()
-        w = self.optimizer.step(self.w, mean)
-        finite_w = _finite_rows({k: v.unsqueeze(1) for k, v in w.items()})[:, 0]
-        keep = updated & finite_w
-        if not bool(keep.all()):  # some runs do not move: their w and optimizer state stay
-            w = {k: torch.where(per_run(keep, v), v, self.w[k]) for k, v in w.items()}
-            self.optimizer.state = {k: torch.where(per_run(keep, v), v,
-                                                   old_state.get(k, torch.zeros_like(v)))
-                                    for k, v in self.optimizer.state.items()}
-            self.optimizer.steps = torch.where(keep, self.optimizer.steps, old_steps)
+        weighted = cfg.federated.aggregation == "weighted"
+        done = aggregate_round(
+            self.w, self.optimizer, delta, torch.from_numpy(arrived),
+            cids.tolist() if arrived.all() else [row[v].tolist() for row, v in zip(cids, arrived)],
+            weighting=cfg.federated.aggregation,
+            min_replies=cfg.federated.min_replies,
+            counts=torch.from_numpy(self._example_counts(runs, cids)) if weighted else None,
+            privacy=[self.strategies[i].privacy for i in runs.tolist()], round_number=server_round,
+            rule=self.algorithm.server_update if has_server_rule(self.algorithm) else None)
+        keep, finite = done.moved, done.accepted
         if bool(keep.any()):
             self.w_before = {k: torch.where(per_run(keep, v), v, self.w_before[k])
                              for k, v in self.w.items()}
-            self.w = w
+            self.w = done.w
+        valid = finite.sum(1)
         finite_np = finite.numpy()
-        self.trained[runs[:, None], cids] |= finite_np
+        at, col = np.nonzero(finite_np)  # padding (a repeated id) must not write
+        self.trained[runs[at], cids[at, col]] = True
         n_valid = valid.to(torch.float64).clamp_min(1)
         zero = torch.zeros((), dtype=torch.float64)
         losses = {}  # the mean over the valid clients (a rejected client's loss may be NaN)
@@ -349,19 +366,20 @@ class RunBatch:
         init = self.cfgs[runs[0]].data.tasks_per_client * self.setups[runs[0]].hyper.init_support_size
         samples = ((per_client + init * fresh) * finite_np).sum(1)
         self.totals["samples"][runs] += samples
-        self.totals["bytes_down"][runs] += self.bytes_down * C
-        self.totals["bytes_up"][runs] += self.bytes_up * C
-        diverged = (updated & ~finite_w).numpy()
+        asked = arrived.sum(1)
+        self.totals["bytes_down"][runs] += self.bytes_down * asked
+        self.totals["bytes_up"][runs] += self.bytes_up * asked
         # Python lists: a row per run is read out of them, a value at a time
         self.pending.append({"round": server_round, "runs": runs, "position": _positions(runs),
-                             "clients": cids.tolist(), "valid": valid.tolist(),
-                             "updated": keep.tolist(), "diverged": diverged.tolist(),
+                             "records": done.records,
                              "losses": {k: v.tolist() for k, v in losses.items()},
                              "samples": samples.tolist(),
-                             "train_seconds_max": (time.perf_counter() - start) / (len(runs) * C),
+                             "train_seconds_max": (time.perf_counter() - start)
+                             / max(len(runs) * C, 1),
                              "totals": {k: v[runs].tolist() for k, v in self.totals.items()},
                              "seconds": time.perf_counter() - self.start})
-        return bool(diverged.any() or (valid == 0).any())
+        diverged = any(r.diverged is not None for r in done.records)
+        return diverged or bool((valid == 0).any())
 
     def _log(self, server_round: int, evaluate: bool = False, alarm: bool = False) -> None:
         """Write the pending rows when due: at evaluation and checkpoint rounds, when a run needs
@@ -578,14 +596,9 @@ def _row_of(pending: dict[str, Any], j: int) -> dict[str, Any]:
     """Run ``j``'s metrics row of a pending round, keyed as ``MetaStrategy.start`` writes it."""
     row: dict[str, Any] = {"round": pending["round"]}
     if pending["round"] > 0:
-        valid, clients = pending["valid"][j], pending["clients"][j]
-        row.update(clients=clients, replies=valid,
-                   **round_outcome(["rejected"] * (len(clients) - valid), 0),
-                   updated=pending["updated"][j])
-        if pending["diverged"][j]:
-            row["diverged"] = ("the aggregated update is not finite (the model would hold NaN or "
-                               "infinite values)")
-        if valid:
+        record = pending["records"][j]
+        row.update(record.row())
+        if record.replies:
             for key, v in pending["losses"].items():
                 row[key.replace("-", "_")] = v[j]
             row["samples"] = pending["samples"][j]
@@ -598,16 +611,6 @@ def _row_of(pending: dict[str, Any], j: int) -> dict[str, Any]:
 def _positions(runs: np.ndarray) -> dict[int, int]:
     """``{run: its row in a round's arrays}`` (one dict a round; each run's row reads it)."""
     return {i: j for j, i in enumerate(runs.tolist())}
-
-
-def _finite_rows(params: Params) -> torch.Tensor:
-    """``[R, C]`` bool: is every value of each row finite? (One sum per parameter first: when the
-    sums are finite, so is every value, which spares the element-wise check.)"""
-    sums = torch.stack([v.flatten(2).sum(-1) for v in params.values()])  # [P, R, C]
-    ok = torch.isfinite(sums).all(0)
-    if bool(ok.all()):
-        return ok
-    return torch.stack([torch.isfinite(v).flatten(2).all(-1) for v in params.values()]).all(0)
 
 
 def _value(hp: Hyper, name: str) -> float:
@@ -626,14 +629,6 @@ def _unflatten(x: Any, runs: int, clients: int) -> Any:
 def _samples(data: RoundData) -> int:
     """Examples a round's step data holds over all its clients (the init batch apart)."""
     return sum(b[1].numel() for b in (data.support, data.query, data.extra) if b is not None)
-
-
-def _weighted_mean(v: torch.Tensor, weights: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
-    """``sum_c weights[r, c] v[r, c] / total[r]`` for ``v`` ``[R, C, ...]``; rejected rows (weight 0)
-    may hold NaN, so they are zeroed rather than multiplied."""
-    wts = weights.reshape(weights.shape + (1,) * (v.dim() - 2))
-    v = torch.where(wts > 0, v, torch.zeros((), dtype=v.dtype))
-    return (wts * v).sum(1) / total.reshape((-1,) + (1,) * (v.dim() - 2))
 
 
 def _runs_update(algorithm: Any, model: Any, loss_fn: Any, hp: Hyper, w: Params,

@@ -1,9 +1,10 @@
 """Differential privacy of the meta-updates on the server: the mean update and the privacy budget.
 
-:class:`UpdatePrivacy` is the one place where :class:`~fedmaml.federated.strategy.MetaStrategy`
-turns a round's stacked updates into the mean it applies: the plain (weighted or uniform) mean
-without DP, or the clipped, noisy mean of :func:`fedmaml.core.privacy.private_mean` with it. It
-also keeps the run's privacy account: one Gaussian release per round whose update was applied.
+:class:`UpdatePrivacy` is where a private run's server round
+(:func:`~fedmaml.federated.server_round.aggregate_round`, for a run alone and for each run of a
+batch) turns the round's stacked updates into the clipped, noisy mean of
+:func:`fedmaml.core.privacy.private_mean` it applies, with the run's own noise stream. It also
+keeps the run's privacy account: one Gaussian release per round whose update was applied.
 
 **What is protected** (docs/privacy.md): user-level DP, one client's whole data (all its tasks)
 against the released sequence of models. The neighbouring relation and the sensitivity follow from
@@ -50,7 +51,6 @@ import numpy as np
 from fedmaml.config.schema import Config
 from fedmaml.core.params import Params
 from fedmaml.core.privacy import noise_generator, noise_std, private_mean
-from fedmaml.core.server import aggregate_stacked
 from fedmaml.federated.participation import ClientSampling
 
 log = logging.getLogger("fedmaml")
@@ -93,12 +93,12 @@ class UpdatePrivacy:
             return float(num_sampled)
         return self.sampling.expected_size
 
-    def mean_update(self, server_round: int, stacked: Params, counts: list[int],
-                    num_sampled: int) -> Params:
-        """The update the server optimizer applies; ``num_sampled``: clients asked this round.
-        ``stacked`` may hold no row (a private Poisson round that nobody answered: noise alone)."""
+    def mean_update(self, server_round: int, stacked: Params, num_sampled: int) -> Params:
+        """The private mean the server optimizer applies; ``num_sampled``: clients asked this
+        round. ``stacked`` may hold no row (a private Poisson round that nobody answered: noise
+        alone). Without privacy the server round (server_round.py) takes the plain mean itself."""
         if not self.enabled:
-            return aggregate_stacked(stacked, counts, self.cfg.federated.aggregation)
+            raise ValueError("privacy.clipping is none: there is no private mean to take")
         mean, norms = private_mean(stacked, self.dp.clipping_norm, self.dp.noise_multiplier,
                                    self.denominator(num_sampled),
                                    noise_generator(self.cfg.seed, server_round))

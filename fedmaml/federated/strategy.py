@@ -4,8 +4,10 @@
 * **Sampling** by stable client id (partition id) with a seeded RNG, never by transport node ids:
   cross-device samples a fraction or count of clients per round (without replacement, O(k) work
   whatever the number of clients); cross-silo takes every silo every round.
-* **Aggregation**: example-weighted or uniform mean of the clients' updates, then a server
-  optimizer (SGD, momentum, Adam).
+* **Aggregation**: the replies are decoded here, then the server round
+  (:func:`~fedmaml.federated.server_round.aggregate_round` with one run, the one a vectorized batch
+  takes with many): example-weighted or uniform mean of the clients' updates (private, or the
+  algorithm's own rule, when configured), then a server optimizer (SGD, momentum, Adam).
 * **Failures**: error replies, malformed replies and missing replies (timeouts) are counted by kind
   and logged, updates holding NaN/inf are counted as rejected (``health.round_outcome``); the update
   is applied when at least ``min_replies`` valid replies arrived and the new ``w`` is finite (else
@@ -61,12 +63,13 @@ from fedmaml.errors import MessageError
 from fedmaml.federated import checkpoint, faults
 from fedmaml.federated import records as R
 from fedmaml.federated.discovery import PartitionDirectory
-from fedmaml.federated.health import FAILURE_KINDS, round_outcome
+from fedmaml.federated.health import FAILURE_KINDS
 from fedmaml.federated.participation import Participation, Staleness, client_sampling
 from fedmaml.federated.participation import sample_clients  # noqa: F401 - its former home
 from fedmaml.federated.pattern_selection import PatternSelector
 from fedmaml.federated.privacy import UpdatePrivacy
 from fedmaml.federated.reply_pull import puller_for
+from fedmaml.federated.server_round import ROUND_KEYS, RoundRecord, aggregate_round
 from fedmaml.federated.setup import ExperimentSetup
 from fedmaml.results.progress import status
 
@@ -79,9 +82,6 @@ EVAL_METRICS = ("loss", "accuracy", "memory-loss", "memory-accuracy", "memory-ga
 # long for them, even when rounds have no time limit (round_timeout 0 -> timeout None). A
 # simulation waits engine.discovery_timeout for the nodes its engine started.
 DISCOVERY_SECONDS = 60.0
-#: The round record keys the strategy's accounting contributes to a metrics row.
-ROUND_KEYS = ("clients", "replies", "failures", "failures_by_kind", "rejected", "updated",
-              "diverged")
 #: Memory resets of a round (its training and its evaluation), added to the row after evaluation.
 RESET_KEYS = ("memory_resets", "memory_reset_clients")
 
@@ -421,28 +421,17 @@ class MetaStrategy(Strategy):
         # bits must not depend on it (a resumed run equals an uninterrupted one).
         valid = sorted(used.values(), key=lambda o: o.cid)
         self.trained.update(used)
-        updated = (len(valid) >= self.cfg.federated.min_replies
-                   or self.privacy.releases_every_round)
-        self.round_stats.update(round_outcome((k for k, _ in errors), missing), replies=len(valid),
-                                updated=updated)
         self._count_resets(server_round, [o.cid for o in valid
                                           if float(o.metrics.get(R.MEMORY_RESET, 0)) > 0])
-        if not updated:
+        stacked = (_rows(stacks, [o.row for o in valid]) if valid
+                   else {k: torch.zeros(0, *v.shape, dtype=v.dtype) for k, v in self.w.items()})
+        record = self._server_round(server_round, stacked, [o.count for o in valid],
+                                    [k for k, _ in errors], missing)
+        self.round_stats.update(record.row())
+        updated = record.updated
+        if not updated and record.diverged is None:
             log.warning("round %d: %d valid replies < min_replies=%d; the model is not updated",
                         server_round, len(valid), self.cfg.federated.min_replies)
-        if not valid and not updated:
-            return None, None
-        if updated:
-            stacked = (_rows(stacks, [o.row for o in valid]) if valid
-                       else {k: torch.zeros(0, *v.shape, dtype=v.dtype) for k, v in self.w.items()})
-            w = self.optimizer.step(self.w, self._server_direction(
-                server_round, stacked, [o.count for o in valid], len(expected)))
-            if all(bool(torch.isfinite(v).all()) for v in w.values()):
-                self.w_before_update, self.w = self.w, w
-            else:  # finite updates can still sum or step to infinity: keep the last good w
-                updated = False
-                self.round_stats.update(updated=False, diverged="the aggregated update is not "
-                                        "finite (the model would hold NaN or infinite values)")
         if not valid:  # a private Poisson round that nobody answered: its release, no metrics
             return (R.to_record(self.w) if updated else None), None
         metrics = [o.metrics for o in valid]
@@ -452,16 +441,28 @@ class MetaStrategy(Strategy):
         out["train-seconds-max"] = max(float(m["train-seconds"]) for m in metrics)
         return (R.to_record(self.w) if updated else None), MetricRecord(out)
 
-    def _server_direction(self, server_round: int, stacked: Params, counts: list[int],
-                          num_sampled: int) -> Params:
-        """The direction the server optimizer steps along: the algorithm's own server rule
-        (``Algorithm.server_update``), else the (private, when configured) mean of the updates."""
-        algorithm = self.setup.algorithm
-        if len(next(iter(stacked.values()))) and has_server_rule(algorithm):
-            weights = torch.tensor([float(c) for c in counts] if self.cfg.federated.aggregation
-                                   == "weighted" else [1.0] * len(counts), dtype=torch.float64)
-            return algorithm.server_update(stacked, weights)
-        return self.privacy.mean_update(server_round, stacked, counts, num_sampled=num_sampled)
+    def _server_round(self, server_round: int, stacked: Params, counts: list[int],
+                      failed: list[str], missing: int) -> RoundRecord:
+        """This run's server round (:func:`~fedmaml.federated.server_round.aggregate_round` with
+        one run) on its valid updates ``stacked`` (in client-id order); ``w`` moves when it
+        applies. ``failed``: the kind of every reply not used; ``missing``: replies not arrived."""
+        fed, algorithm, opt = self.cfg.federated, self.setup.algorithm, self.optimizer
+        one = lambda p: {k: v.unsqueeze(0) for k, v in p.items()}  # noqa: E731 - a run axis
+        opt.state = one(opt.state)  # the run alone keeps its state without the run axis
+        try:
+            result = aggregate_round(
+                one(self.w), opt, one(stacked), torch.ones(1, len(counts), dtype=torch.bool),
+                [self.round_stats.get("clients", [])], weighting=fed.aggregation,
+                min_replies=fed.min_replies,
+                counts=torch.tensor(counts, dtype=torch.float64).reshape(1, len(counts)),
+                failed=[failed], missing=[missing], privacy=[self.privacy],
+                round_number=server_round, num_sampled=[len(self.round_stats.get("clients", []))],
+                rule=algorithm.server_update if has_server_rule(algorithm) else None)
+        finally:
+            opt.state = {k: v[0] for k, v in opt.state.items()}
+        if bool(result.moved[0]):
+            self.w_before_update, self.w = self.w, {k: v[0] for k, v in result.w.items()}
+        return result.records[0]
 
     def _count_resets(self, server_round: int, cids: list[int]) -> None:
         """Note the clients whose corrupt memory file was replaced by a fresh memory (a device with

@@ -1,0 +1,211 @@
+"""One server round over a run axis: what the server does with a round's updates, written once for
+a run alone (``R = 1``, :meth:`MetaStrategy.aggregate_train` after decoding the replies) and for a
+batch of runs (``R`` live runs, :class:`~fedmaml.engines.run_batch.RunBatch`).
+
+:func:`aggregate_round` takes the updates stacked as ``[runs, clients, ...]`` with a valid mask
+``[R, C]`` (the replies that arrived and decoded; ``False`` also pads cohorts of unequal sizes) and
+each run's server state (``w`` ``[R, ...]`` and a :class:`~fedmaml.core.server.ServerOptimizer`
+whose rate and step count may be per run), and per run:
+
+1. rejects the valid updates holding NaN or inf (counted as ``rejected``);
+2. applies the update when at least ``min_replies`` updates remain (or when the run's privacy
+   releases every round: a private Poisson round);
+3. takes the direction: the algorithm's own server rule (``Algorithm.server_update``), else the
+   clipped noisy mean of the run's :class:`~fedmaml.federated.privacy.UpdatePrivacy` (its own noise
+   stream and privacy account) when private, else the weighted or uniform mean;
+4. steps the server optimizer, and keeps a run whose new ``w`` is not finite out (its ``w`` and
+   optimizer state stay as they were; the record says ``diverged``);
+5. returns the new ``w`` and a :class:`RoundRecord` per run (the round's part of a metrics row).
+
+It imports neither flwr nor ray: decoding replies is the strategy's job (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from fedmaml.core.params import Params
+from fedmaml.core.server import ServerOptimizer, aggregate_stacked, per_run
+from fedmaml.federated.health import round_outcome
+from fedmaml.federated.privacy import UpdatePrivacy
+
+#: Why a run's update was not applied although enough updates arrived (its ``diverged`` key).
+DIVERGED = "the aggregated update is not finite (the model would hold NaN or infinite values)"
+
+#: A server rule (``Algorithm.server_update``): ``(stacked [n, ...], weights [n] float64)``.
+ServerRule = Callable[[Params, torch.Tensor], Params]
+
+
+@dataclass
+class RoundRecord:
+    """What one run's server round came to: the round's keys of its metrics row."""
+
+    clients: list[int]  # sampled ids
+    replies: int  # valid updates (arrived, decoded, finite)
+    failures: int  # errors, malformed and missing replies, and rejected updates
+    failures_by_kind: dict[str, int]  # error, timeout, malformed
+    rejected: int  # updates holding NaN/inf
+    updated: bool  # whether w changed
+    diverged: str | None = None  # why not, when the aggregated update was not finite
+
+    def row(self) -> dict[str, Any]:
+        """The metrics-row keys of this record, in the row's order (``diverged`` only when set)."""
+        out = {k: getattr(self, k) for k in ROUND_KEYS[:-1]}
+        if self.diverged is not None:
+            out["diverged"] = self.diverged
+        return out
+
+
+#: The round record's keys in a metrics row, in their order.
+ROUND_KEYS = tuple(f.name for f in dataclasses.fields(RoundRecord))
+
+
+@dataclass
+class RoundResult:
+    """The outcome of :func:`aggregate_round` for ``R`` runs."""
+
+    w: Params  # [R, ...]: the new model of a run that moved, the old one of the others
+    moved: torch.Tensor  # [R] bool: w changed
+    accepted: torch.Tensor  # [R, C] bool: valid and finite (the updates used)
+    records: list[RoundRecord] = field(default_factory=list)
+
+
+def aggregate_round(w: Params, optimizer: ServerOptimizer, updates: Params, valid: torch.Tensor,
+                    clients: Sequence[Sequence[int]], *, weighting: str, min_replies: int,
+                    counts: torch.Tensor | None = None,
+                    failed: Sequence[Sequence[str]] | None = None,
+                    missing: Sequence[int] | None = None,
+                    privacy: Sequence[UpdatePrivacy | None] | None = None, round_number: int = 0,
+                    num_sampled: Sequence[int] | None = None,
+                    rule: ServerRule | None = None) -> RoundResult:
+    """One server round of ``R`` runs (module docstring).
+
+    ``w``: ``[R, ...]``; ``optimizer``: stepped in place (its state ``[R, ...]``; ``lr`` and
+    ``steps`` numbers or tensors ``[R]``, ``steps`` a tensor when ``R > 1``); ``updates``:
+    ``[R, C, ...]``; ``valid``: ``[R, C]`` bool; ``clients``: each run's sampled ids (its record's
+    ``clients``); ``counts``: ``[R, C]`` example counts (needed with ``weighting="weighted"`` and
+    by a server ``rule``); ``failed``: per run, the kind (``error``, ``malformed``, ``rejected``) of
+    every reply not in ``updates``; ``missing``: per run, sampled clients that did not reply;
+    ``privacy``: per run, its private mean and account (``None`` or disabled: the plain mean);
+    ``round_number``: the round (it keys each run's noise stream); ``num_sampled``: per run, the
+    clients asked (the private mean's denominator without an account; default
+    ``len(clients[r])``); ``rule``: the algorithm's own server rule, applied run by run."""
+    runs = valid.shape[0]
+    if weighting not in ("weighted", "uniform"):
+        raise ValueError(f"aggregation must be 'weighted' or 'uniform', got {weighting!r}")
+    if weighting == "weighted" and counts is None:
+        raise ValueError("weighted aggregation needs the updates' example counts")
+    if runs > 1 and not isinstance(optimizer.steps, torch.Tensor):
+        raise ValueError(f"a server round of {runs} runs needs the optimizer's steps per run "
+                         "(a tensor [R])")
+    accepted = valid & _finite_rows(updates)
+    n_valid = accepted.sum(1)
+    privacy = list(privacy) if privacy is not None else [None] * runs
+    updated = n_valid >= min_replies
+    every_round = [p is not None and p.releases_every_round for p in privacy]
+    if any(every_round):  # a private Poisson run releases its noise whoever replied
+        updated |= torch.tensor(every_round)
+    new_w, moved = w, torch.zeros(runs, dtype=torch.bool)
+    if bool(updated.any()):
+        sampled = [len(c) for c in clients] if num_sampled is None else list(num_sampled)
+        direction = _direction(w, updates, counts, accepted, weighting, privacy, rule,
+                               round_number, sampled, updated)
+        new_w, moved = _step(w, optimizer, direction, updated)
+    # Python numbers: a record per run is read out of them (no tensor op per run)
+    arrived, kept = valid.sum(1).tolist(), n_valid.tolist()
+    moved_, updated_ = moved.tolist(), updated.tolist()
+    records = []
+    for r in range(runs):
+        kinds = [*(failed[r] if failed is not None else ()), *["rejected"] * (arrived[r] - kept[r])]
+        record = RoundRecord(list(clients[r]), kept[r], updated=moved_[r],
+                             **round_outcome(kinds, missing[r] if missing is not None else 0))
+        if updated_[r] and not moved_[r]:
+            record.diverged = DIVERGED
+        records.append(record)
+    return RoundResult(new_w, moved, accepted, records)
+
+
+def _direction(w: Params, updates: Params, counts: torch.Tensor | None, accepted: torch.Tensor,
+               weighting: str, privacy: list[UpdatePrivacy | None], rule: ServerRule | None,
+               round_number: int, sampled: list[int], updated: torch.Tensor) -> Params:
+    """``[R, ...]``: the direction each run's optimizer steps along (any finite value for a run
+    that does not update: its step is undone)."""
+    runs = accepted.shape[0]
+    if runs > 1 and rule is None and not any(p is not None and p.enabled for p in privacy):
+        return _batched_mean(updates, counts, accepted, weighting)
+    # Run by run: a run alone (R = 1) keeps the arithmetic it always had (aggregate_stacked's
+    # chunked sums; a batched matmul differs from it in the last bits), and a private run draws
+    # its noise from its own stream and counts the release in its own account.
+    out = []
+    for r in range(runs):
+        if not bool(updated[r]):
+            out.append({k: torch.zeros_like(v[r]) for k, v in w.items()})
+            continue
+        rows = accepted[r]
+        every = bool(rows.all())
+        stacked = {k: v[r] if every else v[r][rows] for k, v in updates.items()}
+        weights = (counts[r][rows].tolist() if weighting == "weighted"
+                   else [1.0] * int(rows.sum()))
+        p = privacy[r]
+        if rule is not None and weights:
+            out.append(rule(stacked, torch.tensor(weights, dtype=torch.float64)))
+        elif p is not None and p.enabled:
+            out.append(p.mean_update(round_number, stacked, num_sampled=sampled[r]))
+        else:
+            out.append(aggregate_stacked(stacked, weights, weighting))
+    return {k: torch.stack([d[k] for d in out]) for k in w}
+
+
+def _batched_mean(updates: Params, counts: torch.Tensor | None, accepted: torch.Tensor,
+                  weighting: str) -> Params:
+    """``[R, ...]``: each run's weighted or uniform mean of its accepted updates, for all runs at
+    once. A rejected update (weight 0) may hold NaN, so it is zeroed rather than multiplied."""
+    width = accepted.shape[1]
+    if weighting == "uniform" and width and bool(accepted.all()):  # the usual round
+        return {k: v.sum(1) / width for k, v in updates.items()}
+    base = counts.to(torch.float64) if weighting == "weighted" else torch.ones(accepted.shape,
+                                                                              dtype=torch.float64)
+    weights = base * accepted
+    total = weights.sum(1).clamp_min(1e-300)  # a run with no update: its step is undone
+    out = {}
+    for k, v in updates.items():
+        wts = weights.to(v.dtype).reshape(weights.shape + (1,) * (v.dim() - 2))
+        v = torch.where(wts > 0, v, torch.zeros((), dtype=v.dtype))
+        out[k] = (wts * v).sum(1) / total.to(v.dtype).reshape((-1,) + (1,) * (v.dim() - 2))
+    return out
+
+
+def _step(w: Params, optimizer: ServerOptimizer, direction: Params, updated: torch.Tensor
+          ) -> tuple[Params, torch.Tensor]:
+    """Step every run; a run that does not update, or whose new ``w`` is not finite, keeps its
+    ``w`` and optimizer state. Returns the new ``w`` and which runs moved."""
+    old_state = dict(optimizer.state)
+    old_steps = optimizer.steps.clone() if isinstance(optimizer.steps, torch.Tensor) \
+        else optimizer.steps
+    stepped = optimizer.step(w, direction)
+    moved = updated & _finite_rows({k: v.unsqueeze(1) for k, v in stepped.items()})[:, 0]
+    if not bool(moved.any()):
+        optimizer.state, optimizer.steps = old_state, old_steps
+        return w, moved
+    if not bool(moved.all()):
+        stepped = {k: torch.where(per_run(moved, v), v, w[k]) for k, v in stepped.items()}
+        optimizer.state = {k: torch.where(per_run(moved, v), v,
+                                          old_state.get(k, torch.zeros_like(v)))
+                           for k, v in optimizer.state.items()}
+        optimizer.steps = torch.where(moved, optimizer.steps, old_steps)
+    return stepped, moved
+
+
+def _finite_rows(params: Params) -> torch.Tensor:
+    """``[R, C]`` bool: is every value of each row finite? (One sum per parameter first: when the
+    sums are finite, so is every value, which spares the element-wise check.)"""
+    flat = [v.reshape(*v.shape[:2], math.prod(v.shape[2:])) for v in params.values()]
+    ok = torch.isfinite(torch.stack([v.sum(-1) for v in flat])).all(0)  # [P, R, C] -> [R, C]
+    if bool(ok.all()):
+        return ok
+    return torch.stack([torch.isfinite(v).all(-1) for v in flat]).all(0)
