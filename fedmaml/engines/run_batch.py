@@ -8,11 +8,11 @@ such runs along a leading run axis and takes every round of all of them at once:
 
 1. each run samples its cohort with its own strategy (:class:`MetaStrategy`: the seeded
    participation stream and the staleness bookkeeping of a run alone);
-2. the ``R x C`` clients draw their round data in one call (``draw_cohort``: counter-based streams
-   keyed by each run's ``(seed, client, round)``, so a client's data equals its draw in the run
-   alone); first participations draw their memory initialisation apart and initialise it first;
-3. one call of :func:`~fedmaml.engines.vectorized.cohort_update` vmapped over the runs (itself
-   vmapped over each run's cohort) with each run's ``w``, memories and hyperparameters as tensors;
+2. the ``R x C`` clients draw their round data in one call (the client library's
+   ``draw_cohort_data``: counter-based streams keyed by each run's ``(seed, client, round)``, so a
+   client's data equals its draw in the run alone); first participations draw their memory initialisation apart and initialise it first;
+3. one call of the client library's :func:`~fedmaml.client.runs_update` (the cohort update
+   vmapped over the runs) with each run's ``w``, memories and hyperparameters as tensors;
 4. per run: updates holding NaN/inf are rejected, the rest averaged (uniform or by examples) and
    stepped by the server optimizer with the run's own rate and state, a non-finite ``w`` kept out;
 5. every run writes its own run directory as :func:`~fedmaml.federated.server_app.run_federated`
@@ -20,20 +20,22 @@ such runs along a leading run axis and takes every round of all of them at once:
    status, model.pt, convergence.png, checkpoints and tracking. A run that diverges (or fails) ends
    there with its status and leaves the batch; the others go on.
 
-Evaluation rounds evaluate each run's panel client by client with the ClientApp's own
+Evaluation rounds evaluate each run's panel client by client with the client library's
 ``evaluate_client``, summarised by the strategy's own code, so the ``eval`` rows equal the run
 alone's. Memories live in one dense tensor per parameter, ``[R, clients, tasks, ...]``; a checkpoint
 writes each run's as a memory bank (the vectorized engine's format), so one run of a batch can also
 be resumed alone (``fedmaml run --resume`` with ``engine.name: vectorized``).
 
-What a batch cannot hold (:func:`batch_refusal`): injected faults, differential privacy, Poisson
-client sampling, round deadlines, participation models other than uniform, compute-speed models,
-pattern selection and ``compare_with`` baselines. ``fedmaml sweep --vectorize`` runs such runs one by one, as without it.
+The clients' side of a round is the client library's (fedmaml/client/), as in a run alone: injected
+faults (a failed or dropped-out client does no work and keeps its memory; a straggler trains but
+arrives late), compute-speed models and round deadlines (each client's share of the batch's time,
+times its speed, against ``federated.round_timeout``) decide the valid clients of each run.
+What a batch cannot hold (:func:`batch_refusal`): differential privacy, Poisson client sampling,
+participation models other than uniform, pattern selection and ``compare_with`` baselines. ``fedmaml sweep --vectorize`` runs such runs one by one, as without it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -44,15 +46,21 @@ import torch
 
 from fedmaml import collector
 from fedmaml.algorithms import ALGORITHMS, Hyper, RoundData, get_algorithm, has_server_rule
-from fedmaml.algorithms.base import draw_cohort, draw_init
+from fedmaml.algorithms.base import draw_init
+from fedmaml.client import (clip_client_updates, initial_memories, memory_init_mask, round_keys,
+                            runs_update, samples_drawn)
+from fedmaml.client.faults import (FAIL, arrives, enabled as faults_enabled, fault_codes,
+                                   fault_rates, injected, trains)
+from fedmaml.client.metrics import example_counts
+from fedmaml.client.speed import over_deadline, simulated_seconds
+from fedmaml.client.train import draw_cohort_data
 from fedmaml.config import config_to_flat
 from fedmaml.core.params import Params
 from fedmaml.core.server import ServerOptimizer, per_run
-from fedmaml.data.counter import derive_keys
 from fedmaml.data.tasks import Task
 from fedmaml.engines.batch_evaluation import BatchEvaluator
 from fedmaml.engines.memory_bank import CHECKPOINT_FORMAT as BANK_FORMAT
-from fedmaml.engines.vectorized import cohort_update, unbatchable_reason
+from fedmaml.engines.vectorized import unbatchable_reason
 from fedmaml.models.module import is_user_model
 from fedmaml.federated import checkpoint
 from fedmaml.federated import records as R
@@ -89,16 +97,13 @@ def batch_refusal(cfg: Any) -> str | None:
     """Why ``cfg`` cannot run in a batch (``None``: it can)."""
     if cfg.compare_with:
         return "compare_with baselines run inside the run directory"
-    if any((cfg.faults.fail, cfg.faults.straggle, cfg.faults.dropout)):
-        return "faults are injected"
     if cfg.privacy.clipping != "none" or cfg.privacy.noise_multiplier > 0:
+        # the clients clip in a batch too (the client library); the private mean is the server's
         return "differential privacy is on"
     if cfg.federated.sampling != "fixed":  # a batch draws one fixed-size cohort per run
         return "clients are Poisson-sampled (federated.sampling): cohorts vary in size"
-    if cfg.federated.round_timeout:
-        return "rounds have a deadline (federated.round_timeout)"
-    if cfg.participation.model != "uniform" or cfg.participation.speed != "uniform":
-        return "participation is not uniform (participation.model / participation.speed)"
+    if cfg.participation.model != "uniform":
+        return "participation is not uniform (participation.model)"
     if cfg.pattern_selection.mode != "none":
         return "Lambda patterns are selected during the run (pattern_selection.mode)"
     # "cuda" joins no batch even where it is missing: the run alone is then refused up front with
@@ -250,14 +255,19 @@ class RunBatch:
         cids = self._cohorts(server_round, runs)  # [R, C]
         C = cids.shape[1]
         self._participate(server_round, runs, cids)
+        cfg = self.cfgs[live[0]]
+        # injected faults, decided per (seed, client, round) as in the run alone (client library)
+        codes = fault_codes(fault_rates(cfg), self.seeds[runs][:, None], cids, server_round)
+        training = trains(codes)  # [R, C]: failed and dropped-out clients do no work
         tasks = [self._client_tasks(i, c) for i, row in zip(live, cids.tolist()) for c in row]
-        keys = derive_keys(self.seeds[runs], cids, server_round).reshape(-1)
+        keys = round_keys(self.seeds[runs], cids, server_round).reshape(-1)
         hp = self.setups[live[0]].hyper
-        data = draw_cohort(tasks, hp, keys, extra=self.algorithm.needs_extra_batch(hp), init=False)
+        data = draw_cohort_data(self.setups[live[0]], hp, tasks, keys, fresh=False)
         runs_at = torch.from_numpy(runs).repeat_interleave(C)  # run index of every flat client
         cols = torch.from_numpy(cids.reshape(-1))
         slots = runs_at * self.has_memory.shape[1] + cols  # rows of the flattened memories
-        fresh = self._fresh(runs, cids).reshape(-1)
+        fresh = (memory_init_mask(self.algorithm.uses_memory, hp,
+                                  self.has_memory[runs[:, None], cids]) & training).reshape(-1)
         if fresh.any():
             self._initialise(np.flatnonzero(fresh), tasks, keys, hp, runs_at, cols)
         values = dict(self.values, eta=self._eta(server_round))
@@ -265,14 +275,37 @@ class RunBatch:
                    for k, v in self.memory.items()} if self.memory else None)
         shaped = RoundData(*(_unflatten(x, R_, C) for x in
                              (data.task_index, data.support, data.query, data.extra)))
-        delta, new_memory, metrics = _runs_update(self.algorithm, self.model, self.loss_fn, hp,
-                                                  self.w, memory, shaped, values)
+        delta, new_memory, metrics = runs_update(self.algorithm, self.model, self.loss_fn, hp,
+                                                 self.w, memory, shaped, values)
+        delta = clip_client_updates(cfg, delta, client_axes=2)
         if new_memory is not None:
+            moved = torch.from_numpy(training.reshape(-1))
             for k, v in new_memory.items():  # flatten(0, 1) of the contiguous store is a view
-                self.memory[k].flatten(0, 1).index_copy_(0, slots, v.reshape(R_ * C, *v.shape[2:]))
-            self.has_memory[runs_at.numpy(), cols.numpy()] = True
+                v = v.reshape(R_ * C, *v.shape[2:])
+                if not bool(moved.all()):  # a client that did no work keeps its memory
+                    v = torch.where(moved.reshape(-1, *[1] * (v.dim() - 1)), v,
+                                    memory[k].reshape(v.shape))
+                self.memory[k].flatten(0, 1).index_copy_(0, slots, v)
+            self.has_memory[runs_at.numpy()[moved.numpy()], cols.numpy()[moved.numpy()]] = True
+        # each client's share of the batch's time, times its simulated speed; judged against the
+        # round deadline as the run alone's engine judges it
+        seconds = simulated_seconds(cfg.participation, self.seeds[runs], cids,
+                                    (time.perf_counter() - start) / (R_ * C))
+        arrived = arrives(codes, over_deadline(cfg, seconds))
+        self._note_failures(server_round, runs, cids, codes)
         return self._apply(server_round, runs, cids, delta, metrics, fresh.reshape(R_, C),
-                           _samples(data) // (R_ * C), start)
+                           samples_drawn(data) // (R_ * C), codes, arrived, seconds)
+
+    def _note_failures(self, server_round: int, runs: np.ndarray, cids: np.ndarray,
+                       codes: np.ndarray) -> None:
+        """Each run's last client error (its health's message when failures stop it), as the
+        strategy of the run alone notes an injected failure."""
+        for i, row, code in zip(runs.tolist(), cids.tolist(), codes.tolist()):
+            failed = [c for c, k in zip(row, code) if k == FAIL]
+            if failed:
+                self.strategies[i].last_error = (
+                    f"client error: client {failed[-1]}: InjectedFault: injected failure "
+                    f"(faults.fail) of client {failed[-1]} in round {server_round}")
 
     def _cohorts(self, server_round: int, runs: np.ndarray) -> np.ndarray:
         """``[R, C]``: each run's sampled clients (its strategy's cohort, drawn for all at once)."""
@@ -305,11 +338,15 @@ class RunBatch:
 
     def _apply(self, server_round: int, runs: np.ndarray, cids: np.ndarray, delta: Params,
                metrics: dict[str, torch.Tensor], fresh: np.ndarray, per_client: int,
-               start: float) -> bool:
-        """Average each run's finite updates, step its server optimizer; the round's numbers join
-        the pending rows. Returns whether a run diverged or had no finite update."""
+               codes: np.ndarray, arrived: np.ndarray, seconds: np.ndarray) -> bool:
+        """Average each run's finite updates that arrived (``arrived``: the client library's
+        faults and deadline), step its server optimizer; the round's numbers join the pending rows.
+        Returns whether a run diverged or had no valid update."""
         C = cids.shape[1]
+        arrived_t = torch.from_numpy(arrived)
         finite = _finite_rows(delta)  # [R, C]
+        rejected = (arrived_t & ~finite).sum(1)  # arrived, but not finite
+        finite = finite & arrived_t  # the valid updates
         cfg = self.cfgs[runs[0]]
         weights = (torch.from_numpy(self._example_counts(runs, cids))
                    if cfg.federated.aggregation == "weighted"
@@ -350,15 +387,17 @@ class RunBatch:
         samples = ((per_client + init * fresh) * finite_np).sum(1)
         self.totals["samples"][runs] += samples
         self.totals["bytes_down"][runs] += self.bytes_down * C
-        self.totals["bytes_up"][runs] += self.bytes_up * C
+        self.totals["bytes_up"][runs] += self.bytes_up * arrived.sum(1)
         diverged = (updated & ~finite_w).numpy()
+        seconds_max = np.where(finite_np, seconds, -np.inf).max(1)
         # Python lists: a row per run is read out of them, a value at a time
         self.pending.append({"round": server_round, "runs": runs, "position": _positions(runs),
                              "clients": cids.tolist(), "valid": valid.tolist(),
+                             "errors": (codes == FAIL).sum(1).tolist(), "rejected": rejected.tolist(),
                              "updated": keep.tolist(), "diverged": diverged.tolist(),
                              "losses": {k: v.tolist() for k, v in losses.items()},
                              "samples": samples.tolist(),
-                             "train_seconds_max": (time.perf_counter() - start) / (len(runs) * C),
+                             "train_seconds_max": seconds_max.tolist(),
                              "totals": {k: v[runs].tolist() for k, v in self.totals.items()},
                              "seconds": time.perf_counter() - self.start})
         return bool(diverged.any() or (valid == 0).any())
@@ -393,6 +432,10 @@ class RunBatch:
                         after = ("bytes_up", "bytes_down", "seconds") if "train_seconds_max" in row \
                             else ("samples", "bytes_up", "bytes_down", "seconds")
                         row.update({k: row.pop(k) for k in after})
+                    if p["round"] > 0 and faults_enabled(self.cfgs[i]):  # as run_federated adds
+                        row["injected"] = injected(self.cfgs[i], row["clients"], p["round"])
+                        for k, n in row["injected"].items():
+                            self.states[i]["injected"][k] += n
                     rows.append(row)
                     self.healths[i].observe(row, self.strategies[i].last_error)
                     note_evaluation(self.states[i], row)
@@ -433,16 +476,8 @@ class RunBatch:
 
     def _example_counts(self, runs: np.ndarray, cids: np.ndarray) -> np.ndarray:
         """``[R, C]`` float64: each sampled client's example count (its update's weight)."""
-        return np.asarray([[sum(t.num_examples for t in self._client_tasks(i, c)) for c in row]
+        return np.asarray([example_counts([self._client_tasks(i, c) for c in row])
                            for i, row in zip(runs.tolist(), cids.tolist())], dtype=np.float64)
-
-    def _fresh(self, runs: np.ndarray, cids: np.ndarray) -> np.ndarray:
-        """``[R, C]``: does the client (re)initialise its memory this round?"""
-        if not self.algorithm.uses_memory:
-            return np.zeros(cids.shape, dtype=bool)
-        if self.setups[runs[0]].hyper.memory_policy == "reinit":
-            return np.ones(cids.shape, dtype=bool)
-        return ~self.has_memory[runs[:, None], cids]
 
     def _initialise(self, at: np.ndarray, tasks: list[list[Task]], keys: np.ndarray, hp: Hyper,
                     runs_at: torch.Tensor, cols: torch.Tensor) -> None:
@@ -457,15 +492,8 @@ class RunBatch:
             position = torch.full((len(self.cfgs),), -1, dtype=torch.int64)
             position[torch.tensor(self.live)] = torch.arange(len(self.live))
             start = {k: v[position[runs]] for k, v in self.w.items()}
-        alpha = self.alpha_all[runs]
-        model, loss_fn, algorithm = self.model, self.loss_fn, self.algorithm
-
-        def one(w_, x, y, a):
-            step = dataclasses.replace(hp.step, alpha=a)
-            return algorithm.initial_memory(model, loss_fn, dataclasses.replace(hp, step=step), w_,
-                                            (x, y))
-
-        memory = torch.func.vmap(one)(start, init[0], init[1], alpha)
+        memory = initial_memories(self.algorithm, self.model, self.loss_fn, hp, start, init,
+                                  self.alpha_all[runs])
         for k, v in memory.items():
             self.memory[k][runs, cols[pick]] = v
         self.has_memory[runs.numpy(), cols[pick].numpy()] = True
@@ -579,8 +607,10 @@ def _row_of(pending: dict[str, Any], j: int) -> dict[str, Any]:
     row: dict[str, Any] = {"round": pending["round"]}
     if pending["round"] > 0:
         valid, clients = pending["valid"][j], pending["clients"][j]
+        errors, rejected = pending["errors"][j], pending["rejected"][j]
         row.update(clients=clients, replies=valid,
-                   **round_outcome(["rejected"] * (len(clients) - valid), 0),
+                   **round_outcome(["error"] * errors + ["rejected"] * rejected,
+                                   len(clients) - valid - errors - rejected),
                    updated=pending["updated"][j])
         if pending["diverged"][j]:
             row["diverged"] = ("the aggregated update is not finite (the model would hold NaN or "
@@ -589,7 +619,7 @@ def _row_of(pending: dict[str, Any], j: int) -> dict[str, Any]:
             for key, v in pending["losses"].items():
                 row[key.replace("-", "_")] = v[j]
             row["samples"] = pending["samples"][j]
-            row["train_seconds_max"] = pending["train_seconds_max"]
+            row["train_seconds_max"] = pending["train_seconds_max"][j]
     row.update({k: v[j] for k, v in pending["totals"].items()},
                seconds=pending["seconds"])
     return row
@@ -623,38 +653,12 @@ def _unflatten(x: Any, runs: int, clients: int) -> Any:
     return x.reshape(runs, clients, *x.shape[1:])
 
 
-def _samples(data: RoundData) -> int:
-    """Examples a round's step data holds over all its clients (the init batch apart)."""
-    return sum(b[1].numel() for b in (data.support, data.query, data.extra) if b is not None)
-
-
 def _weighted_mean(v: torch.Tensor, weights: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     """``sum_c weights[r, c] v[r, c] / total[r]`` for ``v`` ``[R, C, ...]``; rejected rows (weight 0)
     may hold NaN, so they are zeroed rather than multiplied."""
     wts = weights.reshape(weights.shape + (1,) * (v.dim() - 2))
     v = torch.where(wts > 0, v, torch.zeros((), dtype=v.dtype))
     return (wts * v).sum(1) / total.reshape((-1,) + (1,) * (v.dim() - 2))
-
-
-def _runs_update(algorithm: Any, model: Any, loss_fn: Any, hp: Hyper, w: Params,
-                 memory: Params | None, data: RoundData, values: dict[str, torch.Tensor]
-                 ) -> tuple[Params, Params | None, dict[str, torch.Tensor]]:
-    """:func:`cohort_update` vmapped over runs: ``w`` ``[R, ...]``, ``memory`` ``[R, C, ...]``,
-    ``data`` ``[R, C, ...]`` and each hyperparameter of ``values`` ``[R]``."""
-    def one(w_, memory_, task_index, support, query, extra, v):
-        step = dataclasses.replace(hp.step, alpha=v["alpha"], beta=v["beta"],
-                                   hf_delta=v["hf_delta"])
-        hp_ = dataclasses.replace(hp, eta=v["eta"], step=step)
-        delta, new_memory, metrics = cohort_update(
-            algorithm, model, loss_fn, hp_, w_, memory_,
-            RoundData(task_index, support, query, extra, None))
-        return delta, ({} if new_memory is None else new_memory), metrics
-
-    batched = lambda x: None if x is None else 0  # noqa: E731
-    delta, new_memory, metrics = torch.func.vmap(
-        one, in_dims=(0, batched(memory), 0, 0, 0, batched(data.extra), 0))(
-        w, memory, data.task_index, data.support, data.query, data.extra, values)
-    return delta, (new_memory or None), metrics
 
 
 def run_batch(configs: Sequence[Any], run_dirs: Sequence[str | Path], quiet: bool = True,
