@@ -7,6 +7,7 @@ decisions."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from fedmaml.client import client_fault
@@ -16,7 +17,7 @@ from fedmaml.client.train import clip_client_updates
 from fedmaml.config import ParticipationConfig, replace_paths
 from fedmaml.core.privacy import clip_update
 from fedmaml.engines.run_batch import RunBatch, batch_refusal
-from fedmaml.results.recorder import read_metrics
+from fedmaml.results.recorder import read_metrics, read_summary
 from tests.test_run_batch import PER_RUN, assert_equal_to_alone, memories_of
 
 
@@ -104,3 +105,27 @@ def test_a_batch_with_speeds_and_a_deadline_equals_each_run_alone(tiny_config, t
     rows = [r for run in run_batch_and_compare(cfgs, tmp_path) for r in run[1:]]
     assert sum(r["failures_by_kind"]["timeout"] for r in rows) > 0  # some clients were late
     assert all(r["train_seconds_max"] <= 1.0 for r in rows if r["replies"])
+
+
+def test_a_batch_whose_clients_all_fail_stops_each_run_as_alone(tiny_config, tmp_path):
+    base = tiny_config("algorithm.name=moml", "faults.fail=1.0", "federated.rounds=5")
+    cfgs = [replace_paths(base, {**values, "name": f"run{j}"}) for j, values in enumerate(PER_RUN)]
+    run_batch_and_compare(cfgs, tmp_path)  # the summaries' status and message included
+    summary = read_summary(tmp_path / "batch" / "run0")
+    assert summary["status"] == "failed" and "InjectedFault" in summary["message"]
+
+
+@pytest.mark.parametrize("participation", [
+    ("participation.model=markov", "participation.markov_on_to_off=0.5",
+     "participation.markov_off_to_on=0.3"),
+    ("participation.model=heterogeneous",),
+    ("federated.sampling=poisson", "federated.clients_per_round=0", "federated.fraction=0.4"),
+], ids=["markov", "heterogeneous", "poisson"])
+def test_a_batch_with_a_participation_model_equals_each_run_alone(tiny_config, tmp_path,
+                                                                 participation):
+    base = tiny_config("algorithm.name=moml", "federated.rounds=5", "federated.eval_every=2",
+                       *participation)
+    cfgs = [replace_paths(base, {**values, "name": f"run{j}"}) for j, values in enumerate(PER_RUN)]
+    runs = run_batch_and_compare(cfgs, tmp_path)
+    sizes = {len(r["clients"]) for run in runs for r in run[1:]}
+    assert len(sizes) > 1  # the cohorts' sizes varied within and across runs

@@ -10,7 +10,8 @@ such runs along a leading run axis and takes every round of all of them at once:
    participation stream and the staleness bookkeeping of a run alone);
 2. the ``R x C`` clients draw their round data in one call (the client library's
    ``draw_cohort_data``: counter-based streams keyed by each run's ``(seed, client, round)``, so a
-   client's data equals its draw in the run alone); first participations draw their memory initialisation apart and initialise it first;
+   client's data equals its draw in the run alone); first participations draw their memory
+   initialisation apart and initialise it first;
 3. one call of the client library's :func:`~fedmaml.client.runs_update` (the cohort update
    vmapped over the runs) with each run's ``w``, memories and hyperparameters as tensors;
 4. per run: updates holding NaN/inf are rejected, the rest averaged (uniform or by examples) and
@@ -30,8 +31,10 @@ The clients' side of a round is the client library's (fedmaml/client/), as in a 
 faults (a failed or dropped-out client does no work and keeps its memory; a straggler trains but
 arrives late), compute-speed models and round deadlines (each client's share of the batch's time,
 times its speed, against ``federated.round_timeout``) decide the valid clients of each run.
-What a batch cannot hold (:func:`batch_refusal`): differential privacy, Poisson client sampling,
-participation models other than uniform, pattern selection and ``compare_with`` baselines. ``fedmaml sweep --vectorize`` runs such runs one by one, as without it.
+Availability models (``participation.model``) and Poisson sampling draw each run's cohort with its
+own strategy (sizes vary: cohorts are padded, the padding does no work and counts nowhere).
+What a batch cannot hold (:func:`batch_refusal`): differential privacy, pattern selection and
+``compare_with`` baselines. ``fedmaml sweep --vectorize`` runs such runs one by one, as without it.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from fedmaml.algorithms import ALGORITHMS, Hyper, RoundData, get_algorithm, has_
 from fedmaml.algorithms.base import draw_init
 from fedmaml.client import (clip_client_updates, initial_memories, memory_init_mask, round_keys,
                             runs_update, samples_drawn)
-from fedmaml.client.faults import (FAIL, arrives, enabled as faults_enabled, fault_codes,
+from fedmaml.client.faults import (FAIL, arrives, enabled as faults_enabled, fail, fault_codes,
                                    fault_rates, injected, trains)
 from fedmaml.client.metrics import example_counts
 from fedmaml.client.speed import over_deadline, simulated_seconds
@@ -100,10 +103,6 @@ def batch_refusal(cfg: Any) -> str | None:
     if cfg.privacy.clipping != "none" or cfg.privacy.noise_multiplier > 0:
         # the clients clip in a batch too (the client library); the private mean is the server's
         return "differential privacy is on"
-    if cfg.federated.sampling != "fixed":  # a batch draws one fixed-size cohort per run
-        return "clients are Poisson-sampled (federated.sampling): cohorts vary in size"
-    if cfg.participation.model != "uniform":
-        return "participation is not uniform (participation.model)"
     if cfg.pattern_selection.mode != "none":
         return "Lambda patterns are selected during the run (pattern_selection.mode)"
     # "cuda" joins no batch even where it is missing: the run alone is then refused up front with
@@ -252,13 +251,13 @@ class RunBatch:
         live = self.live
         R_, start = len(live), time.perf_counter()
         runs = np.asarray(live)
-        cids = self._cohorts(server_round, runs)  # [R, C]
+        cids, present = self._cohorts(server_round, runs)  # [R, C] each
         C = cids.shape[1]
-        self._participate(server_round, runs, cids)
+        self._participate(server_round, runs, cids, present)
         cfg = self.cfgs[live[0]]
         # injected faults, decided per (seed, client, round) as in the run alone (client library)
         codes = fault_codes(fault_rates(cfg), self.seeds[runs][:, None], cids, server_round)
-        training = trains(codes)  # [R, C]: failed and dropped-out clients do no work
+        training = trains(codes) & present  # [R, C]: failed, dropped-out clients do no work
         tasks = [self._client_tasks(i, c) for i, row in zip(live, cids.tolist()) for c in row]
         keys = round_keys(self.seeds[runs], cids, server_round).reshape(-1)
         hp = self.setups[live[0]].hyper
@@ -279,22 +278,22 @@ class RunBatch:
                                                  self.w, memory, shaped, values)
         delta = clip_client_updates(cfg, delta, client_axes=2)
         if new_memory is not None:
-            moved = torch.from_numpy(training.reshape(-1))
+            moved = training.reshape(-1)  # a client that did no work keeps its memory
+            at = None if moved.all() else torch.from_numpy(np.flatnonzero(moved))
             for k, v in new_memory.items():  # flatten(0, 1) of the contiguous store is a view
                 v = v.reshape(R_ * C, *v.shape[2:])
-                if not bool(moved.all()):  # a client that did no work keeps its memory
-                    v = torch.where(moved.reshape(-1, *[1] * (v.dim() - 1)), v,
-                                    memory[k].reshape(v.shape))
-                self.memory[k].flatten(0, 1).index_copy_(0, slots, v)
-            self.has_memory[runs_at.numpy()[moved.numpy()], cols.numpy()[moved.numpy()]] = True
+                self.memory[k].flatten(0, 1).index_copy_(
+                    0, slots if at is None else slots[at], v if at is None else v[at])
+            self.has_memory[runs_at.numpy()[moved], cols.numpy()[moved]] = True
         # each client's share of the batch's time, times its simulated speed; judged against the
         # round deadline as the run alone's engine judges it
         seconds = simulated_seconds(cfg.participation, self.seeds[runs], cids,
                                     (time.perf_counter() - start) / (R_ * C))
-        arrived = arrives(codes, over_deadline(cfg, seconds))
+        arrived = arrives(codes, over_deadline(cfg, seconds)) & present
         self._note_failures(server_round, runs, cids, codes)
         return self._apply(server_round, runs, cids, delta, metrics, fresh.reshape(R_, C),
-                           samples_drawn(data) // (R_ * C), codes, arrived, seconds)
+                           samples_drawn(data) // (R_ * C), np.where(present, codes, 0), arrived,
+                           seconds, present)
 
     def _note_failures(self, server_round: int, runs: np.ndarray, cids: np.ndarray,
                        codes: np.ndarray) -> None:
@@ -303,26 +302,39 @@ class RunBatch:
         for i, row, code in zip(runs.tolist(), cids.tolist(), codes.tolist()):
             failed = [c for c, k in zip(row, code) if k == FAIL]
             if failed:
-                self.strategies[i].last_error = (
-                    f"client error: client {failed[-1]}: InjectedFault: injected failure "
-                    f"(faults.fail) of client {failed[-1]} in round {server_round}")
+                e = fail(failed[-1], server_round)
+                self.strategies[i].last_error = f"client error: {type(e).__name__}: {e}"
 
-    def _cohorts(self, server_round: int, runs: np.ndarray) -> np.ndarray:
-        """``[R, C]``: each run's sampled clients (its strategy's cohort, drawn for all at once)."""
+    def _cohorts(self, server_round: int, runs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``[R, C]`` each: every run's sampled clients and which entries hold one. Uniform fixed-size
+        cohorts are drawn for all runs at once; under an availability model or Poisson sampling
+        each run's strategy draws its own (as in the run alone; sizes vary), padded to the largest
+        with entries that are not there (client 0, which does no work and counts nowhere)."""
         strategy = self.strategies[runs[0]]
         n = strategy.setup.federation.num_clients
-        if self.cfgs[runs[0]].federated.mode == "cross_silo":
-            return np.tile(np.arange(n), (len(runs), 1))
-        return sample_cohorts(self.seeds[runs], server_round, n, strategy.cohort_size())
+        cfg = self.cfgs[runs[0]]
+        if cfg.federated.mode == "cross_silo":
+            return np.tile(np.arange(n), (len(runs), 1)), np.ones((len(runs), n), dtype=bool)
+        if cfg.participation.model == "uniform" and cfg.federated.sampling == "fixed":
+            cids = sample_cohorts(self.seeds[runs], server_round, n, strategy.cohort_size())
+            return cids, np.ones(cids.shape, dtype=bool)
+        picked = [self.strategies[i].cohort_of(server_round) for i in runs.tolist()]
+        size = max(1, max(len(p) for p in picked))  # vmap needs a client axis of one at least
+        cids = np.zeros((len(runs), size), dtype=np.int64)
+        present = np.zeros((len(runs), size), dtype=bool)
+        for j, p in enumerate(picked):
+            cids[j, :len(p)], present[j, :len(p)] = p, True
+        return cids, present
 
-    def _participate(self, server_round: int, runs: np.ndarray, cids: np.ndarray) -> None:
+    def _participate(self, server_round: int, runs: np.ndarray, cids: np.ndarray,
+                     present: np.ndarray) -> None:
         """The staleness bookkeeping of :meth:`Staleness.record` for every run at once."""
         rows = runs[:, None]
         prev = self.last[rows, cids]
         gaps = np.where(prev < 0, 0, server_round - prev)
-        self.last[rows, cids] = server_round
-        for i, g in zip(runs.tolist(), gaps):
-            self.gaps[i].append(g)
+        self.last[np.broadcast_to(rows, cids.shape)[present], cids[present]] = server_round
+        for i, g, here in zip(runs.tolist(), gaps, present):
+            self.gaps[i].append(g[here])
 
     def _eta(self, server_round: int) -> torch.Tensor:
         """Each live run's step size this round (its schedule, ``eta_for_round``)."""
@@ -338,7 +350,8 @@ class RunBatch:
 
     def _apply(self, server_round: int, runs: np.ndarray, cids: np.ndarray, delta: Params,
                metrics: dict[str, torch.Tensor], fresh: np.ndarray, per_client: int,
-               codes: np.ndarray, arrived: np.ndarray, seconds: np.ndarray) -> bool:
+               codes: np.ndarray, arrived: np.ndarray, seconds: np.ndarray,
+               present: np.ndarray) -> bool:
         """Average each run's finite updates that arrived (``arrived``: the client library's
         faults and deadline), step its server optimizer; the round's numbers join the pending rows.
         Returns whether a run diverged or had no valid update."""
@@ -386,13 +399,15 @@ class RunBatch:
         init = self.cfgs[runs[0]].data.tasks_per_client * self.setups[runs[0]].hyper.init_support_size
         samples = ((per_client + init * fresh) * finite_np).sum(1)
         self.totals["samples"][runs] += samples
-        self.totals["bytes_down"][runs] += self.bytes_down * C
+        self.totals["bytes_down"][runs] += self.bytes_down * present.sum(1)
         self.totals["bytes_up"][runs] += self.bytes_up * arrived.sum(1)
         diverged = (updated & ~finite_w).numpy()
         seconds_max = np.where(finite_np, seconds, -np.inf).max(1)
         # Python lists: a row per run is read out of them, a value at a time
         self.pending.append({"round": server_round, "runs": runs, "position": _positions(runs),
-                             "clients": cids.tolist(), "valid": valid.tolist(),
+                             "clients": [row[here].tolist() for row, here in zip(cids, present)],
+                             "available": [self.strategies[i].available for i in runs.tolist()],
+                             "valid": valid.tolist(),
                              "errors": (codes == FAIL).sum(1).tolist(), "rejected": rejected.tolist(),
                              "updated": keep.tolist(), "diverged": diverged.tolist(),
                              "losses": {k: v.tolist() for k, v in losses.items()},
@@ -607,6 +622,8 @@ def _row_of(pending: dict[str, Any], j: int) -> dict[str, Any]:
     row: dict[str, Any] = {"round": pending["round"]}
     if pending["round"] > 0:
         valid, clients = pending["valid"][j], pending["clients"][j]
+        if pending["available"][j] is not None:  # an availability model's count, as a run alone's
+            row["available"] = pending["available"][j]
         errors, rejected = pending["errors"][j], pending["rejected"][j]
         row.update(clients=clients, replies=valid,
                    **round_outcome(["error"] * errors + ["rejected"] * rejected,
