@@ -332,6 +332,11 @@ class RunBatch:
         rows = runs[:, None]
         prev = self.last[rows, cids]
         gaps = np.where(prev < 0, 0, server_round - prev)
+        if present.all():  # the usual round: every entry is a sampled client
+            self.last[rows, cids] = server_round
+            for i, g in zip(runs.tolist(), gaps):
+                self.gaps[i].append(g)
+            return
         self.last[np.broadcast_to(rows, cids.shape)[present], cids[present]] = server_round
         for i, g, here in zip(runs.tolist(), gaps, present):
             self.gaps[i].append(g[here])
@@ -405,7 +410,8 @@ class RunBatch:
         seconds_max = np.where(finite_np, seconds, -np.inf).max(1)
         # Python lists: a row per run is read out of them, a value at a time
         self.pending.append({"round": server_round, "runs": runs, "position": _positions(runs),
-                             "clients": [row[here].tolist() for row, here in zip(cids, present)],
+                             "clients": (cids.tolist() if present.all() else
+                                         [row[here].tolist() for row, here in zip(cids, present)]),
                              "available": [self.strategies[i].available for i in runs.tolist()],
                              "valid": valid.tolist(),
                              "errors": (codes == FAIL).sum(1).tolist(), "rejected": rejected.tolist(),
