@@ -1,9 +1,10 @@
 """Injected client faults, for studying robustness in simulation (``faults.*`` config keys).
 
 Which fault, if any, a sampled client has in a training round is a pure function of
-``(seed, client id, round)`` (:func:`fedmaml.client.faults.client_fault`, the client library's), so
-the server, the ClientApp, the vectorized engine and a batch of runs agree on it without telling each
-other, and a run stays a function of its config and seed. This module holds the message parts:
+``(seed, client id, round)`` (:func:`fedmaml.client.faults.client_fault`, the client library's),
+so the server, the ClientApp, the vectorized engine and a batch of runs agree on it without telling
+each other, and a run stays a function of its config and seed. The faults (this module holds what
+they do to messages):
 
 * ``fail``: the client raises before it trains (an error reply; its memory is unchanged);
 * ``straggle``: the client trains (its memory moves, as on a real device) but its reply comes after
