@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from fedmaml.config import Config
+
 KINDS = ("fail", "straggle", "dropout")
 NONE, FAIL, STRAGGLE, DROPOUT = 0, 1, 2, 3  # codes of fault_codes: 0 none, then KINDS in order
 _STREAM = 0xFA17  # keeps fault draws independent of every other (seed, client, round) stream
@@ -22,12 +24,12 @@ class InjectedFault(RuntimeError):
     """The failure ``faults.fail`` injects (an exception in the client, as a crash would be)."""
 
 
-def fault_rates(cfg: Any) -> tuple[float, float, float]:
+def fault_rates(cfg: Config) -> tuple[float, float, float]:
     f = cfg.faults
     return f.fail, f.straggle, f.dropout
 
 
-def enabled(cfg: Any) -> bool:
+def enabled(cfg: Config) -> bool:
     return any(fault_rates(cfg))
 
 
@@ -48,13 +50,13 @@ def fault_codes(rates: tuple[float, float, float], seeds: Any, cids: Any, server
                     ).astype(np.int8)
 
 
-def client_fault(cfg: Any, cid: int, server_round: int) -> str | None:
+def client_fault(cfg: Config, cid: int, server_round: int) -> str | None:
     """``fail``, ``straggle``, ``dropout`` or ``None`` for client ``cid`` in ``server_round``."""
     code = int(fault_codes(fault_rates(cfg), cfg.seed, [cid], server_round)[0])
     return KINDS[code - 1] if code else None
 
 
-def injected(cfg: Any, cids: Any, server_round: int) -> dict[str, int]:
+def injected(cfg: Config, cids: Any, server_round: int) -> dict[str, int]:
     """How many of the round's sampled clients get each fault (what the server should count)."""
     codes = fault_codes(fault_rates(cfg), cfg.seed, list(cids), server_round)
     return {k: int((codes == j + 1).sum()) for j, k in enumerate(KINDS)}
@@ -85,7 +87,7 @@ class CohortFaults:
     failures: list[tuple[int, str, str]] = field(default_factory=list)
 
 
-def cohort_faults(cfg: Any, cids: list[int], server_round: int) -> CohortFaults:
+def cohort_faults(cfg: Config, cids: list[int], server_round: int) -> CohortFaults:
     """Split a cohort by its injected faults: a failure is an error (the client raised), a dropout
     a timeout (it sent nothing in time), as a run alone's server counts them."""
     if not enabled(cfg):

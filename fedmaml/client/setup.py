@@ -6,13 +6,14 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from fedmaml.algorithms import Algorithm, Hyper
+from fedmaml.config import Config
 from fedmaml.core.params import Params
 from fedmaml.core.patterns import Pattern
 from fedmaml.data.tasks import Federation
 
 
 class ClientSetup(Protocol):
-    config: Any  # the run's Config
+    config: Config
     algorithm: Algorithm
     model: Any  # a StagedModel
     loss_fn: Any

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from fedmaml.config import SPEED_MODELS, ParticipationConfig
+from fedmaml.config import SPEED_MODELS, Config, ParticipationConfig
 from fedmaml.data.counter import derive_keys, splitmix64
 
 # The purpose word of the speed keys: far above any round number (round keys use the round).
@@ -47,14 +47,14 @@ def simulated_seconds(spec: ParticipationConfig, seed: int | np.ndarray, cids: A
     return np.asarray(measured, dtype=np.float64) * speed_multipliers(spec, seed, cids)
 
 
-def judged_by_speed(cfg: Any) -> bool:
+def judged_by_speed(cfg: Config) -> bool:
     """Whether the client itself judges its deadline from a simulated time: only simulated speeds
     (``participation.speed`` other than uniform) with a deadline. A measured time is judged by
     the engine's clock, as a real reply would be."""
     return cfg.participation.speed != "uniform" and cfg.federated.round_timeout > 0
 
 
-def past_deadline(cfg: Any, seconds: float | np.ndarray) -> Any:
+def past_deadline(cfg: Config, seconds: float | np.ndarray) -> Any:
     """Whether clients whose simulated train time is ``seconds`` miss the round deadline (a bool,
     or a bool array for an array of times)."""
     late = np.asarray(seconds) > cfg.federated.round_timeout
@@ -62,7 +62,7 @@ def past_deadline(cfg: Any, seconds: float | np.ndarray) -> Any:
     return bool(late) if late.ndim == 0 else late
 
 
-def over_deadline(cfg: Any, seconds: np.ndarray) -> np.ndarray:
+def over_deadline(cfg: Config, seconds: np.ndarray) -> np.ndarray:
     """Which clients an engine that judges train times itself (a batch of runs) finds past the round
     deadline ``federated.round_timeout`` (none without one): as a server's clock judges a reply."""
     timeout = cfg.federated.round_timeout

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from fedmaml.algorithms import Hyper, RoundData, client_update, draw_cohort, draw_round
+from fedmaml.config import Config
 from fedmaml.core.params import Params
 from fedmaml.core.privacy import clip_stacked, clip_update
 from fedmaml.data.counter import derive_keys
@@ -66,7 +67,7 @@ def initial_for(setup: ClientSetup, hp: Hyper, device: torch.device | str) -> Pa
     return to_device(setup.initial_params, device) if hp.memory_init == "initial_model" else None
 
 
-def draw_client_round(cfg: Any, setup: ClientSetup, cid: int, hp: Hyper, server_round: int,
+def draw_client_round(cfg: Config, setup: ClientSetup, cid: int, hp: Hyper, server_round: int,
                       fresh: bool) -> tuple[list[Task], RoundData]:
     """A training client's tasks and its round's data, from its own (seed, id, round) stream."""
     tasks = training_tasks(setup, cid)
@@ -84,7 +85,7 @@ def draw_cohort_data(setup: ClientSetup, hp: Hyper, tasks: Sequence[Sequence[Tas
                        extra=setup.algorithm.needs_extra_batch(hp), init=fresh)
 
 
-def draw_cohort_round(cfg: Any, setup: ClientSetup, cids: list[int], hp: Hyper,
+def draw_cohort_round(cfg: Config, setup: ClientSetup, cids: list[int], hp: Hyper,
                       server_round: int, fresh: bool, tasks: list[list[Task]] | None = None
                       ) -> tuple[list[list[Task]], RoundData]:
     """:func:`draw_client_round` for many clients at once (equal numbers of tasks). ``tasks``: the
@@ -94,7 +95,7 @@ def draw_cohort_round(cfg: Any, setup: ClientSetup, cids: list[int], hp: Hyper,
                                    fresh)
 
 
-def clip_client_updates(cfg: Any, delta: Params, client_axes: int = 1) -> Params:
+def clip_client_updates(cfg: Config, delta: Params, client_axes: int = 1) -> Params:
     """Updates stacked along ``client_axes`` leading axes (``[C, ...]``, or ``[R, C, ...]`` for a
     batch of runs), each clipped to ``privacy.clipping_norm`` under ``privacy.clipping: client``
     (the update leaves the device within the DP bound), else unchanged."""
@@ -106,7 +107,7 @@ def clip_client_updates(cfg: Any, delta: Params, client_axes: int = 1) -> Params
     return {k: v.reshape(*lead, *v.shape[1:]) for k, v in clipped.items()}
 
 
-def train_step(cfg: Any, setup: ClientSetup, cid: int, w: Params, hp: Hyper,
+def train_step(cfg: Config, setup: ClientSetup, cid: int, w: Params, hp: Hyper,
                server_round: int, store: MemoryStore, device: torch.device,
                start: float | None = None) -> tuple[Params, dict[str, Any]]:
     """One client's update from a decoded instruction: memory -> data -> client update -> memory.

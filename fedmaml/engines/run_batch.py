@@ -57,7 +57,7 @@ from fedmaml.client.faults import (FAIL, arrives, enabled as faults_enabled, fai
 from fedmaml.client.metrics import example_counts
 from fedmaml.client.speed import over_deadline, simulated_seconds
 from fedmaml.client.train import draw_cohort_data
-from fedmaml.config import config_to_flat
+from fedmaml.config import Config, config_to_flat
 from fedmaml.core.params import Params
 from fedmaml.core.server import ServerOptimizer, per_run
 from fedmaml.data.tasks import Task
@@ -96,7 +96,7 @@ _FLUSH_ROUNDS = 200
 _TASK_CACHE = 4096
 
 
-def batch_refusal(cfg: Any) -> str | None:
+def batch_refusal(cfg: Config) -> str | None:
     """Why ``cfg`` cannot run in a batch (``None``: it can)."""
     if cfg.compare_with:
         return "compare_with baselines run inside the run directory"
@@ -121,7 +121,7 @@ def batch_refusal(cfg: Any) -> str | None:
     return None
 
 
-def batch_key(cfg: Any) -> tuple:
+def batch_key(cfg: Config) -> tuple:
     """Runs with equal keys share every shape and rule and can run as one batch."""
     return tuple((k, repr(v)) for k, v in config_to_flat(cfg).items()
                  if k not in PER_RUN_KEYS and not k.startswith(_PER_RUN_PREFIXES))

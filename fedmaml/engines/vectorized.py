@@ -55,6 +55,7 @@ from fedmaml.client import (NoMemory, clip_client_updates, cohort_faults, cohort
                             training_tasks)
 from fedmaml.client.faults import failure_of
 from fedmaml.client.speed import simulated_seconds
+from fedmaml.config import Config
 from fedmaml.core.params import Params
 from fedmaml.data.tasks import Task
 from fedmaml.engines.allocator import retain_freed_memory
@@ -102,7 +103,7 @@ class VectorizedGrid(InProcessGrid):
     #: The strategy sends this grid one train message per cohort (federated.strategy).
     takes_cohorts = True
 
-    def __init__(self, config: Any, client_app: ClientApp, num_nodes: int,
+    def __init__(self, config: Config, client_app: ClientApp, num_nodes: int,
                  bank: MemoryBank | None = None, run_id: int = 1) -> None:
         super().__init__(client_app, num_nodes, run_id)
         self.cfg = config
@@ -454,7 +455,7 @@ def refuse_unbatchable(setup: Any) -> None:
                           "inputs (docs/custom.md)")
 
 
-def run_vectorized(server_app: ServerApp, client_app: ClientApp, num_nodes: int, config: Any,
+def run_vectorized(server_app: ServerApp, client_app: ClientApp, num_nodes: int, config: Config,
                    bank: MemoryBank | None = None) -> VectorizedGrid:
     """Run ``server_app`` on a :class:`VectorizedGrid`; return the grid (its ``bank`` holds the
     memories; call ``close()`` when done with it)."""

@@ -19,6 +19,7 @@ from flwr.clientapp import ClientApp
 
 from fedmaml.client import evaluate_client, past_deadline, train_step
 from fedmaml.client.faults import client_fault
+from fedmaml.config import Config
 from fedmaml.federated import checkpoint, faults
 from fedmaml.federated import pattern_selection as selected
 from fedmaml.federated import node_config
@@ -29,11 +30,11 @@ from fedmaml.federated.memory_store import MemoryStore
 from fedmaml.federated.setup import ExperimentSetup, resolve_device, setup_for
 
 
-def make_client_app(config: Any = None) -> ClientApp:
+def make_client_app(config: Config | None = None) -> ClientApp:
     """A ClientApp for ``config``; with ``None`` the config comes from the run config (``flwr run``)."""
     app = ClientApp()
 
-    def resolve(context: Context) -> tuple[Any, ExperimentSetup, int]:
+    def resolve(context: Context) -> tuple[Config, ExperimentSetup, int]:
         cfg = config if config is not None else config_from_run_config(context.run_config)
         cfg = node_config.with_node_data(cfg, context)  # a device's own data-path
         if cfg.engine.torch_threads and torch.get_num_threads() != cfg.engine.torch_threads:
@@ -74,7 +75,7 @@ def make_client_app(config: Any = None) -> ClientApp:
 
 
 # -- a train round: decode, the client library, encode -----------------------------------------
-def train_client(msg: Message, cfg: Any, setup: ExperimentSetup, cid: int, store: MemoryStore
+def train_client(msg: Message, cfg: Config, setup: ExperimentSetup, cid: int, store: MemoryStore
                  ) -> Message:
     """One client's train round: instruction -> client library (faults, update) -> reply."""
     start = time.perf_counter()
@@ -96,7 +97,7 @@ def memory_store(context: Context, setup: ExperimentSetup, cid: int) -> MemorySt
     return node_config.memory_store(context, cid, like=setup.initial_params)
 
 
-def config_from_run_config(run_config: Any) -> Any:
+def config_from_run_config(run_config: Any) -> Config:
     from fedmaml.config import config_from_flat
 
     return config_from_flat(dict(run_config), source="Flower run config")
