@@ -58,8 +58,12 @@ def client_fault(cfg: Config, cid: int, server_round: int) -> str | None:
 
 def injected(cfg: Config, cids: Any, server_round: int) -> dict[str, int]:
     """How many of the round's sampled clients get each fault (what the server should count)."""
-    codes = fault_codes(fault_rates(cfg), cfg.seed, list(cids), server_round)
-    return {k: int((codes == j + 1).sum()) for j, k in enumerate(KINDS)}
+    return injected_counts(fault_codes(fault_rates(cfg), cfg.seed, [list(cids)], server_round))[0]
+
+
+def injected_counts(codes: np.ndarray) -> list[dict[str, int]]:
+    """Per row of fault codes ``[R, C]`` (a run's clients), how many clients get each fault."""
+    return [{k: int((row == j + 1).sum()) for j, k in enumerate(KINDS)} for row in codes]
 
 
 def fail(cid: int, server_round: int) -> InjectedFault:

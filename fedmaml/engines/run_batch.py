@@ -53,7 +53,7 @@ from fedmaml.algorithms.base import draw_init
 from fedmaml.client import (clip_client_updates, initial_memories, memory_init_mask, round_keys,
                             runs_update, samples_drawn)
 from fedmaml.client.faults import (FAIL, arrives, enabled as faults_enabled, fail, fault_codes,
-                                   fault_rates, injected, trains)
+                                   fault_rates, injected_counts, trains)
 from fedmaml.client.metrics import example_counts
 from fedmaml.client.speed import over_deadline, simulated_seconds
 from fedmaml.client.train import draw_cohort_data
@@ -415,6 +415,7 @@ class RunBatch:
                              "available": [self.strategies[i].available for i in runs.tolist()],
                              "valid": valid.tolist(),
                              "errors": (codes == FAIL).sum(1).tolist(), "rejected": rejected.tolist(),
+                             "injected": injected_counts(codes),
                              "updated": keep.tolist(), "diverged": diverged.tolist(),
                              "losses": {k: v.tolist() for k, v in losses.items()},
                              "samples": samples.tolist(),
@@ -454,7 +455,7 @@ class RunBatch:
                             else ("samples", "bytes_up", "bytes_down", "seconds")
                         row.update({k: row.pop(k) for k in after})
                     if p["round"] > 0 and faults_enabled(self.cfgs[i]):  # as run_federated adds
-                        row["injected"] = injected(self.cfgs[i], row["clients"], p["round"])
+                        row["injected"] = dict(p["injected"][p["position"][i]])
                         for k, n in row["injected"].items():
                             self.states[i]["injected"][k] += n
                     rows.append(row)
