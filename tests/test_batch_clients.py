@@ -44,6 +44,20 @@ def test_cohort_fault_codes_equal_each_clients_own_decision(tiny_config):
             assert (KINDS[codes[r, c] - 1] if codes[r, c] else None) == kind
 
 
+def test_a_fault_is_one_uniform_draw_of_the_clients_stream_cut_at_the_rates(tiny_config):
+    """Computed independently: numpy's generator keyed by (seed, client, round, 0xFA17), its first
+    uniform cut at fail, fail + straggle, fail + straggle + dropout (the draw every engine made
+    before the client library, so runs keep their faults)."""
+    cfg = tiny_config("seed=4", "faults.fail=0.25", "faults.straggle=0.15", "faults.dropout=0.1",
+                      "federated.round_timeout=5")
+    for cid in range(60):
+        for r in range(1, 8):
+            u = np.random.default_rng([4, cid, r, 0xFA17]).random()
+            want = ("fail" if u < 0.25 else "straggle" if u < 0.4 else "dropout" if u < 0.5
+                    else None)
+            assert client_fault(cfg, cid, r) == want
+
+
 def test_cohort_speeds_and_clipping_equal_each_clients_own():
     spec = ParticipationConfig(speed="lognormal", speed_sigma=2.0)
     seeds, cids = np.asarray([5, 6]), np.asarray([[0, 3, 7], [7, 3, 0]])
