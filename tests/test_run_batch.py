@@ -163,13 +163,17 @@ def test_what_a_batch_holds_and_refuses(tiny_config):
     assert batch_key(base) == batch_key(same)
     assert batch_key(base) != batch_key(replace_paths(base, {"algorithm.local_steps": 2}))
     assert batch_refusal(base) is None
-    assert "faults" in batch_refusal(replace_paths(base, {"faults.fail": 0.1}))
+    # the clients' side runs in batches (the client library): faults, speeds, deadlines,
+    # availability models and Poisson sampling (tests/test_batch_clients.py)
+    assert batch_refusal(replace_paths(base, {"faults.fail": 0.1, "faults.dropout": 0.1,
+                                              "federated.round_timeout": 5.0,
+                                              "participation.speed": "lognormal"})) is None
     # the server round takes each run's privacy (tests/test_server_round.py)
     assert batch_refusal(replace_paths(base, {"privacy.clipping": "server",
                                               "privacy.clipping_norm": 1.0,
                                               "federated.aggregation": "uniform"})) is None
-    assert "participation" in batch_refusal(replace_paths(base, {"participation.model":
-                                                                 "heterogeneous"}))
+    assert batch_refusal(replace_paths(base, {"participation.model": "heterogeneous",
+                                              "federated.sampling": "poisson"})) is None
     with pytest.raises(ValueError, match="must share every setting"):
         RunBatch([base, replace_paths(base, {"model.hidden": [8], "name": "x"})], ["a", "b"])
 
@@ -177,28 +181,30 @@ def test_what_a_batch_holds_and_refuses(tiny_config):
 def test_cli_sweep_vectorize_batches_runs_and_runs_the_rest_one_by_one(tiny_config, tmp_path,
                                                                        capsys):
     cfg_file = tmp_path / "sweep.yaml"
-    cfg_file.write_text(dump_yaml(tiny_config("algorithm.name=moml")))
+    cfg_file.write_text(dump_yaml(tiny_config("algorithm.name=moml",
+                                              "federated.aggregation=uniform")))
     code = main(["sweep", str(cfg_file), "--grid", "algorithm.eta=0.01,0.02",
-                 "--grid", "faults.fail=0,0.2", "--seeds", "0-1", "--vectorize",
+                 "--grid", "pattern_selection.mode=none,central", "--seeds", "0-1", "--vectorize",
                  "--sweep-dir", str(tmp_path / "sw"), "--progress-every", "1000"])
     err = capsys.readouterr()
     assert code == 0, err
     text = err.out + err.err
     assert "vectorized: 4 runs in 1 batch(es) of 4 runs; 4 run(s) one by one" in text
-    assert "one by one (faults are injected): 4 run(s)" in text
+    assert ("one by one (Lambda patterns are selected during the run (pattern_selection.mode)): "
+            "4 run(s)") in text
     dirs = sorted(p for p in (tmp_path / "sw").iterdir() if p.is_dir())
     assert len(dirs) == 8
-    batched = [d for d in dirs if "faults.fail=0," in d.name or d.name.startswith("eta")]
+    batched = [d for d in dirs if "mode=none" in d.name]
     for d in dirs:
         summary = json.loads((d / "summary.json").read_text())
         assert summary["status"] == "completed"
-        assert ("batch" in summary) == ("fail=0," in d.name), d.name
+        assert ("batch" in summary) == ("mode=none" in d.name), d.name
         assert (d / "convergence.png").exists() and (d / MODEL_FILE).exists()
     assert batched
     # a second invocation finds every run finished; compare reads them as any sweep's
     assert main(["sweep", str(cfg_file), "--grid", "algorithm.eta=0.01,0.02", "--grid",
-                 "faults.fail=0,0.2", "--seeds", "0-1", "--vectorize", "--sweep-dir",
-                 str(tmp_path / "sw"), "--quiet"]) == 0
+                 "pattern_selection.mode=none,central", "--seeds", "0-1", "--vectorize",
+                 "--sweep-dir", str(tmp_path / "sw"), "--quiet"]) == 0
     assert "8 runs; 8 were finished already" in capsys.readouterr().out
     assert main(["compare", str(tmp_path / "sw"), "--out", str(tmp_path / "cmp")]) == 0
 

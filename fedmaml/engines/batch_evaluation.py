@@ -5,8 +5,9 @@ each task of each client adapts from ``w`` (and, for clients with a memory, from
 is measured held out (``personalized_metrics``). With a hundred runs that is thousands of small
 independent adaptations, so they are stacked (every run, client, task and starting point along one
 axis) and run through one vmapped ``personalized_metrics``; the per-client metrics are then put
-together exactly as the ClientApp's ``evaluate_client`` puts them together, and summarised by each
-run's strategy; the memories' tracking error (``memory_diagnostics``) is computed the same way. Runs
+together by the client library's ``client_evaluation``, as its ``evaluate_client`` puts them
+together (fedmaml/client/evaluate.py), and summarised by each run's strategy; the memories'
+tracking error is computed the same way, with the library's step (``tracking_alpha``). Runs
 whose tasks cannot be stacked (splits of different shapes) are evaluated client by client through
 ``evaluate_client`` itself.
 """
@@ -21,11 +22,11 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from fedmaml.client.evaluate import (client_evaluation, evaluate_client, evaluation_tasks,
+                                     tracking_alpha)
 from fedmaml.core.diagnostics import tracking_error
 from fedmaml.core.evaluation import personalized_metrics
 from fedmaml.core.params import Params
-from fedmaml.federated import records as R
-from fedmaml.federated.client_app import evaluate_client
 
 log = logging.getLogger("fedmaml")
 
@@ -108,12 +109,10 @@ class BatchEvaluator:
         if i in self._panels:
             return self._panels[i]
         b = self.batch
-        fed = b.setups[i].federation
         cids = b.strategies[i].eval_clients()
         rows, splits, examples = [], [], {}
         for cid in cids:
-            tasks = (fed.unseen_tasks(cid - fed.num_clients) if cid >= fed.num_clients
-                     else fed.client_tasks(cid))
+            tasks = evaluation_tasks(b.setups[i], cid)
             for t, task in enumerate(tasks):
                 rows.append((cid, t, len(tasks)))
                 splits.append(task.evaluation_split())
@@ -170,6 +169,7 @@ class BatchEvaluator:
         per_item_ms = (time.perf_counter() - start) * 1000 / max(len(entries), 1)
         # Per client, as evaluate_client sums: metric / tasks, task by task.
         sums: dict[tuple[int, int], dict[str, float]] = {}
+        tracked_sums: dict[tuple[int, int], float] = {}
         items: dict[tuple[int, int], int] = {}
         for e, (i, r, t, memory) in enumerate(entries):
             cid, _, count = self._panels[i].tasks[r]
@@ -178,23 +178,17 @@ class BatchEvaluator:
             prefix = "memory-" if memory else ""
             for k, values in losses.items():
                 client[prefix + k] = client.get(prefix + k, 0.0) + values[e] / count
-            if e in error_of:  # memory_diagnostics: the mean over the client's tasks
-                client["tracking-error"] = client.get("tracking-error", 0.0) + error_of[e] / count
+            if e in error_of:  # the mean over the client's tasks
+                tracked_sums[(i, cid)] = tracked_sums.get((i, cid), 0.0) + error_of[e] / count
         out = {}
         for i in runs:
             panel, strategy = self._panels[i], b.strategies[i]
             outcomes: list[tuple[Any, str | None]] = []
             for cid in panel.cids:
-                m = dict(sums[(i, cid)])
                 count = next(c for c_, _, c in panel.tasks if c_ == cid)
-                m["adapt-ms"] = per_item_ms * items[(i, cid)] / count
-                if "memory-loss" in m:
-                    m["memory-gap"] = m["memory-loss"] - m["loss"]
-                    if "tracking-error" in m:  # after the gap, as memory_diagnostics orders them
-                        m["tracking-error"] = m.pop("tracking-error")
-                m.update({R.NUM_EXAMPLES: panel.examples[cid], R.PARTITION: cid,
-                          "unseen": int(cid >= n)})
-                outcomes.append((m, None))
+                outcomes.append((client_evaluation(
+                    sums[(i, cid)], per_item_ms * items[(i, cid)] / count,
+                    tracked_sums.get((i, cid)), panel.examples[cid], cid, cid >= n), None))
             b._sync_staleness(i)
             out[i] = dict(strategy.evaluation_metrics(server_round, panel.cids, outcomes))
         return out
@@ -225,14 +219,8 @@ class BatchEvaluator:
         splits = [torch.stack([self._panels[i].splits[s][r] for i, r, _, _ in entries])
                   for s in range(2)]
         hp = b.setups[entries[0][0]].hyper
-        alphas = []
-        for i, _, _, _ in entries:  # the step the memory update takes (as memory_diagnostics)
-            h, n_tasks = b.setups[i].hyper, b.cfgs[i].data.tasks_per_client
-            alpha = h.step.memory_alpha
-            if h.memory_policy == "decay_to_w":
-                alpha *= n_tasks / min(h.tasks_per_step, n_tasks)
-            alphas.append(alpha)
-        alpha = torch.tensor(alphas, dtype=next(iter(w.values())).dtype)
+        alpha = torch.tensor([tracking_alpha(b.setups[i].hyper, b.cfgs[i].data.tasks_per_client)
+                              for i, _, _, _ in entries], dtype=next(iter(w.values())).dtype)
         model, loss_fn, pattern = b.model, b.loss_fn, hp.step.memory_pattern
 
         def one(w_, u, x, y, a):

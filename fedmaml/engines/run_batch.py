@@ -8,11 +8,12 @@ such runs along a leading run axis and takes every round of all of them at once:
 
 1. each run samples its cohort with its own strategy (:class:`MetaStrategy`: the seeded
    participation stream and the staleness bookkeeping of a run alone);
-2. the ``R x C`` clients draw their round data in one call (``draw_cohort``: counter-based streams
-   keyed by each run's ``(seed, client, round)``, so a client's data equals its draw in the run
-   alone); first participations draw their memory initialisation apart and initialise it first;
-3. one call of :func:`~fedmaml.engines.vectorized.cohort_update` vmapped over the runs (itself
-   vmapped over each run's cohort) with each run's ``w``, memories and hyperparameters as tensors;
+2. the ``R x C`` clients draw their round data in one call (the client library's
+   ``draw_cohort_data``: counter-based streams keyed by each run's ``(seed, client, round)``, so a
+   client's data equals its draw in the run alone); first participations draw their memory
+   initialisation apart and initialise it first;
+3. one call of the client library's :func:`~fedmaml.client.runs_update` (the cohort update
+   vmapped over the runs) with each run's ``w``, memories and hyperparameters as tensors;
 4. the server round of every run at once (:func:`~fedmaml.federated.server_round.aggregate_round`,
    the one a run alone takes): updates holding NaN/inf are rejected, the rest averaged (uniform or
    by examples; clipped and noised per run with its own stream when private; the algorithm's own
@@ -23,23 +24,24 @@ such runs along a leading run axis and takes every round of all of them at once:
    status, model.pt, convergence.png, checkpoints and tracking. A run that diverges (or fails) ends
    there with its status and leaves the batch; the others go on.
 
-Evaluation rounds evaluate each run's panel client by client with the ClientApp's own
+Evaluation rounds evaluate each run's panel client by client with the client library's
 ``evaluate_client``, summarised by the strategy's own code, so the ``eval`` rows equal the run
 alone's. Memories live in one dense tensor per parameter, ``[R, clients, tasks, ...]``; a checkpoint
 writes each run's as a memory bank (the vectorized engine's format), so one run of a batch can also
 be resumed alone (``fedmaml run --resume`` with ``engine.name: vectorized``).
 
-Poisson-sampled cohorts vary in size: each run's is padded at the end to the round's longest and
-the padding is masked out (the server round's valid mask; no memory, staleness or count of it).
-
-What a batch cannot hold (:func:`batch_refusal`): injected faults, round deadlines, participation
-models other than uniform, compute-speed models, pattern selection and ``compare_with``
-baselines. ``fedmaml sweep --vectorize`` runs such runs one by one, as without it.
+The clients' side of a round is the client library's (fedmaml/client/), as in a run alone: injected
+faults (a failed or dropped-out client does no work and keeps its memory; a straggler trains but
+arrives late), compute-speed models and round deadlines (each client's share of the batch's time,
+times its speed, against ``federated.round_timeout``) decide the valid clients of each run.
+Availability models (``participation.model``) and Poisson sampling draw each run's cohort with its
+own strategy (sizes vary: cohorts are padded, the padding does no work and counts nowhere: the
+server round's valid mask). What a batch cannot hold (:func:`batch_refusal`): pattern selection and
+``compare_with`` baselines. ``fedmaml sweep --vectorize`` runs such runs one by one, as without it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -50,21 +52,26 @@ import torch
 
 from fedmaml import collector
 from fedmaml.algorithms import Hyper, RoundData, has_server_rule
-from fedmaml.algorithms.base import draw_cohort, draw_init
+from fedmaml.algorithms.base import draw_init
+from fedmaml.client import (clip_client_updates, initial_memories, memory_init_mask, round_keys,
+                            runs_update, samples_drawn)
+from fedmaml.client.faults import (FAIL, arrives, enabled as faults_enabled, fail, fault_codes,
+                                   fault_rates, injected_counts, trains)
+from fedmaml.client.metrics import example_counts
+from fedmaml.client.speed import over_deadline, simulated_seconds
+from fedmaml.client.train import draw_cohort_data
 from fedmaml.config import Config, config_to_flat
 from fedmaml.core.params import Params
-from fedmaml.core.privacy import clip_stacked
 from fedmaml.core.server import ServerOptimizer, per_run
-from fedmaml.data.counter import derive_keys
 from fedmaml.data.tasks import Task
 from fedmaml.engines.batch_evaluation import BatchEvaluator
 from fedmaml.engines.memory_bank import CHECKPOINT_FORMAT as BANK_FORMAT
-from fedmaml.engines.vectorized import cohort_update, unbatchable_reason
+from fedmaml.engines.vectorized import unbatchable_reason
 from fedmaml.models.module import is_user_model
 from fedmaml.federated import checkpoint
 from fedmaml.federated import records as R
 from fedmaml.federated.health import RunHealth, RunStopped
-from fedmaml.federated.participation import poisson_mask, sample_cohorts
+from fedmaml.federated.participation import sample_cohorts
 from fedmaml.federated.server_app import (new_run_state, note_evaluation, run_health,
                                           run_summary)
 from fedmaml.federated.server_round import aggregate_round
@@ -97,12 +104,6 @@ def batch_refusal(cfg: Config) -> str | None:
     """Why ``cfg`` cannot run in a batch (``None``: it can)."""
     if cfg.compare_with:
         return "compare_with baselines run inside the run directory"
-    if any((cfg.faults.fail, cfg.faults.straggle, cfg.faults.dropout)):
-        return "faults are injected"
-    if cfg.federated.round_timeout:
-        return "rounds have a deadline (federated.round_timeout)"
-    if cfg.participation.model != "uniform" or cfg.participation.speed != "uniform":
-        return "participation is not uniform (participation.model / participation.speed)"
     if cfg.pattern_selection.mode != "none":
         return "Lambda patterns are selected during the run (pattern_selection.mode)"
     # "cuda" joins no batch even where it is missing: the run alone is then refused up front with
@@ -246,21 +247,22 @@ class RunBatch:
         live = self.live
         R_, start = len(live), time.perf_counter()
         runs = np.asarray(live)
-        cids, valid = self._cohorts(server_round, runs)  # [R, C]; valid: not padding
+        cids, present = self._cohorts(server_round, runs)  # [R, C] each
         C = cids.shape[1]
-        self._participate(server_round, runs, cids, valid)
-        if C == 0:  # nobody sampled (Poisson): the server round alone (a private run releases)
-            return self._apply(server_round, runs, cids, valid,
-                               {k: v.new_zeros(R_, 0, *v.shape[1:]) for k, v in self.w.items()},
-                               {}, np.zeros(cids.shape, dtype=bool), 0, start)
+        self._participate(server_round, runs, cids, present)
+        cfg = self.cfgs[live[0]]
+        # injected faults, decided per (seed, client, round) as in the run alone (client library)
+        codes = fault_codes(fault_rates(cfg), self.seeds[runs][:, None], cids, server_round)
+        training = trains(codes) & present  # [R, C]: failed, dropped-out clients do no work
         tasks = [self._client_tasks(i, c) for i, row in zip(live, cids.tolist()) for c in row]
-        keys = derive_keys(self.seeds[runs], cids, server_round).reshape(-1)
+        keys = round_keys(self.seeds[runs], cids, server_round).reshape(-1)
         hp = self.setups[live[0]].hyper
-        data = draw_cohort(tasks, hp, keys, extra=self.algorithm.needs_extra_batch(hp), init=False)
+        data = draw_cohort_data(self.setups[live[0]], hp, tasks, keys, fresh=False)
         runs_at = torch.from_numpy(runs).repeat_interleave(C)  # run index of every flat client
         cols = torch.from_numpy(cids.reshape(-1))
         slots = runs_at * self.has_memory.shape[1] + cols  # rows of the flattened memories
-        fresh = (self._fresh(runs, cids) & valid).reshape(-1)
+        fresh = (memory_init_mask(self.algorithm.uses_memory, hp,
+                                  self.has_memory[runs[:, None], cids]) & training).reshape(-1)
         if fresh.any():
             self._initialise(np.flatnonzero(fresh), tasks, keys, hp, runs_at, cols)
         values = dict(self.values, eta=self._eta(server_round))
@@ -268,55 +270,72 @@ class RunBatch:
                    for k, v in self.memory.items()} if self.memory else None)
         shaped = RoundData(*(_unflatten(x, R_, C) for x in
                              (data.task_index, data.support, data.query, data.extra)))
-        delta, new_memory, metrics = _runs_update(self.algorithm, self.model, self.loss_fn, hp,
-                                                  self.w, memory, shaped, values)
-        dp = self.cfgs[live[0]].privacy
-        if dp.clipping == "client":  # each device clips its update before sending it
-            flat, _ = clip_stacked({k: v.flatten(0, 1) for k, v in delta.items()}, dp.clipping_norm)
-            delta = {k: v.reshape(delta[k].shape) for k, v in flat.items()}
+        delta, new_memory, metrics = runs_update(self.algorithm, self.model, self.loss_fn, hp,
+                                                 self.w, memory, shaped, values)
+        delta = clip_client_updates(cfg, delta, client_axes=2)
         if new_memory is not None:
-            real = torch.from_numpy(valid.reshape(-1))  # padding keeps no memory
-            whole = bool(real.all())
+            moved = training.reshape(-1)  # a client that did no work keeps its memory
+            at = None if moved.all() else torch.from_numpy(np.flatnonzero(moved))
             for k, v in new_memory.items():  # flatten(0, 1) of the contiguous store is a view
                 v = v.reshape(R_ * C, *v.shape[2:])
-                self.memory[k].flatten(0, 1).index_copy_(0, slots if whole else slots[real],
-                                                         v if whole else v[real])
-            self.has_memory[runs_at.numpy()[valid.reshape(-1)], cids[valid]] = True
-        return self._apply(server_round, runs, cids, valid, delta, metrics, fresh.reshape(R_, C),
-                           _samples(data) // (R_ * C), start)
+                self.memory[k].flatten(0, 1).index_copy_(
+                    0, slots if at is None else slots[at], v if at is None else v[at])
+            self.has_memory[runs_at.numpy()[moved], cols.numpy()[moved]] = True
+        # each client's share of the batch's time, times its simulated speed; judged against the
+        # round deadline as the run alone's engine judges it
+        seconds = simulated_seconds(cfg.participation, self.seeds[runs], cids,
+                                    (time.perf_counter() - start) / (R_ * C))
+        arrived = arrives(codes, over_deadline(cfg, seconds)) & present
+        self._note_failures(server_round, runs, cids, codes)
+        return self._apply(server_round, runs, cids, delta, metrics, fresh.reshape(R_, C),
+                           samples_drawn(data) // (R_ * C), np.where(present, codes, 0), arrived,
+                           seconds, present)
+
+    def _note_failures(self, server_round: int, runs: np.ndarray, cids: np.ndarray,
+                       codes: np.ndarray) -> None:
+        """Each run's last client error (its health's message when failures stop it), as the
+        strategy of the run alone notes an injected failure."""
+        for i, row, code in zip(runs.tolist(), cids.tolist(), codes.tolist()):
+            failed = [c for c, k in zip(row, code) if k == FAIL]
+            if failed:
+                e = fail(failed[-1], server_round)
+                self.strategies[i].last_error = f"client error: {type(e).__name__}: {e}"
 
     def _cohorts(self, server_round: int, runs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``[R, C]`` each run's sampled clients (its strategy's cohort, drawn for all at once) and
-        ``[R, C]`` whether each is one: Poisson cohorts vary in size, the shorter ones are padded
-        at the end with client 0 (computed on, never used: the server round's valid mask)."""
+        """``[R, C]`` each: every run's sampled clients and which entries hold one. Uniform fixed-size
+        cohorts are drawn for all runs at once; under an availability model or Poisson sampling
+        each run's strategy draws its own (as in the run alone; sizes vary), padded to the largest
+        with entries that are not there (client 0, which does no work and counts nowhere)."""
         strategy = self.strategies[runs[0]]
         n = strategy.setup.federation.num_clients
-        sampling = strategy.sampling
-        if sampling.scheme == "poisson":
-            picked = [np.flatnonzero(poisson_mask(int(seed), server_round, n, sampling.rate))
-                      for seed in self.seeds[runs]]
-            width = max(len(p) for p in picked)
-            cids = np.zeros((len(runs), width), dtype=np.int64)
-            valid = np.zeros((len(runs), width), dtype=bool)
-            for j, p in enumerate(picked):
-                cids[j, :len(p)], valid[j, :len(p)] = p, True
-            return cids, valid
-        if self.cfgs[runs[0]].federated.mode == "cross_silo":
-            cids = np.tile(np.arange(n), (len(runs), 1))
-        else:
+        cfg = self.cfgs[runs[0]]
+        if cfg.federated.mode == "cross_silo":
+            return np.tile(np.arange(n), (len(runs), 1)), np.ones((len(runs), n), dtype=bool)
+        if cfg.participation.model == "uniform" and cfg.federated.sampling == "fixed":
             cids = sample_cohorts(self.seeds[runs], server_round, n, strategy.cohort_size())
-        return cids, np.ones(cids.shape, dtype=bool)
+            return cids, np.ones(cids.shape, dtype=bool)
+        picked = [self.strategies[i].cohort_of(server_round) for i in runs.tolist()]
+        size = max(1, max(len(p) for p in picked))  # vmap needs a client axis of one at least
+        cids = np.zeros((len(runs), size), dtype=np.int64)
+        present = np.zeros((len(runs), size), dtype=bool)
+        for j, p in enumerate(picked):
+            cids[j, :len(p)], present[j, :len(p)] = p, True
+        return cids, present
 
     def _participate(self, server_round: int, runs: np.ndarray, cids: np.ndarray,
-                     valid: np.ndarray) -> None:
+                     present: np.ndarray) -> None:
         """The staleness bookkeeping of :meth:`Staleness.record` for every run at once."""
         rows = runs[:, None]
         prev = self.last[rows, cids]
         gaps = np.where(prev < 0, 0, server_round - prev)
-        at, col = np.nonzero(valid)  # padding (a repeated id) must not write
-        self.last[runs[at], cids[at, col]] = server_round
-        for i, g, v in zip(runs.tolist(), gaps, valid):
-            self.gaps[i].append(g[v])
+        if present.all():  # the usual round: every entry is a sampled client
+            self.last[rows, cids] = server_round
+            for i, g in zip(runs.tolist(), gaps):
+                self.gaps[i].append(g)
+            return
+        self.last[np.broadcast_to(rows, cids.shape)[present], cids[present]] = server_round
+        for i, g, here in zip(runs.tolist(), gaps, present):
+            self.gaps[i].append(g[here])
 
     def _eta(self, server_round: int) -> torch.Tensor:
         """Each live run's step size this round (its schedule, ``eta_for_round``)."""
@@ -330,20 +349,24 @@ class RunBatch:
                 dtype=torch.float32)
         return eta
 
-    def _apply(self, server_round: int, runs: np.ndarray, cids: np.ndarray, arrived: np.ndarray,
-               delta: Params, metrics: dict[str, torch.Tensor], fresh: np.ndarray,
-               per_client: int, start: float) -> bool:
-        """Average each run's finite updates, step its server optimizer; the round's numbers join
-        the pending rows. Returns whether a run diverged or had no finite update."""
-        C = cids.shape[1]
+    def _apply(self, server_round: int, runs: np.ndarray, cids: np.ndarray, delta: Params,
+               metrics: dict[str, torch.Tensor], fresh: np.ndarray, per_client: int,
+               codes: np.ndarray, arrived: np.ndarray, seconds: np.ndarray,
+               present: np.ndarray) -> bool:
+        """Average each run's finite updates that arrived (``arrived``: the client library's
+        faults and deadline), step its server optimizer; the round's numbers join the pending rows.
+        Returns whether a run diverged or had no valid update."""
         cfg = self.cfgs[runs[0]]
         weighted = cfg.federated.aggregation == "weighted"
+        every = bool(present.all())
+        clients = cids.tolist() if every else [row[h].tolist() for row, h in zip(cids, present)]
+        errors = (codes == FAIL).sum(1)
         done = aggregate_round(
-            self.w, self.optimizer, delta, torch.from_numpy(arrived),
-            cids.tolist() if arrived.all() else [row[v].tolist() for row, v in zip(cids, arrived)],
-            weighting=cfg.federated.aggregation,
-            min_replies=cfg.federated.min_replies,
+            self.w, self.optimizer, delta, torch.from_numpy(arrived), clients,
+            weighting=cfg.federated.aggregation, min_replies=cfg.federated.min_replies,
             counts=torch.from_numpy(self._example_counts(runs, cids)) if weighted else None,
+            failed=[["error"] * n for n in errors.tolist()],
+            missing=(present.sum(1) - arrived.sum(1) - errors).tolist(),
             privacy=[self.strategies[i].privacy for i in runs.tolist()], round_number=server_round,
             rule=self.algorithm.server_update if has_server_rule(self.algorithm) else None)
         keep, finite = done.moved, done.accepted
@@ -366,16 +389,17 @@ class RunBatch:
         init = self.cfgs[runs[0]].data.tasks_per_client * self.setups[runs[0]].hyper.init_support_size
         samples = ((per_client + init * fresh) * finite_np).sum(1)
         self.totals["samples"][runs] += samples
-        asked = arrived.sum(1)
-        self.totals["bytes_down"][runs] += self.bytes_down * asked
-        self.totals["bytes_up"][runs] += self.bytes_up * asked
+        self.totals["bytes_down"][runs] += self.bytes_down * present.sum(1)
+        self.totals["bytes_up"][runs] += self.bytes_up * arrived.sum(1)
+        seconds_max = np.where(finite_np, seconds, -np.inf).max(1)
         # Python lists: a row per run is read out of them, a value at a time
         self.pending.append({"round": server_round, "runs": runs, "position": _positions(runs),
                              "records": done.records,
+                             "available": [self.strategies[i].available for i in runs.tolist()],
+                             "injected": injected_counts(codes),
                              "losses": {k: v.tolist() for k, v in losses.items()},
                              "samples": samples.tolist(),
-                             "train_seconds_max": (time.perf_counter() - start)
-                             / max(len(runs) * C, 1),
+                             "train_seconds_max": seconds_max.tolist(),
                              "totals": {k: v[runs].tolist() for k, v in self.totals.items()},
                              "seconds": time.perf_counter() - self.start})
         diverged = any(r.diverged is not None for r in done.records)
@@ -411,6 +435,10 @@ class RunBatch:
                         after = ("bytes_up", "bytes_down", "seconds") if "train_seconds_max" in row \
                             else ("samples", "bytes_up", "bytes_down", "seconds")
                         row.update({k: row.pop(k) for k in after})
+                    if p["round"] > 0 and faults_enabled(self.cfgs[i]):  # as run_federated adds
+                        row["injected"] = dict(p["injected"][p["position"][i]])
+                        for k, n in row["injected"].items():
+                            self.states[i]["injected"][k] += n
                     rows.append(row)
                     self.healths[i].observe(row, self.strategies[i].last_error)
                     note_evaluation(self.states[i], row)
@@ -451,16 +479,8 @@ class RunBatch:
 
     def _example_counts(self, runs: np.ndarray, cids: np.ndarray) -> np.ndarray:
         """``[R, C]`` float64: each sampled client's example count (its update's weight)."""
-        return np.asarray([[sum(t.num_examples for t in self._client_tasks(i, c)) for c in row]
+        return np.asarray([example_counts([self._client_tasks(i, c) for c in row])
                            for i, row in zip(runs.tolist(), cids.tolist())], dtype=np.float64)
-
-    def _fresh(self, runs: np.ndarray, cids: np.ndarray) -> np.ndarray:
-        """``[R, C]``: does the client (re)initialise its memory this round?"""
-        if not self.algorithm.uses_memory:
-            return np.zeros(cids.shape, dtype=bool)
-        if self.setups[runs[0]].hyper.memory_policy == "reinit":
-            return np.ones(cids.shape, dtype=bool)
-        return ~self.has_memory[runs[:, None], cids]
 
     def _initialise(self, at: np.ndarray, tasks: list[list[Task]], keys: np.ndarray, hp: Hyper,
                     runs_at: torch.Tensor, cols: torch.Tensor) -> None:
@@ -475,15 +495,8 @@ class RunBatch:
             position = torch.full((len(self.cfgs),), -1, dtype=torch.int64)
             position[torch.tensor(self.live)] = torch.arange(len(self.live))
             start = {k: v[position[runs]] for k, v in self.w.items()}
-        alpha = self.alpha_all[runs]
-        model, loss_fn, algorithm = self.model, self.loss_fn, self.algorithm
-
-        def one(w_, x, y, a):
-            step = dataclasses.replace(hp.step, alpha=a)
-            return algorithm.initial_memory(model, loss_fn, dataclasses.replace(hp, step=step), w_,
-                                            (x, y))
-
-        memory = torch.func.vmap(one)(start, init[0], init[1], alpha)
+        memory = initial_memories(self.algorithm, self.model, self.loss_fn, hp, start, init,
+                                  self.alpha_all[runs])
         for k, v in memory.items():
             self.memory[k][runs, cols[pick]] = v
         self.has_memory[runs.numpy(), cols[pick].numpy()] = True
@@ -597,12 +610,14 @@ def _row_of(pending: dict[str, Any], j: int) -> dict[str, Any]:
     row: dict[str, Any] = {"round": pending["round"]}
     if pending["round"] > 0:
         record = pending["records"][j]
+        if pending["available"][j] is not None:  # an availability model's count, as a run alone's
+            row["available"] = pending["available"][j]
         row.update(record.row())
         if record.replies:
             for key, v in pending["losses"].items():
                 row[key.replace("-", "_")] = v[j]
             row["samples"] = pending["samples"][j]
-            row["train_seconds_max"] = pending["train_seconds_max"]
+            row["train_seconds_max"] = pending["train_seconds_max"][j]
     row.update({k: v[j] for k, v in pending["totals"].items()},
                seconds=pending["seconds"])
     return row
@@ -624,32 +639,6 @@ def _unflatten(x: Any, runs: int, clients: int) -> Any:
     if isinstance(x, tuple):
         return tuple(_unflatten(t, runs, clients) for t in x)
     return x.reshape(runs, clients, *x.shape[1:])
-
-
-def _samples(data: RoundData) -> int:
-    """Examples a round's step data holds over all its clients (the init batch apart)."""
-    return sum(b[1].numel() for b in (data.support, data.query, data.extra) if b is not None)
-
-
-def _runs_update(algorithm: Any, model: Any, loss_fn: Any, hp: Hyper, w: Params,
-                 memory: Params | None, data: RoundData, values: dict[str, torch.Tensor]
-                 ) -> tuple[Params, Params | None, dict[str, torch.Tensor]]:
-    """:func:`cohort_update` vmapped over runs: ``w`` ``[R, ...]``, ``memory`` ``[R, C, ...]``,
-    ``data`` ``[R, C, ...]`` and each hyperparameter of ``values`` ``[R]``."""
-    def one(w_, memory_, task_index, support, query, extra, v):
-        step = dataclasses.replace(hp.step, alpha=v["alpha"], beta=v["beta"],
-                                   hf_delta=v["hf_delta"])
-        hp_ = dataclasses.replace(hp, eta=v["eta"], step=step)
-        delta, new_memory, metrics = cohort_update(
-            algorithm, model, loss_fn, hp_, w_, memory_,
-            RoundData(task_index, support, query, extra, None))
-        return delta, ({} if new_memory is None else new_memory), metrics
-
-    batched = lambda x: None if x is None else 0  # noqa: E731
-    delta, new_memory, metrics = torch.func.vmap(
-        one, in_dims=(0, batched(memory), 0, 0, 0, batched(data.extra), 0))(
-        w, memory, data.task_index, data.support, data.query, data.extra, values)
-    return delta, (new_memory or None), metrics
 
 
 def run_batch(configs: Sequence[Any], run_dirs: Sequence[str | Path], quiet: bool = True,

@@ -6,25 +6,26 @@ and dispatch overhead. The grid announces ``takes_cohorts``: the strategy then s
 message per round's cohort (``w_r`` once, the sampled ids, the round config; records.py) and gets
 one reply back. For a cohort the grid
 
-1. applies injected faults (``fedmaml.federated.faults``, decided as the ClientApp decides them),
-   then groups the clients by shape: clients that initialise their memory apart from the others,
-   and by number of tasks (at most ``engine.max_cohort_size`` clients per group);
-2. draws each group's round data at once (``draw_cohort_round``: counter-based streams keyed by
-   each client's ``(seed, id, round)``, so a client's data equals its own ClientApp draw) and reads
-   the group's memories from a :class:`MemoryBank`;
+1. applies injected faults (the client library's decision, ``fedmaml.client.faults``), then
+   groups the clients by shape: clients that initialise their memory apart from the others, and by
+   number of tasks (at most ``engine.max_cohort_size`` clients per group);
+2. draws each group's round data at once (``fedmaml.client.draw_cohort_round``: counter-based
+   streams keyed by each client's ``(seed, id, round)``, so a client's data equals its own ClientApp
+   draw) and reads the group's memories from a :class:`MemoryBank`;
 3. runs the algorithm's :func:`~fedmaml.algorithms.client_update` under ``torch.func.vmap`` with
-   ``w`` shared (:func:`cohort_update`) and writes the memories back;
+   ``w`` shared (:func:`fedmaml.client.cohort_update`), writes the memories back, clips (client-side
+   clipping) and times the clients (speed model) with the client library;
 4. replies with the stacked updates ``[clients, ...]`` (group by group), the per-client metrics as
    lists and the clients that failed (id, kind, reason).
 
-A group of one, or one whose vmapped call fails, runs client by client through the ClientApp's own
-:func:`~fedmaml.federated.client_app.train_step` (with its memory in the bank) in the same round.
-Per-client train messages (a strategy that does not send cohorts) are trained the same way and
-answered one reply per client.
+A group of one, or one whose vmapped call fails, runs client by client through the client
+library's :func:`~fedmaml.client.train_step` (the ClientApp's, with its memory in the bank) in the
+same round. Per-client train messages (a strategy that does not send cohorts) are trained the same
+way and answered one reply per client.
 
 Evaluation rounds are batched the same way: the strategy sends one evaluate message for the whole
 panel (seen and unseen ids) and gets one reply with every client's metrics as per-client lists and
-the clients whose evaluation failed. The clients are evaluated one by one through the ClientApp's
+the clients whose evaluation failed. The clients are evaluated one by one through the client library's
 ``evaluate_client`` (evaluation is not vmapped: it is a small share of a run), so the metrics
 equal those of per-client evaluate messages, which the grid also answers. Other messages go to the
 ClientApp.
@@ -47,73 +48,31 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedmaml.algorithms import Algorithm, Hyper, RoundData, client_update
-from fedmaml.config.schema import Config
-from fedmaml.core.losses import LossFn
+from fedmaml.algorithms import Hyper, RoundData
+from fedmaml.client import (NoMemory, clip_client_updates, cohort_faults, cohort_update,
+                            draw_cohort_round, evaluate_client, initial_for, memory_init_mask,
+                            samples_drawn, stack_rounds, to_device, train_columns, train_step,
+                            training_tasks)
+from fedmaml.client.faults import failure_of
+from fedmaml.client.speed import simulated_seconds
+from fedmaml.config import Config
 from fedmaml.core.params import Params
-from fedmaml.core.privacy import clip_stacked
 from fedmaml.data.tasks import Task
 from fedmaml.engines.allocator import retain_freed_memory
 from fedmaml.engines.inprocess import (CLIENT_APP_ERROR, FIRST_CLIENT_NODE, SERVER_NODE_ID,
                                        InProcessGrid)
 from fedmaml.engines.memory_bank import BankStore, MemoryBank
-from fedmaml.federated import codec, faults
+from fedmaml.federated import codec
 from fedmaml.federated import records as R
-from fedmaml.federated.client_app import (draw_cohort_round, evaluate_client,
-                                          evaluate_instruction, initial_for, needs_memory_init,
-                                          samples_drawn, to_device, train_instruction, train_reply,
-                                          train_step, training_tasks)
-from fedmaml.federated.participation import speed_multipliers
+from fedmaml.federated.instructions import evaluate_instruction, train_instruction, train_reply
 from fedmaml.federated.setup import resolve_device, setup_for
 from fedmaml.errors import ConfigError
-from fedmaml.models.base import StagedModel
 from fedmaml.models.module import ModuleModel
 
+__all__ = ["CohortResult", "CohortStats", "VectorizedGrid", "cohort_update", "refuse_unbatchable",
+           "run_vectorized", "stack_rounds", "unbatchable_reason"]
+
 log = logging.getLogger("fedmaml")
-
-
-def cohort_update(algorithm: Algorithm, model: StagedModel, loss_fn: LossFn, hp: Hyper, w: Params,
-                  memory: Params | None, data: RoundData, initial: Params | None = None
-                  ) -> tuple[Params, Params | None, dict[str, torch.Tensor]]:
-    """:func:`~fedmaml.algorithms.client_update` vmapped over a cohort.
-
-    ``w`` is shared; ``memory`` (``[C, tasks, ...]``, or ``None`` when the cohort initialises its
-    memories or the algorithm keeps none) and every tensor of ``data`` are stacked along a leading
-    client axis. ``initial`` (shared) is the initial meta-model of ``memory_init: initial_model``.
-    Returns stacked deltas, memories (or ``None``) and metrics (``[C]`` each).
-    """
-    def one(w_, memory_, task_index, support, query, extra, init):
-        delta, new_memory, metrics = client_update(
-            algorithm, model, loss_fn, hp, w_, memory_,
-            RoundData(task_index, support, query, extra, init), initial)
-        return delta, ({} if new_memory is None else new_memory), metrics
-
-    batched = lambda x: None if x is None else 0  # noqa: E731 - None inputs are not mapped
-    in_dims = (None, batched(memory), 0, 0, 0, batched(data.extra), batched(data.init))
-    delta, new_memory, metrics = torch.func.vmap(one, in_dims=in_dims)(
-        w, memory, data.task_index, data.support, data.query, data.extra, data.init)
-    return delta, (new_memory or None), metrics
-
-
-def stack_rounds(rounds: list[RoundData]) -> RoundData:
-    """Clients' round data (equal shapes) stacked along a new leading client axis."""
-    def batch(get):
-        parts = [get(r) for r in rounds]
-        if parts[0] is None:
-            return None
-        return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
-    return RoundData(torch.stack([r.task_index for r in rounds]), batch(lambda r: r.support),
-                     batch(lambda r: r.query), batch(lambda r: r.extra), batch(lambda r: r.init))
-
-
-class _NoMemory:
-    """The memory store of algorithms that keep no memory."""
-
-    def load(self) -> None:
-        return None
-
-    def save(self, memory: Params) -> None:  # pragma: no cover - never called without memory
-        raise RuntimeError("this algorithm keeps no memory")
 
 
 @dataclass
@@ -136,13 +95,6 @@ class CohortResult:
     delta: Params
     metrics: dict[str, list[float]]
     failures: list[tuple[int, str, str]]
-
-
-def failure_kind(e: BaseException) -> str:
-    """The failure kind a client's exception reports (``kind`` attribute, e.g. an injected fault's;
-    ``error`` otherwise)."""
-    kind = getattr(e, "kind", None)
-    return kind if isinstance(kind, str) else "error"
 
 
 class VectorizedGrid(InProcessGrid):
@@ -179,9 +131,9 @@ class VectorizedGrid(InProcessGrid):
             self._nodes = super().partition_nodes()
         return self._nodes
 
-    def store(self, cid: int) -> BankStore | _NoMemory:
+    def store(self, cid: int) -> BankStore | NoMemory:
         """Client ``cid``'s memory store (a view of the bank)."""
-        return _NoMemory() if self.bank is None else BankStore(self.bank, cid)
+        return NoMemory() if self.bank is None else BankStore(self.bank, cid)
 
     def close(self) -> None:
         if self.bank is not None:
@@ -283,21 +235,19 @@ class VectorizedGrid(InProcessGrid):
         ``timeout``, is left out and listed in the failures, as are injected faults (an injected
         straggler trains, its memory moves, but it is listed as late)."""
         setup = self.setup
-        failures: list[tuple[int, str, str]] = []
-        late: list[int] = []  # injected stragglers
-        if faults.enabled(self.cfg):
-            cids, late = self._inject_faults(cids, server_round, failures)
+        injected = cohort_faults(self.cfg, cids, server_round)  # the client library's decision
+        cids, late, failures = injected.training, injected.late, injected.failures
         has = (self.bank.contains(cids) if self.bank is not None and cids
                else [False] * len(cids))
+        fresh_of = memory_init_mask(setup.algorithm.uses_memory, hp, has).tolist()
         groups: dict[tuple[bool, int], list[int]] = {}
         tasks = self._tasks_of(cids)
-        for cid, has_memory in zip(cids, has):
+        for cid, fresh in zip(cids, fresh_of):
             try:
-                fresh = needs_memory_init(setup, hp, bool(has_memory))
                 tasks[cid] = tasks.get(cid) or training_tasks(setup, cid)
                 groups.setdefault((fresh, len(tasks[cid])), []).append(cid)
             except Exception as e:  # noqa: BLE001 - the client fails, the cohort goes on
-                failures.append((cid, failure_kind(e), f"{type(e).__name__}: {e}"))
+                failures.append(failure_of(cid, e))
         parts: list[tuple[list[int], Params, dict[str, list[float]]]] = []
         for (fresh, _), members in groups.items():
             size = self.max_cohort or len(members)
@@ -310,25 +260,6 @@ class VectorizedGrid(InProcessGrid):
                     p for p in (self._train_one(w, hp, server_round, cid, failures) for cid in chunk)
                     if p is not None]
         return _assemble(parts, failures, timeout, setup.initial_params, late)
-
-    def _inject_faults(self, cids: list[int], server_round: int,
-                       failures: list[tuple[int, str, str]]) -> tuple[list[int], list[int]]:
-        """The clients that train, and the stragglers among them; injected failures and dropouts
-        join ``failures`` (error and timeout, as the per-client path counts them)."""
-        training, late = [], []
-        for cid in cids:
-            fault = faults.client_fault(self.cfg, cid, server_round)
-            if fault == "fail":
-                e = faults.fail(cid, server_round)
-                failures.append((cid, failure_kind(e), f"{type(e).__name__}: {e}"))
-                continue
-            if fault == "dropout":
-                failures.append((cid, "timeout", f"client {cid} dropped out (faults.dropout)"))
-                continue
-            if fault == "straggle":
-                late.append(cid)
-            training.append(cid)
-        return training, late
 
     def _tasks_of(self, cids: list[int]) -> dict[int, list[Task]]:
         """The training clients' tasks, built in one batch where the family can; on any error
@@ -358,15 +289,12 @@ class VectorizedGrid(InProcessGrid):
             return None
         if memory is not None:
             self.bank.write(cids, memory)
-        if self.cfg.privacy.clipping == "client":  # as each client's train_step does
-            delta, _ = clip_stacked(delta, self.cfg.privacy.clipping_norm)
+        delta = clip_client_updates(self.cfg, delta)
         n = len(cids)
-        # each client's share of the cohort's time, times its simulated speed (as train_step does)
-        seconds = ((time.perf_counter() - start) / n
-                   * speed_multipliers(self.cfg.participation, self.cfg.seed, cids)).tolist()
-        columns = {R.NUM_EXAMPLES: [sum(t.num_examples for t in ts) for ts in tasks],
-                   "samples": [samples_drawn(data) // n] * n, "train-seconds": seconds,
-                   **{k.replace("_", "-"): v.tolist() for k, v in metrics.items()}}
+        # each client's share of the cohort's time, times its simulated speed
+        seconds = simulated_seconds(self.cfg.participation, self.cfg.seed, cids,
+                                    (time.perf_counter() - start) / n).tolist()
+        columns = train_columns(tasks, [samples_drawn(data) // n] * n, seconds, metrics)
         self.stats.cohorts += 1
         self.stats.vmapped_clients += n
         return cids, delta, columns
@@ -395,13 +323,14 @@ class VectorizedGrid(InProcessGrid):
     def _train_one(self, w: Params, hp: Hyper, server_round: int, cid: int,
                    failures: list[tuple[int, str, str]]
                    ) -> tuple[list[int], Params, dict[str, list[float]]] | None:
-        """The per-client path: the ClientApp's own train step, with the memory in the bank."""
+        """The per-client path: the client library's train step (the ClientApp's), with the memory
+        in the bank."""
         self.stats.per_client += 1
         try:
             delta, m = train_step(self.cfg, self.setup, cid, w, hp, server_round, self.store(cid),
                                   self.device)
         except Exception as e:  # noqa: BLE001 - the client fails, the cohort goes on
-            failures.append((cid, failure_kind(e), f"{type(e).__name__}: {e}"))
+            failures.append(failure_of(cid, e))
             return None
         columns = {k: [v] for k, v in m.items() if k != R.PARTITION}
         return [cid], {k: v.unsqueeze(0) for k, v in delta.items()}, columns
@@ -425,7 +354,7 @@ class VectorizedGrid(InProcessGrid):
             try:
                 metrics = self._evaluate_client(cid, w, pattern)
             except Exception as e:  # noqa: BLE001 - the client fails, the panel goes on
-                failures.append((cid, failure_kind(e), f"{type(e).__name__}: {e}"))
+                failures.append(failure_of(cid, e))
                 continue
             if timeout is not None and time.perf_counter() - start > timeout:
                 late = f"client {cid} took longer than the round timeout ({timeout} s)"
@@ -449,11 +378,11 @@ class VectorizedGrid(InProcessGrid):
         return reply, time.perf_counter() - start
 
     def _evaluate_client(self, cid: int, w: Params, pattern: Any) -> dict[str, float]:
-        """Client ``cid``'s evaluation (the ClientApp's ``evaluate_client``) with its memory."""
+        """Client ``cid``'s evaluation (the client library's ``evaluate_client``) with its memory."""
         trains = cid < self.setup.federation.num_clients
         # evaluation runs on the host: the memory comes out of the bank there
         store = (BankStore(self.bank, cid, "cpu") if trains and self.bank is not None
-                 else _NoMemory())
+                 else NoMemory())
         return evaluate_client(self.setup, cid, w, store, pattern)
 
 

@@ -1,8 +1,10 @@
 """Injected client faults, for studying robustness in simulation (``faults.*`` config keys).
 
 Which fault, if any, a sampled client has in a training round is a pure function of
-``(seed, client id, round)`` (:func:`client_fault`), so the server, the ClientApp and the vectorized
-engine agree on it without telling each other, and a run stays a function of its config and seed:
+``(seed, client id, round)`` (:func:`fedmaml.client.faults.client_fault`, the client library's),
+so the server, the ClientApp, the vectorized engine and a batch of runs agree on it without telling
+each other, and a run stays a function of its config and seed. The faults (this module holds what
+they do to messages):
 
 * ``fail``: the client raises before it trains (an error reply; its memory is unchanged);
 * ``straggle``: the client trains (its memory moves, as on a real device) but its reply comes after
@@ -21,57 +23,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import numpy as np
 from flwr.app import Message, MetricRecord, RecordDict
 
-from fedmaml.config.schema import Config
+# The decision is the client library's (transport-free); these names stay importable from here.
+from fedmaml.client.faults import (KINDS, InjectedFault, client_fault, enabled, fail,  # noqa: F401
+                                   fault_rates, injected)
 from fedmaml.federated import records as R
 
-KINDS = ("fail", "straggle", "dropout")
 #: Metric of a reply that the fault model says arrives after the round's deadline.
 LATE = "injected-late"
-_STREAM = 0xFA17  # keeps fault draws independent of every other (seed, client, round) stream
-
-
-class InjectedFault(RuntimeError):
-    """The failure ``faults.fail`` injects (an exception in the client, as a crash would be)."""
-
-
-def fault_rates(cfg: Config) -> tuple[float, float, float]:
-    f = cfg.faults
-    return f.fail, f.straggle, f.dropout
-
-
-def client_fault(cfg: Config, cid: int, server_round: int) -> str | None:
-    """``fail``, ``straggle``, ``dropout`` or ``None`` for client ``cid`` in ``server_round``: one
-    uniform draw from the client's own (seed, id, round) stream, cut at the three rates."""
-    fail, straggle, dropout = fault_rates(cfg)
-    if not (fail or straggle or dropout):
-        return None
-    u = np.random.default_rng([cfg.seed, cid, server_round, _STREAM]).random()
-    for kind, upto in (("fail", fail), ("straggle", fail + straggle),
-                       ("dropout", fail + straggle + dropout)):
-        if u < upto:
-            return kind
-    return None
-
-
-def injected(cfg: Config, cids: Iterable[int], server_round: int) -> dict[str, int]:
-    """How many of the round's sampled clients get each fault (what the server should count)."""
-    counts = {k: 0 for k in KINDS}
-    for cid in cids:
-        kind = client_fault(cfg, cid, server_round)
-        if kind is not None:
-            counts[kind] += 1
-    return counts
-
-
-def enabled(cfg: Config) -> bool:
-    return any(fault_rates(cfg))
-
-
-def fail(cid: int, server_round: int) -> InjectedFault:
-    return InjectedFault(f"injected failure (faults.fail) of client {cid} in round {server_round}")
 
 
 def dropout_reply(msg: Message, cid: int) -> Message:

@@ -27,7 +27,7 @@ client (possibly none). The round then has fewer participants; when they are few
 0. Cross-silo takes everybody. The scheme fixes the server's denominator and the privacy account
 (docs/privacy.md).
 
-**Compute speed** (:func:`speed_multipliers`) is separate from availability: a per-client factor on
+**Compute speed** (:func:`fedmaml.client.speed.speed_multipliers`) is separate from availability: a per-client factor on
 the simulated train time (``participation.speed``), so that under a round deadline the slow clients
 are the stragglers.
 
@@ -49,13 +49,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedmaml.config import PARTICIPATION_MODELS, SPEED_MODELS, FederatedConfig, ParticipationConfig
+from fedmaml.client.speed import speed_multipliers  # noqa: F401 - the client library's, named here too
+from fedmaml.config import PARTICIPATION_MODELS, FederatedConfig, ParticipationConfig
 from fedmaml.data.counter import derive_keys, sample_without_replacement, splitmix64
 
 # Stream tags: independent generators for independent uses of the same seed.
 _COHORT, _AVAILABLE, _CLIENT_CONSTANTS, _MARKOV_START, _POISSON = 0xC1, 0xA8, 0xA7, 0xA9, 0xB0
-# The purpose word of the speed keys: far above any round number (round keys use the round).
-_SPEED = (1 << 62) | 0x5BEED
 
 
 def sample_clients(seed: int, server_round: int, num_clients: int, k: int) -> list[int]:
@@ -111,25 +110,6 @@ def poisson_mask(seed: int, server_round: int, num_clients: int, rate: float) ->
     keys = derive_keys(seed, np.arange(num_clients), (1 << 62) | (server_round << 8) | _POISSON)
     u = (splitmix64(keys, 1)[:, 0] >> np.uint64(11)).astype(np.float64) * 2.0 ** -53  # [0, 1)
     return u < rate
-
-
-def speed_multipliers(spec: ParticipationConfig, seed: int, cids: list[int] | np.ndarray
-                      ) -> np.ndarray:
-    """Each client's compute-speed multiplier on its simulated train time (``participation.speed``):
-    1 for ``uniform``; ``exp(speed_sigma * z)`` for ``lognormal``, with ``z ~ N(0, 1)`` a pure
-    function of ``(seed, client id)`` (a counter-based hash, Box-Muller; vectorized over ``cids``),
-    so every engine and process scales a client's time by the same factor, in every round."""
-    if spec.speed not in SPEED_MODELS:
-        raise ValueError(f"participation.speed {spec.speed!r} is not one of "
-                         f"{', '.join(SPEED_MODELS)}")
-    ids = np.asarray(cids, dtype=np.int64).reshape(-1)
-    if spec.speed == "uniform":
-        return np.ones(len(ids))
-    bits = splitmix64(derive_keys(seed, ids, _SPEED), 2) >> np.uint64(11)  # 53-bit uniforms
-    u1 = (bits[:, 0].astype(np.float64) + 1.0) * 2.0 ** -53  # in (0, 1]: log(u1) is finite
-    u2 = bits[:, 1].astype(np.float64) * 2.0 ** -53
-    z = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * math.pi * u2)
-    return np.exp(spec.speed_sigma * z)
 
 
 class Participation:

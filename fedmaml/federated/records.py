@@ -27,18 +27,18 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
+# The client library's metric names (transport-free) are the wire's too.
+from fedmaml.client.metrics import MEMORY_RESET, NUM_EXAMPLES, PARTITION  # noqa: F401
 from fedmaml.core.params import Params
 from fedmaml.errors import MessageError
 from fedmaml.federated import codec
 
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
 ROUND, ETA = "server-round", "eta"
-NUM_EXAMPLES, PARTITION = "num-examples", "partition-id"
 COHORT, FAILURES, KIND, REASON = "cohort", "failures", "kind", "reason"
 ABSENT = "absent"
-#: In a train reply's metrics: 1 when the client's memory file was corrupt and was moved aside for
-#: a fresh memory this round (a device with ``memory-reset=true``); absent otherwise.
-MEMORY_RESET = "memory-reset"
+#: In a train reply's metrics, ``MEMORY_RESET``: 1 when the client's memory file was corrupt and was
+#: moved aside for a fresh memory this round (a device with ``memory-reset=true``); absent otherwise.
 
 
 def to_record(params: Params) -> ArrayRecord:

@@ -205,14 +205,19 @@ class MetaStrategy(Strategy):
         return self.sampling.size
 
     def clients_for_round(self, server_round: int) -> list[int]:
+        cids = self.cohort_of(server_round)
+        self.staleness.record(server_round, cids)
+        return cids
+
+    def cohort_of(self, server_round: int) -> list[int]:
+        """The round's sampled clients (and ``available``), without the staleness bookkeeping (a
+        batch of runs keeps that for all its runs at once)."""
         s = self.sampling
         if s.scheme == "all":
-            cids = list(range(self.setup.federation.num_clients))
-        else:
-            cids = self.participation.cohort(
-                server_round, s.size, s.rate if s.scheme == "poisson" else None)
-            self.available = self.participation.last_available
-        self.staleness.record(server_round, cids)
+            return list(range(self.setup.federation.num_clients))
+        cids = self.participation.cohort(
+            server_round, s.size, s.rate if s.scheme == "poisson" else None)
+        self.available = self.participation.last_available
         return cids
 
     def memory_metrics(self, server_round: int) -> dict[str, float]:

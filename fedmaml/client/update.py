@@ -1,0 +1,85 @@
+"""The client update batched: a cohort (``[C]``) and a batch of runs (``[R, C]``) under
+``torch.func.vmap``, each client's part the algorithm's own :func:`client_update`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from fedmaml.algorithms import Algorithm, Hyper, RoundData, client_update
+from fedmaml.core.losses import LossFn
+from fedmaml.core.params import Params
+
+
+def _batched(x: Any) -> int | None:
+    return None if x is None else 0  # None inputs are not mapped
+
+
+def cohort_update(algorithm: Algorithm, model: Any, loss_fn: LossFn, hp: Hyper, w: Params,
+                  memory: Params | None, data: RoundData, initial: Params | None = None
+                  ) -> tuple[Params, Params | None, dict[str, torch.Tensor]]:
+    """:func:`~fedmaml.algorithms.client_update` vmapped over a cohort.
+
+    ``w`` is shared; ``memory`` (``[C, tasks, ...]``, or ``None`` when the cohort initialises its
+    memories or the algorithm keeps none) and every tensor of ``data`` are stacked along a leading
+    client axis. ``initial`` (shared) is the initial meta-model of ``memory_init: initial_model``.
+    Returns stacked deltas, memories (or ``None``) and metrics (``[C]`` each).
+    """
+    def one(w_, memory_, task_index, support, query, extra, init):
+        delta, new_memory, metrics = client_update(
+            algorithm, model, loss_fn, hp, w_, memory_,
+            RoundData(task_index, support, query, extra, init), initial)
+        return delta, ({} if new_memory is None else new_memory), metrics
+
+    in_dims = (None, _batched(memory), 0, 0, 0, _batched(data.extra), _batched(data.init))
+    delta, new_memory, metrics = torch.func.vmap(one, in_dims=in_dims)(
+        w, memory, data.task_index, data.support, data.query, data.extra, data.init)
+    return delta, (new_memory or None), metrics
+
+
+def runs_update(algorithm: Algorithm, model: Any, loss_fn: LossFn, hp: Hyper, w: Params,
+                memory: Params | None, data: RoundData, values: dict[str, torch.Tensor]
+                ) -> tuple[Params, Params | None, dict[str, torch.Tensor]]:
+    """:func:`cohort_update` vmapped over runs: ``w`` ``[R, ...]``, ``memory`` ``[R, C, ...]``,
+    ``data`` ``[R, C, ...]`` (no init batch: first memories are made by
+    :func:`initial_memories` before) and each hyperparameter of ``values`` (``eta``, ``alpha``,
+    ``beta``, ``hf_delta``) ``[R]``."""
+    def one(w_, memory_, task_index, support, query, extra, v):
+        step = dataclasses.replace(hp.step, alpha=v["alpha"], beta=v["beta"],
+                                   hf_delta=v["hf_delta"])
+        hp_ = dataclasses.replace(hp, eta=v["eta"], step=step)
+        delta, new_memory, metrics = cohort_update(
+            algorithm, model, loss_fn, hp_, w_, memory_,
+            RoundData(task_index, support, query, extra, None))
+        return delta, ({} if new_memory is None else new_memory), metrics
+
+    delta, new_memory, metrics = torch.func.vmap(
+        one, in_dims=(0, _batched(memory), 0, 0, 0, _batched(data.extra), 0))(
+        w, memory, data.task_index, data.support, data.query, data.extra, values)
+    return delta, (new_memory or None), metrics
+
+
+def initial_memories(algorithm: Algorithm, model: Any, loss_fn: LossFn, hp: Hyper, start: Params,
+                     init: tuple[torch.Tensor, torch.Tensor], alpha: torch.Tensor) -> Params:
+    """First memories ``A(w; S_0)`` of clients, as ``client_update`` makes them, vmapped: each
+    client's starting model ``start`` (its run's ``w_r``, or the initial model), its init batch
+    (``[N, tasks, K0, ...]``) and its run's ``alpha`` (``[N]``)."""
+    def one(w_, x, y, a):
+        step = dataclasses.replace(hp.step, alpha=a)
+        return algorithm.initial_memory(model, loss_fn, dataclasses.replace(hp, step=step), w_,
+                                        (x, y))
+
+    return torch.func.vmap(one)(start, init[0], init[1], alpha)
+
+
+def stack_rounds(rounds: list[RoundData]) -> RoundData:
+    """Clients' round data (equal shapes) stacked along a new leading client axis."""
+    def batch(get):
+        parts = [get(r) for r in rounds]
+        if parts[0] is None:
+            return None
+        return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+    return RoundData(torch.stack([r.task_index for r in rounds]), batch(lambda r: r.support),
+                     batch(lambda r: r.query), batch(lambda r: r.extra), batch(lambda r: r.init))

@@ -1,0 +1,145 @@
+"""The clients of a batch of runs (fedmaml/engines/run_batch.py) go through the client library
+(fedmaml/client/) as a run alone's do: with injected faults, and with compute-speed models under a
+round deadline, every run of a batch equals the same run alone on the in-process engine (rows,
+summary, final model, every client's memory); the library's cohort decisions equal its one-client
+decisions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedmaml.client import client_fault
+from fedmaml.client.faults import KINDS, fault_codes, fault_rates
+from fedmaml.client.speed import speed_multipliers
+from fedmaml.client.train import clip_client_updates
+from fedmaml.config import ParticipationConfig, replace_paths
+from fedmaml.core.privacy import clip_update
+from fedmaml.engines.run_batch import RunBatch, batch_refusal
+from fedmaml.results.recorder import read_metrics, read_summary
+from tests.test_run_batch import PER_RUN, assert_equal_to_alone, memories_of
+
+
+def run_batch_and_compare(cfgs, tmp_path):
+    for c in cfgs:
+        assert batch_refusal(c) is None, c.name
+    batch = RunBatch(cfgs, [tmp_path / "batch" / c.name for c in cfgs])
+    batch.run()
+    for i, cfg in enumerate(cfgs):
+        assert_equal_to_alone(cfg, tmp_path / "batch" / cfg.name, tmp_path / "alone" / cfg.name,
+                              memories_of(batch, i))
+    return [read_metrics(tmp_path / "batch" / c.name) for c in cfgs]
+
+
+def test_cohort_fault_codes_equal_each_clients_own_decision(tiny_config):
+    cfg = tiny_config("faults.fail=0.2", "faults.straggle=0.3", "faults.dropout=0.1",
+                      "federated.round_timeout=5")
+    seeds, cids = np.asarray([3, 11]), np.asarray([[0, 4, 5, 9], [9, 1, 2, 3]])
+    codes = fault_codes(fault_rates(cfg), seeds[:, None], cids, 7)  # [runs, clients] at once
+    for r, seed in enumerate(seeds.tolist()):
+        alone = replace_paths(cfg, {"seed": seed})
+        for c, cid in enumerate(cids[r].tolist()):
+            kind = client_fault(alone, cid, 7)
+            assert (KINDS[codes[r, c] - 1] if codes[r, c] else None) == kind
+
+
+def test_a_fault_is_one_uniform_draw_of_the_clients_stream_cut_at_the_rates(tiny_config):
+    """Computed independently: numpy's generator keyed by (seed, client, round, 0xFA17), its first
+    uniform cut at fail, fail + straggle, fail + straggle + dropout (the draw every engine made
+    before the client library, so runs keep their faults)."""
+    cfg = tiny_config("seed=4", "faults.fail=0.25", "faults.straggle=0.15", "faults.dropout=0.1",
+                      "federated.round_timeout=5")
+    for cid in range(60):
+        for r in range(1, 8):
+            u = np.random.default_rng([4, cid, r, 0xFA17]).random()
+            want = ("fail" if u < 0.25 else "straggle" if u < 0.4 else "dropout" if u < 0.5
+                    else None)
+            assert client_fault(cfg, cid, r) == want
+
+
+def test_cohort_speeds_and_clipping_equal_each_clients_own():
+    spec = ParticipationConfig(speed="lognormal", speed_sigma=2.0)
+    seeds, cids = np.asarray([5, 6]), np.asarray([[0, 3, 7], [7, 3, 0]])
+    m = speed_multipliers(spec, seeds, cids)  # [runs, clients]
+    for r, seed in enumerate(seeds.tolist()):
+        assert np.array_equal(m[r], speed_multipliers(spec, seed, cids[r]))
+
+    class Privacy:
+        clipping, clipping_norm = "client", 0.5
+
+    class Cfg:
+        privacy = Privacy()
+
+    delta = {"w": torch.randn(2, 3, 4, 5), "b": torch.randn(2, 3, 5)}  # [runs, clients, ...]
+    clipped = clip_client_updates(Cfg(), delta, client_axes=2)
+    for r in range(2):
+        for c in range(3):
+            one = clip_update({k: v[r, c] for k, v in delta.items()}, 0.5)
+            for k in delta:
+                assert torch.equal(clipped[k][r, c], one[k])
+
+
+def test_a_batch_with_injected_faults_equals_each_run_alone(tiny_config, tmp_path):
+    base = tiny_config("algorithm.name=moml", "faults.fail=0.2", "faults.straggle=0.2",
+                       "faults.dropout=0.1", "federated.round_timeout=60", "federated.rounds=4")
+    cfgs = [replace_paths(base, {**values, "name": f"run{j}"}) for j, values in enumerate(PER_RUN)]
+    rows = [r for run in run_batch_and_compare(cfgs, tmp_path) for r in run[1:]]
+    # the test sees every kind of fault, and what they do
+    assert sum(r["injected"]["fail"] for r in rows) > 0
+    assert sum(r["injected"]["straggle"] + r["injected"]["dropout"] for r in rows) > 0
+    assert sum(r["failures_by_kind"]["error"] for r in rows) > 0
+    assert sum(r["failures_by_kind"]["timeout"] for r in rows) > 0
+
+
+# As tests/test_speed.py: with sigma 20 and a deadline T, a tiny client's measured time (its share
+# of the batch's, 1e-5 s to 30 s on any machine) makes it surely late when its multiplier exceeds
+# T / 1e-5 and surely on time below T / 30; the seeds are the first whose six clients are all sure,
+# some late and at least two not.
+def sure_seeds(count, timeout=1.0):
+    spec = ParticipationConfig(speed="lognormal", speed_sigma=20.0)
+    seeds = []
+    for seed in range(5000):
+        m = speed_multipliers(spec, seed, np.arange(6))
+        late, ok = m > timeout / 1e-5, m < timeout / 30
+        if np.all(late | ok) and late.any() and ok.sum() >= 2:
+            seeds.append(seed)
+            if len(seeds) == count:
+                return seeds
+    raise AssertionError("no seeds")
+
+
+def test_a_batch_with_speeds_and_a_deadline_equals_each_run_alone(tiny_config, tmp_path):
+    base = tiny_config("algorithm.name=moml", "participation.speed=lognormal",
+                       "participation.speed_sigma=20", "federated.round_timeout=1",
+                       "federated.rounds=4", "federated.eval_every=2")
+    seeds = sure_seeds(len(PER_RUN))
+    cfgs = [replace_paths(base, {**values, "seed": seed, "name": f"run{j}"})
+            for j, (values, seed) in enumerate(zip(PER_RUN, seeds))]
+    rows = [r for run in run_batch_and_compare(cfgs, tmp_path) for r in run[1:]]
+    assert sum(r["failures_by_kind"]["timeout"] for r in rows) > 0  # some clients were late
+    assert all(r["train_seconds_max"] <= 1.0 for r in rows if r["replies"])
+
+
+def test_a_batch_whose_clients_all_fail_stops_each_run_as_alone(tiny_config, tmp_path):
+    base = tiny_config("algorithm.name=moml", "faults.fail=1.0", "federated.rounds=5")
+    cfgs = [replace_paths(base, {**values, "name": f"run{j}"}) for j, values in enumerate(PER_RUN)]
+    run_batch_and_compare(cfgs, tmp_path)  # the summaries' status and message included
+    summary = read_summary(tmp_path / "batch" / "run0")
+    assert summary["status"] == "failed" and "InjectedFault" in summary["message"]
+
+
+@pytest.mark.parametrize("participation", [
+    ("participation.model=markov", "participation.markov_on_to_off=0.5",
+     "participation.markov_off_to_on=0.3"),
+    ("participation.model=heterogeneous",),
+    ("federated.sampling=poisson", "federated.clients_per_round=0", "federated.fraction=0.4"),
+], ids=["markov", "heterogeneous", "poisson"])
+def test_a_batch_with_a_participation_model_equals_each_run_alone(tiny_config, tmp_path,
+                                                                 participation):
+    base = tiny_config("algorithm.name=moml", "federated.rounds=5", "federated.eval_every=2",
+                       *participation)
+    cfgs = [replace_paths(base, {**values, "name": f"run{j}"}) for j, values in enumerate(PER_RUN)]
+    runs = run_batch_and_compare(cfgs, tmp_path)
+    sizes = {len(r["clients"]) for run in runs for r in run[1:]}
+    assert len(sizes) > 1  # the cohorts' sizes varied within and across runs
