@@ -30,6 +30,7 @@ left out):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -88,6 +89,17 @@ class MetricsRow:
             if name in _TRAIN:
                 setattr(self, name, value)
 
+    @classmethod
+    def from_dict(cls, row: Mapping[str, Any]) -> "MetricsRow":
+        """A row as written (a line of metrics.jsonl, or :meth:`as_dict`). ``null`` floats are the
+        NaN/inf the file cannot hold (fedmaml/results/recorder.py) and come back as NaN."""
+        unknown = [k for k in row if k not in _ORDER]
+        if unknown:
+            raise ValueError(f"metrics row of round {row.get('round')}: unknown key(s) "
+                             f"{', '.join(map(repr, unknown))}; a row holds {', '.join(_ORDER)}")
+        values = {k: (math.nan if v is None and k in _FLOATS else v) for k, v in row.items()}
+        return cls(**values)
+
     def as_dict(self) -> dict[str, Any]:
         """The row as written: today's keys in today's order, absent fields left out."""
         row: dict[str, Any] = {}
@@ -103,4 +115,5 @@ class MetricsRow:
 
 
 _TRAIN = ("loss_before", "loss_after", "train_seconds_max")
+_FLOATS = (*_TRAIN, "seconds")
 _ORDER = tuple(f.name for f in fields(MetricsRow))
