@@ -84,26 +84,23 @@ class RunLedger:
     # -- rounds -----------------------------------------------------------------------------------
     def record(self, rows: Iterable[MetricsRow], last_error: str = "") -> list[dict[str, Any]]:
         """Write rows, in order, to metrics.jsonl and the trackers, and account for them; return
-        them as written. Raises :class:`~fedmaml.federated.health.RunStopped` at the row after which the run must stop (it
-        and the rows before it are written)."""
+        them as written. Each row is in the file before the health rules see it (a crash or a kill
+        there keeps it). Raises :class:`~fedmaml.federated.health.RunStopped` at the row after
+        which the run must stop (the rows after it are not written)."""
         written: list[dict[str, Any]] = []
-        try:
-            for row in rows:
-                if row.round > 0 and faults.enabled(self.cfg):  # what was injected, beside
-                    row.injected = faults.injected(self.cfg, row.clients or [], row.round)
-                    for k, n in row.injected.items():
-                        self.state["injected"][k] += n
-                written.append(d := row.as_dict())
-                if row.pattern_selection is not None:  # the table also gets a file of its own
-                    write_selection(self.dir, row.pattern_selection)
-                self.health.observe(d, last_error)  # raises RunStopped: diverged or failed
-                self._note_evaluation(row)
-        finally:
-            self.recorder.log_rounds(written)
-            for d in written:
-                self.tracker.log_round(d)
-            if written:
-                self.state["seconds"] = written[-1]["seconds"]
+        for row in rows:
+            if row.round > 0 and faults.enabled(self.cfg):  # what was injected, beside what
+                row.injected = faults.injected(self.cfg, row.clients or [], row.round)  # counted
+                for k, n in row.injected.items():
+                    self.state["injected"][k] += n
+            written.append(d := row.as_dict())
+            self.recorder.log_round(d)
+            self.state["seconds"] = row.seconds
+            self.tracker.log_round(d)
+            if row.pattern_selection is not None:  # the table also gets a file of its own
+                write_selection(self.dir, row.pattern_selection)
+            self.health.observe(d, last_error)  # raises RunStopped: diverged or failed
+            self._note_evaluation(row)
         return written
 
     def _note_evaluation(self, row: MetricsRow) -> None:
