@@ -224,3 +224,22 @@ def test_train_configs_batches_reuses_finished_runs_and_refuses_a_changed_one(ti
     changed = [replace_paths(configs[0], {"federated.eval_every": 3}), *configs[1:]]
     with pytest.raises(FedmamlError, match=r"run0.*federated\.eval_every"):
         train_configs(changed)
+
+
+def test_compare_with_baselines_run_as_batches_of_their_own(tiny_config, tmp_path):
+    # Each run's baseline is a run of its own (its directory under <run>/baselines/, its ledger),
+    # trained in a batch with the other runs' baselines; each equals the same run alone.
+    from fedmaml.experiment import baseline_config
+    from fedmaml.sweep import train_configs
+
+    cfgs = configs_of(tiny_config, tmp_path, ("algorithm.name=moml", "compare_with=[fedavg]"),
+                      PER_RUN[:2])
+    cfgs = [replace_paths(c, {"output_dir": str(tmp_path / "batch")}) for c in cfgs]
+    assert train_configs(cfgs, vectorize=True) == {str(tmp_path / "batch" / c.name): None
+                                                   for c in cfgs}
+    for cfg in cfgs:
+        run_dir = tmp_path / "batch" / cfg.name
+        base = baseline_config(cfg, "fedavg")
+        for c, d in ((cfg, run_dir), (base, run_dir / "baselines" / "fedavg")):
+            assert read_summary(d)["batch"]["runs"] == 2, d  # trained in a batch of two
+            assert_equal_to_alone(c, d, tmp_path / "alone" / c.name)

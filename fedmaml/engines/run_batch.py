@@ -29,7 +29,10 @@ be resumed alone (``fedmaml run --resume`` with ``engine.name: vectorized``).
 
 What a batch cannot hold (:func:`batch_refusal`): injected faults, differential privacy, Poisson
 client sampling, round deadlines, participation models other than uniform, compute-speed models,
-pattern selection and ``compare_with`` baselines. ``fedmaml sweep --vectorize`` runs such runs one by one, as without it.
+pattern selection. ``fedmaml sweep --vectorize`` runs such runs one by one, as without it. A
+run's ``compare_with`` baselines are runs of their own (their own directories and ledgers, under
+``<run>/baselines/``): a batch trains only the runs it is given, and the sweep trains the baselines
+of a batch's runs as batches of their own after it (fedmaml/sweep.py ``execute_batch``).
 """
 
 from __future__ import annotations
@@ -85,8 +88,6 @@ _TASK_CACHE = 4096
 
 def batch_refusal(cfg: Any) -> str | None:
     """Why ``cfg`` cannot run in a batch (``None``: it can)."""
-    if cfg.compare_with:
-        return "compare_with baselines run inside the run directory"
     if any((cfg.faults.fail, cfg.faults.straggle, cfg.faults.dropout)):
         return "faults are injected"
     if cfg.privacy.clipping != "none" or cfg.privacy.noise_multiplier > 0:
