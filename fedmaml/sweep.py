@@ -349,6 +349,31 @@ def resolve_jobs(jobs: int, base: Config) -> int:
 
 def execute_batch(configs: list[Config], run_dirs: list[Path], quiet: bool = True
                   ) -> list[tuple[float, str | None]]:
+    """Run ``configs`` as one vectorized batch (:func:`execute_one_batch`), then their
+    ``compare_with`` baselines, one batch per baseline, each run into its own directory under
+    ``<run>/baselines/`` as ``run_experiment`` writes it: one outcome per run (its error, else its
+    first baseline's). Runs or baselines that ended before are skipped; after an interruption the
+    later batches are not started (as ``run_experiment`` stops a run's later baselines)."""
+    from fedmaml.experiment import baseline_config
+
+    start = time.perf_counter()
+    errors: list[str | None] = [None] * len(configs)
+    names = list(configs[0].compare_with)  # the batch's runs share it (batch_key)
+    for name in [None, *names]:
+        # a run (or baseline) that ended before stays as it is: the batch would clear it
+        todo = [k for k, d in enumerate(run_dirs) if errors[k] is None and finished_status(
+            d if name is None else d / "baselines" / name) is None]
+        if not todo:
+            continue
+        cfgs = [configs[k] if name is None else baseline_config(configs[k], name) for k in todo]
+        dirs = [run_dirs[k] if name is None else run_dirs[k] / "baselines" / name for k in todo]
+        for k, (_, error) in zip(todo, execute_one_batch(cfgs, dirs, quiet)):
+            errors[k] = error
+    return [(time.perf_counter() - start, e) for e in errors]
+
+
+def execute_one_batch(configs: list[Config], run_dirs: list[Path], quiet: bool = True
+                      ) -> list[tuple[float, str | None]]:
     """Run ``configs`` as one vectorized batch (fedmaml/engines/run_batch.py): one outcome per run,
     as :func:`execute_run` gives it. When every run has a checkpoint after the same round the batch
     continues from there; otherwise its leftovers are cleaned and it starts again. An exception
@@ -409,7 +434,7 @@ def plan_batches(todo: list[PlannedRun], sweep_dir: Path, jobs: int
     alone: list[PlannedRun] = []
     why: dict[str, str] = {}
     for run in todo:
-        reason = batch_refusal(run.config)
+        reason = batch_refusal(run.config) or _baseline_refusal(run.config)
         at = None
         if reason is None and (sweep_dir / run.name / CHECKPOINT_FILE).exists():
             saved = load_checkpoint(sweep_dir / run.name)  # a corrupt one says how to start again
@@ -430,6 +455,17 @@ def plan_batches(todo: list[PlannedRun], sweep_dir: Path, jobs: int
         size = min(math.ceil(len(runs) / min(split, len(runs))), _batch_limit(runs[0].config))
         batches += [runs[at:at + size] for at in range(0, len(runs), size)]
     return batches, alone, why
+
+
+def _baseline_refusal(cfg: Config) -> str | None:
+    """Why one of ``cfg``'s ``compare_with`` baselines cannot run in a batch (``None``: they can)."""
+    from fedmaml.engines.run_batch import batch_refusal
+    from fedmaml.experiment import baseline_config
+
+    for name in cfg.compare_with:
+        if (why := batch_refusal(baseline_config(cfg, name))) is not None:
+            return f"its compare_with baseline {name}: {why}"
+    return None
 
 
 def _batch_limit(cfg: Config) -> int:

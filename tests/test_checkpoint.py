@@ -148,13 +148,13 @@ def test_periodic_checkpoints_survive_a_kill(tiny_config, tmp_path):
     config.write_text(dump_yaml(cfg))
     script = ("import sys, os, signal\n"
               "from fedmaml.config import load_config\n"
-              "from fedmaml.federated import server_app\n"
+              "from fedmaml.federated import health\n"
               "from fedmaml.experiment import run_experiment\n"
-              "observe = server_app.RunHealth.observe\n"
+              "observe = health.RunHealth.observe\n"
               "def kill_in_5(self, row, last_error=''):\n"
               "    observe(self, row, last_error)\n"
               "    if row['round'] == 5: os.kill(os.getpid(), signal.SIGKILL)\n"
-              "server_app.RunHealth.observe = kill_in_5\n"
+              "health.RunHealth.observe = kill_in_5\n"
               f"run_experiment(load_config({str(config)!r}), quiet=True, run_dir={str(tmp_path / 'cut')!r})\n")
     done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(REPO)},
                           capture_output=True, text=True, timeout=300)

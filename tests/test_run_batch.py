@@ -17,6 +17,7 @@ from fedmaml.cli import main
 from fedmaml.config import dump_yaml, replace_paths
 from fedmaml.engines.run_batch import RunBatch, batch_key, batch_refusal
 from fedmaml.federated import checkpoint
+from fedmaml.results.metrics_row import MetricsRow
 from fedmaml.results.recorder import MODEL_FILE, read_metrics, read_summary
 from tests.test_checkpoint import stop_after  # noqa: F401 - a fixture
 from tests.test_vectorized import (CASES, assert_close_values, assert_params_close,
@@ -64,7 +65,8 @@ def assert_equal_to_alone(cfg, batch_dir, alone_dir, memory=None):
     rows_b = read_metrics(batch_dir)
     assert len(rows_a) == len(rows_b) <= cfg.federated.rounds + 1
     for a, b in zip(rows_a, rows_b):
-        assert list(a) == list(b), f"round {a['round']}: the row's keys and their order"
+        for row in (a, b):  # each is a row of the one type, written as the type writes it
+            assert list(MetricsRow.from_dict(row).as_dict()) == list(row), row["round"]
         assert_close_values(a, b, f"{cfg.name} round {a['round']}")
     assert_params_close(model_a, torch.load(batch_dir / MODEL_FILE, weights_only=True),
                         f"{cfg.name}: final model")
@@ -229,3 +231,22 @@ def test_train_configs_batches_reuses_finished_runs_and_refuses_a_changed_one(ti
     changed = [replace_paths(configs[0], {"federated.eval_every": 3}), *configs[1:]]
     with pytest.raises(FedmamlError, match=r"run0.*federated\.eval_every"):
         train_configs(changed)
+
+
+def test_compare_with_baselines_run_as_batches_of_their_own(tiny_config, tmp_path):
+    # Each run's baseline is a run of its own (its directory under <run>/baselines/, its ledger),
+    # trained in a batch with the other runs' baselines; each equals the same run alone.
+    from fedmaml.experiment import baseline_config
+    from fedmaml.sweep import train_configs
+
+    cfgs = configs_of(tiny_config, tmp_path, ("algorithm.name=moml", "compare_with=[fedavg]"),
+                      PER_RUN[:2])
+    cfgs = [replace_paths(c, {"output_dir": str(tmp_path / "batch")}) for c in cfgs]
+    assert train_configs(cfgs, vectorize=True) == {str(tmp_path / "batch" / c.name): None
+                                                   for c in cfgs}
+    for cfg in cfgs:
+        run_dir = tmp_path / "batch" / cfg.name
+        base = baseline_config(cfg, "fedavg")
+        for c, d in ((cfg, run_dir), (base, run_dir / "baselines" / "fedavg")):
+            assert read_summary(d)["batch"]["runs"] == 2, d  # trained in a batch of two
+            assert_equal_to_alone(c, d, tmp_path / "alone" / c.name)

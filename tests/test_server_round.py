@@ -5,6 +5,7 @@ account are its own, so a private run of a batch equals the same run alone (rows
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -14,7 +15,8 @@ from fedmaml.core.server import ServerOptimizer, aggregate_stacked
 from fedmaml.engines.run_batch import RunBatch
 from fedmaml.federated.participation import client_sampling, poisson_mask
 from fedmaml.federated.privacy import UpdatePrivacy
-from fedmaml.federated.server_round import DIVERGED, ROUND_KEYS, aggregate_round
+from fedmaml.federated.server_round import DIVERGED, RoundRecord, aggregate_round
+from fedmaml.results.metrics_row import ROUND_KEYS
 from fedmaml.federated.strategy import MetaStrategy
 from fedmaml.results.recorder import read_summary
 from tests.test_run_batch import PER_RUN, assert_equal_to_alone, configs_of, memories_of
@@ -87,6 +89,7 @@ def test_several_runs_against_an_independent_computation(weighted):
     assert result.records[3].failures_by_kind["timeout"] == 2
     assert result.moved.tolist() == [True, False, False, True]
     assert opt.steps.tolist() == [1.0, 0.0, 0.0, 1.0]  # the runs kept out did not step
+    assert [f.name for f in dataclasses.fields(RoundRecord)] == list(ROUND_KEYS)
     assert list(result.records[2].row()) == list(ROUND_KEYS)
     assert list(result.records[0].row()) == list(ROUND_KEYS[:-1])
 

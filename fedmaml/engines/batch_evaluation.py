@@ -47,7 +47,7 @@ class RunBatchState(Protocol):
     algorithm: Any
     loss_fn: Any
 
-    def _sync_staleness(self, i: int) -> None: ...
+    def sync_staleness(self, i: int) -> None: ...
 
 #: Adaptations vmapped in one call (bounds the activations held at once).
 CHUNK = 2048
@@ -137,7 +137,7 @@ class BatchEvaluator:
                 outcomes.append((evaluate_client(setup, cid, w, _Store(b, i, cid)), None))
             except Exception as e:  # noqa: BLE001 - the client fails, the panel goes on
                 outcomes.append((None, f"evaluation error: client {cid}: {type(e).__name__}: {e}"))
-        b._sync_staleness(i)
+        b.sync_staleness(i)
         return dict(strategy.evaluation_metrics(server_round, cids, outcomes))
 
     def _stacked(self, runs: list[int], server_round: int) -> dict[int, dict[str, Any]]:
@@ -189,7 +189,7 @@ class BatchEvaluator:
                 outcomes.append((client_evaluation(
                     sums[(i, cid)], per_item_ms * items[(i, cid)] / count,
                     tracked_sums.get((i, cid)), panel.examples[cid], cid, cid >= n), None))
-            b._sync_staleness(i)
+            b.sync_staleness(i)
             out[i] = dict(strategy.evaluation_metrics(server_round, panel.cids, outcomes))
         return out
 

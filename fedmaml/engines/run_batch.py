@@ -19,10 +19,11 @@ such runs along a leading run axis and takes every round of all of them at once:
    by examples; clipped and noised per run with its own stream when private; the algorithm's own
    server rule run by run) and stepped by the server optimizer with the run's own rate and state,
    a non-finite ``w`` kept out;
-5. every run writes its own run directory as :func:`~fedmaml.federated.server_app.run_federated`
-   does: the same metrics.jsonl rows (``seconds`` is the batch's clock), summary.json with its own
-   status, model.pt, convergence.png, checkpoints and tracking. A run that diverges (or fails) ends
-   there with its status and leaves the batch; the others go on.
+5. every run keeps its books in its own run ledger (fedmaml/federated/run_ledger.py), as a run
+   alone does: the same metrics.jsonl rows (:class:`~fedmaml.results.metrics_row.MetricsRow`;
+   ``seconds`` is the batch's clock), summary.json with its own status, model.pt, convergence.png,
+   checkpoints and tracking. A run that diverges (or fails) ends there with its status and leaves
+   the batch; the others go on.
 
 Evaluation rounds evaluate each run's panel client by client with the client library's
 ``evaluate_client``, summarised by the strategy's own code, so the ``eval`` rows equal the run
@@ -36,12 +37,16 @@ arrives late), compute-speed models and round deadlines (each client's share of 
 times its speed, against ``federated.round_timeout``) decide the valid clients of each run.
 Availability models (``participation.model``) and Poisson sampling draw each run's cohort with its
 own strategy (sizes vary: cohorts are padded, the padding does no work and counts nowhere: the
-server round's valid mask). What a batch cannot hold (:func:`batch_refusal`): pattern selection and
-``compare_with`` baselines. ``fedmaml sweep --vectorize`` runs such runs one by one, as without it.
+server round's valid mask). A run's ``compare_with`` baselines are runs of their own (their own
+directories and ledgers, under ``<run>/baselines/``): a batch trains only the runs it is given, and
+the sweep trains the baselines of a batch's runs as batches of their own after it
+(fedmaml/sweep.py ``execute_batch``). What a batch cannot hold (:func:`batch_refusal`): pattern
+selection. ``fedmaml sweep --vectorize`` runs such runs one by one, as without it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -70,18 +75,15 @@ from fedmaml.engines.vectorized import unbatchable_reason
 from fedmaml.models.module import is_user_model
 from fedmaml.federated import checkpoint
 from fedmaml.federated import records as R
-from fedmaml.federated.health import RunHealth, RunStopped
+from fedmaml.federated.health import RunStopped
 from fedmaml.federated.participation import sample_cohorts
-from fedmaml.federated.server_app import (new_run_state, note_evaluation, run_health,
-                                          run_summary)
+from fedmaml.federated.run_ledger import RunLedger
 from fedmaml.federated.server_round import aggregate_round
+from fedmaml.federated.server_state import ServerState
 from fedmaml.federated.setup import ExperimentSetup, resolve_device, setup_for
 from fedmaml.federated.strategy import TRAIN_METRICS, MetaStrategy
-from fedmaml.provenance import run_provenance
-from fedmaml.results.plots import plot_run
+from fedmaml.results.metrics_row import MetricsRow, round_fields
 from fedmaml.results.progress import Progress
-from fedmaml.results.recorder import RunRecorder
-from fedmaml.tracking import open_tracker
 
 log = logging.getLogger("fedmaml")
 
@@ -102,8 +104,6 @@ _TASK_CACHE = 4096
 
 def batch_refusal(cfg: Config) -> str | None:
     """Why ``cfg`` cannot run in a batch (``None``: it can)."""
-    if cfg.compare_with:
-        return "compare_with baselines run inside the run directory"
     if cfg.pattern_selection.mode != "none":
         return "Lambda patterns are selected during the run (pattern_selection.mode)"
     # "cuda" joins no batch even where it is missing: the run alone is then refused up front with
@@ -156,18 +156,19 @@ class RunBatch:
         self.algorithm, self.model, self.loss_fn = first.algorithm, first.model, first.loss_fn
         self.rounds = self.cfgs[0].federated.rounds
         self.strategies = [MetaStrategy(s) for s in self.setups]
-        saved = [checkpoint.load(d) for d in self.dirs] if resume else [None] * len(self.dirs)
+        # Each run's books (rows, trackers, health, checkpoints, end), as a run alone keeps them.
+        # The process's random generators stay: a batch draws from counter-based streams.
+        self.ledgers = [RunLedger(c, d, "accuracy" if s.classification else "loss",
+                                  resume=resume, rng=False)
+                        for c, d, s in zip(self.cfgs, self.dirs, self.setups)]
+        for ledger, c in zip(self.ledgers, self.cfgs):
+            ledger.label = f"{c.name}: "
         self.first_round, self.resumed = 1, resume
         if resume:
-            at = {s["round"] for s in saved}
+            at = {ledger.resumed[0] for ledger in self.ledgers}
             if len(at) != 1:
                 raise ValueError(f"the checkpoints of a batch must be after one round, got {at}")
             self.first_round = at.pop() + 1  # round 0 (the evaluation before training) is done
-        self.recorders = [RunRecorder(d, c, metrics=s["metrics"] if s else None)
-                          for d, c, s in zip(self.dirs, self.cfgs, saved)]
-        self.trackers = [open_tracker(c, d) for c, d in zip(self.cfgs, self.dirs)]
-        self.healths: list[RunHealth] = [run_health(c) for c in self.cfgs]
-        self.states: list[dict[str, Any]] = [new_run_state() for _ in self.cfgs]
         self.results: dict[int, dict[str, Any]] = {}  # run index -> summary, once it ended
         self.live = list(range(len(self.cfgs)))  # run indices along the batch axis
         self.progress = Progress(self.rounds, quiet=quiet,
@@ -211,7 +212,7 @@ class RunBatch:
         self.bytes_down, self.bytes_up = R.to_record(like).count_bytes(), R.row_bytes(like)
         self.evaluator = BatchEvaluator(self)
         if resume:
-            self._restore(saved)
+            self._restore()
 
     # -- the run loop ---------------------------------------------------------------------------
     def run(self) -> dict[int, dict[str, Any]]:
@@ -230,8 +231,7 @@ class RunBatch:
                     self.progress.update(server_round, f"{len(self.live)} runs going")
         except BaseException as e:  # a crash: the trackers' runs end too, as what happened
             for i in self.live:
-                self.trackers[i].abort("interrupted" if isinstance(e, KeyboardInterrupt)
-                                       else "failed")
+                self.ledgers[i].abort(e)
             raise
         for i in list(self.live):
             self._finish(i, "completed", "")
@@ -410,7 +410,7 @@ class RunBatch:
         its health checked now (``alarm``), at a stop request, every few hundred rounds and at the
         end; each run's rows are written, tracked and checked by its health rules in order."""
         stop = checkpoint.stop_requested()
-        due = [i for i in self.live if self._checkpoint_due(i, server_round, stop)]
+        due = [i for i in self.live if self.ledgers[i].checkpoint_due(server_round, stop)]
         if not (evaluate or alarm or due or stop or server_round in (0, self.rounds)
                 or len(self.pending) >= _FLUSH_ROUNDS):
             return
@@ -425,46 +425,28 @@ class RunBatch:
         ended: list[tuple[int, RunStopped]] = []
         for i in list(self.live):
             rows = []
+            for p in pending:
+                row = _row_of(p, p["position"][i])
+                if p["round"] == server_round and i in evals:
+                    row.eval = evals[i]
+                if p["round"] > 0 and faults_enabled(self.cfgs[i]):  # drawn once, this round
+                    row.injected = dict(p["injected"][p["position"][i]])
+                rows.append(row)
             try:
-                for p in pending:
-                    row = _row_of(p, p["position"][i])
-                    if p["round"] == server_round and i in evals:
-                        row["eval"] = evals[i]
-                        # the totals follow the evaluation; "samples" keeps its place when the
-                        # round's own (train metrics) put it before
-                        after = ("bytes_up", "bytes_down", "seconds") if "train_seconds_max" in row \
-                            else ("samples", "bytes_up", "bytes_down", "seconds")
-                        row.update({k: row.pop(k) for k in after})
-                    if p["round"] > 0 and faults_enabled(self.cfgs[i]):  # as run_federated adds
-                        row["injected"] = dict(p["injected"][p["position"][i]])
-                        for k, n in row["injected"].items():
-                            self.states[i]["injected"][k] += n
-                    rows.append(row)
-                    self.healths[i].observe(row, self.strategies[i].last_error)
-                    note_evaluation(self.states[i], row)
+                self.ledgers[i].record(rows, self.strategies[i].last_error)
             except RunStopped as e:
                 ended.append((i, e))
             finally:
                 self.strategies[i].round_stats = {}
-                self.recorders[i].log_rounds(rows)
-                for row in rows:
-                    self.trackers[i].log_round(row)
-                if rows:
-                    self.states[i]["seconds"] = rows[-1]["seconds"]
         for i, e in ended:
             self._finish(i, e.status, e.message, distrust_w=e.distrust_w)
         for i in self.live:
-            if self._checkpoint_due(i, server_round, stop):
+            if self.ledgers[i].checkpoint_due(server_round, stop):
                 self._save_checkpoint(i, server_round)
         if stop and server_round < self.rounds:
             for i in list(self.live):
                 self._finish(i, "interrupted", f"interrupted after round {server_round}; resume "
                              "with the same fedmaml sweep command")
-
-    def _checkpoint_due(self, i: int, server_round: int, stop: bool) -> bool:
-        every = self.cfgs[i].federated.checkpoint_every
-        return server_round < self.rounds and (stop or bool(every and server_round > 0
-                                                            and server_round % every == 0))
 
     # -- pieces -----------------------------------------------------------------------------------
     def _client_tasks(self, i: int, cid: int) -> list[Task]:
@@ -503,22 +485,14 @@ class RunBatch:
 
     # -- ending, checkpoints ----------------------------------------------------------------------
     def _finish(self, i: int, status: str, message: str, distrust_w: bool = False) -> None:
-        """End run ``i``: its summary, model.pt (the last good model), figure and trackers; it
-        leaves the batch."""
+        """End run ``i`` in its ledger (summary, model.pt: the last good model, figure, trackers);
+        it leaves the batch."""
         j = self.live.index(i)
-        cfg, strategy = self.cfgs[i], self.strategies[i]
-        if status != "completed":
-            (log.warning if status == "interrupted" else log.error)("%s: %s", cfg.name, message)
-        self._sync_strategy(i)
-        summary = run_summary(cfg, strategy, self.healths[i], self.states[i], status, message)
-        summary["batch"] = {"runs": len(self.cfgs), "engine": "fedmaml sweep --vectorize"}
+        self.sync_staleness(i)  # the summary's participation
         model = _row(self.w_before if distrust_w else self.w, j)
-        self.recorders[i].finish(summary, model, self.states[i]["provenance"])
-        if status != "interrupted":
-            checkpoint.remove(self.dirs[i])
-        plot_run(self.dirs[i])
-        self.trackers[i].finish(summary, self.dirs[i])
-        self.results[i] = summary
+        self.results[i] = self.ledgers[i].finish(
+            status, message, model, self.strategies[i].summary_parts(),
+            extra={"batch": {"runs": len(self.cfgs), "engine": "fedmaml sweep --vectorize"}})
         self._drop(j)
 
     def _drop(self, j: int) -> None:
@@ -535,28 +509,26 @@ class RunBatch:
 
     def _save_checkpoint(self, i: int, server_round: int) -> None:
         """Run ``i``'s checkpoint, in the format a run alone writes (memories as a memory bank)."""
-        strategy = self.strategies[i]
-        self._sync_strategy(i)
-        checkpoint.save(self.dirs[i], {
-            "round": server_round, "seconds": self.states[i]["seconds"],
-            "rng": checkpoint.rng_state(), "strategy": strategy.checkpoint_state(),
-            "memories": {"bank": self._bank_state(i)}, "health": self.healths[i].state(),
-            "app": self.states[i], "metrics": self.recorders[i].text()}, self.cfgs[i])
+        self.ledgers[i].save_checkpoint(server_round, self._server_state(i),
+                                        {"bank": self._bank_state(i)})
 
-    def _sync_strategy(self, i: int) -> None:
-        """Run ``i``'s strategy holds the batch's state of it (for a checkpoint or the summary)."""
-        s = self.strategies[i]
-        if i in self.live:
-            j = self.live.index(i)
-            s.w, s.w_before_update = _row(self.w, j), _row(self.w_before, j)
-            s.optimizer.state = {k: v[j].clone() for k, v in self.optimizer.state.items()}
-            s.optimizer.steps = int(self.optimizer.steps[j])
-        s.totals = {k: int(v[i]) for k, v in self.totals.items()}
-        s.touched = set(np.flatnonzero(self.last[i] >= 0).tolist())
-        s.trained = set(np.flatnonzero(self.trained[i]).tolist())
-        self._sync_staleness(i)
+    def _server_state(self, i: int) -> ServerState:
+        """Run ``i``'s server state, from the batch's tensors (the participation staleness, the
+        selector and the privacy account are its strategy's own)."""
+        self.sync_staleness(i)
+        j = self.live.index(i)
+        return dataclasses.replace(
+            self.strategies[i].export_state(), w=_row(self.w, j),
+            w_before_update=_row(self.w_before, j),
+            optimizer_state={k: v[j].clone() for k, v in self.optimizer.state.items()},
+            optimizer_steps=int(self.optimizer.steps[j]),
+            trained=np.flatnonzero(self.trained[i]).tolist(),
+            touched=np.flatnonzero(self.last[i] >= 0).tolist(),
+            totals={k: int(v[i]) for k, v in self.totals.items()})
 
-    def _sync_staleness(self, i: int) -> None:
+    def sync_staleness(self, i: int) -> None:
+        """Run ``i``'s strategy's staleness gets the participations the batch counted since (its
+        evaluation and summary read it)."""
         staleness = self.strategies[i].staleness
         if self.gaps[i]:
             staleness.add_gaps(np.concatenate(self.gaps[i]))
@@ -570,23 +542,22 @@ class RunBatch:
         return {"format": BANK_FORMAT, "num_clients": n, "client_ids": index,
                 "memory": {k: v[i].index_select(0, index).clone() for k, v in self.memory.items()}}
 
-    def _restore(self, saved: list[dict[str, Any]]) -> None:
-        """Every run's state from its checkpoint (as ``run_federated`` resumes a run)."""
-        for i, s in enumerate(saved):
+    def _restore(self) -> None:
+        """Every run's state from its checkpoint, as its ledger read it (as a run alone resumes)."""
+        states = []
+        for i, ledger in enumerate(self.ledgers):
+            _, _, state, memories = ledger.resumed
+            states.append(state)
             strategy = self.strategies[i]
-            strategy.restore_state(s["strategy"])
+            strategy.import_state(state)  # its staleness, selector and privacy account
             self.last[i] = strategy.staleness.last
             strategy.staleness.last = self.last[i]
-            self.trained[i, sorted(strategy.trained)] = True
-            self.healths[i].restore(s["health"])
-            self.states[i] = s["app"]
-            self.states[i]["provenance"] = run_provenance(s["app"].get("provenance"))
+            self.trained[i, state.trained] = True
             for k in self.totals:
-                self.totals[k][i] = int(strategy.totals[k])
-            bank = s["memories"].get("bank")
-            if bank is None and "clients" in s["memories"]:  # another engine's checkpoint
-                bank = checkpoint.clients_to_bank(s["memories"]["clients"],
-                                                  self.has_memory.shape[1])
+                self.totals[k][i] = int(state.totals[k])
+            bank = memories.get("bank")
+            if bank is None and "clients" in memories:  # another engine's checkpoint
+                bank = checkpoint.clients_to_bank(memories["clients"], self.has_memory.shape[1])
             if self.memory:
                 if bank is None:
                     raise ValueError(f"{self.dirs[i]}: the checkpoint holds references to memory "
@@ -595,31 +566,29 @@ class RunBatch:
                 for k, v in bank["memory"].items():
                     self.memory[k][i, ids] = v
                 self.has_memory[i, ids.numpy()] = True
-        self.w = _stack([s.w for s in self.strategies])
-        self.w_before = _stack([s.w_before_update for s in self.strategies])
-        names = list(self.strategies[0].optimizer.state)
-        self.optimizer.state = {k: torch.stack([s.optimizer.state[k] for s in self.strategies])
-                                for k in names}
-        self.optimizer.steps = torch.tensor([float(s.optimizer.steps) for s in self.strategies],
+        self.w = _stack([s.w for s in states])
+        self.w_before = _stack([s.w_before_update for s in states])
+        self.optimizer.state = {k: torch.stack([s.optimizer_state[k] for s in states])
+                                for k in states[0].optimizer_state}
+        self.optimizer.steps = torch.tensor([float(s.optimizer_steps) for s in states],
                                             dtype=torch.float64)
-        self.seconds = max(float(s["seconds"]) for s in saved)
+        self.seconds = max(ledger.resumed[1] for ledger in self.ledgers)
 
 
-def _row_of(pending: dict[str, Any], j: int) -> dict[str, Any]:
-    """Run ``j``'s metrics row of a pending round, keyed as ``MetaStrategy.start`` writes it."""
-    row: dict[str, Any] = {"round": pending["round"]}
+def _row_of(pending: dict[str, Any], j: int) -> MetricsRow:
+    """Run ``j``'s metrics row of a pending round."""
+    row = MetricsRow(pending["round"])
     if pending["round"] > 0:
         record = pending["records"][j]
-        if pending["available"][j] is not None:  # an availability model's count, as a run alone's
-            row["available"] = pending["available"][j]
-        row.update(record.row())
+        row = MetricsRow(pending["round"], available=pending["available"][j],
+                         **round_fields(record.row()))
         if record.replies:
-            for key, v in pending["losses"].items():
-                row[key.replace("-", "_")] = v[j]
-            row["samples"] = pending["samples"][j]
-            row["train_seconds_max"] = pending["train_seconds_max"][j]
-    row.update({k: v[j] for k, v in pending["totals"].items()},
-               seconds=pending["seconds"])
+            row.set_train({**{k: v[j] for k, v in pending["losses"].items()},
+                           "train-seconds-max": pending["train_seconds_max"][j]})
+    totals = pending["totals"]
+    row.samples, row.bytes_up, row.bytes_down = (
+        totals["samples"][j], totals["bytes_up"][j], totals["bytes_down"][j])
+    row.seconds = pending["seconds"]
     return row
 
 

@@ -22,7 +22,6 @@ It imports neither flwr nor ray: decoding replies is the strategy's job (docs/ar
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -33,6 +32,7 @@ from fedmaml.core.params import Params
 from fedmaml.core.server import ServerOptimizer, aggregate_stacked, per_run
 from fedmaml.federated.health import round_outcome
 from fedmaml.federated.privacy import UpdatePrivacy
+from fedmaml.results.metrics_row import ROUND_KEYS  # the record's fields, in the row's order
 
 #: Why a run's update was not applied although enough updates arrived (its ``diverged`` key).
 DIVERGED = "the aggregated update is not finite (the model would hold NaN or infinite values)"
@@ -43,7 +43,8 @@ ServerRule = Callable[[Params, torch.Tensor], Params]
 
 @dataclass
 class RoundRecord:
-    """What one run's server round came to: the round's keys of its metrics row."""
+    """What one run's server round came to: the round's keys of its metrics row (its fields are
+    :data:`~fedmaml.results.metrics_row.ROUND_KEYS`, in that order)."""
 
     clients: list[int]  # sampled ids
     replies: int  # valid updates (arrived, decoded, finite)
@@ -60,9 +61,6 @@ class RoundRecord:
             out["diverged"] = self.diverged
         return out
 
-
-#: The round record's keys in a metrics row, in their order.
-ROUND_KEYS = tuple(f.name for f in dataclasses.fields(RoundRecord))
 
 
 @dataclass

@@ -23,19 +23,8 @@
   clients available that round under ``participation.model``; the rounds since each sampled
   client's previous participation are counted as it is sampled.
 
-One ``metrics.jsonl`` row per round (``on_round``): ``round``; for rounds >= 1 ``clients`` (sampled
-ids), ``replies`` (valid), ``failures`` (errors, malformed and missing replies and rejected
-updates), ``failures_by_kind`` (``error``, ``timeout``, ``malformed``), ``rejected`` (updates holding
-NaN/inf), ``updated`` (whether ``w`` changed), ``memory_resets`` / ``memory_reset_clients`` (only when a
-device's corrupt memory file was replaced by a fresh memory, ``memory-reset=true``), ``diverged`` (only when the aggregated update was not
-finite), ``available`` (clients available, under a participation model other than uniform),
-``loss_before`` / ``loss_after`` / ``train_seconds_max`` (when a reply
-arrived); on evaluation rounds ``eval`` (``<group>.<metric>.<stat>``, ``<group>.<metric>.clients``,
-``<group>.ids``, ``eval-failures``, and the memory diagnostics of :meth:`MetaStrategy.memory_metrics`
-and ``seen.staleness.*``); and always the running totals ``samples`` (training examples
-drawn by clients that replied), ``bytes_up`` / ``bytes_down`` (array bytes of training replies /
-instructions; evaluation traffic is a measurement, not part of the algorithm's cost, and is not
-counted) and ``seconds`` since the start.
+One ``metrics.jsonl`` row per round (``on_round``): a
+:class:`~fedmaml.results.metrics_row.MetricsRow`, whose module documents its keys.
 """
 
 from __future__ import annotations
@@ -66,11 +55,13 @@ from fedmaml.federated.discovery import PartitionDirectory
 from fedmaml.federated.health import FAILURE_KINDS
 from fedmaml.federated.participation import Participation, Staleness, client_sampling
 from fedmaml.federated.participation import sample_clients  # noqa: F401 - its former home
-from fedmaml.federated.pattern_selection import PatternSelector
+from fedmaml.federated.pattern_selection import PatternSelector, selection_summary
 from fedmaml.federated.privacy import UpdatePrivacy
 from fedmaml.federated.reply_pull import puller_for
-from fedmaml.federated.server_round import ROUND_KEYS, RoundRecord, aggregate_round
+from fedmaml.federated.server_round import RoundRecord, aggregate_round
+from fedmaml.federated.server_state import ServerState
 from fedmaml.federated.setup import ExperimentSetup
+from fedmaml.results.metrics_row import MetricsRow, round_fields
 from fedmaml.results.progress import status
 
 log = logging.getLogger("fedmaml")
@@ -591,29 +582,41 @@ class MetaStrategy(Strategy):
                   for cid, kind, reason in failed)]
 
     # -- checkpoints (fedmaml/federated/checkpoint.py) ------------------------------------------
-    def checkpoint_state(self) -> dict[str, Any]:
+    def export_state(self) -> ServerState:
         """The server's state after a round: what the rest of the run depends on."""
         sel = self.selector
-        return {"w": dict(self.w), "w_before_update": dict(self.w_before_update),
-                "optimizer": {"state": dict(self.optimizer.state), "steps": self.optimizer.steps},
-                "trained": sorted(self.trained), "touched": sorted(self.touched),
-                # the record as its JSON (what it is written as): it holds e.g. torch versions
-                "selector": {"record": json.dumps(sel.record, default=str),
-                             "train": dict(sel._train), "evaluate": dict(sel._evaluate)},
-                "totals": dict(self.totals), "staleness": self.staleness.state(),
-                "privacy": self.privacy.state()}
+        return ServerState(
+            w=dict(self.w), w_before_update=dict(self.w_before_update),
+            optimizer_state=dict(self.optimizer.state), optimizer_steps=self.optimizer.steps,
+            trained=sorted(self.trained), touched=sorted(self.touched),
+            # the record as its JSON (what it is written as): it holds e.g. torch versions
+            selector={"record": json.dumps(sel.record, default=str),
+                      "train": dict(sel._train), "evaluate": dict(sel._evaluate)},
+            totals=dict(self.totals), staleness=self.staleness.state(),
+            privacy=self.privacy.state())
 
-    def restore_state(self, state: dict[str, Any]) -> None:
-        self.w, self.w_before_update = dict(state["w"]), dict(state["w_before_update"])
-        self.optimizer.state = dict(state["optimizer"]["state"])
-        self.optimizer.steps = int(state["optimizer"]["steps"])
-        self.trained, self.touched = set(state["trained"]), set(state["touched"])
+    def import_state(self, state: ServerState) -> None:
+        """Continue from ``state`` (a checkpoint's, or a batch's run handed to it)."""
+        self.w, self.w_before_update = dict(state.w), dict(state.w_before_update)
+        self.optimizer.state = dict(state.optimizer_state)
+        self.optimizer.steps = int(state.optimizer_steps)
+        self.trained, self.touched = set(state.trained), set(state.touched)
         sel = self.selector
-        sel.record = json.loads(state["selector"]["record"])
-        sel._train, sel._evaluate = dict(state["selector"]["train"]), dict(state["selector"]["evaluate"])
-        self.totals = dict(state["totals"])
-        self.staleness.load_state(state["staleness"])
-        self.privacy.load_state(state["privacy"])
+        sel.record = json.loads(state.selector["record"])
+        sel._train, sel._evaluate = dict(state.selector["train"]), dict(state.selector["evaluate"])
+        self.totals = dict(state.totals)
+        self.staleness.load_state(state.staleness)
+        self.privacy.load_state(state.privacy)
+
+    def summary_parts(self) -> dict[str, Any]:
+        """What summary.json reports of the server's side: participation and memory footprint,
+        and the privacy account and pattern selection when the run has them."""
+        parts: dict[str, Any] = {"participation": self.participation_summary()}
+        if (privacy := self.privacy.summary()) is not None:
+            parts["privacy"] = privacy
+        if self.selector.record is not None:
+            parts["pattern_selection"] = selection_summary(self.selector.record)
+        return parts
 
     def checkpoint_memories(self, grid: Grid) -> dict[str, Any]:
         """Every client's memory (``checkpoint.collect_memories``), asked through ``grid``."""
@@ -630,12 +633,13 @@ class MetaStrategy(Strategy):
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
               timeout: float = 3600, train_config: ConfigRecord | None = None,
               evaluate_config: ConfigRecord | None = None,
-              *, on_round: Callable[[dict[str, Any]], None] | None = None,
-              resume: dict[str, Any] | None = None) -> Result:
+              *, on_round: Callable[[MetricsRow], None] | None = None,
+              resume: tuple[int, float, ServerState, dict[str, Any]] | None = None) -> Result:
         """Flower's train -> aggregate -> evaluate loop, plus partition discovery, an evaluation
         before training, and a per-round record (``on_round``) with bytes, samples and time.
-        ``resume``: a checkpoint (fedmaml/federated/checkpoint.py) to continue from, after its
-        round, with the server's state and every client's memory as they were then. There is no
+        ``resume``: ``(round, seconds, server state, memories)`` of a checkpoint
+        (fedmaml/federated/run_ledger.py) to continue from, after its round, with the server's
+        state and every client's memory as they were then. There is no
         ``evaluate_fn`` (Flower's server-side evaluation): evaluation is personalized, on the
         clients' own data, so a server-side function would have nothing to measure."""
         self.summary()
@@ -654,13 +658,14 @@ class MetaStrategy(Strategy):
         totals = self.totals = {"samples": 0, "bytes_up": 0, "bytes_down": 0}
         first = 0
         if resume is not None:
-            self.restore_state(resume["strategy"])
-            checkpoint.restore_memories(grid, self.nodes, resume["memories"],
+            done, seconds, state, memories = resume
+            self.import_state(state)
+            checkpoint.restore_memories(grid, self.nodes, memories,
                                         lambda ms: exchange(grid, ms, timeout, self.poll_interval))
-            arrays, totals, first = R.to_record(self.w), self.totals, resume["round"] + 1
-            start -= resume["seconds"]
+            arrays, totals, first = R.to_record(self.w), self.totals, done + 1
+            start -= seconds
         for server_round in range(first, num_rounds + 1):
-            row: dict[str, Any] = {"round": server_round}
+            row = MetricsRow(server_round)
             self.nodes = directory.refresh()  # nodes that joined or restarted since
             if server_round > 0:
                 with collector.paused():  # the round's messages come and go at once (collector.py)
@@ -677,13 +682,12 @@ class MetaStrategy(Strategy):
                 totals["samples"] += int(train_metrics["samples"]) if train_metrics else 0
                 totals["bytes_up"] += up
                 totals["bytes_down"] += down
-                if self.available is not None:
-                    row["available"] = self.available
-                row.update({k: self.round_stats[k] for k in ROUND_KEYS if k in self.round_stats},
-                           **({k.replace("-", "_"): v for k, v in train_metrics.items()}
-                              if train_metrics else {}))
+                row = MetricsRow(server_round, available=self.available,
+                                 **round_fields(self.round_stats))
+                if train_metrics:
+                    row.set_train(train_metrics)
             if self.selector.due(server_round):  # after this round's update, before its evaluation
-                row["pattern_selection"] = self.selector.run(
+                row.pattern_selection = self.selector.run(
                     self.w, server_round,
                     lambda ms: exchange(grid, ms, timeout, self.poll_interval), self.nodes)
             eval_messages = list(self.configure_evaluate(server_round, arrays, evaluate_config, grid))
@@ -693,10 +697,13 @@ class MetaStrategy(Strategy):
                     server_round, exchange(grid, eval_messages, timeout, self.poll_interval))
                 if eval_metrics is not None:
                     result.evaluate_metrics_clientapp[server_round] = eval_metrics
-                    row["eval"] = dict(eval_metrics)
-            row.update({k: self.round_stats[k] for k in RESET_KEYS if k in self.round_stats})
+                    row.eval = dict(eval_metrics)
+            row.memory_resets = self.round_stats.get("memory_resets")
+            row.memory_reset_clients = self.round_stats.get("memory_reset_clients")
             self.round_stats = {k: v for k, v in self.round_stats.items() if k not in RESET_KEYS}
-            row.update(totals, seconds=time.perf_counter() - start)
+            row.samples, row.bytes_up, row.bytes_down = (
+                totals["samples"], totals["bytes_up"], totals["bytes_down"])
+            row.seconds = time.perf_counter() - start
             if on_round:
                 on_round(row)
         result.arrays = arrays
