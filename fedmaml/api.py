@@ -57,12 +57,12 @@ def run(config: Any = None, model: ModelSource | None = None, *,
     if updates:
         d = config_to_dict(cfg)
         cfg = replace_paths(config_from_dict(d), updates)
-    if cfg.algorithm.name.startswith("python:") and cfg.engine.name == "ray":
+    if cfg.algorithm.name.startswith("python:") and cfg.engine.name in ("ray", "sharded"):
         raise ConfigError("fedmaml.run: algorithm is a Python object that lives only in this "
                           "process; Ray runs clients in other processes. Give a class importable "
                           "by name ('package.module:Name', top-level in an installed or PYTHONPATH "
                           "module), or use engine.name inprocess or vectorized")
-    if cfg.model.name.startswith("python:") and cfg.engine.name == "ray":
+    if cfg.model.name.startswith("python:") and cfg.engine.name in ("ray", "sharded"):
         raise ConfigError("fedmaml.run: model is a Python object that lives only in this process; "
                           "Ray runs clients in other processes. Give a factory importable by name "
                           "('package.module:factory', a top-level function of an installed or "
