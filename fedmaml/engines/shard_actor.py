@@ -22,8 +22,14 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedmaml.engines.inprocess import SERVER_NODE_ID
 from fedmaml.engines.shards import ShardBank
 from fedmaml.engines.vectorized import VectorizedGrid
+from fedmaml.federated import records as R
 from fedmaml.federated.client_app import make_client_app
 from fedmaml.federated.setup import resolve_device, setup_for
+
+
+#: What this actor works on now: ``shard``, ``round`` and ``kind`` (train, evaluate) of the message
+#: it is answering; for log lines and for a user's code that wants to know (e.g. a fault test).
+working_on: dict[str, Any] = {}
 
 
 class ShardWorker:
@@ -56,6 +62,9 @@ class ShardWorker:
         """The grid's replies, each with the id of the message it answers as the driver sent it
         (the grid gives messages ids of its own, as a SuperLink would)."""
         sent = [m.metadata.message_id for m in messages]
+        config = messages[0].content.get(R.CONFIG) if messages[0].has_content() else None
+        working_on.update(shard=self.shard, kind=messages[0].metadata.message_type,
+                          round=int(config.get(R.ROUND, -1)) if config is not None else -1)
         replies = self.grid.send_and_receive(messages, timeout=timeout)
         # the grid set new ids on these very message objects: map them back to the driver's
         driver_id = {m.metadata.message_id: s for m, s in zip(messages, sent)}

@@ -411,17 +411,11 @@ def run_sharded(server_app: ServerApp, client_app: ClientApp, num_nodes: int, co
     import ray
 
     del client_app  # each actor builds its own from the config
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SERVER_NODE_ID
     session = connect(config.engine)
     grid = None
     try:
         grid = ShardedGrid(config, num_nodes, run_dir)
-        server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                                 run_config={}))
-        stats = grid.actors.stats()
-        return {"shards": [grid.actors.where.get(k, {}) | (s if isinstance(s, dict) else {})
-                           for k, s in sorted(stats.items())],
-                "deaths": grid.deaths}
+        return run_on_grid(server_app, grid)
     finally:
         if grid is not None:
             grid.close()
@@ -429,3 +423,16 @@ def run_sharded(server_app: ServerApp, client_app: ClientApp, num_nodes: int, co
             ray.shutdown()
         if session is not None:  # ray.shutdown() does not wait for its processes to exit
             session.stop()
+
+
+def run_on_grid(server_app: ServerApp, grid: ShardedGrid) -> dict[str, Any]:
+    """Run ``server_app`` on ``grid`` (Ray connected, the actors started); return what the shards
+    did: per shard where it ran and its stats (cohorts, clients, stored memories, peak resident
+    set), and every actor that died."""
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SERVER_NODE_ID
+    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                             run_config={}))
+    stats = grid.actors.stats()
+    return {"shards": [grid.actors.where.get(k, {}) | (s if isinstance(s, dict) else {})
+                       for k, s in sorted(stats.items())],
+            "deaths": grid.deaths}
