@@ -33,6 +33,7 @@ from fedmaml.engines.inprocess import FIRST_CLIENT_NODE
 from fedmaml.engines.shards import (ShardBank, merge_bank_states, merge_evaluate, merge_train,
                                     split, split_bank_state)
 from fedmaml.engines.vectorized import run_vectorized
+from fedmaml.errors import FedmamlError
 from fedmaml.federated import checkpoint, codec
 from fedmaml.federated import records as R
 from fedmaml.federated.client_app import make_client_app
@@ -136,23 +137,38 @@ def cluster(tmp_path_factory):
 
 
 def run_sharded_here(cfg, run_dir: Path, resume: bool = False, during=None):
-    """A run on the sharded engine, this process the driver; ``during(grid)`` runs in another
-    thread while it goes. Returns (rows, model, memories by client id, grid)."""
+    """A run on the sharded engine, this process the driver; with ``during(done)``, the run goes
+    in another thread while ``during`` runs here (Ray's cluster utilities want the main thread)
+    until the run is ``done``. Returns (rows, model, memories by client id, grid)."""
     from fedmaml.engines.sharded import ShardedGrid, run_on_grid
 
     setup = setup_for(cfg)
     grid = ShardedGrid(cfg, setup.federation.num_clients + setup.federation.num_unseen, run_dir)
-    done = threading.Event()
-    helper = threading.Thread(target=during, args=(grid, done)) if during else None
+    done, failure = threading.Event(), []
+
+    def run():
+        try:
+            run_on_grid(make_server_app(cfg, run_dir, quiet=True, resume=resume), grid)
+        except BaseException as e:  # noqa: BLE001 - raised again in the test's thread
+            failure.append(e)
+        finally:
+            done.set()
+
     try:
-        if helper:
-            helper.start()
-        run_on_grid(make_server_app(cfg, run_dir, quiet=True, resume=resume), grid)
-        memories = grid.memory_state()
+        if during is None:
+            run()
+        else:
+            worker = threading.Thread(target=run)
+            worker.start()
+            during(done)
+            worker.join()
+        if failure:
+            raise failure[0]
+        try:
+            memories = grid.memory_state()
+        except FedmamlError:  # a shard's memories were lost: the run stopped
+            memories = None
     finally:
-        done.set()
-        if helper:
-            helper.join()
         grid.close()
     return read_metrics(run_dir), load_model(run_dir), bank_dict(memories), grid
 
@@ -253,7 +269,7 @@ def hold_then(cluster, where: str, server_round: int, act, held: list):
     cluster.hold.write_text(f"{server_round} {where}")
     pid_file = Path(f"{cluster.hold}.pid")
 
-    def during(grid, done):
+    def during(done):
         while not pid_file.exists():
             if done.is_set():
                 cluster.hold.unlink(missing_ok=True)

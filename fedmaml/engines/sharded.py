@@ -41,6 +41,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -64,6 +65,9 @@ from fedmaml.federated.health import RunStopped
 from fedmaml.federated.setup import setup_for
 
 log = logging.getLogger("fedmaml")
+
+#: Seconds between attempts to start a shard's actor whose previous attempt died at once.
+RETRY_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -311,7 +315,9 @@ class ShardActors:
             raise
 
     def start(self, shard: int) -> None:
-        """A new actor for ``shard`` (in its bundle of the placement group), once it answers."""
+        """A new actor for ``shard`` (in its bundle of the placement group), once it answers. One
+        that dies before it answers (placed on a node that was going away) is replaced, until
+        ``engine.discovery_timeout`` has passed."""
         import ray
 
         options = dict(self.options)
@@ -320,16 +326,27 @@ class ShardActors:
 
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 self.group, placement_group_bundle_index=shard)
-        handle = self._remote.options(**options).remote(self.cfg, self.num_nodes, shard,
-                                                        self.shards)
-        try:
-            self.where[shard] = ray.get(handle.info.remote(), timeout=self.timeout)
-        except ray.exceptions.GetTimeoutError:
-            ray.kill(handle)
-            raise FedmamlError(f"shard {shard}'s actor did not start within "
-                               f"engine.discovery_timeout={self.timeout:g}s (no node with "
-                               f"{self.options['num_cpus']} CPU, {self.options['num_gpus']} GPU "
-                               "free?)") from None
+        deadline = time.monotonic() + self.timeout
+        while True:
+            handle = self._remote.options(**options).remote(self.cfg, self.num_nodes, shard,
+                                                            self.shards)
+            try:
+                self.where[shard] = ray.get(handle.info.remote(),
+                                            timeout=max(deadline - time.monotonic(), 0.1))
+                break
+            except ray.exceptions.GetTimeoutError:
+                ray.kill(handle)
+                raise FedmamlError(f"shard {shard}'s actor did not start within "
+                                   f"engine.discovery_timeout={self.timeout:g}s (no node with "
+                                   f"{self.options['num_cpus']} CPU, {self.options['num_gpus']} "
+                                   "GPU free?)") from None
+            except ray.exceptions.RayActorError as e:
+                if time.monotonic() >= deadline:
+                    raise FedmamlError(f"shard {shard}'s actor kept dying as it started: "
+                                       f"{str(e).splitlines()[0]}") from None
+                log.info("shard %d's new actor died before it started (its node going away?); "
+                         "trying again", shard)
+                time.sleep(RETRY_SECONDS)  # the cluster learns what it lost in the meantime
         self.handles[shard] = handle
 
     def forget(self, shard: int) -> None:

@@ -128,7 +128,8 @@ def merge_bank_states(states: Sequence[dict | None], num_clients: int) -> dict |
 def _lost(cids: Sequence[int], shard: int, answer: ShardAnswer) -> list[tuple[int, str, str]]:
     """Every client of a shard that gave no usable reply, as a failure of kind ``error``."""
     if isinstance(answer, BaseException):
-        why = f"shard {shard}'s Ray actor died ({type(answer).__name__}: {answer})"
+        first = (str(answer).splitlines() or [""])[0]  # Ray's own text runs to a page
+        why = f"shard {shard}'s Ray actor died ({type(answer).__name__}: {first})"
     else:
         why = f"shard {shard}: {answer.error.reason}"
     return [(c, "error", why) for c in cids]
