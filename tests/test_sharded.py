@@ -30,7 +30,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedmaml.config import replace_paths
 from fedmaml.engines.inprocess import FIRST_CLIENT_NODE
-from fedmaml.engines.shards import (ShardBank, merge_bank_states, merge_evaluate, merge_train,
+from fedmaml.engines.shards import (ShardBank, detach_arrays, merge_bank_states, merge_evaluate, merge_train,
                                     split, split_bank_state)
 from fedmaml.engines.vectorized import run_vectorized
 from fedmaml.errors import FedmamlError
@@ -81,11 +81,16 @@ def test_replies_are_joined_and_a_dead_shard_fails_its_clients():
         return Message(RecordDict({R.ARRAYS: codec.encode(delta), R.METRICS: metrics,
                                    R.FAILURES: R.failure_record(list(failures))}), 2, "train")
 
+    def part(cids, answer):
+        return cids, answer, detach_arrays(answer) if isinstance(answer, Message) else None
+
     died = RuntimeError("gone")
-    content = merge_train([([0, 2], reply([0, 2])), ([1, 3], died),
-                           ([5], reply([], [(5, "timeout", "late")]))], like)
-    assert list(content[R.METRICS][R.PARTITION]) == [0, 2]
-    assert torch.equal(codec.decode(content[R.ARRAYS])["w"], torch.tensor([[0., 1.], [2., 1.]]))
+    content = merge_train([part([0, 2], reply([0, 2])), part([1, 3], died),
+                           part([5], reply([], [(5, "timeout", "late")])),
+                           part([7], reply([7]))], like)
+    assert list(content[R.METRICS][R.PARTITION]) == [0, 2, 7]
+    assert torch.equal(codec.decode(content[R.ARRAYS])["w"],
+                       torch.tensor([[0., 1.], [2., 1.], [7., 1.]]))
     failed = R.failures_from(content[R.FAILURES])
     assert [(c, k) for c, k, _ in failed] == [(1, "error"), (3, "error"), (5, "timeout")]
     assert "shard 1's Ray actor died" in failed[0][2]

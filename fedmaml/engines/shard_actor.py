@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import resource
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from flwr.app import Message
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedmaml.engines.inprocess import SERVER_NODE_ID
-from fedmaml.engines.shards import ShardBank
+from fedmaml.engines.shards import Detached, ShardBank, detach_arrays
 from fedmaml.engines.vectorized import VectorizedGrid
 from fedmaml.federated import records as R
 from fedmaml.federated.client_app import make_client_app
@@ -49,6 +50,7 @@ class ShardWorker:
                              budget_mb=engine.memory_budget_mb, directory=directory,
                              device=resolve_device(engine.device))
         self.grid = VectorizedGrid(config, make_client_app(config), num_nodes, bank)
+        self.busy_seconds = 0.0  # inside the grid, answering the driver's messages
 
     def info(self) -> dict[str, Any]:
         """Where the shard runs: its process, host and Ray node (to find it, or to kill it)."""
@@ -58,17 +60,20 @@ class ShardWorker:
                 "node_id": ray.get_runtime_context().get_node_id()}
 
     def handle(self, messages: list[Message], timeout: float | None
-               ) -> list[tuple[str, Message]]:
+               ) -> list[tuple[str, Message, Detached | None]]:
         """The grid's replies, each with the id of the message it answers as the driver sent it
-        (the grid gives messages ids of its own, as a SuperLink would)."""
+        (the grid gives messages ids of its own, as a SuperLink would) and, for a cohort's train
+        reply, its updates taken out of it (:func:`~fedmaml.engines.shards.detach_arrays`)."""
         sent = [m.metadata.message_id for m in messages]
         config = messages[0].content.get(R.CONFIG) if messages[0].has_content() else None
         working_on.update(shard=self.shard, kind=messages[0].metadata.message_type,
                           round=int(config.get(R.ROUND, -1)) if config is not None else -1)
+        start = time.perf_counter()
         replies = self.grid.send_and_receive(messages, timeout=timeout)
+        self.busy_seconds += time.perf_counter() - start
         # the grid set new ids on these very message objects: map them back to the driver's
         driver_id = {m.metadata.message_id: s for m, s in zip(messages, sent)}
-        return [(driver_id[r.metadata.reply_to_message_id], r) for r in replies]
+        return [(driver_id[r.metadata.reply_to_message_id], r, detach_arrays(r)) for r in replies]
 
     def memory_state(self) -> dict | None:
         return self.grid.memory_state()
@@ -86,6 +91,7 @@ class ShardWorker:
                 "per_client": s.per_client, "fallbacks": s.fallbacks,
                 "stored_clients": 0 if bank is None else len(bank.client_ids()),
                 "bank_bytes": 0 if bank is None else bank.nbytes,
+                "busy_seconds": self.busy_seconds,
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
     def close(self) -> None:

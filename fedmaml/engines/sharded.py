@@ -55,7 +55,7 @@ from fedmaml.engines import ray_session
 from fedmaml.engines.inprocess import FIRST_CLIENT_NODE, SERVER_NODE_ID, InProcessGrid
 from fedmaml.engines.ray_engine import check_reachable, start_local_ray, worker_runtime_env
 from fedmaml.engines.shard_actor import ShardWorker
-from fedmaml.engines.shards import (ShardAnswer, merge_bank_states, merge_evaluate, merge_train,
+from fedmaml.engines.shards import (Detached, ShardAnswer, merge_bank_states, merge_evaluate, merge_train,
                                     shard_message, shard_of, split, split_bank_state)
 from fedmaml.engines.vectorized import refuse_unbatchable
 from fedmaml.errors import ConfigError, FedmamlError
@@ -140,33 +140,35 @@ class ShardedGrid(InProcessGrid):
         replies = []
         for i, msg in enumerate(messages):
             if i in cohorts:
-                parts = [(part, _answer(answers[k], _part_id(msg, k)))
+                parts = [(part, *_answer(answers[k], _part_id(msg, k)))
                          for k, part in enumerate(cohorts[i])]
                 content = (merge_train(parts, self.like)
                            if msg.metadata.message_type == MessageType.TRAIN
-                           else merge_evaluate(parts, [int(c) for c in _cohort_ids(msg)]))
+                           else merge_evaluate([p[:2] for p in parts],
+                                               [int(c) for c in _cohort_ids(msg)]))
                 replies.append(Message(content, reply_to=msg))
                 continue
-            answer = _answer(answers[shard_of(msg.metadata.dst_node_id - FIRST_CLIENT_NODE,
-                                              self.shards)], msg.metadata.message_id)
+            answer, _ = _answer(answers[shard_of(msg.metadata.dst_node_id - FIRST_CLIENT_NODE,
+                                                 self.shards)], msg.metadata.message_id)
             if isinstance(answer, Message):  # readdressed: the shard's grid used ids of its own
                 replies.append(Message(answer.error, reply_to=msg) if answer.has_error()
                                else Message(answer.content, reply_to=msg))
             # a dead shard's per-client message gets no reply: the strategy counts it missing
         return replies
 
-    def _exchange(self, outbox: list[list[Message]], timeout: float | None,
-                  changes_memory: bool) -> list[dict[str, Message] | BaseException]:
+    def _exchange(self, outbox: list[list[Message]], timeout: float | None, changes_memory: bool
+                  ) -> list[dict[str, tuple[Message, Detached | None]] | BaseException]:
         """Each shard's messages to its actor, all shards at once; per shard its replies by the id
         of the message they answer, or the error that says its actor died."""
         calls = {k: msgs for k, msgs in enumerate(outbox) if msgs}
-        answers: list[dict[str, Message] | BaseException] = [{} for _ in outbox]
+        answers: list[dict[str, tuple[Message, Detached | None]] | BaseException] = [
+            {} for _ in outbox]
         for k, result in self.actors.call("handle", calls, timeout).items():
             if isinstance(result, BaseException):
                 self._died(k, result)
                 answers[k] = result
             else:
-                answers[k] = dict(result)
+                answers[k] = {mid: (reply, arrays) for mid, reply, arrays in result}
                 if changes_memory and self.keeps_memory:
                     self._dirty.add(k)
         return answers
@@ -398,10 +400,11 @@ def _part_id(msg: Message, shard: int) -> str:
     return f"{msg.metadata.message_id}/{shard}"
 
 
-def _answer(answers: dict[str, Message] | BaseException, message_id: str) -> ShardAnswer:
+def _answer(answers: dict[str, tuple[Message, Detached | None]] | BaseException,
+            message_id: str) -> tuple[ShardAnswer, Detached | None]:
     if isinstance(answers, BaseException):
-        return answers
-    return answers.get(message_id) or RuntimeError("the shard sent no reply")
+        return answers, None
+    return answers.get(message_id) or (RuntimeError("the shard sent no reply"), None)
 
 
 def connect(engine: Any) -> ray_session.SessionRecord | None:

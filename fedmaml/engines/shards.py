@@ -27,6 +27,22 @@ from fedmaml.federated.bank_state import bank_state
 
 #: A shard's answer to its part of a cohort: its reply, or why it gave none (its actor died).
 ShardAnswer = Message | BaseException
+#: A cohort train reply's stacked updates out of their record, per parameter a NumPy array of the
+#: record's own values (:func:`detach_arrays`).
+Detached = dict[str, np.ndarray]
+
+
+def detach_arrays(reply: Message) -> Detached | None:
+    """Take a cohort train reply's updates out of it as NumPy views of the record's bytes (no
+    copy), ``None`` for any other reply. Ray moves NumPy arrays between processes through its
+    object store without pickling them, where the record's bytes would be copied three times;
+    :func:`merge_train` joins them into one record again with one copy."""
+    if not reply.has_content() or R.FAILURES not in reply.content or R.ARRAYS not in reply.content:
+        return None
+    record = reply.content[R.ARRAYS]
+    out = {k: codec.array_values(a)[0] for k, a in record.items()}
+    del reply.content[R.ARRAYS]
+    return out
 
 
 def shard_of(cid: int, shards: int) -> int:
@@ -135,16 +151,17 @@ def _lost(cids: Sequence[int], shard: int, answer: ShardAnswer) -> list[tuple[in
     return [(c, "error", why) for c in cids]
 
 
-def merge_train(parts: Sequence[tuple[list[int], ShardAnswer]], like: Params) -> RecordDict:
-    """The shards' train replies (``(the shard's clients, its answer)`` in shard order) as the one
-    cohort reply the strategy reads (records.py): rows joined shard by shard (the strategy orders
-    them by client id before it averages, so the mean does not depend on the shards); the clients
-    of a shard that gave no reply are failures of kind ``error``."""
-    deltas: list[Params] = []
+def merge_train(parts: Sequence[tuple[list[int], ShardAnswer, Detached | None]], like: Params
+                ) -> RecordDict:
+    """The shards' train replies (``(the shard's clients, its answer, its detached updates)`` in
+    shard order) as the one cohort reply the strategy reads (records.py): rows joined shard by
+    shard (the strategy orders them by client id before it averages, so the mean does not depend
+    on the shards); the clients of a shard that gave no reply are failures of kind ``error``."""
+    arrays: dict[str, list[np.ndarray]] = {k: [] for k in like}
     ids: list[int] = []
     columns: dict[str, list] = {}
     failures: list[tuple[int, str, str]] = []
-    for shard, (cids, answer) in enumerate(parts):
+    for shard, (cids, answer, detached) in enumerate(parts):
         if isinstance(answer, BaseException) or answer.has_error():
             failures += _lost(cids, shard, answer)
             continue
@@ -154,23 +171,24 @@ def merge_train(parts: Sequence[tuple[list[int], ShardAnswer]], like: Params) ->
         rows = [int(c) for c in metrics[R.PARTITION]]
         if not rows:
             continue
-        if columns and set(metrics) != set(columns):
-            failures += [(c, "malformed", f"shard {shard}'s reply has metrics {sorted(metrics)}, "
-                          f"the other shards' {sorted(columns)}") for c in rows]
+        if (columns and set(metrics) != set(columns)) or detached is None \
+                or list(detached) != list(like):
+            failures += [(c, "malformed", f"shard {shard}'s reply has metrics {sorted(metrics)} "
+                          f"and updates {list(detached or {})}, the others' {sorted(columns)} and "
+                          f"the model's {list(like)}") for c in rows]
             continue
         for k, v in metrics.items():
             columns.setdefault(k, []).extend(v)
         ids += rows
-        deltas.append(codec.decode(content[R.ARRAYS]))
-    if len(deltas) == 1:
-        delta = deltas[0]
-    elif deltas:
-        delta = {k: torch.cat([d[k] for d in deltas]) for k in deltas[0]}
+        for k, v in detached.items():
+            arrays[k].append(v)
+    if ids:
+        record = codec.encode_joined(arrays)
     else:
-        delta = {k: v.new_zeros((0, *v.shape)) for k, v in like.items()}
+        record = codec.encode({k: v.new_zeros((0, *v.shape)) for k, v in like.items()})
     columns = columns or {R.PARTITION: [], R.NUM_EXAMPLES: [], "samples": [], "train-seconds": []}
     columns[R.PARTITION] = ids
-    return RecordDict({R.ARRAYS: codec.encode(delta), R.METRICS: MetricRecord(columns),
+    return RecordDict({R.ARRAYS: record, R.METRICS: MetricRecord(columns),
                        R.FAILURES: R.failure_record(failures)})
 
 
