@@ -11,6 +11,8 @@ run starts and stops; what is measured:
   also evaluates). Per run also: the seconds the driver spent inside the grid's
   ``send_and_receive`` and the seconds each actor spent inside its own grid (its compute), whence
   the driver's part of a sharded round (splitting, sending ``w``, joining the replies);
+* **the constants of the scaling formula** (docs/performance.md): a shard call's round trip with
+  case d's ``w``; moving 1,000 of case d's updates from an actor to the driver; joining them;
 * **a federation of 10,000,000 clients** (sinusoid, MLP 1-40-40-1, MOML first order, K=5, as
   simulations/benchmarks/scale.py) at 0.1 % sampling (10,000 clients a round), ``--big-rounds``
   rounds, on 2 shards and on the single-process vectorized engine: round time, each process's peak
@@ -123,6 +125,79 @@ def child(kind: str, engine: str, shards: int, rounds: int, out_dir: str) -> dic
             "failures": sum(r.get("failures", 0) for r in rows[1:])}
 
 
+class Echo:
+    """An actor for the per-call constants: answers a message, hands out a stack of updates."""
+
+    def echo(self, msg: Any) -> Any:
+        return msg
+
+    def stack(self, rows: int, width: int) -> Any:
+        import numpy as np
+
+        return {"w": np.ones((rows, width), dtype=np.float32)}
+
+
+def constants(out_dir: str, repeats: int = 30) -> dict[str, Any]:
+    """The constants of the scaling formula, measured on this machine: a shard call's round trip
+    with case d's ``w``; moving case d's 1,000 updates from an actor to the driver through the
+    object store; joining them into one record (codec.encode_joined)."""
+    import numpy as np
+    import ray
+    import torch
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedmaml.config import load_config
+    from fedmaml.engines.sharded import connect
+    from fedmaml.federated import codec
+    from fedmaml.federated import records as R
+    from fedmaml.federated.setup import setup_for
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from engines import config_for  # noqa: E402
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    cfg = config_for("d", 2, Path(out_dir), "engine.shards=1", "engine.num_cpus=1")
+    w = setup_for(cfg).initial_params
+    width = sum(v.numel() for v in w.values())
+    msg = Message(RecordDict({R.ARRAYS: codec.encode(w), R.CONFIG: ConfigRecord({R.COHORT:
+                                                                                list(range(500))})}),
+                  2, "train", group_id="1")
+    session = connect(load_config(None, ["engine.shards=1"]).engine)
+    try:
+        actor = ray.remote(Echo).options(num_cpus=1).remote()
+        ray.get(actor.echo.remote(msg))
+        calls, moves = [], []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            ray.get(actor.echo.remote(msg))
+            calls.append(time.perf_counter() - t)
+        for _ in range(max(repeats // 3, 3)):
+            t = time.perf_counter()
+            got = ray.get(actor.stack.remote(1000, width))
+            moves.append(time.perf_counter() - t)
+            del got
+        half = np.ones((500, width), dtype=np.float32)
+        joins = []
+        for _ in range(max(repeats // 3, 3)):
+            t = time.perf_counter()
+            codec.encode_joined({"w": [half, half]})
+            joins.append(time.perf_counter() - t)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        if session is not None:
+            session.stop()
+    mb = 1000 * width * 4 / 2 ** 20
+    return {"w_bytes": width * 4, "update_bytes": width * 4,
+            "call_ms": round(1000 * statistics.median(calls), 3),
+            "move_1000_updates_ms": round(1000 * statistics.median(moves), 2),
+            "move_ms_per_mb": round(1000 * statistics.median(moves) / mb, 3),
+            "join_1000_updates_ms": round(1000 * statistics.median(joins), 2),
+            "join_ms_per_mb": round(1000 * statistics.median(joins) / mb, 3), "load": load(),
+            "torch_threads": torch.get_num_threads()}
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
@@ -153,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--big-rounds", type=int, default=6, help="10M clients: rounds per run")
     p.add_argument("--skip-big", action="store_true", help="only case d")
     p.add_argument("--skip-d", action="store_true", help="only the 10M-client federation")
+    p.add_argument("--constants-only", action="store_true",
+                   help="only the per-call constants of the scaling formula")
     p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -162,6 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                                           "platform": platform.platform()}}
     with tempfile.TemporaryDirectory(prefix="fedmaml-sharded-bench-") as tmp:
+        if args.constants_only:
+            result["constants"] = constants(tmp)
+            Path(args.out).write_text(json.dumps(with_provenance(result), indent=1))
+            return 0
+        result["constants"] = constants(tmp)
         if not args.skip_d:
             runs = []
             for _ in range(args.repeats):  # alternating, so load changes hit every setting alike
