@@ -106,6 +106,21 @@ def test_replies_are_joined_and_a_dead_shard_fails_its_clients():
     assert [c for c, _, _ in R.failures_from(content[R.FAILURES])] == [3, 1]
 
 
+def test_a_checkpoint_without_memories_resumes_on_an_engine_with_a_memory_bank(
+        tiny_config, tmp_path, stop_after):  # noqa: F811
+    # FedAvg keeps no memory: its checkpoint's bank is None, which the vectorized and sharded
+    # engines' resume once took for per-client memories (KeyError 'clients')
+    from fedmaml.experiment import run_experiment
+
+    cfg = tiny_config("algorithm.name=fedavg", "engine.name=vectorized", "federated.rounds=3")
+    stop_after(1)
+    run_dir = run_experiment(cfg, quiet=True, run_dir=tmp_path / "fedavg")
+    stop_after(10 ** 6)
+    assert checkpoint.load(run_dir)["memories"] == {"bank": None}
+    run_experiment(cfg, quiet=True, run_dir=run_dir, resume=True)
+    assert read_summary(run_dir)["status"] == "completed"
+
+
 # -- a real cluster ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

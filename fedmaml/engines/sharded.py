@@ -38,10 +38,12 @@ as failed (kind ``error``, the reason names the shard). Then:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -65,6 +67,9 @@ from fedmaml.federated.health import RunStopped
 from fedmaml.federated.setup import setup_for
 
 log = logging.getLogger("fedmaml")
+
+_MESSAGE_IDS = itertools.count(1)
+_ID_PREFIX = uuid.uuid4().hex[:16]  # unique per process
 
 #: Seconds between attempts to start a shard's actor whose previous attempt died at once.
 RETRY_SECONDS = 0.5
@@ -117,14 +122,16 @@ class ShardedGrid(InProcessGrid):
         messages = list(messages)
         trains = [m for m in messages if m.metadata.message_type == MessageType.TRAIN]
         for m in trains:
-            self._note_round(int(m.content[R.CONFIG][R.ROUND]))
+            config = m.content.get(R.CONFIG) if m.has_content() else None
+            self._note_round(int(config.get(R.ROUND, 0)) if config is not None else 0)
         if trains and self._lost:
             self._stop()
         self._revive_shards()
         outbox: list[list[Message]] = [[] for _ in range(self.shards)]
         cohorts: dict[int, list[list[int]]] = {}  # message index -> its clients per shard
         for i, msg in enumerate(messages):
-            msg.metadata.__dict__["_message_id"] = f"sharded-{id(msg):x}-{i}"
+            # replies point at their instruction's id, which a SuperLink would have assigned
+            msg.metadata.__dict__["_message_id"] = f"{_ID_PREFIX}{next(_MESSAGE_IDS):016x}"
             ids = _cohort_ids(msg)
             if ids is not None and msg.metadata.message_type in (MessageType.TRAIN,
                                                                  MessageType.EVALUATE):
