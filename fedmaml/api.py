@@ -36,7 +36,8 @@ def run(config: Any = None, model: ModelSource | None = None, *,
     every engine (and ``config.yaml`` of the run) can build it again; so is an algorithm class. A
     module or algorithm instance, a lambda or
     a function of your script's ``__main__`` lives only in this process: the inprocess and
-    vectorized engines take it, the Ray engine refuses it (give an import path instead).
+    vectorized engines take it, the Ray and sharded engines refuse it (give an import path
+    instead).
     """
     from fedmaml.bundled import resolve_config
     from fedmaml.config import (Config, config_from_dict, config_to_dict, load_config,
