@@ -38,7 +38,8 @@ def run(config: Config | Mapping[str, Any] | str | Path | None = None,
     every engine (and ``config.yaml`` of the run) can build it again; so is an algorithm class. A
     module or algorithm instance, a lambda or
     a function of your script's ``__main__`` lives only in this process: the inprocess and
-    vectorized engines take it, the Ray engine refuses it (give an import path instead).
+    vectorized engines take it, the Ray and sharded engines refuse it (give an import path
+    instead).
     """
     from fedmaml.bundled import resolve_config
     from fedmaml.config import (Config, config_from_dict, config_to_dict, load_config,
@@ -59,12 +60,12 @@ def run(config: Config | Mapping[str, Any] | str | Path | None = None,
     if updates:
         d = config_to_dict(cfg)
         cfg = replace_paths(config_from_dict(d), updates)
-    if cfg.algorithm.name.startswith("python:") and cfg.engine.name == "ray":
+    if cfg.algorithm.name.startswith("python:") and cfg.engine.name in ("ray", "sharded"):
         raise ConfigError("fedmaml.run: algorithm is a Python object that lives only in this "
                           "process; Ray runs clients in other processes. Give a class importable "
                           "by name ('package.module:Name', top-level in an installed or PYTHONPATH "
                           "module), or use engine.name inprocess or vectorized")
-    if cfg.model.name.startswith("python:") and cfg.engine.name == "ray":
+    if cfg.model.name.startswith("python:") and cfg.engine.name in ("ray", "sharded"):
         raise ConfigError("fedmaml.run: model is a Python object that lives only in this process; "
                           "Ray runs clients in other processes. Give a factory importable by name "
                           "('package.module:factory', a top-level function of an installed or "

@@ -137,9 +137,15 @@ def run_one(cfg: Config, run_dir: Path, quiet: bool, resume: bool = False) -> No
         from fedmaml.engines.vectorized import run_vectorized
 
         run_vectorized(server_app, client_app, num_nodes, cfg).close()
+    elif engine == "sharded":
+        from fedmaml.engines.sharded import run_sharded
+
+        if not quiet:  # seconds before the first round's line
+            print("starting Ray and the shard actors...", file=sys.stderr, flush=True)
+        run_sharded(server_app, client_app, num_nodes, cfg, run_dir)
     else:
         raise ConfigError(f"engine.name: {engine!r} is not available in this version; "
-                          "use inprocess, ray or vectorized")
+                          "use inprocess, ray, vectorized or sharded")
 
 
 def run_dirs_of(run_dir: str | Path, cfg: Config) -> list[Path]:

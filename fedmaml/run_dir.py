@@ -254,6 +254,9 @@ def _rounds_ok(saved: dict[str, Any], old: Config, new: Config) -> str | None:
 CHANGEABLE_ON_RESUME: dict[str, Callable[[dict[str, Any], Config, Config], str | None] | None] = {
     "federated.rounds": _rounds_ok,
     "federated.checkpoint_every": None,
+    # where the sharded engine runs: a checkpoint holds one bank for all shards (engines/shards.py)
+    "engine.shards": None,
+    "engine.ray_address": None,
 }
 
 

@@ -86,7 +86,8 @@ def test_an_override_of_a_fixed_key_on_resume_is_refused(tiny_config, tmp_path, 
     err = capsys.readouterr().err
     assert "--resume: algorithm.eta cannot change when a run resumes (it would alter the rounds " \
         "already run)" in err
-    assert "only federated.rounds, federated.checkpoint_every may" in err
+    assert ("only federated.rounds, federated.checkpoint_every, engine.shards, "
+            "engine.ray_address may") in err
     # a tracking key changes no round: the reason is where the rounds were logged
     assert main(["run", "--resume", str(run_dir), "tracking.backends=[tensorboard]",
                  "--quiet"]) == 2

@@ -210,9 +210,17 @@ class EvaluationConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    name: str = _field("inprocess", "Execution engine.", choices=("inprocess", "ray", "vectorized"))
-    num_cpus: float = _field(1.0, "CPUs per client under Ray.", min=0, min_exclusive=True)
-    num_gpus: float = _field(0.0, "GPUs per client under Ray.", min=0)
+    name: str = _field("inprocess", "Execution engine.",
+                       choices=("inprocess", "ray", "vectorized", "sharded"))
+    num_cpus: float = _field(1.0, "CPUs per client under Ray (sharded: per shard actor).", min=0,
+                             min_exclusive=True)
+    num_gpus: float = _field(0.0, "GPUs per client under Ray (sharded: per shard actor; "
+                                  "fractions share a device).", min=0)
+    shards: int = _field(2, "sharded: Ray actors, each owning the clients whose id modulo shards "
+                            "is its index, their memories and their part of every cohort.", min=1)
+    placement: str = _field("spread", "sharded: Ray placement group strategy of the shard actors "
+                                      "(one bundle of num_cpus/num_gpus each); none = no group.",
+                            choices=("spread", "pack", "strict_spread", "strict_pack", "none"))
     ray_address: str = _field("", "Address of an existing Ray cluster; empty = start a local one.")
     discovery_timeout: float = _field(300.0, "ray: seconds to wait at the start for every "
                                              "simulated node (Ray actor) to answer; actors start "

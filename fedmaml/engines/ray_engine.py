@@ -108,7 +108,13 @@ def start_local_ray(init_args: dict[str, Any]) -> ray_session.SessionRecord:
     arguments are Flower's: no dashboard, and the workers get this process's import path."""
     import ray
 
-    paths = [*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])]
-    context = ray.init(runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}},
+    context = ray.init(runtime_env=worker_runtime_env(),
                        **{"include_dashboard": False, **init_args})
     return ray_session.record_session(context.address_info["session_dir"])
+
+
+def worker_runtime_env() -> dict[str, Any]:
+    """Ray workers import what this process imports: its import path (e.g. a user's model module
+    on PYTHONPATH) travels with the job."""
+    paths = [*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}}

@@ -210,7 +210,7 @@ def restore_memories(grid: Any, nodes: Mapping[int, int], memories: Mapping[str,
     client, and per-client memories become a bank for the vectorized engine."""
     if hasattr(grid, "load_memory_state"):
         bank = memories.get("bank")
-        if bank is None:
+        if bank is None and "clients" in memories:  # ("bank": None: no memories to restore)
             bank = clients_to_bank(memories["clients"], grid.bank.num_clients)
             if bank is None:
                 raise FedmamlError("this checkpoint holds references to memory files on devices; "

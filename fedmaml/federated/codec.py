@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -50,6 +51,20 @@ def encode_rows(stacked: Params) -> list[ArrayRecord]:
     return [_record([(k, _array(dtype, shape, b"".join((header, a[j].data))))
                      for k, a, header, dtype, shape in columns])
             for j in range(len(columns[0][1]) if columns else 0)]
+
+
+def encode_joined(columns: Mapping[str, Sequence[np.ndarray]]) -> ArrayRecord:
+    """An ArrayRecord whose array ``k`` is the arrays ``columns[k]`` (C-contiguous, one dtype and
+    trailing shape) joined along their first axis, as :func:`encode` of their concatenation would
+    hold it, in one copy: e.g. the stacked updates of several shards of a cohort."""
+    items = []
+    for k, parts in columns.items():
+        first = parts[0]
+        shape = (sum(len(p) for p in parts), *first.shape[1:])
+        # np.empty: the header only reads dtype and shape (the pages are never touched)
+        header, dtype = _header(np.empty(shape, dtype=first.dtype))
+        items.append((k, _array(dtype, shape, b"".join((header, *(p.data for p in parts))))))
+    return _record(items)
 
 
 def decode(record: ArrayRecord) -> "OrderedDict[str, torch.Tensor]":

@@ -142,10 +142,10 @@ def check_device(engine: Any) -> None:
     on a Ray cluster named by ``engine.ray_address``, whose machines may have a GPU this one lacks:
     there a client without it fails its replies, and a run whose rounds all fail ends ``failed``
     (health.py)."""
-    if engine.name == "ray" and engine.ray_address not in ("", "local"):
+    if engine.name in ("ray", "sharded") and engine.ray_address not in ("", "local"):
         return
     resolve_device(engine.device)
-    if engine.name == "ray" and engine.num_gpus > 0 and not torch.cuda.is_available():
+    if engine.name in ("ray", "sharded") and engine.num_gpus > 0 and not torch.cuda.is_available():
         # Flower would start Ray, find room for no actor and stop ("ActorPool is empty")
         raise ConfigError(f"engine.num_gpus: {engine.num_gpus:g} gives each client a share of a "
                           f"GPU, but there is none on this machine ({_no_gpu()}); available here: "

@@ -1,0 +1,98 @@
+"""One shard of the sharded engine, as it runs inside its Ray actor.
+
+A :class:`ShardWorker` owns a :class:`~fedmaml.engines.vectorized.VectorizedGrid` whose memory bank
+holds only its shard's clients (:class:`~fedmaml.engines.shards.ShardBank`) and answers the
+messages the driver sends it through that grid's own ``send_and_receive``: its part of a round's
+cohort is trained as one vmapped call, its part of an evaluation panel evaluated client by client,
+exactly as in the single-process vectorized engine. Nothing here imports Ray: the driver
+(fedmaml/engines/sharded.py) wraps the class with ``ray.remote``.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Message
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedmaml.engines.inprocess import SERVER_NODE_ID
+from fedmaml.engines.shards import Detached, ShardBank, detach_arrays
+from fedmaml.engines.vectorized import VectorizedGrid
+from fedmaml.federated import records as R
+from fedmaml.federated.client_app import make_client_app
+from fedmaml.federated.setup import resolve_device, setup_for
+
+
+#: What this actor works on now: ``shard``, ``round`` and ``kind`` (train, evaluate) of the message
+#: it is answering; for log lines and for a user's code that wants to know (e.g. a fault test).
+working_on: dict[str, Any] = {}
+
+
+class ShardWorker:
+    """Shard ``shard`` of ``shards``: its clients' memories and their training and evaluation."""
+
+    def __init__(self, config: Any, num_nodes: int, shard: int, shards: int) -> None:
+        # replies take their sender from the process's task identity (as in run_vectorized)
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SERVER_NODE_ID
+        self.shard = shard
+        setup = setup_for(config)
+        engine = config.engine
+        bank = None
+        if setup.algorithm.uses_memory:
+            # each shard its own directory of memory-mapped files (several may share a host)
+            directory = Path(engine.memory_dir) / f"shard-{shard}" if engine.memory_dir else None
+            bank = ShardBank(setup.initial_params, setup.federation.num_clients, shard, shards,
+                             budget_mb=engine.memory_budget_mb, directory=directory,
+                             device=resolve_device(engine.device))
+        self.grid = VectorizedGrid(config, make_client_app(config), num_nodes, bank)
+        self.busy_seconds = 0.0  # inside the grid, answering the driver's messages
+
+    def info(self) -> dict[str, Any]:
+        """Where the shard runs: its process, host and Ray node (to find it, or to kill it)."""
+        import ray  # only ever called inside a Ray actor
+
+        return {"shard": self.shard, "pid": os.getpid(), "host": socket.gethostname(),
+                "node_id": ray.get_runtime_context().get_node_id()}
+
+    def handle(self, messages: list[Message], timeout: float | None
+               ) -> list[tuple[str, Message, Detached | None]]:
+        """The grid's replies, each with the id of the message it answers as the driver sent it
+        (the grid gives messages ids of its own, as a SuperLink would) and, for a cohort's train
+        reply, its updates taken out of it (:func:`~fedmaml.engines.shards.detach_arrays`)."""
+        sent = [m.metadata.message_id for m in messages]
+        config = messages[0].content.get(R.CONFIG) if messages[0].has_content() else None
+        working_on.update(shard=self.shard, kind=messages[0].metadata.message_type,
+                          round=int(config.get(R.ROUND, -1)) if config is not None else -1)
+        start = time.perf_counter()
+        replies = self.grid.send_and_receive(messages, timeout=timeout)
+        self.busy_seconds += time.perf_counter() - start
+        # the grid set new ids on these very message objects: map them back to the driver's
+        driver_id = {m.metadata.message_id: s for m, s in zip(messages, sent)}
+        return [(driver_id[r.metadata.reply_to_message_id], r, detach_arrays(r)) for r in replies]
+
+    def memory_state(self) -> dict | None:
+        return self.grid.memory_state()
+
+    def load_memory_state(self, state: dict | None) -> None:
+        """Replace the shard's memories by its rows of ``state`` (all clients' bank state)."""
+        if self.grid.bank is not None and state is not None:
+            self.grid.bank.load_state_dict(state, "the checkpoint's memory bank")
+
+    def stats(self) -> dict[str, Any]:
+        """The shard's work and memory: cohorts, clients, stored memories, peak resident set."""
+        s = self.grid.stats
+        bank = self.grid.bank
+        return {"shard": self.shard, "cohorts": s.cohorts, "vmapped_clients": s.vmapped_clients,
+                "per_client": s.per_client, "fallbacks": s.fallbacks,
+                "stored_clients": 0 if bank is None else len(bank.client_ids()),
+                "bank_bytes": 0 if bank is None else bank.nbytes,
+                "busy_seconds": self.busy_seconds,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+    def close(self) -> None:
+        self.grid.close()

@@ -1,0 +1,223 @@
+"""Clients split into shards: the assignment, a shard's memory bank, and the shards' replies joined.
+
+The sharded engine (fedmaml/engines/sharded.py) gives shard ``k`` of ``N`` the clients whose id is
+``k`` modulo ``N``: a fixed rule of the id alone, so a client's shard does not depend on who else is
+sampled, the same client always finds its memory in the same actor, and a checkpoint (one bank
+state for all clients) is split again for any other ``N`` on resume. Modulo spreads every sampled
+cohort evenly over the shards whatever the sampling rule, since ids carry no order the shards see.
+
+Everything here is plain data (tensors, Flower records): no Ray, so it is tested without a cluster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+from fedmaml.core.params import Params
+from fedmaml.engines.memory_bank import MemoryBank
+from fedmaml.federated import codec
+from fedmaml.federated import records as R
+from fedmaml.federated.bank_state import bank_state
+
+#: A shard's answer to its part of a cohort: its reply, or why it gave none (its actor died).
+ShardAnswer = Message | BaseException
+#: A cohort train reply's stacked updates out of their record, per parameter a NumPy array of the
+#: record's own values (:func:`detach_arrays`).
+Detached = dict[str, np.ndarray]
+
+
+def detach_arrays(reply: Message) -> Detached | None:
+    """Take a cohort train reply's updates out of it as NumPy views of the record's bytes (no
+    copy), ``None`` for any other reply. Ray moves NumPy arrays between processes through its
+    object store without pickling them, where the record's bytes would be copied three times;
+    :func:`merge_train` joins them into one record again with one copy."""
+    if not reply.has_content() or R.FAILURES not in reply.content or R.ARRAYS not in reply.content:
+        return None
+    record = reply.content[R.ARRAYS]
+    out = {k: codec.array_values(a)[0] for k, a in record.items()}
+    del reply.content[R.ARRAYS]
+    return out
+
+
+def shard_of(cid: int, shards: int) -> int:
+    return cid % shards
+
+
+def split(cids: Sequence[int], shards: int) -> list[list[int]]:
+    """``cids`` per shard, each in the order given."""
+    parts: list[list[int]] = [[] for _ in range(shards)]
+    for c in cids:
+        parts[c % shards].append(int(c))
+    return parts
+
+
+def shard_size(num_clients: int, shard: int, shards: int) -> int:
+    """How many of ``0..num_clients-1`` belong to ``shard``."""
+    return len(range(shard, num_clients, shards))
+
+
+class ShardBank:
+    """The memory bank of one shard's clients: a :class:`MemoryBank` of ``shard_size`` rows behind
+    the global client ids (client ``c`` is local row ``c // shards``), so an actor's index arrays
+    are a shard's size, not the federation's (8 bytes a client: 80 MB for 10^7 clients)."""
+
+    def __init__(self, like: Params, num_clients: int, shard: int, shards: int, **bank: Any
+                 ) -> None:
+        self.num_clients, self.shard, self.shards = num_clients, shard, shards
+        self.local = MemoryBank(like, max(shard_size(num_clients, shard, shards), 1), **bank)
+
+    def _local(self, cids: Sequence[int]) -> np.ndarray:
+        ids = np.asarray(cids, dtype=np.int64).reshape(-1)
+        wrong = ids[(ids % self.shards != self.shard) | (ids < 0) | (ids >= self.num_clients)]
+        if len(wrong):
+            raise IndexError(f"client id(s) {wrong[:10].tolist()} are not in shard {self.shard} "
+                             f"of {self.shards} (clients 0..{self.num_clients - 1})")
+        return ids // self.shards
+
+    def contains(self, cids: Sequence[int]) -> np.ndarray:
+        return self.local.contains(self._local(cids))
+
+    def read(self, cids: Sequence[int]) -> Params:
+        return self.local.read(self._local(cids))
+
+    def write(self, cids: Sequence[int], memory: Params) -> None:
+        self.local.write(self._local(cids), memory)
+
+    def client_ids(self) -> np.ndarray:
+        return self.local.client_ids() * self.shards + self.shard
+
+    @property
+    def nbytes(self) -> int:
+        return self.local.nbytes
+
+    @property
+    def path(self) -> Path | None:
+        return self.local.path
+
+    def state_dict(self) -> dict:
+        """The shard's rows with their global client ids (a bank state of the whole federation)."""
+        state = self.local.state_dict()
+        return bank_state(self.num_clients, state["client_ids"] * self.shards + self.shard,
+                          state["memory"])
+
+    def load_state_dict(self, state: dict, where: str = "memory bank state") -> None:
+        """Replace the contents by this shard's rows of ``state`` (a bank state of all clients:
+        rows of other shards are left out)."""
+        part = split_bank_state(state, self.shards)[self.shard]
+        ids = part["client_ids"]
+        self.local.load_state_dict(bank_state(self.local.num_clients, ids // self.shards,
+                                              part["memory"]), where)
+
+    def close(self) -> None:
+        self.local.close()
+
+
+def split_bank_state(state: dict, shards: int) -> list[dict]:
+    """A bank state of all clients as one per shard (global ids kept, rows in their order)."""
+    ids = state["client_ids"]
+    out = []
+    for k in range(shards):
+        rows = torch.nonzero(ids % shards == k).flatten()
+        out.append(bank_state(state["num_clients"], ids[rows],
+                              {n: v[rows] for n, v in state["memory"].items()}))
+    return out
+
+
+def merge_bank_states(states: Sequence[dict | None], num_clients: int) -> dict | None:
+    """The shards' bank states as one (shard by shard; ``None``: no shard keeps memories)."""
+    states = [s for s in states if s is not None]
+    if not states:
+        return None
+    names = list(states[0]["memory"])
+    return bank_state(num_clients, torch.cat([s["client_ids"] for s in states]),
+                      {n: torch.cat([s["memory"][n] for s in states]) for n in names})
+
+
+# -- replies ---------------------------------------------------------------------------------------
+
+def _lost(cids: Sequence[int], shard: int, answer: ShardAnswer) -> list[tuple[int, str, str]]:
+    """Every client of a shard that gave no usable reply, as a failure of kind ``error``."""
+    if isinstance(answer, BaseException):
+        first = (str(answer).splitlines() or [""])[0]  # Ray's own text runs to a page
+        why = f"shard {shard}'s Ray actor died ({type(answer).__name__}: {first})"
+    else:
+        why = f"shard {shard}: {answer.error.reason}"
+    return [(c, "error", why) for c in cids]
+
+
+def merge_train(parts: Sequence[tuple[list[int], ShardAnswer, Detached | None]], like: Params
+                ) -> RecordDict:
+    """The shards' train replies (``(the shard's clients, its answer, its detached updates)`` in
+    shard order) as the one cohort reply the strategy reads (records.py): rows joined shard by
+    shard (the strategy orders them by client id before it averages, so the mean does not depend
+    on the shards); the clients of a shard that gave no reply are failures of kind ``error``."""
+    arrays: dict[str, list[np.ndarray]] = {k: [] for k in like}
+    ids: list[int] = []
+    columns: dict[str, list] = {}
+    failures: list[tuple[int, str, str]] = []
+    for shard, (cids, answer, detached) in enumerate(parts):
+        if isinstance(answer, BaseException) or answer.has_error():
+            failures += _lost(cids, shard, answer)
+            continue
+        content = answer.content
+        failures += R.failures_from(content[R.FAILURES])
+        metrics = content[R.METRICS]
+        rows = [int(c) for c in metrics[R.PARTITION]]
+        if not rows:
+            continue
+        if (columns and set(metrics) != set(columns)) or detached is None \
+                or list(detached) != list(like):
+            failures += [(c, "malformed", f"shard {shard}'s reply has metrics {sorted(metrics)} "
+                          f"and updates {list(detached or {})}, the others' {sorted(columns)} and "
+                          f"the model's {list(like)}") for c in rows]
+            continue
+        for k, v in metrics.items():
+            columns.setdefault(k, []).extend(v)
+        ids += rows
+        for k, v in detached.items():
+            arrays[k].append(v)
+    if ids:
+        record = codec.encode_joined(arrays)
+    else:
+        record = codec.encode({k: v.new_zeros((0, *v.shape)) for k, v in like.items()})
+    columns = columns or {R.PARTITION: [], R.NUM_EXAMPLES: [], "samples": [], "train-seconds": []}
+    columns[R.PARTITION] = ids
+    return RecordDict({R.ARRAYS: record, R.METRICS: MetricRecord(columns),
+                       R.FAILURES: R.failure_record(failures)})
+
+
+def merge_evaluate(parts: Sequence[tuple[list[int], ShardAnswer]], panel: Sequence[int]
+                   ) -> RecordDict:
+    """The shards' evaluation replies as the one panel reply the strategy reads, rows and failures
+    in the panel's order (the order a single process evaluates them in, so the panel's statistics
+    are computed over the same sequence of values)."""
+    rows: list[dict[str, Any]] = []
+    failures: list[tuple[int, str, str]] = []
+    for shard, (cids, answer) in enumerate(parts):
+        if isinstance(answer, BaseException) or answer.has_error():
+            failures += _lost(cids, shard, answer)
+            continue
+        content = answer.content
+        rows += R.metric_rows(content[R.METRICS], content.get(R.ABSENT))
+        failures += R.failures_from(content[R.FAILURES])
+    at = {c: i for i, c in enumerate(panel)}
+    rows.sort(key=lambda m: at.get(int(m[R.PARTITION]), len(at)))
+    failures.sort(key=lambda f: at.get(f[0], len(at)))
+    metrics, absent = R.metric_columns(rows)
+    return RecordDict({R.METRICS: metrics, R.ABSENT: absent,
+                       R.FAILURES: R.failure_record(failures)})
+
+
+def shard_message(msg: Message, cids: list[int], first_node: int) -> Message:
+    """``msg`` (a cohort instruction) for ``cids`` only: the same arrays and config, addressed to the
+    first of them."""
+    content = RecordDict({k: v for k, v in msg.content.items() if k != R.CONFIG})
+    content[R.CONFIG] = ConfigRecord({**dict(msg.content[R.CONFIG]), R.COHORT: cids})
+    meta = msg.metadata
+    return Message(content, cids[0] + first_node, meta.message_type, group_id=meta.group_id)
