@@ -227,7 +227,10 @@ def _finals(report: Path) -> dict:
 
 
 def test_tune_with_rungs_stops_the_rest_at_the_rung_and_the_tuned_yaml_runs(tiny_config, tmp_path):
-    base = _base(tiny_config, tmp_path)
+    # compare_with baselines would keep runs out of a batch: trials leave them out, the tuned
+    # config keeps them
+    base = tiny_config("federated.rounds=8", "federated.eval_every=2", "algorithm.name=moml",
+                       "compare_with=fedavg")
     result = Tuner(base, _spec(tuned_set={"data.unseen_clients": 1}), tmp_path / "t",
                    quiet=True).run()
     (s,) = result.settings
@@ -253,6 +256,7 @@ def test_tune_with_rungs_stops_the_rest_at_the_rung_and_the_tuned_yaml_runs(tiny
     cfg = load_config(tuned)
     assert cfg.algorithm.eta == s.choice.chosen.params["algorithm.eta"]
     assert cfg.data.unseen_clients == 1 and cfg.seed == base.seed
+    assert cfg.compare_with == ("fedavg",)
     out = tmp_path / "runs_of_tuned"
     assert main(["run", str(tuned), f"output_dir={out}", "--quiet"]) == 0
     (run,) = [p for p in out.iterdir() if p.is_dir()]

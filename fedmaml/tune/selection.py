@@ -106,6 +106,12 @@ class Choice:
     margin: float = math.nan  # |score(runner-up) - score(chosen)|
     within_noise: bool = False  # the margin is below the larger spread of the two
 
+    @property
+    def longest(self) -> Candidate | None:
+        """When nothing is eligible, the candidate that trained longest (the most stable of the
+        space): what a script may fall back on, saying so; None when there are no candidates."""
+        return self.chosen or (self.ranked[0] if self.ranked else None)
+
     def describe(self) -> str:
         if self.chosen is None:
             return "no candidate is eligible (every one diverged, rose late or was stopped)"

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from fedmaml.atomic import atomic_write_text
-from fedmaml.config import Config, config_to_flat, dump_yaml, replace_paths
+from fedmaml.config import Config, config_to_flat, dump_yaml, parse_override, replace_paths
 from fedmaml.errors import ConfigError, FedmamlError
 from fedmaml.results.run_files import read_summary
 from fedmaml.run_dir import DirectoryLock
@@ -193,6 +193,11 @@ class Tuner:
 
     def __init__(self, base: Config, spec: TuneSpec, tune_dir: str | Path | None = None,
                  quiet: bool = False, stream: TextIO | None = None) -> None:
+        # Trials train without compare_with baselines (a run's own comparison, not part of the
+        # choice, and what keeps a run out of a batch); the tuned config keeps them.
+        self.tuned_base = base
+        if base.compare_with:
+            base = replace_paths(base, {"compare_with": parse_override("compare_with=")[1]})
         self.base, self.spec = base, spec
         self.dir = Path(tune_dir) if tune_dir is not None else default_tune_dir(base)
         self.trials = self.dir / TRIALS
@@ -405,7 +410,7 @@ class Tuner:
         name = f"{self.base.name}-{setting}-tuned" if setting else f"{self.base.name}-tuned"
         overrides = {**(self.spec.settings.get(setting, {}) if setting else {}),
                      **choice.chosen.params, **self.spec.tuned_set, "name": name}
-        return replace_paths(self.base, overrides)
+        return replace_paths(self.tuned_base, overrides)
 
     def _write_tuned(self, setting: str | None, choice: Choice) -> Path | None:
         cfg = self.tuned_config(setting, choice)
