@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "after half the budget on any seed (default 1.2)")
     parser.add_argument("--sampler-seed", type=int, default=0, metavar="N",
                         help="seed of the random and TPE searches")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="processes training a rung's runs, each a vectorized batch of its "
+                        "share (0 = one per CPU core; default 1)")
     parser.add_argument("--tune-dir", metavar="DIR",
                         help="directory of the tuning run (default: <output_dir>/<name>-tune)")
     parser.add_argument("--tuned-set", action="append", default=[], metavar="KEY=VALUE",
@@ -86,7 +89,10 @@ def run(args: argparse.Namespace) -> int:
         from fedmaml.tune.search import require_optuna
 
         require_optuna()  # before anything trains
-    result = Tuner(base, spec, args.tune_dir, quiet=args.quiet).run()
+    from fedmaml.sweep import resolve_jobs
+
+    jobs = resolve_jobs(args.jobs, base)
+    result = Tuner(base, spec, args.tune_dir, quiet=args.quiet, jobs=jobs).run()
     for s in result.settings:
         where = f"{s.setting}: " if s.setting else ""
         print(f"{where}{s.choice.describe()}")

@@ -124,6 +124,22 @@ def check_spec(base: Config, spec: TuneSpec) -> list[int]:
     return rungs_for(fed.rounds, fed.eval_every, spec.rungs, spec.reduction)
 
 
+def train_part(configs: list[Config], dirs: list[Path], quiet: bool, until: int | None
+               ) -> list[tuple[float, str | None]]:
+    """One vectorized batch to round ``until`` (None: to the end), here or in a worker process.
+    A run stopped at a rung logs that it was interrupted: expected here, so not a warning."""
+    from fedmaml.sweep import execute_batch
+
+    logger = logging.getLogger("fedmaml")
+    level = logger.level
+    if until is not None:
+        logger.setLevel(logging.ERROR)
+    try:
+        return execute_batch(configs, dirs, quiet=quiet, until_round=until)
+    finally:
+        logger.setLevel(level)
+
+
 def default_tune_dir(base: Config) -> Path:
     return Path(base.output_dir) / f"{base.name}-tune"
 
@@ -192,7 +208,7 @@ class Tuner:
     """One tuning run (every setting) into ``tune_dir``."""
 
     def __init__(self, base: Config, spec: TuneSpec, tune_dir: str | Path | None = None,
-                 quiet: bool = False, stream: TextIO | None = None) -> None:
+                 quiet: bool = False, stream: TextIO | None = None, jobs: int = 1) -> None:
         # Trials train without compare_with baselines (a run's own comparison, not part of the
         # choice, and what keeps a run out of a batch); the tuned config keeps them.
         self.tuned_base = base
@@ -202,6 +218,7 @@ class Tuner:
         self.dir = Path(tune_dir) if tune_dir is not None else default_tune_dir(base)
         self.trials = self.dir / TRIALS
         self.quiet, self.out = quiet, stream or sys.stderr
+        self.jobs = max(1, jobs)  # processes training a rung's batches
         self.rungs = check_spec(base, spec)
         self.budget = base.federated.rounds
 
@@ -312,8 +329,8 @@ class Tuner:
             groups: dict[tuple, list[_Run]] = {}
             for run in todo:
                 groups.setdefault((batch_key(run.config), run.progress()[0]), []).append(run)
-            for (_, at), group in groups.items():
-                self._train(group, rung, at)
+            if groups:
+                self._train([(at, g) for (_, at), g in groups.items()], rung)
             scores = {i: self._rung_score(runs_of[i], rung) for i in alive}
             for i, v in scores.items():
                 rung_values[i][rung] = v
@@ -356,24 +373,33 @@ class Tuner:
         done, status = run.progress()
         return status in (None, "interrupted") and done < rung
 
-    def _train(self, group: list[_Run], rung: int, at: int) -> None:
-        from fedmaml.sweep import execute_batch
+    def _train(self, groups: list[tuple[int, list[_Run]]], rung: int) -> None:
+        """Train every group (runs of one shape, all after round ``at``) to ``rung``: split so
+        that ``jobs`` processes all get work (a bigger batch is cheaper per run, so no further),
+        in worker processes when there are several parts."""
+        from fedmaml.sweep import _run_pool
 
         until = rung if rung < self.budget else None
-        self.say(f"  training {len(group)} run(s) from round {at} to {rung}")
-        # a run stopped at a rung logs that it was interrupted: expected here, not a warning
-        logger = logging.getLogger("fedmaml")
-        level = logger.level
-        if until is not None:
-            logger.setLevel(logging.ERROR)
-        try:
-            outcomes = execute_batch([r.config for r in group], [r.dir for r in group],
-                                     quiet=self.quiet, until_round=until)
-        finally:
-            logger.setLevel(level)
-        for run, (_, error) in zip(group, outcomes):
-            if error:
-                self.say(f"  {run.dir.name} failed: {error}")
+        split = max(1, math.ceil(self.jobs / len(groups))) if groups else 1
+        work = []
+        for at, runs in groups:
+            n = min(split, len(runs))
+            for part in (runs[i::n] for i in range(n)):
+                self.say(f"  training {len(part)} run(s) from round {at} to {rung}")
+                work.append((train_part, ([r.config for r in part], [r.dir for r in part],
+                                          self.quiet or len(groups) * n > 1, until), part))
+
+        def record(part: list[_Run], outcomes: Any) -> None:
+            outcomes = outcomes if isinstance(outcomes, list) else [outcomes] * len(part)
+            for run, (_, error) in zip(part, outcomes):
+                if error:
+                    self.say(f"  {run.dir.name} failed: {error}")
+
+        if self.jobs <= 1 or len(work) <= 1:
+            for fn, args, part in work:
+                record(part, fn(*args))
+        else:
+            _run_pool(work, min(self.jobs, len(work)), record)
 
     def _rung_score(self, runs: list[_Run], rung: int) -> float:
         """The mean over seeds of the metric at the last evaluation up to ``rung``; NaN when a run
