@@ -14,8 +14,9 @@ EXIT_NO_CHOICE = 1  # a setting had no eligible candidate
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", metavar="CONFIG", help="YAML config file, or the name of a "
-                        "bundled example; optionally with a `sweep:` section whose named settings "
-                        "are each tuned on their own")
+                        "bundled example: quickstart, sweeps/moml_miniature... (an unknown name "
+                        "lists them); optionally with a `sweep:` section whose named settings are "
+                        "each tuned on their own")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="override a config key of every trial, e.g. federated.rounds=2000")
     parser.add_argument("--space", action="append", default=[], metavar="KEY=SPEC",
