@@ -313,7 +313,16 @@ def test_cli_tune_refuses_one_seed_and_reports(tmp_path, tiny_config, capsys):
     assert "at least 2 seeds" in capsys.readouterr().err
     assert main(["tune", str(cfg_path), "--space", "eta=0.05,0.005", "--search", "random"]) == 2
     assert "--trials N" in capsys.readouterr().err
-    code = main(["tune", str(cfg_path), "--space", "eta=0.05,0.005", "--tune-dir",
-                 str(tmp_path / "cli"), "--quiet", "--rise", "100"])
+    # with a tracker on, every trial is tracked, with the searched key as a hyperparameter
+    code = main(["tune", str(cfg_path), "tracking.backends=tensorboard", "--space",
+                 "eta=0.05,0.005", "--tune-dir", str(tmp_path / "cli"), "--quiet", "--rise", "100"])
     out = capsys.readouterr().out
     assert code == 0 and "tuned config:" in out and "report:" in out
+    from fedmaml.tracking import run_info
+
+    trials = sorted(p for p in (tmp_path / "cli" / "trials").iterdir() if p.is_dir())
+    assert len(trials) == 4
+    for run in trials:
+        assert list(run.glob("events.out.tfevents.*")), run
+        info = run_info(load_config(run / "config.yaml"), run)
+        assert set(info.hparams) == {"algorithm.eta", "seed"}
