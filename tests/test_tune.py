@@ -100,6 +100,16 @@ def test_metric_key_and_client_subset():
         parse_metric("unseen.loss@x")
 
 
+@pytest.mark.parametrize("ids, label", [("30-49", "30-49"), ("1,3,5-7,9-10", "1,3,5-7,9,10"),
+                                        ("2,4-6,8,9,11", "2,4-6,8,9,11"), ("7", "7")])
+def test_metric_label_writes_runs_as_ranges_and_reads_back(ids, label):
+    # The report and the figure axes show the label; twenty ids written out did not fit an axis.
+    m = parse_metric(f"unseen.loss@{ids}")
+    assert m.label == f"unseen.loss@{label}"
+    assert parse_metric(m.label).clients == m.clients
+    assert m.text.count(",") == len(m.clients) - 1  # the manifest keeps every id
+
+
 # -- selection on synthetic curves ---------------------------------------------------------------
 
 def _cand(i, finals_curves, status="completed", rounds=100, params=None):

@@ -31,9 +31,16 @@ class Metric:
 
     @property
     def text(self) -> str:
+        """Every client id written out: the form the tuning manifest keeps (tune.json)."""
         if not self.clients:
             return self.key
         return f"{self.key}@{','.join(map(str, self.clients))}"
+
+    @property
+    def label(self) -> str:
+        """The metric as a user writes it (``unseen.loss@30-49``), for reports and figure axes,
+        where twenty ids written out would not fit."""
+        return f"{self.key}@{ids_text(self.clients)}" if self.clients else self.key
 
     def value(self, evaluation: dict[str, Any]) -> float | None:
         """The metric in one evaluation (``row["eval"]``); None when the row does not hold it."""
@@ -79,6 +86,20 @@ class Metric:
         if math.isnan(v):
             return math.inf
         return v if self.direction == "min" else -v
+
+
+def ids_text(ids: tuple[int, ...] | list[int]) -> str:
+    """Ids as ``--seeds`` and ``KEY@IDS`` read them: runs of 3 or more consecutive ids as ``a-b``
+    (``30-49,52``); ``parse_seeds`` of the text gives the ids back."""
+    parts: list[str] = []
+    i = 0
+    while i < len(ids):
+        j = i
+        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
+            j += 1
+        parts += [f"{ids[i]}-{ids[j]}"] if j - i >= 2 else [str(x) for x in ids[i:j + 1]]
+        i = j + 1
+    return ",".join(parts)
 
 
 def _ids_text(ids: list[int]) -> str:

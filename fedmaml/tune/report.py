@@ -12,6 +12,7 @@ from typing import Any
 from fedmaml.atomic import atomic_write_text
 from fedmaml.config import short_key
 from fedmaml.provenance import with_provenance
+from fedmaml.tune.metric import ids_text
 from fedmaml.tune.selection import Candidate
 
 REPORT = "report.md"
@@ -22,8 +23,8 @@ def validation_note(tuner: Any) -> str:
     """What the metric is measured on, in words, with the warning that applies (docs/tuning.md)."""
     m, base = tuner.spec.metric, tuner.base
     group = m.key.split(".")[0]
-    clients = f" (clients {_ids(m.clients)})" if m.clients else ""
-    text = (f"`{m.text}` ({'lower' if m.direction == 'min' else 'higher'} is better), on the "
+    clients = f" (clients {ids_text(m.clients)})" if m.clients else ""
+    text = (f"`{m.label}` ({'lower' if m.direction == 'min' else 'higher'} is better), on the "
             f"{group} clients{clients} of the tuning seeds {','.join(map(str, tuner.spec.seeds))}.")
     if group == "unseen" and base.data.family == "sinusoid_grid" and not m.clients:
         text += (" WARNING: sinusoid_grid's unseen clients are the same fixed test tasks for "
@@ -37,12 +38,6 @@ def validation_note(tuner: Any) -> str:
         text += (" The seen panel holds training clients (evaluated on their held-out "
                  "examples): a validation set disjoint from unseen test clients.")
     return text
-
-
-def _ids(ids: tuple[int, ...]) -> str:
-    if ids and list(ids) == list(range(ids[0], ids[-1] + 1)) and len(ids) > 2:
-        return f"{ids[0]}-{ids[-1]}"
-    return ",".join(map(str, ids))
 
 
 def _fmt(v: float) -> str:
@@ -171,7 +166,7 @@ def plot_search(tuner: Any, s: Any, path: Path) -> Path | None:
                 left.scatter([x], [y], c=[c.score], vmin=lo, vmax=hi, cmap="viridis_r"
                              if tuner.spec.metric.direction == "min" else "viridis")
         left.set_xlabel(short_key(x_dim.key))
-        left.set_ylabel(short_key(y_dim.key) if y_dim else tuner.spec.metric.text)
+        left.set_ylabel(short_key(y_dim.key) if y_dim else tuner.spec.metric.label)
         if x_dim.kind == "log" or _log_choices(x_dim):
             left.set_xscale("log")
         if y_dim is not None and (y_dim.kind == "log" or _log_choices(y_dim)):
@@ -189,7 +184,7 @@ def plot_search(tuner: Any, s: Any, path: Path) -> Path | None:
     for r in s.rungs[:-1]:
         right.axvline(r, ls="--", c="grey", lw=0.8)
     right.set_xlabel("round")
-    right.set_ylabel(tuner.spec.metric.text + " (mean over seeds)")
+    right.set_ylabel(tuner.spec.metric.label + " (mean over seeds)")
     if tuner.spec.metric.direction == "min" and scores and lo > 0:
         right.set_yscale("log")
     right.set_title("validation curves (black: chosen; dashed: rungs)")
