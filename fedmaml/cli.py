@@ -459,6 +459,17 @@ def _deploy_command() -> Command:
 COMMANDS.append(_deploy_command())
 
 
+def _tune_command() -> Command:
+    """``fedmaml tune``: its arguments and handler live in fedmaml/tune/cli.py (standard library
+    only at import)."""
+    from fedmaml.tune import cli as tune_cli
+
+    return Command("tune", tune_cli.HELP, tune_cli.add_arguments, tune_cli.run)
+
+
+COMMANDS.insert(next(i for i, c in enumerate(COMMANDS) if c.name == "sweep") + 1, _tune_command())
+
+
 # --------------------------------------------------------------------------------------------------
 # Parser and entry point
 # --------------------------------------------------------------------------------------------------

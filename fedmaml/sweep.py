@@ -372,15 +372,17 @@ def execute_batch(configs: list[Config], run_dirs: list[Path], quiet: bool = Tru
     return [(time.perf_counter() - start, e) for e in errors]
 
 
-def execute_one_batch(configs: list[Config], run_dirs: list[Path], quiet: bool = True
-                      ) -> list[tuple[float, str | None]]:
+def execute_one_batch(configs: list[Config], run_dirs: list[Path], quiet: bool = True,
+                      until_round: int | None = None) -> list[tuple[float, str | None]]:
     """Run ``configs`` as one vectorized batch (fedmaml/engines/run_batch.py): one outcome per run,
     as :func:`execute_run` gives it. When every run has a checkpoint after the same round the batch
     continues from there; otherwise its leftovers are cleaned and it starts again. An exception
-    fails every run of the batch that had not ended (``error.txt`` in each)."""
+    fails every run of the batch that had not ended (``error.txt`` in each). ``until_round``: every
+    run stops after that round with a checkpoint, ``interrupted`` (a rung of ``fedmaml tune``);
+    only a stop asked by a signal then stops the caller (KeyboardInterrupt)."""
     from fedmaml.engines.run_batch import run_batch
     from fedmaml.experiment import quiet_frameworks
-    from fedmaml.federated.checkpoint import CHECKPOINT_FILE, load, stop_on_signals
+    from fedmaml.federated.checkpoint import CHECKPOINT_FILE, load, stop_on_signals, stop_requested
     from fedmaml.run_dir import check_resume
 
     quiet_frameworks()
@@ -404,7 +406,9 @@ def execute_one_batch(configs: list[Config], run_dirs: list[Path], quiet: bool =
                     clear(d)
                 (d / ERROR_FILE).unlink(missing_ok=True)
             with stop_on_signals():  # SIGINT/SIGTERM: every run checkpoints after its round
-                summaries = run_batch(configs, run_dirs, quiet=quiet, resume=resume)
+                summaries = run_batch(configs, run_dirs, quiet=quiet, resume=resume,
+                                      until_round=until_round)
+                signalled = stop_requested()
         except Exception as e:  # noqa: BLE001 - reported per run, the sweep goes on
             text = traceback.format_exc()
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -417,7 +421,8 @@ def execute_one_batch(configs: list[Config], run_dirs: list[Path], quiet: bool =
                 (d / ERROR_FILE).write_text(text, encoding="utf-8")
                 outcomes.append((time.perf_counter() - start, f"{type(e).__name__}: {first}"))
             return outcomes
-    if any(s.get("status") == "interrupted" for s in summaries.values()):
+    if any(s.get("status") == "interrupted" for s in summaries.values()) and (
+            until_round is None or signalled):
         raise KeyboardInterrupt  # the runs checkpointed themselves; the sweep stops too
     return [(time.perf_counter() - start, None)] * len(run_dirs)
 

@@ -14,10 +14,12 @@ client, B = 3 tasks per step, in-process), at K = 1 and K = 3:
 
 Two phases, both resumable (a run whose ``summary.json`` exists is not run again):
 
-1. ``tune``: per method and K, pick ``eta`` (and ``beta`` for memory methods) with one seed on
-   validation tasks (test-distribution tasks 5..24, disjoint from the reported test tasks 0..4).
-   ``--grid full`` is the protocol's grid (eta x beta); ``--grid coordinate`` (default) searches eta
-   at the public code's beta, then beta at the best eta.
+1. ``tune``: per method and K, ``fedmaml tune`` (fedmaml/tune, docs/tuning.md) picks ``eta`` (and
+   ``beta`` for memory methods) over the protocol's grid, every candidate on ``--tune-seeds``
+   (default 100 and 101), on validation tasks (test-distribution tasks 5..24, disjoint from the
+   reported test tasks 0..4; MOML-V2: its unseen silo 1, tasks 25..49), with its robust choice:
+   a candidate that diverges on a seed or whose validation curve rises late is not chosen.
+   ``--rungs N`` adds successive halving.
 2. ``final``: the chosen values, ``--seeds`` seeds, ``--steps`` steps; the test MSE on tasks 0..4
    after 10 SGD steps of 0.01 on 10 points, and the wall time per step.
 
@@ -298,37 +300,74 @@ def usable(result: dict[str, Any]) -> bool:
     return result.get("status", "completed") == "completed" and math.isfinite(result["test_mse"])
 
 
-def best(results: list[dict[str, Any]], name: str, k: int) -> tuple[float, float]:
-    """The values with the lowest validation MSE; a diverged run never wins. When every value
-    diverged, the one that trained longest before it did (the most stable of the grid)."""
-    mine = [r for r in results if r["method"] == name and r["K"] == k]
-    if any(usable(r) for r in mine):
-        r = min(mine, key=lambda r: r["val_mse"] if usable(r) else math.inf)
-    else:
-        r = max(mine, key=lambda r: r.get("rounds_completed") or 0)
-    return r["eta"], r["beta"]
+#: Evaluations of a tuning run (its validation curve, which the late-rise rule reads).
+TUNE_CURVE_POINTS = 16
 
 
-def tune(methods: list[Method], ks: list[int], grid: str, steps: int, seed: int, out: Path,
-         workers: int, protocol: str = "fedmaml", vectorize: bool = True
+def validation(method: Method) -> tuple[list[str], str]:
+    """The overrides that make the tuning runs evaluate validation tasks too, and the metric over
+    them. The unseen clients' ids follow the training clients' (``num_clients + q``): with one task
+    per client, unseen clients 5..24 (ids 30..49) hold test-distribution tasks 5..24; MOML-V2's
+    single silo of 25 tasks has unseen silo 1 (id 2) with tasks 25..49. Never the test tasks 0..4."""
+    if method.name == "MOML-V2":
+        return ["data.unseen_clients=2"], "unseen.loss@2"
+    first = 25 + VALIDATION_TASKS.start
+    return [f"data.unseen_clients={25}"], f"unseen.loss@{first}-{first + len(VALIDATION_TASKS) - 1}"
+
+
+def tune_one(job: tuple) -> dict[str, Any]:
+    """One method and K: ``fedmaml tune`` over the protocol's grid in ``out/<method>-K<k>``;
+    executed in a worker process. Returns the choice and every candidate."""
+    torch.set_num_threads(1)
+    name, k, steps, seeds, out, protocol, rungs = job
+    from fedmaml.config import parse_override, replace_paths
+    from fedmaml.tune.metric import parse_metric
+    from fedmaml.tune.space import parse_space
+    from fedmaml.tune.tuner import Tuner, TuneSpec
+
+    method = BY_NAME[name]
+    eta, beta = method.public[k]
+    base = make_config(method, k, eta, beta, seeds[0], steps, Path(out), TUNE_CURVE_POINTS,
+                       protocol)
+    extra, metric = validation(method)
+    base = replace_paths(base, dict(parse_override(o) for o in extra))
+    space = [f"algorithm.eta={','.join(map(str, ETA_GRID))}"]
+    if method.uses_beta:
+        space.append(f"algorithm.beta={','.join(map(str, BETA_GRID))}")
+    spec = TuneSpec(space=parse_space(space), seeds=tuple(seeds), metric=parse_metric(metric),
+                    rungs=rungs)
+    result = Tuner(base, spec, Path(out) / f"{name}-K{k}", quiet=True).run()
+    (s,) = result.settings
+    pick = s.choice.longest
+    assert pick is not None
+    chosen = (pick.params["algorithm.eta"], pick.params.get("algorithm.beta", beta))
+    print(f"tuned {name} K={k}: {s.choice.describe()}", flush=True)
+    return {"method": name, "K": k, "chosen": chosen, "eligible": s.choice.chosen is not None,
+            "margin": s.choice.margin, "edges": s.choice.edges, "report": str(result.report),
+            "seconds": result.seconds,
+            "candidates": [{"eta": c.params["algorithm.eta"],
+                            "beta": c.params.get("algorithm.beta", beta), "val_mse": c.score,
+                            "std": c.spread, "excluded": c.excluded,
+                            "rounds": max((r.rounds for r in c.runs), default=0)}
+                           for c in s.choice.ranked]}
+
+
+def tune(methods: list[Method], ks: list[int], steps: int, seeds: list[int], out: Path,
+         workers: int, protocol: str = "fedmaml", rungs: int = 1
          ) -> tuple[dict[tuple[str, int], tuple[float, float]], list[dict[str, Any]]]:
-    first: list[tuple] = []
-    for m, k in itertools.product(methods, ks):
-        _, public_beta = m.public[k]
-        betas = BETA_GRID if (m.uses_beta and grid == "full") else (public_beta,)
-        first += [(m.name, k, e, b, seed, steps, str(out), 0, protocol) for e in ETA_GRID
-                  for b in betas]
-    results = run_all(first, workers, vectorize)
-    if grid == "coordinate":
-        second = []
-        for m, k in itertools.product(methods, ks):
-            if m.uses_beta:
-                eta, public_beta = best(results, m.name, k)
-                second += [(m.name, k, eta, b, seed, steps, str(out), 0, protocol)
-                           for b in BETA_GRID if b != public_beta]
-        results += run_all(second, workers, vectorize)
-    chosen = {(m.name, k): best(results, m.name, k) for m in methods for k in ks}
-    return chosen, results
+    """Every method and K tuned by ``fedmaml tune`` (``workers`` of them at a time, each one's
+    candidates x seeds trained as vectorized batches). When no candidate is eligible (every one
+    diverged, as Per-FedAvg-HF's often do) the one that trained longest is used, and the tuning
+    record says so (``eligible: false``)."""
+    jobs = [(m.name, k, steps, seeds, str(out), protocol, rungs) for m in methods for k in ks]
+    ctx = multiprocessing.get_context("spawn")
+    from fedmaml.sweep import _worker_init  # workers exit when this process is killed
+
+    with ctx.Pool(workers, initializer=_worker_init, initargs=(os.getpid(),),
+                  maxtasksperchild=1) as pool:
+        tuned = list(pool.imap_unordered(tune_one, jobs))
+    chosen = {(t["method"], t["K"]): tuple(t["chosen"]) for t in tuned}
+    return chosen, sorted(tuned, key=lambda t: (t["K"], t["method"]))
 
 
 def summarize(final: list[dict[str, Any]], chosen: dict, methods: list[Method], ks: list[int]
@@ -361,15 +400,23 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def tuning_table(results: list[dict[str, Any]]) -> str:
-    lines = ["| K | method | eta | beta | validation MSE | status |", "|---|---|---|---|---|---|"]
-    for r in sorted(results, key=lambda r: (r["K"], r["method"], r["eta"], r["beta"])):
-        beta = f"{r['beta']:g}" if BY_NAME[r["method"]].uses_beta else "-"
-        status = r.get("status", "completed")
-        if status == "diverged" and r.get("rounds_completed") is not None:
-            status = f"diverged after round {r['rounds_completed']}"
-        mse = f"{r['val_mse']:.3f}" if usable(r) else "-"
-        lines.append(f"| {r['K']} | {r['method']} | {r['eta']:g} | {beta} | {mse} | {status} |")
+def tuning_table(tuned: list[dict[str, Any]]) -> str:
+    """Every tuning candidate: its validation MSE (mean and std over the tuning seeds) and why it
+    was not chosen."""
+    lines = ["| K | method | eta | beta | validation MSE (mean ± std) | status |",
+             "|---|---|---|---|---|---|"]
+    for t in tuned:
+        uses_beta = BY_NAME[t["method"]].uses_beta
+        for c in sorted(t["candidates"], key=lambda c: (c["eta"], c["beta"])):
+            beta = f"{c['beta']:g}" if uses_beta else "-"
+            mse = (f"{c['val_mse']:.3f} ± {c['std']:.3f}" if c["excluded"] is None
+                   else "-")
+            chosen = (c["eta"], c["beta"]) == tuple(t["chosen"])
+            status = ("**chosen**" if chosen and t["eligible"] else
+                      "used: none eligible, trained longest" if chosen else
+                      c["excluded"] or "eligible")
+            lines.append(f"| {t['K']} | {t['method']} | {c['eta']:g} | {beta} | {mse} | "
+                         f"{status} |")
     return "\n".join(lines)
 
 
@@ -417,8 +464,8 @@ def run_protocol(a: argparse.Namespace, methods: list[Method], protocol: str, ou
     if public_values:
         chosen = {(m.name, k): m.public[k] for m in methods for k in a.ks}
     else:
-        chosen, tuning = tune(methods, a.ks, a.grid, a.tune_steps, a.tune_seed, runs / "tune",
-                              a.workers, protocol, a.engine == "batch")
+        chosen, tuning = tune(methods, a.ks, a.tune_steps, a.tune_seeds, runs / "tune",
+                              a.workers, protocol, a.rungs)
     print("chosen (eta, beta):", {f"{n} K={k}": v for (n, k), v in chosen.items()}, flush=True)
     out.mkdir(parents=True, exist_ok=True)
     if tuning:  # written at once: the finals take as long again
@@ -437,8 +484,6 @@ def run_protocol(a: argparse.Namespace, methods: list[Method], protocol: str, ou
           f"{a.seeds}:\n{table}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(table + "\n")
-    if tuning:
-        (out / "tuning.md").write_text(tuning_table(tuning) + "\n")
     seconds = time.perf_counter() - start
     (out / "results.json").write_text(json.dumps(with_provenance(
         {"args": vars(a), "protocol": protocol, "public_values": public_values, "rows": rows,
@@ -454,8 +499,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=1000, help="meta-steps of the final runs")
     p.add_argument("--tune-steps", type=int, default=800, help="meta-steps of each tuning run")
-    p.add_argument("--grid", choices=("coordinate", "full"), default="coordinate")
-    p.add_argument("--tune-seed", type=int, default=100)
+    p.add_argument("--tune-seeds", type=int, nargs="+", default=[100, 101],
+                   help="seeds every tuning candidate runs on (at least 2)")
+    p.add_argument("--rungs", type=int, default=1,
+                   help="successive halving in tuning: rungs (1 = off; fedmaml tune --rungs)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--ks", type=int, nargs="+", default=[1, 3])
     p.add_argument("--methods", nargs="+", default=[m.name for m in METHODS],
@@ -471,8 +518,9 @@ def main() -> None:
                         "(shared evaluation points, one initial model, memories made at the start); "
                         "both: one after the other, each under <output-dir>/<protocol>")
     p.add_argument("--engine", choices=("batch", "runs"), default="batch",
-                   help="batch: the runs of a method, K and protocol train as vectorized batches "
-                        "(fedmaml sweep --vectorize's engine); runs: one run per process")
+                   help="the finals: batch: the runs of a method, K and protocol train as "
+                        "vectorized batches (fedmaml sweep --vectorize's engine); runs: one run "
+                        "per process (tuning always trains vectorized batches: fedmaml tune)")
     p.add_argument("--curve-points", type=int, default=8)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--output-dir", help="default: results/moml_sinewave (--full-protocol: "
@@ -482,13 +530,13 @@ def main() -> None:
                                     "protocol and step-size choice)")
     p.add_argument("--quick", action="store_true", help="smoke test: 200 steps, 2 seeds, K = 1")
     p.add_argument("--full-protocol", action="store_true",
-                   help="the paper's protocol: 40,000 steps, full grid tuned at 40,000 steps, "
+                   help="the paper's protocol: 40,000 steps, the grid tuned at 40,000 steps, "
                         "5 seeds, both evaluation protocols, also the public code's step sizes")
     a = p.parse_args()
     if a.quick:
         a.steps, a.tune_steps, a.seeds, a.ks = 200, 100, [0, 1], [1]
     if a.full_protocol:
-        a.steps, a.tune_steps, a.grid, a.seeds = 40000, 40000, "full", [0, 1, 2, 3, 4]
+        a.steps, a.tune_steps, a.seeds = 40000, 40000, [0, 1, 2, 3, 4]
         a.protocol, a.also_public_values = "both", True
     full = "_full" if a.full_protocol else ""
     a.output_dir = a.output_dir or f"results/moml_sinewave{full}"

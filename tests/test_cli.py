@@ -18,7 +18,7 @@ def test_help_lists_subcommands(capsys):
     assert "run" in out and "config" in out
 
 
-@pytest.mark.parametrize("command", ["run", "sweep"])
+@pytest.mark.parametrize("command", ["run", "sweep", "tune"])
 def test_commands_taking_a_config_mention_the_bundled_names(command, capsys):
     assert main([command, "--help"]) == 0
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps the help

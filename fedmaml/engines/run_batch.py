@@ -211,12 +211,16 @@ class RunBatch:
         like = first.initial_params
         self.bytes_down, self.bytes_up = R.to_record(like).count_bytes(), R.row_bytes(like)
         self.evaluator = BatchEvaluator(self)
+        self.until_round: int | None = None  # run(until_round): where this call stops
         if resume:
             self._restore()
 
     # -- the run loop ---------------------------------------------------------------------------
-    def run(self) -> dict[int, dict[str, Any]]:
-        """Run every round; return each run's summary (by its index in ``configs``)."""
+    def run(self, until_round: int | None = None) -> dict[int, dict[str, Any]]:
+        """Run every round; return each run's summary (by its index in ``configs``).
+        ``until_round``: stop after that round as a stop request does (every live run checkpoints
+        and ends ``interrupted``), so that a tuner can look at the runs and resume some of them."""
+        self.until_round = until_round
         self.start = time.perf_counter() - self.seconds
         try:
             with collector.frozen(), self.progress:
@@ -409,7 +413,7 @@ class RunBatch:
         """Write the pending rows when due: at evaluation and checkpoint rounds, when a run needs
         its health checked now (``alarm``), at a stop request, every few hundred rounds and at the
         end; each run's rows are written, tracked and checked by its health rules in order."""
-        stop = checkpoint.stop_requested()
+        stop = checkpoint.stop_requested() or server_round == self.until_round
         due = [i for i in self.live if self.ledgers[i].checkpoint_due(server_round, stop)]
         if not (evaluate or alarm or due or stop or server_round in (0, self.rounds)
                 or len(self.pending) >= _FLUSH_ROUNDS):
@@ -611,6 +615,6 @@ def _unflatten(x: Any, runs: int, clients: int) -> Any:
 
 
 def run_batch(configs: Sequence[Any], run_dirs: Sequence[str | Path], quiet: bool = True,
-              resume: bool = False) -> dict[int, dict[str, Any]]:
+              resume: bool = False, until_round: int | None = None) -> dict[int, dict[str, Any]]:
     """Train ``configs`` as one :class:`RunBatch`; return each run's summary by index."""
-    return RunBatch(configs, run_dirs, quiet=quiet, resume=resume).run()
+    return RunBatch(configs, run_dirs, quiet=quiet, resume=resume).run(until_round)
