@@ -135,7 +135,7 @@ class RunBatch:
     """``R`` runs of equal shapes (:func:`batch_key`) trained together, each into its run
     directory. ``resume``: continue every run from its checkpoint (all after the same round)."""
 
-    def __init__(self, configs: Sequence[Any], run_dirs: Sequence[str | Path], *,
+    def __init__(self, configs: Sequence[Config], run_dirs: Sequence[str | Path], *,
                  quiet: bool = True, resume: bool = False) -> None:
         if not configs or len(configs) != len(run_dirs):
             raise ValueError("a batch needs one run directory per config")
@@ -614,7 +614,7 @@ def _unflatten(x: Any, runs: int, clients: int) -> Any:
     return x.reshape(runs, clients, *x.shape[1:])
 
 
-def run_batch(configs: Sequence[Any], run_dirs: Sequence[str | Path], quiet: bool = True,
+def run_batch(configs: Sequence[Config], run_dirs: Sequence[str | Path], quiet: bool = True,
               resume: bool = False, until_round: int | None = None) -> dict[int, dict[str, Any]]:
     """Train ``configs`` as one :class:`RunBatch`; return each run's summary by index."""
     return RunBatch(configs, run_dirs, quiet=quiet, resume=resume).run(until_round)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from fedmaml.config.schema import Config
 from fedmaml.core.params import Params
 from fedmaml.errors import FedmamlError
 from fedmaml.federated import checkpoint, faults
@@ -32,7 +33,7 @@ from fedmaml.tracking import open_tracker
 log = logging.getLogger("fedmaml")
 
 
-def run_health(cfg: Any) -> RunHealth:
+def run_health(cfg: Config) -> RunHealth:
     """The health rules of a run, with what to try when it diverges."""
     return RunHealth(cfg.federated.max_failed_rounds,
                      hint=f"a smaller algorithm.eta (now {cfg.algorithm.eta:g}) or "
@@ -55,7 +56,7 @@ class RunLedger:
     counter-based streams, and one process's generators cannot hold several runs' states).
     ``metric``: the evaluation metric the summary and the progress line report."""
 
-    def __init__(self, cfg: Any, run_dir: str | Path, metric: str, *, resume: bool = False,
+    def __init__(self, cfg: Config, run_dir: str | Path, metric: str, *, resume: bool = False,
                  rng: bool = True) -> None:
         self.cfg, self.dir, self.metric = cfg, Path(run_dir), metric
         #: what the log's lines about the run start with (a batch names its runs)
