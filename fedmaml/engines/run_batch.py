@@ -42,16 +42,10 @@ directories and ledgers, under ``<run>/baselines/``): a batch trains only the ru
 the sweep trains the baselines of a batch's runs as batches of their own after it
 (fedmaml/sweep.py ``execute_batch``).
 
-Lambda-pattern selection (``pattern_selection.mode``, docs/lambda_patterns.md) is each run's own:
-at its ``at_round``, after the round's update and before its evaluation, each run's
-:class:`~fedmaml.federated.pattern_selection.PatternSelector` chooses on the run's ``w`` as in the
-run alone (central: measured here; federated: asked of the run's own ClientApp through an
-in-process grid, as the in-process engine asks it); the table goes on the run's row (and
-pattern_selection.json). From then on each run trains and evaluates with its own patterns: runs
-that share their patterns go through one vmapped update, groups with different patterns one after
-another within the round (:meth:`RunBatch._update`), and evaluation groups runs by pattern already.
-What a batch cannot hold (:func:`batch_refusal`): a non-CPU device and a user model vmap cannot
-batch. ``fedmaml sweep --vectorize`` runs such runs one by one, as without it.
+Lambda-pattern selection (docs/lambda_patterns.md) is each run's own (:meth:`RunBatch._select`);
+afterwards runs train in groups of equal patterns within a round (:meth:`RunBatch._update`) and
+evaluate grouped by pattern. What a batch cannot hold (:func:`batch_refusal`): a non-CPU device and
+a user model vmap cannot batch. ``fedmaml sweep --vectorize`` runs such runs one by one.
 """
 
 from __future__ import annotations
@@ -575,12 +569,9 @@ class RunBatch:
         """Remove the run at batch position ``j`` from every per-run tensor."""
         keep = torch.tensor([p for p in range(len(self.live)) if p != j], dtype=torch.int64)
         del self.live[j]
-        take = lambda p: {k: v.index_select(0, keep) for k, v in p.items()}  # noqa: E731
-        self.w, self.w_before = take(self.w), take(self.w_before)
-        self.optimizer.state = take(self.optimizer.state)
-        self.optimizer.lr = self.optimizer.lr.index_select(0, keep)
-        self.optimizer.steps = self.optimizer.steps.index_select(0, keep)
-        self.values = take(self.values)
+        opt = self.optimizer
+        self.w, self.w_before, self.values, opt.state, opt.lr, opt.steps = _take(
+            (self.w, self.w_before, self.values, opt.state, opt.lr, opt.steps), keep)
         self._etas.clear()
 
     def _save_checkpoint(self, i: int, server_round: int) -> None:
