@@ -2,8 +2,9 @@
 batch equals the same run alone on the in-process engine (rows, evaluations, final model and every
 client's memory, to float tolerance) for each algorithm, with seeds and the continuous
 hyperparameters differing per run; a diverging run is stopped and masked while the others go on;
-a batch interrupted after a random round resumes to the same end; the CLI groups runs into batches
-and runs the others one by one, saying why."""
+a batch interrupted after a random round resumes to the same end; runs that select their Lambda
+pattern during training (central and federated) choose as alone and then train apart; the CLI
+groups runs into batches and runs the others one by one, saying why."""
 
 from __future__ import annotations
 
@@ -60,6 +61,18 @@ def memories_of(batch: RunBatch, i: int) -> dict[int, dict[str, torch.Tensor]]:
     return {c: {k: v[i, c] for k, v in batch.memory.items()} for c in ids}
 
 
+#: What a pattern selection's record and summary hold of its timings (and the machine's load), which
+#: differ from one measurement to the next; ``reason`` quotes the speedup.
+SELECTION_TIMING = ("ms", "speedup", "timing", "reason", "chosen_ms", "chosen_speedup", "full_ms")
+
+
+def timeless(record):
+    """A pattern selection's record (or its summary) without its timings."""
+    if isinstance(record, dict):
+        return {k: timeless(v) for k, v in record.items() if k not in SELECTION_TIMING}
+    return [timeless(r) for r in record] if isinstance(record, list) else record
+
+
 def assert_equal_to_alone(cfg, batch_dir, alone_dir, memory=None):
     rows_a, model_a, mem_a, grid = run_engine(cfg, "inprocess", alone_dir)
     rows_b = read_metrics(batch_dir)
@@ -67,6 +80,8 @@ def assert_equal_to_alone(cfg, batch_dir, alone_dir, memory=None):
     for a, b in zip(rows_a, rows_b):
         for row in (a, b):  # each is a row of the one type, written as the type writes it
             assert list(MetricsRow.from_dict(row).as_dict()) == list(row), row["round"]
+            if "pattern_selection" in row:
+                row["pattern_selection"] = timeless(row["pattern_selection"])
         assert_close_values(a, b, f"{cfg.name} round {a['round']}")
     assert_params_close(model_a, torch.load(batch_dir / MODEL_FILE, weights_only=True),
                         f"{cfg.name}: final model")
@@ -75,8 +90,8 @@ def assert_equal_to_alone(cfg, batch_dir, alone_dir, memory=None):
         for c in mem_a:  # ...and the same memories
             assert_params_close(mem_a[c], memory[c], f"{cfg.name}: memory of client {c}")
     sa, sb = read_summary(alone_dir), read_summary(batch_dir)
-    assert_close_values({k: v for k, v in sa.items() if k not in ("seconds", "batch")},
-                        {k: v for k, v in sb.items() if k not in ("seconds", "batch")},
+    assert_close_values({k: timeless(v) for k, v in sa.items() if k not in ("seconds", "batch")},
+                        {k: timeless(v) for k, v in sb.items() if k not in ("seconds", "batch")},
                         f"{cfg.name}: summary")
 
 
@@ -158,6 +173,42 @@ def test_one_run_of_a_batch_resumes_alone_on_the_vectorized_engine(tiny_config, 
     assert_equal_to_alone(cfgs[1], tmp_path / "cut" / "run1", tmp_path / "alone" / "run1")
 
 
+@pytest.mark.parametrize("mode", ["central", "federated"])
+def test_runs_of_a_batch_select_their_patterns_as_alone_and_train_apart(tiny_config, tmp_path,
+                                                                         mode):
+    # The choice is decided by quality, never by timing: candidates full and "none" (no adaptation,
+    # 0 group-steps), epsilon 0, and a time tolerance so large that every qualifying candidate ties
+    # and the selector's tie rule (fewest group-steps) picks "none" whenever it is no worse than
+    # full. An evaluation step of 3 makes full adaptation overshoot (run1), so its run chooses
+    # "none"; run0's small step chooses full (2 steps: its inner pattern changes from 11 to 11x2),
+    # run2's is near the edge and chooses "none": after round 2 the batch trains two pattern groups.
+    overrides = ("algorithm.name=moml", f"pattern_selection.mode={mode}",
+                 "pattern_selection.at_round=2", "pattern_selection.family=false",
+                 "pattern_selection.candidates=[none]", "pattern_selection.epsilon=0",
+                 "pattern_selection.time_tolerance=1e9", "pattern_selection.validation_clients=3",
+                 "pattern_selection.warmup=0", "pattern_selection.repeats=1")
+    per_run = [{**v, "evaluation.alpha": a} for v, a in zip(PER_RUN, (0.01, 3.0, 0.02))]
+    cfgs = configs_of(tiny_config, tmp_path, overrides, per_run)
+    assert all(batch_refusal(c) is None for c in cfgs)
+    batch = RunBatch(cfgs, [tmp_path / "batch" / c.name for c in cfgs])
+    batch.run()
+    chosen = []
+    for i, cfg in enumerate(cfgs):
+        batch_dir, alone_dir = tmp_path / "batch" / cfg.name, tmp_path / "alone" / cfg.name
+        assert_equal_to_alone(cfg, batch_dir, alone_dir, memories_of(batch, i))
+        files = [json.loads((d / "pattern_selection.json").read_text())
+                 for d in (batch_dir, alone_dir)]
+        assert_close_values(*(timeless(f) for f in files), f"{cfg.name}: pattern_selection.json")
+        rows = read_metrics(batch_dir)
+        assert [r["round"] for r in rows if "pattern_selection" in r] == [2]
+        record = rows[2]["pattern_selection"]
+        assert record["mode"] == mode and record["applied_to"] == ["eval-pattern",
+                                                                   "inner-pattern",
+                                                                   "memory-pattern"]
+        chosen.append(record["chosen"])
+    assert chosen == ["11x2", "none", "none"]
+
+
 def test_what_a_batch_holds_and_refuses(tiny_config):
     base = tiny_config()
     same = replace_paths(base, {"seed": 3, "algorithm.eta": 0.5, "federated.server_lr": 0.1,
@@ -176,37 +227,39 @@ def test_what_a_batch_holds_and_refuses(tiny_config):
                                               "federated.aggregation": "uniform"})) is None
     assert batch_refusal(replace_paths(base, {"participation.model": "heterogeneous",
                                               "federated.sampling": "poisson"})) is None
+    # each run selects its own Lambda pattern (see the test above)
+    assert batch_refusal(replace_paths(base, {"pattern_selection.mode": "federated"})) is None
+    assert batch_refusal(replace_paths(base, {"engine.device": "cuda"})) == "batches run on the CPU"
     with pytest.raises(ValueError, match="must share every setting"):
         RunBatch([base, replace_paths(base, {"model.hidden": [8], "name": "x"})], ["a", "b"])
 
 
 def test_cli_sweep_vectorize_batches_runs_and_runs_the_rest_one_by_one(tiny_config, tmp_path,
                                                                        capsys):
+    # a user module vmap cannot batch (tests/user_models.py) is what a batch still refuses
     cfg_file = tmp_path / "sweep.yaml"
     cfg_file.write_text(dump_yaml(tiny_config("algorithm.name=moml",
                                               "federated.aggregation=uniform")))
-    code = main(["sweep", str(cfg_file), "--grid", "algorithm.eta=0.01,0.02",
-                 "--grid", "pattern_selection.mode=none,central", "--seeds", "0-1", "--vectorize",
-                 "--sweep-dir", str(tmp_path / "sw"), "--progress-every", "1000"])
+    args = ["sweep", str(cfg_file), "--grid", "algorithm.eta=0.01,0.02", "--grid",
+            "model.name=user_models:Residual,user_models:Branchy", "--seeds", "0-1", "--vectorize",
+            "--sweep-dir", str(tmp_path / "sw")]
+    code = main([*args, "--progress-every", "1000"])
     err = capsys.readouterr()
     assert code == 0, err
     text = err.out + err.err
     assert "vectorized: 4 runs in 1 batch(es) of 4 runs; 4 run(s) one by one" in text
-    assert ("one by one (Lambda patterns are selected during the run (pattern_selection.mode)): "
-            "4 run(s)") in text
+    assert "one by one (torch.func.vmap cannot batch the model (" in text
     dirs = sorted(p for p in (tmp_path / "sw").iterdir() if p.is_dir())
     assert len(dirs) == 8
-    batched = [d for d in dirs if "mode=none" in d.name]
+    batched = [d for d in dirs if "Residual" in d.name]
     for d in dirs:
         summary = json.loads((d / "summary.json").read_text())
         assert summary["status"] == "completed"
-        assert ("batch" in summary) == ("mode=none" in d.name), d.name
+        assert ("batch" in summary) == ("Residual" in d.name), d.name
         assert (d / "convergence.png").exists() and (d / MODEL_FILE).exists()
     assert batched
     # a second invocation finds every run finished; compare reads them as any sweep's
-    assert main(["sweep", str(cfg_file), "--grid", "algorithm.eta=0.01,0.02", "--grid",
-                 "pattern_selection.mode=none,central", "--seeds", "0-1", "--vectorize",
-                 "--sweep-dir", str(tmp_path / "sw"), "--quiet"]) == 0
+    assert main([*args, "--quiet"]) == 0
     assert "8 runs; 8 were finished already" in capsys.readouterr().out
     assert main(["compare", str(tmp_path / "sw"), "--out", str(tmp_path / "cmp")]) == 0
 

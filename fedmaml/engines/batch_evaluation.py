@@ -9,7 +9,9 @@ together by the client library's ``client_evaluation``, as its ``evaluate_client
 together (fedmaml/client/evaluate.py), and summarised by each run's strategy; the memories'
 tracking error is computed the same way, with the library's step (``tracking_alpha``). Runs
 whose tasks cannot be stacked (splits of different shapes) are evaluated client by client through
-``evaluate_client`` itself.
+``evaluate_client`` itself. Each run adapts with its evaluation pattern: the config's, or the one
+its pattern selection chose (``eval_pattern_for``, as its clients read it from an evaluate
+instruction); runs are stacked by pattern.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from fedmaml.client.evaluate import (client_evaluation, evaluate_client, evaluat
 from fedmaml.core.diagnostics import tracking_error
 from fedmaml.core.evaluation import personalized_metrics
 from fedmaml.core.params import Params
+from fedmaml.core.patterns import Pattern
+from fedmaml.federated.pattern_selection import eval_pattern_for
 
 log = logging.getLogger("fedmaml")
 
@@ -92,7 +96,7 @@ class BatchEvaluator:
         groups: dict[tuple, list[int]] = {}
         for i in stacked:  # runs adapting alike (pattern, kind of task) go through one call
             s = b.setups[i]
-            groups.setdefault((repr(s.eval_pattern), s.classification,
+            groups.setdefault((repr(self._pattern(i)), s.classification,
                                tuple(t.shape[1:] for t in self._panels[i].splits)), []).append(i)
         for runs in groups.values():
             try:
@@ -104,6 +108,11 @@ class BatchEvaluator:
                     self._panels[i] = None
                     out[i] = self._one_by_one(i, server_round)
         return out
+
+    def _pattern(self, i: int) -> Pattern:
+        """Run ``i``'s evaluation pattern now (its selection's, once it chose one)."""
+        return eval_pattern_for(self.batch.strategies[i].selector.evaluate_config(),
+                                self.batch.setups[i])
 
     def _panel(self, i: int, server_round: int) -> _Panel | None:
         if i in self._panels:
@@ -134,7 +143,8 @@ class BatchEvaluator:
         outcomes: list[tuple[Any, str | None]] = []
         for cid in cids:
             try:
-                outcomes.append((evaluate_client(setup, cid, w, _Store(b, i, cid)), None))
+                outcomes.append((evaluate_client(setup, cid, w, _Store(b, i, cid),
+                                                 self._pattern(i)), None))
             except Exception as e:  # noqa: BLE001 - the client fails, the panel goes on
                 outcomes.append((None, f"evaluation error: client {cid}: {type(e).__name__}: {e}"))
         b.sync_staleness(i)
@@ -239,7 +249,7 @@ class BatchEvaluator:
         alpha = torch.tensor([b.setups[i].eval_alpha for i, _, _, _ in entries],
                              dtype=next(iter(starts.values())).dtype)
         model, loss_fn = first.model, first.loss_fn
-        pattern, classification = first.eval_pattern, first.classification
+        pattern, classification = self._pattern(entries[0][0]), first.classification
 
         def one(start, ax, ay, hx, hy, a):
             return personalized_metrics(model, loss_fn, start, ax, ay, hx, hy, pattern, a,

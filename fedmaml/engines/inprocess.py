@@ -91,13 +91,17 @@ class InProcessGrid(Grid):
         return replies
 
 
+def claim_task_identity() -> None:
+    """Messages take their run and sender ids from the process's task identity, which Flower's own
+    runtimes set before they start a ServerApp; so do we (node 1 is the SuperLink's id)."""
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SERVER_NODE_ID
+
+
 def run_inprocess(server_app: ServerApp, client_app: ClientApp, num_nodes: int,
                   grid: InProcessGrid | None = None) -> InProcessGrid:
     """Run ``server_app`` against ``client_app`` on ``num_nodes`` in-process nodes; returns the grid
     (its ``contexts`` hold each node's state). ``grid`` may be a prepared (e.g. instrumented) one."""
-    # Messages take their run and sender ids from the process's task identity, which Flower's own
-    # runtimes set before they start a ServerApp; so do we (node 1 is the SuperLink's id).
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SERVER_NODE_ID
+    claim_task_identity()
     grid = grid if grid is not None else InProcessGrid(client_app, num_nodes)
     server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                              run_config={}))

@@ -40,8 +40,12 @@ own strategy (sizes vary: cohorts are padded, the padding does no work and count
 server round's valid mask). A run's ``compare_with`` baselines are runs of their own (their own
 directories and ledgers, under ``<run>/baselines/``): a batch trains only the runs it is given, and
 the sweep trains the baselines of a batch's runs as batches of their own after it
-(fedmaml/sweep.py ``execute_batch``). What a batch cannot hold (:func:`batch_refusal`): pattern
-selection. ``fedmaml sweep --vectorize`` runs such runs one by one, as without it.
+(fedmaml/sweep.py ``execute_batch``).
+
+Lambda-pattern selection (docs/lambda_patterns.md) is each run's own (:meth:`RunBatch._select`);
+afterwards runs train in groups of equal patterns within a round (:meth:`RunBatch._update`) and
+evaluate grouped by pattern. What a batch cannot hold (:func:`batch_refusal`): a non-CPU device and
+a user model vmap cannot batch. ``fedmaml sweep --vectorize`` runs such runs one by one.
 """
 
 from __future__ import annotations
@@ -70,18 +74,21 @@ from fedmaml.core.params import Params
 from fedmaml.core.server import ServerOptimizer, per_run
 from fedmaml.data.tasks import Task
 from fedmaml.engines.batch_evaluation import BatchEvaluator
+from fedmaml.engines.inprocess import InProcessGrid, claim_task_identity
 from fedmaml.engines.memory_bank import CHECKPOINT_FORMAT as BANK_FORMAT
 from fedmaml.engines.vectorized import unbatchable_reason
 from fedmaml.models.module import is_user_model
 from fedmaml.federated import checkpoint
 from fedmaml.federated import records as R
+from fedmaml.federated.client_app import make_client_app
 from fedmaml.federated.health import RunStopped
 from fedmaml.federated.participation import sample_cohorts
+from fedmaml.federated.pattern_selection import hyper_for
 from fedmaml.federated.run_ledger import RunLedger
 from fedmaml.federated.server_round import aggregate_round
 from fedmaml.federated.server_state import ServerState
 from fedmaml.federated.setup import ExperimentSetup, resolve_device, setup_for
-from fedmaml.federated.strategy import TRAIN_METRICS, MetaStrategy
+from fedmaml.federated.strategy import TRAIN_METRICS, MetaStrategy, exchange
 from fedmaml.results.metrics_row import MetricsRow, round_fields
 from fedmaml.results.progress import Progress
 
@@ -104,8 +111,6 @@ _TASK_CACHE = 4096
 
 def batch_refusal(cfg: Config) -> str | None:
     """Why ``cfg`` cannot run in a batch (``None``: it can)."""
-    if cfg.pattern_selection.mode != "none":
-        return "Lambda patterns are selected during the run (pattern_selection.mode)"
     # "cuda" joins no batch even where it is missing: the run alone is then refused up front with
     # the error every engine gives (federated.setup.check_device)
     if cfg.engine.device == "cuda" or resolve_device(cfg.engine.device).type != "cpu":
@@ -156,6 +161,7 @@ class RunBatch:
         self.algorithm, self.model, self.loss_fn = first.algorithm, first.model, first.loss_fn
         self.rounds = self.cfgs[0].federated.rounds
         self.strategies = [MetaStrategy(s) for s in self.setups]
+        self.selecting = any(s.selector.enabled for s in self.strategies)  # Lambda patterns
         # Each run's books (rows, trackers, health, checkpoints, end), as a run alone keeps them.
         # The process's random generators stay: a batch draws from counter-based streams.
         self.ledgers = [RunLedger(c, d, "accuracy" if s.classification else "loss",
@@ -231,6 +237,7 @@ class RunBatch:
                         break
                     with collector.paused():
                         alarm = self._train_round(server_round)
+                    self._select(server_round)
                     self._log(server_round, evaluate=self._eval_round(server_round), alarm=alarm)
                     self.progress.update(server_round, f"{len(self.live)} runs going")
         except BaseException as e:  # a crash: the trackers' runs end too, as what happened
@@ -260,22 +267,24 @@ class RunBatch:
         training = trains(codes) & present  # [R, C]: failed, dropped-out clients do no work
         tasks = [self._client_tasks(i, c) for i, row in zip(live, cids.tolist()) for c in row]
         keys = round_keys(self.seeds[runs], cids, server_round).reshape(-1)
-        hp = self.setups[live[0]].hyper
+        groups = self._pattern_groups()
+        hp = groups[0][1]  # the patterns do not change what a round draws
         data = draw_cohort_data(self.setups[live[0]], hp, tasks, keys, fresh=False)
         runs_at = torch.from_numpy(runs).repeat_interleave(C)  # run index of every flat client
         cols = torch.from_numpy(cids.reshape(-1))
         slots = runs_at * self.has_memory.shape[1] + cols  # rows of the flattened memories
         fresh = (memory_init_mask(self.algorithm.uses_memory, hp,
                                   self.has_memory[runs[:, None], cids]) & training).reshape(-1)
-        if fresh.any():
-            self._initialise(np.flatnonzero(fresh), tasks, keys, hp, runs_at, cols)
+        for at, hp_ in groups if fresh.any() else ():  # with each run's memory pattern
+            first = np.flatnonzero(fresh & np.isin(np.arange(R_ * C) // C, at))
+            if len(first):
+                self._initialise(first, tasks, keys, hp_, runs_at, cols)
         values = dict(self.values, eta=self._eta(server_round))
         memory = ({k: v.flatten(0, 1).index_select(0, slots).reshape(R_, C, *v.shape[2:])
                    for k, v in self.memory.items()} if self.memory else None)
         shaped = RoundData(*(_unflatten(x, R_, C) for x in
                              (data.task_index, data.support, data.query, data.extra)))
-        delta, new_memory, metrics = runs_update(self.algorithm, self.model, self.loss_fn, hp,
-                                                 self.w, memory, shaped, values)
+        delta, new_memory, metrics = self._update(groups, memory, shaped, values)
         delta = clip_client_updates(cfg, delta, client_axes=2)
         if new_memory is not None:
             moved = training.reshape(-1)  # a client that did no work keeps its memory
@@ -294,6 +303,62 @@ class RunBatch:
         return self._apply(server_round, runs, cids, delta, metrics, fresh.reshape(R_, C),
                            samples_drawn(data) // (R_ * C), np.where(present, codes, 0), arrived,
                            seconds, present)
+
+    def _pattern_groups(self) -> list[tuple[np.ndarray, Hyper]]:
+        """The live runs (batch positions) grouped by the patterns they train with, each group with
+        its hyperparameters: the config's, or those a run's pattern selection switched to, as its
+        clients take them from a train instruction (``hyper_for``)."""
+        if not self.selecting:  # every round of most batches: skip the per-run look
+            return [(np.arange(len(self.live)), self.setups[self.live[0]].hyper)]
+        groups: dict[tuple, tuple[list[int], Hyper]] = {}
+        for j, i in enumerate(self.live):
+            patterns = self.strategies[i].selector.train_config()
+            key = tuple(sorted(patterns.items()))
+            if key not in groups:
+                groups[key] = ([], hyper_for(self.setups[i].hyper, patterns, self.setups[i]))
+            groups[key][0].append(j)
+        return [(np.asarray(at), hp) for at, hp in groups.values()]
+
+    def _update(self, groups: list[tuple[np.ndarray, Hyper]], memory: Params | None,
+                data: RoundData, values: dict[str, torch.Tensor]
+                ) -> tuple[Params, Params | None, dict[str, torch.Tensor]]:
+        """The client library's ``runs_update``: one vmapped call when every run trains with the
+        same patterns; otherwise one call per group (a pattern is the update's structure, which one
+        call cannot vary), put back in batch order."""
+        if len(groups) == 1:
+            return runs_update(self.algorithm, self.model, self.loss_fn, groups[0][1], self.w,
+                               memory, data, values)
+        parts = []
+        for at, hp in groups:
+            index = torch.from_numpy(at)
+            w, mem, vals = (_take(x, index) for x in (self.w, memory, values))
+            part = RoundData(*(_take(x, index) for x in (data.task_index, data.support,
+                                                          data.query, data.extra)))
+            parts.append(runs_update(self.algorithm, self.model, self.loss_fn, hp, w, mem, part,
+                                     vals))
+        order = torch.argsort(torch.from_numpy(np.concatenate([at for at, _ in groups])))
+        return tuple(None if part[0] is None else  # type: ignore[return-value]
+                     {k: torch.cat([p[k] for p in part]).index_select(0, order) for k in part[0]}
+                     for part in zip(*parts))
+
+    def _select(self, server_round: int) -> None:
+        """Each run's Lambda-pattern selection when it is due, by its own selector on its own
+        ``w``, after the round's update and before its evaluation (as the strategy of a run alone
+        selects). Federated mode asks the run's own ClientApp through an in-process grid, as a run
+        alone on the in-process engine asks it; the table goes on the round's row."""
+        for j, i in enumerate(self.live):
+            selector = self.strategies[i].selector
+            if not selector.due(server_round):
+                continue
+            cfg, fed = self.cfgs[i], self.setups[i].federation
+            claim_task_identity()  # selection messages take their ids from it
+            grid = InProcessGrid(make_client_app(cfg), fed.num_clients + fed.num_unseen)
+            timeout = cfg.federated.round_timeout or None
+            record = selector.run(_row(self.w, j), server_round,
+                                  lambda ms: exchange(grid, ms, timeout,
+                                                      cfg.federated.poll_interval),
+                                  grid.partition_nodes())
+            self.pending[-1].setdefault("selection", {})[i] = record
 
     def _note_failures(self, server_round: int, runs: np.ndarray, cids: np.ndarray,
                        codes: np.ndarray) -> None:
@@ -433,6 +498,7 @@ class RunBatch:
                 row = _row_of(p, p["position"][i])
                 if p["round"] == server_round and i in evals:
                     row.eval = evals[i]
+                row.pattern_selection = p.get("selection", {}).get(i)
                 if p["round"] > 0 and faults_enabled(self.cfgs[i]):  # drawn once, this round
                     row.injected = dict(p["injected"][p["position"][i]])
                 rows.append(row)
@@ -503,12 +569,9 @@ class RunBatch:
         """Remove the run at batch position ``j`` from every per-run tensor."""
         keep = torch.tensor([p for p in range(len(self.live)) if p != j], dtype=torch.int64)
         del self.live[j]
-        take = lambda p: {k: v.index_select(0, keep) for k, v in p.items()}  # noqa: E731
-        self.w, self.w_before = take(self.w), take(self.w_before)
-        self.optimizer.state = take(self.optimizer.state)
-        self.optimizer.lr = self.optimizer.lr.index_select(0, keep)
-        self.optimizer.steps = self.optimizer.steps.index_select(0, keep)
-        self.values = take(self.values)
+        opt = self.optimizer
+        self.w, self.w_before, self.values, opt.state, opt.lr, opt.steps = _take(
+            (self.w, self.w_before, self.values, opt.state, opt.lr, opt.steps), keep)
         self._etas.clear()
 
     def _save_checkpoint(self, i: int, server_round: int) -> None:
@@ -603,6 +666,18 @@ def _positions(runs: np.ndarray) -> dict[int, int]:
 
 def _value(hp: Hyper, name: str) -> float:
     return float(hp.eta if name == "eta" else getattr(hp.step, name))
+
+
+def _take(x: Any, index: torch.Tensor) -> Any:
+    """The runs ``index`` of ``x`` (a tensor, a dict or a pair of them along the run axis; ``None``
+    stays)."""
+    if x is None:
+        return None
+    if isinstance(x, dict):
+        return {k: v.index_select(0, index) for k, v in x.items()}
+    if isinstance(x, tuple):
+        return tuple(_take(t, index) for t in x)
+    return x.index_select(0, index)
 
 
 def _unflatten(x: Any, runs: int, clients: int) -> Any:
