@@ -3,7 +3,8 @@
 
 * the same sampled clients, memories and metrics as the single-process vectorized engine (1 shard:
   bitwise; 2 shards: to float rounding, since each client's update is vmapped with other
-  clients), repeated runs bitwise equal, a 2-shard checkpoint resumed on 1 and on 3 shards;
+  clients) for every algorithm family, repeated runs bitwise equal, a 2-shard checkpoint resumed
+  on 1 and on 3 shards;
 * an actor killed with ``kill -9`` in the middle of a round: its clients of that round fail; with a
   checkpoint after every round the shard comes back from it and the run goes on; when memories
   are lost the run stops resumable and the resumed run equals a run that never failed;
@@ -42,6 +43,7 @@ from fedmaml.federated.setup import setup_for
 from fedmaml.results.recorder import MODEL_FILE, read_metrics, read_summary
 from tests.shard_faults import HOLD_ENV
 from tests.test_checkpoint import stop_after  # noqa: F401 - a fixture
+from tests.test_vectorized import CASES as VECTORIZED_CASES
 
 TIMING = ("seconds", "train_seconds_max", "adapt-ms")
 MOML = ("algorithm.name=moml", "federated.rounds=4", "federated.eval_every=2",
@@ -242,6 +244,10 @@ def assert_close(a, b):
         for k, v in x.get("eval", {}).items():
             if isinstance(v, float):
                 assert v == pytest.approx(y["eval"][k], rel=1e-4, abs=1e-6), k
+            elif k.endswith(".clients"):  # per-client values (null where a client has none)
+                assert [u is None for u in v] == [u is None for u in y["eval"][k]], k
+                assert [u for u in v if u is not None] == pytest.approx(
+                    [u for u in y["eval"][k] if u is not None], rel=1e-4, abs=1e-6), k
             else:
                 assert v == y["eval"][k], k
     for k in model_a:
@@ -280,6 +286,25 @@ def test_shards_give_the_vectorized_engines_run_and_a_checkpoint_resumes_on_othe
         resumed = run_sharded_here(shards(n), run_dir, resume=True)
         assert read_summary(run_dir)["status"] == "completed"
         assert_close(resumed, two)
+
+
+# Every algorithm family, both modes, second order, Lambda patterns and the Hessian-free estimator
+# (tests/test_vectorized.py's cases): shards train with the vectorized engine's grid, so each is
+# the single-process run to float rounding.
+ALGORITHM_CASES = ("moml-mixed-so", "per_fedavg-hf", "fedmeta-so", "reptile", "fedavg",
+                   "silo-moml-decay")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ALGORITHM_CASES)
+def test_every_algorithm_on_two_shards_equals_the_vectorized_engine(cluster, tiny_config,
+                                                                      tmp_path, case):
+    cfg = tiny_config(*VECTORIZED_CASES[case], "federated.rounds=3", "federated.eval_every=3",
+                      "engine.name=sharded", "engine.shards=2")
+    vectorized = run_vectorized_here(replace_paths(cfg, {"engine.name": "vectorized"}),
+                                     tmp_path / "vectorized")
+    assert_close(run_sharded_here(cfg, tmp_path / "two"), vectorized)
 
 
 def hold_then(cluster, where: str, server_round: int, act, held: list):
