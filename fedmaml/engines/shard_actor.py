@@ -21,7 +21,8 @@ from flwr.app import Message
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedmaml.engines.inprocess import SERVER_NODE_ID
-from fedmaml.engines.shards import Detached, ShardBank, detach_arrays
+from fedmaml.engines.shards import (Detached, ShardBank, detach_arrays, sum_train_reply,
+                                    sums_on_shards)
 from fedmaml.engines.vectorized import VectorizedGrid
 from fedmaml.federated import records as R
 from fedmaml.federated.client_app import make_client_app
@@ -50,6 +51,10 @@ class ShardWorker:
                              budget_mb=engine.memory_budget_mb, directory=directory,
                              device=resolve_device(engine.device))
         self.grid = VectorizedGrid(config, make_client_app(config), num_nodes, bank)
+        self.like = setup.initial_params
+        #: the mean's weighting when the shard sends its part of the mean instead of its rows
+        self.sums = (config.federated.aggregation if sums_on_shards(config, setup.algorithm)
+                     else None)
         self.busy_seconds = 0.0  # inside the grid, answering the driver's messages
 
     def info(self) -> dict[str, Any]:
@@ -63,17 +68,22 @@ class ShardWorker:
                ) -> list[tuple[str, Message, Detached | None]]:
         """The grid's replies, each with the id of the message it answers as the driver sent it
         (the grid gives messages ids of its own, as a SuperLink would) and, for a cohort's train
-        reply, its updates taken out of it (:func:`~fedmaml.engines.shards.detach_arrays`)."""
+        reply, its updates taken out of it: their sum when the round takes the plain mean
+        (:func:`~fedmaml.engines.shards.sum_train_reply`), else every row
+        (:func:`~fedmaml.engines.shards.detach_arrays`)."""
         sent = [m.metadata.message_id for m in messages]
         config = messages[0].content.get(R.CONFIG) if messages[0].has_content() else None
         working_on.update(shard=self.shard, kind=messages[0].metadata.message_type,
                           round=int(config.get(R.ROUND, -1)) if config is not None else -1)
         start = time.perf_counter()
         replies = self.grid.send_and_receive(messages, timeout=timeout)
-        self.busy_seconds += time.perf_counter() - start
         # the grid set new ids on these very message objects: map them back to the driver's
         driver_id = {m.metadata.message_id: s for m, s in zip(messages, sent)}
-        return [(driver_id[r.metadata.reply_to_message_id], r, detach_arrays(r)) for r in replies]
+        out = [(driver_id[r.metadata.reply_to_message_id], r,
+                sum_train_reply(r, self.like, self.sums) if self.sums else detach_arrays(r))
+               for r in replies]
+        self.busy_seconds += time.perf_counter() - start
+        return out
 
     def memory_state(self) -> dict | None:
         return self.grid.memory_state()

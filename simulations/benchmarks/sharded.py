@@ -206,16 +206,20 @@ def load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def run_child(kind: str, engine: str, shards: int, rounds: int, out_dir: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, engine, str(shards), str(rounds), out_dir]
+def run_child(kind: str, engine: str, shards: int, rounds: int, out_dir: str,
+              root: Path = ROOT) -> dict:
+    """One run in a fresh process, with the code of the checkout ``root`` (this one by default)."""
+    script = root / "simulations" / "benchmarks" / "sharded.py"
+    cmd = [sys.executable, str(script), "--child", kind, engine, str(shards), str(rounds), out_dir]
     before = load()
     proc = subprocess.run(cmd, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          env={**os.environ, "PYTHONPATH": str(root)})
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     out["load_before"], out["load_after"] = before, load()
-    print(json.dumps({k: out[k] for k in ("kind", "engine", "shards", "ms_per_round",
+    out["code"] = "this" if root == ROOT else "baseline"
+    print(json.dumps({k: out[k] for k in ("code", "kind", "engine", "shards", "ms_per_round",
                                           "in_grid_ms", "load_after")}), file=sys.stderr)
     return out
 
@@ -230,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-d", action="store_true", help="only the 10M-client federation")
     p.add_argument("--constants-only", action="store_true",
                    help="only the per-call constants of the scaling formula")
+    p.add_argument("--baseline", type=Path, default=None,
+                   help="another checkout of fedmaml (e.g. a previous version): case d's sharded "
+                        "settings also run with its code, alternating with this one's")
     p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -246,12 +253,18 @@ def main(argv: list[str] | None = None) -> int:
         result["constants"] = constants(tmp)
         if not args.skip_d:
             runs = []
+            settings = [(ROOT, "vectorized", 0), (ROOT, "sharded", 1), (ROOT, "sharded", 2)]
+            if args.baseline is not None:
+                settings += [(args.baseline.resolve(), "sharded", 1),
+                             (args.baseline.resolve(), "sharded", 2)]
             for _ in range(args.repeats):  # alternating, so load changes hit every setting alike
-                for engine, shards in (("vectorized", 0), ("sharded", 1), ("sharded", 2)):
-                    runs.append(run_child("d", engine, shards, args.rounds, tmp))
-            medians = {f"{e}-{s}": statistics.median(r["ms_per_round"] for r in runs
-                                                     if (r["engine"], r["shards"]) == (e, s))
-                       for e, s in (("vectorized", 0), ("sharded", 1), ("sharded", 2))}
+                for root, engine, shards in settings:
+                    runs.append(run_child("d", engine, shards, args.rounds, tmp, root))
+            medians = {f"{'baseline-' if root != ROOT else ''}{e}-{s}": statistics.median(
+                r["ms_per_round"] for r in runs
+                if (r["code"], r["engine"], r["shards"]) == (
+                    "this" if root == ROOT else "baseline", e, s))
+                for root, e, s in settings}
             result["d"] = {
                 "runs": runs, "median_ms_per_round": medians,
                 "rounds_per_s_2_over_1_shard": round(medians["sharded-1"] / medians["sharded-2"], 3),
