@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Message
+from flwr.app import Message, MessageType
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedmaml.engines.inprocess import SERVER_NODE_ID
@@ -56,6 +56,9 @@ class ShardWorker:
         self.sums = (config.federated.aggregation if sums_on_shards(config, setup.algorithm)
                      else None)
         self.busy_seconds = 0.0  # inside the grid, answering the driver's messages
+        #: per training message answered: (round, seconds, CPU seconds of this thread); the CPU
+        #: time is what the work costs whatever else shares the cores (docs/performance.md)
+        self.train_calls: list[tuple[int, float, float]] = []
 
     def info(self) -> dict[str, Any]:
         """Where the shard runs: its process, host and Ray node (to find it, or to kill it)."""
@@ -75,7 +78,7 @@ class ShardWorker:
         config = messages[0].content.get(R.CONFIG) if messages[0].has_content() else None
         working_on.update(shard=self.shard, kind=messages[0].metadata.message_type,
                           round=int(config.get(R.ROUND, -1)) if config is not None else -1)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         replies = self.grid.send_and_receive(messages, timeout=timeout)
         # the grid set new ids on these very message objects: map them back to the driver's
         driver_id = {m.metadata.message_id: s for m, s in zip(messages, sent)}
@@ -83,6 +86,9 @@ class ShardWorker:
                 sum_train_reply(r, self.like, self.sums) if self.sums else detach_arrays(r))
                for r in replies]
         self.busy_seconds += time.perf_counter() - start
+        if working_on["kind"] == MessageType.TRAIN:
+            self.train_calls.append((working_on["round"], time.perf_counter() - start,
+                                     time.thread_time() - cpu))
         return out
 
     def memory_state(self) -> dict | None:
@@ -101,7 +107,7 @@ class ShardWorker:
                 "per_client": s.per_client, "fallbacks": s.fallbacks,
                 "stored_clients": 0 if bank is None else len(bank.client_ids()),
                 "bank_bytes": 0 if bank is None else bank.nbytes,
-                "busy_seconds": self.busy_seconds,
+                "busy_seconds": self.busy_seconds, "train_calls": list(self.train_calls),
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
     def close(self) -> None:
