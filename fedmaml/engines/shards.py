@@ -71,9 +71,10 @@ def sum_train_reply(reply: Message, like: Params, weighting: str) -> Detached | 
                                           [f"update from client {c}" for c in ids])
     keep = [j for j in sorted(range(len(ids)), key=ids.__getitem__)
             if errors[j] is None and counts[j] > 0]
-    at = torch.tensor(keep, dtype=torch.int64)
-    part = part_sum({k: v.index_select(0, at) for k, v in stacked.items()},
-                    [counts[j] for j in keep], weighting)
+    if keep != list(range(len(ids))):  # else the rows are already the ones, in their order
+        at = torch.tensor(keep, dtype=torch.int64)
+        stacked = {k: v.index_select(0, at) for k, v in stacked.items()}
+    part = part_sum(stacked, [counts[j] for j in keep], weighting)
     summed = set(keep)
     del content[R.ARRAYS]
     content[R.PARTS] = ConfigRecord({R.PART: [0 if j in summed else -1 for j in range(len(ids))],
