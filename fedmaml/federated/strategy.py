@@ -377,8 +377,12 @@ class MetaStrategy(Strategy):
             cids = self._cohort_of(msg) or [None]
             return [TrainOutcome(cid, failure=("malformed", f"malformed reply: {e}"))
                     for cid in cids]
-        at = len(sums) if part_of is not None else len(stacks)
-        (sums.append(summed) if part_of is not None else stacks.append(stacked))
+        if part_of is None:
+            at = len(stacks)
+            stacks.append(stacked)
+        else:
+            at = len(sums)
+            sums.append(summed)
         outcomes = []
         for j, (cid, count, error) in enumerate(zip(ids, counts, row_errors)):
             if error is not None:
