@@ -185,6 +185,17 @@ def test_shards_send_their_part_of_the_mean_and_the_server_round_takes_it(tiny_c
         cfg, 2, sums=True, tamper=lambda r: r.content[R.PARTS].__setitem__(R.WEIGHTING, "uniform"))
     assert strategy.round_stats["failures_by_kind"]["malformed"] == 9
     assert strategy.round_stats["replies"] == 0 and not strategy.round_stats["updated"]
+    # an update the server cannot use (a client not sampled) spoils its part: the part's clients
+    # fail, the other shard's part is used alone
+    def stranger(reply):
+        metrics = dict(reply.content[R.METRICS])
+        metrics[R.PARTITION] = [10 ** 6, *list(metrics[R.PARTITION])[1:]]
+        reply.content[R.METRICS] = MetricRecord(metrics)
+
+    strategy, reply, _ = sharded_round(cfg, 2, sums=True, tamper=stranger)
+    first_part = list(reply.content[R.PARTS][R.PART]).count(0)
+    assert strategy.round_stats["failures_by_kind"]["malformed"] == first_part
+    assert strategy.round_stats["replies"] == 9 - first_part and strategy.round_stats["updated"]
     # a server rule or differential privacy needs every update: those runs send rows
     algorithm = setup_for(cfg).algorithm
     assert sums_on_shards(cfg, algorithm)
