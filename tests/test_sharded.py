@@ -204,6 +204,9 @@ def test_shards_send_their_part_of_the_mean_and_the_server_round_takes_it(tiny_c
     assert not sums_on_shards(cfg, ruled)
     private = tiny_config("privacy.clipping=server", "federated.aggregation=uniform")
     assert not sums_on_shards(private, setup_for(private).algorithm)
+    nodes = setup_for(cfg).federation.num_clients
+    assert ShardWorker(cfg, nodes, 0, 2).sums == "weighted"  # the run's weighting
+    assert ShardWorker(private, nodes, 0, 2).sums is None  # rows
 
 
 def test_a_checkpoint_without_memories_resumes_on_an_engine_with_a_memory_bank(
