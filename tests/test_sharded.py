@@ -16,6 +16,7 @@ Every Ray process started here is stopped here (the cluster's, then any left in 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -26,13 +27,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedmaml.config import replace_paths
 from fedmaml.engines.inprocess import FIRST_CLIENT_NODE
+from fedmaml.engines.shard_actor import ShardWorker
 from fedmaml.engines.shards import (ShardBank, detach_arrays, merge_bank_states, merge_evaluate, merge_train,
-                                    split, split_bank_state)
+                                    shard_message, split, split_bank_state, sums_on_shards)
 from fedmaml.engines.vectorized import run_vectorized
 from fedmaml.errors import FedmamlError
 from fedmaml.federated import checkpoint, codec
@@ -40,6 +42,7 @@ from fedmaml.federated import records as R
 from fedmaml.federated.client_app import make_client_app
 from fedmaml.federated.server_app import make_server_app
 from fedmaml.federated.setup import setup_for
+from fedmaml.federated.strategy import MetaStrategy
 from fedmaml.results.recorder import MODEL_FILE, read_metrics, read_summary
 from tests.shard_faults import HOLD_ENV
 from tests.test_checkpoint import stop_after  # noqa: F401 - a fixture
@@ -106,6 +109,106 @@ def test_replies_are_joined_and_a_dead_shard_fails_its_clients():
     error = Message(Error(code=2, reason="bad"), reply_to=ev[0])
     content = merge_evaluate([([0, 2], ev[0]), ([3, 1], error)], panel)
     assert [c for c, _, _ in R.failures_from(content[R.FAILURES])] == [3, 1]
+
+
+def sharded_round(cfg, shards: int, sums: bool, nan_client: int | None = None, tamper=None):
+    """Round 1 of a strategy as the sharded engine runs it (the cohort split by shard, each part
+    answered by a :class:`ShardWorker`, the answers merged), with the workers in this process
+    instead of Ray actors; ``sums``: the shards send their part sums (else their rows);
+    ``nan_client``: that client's update is NaN, as a diverged client's would be; ``tamper``: what
+    happens to the merged reply on its way. Returns the strategy, the reply it read and the bytes
+    it counted up."""
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    setup = setup_for(cfg)
+    workers = [ShardWorker(cfg, setup.federation.num_clients, k, shards) for k in range(shards)]
+    for worker in workers:
+        worker.sums = cfg.federated.aggregation if sums else None
+        if nan_client is not None:
+            worker.grid.send_and_receive = poisoned(worker.grid.send_and_receive, nan_client)
+    strategy = MetaStrategy(setup)
+    strategy.nodes = workers[0].grid.partition_nodes()
+    [msg] = strategy.configure_train(1, R.to_record(strategy.w), ConfigRecord(), workers[0].grid)
+    msg.metadata.__dict__["_message_id"] = "cohort"
+    parts = []
+    for k, cids in enumerate(split([int(c) for c in msg.content[R.CONFIG][R.COHORT]], shards)):
+        part = shard_message(msg, cids, FIRST_CLIENT_NODE)
+        part.metadata.__dict__["_message_id"] = f"cohort/{k}"
+        [(_, answer, arrays)] = workers[k].handle([part], None)
+        parts.append((cids, answer, arrays))
+    reply = Message(merge_train(parts, setup.initial_params), reply_to=msg)
+    if tamper is not None:
+        tamper(reply)
+    up = R.reply_bytes(reply, strategy.w)
+    strategy.aggregate_train(1, [reply])
+    return strategy, reply, up
+
+
+def poisoned(send_and_receive, cid: int):
+    """The grid's ``send_and_receive`` with client ``cid``'s update in its cohort reply made NaN."""
+
+    def send(messages, timeout=None):
+        replies = list(send_and_receive(messages, timeout=timeout))
+        for reply in replies:
+            ids = [int(c) for c in reply.content[R.METRICS][R.PARTITION]]
+            if cid in ids:
+                delta = codec.decode(reply.content[R.ARRAYS])
+                next(iter(delta.values()))[ids.index(cid)] = float("nan")
+                reply.content[R.ARRAYS] = codec.encode(delta)
+        return replies
+
+    return send
+
+
+def test_shards_send_their_part_of_the_mean_and_the_server_round_takes_it(tiny_config):
+    """Summed by part, a shard's round sends one update's bytes instead of its clients' (no
+    ``arrays``), counts and rejects what the rows would, and moves ``w`` as the rows do: to the bit
+    with one shard, to float rounding with two; a rule that needs every update keeps the rows."""
+    cfg = tiny_config("algorithm.name=moml", "data.num_clients=12", "federated.clients_per_round=9",
+                      "federated.aggregation=weighted")
+    for nan_client in (None, "first"):
+        rows, _, up_rows = sharded_round(cfg, 1, sums=False)
+        cid = sorted(rows.round_stats["clients"])[0] if nan_client else None
+        rows, rows_reply, up_rows = sharded_round(cfg, 1, sums=False, nan_client=cid)
+        one, one_reply, up_one = sharded_round(cfg, 1, sums=True, nan_client=cid)
+        two, two_reply, up_two = sharded_round(cfg, 2, sums=True, nan_client=cid)
+        assert R.ARRAYS in rows_reply.content and R.ARRAYS not in one_reply.content
+        assert len(next(iter(codec.decode(two_reply.content[R.PART_SUMS]).values()))) == 2
+        for s in (one, two):
+            for key in ("replies", "failures", "rejected", "failures_by_kind", "updated"):
+                assert s.round_stats[key] == rows.round_stats[key], key
+        assert up_one == up_two == up_rows  # counted as the clients' own replies would be
+        assert rows.round_stats["rejected"] == (1 if cid is not None else 0)
+        assert all(torch.equal(one.w[k], rows.w[k]) for k in rows.w)
+        assert not all(torch.equal(rows.w[k], rows.w_before_update[k]) for k in rows.w)
+        for k in rows.w:
+            torch.testing.assert_close(two.w[k], rows.w[k], rtol=1e-6, atol=1e-7)
+    # the sums' weights are the run's: a reply summed otherwise is malformed, nothing is averaged
+    strategy, _, _ = sharded_round(
+        cfg, 2, sums=True, tamper=lambda r: r.content[R.PARTS].__setitem__(R.WEIGHTING, "uniform"))
+    assert strategy.round_stats["failures_by_kind"]["malformed"] == 9
+    assert strategy.round_stats["replies"] == 0 and not strategy.round_stats["updated"]
+    # an update the server cannot use (a client not sampled) spoils its part: the part's clients
+    # fail, the other shard's part is used alone
+    def stranger(reply):
+        metrics = dict(reply.content[R.METRICS])
+        metrics[R.PARTITION] = [10 ** 6, *list(metrics[R.PARTITION])[1:]]
+        reply.content[R.METRICS] = MetricRecord(metrics)
+
+    strategy, reply, _ = sharded_round(cfg, 2, sums=True, tamper=stranger)
+    first_part = list(reply.content[R.PARTS][R.PART]).count(0)
+    assert strategy.round_stats["failures_by_kind"]["malformed"] == first_part
+    assert strategy.round_stats["replies"] == 9 - first_part and strategy.round_stats["updated"]
+    # a server rule or differential privacy needs every update: those runs send rows
+    algorithm = setup_for(cfg).algorithm
+    assert sums_on_shards(cfg, algorithm)
+    ruled = copy.copy(algorithm)
+    ruled.__class__ = type("Ruled", (type(algorithm),), {"server_update": lambda self, s, w: s})
+    assert not sums_on_shards(cfg, ruled)
+    private = tiny_config("privacy.clipping=server", "federated.aggregation=uniform")
+    assert not sums_on_shards(private, setup_for(private).algorithm)
+    nodes = setup_for(cfg).federation.num_clients
+    assert ShardWorker(cfg, nodes, 0, 2).sums == "weighted"  # the run's weighting
+    assert ShardWorker(private, nodes, 0, 2).sums is None  # rows
 
 
 def test_a_checkpoint_without_memories_resumes_on_an_engine_with_a_memory_bank(

@@ -40,6 +40,13 @@ def aggregate_stacked(stacked: Params, num_examples: list[int], weighting: str) 
     if not stacked or not len(next(iter(stacked.values()))):
         raise ValueError("mean of no parameter dicts")
     weights, total = _weights(num_examples, weighting)
+    return {k: v / total for k, v in weighted_sum_stacked(stacked, weights).items()}
+
+
+def weighted_sum_stacked(stacked: Params, weights: list[float]) -> Params:
+    """``sum_j weights[j] * stacked[j]`` per parameter, in chunks of :data:`AGGREGATE_CHUNK` rows:
+    the numerator of :func:`aggregate_stacked`. A part of the rows (a shard's) summed here and the
+    parts added give the mean over all rows to float rounding; one part gives it to the bit."""
     coefs: dict[tuple, torch.Tensor] = {}  # one coefficient tensor per dtype and device
     out = {}
     for k, v in stacked.items():
@@ -51,15 +58,19 @@ def aggregate_stacked(stacked: Params, num_examples: list[int], weighting: str) 
         for at in range(0, len(v), AGGREGATE_CHUNK):
             acc = acc + torch.tensordot(coef[at:at + AGGREGATE_CHUNK], v[at:at + AGGREGATE_CHUNK],
                                         dims=1)
-        out[k] = acc / total
+        out[k] = acc
     return out
 
 
-def _weights(num_examples: list[int], weighting: str) -> tuple[list[float], float]:
+def mean_weights(num_examples: list[int], weighting: str) -> list[float]:
+    """Each update's weight in the mean: its example count (``weighted``) or 1 (``uniform``)."""
     if weighting not in ("weighted", "uniform"):
         raise ValueError(f"aggregation must be 'weighted' or 'uniform', got {weighting!r}")
-    weights = ([float(n) for n in num_examples] if weighting == "weighted"
-               else [1.0] * len(num_examples))
+    return [float(n) for n in num_examples] if weighting == "weighted" else [1.0] * len(num_examples)
+
+
+def _weights(num_examples: list[int], weighting: str) -> tuple[list[float], float]:
+    weights = mean_weights(num_examples, weighting)
     total = sum(weights)
     if total <= 0:
         raise ValueError(f"weights must sum to a positive number, got {weights}")

@@ -17,11 +17,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Message
+from flwr.app import Message, MessageType
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedmaml.engines.inprocess import SERVER_NODE_ID
-from fedmaml.engines.shards import Detached, ShardBank, detach_arrays
+from fedmaml.engines.shards import (Detached, ShardBank, detach_arrays, sum_train_reply,
+                                    sums_on_shards)
 from fedmaml.engines.vectorized import VectorizedGrid
 from fedmaml.federated import records as R
 from fedmaml.federated.client_app import make_client_app
@@ -50,7 +51,14 @@ class ShardWorker:
                              budget_mb=engine.memory_budget_mb, directory=directory,
                              device=resolve_device(engine.device))
         self.grid = VectorizedGrid(config, make_client_app(config), num_nodes, bank)
+        self.like = setup.initial_params
+        #: the mean's weighting when the shard sends its part of the mean instead of its rows
+        self.sums = (config.federated.aggregation if sums_on_shards(config, setup.algorithm)
+                     else None)
         self.busy_seconds = 0.0  # inside the grid, answering the driver's messages
+        #: per training message answered: (round, seconds, CPU seconds of this thread); the CPU
+        #: time is what the work costs whatever else shares the cores (docs/performance.md)
+        self.train_calls: list[tuple[int, float, float]] = []
 
     def info(self) -> dict[str, Any]:
         """Where the shard runs: its process, host and Ray node (to find it, or to kill it)."""
@@ -63,17 +71,25 @@ class ShardWorker:
                ) -> list[tuple[str, Message, Detached | None]]:
         """The grid's replies, each with the id of the message it answers as the driver sent it
         (the grid gives messages ids of its own, as a SuperLink would) and, for a cohort's train
-        reply, its updates taken out of it (:func:`~fedmaml.engines.shards.detach_arrays`)."""
+        reply, its updates taken out of it: their sum when the round takes the plain mean
+        (:func:`~fedmaml.engines.shards.sum_train_reply`), else every row
+        (:func:`~fedmaml.engines.shards.detach_arrays`)."""
         sent = [m.metadata.message_id for m in messages]
         config = messages[0].content.get(R.CONFIG) if messages[0].has_content() else None
         working_on.update(shard=self.shard, kind=messages[0].metadata.message_type,
                           round=int(config.get(R.ROUND, -1)) if config is not None else -1)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         replies = self.grid.send_and_receive(messages, timeout=timeout)
-        self.busy_seconds += time.perf_counter() - start
         # the grid set new ids on these very message objects: map them back to the driver's
         driver_id = {m.metadata.message_id: s for m, s in zip(messages, sent)}
-        return [(driver_id[r.metadata.reply_to_message_id], r, detach_arrays(r)) for r in replies]
+        out = [(driver_id[r.metadata.reply_to_message_id], r,
+                sum_train_reply(r, self.like, self.sums) if self.sums else detach_arrays(r))
+               for r in replies]
+        self.busy_seconds += time.perf_counter() - start
+        if working_on["kind"] == MessageType.TRAIN:
+            self.train_calls.append((working_on["round"], time.perf_counter() - start,
+                                     time.thread_time() - cpu))
+        return out
 
     def memory_state(self) -> dict | None:
         return self.grid.memory_state()
@@ -91,7 +107,7 @@ class ShardWorker:
                 "per_client": s.per_client, "fallbacks": s.fallbacks,
                 "stored_clients": 0 if bank is None else len(bank.client_ids()),
                 "bank_bytes": 0 if bank is None else bank.nbytes,
-                "busy_seconds": self.busy_seconds,
+                "busy_seconds": self.busy_seconds, "train_calls": list(self.train_calls),
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
     def close(self) -> None:

@@ -9,10 +9,15 @@ engine's, so the strategy and its server round are the same as on every engine:
 
 1. a cohort instruction (``w_r`` once, the sampled ids) becomes one message per shard, ``w_r`` once
    per shard; the shards work at the same time;
-2. the shards' replies are joined in shard order into the one cohort reply the strategy reads (it
-   orders the rows by client id before it averages, so the result does not depend on the number
-   of shards beyond the rounding of each client's own vmapped update); evaluation rows come back
-   in the panel's order;
+2. the shards' replies are joined in shard order into the one cohort reply the strategy reads.
+   When the server round takes the plain mean (no server rule, no differential privacy), each
+   shard sends its part of it instead of its rows: the weighted sum of its usable updates in
+   client-id order (fedmaml/federated/server_round.py ``part_sum``; one update's bytes per shard,
+   not one per client), with every client's metrics and which updates it rejected, and the server
+   round adds the parts in shard order (``aggregate_parts``): one shard gives the single-process
+   numbers to the bit, more shards to float rounding. Otherwise the shards send their rows, which
+   the strategy orders by client id before it averages. Evaluation rows come back in the panel's
+   order;
 3. per-client messages (discovery, pattern selection) go to the actor of their client.
 
 Actors are placed with Ray's resources: ``engine.num_cpus`` and ``engine.num_gpus`` (fractions share

@@ -19,11 +19,13 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
+from fedmaml.algorithms import has_server_rule
 from fedmaml.core.params import Params
 from fedmaml.engines.memory_bank import MemoryBank
 from fedmaml.federated import codec
 from fedmaml.federated import records as R
 from fedmaml.federated.bank_state import bank_state
+from fedmaml.federated.server_round import part_sum
 
 #: A shard's answer to its part of a cohort: its reply, or why it gave none (its actor died).
 ShardAnswer = Message | BaseException
@@ -43,6 +45,42 @@ def detach_arrays(reply: Message) -> Detached | None:
     out = {k: codec.array_values(a)[0] for k, a in record.items()}
     del reply.content[R.ARRAYS]
     return out
+
+
+def sums_on_shards(config: Any, algorithm: Any) -> bool:
+    """Whether the shards send their part of the round's mean (a weighted sum: one update's bytes
+    per shard) instead of every client's update: when the server round takes the plain mean. The
+    algorithm's own server rule and differential privacy (which clips every update at the server)
+    need each update, so those runs send rows."""
+    return not has_server_rule(algorithm) and config.privacy.clipping == "none"
+
+
+def sum_train_reply(reply: Message, like: Params, weighting: str) -> Detached | None:
+    """A cohort train reply's updates replaced by their part of the mean, in place: the rows the
+    server round would use (decoded and checked as the strategy does, R.stack_from_cohort: not
+    finite, or no examples, left out) summed in client-id order by server_round.part_sum; the reply
+    loses ``arrays`` and gains ``parts`` (records.py). Returns the sum as NumPy arrays ``[1, ...]``
+    (``None``, and the reply unchanged, for any other reply)."""
+    if not reply.has_content() or R.FAILURES not in reply.content or R.ARRAYS not in reply.content:
+        return None
+    content = reply.content
+    metrics = content[R.METRICS]
+    ids = [int(c) for c in metrics[R.PARTITION]]
+    counts = [int(c) for c in metrics[R.NUM_EXAMPLES]]
+    stacked, errors = R.stack_from_cohort(content[R.ARRAYS], like,
+                                          [f"update from client {c}" for c in ids])
+    keep = [j for j in sorted(range(len(ids)), key=ids.__getitem__)
+            if errors[j] is None and counts[j] > 0]
+    if keep != list(range(len(ids))):  # else the rows are already the ones, in their order
+        at = torch.tensor(keep, dtype=torch.int64)
+        stacked = {k: v.index_select(0, at) for k, v in stacked.items()}
+    part = part_sum(stacked, [counts[j] for j in keep], weighting)
+    summed = set(keep)
+    del content[R.ARRAYS]
+    content[R.PARTS] = ConfigRecord({R.PART: [0 if j in summed else -1 for j in range(len(ids))],
+                                     R.REJECTED: [str(errors[j] or "") for j in range(len(ids))],
+                                     R.WEIGHTING: weighting})
+    return {k: v.unsqueeze(0).numpy() for k, v in part.total.items()}
 
 
 def shard_of(cid: int, shards: int) -> int:
@@ -156,11 +194,14 @@ def merge_train(parts: Sequence[tuple[list[int], ShardAnswer, Detached | None]],
     """The shards' train replies (``(the shard's clients, its answer, its detached updates)`` in
     shard order) as the one cohort reply the strategy reads (records.py): rows joined shard by
     shard (the strategy orders them by client id before it averages, so the mean does not depend
-    on the shards); the clients of a shard that gave no reply are failures of kind ``error``."""
+    on the shards), or, when the shards sent their sums (:func:`sum_train_reply`), the sums as
+    parts in shard order; the clients of a shard that gave no reply are failures of kind
+    ``error``."""
     arrays: dict[str, list[np.ndarray]] = {k: [] for k in like}
     ids: list[int] = []
     columns: dict[str, list] = {}
     failures: list[tuple[int, str, str]] = []
+    summed: dict[str, Any] | None = None  # the parts' columns, when the shards sent sums
     for shard, (cids, answer, detached) in enumerate(parts):
         if isinstance(answer, BaseException) or answer.has_error():
             failures += _lost(cids, shard, answer)
@@ -171,12 +212,19 @@ def merge_train(parts: Sequence[tuple[list[int], ShardAnswer, Detached | None]],
         rows = [int(c) for c in metrics[R.PARTITION]]
         if not rows:
             continue
-        if (columns and set(metrics) != set(columns)) or detached is None \
-                or list(detached) != list(like):
-            failures += [(c, "malformed", f"shard {shard}'s reply has metrics {sorted(metrics)} "
-                          f"and updates {list(detached or {})}, the others' {sorted(columns)} and "
-                          f"the model's {list(like)}") for c in rows]
+        sums = content.get(R.PARTS)
+        if (columns and (set(metrics) != set(columns) or (sums is None) != (summed is None))) \
+                or detached is None or list(detached) != list(like):
+            failures += [(c, "malformed", f"shard {shard}'s reply has metrics {sorted(metrics)}, "
+                          f"{'sums' if sums is not None else 'rows'} and updates "
+                          f"{list(detached or {})}, the others' {sorted(columns)} and the model's "
+                          f"{list(like)}") for c in rows]
             continue
+        if sums is not None:  # its part is the next one of the joined sums
+            summed = summed or {R.PART: [], R.REJECTED: [], R.WEIGHTING: sums[R.WEIGHTING]}
+            at = len(arrays[next(iter(like))])
+            summed[R.PART] += [p if p < 0 else p + at for p in sums[R.PART]]
+            summed[R.REJECTED] += list(sums[R.REJECTED])
         for k, v in metrics.items():
             columns.setdefault(k, []).extend(v)
         ids += rows
@@ -188,8 +236,12 @@ def merge_train(parts: Sequence[tuple[list[int], ShardAnswer, Detached | None]],
         record = codec.encode({k: v.new_zeros((0, *v.shape)) for k, v in like.items()})
     columns = columns or {R.PARTITION: [], R.NUM_EXAMPLES: [], "samples": [], "train-seconds": []}
     columns[R.PARTITION] = ids
-    return RecordDict({R.ARRAYS: record, R.METRICS: MetricRecord(columns),
-                       R.FAILURES: R.failure_record(failures)})
+    out = RecordDict({R.METRICS: MetricRecord(columns), R.FAILURES: R.failure_record(failures)})
+    if summed is None:
+        out[R.ARRAYS] = record
+    else:
+        out[R.PART_SUMS], out[R.PARTS] = record, ConfigRecord(summed)
+    return out
 
 
 def merge_evaluate(parts: Sequence[tuple[list[int], ShardAnswer]], panel: Sequence[int]

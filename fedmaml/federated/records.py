@@ -15,6 +15,12 @@ Cohort evaluate instruction: ``arrays`` and ``config`` with ``cohort`` (the pane
 unseen). Its reply: ``metrics`` (every key of a client's evaluation as a per-client list,
 ``partition-id`` naming each row), ``absent`` (per key, the ids of the clients whose evaluation
 has no such metric, e.g. memory metrics of a client without a memory) and ``failures`` as above.
+
+Summed cohort train reply (the sharded engine's, when the server round takes the plain mean): as a
+cohort train reply, but instead of ``arrays`` the ``part-sums`` (per parameter ``[P, ...]``: part
+``p``'s weighted sum of its accepted updates, server_round.part_sum) and ``parts`` (``part``: per
+metrics row the part that holds its update, -1 for none; ``rejected``: per row why its update was
+left out for not being finite, empty otherwise; ``weighting``: the weights the sums used).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
 ROUND, ETA = "server-round", "eta"
 COHORT, FAILURES, KIND, REASON = "cohort", "failures", "kind", "reason"
 ABSENT = "absent"
+PART_SUMS, PARTS, PART, REJECTED, WEIGHTING = "part-sums", "parts", "part", "rejected", "weighting"
 #: In a train reply's metrics, ``MEMORY_RESET``: 1 when the client's memory file was corrupt and was
 #: moved aside for a fresh memory this round (a device with ``memory-reset=true``); absent otherwise.
 
@@ -124,20 +131,30 @@ def stack_from_cohort(record: ArrayRecord, like: Params, whats: Sequence[str]
     checked like :func:`from_record` (names, shapes; a record that fails is a ``MessageError``), and
     per row ``None`` or why the row is not finite (its row is then zero), as
     :func:`stack_from_records`."""
-    n, what = len(whats), "cohort reply"
+    stacked = stacked_from(record, like, len(whats), ARRAYS)
+    errors: list[str | None] = [None] * len(whats)
+    _reject_non_finite(stacked, errors, whats)
+    return stacked, errors
+
+
+def stacked_from(record: ArrayRecord, like: Params, n: int | None, key: str) -> Params:
+    """A cohort reply's record ``key`` of ``n`` stacked rows (``[n, *shape]`` per parameter, in
+    ``like``'s dtypes; ``n=None``: as many as the first parameter has); names and shapes checked
+    (a ``MessageError`` when they differ)."""
+    what = "cohort reply"
     if not isinstance(record, ArrayRecord):
-        raise TypeError(f"{what}'s {ARRAYS!r} is a {type(record).__name__}, not an ArrayRecord")
+        raise TypeError(f"{what}'s {key!r} is a {type(record).__name__}, not an ArrayRecord")
     tensors = codec.decode(record)
     _check_names(list(tensors), like, what)
+    if n is None:
+        n = next(iter(tensors.values())).shape[0] if tensors else 0
     stacked = {}
     for k, v in tensors.items():
         if tuple(v.shape) != (n, *like[k].shape):
             raise MessageError(f"{what}: parameter {k!r} has shape {list(v.shape)}, expected "
                                f"{[n, *like[k].shape]}")
         stacked[k] = v if v.dtype == like[k].dtype else v.to(like[k].dtype)
-    errors: list[str | None] = [None] * n
-    _reject_non_finite(stacked, errors, whats)
-    return stacked, errors
+    return stacked
 
 
 def _joined(parts: list[Any], n: int, like: torch.Tensor) -> torch.Tensor:
@@ -246,6 +263,8 @@ def reply_bytes(message: Message, like: Params) -> int:
     reply's stacked rows each as a record of their own (``like``'s names, headers and sizes)."""
     if not message.has_content() or FAILURES not in message.content:
         return message_bytes(message)
+    if PARTS in message.content:  # summed by part: each metrics row had its update
+        return len(message.content[METRICS].get(PARTITION, [])) * row_bytes(like)
     record = message.content.get(ARRAYS)
     if not isinstance(record, ArrayRecord) or not len(record):
         return 0

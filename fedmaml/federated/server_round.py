@@ -17,6 +17,11 @@ whose rate and step count may be per run), and per run:
    optimizer state stay as they were; the record says ``diverged``);
 5. returns the new ``w`` and a :class:`RoundRecord` per run (the round's part of a metrics row).
 
+A run whose updates arrive summed by part (the sharded engine's shards, when the round takes the
+plain mean: no server rule, no privacy) goes through :func:`aggregate_parts`: each part is
+:func:`part_sum` of its accepted rows in client-id order (what the mean's own weighted sum does
+with them), and the steps after the mean are the same code (:func:`_conclude`).
+
 It imports neither flwr nor ray: decoding replies is the strategy's job (docs/architecture.md).
 """
 
@@ -29,7 +34,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from fedmaml.core.params import Params
-from fedmaml.core.server import ServerOptimizer, aggregate_stacked, per_run
+from fedmaml.core.server import (ServerOptimizer, aggregate_stacked, mean_weights, per_run,
+                                 weighted_sum_stacked)
 from fedmaml.federated.health import round_outcome
 from fedmaml.federated.privacy import UpdatePrivacy
 from fedmaml.results.metrics_row import ROUND_KEYS  # the record's fields, in the row's order
@@ -108,14 +114,76 @@ def aggregate_round(w: Params, optimizer: ServerOptimizer, updates: Params, vali
     every_round = [p is not None and p.releases_every_round for p in privacy]
     if any(every_round):  # a private Poisson run releases its noise whoever replied
         updated |= torch.tensor(every_round)
+    sampled = [len(c) for c in clients] if num_sampled is None else list(num_sampled)
+    new_w, moved, records = _conclude(
+        w, optimizer, updated,
+        lambda: _direction(w, updates, counts, accepted, weighting, privacy, rule, round_number,
+                           sampled, updated),
+        valid.sum(1).tolist(), n_valid.tolist(), clients, failed, missing)
+    return RoundResult(new_w, moved, accepted, records)
+
+
+@dataclass
+class PartSum:
+    """A part of one run's accepted updates (a shard's) reduced for the mean: the weighted sum of
+    its rows taken in client-id order (:func:`part_sum`), their weight total and their count."""
+
+    total: Params
+    weight: float
+    rows: int
+
+
+def part_sum(stacked: Params, counts: Sequence[int], weighting: str) -> PartSum:
+    """The part of the mean held by the accepted updates ``stacked`` (``[n, ...]``, rows in
+    client-id order; their example ``counts``): what a shard sends instead of its rows when the
+    round needs no row by itself (:func:`aggregate_parts`)."""
+    weights = mean_weights(list(counts), weighting)
+    if not weights:
+        return PartSum({k: v.new_zeros(v.shape[1:]) for k, v in stacked.items()}, 0.0, 0)
+    return PartSum(weighted_sum_stacked(stacked, weights), sum(weights), len(weights))
+
+
+def aggregate_parts(w: Params, optimizer: ServerOptimizer, parts: Sequence[PartSum],
+                    clients: Sequence[int], *, min_replies: int, failed: Sequence[str] = (),
+                    missing: int = 0) -> RoundResult:
+    """:func:`aggregate_round` for one run (``R = 1``) whose accepted updates arrive summed by part
+    (:func:`part_sum`, e.g. by the shards of the sharded engine): the same steps with the plain
+    mean, which is the parts' sums added in the order given over their weights added alike. One
+    part gives the numbers of :func:`aggregate_round` on its rows to the bit; several, to float
+    rounding. A server rule or a private mean needs every update: those rounds send rows.
+    ``failed`` holds the kind of every reply not in a part (``rejected`` for non-finite updates,
+    which the parts leave out)."""
+    parts = [p for p in parts if p.rows]
+    kept = sum(p.rows for p in parts)
+    updated = torch.tensor([kept >= min_replies])
+
+    def direction() -> Params:
+        if not parts:
+            raise ValueError("mean of no parameter dicts")
+        total, weight = dict(parts[0].total), parts[0].weight
+        for p in parts[1:]:
+            total = {k: total[k] + p.total[k] for k in total}
+            weight += p.weight
+        if weight <= 0:
+            raise ValueError(f"weights must sum to a positive number, got {weight}")
+        return {k: (total[k] / weight).unsqueeze(0) for k in w}
+
+    new_w, moved, records = _conclude(w, optimizer, updated, direction, [kept], [kept],
+                                      [clients], [list(failed)], [missing])
+    return RoundResult(new_w, moved, torch.ones(1, kept, dtype=torch.bool), records)
+
+
+def _conclude(w: Params, optimizer: ServerOptimizer, updated: torch.Tensor,
+              direction: Callable[[], Params], arrived: list[int], kept: list[int],
+              clients: Sequence[Sequence[int]], failed: Sequence[Sequence[str]] | None,
+              missing: Sequence[int] | None) -> tuple[Params, torch.Tensor, list[RoundRecord]]:
+    """The steps every server round ends with: the optimizer's step along ``direction()`` for the
+    runs that update (it is taken only when one does), the divergence check, a record per run."""
+    runs = updated.shape[0]
     new_w, moved = w, torch.zeros(runs, dtype=torch.bool)
     if bool(updated.any()):
-        sampled = [len(c) for c in clients] if num_sampled is None else list(num_sampled)
-        direction = _direction(w, updates, counts, accepted, weighting, privacy, rule,
-                               round_number, sampled, updated)
-        new_w, moved = _step(w, optimizer, direction, updated)
+        new_w, moved = _step(w, optimizer, direction(), updated)
     # Python numbers: a record per run is read out of them (no tensor op per run)
-    arrived, kept = valid.sum(1).tolist(), n_valid.tolist()
     moved_, updated_ = moved.tolist(), updated.tolist()
     records = []
     for r in range(runs):
@@ -125,7 +193,7 @@ def aggregate_round(w: Params, optimizer: ServerOptimizer, updates: Params, vali
         if updated_[r] and not moved_[r]:
             record.diverged = DIVERGED
         records.append(record)
-    return RoundResult(new_w, moved, accepted, records)
+    return new_w, moved, records
 
 
 def _direction(w: Params, updates: Params, counts: torch.Tensor | None, accepted: torch.Tensor,

@@ -33,7 +33,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -47,7 +48,7 @@ from flwr.superlink.grid import InMemoryGrid
 from fedmaml import collector
 from fedmaml.algorithms import has_server_rule
 from fedmaml.core.params import Params, num_bytes
-from fedmaml.core.server import ServerOptimizer
+from fedmaml.core.server import ServerOptimizer, mean_weights
 from fedmaml.errors import MessageError
 from fedmaml.federated import checkpoint, faults
 from fedmaml.federated import records as R
@@ -58,7 +59,8 @@ from fedmaml.federated.participation import sample_clients  # noqa: F401 - its f
 from fedmaml.federated.pattern_selection import PatternSelector, selection_summary
 from fedmaml.federated.privacy import UpdatePrivacy
 from fedmaml.federated.reply_pull import puller_for
-from fedmaml.federated.server_round import RoundRecord, aggregate_round
+from fedmaml.federated.server_round import (PartSum, RoundRecord, aggregate_parts, aggregate_round,
+                                            part_sum)
 from fedmaml.federated.server_state import ServerState
 from fedmaml.federated.setup import ExperimentSetup
 from fedmaml.results.metrics_row import MetricsRow, round_fields
@@ -95,6 +97,7 @@ class TrainOutcome:
     count: int = 0
     metrics: Mapping[str, Any] | None = None
     failure: tuple[str, str] | None = None
+    part: tuple[int, int] | None = None  # (sums, part) holding the update, when summed by part
 
 
 def _rows(stacks: list[Params], rows: list[tuple[int, int]]) -> Params:
@@ -314,11 +317,12 @@ class MetaStrategy(Strategy):
         Per-client replies and cohort replies (one for many clients, updates stacked) both become
         the same per-client :class:`TrainOutcome` s, accounted and averaged by one function."""
         stacks: list[Params] = []
+        sums: list[Params] = []  # per reply summed by part (the sharded engine's), its part sums
         outcomes: list[TrainOutcome] = []
         per_client: list[Message] = []
         for msg in replies:
             if msg.has_content() and R.FAILURES in msg.content:
-                outcomes += self._cohort_outcomes(msg, len(stacks), stacks)
+                outcomes += self._cohort_outcomes(msg, stacks, sums)
             elif msg.has_error() and self._cohort_of(msg) is not None:
                 outcomes += [TrainOutcome(cid, failure=("error", f"client error: {msg.error.reason}"))
                              for cid in self._cohort_of(msg)]
@@ -326,7 +330,7 @@ class MetaStrategy(Strategy):
                 per_client.append(msg)
         if per_client:
             outcomes += self._client_outcomes(per_client, len(stacks), stacks)
-        return self._account_train(server_round, stacks, outcomes)
+        return self._account_train(server_round, stacks, outcomes, sums)
 
     def _client_outcomes(self, replies: list[Message], stack: int, stacks: list[Params]
                          ) -> list[TrainOutcome]:
@@ -349,10 +353,11 @@ class MetaStrategy(Strategy):
                             TrainOutcome(cid, failure=_update_failure(error)))
         return outcomes
 
-    def _cohort_outcomes(self, msg: Message, stack: int, stacks: list[Params]
+    def _cohort_outcomes(self, msg: Message, stacks: list[Params], sums: list[Params]
                          ) -> list[TrainOutcome]:
         """A cohort reply: every client it names becomes an outcome; a reply that cannot be read
-        fails every client of its cohort as malformed."""
+        fails every client of its cohort as malformed. Its updates are a stack of rows (appended
+        to ``stacks``) or, summed by part, the part sums (appended to ``sums``)."""
         content = msg.content
         try:
             rows = R.metric_rows(content[R.METRICS])
@@ -362,13 +367,22 @@ class MetaStrategy(Strategy):
                 for key in ("samples", "train-seconds"):
                     float(m[key])
             failures = R.failures_from(content[R.FAILURES])
-            stacked, row_errors = R.stack_from_cohort(
-                content[R.ARRAYS], self.w, [f"update from client {c}" for c in ids])
+            if R.PARTS in content:
+                summed, part_of, row_errors = self._part_sums(content, len(ids))
+            else:
+                stacked, row_errors = R.stack_from_cohort(
+                    content[R.ARRAYS], self.w, [f"update from client {c}" for c in ids])
+                part_of = None
         except (KeyError, TypeError, ValueError, MessageError) as e:
             cids = self._cohort_of(msg) or [None]
             return [TrainOutcome(cid, failure=("malformed", f"malformed reply: {e}"))
                     for cid in cids]
-        stacks.append(stacked)
+        if part_of is None:
+            at = len(stacks)
+            stacks.append(stacked)
+        else:
+            at = len(sums)
+            sums.append(summed)
         outcomes = []
         for j, (cid, count, error) in enumerate(zip(ids, counts, row_errors)):
             if error is not None:
@@ -376,13 +390,37 @@ class MetaStrategy(Strategy):
             elif count <= 0:
                 outcomes.append(TrainOutcome(cid, failure=(
                     "malformed", f"malformed reply: client {cid} reported {count} examples")))
+            elif part_of is None:
+                outcomes.append(TrainOutcome(cid, (at, j), count, rows[j]))
+            elif part_of[j] < 0:
+                outcomes.append(TrainOutcome(cid, failure=(
+                    "malformed", f"malformed reply: no part holds client {cid}'s update")))
             else:
-                outcomes.append(TrainOutcome(cid, (stack, j), count, rows[j]))
+                outcomes.append(TrainOutcome(cid, None, count, rows[j], part=(at, part_of[j])))
         for cid, kind, reason in failures:
             label = {"error": "client error", "malformed": "malformed reply"}.get(kind, kind)
             kind = kind if kind in FAILURE_KINDS else "error"  # a kind we do not know: it failed
             outcomes.append(TrainOutcome(cid, failure=(kind, f"{label}: client {cid}: {reason}")))
         return outcomes
+
+    def _part_sums(self, content: RecordDict, n: int
+                   ) -> tuple[Params, list[int], list[str | None]]:
+        """A reply summed by part (records.py): its part sums ``[P, ...]``, per metrics row its
+        part (-1: none) and why its update was rejected (``None``: it was not)."""
+        parts = content[R.PARTS]
+        weighting = str(parts[R.WEIGHTING])
+        if weighting != self.cfg.federated.aggregation:
+            raise ValueError(f"the reply's parts are {weighting} sums, the run's "
+                             f"federated.aggregation is {self.cfg.federated.aggregation}")
+        part_of = [int(p) for p in parts[R.PART]]
+        rejected = [R.NonFinite(r) if r else None for r in (str(r) for r in parts[R.REJECTED])]
+        if len(part_of) != n or len(rejected) != n:
+            raise ValueError("the parts' lists differ in length from partition-id")
+        summed = R.stacked_from(content[R.PART_SUMS], self.w, None, R.PART_SUMS)
+        count = len(next(iter(summed.values()))) if summed else 0
+        if any(p >= count for p in part_of):
+            raise ValueError(f"a row names part {max(part_of)} of {count} part sums")
+        return summed, part_of, rejected
 
     def _cohort_of(self, msg: Message) -> list[int] | None:
         """The client ids of the cohort instruction (train or evaluate) ``msg`` answers (``None``:
@@ -392,7 +430,8 @@ class MetaStrategy(Strategy):
                      if m.metadata.message_id == answered), None)
 
     def _account_train(self, server_round: int, stacks: list[Params],
-                       outcomes: list[TrainOutcome]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+                       outcomes: list[TrainOutcome], sums: Sequence[Params] = ()
+                       ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Count, log and average a round's per-client outcomes, whatever messages carried them."""
         expected = set(self.round_stats.get("clients", []))
         errors: list[tuple[str, str]] = []  # (kind, why): health.round_outcome counts the kinds
@@ -406,6 +445,14 @@ class MetaStrategy(Strategy):
                 used[o.cid] = o
             else:
                 errors.append(failure)
+        # A part sum holds every update its reply put in it: one the server cannot use (a client
+        # not sampled, or named twice) spoils the whole part, whose clients then fail.
+        spoiled = (Counter(o.part for o in outcomes if o.part is not None)
+                   - Counter(o.part for o in used.values() if o.part is not None))
+        for o in [o for o in used.values() if o.part in spoiled]:
+            del used[o.cid]
+            errors.append(("malformed", f"malformed reply: client {o.cid}'s update is summed "
+                                        "with one the server cannot use"))
         missing = max(len(expected) - len(outcomes), 0)
         for _, e in errors:
             log.warning("round %d: %s", server_round, e)
@@ -419,10 +466,15 @@ class MetaStrategy(Strategy):
         self.trained.update(used)
         self._count_resets(server_round, [o.cid for o in valid
                                           if float(o.metrics.get(R.MEMORY_RESET, 0)) > 0])
-        stacked = (_rows(stacks, [o.row for o in valid]) if valid
-                   else {k: torch.zeros(0, *v.shape, dtype=v.dtype) for k, v in self.w.items()})
-        record = self._server_round(server_round, stacked, [o.count for o in valid],
-                                    [k for k, _ in errors], missing)
+        if any(o.part is not None for o in valid):
+            record = self._server_round(server_round, None, [o.count for o in valid],
+                                        [k for k, _ in errors], missing,
+                                        self._parts(stacks, sums, valid))
+        else:
+            stacked = (_rows(stacks, [o.row for o in valid]) if valid else
+                       {k: torch.zeros(0, *v.shape, dtype=v.dtype) for k, v in self.w.items()})
+            record = self._server_round(server_round, stacked, [o.count for o in valid],
+                                        [k for k, _ in errors], missing)
         self.round_stats.update(record.row())
         updated = record.updated
         if not updated and record.diverged is None:
@@ -437,23 +489,54 @@ class MetaStrategy(Strategy):
         out["train-seconds-max"] = max(float(m["train-seconds"]) for m in metrics)
         return (R.to_record(self.w) if updated else None), MetricRecord(out)
 
-    def _server_round(self, server_round: int, stacked: Params, counts: list[int],
-                      failed: list[str], missing: int) -> RoundRecord:
+    def _parts(self, stacks: list[Params], sums: Sequence[Params], valid: list[TrainOutcome]
+               ) -> list[PartSum]:
+        """The valid updates of a round summed by part (in client-id order ``valid``): the parts of
+        the replies that sent sums, in reply and part order, each weighted by its clients' counts,
+        after a part of the rows other replies sent, summed here."""
+        weighting = self.cfg.federated.aggregation
+        rows = [o for o in valid if o.part is None]
+        parts = ([part_sum(_rows(stacks, [o.row for o in rows]), [o.count for o in rows],
+                           weighting)] if rows else [])
+        members: dict[tuple[int, int], list[int]] = {}
+        for o in valid:
+            if o.part is not None:
+                members.setdefault(o.part, []).append(o.count)
+        for (s, p), counts in sorted(members.items()):
+            weights = mean_weights(counts, weighting)
+            parts.append(PartSum({k: v[p] for k, v in sums[s].items()}, sum(weights), len(counts)))
+        return parts
+
+    def _server_round(self, server_round: int, stacked: Params | None, counts: list[int],
+                      failed: list[str], missing: int, parts: list[PartSum] | None = None
+                      ) -> RoundRecord:
         """This run's server round (:func:`~fedmaml.federated.server_round.aggregate_round` with
-        one run) on its valid updates ``stacked`` (in client-id order); ``w`` moves when it
-        applies. ``failed``: the kind of every reply not used; ``missing``: replies not arrived."""
+        one run) on its valid updates ``stacked`` (in client-id order), or
+        (:func:`~fedmaml.federated.server_round.aggregate_parts`) on their ``parts``; ``w`` moves
+        when it applies. ``failed``: the kind of every reply not used; ``missing``: replies not
+        arrived."""
         fed, algorithm, opt = self.cfg.federated, self.setup.algorithm, self.optimizer
         one = lambda p: {k: v.unsqueeze(0) for k, v in p.items()}  # noqa: E731 - a run axis
         opt.state = one(opt.state)  # the run alone keeps its state without the run axis
         try:
-            result = aggregate_round(
-                one(self.w), opt, one(stacked), torch.ones(1, len(counts), dtype=torch.bool),
-                [self.round_stats.get("clients", [])], weighting=fed.aggregation,
-                min_replies=fed.min_replies,
-                counts=torch.tensor(counts, dtype=torch.float64).reshape(1, len(counts)),
-                failed=[failed], missing=[missing], privacy=[self.privacy],
-                round_number=server_round, num_sampled=[len(self.round_stats.get("clients", []))],
-                rule=algorithm.server_update if has_server_rule(algorithm) else None)
+            if parts is not None:
+                if has_server_rule(algorithm) or self.privacy.enabled:
+                    raise ValueError("updates summed by part reached a server round that needs "
+                                     "each update (the algorithm's server rule, or privacy)")
+                result = aggregate_parts(one(self.w), opt, parts,
+                                         self.round_stats.get("clients", []),
+                                         min_replies=fed.min_replies, failed=failed,
+                                         missing=missing)
+            else:
+                result = aggregate_round(
+                    one(self.w), opt, one(stacked), torch.ones(1, len(counts), dtype=torch.bool),
+                    [self.round_stats.get("clients", [])], weighting=fed.aggregation,
+                    min_replies=fed.min_replies,
+                    counts=torch.tensor(counts, dtype=torch.float64).reshape(1, len(counts)),
+                    failed=[failed], missing=[missing], privacy=[self.privacy],
+                    round_number=server_round,
+                    num_sampled=[len(self.round_stats.get("clients", []))],
+                    rule=algorithm.server_update if has_server_rule(algorithm) else None)
         finally:
             opt.state = {k: v[0] for k, v in opt.state.items()}
         if bool(result.moved[0]):

@@ -18,6 +18,9 @@ run starts and stops; what is measured:
   rounds, on 2 shards and on the single-process vectorized engine: round time, each process's peak
   resident memory (the driver's and each actor's) and each shard's memory bank.
 
+``--baseline CHECKOUT`` also runs case d's sharded settings with another checkout's code (e.g. the
+version before a change), alternating with this one's, each run in a fresh process.
+
 Every result carries the load average before and after it. The machine's cores are shared: two
 shards of one CPU can only beat one shard when two cores are free. Run (quiet machine):
 
@@ -78,13 +81,15 @@ def child(kind: str, engine: str, shards: int, rounds: int, out_dir: str) -> dic
     setup = setup_for(cfg)
     nodes = setup.federation.num_clients + setup.federation.num_unseen
     in_grid: list[float] = []
+    cpu_marks: list[tuple[float, float]] = []  # this thread's CPU seconds at each call's start, end
 
     def timed(cls):
         class Timed(cls):
             def send_and_receive(self, messages, *, timeout=None):
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.thread_time()
                 replies = super().send_and_receive(messages, timeout=timeout)
                 in_grid.append(time.perf_counter() - start)
+                cpu_marks.append((cpu, time.thread_time()))
                 return replies
         return Timed
 
@@ -108,21 +113,40 @@ def child(kind: str, engine: str, shards: int, rounds: int, out_dir: str) -> dic
                        "peak_rss_mb": round(s.get("peak_rss_mb", 0), 1),
                        "bank_mb": round(s.get("bank_bytes", 0) / 2 ** 20, 1),
                        "stored_clients": s.get("stored_clients"),
-                       "busy_s": round(s.get("busy_seconds", 0), 3)} for s in done["shards"]]
+                       "busy_s": round(s.get("busy_seconds", 0), 3),
+                       **middle_medians(s.get("train_calls", []), rounds)}
+                      for s in done["shards"]]
     total = time.perf_counter() - start
     rows = read_metrics(run_dir)
     stamps = [r["seconds"] for r in rows]
     rounds_s = [b - a for a, b in zip(stamps[:-1], stamps[1:])]  # rounds 1..R
     train_in_grid = in_grid[1:1 + rounds]  # grid calls: [eval 0, train 1..R, eval R]
     middle = slice(1, -1) if rounds > 2 else slice(0, None)
+    # the driver's CPU per round (this thread, from one training call's start to the next one's):
+    # the serial part of a round, whatever else shares the cores
+    starts = [c for c, _ in cpu_marks[1:2 + rounds]]
+    driver_cpu = [b - a for a, b in zip(starts[:-1], starts[1:])]
+    train_marks = cpu_marks[1:1 + rounds]
     return {"kind": kind, "engine": engine, "shards": shards if engine == "sharded" else 0,
             "rounds": rounds, "per_round": len(rows[1]["clients"]),
             "ms_per_round": round(1000 * statistics.median(rounds_s[middle]), 2),
             "round_ms": [round(1000 * r, 2) for r in rounds_s],
             "in_grid_ms": round(1000 * statistics.median(train_in_grid[middle]), 2),
+            "driver_cpu_ms": round(1000 * statistics.median(driver_cpu[middle]), 2),
+            "driver_cpu_in_grid_ms": round(1000 * statistics.median(
+                [b - a for a, b in train_marks][middle]), 2),
             "total_s": round(total, 2), "driver_peak_rss_mb": round(peak_rss_mb(), 1),
             "driver_baseline_rss_mb": round(baseline, 1), "shards_detail": shards_out,
             "failures": sum(r.get("failures", 0) for r in rows[1:])}
+
+
+def middle_medians(calls: list, rounds: int) -> dict[str, float]:
+    """A shard's median seconds and CPU seconds per training call over rounds 2..R-1."""
+    kept = [(s, c) for r, s, c in calls if 1 < r < rounds] or [(s, c) for _, s, c in calls]
+    if not kept:
+        return {}
+    return {"train_ms": round(1000 * statistics.median(s for s, _ in kept), 2),
+            "train_cpu_ms": round(1000 * statistics.median(c for _, c in kept), 2)}
 
 
 class Echo:
@@ -206,16 +230,21 @@ def load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def run_child(kind: str, engine: str, shards: int, rounds: int, out_dir: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, engine, str(shards), str(rounds), out_dir]
+def run_child(kind: str, engine: str, shards: int, rounds: int, out_dir: str,
+              root: Path = ROOT) -> dict:
+    """One run in a fresh process, with the code of the checkout ``root`` (this one by default)."""
+    script = root / "simulations" / "benchmarks" / "sharded.py"
+    out_dir = tempfile.mkdtemp(prefix=f"{kind}-{engine}-{shards}-", dir=out_dir)  # its own run
+    cmd = [sys.executable, str(script), "--child", kind, engine, str(shards), str(rounds), out_dir]
     before = load()
     proc = subprocess.run(cmd, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          env={**os.environ, "PYTHONPATH": str(root)})
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     out["load_before"], out["load_after"] = before, load()
-    print(json.dumps({k: out[k] for k in ("kind", "engine", "shards", "ms_per_round",
+    out["code"] = "this" if root == ROOT else "baseline"
+    print(json.dumps({k: out[k] for k in ("code", "kind", "engine", "shards", "ms_per_round",
                                           "in_grid_ms", "load_after")}), file=sys.stderr)
     return out
 
@@ -230,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-d", action="store_true", help="only the 10M-client federation")
     p.add_argument("--constants-only", action="store_true",
                    help="only the per-call constants of the scaling formula")
+    p.add_argument("--baseline", type=Path, default=None,
+                   help="another checkout of fedmaml (e.g. a previous version): case d's sharded "
+                        "settings also run with its code, alternating with this one's")
     p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -246,12 +278,18 @@ def main(argv: list[str] | None = None) -> int:
         result["constants"] = constants(tmp)
         if not args.skip_d:
             runs = []
+            settings = [(ROOT, "vectorized", 0), (ROOT, "sharded", 1), (ROOT, "sharded", 2)]
+            if args.baseline is not None:
+                settings += [(args.baseline.resolve(), "sharded", 1),
+                             (args.baseline.resolve(), "sharded", 2)]
             for _ in range(args.repeats):  # alternating, so load changes hit every setting alike
-                for engine, shards in (("vectorized", 0), ("sharded", 1), ("sharded", 2)):
-                    runs.append(run_child("d", engine, shards, args.rounds, tmp))
-            medians = {f"{e}-{s}": statistics.median(r["ms_per_round"] for r in runs
-                                                     if (r["engine"], r["shards"]) == (e, s))
-                       for e, s in (("vectorized", 0), ("sharded", 1), ("sharded", 2))}
+                for root, engine, shards in settings:
+                    runs.append(run_child("d", engine, shards, args.rounds, tmp, root))
+            medians = {f"{'baseline-' if root != ROOT else ''}{e}-{s}": statistics.median(
+                r["ms_per_round"] for r in runs
+                if (r["code"], r["engine"], r["shards"]) == (
+                    "this" if root == ROOT else "baseline", e, s))
+                for root, e, s in settings}
             result["d"] = {
                 "runs": runs, "median_ms_per_round": medians,
                 "rounds_per_s_2_over_1_shard": round(medians["sharded-1"] / medians["sharded-2"], 3),
