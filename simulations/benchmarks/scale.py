@@ -72,20 +72,11 @@ def child(clients: int, engine: str, per_round: int, budget_mb: float, out_dir: 
     baseline = peak_rss_mb()
     in_grid: list[float] = []  # seconds inside send_and_receive, per call
 
-    def timed(cls):
-        class Timed(cls):
-            def send_and_receive(self, messages, *, timeout=None):
-                start = time.perf_counter()
-                replies = super().send_and_receive(messages, timeout=timeout)
-                in_grid.append(time.perf_counter() - start)
-                return replies
-        return Timed
-
     # Time the grid calls: the rest of a round is the server's work.
     import fedmaml.engines.inprocess as inprocess_module
     import fedmaml.engines.vectorized as vectorized_module
-    inprocess_module.InProcessGrid = timed(InProcessGrid)
-    vectorized_module.VectorizedGrid = timed(VectorizedGrid)
+    inprocess_module.InProcessGrid = timed_grid(InProcessGrid, in_grid)
+    vectorized_module.VectorizedGrid = timed_grid(VectorizedGrid, in_grid)
     nodes = setup.federation.num_clients + setup.federation.num_unseen
     run_dir = Path(out_dir) / cfg.name
     server_app, client_app = make_server_app(cfg, run_dir, quiet=True), make_client_app(cfg)
@@ -121,6 +112,21 @@ def child(clients: int, engine: str, per_round: int, budget_mb: float, out_dir: 
         out["stats"] = vars(grid.stats)
         grid.close()
     return out
+
+
+def timed_grid(cls: type, seconds: list[float],
+               cpu_marks: list[tuple[float, float]] | None = None) -> type:
+    """``cls`` (a grid class) whose ``send_and_receive`` appends the wall seconds of each call to
+    ``seconds`` and, with ``cpu_marks``, this thread's CPU seconds at the call's start and end."""
+    class Timed(cls):
+        def send_and_receive(self, messages, *, timeout=None):
+            start, cpu = time.perf_counter(), time.thread_time()
+            replies = super().send_and_receive(messages, timeout=timeout)
+            seconds.append(time.perf_counter() - start)
+            if cpu_marks is not None:
+                cpu_marks.append((cpu, time.thread_time()))
+            return replies
+    return Timed
 
 
 def peak_rss_mb() -> float:

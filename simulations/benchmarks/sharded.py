@@ -71,8 +71,10 @@ def child(kind: str, engine: str, shards: int, rounds: int, out_dir: str) -> dic
     extra = [f"engine.name={engine}", f"engine.shards={max(shards, 1)}", "engine.num_cpus=1",
              f"federated.rounds={rounds}", f"output_dir={out_dir}",
              f"name={kind}-{engine}-{shards}"]
+    sys.path.insert(0, str(Path(__file__).parent))
+    from scale import timed_grid  # noqa: E402 - the grid timer scale.py uses
+
     if kind == "d":
-        sys.path.insert(0, str(Path(__file__).parent))
         from engines import config_for  # noqa: E402 - the case as engines.py defines it
 
         cfg = config_for("d", rounds, Path(out_dir), *extra)
@@ -83,20 +85,10 @@ def child(kind: str, engine: str, shards: int, rounds: int, out_dir: str) -> dic
     in_grid: list[float] = []
     cpu_marks: list[tuple[float, float]] = []  # this thread's CPU seconds at each call's start, end
 
-    def timed(cls):
-        class Timed(cls):
-            def send_and_receive(self, messages, *, timeout=None):
-                start, cpu = time.perf_counter(), time.thread_time()
-                replies = super().send_and_receive(messages, timeout=timeout)
-                in_grid.append(time.perf_counter() - start)
-                cpu_marks.append((cpu, time.thread_time()))
-                return replies
-        return Timed
-
     import fedmaml.engines.sharded as sharded_module
     import fedmaml.engines.vectorized as vectorized_module
-    sharded_module.ShardedGrid = timed(ShardedGrid)
-    vectorized_module.VectorizedGrid = timed(VectorizedGrid)
+    sharded_module.ShardedGrid = timed_grid(ShardedGrid, in_grid, cpu_marks)
+    vectorized_module.VectorizedGrid = timed_grid(VectorizedGrid, in_grid, cpu_marks)
     run_dir = Path(out_dir) / cfg.name
     server_app, client_app = make_server_app(cfg, run_dir, quiet=True), make_client_app(cfg)
     baseline = peak_rss_mb()
