@@ -52,7 +52,10 @@ def fault_codes(rates: tuple[float, float, float], seeds: Any, cids: Any, server
 
 def client_fault(cfg: Config, cid: int, server_round: int) -> str | None:
     """``fail``, ``straggle``, ``dropout`` or ``None`` for client ``cid`` in ``server_round``."""
-    code = int(fault_codes(fault_rates(cfg), cfg.seed, [cid], server_round)[0])
+    rates = fault_rates(cfg)
+    if not any(rates):  # the usual run: no fault to draw (fault_codes would give NONE)
+        return None
+    code = int(fault_codes(rates, cfg.seed, [cid], server_round)[0])
     return KINDS[code - 1] if code else None
 
 
