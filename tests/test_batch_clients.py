@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fedmaml.client import client_fault
-from fedmaml.client.faults import KINDS, fault_codes, fault_rates
+from fedmaml.client.faults import KINDS, fault_codes, fault_rates, injected_counts
 from fedmaml.client.speed import (client_seconds, past_deadline, simulated_seconds,
                                   speed_multipliers)
 from fedmaml.client.train import clip_client_updates, memory_init_mask, needs_memory_init
@@ -43,6 +43,13 @@ def test_cohort_fault_codes_equal_each_clients_own_decision(tiny_config):
         for c, cid in enumerate(cids[r].tolist()):
             kind = client_fault(alone, cid, 7)
             assert (KINDS[codes[r, c] - 1] if codes[r, c] else None) == kind
+
+
+def test_injected_counts_count_each_runs_codes():
+    codes = np.random.default_rng(5).integers(0, 4, size=(6, 9)).astype(np.int8)  # [runs, clients]
+    assert injected_counts(codes) == [{k: sum(1 for c in row if c == j + 1)
+                                       for j, k in enumerate(KINDS)} for row in codes.tolist()]
+    assert injected_counts(np.zeros((2, 0), dtype=np.int8)) == [dict.fromkeys(KINDS, 0)] * 2
 
 
 def test_a_fault_is_one_uniform_draw_of_the_clients_stream_cut_at_the_rates(tiny_config):
