@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from fedmaml.client import client_fault
-from fedmaml.client.faults import KINDS, fault_codes, fault_rates
-from fedmaml.client.speed import speed_multipliers
-from fedmaml.client.train import clip_client_updates
+from fedmaml.client.faults import KINDS, fault_codes, fault_rates, injected_counts
+from fedmaml.client.speed import (client_seconds, past_deadline, simulated_seconds,
+                                  speed_multipliers)
+from fedmaml.client.train import clip_client_updates, memory_init_mask, needs_memory_init
 from fedmaml.config import ParticipationConfig, replace_paths
 from fedmaml.core.privacy import clip_update
 from fedmaml.engines.run_batch import RunBatch, batch_refusal
@@ -44,6 +45,13 @@ def test_cohort_fault_codes_equal_each_clients_own_decision(tiny_config):
             assert (KINDS[codes[r, c] - 1] if codes[r, c] else None) == kind
 
 
+def test_injected_counts_count_each_runs_codes():
+    codes = np.random.default_rng(5).integers(0, 4, size=(6, 9)).astype(np.int8)  # [runs, clients]
+    assert injected_counts(codes) == [{k: sum(1 for c in row if c == j + 1)
+                                       for j, k in enumerate(KINDS)} for row in codes.tolist()]
+    assert injected_counts(np.zeros((2, 0), dtype=np.int8)) == [dict.fromkeys(KINDS, 0)] * 2
+
+
 def test_a_fault_is_one_uniform_draw_of_the_clients_stream_cut_at_the_rates(tiny_config):
     """Computed independently: numpy's generator keyed by (seed, client, round, 0xFA17), its first
     uniform cut at fail, fail + straggle, fail + straggle + dropout (the draw every engine made
@@ -56,6 +64,31 @@ def test_a_fault_is_one_uniform_draw_of_the_clients_stream_cut_at_the_rates(tiny
             want = ("fail" if u < 0.25 else "straggle" if u < 0.4 else "dropout" if u < 0.5
                     else None)
             assert client_fault(cfg, cid, r) == want
+
+
+def test_one_clients_shortcuts_equal_the_cohort_functions(tiny_config):
+    """A ClientApp's one client skips the array work when a feature is off (no faults, uniform
+    speed, no deadline, a memory kept): its decisions are the cohort functions' all the same."""
+    off = tiny_config("federated.round_timeout=0")
+    on = tiny_config("faults.fail=0.3", "faults.dropout=0.2", "participation.speed=lognormal",
+                     "participation.speed_sigma=1.5", "federated.round_timeout=0.5")
+    for cfg in (off, on):
+        codes = fault_codes(fault_rates(cfg), cfg.seed, np.arange(40), 3)
+        assert [client_fault(cfg, c, 3) for c in range(40)] == [
+            KINDS[k - 1] if k else None for k in codes]
+        for cid in range(40):
+            seconds = client_seconds(cfg.participation, cfg.seed, cid, 0.3)
+            assert seconds == float(simulated_seconds(cfg.participation, cfg.seed, [cid], 0.3)[0])
+            assert past_deadline(cfg, seconds) == bool(past_deadline(cfg, np.asarray([seconds]))[0])
+    assert any(client_fault(on, c, 3) for c in range(40))  # the "on" case draws faults
+    assert len({client_seconds(on.participation, on.seed, c, 0.3) for c in range(40)}) == 40
+    setup = type("S", (), {"algorithm": type("A", (), {"uses_memory": True})()})()
+    for policy in ("keep", "reinit"):
+        hp = type("H", (), {"memory_policy": policy})()
+        for has in (False, True):
+            assert needs_memory_init(setup, hp, has) == bool(memory_init_mask(True, hp, has))
+    setup.algorithm.uses_memory = False
+    assert not needs_memory_init(setup, hp, False)
 
 
 def test_cohort_speeds_and_clipping_equal_each_clients_own():

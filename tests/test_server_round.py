@@ -220,3 +220,23 @@ def test_a_poisson_sampled_run_of_a_batch_equals_the_same_run_alone(tiny_config,
                               memories_of(batch, i))
         if private:
             assert read_summary(tmp_path / "batch" / cfg.name)["privacy"]["releases"] == 4
+
+
+def test_updates_the_caller_checked_give_the_same_round_to_the_bit():
+    """``finite=True`` (a run alone's decoder has rejected NaN/inf) skips step 1's check only: on
+    finite updates the round is the one ``aggregate_round`` computes checking them itself, and a
+    step that overflows is still kept out."""
+    w = {k: torch.randn(1, *s, generator=torch.Generator().manual_seed(3)) for k, s in SHAPES.items()}
+    for big in (1.0, 1e38):
+        updates = _updates(1, 3)
+        updates["b"][0, 1, 0] = big
+        results = []
+        for finite in (False, True):
+            opt = ServerOptimizer("sgd", 1e10 if big > 1 else 1.0)
+            results.append(aggregate_round(
+                w, opt, updates, torch.ones(1, 3, dtype=torch.bool), [[4, 5, 6]],
+                weighting="uniform", min_replies=1, finite=finite))
+        checked, trusted = results
+        assert checked.moved.tolist() == trusted.moved.tolist() == [big == 1.0]
+        assert checked.records[0].row() == trusted.records[0].row()
+        assert all(torch.equal(checked.w[k], trusted.w[k]) for k in w)

@@ -52,7 +52,10 @@ def fault_codes(rates: tuple[float, float, float], seeds: Any, cids: Any, server
 
 def client_fault(cfg: Config, cid: int, server_round: int) -> str | None:
     """``fail``, ``straggle``, ``dropout`` or ``None`` for client ``cid`` in ``server_round``."""
-    code = int(fault_codes(fault_rates(cfg), cfg.seed, [cid], server_round)[0])
+    rates = fault_rates(cfg)
+    if not any(rates):  # the usual run: no fault to draw (fault_codes would give NONE)
+        return None
+    code = int(fault_codes(rates, cfg.seed, [cid], server_round)[0])
     return KINDS[code - 1] if code else None
 
 
@@ -63,7 +66,9 @@ def injected(cfg: Config, cids: Any, server_round: int) -> dict[str, int]:
 
 def injected_counts(codes: np.ndarray) -> list[dict[str, int]]:
     """Per row of fault codes ``[R, C]`` (a run's clients), how many clients get each fault."""
-    return [{k: int((row == j + 1).sum()) for j, k in enumerate(KINDS)} for row in codes]
+    # one count per kind over all rows at once: a batch asks every round, for each of its runs
+    per_kind = [(np.asarray(codes) == j + 1).sum(1).tolist() for j in range(len(KINDS))]
+    return [dict(zip(KINDS, counts)) for counts in zip(*per_kind)]
 
 
 def fail(cid: int, server_round: int) -> InjectedFault:

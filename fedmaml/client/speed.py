@@ -47,6 +47,14 @@ def simulated_seconds(spec: ParticipationConfig, seed: int | np.ndarray, cids: A
     return np.asarray(measured, dtype=np.float64) * speed_multipliers(spec, seed, cids)
 
 
+def client_seconds(spec: ParticipationConfig, seed: int, cid: int, measured: float) -> float:
+    """One client's :func:`simulated_seconds`, as a number: the measured time itself under
+    ``speed: uniform`` (a multiplier of 1), without the array work a cohort needs."""
+    if spec.speed == "uniform":
+        return float(measured)
+    return float(simulated_seconds(spec, seed, [cid], measured)[0])
+
+
 def judged_by_speed(cfg: Config) -> bool:
     """Whether the client itself judges its deadline from a simulated time: only simulated speeds
     (``participation.speed`` other than uniform) with a deadline. A measured time is judged by
@@ -57,6 +65,8 @@ def judged_by_speed(cfg: Config) -> bool:
 def past_deadline(cfg: Config, seconds: float | np.ndarray) -> Any:
     """Whether clients whose simulated train time is ``seconds`` miss the round deadline (a bool,
     or a bool array for an array of times)."""
+    if not judged_by_speed(cfg) and np.ndim(seconds) == 0:  # one client, judged by the clock
+        return False
     late = np.asarray(seconds) > cfg.federated.round_timeout
     late = late & judged_by_speed(cfg)
     return bool(late) if late.ndim == 0 else late

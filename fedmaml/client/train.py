@@ -24,7 +24,7 @@ from fedmaml.data.counter import derive_keys
 from fedmaml.data.tasks import Task
 from fedmaml.client.metrics import MEMORY_RESET, train_metrics
 from fedmaml.client.setup import ClientSetup
-from fedmaml.client.speed import simulated_seconds
+from fedmaml.client.speed import client_seconds
 from fedmaml.client.store import MemoryStore, was_reset
 
 
@@ -59,7 +59,10 @@ def memory_init_mask(uses_memory: bool, hp: Hyper, has_memory: Any) -> np.ndarra
 
 
 def needs_memory_init(setup: ClientSetup, hp: Hyper, has_memory: bool) -> bool:
-    return bool(memory_init_mask(setup.algorithm.uses_memory, hp, has_memory))
+    """:func:`memory_init_mask` of one client, as a bool (without its array work)."""
+    if not setup.algorithm.uses_memory:
+        return False
+    return hp.memory_policy == "reinit" or not has_memory
 
 
 def initial_for(setup: ClientSetup, hp: Hyper, device: torch.device | str) -> Params | None:
@@ -125,8 +128,7 @@ def train_step(cfg: Config, setup: ClientSetup, cid: int, w: Params, hp: Hyper,
         store.save(memory)
     if cfg.privacy.clipping == "client":  # the update leaves the device within the DP bound
         delta = clip_update(delta, cfg.privacy.clipping_norm)
-    seconds = float(simulated_seconds(cfg.participation, cfg.seed, [cid],
-                                      time.perf_counter() - start)[0])
+    seconds = client_seconds(cfg.participation, cfg.seed, cid, time.perf_counter() - start)
     reply = train_metrics(cid, tasks, data, metrics, seconds)
     if was_reset(store):
         reply[MEMORY_RESET] = 1

@@ -86,7 +86,7 @@ def aggregate_round(w: Params, optimizer: ServerOptimizer, updates: Params, vali
                     missing: Sequence[int] | None = None,
                     privacy: Sequence[UpdatePrivacy | None] | None = None, round_number: int = 0,
                     num_sampled: Sequence[int] | None = None,
-                    rule: ServerRule | None = None) -> RoundResult:
+                    rule: ServerRule | None = None, finite: bool = False) -> RoundResult:
     """One server round of ``R`` runs (module docstring).
 
     ``w``: ``[R, ...]``; ``optimizer``: stepped in place (its state ``[R, ...]``; ``lr`` and
@@ -98,7 +98,9 @@ def aggregate_round(w: Params, optimizer: ServerOptimizer, updates: Params, vali
     ``privacy``: per run, its private mean and account (``None`` or disabled: the plain mean);
     ``round_number``: the round (it keys each run's noise stream); ``num_sampled``: per run, the
     clients asked (the private mean's denominator without an account; default
-    ``len(clients[r])``); ``rule``: the algorithm's own server rule, applied run by run."""
+    ``len(clients[r])``); ``rule``: the algorithm's own server rule, applied run by run;
+    ``finite``: the caller has already rejected every valid update holding NaN or inf (a run
+    alone's decoder does, R.stack_from_records), so step 1 has nothing to find."""
     runs = valid.shape[0]
     if weighting not in ("weighted", "uniform"):
         raise ValueError(f"aggregation must be 'weighted' or 'uniform', got {weighting!r}")
@@ -107,7 +109,7 @@ def aggregate_round(w: Params, optimizer: ServerOptimizer, updates: Params, vali
     if runs > 1 and not isinstance(optimizer.steps, torch.Tensor):
         raise ValueError(f"a server round of {runs} runs needs the optimizer's steps per run "
                          "(a tensor [R])")
-    accepted = valid & _finite_rows(updates)
+    accepted = valid if finite else valid & _finite_rows(updates)
     n_valid = accepted.sum(1)
     privacy = list(privacy) if privacy is not None else [None] * runs
     updated = n_valid >= min_replies
@@ -224,6 +226,8 @@ def _direction(w: Params, updates: Params, counts: torch.Tensor | None, accepted
             out.append(p.mean_update(round_number, stacked, num_sampled=sampled[r]))
         else:
             out.append(aggregate_stacked(stacked, weights, weighting))
+    if runs == 1:  # a run alone: the run axis as a view, not a copy
+        return {k: out[0][k].unsqueeze(0) for k in w}
     return {k: torch.stack([d[k] for d in out]) for k in w}
 
 
@@ -254,7 +258,7 @@ def _step(w: Params, optimizer: ServerOptimizer, direction: Params, updated: tor
     old_steps = optimizer.steps.clone() if isinstance(optimizer.steps, torch.Tensor) \
         else optimizer.steps
     stepped = optimizer.step(w, direction)
-    moved = updated & _finite_rows({k: v.unsqueeze(1) for k, v in stepped.items()})[:, 0]
+    moved = updated & _finite_runs(stepped)
     if not bool(moved.any()):
         optimizer.state, optimizer.steps = old_state, old_steps
         return w, moved
@@ -265,6 +269,17 @@ def _step(w: Params, optimizer: ServerOptimizer, direction: Params, updated: tor
                            for k, v in optimizer.state.items()}
         optimizer.steps = torch.where(moved, optimizer.steps, old_steps)
     return stepped, moved
+
+
+def _finite_runs(params: Params) -> torch.Tensor:
+    """``[R]`` bool: is every value of each run's ``[R, ...]`` parameters finite? (As
+    :func:`_finite_rows` with one client per run, without adding the client axis.)"""
+    runs = next(iter(params.values())).shape[0]
+    flat = [v.reshape(runs, -1) for v in params.values()]
+    ok = torch.isfinite(torch.stack([v.sum(-1) for v in flat])).all(0)
+    if bool(ok.all()):
+        return ok
+    return torch.stack([torch.isfinite(v).all(-1) for v in flat]).all(0)
 
 
 def _finite_rows(params: Params) -> torch.Tensor:

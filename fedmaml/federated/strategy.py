@@ -536,7 +536,8 @@ class MetaStrategy(Strategy):
                     failed=[failed], missing=[missing], privacy=[self.privacy],
                     round_number=server_round,
                     num_sampled=[len(self.round_stats.get("clients", []))],
-                    rule=algorithm.server_update if has_server_rule(algorithm) else None)
+                    rule=algorithm.server_update if has_server_rule(algorithm) else None,
+                    finite=True)  # the decoders rejected NaN/inf (R.stack_from_records, _cohort)
         finally:
             opt.state = {k: v[0] for k, v in opt.state.items()}
         if bool(result.moved[0]):
