@@ -24,8 +24,12 @@ quickstart: install
 	FLWR_TELEMETRY_ENABLED=0 $(BIN)/fedmaml sweep configs/sweeps/moml_miniature.yaml --vectorize --jobs 2
 	$(BIN)/fedmaml compare results/moml_miniature --metric unseen.loss --x samples
 
+# Two pytest-xdist workers: the slowest tests mostly wait (SuperLinks, SuperNodes, round timeouts),
+# so the other worker computes meanwhile (tests/conftest.py starts those first). TEST_WORKERS=0
+# runs everything in this one process.
+TEST_WORKERS ?= 2
 test: install
-	FLWR_TELEMETRY_ENABLED=0 $(BIN)/python -m pytest -q
+	FLWR_TELEMETRY_ENABLED=0 $(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

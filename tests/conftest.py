@@ -19,6 +19,17 @@ TINY = ("name=tiny", "data.family=sinusoid", "data.num_clients=6", "data.unseen_
         "federated.eval_every=2", "federated.eval_clients=0", "evaluation.steps=2")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``deployment`` run first, in their usual order (the sort is stable).
+
+    They take minutes of wall time but little CPU: they mostly wait on SuperLinks, SuperNodes and
+    round timeouts. Under ``make test`` (pytest-xdist, ``-n 2``) the first worker takes them in its
+    first batch while the other runs the CPU-bound tests; started last, they would run alone at the
+    end of the suite. Their fixtures are function-scoped (apart from helpers.single_thread, which
+    costs nothing to set up again), and run one at a time the order changes nothing."""
+    items.sort(key=lambda item: item.get_closest_marker("deployment") is None)
+
+
 @pytest.fixture
 def tiny_config(tmp_path: Path):
     """``tiny_config(*overrides) -> Config``: :data:`TINY` plus ``key=value`` overrides, with

@@ -101,18 +101,6 @@ def assert_no_process_left(rec: SessionRecord) -> None:
     assert not left, f"processes of Ray session {rec.session_dir} still alive: {left}"
 
 
-def test_normal_end_leaves_no_ray_process_and_no_record(tmp_path):
-    state = tmp_path / "state"
-    proc = start_driver(tmp_path, state, "normal", rounds=2)
-    rec = the_record(state, proc)
-    recorded = {pid for pid, *_ in rec.processes}
-    assert rec.session_dir and rec.driver_pid == proc.pid and recorded
-    code, err = finish(proc)
-    assert code == 0, err[-3000:]
-    assert_no_process_left(rec)  # at the driver's exit, not some time later
-    assert not list((state / "ray").glob("*.json"))  # the record went with the session
-
-
 def test_sigint_leaves_no_ray_process(tmp_path):
     state = tmp_path / "state"
     proc = start_driver(tmp_path, state, "sigint", rounds=100_000)
@@ -125,7 +113,9 @@ def test_sigint_leaves_no_ray_process(tmp_path):
     assert not list((state / "ray").glob("*.json"))
 
 
-def test_the_next_run_cleans_what_a_killed_driver_left(tmp_path):
+def test_the_next_run_cleans_what_a_killed_driver_left_and_its_normal_end_leaves_nothing(
+        tmp_path):
+    # One test for both (each Ray start costs 10-20 s): the next run is the normal end.
     state = tmp_path / "state"
     proc = start_driver(tmp_path, state, "killed", rounds=100_000)
     rec = the_record(state, proc)
@@ -136,12 +126,17 @@ def test_the_next_run_cleans_what_a_killed_driver_left(tmp_path):
     print(f"left by the killed driver: {rec.members()}")
     assert rec.path.exists()  # only the next run removes it, once the session's processes are gone
 
-    nxt = start_driver(tmp_path, state, "next", rounds=1)
+    nxt = start_driver(tmp_path, state, "next", rounds=2)
+    own = the_record(state, nxt)  # its own session, recorded while it runs
+    recorded = {pid for pid, *_ in own.processes}
+    assert own.session_dir and own.driver_pid == nxt.pid and recorded
+    assert own.session_dir != rec.session_dir
     code, err = finish(nxt)
     assert code == 0, err[-3000:]
     assert not rec.path.exists()
     assert_no_process_left(rec)
-    assert not list((state / "ray").glob("*.json"))
+    assert_no_process_left(own)  # at the driver's exit, not some time later
+    assert not list((state / "ray").glob("*.json"))  # its record went with its session
 
 
 def test_a_record_of_a_live_driver_or_a_reused_pid_is_left_alone(tmp_path, monkeypatch):
