@@ -626,7 +626,11 @@ def flwr_run_on_local_superlink(tmp_path: Path, run_config: str, name: str,
     home = tmp_path / "flwr-home"
     env = {**program_env(), "PYTHONPATH": os.pathsep.join(map(str, (REPO, *pythonpath))),
            "FLWR_HOME": str(home),
-           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(processes.free_port())}
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(processes.free_port()),
+           # The local SuperLink simulates with Ray. On two cores shared with the other test
+           # worker, Ray's GCS declared its node dead after 5 missed heartbeats (3 s apart) in 2
+           # of 6 parallel suites; 60 lets the node be starved for 3 minutes.
+           "RAY_health_check_failure_threshold": "60"}
     app = _app_copy(tmp_path / "app")
     out = tmp_path / "runs"
     old = {k: os.environ.get(k) for k in env}
