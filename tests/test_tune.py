@@ -94,6 +94,16 @@ def test_metric_key_and_client_subset():
     assert parse_metric("seen.accuracy.mean", "min").direction == "min"
     with pytest.raises(ConfigError, match="client 33 is not among the evaluated unseen clients"):
         parse_metric("unseen.loss@31-33").value(ev)
+    # metrics.jsonl writes NaN as null (a diverged run; a client without a memory): NaN, not an
+    # error; a chosen client whose evaluation failed that round makes the value NaN too
+    nan_ev = {"unseen.ids": [30, 31], "unseen.loss.clients": [1.0, None],
+              "unseen.loss.mean": None}
+    assert math.isnan(parse_metric("unseen.loss.mean").value(nan_ev))
+    assert math.isnan(parse_metric("unseen.loss@30-31").value(nan_ev))
+    assert parse_metric("unseen.loss@30").value(nan_ev) == 1.0
+    assert parse_metric("seen.loss.mean").value(nan_ev) is None  # not in the row
+    failed = {"unseen.ids": [30, 32], "unseen.loss.clients": [1.0, 6.0], "eval-failures": 1}
+    assert math.isnan(m.value(failed))
     with pytest.raises(ConfigError, match="GROUP.METRIC before the @"):
         parse_metric("unseen.loss.mean@1")
     with pytest.raises(ConfigError, match="not a seed list"):

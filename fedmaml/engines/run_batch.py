@@ -64,8 +64,8 @@ from fedmaml.algorithms import Hyper, RoundData, has_server_rule
 from fedmaml.algorithms.base import draw_init
 from fedmaml.client import (clip_client_updates, initial_memories, memory_init_mask, round_keys,
                             runs_update, samples_drawn)
-from fedmaml.client.faults import (FAIL, arrives, enabled as faults_enabled, fail, fault_codes,
-                                   fault_rates, injected_counts, trains)
+from fedmaml.client.faults import (FAIL, NONE, arrives, enabled as faults_enabled, fail,
+                                   fault_codes, fault_rates, injected_counts, trains)
 from fedmaml.client.metrics import example_counts
 from fedmaml.client.speed import over_deadline, simulated_seconds
 from fedmaml.client.train import draw_cohort_data
@@ -299,10 +299,10 @@ class RunBatch:
         seconds = simulated_seconds(cfg.participation, self.seeds[runs], cids,
                                     (time.perf_counter() - start) / (R_ * C))
         arrived = arrives(codes, over_deadline(cfg, seconds)) & present
+        codes = np.where(present, codes, NONE)  # padding (client 0 again) draws no fault
         self._note_failures(server_round, runs, cids, codes)
         return self._apply(server_round, runs, cids, delta, metrics, fresh.reshape(R_, C),
-                           samples_drawn(data) // (R_ * C), np.where(present, codes, 0), arrived,
-                           seconds, present)
+                           samples_drawn(data) // (R_ * C), codes, arrived, seconds, present)
 
     def _pattern_groups(self) -> list[tuple[np.ndarray, Hyper]]:
         """The live runs (batch positions) grouped by the patterns they train with, each group with

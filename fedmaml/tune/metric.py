@@ -43,22 +43,25 @@ class Metric:
         return f"{self.key}@{ids_text(self.clients)}" if self.clients else self.key
 
     def value(self, evaluation: dict[str, Any]) -> float | None:
-        """The metric in one evaluation (``row["eval"]``); None when the row does not hold it."""
+        """The metric in one evaluation (``row["eval"]``); None when the row does not hold it, NaN
+        when it holds no number (metrics.jsonl writes NaN as null: a diverged run, a client
+        without a memory) or when a chosen client's evaluation failed that round."""
         if not self.clients:
-            v = evaluation.get(self.key)
-            return None if v is None else float(v)
+            if self.key not in evaluation:
+                return None
+            return _number(evaluation[self.key])
         group = self.key.split(".")[0]
         ids, values = evaluation.get(f"{group}.ids"), evaluation.get(f"{self.key}.clients")
         if ids is None or values is None:
             return None
         by_id = dict(zip(ids, values))
         missing = [c for c in self.clients if c not in by_id]
-        if missing:
+        if missing and not evaluation.get("eval-failures"):  # not a failure: a wrong subset
             raise ConfigError(f"--metric {self.text}: client {missing[0]} is not among the "
                               f"evaluated {group} clients ({_ids_text(ids)}); see data."
                               f"{'unseen_clients' if group == 'unseen' else 'num_clients'} and "
                               "federated.eval_clients")
-        picked = [float(by_id[c]) for c in self.clients]
+        picked = [_number(by_id.get(c)) for c in self.clients]  # a failed evaluation: NaN
         return sum(picked) / len(picked)
 
     def curve(self, run_dir: str | Path, until: int | None = None) -> list[tuple[int, float]]:
@@ -86,6 +89,11 @@ class Metric:
         if math.isnan(v):
             return math.inf
         return v if self.direction == "min" else -v
+
+
+def _number(v: Any) -> float:
+    """A metric value as read from metrics.jsonl (null: NaN)."""
+    return math.nan if v is None else float(v)
 
 
 def ids_text(ids: tuple[int, ...] | list[int]) -> str:
