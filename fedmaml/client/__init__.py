@@ -14,7 +14,7 @@ is a function of ``(seed, client id, round)``, so all of them decide alike:
 * :mod:`~fedmaml.client.evaluate`: a client's evaluation and its memory's diagnostics.
 """
 
-from fedmaml.client.evaluate import evaluate_client, memory_diagnostics
+from fedmaml.client.evaluate import evaluate_client
 from fedmaml.client.faults import CohortFaults, InjectedFault, client_fault, cohort_faults
 from fedmaml.client.metrics import samples_drawn, train_columns, train_metrics
 from fedmaml.client.speed import past_deadline, speed_multipliers
@@ -27,6 +27,6 @@ from fedmaml.client.update import cohort_update, initial_memories, runs_update, 
 __all__ = ["CohortFaults", "InjectedFault", "MemoryStore", "NoMemory", "client_fault",
            "clip_client_updates", "cohort_faults", "cohort_update", "draw_client_round",
            "draw_cohort_round", "evaluate_client", "initial_for", "initial_memories",
-           "memory_diagnostics", "memory_init_mask", "needs_memory_init", "past_deadline",
+           "memory_init_mask", "needs_memory_init", "past_deadline",
            "round_keys", "runs_update", "samples_drawn", "speed_multipliers", "stack_rounds",
            "to_device", "train_columns", "train_metrics", "train_step", "training_tasks"]

@@ -33,7 +33,7 @@ def add_task_metrics(sums: dict[str, float], prefix: str, metrics: dict[str, Any
 
 
 def tracking_alpha(hp: Hyper, tasks: int) -> float:
-    """The step of the adaptation a memory update averages (``memory_diagnostics``): the memory
+    """The step of the adaptation a memory update averages (``memory_tracking_error``): the memory
     step, times ``n_tasks / B`` under ``decay_to_w`` (the unbiased step of the sampled tasks')."""
     alpha = hp.step.memory_alpha
     if hp.memory_policy == "decay_to_w":
@@ -100,14 +100,3 @@ def memory_tracking_error(setup: ClientSetup, tasks: list[Task], w: Params, memo
                                    *task.evaluation_split()[:2], hp.step.memory_pattern, alpha))
               for i, task in enumerate(tasks)]
     return sum(errors) / len(errors)
-
-
-def memory_diagnostics(setup: ClientSetup, tasks: list[Task], w: Params, memory: Params,
-                       metrics: dict[str, float]) -> dict[str, float]:
-    """How fresh a client's memory is, from its evaluation (docs/participation.md):
-    ``memory-gap`` (``memory-loss - loss``; negative = the memory is the better starting point)
-    and, with ``evaluation.tracking_error``, ``tracking-error`` (:func:`memory_tracking_error`)."""
-    out = {"memory-gap": metrics["memory-loss"] - metrics["loss"]}
-    if setup.config.evaluation.tracking_error:
-        out["tracking-error"] = memory_tracking_error(setup, tasks, w, memory)
-    return out

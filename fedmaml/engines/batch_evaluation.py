@@ -89,7 +89,7 @@ class BatchEvaluator:
         """Every live run's evaluation record (its row's ``eval``), by run index."""
         b = self.batch
         out: dict[int, dict[str, Any]] = {}
-        stacked = [i for i in b.live if self._panel(i, server_round) is not None]
+        stacked = [i for i in b.live if self._panel(i) is not None]
         for i in b.live:
             if i not in stacked:
                 out[i] = self._one_by_one(i, server_round)
@@ -114,7 +114,7 @@ class BatchEvaluator:
         return eval_pattern_for(self.batch.strategies[i].selector.evaluate_config(),
                                 self.batch.setups[i])
 
-    def _panel(self, i: int, server_round: int) -> _Panel | None:
+    def _panel(self, i: int) -> _Panel | None:
         if i in self._panels:
             return self._panels[i]
         b = self.batch
@@ -222,7 +222,7 @@ class BatchEvaluator:
 
     def _tracking(self, entries: list[tuple[int, int, int, bool]], position: dict[int, int]
                   ) -> torch.Tensor:
-        """The tracking error of memory ``entries`` (``memory_diagnostics``) in one vmapped call."""
+        """The tracking error of memory ``entries`` (``memory_tracking_error``) in one vmapped call."""
         b = self.batch
         memories = self._starts(entries, position)
         w = self._starts([(i, r, t, False) for i, r, t, _ in entries], position)

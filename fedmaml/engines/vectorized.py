@@ -154,9 +154,9 @@ class VectorizedGrid(InProcessGrid):
         replies: dict[int, tuple[Message, float]] = {}
         for i, msg in enumerate(messages):
             kind = msg.metadata.message_type
-            if kind == MessageType.TRAIN and _cohort_ids(msg) is not None:
+            if kind == MessageType.TRAIN and cohort_ids(msg) is not None:
                 replies[i] = (self._train_cohort_message(msg, timeout), 0.0)
-            elif kind == MessageType.EVALUATE and _cohort_ids(msg) is not None:
+            elif kind == MessageType.EVALUATE and cohort_ids(msg) is not None:
                 replies[i] = (self._evaluate_cohort_message(msg, timeout), 0.0)
             else:
                 (train if kind == MessageType.TRAIN else
@@ -180,7 +180,7 @@ class VectorizedGrid(InProcessGrid):
         _set_message_id(msg)
         try:
             w, server_round, hp = train_instruction(msg, self.setup, self.device)
-            cids = [int(c) for c in _cohort_ids(msg)]
+            cids = [int(c) for c in cohort_ids(msg)]
         except Exception as e:  # noqa: BLE001 - a bad instruction fails the whole cohort
             return _error_reply(msg, e)
         result = self.train_clients(w, hp, server_round, cids, timeout)
@@ -344,7 +344,7 @@ class VectorizedGrid(InProcessGrid):
         self.stats.eval_cohorts += 1
         try:
             w, pattern = evaluate_instruction(msg, self.setup)
-            cids = [int(c) for c in _cohort_ids(msg)]
+            cids = [int(c) for c in cohort_ids(msg)]
         except Exception as e:  # noqa: BLE001 - a bad instruction fails the whole panel
             return _error_reply(msg, e)
         rows: list[dict[str, float]] = []
@@ -395,7 +395,8 @@ def _set_message_id(msg: Message) -> None:
     msg.metadata.__dict__["_message_id"] = f"{_ID_PREFIX}{next(_MESSAGE_IDS):016x}"
 
 
-def _cohort_ids(msg: Message) -> Any:
+def cohort_ids(msg: Message) -> Any:
+    """The client ids a cohort instruction addresses (``None``: a message to one client)."""
     config = msg.content.get(R.CONFIG) if msg.has_content() else None
     return None if config is None else config.get(R.COHORT)
 
