@@ -242,10 +242,12 @@ def _batched_mean(updates: Params, counts: torch.Tensor | None, accepted: torch.
                                                                               dtype=torch.float64)
     weights = base * accepted
     total = weights.sum(1).clamp_min(1e-300)  # a run with no update: its step is undone
+    every = bool(accepted.all())  # no NaN to keep out: the masking copy is not needed
     out = {}
     for k, v in updates.items():
         wts = weights.to(v.dtype).reshape(weights.shape + (1,) * (v.dim() - 2))
-        v = torch.where(wts > 0, v, torch.zeros((), dtype=v.dtype))
+        if not every:
+            v = torch.where(wts > 0, v, torch.zeros((), dtype=v.dtype))
         out[k] = (wts * v).sum(1) / total.to(v.dtype).reshape((-1,) + (1,) * (v.dim() - 2))
     return out
 
