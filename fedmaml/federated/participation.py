@@ -66,8 +66,12 @@ def sample_clients(seed: int, server_round: int, num_clients: int, k: int) -> li
 
 def sample_cohorts(seeds: np.ndarray, server_round: int, num_clients: int, k: int) -> np.ndarray:
     """``[R, k]``: :func:`sample_clients` of each seed, in one vectorized draw."""
-    keys = derive_keys(np.asarray(seeds), np.full((len(seeds), 1), server_round), _COHORT)
-    return sample_without_replacement(keys[:, 0], num_clients, k)
+    seeds = np.asarray(seeds).reshape(-1)
+    if len(seeds) == 1:  # a run alone: the scalar path of the same keys (a few small arrays fewer)
+        keys = derive_keys(int(seeds[0]), [server_round], _COHORT)
+    else:
+        keys = derive_keys(seeds, np.full((len(seeds), 1), server_round), _COHORT)[:, 0]
+    return sample_without_replacement(keys, num_clients, k)
 
 
 @dataclass(frozen=True)
