@@ -52,6 +52,37 @@ def to_record(params: Params) -> ArrayRecord:
     return codec.encode(params)  # Flower's format, without its per-array header cost
 
 
+#: The last record :func:`model_record` made: the record, what identifies it unchanged (its arrays
+#: and their bytes), and a copy of the tensors it holds.
+_last_model: list[tuple[ArrayRecord, tuple, Params]] = []
+
+
+def model_record(params: Params) -> ArrayRecord:
+    """:func:`to_record` of the server's model ``w_r``, remembered with a copy of its tensors: an
+    in-process engine hands this very record to its clients in the next round's instruction, and
+    :func:`remembered_model` then gives the tensors back without decoding and checking the bytes
+    again (about as much work as a small model's client step)."""
+    record = codec.encode(params)
+    _last_model[:] = [(record, _identity(record),
+                       {k: v.detach().clone() for k, v in params.items()})]
+    return record
+
+
+def remembered_model(record: Any) -> Params | None:
+    """The tensors of ``record`` if it is the last :func:`model_record` made, unchanged (the same
+    arrays holding the same bytes objects); else ``None``."""
+    if not _last_model or _last_model[0][0] is not record:
+        return None
+    _, key, params = _last_model[0]
+    now = _identity(record)
+    return params if len(now) == len(key) and all(x is y for x, y in zip(now, key)) else None
+
+
+def _identity(record: ArrayRecord) -> tuple:
+    arrays = list(record.values())
+    return (*arrays, *(a.data for a in arrays))
+
+
 def from_record(record: ArrayRecord, like: Params, what: str) -> Params:
     """Parameters from a peer's record, checked against the expected names and shapes."""
     tensors = codec.decode(record)
