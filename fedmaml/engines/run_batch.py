@@ -62,8 +62,8 @@ import torch
 from fedmaml import collector
 from fedmaml.algorithms import Hyper, RoundData, has_server_rule
 from fedmaml.algorithms.base import draw_init
-from fedmaml.client import (clip_client_updates, initial_memories, memory_init_mask, round_keys,
-                            runs_update, samples_drawn)
+from fedmaml.client import (clip_client_updates, initial_memories, memory_init_mask, runs_update,
+                            samples_drawn)
 from fedmaml.client.faults import (FAIL, NONE, arrives, enabled as faults_enabled, fail,
                                    fault_codes, fault_rates, injected_counts, trains)
 from fedmaml.client.metrics import example_counts
@@ -72,6 +72,7 @@ from fedmaml.client.train import draw_cohort_data
 from fedmaml.config import Config, config_to_flat
 from fedmaml.core.params import Params
 from fedmaml.core.server import ServerOptimizer, per_run
+from fedmaml.data.counter import round_keys
 from fedmaml.data.tasks import Task
 from fedmaml.engines.batch_evaluation import BatchEvaluator
 from fedmaml.engines.inprocess import InProcessGrid, claim_task_identity
