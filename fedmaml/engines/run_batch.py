@@ -67,7 +67,7 @@ from fedmaml.client import (clip_client_updates, initial_memories, memory_init_m
 from fedmaml.client.faults import (FAIL, NONE, arrives, enabled as faults_enabled, fail,
                                    fault_codes, fault_rates, injected_counts, trains)
 from fedmaml.client.metrics import example_counts
-from fedmaml.client.speed import over_deadline, simulated_seconds
+from fedmaml.client.speed import past_deadline, simulated_seconds
 from fedmaml.client.train import draw_cohort_data
 from fedmaml.config import Config, config_to_flat
 from fedmaml.core.params import Params
@@ -299,7 +299,7 @@ class RunBatch:
         # round deadline as the run alone's engine judges it
         seconds = simulated_seconds(cfg.participation, self.seeds[runs], cids,
                                     (time.perf_counter() - start) / (R_ * C))
-        arrived = arrives(codes, over_deadline(cfg, seconds)) & present
+        arrived = arrives(codes, past_deadline(cfg, seconds, clock=True)) & present
         codes = np.where(present, codes, NONE)  # padding (client 0 again) draws no fault
         self._note_failures(server_round, runs, cids, codes)
         return self._apply(server_round, runs, cids, delta, metrics, fresh.reshape(R_, C),
