@@ -17,6 +17,7 @@ Every Ray process started here is stopped here (the cluster's, then any left in 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -41,6 +42,7 @@ from fedmaml.federated import checkpoint, codec
 from fedmaml.federated import records as R
 from fedmaml.federated.client_app import make_client_app
 from fedmaml.federated.server_app import make_server_app
+from fedmaml.federated.server_round import needs_every_update
 from fedmaml.federated.setup import setup_for
 from fedmaml.federated.strategy import MetaStrategy
 from fedmaml.results.recorder import MODEL_FILE, read_metrics, read_summary
@@ -209,6 +211,26 @@ def test_shards_send_their_part_of_the_mean_and_the_server_round_takes_it(tiny_c
     nodes = setup_for(cfg).federation.num_clients
     assert ShardWorker(cfg, nodes, 0, 2).sums == "weighted"  # the run's weighting
     assert ShardWorker(private, nodes, 0, 2).sums is None  # rows
+
+
+def test_a_private_run_in_any_form_sends_rows(tiny_config):
+    """Differential privacy in any form (clipping at the server or on the clients, with noise or
+    without; noise alone too, a config error) needs every update: the shards send rows, by the
+    server round's own rule (server_round.needs_every_update), which the strategy also asks."""
+    plain = tiny_config("federated.aggregation=uniform")
+    algorithm = setup_for(plain).algorithm
+    nodes = setup_for(plain).federation.num_clients
+    assert sums_on_shards(plain, algorithm) and not needs_every_update(plain, algorithm)
+    assert ShardWorker(plain, nodes, 0, 2).sums == "uniform"
+    for form in (("privacy.clipping=server",), ("privacy.clipping=client",),
+                 ("privacy.clipping=server", "privacy.noise_multiplier=1.0"),
+                 ("privacy.clipping=client", "privacy.noise_multiplier=0.5")):
+        private = tiny_config("federated.aggregation=uniform", *form)
+        assert needs_every_update(private, algorithm) and not sums_on_shards(private, algorithm), form
+        assert ShardWorker(private, nodes, 0, 2).sums is None, form
+    noise_alone = dataclasses.replace(
+        plain, privacy=dataclasses.replace(plain.privacy, noise_multiplier=1.0))
+    assert not sums_on_shards(noise_alone, algorithm)
 
 
 def test_a_checkpoint_without_memories_resumes_on_an_engine_with_a_memory_bank(

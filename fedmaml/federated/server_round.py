@@ -33,11 +33,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from fedmaml.algorithms import has_server_rule
 from fedmaml.core.params import Params
 from fedmaml.core.server import (ServerOptimizer, aggregate_stacked, mean_weights, per_run,
                                  weighted_sum_stacked)
 from fedmaml.federated.health import round_outcome
-from fedmaml.federated.privacy import UpdatePrivacy
+from fedmaml.federated.privacy import UpdatePrivacy, is_private
 from fedmaml.results.metrics_row import ROUND_KEYS  # the record's fields, in the row's order
 
 #: Why a run's update was not applied although enough updates arrived (its ``diverged`` key).
@@ -45,6 +46,14 @@ DIVERGED = "the aggregated update is not finite (the model would hold NaN or inf
 
 #: A server rule (``Algorithm.server_update``): ``(stacked [n, ...], weights [n] float64)``.
 ServerRule = Callable[[Params, torch.Tensor], Params]
+
+
+def needs_every_update(config: Any, algorithm: Any) -> bool:
+    """Whether this run's server round needs every client's update, not only their sum: the
+    algorithm's own server rule, or differential privacy in any form (the private mean clips each
+    update). Otherwise the round takes the plain mean, which :func:`aggregate_parts` can take from
+    parts summed elsewhere (the sharded engine's shards)."""
+    return has_server_rule(algorithm) or is_private(config.privacy)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from fedmaml.data.spec import USER_FAMILIES
 from fedmaml.data.tasks import Federation
 from fedmaml.data.user import check_client_sizes
 from fedmaml.errors import ConfigError, PatternError
+from fedmaml.federated.privacy import is_private
 from fedmaml.models import Model, build_model
 
 
@@ -105,8 +106,7 @@ def _setup_cached(_key: str, cfg: Config) -> ExperimentSetup:
     federation = build_federation(cfg.data, cfg.seed)
     model = build_model(cfg.model, federation.input_shape, federation.num_outputs)
     algorithm = get_algorithm(cfg.algorithm.name, cfg.algorithm.kwargs)
-    if has_server_rule(algorithm) and (cfg.privacy.clipping != "none"
-                                       or cfg.privacy.noise_multiplier > 0):
+    if has_server_rule(algorithm) and is_private(cfg.privacy):
         # the privacy guarantee is of the clipped, noised mean: another rule voids it
         raise ConfigError(f"algorithm.name: {cfg.algorithm.name} has its own server rule "
                           "(server_update), which differential privacy cannot account for; set "
