@@ -90,7 +90,7 @@ from fedmaml.federated.server_round import aggregate_round
 from fedmaml.federated.server_state import ServerState
 from fedmaml.federated.setup import ExperimentSetup, resolve_device, setup_for
 from fedmaml.federated.strategy import TRAIN_METRICS, MetaStrategy, exchange
-from fedmaml.results.metrics_row import MetricsRow, round_fields
+from fedmaml.results.metrics_row import MetricsRow
 from fedmaml.results.progress import Progress
 
 log = logging.getLogger("fedmaml")
@@ -649,7 +649,7 @@ def _row_of(pending: dict[str, Any], j: int) -> MetricsRow:
     if pending["round"] > 0:
         record = pending["records"][j]
         row = MetricsRow(pending["round"], available=pending["available"][j],
-                         **round_fields(record.row()))
+                         **record.row())
         if record.replies:
             row.set_train({**{k: v[j] for k, v in pending["losses"].items()},
                            "train-seconds-max": pending["train_seconds_max"][j]})
