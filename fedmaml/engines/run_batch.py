@@ -181,6 +181,9 @@ class RunBatch:
         self.progress = Progress(self.rounds, quiet=quiet,
                                  label=f"round ({len(self.cfgs)} runs)")
         self._tasks: list[dict[int, list[Task]]] = [{} for _ in self.cfgs]
+        #: per run, each client's example count once known (-1: not yet), see _example_counts
+        self._counts: list[np.ndarray] = [np.full(s.federation.num_clients, -1, dtype=np.int64)
+                                          for s in self.setups]
         fed = self.cfgs[0].federated
         n = first.federation.num_clients
         # The per-run state along the batch axis.
@@ -531,9 +534,16 @@ class RunBatch:
         return tasks
 
     def _example_counts(self, runs: np.ndarray, cids: np.ndarray) -> np.ndarray:
-        """``[R, C]`` float64: each sampled client's example count (its update's weight)."""
-        return np.asarray([example_counts([self._client_tasks(i, c) for c in row])
-                           for i, row in zip(runs.tolist(), cids.tolist())], dtype=np.float64)
+        """``[R, C]`` float64: each sampled client's example count (its update's weight). A
+        client's tasks, and so its count, are fixed for the run: each is counted once, the first
+        time the client is sampled, not every round."""
+        out = np.empty(cids.shape, dtype=np.float64)
+        for j, i in enumerate(runs.tolist()):
+            known = self._counts[i]
+            for c in np.unique(cids[j][known[cids[j]] < 0]).tolist():
+                known[c] = example_counts([self._client_tasks(i, c)])[0]
+            out[j] = known[cids[j]]
+        return out
 
     def _initialise(self, at: np.ndarray, tasks: list[list[Task]], keys: np.ndarray, hp: Hyper,
                     runs_at: torch.Tensor, cols: torch.Tensor) -> None:
