@@ -502,6 +502,28 @@ def test_an_actor_killed_mid_round_fails_its_clients_then_comes_back_or_stops_re
 
 @pytest.mark.ray
 @pytest.mark.slow
+def test_a_hung_actor_times_out_like_a_dead_one(cluster, tiny_config, tmp_path):
+    """Shard 1's actor hangs in round 3 (it holds and nobody kills it): the driver waits the round's
+    bound (round_timeout per client of the shard, plus engine.discovery_timeout), stops the actor,
+    fails its clients as if it had died (saying it timed out), and the run goes on with a new
+    actor from round 2's checkpoint."""
+    cfg = tiny_config(*MOML, "engine.name=sharded", "federated.checkpoint_every=1",
+                      "federated.round_timeout=2", "engine.discovery_timeout=20")
+    held: list[int] = []
+    rows, _, _, grid = run_sharded_here(cfg, tmp_path / "hung",
+                                        during=hold_then(cluster, "1", 3, lambda pid: None, held))
+    assert held, "shard 1 did not train in round 3"
+    assert read_summary(tmp_path / "hung")["status"] == "completed"
+    assert [(d["shard"], d["round"]) for d in grid.deaths] == [(1, 3)]
+    assert "timed out in round 3" in grid.deaths[0]["reason"]
+    failed = failed_rounds(rows)
+    assert list(failed) == [3]
+    shard1 = [c for c in failed[3]["clients"] if c % 2 == 1]
+    assert failed[3]["failures"] == failed[3]["failures_by_kind"]["error"] == len(shard1) > 0
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 def test_a_node_that_leaves_mid_round_and_comes_back(cluster, tiny_config, tmp_path):
     """The shard on the worker node holds in round 2; the node goes (its raylet and workers are
     killed) and a new node joins: the shard's new actor can only start there (the head's one CPU

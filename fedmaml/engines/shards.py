@@ -182,7 +182,8 @@ def _lost(cids: Sequence[int], shard: int, answer: ShardAnswer) -> list[tuple[in
     """Every client of a shard that gave no usable reply, as a failure of kind ``error``."""
     if isinstance(answer, BaseException):
         first = (str(answer).splitlines() or [""])[0]  # Ray's own text runs to a page
-        why = f"shard {shard}'s Ray actor died ({type(answer).__name__}: {first})"
+        what = "did not answer in time" if isinstance(answer, TimeoutError) else "died"
+        why = f"shard {shard}'s Ray actor {what} ({type(answer).__name__}: {first})"
     else:
         why = f"shard {shard}: {answer.error.reason}"
     return [(c, "error", why) for c in cids]
