@@ -91,6 +91,24 @@ def test_one_clients_shortcuts_equal_the_cohort_functions(tiny_config):
     assert not needs_memory_init(setup, hp, False)
 
 
+def test_the_deadline_judges_a_measured_time_only_on_the_engines_clock(tiny_config):
+    """One deadline rule: a client judges itself only a simulated time; the engine's clock (a batch
+    of runs judging every time, ``clock=True``) judges a measured one too; no deadline, no one."""
+    times = np.asarray([0.2, 0.7, 0.5])
+    uniform = tiny_config("federated.round_timeout=0.5")
+    assert past_deadline(uniform, 0.7) is False
+    assert not past_deadline(uniform, times).any()
+    assert past_deadline(uniform, 0.7, clock=True) is True
+    assert past_deadline(uniform, times, clock=True).tolist() == [False, True, False]
+    simulated = tiny_config("federated.round_timeout=0.5", "participation.speed=lognormal")
+    for clock in (False, True):
+        assert past_deadline(simulated, times, clock=clock).tolist() == [False, True, False]
+        assert past_deadline(simulated, 0.7, clock=clock) is True
+    never = tiny_config("federated.round_timeout=0")
+    assert past_deadline(never, 1e9, clock=True) is False
+    assert not past_deadline(never, times, clock=True).any()
+
+
 def test_cohort_speeds_and_clipping_equal_each_clients_own():
     spec = ParticipationConfig(speed="lognormal", speed_sigma=2.0)
     seeds, cids = np.asarray([5, 6]), np.asarray([[0, 3, 7], [7, 3, 0]])

@@ -17,6 +17,7 @@ Every Ray process started here is stopped here (the cluster's, then any left in 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -41,6 +42,7 @@ from fedmaml.federated import checkpoint, codec
 from fedmaml.federated import records as R
 from fedmaml.federated.client_app import make_client_app
 from fedmaml.federated.server_app import make_server_app
+from fedmaml.federated.server_round import needs_every_update
 from fedmaml.federated.setup import setup_for
 from fedmaml.federated.strategy import MetaStrategy
 from fedmaml.results.recorder import MODEL_FILE, read_metrics, read_summary
@@ -209,6 +211,26 @@ def test_shards_send_their_part_of_the_mean_and_the_server_round_takes_it(tiny_c
     nodes = setup_for(cfg).federation.num_clients
     assert ShardWorker(cfg, nodes, 0, 2).sums == "weighted"  # the run's weighting
     assert ShardWorker(private, nodes, 0, 2).sums is None  # rows
+
+
+def test_a_private_run_in_any_form_sends_rows(tiny_config):
+    """Differential privacy in any form (clipping at the server or on the clients, with noise or
+    without; noise alone too, a config error) needs every update: the shards send rows, by the
+    server round's own rule (server_round.needs_every_update), which the strategy also asks."""
+    plain = tiny_config("federated.aggregation=uniform")
+    algorithm = setup_for(plain).algorithm
+    nodes = setup_for(plain).federation.num_clients
+    assert sums_on_shards(plain, algorithm) and not needs_every_update(plain, algorithm)
+    assert ShardWorker(plain, nodes, 0, 2).sums == "uniform"
+    for form in (("privacy.clipping=server",), ("privacy.clipping=client",),
+                 ("privacy.clipping=server", "privacy.noise_multiplier=1.0"),
+                 ("privacy.clipping=client", "privacy.noise_multiplier=0.5")):
+        private = tiny_config("federated.aggregation=uniform", *form)
+        assert needs_every_update(private, algorithm) and not sums_on_shards(private, algorithm), form
+        assert ShardWorker(private, nodes, 0, 2).sums is None, form
+    noise_alone = dataclasses.replace(
+        plain, privacy=dataclasses.replace(plain.privacy, noise_multiplier=1.0))
+    assert not sums_on_shards(noise_alone, algorithm)
 
 
 def test_a_checkpoint_without_memories_resumes_on_an_engine_with_a_memory_bank(
@@ -476,6 +498,28 @@ def test_an_actor_killed_mid_round_fails_its_clients_then_comes_back_or_stops_re
     resumed = run_sharded_here(cfg, run_dir, resume=True)
     assert read_summary(run_dir)["status"] == "completed"
     assert_bitwise(resumed, run_sharded_here(cfg, tmp_path / "never-failed"))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_hung_actor_times_out_like_a_dead_one(cluster, tiny_config, tmp_path):
+    """Shard 1's actor hangs in round 3 (it holds and nobody kills it): the driver waits the round's
+    bound (round_timeout per client of the shard, plus engine.discovery_timeout), stops the actor,
+    fails its clients as if it had died (saying it timed out), and the run goes on with a new
+    actor from round 2's checkpoint."""
+    cfg = tiny_config(*MOML, "engine.name=sharded", "federated.checkpoint_every=1",
+                      "federated.round_timeout=2", "engine.discovery_timeout=20")
+    held: list[int] = []
+    rows, _, _, grid = run_sharded_here(cfg, tmp_path / "hung",
+                                        during=hold_then(cluster, "1", 3, lambda pid: None, held))
+    assert held, "shard 1 did not train in round 3"
+    assert read_summary(tmp_path / "hung")["status"] == "completed"
+    assert [(d["shard"], d["round"]) for d in grid.deaths] == [(1, 3)]
+    assert "timed out in round 3" in grid.deaths[0]["reason"]
+    failed = failed_rounds(rows)
+    assert list(failed) == [3]
+    shard1 = [c for c in failed[3]["clients"] if c % 2 == 1]
+    assert failed[3]["failures"] == failed[3]["failures_by_kind"]["error"] == len(shard1) > 0
 
 
 @pytest.mark.ray

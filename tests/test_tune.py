@@ -75,6 +75,13 @@ def test_space_errors_name_the_argument_and_what_is_allowed(text, words):
 
 
 def test_space_refuses_a_key_twice_and_an_empty_space():
+    # a value twice: named with its key, also when written differently (0.10 is 0.1)
+    with pytest.raises(ConfigError, match=r"algorithm.eta lists 0.1 more than once"):
+        parse_space_arg("eta=0.1,0.05,0.10")
+    with pytest.raises(ConfigError, match=r"local_steps lists 1 more than once"):
+        parse_space_arg("local_steps=1,2,1")
+    with pytest.raises(ConfigError, match=r"model.hidden lists \[40\] more than once"):
+        parse_space_arg("model.hidden=[40],[20],[40]")
     with pytest.raises(ConfigError, match="algorithm.eta is given twice"):
         parse_space(["eta=0.1,0.2", "algorithm.eta=log:1e-3:1e-1"])
     with pytest.raises(ConfigError, match="at least one --space"):

@@ -20,13 +20,13 @@ from fedmaml.client.metrics import samples_drawn, train_columns, train_metrics
 from fedmaml.client.speed import past_deadline, speed_multipliers
 from fedmaml.client.store import MemoryStore, NoMemory
 from fedmaml.client.train import (clip_client_updates, draw_client_round, draw_cohort_round,
-                                  initial_for, memory_init_mask, needs_memory_init, round_keys,
-                                  to_device, train_step, training_tasks)
+                                  initial_for, memory_init_mask, needs_memory_init, to_device,
+                                  train_step, training_tasks)
 from fedmaml.client.update import cohort_update, initial_memories, runs_update, stack_rounds
 
 __all__ = ["CohortFaults", "InjectedFault", "MemoryStore", "NoMemory", "client_fault",
            "clip_client_updates", "cohort_faults", "cohort_update", "draw_client_round",
            "draw_cohort_round", "evaluate_client", "initial_for", "initial_memories",
-           "memory_init_mask", "needs_memory_init", "past_deadline",
-           "round_keys", "runs_update", "samples_drawn", "speed_multipliers", "stack_rounds",
-           "to_device", "train_columns", "train_metrics", "train_step", "training_tasks"]
+           "memory_init_mask", "needs_memory_init", "past_deadline", "runs_update",
+           "samples_drawn", "speed_multipliers", "stack_rounds", "to_device", "train_columns",
+           "train_metrics", "train_step", "training_tasks"]

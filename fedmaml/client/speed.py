@@ -62,18 +62,15 @@ def judged_by_speed(cfg: Config) -> bool:
     return cfg.participation.speed != "uniform" and cfg.federated.round_timeout > 0
 
 
-def past_deadline(cfg: Config, seconds: float | np.ndarray) -> Any:
-    """Whether clients whose simulated train time is ``seconds`` miss the round deadline (a bool,
-    or a bool array for an array of times)."""
-    if not judged_by_speed(cfg) and np.ndim(seconds) == 0:  # one client, judged by the clock
-        return False
-    late = np.asarray(seconds) > cfg.federated.round_timeout
-    late = late & judged_by_speed(cfg)
-    return bool(late) if late.ndim == 0 else late
+def past_deadline(cfg: Config, seconds: float | np.ndarray, *, clock: bool = False) -> Any:
+    """Whether clients whose train time is ``seconds`` miss the round deadline
+    ``federated.round_timeout`` (never without one): a bool, or a bool array for an array of times.
 
-
-def over_deadline(cfg: Config, seconds: np.ndarray) -> np.ndarray:
-    """Which clients an engine that judges train times itself (a batch of runs) finds past the round
-    deadline ``federated.round_timeout`` (none without one): as a server's clock judges a reply."""
+    The client judges itself only a simulated time (:func:`judged_by_speed`): a measured one is
+    judged by the engine's clock, as a real reply would be. ``clock``: the caller is that clock (an
+    engine that judges every train time itself, as a batch of runs does), so any time counts."""
     timeout = cfg.federated.round_timeout
-    return (np.asarray(seconds) > timeout) & (timeout > 0)
+    judged = judged_by_speed(cfg) or (clock and timeout > 0)
+    if np.ndim(seconds) == 0:  # one client: no array work
+        return judged and float(seconds) > timeout
+    return (np.asarray(seconds) > timeout) & judged

@@ -8,7 +8,9 @@ from fedmaml.core.params import Params
 
 
 class MemoryStore(Protocol):
-    """A client's memory: ``Context.state``, a file on a device, a row of a memory bank..."""
+    """A client's memory: ``Context.state``, a file on a device, a row of a memory bank... The one
+    interface of every store: fedmaml/federated/memory_store.py (``ContextStateStore``,
+    ``FileStore``) and fedmaml/engines/memory_bank.py (``BankStore``) implement it."""
 
     def load(self) -> Params | None: ...
 

@@ -20,7 +20,7 @@ from fedmaml.algorithms import Hyper, RoundData, client_update, draw_cohort, dra
 from fedmaml.config import Config
 from fedmaml.core.params import Params
 from fedmaml.core.privacy import clip_stacked, clip_update
-from fedmaml.data.counter import derive_keys
+from fedmaml.data.counter import round_keys
 from fedmaml.data.tasks import Task
 from fedmaml.client.metrics import MEMORY_RESET, train_metrics
 from fedmaml.client.setup import ClientSetup
@@ -37,14 +37,6 @@ def training_tasks(setup: ClientSetup, cid: int) -> list[Task]:
     if cid >= setup.federation.num_clients:
         raise ValueError(f"client {cid} is an unseen (evaluation-only) client and cannot train")
     return setup.federation.client_tasks(cid)
-
-
-def round_keys(seeds: int | np.ndarray, cids: Any, server_round: int) -> np.ndarray:
-    """The keys of the clients' round streams, a function of (seed, client id, round) only:
-    ``[C]`` for one seed, ``[R, C]`` for seeds ``[R]`` and ids ``[R, C]``
-    (:mod:`fedmaml.data.counter`)."""
-    return derive_keys(seeds, np.asarray(cids, dtype=np.int64) if np.ndim(seeds) else cids,
-                       server_round)
 
 
 def memory_init_mask(uses_memory: bool, hp: Hyper, has_memory: Any) -> np.ndarray:

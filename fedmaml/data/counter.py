@@ -150,8 +150,11 @@ def _first_distinct(key: int, n: int, k: int) -> list[int]:
     return sorted(seen)
 
 
-def round_keys(seed: int, client_ids: Sequence[int] | np.ndarray, server_round: int) -> np.ndarray:
-    """``[C]`` uint64: the key of each client's round stream (the purpose is the round)."""
+def round_keys(seed: int | np.ndarray, client_ids: Sequence[int] | np.ndarray, server_round: int
+               ) -> np.ndarray:
+    """The key of each client's round stream, a function of (seed, client id, round) only (the
+    purpose is the round): ``[C]`` uint64 for one seed, ``[R, C]`` for seeds ``[R]`` (a batch of
+    runs) and ids ``[R, C]``. Every engine draws a client's round data from this key."""
     return derive_keys(seed, client_ids, server_round)
 
 

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from fedmaml.atomic import PRIVATE, atomic_torch_save
+from fedmaml.client.store import MemoryStore
 from fedmaml.core.params import Params
 from fedmaml.errors import DataError
 from fedmaml.federated.bank_state import CHECKPOINT_FORMAT, bank_state
@@ -261,7 +262,7 @@ class MemoryBank:
         self._tasks = None
 
 
-class BankStore:
+class BankStore(MemoryStore):
     """One client's memory in a :class:`MemoryBank`, behind the per-node memory-store interface."""
 
     def __init__(self, bank: MemoryBank, client_id: int,

@@ -62,16 +62,17 @@ import torch
 from fedmaml import collector
 from fedmaml.algorithms import Hyper, RoundData, has_server_rule
 from fedmaml.algorithms.base import draw_init
-from fedmaml.client import (clip_client_updates, initial_memories, memory_init_mask, round_keys,
-                            runs_update, samples_drawn)
+from fedmaml.client import (clip_client_updates, initial_memories, memory_init_mask, runs_update,
+                            samples_drawn)
 from fedmaml.client.faults import (FAIL, NONE, arrives, enabled as faults_enabled, fail,
                                    fault_codes, fault_rates, injected_counts, trains)
 from fedmaml.client.metrics import example_counts
-from fedmaml.client.speed import over_deadline, simulated_seconds
+from fedmaml.client.speed import past_deadline, simulated_seconds
 from fedmaml.client.train import draw_cohort_data
 from fedmaml.config import Config, config_to_flat
 from fedmaml.core.params import Params
 from fedmaml.core.server import ServerOptimizer, per_run
+from fedmaml.data.counter import round_keys
 from fedmaml.data.tasks import Task
 from fedmaml.engines.batch_evaluation import BatchEvaluator
 from fedmaml.engines.inprocess import InProcessGrid, claim_task_identity
@@ -89,7 +90,7 @@ from fedmaml.federated.server_round import aggregate_round
 from fedmaml.federated.server_state import ServerState
 from fedmaml.federated.setup import ExperimentSetup, resolve_device, setup_for
 from fedmaml.federated.strategy import TRAIN_METRICS, MetaStrategy, exchange
-from fedmaml.results.metrics_row import MetricsRow, round_fields
+from fedmaml.results.metrics_row import MetricsRow
 from fedmaml.results.progress import Progress
 
 log = logging.getLogger("fedmaml")
@@ -180,6 +181,9 @@ class RunBatch:
         self.progress = Progress(self.rounds, quiet=quiet,
                                  label=f"round ({len(self.cfgs)} runs)")
         self._tasks: list[dict[int, list[Task]]] = [{} for _ in self.cfgs]
+        #: per run, each client's example count once known (-1: not yet), see _example_counts
+        self._counts: list[np.ndarray] = [np.full(s.federation.num_clients, -1, dtype=np.int64)
+                                          for s in self.setups]
         fed = self.cfgs[0].federated
         n = first.federation.num_clients
         # The per-run state along the batch axis.
@@ -298,7 +302,7 @@ class RunBatch:
         # round deadline as the run alone's engine judges it
         seconds = simulated_seconds(cfg.participation, self.seeds[runs], cids,
                                     (time.perf_counter() - start) / (R_ * C))
-        arrived = arrives(codes, over_deadline(cfg, seconds)) & present
+        arrived = arrives(codes, past_deadline(cfg, seconds, clock=True)) & present
         codes = np.where(present, codes, NONE)  # padding (client 0 again) draws no fault
         self._note_failures(server_round, runs, cids, codes)
         return self._apply(server_round, runs, cids, delta, metrics, fresh.reshape(R_, C),
@@ -530,9 +534,16 @@ class RunBatch:
         return tasks
 
     def _example_counts(self, runs: np.ndarray, cids: np.ndarray) -> np.ndarray:
-        """``[R, C]`` float64: each sampled client's example count (its update's weight)."""
-        return np.asarray([example_counts([self._client_tasks(i, c) for c in row])
-                           for i, row in zip(runs.tolist(), cids.tolist())], dtype=np.float64)
+        """``[R, C]`` float64: each sampled client's example count (its update's weight). A
+        client's tasks, and so its count, are fixed for the run: each is counted once, the first
+        time the client is sampled, not every round."""
+        out = np.empty(cids.shape, dtype=np.float64)
+        for j, i in enumerate(runs.tolist()):
+            known = self._counts[i]
+            for c in np.unique(cids[j][known[cids[j]] < 0]).tolist():
+                known[c] = example_counts([self._client_tasks(i, c)])[0]
+            out[j] = known[cids[j]]
+        return out
 
     def _initialise(self, at: np.ndarray, tasks: list[list[Task]], keys: np.ndarray, hp: Hyper,
                     runs_at: torch.Tensor, cols: torch.Tensor) -> None:
@@ -648,7 +659,7 @@ def _row_of(pending: dict[str, Any], j: int) -> MetricsRow:
     if pending["round"] > 0:
         record = pending["records"][j]
         row = MetricsRow(pending["round"], available=pending["available"][j],
-                         **round_fields(record.row()))
+                         **record.row())
         if record.replies:
             row.set_train({**{k: v[j] for k, v in pending["losses"].items()},
                            "train-seconds-max": pending["train_seconds_max"][j]})

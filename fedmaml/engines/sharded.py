@@ -175,7 +175,9 @@ class ShardedGrid(InProcessGrid):
         calls = {k: msgs for k, msgs in enumerate(outbox) if msgs}
         answers: list[dict[str, tuple[Message, Detached | None]] | BaseException] = [
             {} for _ in outbox]
-        for k, result in self.actors.call("handle", calls, timeout).items():
+        for k, result in self.actors.call("handle", calls, timeout,
+                                          within=_patience(calls, timeout, self.actors.timeout)
+                                          ).items():
             if isinstance(result, BaseException):
                 self._died(k, result)
                 answers[k] = result
@@ -227,8 +229,9 @@ class ShardedGrid(InProcessGrid):
     def _died(self, shard: int, error: BaseException) -> None:
         where = self.actors.where.get(shard, {})
         reason = (f"shard {shard}'s Ray actor (pid {where.get('pid', '?')} on "
-                  f"{where.get('host', '?')}) died in round {self._round}: "
-                  f"{type(error).__name__}")
+                  f"{where.get('host', '?')}) "
+                  f"{'timed out' if isinstance(error, TimeoutError) else 'died'} in round "
+                  f"{self._round}: {type(error).__name__}")
         self.deaths.append({"shard": shard, "round": self._round, "reason": reason})
         self.actors.forget(shard)
         if shard in self._dirty:
@@ -289,6 +292,24 @@ class ShardedGrid(InProcessGrid):
                          f"{why}; the memories of its clients are lost and there is no checkpoint "
                          "to resume from (federated.checkpoint_every > 0 writes them; 1 lets the "
                          "run replace a lost actor and go on)")
+
+
+#: ``ShardActors.call``'s default bound: ``engine.discovery_timeout``.
+SMALL_CALL: Any = object()
+
+
+def _patience(calls: dict[int, list[Message]], timeout: float | None, grace: float
+              ) -> float | None:
+    """How long the shards may take to answer their messages (``None``: no bound) under the round's
+    ``timeout``: ``timeout`` per client of the busiest shard, since a vmapped client's time is its
+    share of its cohort's (a shard answers after the deadline with every client on time), plus
+    ``grace`` (``engine.discovery_timeout``) for Ray and a loaded machine. Past that, its clients
+    cannot all be on time, and a shard that never answers would hold the run for ever."""
+    if timeout is None:
+        return None
+    clients = max((sum(len(cohort_ids(m) or (0,)) for m in msgs) for msgs in calls.values()),
+                  default=1)
+    return timeout * clients + grace
 
 
 class ShardActors:
@@ -366,21 +387,36 @@ class ShardActors:
     def forget(self, shard: int) -> None:
         self.handles.pop(shard, None)
 
-    def call(self, method: str, args: dict[int, tuple], *more: Any) -> dict[int, Any]:
+    def call(self, method: str, args: dict[int, tuple], *more: Any,
+             within: Any = SMALL_CALL) -> dict[int, Any]:
         """``method(*args[k], *more)`` on the actor of every shard ``k`` given, all at once; per
-        shard its result, or the exception that says its actor is gone."""
+        shard its result, or the exception that says its actor is gone. ``within``: seconds to
+        wait for all of them (``None``: no bound); by default ``engine.discovery_timeout``, the
+        bound of the small calls (stats, memories). A shard that has not answered by then is
+        taken for hung: its actor is killed (its bundle of the placement group is then free for a
+        new one) and its result is a ``TimeoutError`` saying so, which callers treat as a death."""
         import ray
 
+        within = self.timeout if within is SMALL_CALL else within
         refs = {k: getattr(self.handles[k], method).remote(*(a if isinstance(a, tuple) else (a,)),
                                                             *more)
                 for k, a in args.items() if k in self.handles}
         out: dict[int, Any] = {k: ray.exceptions.ActorDiedError()
                                for k in args if k not in self.handles}
+        deadline = None if within is None else time.monotonic() + within
         for k, ref in refs.items():
             try:
-                out[k] = ray.get(ref)
+                out[k] = ray.get(ref, timeout=None if deadline is None
+                                 else max(deadline - time.monotonic(), 0.0))
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
                 out[k] = e
+            except ray.exceptions.GetTimeoutError:
+                try:
+                    ray.kill(self.handles[k])
+                except Exception:  # noqa: BLE001 - gone already
+                    pass
+                out[k] = TimeoutError(f"shard {k} gave no answer to {method} within {within:g} s; "
+                                      "its actor was stopped")
         return out
 
     def stats(self) -> dict[int, Any]:

@@ -19,13 +19,12 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedmaml.algorithms import has_server_rule
 from fedmaml.core.params import Params
 from fedmaml.engines.memory_bank import MemoryBank
 from fedmaml.federated import codec
 from fedmaml.federated import records as R
 from fedmaml.federated.bank_state import bank_state
-from fedmaml.federated.server_round import part_sum
+from fedmaml.federated.server_round import needs_every_update, part_sum
 
 #: A shard's answer to its part of a cohort: its reply, or why it gave none (its actor died).
 ShardAnswer = Message | BaseException
@@ -50,9 +49,9 @@ def detach_arrays(reply: Message) -> Detached | None:
 def sums_on_shards(config: Any, algorithm: Any) -> bool:
     """Whether the shards send their part of the round's mean (a weighted sum: one update's bytes
     per shard) instead of every client's update: when the server round takes the plain mean. The
-    algorithm's own server rule and differential privacy (which clips every update at the server)
-    need each update, so those runs send rows."""
-    return not has_server_rule(algorithm) and config.privacy.clipping == "none"
+    algorithm's own server rule and differential privacy in any form need each update
+    (server_round.needs_every_update, the strategy's rule too), so those runs send rows."""
+    return not needs_every_update(config, algorithm)
 
 
 def sum_train_reply(reply: Message, like: Params, weighting: str) -> Detached | None:
@@ -183,7 +182,8 @@ def _lost(cids: Sequence[int], shard: int, answer: ShardAnswer) -> list[tuple[in
     """Every client of a shard that gave no usable reply, as a failure of kind ``error``."""
     if isinstance(answer, BaseException):
         first = (str(answer).splitlines() or [""])[0]  # Ray's own text runs to a page
-        why = f"shard {shard}'s Ray actor died ({type(answer).__name__}: {first})"
+        what = "did not answer in time" if isinstance(answer, TimeoutError) else "died"
+        why = f"shard {shard}'s Ray actor {what} ({type(answer).__name__}: {first})"
     else:
         why = f"shard {shard}: {answer.error.reason}"
     return [(c, "error", why) for c in cids]

@@ -46,13 +46,14 @@ import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedmaml.atomic import PRIVATE, atomic_torch_save
+from fedmaml.client.store import MemoryStore
 from fedmaml.config import Config, config_to_flat
 from fedmaml.core.params import Params
 from fedmaml.errors import DataError, FedmamlError, MessageError
 from fedmaml.federated import codec
 from fedmaml.federated.bank_state import bank_state
 from fedmaml.federated import records as R
-from fedmaml.federated.memory_store import FileStore, MemoryStore, digest
+from fedmaml.federated.memory_store import FileStore, digest
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT = "fedmaml-checkpoint-1"

@@ -17,7 +17,7 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedmaml.client import evaluate_client, past_deadline, train_step
+from fedmaml.client import MemoryStore, evaluate_client, past_deadline, train_step
 from fedmaml.client.faults import client_fault
 from fedmaml.config import Config
 from fedmaml.federated import checkpoint, faults
@@ -26,7 +26,6 @@ from fedmaml.federated import node_config
 from fedmaml.federated import records as R
 from fedmaml.federated.instructions import (evaluate_instruction, train_instruction,
                                             train_reply)
-from fedmaml.federated.memory_store import MemoryStore
 from fedmaml.federated.setup import ExperimentSetup, resolve_device, setup_for
 
 

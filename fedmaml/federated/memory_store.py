@@ -1,4 +1,5 @@
-"""Where a client's memories live. The interface is the same in simulation and on devices.
+"""Where a client's memories live. The interface is the same in simulation and on devices: the
+client library's :class:`~fedmaml.client.store.MemoryStore` (``load``/``save``), implemented here.
 
 * :class:`ContextStateStore`: in the node's ``Context.state`` (simulation; lives as long as the run).
 * :class:`FileStore`: a file in a directory on the device, written atomically (temp file, fsync,
@@ -19,12 +20,12 @@ import time
 import weakref
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from flwr.app import ArrayRecord, Context
 
 from fedmaml.atomic import PRIVATE, atomic_write_bytes
+from fedmaml.client.store import MemoryStore
 from fedmaml.core.params import Params
 from fedmaml.errors import DataError
 from fedmaml.federated import codec
@@ -32,13 +33,7 @@ from fedmaml.federated import codec
 MEMORY_KEY = "fedmaml.memory"
 
 
-class MemoryStore(Protocol):
-    def load(self) -> Params | None: ...
-
-    def save(self, memory: Params) -> None: ...
-
-
-class ContextStateStore:
+class ContextStateStore(MemoryStore):
     """Memories in ``Context.state`` (kept in RAM by Flower for the whole run, per node).
 
     The state holds the memory as Flower's bytes. A node's next load would decode what its last
@@ -78,7 +73,7 @@ def _identity(record) -> tuple:
     return tuple((k, id(a), id(a.data)) for k, a in record.items())
 
 
-class FileStore:
+class FileStore(MemoryStore):
     """Memories in ``<directory>/memory-<client>.pt``, loaded at every use and saved atomically.
 
     ``like``: the model's parameters (the expected names and per-task shapes), checked on load.

@@ -23,10 +23,11 @@ from pathlib import Path
 
 from flwr.app import Context
 
+from fedmaml.client.store import MemoryStore
 from fedmaml.config.schema import Config
 from fedmaml.core.params import Params
 from fedmaml.errors import ConfigError
-from fedmaml.federated.memory_store import ContextStateStore, FileStore, MemoryStore
+from fedmaml.federated.memory_store import ContextStateStore, FileStore
 
 PARTITION, MEMORY_DIR, MEMORY_RESET, DATA_PATH = ("partition-id", "memory-dir", "memory-reset",
                                                   "data-path")

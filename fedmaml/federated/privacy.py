@@ -48,7 +48,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from fedmaml.config.schema import Config
+from fedmaml.config.schema import Config, PrivacyConfig
 from fedmaml.core.params import Params
 from fedmaml.core.privacy import noise_generator, noise_std, private_mean
 from fedmaml.federated.participation import ClientSampling
@@ -64,13 +64,20 @@ RELATIONS = {"all": ("add-or-remove-one", 1.0), "fixed": ("replace-one", 2.0),
 PLD_INTERVAL = 1e-3
 
 
+def is_private(dp: PrivacyConfig) -> bool:
+    """Whether a run's updates are differentially private, in any form: clipped at the server or
+    on the clients (``privacy.clipping``), or noised (``privacy.noise_multiplier``; noise without
+    clipping is a config error, fedmaml/config/rules.py, and counts as private all the same)."""
+    return dp.clipping != "none" or dp.noise_multiplier > 0
+
+
 class UpdatePrivacy:
     """The mean update of a round, private or not, and the run's privacy account."""
 
     def __init__(self, cfg: Config, sampling: ClientSampling) -> None:
         self.cfg = cfg
         self.dp = cfg.privacy
-        self.enabled = self.dp.clipping != "none"
+        self.enabled = is_private(self.dp)
         self.sampling = sampling
         self.releases = 0
         self.max_norm = 0.0  # largest update norm seen before clipping

@@ -28,16 +28,17 @@ It imports neither flwr nor ray: decoding replies is the strategy's job (docs/ar
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 
+from fedmaml.algorithms import has_server_rule
 from fedmaml.core.params import Params
 from fedmaml.core.server import (ServerOptimizer, aggregate_stacked, mean_weights, per_run,
                                  weighted_sum_stacked)
 from fedmaml.federated.health import round_outcome
-from fedmaml.federated.privacy import UpdatePrivacy
+from fedmaml.federated.privacy import UpdatePrivacy, is_private
 from fedmaml.results.metrics_row import ROUND_KEYS  # the record's fields, in the row's order
 
 #: Why a run's update was not applied although enough updates arrived (its ``diverged`` key).
@@ -45,6 +46,14 @@ DIVERGED = "the aggregated update is not finite (the model would hold NaN or inf
 
 #: A server rule (``Algorithm.server_update``): ``(stacked [n, ...], weights [n] float64)``.
 ServerRule = Callable[[Params, torch.Tensor], Params]
+
+
+def needs_every_update(config: Any, algorithm: Any) -> bool:
+    """Whether this run's server round needs every client's update, not only their sum: the
+    algorithm's own server rule, or differential privacy in any form (the private mean clips each
+    update). Otherwise the round takes the plain mean, which :func:`aggregate_parts` can take from
+    parts summed elsewhere (the sharded engine's shards)."""
+    return has_server_rule(algorithm) or is_private(config.privacy)
 
 
 @dataclass
@@ -71,12 +80,18 @@ class RoundRecord:
 
 @dataclass
 class RoundResult:
-    """The outcome of :func:`aggregate_round` for ``R`` runs."""
+    """The outcome of a server round for ``R`` runs (:func:`aggregate_parts`: ``R = 1``)."""
 
     w: Params  # [R, ...]: the new model of a run that moved, the old one of the others
     moved: torch.Tensor  # [R] bool: w changed
+    records: list[RoundRecord]  # per run
+
+
+@dataclass
+class RowsResult(RoundResult):
+    """The outcome of :func:`aggregate_round`, which sees the rows: also which it used."""
+
     accepted: torch.Tensor  # [R, C] bool: valid and finite (the updates used)
-    records: list[RoundRecord] = field(default_factory=list)
 
 
 def aggregate_round(w: Params, optimizer: ServerOptimizer, updates: Params, valid: torch.Tensor,
@@ -86,7 +101,7 @@ def aggregate_round(w: Params, optimizer: ServerOptimizer, updates: Params, vali
                     missing: Sequence[int] | None = None,
                     privacy: Sequence[UpdatePrivacy | None] | None = None, round_number: int = 0,
                     num_sampled: Sequence[int] | None = None,
-                    rule: ServerRule | None = None, finite: bool = False) -> RoundResult:
+                    rule: ServerRule | None = None, finite: bool = False) -> RowsResult:
     """One server round of ``R`` runs (module docstring).
 
     ``w``: ``[R, ...]``; ``optimizer``: stepped in place (its state ``[R, ...]``; ``lr`` and
@@ -122,7 +137,7 @@ def aggregate_round(w: Params, optimizer: ServerOptimizer, updates: Params, vali
         lambda: _direction(w, updates, counts, accepted, weighting, privacy, rule, round_number,
                            sampled, updated),
         valid.sum(1).tolist(), n_valid.tolist(), clients, failed, missing)
-    return RoundResult(new_w, moved, accepted, records)
+    return RowsResult(new_w, moved, records, accepted)
 
 
 @dataclass
@@ -172,7 +187,7 @@ def aggregate_parts(w: Params, optimizer: ServerOptimizer, parts: Sequence[PartS
 
     new_w, moved, records = _conclude(w, optimizer, updated, direction, [kept], [kept],
                                       [clients], [list(failed)], [missing])
-    return RoundResult(new_w, moved, torch.ones(1, kept, dtype=torch.bool), records)
+    return RoundResult(new_w, moved, records)
 
 
 def _conclude(w: Params, optimizer: ServerOptimizer, updated: torch.Tensor,

@@ -12,7 +12,6 @@ import json
 from dataclasses import dataclass
 from typing import Any, cast
 
-import numpy as np
 import torch
 
 from fedmaml.algorithms import Algorithm, Hyper, get_algorithm, has_server_rule
@@ -23,11 +22,11 @@ from fedmaml.core.params import Params
 from fedmaml.core.patterns import Pattern, resolve_pattern
 from fedmaml.core.task_step import StepConfig
 from fedmaml.data import build_federation
-from fedmaml.data.counter import round_keys
 from fedmaml.data.spec import USER_FAMILIES
 from fedmaml.data.tasks import Federation
 from fedmaml.data.user import check_client_sizes
 from fedmaml.errors import ConfigError, PatternError
+from fedmaml.federated.privacy import is_private
 from fedmaml.models import Model, build_model
 
 
@@ -107,8 +106,7 @@ def _setup_cached(_key: str, cfg: Config) -> ExperimentSetup:
     federation = build_federation(cfg.data, cfg.seed)
     model = build_model(cfg.model, federation.input_shape, federation.num_outputs)
     algorithm = get_algorithm(cfg.algorithm.name, cfg.algorithm.kwargs)
-    if has_server_rule(algorithm) and (cfg.privacy.clipping != "none"
-                                       or cfg.privacy.noise_multiplier > 0):
+    if has_server_rule(algorithm) and is_private(cfg.privacy):
         # the privacy guarantee is of the clipped, noised mean: another rule voids it
         raise ConfigError(f"algorithm.name: {cfg.algorithm.name} has its own server rule "
                           "(server_update), which differential privacy cannot account for; set "
@@ -158,9 +156,3 @@ def _no_gpu() -> str:
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is built without CUDA"
     return f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no GPU"
-
-
-def client_round_keys(seed: int, client_ids: list[int], server_round: int) -> np.ndarray:
-    """``[C]`` (uint64): the keys of the clients' round streams, a function of (seed, client id, round)
-    only (independent of who else participates); see :mod:`fedmaml.data.counter`."""
-    return round_keys(seed, client_ids, server_round)

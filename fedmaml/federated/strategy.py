@@ -60,7 +60,7 @@ from fedmaml.federated.pattern_selection import PatternSelector, selection_summa
 from fedmaml.federated.privacy import UpdatePrivacy
 from fedmaml.federated.reply_pull import puller_for
 from fedmaml.federated.server_round import (PartSum, RoundRecord, aggregate_parts, aggregate_round,
-                                            part_sum)
+                                            needs_every_update, part_sum)
 from fedmaml.federated.server_state import ServerState
 from fedmaml.federated.setup import ExperimentSetup
 from fedmaml.results.metrics_row import MetricsRow, round_fields
@@ -520,7 +520,7 @@ class MetaStrategy(Strategy):
         opt.state = one(opt.state)  # the run alone keeps its state without the run axis
         try:
             if parts is not None:
-                if has_server_rule(algorithm) or self.privacy.enabled:
+                if needs_every_update(self.cfg, algorithm):
                     raise ValueError("updates summed by part reached a server round that needs "
                                      "each update (the algorithm's server rule, or privacy)")
                 result = aggregate_parts(one(self.w), opt, parts,

@@ -41,8 +41,9 @@ ROUND_KEYS = ("clients", "replies", "failures", "failures_by_kind", "rejected", 
 
 
 def round_fields(record: Mapping[str, Any]) -> dict[str, Any]:
-    """The row's fields of a server round's record (its keys of :data:`ROUND_KEYS`; the others are
-    the round's own bookkeeping). The one place where a round's record enters a row."""
+    """The row's fields of a round's bookkeeping that holds a server round's record among other
+    keys (its keys of :data:`ROUND_KEYS`; the strategy's ``round_stats``). A record itself gives
+    exactly these fields (``RoundRecord.row()``, fedmaml/federated/server_round.py)."""
     return {k: record[k] for k in ROUND_KEYS if k in record}
 
 

@@ -104,8 +104,11 @@ def parse_space_arg(text: str) -> Dimension:
             raise ConfigError(f"{where}: unknown range kind {kind!r}; allowed: "
                               f"{', '.join(k + ':LO:HI' for k in KINDS)}, or a list V1,V2,...")
         full, values = parse_grid_arg(f"{key}={raw}")  # a list, read as --grid reads it
-        if len(set(map(repr, values))) != len(values):
-            raise ConfigError(f"{where}: a value appears twice")
+        texts = [repr(v) for v in values]  # 0.10 and 0.1 read as one value
+        twice = [v for i, v in enumerate(values) if texts[i] in texts[:i]]
+        if twice:
+            raise ConfigError(f"{where}: {full} lists {', '.join(repr(v) for v in twice)} more "
+                              "than once; give each value once")
         return Dimension(full, "choice", choices=tuple(values))
     parts = bounds.split(":")
     if len(parts) != 2:

@@ -69,9 +69,10 @@ from fedmaml import collector
 from fedmaml.algorithms import client_update, draw_cohort, draw_round
 from fedmaml.config import load_config
 from fedmaml.core.server import ServerOptimizer, aggregate
+from fedmaml.data.counter import round_keys
 from fedmaml.engines.allocator import retain_freed_memory
 from fedmaml.experiment import run_experiment
-from fedmaml.federated.setup import client_round_keys, setup_for
+from fedmaml.federated.setup import setup_for
 from fedmaml.federated.strategy import MetaStrategy
 from fedmaml.provenance import with_provenance
 from fedmaml.results.recorder import read_metrics
@@ -147,7 +148,7 @@ def bare_ms_per_round(cfg, through_flower: bool = False) -> float:
         tasks = setup.federation.client_tasks(cid)
         memory = memories.get(cid)
         fresh = alg.uses_memory and (memory is None or hp_r.memory_policy == "reinit")
-        data = draw_round(tasks, hp_r, client_round_keys(cfg.seed, [cid], server_round)[0],
+        data = draw_round(tasks, hp_r, round_keys(cfg.seed, [cid], server_round)[0],
                           extra=alg.needs_extra_batch(hp_r), init=fresh)
         delta, memory, _ = client_update(alg, setup.model, setup.loss_fn, hp_r, w, memory, data)
         if memory is not None:
@@ -222,7 +223,7 @@ def compute_only(cfg, repeats: int = 5) -> dict[str, float]:
     alg, hp, w = setup.algorithm, setup.hyper, setup.initial_params
     cids = MetaStrategy(setup).clients_for_round(2)
     draw = lambda cid, r, init: draw_round(  # noqa: E731
-        setup.federation.client_tasks(cid), hp, client_round_keys(cfg.seed, [cid], r)[0],
+        setup.federation.client_tasks(cid), hp, round_keys(cfg.seed, [cid], r)[0],
         extra=alg.needs_extra_batch(hp), init=init)
     first = stack_rounds([draw(c, 1, alg.uses_memory) for c in cids])
     _, memory, _ = cohort_update(alg, setup.model, setup.loss_fn, hp, w, None, first)
@@ -231,7 +232,7 @@ def compute_only(cfg, repeats: int = 5) -> dict[str, float]:
     memories = [None if memory is None else {k: v[i] for k, v in memory.items()}
                 for i in range(len(cids))]
     tasks = [setup.federation.client_tasks(c) for c in cids]
-    keys = client_round_keys(cfg.seed, cids, 2)
+    keys = round_keys(cfg.seed, cids, 2)
     loop, vmapped, drawn = [], [], []
     for _ in range(repeats):
         start = time.perf_counter()
