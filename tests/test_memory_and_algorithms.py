@@ -489,5 +489,5 @@ def test_the_weighted_sum_of_rows_is_tensordots_to_the_bit(dtype):
         for tail in ((), (1,), (40,), (40, 1), (1, 40), (40, 40), (3, 3, 2), (1, 1)):
             rows = torch.randn(n, *tail, generator=gen, dtype=dtype)
             coef = torch.rand(n, generator=gen, dtype=dtype) * 100
-            got, want = _weighted_rows(coef, rows), torch.tensordot(coef, rows, dims=1)
+            got, want = _weighted_rows(coef[None], rows), torch.tensordot(coef, rows, dims=1)
             assert got.shape == want.shape and torch.equal(got, want), (n, tail)
