@@ -21,7 +21,7 @@ def test_the_servers_record_is_read_back_as_a_copy_and_any_other_record_is_decod
     setup = setup_for(tiny_config())
     w = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(i))
          for i, (k, v) in enumerate(setup.initial_params.items())}
-    record = R.model_record(w)
+    record = R.kept_record(w)
     got, server_round, hp = train_instruction(instruction(record), setup, torch.device("cpu"))
     assert server_round == 3 and hp.eta == 0.5
     assert list(got) == list(w) and all(torch.equal(got[k], w[k]) for k in w)
@@ -41,3 +41,4 @@ def test_the_servers_record_is_read_back_as_a_copy_and_any_other_record_is_decod
     copy = R.to_record(w)
     decoded, _, _ = train_instruction(instruction(copy), setup, torch.device("cpu"))
     assert all(torch.equal(decoded[k], w[k]) for k in w)
+

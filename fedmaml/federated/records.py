@@ -52,30 +52,36 @@ def to_record(params: Params) -> ArrayRecord:
     return codec.encode(params)  # Flower's format, without its per-array header cost
 
 
-#: The last record :func:`model_record` made: the record, what identifies it unchanged (its arrays
-#: and their bytes), and a copy of the tensors it holds.
-_last_model: list[tuple[ArrayRecord, tuple, Params]] = []
+#: The records :func:`kept_record` made last, by ``id``: the record, what identifies it unchanged
+#: (its arrays and their bytes objects) and a copy of its tensors.
+_kept: dict[int, tuple[ArrayRecord, tuple, Params]] = {}
+_KEEP = 2  # the model of this round and of the one before
 
 
-def model_record(params: Params) -> ArrayRecord:
-    """:func:`to_record` of the server's model ``w_r``, remembered with a copy of its tensors: an
+def kept_record(params: Params) -> ArrayRecord:
+    """:func:`to_record` of the server's model ``w_r``, keeping a copy of its tensors: an
     in-process engine hands this very record to its clients in the next round's instruction, and
-    :func:`remembered_model` then gives the tensors back without decoding and checking the bytes
-    again (about as much work as a small model's client step)."""
+    :func:`kept_tensors` then gives the tensors back without decoding and checking the bytes again
+    (about as much work as a small model's client step). Any other process decodes the record."""
     record = codec.encode(params)
-    _last_model[:] = [(record, _identity(record),
-                       {k: v.detach().clone() for k, v in params.items()})]
+    if len(_kept) >= _KEEP:
+        del _kept[next(iter(_kept))]  # the oldest
+    _kept[id(record)] = (record, _identity(record),
+                         {k: v.detach().cpu().clone() for k, v in params.items()})
     return record
 
 
-def remembered_model(record: Any) -> Params | None:
-    """The tensors of ``record`` if it is the last :func:`model_record` made, unchanged (the same
-    arrays holding the same bytes objects); else ``None``."""
-    if not _last_model or _last_model[0][0] is not record:
+def kept_tensors(record: Any) -> Params | None:
+    """The tensors of ``record`` if :func:`kept_record` made it in this process and it is unchanged
+    (the same arrays holding the same bytes objects), else ``None``. They are shared by every
+    reader: not to be modified in place (a client update never modifies its inputs)."""
+    kept = _kept.get(id(record))
+    if kept is None or kept[0] is not record:
         return None
-    _, key, params = _last_model[0]
     now = _identity(record)
-    return params if len(now) == len(key) and all(x is y for x, y in zip(now, key)) else None
+    if len(now) != len(kept[1]) or not all(x is y for x, y in zip(now, kept[1])):
+        return None
+    return kept[2]
 
 
 def _identity(record: ArrayRecord) -> tuple:
