@@ -18,7 +18,7 @@ from fedmaml.algorithms.reptile import REPTILE
 from fedmaml.core import memory as mem
 from fedmaml.core.params import stack, unstack
 from fedmaml.core.patterns import Pattern
-from fedmaml.core.server import ServerOptimizer, aggregate, aggregate_stacked
+from fedmaml.core.server import ServerOptimizer, _weighted_rows, aggregate, aggregate_stacked
 from fedmaml.core.task_step import StepConfig, task_step
 from fedmaml.data.counter import round_keys
 from fedmaml.data.sinusoid import SinusoidTask
@@ -478,3 +478,16 @@ def test_memory_init_from_the_initial_model():
     assert rel_err(unstack(current)[0], unstack(memory)[0]) > 1e-3
     with pytest.raises(ValueError, match="initial_model"):
         client_update(MOML, model, loss_fn, hp, w, None, data)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_weighted_sum_of_rows_is_tensordots_to_the_bit(dtype):
+    # aggregate_stacked's kernel skips tensordot's Python wrapper: rows of one value (a bias of
+    # width 1) take its dot product, others its [1, n] @ [n, size] product
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 2, 3, 17, 256):
+        for tail in ((), (1,), (40,), (40, 1), (1, 40), (40, 40), (3, 3, 2), (1, 1)):
+            rows = torch.randn(n, *tail, generator=gen, dtype=dtype)
+            coef = torch.rand(n, generator=gen, dtype=dtype) * 100
+            got, want = _weighted_rows(coef[None], rows), torch.tensordot(coef, rows, dims=1)
+            assert got.shape == want.shape and torch.equal(got, want), (n, tail)

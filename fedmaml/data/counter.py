@@ -18,6 +18,7 @@ array operations (tests/test_counter.py checks the published SplitMix64 outputs)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Union
 
@@ -118,6 +119,8 @@ def sample_without_replacement(keys: np.ndarray, n: int, k: int) -> np.ndarray:
         picked = Stream(keys).first_of_permutation(n, k, n).numpy()
         return np.sort(picked, axis=1)
     m = k + max(8, k // 4)
+    if len(keys) == 1 and k <= 32:  # one small draw (a run alone): Python ints beat tiny arrays
+        return np.asarray([_first_distinct(int(keys[0]), n, k)], dtype=np.int64)
     while True:  # a longer prefix of the same streams until every row has k distinct values
         u = (splitmix64(keys, m) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
         candidates = np.floor(u * n).astype(np.int64)  # bias below n * 2**-53
@@ -131,6 +134,20 @@ def sample_without_replacement(keys: np.ndarray, n: int, k: int) -> np.ndarray:
         if (rank[:, -1] >= k).all():
             return np.sort(candidates[keep & (rank <= k)].reshape(len(keys), k), axis=1)
         m *= 2
+
+
+def _first_distinct(key: int, n: int, k: int) -> list[int]:
+    """One row of :func:`sample_without_replacement`'s rejection path in Python integers: the
+    stream's elements in order (``mix64(key + (i + 1) * GAMMA)``), the same float64 arithmetic
+    (``(bits >> 11) * 2**-53`` and its conversion are exact), the first ``k`` distinct candidates
+    (a longer prefix only appends to them), sorted."""
+    seen: dict[int, None] = {}
+    i = 0
+    while len(seen) < k:
+        i += 1
+        z = mix64((key + i * GAMMA) & _M64)
+        seen.setdefault(math.floor(((z >> 11) * 2.0 ** -53) * n), None)
+    return sorted(seen)
 
 
 def round_keys(seed: int | np.ndarray, client_ids: Sequence[int] | np.ndarray, server_round: int

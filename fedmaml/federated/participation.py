@@ -43,6 +43,7 @@ million clients took 15-80 ms per round, docs/participation.md). No Flower, no t
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,9 @@ import torch
 from fedmaml.client.speed import speed_multipliers  # noqa: F401 - the client library's, named here too
 from fedmaml.config import PARTICIPATION_MODELS, FederatedConfig, ParticipationConfig
 from fedmaml.data.counter import derive_keys, sample_without_replacement, splitmix64
+
+#: Up to this many values, counting in Python is faster than NumPy's array machinery.
+SMALL = 64
 
 # Stream tags: independent generators for independent uses of the same seed.
 _COHORT, _AVAILABLE, _CLIENT_CONSTANTS, _MARKOV_START, _POISSON = 0xC1, 0xA8, 0xA7, 0xA9, 0xB0
@@ -66,8 +70,12 @@ def sample_clients(seed: int, server_round: int, num_clients: int, k: int) -> li
 
 def sample_cohorts(seeds: np.ndarray, server_round: int, num_clients: int, k: int) -> np.ndarray:
     """``[R, k]``: :func:`sample_clients` of each seed, in one vectorized draw."""
-    keys = derive_keys(np.asarray(seeds), np.full((len(seeds), 1), server_round), _COHORT)
-    return sample_without_replacement(keys[:, 0], num_clients, k)
+    seeds = np.asarray(seeds).reshape(-1)
+    if len(seeds) == 1:  # a run alone: the scalar path of the same keys (a few small arrays fewer)
+        keys = derive_keys(int(seeds[0]), [server_round], _COHORT)
+    else:
+        keys = derive_keys(seeds, np.full((len(seeds), 1), server_round), _COHORT)[:, 0]
+    return sample_without_replacement(keys, num_clients, k)
 
 
 @dataclass(frozen=True)
@@ -222,7 +230,11 @@ class Staleness:
 
     def add_gaps(self, gaps: np.ndarray) -> None:
         """Count participations with these gaps (0 = first) in the window and the run's total."""
-        for gap, count in zip(*np.unique(gaps, return_counts=True)):
+        if len(gaps) <= SMALL:  # a small cohort: Python's counting beats np.unique's array work
+            counted = sorted(Counter(np.asarray(gaps).tolist()).items())
+        else:
+            counted = zip(*np.unique(gaps, return_counts=True))
+        for gap, count in counted:  # in increasing gap order either way
             for hist in (self.window, self.total):
                 hist[int(gap)] = hist.get(int(gap), 0) + int(count)
 

@@ -52,6 +52,43 @@ def to_record(params: Params) -> ArrayRecord:
     return codec.encode(params)  # Flower's format, without its per-array header cost
 
 
+#: The records :func:`kept_record` made last, by ``id``: the record, what identifies it unchanged
+#: (its arrays and their bytes objects) and a copy of its tensors.
+_kept: dict[int, tuple[ArrayRecord, tuple, Params]] = {}
+_KEEP = 2  # the model of this round and of the one before
+
+
+def kept_record(params: Params) -> ArrayRecord:
+    """:func:`to_record` of the server's model ``w_r``, keeping a copy of its tensors: an
+    in-process engine hands this very record to its clients in the next round's instruction, and
+    :func:`kept_tensors` then gives the tensors back without decoding and checking the bytes again
+    (about as much work as a small model's client step). Any other process decodes the record."""
+    record = codec.encode(params)
+    if len(_kept) >= _KEEP:
+        del _kept[next(iter(_kept))]  # the oldest
+    _kept[id(record)] = (record, _identity(record),
+                         {k: v.detach().cpu().clone() for k, v in params.items()})
+    return record
+
+
+def kept_tensors(record: Any) -> Params | None:
+    """The tensors of ``record`` if :func:`kept_record` made it in this process and it is unchanged
+    (the same arrays holding the same bytes objects), else ``None``. They are shared by every
+    reader: not to be modified in place (a client update never modifies its inputs)."""
+    kept = _kept.get(id(record))
+    if kept is None or kept[0] is not record:
+        return None
+    now = _identity(record)
+    if len(now) != len(kept[1]) or not all(x is y for x, y in zip(now, kept[1])):
+        return None
+    return kept[2]
+
+
+def _identity(record: ArrayRecord) -> tuple:
+    arrays = list(record.values())
+    return (*arrays, *(a.data for a in arrays))
+
+
 def from_record(record: ArrayRecord, like: Params, what: str) -> Params:
     """Parameters from a peer's record, checked against the expected names and shapes."""
     tensors = codec.decode(record)

@@ -481,13 +481,13 @@ class MetaStrategy(Strategy):
             log.warning("round %d: %d valid replies < min_replies=%d; the model is not updated",
                         server_round, len(valid), self.cfg.federated.min_replies)
         if not valid:  # a private Poisson round that nobody answered: its release, no metrics
-            return (R.to_record(self.w) if updated else None), None
+            return (R.kept_record(self.w) if updated else None), None
         metrics = [o.metrics for o in valid]
         out = {k: math.fsum(float(m[k]) for m in metrics) / len(metrics) for k in TRAIN_METRICS
                if all(k in m for m in metrics)}
         out["samples"] = sum(int(m["samples"]) for m in metrics)
         out["train-seconds-max"] = max(float(m["train-seconds"]) for m in metrics)
-        return (R.to_record(self.w) if updated else None), MetricRecord(out)
+        return (R.kept_record(self.w) if updated else None), MetricRecord(out)
 
     def _parts(self, stacks: list[Params], sums: Sequence[Params], valid: list[TrainOutcome]
                ) -> list[PartSum]:
@@ -746,7 +746,7 @@ class MetaStrategy(Strategy):
             self.import_state(state)
             checkpoint.restore_memories(grid, self.nodes, memories,
                                         lambda ms: exchange(grid, ms, timeout, self.poll_interval))
-            arrays, totals, first = R.to_record(self.w), self.totals, done + 1
+            arrays, totals, first = R.kept_record(self.w), self.totals, done + 1
             start -= seconds
         for server_round in range(first, num_rounds + 1):
             row = MetricsRow(server_round)
