@@ -107,6 +107,23 @@ def test_every_run_of_a_batch_equals_the_run_alone(tiny_config, tmp_path, case):
                               memories_of(batch, i))
 
 
+@pytest.mark.slow
+def test_a_compiled_batch_equals_the_runs_alone(tiny_config, tmp_path):
+    """engine.compile: the batch's update over runs is torch.compile'd (as the vectorized engine's
+    cohort update) and changes nothing but the time; eta decays in the run (a new value per run
+    is a tensor input, not a constant to compile again for)."""
+    cfgs = [replace_paths(c, {"engine.compile": True}) for c in configs_of(
+        tiny_config, tmp_path, ("algorithm.name=moml", "federated.lr_decay_at=0.5",
+                                "federated.clients_per_round=2", "data.num_clients=2",
+                                "federated.eval_every=0"))]
+    batch = RunBatch(cfgs, [tmp_path / "batch" / c.name for c in cfgs])
+    batch.run()
+    assert batch._runs_update._compiled not in (None, False)  # it compiled, and did not fall back
+    for i, cfg in enumerate(cfgs):
+        assert_equal_to_alone(cfg, tmp_path / "batch" / cfg.name, tmp_path / "alone" / cfg.name,
+                              memories_of(batch, i))
+
+
 def test_a_diverging_run_stops_alone_and_the_others_go_on(tiny_config, tmp_path):
     per_run = (PER_RUN[0], {**PER_RUN[1], "algorithm.eta": 1e6, "federated.server_lr": 1e6},
                PER_RUN[2])

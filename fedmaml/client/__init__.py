@@ -22,10 +22,11 @@ from fedmaml.client.store import MemoryStore, NoMemory
 from fedmaml.client.train import (clip_client_updates, draw_client_round, draw_cohort_round,
                                   initial_for, memory_init_mask, needs_memory_init, to_device,
                                   train_step, training_tasks)
-from fedmaml.client.update import cohort_update, initial_memories, runs_update, stack_rounds
+from fedmaml.client.update import (CompiledUpdate, cohort_update, initial_memories, runs_update,
+                                   stack_rounds)
 
 __all__ = ["CohortFaults", "InjectedFault", "MemoryStore", "NoMemory", "client_fault",
-           "clip_client_updates", "cohort_faults", "cohort_update", "draw_client_round",
+           "CompiledUpdate", "clip_client_updates", "cohort_faults", "cohort_update", "draw_client_round",
            "draw_cohort_round", "evaluate_client", "initial_for", "initial_memories",
            "memory_init_mask", "needs_memory_init", "past_deadline", "runs_update",
            "samples_drawn", "speed_multipliers", "stack_rounds", "to_device", "train_columns",

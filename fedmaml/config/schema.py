@@ -234,10 +234,11 @@ class EngineConfig:
                                              "memories move to memory-mapped files.", min=0)
     memory_dir: str = _field("", "vectorized: directory of the memory-mapped bank; empty = a "
                                  "temporary directory, deleted after the run.")
-    compile: bool = _field(False, "vectorized: torch.compile the cohort update; compiles once per "
-                                  "cohort shape (seconds for a small cohort of a small model, "
-                                  "minutes for hundreds of clients), then runs faster: for long "
-                                  "runs, e.g. one sinewave run of thousands of steps.")
+    compile: bool = _field(False, "vectorized (and sweep --vectorize): torch.compile the cohort "
+                                  "update (a batch's update over runs); compiles once per shape "
+                                  "(seconds for a small cohort of a small model, minutes for "
+                                  "hundreds of clients), then runs faster: for long runs, e.g. "
+                                  "one sinewave run of thousands of steps.")
 
 
 @dataclass(frozen=True)

@@ -62,8 +62,8 @@ import torch
 from fedmaml import collector
 from fedmaml.algorithms import Hyper, RoundData, has_server_rule
 from fedmaml.algorithms.base import draw_init
-from fedmaml.client import (clip_client_updates, initial_memories, memory_init_mask, runs_update,
-                            samples_drawn)
+from fedmaml.client import (CompiledUpdate, clip_client_updates, initial_memories,
+                            memory_init_mask, runs_update, samples_drawn)
 from fedmaml.client.faults import (FAIL, NONE, arrives, enabled as faults_enabled, fail,
                                    fault_codes, fault_rates, injected_counts, trains)
 from fedmaml.client.metrics import example_counts
@@ -160,6 +160,11 @@ class RunBatch:
         self.setups: list[ExperimentSetup] = [setup_for(c) for c in self.cfgs]
         first = self.setups[0]
         self.algorithm, self.model, self.loss_fn = first.algorithm, first.model, first.loss_fn
+        algorithm, model, loss_fn = self.algorithm, self.model, self.loss_fn
+        self._runs_update = CompiledUpdate(  # engine.compile, as the vectorized engine's cohorts
+            lambda hp, w, memory, data, values: runs_update(algorithm, model, loss_fn, hp, w,
+                                                             memory, data, values),
+            self.cfgs[0].engine.compile, "vectorized batch")
         self.rounds = self.cfgs[0].federated.rounds
         self.strategies = [MetaStrategy(s) for s in self.setups]
         self.selecting = any(s.selector.enabled for s in self.strategies)  # Lambda patterns
@@ -330,16 +335,14 @@ class RunBatch:
         same patterns; otherwise one call per group (a pattern is the update's structure, which one
         call cannot vary), put back in batch order."""
         if len(groups) == 1:
-            return runs_update(self.algorithm, self.model, self.loss_fn, groups[0][1], self.w,
-                               memory, data, values)
+            return self._runs_update(groups[0][1], self.w, memory, data, values)
         parts = []
         for at, hp in groups:
             index = torch.from_numpy(at)
             w, mem, vals = (_take(x, index) for x in (self.w, memory, values))
             part = RoundData(*(_take(x, index) for x in (data.task_index, data.support,
                                                           data.query, data.extra)))
-            parts.append(runs_update(self.algorithm, self.model, self.loss_fn, hp, w, mem, part,
-                                     vals))
+            parts.append(self._runs_update(hp, w, mem, part, vals))
         order = torch.argsort(torch.from_numpy(np.concatenate([at for at, _ in groups])))
         return tuple(None if part[0] is None else  # type: ignore[return-value]
                      {k: torch.cat([p[k] for p in part]).index_select(0, order) for k in part[0]}

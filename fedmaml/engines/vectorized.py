@@ -49,10 +49,10 @@ from flwr.serverapp import ServerApp
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedmaml.algorithms import Hyper, RoundData
-from fedmaml.client import (NoMemory, clip_client_updates, cohort_faults, cohort_update,
-                            draw_cohort_round, evaluate_client, initial_for, memory_init_mask,
-                            samples_drawn, stack_rounds, to_device, train_columns, train_step,
-                            training_tasks)
+from fedmaml.client import (CompiledUpdate, NoMemory, clip_client_updates, cohort_faults,
+                            cohort_update, draw_cohort_round, evaluate_client, initial_for,
+                            memory_init_mask, samples_drawn, stack_rounds, to_device,
+                            train_columns, train_step, training_tasks)
 from fedmaml.client.faults import failure_of
 from fedmaml.client.speed import simulated_seconds
 from fedmaml.config import Config
@@ -122,7 +122,11 @@ class VectorizedGrid(InProcessGrid):
         self.bank = bank
         self.stats = CohortStats()
         self._nodes: dict[int, int] | None = None
-        self._compiled: Any = None  # engine.compile: the compiled cohort update, once built
+        self._update = CompiledUpdate(  # engine.compile: torch.compile'd on first use
+            lambda hp, w, memory, data, initial: cohort_update(
+                self.setup.algorithm, self.setup.model, self.setup.loss_fn, hp, w, memory, data,
+                initial),
+            engine.compile, "vectorized engine")
 
     def partition_nodes(self) -> dict[int, int]:
         # Built once: the strategy asks every round, and with a million clients building the
@@ -301,24 +305,9 @@ class VectorizedGrid(InProcessGrid):
 
     def _cohort_update(self, hp: Hyper, w: Params, memory: Params | None, data: RoundData
                        ) -> tuple[Params, Params | None, dict[str, torch.Tensor]]:
-        """:func:`cohort_update`, compiled with ``torch.compile`` when ``engine.compile`` is set; a
-        compilation that fails falls back to the eager call for the rest of the run."""
-        setup = self.setup
-        initial = initial_for(setup, hp, self.device)
-        if self.cfg.engine.compile and self._compiled is not False:
-            if self._compiled is None:
-                self._compiled = torch.compile(
-                    lambda hp_, w_, m_, d_, i_: cohort_update(setup.algorithm, setup.model,
-                                                              setup.loss_fn, hp_, w_, m_, d_, i_),
-                    dynamic=False)
-            try:
-                return self._compiled(hp, w, memory, data, initial)
-            except Exception as e:  # noqa: BLE001 - e.g. no C++ compiler: run eagerly
-                log.warning("vectorized engine: torch.compile of the cohort update failed (%s: %s); "
-                            "running it eagerly", type(e).__name__, e)
-                self._compiled = False
-        return cohort_update(setup.algorithm, setup.model, setup.loss_fn, hp, w, memory, data,
-                             initial)
+        """:func:`cohort_update`, compiled when ``engine.compile`` is set
+        (:class:`~fedmaml.client.CompiledUpdate`)."""
+        return self._update(hp, w, memory, data, initial_for(self.setup, hp, self.device))
 
     def _train_one(self, w: Params, hp: Hyper, server_round: int, cid: int,
                    failures: list[tuple[int, str, str]]

@@ -9,6 +9,10 @@ training, evaluation rounds, figures, run directories). Each measurement runs in
         --out docs/results/sweep_vectorized.json
     PYTHONPATH=. python simulations/benchmarks/sweep_vectorized.py --rounds 40000 --seeds 0 \\
         --jobs 2 --skip-alone      # one method's full 5 x 5 grid at the paper's budget
+
+``--compile`` sets ``engine.compile: true`` for the sweep (the batch's update over runs is
+torch.compile'd) and times the run alone on the engine recommended for it then (vectorized,
+compiled): each side with what makes it fastest.
 """
 
 from __future__ import annotations
@@ -45,19 +49,24 @@ def main() -> None:
     p.add_argument("--jobs", type=int, nargs="+", default=[1, 2],
                    help="worker processes of the vectorized sweep (each a measurement)")
     p.add_argument("--skip-alone", action="store_true", help="do not time the run alone")
+    p.add_argument("--compile", action="store_true",
+                   help="engine.compile=true for the sweep, and the run alone on the engine the "
+                        "docs recommend for it then (vectorized, compiled)")
     p.add_argument("--out", help="JSON file for the numbers")
     a = p.parse_args()
     python = sys.executable
-    common = [f"federated.rounds={a.rounds}"]
-    results: dict = {"rounds": a.rounds, "grid": {"eta": a.etas, "beta": a.betas,
+    common = [f"federated.rounds={a.rounds}", *(["engine.compile=true"] if a.compile else [])]
+    alone_engine = "vectorized" if a.compile else "inprocess"
+    results: dict = {"rounds": a.rounds, "compile": a.compile, "alone_engine": alone_engine, "grid": {"eta": a.etas, "beta": a.betas,
                                                   "seeds": a.seeds},
                      "load_before": os.getloadavg(), "cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory() as tmp:
         if not a.skip_alone:
             results["alone_seconds"] = timed(
-                [python, "-m", "fedmaml", "run", str(CONFIG), *common, "engine.name=inprocess",
-                 f"output_dir={tmp}", "name=alone", "--quiet"])
-            print(f"one run alone (in-process): {results['alone_seconds']:.1f} s", flush=True)
+                [python, "-m", "fedmaml", "run", str(CONFIG), *common,
+                 f"engine.name={alone_engine}", f"output_dir={tmp}", "name=alone", "--quiet"])
+            print(f"one run alone ({alone_engine}{', compiled' if a.compile else ''}): "
+                  f"{results['alone_seconds']:.1f} s", flush=True)
         for jobs in a.jobs:
             seconds = timed([python, "-m", "fedmaml", "sweep", str(CONFIG), *common,
                              "--grid", f"algorithm.eta={a.etas}", "--grid",
