@@ -216,10 +216,12 @@ def settle(o: Outcomes, clients: Sequence[int]) -> Settled:
     one the server cannot use (a client not sampled, or named twice) spoils the whole part, whose
     clients then fail too."""
     n = len(o)
-    expected = np.unique(np.asarray(clients, dtype=np.int64))
+    expected = _distinct(np.asarray(clients, dtype=np.int64))
     ok = np.ones(n, bool)
     ok[list(o.failures)] = False
-    candidates = np.flatnonzero(ok & np.isin(o.cids, expected))
+    at = np.minimum(np.searchsorted(expected, o.cids), max(len(expected) - 1, 0))
+    sampled = expected[at] == o.cids if len(expected) else np.zeros(n, bool)
+    candidates = np.flatnonzero(ok & sampled)
     _, first = np.unique(o.cids[candidates], return_index=True)  # first of each client's
     used = np.zeros(n, bool)
     used[candidates[first]] = True
@@ -240,6 +242,13 @@ def settle(o: Outcomes, clients: Sequence[int]) -> Settled:
     # must not depend on it (a resumed run equals an uninterrupted one).
     valid = valid[np.argsort(o.cids[valid], kind="stable")]
     return Settled(valid, errors, max(len(expected) - n, 0))
+
+
+def _distinct(ids: np.ndarray) -> np.ndarray:
+    """``ids`` sorted, each once (``np.unique``'s result, by a sort: here several times faster
+    than its hash table)."""
+    ids = np.sort(ids)
+    return ids[np.concatenate(([True], ids[1:] != ids[:-1]))] if len(ids) else ids
 
 
 def train_metrics(o: Outcomes, valid: np.ndarray) -> dict[str, Any]:
