@@ -262,3 +262,13 @@ def test_arrays_record_type_is_checked_on_per_client_replies(tiny_config, caplog
         strategy.aggregate_train(1, [reply, client_reply(strategy.w, 2, 2, 1.0)])
     assert strategy.round_stats["replies"] == 1 and strategy.trained == {2}
     assert "malformed update: update from client 1: parameter names differ" in caplog.text
+
+
+def test_a_per_client_reply_whose_read_metric_is_not_a_number_is_malformed(tiny_config, caplog):
+    strategy = strategy_for(tiny_config, range(3))
+    bad = client_reply(strategy.w, 1, 2, 1.0, **{"loss-before": [1.0, 2.0]})
+    with caplog.at_level(logging.WARNING, logger="fedmaml"):
+        _, metrics = strategy.aggregate_train(1, [bad, client_reply(strategy.w, 2, 2, 3.0)])
+    assert strategy.round_stats["failures_by_kind"]["malformed"] == 1 and strategy.trained == {2}
+    assert "malformed reply: float() argument must be" in caplog.text
+    assert metrics["loss-before"] == 2.0

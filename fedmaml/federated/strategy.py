@@ -400,9 +400,10 @@ class MetaStrategy(Strategy):
             outcomes.counts[valid][outcomes.parts[valid] >= 0].tolist(), weighting))
         joined = sums[0] if len(sums) == 1 else {k: torch.cat([s[k] for s in sums])
                                                  for k in sums[0]}
-        ids, sizes = np.unique(held, return_counts=True)
-        for p, size in zip(ids.tolist(), sizes.tolist()):
-            parts.append(PartSum({k: v[p] for k, v in joined.items()}, float(weights[p]), size))
+        sizes = np.bincount(held)
+        for p in np.flatnonzero(sizes).tolist():
+            parts.append(PartSum({k: v[p] for k, v in joined.items()}, float(weights[p]),
+                                 int(sizes[p])))
         return parts
 
     def _server_round(self, server_round: int, stacked: Params | None, counts: list[int],
@@ -467,6 +468,9 @@ class MetaStrategy(Strategy):
             raise ValueError(f"client {cid} reported {count} examples")
         for key in ("samples", "train-seconds"):
             float(m[key])
+        for key in T.READ:  # the other metrics the server reads, when the reply has them
+            if key in m:
+                float(m[key])
         return cid, record, count, m
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
