@@ -194,9 +194,9 @@ def _column(values: Sequence[Any]) -> np.ndarray:
     """A metric's values as numbers: integers kept as integers (``samples`` is summed as such),
     anything else as ``float`` makes it (with ``float``'s own errors)."""
     a = np.asarray(values)
-    if a.dtype.kind == "i" and a.ndim == 1:
+    if a.dtype.kind in "if" and a.ndim == 1:
         return a
-    return np.array([float(v) for v in values], np.float64) if a.dtype.kind != "f" else a
+    return np.array([float(v) for v in values], np.float64)
 
 
 @dataclass
