@@ -272,26 +272,3 @@ def test_a_per_client_reply_whose_read_metric_is_not_a_number_is_malformed(tiny_
     assert strategy.round_stats["failures_by_kind"]["malformed"] == 1 and strategy.trained == {2}
     assert "malformed reply: float() argument must be" in caplog.text
     assert metrics["loss-before"] == 2.0
-
-
-def test_the_small_round_shortcut_settles_as_the_general_rules(tiny_config, monkeypatch):
-    # settle() takes a shortcut for small rounds without failures; with it off (_SMALL = 0) the
-    # general rules must give the same valid rows, errors and missing count
-    like = setup_for(tiny_config()).initial_params
-    rng = random.Random(5)
-    for case in range(80):
-        sampled = rng.sample(range(30), rng.randint(1, 10))
-        ids = rng.sample(sampled, rng.randint(0, len(sampled)))  # distinct, sampled: the shortcut
-        if case % 4 == 0 and ids:
-            ids.append(rng.choice(ids))  # a duplicate: the general rules decide
-        if case % 4 == 1:
-            ids.append(40)  # not sampled: the general rules decide
-        counts = [rng.randint(1, 9) for _ in ids]
-        reply = cohort_reply(like, ids, counts, [float(j) for j in range(len(ids))])
-        outcomes = T.from_cohort(reply.content, like, "weighted", [], [])
-        fast = T.settle(outcomes, sampled)
-        monkeypatch.setattr(T, "_SMALL", 0)
-        general = T.settle(outcomes, sampled)
-        monkeypatch.undo()
-        assert fast.valid.tolist() == general.valid.tolist(), case
-        assert fast.errors == general.errors and fast.missing == general.missing, case

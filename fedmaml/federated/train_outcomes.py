@@ -199,11 +199,6 @@ def _column(values: Sequence[Any]) -> np.ndarray:
     return np.array([float(v) for v in values], np.float64)
 
 
-#: Up to this many outcomes the usual round (no failure, every id sampled once) is settled with
-#: Python's sets, which beat a dozen small NumPy operations.
-_SMALL = 64
-
-
 @dataclass
 class Settled:
     """Which outcomes a round uses: ``valid`` (row indices, in client-id order), every other
@@ -221,11 +216,6 @@ def settle(o: Outcomes, clients: Sequence[int]) -> Settled:
     one the server cannot use (a client not sampled, or named twice) spoils the whole part, whose
     clients then fail too."""
     n = len(o)
-    if not o.failures and n <= _SMALL:  # the usual small round: distinct sampled ids, in Python
-        cids, sampled_ids = o.cids.tolist(), set(clients)
-        if len(set(cids)) == n and sampled_ids.issuperset(cids):
-            order = sorted(range(n), key=cids.__getitem__)  # stable, as the general path's sort
-            return Settled(np.asarray(order, dtype=np.int64), [], max(len(sampled_ids) - n, 0))
     expected = _distinct(np.asarray(clients, dtype=np.int64))
     ok = np.ones(n, bool)
     ok[list(o.failures)] = False
