@@ -89,8 +89,7 @@ from fedmaml.federated.run_ledger import RunLedger
 from fedmaml.federated.server_round import aggregate_round
 from fedmaml.federated.server_state import ServerState
 from fedmaml.federated.setup import ExperimentSetup, resolve_device, setup_for
-from fedmaml.federated.strategy import MetaStrategy, exchange
-from fedmaml.federated.train_outcomes import TRAIN_METRICS
+from fedmaml.federated.strategy import TRAIN_METRICS, MetaStrategy, exchange
 from fedmaml.results.metrics_row import MetricsRow
 from fedmaml.results.progress import Progress
 

@@ -61,7 +61,7 @@ from fedmaml.federated.server_round import (PartSum, RoundRecord, aggregate_part
                                             needs_every_update, part_sum)
 from fedmaml.federated.server_state import ServerState
 from fedmaml.federated.setup import ExperimentSetup
-from fedmaml.federated.train_outcomes import Failure, Outcomes
+from fedmaml.federated.train_outcomes import TRAIN_METRICS, Failure, Outcomes
 from fedmaml.results.metrics_row import MetricsRow, round_fields
 from fedmaml.results.progress import status
 
