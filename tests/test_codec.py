@@ -131,18 +131,3 @@ def test_stack_from_records_of_nothing_and_of_empty_tensors():
     stacked, errors = R.stack_from_records([ArrayRecord(dict(one))] * 2, like, ["a", "b"])
     assert errors == [None, None] and stacked["empty"].shape == (2, 0)
     assert torch.equal(stacked["w"], torch.ones(2, 2, 3))
-
-
-def test_joined_metrics_equal_flowers_record_and_refuse_mixed_types():
-    from flwr.app import MetricRecord
-
-    parts = {"partition-id": [[3, 1], [2]], "loss": [[0.5, 0.25], [1.5]], "empty": [[], []]}
-    ours = codec.joined_metrics(parts)
-    flowers = MetricRecord({"partition-id": [3, 1, 2], "loss": [0.5, 0.25, 1.5], "empty": []})
-    assert ours == flowers and ours.object_id == flowers.object_id
-    ours["more"] = [1]  # still Flower's record: its checks hold for what is added later
-    with pytest.raises(TypeError):
-        ours["bad"] = ["text"]
-    # one shard's counts as integers, another's as floats: Flower's constructor refuses them
-    with pytest.raises(TypeError, match="same valid type"):
-        codec.joined_metrics({"num-examples": [[3, 4], [2.0]]})

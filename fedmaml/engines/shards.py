@@ -64,22 +64,20 @@ def sum_train_reply(reply: Message, like: Params, weighting: str) -> Detached | 
         return None
     content = reply.content
     metrics = content[R.METRICS]
-    ids = R.int_column(metrics[R.PARTITION])
-    counts = R.int_column(metrics[R.NUM_EXAMPLES])
-    stacked, errors = R.stack_from_cohort(content[R.ARRAYS], like, R.UpdateNames(ids))
-    rejected = [j for j, e in enumerate(errors) if e is not None]
-    usable = counts > 0
-    usable[rejected] = False
-    order = np.argsort(ids, kind="stable")  # client-id order, as the server round takes them
-    keep = order[usable[order]]
-    if not np.array_equal(keep, np.arange(len(ids))):  # else the rows are the ones, in order
-        at = torch.from_numpy(keep)
+    ids = [int(c) for c in metrics[R.PARTITION]]
+    counts = [int(c) for c in metrics[R.NUM_EXAMPLES]]
+    stacked, errors = R.stack_from_cohort(content[R.ARRAYS], like,
+                                          [f"update from client {c}" for c in ids])
+    keep = [j for j in sorted(range(len(ids)), key=ids.__getitem__)
+            if errors[j] is None and counts[j] > 0]
+    if keep != list(range(len(ids))):  # else the rows are already the ones, in their order
+        at = torch.tensor(keep, dtype=torch.int64)
         stacked = {k: v.index_select(0, at) for k, v in stacked.items()}
-    part = part_sum(stacked, counts[keep].tolist(), weighting)
+    part = part_sum(stacked, [counts[j] for j in keep], weighting)
+    summed = set(keep)
     del content[R.ARRAYS]
-    content[R.PARTS] = ConfigRecord({R.PART: np.where(usable, 0, -1).tolist(),
-                                     R.REJECTED: [str(e or "") for e in errors] if rejected
-                                     else [""] * len(ids),
+    content[R.PARTS] = ConfigRecord({R.PART: [0 if j in summed else -1 for j in range(len(ids))],
+                                     R.REJECTED: [str(errors[j] or "") for j in range(len(ids))],
                                      R.WEIGHTING: weighting})
     return {k: v.unsqueeze(0).numpy() for k, v in part.total.items()}
 
@@ -201,7 +199,7 @@ def merge_train(parts: Sequence[tuple[list[int], ShardAnswer, Detached | None]],
     ``error``."""
     arrays: dict[str, list[np.ndarray]] = {k: [] for k in like}
     ids: list[int] = []
-    columns: dict[str, list[list]] = {}  # per metric, the shards' lists (joined once, at the end)
+    columns: dict[str, list] = {}
     failures: list[tuple[int, str, str]] = []
     summed: dict[str, Any] | None = None  # the parts' columns, when the shards sent sums
     for shard, (cids, answer, detached) in enumerate(parts):
@@ -211,7 +209,7 @@ def merge_train(parts: Sequence[tuple[list[int], ShardAnswer, Detached | None]],
         content = answer.content
         failures += R.failures_from(content[R.FAILURES])
         metrics = content[R.METRICS]
-        rows = R.int_column(metrics[R.PARTITION]).tolist()
+        rows = [int(c) for c in metrics[R.PARTITION]]
         if not rows:
             continue
         sums = content.get(R.PARTS)
@@ -225,11 +223,10 @@ def merge_train(parts: Sequence[tuple[list[int], ShardAnswer, Detached | None]],
         if sums is not None:  # its part is the next one of the joined sums
             summed = summed or {R.PART: [], R.REJECTED: [], R.WEIGHTING: sums[R.WEIGHTING]}
             at = len(arrays[next(iter(like))])
-            part = np.asarray(sums[R.PART], dtype=np.int64)
-            summed[R.PART] += np.where(part < 0, part, part + at).tolist()
+            summed[R.PART] += [p if p < 0 else p + at for p in sums[R.PART]]
             summed[R.REJECTED] += list(sums[R.REJECTED])
         for k, v in metrics.items():
-            columns.setdefault(k, []).append(v)
+            columns.setdefault(k, []).extend(v)
         ids += rows
         for k, v in detached.items():
             arrays[k].append(v)
@@ -237,10 +234,9 @@ def merge_train(parts: Sequence[tuple[list[int], ShardAnswer, Detached | None]],
         record = codec.encode_joined(arrays)
     else:
         record = codec.encode({k: v.new_zeros((0, *v.shape)) for k, v in like.items()})
-    columns = columns or {k: [] for k in (R.PARTITION, R.NUM_EXAMPLES, "samples", "train-seconds")}
-    columns[R.PARTITION] = [ids]
-    out = RecordDict({R.METRICS: codec.joined_metrics(columns),
-                      R.FAILURES: R.failure_record(failures)})
+    columns = columns or {R.PARTITION: [], R.NUM_EXAMPLES: [], "samples": [], "train-seconds": []}
+    columns[R.PARTITION] = ids
+    out = RecordDict({R.METRICS: MetricRecord(columns), R.FAILURES: R.failure_record(failures)})
     if summed is None:
         out[R.ARRAYS] = record
     else:

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, MetricRecord
+from flwr.app import Array, ArrayRecord
 
 from fedmaml.core.params import Params
 
@@ -158,41 +158,6 @@ def _direct_matches_public() -> bool:
 
 _array, _record = ((_array_direct, _record_direct) if _direct_matches_public()
                    else (_array_public, _record_public))
-
-
-def joined_metrics(columns: Mapping[str, Sequence[list]]) -> MetricRecord:
-    """A MetricRecord whose list ``k`` is the lists ``columns[k]`` joined, each a list of a valid
-    MetricRecord (numbers of one type; e.g. the shards' parts of a cohort's metrics). Joined, they
-    are valid when their first values share a type, which is all this checks: Flower's constructor
-    checks every value (a generator step each, most of the cost of joining 1,000 clients'
-    metrics). Lists whose types differ go through that constructor, which refuses them."""
-    joined: dict[str, list] = {}
-    same = True
-    for k, lists in columns.items():
-        same = same and len({type(v[0]) for v in lists if len(v)}) <= 1
-        joined[k] = []
-        for v in lists:
-            joined[k].extend(v)
-    return _metrics(joined) if same else MetricRecord(joined)
-
-
-def _metrics_direct(columns: dict[str, list]) -> MetricRecord:
-    record = MetricRecord()
-    record.__dict__["_data"].update(columns)
-    return record
-
-
-def _metrics_direct_matches_public() -> bool:
-    try:
-        columns = {"x": [1, 2], "y": [0.5], "z": 3}
-        direct, public = _metrics_direct(dict(columns)), MetricRecord(dict(columns))
-        return (direct.__dict__.keys() == public.__dict__.keys() and direct == public
-                and direct.object_id == public.object_id)
-    except Exception:  # noqa: BLE001 - any surprise means: use the public constructor
-        return False
-
-
-_metrics = _metrics_direct if _metrics_direct_matches_public() else MetricRecord
 
 
 def _header(a: np.ndarray) -> tuple[bytes, str]:

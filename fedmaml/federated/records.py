@@ -273,47 +273,13 @@ def metric_columns(rows: Sequence[dict[str, Any]]) -> tuple[MetricRecord, Config
 def metric_rows(metrics: Any, absent: Any = None) -> list[dict[str, Any]]:
     """The per-client metric dicts a cohort reply's ``metrics`` and ``absent`` carry (the inverse of
     :func:`metric_columns`); ``ValueError`` if a list's length differs from ``partition-id``'s."""
-    ids, columns = metric_lists(metrics)
-    missing = {k: {int(c) for c in v} for k, v in absent.items()} if absent is not None else {}
-    return [{k: v[j] for k, v in columns.items() if cid not in missing.get(k, ())}
-            for j, cid in enumerate(ids.tolist())]
-
-
-def metric_lists(metrics: Any) -> tuple[np.ndarray, dict[str, list]]:
-    """A cohort reply's ``metrics`` as columns: the clients' ids (``partition-id``, as integers) and
-    every key's per-client list; ``ValueError`` if a list's length differs from the ids'."""
-    ids = int_column(metrics[PARTITION])
-    columns = {k: v if isinstance(v, list) else list(v) for k, v in metrics.items()}
+    ids = [int(c) for c in metrics[PARTITION]]
+    columns = {k: list(v) for k, v in metrics.items()}
     if any(len(v) != len(ids) for v in columns.values()):
         raise ValueError("per-client metric lists differ in length from partition-id")
-    return ids, columns
-
-
-def int_column(values: Sequence[Any]) -> np.ndarray:
-    """``[int(v) for v in values]`` as an int64 array: a list of integers (what a record's list of
-    integers is) in one conversion; any other list value by value, with ``int``'s own errors
-    (``ValueError`` for a number out of int64's range)."""
-    a = np.asarray(values)
-    if a.dtype.kind == "i" and a.ndim == 1:
-        return a.astype(np.int64, copy=False)
-    try:
-        return np.array([int(v) for v in values], dtype=np.int64)
-    except OverflowError as e:
-        raise ValueError(f"an integer out of range: {e}") from None
-
-
-class UpdateNames(Sequence[str]):
-    """``["update from client {id}" for id in ids]`` (what :func:`stack_from_cohort` names the rows
-    in its errors), each made only when asked for: an error names one row of thousands."""
-
-    def __init__(self, ids: Sequence[int]) -> None:
-        self.ids = ids
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, j):  # type: ignore[override] - rows are asked one at a time
-        return f"update from client {int(self.ids[j])}"
+    missing = {k: {int(c) for c in v} for k, v in absent.items()} if absent is not None else {}
+    return [{k: v[j] for k, v in columns.items() if cid not in missing.get(k, ())}
+            for j, cid in enumerate(ids)]
 
 
 def cohort_size(message: Message) -> int | None:

@@ -33,7 +33,9 @@ import json
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -50,8 +52,8 @@ from fedmaml.core.server import ServerOptimizer, mean_weights
 from fedmaml.errors import MessageError
 from fedmaml.federated import checkpoint, faults
 from fedmaml.federated import records as R
-from fedmaml.federated import train_outcomes as T
 from fedmaml.federated.discovery import PartitionDirectory
+from fedmaml.federated.health import FAILURE_KINDS
 from fedmaml.federated.participation import Participation, Staleness, client_sampling
 from fedmaml.federated.participation import sample_clients  # noqa: F401 - its former home
 from fedmaml.federated.pattern_selection import PatternSelector, selection_summary
@@ -61,12 +63,12 @@ from fedmaml.federated.server_round import (PartSum, RoundRecord, aggregate_part
                                             needs_every_update, part_sum)
 from fedmaml.federated.server_state import ServerState
 from fedmaml.federated.setup import ExperimentSetup
-from fedmaml.federated.train_outcomes import TRAIN_METRICS, Failure, Outcomes
 from fedmaml.results.metrics_row import MetricsRow, round_fields
 from fedmaml.results.progress import status
 
 log = logging.getLogger("fedmaml")
 
+TRAIN_METRICS = ("loss-before", "loss-after")
 EVAL_METRICS = ("loss", "accuracy", "memory-loss", "memory-accuracy", "memory-gap",
                 "tracking-error", "staleness", "adapt-ms")
 # Devices register while the ServerApp starts (and connect late): in a deployment wait at least this
@@ -84,21 +86,39 @@ def summarize(values: list[float], weights: list[float]) -> dict[str, float]:
     return {"mean": mean, "std": float(v.std()), "p10": p10, "p50": p50, "p90": p90}
 
 
-def _rows(stacks: list[Params], rows: np.ndarray) -> Params:
-    """The update rows ``rows`` of several stacks joined, as one stack (no copy when they are one
+@dataclass
+class TrainOutcome:
+    """What one client's train round came to, whichever message carried it: a row of a stack of
+    updates with its example count and metrics, or a failure ``(kind, message)`` with kind
+    ``error``, ``timeout`` or ``malformed``. ``cid`` is ``None`` when the reply did not say."""
+
+    cid: int | None
+    row: tuple[int, int] | None = None  # (stack, row) of the update
+    count: int = 0
+    metrics: Mapping[str, Any] | None = None
+    failure: tuple[str, str] | None = None
+    part: tuple[int, int] | None = None  # (sums, part) holding the update, when summed by part
+
+
+def _rows(stacks: list[Params], rows: list[tuple[int, int]]) -> Params:
+    """The update rows ``(stack, row)`` of several stacks, as one stack (no copy when they are one
     whole stack in order)."""
-    sizes = [len(next(iter(s.values()))) if s else 0 for s in stacks]
-    ends = np.cumsum(sizes)
-    which = np.searchsorted(ends, rows, side="right")
-    if len(rows) and which.min() == which.max():  # rows of one stack
-        s = int(which[0])
-        index = rows - (ends[s] - sizes[s])
-        if np.array_equal(index, np.arange(sizes[s])):
+    if len({s for s, _ in rows}) == 1:
+        s = rows[0][0]
+        index = [j for _, j in rows]
+        n = len(next(iter(stacks[s].values()))) if stacks[s] else 0
+        if index == list(range(n)):
             return stacks[s]
-        at = torch.from_numpy(index)
+        at = torch.tensor(index)
         return {k: v[at] for k, v in stacks[s].items()}
-    at = torch.from_numpy(np.asarray(rows, dtype=np.int64))
-    return {k: torch.cat([s[k] for s in stacks])[at] for k in stacks[0]}
+    return {k: torch.stack([stacks[s][k][j] for s, j in rows]) for k in stacks[rows[0][0]]}
+
+
+def _update_failure(error: str) -> tuple[str, str]:
+    """An update that could not be used: ``rejected`` when it is well-formed but not finite
+    (training diverged; health.py counts these apart), ``malformed`` otherwise."""
+    kind = "rejected" if isinstance(error, R.NonFinite) else "malformed"
+    return kind, f"{kind} update: {error}"
 
 
 #: Longest wait between two polls for replies (see exchange).
@@ -294,54 +314,113 @@ class MetaStrategy(Strategy):
         """Apply the mean update when ``min_replies`` valid replies arrived. The metrics (losses,
         samples) are returned whenever any reply is valid: the clients did the work either way.
 
-        Per-client replies and cohort replies (one for many clients, updates stacked or summed by
-        part) all become the round's per-client outcomes as columns
-        (:mod:`~fedmaml.federated.train_outcomes`), accounted and averaged by one function."""
+        Per-client replies and cohort replies (one for many clients, updates stacked) both become
+        the same per-client :class:`TrainOutcome` s, accounted and averaged by one function."""
         stacks: list[Params] = []
         sums: list[Params] = []  # per reply summed by part (the sharded engine's), its part sums
-        blocks: list[Outcomes] = []
+        outcomes: list[TrainOutcome] = []
         per_client: list[Message] = []
         for msg in replies:
             if msg.has_content() and R.FAILURES in msg.content:
-                blocks.append(self._cohort_outcomes(msg, stacks, sums))
+                outcomes += self._cohort_outcomes(msg, stacks, sums)
             elif msg.has_error() and self._cohort_of(msg) is not None:
-                failure = ("error", f"client error: {msg.error.reason}")
-                blocks.append(T.failed([failure] * len(self._cohort_of(msg))))
+                outcomes += [TrainOutcome(cid, failure=("error", f"client error: {msg.error.reason}"))
+                             for cid in self._cohort_of(msg)]
             else:
                 per_client.append(msg)
         if per_client:
-            blocks.append(self._client_outcomes(per_client, stacks))
-        return self._account_train(server_round, stacks, T.joined(blocks), sums)
+            outcomes += self._client_outcomes(per_client, len(stacks), stacks)
+        return self._account_train(server_round, stacks, outcomes, sums)
 
-    def _client_outcomes(self, replies: list[Message], stacks: list[Params]) -> Outcomes:
-        """Per-client replies: decoded and checked together (``R.stack_from_records``), their
-        updates a stack appended to ``stacks``."""
-        failures: list[Failure] = []
-        parsed = []
+    def _client_outcomes(self, replies: list[Message], stack: int, stacks: list[Params]
+                         ) -> list[TrainOutcome]:
+        """Per-client replies: decoded and checked together (``R.stack_from_records``)."""
+        outcomes, parsed = [], []
         for msg in replies:
             if msg.has_error():
-                failures.append(("error", f"client error: {msg.error.reason}"))
+                outcomes.append(TrainOutcome(None, failure=("error",
+                                                            f"client error: {msg.error.reason}")))
                 continue
             try:
                 parsed.append(self._parse_train_reply(msg))
             except (KeyError, TypeError, ValueError, MessageError) as e:
-                failures.append(("malformed", f"malformed reply: {e}"))
+                outcomes.append(TrainOutcome(None, failure=("malformed", f"malformed reply: {e}")))
         stacked, array_errors = R.stack_from_records(
             [p[1] for p in parsed], self.w, [f"update from client {p[0]}" for p in parsed])
-        first_row = T.stacked_rows(stacks)
         stacks.append(stacked)
-        return T.from_clients(failures, [(cid, count, m) for cid, _, count, m in parsed],
-                              array_errors, first_row)
+        for j, ((cid, _, count, m), error) in enumerate(zip(parsed, array_errors)):
+            outcomes.append(TrainOutcome(cid, (stack, j), count, m) if error is None else
+                            TrainOutcome(cid, failure=_update_failure(error)))
+        return outcomes
 
     def _cohort_outcomes(self, msg: Message, stacks: list[Params], sums: list[Params]
-                         ) -> Outcomes:
-        """A cohort reply (:func:`~fedmaml.federated.train_outcomes.from_cohort`); one that cannot
-        be read fails every client of its cohort as malformed."""
+                         ) -> list[TrainOutcome]:
+        """A cohort reply: every client it names becomes an outcome; a reply that cannot be read
+        fails every client of its cohort as malformed. Its updates are a stack of rows (appended
+        to ``stacks``) or, summed by part, the part sums (appended to ``sums``)."""
+        content = msg.content
         try:
-            return T.from_cohort(msg.content, self.w, self.cfg.federated.aggregation, stacks, sums)
+            rows = R.metric_rows(content[R.METRICS])
+            ids = [int(m[R.PARTITION]) for m in rows]
+            counts = [int(m[R.NUM_EXAMPLES]) for m in rows]
+            for m in rows:
+                for key in ("samples", "train-seconds"):
+                    float(m[key])
+            failures = R.failures_from(content[R.FAILURES])
+            if R.PARTS in content:
+                summed, part_of, row_errors = self._part_sums(content, len(ids))
+            else:
+                stacked, row_errors = R.stack_from_cohort(
+                    content[R.ARRAYS], self.w, [f"update from client {c}" for c in ids])
+                part_of = None
         except (KeyError, TypeError, ValueError, MessageError) as e:
-            return T.failed([("malformed", f"malformed reply: {e}")]
-                            * len(self._cohort_of(msg) or [None]))
+            cids = self._cohort_of(msg) or [None]
+            return [TrainOutcome(cid, failure=("malformed", f"malformed reply: {e}"))
+                    for cid in cids]
+        if part_of is None:
+            at = len(stacks)
+            stacks.append(stacked)
+        else:
+            at = len(sums)
+            sums.append(summed)
+        outcomes = []
+        for j, (cid, count, error) in enumerate(zip(ids, counts, row_errors)):
+            if error is not None:
+                outcomes.append(TrainOutcome(cid, failure=_update_failure(error)))
+            elif count <= 0:
+                outcomes.append(TrainOutcome(cid, failure=(
+                    "malformed", f"malformed reply: client {cid} reported {count} examples")))
+            elif part_of is None:
+                outcomes.append(TrainOutcome(cid, (at, j), count, rows[j]))
+            elif part_of[j] < 0:
+                outcomes.append(TrainOutcome(cid, failure=(
+                    "malformed", f"malformed reply: no part holds client {cid}'s update")))
+            else:
+                outcomes.append(TrainOutcome(cid, None, count, rows[j], part=(at, part_of[j])))
+        for cid, kind, reason in failures:
+            label = {"error": "client error", "malformed": "malformed reply"}.get(kind, kind)
+            kind = kind if kind in FAILURE_KINDS else "error"  # a kind we do not know: it failed
+            outcomes.append(TrainOutcome(cid, failure=(kind, f"{label}: client {cid}: {reason}")))
+        return outcomes
+
+    def _part_sums(self, content: RecordDict, n: int
+                   ) -> tuple[Params, list[int], list[str | None]]:
+        """A reply summed by part (records.py): its part sums ``[P, ...]``, per metrics row its
+        part (-1: none) and why its update was rejected (``None``: it was not)."""
+        parts = content[R.PARTS]
+        weighting = str(parts[R.WEIGHTING])
+        if weighting != self.cfg.federated.aggregation:
+            raise ValueError(f"the reply's parts are {weighting} sums, the run's "
+                             f"federated.aggregation is {self.cfg.federated.aggregation}")
+        part_of = [int(p) for p in parts[R.PART]]
+        rejected = [R.NonFinite(r) if r else None for r in (str(r) for r in parts[R.REJECTED])]
+        if len(part_of) != n or len(rejected) != n:
+            raise ValueError("the parts' lists differ in length from partition-id")
+        summed = R.stacked_from(content[R.PART_SUMS], self.w, None, R.PART_SUMS)
+        count = len(next(iter(summed.values()))) if summed else 0
+        if any(p >= count for p in part_of):
+            raise ValueError(f"a row names part {max(part_of)} of {count} part sums")
+        return summed, part_of, rejected
 
     def _cohort_of(self, msg: Message) -> list[int] | None:
         """The client ids of the cohort instruction (train or evaluate) ``msg`` answers (``None``:
@@ -350,60 +429,82 @@ class MetaStrategy(Strategy):
         return next((cids for m, cids in self.round_stats.get("cohorts", [])
                      if m.metadata.message_id == answered), None)
 
-    def _account_train(self, server_round: int, stacks: list[Params], outcomes: Outcomes,
-                       sums: Sequence[Params] = ()
+    def _account_train(self, server_round: int, stacks: list[Params],
+                       outcomes: list[TrainOutcome], sums: Sequence[Params] = ()
                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Count, log and average a round's per-client outcomes, whatever messages carried them."""
-        settled = T.settle(outcomes, self.round_stats.get("clients", []))
-        errors, missing, valid = settled.errors, settled.missing, settled.valid
+        expected = set(self.round_stats.get("clients", []))
+        errors: list[tuple[str, str]] = []  # (kind, why): health.round_outcome counts the kinds
+        used: dict[int, TrainOutcome] = {}  # valid outcomes by client, in arrival order
+        for o in outcomes:
+            failure = o.failure
+            if failure is None and (o.cid not in expected or o.cid in used):
+                failure = ("malformed",
+                           f"unexpected reply from client {o.cid} (not sampled, or a duplicate)")
+            if failure is None:
+                used[o.cid] = o
+            else:
+                errors.append(failure)
+        # A part sum holds every update its reply put in it: one the server cannot use (a client
+        # not sampled, or named twice) spoils the whole part, whose clients then fail.
+        spoiled = (Counter(o.part for o in outcomes if o.part is not None)
+                   - Counter(o.part for o in used.values() if o.part is not None))
+        for o in [o for o in used.values() if o.part in spoiled]:
+            del used[o.cid]
+            errors.append(("malformed", f"malformed reply: client {o.cid}'s update is summed "
+                                        "with one the server cannot use"))
+        missing = max(len(expected) - len(outcomes), 0)
         for _, e in errors:
             log.warning("round %d: %s", server_round, e)
         if errors:
             self.last_error = errors[-1][1]
         if missing > 0:
             log.warning("round %d: %d client(s) did not reply in time", server_round, missing)
-        cids = outcomes.cids[valid]
-        self.trained.update(cids.tolist())
-        self._count_resets(server_round, cids[outcomes.metrics[R.MEMORY_RESET][valid] > 0].tolist())
-        counts = outcomes.counts[valid].tolist()
-        kinds = [k for k, _ in errors]
-        if (outcomes.parts[valid] >= 0).any():
-            record = self._server_round(server_round, None, counts, kinds, missing,
-                                        self._parts(stacks, sums, outcomes, valid))
+        # In client-id order: replies arrive in any order (Ray, devices), and the average's last
+        # bits must not depend on it (a resumed run equals an uninterrupted one).
+        valid = sorted(used.values(), key=lambda o: o.cid)
+        self.trained.update(used)
+        self._count_resets(server_round, [o.cid for o in valid
+                                          if float(o.metrics.get(R.MEMORY_RESET, 0)) > 0])
+        if any(o.part is not None for o in valid):
+            record = self._server_round(server_round, None, [o.count for o in valid],
+                                        [k for k, _ in errors], missing,
+                                        self._parts(stacks, sums, valid))
         else:
-            stacked = (_rows(stacks, outcomes.rows[valid]) if len(valid) else
+            stacked = (_rows(stacks, [o.row for o in valid]) if valid else
                        {k: torch.zeros(0, *v.shape, dtype=v.dtype) for k, v in self.w.items()})
-            record = self._server_round(server_round, stacked, counts, kinds, missing)
+            record = self._server_round(server_round, stacked, [o.count for o in valid],
+                                        [k for k, _ in errors], missing)
         self.round_stats.update(record.row())
         updated = record.updated
         if not updated and record.diverged is None:
             log.warning("round %d: %d valid replies < min_replies=%d; the model is not updated",
                         server_round, len(valid), self.cfg.federated.min_replies)
-        if not len(valid):  # a private Poisson round that nobody answered: its release, no metrics
+        if not valid:  # a private Poisson round that nobody answered: its release, no metrics
             return (R.kept_record(self.w) if updated else None), None
-        return ((R.kept_record(self.w) if updated else None),
-                MetricRecord(T.train_metrics(outcomes, valid)))
+        metrics = [o.metrics for o in valid]
+        out = {k: math.fsum(float(m[k]) for m in metrics) / len(metrics) for k in TRAIN_METRICS
+               if all(k in m for m in metrics)}
+        out["samples"] = sum(int(m["samples"]) for m in metrics)
+        out["train-seconds-max"] = max(float(m["train-seconds"]) for m in metrics)
+        return (R.kept_record(self.w) if updated else None), MetricRecord(out)
 
-    def _parts(self, stacks: list[Params], sums: Sequence[Params], outcomes: Outcomes,
-               valid: np.ndarray) -> list[PartSum]:
-        """The valid updates of a round summed by part (``valid``: in client-id order): the parts
-        of the replies that sent sums, in reply and part order, each weighted by its clients'
-        counts, after a part of the rows other replies sent, summed here."""
+    def _parts(self, stacks: list[Params], sums: Sequence[Params], valid: list[TrainOutcome]
+               ) -> list[PartSum]:
+        """The valid updates of a round summed by part (in client-id order ``valid``): the parts of
+        the replies that sent sums, in reply and part order, each weighted by its clients' counts,
+        after a part of the rows other replies sent, summed here."""
         weighting = self.cfg.federated.aggregation
-        held = outcomes.parts[valid]
-        rows = valid[held < 0]
-        parts = ([part_sum(_rows(stacks, outcomes.rows[rows]), outcomes.counts[rows].tolist(),
-                           weighting)] if len(rows) else [])
-        held = held[held >= 0]
-        # each part's weight: its clients' weights added in client-id order (as sum() would)
-        weights = np.bincount(held, weights=mean_weights(
-            outcomes.counts[valid][outcomes.parts[valid] >= 0].tolist(), weighting))
-        joined = sums[0] if len(sums) == 1 else {k: torch.cat([s[k] for s in sums])
-                                                 for k in sums[0]}
-        sizes = np.bincount(held)
-        for p in np.flatnonzero(sizes).tolist():
-            parts.append(PartSum({k: v[p] for k, v in joined.items()}, float(weights[p]),
-                                 int(sizes[p])))
+        rows = [o for o in valid if o.part is None]
+        parts = ([part_sum(_rows(stacks, [o.row for o in rows]), [o.count for o in rows],
+                           weighting)] if rows else [])
+        members: dict[tuple[int, int], list[int]] = {}
+        for o in valid:
+            if o.part is not None:
+                members.setdefault(o.part, []).append(o.count)
+        for (s, p), counts in sorted(members.items()):
+            weights = mean_weights(counts, weighting)
+            parts.append(PartSum({k: v[p] for k, v in sums[s].items()}, sum(weights), len(counts)))
         return parts
 
     def _server_round(self, server_round: int, stacked: Params | None, counts: list[int],
@@ -468,9 +569,6 @@ class MetaStrategy(Strategy):
             raise ValueError(f"client {cid} reported {count} examples")
         for key in ("samples", "train-seconds"):
             float(m[key])
-        for key in T.READ:  # the other metrics the server reads, when the reply has them
-            if key in m:
-                float(m[key])
         return cid, record, count, m
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
