@@ -43,7 +43,7 @@ from flwr.app import Context, Error, Message, RecordDict
 
 from fedmaml.cli import main
 from fedmaml.config import Config, config_from_flat, config_to_flat, load_config
-from fedmaml.deploy import processes
+from fedmaml.deploy import local, processes
 from fedmaml.deploy.commands import NodeSettings, program_env, superlink_argv, supernode_argv
 from fedmaml.deploy.crypto import DeployError, certificate_hosts, make_certificates, make_node_keys
 from fedmaml.deploy.flwr_config import (app_config_toml, flat_app_config, run_config_toml,
@@ -637,6 +637,9 @@ def flwr_run_on_local_superlink(tmp_path: Path, run_config: str, name: str,
     os.environ.update(env)  # the helpers below read FLWR_HOME and the port from the environment
     try:
         assert main(["deploy", "local-superlink"]) == 0
+        # its simulations start a Ray instance of their own, not one another test started
+        pid = int((home / "local-superlink" / local.PID_FILE).read_text())
+        assert "RAY_ADDRESS=local" in Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
         done = subprocess.run(
             [str(Path(sys.executable).parent / "flwr"), "run", str(app), "--format", "json",
              "--run-config", f"{run_config} name='{name}' output_dir='{out}'"],

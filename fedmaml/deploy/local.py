@@ -45,7 +45,13 @@ def start_local_superlink(timeout: float = 30.0) -> tuple[int, Path]:
     argv = [program("flower-superlink"), "--insecure", "--simulation",
             "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port),
             "--database", str(state / "state.db")]
-    proc = processes.start(argv, log, env=flwr_env())
+    env = flwr_env()
+    # Its simulations start Ray in the runtime it spawns. Without an address, ray.init() joins the
+    # last cluster started on this machine (`ray start`, Ray's cluster_utils) instead of a fresh
+    # instance, and a run then lives and dies with that cluster; an address the user set is kept.
+    if not env.get("RAY_ADDRESS"):
+        env["RAY_ADDRESS"] = "local"
+    proc = processes.start(argv, log, env=env)
     (state / PID_FILE).write_text(f"{proc.pid}\n")
     try:
         processes.wait_until(
