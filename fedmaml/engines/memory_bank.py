@@ -41,6 +41,10 @@ from fedmaml.federated.bank_state import CHECKPOINT_FORMAT, bank_state
 MIN_CAPACITY = 64
 
 
+#: Up to this many ids, a Python set checks them for duplicates faster than ``np.unique``.
+_FEW_IDS = 64
+
+
 class MemoryBank:
     """Stacked memories of up to ``num_clients`` clients; each row holds one client's tasks.
 
@@ -123,7 +127,7 @@ class MemoryBank:
     def write(self, cids: Sequence[int], memory: Params) -> None:
         """Store stacked memories ``[len(cids), tasks, ...]``; clients seen for the first time get a row."""
         ids = self._check_ids(cids)
-        if (len(set(ids.tolist())) if len(ids) <= 64 else len(np.unique(ids))) != len(ids):
+        if (len(set(ids.tolist())) if len(ids) <= _FEW_IDS else len(np.unique(ids))) != len(ids):
             raise ValueError("write() got the same client id twice in one call")
         self._check_memory(memory, len(ids))
         new = ids[self._slot[ids] < 0]

@@ -438,7 +438,6 @@ class ShardActors:
             self.group = None
 
 
-
 def _part_id(msg: Message, shard: int) -> str:
     """The id of the part of cohort instruction ``msg`` that goes to ``shard``."""
     return f"{msg.metadata.message_id}/{shard}"

@@ -567,10 +567,12 @@ class MetaStrategy(Strategy):
         count = int(m[R.NUM_EXAMPLES])
         if count <= 0:
             raise ValueError(f"client {cid} reported {count} examples")
-        # every number the server reads from it, so that a list or text fails this reply alone
-        # (counted as malformed) rather than the round's averaging
-        for key in ("samples", "train-seconds", *TRAIN_METRICS, R.MEMORY_RESET):
-            if key in m or key in ("samples", "train-seconds"):
+        # every number the server reads from it (the last ones only when sent), so that a list or
+        # text fails this reply alone (counted as malformed) rather than the round's averaging
+        for key in ("samples", "train-seconds"):
+            float(m[key])
+        for key in (*TRAIN_METRICS, R.MEMORY_RESET):
+            if key in m:
                 float(m[key])
         return cid, record, count, m
 
