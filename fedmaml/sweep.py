@@ -432,7 +432,7 @@ def plan_batches(todo: list[PlannedRun], sweep_dir: Path, jobs: int
     """``--vectorize``: the runs to train as batches (equal shapes, and equal checkpoint rounds
     when resuming; split when there are fewer batches than ``jobs`` processes), the runs that run
     one by one, and why each of those cannot join a batch."""
-    from fedmaml.engines.run_batch import batch_key, batch_refusal
+    from fedmaml.engines.batch_plan import batch_key, batch_refusal
     from fedmaml.federated.checkpoint import CHECKPOINT_FILE
 
     groups: dict[tuple, list[PlannedRun]] = {}
@@ -464,7 +464,7 @@ def plan_batches(todo: list[PlannedRun], sweep_dir: Path, jobs: int
 
 def _baseline_refusal(cfg: Config) -> str | None:
     """Why one of ``cfg``'s ``compare_with`` baselines cannot run in a batch (``None``: they can)."""
-    from fedmaml.engines.run_batch import batch_refusal
+    from fedmaml.engines.batch_plan import batch_refusal
     from fedmaml.experiment import baseline_config
 
     for name in cfg.compare_with:
