@@ -16,6 +16,7 @@ CONFIG_FILE = "config.yaml"  # the resolved config
 METRICS_FILE = "metrics.jsonl"  # one line per round, appended
 SUMMARY_FILE = "summary.json"  # written last: a directory that has one holds a run that ended
 MODEL_FILE = "model.pt"  # the final meta-model
+CHECKPOINT_FILE = "checkpoint.pt"  # while a run can be resumed (fedmaml/federated/checkpoint.py)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
