@@ -472,6 +472,8 @@ class RunBatch:
         if evaluate:  # the round's clock includes its evaluation, as a run alone's does
             pending[-1]["seconds"] = time.perf_counter() - self.start
         ended: list[tuple[int, RunStopped]] = []
+        # the faults section is the same for every run of a batch (batch_key)
+        faulty = faults_enabled(self.cfgs[self.live[0]]) if self.live else False
         for i in list(self.live):
             rows = []
             for p in pending:
@@ -479,7 +481,7 @@ class RunBatch:
                 if p["round"] == server_round and i in evals:
                     row.eval = evals[i]
                 row.pattern_selection = p.get("selection", {}).get(i)
-                if p["round"] > 0 and faults_enabled(self.cfgs[i]):  # drawn once, this round
+                if p["round"] > 0 and faulty:  # drawn once, this round
                     row.injected = dict(p["injected"][p["position"][i]])
                 rows.append(row)
             try:
@@ -631,18 +633,18 @@ class RunBatch:
 
 def _row_of(pending: dict[str, Any], j: int) -> MetricsRow:
     """Run ``j``'s metrics row of a pending round."""
-    row = MetricsRow(pending["round"])
+    totals = pending["totals"]
+    row = MetricsRow(pending["round"], samples=totals["samples"][j],
+                     bytes_up=totals["bytes_up"][j], bytes_down=totals["bytes_down"][j],
+                     seconds=pending["seconds"])
     if pending["round"] > 0:
         record = pending["records"][j]
-        row = MetricsRow(pending["round"], available=pending["available"][j],
-                         **record.row())
+        row.available = pending["available"][j]
+        for k, v in record.row().items():
+            setattr(row, k, v)
         if record.replies:
             row.set_train({**{k: v[j] for k, v in pending["losses"].items()},
                            "train-seconds-max": pending["train_seconds_max"][j]})
-    totals = pending["totals"]
-    row.samples, row.bytes_up, row.bytes_down = (
-        totals["samples"][j], totals["bytes_up"][j], totals["bytes_down"][j])
-    row.seconds = pending["seconds"]
     return row
 
 

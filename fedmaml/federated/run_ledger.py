@@ -94,9 +94,10 @@ class RunLedger:
         one write when the call returns or raises, the row the health rules stopped at (or failed
         on) included: a batch hands over a few hundred rounds at a time."""
         written: list[dict[str, Any]] = []
+        faulty = faults.enabled(self.cfg)
         try:
             for row in rows:
-                if row.round > 0 and faults.enabled(self.cfg):  # what was injected, beside what
+                if row.round > 0 and faulty:  # what was injected, beside what
                     if row.injected is None:  # counted (a batch drew its clients' faults already)
                         row.injected = faults.injected(self.cfg, row.clients or [], row.round)
                     for k, n in row.injected.items():
