@@ -412,7 +412,8 @@ def _add_model_show_arguments(parser: argparse.ArgumentParser) -> None:
 def _cmd_model_show(args: argparse.Namespace) -> int:
     from fedmaml.config import load_config
     from fedmaml.federated.setup import setup_for
-    from fedmaml.models.module import describe_groups, is_import_path
+    from fedmaml.models.module import describe_groups
+    from fedmaml.user_objects import is_import_path
 
     target, overrides = args.target, list(args.overrides)
     if is_import_path(target) and not Path(target).exists():

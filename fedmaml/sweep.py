@@ -230,7 +230,7 @@ def execute_run(cfg: Config, run_dir: str | Path) -> tuple[float, str | None]:
     stopped by SIGINT/SIGTERM (checkpointed) stops the sweep: KeyboardInterrupt.
     """
     from fedmaml.experiment import run_experiment  # lazy: torch and flwr, in the worker only
-    from fedmaml.federated.checkpoint import CHECKPOINT_FILE
+    from fedmaml.results.run_files import CHECKPOINT_FILE
 
     run_dir = Path(run_dir)
     start = time.perf_counter()
@@ -432,8 +432,8 @@ def plan_batches(todo: list[PlannedRun], sweep_dir: Path, jobs: int
     """``--vectorize``: the runs to train as batches (equal shapes, and equal checkpoint rounds
     when resuming; split when there are fewer batches than ``jobs`` processes), the runs that run
     one by one, and why each of those cannot join a batch."""
-    from fedmaml.engines.run_batch import batch_key, batch_refusal
-    from fedmaml.federated.checkpoint import CHECKPOINT_FILE
+    from fedmaml.engines.batch_plan import batch_key, batch_refusal
+    from fedmaml.results.run_files import CHECKPOINT_FILE
 
     groups: dict[tuple, list[PlannedRun]] = {}
     alone: list[PlannedRun] = []
@@ -464,7 +464,9 @@ def plan_batches(todo: list[PlannedRun], sweep_dir: Path, jobs: int
 
 def _baseline_refusal(cfg: Config) -> str | None:
     """Why one of ``cfg``'s ``compare_with`` baselines cannot run in a batch (``None``: they can)."""
-    from fedmaml.engines.run_batch import batch_refusal
+    if not cfg.compare_with:
+        return None
+    from fedmaml.engines.batch_plan import batch_refusal
     from fedmaml.experiment import baseline_config
 
     for name in cfg.compare_with:

@@ -26,6 +26,11 @@ def is_import_path(name: str) -> bool:
     return bool(_IMPORT_PATH.match(name))
 
 
+def is_user_object(name: str) -> bool:
+    """``name`` names the user's own object: an import path or a ``python:`` name."""
+    return name.startswith(PYTHON_PREFIX) or is_import_path(name)
+
+
 def import_path_of(source: Any) -> str | None:
     """``module:qualname`` when ``source`` is a top-level function or class of an importable
     module (not ``__main__``) whose name resolves back to it; None otherwise (instances have no

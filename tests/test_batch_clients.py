@@ -17,7 +17,8 @@ from fedmaml.client.speed import (client_seconds, past_deadline, simulated_secon
 from fedmaml.client.train import clip_client_updates, memory_init_mask, needs_memory_init
 from fedmaml.config import ParticipationConfig, replace_paths
 from fedmaml.core.privacy import clip_update
-from fedmaml.engines.run_batch import RunBatch, batch_refusal
+from fedmaml.engines.batch_plan import batch_refusal
+from fedmaml.engines.run_batch import RunBatch
 from fedmaml.results.recorder import read_metrics, read_summary
 from tests.test_run_batch import PER_RUN, assert_equal_to_alone, memories_of
 

@@ -321,7 +321,7 @@ def test_privacy_config_rules():
     load_config(None, private_poisson)
     load_config(None, ["federated.sampling=poisson", "federated.min_replies=2"])  # no DP: fine
     # a sweep batch pads Poisson cohorts (tests/test_server_round.py): it holds them
-    from fedmaml.engines.run_batch import batch_refusal
+    from fedmaml.engines.batch_plan import batch_refusal
 
     assert batch_refusal(load_config(None, ["federated.sampling=poisson"])) is None
 

@@ -16,7 +16,8 @@ import torch
 
 from fedmaml.cli import main
 from fedmaml.config import dump_yaml, replace_paths
-from fedmaml.engines.run_batch import RunBatch, batch_key, batch_refusal
+from fedmaml.engines.batch_plan import batch_key, batch_refusal
+from fedmaml.engines.run_batch import RunBatch
 from fedmaml.federated import checkpoint
 from fedmaml.results.metrics_row import MetricsRow
 from fedmaml.results.recorder import MODEL_FILE, read_metrics, read_summary

@@ -107,3 +107,32 @@ def test_a_checkpoint_whose_memories_cannot_be_collected_is_skipped(tiny_config,
 
     ledger.save_checkpoint(1, strategy.export_state(), unreachable)
     assert not checkpoint.path_of(tmp_path / "run").exists()
+
+
+def test_the_figure_draws_what_the_file_holds_also_after_a_resume(tiny_config, tmp_path):
+    """The ledger gathers the figure's curves as it writes rows (the end does not read them back):
+    what it gathered equals what metrics.jsonl holds, a resumed run's earlier rows included, and
+    the figure drawn from either is the same image."""
+    from fedmaml.results.plots import Curves, plot_run
+    from fedmaml.results.recorder import read_metrics
+
+    cfg = tiny_config("federated.rounds=4")
+    run_dir = tmp_path / "run"
+    strategy = MetaStrategy(setup_for(cfg))
+    ledger = RunLedger(cfg, run_dir, "loss")
+    ledger.record([row(0, 0.1), row(1, 0.2), row(2, 0.3)])
+    ledger.save_checkpoint(2, strategy.export_state(), {"clients": {}})
+    ledger.record([row(3, 0.4)])  # after the checkpoint: the resume drops it
+    again = RunLedger(cfg, run_dir, "loss", resume=True)
+    again.record([row(3, 0.5), MetricsRow(4, eval={"seen.loss.mean": 0.7}, seconds=0.6)])
+
+    def plain(c: Curves):
+        return ({k: (list(r), list(v)) for k, (r, v) in c.train.items()}, c.evaluations)
+
+    from_file = Curves.of(read_metrics(run_dir))
+    assert plain(again.curves) == plain(from_file)
+    assert [r for r, _ in from_file.evaluations] == [0, 4]
+    assert list(from_file.train["loss_after"][0]) == [1, 2, 3]
+    a = plot_run(run_dir, tmp_path / "a.png", curves=again.curves)
+    b = plot_run(run_dir, tmp_path / "b.png")
+    assert a.read_bytes() == b.read_bytes()

@@ -17,7 +17,8 @@ from fedmaml.config import load_config, replace_paths
 from fedmaml.core.params import Params
 from fedmaml.core.task_step import StepConfig
 from fedmaml.core.patterns import Pattern
-from fedmaml.engines.run_batch import RunBatch, batch_refusal
+from fedmaml.engines.batch_plan import batch_refusal
+from fedmaml.engines.run_batch import RunBatch
 from fedmaml.errors import ConfigError
 from fedmaml.experiment import run_experiment
 from fedmaml.federated.setup import setup_for

@@ -282,7 +282,7 @@ def test_the_documented_example_runs(tmp_path, monkeypatch, capsys):
 
 
 def test_a_sweep_batches_a_user_module_only_when_vmap_can(tiny_config):
-    from fedmaml.engines.run_batch import batch_refusal
+    from fedmaml.engines.batch_plan import batch_refusal
 
     assert batch_refusal(tiny_config("model.name=user_models:Residual")) is None
     why = batch_refusal(tiny_config("model.name=user_models:Branchy"))

@@ -19,7 +19,7 @@ from fedmaml.algorithms.moml import MOML
 from fedmaml.algorithms.per_fedavg import PER_FEDAVG
 from fedmaml.algorithms.reptile import REPTILE
 from fedmaml.errors import ConfigError
-from fedmaml.user_objects import PYTHON_PREFIX, Registry, is_import_path, parse_mapping
+from fedmaml.user_objects import Registry, is_user_object, parse_mapping
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (MOML, PER_FEDAVG, FEDMETA, REPTILE, FEDAVG)}
 
@@ -81,7 +81,7 @@ def _check_kwargs(name: str, source: Callable[..., Any], given: dict[str, Any]) 
 
 
 def _load(name: str) -> AlgorithmSource:
-    if not name.startswith(PYTHON_PREFIX) and not is_import_path(name):
+    if not is_user_object(name):
         raise ConfigError(f"algorithm.name: {name!r} is not allowed; allowed: "
                           f"{', '.join(ALGORITHMS)}, or an import path 'package.module:Name' of "
                           "your own Algorithm")

@@ -69,16 +69,15 @@ from fedmaml.client.faults import (FAIL, NONE, arrives, enabled as faults_enable
 from fedmaml.client.metrics import example_counts
 from fedmaml.client.speed import past_deadline, simulated_seconds
 from fedmaml.client.train import draw_cohort_data
-from fedmaml.config import Config, config_to_flat
+from fedmaml.config import Config
 from fedmaml.core.params import Params
 from fedmaml.core.server import ServerOptimizer, per_run
 from fedmaml.data.counter import round_keys
 from fedmaml.data.tasks import Task
 from fedmaml.engines.batch_evaluation import BatchEvaluator
+from fedmaml.engines.batch_plan import PER_RUN_KEYS, batch_key, batch_refusal
 from fedmaml.engines.inprocess import InProcessGrid, claim_task_identity
 from fedmaml.engines.memory_bank import CHECKPOINT_FORMAT as BANK_FORMAT
-from fedmaml.engines.vectorized import unbatchable_reason
-from fedmaml.models.module import is_user_model
 from fedmaml.federated import checkpoint
 from fedmaml.federated import records as R
 from fedmaml.federated.client_app import make_client_app
@@ -88,45 +87,19 @@ from fedmaml.federated.pattern_selection import hyper_for
 from fedmaml.federated.run_ledger import RunLedger
 from fedmaml.federated.server_round import aggregate_round
 from fedmaml.federated.server_state import ServerState
-from fedmaml.federated.setup import ExperimentSetup, resolve_device, setup_for
+from fedmaml.federated.setup import ExperimentSetup, setup_for
 from fedmaml.federated.strategy import TRAIN_METRICS, MetaStrategy, exchange
 from fedmaml.results.metrics_row import MetricsRow
 from fedmaml.results.progress import Progress
 
 log = logging.getLogger("fedmaml")
 
-#: Config keys whose values may differ between the runs of one batch: a run's identity and place,
-#: its numbers (carried as tensors along the run axis), its evaluation (run per run), and settings
-#: of the engines and of tracking that do not change a run's results.
-PER_RUN_KEYS = ("name", "seed", "output_dir", "model.init_seed", "algorithm.eta", "algorithm.beta",
-                "algorithm.alpha", "algorithm.hf_delta", "federated.server_lr",
-                "federated.checkpoint_every", "federated.poll_interval")
-_PER_RUN_PREFIXES = ("tracking.", "evaluation.", "engine.")
 #: The hyperparameters a batch carries per run, as tensors ``[R]``.
 _VALUES = ("eta", "alpha", "beta", "hf_delta")
 #: Pending rows are written at least this often (rounds).
 _FLUSH_ROUNDS = 200
 #: Clients whose tasks a batch keeps at hand, per run.
 _TASK_CACHE = 4096
-
-
-def batch_refusal(cfg: Config) -> str | None:
-    """Why ``cfg`` cannot run in a batch (``None``: it can)."""
-    # "cuda" joins no batch even where it is missing: the run alone is then refused up front with
-    # the error every engine gives (federated.setup.check_device)
-    if cfg.engine.device == "cuda" or resolve_device(cfg.engine.device).type != "cpu":
-        return "batches run on the CPU"
-    # A user's module may be one vmap cannot batch (docs/custom.md); built-ins are written for it.
-    problem = unbatchable_reason(setup_for(cfg)) if is_user_model(cfg.model.name) else None
-    if problem is not None:
-        return f"torch.func.vmap cannot batch the model ({problem})"
-    return None
-
-
-def batch_key(cfg: Config) -> tuple:
-    """Runs with equal keys share every shape and rule and can run as one batch."""
-    return tuple((k, repr(v)) for k, v in config_to_flat(cfg).items()
-                 if k not in PER_RUN_KEYS and not k.startswith(_PER_RUN_PREFIXES))
 
 
 def _stack(params: Sequence[Params]) -> Params:
@@ -499,6 +472,8 @@ class RunBatch:
         if evaluate:  # the round's clock includes its evaluation, as a run alone's does
             pending[-1]["seconds"] = time.perf_counter() - self.start
         ended: list[tuple[int, RunStopped]] = []
+        # the faults section is the same for every run of a batch (batch_key)
+        faulty = faults_enabled(self.cfgs[self.live[0]]) if self.live else False
         for i in list(self.live):
             rows = []
             for p in pending:
@@ -506,7 +481,7 @@ class RunBatch:
                 if p["round"] == server_round and i in evals:
                     row.eval = evals[i]
                 row.pattern_selection = p.get("selection", {}).get(i)
-                if p["round"] > 0 and faults_enabled(self.cfgs[i]):  # drawn once, this round
+                if p["round"] > 0 and faulty:  # drawn once, this round
                     row.injected = dict(p["injected"][p["position"][i]])
                 rows.append(row)
             try:
@@ -658,18 +633,18 @@ class RunBatch:
 
 def _row_of(pending: dict[str, Any], j: int) -> MetricsRow:
     """Run ``j``'s metrics row of a pending round."""
-    row = MetricsRow(pending["round"])
+    totals = pending["totals"]
+    row = MetricsRow(pending["round"], samples=totals["samples"][j],
+                     bytes_up=totals["bytes_up"][j], bytes_down=totals["bytes_down"][j],
+                     seconds=pending["seconds"])
     if pending["round"] > 0:
         record = pending["records"][j]
-        row = MetricsRow(pending["round"], available=pending["available"][j],
-                         **record.row())
+        row.available = pending["available"][j]
+        for k, v in record.row().items():
+            setattr(row, k, v)
         if record.replies:
             row.set_train({**{k: v[j] for k, v in pending["losses"].items()},
                            "train-seconds-max": pending["train_seconds_max"][j]})
-    totals = pending["totals"]
-    row.samples, row.bytes_up, row.bytes_down = (
-        totals["samples"][j], totals["bytes_up"][j], totals["bytes_down"][j])
-    row.seconds = pending["seconds"]
     return row
 
 

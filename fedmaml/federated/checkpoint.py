@@ -54,8 +54,8 @@ from fedmaml.federated import codec
 from fedmaml.federated.bank_state import bank_state
 from fedmaml.federated import records as R
 from fedmaml.federated.memory_store import FileStore, digest
+from fedmaml.results.run_files import CHECKPOINT_FILE
 
-CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT = "fedmaml-checkpoint-1"
 MEMORY_QUERY = "query.memory"  # the ClientApp's @app.query("memory")
 OP, GET, SET, SEND = "op", "get", "set", "send-memory"

@@ -26,8 +26,9 @@ from fedmaml.federated.pattern_selection import write_selection
 from fedmaml.federated.server_state import ServerState
 from fedmaml.provenance import run_provenance
 from fedmaml.results.metrics_row import MetricsRow
-from fedmaml.results.plots import plot_run
+from fedmaml.results.plots import Curves, plot_run
 from fedmaml.results.recorder import RunRecorder
+from fedmaml.results.run_files import parse_metrics
 from fedmaml.tracking import open_tracker
 
 log = logging.getLogger("fedmaml")
@@ -63,6 +64,9 @@ class RunLedger:
         self.label = ""
         saved = checkpoint.load(run_dir) if resume else None
         self.recorder = RunRecorder(run_dir, cfg, metrics=saved["metrics"] if saved else None)
+        #: what the run's figure draws, gathered as rows are written (the resumed ones first)
+        self.curves = Curves.of(parse_metrics(saved["metrics"].splitlines())) if saved \
+            else Curves()
         self.tracker = open_tracker(cfg, run_dir)
         self.health = run_health(cfg)
         #: what the summary reports besides the health totals (kept in checkpoints)
@@ -85,24 +89,29 @@ class RunLedger:
     # -- rounds -----------------------------------------------------------------------------------
     def record(self, rows: Iterable[MetricsRow], last_error: str = "") -> list[dict[str, Any]]:
         """Write rows, in order, to metrics.jsonl and the trackers, and account for them; return
-        them as written. Each row is in the file before the health rules see it (a crash or a kill
-        there keeps it). Raises :class:`~fedmaml.federated.health.RunStopped` at the row after
-        which the run must stop (the rows after it are not written)."""
+        them as written. Raises :class:`~fedmaml.federated.health.RunStopped` at the row after
+        which the run must stop (the rows after it are not written). The rows go to the file in
+        one write when the call returns or raises, the row the health rules stopped at (or failed
+        on) included: a batch hands over a few hundred rounds at a time."""
         written: list[dict[str, Any]] = []
-        for row in rows:
-            if row.round > 0 and faults.enabled(self.cfg):  # what was injected, beside what
-                if row.injected is None:  # counted (a batch drew its clients' faults already)
-                    row.injected = faults.injected(self.cfg, row.clients or [], row.round)
-                for k, n in row.injected.items():
-                    self.state["injected"][k] += n
-            written.append(d := row.as_dict())
-            self.recorder.log_round(d)
-            self.state["seconds"] = row.seconds
-            self.tracker.log_round(d)
-            if row.pattern_selection is not None:  # the table also gets a file of its own
-                write_selection(self.dir, row.pattern_selection)
-            self.health.observe(d, last_error)  # raises RunStopped: diverged or failed
-            self._note_evaluation(row)
+        faulty = faults.enabled(self.cfg)
+        try:
+            for row in rows:
+                if row.round > 0 and faulty:  # what was injected, beside what
+                    if row.injected is None:  # counted (a batch drew its clients' faults already)
+                        row.injected = faults.injected(self.cfg, row.clients or [], row.round)
+                    for k, n in row.injected.items():
+                        self.state["injected"][k] += n
+                written.append(d := row.as_dict())
+                self.state["seconds"] = row.seconds
+                self.tracker.log_round(d)
+                if row.pattern_selection is not None:  # the table also gets a file of its own
+                    write_selection(self.dir, row.pattern_selection)
+                self.curves.add((d,))
+                self.health.observe(d, last_error)  # raises RunStopped: diverged or failed
+                self._note_evaluation(row)
+        finally:
+            self.recorder.log_rounds(written)
         return written
 
     def _note_evaluation(self, row: MetricsRow) -> None:
@@ -188,7 +197,7 @@ class RunLedger:
         self.recorder.finish(summary, model, self.state["provenance"])
         if status != "interrupted":  # the summary says what the run became; nothing to resume
             checkpoint.remove(self.dir)
-        plot_run(self.dir)
+        plot_run(self.dir, curves=self.curves)
         self.tracker.finish(summary, self.dir)
         return summary
 

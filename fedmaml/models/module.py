@@ -43,8 +43,7 @@ from torch import Tensor, nn
 from fedmaml.core.params import Params
 from fedmaml.models.base import max_pool_2x2
 from fedmaml.errors import ConfigError
-from fedmaml.user_objects import (PYTHON_PREFIX, Registry, is_import_path,
-                                   parse_mapping)
+from fedmaml.user_objects import Registry, is_user_object, parse_mapping
 
 if TYPE_CHECKING:  # an annotation only: models stay usable without the config package
     from fedmaml.config.schema import ModelConfig
@@ -57,7 +56,7 @@ _MODELS = Registry("model.name", "package.module:factory")
 
 def is_user_model(name: str) -> bool:
     """``model.name`` names a user's module (an import path or a registered Python object)."""
-    return name.startswith(PYTHON_PREFIX) or is_import_path(name)
+    return is_user_object(name)
 
 
 def register(source: ModelSource) -> str:

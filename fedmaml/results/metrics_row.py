@@ -103,15 +103,14 @@ class MetricsRow:
 
     def as_dict(self) -> dict[str, Any]:
         """The row as written: today's keys in today's order, absent fields left out."""
+        trained = self.trained
         row: dict[str, Any] = {}
-        for name in _ORDER:
-            if name == "samples" and self.trained:  # the round's training put it here
+        for name, value in vars(self).items():  # the fields, in their order (set by __init__)
+            if value is None or (name == "samples" and trained):  # training put it elsewhere
                 continue
-            if name == "train_seconds_max" and self.trained:
+            if name == "train_seconds_max":
                 row["samples"] = self.samples
-            value = getattr(self, name)
-            if value is not None:
-                row[name] = value
+            row[name] = value
         return row
 
 

@@ -61,9 +61,6 @@ class RunRecorder:
         """The metrics.jsonl lines written so far."""
         return (self.dir / METRICS_FILE).read_text(encoding="utf-8")
 
-    def log_round(self, row: dict[str, Any]) -> None:
-        self.log_rounds([row])
-
     def log_rounds(self, rows: list[dict[str, Any]]) -> None:
         """Append rows and flush once (a vectorized sweep writes its rows a few hundred at a time)."""
         if rows:

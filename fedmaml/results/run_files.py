@@ -8,6 +8,7 @@ of a run directory do not import torch (the recorder does, for model.pt).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,17 @@ CONFIG_FILE = "config.yaml"  # the resolved config
 METRICS_FILE = "metrics.jsonl"  # one line per round, appended
 SUMMARY_FILE = "summary.json"  # written last: a directory that has one holds a run that ended
 MODEL_FILE = "model.pt"  # the final meta-model
+CHECKPOINT_FILE = "checkpoint.pt"  # while a run can be resumed (fedmaml/federated/checkpoint.py)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     with open(Path(run_dir) / METRICS_FILE, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return parse_metrics(f)
+
+
+def parse_metrics(lines: Iterable[str]) -> list[dict[str, Any]]:
+    """The rows of metrics.jsonl lines (blank lines skipped)."""
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def read_summary(run_dir: str | Path) -> dict[str, Any] | None:

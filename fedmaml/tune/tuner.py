@@ -99,7 +99,7 @@ class TuneResult:
 
 def check_spec(base: Config, spec: TuneSpec) -> list[int]:
     """Refuse what cannot be tuned (with the reason); return the rungs."""
-    from fedmaml.engines.run_batch import batch_refusal
+    from fedmaml.engines.batch_plan import batch_refusal
 
     if len(spec.seeds) < 2:
         raise ConfigError(f"--seeds {','.join(map(str, spec.seeds))}: a candidate must run on at "
@@ -310,7 +310,7 @@ class Tuner:
         """Train a batch's candidates through the rungs (resuming what ran before); tell the
         search each outcome. Returns the candidates with their runs' results and the run-rounds
         they trained."""
-        from fedmaml.engines.run_batch import batch_key
+        from fedmaml.engines.batch_plan import batch_key
 
         runs_of: dict[int, list[_Run]] = {}
         invalid: dict[int, str] = {}

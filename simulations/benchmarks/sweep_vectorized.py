@@ -12,7 +12,10 @@ training, evaluation rounds, figures, run directories). Each measurement runs in
 
 ``--compile`` sets ``engine.compile: true`` for the sweep (the batch's update over runs is
 torch.compile'd) and times the run alone on the engine recommended for it then (vectorized,
-compiled): each side with what makes it fastest.
+compiled): each side with what makes it fastest. torch.compile keeps what it compiled in a cache
+on disk (``TORCHINDUCTOR_CACHE_DIR``, by default under the system's temporary directory), which
+a later process with the same shapes reads instead of compiling again; ``--cold-cache`` gives
+both measured processes a new, empty cache, as on a machine that never compiled these shapes.
 """
 
 from __future__ import annotations
@@ -32,9 +35,12 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "sinewave_centralized.yaml"
 
 
-def timed(command: list[str]) -> float:
-    """Wall seconds of a fresh process running ``command`` (it must succeed)."""
+def timed(command: list[str], cache: str | None = None) -> float:
+    """Wall seconds of a fresh process running ``command`` (it must succeed); ``cache``: its
+    torch.compile cache directory (None: the default one)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if cache is not None:
+        env["TORCHINDUCTOR_CACHE_DIR"] = cache
     start = time.perf_counter()
     subprocess.run(command, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
     return time.perf_counter() - start
@@ -52,26 +58,33 @@ def main() -> None:
     p.add_argument("--compile", action="store_true",
                    help="engine.compile=true for the sweep, and the run alone on the engine the "
                         "docs recommend for it then (vectorized, compiled)")
+    p.add_argument("--cold-cache", action="store_true",
+                   help="with --compile: an empty torch.compile cache for each side")
     p.add_argument("--out", help="JSON file for the numbers")
     a = p.parse_args()
     python = sys.executable
     common = [f"federated.rounds={a.rounds}", *(["engine.compile=true"] if a.compile else [])]
     alone_engine = "vectorized" if a.compile else "inprocess"
-    results: dict = {"rounds": a.rounds, "compile": a.compile, "alone_engine": alone_engine, "grid": {"eta": a.etas, "beta": a.betas,
-                                                  "seeds": a.seeds},
+    if a.cold_cache and not a.compile:
+        p.error("--cold-cache is about torch.compile's cache: give --compile too")
+    results: dict = {"rounds": a.rounds, "compile": a.compile, "alone_engine": alone_engine,
+                     "compile_cache": ("cold" if a.cold_cache else "default") if a.compile else None,
+                     "grid": {"eta": a.etas, "beta": a.betas, "seeds": a.seeds},
                      "load_before": os.getloadavg(), "cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory() as tmp:
         if not a.skip_alone:
             results["alone_seconds"] = timed(
                 [python, "-m", "fedmaml", "run", str(CONFIG), *common,
-                 f"engine.name={alone_engine}", f"output_dir={tmp}", "name=alone", "--quiet"])
+                 f"engine.name={alone_engine}", f"output_dir={tmp}", "name=alone", "--quiet"],
+                cache=f"{tmp}/cache-alone" if a.cold_cache else None)
             print(f"one run alone ({alone_engine}{', compiled' if a.compile else ''}): "
                   f"{results['alone_seconds']:.1f} s", flush=True)
         for jobs in a.jobs:
             seconds = timed([python, "-m", "fedmaml", "sweep", str(CONFIG), *common,
                              "--grid", f"algorithm.eta={a.etas}", "--grid",
                              f"algorithm.beta={a.betas}", "--seeds", a.seeds, "--vectorize",
-                             "--jobs", str(jobs), "--sweep-dir", f"{tmp}/sweep-{jobs}", "--quiet"])
+                             "--jobs", str(jobs), "--sweep-dir", f"{tmp}/sweep-{jobs}", "--quiet"],
+                            cache=f"{tmp}/cache-{jobs}" if a.cold_cache else None)
             runs = sum(1 for d in Path(f"{tmp}/sweep-{jobs}").iterdir() if d.is_dir())
             line = {"jobs": jobs, "runs": runs, "seconds": seconds}
             if "alone_seconds" in results:
