@@ -89,29 +89,26 @@ class RunLedger:
     # -- rounds -----------------------------------------------------------------------------------
     def record(self, rows: Iterable[MetricsRow], last_error: str = "") -> list[dict[str, Any]]:
         """Write rows, in order, to metrics.jsonl and the trackers, and account for them; return
-        them as written. Raises :class:`~fedmaml.federated.health.RunStopped` at the row after
-        which the run must stop (the rows after it are not written). The rows go to the file in
-        one write when the call returns or raises, the row the health rules stopped at (or failed
-        on) included: a batch hands over a few hundred rounds at a time."""
+        them as written. Each row is in the file before the health rules see it (a crash or a kill
+        there keeps it). Raises :class:`~fedmaml.federated.health.RunStopped` at the row after
+        which the run must stop (the rows after it are not written)."""
         written: list[dict[str, Any]] = []
         faulty = faults.enabled(self.cfg)
-        try:
-            for row in rows:
-                if row.round > 0 and faulty:  # what was injected, beside what
-                    if row.injected is None:  # counted (a batch drew its clients' faults already)
-                        row.injected = faults.injected(self.cfg, row.clients or [], row.round)
-                    for k, n in row.injected.items():
-                        self.state["injected"][k] += n
-                written.append(d := row.as_dict())
-                self.state["seconds"] = row.seconds
-                self.tracker.log_round(d)
-                if row.pattern_selection is not None:  # the table also gets a file of its own
-                    write_selection(self.dir, row.pattern_selection)
-                self.curves.add((d,))
-                self.health.observe(d, last_error)  # raises RunStopped: diverged or failed
-                self._note_evaluation(row)
-        finally:
-            self.recorder.log_rounds(written)
+        for row in rows:
+            if row.round > 0 and faulty:  # what was injected, beside what was counted
+                if row.injected is None:  # (a batch drew its clients' faults already)
+                    row.injected = faults.injected(self.cfg, row.clients or [], row.round)
+                for k, n in row.injected.items():
+                    self.state["injected"][k] += n
+            written.append(d := row.as_dict())
+            self.recorder.log_round(d)
+            self.state["seconds"] = row.seconds
+            self.tracker.log_round(d)
+            if row.pattern_selection is not None:  # the table also gets a file of its own
+                write_selection(self.dir, row.pattern_selection)
+            self.curves.add((d,))
+            self.health.observe(d, last_error)  # raises RunStopped: diverged or failed
+            self._note_evaluation(row)
         return written
 
     def _note_evaluation(self, row: MetricsRow) -> None:

@@ -61,6 +61,10 @@ class RunRecorder:
         """The metrics.jsonl lines written so far."""
         return (self.dir / METRICS_FILE).read_text(encoding="utf-8")
 
+    def log_round(self, row: dict[str, Any]) -> None:
+        """Append one row, flushed: it is in the file before anyone acts on it."""
+        self.log_rounds([row])
+
     def log_rounds(self, rows: list[dict[str, Any]]) -> None:
         """Append rows and flush once (a vectorized sweep writes its rows a few hundred at a time)."""
         if rows:
