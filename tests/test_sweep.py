@@ -460,3 +460,23 @@ def test_a_key_set_by_a_setting_and_by_the_grid_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"grid combination setting B, beta=0.3 is invalid: "
                                           r"federated\.clients_per_round: 10 exceeds"):
         plan_sweep(base, spec, tmp_path / "sw2")
+
+
+def test_planning_batches_imports_neither_the_batch_engine_nor_flower_nor_torch():
+    """A sweep's parent groups its runs into batches before its workers start: the grouping needs
+    the configs alone (fedmaml/engines/batch_plan.py), not the batch engine (seconds to import)."""
+    code = ("import sys\n"
+            "from fedmaml.config import load_config\n"
+            "from fedmaml.engines.batch_plan import batch_key, batch_refusal\n"
+            "import fedmaml.sweep\n"
+            "a = load_config('configs/sinewave_centralized.yaml')\n"
+            "b = load_config('configs/sinewave_centralized.yaml', ['algorithm.eta=0.1', 'seed=3'])\n"
+            "c = load_config('configs/sinewave_centralized.yaml', ['model.hidden=[20,20]'])\n"
+            "assert batch_key(a) == batch_key(b) != batch_key(c)\n"
+            "assert batch_refusal(a) is None and batch_refusal(c) is None\n"
+            "assert batch_refusal(load_config('configs/sinewave_centralized.yaml',\n"
+            "                                 ['engine.device=cuda'])) == 'batches run on the CPU'\n"
+            "heavy = [m for m in ('torch', 'flwr', 'fedmaml.engines.run_batch') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)})
