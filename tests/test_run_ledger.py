@@ -136,3 +136,27 @@ def test_the_figure_draws_what_the_file_holds_also_after_a_resume(tiny_config, t
     a = plot_run(run_dir, tmp_path / "a.png", curves=again.curves)
     b = plot_run(run_dir, tmp_path / "b.png")
     assert a.read_bytes() == b.read_bytes()
+
+
+def test_a_loss_that_was_not_finite_is_drawn_as_a_gap(tmp_path):
+    """metrics.jsonl holds a NaN or infinite loss as null (fedmaml/results/recorder.py); the figure
+    reads it back as NaN, a gap in the curve, the same as from the rows the run gathered."""
+    import math
+
+    from fedmaml.results.plots import Curves, plot_run
+    from fedmaml.results.recorder import read_metrics
+
+    rows = [{"round": 0, "eval": {"seen.loss.mean": 2.0}},
+            {"round": 1, "loss_after": 1.5}, {"round": 2, "loss_after": None},
+            {"round": 3, "loss_after": float("inf")}]
+    (tmp_path / METRICS_FILE).write_text("".join(
+        json.dumps({**r, "loss_after": None} if r.get("loss_after") == float("inf") else r) + "\n"
+        for r in rows))
+    from_file = Curves.of(read_metrics(tmp_path))
+    rounds, values = from_file.train["loss_after"]
+    assert list(rounds) == [1, 2, 3]
+    assert values[0] == 1.5 and math.isnan(values[1]) and math.isnan(values[2])
+    gathered = Curves.of([rows[0], rows[1], {"round": 2, "loss_after": math.nan}, rows[3]])
+    assert list(gathered.train["loss_after"][0]) == [1, 2, 3]
+    out = plot_run(tmp_path)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
