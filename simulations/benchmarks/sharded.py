@@ -18,6 +18,10 @@ run starts and stops; what is measured:
   rounds, on 2 shards and on the single-process vectorized engine: round time, each process's peak
   resident memory (the driver's and each actor's) and each shard's memory bank.
 
+``--one-at-a-time`` adds case d's 2 shards called one after the other (each waits for the
+previous one's answer; what running together costs each shard) and a probe of the cores' contention:
+a compute-bound and a memory-bound loop, in one process alone and in two at once.
+
 ``--baseline CHECKOUT`` also runs case d's sharded settings with another checkout's code (e.g. the
 version before a change), alternating with this one's, each run in a fresh process.
 
@@ -68,6 +72,10 @@ def child(kind: str, engine: str, shards: int, rounds: int, out_dir: str) -> dic
 
     quiet_frameworks()
     torch.set_num_threads(1)
+    label = engine
+    if engine == "sharded-seq":
+        engine = "sharded"
+        serialize_shard_calls()
     extra = [f"engine.name={engine}", f"engine.shards={max(shards, 1)}", "engine.num_cpus=1",
              f"federated.rounds={rounds}", f"output_dir={out_dir}",
              f"name={kind}-{engine}-{shards}"]
@@ -119,7 +127,7 @@ def child(kind: str, engine: str, shards: int, rounds: int, out_dir: str) -> dic
     starts = [c for c, _ in cpu_marks[1:2 + rounds]]
     driver_cpu = [b - a for a, b in zip(starts[:-1], starts[1:])]
     train_marks = cpu_marks[1:1 + rounds]
-    return {"kind": kind, "engine": engine, "shards": shards if engine == "sharded" else 0,
+    return {"kind": kind, "engine": label, "shards": shards if engine == "sharded" else 0,
             "rounds": rounds, "per_round": len(rows[1]["clients"]),
             "ms_per_round": round(1000 * statistics.median(rounds_s[middle]), 2),
             "round_ms": [round(1000 * r, 2) for r in rounds_s],
@@ -130,6 +138,61 @@ def child(kind: str, engine: str, shards: int, rounds: int, out_dir: str) -> dic
             "total_s": round(total, 2), "driver_peak_rss_mb": round(peak_rss_mb(), 1),
             "driver_baseline_rss_mb": round(baseline, 1), "shards_detail": shards_out,
             "failures": sum(r.get("failures", 0) for r in rows[1:])}
+
+
+def serialize_shard_calls() -> None:
+    """Make the driver call its shards one after the other (each waits for the previous one's
+    answer): each shard's CPU per call then shows what its work costs with no other shard running
+    at the same time; against the usual calls, what running together costs each shard (the two
+    cores' shared cache and memory bandwidth)."""
+    from fedmaml.engines.sharded import ShardActors
+
+    together = ShardActors.call
+
+    def one_at_a_time(self, method, args, *more, **kw):  # type: ignore[no-untyped-def]
+        out = {}
+        for k, a in args.items():
+            out.update(together(self, method, {k: a}, *more, **kw))
+        return out
+
+    ShardActors.call = one_at_a_time
+
+
+def memory_contention(repeats: int = 7) -> dict[str, Any]:
+    """What one core's work costs when the other core works too: CPU ms of a small matrix product
+    (in cache: compute) and of scaling a 16 MB array (memory bound), in one process alone and in
+    two processes at once (medians of ``repeats``)."""
+    def run(k: int) -> list[dict[str, float]]:
+        procs = [subprocess.Popen([sys.executable, "-c", _PROBE, str(repeats)],
+                                  stdout=subprocess.PIPE, text=True,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1",
+                                       "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+                 for _ in range(k)]
+        return [json.loads(p.communicate()[0]) for p in procs]
+
+    alone, together = run(1) + run(1), run(2) + run(2)
+    out: dict[str, Any] = {"load": load()}
+    for probe in ("compute_ms", "memory_ms"):
+        a = statistics.median(r[probe] for r in alone)
+        t = statistics.median(r[probe] for r in together)
+        out[probe] = {"alone": round(a, 2), "two_at_once": round(t, 2),
+                      "ratio": round(t / a, 3)}
+    return out
+
+
+_PROBE = """
+import json, sys, time
+import numpy as np
+a, b = np.random.rand(64, 64).astype(np.float32), np.random.rand(64, 64).astype(np.float32)
+big = np.random.rand(4_000_000).astype(np.float32)
+def cpu_ms(f, n=int(sys.argv[1])):
+    f(); ts = []
+    for _ in range(n):
+        t = time.thread_time(); f(); ts.append(time.thread_time() - t)
+    return 1000 * sorted(ts)[n // 2]
+print(json.dumps({"compute_ms": cpu_ms(lambda: [a @ b for _ in range(2000)]),
+                  "memory_ms": cpu_ms(lambda: [big * 1.0001 for _ in range(20)])}))
+"""
 
 
 def middle_medians(calls: list, rounds: int) -> dict[str, float]:
@@ -254,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", type=Path, default=None,
                    help="another checkout of fedmaml (e.g. a previous version): case d's sharded "
                         "settings also run with its code, alternating with this one's")
+    p.add_argument("--one-at-a-time", action="store_true",
+                   help="case d: also 2 shards called one after the other (what running together "
+                        "costs each shard), and the cores' memory contention")
     p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -271,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_d:
             runs = []
             settings = [(ROOT, "vectorized", 0), (ROOT, "sharded", 1), (ROOT, "sharded", 2)]
+            if args.one_at_a_time:
+                settings.append((ROOT, "sharded-seq", 2))
+                result["memory_contention"] = memory_contention()
             if args.baseline is not None:
                 settings += [(args.baseline.resolve(), "sharded", 1),
                              (args.baseline.resolve(), "sharded", 2)]
@@ -286,7 +355,14 @@ def main(argv: list[str] | None = None) -> int:
                 "runs": runs, "median_ms_per_round": medians,
                 "rounds_per_s_2_over_1_shard": round(medians["sharded-1"] / medians["sharded-2"], 3),
                 "one_shard_minus_vectorized_ms": round(medians["sharded-1"]
-                                                       - medians["vectorized-0"], 2)}
+                                                       - medians["vectorized-0"], 2),
+                # the busiest shard's CPU per training call: the shards' own work, whoever else
+                # waits for a core
+                "busiest_shard_cpu_ms": {
+                    f"{e}-{s}": statistics.median(
+                        max(d.get("train_cpu_ms", 0) for d in r["shards_detail"]) for r in runs
+                        if (r["code"], r["engine"], r["shards"]) == ("this", e, s))
+                    for root, e, s in settings if root == ROOT and e != "vectorized"}}
         if not args.skip_big:
             result["big"] = {"runs": [run_child("big", "sharded", 2, args.big_rounds, tmp),
                                       run_child("big", "vectorized", 0, args.big_rounds, tmp)]}
