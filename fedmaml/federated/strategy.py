@@ -271,28 +271,25 @@ class MetaStrategy(Strategy):
         every = self.cfg.federated.eval_every
         return server_round in (0, self.cfg.federated.rounds) or (every > 0 and server_round % every == 0)
 
-    def _messages(self, cids: list[int], content: RecordDict, kind: str, server_round: int
-                  ) -> list[Message]:
-        unknown = [c for c in cids if c not in self.nodes]
-        if unknown:  # counted as failed (no reply) by the aggregation
-            log.warning("round %d: no node serves client(s) %s; skipped", server_round, unknown)
-        # A message outlives its round only to mislead: a node that comes back after the round
-        # timeout would train on a stale w (and move its memory) for a reply nobody waits for.
-        ttl = self._timeout if self._timeout else None
-        return [Message(content, self.nodes[c], kind, ttl=ttl, group_id=str(server_round))
-                for c in cids if c in self.nodes]
-
-    def _cohort_message(self, cids: list[int], arrays: ArrayRecord, config: dict[str, Any],
-                        kind: str, server_round: int) -> list[Message]:
-        """One ``kind`` message for all of ``cids`` that a node serves (to a grid that takes
-        cohorts), remembered with its clients so that its reply can be traced to them."""
+    def _instructions(self, cids: list[int], arrays: ArrayRecord, config: dict[str, Any],
+                      kind: str, server_round: int, grid: Grid | None) -> list[Message]:
+        """The round's ``kind`` instructions to the clients of ``cids`` that a node serves: to a
+        grid that takes cohorts one message for all of them, remembered with its clients so that
+        its reply can be traced to them; else one message per client."""
         known = [c for c in cids if c in self.nodes]
         if len(known) < len(cids):  # counted as failed (no reply) by the aggregation
             log.warning("round %d: no node serves client(s) %s; skipped", server_round,
                         [c for c in cids if c not in self.nodes])
-        content = RecordDict({R.ARRAYS: arrays, R.CONFIG: ConfigRecord({**config, R.COHORT: known})})
-        messages = self._messages(known[:1], content, kind, server_round)  # to the first's node
-        if messages:  # its id is set when it is sent
+        cohort = getattr(grid, "takes_cohorts", False)
+        if cohort:
+            config = {**config, R.COHORT: known}
+        content = RecordDict({R.ARRAYS: arrays, R.CONFIG: ConfigRecord(config)})
+        # A message outlives its round only to mislead: a node that comes back after the round
+        # timeout would train on a stale w (and move its memory) for a reply nobody waits for.
+        ttl = self._timeout if self._timeout else None
+        messages = [Message(content, self.nodes[c], kind, ttl=ttl, group_id=str(server_round))
+                    for c in (known[:1] if cohort else known)]  # a cohort's to its first's node
+        if cohort and messages:  # its id is set when it is sent
             self.round_stats.setdefault("cohorts", []).append((messages[0], known))
         return messages
 
@@ -304,10 +301,7 @@ class MetaStrategy(Strategy):
         self.round_stats = {"clients": cids}
         cfg = {**dict(config), **self.selector.train_config(), R.ROUND: server_round,
                R.ETA: self.setup.eta_for_round(server_round)}
-        if getattr(grid, "takes_cohorts", False):  # one message for the round's whole cohort
-            return self._cohort_message(cids, arrays, cfg, "train", server_round)
-        return self._messages(cids, RecordDict({R.ARRAYS: arrays, R.CONFIG: ConfigRecord(cfg)}),
-                              "train", server_round)
+        return self._instructions(cids, arrays, cfg, "train", server_round, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -583,10 +577,7 @@ class MetaStrategy(Strategy):
         cfg = {**dict(config), **self.selector.evaluate_config(), R.ROUND: server_round}
         cids = self.eval_clients()
         self.round_stats["eval-clients"] = cids
-        if getattr(grid, "takes_cohorts", False):  # one message for the whole panel
-            return self._cohort_message(cids, arrays, cfg, "evaluate", server_round)
-        content = RecordDict({R.ARRAYS: arrays, R.CONFIG: ConfigRecord(cfg)})
-        return self._messages(cids, content, "evaluate", server_round)
+        return self._instructions(cids, arrays, cfg, "evaluate", server_round, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
