@@ -121,6 +121,22 @@ def _update_failure(error: str) -> tuple[str, str]:
     return kind, f"{kind} update: {error}"
 
 
+def _checked_count(m: Mapping[str, Any], cid: int) -> int:
+    """Client ``cid``'s example count from its train metrics ``m``, after checking every number the
+    server reads from them (the last ones only when sent), so that a list or text fails this client
+    alone (counted as malformed) rather than the round's averaging; a per-client reply's and a
+    cohort reply's row alike."""
+    count = int(m[R.NUM_EXAMPLES])
+    if count <= 0:
+        raise ValueError(f"client {cid} reported {count} examples")
+    for key in ("samples", "train-seconds"):
+        float(m[key])
+    for key in (*TRAIN_METRICS, R.MEMORY_RESET):
+        if key in m:
+            float(m[key])
+    return count
+
+
 #: Longest wait between two polls for replies (see exchange).
 MAX_POLL_SECONDS = 1.0
 
@@ -356,10 +372,6 @@ class MetaStrategy(Strategy):
         try:
             rows = R.metric_rows(content[R.METRICS])
             ids = [int(m[R.PARTITION]) for m in rows]
-            counts = [int(m[R.NUM_EXAMPLES]) for m in rows]
-            for m in rows:
-                for key in ("samples", "train-seconds"):
-                    float(m[key])
             failures = R.failures_from(content[R.FAILURES])
             if R.PARTS in content:
                 summed, part_of, row_errors = self._part_sums(content, len(ids))
@@ -378,12 +390,17 @@ class MetaStrategy(Strategy):
             at = len(sums)
             sums.append(summed)
         outcomes = []
-        for j, (cid, count, error) in enumerate(zip(ids, counts, row_errors)):
+        for j, (cid, error) in enumerate(zip(ids, row_errors)):
+            try:  # checked as a per-client reply's numbers are: a row that fails, fails alone
+                count, malformed = _checked_count(rows[j], cid), None
+            except (KeyError, TypeError, ValueError) as e:
+                count, malformed = 0, f"malformed reply: {e}"
             if error is not None:
                 outcomes.append(TrainOutcome(cid, failure=_update_failure(error)))
-            elif count <= 0:
-                outcomes.append(TrainOutcome(cid, failure=(
-                    "malformed", f"malformed reply: client {cid} reported {count} examples")))
+            elif malformed is not None:
+                # its update, if summed into a part, spoils that part (_account_train)
+                part = None if part_of is None or part_of[j] < 0 else (at, part_of[j])
+                outcomes.append(TrainOutcome(cid, failure=("malformed", malformed), part=part))
             elif part_of is None:
                 outcomes.append(TrainOutcome(cid, (at, j), count, rows[j]))
             elif part_of[j] < 0:
@@ -558,17 +575,7 @@ class MetaStrategy(Strategy):
         if not isinstance(record, ArrayRecord):
             raise TypeError(f"client {cid}'s {R.ARRAYS!r} is a {type(record).__name__}, "
                             "not an ArrayRecord")
-        count = int(m[R.NUM_EXAMPLES])
-        if count <= 0:
-            raise ValueError(f"client {cid} reported {count} examples")
-        # every number the server reads from it (the last ones only when sent), so that a list or
-        # text fails this reply alone (counted as malformed) rather than the round's averaging
-        for key in ("samples", "train-seconds"):
-            float(m[key])
-        for key in (*TRAIN_METRICS, R.MEMORY_RESET):
-            if key in m:
-                float(m[key])
-        return cid, record, count, m
+        return cid, record, _checked_count(m, cid), m
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
