@@ -121,6 +121,14 @@ def _update_failure(error: str) -> tuple[str, str]:
     return kind, f"{kind} update: {error}"
 
 
+def _failed(cid: int, kind: str, reason: str, evaluation: bool) -> str:
+    """How the log names a client that a cohort reply lists as failed: as a per-client train
+    (``evaluation`` false) or evaluate reply's failure of that kind is named."""
+    side = "evaluation " if evaluation else ""
+    label = {"error": f"{side or 'client '}error", "malformed": f"malformed {side}reply"}
+    return f"{label.get(kind, side + kind)}: client {cid}: {reason}"
+
+
 def _checked_count(m: Mapping[str, Any], cid: int) -> int:
     """Client ``cid``'s example count from its train metrics ``m``, after checking every number the
     server reads from them (the last ones only when sent), so that a list or text fails this client
@@ -409,9 +417,9 @@ class MetaStrategy(Strategy):
             else:
                 outcomes.append(TrainOutcome(cid, None, count, rows[j], part=(at, part_of[j])))
         for cid, kind, reason in failures:
-            label = {"error": "client error", "malformed": "malformed reply"}.get(kind, kind)
-            kind = kind if kind in FAILURE_KINDS else "error"  # a kind we do not know: it failed
-            outcomes.append(TrainOutcome(cid, failure=(kind, f"{label}: client {cid}: {reason}")))
+            outcomes.append(TrainOutcome(cid, failure=(
+                kind if kind in FAILURE_KINDS else "error",  # a kind we do not know: it failed
+                _failed(cid, kind, reason, evaluation=False))))
         return outcomes
 
     def _part_sums(self, content: RecordDict, n: int
@@ -663,9 +671,8 @@ class MetaStrategy(Strategy):
             failed = R.failures_from(content[R.FAILURES])
         except (KeyError, TypeError, ValueError) as e:
             return [(None, f"malformed evaluation reply: {e}")] * len(cohort or [None])
-        labels = {"error": "evaluation error", "malformed": "malformed evaluation reply"}
         return [*((m, None) for m in rows),
-                *((None, f"{labels.get(kind, 'evaluation ' + kind)}: client {cid}: {reason}")
+                *((None, _failed(cid, kind, reason, evaluation=True))
                   for cid, kind, reason in failed)]
 
     # -- checkpoints (fedmaml/federated/checkpoint.py) ------------------------------------------
