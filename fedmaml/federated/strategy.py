@@ -714,9 +714,13 @@ class MetaStrategy(Strategy):
 
     def checkpoint_memories(self, grid: Grid) -> dict[str, Any]:
         """Every client's memory (``checkpoint.collect_memories``), asked through ``grid``."""
-        return checkpoint.collect_memories(
-            grid, self.nodes, sorted(self.touched),
-            lambda ms: exchange(grid, ms, self._timeout, self.poll_interval), simulated(grid))
+        return checkpoint.collect_memories(grid, self.nodes, sorted(self.touched),
+                                           self._sender(grid), simulated(grid))
+
+    def _sender(self, grid: Grid) -> Callable[[list[Message]], list[Message]]:
+        """Send messages through ``grid`` and wait for their replies (:func:`exchange`), with the
+        running start()'s timeout."""
+        return lambda ms: exchange(grid, ms, self._timeout, self.poll_interval)
 
     def summary(self) -> None:
         fed = self.cfg.federated
@@ -740,6 +744,7 @@ class MetaStrategy(Strategy):
         train_config = train_config or ConfigRecord()
         evaluate_config = evaluate_config or ConfigRecord()
         self._timeout = timeout
+        send = self._sender(grid)
         directory = PartitionDirectory(grid, self.setup.federation.num_clients
                                        + self.setup.federation.num_unseen)
         if isinstance(grid, InMemoryGrid):  # Flower's (Ray) simulation: it started every node
@@ -754,8 +759,7 @@ class MetaStrategy(Strategy):
         if resume is not None:
             done, seconds, state, memories = resume
             self.import_state(state)
-            checkpoint.restore_memories(grid, self.nodes, memories,
-                                        lambda ms: exchange(grid, ms, timeout, self.poll_interval))
+            checkpoint.restore_memories(grid, self.nodes, memories, send)
             arrays, totals, first = R.kept_record(self.w), self.totals, done + 1
             start -= seconds
         for server_round in range(first, num_rounds + 1):
@@ -765,7 +769,7 @@ class MetaStrategy(Strategy):
                 with collector.paused():  # the round's messages come and go at once (collector.py)
                     messages = list(self.configure_train(server_round, arrays, train_config, grid))
                     down = sum(R.instruction_bytes(m) for m in messages)
-                    replies = exchange(grid, messages, timeout, self.poll_interval)
+                    replies = send(messages)
                     up = sum(R.reply_bytes(m, self.w) for m in replies)
                     new_arrays, train_metrics = self.aggregate_train(server_round, replies)
                     del messages, replies
@@ -781,14 +785,11 @@ class MetaStrategy(Strategy):
                 if train_metrics:
                     row.set_train(train_metrics)
             if self.selector.due(server_round):  # after this round's update, before its evaluation
-                row.pattern_selection = self.selector.run(
-                    self.w, server_round,
-                    lambda ms: exchange(grid, ms, timeout, self.poll_interval), self.nodes)
+                row.pattern_selection = self.selector.run(self.w, server_round, send, self.nodes)
             eval_messages = list(self.configure_evaluate(server_round, arrays, evaluate_config, grid))
             if eval_messages:
                 status(f"evaluating on {len(eval_messages)} clients")  # can outlast many rounds
-                eval_metrics = self.aggregate_evaluate(
-                    server_round, exchange(grid, eval_messages, timeout, self.poll_interval))
+                eval_metrics = self.aggregate_evaluate(server_round, send(eval_messages))
                 if eval_metrics is not None:
                     result.evaluate_metrics_clientapp[server_round] = eval_metrics
                     row.eval = dict(eval_metrics)
