@@ -253,27 +253,26 @@ class MetaStrategy(Strategy):
         if window:
             out["sampled.first.fraction"] = window["first"]
             out["sampled.participations.count"] = window["participations"]
-        per_client = self.memory_bytes_per_client()
+        per_client, total = self.memory_bytes()
         holders = self.staleness.clients_seen if per_client else 0
-        out.update({"memory.bytes.client": float(per_client),
-                    "memory.bytes.total": float(per_client * holders),
+        out.update({"memory.bytes.client": float(per_client), "memory.bytes.total": float(total),
                     "memory.clients.count": float(holders)})
         return out
 
-    def memory_bytes_per_client(self) -> int:
-        """Bytes of one client's memories (one model per task; 0 without memory)."""
+    def memory_bytes(self) -> tuple[int, int]:
+        """Bytes of one client's memories (one model per task; 0 without memory), and of the
+        memories of every client that holds one (those sampled at least once)."""
         if not self.setup.algorithm.uses_memory:
-            return 0
-        return num_bytes(self.setup.initial_params) * self.cfg.data.tasks_per_client
+            return 0, 0
+        per_client = num_bytes(self.setup.initial_params) * self.cfg.data.tasks_per_client
+        return per_client, per_client * self.staleness.clients_seen
 
     def participation_summary(self) -> dict[str, float]:
         """The run's staleness over every participation, and its final memory footprint."""
         stats = self.staleness.run_stats()
-        per_client = self.memory_bytes_per_client()
-        holders = self.staleness.clients_seen
-        return {**stats, "clients_participated": float(holders),
-                "memory_bytes_per_client": float(per_client),
-                "memory_bytes_total": float(per_client * holders if per_client else 0)}
+        per_client, total = self.memory_bytes()
+        return {**stats, "clients_participated": float(self.staleness.clients_seen),
+                "memory_bytes_per_client": float(per_client), "memory_bytes_total": float(total)}
 
     def eval_panel(self) -> list[int]:
         """The training clients evaluated at every evaluation round (a function of the seed)."""
