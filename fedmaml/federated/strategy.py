@@ -55,7 +55,6 @@ from fedmaml.federated import records as R
 from fedmaml.federated.discovery import PartitionDirectory
 from fedmaml.federated.health import FAILURE_KINDS
 from fedmaml.federated.participation import Participation, Staleness, client_sampling
-from fedmaml.federated.participation import sample_clients  # noqa: F401 - its former home
 from fedmaml.federated.pattern_selection import PatternSelector, selection_summary
 from fedmaml.federated.privacy import UpdatePrivacy
 from fedmaml.federated.reply_pull import puller_for
