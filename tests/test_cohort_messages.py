@@ -172,6 +172,40 @@ def test_an_unreadable_cohort_reply_or_a_failed_cohort_fails_all_its_clients(tin
     assert strategy.round_stats["failures"] == 3
 
 
+def text_loss(cid: int):
+    """Tamper with train replies: client ``cid``'s ``loss-after`` becomes text, which a peer's
+    ConfigRecord can carry where a MetricRecord would not (a cohort reply's column as text)."""
+    def tamper(reply: Message) -> Message:
+        metrics = dict(reply.content[R.METRICS])
+        ids = metrics[R.PARTITION]
+        if isinstance(ids, list) and cid in ids:
+            metrics["loss-after"] = ["a loss" if c == cid else str(v)
+                                     for c, v in zip(ids, metrics["loss-after"])]
+        elif ids == cid:
+            metrics["loss-after"] = "a loss"
+        else:
+            return reply
+        reply.content[R.METRICS] = ConfigRecord(metrics)
+        return reply
+    return tamper
+
+
+def test_a_metric_that_is_not_a_number_fails_its_client_alone(tiny_config, caplog):
+    """As a per-client reply whose loss is not a number: that client is malformed, the round goes
+    on with the others (the numbers the server reads are checked once, for both paths)."""
+    cfg = tiny_config("algorithm.name=moml", "federated.clients_per_round=4")
+    setup = setup_for(cfg)
+    cid = sorted(MetaStrategy(setup).cohort_of(1))[1]
+    with caplog.at_level(logging.WARNING, logger="fedmaml"):
+        cohort = one_round(cfg, setup, cohorts=True, tamper=text_loss(cid))
+    strategy, new, metrics, _ = cohort
+    assert (strategy.round_stats["replies"], strategy.round_stats["failures"]) == (3, 1)
+    assert kinds(strategy) == {"malformed": 1} and cid not in strategy.trained
+    assert "malformed reply: could not convert string to float: 'a loss'" in caplog.text
+    assert new is not None and metrics["samples"] > 0
+    assert_same_outcome(cohort, one_round(cfg, setup, cohorts=False, tamper=text_loss(cid)))
+
+
 def test_bank_on_cuda_when_available():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device here")

@@ -29,9 +29,9 @@ from fedmaml.experiment import run_experiment
 from fedmaml.federated import records as R
 from fedmaml.federated.client_app import make_client_app
 from fedmaml.federated.memory_store import MEMORY_KEY
+from fedmaml.federated.participation import sample_clients
 from fedmaml.federated.server_app import make_server_app
 from fedmaml.federated.setup import setup_for
-from fedmaml.federated.strategy import sample_clients
 from fedmaml.results.recorder import read_metrics, read_summary
 
 REPO = Path(__file__).resolve().parents[1]

@@ -213,6 +213,26 @@ def test_shards_send_their_part_of_the_mean_and_the_server_round_takes_it(tiny_c
     assert ShardWorker(private, nodes, 0, 2).sums is None  # rows
 
 
+def test_a_row_whose_metric_is_not_a_number_spoils_its_part(tiny_config):
+    """A row the server cannot read (its loss is text) whose update a shard summed: that client is
+    malformed and the part holding its update cannot be used (its clients fail); the other shard's
+    part is used alone."""
+    cfg = tiny_config("algorithm.name=moml", "data.num_clients=12", "federated.clients_per_round=9",
+                      "federated.aggregation=weighted")
+
+    def text_loss(reply):  # a ConfigRecord can carry text where a MetricRecord would not
+        metrics = dict(reply.content[R.METRICS])
+        metrics["loss-after"] = ["a loss", *(str(v) for v in list(metrics["loss-after"])[1:])]
+        reply.content[R.METRICS] = ConfigRecord(metrics)
+
+    strategy, reply, _ = sharded_round(cfg, 2, sums=True, tamper=text_loss)
+    part_of = list(reply.content[R.PARTS][R.PART])
+    first_part = part_of.count(part_of[0])
+    assert 0 < first_part < 9
+    assert strategy.round_stats["failures_by_kind"]["malformed"] == first_part
+    assert strategy.round_stats["replies"] == 9 - first_part and strategy.round_stats["updated"]
+
+
 def test_a_private_run_in_any_form_sends_rows(tiny_config):
     """Differential privacy in any form (clipping at the server or on the clients, with noise or
     without; noise alone too, a config error) needs every update: the shards send rows, by the

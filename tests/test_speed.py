@@ -7,13 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fedmaml.client.speed import speed_multipliers
 from fedmaml.config import ConfigError, ParticipationConfig, replace_path
 from fedmaml.engines.inprocess import run_inprocess
 from fedmaml.experiment import run_experiment
 from fedmaml.federated import faults
 from fedmaml.federated import records as R
 from fedmaml.federated.client_app import make_client_app
-from fedmaml.federated.participation import speed_multipliers
 from fedmaml.federated.server_app import make_server_app
 from fedmaml.federated.setup import setup_for
 from fedmaml.results.recorder import read_metrics

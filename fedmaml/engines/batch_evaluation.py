@@ -24,8 +24,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from fedmaml.client.evaluate import (client_evaluation, evaluate_client, evaluation_tasks,
-                                     tracking_alpha)
+from fedmaml.client.evaluate import (add_task_metrics, client_evaluation, evaluate_client,
+                                     evaluation_tasks, tracking_alpha)
 from fedmaml.core.diagnostics import tracking_error
 from fedmaml.core.evaluation import personalized_metrics
 from fedmaml.core.params import Params
@@ -185,9 +185,8 @@ class BatchEvaluator:
             cid, _, count = self._panels[i].tasks[r]
             client = sums.setdefault((i, cid), {})
             items[(i, cid)] = items.get((i, cid), 0) + 1
-            prefix = "memory-" if memory else ""
-            for k, values in losses.items():
-                client[prefix + k] = client.get(prefix + k, 0.0) + values[e] / count
+            add_task_metrics(client, "memory-" if memory else "",
+                             {k: values[e] for k, values in losses.items()}, count)
             if e in error_of:  # the mean over the client's tasks
                 tracked_sums[(i, cid)] = tracked_sums.get((i, cid), 0.0) + error_of[e] / count
         out = {}

@@ -83,12 +83,16 @@ class InProcessGrid(Grid):
             try:
                 reply = self.client_app(msg, self.context(msg.metadata.dst_node_id))
             except Exception as e:  # noqa: BLE001 - reported to the strategy as an error reply
-                reply = Message(Error(code=CLIENT_APP_ERROR, reason=f"{type(e).__name__}: {e}"),
-                                reply_to=msg)
+                reply = error_reply(msg, e)
             if timeout is not None and time.perf_counter() - start > timeout:
                 continue  # arrived too late for this round
             replies.append(reply)
         return replies
+
+
+def error_reply(msg: Message, e: Exception) -> Message:
+    """The reply to ``msg`` of a client that raised ``e``, as Flower's simulation engine makes it."""
+    return Message(Error(code=CLIENT_APP_ERROR, reason=f"{type(e).__name__}: {e}"), reply_to=msg)
 
 
 def claim_task_identity() -> None:

@@ -77,9 +77,9 @@ from fedmaml.data.tasks import Task
 from fedmaml.engines.batch_evaluation import BatchEvaluator
 from fedmaml.engines.batch_plan import PER_RUN_KEYS, batch_key, batch_refusal
 from fedmaml.engines.inprocess import InProcessGrid, claim_task_identity
-from fedmaml.engines.memory_bank import CHECKPOINT_FORMAT as BANK_FORMAT
 from fedmaml.federated import checkpoint
 from fedmaml.federated import records as R
+from fedmaml.federated.bank_state import bank_state
 from fedmaml.federated.client_app import make_client_app
 from fedmaml.federated.health import RunStopped
 from fedmaml.federated.participation import sample_cohorts
@@ -592,11 +592,11 @@ class RunBatch:
         staleness.last_round = int(self.last[i].max(initial=0))
 
     def _bank_state(self, i: int) -> dict[str, Any]:
-        n = self.has_memory.shape[1]
+        """Run ``i``'s memories in a memory bank's checkpoint form."""
         ids = np.flatnonzero(self.has_memory[i]) if self.memory else np.zeros(0, dtype=np.int64)
         index = torch.from_numpy(ids.astype(np.int64))
-        return {"format": BANK_FORMAT, "num_clients": n, "client_ids": index,
-                "memory": {k: v[i].index_select(0, index).clone() for k, v in self.memory.items()}}
+        return bank_state(self.has_memory.shape[1], index,
+                          {k: v[i].index_select(0, index).clone() for k, v in self.memory.items()})
 
     def _restore(self) -> None:
         """Every run's state from its checkpoint, as its ledger read it (as a run alone resumes)."""

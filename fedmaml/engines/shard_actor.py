@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import Message, MessageType
-from flwr.supercore.task_identity import TaskIdentity
 
-from fedmaml.engines.inprocess import SERVER_NODE_ID
+from fedmaml.engines.inprocess import claim_task_identity
 from fedmaml.engines.shards import (Detached, ShardBank, detach_arrays, sum_train_reply,
                                     sums_on_shards)
 from fedmaml.engines.vectorized import VectorizedGrid
@@ -38,8 +37,7 @@ class ShardWorker:
     """Shard ``shard`` of ``shards``: its clients' memories and their training and evaluation."""
 
     def __init__(self, config: Any, num_nodes: int, shard: int, shards: int) -> None:
-        # replies take their sender from the process's task identity (as in run_vectorized)
-        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SERVER_NODE_ID
+        claim_task_identity()  # replies take their sender from it (as in run_inprocess)
         self.shard = shard
         setup = setup_for(config)
         engine = config.engine

@@ -56,10 +56,9 @@ from typing import Any, Iterable
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedmaml.engines import ray_session
-from fedmaml.engines.inprocess import FIRST_CLIENT_NODE, SERVER_NODE_ID, InProcessGrid
+from fedmaml.engines.inprocess import FIRST_CLIENT_NODE, InProcessGrid, claim_task_identity
 from fedmaml.engines.ray_engine import check_reachable, start_local_ray, worker_runtime_env
 from fedmaml.engines.shard_actor import ShardWorker
 from fedmaml.engines.shards import (Detached, ShardAnswer, merge_bank_states, merge_evaluate, merge_train,
@@ -492,7 +491,7 @@ def run_on_grid(server_app: ServerApp, grid: ShardedGrid) -> dict[str, Any]:
     """Run ``server_app`` on ``grid`` (Ray connected, the actors started); return what the shards
     did: per shard where it ran and its stats (cohorts, clients, stored memories, peak resident
     set), and every actor that died."""
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SERVER_NODE_ID
+    claim_task_identity()
     server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                              run_config={}))
     stats = grid.actors.stats()

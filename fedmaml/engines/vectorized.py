@@ -42,11 +42,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from flwr.app import (Context, Error, Message, MessageType, MetricRecord,
-                      RecordDict)
+from flwr.app import Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedmaml.algorithms import Hyper, RoundData
 from fedmaml.client import (CompiledUpdate, NoMemory, clip_client_updates, cohort_faults,
@@ -59,8 +57,8 @@ from fedmaml.config import Config
 from fedmaml.core.params import Params
 from fedmaml.data.tasks import Task
 from fedmaml.engines.allocator import retain_freed_memory
-from fedmaml.engines.inprocess import (CLIENT_APP_ERROR, FIRST_CLIENT_NODE, SERVER_NODE_ID,
-                                       InProcessGrid)
+from fedmaml.engines.inprocess import (CLIENT_APP_ERROR, FIRST_CLIENT_NODE, InProcessGrid,
+                                       error_reply, run_inprocess)
 from fedmaml.engines.memory_bank import BankStore, MemoryBank
 from fedmaml.federated import codec
 from fedmaml.federated import records as R
@@ -186,7 +184,7 @@ class VectorizedGrid(InProcessGrid):
             w, server_round, hp = train_instruction(msg, self.setup, self.device)
             cids = [int(c) for c in cohort_ids(msg)]
         except Exception as e:  # noqa: BLE001 - a bad instruction fails the whole cohort
-            return _error_reply(msg, e)
+            return error_reply(msg, e)
         result = self.train_clients(w, hp, server_round, cids, timeout)
         return Message(RecordDict({R.ARRAYS: codec.encode(result.delta),
                                    R.METRICS: MetricRecord({R.PARTITION: result.cids,
@@ -215,7 +213,7 @@ class VectorizedGrid(InProcessGrid):
             try:
                 w, server_round, hp = train_instruction(first, self.setup, self.device)
             except Exception as e:  # noqa: BLE001 - each client reports the bad instruction
-                replies.update({i: (_error_reply(m, e), 0.0) for i, m in group.items()})
+                replies.update({i: (error_reply(m, e), 0.0) for i, m in group.items()})
                 continue
             by_cid = {m.metadata.dst_node_id - FIRST_CLIENT_NODE: i for i, m in group.items()}
             result = self.train_clients(w, hp, server_round, list(by_cid), None)
@@ -335,7 +333,7 @@ class VectorizedGrid(InProcessGrid):
             w, pattern = evaluate_instruction(msg, self.setup)
             cids = [int(c) for c in cohort_ids(msg)]
         except Exception as e:  # noqa: BLE001 - a bad instruction fails the whole panel
-            return _error_reply(msg, e)
+            return error_reply(msg, e)
         rows: list[dict[str, float]] = []
         failures: list[tuple[int, str, str]] = []
         for cid in cids:
@@ -363,7 +361,7 @@ class VectorizedGrid(InProcessGrid):
             metrics = self._evaluate_client(cid, w, pattern)
             reply = Message(RecordDict({R.METRICS: MetricRecord(metrics)}), reply_to=msg)
         except Exception as e:  # noqa: BLE001 - reported to the strategy as an error reply
-            reply = _error_reply(msg, e)
+            reply = error_reply(msg, e)
         return reply, time.perf_counter() - start
 
     def _evaluate_client(self, cid: int, w: Params, pattern: Any) -> dict[str, float]:
@@ -421,10 +419,6 @@ def _assemble(parts: list[tuple[list[int], Params, dict[str, list[float]]]],
     return CohortResult(joined, delta, columns, failures)
 
 
-def _error_reply(msg: Message, e: Exception) -> Message:
-    return Message(Error(code=CLIENT_APP_ERROR, reason=f"{type(e).__name__}: {e}"), reply_to=msg)
-
-
 def unbatchable_reason(setup: Any) -> str | None:
     """Why ``torch.func.vmap`` cannot batch the run's model across clients (None: it can)."""
     model = setup.model
@@ -449,9 +443,6 @@ def run_vectorized(server_app: ServerApp, client_app: ClientApp, num_nodes: int,
                    bank: MemoryBank | None = None) -> VectorizedGrid:
     """Run ``server_app`` on a :class:`VectorizedGrid`; return the grid (its ``bank`` holds the
     memories; call ``close()`` when done with it)."""
-    # As in run_inprocess: messages take their ids from the process's task identity.
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SERVER_NODE_ID
     grid = VectorizedGrid(config, client_app, num_nodes, bank)
-    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                             run_config={}))
+    run_inprocess(server_app, client_app, num_nodes, grid)
     return grid

@@ -23,7 +23,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-STATUSES = ("completed", "diverged", "failed", "interrupted")
 #: Why a sampled client's reply was not used. ``rejected`` updates (well-formed but NaN/inf) are
 #: counted apart: they say that training diverged, not that a client or the transport failed.
 FAILURE_KINDS = ("error", "timeout", "malformed")

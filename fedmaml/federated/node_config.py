@@ -31,7 +31,6 @@ from fedmaml.federated.memory_store import ContextStateStore, FileStore
 
 PARTITION, MEMORY_DIR, MEMORY_RESET, DATA_PATH = ("partition-id", "memory-dir", "memory-reset",
                                                   "data-path")
-KEYS = (PARTITION, "num-partitions", MEMORY_DIR, MEMORY_RESET, DATA_PATH)
 
 
 def client_id(context: Context) -> int:

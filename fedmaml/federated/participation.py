@@ -50,7 +50,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedmaml.client.speed import speed_multipliers  # noqa: F401 - the client library's, named here too
 from fedmaml.config import PARTICIPATION_MODELS, FederatedConfig, ParticipationConfig
 from fedmaml.data.counter import derive_keys, sample_without_replacement, splitmix64
 

@@ -31,6 +31,7 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedmaml.algorithms import Hyper
 from fedmaml.atomic import atomic_write_text
+from fedmaml.client.evaluate import evaluation_tasks
 from fedmaml.config.schema import Config, PatternSelectionConfig
 from fedmaml.core import pattern_selection as ps
 from fedmaml.core.params import Params
@@ -89,10 +90,7 @@ def epsilon_unit(setup: ExperimentSetup, sel: PatternSelectionConfig | None = No
 def client_splits(setup: ExperimentSetup, cid: int) -> list[ps.Split]:
     """A client's evaluation splits: training clients' held-out data (validation; training never
     sees it) or an unseen client's (test)."""
-    fed = setup.federation
-    tasks = (fed.unseen_tasks(cid - fed.num_clients) if cid >= fed.num_clients
-             else fed.client_tasks(cid))
-    return [t.evaluation_split() for t in tasks]
+    return [t.evaluation_split() for t in evaluation_tasks(setup, cid)]
 
 
 def measure_client(setup: ExperimentSetup, cid: int, w: Params, patterns: Sequence[Pattern], *,
@@ -110,11 +108,7 @@ def measure_client(setup: ExperimentSetup, cid: int, w: Params, patterns: Sequen
 def handle_select(setup: ExperimentSetup, cid: int, msg: Message) -> Message:
     """The ClientApp's ``query.select`` handler: measure the candidates the server sent."""
     config = msg.content[R.CONFIG]
-    texts = [str(t) for t in config[CANDIDATES]]
-    try:
-        patterns = [resolve_pattern(t, setup.model.group_names, 1, setup.model.name) for t in texts]
-    except PatternError as e:
-        raise MessageError(f"selection request: {e}") from None
+    patterns = [_received(t, setup, "selection request") for t in config[CANDIDATES]]
     w = R.from_record(msg.content[R.ARRAYS], setup.initial_params, "selection request")
     m = measure_client(setup, cid, w, patterns, warmup=int(config[WARMUP]),
                        repeats=int(config[REPEATS]),
@@ -339,22 +333,27 @@ def hyper_for(hp: Hyper, config: Mapping[str, Any], setup: ExperimentSetup) -> H
         return hp
     step = hp.step
     if INNER in config:
-        step = dataclasses.replace(step, inner_pattern=_received(config[INNER], setup, INNER))
+        step = dataclasses.replace(step, inner_pattern=_received(
+            config[INNER], setup, f"instruction key {INNER!r}"))
     if MEMORY in config:
-        step = dataclasses.replace(step, memory_pattern=_received(config[MEMORY], setup, MEMORY))
+        step = dataclasses.replace(step, memory_pattern=_received(
+            config[MEMORY], setup, f"instruction key {MEMORY!r}"))
     return dataclasses.replace(hp, step=step)
 
 
 def eval_pattern_for(config: Mapping[str, Any], setup: ExperimentSetup) -> Pattern:
     """The evaluation pattern an evaluate instruction carries, or the config's."""
-    return _received(config[EVAL], setup, EVAL) if EVAL in config else setup.eval_pattern
+    return (_received(config[EVAL], setup, f"instruction key {EVAL!r}") if EVAL in config
+            else setup.eval_pattern)
 
 
-def _received(text: Any, setup: ExperimentSetup, key: str) -> Pattern:
+def _received(text: Any, setup: ExperimentSetup, where: str) -> Pattern:
+    """A pattern a message carries, for the run's model; a ``MessageError`` naming ``where`` it
+    was when it is not one."""
     try:
         return resolve_pattern(str(text), setup.model.group_names, 1, setup.model.name)
     except PatternError as e:
-        raise MessageError(f"instruction key {key!r}: {e}") from None
+        raise MessageError(f"{where}: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------------

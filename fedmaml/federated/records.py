@@ -38,6 +38,7 @@ from fedmaml.client.metrics import MEMORY_RESET, NUM_EXAMPLES, PARTITION  # noqa
 from fedmaml.core.params import Params
 from fedmaml.errors import MessageError
 from fedmaml.federated import codec
+from fedmaml.federated.server_round import finite_rows
 
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
 ROUND, ETA = "server-round", "eta"
@@ -145,17 +146,14 @@ def _reject_non_finite(stacked: Params, errors: list[str | None], whats: Sequenc
     """Name every row of ``stacked`` that holds a NaN or an infinity in ``errors`` (unless it has
     an error already), and zero the rows with errors.
 
-    A row holding a NaN or an infinity has a non-finite sum; a finite row rarely does (only by
-    overflow): one sum per parameter and one test for the whole round; only a row that fails it is
-    checked element by element, which also names the parameter."""
-    n = len(errors)
-    if n:
-        totals = sum(v.reshape(n, -1).sum(1) for v in stacked.values())
-        for j in torch.nonzero(~torch.isfinite(totals)).flatten().tolist():
-            bad_key = next((k for k, v in stacked.items() if not bool(torch.isfinite(v[j]).all())),
-                           None)
-            if errors[j] is None and bad_key is not None:
-                errors[j] = _not_finite(bad_key, whats[j])
+    The rows are found as the server round finds them (:func:`~fedmaml.federated.server_round.
+    finite_rows`: one sum per parameter and row, element by element only when a sum is not
+    finite); only a row that is not finite is searched for the parameter to name."""
+    if errors:
+        for j in torch.nonzero(~finite_rows(stacked, 1)).flatten().tolist():
+            if errors[j] is None:
+                key = next(k for k, v in stacked.items() if not bool(torch.isfinite(v[j]).all()))
+                errors[j] = _not_finite(key, whats[j])
     bad = [j for j, e in enumerate(errors) if e is not None]
     if bad:
         for v in stacked.values():

@@ -124,7 +124,7 @@ def aggregate_round(w: Params, optimizer: ServerOptimizer, updates: Params, vali
     if runs > 1 and not isinstance(optimizer.steps, torch.Tensor):
         raise ValueError(f"a server round of {runs} runs needs the optimizer's steps per run "
                          "(a tensor [R])")
-    accepted = valid if finite else valid & _finite_rows(updates)
+    accepted = valid if finite else valid & finite_rows(updates, 2)
     n_valid = accepted.sum(1)
     privacy = list(privacy) if privacy is not None else [None] * runs
     updated = n_valid >= min_replies
@@ -275,7 +275,7 @@ def _step(w: Params, optimizer: ServerOptimizer, direction: Params, updated: tor
     old_steps = optimizer.steps.clone() if isinstance(optimizer.steps, torch.Tensor) \
         else optimizer.steps
     stepped = optimizer.step(w, direction)
-    moved = updated & _finite_runs(stepped)
+    moved = updated & finite_rows(stepped, 1)
     if not bool(moved.any()):
         optimizer.state, optimizer.steps = old_state, old_steps
         return w, moved
@@ -288,22 +288,15 @@ def _step(w: Params, optimizer: ServerOptimizer, direction: Params, updated: tor
     return stepped, moved
 
 
-def _finite_runs(params: Params) -> torch.Tensor:
-    """``[R]`` bool: is every value of each run's ``[R, ...]`` parameters finite? (As
-    :func:`_finite_rows` with one client per run, without adding the client axis.)"""
-    runs = next(iter(params.values())).shape[0]
-    flat = [v.reshape(runs, -1) for v in params.values()]
-    ok = torch.isfinite(torch.stack([v.sum(-1) for v in flat])).all(0)
-    if bool(ok.all()):
-        return ok
-    return torch.stack([torch.isfinite(v).all(-1) for v in flat]).all(0)
-
-
-def _finite_rows(params: Params) -> torch.Tensor:
-    """``[R, C]`` bool: is every value of each row finite? (One sum per parameter first: when the
-    sums are finite, so is every value, which spares the element-wise check.)"""
-    flat = [v.reshape(*v.shape[:2], math.prod(v.shape[2:])) for v in params.values()]
-    ok = torch.isfinite(torch.stack([v.sum(-1) for v in flat])).all(0)  # [P, R, C] -> [R, C]
+def finite_rows(params: Params, lead: int) -> torch.Tensor:
+    """Bool over the ``lead`` leading axes of ``params`` (``[R]`` of runs ``[R, ...]``, ``[R, C]``
+    of rows ``[R, C, ...]``): is every value of each row finite? (One sum per parameter and row
+    first: when the sums are finite, so is every value, which spares the element-wise check.)"""
+    shape = next(iter(params.values())).shape[:lead]
+    # -1 is ambiguous when there is no row (a round without updates): then any size fits
+    rest = -1 if math.prod(shape) else 0
+    flat = [v.reshape(*shape, rest) for v in params.values()]
+    ok = torch.isfinite(torch.stack([v.sum(-1) for v in flat])).all(0)  # [P, *lead] -> lead
     if bool(ok.all()):
         return ok
     return torch.stack([torch.isfinite(v).all(-1) for v in flat]).all(0)

@@ -55,7 +55,6 @@ from fedmaml.federated import records as R
 from fedmaml.federated.discovery import PartitionDirectory
 from fedmaml.federated.health import FAILURE_KINDS
 from fedmaml.federated.participation import Participation, Staleness, client_sampling
-from fedmaml.federated.participation import sample_clients  # noqa: F401 - its former home
 from fedmaml.federated.pattern_selection import PatternSelector, selection_summary
 from fedmaml.federated.privacy import UpdatePrivacy
 from fedmaml.federated.reply_pull import puller_for
@@ -119,6 +118,30 @@ def _update_failure(error: str) -> tuple[str, str]:
     (training diverged; health.py counts these apart), ``malformed`` otherwise."""
     kind = "rejected" if isinstance(error, R.NonFinite) else "malformed"
     return kind, f"{kind} update: {error}"
+
+
+def _failed(cid: int, kind: str, reason: str, evaluation: bool) -> str:
+    """How the log names a client that a cohort reply lists as failed: as a per-client train
+    (``evaluation`` false) or evaluate reply's failure of that kind is named."""
+    side = "evaluation " if evaluation else ""
+    label = {"error": f"{side or 'client '}error", "malformed": f"malformed {side}reply"}
+    return f"{label.get(kind, side + kind)}: client {cid}: {reason}"
+
+
+def _checked_count(m: Mapping[str, Any], cid: int) -> int:
+    """Client ``cid``'s example count from its train metrics ``m``, after checking every number the
+    server reads from them (the last ones only when sent), so that a list or text fails this client
+    alone (counted as malformed) rather than the round's averaging; a per-client reply's and a
+    cohort reply's row alike."""
+    count = int(m[R.NUM_EXAMPLES])
+    if count <= 0:
+        raise ValueError(f"client {cid} reported {count} examples")
+    for key in ("samples", "train-seconds"):
+        float(m[key])
+    for key in (*TRAIN_METRICS, R.MEMORY_RESET):
+        if key in m:
+            float(m[key])
+    return count
 
 
 #: Longest wait between two polls for replies (see exchange).
@@ -229,27 +252,26 @@ class MetaStrategy(Strategy):
         if window:
             out["sampled.first.fraction"] = window["first"]
             out["sampled.participations.count"] = window["participations"]
-        per_client = self.memory_bytes_per_client()
+        per_client, total = self.memory_bytes()
         holders = self.staleness.clients_seen if per_client else 0
-        out.update({"memory.bytes.client": float(per_client),
-                    "memory.bytes.total": float(per_client * holders),
+        out.update({"memory.bytes.client": float(per_client), "memory.bytes.total": float(total),
                     "memory.clients.count": float(holders)})
         return out
 
-    def memory_bytes_per_client(self) -> int:
-        """Bytes of one client's memories (one model per task; 0 without memory)."""
+    def memory_bytes(self) -> tuple[int, int]:
+        """Bytes of one client's memories (one model per task; 0 without memory), and of the
+        memories of every client that holds one (those sampled at least once)."""
         if not self.setup.algorithm.uses_memory:
-            return 0
-        return num_bytes(self.setup.initial_params) * self.cfg.data.tasks_per_client
+            return 0, 0
+        per_client = num_bytes(self.setup.initial_params) * self.cfg.data.tasks_per_client
+        return per_client, per_client * self.staleness.clients_seen
 
     def participation_summary(self) -> dict[str, float]:
         """The run's staleness over every participation, and its final memory footprint."""
         stats = self.staleness.run_stats()
-        per_client = self.memory_bytes_per_client()
-        holders = self.staleness.clients_seen
-        return {**stats, "clients_participated": float(holders),
-                "memory_bytes_per_client": float(per_client),
-                "memory_bytes_total": float(per_client * holders if per_client else 0)}
+        per_client, total = self.memory_bytes()
+        return {**stats, "clients_participated": float(self.staleness.clients_seen),
+                "memory_bytes_per_client": float(per_client), "memory_bytes_total": float(total)}
 
     def eval_panel(self) -> list[int]:
         """The training clients evaluated at every evaluation round (a function of the seed)."""
@@ -271,28 +293,25 @@ class MetaStrategy(Strategy):
         every = self.cfg.federated.eval_every
         return server_round in (0, self.cfg.federated.rounds) or (every > 0 and server_round % every == 0)
 
-    def _messages(self, cids: list[int], content: RecordDict, kind: str, server_round: int
-                  ) -> list[Message]:
-        unknown = [c for c in cids if c not in self.nodes]
-        if unknown:  # counted as failed (no reply) by the aggregation
-            log.warning("round %d: no node serves client(s) %s; skipped", server_round, unknown)
-        # A message outlives its round only to mislead: a node that comes back after the round
-        # timeout would train on a stale w (and move its memory) for a reply nobody waits for.
-        ttl = self._timeout if self._timeout else None
-        return [Message(content, self.nodes[c], kind, ttl=ttl, group_id=str(server_round))
-                for c in cids if c in self.nodes]
-
-    def _cohort_message(self, cids: list[int], arrays: ArrayRecord, config: dict[str, Any],
-                        kind: str, server_round: int) -> list[Message]:
-        """One ``kind`` message for all of ``cids`` that a node serves (to a grid that takes
-        cohorts), remembered with its clients so that its reply can be traced to them."""
+    def _instructions(self, cids: list[int], arrays: ArrayRecord, config: dict[str, Any],
+                      kind: str, server_round: int, grid: Grid | None) -> list[Message]:
+        """The round's ``kind`` instructions to the clients of ``cids`` that a node serves: to a
+        grid that takes cohorts one message for all of them, remembered with its clients so that
+        its reply can be traced to them; else one message per client."""
         known = [c for c in cids if c in self.nodes]
         if len(known) < len(cids):  # counted as failed (no reply) by the aggregation
             log.warning("round %d: no node serves client(s) %s; skipped", server_round,
                         [c for c in cids if c not in self.nodes])
-        content = RecordDict({R.ARRAYS: arrays, R.CONFIG: ConfigRecord({**config, R.COHORT: known})})
-        messages = self._messages(known[:1], content, kind, server_round)  # to the first's node
-        if messages:  # its id is set when it is sent
+        cohort = getattr(grid, "takes_cohorts", False)
+        if cohort:
+            config = {**config, R.COHORT: known}
+        content = RecordDict({R.ARRAYS: arrays, R.CONFIG: ConfigRecord(config)})
+        # A message outlives its round only to mislead: a node that comes back after the round
+        # timeout would train on a stale w (and move its memory) for a reply nobody waits for.
+        ttl = self._timeout if self._timeout else None
+        messages = [Message(content, self.nodes[c], kind, ttl=ttl, group_id=str(server_round))
+                    for c in (known[:1] if cohort else known)]  # a cohort's to its first's node
+        if cohort and messages:  # its id is set when it is sent
             self.round_stats.setdefault("cohorts", []).append((messages[0], known))
         return messages
 
@@ -304,10 +323,7 @@ class MetaStrategy(Strategy):
         self.round_stats = {"clients": cids}
         cfg = {**dict(config), **self.selector.train_config(), R.ROUND: server_round,
                R.ETA: self.setup.eta_for_round(server_round)}
-        if getattr(grid, "takes_cohorts", False):  # one message for the round's whole cohort
-            return self._cohort_message(cids, arrays, cfg, "train", server_round)
-        return self._messages(cids, RecordDict({R.ARRAYS: arrays, R.CONFIG: ConfigRecord(cfg)}),
-                              "train", server_round)
+        return self._instructions(cids, arrays, cfg, "train", server_round, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -362,10 +378,6 @@ class MetaStrategy(Strategy):
         try:
             rows = R.metric_rows(content[R.METRICS])
             ids = [int(m[R.PARTITION]) for m in rows]
-            counts = [int(m[R.NUM_EXAMPLES]) for m in rows]
-            for m in rows:
-                for key in ("samples", "train-seconds"):
-                    float(m[key])
             failures = R.failures_from(content[R.FAILURES])
             if R.PARTS in content:
                 summed, part_of, row_errors = self._part_sums(content, len(ids))
@@ -384,12 +396,17 @@ class MetaStrategy(Strategy):
             at = len(sums)
             sums.append(summed)
         outcomes = []
-        for j, (cid, count, error) in enumerate(zip(ids, counts, row_errors)):
+        for j, (cid, error) in enumerate(zip(ids, row_errors)):
+            try:  # checked as a per-client reply's numbers are: a row that fails, fails alone
+                count, malformed = _checked_count(rows[j], cid), None
+            except (KeyError, TypeError, ValueError) as e:
+                count, malformed = 0, f"malformed reply: {e}"
             if error is not None:
                 outcomes.append(TrainOutcome(cid, failure=_update_failure(error)))
-            elif count <= 0:
-                outcomes.append(TrainOutcome(cid, failure=(
-                    "malformed", f"malformed reply: client {cid} reported {count} examples")))
+            elif malformed is not None:
+                # its update, if summed into a part, spoils that part (_account_train)
+                part = None if part_of is None or part_of[j] < 0 else (at, part_of[j])
+                outcomes.append(TrainOutcome(cid, failure=("malformed", malformed), part=part))
             elif part_of is None:
                 outcomes.append(TrainOutcome(cid, (at, j), count, rows[j]))
             elif part_of[j] < 0:
@@ -398,9 +415,9 @@ class MetaStrategy(Strategy):
             else:
                 outcomes.append(TrainOutcome(cid, None, count, rows[j], part=(at, part_of[j])))
         for cid, kind, reason in failures:
-            label = {"error": "client error", "malformed": "malformed reply"}.get(kind, kind)
-            kind = kind if kind in FAILURE_KINDS else "error"  # a kind we do not know: it failed
-            outcomes.append(TrainOutcome(cid, failure=(kind, f"{label}: client {cid}: {reason}")))
+            outcomes.append(TrainOutcome(cid, failure=(
+                kind if kind in FAILURE_KINDS else "error",  # a kind we do not know: it failed
+                _failed(cid, kind, reason, evaluation=False))))
         return outcomes
 
     def _part_sums(self, content: RecordDict, n: int
@@ -564,17 +581,7 @@ class MetaStrategy(Strategy):
         if not isinstance(record, ArrayRecord):
             raise TypeError(f"client {cid}'s {R.ARRAYS!r} is a {type(record).__name__}, "
                             "not an ArrayRecord")
-        count = int(m[R.NUM_EXAMPLES])
-        if count <= 0:
-            raise ValueError(f"client {cid} reported {count} examples")
-        # every number the server reads from it (the last ones only when sent), so that a list or
-        # text fails this reply alone (counted as malformed) rather than the round's averaging
-        for key in ("samples", "train-seconds"):
-            float(m[key])
-        for key in (*TRAIN_METRICS, R.MEMORY_RESET):
-            if key in m:
-                float(m[key])
-        return cid, record, count, m
+        return cid, record, _checked_count(m, cid), m
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -583,10 +590,7 @@ class MetaStrategy(Strategy):
         cfg = {**dict(config), **self.selector.evaluate_config(), R.ROUND: server_round}
         cids = self.eval_clients()
         self.round_stats["eval-clients"] = cids
-        if getattr(grid, "takes_cohorts", False):  # one message for the whole panel
-            return self._cohort_message(cids, arrays, cfg, "evaluate", server_round)
-        content = RecordDict({R.ARRAYS: arrays, R.CONFIG: ConfigRecord(cfg)})
-        return self._messages(cids, content, "evaluate", server_round)
+        return self._instructions(cids, arrays, cfg, "evaluate", server_round, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
@@ -665,9 +669,8 @@ class MetaStrategy(Strategy):
             failed = R.failures_from(content[R.FAILURES])
         except (KeyError, TypeError, ValueError) as e:
             return [(None, f"malformed evaluation reply: {e}")] * len(cohort or [None])
-        labels = {"error": "evaluation error", "malformed": "malformed evaluation reply"}
         return [*((m, None) for m in rows),
-                *((None, f"{labels.get(kind, 'evaluation ' + kind)}: client {cid}: {reason}")
+                *((None, _failed(cid, kind, reason, evaluation=True))
                   for cid, kind, reason in failed)]
 
     # -- checkpoints (fedmaml/federated/checkpoint.py) ------------------------------------------
@@ -709,9 +712,13 @@ class MetaStrategy(Strategy):
 
     def checkpoint_memories(self, grid: Grid) -> dict[str, Any]:
         """Every client's memory (``checkpoint.collect_memories``), asked through ``grid``."""
-        return checkpoint.collect_memories(
-            grid, self.nodes, sorted(self.touched),
-            lambda ms: exchange(grid, ms, self._timeout, self.poll_interval), simulated(grid))
+        return checkpoint.collect_memories(grid, self.nodes, sorted(self.touched),
+                                           self._sender(grid), simulated(grid))
+
+    def _sender(self, grid: Grid) -> Callable[[list[Message]], list[Message]]:
+        """Send messages through ``grid`` and wait for their replies (:func:`exchange`), with the
+        running start()'s timeout."""
+        return lambda ms: exchange(grid, ms, self._timeout, self.poll_interval)
 
     def summary(self) -> None:
         fed = self.cfg.federated
@@ -735,6 +742,7 @@ class MetaStrategy(Strategy):
         train_config = train_config or ConfigRecord()
         evaluate_config = evaluate_config or ConfigRecord()
         self._timeout = timeout
+        send = self._sender(grid)
         directory = PartitionDirectory(grid, self.setup.federation.num_clients
                                        + self.setup.federation.num_unseen)
         if isinstance(grid, InMemoryGrid):  # Flower's (Ray) simulation: it started every node
@@ -749,8 +757,7 @@ class MetaStrategy(Strategy):
         if resume is not None:
             done, seconds, state, memories = resume
             self.import_state(state)
-            checkpoint.restore_memories(grid, self.nodes, memories,
-                                        lambda ms: exchange(grid, ms, timeout, self.poll_interval))
+            checkpoint.restore_memories(grid, self.nodes, memories, send)
             arrays, totals, first = R.kept_record(self.w), self.totals, done + 1
             start -= seconds
         for server_round in range(first, num_rounds + 1):
@@ -760,7 +767,7 @@ class MetaStrategy(Strategy):
                 with collector.paused():  # the round's messages come and go at once (collector.py)
                     messages = list(self.configure_train(server_round, arrays, train_config, grid))
                     down = sum(R.instruction_bytes(m) for m in messages)
-                    replies = exchange(grid, messages, timeout, self.poll_interval)
+                    replies = send(messages)
                     up = sum(R.reply_bytes(m, self.w) for m in replies)
                     new_arrays, train_metrics = self.aggregate_train(server_round, replies)
                     del messages, replies
@@ -776,14 +783,11 @@ class MetaStrategy(Strategy):
                 if train_metrics:
                     row.set_train(train_metrics)
             if self.selector.due(server_round):  # after this round's update, before its evaluation
-                row.pattern_selection = self.selector.run(
-                    self.w, server_round,
-                    lambda ms: exchange(grid, ms, timeout, self.poll_interval), self.nodes)
+                row.pattern_selection = self.selector.run(self.w, server_round, send, self.nodes)
             eval_messages = list(self.configure_evaluate(server_round, arrays, evaluate_config, grid))
             if eval_messages:
                 status(f"evaluating on {len(eval_messages)} clients")  # can outlast many rounds
-                eval_metrics = self.aggregate_evaluate(
-                    server_round, exchange(grid, eval_messages, timeout, self.poll_interval))
+                eval_metrics = self.aggregate_evaluate(server_round, send(eval_messages))
                 if eval_metrics is not None:
                     result.evaluate_metrics_clientapp[server_round] = eval_metrics
                     row.eval = dict(eval_metrics)
