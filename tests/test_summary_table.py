@@ -5,6 +5,8 @@ the run is shown as `before -> after`)."""
 
 from __future__ import annotations
 
+import logging
+
 from fedmaml.config import replace_paths
 from fedmaml.experiment import format_summary, run_experiment
 from fedmaml.results.recorder import read_summary
@@ -62,3 +64,66 @@ def test_a_pattern_selected_during_the_run_is_shown_as_before_and_after(tiny_con
     else:
         assert pattern == f"full -> {chosen}"
         assert "'a -> b': b was selected during training" in table
+
+
+def _step_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno == logging.WARNING and "applies only to the aliases" in r.getMessage()]
+
+
+def test_a_written_out_evaluation_pattern_reports_and_warns_the_steps_it_runs(tiny_config, tmp_path,
+                                                                             caplog):
+    # "01" (the tiny MLP has two groups) is one head-only step; evaluation.steps = 2 is for aliases
+    cfg = tiny_config("evaluation.pattern=01")
+    with caplog.at_level(logging.WARNING, logger="fedmaml"):
+        run_dir = run_experiment(cfg, quiet=True, run_dir=tmp_path / "run")
+    assert read_summary(run_dir)["eval_steps"] == 1
+    table = format_summary([run_dir])
+    assert table.splitlines()[0].startswith("personalized loss after 1 adaptation step, ")
+    assert "adapted with 1 step on the client's own points" in table
+    [warning] = _step_warnings(caplog)
+    assert warning.startswith("evaluation.pattern: '01' is written out and runs 1 adaptation "
+                              "step; evaluation.steps = 2 applies only to the aliases")
+    assert "'01x2'" in warning and "evaluation.steps: 1" in warning
+
+
+def test_an_alias_or_a_matching_step_count_runs_the_steps_key_without_a_warning(tiny_config,
+                                                                               tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="fedmaml"):
+        head = run_experiment(tiny_config("evaluation.pattern=head", "evaluation.steps=3"),
+                              quiet=True, run_dir=tmp_path / "head")
+        written = run_experiment(tiny_config("evaluation.pattern=01x3", "evaluation.steps=3",
+                                             "algorithm.inner_pattern=11|01",
+                                             "algorithm.inner_steps=2"),
+                                 quiet=True, run_dir=tmp_path / "written")
+    assert read_summary(head)["eval_steps"] == read_summary(written)["eval_steps"] == 3
+    assert format_summary([head]).startswith("personalized loss after 3 adaptation steps, ")
+    assert _step_warnings(caplog) == []
+
+
+def test_written_out_training_patterns_warn_when_inner_steps_differs(tiny_config, tmp_path, caplog):
+    cfg = tiny_config("algorithm.inner_pattern=11x3", "algorithm.memory_pattern=01",
+                      "algorithm.inner_steps=2")
+    with caplog.at_level(logging.WARNING, logger="fedmaml"):
+        run_experiment(cfg, quiet=True, run_dir=tmp_path / "run")
+    inner, memory = _step_warnings(caplog)
+    assert inner.startswith("algorithm.inner_pattern: '11x3' is written out and runs 3 adaptation "
+                            "steps; algorithm.inner_steps = 2 applies only to the aliases")
+    assert memory.startswith("algorithm.memory_pattern: '01' is written out and runs 1 adaptation "
+                             "step; algorithm.inner_steps = 2 applies only to the aliases")
+
+
+def test_a_selected_pattern_with_other_steps_is_said_in_the_header(tiny_config, tmp_path):
+    # A selection that applies to evaluation switched the later evaluations to 3 head steps (as
+    # summary.json records a choice: its canonical text); the first ones ran 2 (full).
+    import json
+
+    run_dir = run_experiment(tiny_config("pattern_selection.mode=central"), quiet=True,
+                             run_dir=tmp_path / "run")
+    summary = read_summary(run_dir)
+    summary["pattern_selection"] = {**summary.get("pattern_selection", {}), "chosen": "01x3"}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    table = format_summary([run_dir])
+    assert table.splitlines()[0].startswith("personalized loss after 2 or 3 adaptation steps (each "
+                                            "column's pattern has its own), ")
+    assert _row(table, 3, "trained", "w (meta-model)")[2] == "full -> 01x3"
