@@ -161,7 +161,7 @@ def statuses(run_dirs: list[str | Path]) -> dict[Path, str]:
 
 #: The rows of the single-run table: (group, metric prefix, clients, adapted from).
 _SUMMARY_ROWS = (("seen", "", "trained", "w (meta-model)"),
-                 ("seen", "memory-", "trained", "memory u_i"),
+                 ("seen", "memory-", "trained", "memory"),
                  ("unseen", "", "unseen", "w (meta-model)"))
 
 
@@ -224,28 +224,35 @@ def format_summary(run_dirs: list[str | Path]) -> str:
     patterns = {d: eval_patterns(d, s) for d, s in done}
     counts = {n for d, s in done for n in _eval_steps(s, *patterns[d])}
     steps = _steps_text(counts)
-    head = (f"{'algorithm':<12}{'clients':<9}{'adapted from':<16}{'before training':>17}"
+    # The first column, down an algorithm's rows: its name, its time, its status if it failed; as
+    # wide as the longest (a user's algorithm is named by its import path).
+    sides = {d: [s["algorithm"], f"({s['seconds']:.0f}s)",
+                 *([] if run_status(s) == "completed" else [run_status(s).upper()])]
+             for d, s in done}
+    width = max(12, 2 + max(len(x) for side in sides.values() for x in side))
+    head = (f"{'algorithm':<{width}}{'clients':<9}{'adapted from':<16}{'before training':>17}"
             f"{'after training':>17}  pattern")
     lines = [f"personalized {key} after {steps}, mean ± std over clients; run "
              f"directory {run_dirs[0]}", head, "-" * len(head)]
-    notes = []
+    notes, keeps_memory = [], []
     for d, s in done:
         status = run_status(s)
         before_p, after_p = patterns[d]
-        # The first column, down the algorithm's rows: its name, its time, its status if it failed.
-        side = [s["algorithm"], f"({s['seconds']:.0f}s)",
-                *([] if status == "completed" else [status.upper()])]
+        side = sides[d]
         pattern = before_p if before_p == after_p else f"{before_p} -> {after_p}"
         rows = [(clients, source, f"{group}.{prefix}{key}")
                 for group, prefix, clients, source in _SUMMARY_ROWS
                 if f"{group}.{prefix}{key}.mean" in {**s["before"], **s["after"]}]
+        if any(source == "memory" for _, source, _ in rows):
+            keeps_memory.append(s["algorithm"])
         for i in range(max(len(rows), len(side))):
             first = side[i] if i < len(side) else ""
             if i >= len(rows):
                 lines.append(first)
                 continue
             clients, source, metric = rows[i]  # no memory row for FedAvg, no unseen row without them
-            lines.append(f"{first:<12}{clients:<9}{source:<16}{_mean_std(s['before'], metric):>17}"
+            lines.append(f"{first:<{width}}{clients:<9}{source:<16}"
+                         f"{_mean_std(s['before'], metric):>17}"
                          f"{_mean_std(s['after'], metric):>17}  {pattern}")
         if status != "completed":
             notes.append(f"{s['algorithm']} did not complete: {s.get('message', status)}")
@@ -265,8 +272,9 @@ def format_summary(run_dirs: list[str | Path]) -> str:
         "  clients       trained: take part in training; unseen: never train (both are measured on "
         "held-out points)",
         f"  adapted from  w: the meta-model, adapted with {_steps_text(counts, 'step')} on the "
-        "client's own points before it is measured; memory u_i: the client's memory (MOML), "
-        "adapted the same way",
+        "client's own points before it is measured"
+        + (f"; memory: the memory each client keeps ({', '.join(dict.fromkeys(keeps_memory))}), "
+           "adapted the same way" if keeps_memory else ""),
         "  before/after  the first evaluation (round 0: the initial model, no memories yet) / the "
         "last one",
         "  pattern       the Lambda pattern of that adaptation (full: every layer group)"

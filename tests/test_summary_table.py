@@ -13,11 +13,16 @@ from fedmaml.results.recorder import read_summary
 
 
 def _row(table: str, algorithm_line: int, clients: str, source: str) -> list[str]:
-    """The cells of the row for (clients, source) in the block that starts at ``algorithm_line``."""
+    """The cells of the row for (clients, source) in the block that starts at ``algorithm_line``,
+    cut where the header's columns are."""
     lines = table.splitlines()
+    head = lines[1]
+    c, s = head.index("clients"), head.index("adapted from")
+    b = head.index("before training") + len("before training")
+    a = head.index("after training") + len("after training")
     for line in lines[algorithm_line:]:
-        if line[12:21].strip() == clients and line[21:37].strip() == source:
-            return [line[37:54].strip(), line[54:71].strip(), line[71:].strip()]
+        if line[c:s].strip() == clients and line[s:b - 17].strip() == source:
+            return [line[b - 17:b].strip(), line[b:a].strip(), line[a:].strip()]
     raise AssertionError(f"no row {clients} / {source} in\n{table}")
 
 
@@ -38,12 +43,12 @@ def test_the_table_shows_before_and_after_with_spread_legend_and_patterns(tiny_c
             assert after == f"{a[f'{group}.loss.mean']:.4g} ± {a[f'{group}.loss.std']:.2g}"
             assert pattern == "full"
     # MOML's memories: none before training, measured after it; FedAvg has no memory row.
-    before, after, _ = _row(table, starts["moml"], "trained", "memory u_i")
+    before, after, _ = _row(table, starts["moml"], "trained", "memory")
     a = read_summary(run_dir)["after"]
     assert before == "-" and after == f"{a['seen.memory-loss.mean']:.4g} ± " \
                                       f"{a['seen.memory-loss.std']:.2g}"
     fedavg_block = lines[starts["fedavg"]:lines.index("columns:")]
-    assert not any("memory u_i" in line for line in fedavg_block)
+    assert not any("memory" in line for line in fedavg_block)
     legend = "\n".join(lines[lines.index("columns:"):])
     for column in ("clients ", "adapted from ", "before/after ", "pattern "):
         assert f"\n  {column}" in legend, column
@@ -127,3 +132,29 @@ def test_a_selected_pattern_with_other_steps_is_said_in_the_header(tiny_config, 
     assert table.splitlines()[0].startswith("personalized loss after 2 or 3 adaptation steps (each "
                                             "column's pattern has its own), ")
     assert _row(table, 3, "trained", "w (meta-model)")[2] == "full -> 01x3"
+
+
+def test_a_long_algorithm_name_gets_a_column_that_fits_it(tiny_config, tmp_path):
+    # an algorithm by its import path (here the built-in MOML's), as a user's own is named
+    name = "fedmaml.algorithms.moml:MOML"
+    cfg = replace_paths(tiny_config(f"algorithm.name={name}"), {"compare_with": "fedavg"})
+    run_dir = run_experiment(cfg, quiet=True, run_dir=tmp_path / "run")
+    table = format_summary([run_dir, run_dir / "baselines" / "fedavg"])
+    lines = table.splitlines()
+    head, rows = lines[1], lines[3:lines.index("columns:")]
+    clients = head.index("clients")
+    assert clients >= len(name) + 2 and head[clients - 2:clients] == "  "
+    named = [line for line in rows if line.startswith(name)]
+    assert named and named[0][len(name):clients].strip() == "" and named[0][clients:].startswith(
+        "trained")
+    for line in rows:  # every row's cells start under the header's
+        if line[clients:].strip():
+            assert line[clients - 1] == " " and line[clients:clients + 7] in ("trained", "unseen ")
+    assert lines[2] == "-" * len(head)
+    legend = "\n".join(lines[lines.index("columns:"):])
+    assert f"memory: the memory each client keeps ({name})" in legend
+    assert "MOML" not in legend.replace(name, "")
+    # the memory row and its numbers are the algorithm's own
+    before, after, _ = _row(table, lines.index(named[0]), "trained", "memory")
+    mean = read_summary(run_dir)["after"]["seen.memory-loss.mean"]
+    assert before == "-" and after.startswith(f"{mean:.4g} ± ")
