@@ -13,7 +13,8 @@ from typing import Any
 
 from fedmaml import run_dir as rd
 from fedmaml.config.schema import Config
-from fedmaml.errors import ConfigError, FedmamlError
+from fedmaml.core.patterns import Pattern
+from fedmaml.errors import ConfigError, FedmamlError, PatternError
 from fedmaml.federated import checkpoint
 from fedmaml.federated.client_app import make_client_app
 from fedmaml.federated.health import run_status
@@ -160,7 +161,7 @@ def statuses(run_dirs: list[str | Path]) -> dict[Path, str]:
 
 #: The rows of the single-run table: (group, metric prefix, clients, adapted from).
 _SUMMARY_ROWS = (("seen", "", "trained", "w (meta-model)"),
-                 ("seen", "memory-", "trained", "memory u_i"),
+                 ("seen", "memory-", "trained", "memory"),
                  ("unseen", "", "unseen", "w (meta-model)"))
 
 
@@ -188,6 +189,28 @@ def eval_patterns(run_dir: str | Path, summary: dict[str, Any]) -> tuple[str, st
     return before, after
 
 
+def _eval_steps(summary: dict[str, Any], before: str, after: str) -> list[int | str]:
+    """The adaptation steps of a run's evaluations: ``eval_steps`` of its summary (what its
+    ``evaluation.pattern`` runs), and a selected pattern's own (canonical, written out)."""
+    steps: list[int | str] = [summary.get("eval_steps", "?")]
+    if after != before:
+        try:
+            steps.append(Pattern.parse(after).steps)
+        except PatternError:
+            steps.append("?")
+    return steps
+
+
+def _steps_text(steps: set[int | str], word: str = "adaptation step") -> str:
+    """``1 adaptation step``, ``5 adaptation steps``; runs or columns that differ: ``1 or 5
+    adaptation steps (each column's pattern has its own)``."""
+    counts = sorted(steps, key=lambda n: (isinstance(n, str), str(n) if isinstance(n, str) else n))
+    if counts == [1]:
+        return f"1 {word}"
+    return (" or ".join(map(str, counts)) + f" {word}s"
+            + (" (each column's pattern has its own)" if len(counts) > 1 else ""))
+
+
 def format_summary(run_dirs: list[str | Path]) -> str:
     """The table ``fedmaml run`` prints: per algorithm, the personalized metric of trained and unseen
     clients adapted from the meta-model and (trained clients) from their memory, before and after
@@ -198,30 +221,38 @@ def format_summary(run_dirs: list[str | Path]) -> str:
     if not done:
         return "no finished run to summarize"
     key = done[0][1]["metric"]
-    steps = done[0][1].get("eval_steps", "")
-    head = (f"{'algorithm':<12}{'clients':<9}{'adapted from':<16}{'before training':>17}"
+    patterns = {d: eval_patterns(d, s) for d, s in done}
+    counts = {n for d, s in done for n in _eval_steps(s, *patterns[d])}
+    steps = _steps_text(counts)
+    # The first column, down an algorithm's rows: its name, its time, its status if it failed; as
+    # wide as the longest (a user's algorithm is named by its import path).
+    sides = {d: [s["algorithm"], f"({s['seconds']:.0f}s)",
+                 *([] if run_status(s) == "completed" else [run_status(s).upper()])]
+             for d, s in done}
+    width = max(12, 2 + max(len(x) for side in sides.values() for x in side))
+    head = (f"{'algorithm':<{width}}{'clients':<9}{'adapted from':<16}{'before training':>17}"
             f"{'after training':>17}  pattern")
-    lines = [f"personalized {key} after {steps} adaptation steps, mean ± std over clients; run "
+    lines = [f"personalized {key} after {steps}, mean ± std over clients; run "
              f"directory {run_dirs[0]}", head, "-" * len(head)]
-    notes, patterns = [], set()
+    notes, keeps_memory = [], []
     for d, s in done:
         status = run_status(s)
-        before_p, after_p = eval_patterns(d, s)
-        patterns.add((before_p, after_p))
-        # The first column, down the algorithm's rows: its name, its time, its status if it failed.
-        side = [s["algorithm"], f"({s['seconds']:.0f}s)",
-                *([] if status == "completed" else [status.upper()])]
+        before_p, after_p = patterns[d]
+        side = sides[d]
         pattern = before_p if before_p == after_p else f"{before_p} -> {after_p}"
         rows = [(clients, source, f"{group}.{prefix}{key}")
                 for group, prefix, clients, source in _SUMMARY_ROWS
                 if f"{group}.{prefix}{key}.mean" in {**s["before"], **s["after"]}]
+        if any(source == "memory" for _, source, _ in rows):
+            keeps_memory.append(s["algorithm"])
         for i in range(max(len(rows), len(side))):
             first = side[i] if i < len(side) else ""
             if i >= len(rows):
                 lines.append(first)
                 continue
             clients, source, metric = rows[i]  # no memory row for FedAvg, no unseen row without them
-            lines.append(f"{first:<12}{clients:<9}{source:<16}{_mean_std(s['before'], metric):>17}"
+            lines.append(f"{first:<{width}}{clients:<9}{source:<16}"
+                         f"{_mean_std(s['before'], metric):>17}"
                          f"{_mean_std(s['after'], metric):>17}  {pattern}")
         if status != "completed":
             notes.append(f"{s['algorithm']} did not complete: {s.get('message', status)}")
@@ -235,13 +266,15 @@ def format_summary(run_dirs: list[str | Path]) -> str:
             notes.append(f"{s['algorithm']} completed, {s['memory_resets']} client memories reset "
                          f"(clients {', '.join(map(str, s.get('memory_reset_clients', [])))}: their "
                          "memory files were corrupt and were moved aside; memory-reset=true)")
-    switched = any(b != a for b, a in patterns)
+    switched = any(b != a for b, a in patterns.values())
     legend = [
         "columns:",
         "  clients       trained: take part in training; unseen: never train (both are measured on "
         "held-out points)",
-        f"  adapted from  w: the meta-model, adapted with {steps} steps on the client's own points "
-        "before it is measured; memory u_i: the client's memory (MOML), adapted the same way",
+        f"  adapted from  w: the meta-model, adapted with {_steps_text(counts, 'step')} on the "
+        "client's own points before it is measured"
+        + (f"; memory: the memory each client keeps ({', '.join(dict.fromkeys(keeps_memory))}), "
+           "adapted the same way" if keeps_memory else ""),
         "  before/after  the first evaluation (round 0: the initial model, no memories yet) / the "
         "last one",
         "  pattern       the Lambda pattern of that adaptation (full: every layer group)"

@@ -100,7 +100,7 @@ model:
   kwargs: {{width: 16}}
 algorithm: {{name: moml, support_size: 10, alpha: 0.5, eta: 0.05, beta: 0.5}}
 federated: {{rounds: {rounds}, clients_per_round: 5, eval_every: {every}}}
-evaluation: {{steps: 5, alpha: 0.5, pattern: "0001"}}   # every method adapts its head to evaluate
+evaluation: {{steps: 1, alpha: 0.5, pattern: "0001"}}   # every method adapts its head (1 step)
 sweep:
   settings:
     MOML-head: {{algorithm.inner_pattern: "0001"}}       # adapt only the head while training

@@ -19,7 +19,7 @@ from fedmaml.config import config_from_dict
 from fedmaml.experiment import run_experiment
 from fedmaml.results.compare import BANDS, X_AXES, CompareError, build_comparison, setting_curve
 from fedmaml.results.compare_outputs import compare
-from fedmaml.results.compare_report import markdown_table
+from fedmaml.results.compare_report import markdown_table, table_legend
 from fedmaml.sweep import load_sweep, run_sweep
 
 TINY = {
@@ -253,6 +253,20 @@ def test_named_settings_label_the_table_in_the_sweeps_order(named_sweep, capsys)
     assert "- **fast** (a named setting of the sweep) sets `algorithm.eta=0.02`, " \
            "`algorithm.beta=0.5`." in report
     assert "- FO-MAML, algorithm.alpha=0.01: [FO-MAML,algorithm.alpha=0.01,seed=0]" in report
+
+
+def test_before_training_is_empty_for_a_metric_without_a_round_0_value(runs):
+    # MOML's memories are made in training: the memory metrics start at the first evaluation after
+    # it (round 2 here), which is no value before training.
+    c = build_comparison([runs / "sweep"], metric="seen.memory-loss")
+    for setting, stats in zip(c.settings, c.stats):
+        recorded = [metric_values(r.dir, "seen.memory-loss.mean") for r in setting.runs]
+        assert all(0 not in v and len(v) >= 1 for v in recorded)
+        assert all(math.isnan(v) for v in stats.before.values)
+        assert stats.final.values == pytest.approx([v[max(v)] for v in recorded])
+    for line in markdown_table(c).splitlines()[2:]:
+        assert line.split(" | ")[2] == "-", line  # Setting | Runs | Before training | ...
+    assert "- where the metric has no value at round 0" in table_legend(c)
 
 
 def test_the_table_shows_the_value_before_training_and_a_legend(runs, capsys):

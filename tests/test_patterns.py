@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from fedmaml.core.patterns import Pattern, resolve_pattern
+from fedmaml.core.patterns import Pattern, pattern_steps, resolve_pattern
 from fedmaml.errors import FedmamlError, PatternError
 from helpers import single_thread  # noqa: F401  (autouse fixture)
 from helpers import small_conv, small_mlp
@@ -180,6 +180,15 @@ def test_aliases_resolve_for_models():
     assert resolve_pattern(p, net.group_names, 1) is p
     with pytest.raises(PatternError):
         resolve_pattern(p, conv.group_names, 1)
+
+
+@pytest.mark.parametrize("text, steps, runs", [
+    ("0001", 5, 1), ("0001x5", 1, 5), ("1111|0001x4", 10, 5), ("none", 3, 0),
+    ("head", 5, 5), (" full ", 0, 0), ("body", 2, 2),
+])
+def test_a_written_out_pattern_has_its_own_step_count_an_alias_the_steps_key(text, steps, runs):
+    assert pattern_steps(text, steps) == runs
+    assert resolve_pattern(text, small_mlp().group_names, steps).steps == runs
 
 
 # -- queries --------------------------------------------------------------------------------------

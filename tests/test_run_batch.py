@@ -9,6 +9,7 @@ groups runs into batches and runs the others one by one, saying why."""
 from __future__ import annotations
 
 import json
+import logging
 import random
 
 import pytest
@@ -106,6 +107,17 @@ def test_every_run_of_a_batch_equals_the_run_alone(tiny_config, tmp_path, case):
         assert read_summary(tmp_path / "batch" / cfg.name)["batch"]["runs"] == 3
         assert_equal_to_alone(cfg, tmp_path / "batch" / cfg.name, tmp_path / "alone" / cfg.name,
                               memories_of(batch, i))
+
+
+def test_a_batch_warns_once_of_a_steps_key_its_written_out_pattern_overrides(tiny_config, tmp_path,
+                                                                           caplog):
+    # "01": one head step on the tiny MLP, in every run; evaluation.steps = 2 is for the aliases
+    cfgs = configs_of(tiny_config, tmp_path, ("algorithm.name=moml", "evaluation.pattern=01"))
+    with caplog.at_level(logging.WARNING, logger="fedmaml"):
+        RunBatch(cfgs, [tmp_path / "batch" / c.name for c in cfgs]).run()
+    warned = [r.getMessage() for r in caplog.records if "applies only to the aliases" in r.message]
+    assert len(warned) == 1 and warned[0].startswith("evaluation.pattern: '01' is written out")
+    assert {read_summary(tmp_path / "batch" / c.name)["eval_steps"] for c in cfgs} == {1}
 
 
 @pytest.mark.slow

@@ -48,7 +48,7 @@ data: {{family: files, path: {clients}, partition: natural, num_clients: 6, unse
 model: {{name: "my_models:small_resnet", kwargs: {{width: 4}}}}
 algorithm: {{name: moml, support_size: 5, alpha: 0.1, eta: 0.05, inner_pattern: "0001"}}
 federated: {{rounds: 4, clients_per_round: 3, eval_every: 2}}
-evaluation: {{steps: 2, alpha: 0.1, pattern: "0001"}}
+evaluation: {{steps: 1, alpha: 0.1, pattern: "0001"}}
 output_dir: {out}
 """
 
@@ -75,6 +75,26 @@ def user(tmp_path, monkeypatch):
 
 def test_the_guide_script_trains_the_documented_module():
     assert _script().MY_MODELS == doc_files()["my_models.py"]
+
+
+def test_the_guide_and_its_script_evaluate_as_the_guide_says():
+    """docs/custom.md's images.yaml and the script that made its table evaluate alike, and their
+    evaluation.steps is what runs (a written-out pattern has its own step count)."""
+    import re
+
+    import yaml
+
+    from fedmaml.core.patterns import pattern_steps
+
+    doc = (REPO / "docs" / "custom.md").read_text(encoding="utf-8")
+    block = doc[doc.index("name: custom_images"):]
+    documented = yaml.safe_load(re.search(r"evaluation: (\{.*?\})", block).group(1))
+    script = yaml.safe_load(re.search(r"evaluation: (\{\{.*?\}\})", _script().CONFIG).group(1)
+                            .replace("{{", "{").replace("}}", "}"))
+    assert documented == script
+    assert pattern_steps(script["pattern"], script["steps"]) == script["steps"]
+    steps = {1: "one step", 5: "5 steps"}[script["steps"]]
+    assert f"evaluated the same way: {steps} of head-only adaptation" in doc
 
 
 def test_the_client_files_hold_every_image_once_three_digits_each(tmp_path):

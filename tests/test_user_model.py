@@ -23,7 +23,7 @@ from fedmaml.errors import ConfigError, PatternError
 from fedmaml.experiment import run_experiment
 from fedmaml.federated.setup import setup_for
 from fedmaml.models.module import ModuleModel
-from fedmaml.results.recorder import read_metrics
+from fedmaml.results.recorder import read_metrics, read_summary
 from helpers import single_thread  # noqa: F401  (autouse fixture)
 from helpers import OpCounter, cast, conv_batch, mlp_batch, small_conv, small_mlp
 from tests.test_checkpoint import stop_after  # noqa: F401  (a fixture)
@@ -278,6 +278,8 @@ def test_the_documented_example_runs(tmp_path, monkeypatch, capsys):
     run_dir = run_experiment(cfg, quiet=True, run_dir=tmp_path / "run")
     rows = read_metrics(run_dir)
     assert rows[-1]["round"] == 2 and rows[-1]["failures"] == 0
+    # its evaluation runs the steps it says (a written-out pattern would run its own rows)
+    assert read_summary(run_dir)["eval_steps"] == cfg.evaluation.steps
     assert set(torch.load(run_dir / "model.pt", weights_only=True)) >= {"2.conv.weight", "7.bias"}
 
 

@@ -119,8 +119,9 @@ class AlgorithmConfig:
     eta: float = _field(0.005, "Meta / local step size.", min=0, min_exclusive=True)
     beta: float = _field(0.3, "Memory momentum of MOML (1 = no memory).",
                          min=0, max=1, min_exclusive=True)
-    inner_steps: int = _field(1, "Adaptation steps when the pattern is an alias (full, head, body).",
-                              min=0)
+    inner_steps: int = _field(1, "Adaptation steps when inner_pattern (or memory_pattern) is an "
+                                 "alias (full, head, body); a written-out pattern runs its own "
+                                 "rows ('0001' one step, '0001x5' five).", min=0)
     inner_pattern: str = _field("full", "Lambda pattern of the training adaptation.")
     memory_pattern: str = _field("", "Lambda pattern of MOML's memory update; empty = inner_pattern.")
     meta_gradient: str = _field("first_order", "Meta-gradient estimator.",
@@ -199,7 +200,9 @@ class FederatedConfig:
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    steps: int = _field(10, "Adaptation steps at evaluation (k_eval).", min=0)
+    steps: int = _field(10, "Adaptation steps at evaluation (k_eval) when pattern is an alias "
+                            "(full, head, body); a written-out pattern runs its own rows ('0001' "
+                            "one step, '0001x5' five).", min=0)
     pattern: str = _field("full", "Lambda pattern of the evaluation adaptation.")
     alpha: float = _field(0.0, "Adaptation step size at evaluation; 0 = algorithm.alpha.", min=0)
     from_memory: bool = _field(True, "Also evaluate starting from each client's memory.")

@@ -123,6 +123,19 @@ class Pattern:
         return self
 
 
+def is_alias(text: str) -> bool:
+    """Whether a config's pattern text is an alias, which takes its step count from a steps key
+    (``algorithm.inner_steps``, ``evaluation.steps``...); written-out text has its own."""
+    return text.strip() in ALIASES
+
+
+def pattern_steps(text: str, steps: int) -> int:
+    """The adaptation steps a config's pattern text runs, as :func:`resolve_pattern` resolves it:
+    ``steps`` for an alias, the rows of written-out text (``0001`` is one step, whatever
+    ``steps`` says; ``0001x5`` five)."""
+    return steps if is_alias(text) else Pattern.parse(text).steps
+
+
 def resolve_pattern(text: str | Pattern, group_names: Sequence[str], steps: int,
                     model_name: str = "model") -> Pattern:
     """Turn a config string (explicit form or an alias) into a pattern validated for a model."""

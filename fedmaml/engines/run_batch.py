@@ -87,7 +87,7 @@ from fedmaml.federated.pattern_selection import hyper_for
 from fedmaml.federated.run_ledger import RunLedger
 from fedmaml.federated.server_round import aggregate_round
 from fedmaml.federated.server_state import ServerState
-from fedmaml.federated.setup import ExperimentSetup, setup_for
+from fedmaml.federated.setup import ExperimentSetup, setup_for, warn_pattern_steps
 from fedmaml.federated.strategy import TRAIN_METRICS, MetaStrategy, exchange
 from fedmaml.results.metrics_row import MetricsRow
 from fedmaml.results.progress import Progress
@@ -131,6 +131,7 @@ class RunBatch:
         if threads and torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
         self.setups: list[ExperimentSetup] = [setup_for(c) for c in self.cfgs]
+        warn_pattern_steps(self.cfgs)
         first = self.setups[0]
         self.algorithm, self.model, self.loss_fn = first.algorithm, first.model, first.loss_fn
         algorithm, model, loss_fn = self.algorithm, self.model, self.loss_fn

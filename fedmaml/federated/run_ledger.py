@@ -19,6 +19,7 @@ from typing import Any
 
 from fedmaml.config.schema import Config
 from fedmaml.core.params import Params
+from fedmaml.core.patterns import pattern_steps
 from fedmaml.errors import FedmamlError
 from fedmaml.federated import checkpoint, faults
 from fedmaml.federated.health import RunHealth
@@ -173,7 +174,8 @@ class RunLedger:
             **self.health.totals(),
             **({"injected": state["injected"]} if faults.enabled(cfg) else {}),
             "metric": self.metric,
-            "eval_steps": cfg.evaluation.steps,
+            # what runs: a written-out pattern has its own step count (core/patterns.py)
+            "eval_steps": pattern_steps(cfg.evaluation.pattern, cfg.evaluation.steps),
             "before": {k: v for k, v in state["first_eval"].items() if not k.endswith(".clients")},
             "after": {k: v for k, v in state["last_eval"].items() if not k.endswith(".clients")},
             "seconds": state["seconds"],

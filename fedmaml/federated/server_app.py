@@ -15,7 +15,7 @@ from fedmaml.federated import records as R
 from fedmaml.federated.client_app import config_from_run_config
 from fedmaml.federated.health import RunStopped
 from fedmaml.federated.run_ledger import RunLedger
-from fedmaml.federated.setup import setup_for
+from fedmaml.federated.setup import setup_for, warn_pattern_steps
 from fedmaml.federated.strategy import MetaStrategy
 from fedmaml.results.metrics_row import MetricsRow
 from fedmaml.results.progress import Progress
@@ -49,6 +49,7 @@ def run_federated(grid: Grid, cfg: Config, run_dir: str | Path, quiet: bool = Fa
     requested (SIGINT/SIGTERM), the run directory gets a checkpoint; ``resume`` continues from it
     (fedmaml/federated/checkpoint.py)."""
     setup = setup_for(cfg)
+    warn_pattern_steps(cfg)
     strategy = MetaStrategy(setup)
     ledger = RunLedger(cfg, run_dir, "accuracy" if setup.classification else "loss",
                        resume=resume)

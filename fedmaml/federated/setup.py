@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -19,7 +20,7 @@ from fedmaml.config.schema import Config
 from fedmaml.core.estimators import Estimator
 from fedmaml.core.losses import LossFn, loss_named
 from fedmaml.core.params import Params
-from fedmaml.core.patterns import Pattern, resolve_pattern
+from fedmaml.core.patterns import Pattern, is_alias, resolve_pattern
 from fedmaml.core.task_step import StepConfig
 from fedmaml.data import build_federation
 from fedmaml.data.spec import USER_FAMILIES
@@ -28,6 +29,8 @@ from fedmaml.data.user import check_client_sizes
 from fedmaml.errors import ConfigError, PatternError
 from fedmaml.federated.privacy import is_private
 from fedmaml.models import Model, build_model
+
+log = logging.getLogger("fedmaml")
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,48 @@ def _pattern(key: str, text: str, model: Model, steps: int) -> Pattern:
         return resolve_pattern(text, model.group_names, steps, model.name)
     except PatternError as e:
         raise PatternError(f"{key}: {e}") from None
+
+
+def pattern_step_warnings(cfg: Config) -> list[str]:
+    """One line per written-out pattern whose step count differs from its steps key, which then
+    does not apply (the aliases alone take their step count from it): the pattern's key and text,
+    the steps it runs, the steps key and its value. Empty when every pattern runs what its steps
+    key says."""
+    a, ev = cfg.algorithm, cfg.evaluation
+    keys = [("algorithm.inner_pattern", a.inner_pattern, "algorithm.inner_steps", a.inner_steps),
+            *([("algorithm.memory_pattern", a.memory_pattern, "algorithm.inner_steps",
+                a.inner_steps)] if a.memory_pattern else []),
+            ("evaluation.pattern", ev.pattern, "evaluation.steps", ev.steps)]
+    out = []
+    for key, text, steps_key, steps in keys:
+        if is_alias(text):
+            continue
+        pattern = Pattern.parse(text)
+        if pattern.steps == steps:
+            continue
+        rows = set(pattern.rows)
+        wanted = ("'none'" if steps == 0 else
+                  f"'{''.join(map(str, pattern.rows[0]))}x{steps}'" if len(rows) == 1
+                  else f"rows for {steps} steps")
+        out.append(f"{key}: '{text.strip()}' is written out and runs "
+                   f"{adaptation_steps(pattern.steps)}; {steps_key} = {steps} applies only to the "
+                   f"aliases (full, head, body). For {adaptation_steps(steps)} write {wanted} (or "
+                   f"an alias); to say what runs, set {steps_key}: {pattern.steps}")
+    return out
+
+
+def adaptation_steps(n: int) -> str:
+    """``1 adaptation step``, ``5 adaptation steps``."""
+    return f"{n} adaptation step" + ("" if n == 1 else "s")
+
+
+def warn_pattern_steps(cfgs: Config | list[Config]) -> None:
+    """Log :func:`pattern_step_warnings` as the server sets up runs (``cfgs``: one, or a batch's,
+    each line once)."""
+    lines = [w for c in ([cfgs] if isinstance(cfgs, Config) else cfgs)
+             for w in pattern_step_warnings(c)]
+    for line in dict.fromkeys(lines):
+        log.warning("%s", line)
 
 
 def build_hyper(cfg: Config, model: Model, algorithm: Algorithm) -> Hyper:

@@ -473,7 +473,7 @@ class Stat:
 @dataclass
 class SettingStats:
     runs: int
-    before: Stat  # the first evaluation (round 0: before training)
+    before: Stat  # the evaluation at round 0, before training (NaN: none at round 0)
     final: Stat
     best: Stat
     # First evaluated round at which the seed-mean curve (the line of the figure) reaches the
@@ -510,8 +510,11 @@ def setting_stats(setting: Setting, metric: Metric, target: float) -> SettingSta
     """
     before, final, best, secs, nbytes, nsamples = [], [], [], [], [], []
     for run in setting.runs:
-        values = [v for _, (_, v) in sorted(run_points(run, metric).items())]
-        before.append(values[0] if values else math.nan)
+        points = run_points(run, metric)
+        values = [v for _, (_, v) in sorted(points.items())]
+        # round 0 only: a metric first recorded later (memories, training losses) has no value
+        # before training, and its first value would be a trained one
+        before.append(points[0][1] if 0 in points else math.nan)
         final.append(values[-1] if values else math.nan)
         finite = [v for v in values if not math.isnan(v)]
         best.append((max(finite) if metric.higher_is_better else min(finite)) if finite else math.nan)

@@ -83,7 +83,8 @@ def table_legend(c: Comparison) -> str:
         "  Runs: completed runs (seeds) averaged; runs that diverged or failed are counted in "
         "brackets and left out",
         "  Before training: the metric at round 0 (the initial model, adapted as at every "
-        "evaluation)",
+        "evaluation); - where the metric has no value at round 0 (memories and training losses "
+        "start with training)",
         "  Final: at the last evaluation; Best: the best evaluation of each run, round 0 included",
         f"  Rounds / Samples to target: first evaluation where the seed-mean reaches "
         f"{_num(c.target)} (the least good final mean unless --target is given); samples = "
