@@ -56,9 +56,9 @@ from fedmaml.run_dir import (DirectoryLock, clear, config_differences, has_conte
 # The specification and the manifest reader (fedmaml/sweep_spec.py) sit below tracking, which reads
 # manifests too; their names stay importable from here, the sweep's public module.
 from fedmaml.sweep_spec import (MANIFEST, SweepSpec, grid_key, load_sweep,  # noqa: F401
-                                parse_grid_arg, parse_references, parse_seeds, parse_settings,
-                                settings_from_section, spec_from_section, split_values,
-                                strip_source)
+                                overlapping, parse_grid_arg, parse_references, parse_seeds,
+                                parse_settings, settings_from_section, spec_from_section,
+                                split_values, strip_source)
 
 LOCK_FILE = ".sweep.lock"
 ERROR_FILE = "error.txt"  # written into a run directory whose run raised
@@ -115,12 +115,16 @@ def plan_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path,
     grid = {grid_key(k, v, f"grid {k}"): tuple(v) for k, v in spec.grid.items()}  # suffixes too
     if len(grid) != len(spec.grid):
         raise ConfigError(f"grid: a key appears twice ({', '.join(spec.grid)})")
+    for a, b in itertools.combinations(sorted(grid), 2):
+        if (both := overlapping(a, b)) is not None:  # algorithm.kwargs and an entry of it
+            raise ConfigError(f"grid: {a} and {b} both set {both}; vary it in one place")
     named = parse_settings(spec.settings, "settings") if spec.settings else {}
     for name, overrides in named.items():
-        both = sorted(set(overrides) & set(grid))
-        if both:
-            raise ConfigError(f"settings.{name}: {both[0]} is set both by this setting and by the "
-                              "grid; vary it in one place")
+        for key, other in itertools.product(sorted(overrides), sorted(grid)):
+            if (both := overlapping(key, other)) is not None:
+                also = "" if key == other else f" ({other})"
+                raise ConfigError(f"settings.{name}: {both} is set both by this setting and by "
+                                  f"the grid{also}; vary it in one place")
     spec = SweepSpec(grid=grid, seeds=spec.seeds, settings=named, references=spec.references)
     keys = list(grid)
     # Each value alone first, so an error names that value rather than a whole combination.

@@ -18,7 +18,7 @@ from fedmaml.config import load_config, load_config_and_sweep, resolve_key, shor
 from fedmaml.errors import ConfigError, FedmamlError
 from fedmaml.run_dir import HOLDER_SUFFIX
 from fedmaml.sweep import (LOCK_FILE, SweepSpec, _Lock, load_sweep, parse_grid_arg, parse_seeds, plan_sweep,
-                           run_name, run_sweep)
+                           run_name, run_sweep, write_manifest)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -460,6 +460,64 @@ def test_a_key_set_by_a_setting_and_by_the_grid_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"grid combination setting B, beta=0.3 is invalid: "
                                           r"federated\.clients_per_round: 10 exceeds"):
         plan_sweep(base, spec, tmp_path / "sw2")
+
+
+# -- one entry of a mapping key (algorithm.kwargs.lam) ---------------------------------------------
+
+OWN = {"algorithm": {"name": "my_algos:Mine", "kwargs": {"mu": 2}}}  # not imported by planning
+
+
+def test_a_grid_over_one_algorithm_kwarg_names_its_run_directories_by_it(tmp_path, capsys):
+    assert parse_grid_arg("algorithm.kwargs.lam=0.1,0.5") == ("algorithm.kwargs.lam", (0.1, 0.5))
+    path = write_config(tmp_path, OWN)
+    base, spec = load_sweep(path, grid_args=["algorithm.kwargs.lam=0.1,0.5"], seeds="0")
+    runs, _ = plan_sweep(base, spec, tmp_path / "sw")
+    assert [r.name for r in runs] == ["algorithm.kwargs.lam=0.1,seed=0",
+                                      "algorithm.kwargs.lam=0.5,seed=0"]
+    # each run sets lam and keeps the base config's other kwargs
+    assert [json.loads(r.config.algorithm.kwargs) for r in runs] == [{"mu": 2, "lam": 0.1},
+                                                                     {"mu": 2, "lam": 0.5}]
+    assert main(["sweep", str(path), "--grid", "algorithm.kwargs.lam=0.1,0.5", "--seeds", "0",
+                 "--sweep-dir", str(tmp_path / "sw"), "--dry-run"]) == 0
+    assert "new        algorithm.kwargs.lam=0.5,seed=0" in capsys.readouterr().out
+    # in a sweep file's grid and in a named setting, and back from the manifest
+    path = write_config(tmp_path, {**OWN, "sweep": {
+        "settings": {"weak": {"algorithm.kwargs.lam": 0.01}, "strong": {"algorithm.kwargs.mu": 9}},
+        "grid": {"algorithm.kwargs.nu": [1, 2]}, "seeds": [0]}}, "section.yaml")
+    base, spec = load_sweep(path)
+    assert spec.settings == {"weak": {"algorithm.kwargs.lam": 0.01},
+                             "strong": {"algorithm.kwargs.mu": 9}}
+    runs = {r.name: r for r in plan_sweep(base, spec, tmp_path / "sw2")[0]}
+    assert json.loads(runs["weak,algorithm.kwargs.nu=1,seed=0"].config.algorithm.kwargs) == {
+        "mu": 2, "lam": 0.01, "nu": 1}
+    assert json.loads(runs["strong,algorithm.kwargs.nu=2,seed=0"].config.algorithm.kwargs) == {
+        "mu": 9, "nu": 2}
+    write_manifest(tmp_path / "sw2", base, spec)
+    assert load_sweep(tmp_path / "sw2" / "sweep.yaml")[1] == spec
+
+
+@pytest.mark.parametrize("grid, section, message", [
+    # an unknown key keeps its error and its suggestion
+    (["algoritm.kwargs.lam=0.1,0.5"], None, r"--grid algoritm.kwargs.lam: algoritm.kwargs.lam: "
+                                            r"unknown key; did you mean 'algorithm.kwargs'\?"),
+    (["kwargs.lam=0.1,0.5"], None, r"an entry of a mapping is set with the mapping's full key: "
+                                   r"model.kwargs.lam or algorithm.kwargs.lam"),
+    # the whole mapping and one of its entries, in one grid: the order would decide
+    (["algorithm.kwargs.lam=0.1,0.5", "algorithm.kwargs={lam: 1},{lam: 2}"], None,
+     r"grid: algorithm.kwargs and algorithm.kwargs.lam both set algorithm.kwargs; vary it in "
+     r"one place"),
+    (["algorithm.kwargs.lam=0.1,0.5"], {"settings": {"A": {"algorithm.kwargs": {"lam": 3}}}},
+     r"settings.A: algorithm.kwargs is set both by this setting and by the grid "
+     r"\(algorithm.kwargs.lam\)"),
+    ([], {"settings": {"A": {"algorithm.kwargs": {"lam": 3}, "algorithm.kwargs.mu": 1}}},
+     r"sweep.settings.A.algorithm.kwargs.mu: algorithm.kwargs.mu and algorithm.kwargs both set "
+     r"algorithm.kwargs in this setting"),
+])
+def test_a_mapping_entry_set_twice_or_misspelt_is_refused(tmp_path, grid, section, message):
+    path = write_config(tmp_path, {**OWN, **({"sweep": section} if section else {})})
+    with pytest.raises(ConfigError, match=message):
+        base, spec = load_sweep(path, grid_args=grid)
+        plan_sweep(base, spec, tmp_path / "sw")
 
 
 def test_planning_batches_imports_neither_the_batch_engine_nor_flower_nor_torch():
