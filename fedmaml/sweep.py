@@ -49,7 +49,8 @@ import yaml
 
 from fedmaml.config import (SWEEP_SECTION, Config, check_value, dump_yaml, load_config,
                             replace_paths, short_key)
-from fedmaml.errors import ConfigError, FedmamlError
+from fedmaml.errors import ConfigError, FedmamlError, PatternError
+from fedmaml.federated.config_patterns import LayerGroups, config_patterns, declared_layer_groups
 from fedmaml.results.run_files import CONFIG_FILE, SUMMARY_FILE, read_summary
 from fedmaml.run_dir import (DirectoryLock, clear, config_differences, has_content, load_checkpoint,
                              run_lock)
@@ -136,6 +137,7 @@ def plan_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path,
             dup = next(t for t in texts if texts.count(t) > 1)
             raise ConfigError(f"grid {key}: value {dup} appears twice")
     runs, invalid = [], []
+    groups = _LayerGroupsOf()
     for (named_as, overrides), combo in itertools.product(
             list(named.items()) or [(None, {})], itertools.product(*(spec.grid[k] for k in keys))):
         values = dict(zip(keys, combo))
@@ -143,12 +145,17 @@ def plan_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path,
                            *(f"{short_key(k)}={_value_text(v)}" for k, v in values.items())])
         try:  # together: cross-field rules may link them
             setting = replace_paths(base, {**overrides, **values})
-        except ConfigError as e:
-            what = "grid combination" if values else "the base config with"
+            # every pattern for the model's layer groups, as each run checks them when it sets up:
+            # a pattern that does not fit fails here, before any run trains
+            config_patterns(setting, groups(setting))
+        except (ConfigError, PatternError) as e:
+            what = ("grid combination" if values else "the base config with" if label
+                    else "the base config")
             if not skip_invalid:
-                raise ConfigError(f"{what} {label} is invalid: {strip_source(e)} "
-                                  "(--skip-invalid leaves such combinations out)") from None
-            invalid.append(f"{label}: {strip_source(e)}")
+                raise ConfigError(f"{what} {label + ' ' if label else ''}is invalid: "
+                                  f"{strip_source(e)} (--skip-invalid leaves such combinations "
+                                  "out)") from None
+            invalid.append(f"{label or 'the base config'}: {strip_source(e)}")
             continue
         for seed in spec.seeds:
             name = run_name(values, seed, named_as)
@@ -165,6 +172,27 @@ def plan_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path,
         raise ConfigError(f"grid: two combinations share the run directory name {dup!r} (values "
                           "that differ only in characters a file name cannot hold)")
     return runs, invalid
+
+
+class _LayerGroupsOf:
+    """The layer groups of a config's model, for checking its patterns: from the config where it
+    gives them (the built-in models, a user's ``model.groups``: no torch in the sweep's process),
+    else by building the model once per model and data section (a user's module, whose children
+    are its groups and which may take its shapes from the data)."""
+
+    def __init__(self) -> None:
+        self._built: dict[tuple[Any, Any], LayerGroups] = {}
+
+    def __call__(self, cfg: Config) -> LayerGroups:
+        declared = declared_layer_groups(cfg.model)
+        if declared is not None:
+            return declared
+        key = (cfg.model, cfg.data)  # the seed changes no shape
+        if key not in self._built:
+            from fedmaml.federated.setup import built_layer_groups  # torch: in this process
+
+            self._built[key] = built_layer_groups(cfg)
+        return self._built[key]
 
 
 def _check_alone(key: str, value: Any) -> None:
