@@ -17,10 +17,14 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedmaml.version import __version__
 from fedmaml.bundled import resolve_config
 from fedmaml.errors import FedmamlError
+
+if TYPE_CHECKING:  # an annotation only: the config package loads when a command needs it
+    from fedmaml.config import Config
 
 EXIT_USER_ERROR = 2  # same code argparse uses for bad arguments
 EXIT_RUN_NOT_COMPLETED = 1  # a run diverged or failed (its summary.json says which and why)
@@ -57,6 +61,23 @@ def _add_overrides(parser: argparse.ArgumentParser) -> None:
 
 def _is_override(arg: str) -> bool:
     return "=" in arg and not arg.startswith("-")
+
+
+def _load_for_inspection(given: str | None, overrides: list[str]) -> "Config":
+    """The config that ``config show`` and ``model show`` inspect: a file's (or a bundled name's,
+    or the defaults') with ``overrides``. A sweep file is inspected as its base config, the part
+    every run of the sweep starts from; one line on stderr says the ``sweep:`` section was left
+    out (``fedmaml run`` still refuses such a file: it describes several runs)."""
+    from fedmaml.config import SWEEP_SECTION, load_config, load_config_and_sweep
+
+    if given is None:
+        return load_config(None, overrides)
+    cfg, section = load_config_and_sweep(resolve_config(given), overrides)
+    if section is not None:
+        print(f"note: {given}: its '{SWEEP_SECTION}:' section is left out; this is the base "
+              f"config its runs start from (`fedmaml sweep {given} --dry-run` lists the runs)",
+              file=sys.stderr)
+    return cfg
 
 
 def _split_config_and_overrides(config: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
@@ -194,10 +215,10 @@ def _add_show_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    from fedmaml.config import dump_yaml, load_config
+    from fedmaml.config import dump_yaml
 
     path, overrides = _split_config_and_overrides(args.config, args.overrides)
-    print(dump_yaml(load_config(None if path is None else resolve_config(path), overrides)), end="")
+    print(dump_yaml(_load_for_inspection(path, overrides)), end="")
     return 0
 
 
@@ -419,7 +440,7 @@ def _cmd_model_show(args: argparse.Namespace) -> int:
     if is_import_path(target) and not Path(target).exists():
         cfg = load_config(None, [f"model.name={target}", *overrides])
     else:
-        cfg = load_config(resolve_config(target), overrides)
+        cfg = _load_for_inspection(target, overrides)
     print(describe_groups(setup_for(cfg).model))
     return 0
 

@@ -49,16 +49,17 @@ import yaml
 
 from fedmaml.config import (SWEEP_SECTION, Config, check_value, dump_yaml, load_config,
                             replace_paths, short_key)
-from fedmaml.errors import ConfigError, FedmamlError
+from fedmaml.errors import ConfigError, FedmamlError, PatternError
+from fedmaml.federated.config_patterns import LayerGroups, config_patterns, declared_layer_groups
 from fedmaml.results.run_files import CONFIG_FILE, SUMMARY_FILE, read_summary
 from fedmaml.run_dir import (DirectoryLock, clear, config_differences, has_content, load_checkpoint,
                              run_lock)
 # The specification and the manifest reader (fedmaml/sweep_spec.py) sit below tracking, which reads
 # manifests too; their names stay importable from here, the sweep's public module.
 from fedmaml.sweep_spec import (MANIFEST, SweepSpec, grid_key, load_sweep,  # noqa: F401
-                                parse_grid_arg, parse_references, parse_seeds, parse_settings,
-                                settings_from_section, spec_from_section, split_values,
-                                strip_source)
+                                overlapping, parse_grid_arg, parse_references, parse_seeds,
+                                parse_settings, settings_from_section, spec_from_section,
+                                split_values, strip_source)
 
 LOCK_FILE = ".sweep.lock"
 ERROR_FILE = "error.txt"  # written into a run directory whose run raised
@@ -115,12 +116,16 @@ def plan_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path,
     grid = {grid_key(k, v, f"grid {k}"): tuple(v) for k, v in spec.grid.items()}  # suffixes too
     if len(grid) != len(spec.grid):
         raise ConfigError(f"grid: a key appears twice ({', '.join(spec.grid)})")
+    for a, b in itertools.combinations(sorted(grid), 2):
+        if (both := overlapping(a, b)) is not None:  # algorithm.kwargs and an entry of it
+            raise ConfigError(f"grid: {a} and {b} both set {both}; vary it in one place")
     named = parse_settings(spec.settings, "settings") if spec.settings else {}
     for name, overrides in named.items():
-        both = sorted(set(overrides) & set(grid))
-        if both:
-            raise ConfigError(f"settings.{name}: {both[0]} is set both by this setting and by the "
-                              "grid; vary it in one place")
+        for key, other in itertools.product(sorted(overrides), sorted(grid)):
+            if (both := overlapping(key, other)) is not None:
+                also = "" if key == other else f" ({other})"
+                raise ConfigError(f"settings.{name}: {both} is set both by this setting and by "
+                                  f"the grid{also}; vary it in one place")
     spec = SweepSpec(grid=grid, seeds=spec.seeds, settings=named, references=spec.references)
     keys = list(grid)
     # Each value alone first, so an error names that value rather than a whole combination.
@@ -132,6 +137,7 @@ def plan_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path,
             dup = next(t for t in texts if texts.count(t) > 1)
             raise ConfigError(f"grid {key}: value {dup} appears twice")
     runs, invalid = [], []
+    groups = _LayerGroupsOf()
     for (named_as, overrides), combo in itertools.product(
             list(named.items()) or [(None, {})], itertools.product(*(spec.grid[k] for k in keys))):
         values = dict(zip(keys, combo))
@@ -139,12 +145,17 @@ def plan_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path,
                            *(f"{short_key(k)}={_value_text(v)}" for k, v in values.items())])
         try:  # together: cross-field rules may link them
             setting = replace_paths(base, {**overrides, **values})
-        except ConfigError as e:
-            what = "grid combination" if values else "the base config with"
+            # every pattern for the model's layer groups, as each run checks them when it sets up:
+            # a pattern that does not fit fails here, before any run trains
+            config_patterns(setting, groups(setting))
+        except (ConfigError, PatternError) as e:
+            what = ("grid combination" if values else "the base config with" if label
+                    else "the base config")
             if not skip_invalid:
-                raise ConfigError(f"{what} {label} is invalid: {strip_source(e)} "
-                                  "(--skip-invalid leaves such combinations out)") from None
-            invalid.append(f"{label}: {strip_source(e)}")
+                raise ConfigError(f"{what} {label + ' ' if label else ''}is invalid: "
+                                  f"{strip_source(e)} (--skip-invalid leaves such combinations "
+                                  "out)") from None
+            invalid.append(f"{label or 'the base config'}: {strip_source(e)}")
             continue
         for seed in spec.seeds:
             name = run_name(values, seed, named_as)
@@ -161,6 +172,27 @@ def plan_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path,
         raise ConfigError(f"grid: two combinations share the run directory name {dup!r} (values "
                           "that differ only in characters a file name cannot hold)")
     return runs, invalid
+
+
+class _LayerGroupsOf:
+    """The layer groups of a config's model, for checking its patterns: from the config where it
+    gives them (the built-in models, a user's ``model.groups``: no torch in the sweep's process),
+    else by building the model once per model and data section (a user's module, whose children
+    are its groups and which may take its shapes from the data)."""
+
+    def __init__(self) -> None:
+        self._built: dict[tuple[Any, Any], LayerGroups] = {}
+
+    def __call__(self, cfg: Config) -> LayerGroups:
+        declared = declared_layer_groups(cfg.model)
+        if declared is not None:
+            return declared
+        key = (cfg.model, cfg.data)  # the seed changes no shape
+        if key not in self._built:
+            from fedmaml.federated.setup import built_layer_groups  # torch: in this process
+
+            self._built[key] = built_layer_groups(cfg)
+        return self._built[key]
 
 
 def _check_alone(key: str, value: Any) -> None:

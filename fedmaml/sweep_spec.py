@@ -97,6 +97,15 @@ def grid_key(key: str, values: Sequence[Any], where: str) -> str:
     return full
 
 
+def overlapping(a: str, b: str) -> str | None:
+    """The key that full keys ``a`` and ``b`` both set (``algorithm.kwargs`` for it and its entry
+    ``algorithm.kwargs.lam``), or None: a setting or a grid that set both would leave the result to
+    the order in which they are applied."""
+    if a == b or b.startswith(a + "."):
+        return a
+    return b if a.startswith(b + ".") else None
+
+
 def parse_seeds(value: Any, where: str = "--seeds") -> tuple[int, ...]:
     """``"0-4"``, ``"0,2,5"``, ``"0-2,7"``, ``3`` or ``[0, 1]`` -> the distinct seeds, in order."""
     if isinstance(value, bool):
@@ -181,6 +190,10 @@ def parse_settings(value: Any, where: str) -> dict[str, dict[str, Any]]:
             full = grid_key(str(key), [v], f"{where}.{name}.{key}")
             if full in resolved:
                 raise ConfigError(f"{where}.{name}.{key}: {full} is set twice in this setting")
+            for other in resolved:
+                if (both := overlapping(full, other)) is not None:
+                    raise ConfigError(f"{where}.{name}.{key}: {full} and {other} both set {both} "
+                                      "in this setting; set it in one place")
             try:
                 check_value(full, v)
             except ConfigError as e:

@@ -69,6 +69,35 @@ def test_config_show_output_reloads(tmp_path, capsys):
     assert load_config(f) == load_config(None, ["federated.mode=cross_silo", "name=x"])
 
 
+def test_config_show_of_a_sweep_file_shows_its_base_config(capsys):
+    """A file with a `sweep:` section is inspected as its base config (the runs' common part), with
+    one line on stderr saying the section was left out."""
+    from fedmaml.config import load_config_and_sweep
+
+    path = "configs/sweeps/moml_miniature.yaml"
+    assert main(["config", "show", path, "seed=4"]) == 0
+    captured = capsys.readouterr()
+    base, _ = load_config_and_sweep(path, ["seed=4"])
+    assert yaml.safe_load(captured.out) == config_to_dict(base)
+    assert "sweep" not in yaml.safe_load(captured.out)
+    note = captured.err.strip().splitlines()
+    assert len(note) == 1 and "sweep:" in note[0] and "base config" in note[0]
+    assert f"fedmaml sweep {path} --dry-run" in note[0]
+
+
+@pytest.mark.parametrize("target", ["configs/sweeps/moml_miniature.yaml", "sweeps/moml_miniature"])
+def test_model_show_of_a_sweep_file_shows_the_base_model(target, capsys):
+    assert main(["model", "show", target]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("mlp-1-40-40-1: 3 layer groups")
+    assert "sweep:" in captured.err and "error" not in captured.err
+
+
+def test_running_a_sweep_file_as_one_run_is_still_refused(capsys):
+    assert main(["run", "configs/sweeps/moml_miniature.yaml"]) == 2
+    assert "has a 'sweep:' section" in capsys.readouterr().err
+
+
 def test_config_reference(capsys):
     assert main(["config", "reference"]) == 0
     assert capsys.readouterr().out == config_reference_markdown()

@@ -227,6 +227,31 @@ def named_sweep(tmp_path_factory):
     return root / "sweep"
 
 
+def test_settings_that_differ_in_one_entry_of_algorithm_kwargs_are_labelled_by_it(tmp_path):
+    """A sweep over algorithm.kwargs.lam labels its settings lam=..., as it names their run
+    directories, rather than by the whole kwargs text; a setting without lam says nothing of it."""
+    from fedmaml.config import load_config
+    from fedmaml.results.compare import NamedSetting, Run, group_settings
+
+    def run(*overrides, named=None):
+        cfg = load_config(None, ["algorithm.name=my_algos:Mine", "algorithm.kwargs={mu: 2}",
+                                 *overrides])
+        return Run(tmp_path, cfg, {}, [], named)
+
+    labels = [s.label for s in group_settings([run("algorithm.kwargs.lam=0.5"),
+                                               run("algorithm.kwargs.lam=0.1"),
+                                               run("algorithm.kwargs.lam=0.1", "seed=1")])]
+    assert labels == ["algorithm.kwargs.lam=0.1", "algorithm.kwargs.lam=0.5"]
+    # named settings say the entries they set, or that the mapping they set holds, by their names
+    weak = NamedSetting("weak", 0, {"algorithm.kwargs.lam": 0.1})
+    fedavg = NamedSetting("FedAvg", 1, {"algorithm.name": "fedavg", "algorithm.kwargs": ""})
+    labels = [s.label for s in group_settings([
+        run("algorithm.kwargs.lam=0.1", "algorithm.eta=0.1", named=weak),
+        run("algorithm.kwargs.lam=0.1", "algorithm.eta=0.2", named=weak),
+        run("algorithm.name=fedavg", "algorithm.kwargs=", named=fedavg)])]
+    assert labels == ["weak, eta=0.1", "weak, eta=0.2", "FedAvg, eta=0.005"]
+
+
 def test_named_settings_label_the_table_in_the_sweeps_order(named_sweep, capsys):
     # slow and fast (moml, differing in eta and beta only) share every shape: one batch of 8 runs;
     # FO-MAML (another algorithm) a batch of its own.

@@ -1,6 +1,7 @@
 """The config schema: loading, overrides, validation messages, round trips and the generated docs."""
 
 import dataclasses
+import json
 import typing
 from pathlib import Path
 
@@ -21,8 +22,10 @@ from fedmaml.config import (
     parse_override,
     replace_path,
     replace_paths,
+    resolve_key,
     schema,
     sections,
+    short_key,
 )
 from fedmaml.errors import ConfigError, FedmamlError
 
@@ -215,6 +218,60 @@ def test_later_override_wins_and_creates_sections():
 def test_override_through_a_scalar_is_an_error():
     with pytest.raises(ConfigError, match="seed: is a value"):
         load_config(None, ["seed=1", "seed.x=2"])
+
+
+# -- one entry of a free-form mapping key ----------------------------------------------------------
+
+OWN = "algorithm.name=my_algos:Mine"  # an import path: the config does not import it
+
+
+@pytest.mark.parametrize("written", ["{lam: 0.1, mu: 2}", '\'{"lam": 0.1, "mu": 2}\''])
+def test_an_override_sets_one_entry_of_a_mapping_key(tmp_path, written):
+    """`algorithm.kwargs.lam=0.3` changes lam and keeps the other entries, whether the file holds
+    the mapping as YAML or as the JSON text a run's config.yaml keeps."""
+    f = tmp_path / "c.yaml"
+    f.write_text(f"algorithm:\n  name: my_algos:Mine\n  kwargs: {written}\n")
+    cfg = load_config(f, ["algorithm.kwargs.lam=0.3", "algorithm.kwargs.nu=[1, 2]"])
+    assert json.loads(cfg.algorithm.kwargs) == {"lam": 0.3, "mu": 2, "nu": [1, 2]}
+    assert load_config(None, [OWN, "algorithm.kwargs.lam=0.5"]).algorithm.kwargs == '{"lam": 0.5}'
+    groups = load_config(None, ["model.name=my_models:net", "model.groups.body=[conv]",
+                                "model.groups.head=fc", "model.kwargs.width=8"]).model
+    assert json.loads(groups.groups) == {"body": ["conv"], "head": "fc"}
+    assert json.loads(groups.kwargs) == {"width": 8}
+
+
+def test_replace_path_and_resolve_key_take_a_mapping_entry():
+    cfg = load_config(None, [OWN, "algorithm.kwargs={lam: 0.1, mu: 2}"])
+    assert json.loads(replace_path(cfg, "algorithm.kwargs.lam", 0.7).algorithm.kwargs) == {
+        "lam": 0.7, "mu": 2}
+    assert resolve_key("algorithm.kwargs.lam", [0.1]) == "algorithm.kwargs.lam"
+    assert short_key("algorithm.kwargs.lam") == "algorithm.kwargs.lam"  # kwargs alone: 2 keys
+    assert short_key("model.groups.head") == "model.groups.head"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["algoritm.kwargs.lam=0.5"], r"algoritm: unknown key; did you mean 'algorithm'\?"),
+    ([OWN, "algorithm.kwargs=[1, 2]", "algorithm.kwargs.lam=0.1"],
+     r"algorithm.kwargs: is \[1, 2\], not a mapping, so 'algorithm.kwargs.lam' cannot be set"),
+    ([OWN, "algorithm.kwargs.day=2024-01-31"],
+     r"algorithm.kwargs.day: YAML read 2024-01-31 as a date.*quote it: '2024-01-31'"),
+    (["algorithm.kwargs.lam=0.1"], r"algorithm.kwargs: only for your own algorithm"),
+])
+def test_a_bad_mapping_entry_names_the_key_and_the_fix(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize("key, message", [
+    ("algorithm.bta", r"algorithm.bta: unknown key; did you mean 'algorithm.beta'\?"),
+    ("algorithm.kwarg.lam", r"algorithm.kwarg.lam: unknown key; did you mean 'algorithm.kwargs'"),
+    # an entry is written with its mapping's full key: a suffix such as kwargs could be two
+    ("kwargs.lam", r"kwargs.lam: unknown key; an entry of a mapping is set with the mapping's "
+                   r"full key: model.kwargs.lam or algorithm.kwargs.lam"),
+])
+def test_a_key_that_names_no_key_nor_mapping_entry_is_unknown(key, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_key(key, [0.1])
 
 
 # -- validation rules ------------------------------------------------------------------------------

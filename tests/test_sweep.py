@@ -3,6 +3,7 @@ skipping finished runs, resuming after a crash and after a real kill, parallel w
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,7 +19,7 @@ from fedmaml.config import load_config, load_config_and_sweep, resolve_key, shor
 from fedmaml.errors import ConfigError, FedmamlError
 from fedmaml.run_dir import HOLDER_SUFFIX
 from fedmaml.sweep import (LOCK_FILE, SweepSpec, _Lock, load_sweep, parse_grid_arg, parse_seeds, plan_sweep,
-                           run_name, run_sweep)
+                           run_name, run_sweep, write_manifest)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -214,16 +215,18 @@ def test_finished_run_of_another_config_is_not_reused(tmp_path):
 
 
 def test_failed_run_is_reported_and_retried(tmp_path, capsys):
-    cfg = write_config(tmp_path)
+    # a missing data file is found when the run sets up (the sweep plans without reading data)
+    cfg = write_config(tmp_path, {"data": {**TINY["data"], "path": str(tmp_path / "missing"),
+                                           "partition": "iid"}})
     sweep_dir = tmp_path / "sw"
-    # "0001" fits no 3-group MLP... only at set-up time, after the config itself validated.
-    argv = ["sweep", str(cfg), "--grid", "inner_pattern=full,0001", "--sweep-dir", str(sweep_dir)]
+    argv = ["sweep", str(cfg), "--grid", "data.family=sinusoid,files", "--sweep-dir",
+            str(sweep_dir)]
     assert main(argv) == 1
     out = capsys.readouterr()
-    assert "1 failed" in out.out and "PatternError" in out.err
-    failed = sweep_dir / "inner_pattern=0001,seed=0"
+    assert "1 failed" in out.out and "DataError" in out.err and "missing' does not exist" in out.err
+    failed = sweep_dir / "data.family=files,seed=0"
     assert (failed / "error.txt").exists() and not (failed / "summary.json").exists()
-    assert (sweep_dir / "inner_pattern=full,seed=0" / "summary.json").exists()
+    assert (sweep_dir / "data.family=sinusoid,seed=0" / "summary.json").exists()
     assert main(argv) == 1  # retried (still failing), the finished one skipped
     assert "1 finished already, 1 to run" in capsys.readouterr().err
 
@@ -460,6 +463,160 @@ def test_a_key_set_by_a_setting_and_by_the_grid_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"grid combination setting B, beta=0.3 is invalid: "
                                           r"federated\.clients_per_round: 10 exceeds"):
         plan_sweep(base, spec, tmp_path / "sw2")
+
+
+# -- one entry of a mapping key (algorithm.kwargs.lam) ---------------------------------------------
+
+OWN = {"algorithm": {"name": "my_algos:Mine", "kwargs": {"mu": 2}}}  # not imported by planning
+
+
+def test_a_grid_over_one_algorithm_kwarg_names_its_run_directories_by_it(tmp_path, capsys):
+    assert parse_grid_arg("algorithm.kwargs.lam=0.1,0.5") == ("algorithm.kwargs.lam", (0.1, 0.5))
+    path = write_config(tmp_path, OWN)
+    base, spec = load_sweep(path, grid_args=["algorithm.kwargs.lam=0.1,0.5"], seeds="0")
+    runs, _ = plan_sweep(base, spec, tmp_path / "sw")
+    assert [r.name for r in runs] == ["algorithm.kwargs.lam=0.1,seed=0",
+                                      "algorithm.kwargs.lam=0.5,seed=0"]
+    # each run sets lam and keeps the base config's other kwargs
+    assert [json.loads(r.config.algorithm.kwargs) for r in runs] == [{"mu": 2, "lam": 0.1},
+                                                                     {"mu": 2, "lam": 0.5}]
+    assert main(["sweep", str(path), "--grid", "algorithm.kwargs.lam=0.1,0.5", "--seeds", "0",
+                 "--sweep-dir", str(tmp_path / "sw"), "--dry-run"]) == 0
+    assert "new        algorithm.kwargs.lam=0.5,seed=0" in capsys.readouterr().out
+    # in a sweep file's grid and in a named setting, and back from the manifest
+    path = write_config(tmp_path, {**OWN, "sweep": {
+        "settings": {"weak": {"algorithm.kwargs.lam": 0.01}, "strong": {"algorithm.kwargs.mu": 9}},
+        "grid": {"algorithm.kwargs.nu": [1, 2]}, "seeds": [0]}}, "section.yaml")
+    base, spec = load_sweep(path)
+    assert spec.settings == {"weak": {"algorithm.kwargs.lam": 0.01},
+                             "strong": {"algorithm.kwargs.mu": 9}}
+    runs = {r.name: r for r in plan_sweep(base, spec, tmp_path / "sw2")[0]}
+    assert json.loads(runs["weak,algorithm.kwargs.nu=1,seed=0"].config.algorithm.kwargs) == {
+        "mu": 2, "lam": 0.01, "nu": 1}
+    assert json.loads(runs["strong,algorithm.kwargs.nu=2,seed=0"].config.algorithm.kwargs) == {
+        "mu": 9, "nu": 2}
+    write_manifest(tmp_path / "sw2", base, spec)
+    assert load_sweep(tmp_path / "sw2" / "sweep.yaml")[1] == spec
+
+
+@pytest.mark.parametrize("grid, section, message", [
+    # an unknown key keeps its error and its suggestion
+    (["algoritm.kwargs.lam=0.1,0.5"], None, r"--grid algoritm.kwargs.lam: algoritm.kwargs.lam: "
+                                            r"unknown key; did you mean 'algorithm.kwargs'\?"),
+    (["kwargs.lam=0.1,0.5"], None, r"an entry of a mapping is set with the mapping's full key: "
+                                   r"model.kwargs.lam or algorithm.kwargs.lam"),
+    # the whole mapping and one of its entries, in one grid: the order would decide
+    (["algorithm.kwargs.lam=0.1,0.5", "algorithm.kwargs={lam: 1},{lam: 2}"], None,
+     r"grid: algorithm.kwargs and algorithm.kwargs.lam both set algorithm.kwargs; vary it in "
+     r"one place"),
+    (["algorithm.kwargs.lam=0.1,0.5"], {"settings": {"A": {"algorithm.kwargs": {"lam": 3}}}},
+     r"settings.A: algorithm.kwargs is set both by this setting and by the grid "
+     r"\(algorithm.kwargs.lam\)"),
+    ([], {"settings": {"A": {"algorithm.kwargs": {"lam": 3}, "algorithm.kwargs.mu": 1}}},
+     r"sweep.settings.A.algorithm.kwargs.mu: algorithm.kwargs.mu and algorithm.kwargs both set "
+     r"algorithm.kwargs in this setting"),
+])
+def test_a_mapping_entry_set_twice_or_misspelt_is_refused(tmp_path, grid, section, message):
+    path = write_config(tmp_path, {**OWN, **({"sweep": section} if section else {})})
+    with pytest.raises(ConfigError, match=message):
+        base, spec = load_sweep(path, grid_args=grid)
+        plan_sweep(base, spec, tmp_path / "sw")
+
+
+# -- Lambda patterns, checked for every run before any starts --------------------------------------
+
+HEAD = {"sweep": {"settings": {"MOML-full": {"algorithm.inner_pattern": "full"},
+                               "MOML-head": {"algorithm.inner_pattern": "0001"}},
+                  "seeds": [0, 1]}}
+# the 1-16-1 MLP has two layer groups: '0001' has two bits too many
+HEAD_ERROR = (r"setting MOML-head is invalid: algorithm.inner_pattern: pattern '0001' has 4 bits "
+              r"per row but the mlp of model.hidden \[16\] has 2 layer groups "
+              r"\['layer1', 'layer2'\]")
+
+
+@pytest.mark.parametrize("options", [["--dry-run"], [], ["--vectorize"], ["--jobs", "2"]])
+def test_a_pattern_that_does_not_fit_the_model_stops_the_sweep_before_any_run(tmp_path, capsys,
+                                                                              options):
+    """A setting's pattern is resolved against the model's layer groups for every run before any
+    run trains (and by --dry-run), and the error names the setting and the key."""
+    path = write_config(tmp_path, HEAD)
+    sweep_dir = tmp_path / "sw"
+    assert main(["sweep", str(path), "--sweep-dir", str(sweep_dir), *options]) == 2
+    err = capsys.readouterr().err
+    assert re.search(HEAD_ERROR, err) and "Traceback" not in err, err
+    assert not sweep_dir.exists()  # nothing trained, nothing written
+
+
+def test_skip_invalid_leaves_out_a_setting_whose_pattern_does_not_fit(tmp_path, capsys):
+    path = write_config(tmp_path, HEAD)
+    assert main(["sweep", str(path), "--sweep-dir", str(tmp_path / "sw"), "--dry-run",
+                 "--skip-invalid"]) == 0
+    out = capsys.readouterr().out
+    assert "left out (invalid): setting MOML-head: algorithm.inner_pattern: pattern '0001'" in out
+    assert "new        MOML-full,seed=1" in out and "MOML-head,seed" not in out
+    # a grid value: the combination is named by it
+    path = write_config(tmp_path, {}, "grid.yaml")
+    with pytest.raises(ConfigError, match=r"grid combination pattern=011 is invalid: "
+                                          r"evaluation.pattern: pattern '011' has 3 bits"):
+        plan_sweep(*load_sweep(path, grid_args=["evaluation.pattern=01,011"]), tmp_path / "sw2")
+
+
+def test_a_user_modules_patterns_are_checked_against_its_built_groups(tmp_path):
+    """Without model.groups, the groups of a user's module are its built children's: the sweep
+    builds it (with the data, for its shapes) once to check every run's patterns."""
+    path = write_config(tmp_path, {**HEAD, "model": {"name": "user_models:Residual"}})
+    with pytest.raises(ConfigError, match=r"setting MOML-head is invalid: algorithm.inner_pattern: "
+                                          r"pattern '0001' has 4 bits per row but "
+                                          r"user_models:Residual has 3 layer groups "
+                                          r"\['inp', 'block', 'head'\]"):
+        plan_sweep(*load_sweep(path), tmp_path / "sw")
+    # declared groups are the config's: the module is not built for them
+    path = write_config(tmp_path, {**HEAD, "model": {
+        "name": "user_models:Residual", "groups": {"body": ["inp", "block"], "head": ["head"]}}},
+        "declared.yaml")
+    with pytest.raises(ConfigError, match=r"setting MOML-head is invalid: algorithm.inner_pattern: "
+                                          r"pattern '0001' has 4 bits per row but "
+                                          r"user_models:Residual has 2 layer groups "
+                                          r"\['body', 'head'\]"):
+        plan_sweep(*load_sweep(path), tmp_path / "sw")
+
+
+@pytest.mark.parametrize("overrides, shape", [
+    ([], (1,)), (["model.hidden=[16]"], (3,)), (["model.hidden=[8,8,8]"], (1, 8, 8)),
+    (["model.name=linear"], (5,)),
+    (["data.family=digits", "model.name=conv4", "model.conv_width=4"], (1, 12, 12)),
+    (["data.family=digits", "model.name=conv4", "model.conv_strided=true"], (3, 9, 9)),
+    (["model.name=user_models:Residual", "model.groups={body: [inp, block], head: head}"], (2,)),
+], ids=lambda v: "-".join(v) if isinstance(v, list) else None)
+def test_the_layer_groups_a_config_gives_are_the_built_models(overrides, shape):
+    """What the sweep checks patterns against without building a model is what a run builds."""
+    from fedmaml.federated.config_patterns import declared_layer_groups
+    from fedmaml.models import build_model
+
+    cfg = load_config(None, overrides)
+    declared = declared_layer_groups(cfg.model)
+    assert declared.names == build_model(cfg.model, shape, 3).group_names
+    # without model.groups, a user's module has the groups of its children: it must be built
+    assert declared_layer_groups(load_config(None, ["model.name=user_models:Residual"]).model) \
+        is None
+
+
+def test_checking_the_patterns_of_built_in_models_imports_no_torch():
+    """The sweep's parent checks every run's patterns before its workers start: for the built-in
+    models and declared groups, from the configs alone."""
+    code = ("import sys\n"
+            "from fedmaml.config import load_config\n"
+            "from fedmaml.sweep import SweepSpec, plan_sweep\n"
+            "from fedmaml.errors import ConfigError\n"
+            "base = load_config('configs/sinewave_centralized.yaml')\n"
+            "runs, invalid = plan_sweep(base, SweepSpec({'evaluation.pattern': ('001', '0001'), "
+            "'model.name': ('mlp', 'linear', 'conv4')}, (0,)), 'sw', skip_invalid=True)\n"
+            "assert [r.name for r in runs] == ['pattern=001,model.name=mlp,seed=0'], runs\n"
+            "assert len(invalid) == 5, invalid\n"
+            "heavy = [m for m in ('torch', 'flwr') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 def test_planning_batches_imports_neither_the_batch_engine_nor_flower_nor_torch():

@@ -399,6 +399,28 @@ def test_tracking_stays_offline(tiny_config):
 
 # -- sweeps -------------------------------------------------------------------------------------
 
+def test_a_swept_entry_of_algorithm_kwargs_is_a_hyperparameter_of_its_own(tiny_config, tmp_path):
+    """A sweep over algorithm.kwargs.lam logs lam (not the whole kwargs text) beside the seed; a
+    setting whose kwargs lack it (a built-in algorithm) logs no value for it."""
+    from fedmaml.sweep import SweepSpec, plan_sweep, write_manifest
+    from fedmaml.tracking import run_info
+
+    sweep_dir = tmp_path / "lams"
+    base = tiny_config("algorithm.name=my_algos:Mine", "algorithm.kwargs={mu: [1, 2]}")
+    spec = SweepSpec(grid={}, seeds=(0,), settings={
+        "a": {"algorithm.kwargs.lam": 0.1}, "b": {"algorithm.kwargs.lam": 0.5},
+        "fedavg": {"algorithm.name": "fedavg", "algorithm.kwargs": ""}})
+    runs, _ = plan_sweep(base, spec, sweep_dir)
+    write_manifest(sweep_dir, base, spec)
+    hparams = {r.name: run_info(r.config, sweep_dir / r.name).hparams for r in runs}
+    assert hparams == {"a,seed=0": {"algorithm.kwargs.lam": 0.1, "algorithm.name": "my_algos:Mine",
+                                    "algorithm.kwargs": '{"mu": [1, 2], "lam": 0.1}', "seed": 0},
+                       "b,seed=0": {"algorithm.kwargs.lam": 0.5, "algorithm.name": "my_algos:Mine",
+                                    "algorithm.kwargs": '{"mu": [1, 2], "lam": 0.5}', "seed": 0},
+                       "fedavg,seed=0": {"algorithm.name": "fedavg", "algorithm.kwargs": "",
+                                         "seed": 0}}
+
+
 def test_sweep_runs_carry_their_grid_values_as_hyperparameters(tiny_config, tmp_path):
     """TensorBoard HParams and MLflow compare see a sweep's runs side by side: one experiment named
     after the sweep, each run's grid values (and seed) as its hyperparameters; a finished sweep

@@ -340,6 +340,36 @@ def test_cli_sweep_vectorize_batches_ditto_and_a_server_rule(
             assert all("batch" in s for s in summaries)
 
 
+def test_a_sweep_and_a_run_set_one_kwarg_of_the_algorithm_by_its_dotted_key(
+        my_ditto, tiny_config, tmp_path, capsys):
+    """`--grid algorithm.kwargs.lam=...` trains Ditto once per lam, in directories named by it;
+    `fedmaml run ... algorithm.kwargs.lam=...` sets it for one run."""
+    import json
+
+    from fedmaml.cli import main
+    from fedmaml.config import dump_yaml
+
+    cfg_file = tmp_path / "ditto.yaml"
+    cfg_file.write_text(dump_yaml(tiny_config(*DITTO, "federated.rounds=2")))
+    assert main(["sweep", str(cfg_file), "--grid", "algorithm.kwargs.lam=0.1,2", "--seeds", "0",
+                 "--sweep-dir", str(tmp_path / "lams"), "--quiet"]) == 0, capsys.readouterr()
+    summaries = {}
+    for lam in (0.1, 2):
+        run_dir = tmp_path / "lams" / f"algorithm.kwargs.lam={lam},seed=0"
+        assert json.loads(load_config(run_dir / "config.yaml").algorithm.kwargs) == {"lam": lam}
+        summaries[lam] = json.loads((run_dir / "summary.json").read_text())
+        assert summaries[lam]["status"] == "completed"
+    # lam pulls the personal models towards w: the runs differ in them
+    assert (summaries[0.1]["after"]["seen.memory-loss.mean"]
+            != summaries[2]["after"]["seen.memory-loss.mean"])
+    assert main(["run", str(cfg_file), "algorithm.kwargs.lam=2", "--quiet",
+                 "--output-dir", str(tmp_path / "one")]) == 0
+    run_dir = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert json.loads(load_config(run_dir / "config.yaml").algorithm.kwargs) == {"lam": 2}
+    assert (json.loads((run_dir / "summary.json").read_text())["after"]["seen.memory-loss.mean"]
+            == summaries[2]["after"]["seen.memory-loss.mean"])
+
+
 @needs_ports
 @pytest.mark.deployment
 @pytest.mark.slow

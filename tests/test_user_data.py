@@ -355,6 +355,30 @@ def test_file_problems_name_the_file(tmp_path):
                           "partition": "iid", "num_clients": 50, "tasks_per_client": 1}, seed=0)
 
 
+@pytest.mark.parametrize("extra", [-5, 50], ids=["y_shorter", "y_longer"])
+def test_a_one_file_npz_table_with_y_of_another_length_is_refused(tmp_path, extra):
+    """One .npz of every client (x, y, client): y must have one row per row of x, else the rows
+    that `client` picks from y belong to other examples (or do not exist)."""
+    clients = make_clients()
+    x = np.concatenate([x for x, _ in clients.values()])
+    y = np.concatenate([y for _, y in clients.values()])
+    ids = np.concatenate([np.full(len(y), cid) for cid, (_, y) in clients.items()])
+    y = y[:len(y) + extra] if extra < 0 else np.concatenate([y, y[:extra]])
+    np.savez(tmp_path / "table.npz", x=x, y=y, client=ids)
+    with pytest.raises(DataError, match=rf"table\.npz: {len(x)} inputs but {len(x) + extra} "
+                                        r"targets; x and y need one row per example each"):
+        build_federation({"family": "files", "path": str(tmp_path / "table.npz"), **NATURAL},
+                         seed=0)
+
+
+def test_a_one_file_npz_table_of_a_single_value_is_refused(tmp_path):
+    np.savez(tmp_path / "scalar.npz", x=np.zeros((4, 2)), y=np.float32(1.0), client=np.zeros(4))
+    with pytest.raises(DataError, match=r"scalar\.npz: x and y must have one row per example "
+                                        r"\(got shapes \[4, 2\] and \[\]\)"):
+        build_federation({"family": "files", "path": str(tmp_path / "scalar.npz"), **NATURAL},
+                         seed=0)
+
+
 def test_tensors_from_python_are_the_same_clients_as_arrays():
     clients = make_clients()
     tensors = {cid: (torch.from_numpy(x), torch.from_numpy(y)) for cid, (x, y) in clients.items()}

@@ -15,7 +15,8 @@ working; code inside fedmaml may import the precise module.
 """
 
 from fedmaml.config.paths import (apply_overrides, config_from_flat, config_to_flat, parse_override,
-                                  replace_path, replace_paths, resolve_key, short_key)
+                                  replace_path, replace_paths, resolve_key, short_key,
+                                  with_entries)
 from fedmaml.config.reference import config_reference_markdown
 from fedmaml.config.rules import CROSS_FIELD_RULES, cross_field_problems
 from fedmaml.config.schema import (ALGORITHM_NAMES, CLIPPING_MODES, DATA_FAMILIES, IMAGE_FAMILIES,
@@ -39,5 +40,5 @@ __all__ = [
     "apply_overrides", "check_value", "config_from_dict", "config_from_flat",
     "config_reference_markdown", "config_to_dict", "config_to_flat", "cross_field_problems",
     "dump_yaml", "load_config", "load_config_and_sweep", "parse_override", "replace_path",
-    "replace_paths", "resolve_key", "schema", "sections", "short_key",
+    "replace_paths", "resolve_key", "schema", "sections", "short_key", "with_entries",
 ]

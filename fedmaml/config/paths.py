@@ -1,19 +1,52 @@
 """Dotted key paths: ``key.path=value`` overrides, flat (Flower run-config) mappings, validated
-replacement of keys, and short names of keys (``beta`` for ``algorithm.beta``)."""
+replacement of keys, and short names of keys (``beta`` for ``algorithm.beta``). One entry of a
+free-form mapping key is a path too: ``algorithm.kwargs.lam=0.1`` sets ``lam`` and keeps the
+mapping's other entries."""
 
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import yaml
 
-from fedmaml.config.schema import SPECS, Config, FieldSpec, Scalar, schema
+from fedmaml.config.schema import (MAPPING_KEYS, SPECS, Config, FieldSpec, Scalar, mapping_entry,
+                                   schema)
 from fedmaml.config.validate import config_from_dict, config_to_dict
 from fedmaml.config.values import convert_value, show, suggest
 from fedmaml.errors import ConfigError
 
 
 def _set_path(d: dict[str, Any], path: str, value: Any) -> None:
-    """Set ``d["a"]["b"] = value`` for path "a.b", creating missing sections."""
+    """Set ``d["a"]["b"] = value`` for path "a.b", creating missing sections; an entry of a mapping
+    key (``algorithm.kwargs.lam``) sets that one entry and keeps the others."""
+    entry = mapping_entry(path)
+    if entry is not None:
+        key, name = entry
+        _set_plain(d, key, {**_mapping_at(d, key, path), name: value})
+    else:
+        _set_plain(d, path, value)
+
+
+def _mapping_at(d: Mapping[str, Any], key: str, path: str) -> dict[str, Any]:
+    """The mapping that mapping key ``key`` holds in ``d`` (as YAML, or as the JSON text of a
+    written config; nothing or empty text: an empty one), for setting its entry ``path``."""
+    node: Any = d
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, Mapping) else None
+    if node is None or (isinstance(node, str) and not node.strip()):
+        return {}
+    value = node
+    if isinstance(node, str):
+        try:
+            value = yaml.safe_load(node)
+        except yaml.YAMLError:
+            pass
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key}: is {show(value)}, not a mapping, so {path!r} cannot be set; "
+                          f"give {key} as a mapping such as {{name: value}}")
+    return dict(value)
+
+
+def _set_plain(d: dict[str, Any], path: str, value: Any) -> None:
     *parents, leaf = path.split(".")
     node = d
     for i, part in enumerate(parents):
@@ -80,6 +113,19 @@ def config_to_flat(cfg: Config) -> dict[str, Scalar]:
     return flat
 
 
+def with_entries(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """``flat`` (as :func:`config_to_flat` gives it) and, after each mapping key, one key per entry
+    of its mapping: ``algorithm.kwargs.lam: 0.1`` beside ``algorithm.kwargs: '{"lam": 0.1}'``, for
+    naming what a sweep varies by the keys it was given."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        out[key] = value
+        if key in MAPPING_KEYS and isinstance(value, str) and value.strip():
+            mapping = yaml.safe_load(value)  # JSON text the config wrote: a mapping
+            out.update({f"{key}.{name}": v for name, v in mapping.items()})
+    return out
+
+
 def config_from_flat(flat: Mapping[str, Any], *, source: str = "run config") -> Config:
     """Build a :class:`Config` from dotted keys (a Flower run config); missing keys take defaults."""
     nested: dict[str, Any] = {}
@@ -99,7 +145,7 @@ def replace_paths(cfg: Config, updates: Mapping[str, Any]) -> Config:
     """
     d = config_to_dict(cfg)
     for path, value in updates.items():
-        if path not in SPECS:
+        if path not in SPECS and mapping_entry(path) is None:
             raise ConfigError(f"{path}: unknown key" + suggest(path, list(SPECS)))
         _set_path(d, path, value)
     return config_from_dict(d)
@@ -121,7 +167,7 @@ def resolve_key(key: str, values: Sequence[Any] = ()) -> str:
     ``federated.mode``. An unknown or still ambiguous key (``alpha`` with 0.1: ``algorithm.alpha`` or
     ``evaluation.alpha``) is a ConfigError listing the candidates.
     """
-    if "." in key and key in SPECS:
+    if "." in key and (key in SPECS or mapping_entry(key) is not None):
         return key
     matches = [p for p in SPECS if p == key or p.endswith("." + key)]
     if len(matches) > 1 and values:
@@ -130,6 +176,13 @@ def resolve_key(key: str, values: Sequence[Any] = ()) -> str:
     if len(matches) == 1:
         return matches[0]
     if not matches:
+        # kwargs.lam: the entry lam of a mapping key given by a suffix, which may name several
+        parts = key.split(".")
+        entries = [f"{m}.{'.'.join(parts[i:])}" for m in MAPPING_KEYS for i in range(1, len(parts))
+                   if f".{m}".endswith("." + ".".join(parts[:i]))]
+        if entries:
+            raise ConfigError(f"{key}: unknown key; an entry of a mapping is set with the "
+                              f"mapping's full key: {' or '.join(entries)}")
         leaves = sorted({p.rsplit(".", 1)[-1] for p in SPECS} | set(SPECS))
         raise ConfigError(f"{key}: unknown key" + suggest(key, leaves))
     raise ConfigError(f"{key}: ambiguous key, it could be {', '.join(matches)}; write the full key")

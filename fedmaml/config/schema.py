@@ -94,10 +94,12 @@ class ModelConfig:
                               "torch.nn.Module as an import path 'package.module:factory' "
                               "(docs/custom.md).")
     kwargs: str = _field("", "Keyword arguments of a model.name factory: a mapping such as "
-                             "{width: 32} (kept as JSON text).")
+                             "{width: 32} (kept as JSON text); model.kwargs.width=32 sets one "
+                             "entry.")
     groups: str = _field("", "Layer groups of your own module for Lambda patterns: a mapping "
                              "group -> parameter-name prefixes, input side first (kept as JSON "
-                             "text); empty = its top-level children that own parameters.")
+                             "text); empty = its top-level children that own parameters; "
+                             "model.groups.head=[fc] sets one entry.")
     loss: str = _field("auto", "The task loss: auto (cross-entropy for integer labels, MSE for "
                                "float targets), mse, cross_entropy, or your own as an import path "
                                "'package.module:function' of f(prediction, target) -> a scalar "
@@ -114,7 +116,8 @@ class AlgorithmConfig:
     name: str = _field("moml", "Federated (meta-)learning algorithm: " + ", ".join(ALGORITHM_NAMES)
                        + ", or your own as an import path 'package.module:Name' (docs/custom.md).")
     kwargs: str = _field("", "Keyword arguments of your own algorithm.name: a mapping such as "
-                             "{lam: 0.1} (kept as JSON text).")
+                             "{lam: 0.1} (kept as JSON text); algorithm.kwargs.lam=0.1 sets one "
+                             "entry (as an override, a --grid key or in a sweep setting).")
     alpha: float = _field(0.01, "Inner (adaptation) step size.", min=0, min_exclusive=True)
     eta: float = _field(0.005, "Meta / local step size.", min=0, min_exclusive=True)
     beta: float = _field(0.3, "Memory momentum of MOML (1 = no memory).",
@@ -410,7 +413,20 @@ class Config:
 
 
 #: String keys that take a mapping in YAML and keep it as JSON text (a Config is flat and hashable).
+#: One entry of one is a key of its own for overrides, grids and settings: ``algorithm.kwargs.lam``.
 MAPPING_KEYS = ("model.kwargs", "model.groups", "algorithm.kwargs")
+
+
+def mapping_entry(path: str) -> tuple[str, str] | None:
+    """``("algorithm.kwargs", "lam")`` for ``algorithm.kwargs.lam``: the mapping key and the name of
+    the one entry that ``path`` sets; None when ``path`` is no entry of a :data:`MAPPING_KEYS`
+    key."""
+    for key in MAPPING_KEYS:
+        if path.startswith(key + ".") and len(path) > len(key) + 1:
+            return key, path[len(key) + 1:]
+    return None
+
+
 #: ``model.name`` of a user's module: an import path, or ``python:...`` (a Python object; fedmaml.run)
 IMPORT_PATH = re.compile(r"^(python:.+|[A-Za-z_][\w.]*:[A-Za-z_][\w.]*)$")
 

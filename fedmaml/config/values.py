@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fedmaml.config.schema import MAPPING_KEYS, SPECS, FieldSpec
+from fedmaml.config.schema import MAPPING_KEYS, SPECS, FieldSpec, mapping_entry
 from fedmaml.errors import ConfigError
 
 
@@ -47,7 +47,7 @@ def convert_value(spec: FieldSpec, value: Any, problems: list[str]) -> Any:
         return value
     if spec.type is str:
         if spec.path in MAPPING_KEYS and isinstance(value, Mapping):
-            return json.dumps(dict(value))  # order kept: groups are input side first
+            return _mapping_text(spec.path, value, problems)
         if not isinstance(value, str):
             hint = ""
             if getattr(value, "yaml_text", None):  # 011 -> 9: say what was written
@@ -102,6 +102,24 @@ def convert_value(spec: FieldSpec, value: Any, problems: list[str]) -> Any:
         return None
     return value
 
+
+
+def _mapping_text(key: str, value: Mapping[Any, Any], problems: list[str]) -> str | None:
+    """A mapping key's value as the JSON text the config keeps (order kept: groups are input side
+    first), or a problem naming the entry JSON cannot hold (YAML reads 2024-01-31 as a date)."""
+    for name, item in value.items():
+        try:
+            json.dumps(item)
+        except (TypeError, ValueError):
+            kind = type(item).__name__
+            what, fix = ((f"YAML read {item} as a {kind}", f"quote it: '{item}'")
+                         if kind in ("date", "datetime") else
+                         (f"{item!r} is a {kind}", "give a number, text, true/false, a list or a "
+                          "mapping"))
+            problems.append(f"{key}.{name}: {what}, which the config cannot keep ({key} is kept "
+                            f"as JSON text); {fix}")
+            return None
+    return json.dumps(dict(value))
 
 
 def _check_str_list(spec: FieldSpec, value: Any, problems: list[str]) -> Any:
@@ -169,6 +187,10 @@ def check_value(path: str, value: Any) -> None:
     """Raise the ConfigError of ``value`` for key ``path`` on its own (type, choices, range), without
     the rules linking several keys."""
     problems: list[str] = []
-    convert_value(SPECS[path], value, problems)
+    entry = mapping_entry(path)
+    if entry is not None:  # algorithm.kwargs.lam: free-form, but kept as JSON text
+        convert_value(SPECS[entry[0]], {entry[1]: value}, problems)
+    else:
+        convert_value(SPECS[path], value, problems)
     if problems:
         raise ConfigError(problems[0])

@@ -128,11 +128,19 @@ def _read_npz_table(path: Path, spec: DataSpec) -> ClientData:
     if "x" not in content or "y" not in content:
         raise DataError(f"{path}: expected arrays 'x' and 'y' (found {sorted(content)}); "
                         f"expected {FILE_LAYOUT}")
-    client = content.get(spec.client_column)
-    if client is not None and len(client) != len(content["x"]):
+    x, y, client = content["x"], content["y"], content.get(spec.client_column)
+    if x.ndim == 0 or y.ndim == 0:
+        raise DataError(f"{path}: x and y must have one row per example (got shapes "
+                        f"{list(x.shape)} and {list(y.shape)})")
+    # Checked here, before the client column picks rows: split by client, the rows of a y of
+    # another length would belong to other examples (or not exist).
+    if len(x) != len(y):
+        raise DataError(f"{path}: {len(x)} inputs but {len(y)} targets; x and y need one row per "
+                        "example each")
+    if client is not None and len(client) != len(x):
         raise DataError(f"{path}: '{spec.client_column}' has {len(client)} entries for "
-                        f"{len(content['x'])} examples; give one client id per example")
-    return _group(path, content["x"], content["y"], client, spec)
+                        f"{len(x)} examples; give one client id per example")
+    return _group(path, x, y, client, spec)
 
 
 def _read_csv(path: Path, spec: DataSpec) -> ClientData:

@@ -20,13 +20,14 @@ from fedmaml.config.schema import Config
 from fedmaml.core.estimators import Estimator
 from fedmaml.core.losses import LossFn, loss_named
 from fedmaml.core.params import Params
-from fedmaml.core.patterns import Pattern, is_alias, resolve_pattern
+from fedmaml.core.patterns import Pattern, is_alias
 from fedmaml.core.task_step import StepConfig
 from fedmaml.data import build_federation
 from fedmaml.data.spec import USER_FAMILIES
 from fedmaml.data.tasks import Federation
 from fedmaml.data.user import check_client_sizes
-from fedmaml.errors import ConfigError, PatternError
+from fedmaml.errors import ConfigError
+from fedmaml.federated.config_patterns import LayerGroups, config_patterns
 from fedmaml.federated.privacy import is_private
 from fedmaml.models import Model, build_model
 
@@ -57,11 +58,17 @@ class ExperimentSetup:
         return eta
 
 
-def _pattern(key: str, text: str, model: Model, steps: int) -> Pattern:
-    try:
-        return resolve_pattern(text, model.group_names, steps, model.name)
-    except PatternError as e:
-        raise PatternError(f"{key}: {e}") from None
+def layer_groups(model: Model) -> LayerGroups:
+    """A built model's layer groups, for resolving a config's patterns against them."""
+    return LayerGroups(tuple(model.group_names), model.name)
+
+
+def built_layer_groups(cfg: Config) -> LayerGroups:
+    """The layer groups of ``cfg``'s model as a run builds it: with its data's shapes (a user's
+    module may need them). For checking a config's patterns where the config alone does not give
+    the groups (:func:`fedmaml.federated.config_patterns.declared_layer_groups`)."""
+    federation = build_federation(cfg.data, cfg.seed)
+    return layer_groups(build_model(cfg.model, federation.input_shape, federation.num_outputs))
 
 
 def pattern_step_warnings(cfg: Config) -> list[str]:
@@ -108,9 +115,7 @@ def warn_pattern_steps(cfgs: Config | list[Config]) -> None:
 
 def build_hyper(cfg: Config, model: Model, algorithm: Algorithm) -> Hyper:
     a = cfg.algorithm
-    inner = _pattern("algorithm.inner_pattern", a.inner_pattern, model, a.inner_steps)
-    memory = (_pattern("algorithm.memory_pattern", a.memory_pattern, model, a.inner_steps)
-              if a.memory_pattern else inner)
+    inner, memory, _ = config_patterns(cfg, layer_groups(model))
     # Algorithms without memory are MOML with beta = 1: the "memory" is A(w; S) itself.
     beta = a.beta if algorithm.uses_memory else 1.0
     # algorithm.meta_gradient's choices are the estimators (StepConfig checks it again)
@@ -162,7 +167,7 @@ def _setup_cached(_key: str, cfg: Config) -> ExperimentSetup:
         check_client_sizes(federation, hyper.support_size + hyper.query_size,
                            "algorithm.support_size + query_size", f"data.family = {cfg.data.family!r}")
     ev = cfg.evaluation
-    eval_pattern = _pattern("evaluation.pattern", ev.pattern, model, ev.steps)
+    eval_pattern = config_patterns(cfg, layer_groups(model)).evaluation
     return ExperimentSetup(
         config=cfg, federation=federation, model=model, loss_fn=loss_named(cfg.model.loss, federation.task_type),
         algorithm=algorithm, hyper=hyper, eval_pattern=eval_pattern,

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from fedmaml.config import Config, config_to_flat, load_config, short_key
+from fedmaml.config import Config, config_to_flat, load_config, short_key, with_entries
 from fedmaml.errors import FedmamlError
 # the file names from run_files.py, not the recorder, which imports torch: seconds on every compare
 from fedmaml.results.run_files import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
@@ -278,14 +278,18 @@ def group_settings(runs: Iterable[Run]) -> list[Setting]:
         groups.setdefault((name, setting_key(run.config)), []).append(run)
     settings = [Setting(runs=sorted(rs, key=lambda r: (r.seed, str(r.dir))), named=rs[0].named)
                 for rs in groups.values()]
-    flats = [dict(k[1]) for k in groups]
-    varying = [k for k in flats[0] if len({repr(f[k]) for f in flats}) > 1]
+    # With one key per entry of a mapping key (algorithm.kwargs.lam): a sweep over an entry is
+    # labelled by it, as its run directories are named; the mapping itself then goes unsaid.
+    flats = [with_entries(dict(k[1])) for k in groups]
+    keys = list(dict.fromkeys(k for f in flats for k in f))
+    varying = [k for k in keys if len({repr(f.get(k)) for f in flats}) > 1]
+    varying = [k for k in varying if not any(v.startswith(k + ".") for v in varying)]
     # The keys that named settings set are said by their names; the label adds the other values.
     named_keys = {k for s in settings if s.named for k in s.named.overrides}
     for s, flat in zip(settings, flats):
-        s.values = {k: flat[k] for k in varying}
+        s.values = {k: flat.get(k) for k in varying}
         parts = [_label_part(k, v) for k, v in s.values.items()
-                 if not (s.named and k in named_keys)]
+                 if not (s.named and _named_key(k, named_keys)) and k in flat]
         if s.named:
             s.label = ", ".join([s.named.name, *parts])
         else:
@@ -293,6 +297,11 @@ def group_settings(runs: Iterable[Run]) -> list[Setting]:
     settings.sort(key=lambda s: ((0, s.named.index) if s.named else (1, 0),
                                  tuple(_sort_value(v) for v in s.values.values())))
     return settings
+
+
+def _named_key(key: str, named_keys: set[str]) -> bool:
+    """``key`` is set by named settings: itself, or the mapping key it is an entry of."""
+    return key in named_keys or any(key.startswith(n + ".") for n in named_keys)
 
 
 def _label_part(key: str, value: Any) -> str:

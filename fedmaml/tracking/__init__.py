@@ -14,6 +14,7 @@ unless the config names one (``tracking.mlflow_uri``, ``tracking.wandb_mode: onl
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -110,7 +111,7 @@ class Tracker:
 
 def run_info(cfg: Config, run_dir: str | Path) -> RunInfo:
     """Name, project, group and hyperparameters of the run in ``run_dir`` (see RunInfo)."""
-    from fedmaml.config import config_to_dict, config_to_flat
+    from fedmaml.config import config_to_dict, config_to_flat, with_entries
 
     run_dir = Path(run_dir)
     output_dir = Path(cfg.output_dir)
@@ -123,10 +124,20 @@ def run_info(cfg: Config, run_dir: str | Path) -> RunInfo:
     config = {k: v for k, v in config_to_dict(cfg).items() if not _placement(k)}
     grid = sweep_grid(run_dir)
     group = run_dir.resolve().parent.name if grid is not None else None
-    hparams = params if grid is None else {k: params[k] for k in [*grid, "seed"]}
+    if grid is None:
+        hparams = params
+    else:  # a swept entry of a mapping (algorithm.kwargs.lam) is one too, when the run has it
+        entries = with_entries(params)
+        hparams = {k: _scalar(entries[k]) for k in [*grid, "seed"] if k in entries}
     return RunInfo(run_dir=run_dir, output_dir=output_dir, name=name,
                    project=cfg.tracking.project or group or "fedmaml", group=group, params=params,
                    config=config, hparams=hparams)
+
+
+def _scalar(value: Any) -> bool | int | float | str:
+    """A hyperparameter as the backends take it: a list or a mapping (an entry of a mapping key
+    may hold one) as its JSON text."""
+    return value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
 
 
 def _placement(key: str) -> bool:
