@@ -141,6 +141,17 @@ def check_client_data(data: ClientData) -> Checked:
     return Checked(cast, task_type, num_outputs, tuple(xs[0].shape[1:]))
 
 
+def check_rows(who: str, x: np.ndarray, y: np.ndarray) -> None:
+    """Refuse inputs ``x`` and targets ``y`` that are not one row per example each (``who``: the
+    file or client named in the error)."""
+    if x.ndim == 0 or y.ndim == 0:
+        raise DataError(f"{who}: x and y must have one row per example (got shapes "
+                        f"{list(x.shape)} and {list(y.shape)})")
+    if len(x) != len(y):
+        raise DataError(f"{who}: {len(x)} inputs but {len(y)} targets; x and y need one row per "
+                        "example each")
+
+
 def _check_pair(who: str, x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
     x, y = np.asarray(x), np.asarray(y)
     if x.dtype.kind not in "biuf":
@@ -148,12 +159,7 @@ def _check_pair(who: str, x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
     if y.dtype.kind not in "iuf":
         raise DataError(f"{who}: targets have dtype {y.dtype}; expected integer labels "
                         "(classification) or floats (regression)")
-    if x.ndim == 0 or y.ndim == 0:
-        raise DataError(f"{who}: x and y must have one row per example (got shapes "
-                        f"{list(x.shape)} and {list(y.shape)})")
-    if len(x) != len(y):
-        raise DataError(f"{who}: {len(x)} inputs but {len(y)} targets; x and y need one row per "
-                        "example each")
+    check_rows(who, x, y)
     if x.ndim == 1:  # one feature per example
         x = x[:, None]
     if y.dtype.kind in "iu":

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from fedmaml.atomic import atomic_write_bytes
+from fedmaml.data.user import check_rows
 from fedmaml.errors import DataError
 
 from .cache import cache_dir, key_digest
@@ -129,14 +130,9 @@ def _read_npz_table(path: Path, spec: DataSpec) -> ClientData:
         raise DataError(f"{path}: expected arrays 'x' and 'y' (found {sorted(content)}); "
                         f"expected {FILE_LAYOUT}")
     x, y, client = content["x"], content["y"], content.get(spec.client_column)
-    if x.ndim == 0 or y.ndim == 0:
-        raise DataError(f"{path}: x and y must have one row per example (got shapes "
-                        f"{list(x.shape)} and {list(y.shape)})")
     # Checked here, before the client column picks rows: split by client, the rows of a y of
     # another length would belong to other examples (or not exist).
-    if len(x) != len(y):
-        raise DataError(f"{path}: {len(x)} inputs but {len(y)} targets; x and y need one row per "
-                        "example each")
+    check_rows(str(path), x, y)
     if client is not None and len(client) != len(x):
         raise DataError(f"{path}: '{spec.client_column}' has {len(client)} entries for "
                         f"{len(x)} examples; give one client id per example")
