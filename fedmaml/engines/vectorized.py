@@ -51,7 +51,7 @@ from fedmaml.client import (CompiledUpdate, NoMemory, clip_client_updates, cohor
                             cohort_update, draw_cohort_round, evaluate_client, initial_for,
                             memory_init_mask, samples_drawn, stack_rounds, to_device,
                             train_columns, train_step, training_tasks)
-from fedmaml.client.faults import failure_of
+from fedmaml.client.faults import failure_of, marker
 from fedmaml.client.speed import simulated_seconds
 from fedmaml.config import Config
 from fedmaml.core.params import Params
@@ -408,8 +408,8 @@ def _assemble(parts: list[tuple[list[int], Params, dict[str, list[float]]]],
         delta = {k: torch.cat([p[1][k] for p in parts]) for k in like}
     if late:
         failures = failures + [(joined[j], "timeout", f"client {joined[j]} took longer than the "
-                                f"round timeout ({timeout} s)" + (" (faults.straggle)"
-                                                                  if joined[j] in stragglers else ""))
+                                f"round timeout ({timeout} s)"
+                                + (f" {marker('straggle')}" if joined[j] in stragglers else ""))
                                for j in late]
         keep = sorted(set(range(len(joined))) - set(late))
         at = torch.tensor(keep, dtype=torch.int64)
