@@ -133,3 +133,75 @@ def test_the_engines_agree_on_a_faulty_run(tiny_config, tmp_path):
     keys = ("clients", "replies", "failures", "failures_by_kind", "injected")
     assert ([{k: r.get(k) for k in keys} for r in read_metrics(a)]
             == [{k: r.get(k) for k in keys} for r in read_metrics(b)])
+
+
+def _fedmaml_records(caplog, level: int) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "fedmaml" and r.levelno == level]
+
+
+@pytest.mark.parametrize("engine", ["inprocess", "vectorized"])
+def test_injected_faults_are_logged_below_warning(tiny_config, tmp_path, caplog, engine):
+    # Injected on purpose, they are expected: counted in the rows and the summary, logged at INFO
+    # (no line under --quiet, which shows warnings), one line per injected failure or straggler.
+    import logging
+
+    cfg = tiny_config(*FAULTY, "faults.dropout=0.1", f"engine.name={engine}")
+    caplog.set_level(logging.INFO, logger="fedmaml")
+    run_dir = run_experiment(cfg, quiet=True, run_dir=tmp_path / "run")
+    total = check_counts(cfg, run_dir)
+    assert _fedmaml_records(caplog, logging.WARNING) == []
+    info = [m for m in _fedmaml_records(caplog, logging.INFO) if "faults." in m]
+    assert sum(m.count("(faults.fail)") for m in info) == total["fail"]
+    late = total["straggle"] + total["dropout"]
+    if engine == "vectorized":  # one line per late client, naming its fault
+        assert sum(("(faults.straggle)" in m) + ("(faults.dropout)" in m) for m in info) == late
+    else:  # the server sees late replies as missing: one line per round, with the count
+        counted = [int(m.split(": ")[1].split()[0]) for m in info if "did not reply in time" in m]
+        assert sum(counted) == late
+
+
+def test_a_real_client_error_still_warns_beside_injected_faults(tiny_config, tmp_path, caplog):
+    import logging
+
+    from flwr.app import Context
+    from flwr.clientapp import ClientApp
+
+    cfg = tiny_config(*FAULTY)
+    inner = make_client_app(cfg)
+    app = ClientApp()
+    broken: list[int] = []  # the first client without an injected fault asked in round 2
+
+    @app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        cid = int(context.node_config["partition-id"])
+        if (int(msg.content[R.CONFIG][R.ROUND]) == 2 and not broken
+                and faults.client_fault(cfg, cid, 2) is None):
+            broken.append(cid)
+            raise OSError(f"disk full on client {cid}")
+        return inner(msg, context)
+
+    @app.evaluate()
+    def _evaluate(msg: Message, context: Context) -> Message:
+        return inner(msg, context)
+
+    setup = setup_for(cfg)
+    num_nodes = setup.federation.num_clients + setup.federation.num_unseen
+    caplog.set_level(logging.INFO, logger="fedmaml")
+    run_inprocess(make_server_app(cfg, tmp_path / "run", quiet=True), app, num_nodes,
+                  InProcessGrid(app, num_nodes))
+    assert _fedmaml_records(caplog, logging.WARNING) == [
+        f"round 2: client error: OSError: disk full on client {broken[0]}"]
+    assert any("InjectedFault" in m for m in _fedmaml_records(caplog, logging.INFO))
+
+
+@pytest.mark.slow
+def test_a_quiet_cli_run_with_injected_faults_prints_only_where_it_went(tiny_config, tmp_path):
+    from fedmaml.config import dump_yaml
+    from test_federated import cli
+
+    config = tmp_path / "faulty.yaml"
+    config.write_text(dump_yaml(tiny_config(*FAULTY, "engine.name=vectorized")))
+    done = cli("run", str(config), "--quiet", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert read_summary(done.stdout.strip())["failures"]["error"] > 0

@@ -141,6 +141,41 @@ def test_a_non_finite_evaluation_loss_stops_the_run(tiny_config, tmp_path):
     assert summary["rounds_completed"] == 2
 
 
+def test_the_divergence_hint_names_the_privacy_noise_when_there_is_noise(tiny_config):
+    from fedmaml.federated.run_ledger import run_health
+
+    plain = run_health(tiny_config("algorithm.eta=0.005")).hint
+    assert plain == "a smaller algorithm.eta (now 0.005) or federated.server_lr (now 1)"
+    clipped = tiny_config("federated.aggregation=uniform", "privacy.clipping=server",
+                          "algorithm.eta=0.005")
+    assert run_health(clipped).hint == plain  # clipping without noise: as before
+    # privacy.md's example: poisson sampling of 10 of 200 clients a round, C = 1, z = 1
+    dp = ("federated.aggregation=uniform", "federated.mode=cross_device", "data.num_clients=200",
+          "federated.sampling=poisson", "federated.clients_per_round=10",
+          "privacy.clipping=server", "privacy.clipping_norm=1", "privacy.noise_multiplier=1",
+          "algorithm.eta=0.005")
+    hint = run_health(tiny_config(*dp)).hint
+    assert hint.startswith("less privacy noise, which algorithm.eta does not change: each round "
+                           "adds noise of std z C / d = 1 x 1 / 10 = 0.1 to every coordinate")
+    for key in ("privacy.noise_multiplier", "privacy.clipping_norm", "federated.clients_per_round",
+                "federated.server_lr (now 1)", "algorithm.eta (now 0.005)"):
+        assert key in hint, key
+    # cross-silo: the denominator is every silo
+    silo = run_health(tiny_config(*dp, "federated.mode=cross_silo", "federated.sampling=fixed",
+                                  "federated.clients_per_round=0", "data.num_clients=4",
+                                  "privacy.noise_multiplier=2")).hint
+    assert "z C / d = 2 x 1 / 4 = 0.5" in silo and "data.num_clients" in silo
+
+
+def test_a_run_blown_up_by_privacy_noise_says_so(tiny_config, tmp_path):
+    cfg = tiny_config("federated.aggregation=uniform", "privacy.clipping=server",
+                      "privacy.clipping_norm=1", "privacy.noise_multiplier=1e6")
+    run_dir = run_experiment(cfg, quiet=True, run_dir=tmp_path / "run")
+    summary = read_summary(run_dir)
+    assert summary["status"] == "diverged"
+    assert "try less privacy noise" in summary["message"], summary["message"]
+
+
 def test_rounds_without_a_valid_reply_fail_the_run_after_max_failed_rounds(tiny_config, tmp_path):
     cfg = tiny_config("federated.rounds=10", "faults.fail=1.0")
     run_dir = run_experiment(cfg, quiet=True, run_dir=tmp_path / "run")

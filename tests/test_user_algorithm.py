@@ -297,14 +297,57 @@ class BranchyFedAvg(FedAvg):
         return w, memory, metrics
 
 
+def _batching_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "fedmaml" and r.levelname == "WARNING"
+            and r.getMessage().startswith("vectorized engine:")]
+
+
 def test_an_algorithm_vmap_cannot_batch_runs_client_by_client_on_the_vectorized_engine(
-        tiny_config, tmp_path):
-    cfg = tiny_config(f"algorithm.name={__name__}:BranchyFedAvg")
-    run_engine(cfg, "inprocess", tmp_path / "inprocess")
+        tiny_config, tmp_path, caplog):
+    # vmap refuses the algorithm's op the same way for every cohort: the engine warns once and
+    # trains every later cohort one client at a time, without trying vmap again; the run equals
+    # the in-process one.
+    import logging
+
+    cfg = tiny_config(f"algorithm.name={__name__}:BranchyFedAvg")  # 3 rounds of 3 clients
+    caplog.set_level(logging.WARNING, logger="fedmaml")
     _, _, _, grid = run_engine(cfg, "vectorized", tmp_path / "vectorized")
-    assert grid.stats.fallbacks > 0 and grid.stats.vmapped_clients == 0
     grid.close()
+    [warning] = _batching_warnings(caplog)
+    assert "BranchyFedAvg" in warning and "vmap: It looks like you're calling .item()" in warning
+    assert "such cohorts one client at a time from now on" in warning
+    assert (grid.stats.fallbacks, grid.stats.vmapped_clients, grid.stats.per_client) == (1, 0, 9)
+    run_engine(cfg, "inprocess", tmp_path / "inprocess")
     assert_same_runs(tmp_path / "inprocess", tmp_path / "vectorized")
+
+
+class FailsOnceFedAvg(FedAvg):
+    """FedAvg whose first update raises an error of its own (as a client's bad data would), not
+    vmap's: one cohort runs one by one, the next ones batched again."""
+
+    calls = 0
+
+    def local_round(self, model, loss_fn, hp, w, memory, data):
+        type(self).calls += 1
+        if type(self).calls == 1:
+            raise ValueError("a client's data could not be read")
+        return super().local_round(model, loss_fn, hp, w, memory, data)
+
+
+def test_an_error_that_is_not_vmaps_leaves_the_next_cohorts_batched(tiny_config, tmp_path,
+                                                                      caplog):
+    import logging
+
+    cfg = tiny_config(f"algorithm.name={__name__}:FailsOnceFedAvg")
+    FailsOnceFedAvg.calls = 0
+    caplog.set_level(logging.WARNING, logger="fedmaml")
+    _, _, _, grid = run_engine(cfg, "vectorized", tmp_path / "vectorized")
+    grid.close()
+    [warning] = _batching_warnings(caplog)
+    assert "ValueError: a client's data could not be read" in warning
+    assert "from now on" not in warning
+    assert (grid.stats.fallbacks, grid.stats.per_client, grid.stats.vmapped_clients) == (1, 3, 6)
 
 
 def test_cli_sweep_vectorize_batches_ditto_and_a_server_rule(

@@ -122,6 +122,32 @@ def test_the_client_files_hold_every_image_once_three_digits_each(tmp_path):
     assert sorted(seen) == sorted(digit_of)  # every image exactly once
 
 
+def test_the_guides_image_snippet_runs_as_written_and_writes_the_scripts_files(tmp_path,
+                                                                              monkeypatch):
+    # docs/custom.md, "Your CNN on your image files", step 2: the snippet on its own (nothing
+    # defined beforehand) writes the files the script writes.
+    import re
+    import textwrap
+
+    from sklearn.datasets import load_digits
+
+    doc = (REPO / "docs" / "custom.md").read_text(encoding="utf-8")
+    section = doc.split("### Your CNN on your image files", 1)[1]
+    snippet = textwrap.dedent(re.search(r"```python\n(.*?)\n *```", section, flags=re.S).group(1))
+    monkeypatch.chdir(tmp_path)
+    exec(compile(snippet, "docs/custom.md", "exec"), {"__name__": "__main__"})
+    digits = load_digits()
+    _script().write_client_files(digits.images, digits.target, tmp_path / "script")
+    written = sorted(p.name for p in (tmp_path / "clients").iterdir())
+    assert written == sorted(p.name for p in (tmp_path / "script").iterdir())
+    assert len(written) == 24
+    for name in written:
+        with np.load(tmp_path / "clients" / name) as a, np.load(tmp_path / "script" / name) as b:
+            assert sorted(a.files) == ["x", "y"]
+            for key in ("x", "y"):
+                assert a[key].dtype == b[key].dtype and np.array_equal(a[key], b[key]), name
+
+
 def test_run_with_tensorboard_then_select_pattern(user, capsys):
     from tests.test_tracking import check_tensorboard, needs
 

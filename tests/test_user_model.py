@@ -144,6 +144,19 @@ def test_bad_user_models_get_clear_errors(tiny_config):
         setup_for(tiny_config("model.name=user_models:Residual", "model.kwargs={num_outputs: 2}"))
 
 
+def test_a_model_that_fails_on_the_data_is_told_which_data_it_was_given(tiny_config):
+    # an image model on the default sinusoid data: the message names the data and the keys to set
+    with pytest.raises(ConfigError) as info:
+        setup_for(tiny_config("model.name=user_models:small_cnn"))
+    message = str(info.value)
+    assert message.startswith("model.name: user_models:small_cnn failed on a batch of inputs of "
+                              "shape [3, 1] (RuntimeError: ")
+    assert "given data.family=sinusoid, whose inputs have shape [1]" in message
+    assert "set the data keys" in message and "data.family=digits" in message
+    # the same model on image data builds
+    setup_for(tiny_config("model.name=user_models:small_cnn", "data.family=digits"))
+
+
 def test_batchnorm_uses_batch_statistics_and_keeps_no_buffers():
     module = user_models.conv4_like((1, 12, 12), 3, width=4)
     model = ModuleModel(module, "c")

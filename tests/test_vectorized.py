@@ -213,6 +213,28 @@ def test_a_cohort_that_cannot_be_vmapped_runs_client_by_client(tiny_config, capl
     assert sorted(grid.bank.client_ids().tolist()) == [0, 3, 5]
 
 
+@pytest.mark.parametrize("op", [
+    lambda t: t * t.sum().item(),                       # .item() (and float())
+    lambda t: t if t.sum() > 0 else -t,                 # a branch on a tensor's value
+    lambda t: torch.nonzero(t),                         # an output of data-dependent shape
+    lambda t: torch.tensor(t.detach().numpy()),         # numpy() of a batched tensor
+])
+def test_vmaps_own_refusals_are_told_from_other_errors(op):
+    from fedmaml.engines.vectorized import vmap_refused
+
+    with pytest.raises(Exception) as refused:
+        torch.func.vmap(op)(torch.randn(3, 4))
+    assert vmap_refused(refused.value), refused.value
+
+    def bad_data(t):
+        raise ValueError("client 3: x and y differ in length")
+
+    with pytest.raises(ValueError) as other:
+        torch.func.vmap(bad_data)(torch.randn(3, 4))
+    assert not vmap_refused(other.value)
+    assert not vmap_refused(RuntimeError("mat1 and mat2 shapes cannot be multiplied (3x4 and 5x6)"))
+
+
 class _Memories:
     """A fresh client's memory store (for the reference computation)."""
 

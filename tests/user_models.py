@@ -79,6 +79,13 @@ class CountsCalls(Residual):
         return super().forward(x)
 
 
+def small_cnn(input_shape, num_outputs, width=4):
+    """An image model that builds for any data (its first layer reads input_shape[0] channels)
+    but whose forward needs images [batch, channels, height, width]."""
+    return nn.Sequential(nn.Conv2d(input_shape[0], width, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_outputs))
+
+
 def not_a_module(input_shape, num_outputs):
     return "model"
 

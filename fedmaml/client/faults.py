@@ -71,8 +71,20 @@ def injected_counts(codes: np.ndarray) -> list[dict[str, int]]:
     return [dict(zip(KINDS, counts)) for counts in zip(*per_kind)]
 
 
+def marker(kind: str) -> str:
+    """What the reason of a failure injected as ``kind`` (one of :data:`KINDS`) says: its key."""
+    return f"(faults.{kind})"
+
+
+def is_injected(reason: str) -> bool:
+    """Whether a failure's reason is that of an injected fault (its :func:`marker`), which the
+    server counts like any failure but need not warn about: it was asked for."""
+    return any(marker(kind) in reason for kind in KINDS)
+
+
 def fail(cid: int, server_round: int) -> InjectedFault:
-    return InjectedFault(f"injected failure (faults.fail) of client {cid} in round {server_round}")
+    return InjectedFault(f"injected failure {marker('fail')} of client {cid} in round "
+                         f"{server_round}")
 
 
 def failure_kind(e: BaseException) -> str:
@@ -107,7 +119,7 @@ def cohort_faults(cfg: Config, cids: list[int], server_round: int) -> CohortFaul
             out.failures.append(failure_of(cid, fail(cid, server_round)))
             continue
         if code == DROPOUT:
-            out.failures.append((cid, "timeout", f"client {cid} dropped out (faults.dropout)"))
+            out.failures.append((cid, "timeout", f"client {cid} dropped out {marker('dropout')}"))
             continue
         if code == STRAGGLE:
             out.late.append(cid)

@@ -51,7 +51,7 @@ from fedmaml.client import (CompiledUpdate, NoMemory, clip_client_updates, cohor
                             cohort_update, draw_cohort_round, evaluate_client, initial_for,
                             memory_init_mask, samples_drawn, stack_rounds, to_device,
                             train_columns, train_step, training_tasks)
-from fedmaml.client.faults import failure_of
+from fedmaml.client.faults import failure_of, marker
 from fedmaml.client.speed import simulated_seconds
 from fedmaml.config import Config
 from fedmaml.core.params import Params
@@ -119,6 +119,11 @@ class VectorizedGrid(InProcessGrid):
                               directory=engine.memory_dir or None, device=self.device)
         self.bank = bank
         self.stats = CohortStats()
+        #: kinds of cohort, ``(fresh, tasks per client)``, whose update vmap refused: their later
+        #: cohorts run one client at a time without trying it batched again; and vmap's reasons
+        #: (each said once)
+        self.unbatched: set[tuple[bool, int]] = set()
+        self._refusals: set[str] = set()
         self._nodes: dict[int, int] | None = None
         self._update = CompiledUpdate(  # engine.compile: torch.compile'd on first use
             lambda hp, w, memory, data, initial: cohort_update(
@@ -251,13 +256,13 @@ class VectorizedGrid(InProcessGrid):
             except Exception as e:  # noqa: BLE001 - the client fails, the cohort goes on
                 failures.append(failure_of(cid, e))
         parts: list[tuple[list[int], Params, dict[str, list[float]]]] = []
-        for (fresh, _), members in groups.items():
+        for kind, members in groups.items():
             size = self.max_cohort or len(members)
             for at in range(0, len(members), size):
                 chunk = members[at:at + size]
-                part = (self._train_vmapped(w, hp, server_round, chunk, fresh,
+                part = (self._train_vmapped(w, hp, server_round, chunk, kind,
                                             [tasks[c] for c in chunk])
-                        if len(chunk) > 1 else None)
+                        if len(chunk) > 1 and kind not in self.unbatched else None)
                 parts += [part] if part is not None else [
                     p for p in (self._train_one(w, hp, server_round, cid, failures) for cid in chunk)
                     if p is not None]
@@ -274,20 +279,37 @@ class VectorizedGrid(InProcessGrid):
             return {}
 
     def _train_vmapped(self, w: Params, hp: Hyper, server_round: int, cids: list[int],
-                       fresh: bool, tasks: list[list[Task]]
+                       kind: tuple[bool, int], tasks: list[list[Task]]
                        ) -> tuple[list[int], Params, dict[str, list[float]]] | None:
-        """One cohort through one ``cohort_update`` (``None``: it cannot run batched)."""
+        """One cohort of ``kind`` (``(fresh, tasks per client)``) through one ``cohort_update``
+        (``None``: it cannot run batched). When vmap itself refuses the update, every later cohort
+        of that kind would fail alike: it is remembered (``unbatched``) and said once."""
         setup, start = self.setup, time.perf_counter()
+        fresh, update = kind[0], False
         try:
             tasks, data = draw_cohort_round(self.cfg, setup, cids, hp, server_round, fresh, tasks)
             memory = None
             if self.bank is not None and not fresh:
                 memory = to_device(self.bank.read(cids), self.device)
+            update = True
             delta, memory, metrics = self._cohort_update(hp, w, memory, data.to(self.device))
         except Exception as e:  # noqa: BLE001 - e.g. an op vmap cannot batch: go one by one
             self.stats.fallbacks += 1
-            log.warning("vectorized engine: a cohort of %d clients could not run batched "
-                        "(%s: %s); running them one by one", len(cids), type(e).__name__, e)
+            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            if update and vmap_refused(e):
+                self.unbatched.add(kind)
+                if why not in self._refusals:  # the same reason for another kind: said already
+                    self._refusals.add(why)
+                    log.warning("vectorized engine: a cohort of %d clients could not run "
+                                "batched: torch.func.vmap refuses the client update (algorithm "
+                                "%s, model %s: %s); this run trains such cohorts one client at a "
+                                "time from now on, as the inprocess engine does (docs/custom.md "
+                                "lists what vmap cannot batch)", len(cids),
+                                self.cfg.algorithm.name,
+                                getattr(setup.model, "name", self.cfg.model.name), why)
+            else:  # perhaps one client's data or numbers: the next cohort tries batched again
+                log.warning("vectorized engine: a cohort of %d clients could not run batched "
+                            "(%s); running them one by one", len(cids), why)
             return None
         if memory is not None:
             self.bank.write(cids, memory)
@@ -408,8 +430,8 @@ def _assemble(parts: list[tuple[list[int], Params, dict[str, list[float]]]],
         delta = {k: torch.cat([p[1][k] for p in parts]) for k in like}
     if late:
         failures = failures + [(joined[j], "timeout", f"client {joined[j]} took longer than the "
-                                f"round timeout ({timeout} s)" + (" (faults.straggle)"
-                                                                  if joined[j] in stragglers else ""))
+                                f"round timeout ({timeout} s)"
+                                + (f" {marker('straggle')}" if joined[j] in stragglers else ""))
                                for j in late]
         keep = sorted(set(range(len(joined))) - set(late))
         at = torch.tensor(keep, dtype=torch.int64)
@@ -417,6 +439,16 @@ def _assemble(parts: list[tuple[list[int], Params, dict[str, list[float]]]],
         columns = {k: [v[j] for j in keep] for k, v in columns.items()}
         joined = [joined[j] for j in keep]
     return CohortResult(joined, delta, columns, failures)
+
+
+def vmap_refused(e: BaseException) -> bool:
+    """Whether ``e`` is ``torch.func.vmap`` refusing an operation of the batched function (an
+    ``.item()``, a branch on a tensor's value, an op without a batching rule, a non-tensor
+    output...): the same function then fails so for every batch, whatever the data. Anything else
+    (a client's data, its numbers) may be a failure of that batch alone."""
+    text = str(e)
+    return (text.startswith("vmap") or "Batching rule not implemented" in text
+            or "Tensor that doesn't have storage" in text)  # .numpy(), .tolist() of a batched one
 
 
 def unbatchable_reason(setup: Any) -> str | None:

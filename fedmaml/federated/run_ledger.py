@@ -36,11 +36,34 @@ log = logging.getLogger("fedmaml")
 
 
 def run_health(cfg: Config) -> RunHealth:
-    """The health rules of a run, with what to try when it diverges."""
-    return RunHealth(cfg.federated.max_failed_rounds,
-                     hint=f"a smaller algorithm.eta (now {cfg.algorithm.eta:g}) or "
-                          f"federated.server_lr (now {cfg.federated.server_lr:g})",
-                     rounds=cfg.federated.rounds)
+    """The health rules of a run, with what to try when it diverges. With privacy noise, the
+    noise comes first: its scale (z C / d on every coordinate of the mean update, docs/privacy.md)
+    does not shrink with algorithm.eta."""
+    lr = cfg.federated.server_lr
+    hint = f"a smaller algorithm.eta (now {cfg.algorithm.eta:g}) or federated.server_lr (now {lr:g})"
+    z, c = cfg.privacy.noise_multiplier, cfg.privacy.clipping_norm
+    if z > 0:  # noise needs clipping (a config rule), so d is the private mean's constant
+        from fedmaml.core.privacy import noise_std
+        from fedmaml.federated.participation import client_sampling
+
+        sampling = client_sampling(cfg.federated, cfg.data.num_clients)
+        d = sampling.expected_size
+        if sampling.scheme == "all":
+            cohort, more = f"d = {d:g} silos, data.num_clients", ""
+        else:
+            key = ("federated.clients_per_round" if cfg.federated.clients_per_round
+                   else "federated.fraction")
+            cohort, more = f"d = {d:g} clients per round, {key}", f"raise {key}, "
+        hint = (f"less privacy noise, which algorithm.eta does not change: each round adds noise "
+                f"of std z C / d = {z:g} x {c:g} / {d:g} = {noise_std(z, c, d):.3g} to every "
+                "coordinate of the mean update (a norm of std x sqrt(parameters), against at most "
+                f"C for the clipped updates' mean; z = privacy.noise_multiplier, "
+                f"C = privacy.clipping_norm, {cohort}); {more}lower privacy.noise_multiplier "
+                "(a larger epsilon) or privacy.clipping_norm (towards the updates' norms: "
+                "summary.json privacy.max_update_norm), or damp the noise with a smaller "
+                f"federated.server_lr (now {lr:g}); a smaller algorithm.eta "
+                f"(now {cfg.algorithm.eta:g}) shrinks only the clients' updates")
+    return RunHealth(cfg.federated.max_failed_rounds, hint=hint, rounds=cfg.federated.rounds)
 
 
 def new_run_state() -> dict[str, Any]:

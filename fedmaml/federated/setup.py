@@ -154,7 +154,8 @@ def _setup_by_config(cfg: Config) -> ExperimentSetup:
 @functools.lru_cache(maxsize=8)
 def _setup_cached(_key: str, cfg: Config) -> ExperimentSetup:
     federation = build_federation(cfg.data, cfg.seed)
-    model = build_model(cfg.model, federation.input_shape, federation.num_outputs)
+    model = build_model(cfg.model, federation.input_shape, federation.num_outputs,
+                        data=f"data.family={cfg.data.family}")
     algorithm = get_algorithm(cfg.algorithm.name, cfg.algorithm.kwargs)
     if has_server_rule(algorithm) and is_private(cfg.privacy):
         # the privacy guarantee is of the clipped, noised mean: another rule voids it

@@ -471,12 +471,25 @@ class MetaStrategy(Strategy):
             errors.append(("malformed", f"malformed reply: client {o.cid}'s update is summed "
                                         "with one the server cannot use"))
         missing = max(len(expected) - len(outcomes), 0)
-        for _, e in errors:
-            log.warning("round %d: %s", server_round, e)
+        # A fault injected on purpose (faults.*) is expected: counted like any failure, logged
+        # below the warnings that --quiet keeps. Real failures warn.
+        faulty = faults.enabled(self.cfg)
+        for kind, e in errors:
+            (log.info if faulty and faults.is_injected(e) else log.warning)(
+                "round %d: %s", server_round, e)
         if errors:
             self.last_error = errors[-1][1]
-        if missing > 0:
-            log.warning("round %d: %d client(s) did not reply in time", server_round, missing)
+        late = 0  # missing replies that injected stragglers and dropouts account for
+        if missing > 0 and faulty:
+            drawn = faults.injected(self.cfg, sorted(expected), server_round)
+            reported = sum(kind == "timeout" and faults.is_injected(e) for kind, e in errors)
+            late = min(missing, max(drawn["straggle"] + drawn["dropout"] - reported, 0))
+            if late:
+                log.info("round %d: %d client(s) did not reply in time (injected: "
+                         "faults.straggle, faults.dropout)", server_round, late)
+        if missing > late:
+            log.warning("round %d: %d client(s) did not reply in time", server_round,
+                        missing - late)
         # In client-id order: replies arrive in any order (Ray, devices), and the average's last
         # bits must not depend on it (a resumed run equals an uninterrupted one).
         valid = sorted(used.values(), key=lambda o: o.cid)

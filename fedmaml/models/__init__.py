@@ -21,11 +21,13 @@ __all__ = ["Model", "StagedModel", "Stage", "ModuleStage", "ModuleModel", "mlp",
 Model = Union[StagedModel, ModuleModel]
 
 
-def build_model(spec: ModelConfig, input_shape: Sequence[int], num_outputs: int) -> Model:
+def build_model(spec: ModelConfig, input_shape: Sequence[int], num_outputs: int,
+                data: str | None = None) -> Model:
     """Build the model named by ``spec.name`` (the config's ``model`` section) for a data set:
-    a built-in, or a user's ``torch.nn.Module`` ("package.module:factory"; fedmaml/models/module.py)."""
+    a built-in, or a user's ``torch.nn.Module`` ("package.module:factory"; fedmaml/models/module.py).
+    ``data`` names that data set in error messages (``data.family=sinusoid``)."""
     if is_user_model(spec.name):
-        return module_model(spec, input_shape, num_outputs)
+        return module_model(spec, input_shape, num_outputs, data=data)
     if spec.name == "mlp":
         return mlp(input_shape, list(spec.hidden), num_outputs)
     if spec.name == "linear":  # one layer group: the MLP without hidden layers

@@ -372,8 +372,9 @@ class ModuleModel:
     def describe(self) -> str:
         return f"{self.name} with layer groups {list(self.group_names)}"
 
-    def check(self, input_shape: Sequence[int], num_outputs: int) -> None:
-        """One forward on a probe batch: output shape, buffers left unchanged."""
+    def check(self, input_shape: Sequence[int], num_outputs: int, data: str | None = None) -> None:
+        """One forward on a probe batch: output shape, buffers left unchanged. ``data`` names the
+        data the inputs' shape comes from (``data.family=sinusoid``), for the error message."""
         params = self._own_params()
         x = torch.randn(3, *input_shape, generator=torch.Generator().manual_seed(0))
         before = {k: v.clone() for k, v in self._buffers.items()}
@@ -381,8 +382,13 @@ class ModuleModel:
             with torch.no_grad():
                 out = self._probe_inputs(params, x)
         except Exception as e:  # noqa: BLE001 - any failure of the user's forward, reported
+            given = f"it was given {data}, whose" if data else "the data's"
             raise ConfigError(f"model.name: {self.name} failed on a batch of inputs of shape "
-                              f"{list(x.shape)} ({type(e).__name__}: {e})") from None
+                              f"{list(x.shape)} ({type(e).__name__}: {e}); {given} inputs have "
+                              f"shape {list(input_shape)}. If the model expects other inputs, set "
+                              "the data keys for them: e.g. data.family=digits for images "
+                              "[1, 8, 8], or data.family=files with data.path for your own files "
+                              "(docs/configuration.md lists the families)") from None
         if not isinstance(out, Tensor) or out.shape != (3, num_outputs):
             shape = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ConfigError(f"model.name: {self.name} maps inputs {list(x.shape)} to {shape}; "
@@ -422,8 +428,9 @@ class ModuleModel:
 
 
 def module_model(spec: ModelConfig, input_shape: Sequence[int] | None, num_outputs: int | None,
-                 source: ModelSource | None = None) -> ModuleModel:
-    """The model of ``spec`` (the config's ``model`` section) whose ``name`` is a user's module."""
+                 source: ModelSource | None = None, data: str | None = None) -> ModuleModel:
+    """The model of ``spec`` (the config's ``model`` section) whose ``name`` is a user's module;
+    ``data`` names the data the shapes come from, for error messages."""
     name = spec.name
     source = load_source(name) if source is None else source
     kwargs = parse_mapping("model.kwargs", spec.kwargs)
@@ -436,7 +443,7 @@ def module_model(spec: ModelConfig, input_shape: Sequence[int] | None, num_outpu
     model = ModuleModel(module, name, groups,
                         reinit=None if isinstance(source, nn.Module) else reinit)
     if input_shape is not None and num_outputs is not None:
-        model.check(input_shape, num_outputs)
+        model.check(input_shape, num_outputs, data)
     return model
 
 
