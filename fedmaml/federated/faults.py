@@ -27,7 +27,7 @@ from flwr.app import Message, MetricRecord, RecordDict
 
 # The decision is the client library's (transport-free); these names stay importable from here.
 from fedmaml.client.faults import (KINDS, client_fault, enabled, fail, injected,  # noqa: F401
-                                   is_injected, marker)
+                                   is_injected)
 from fedmaml.federated import records as R
 
 #: Metric of a reply that the fault model says arrives after the round's deadline.
