@@ -573,8 +573,10 @@ def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None
     out = stream or (sys.stdout if dry_run else sys.stderr)  # a listing is output, not progress
     sweep_dir = Path(sweep_dir) if sweep_dir is not None else default_sweep_dir(base)
     if (sweep_dir / CONFIG_FILE).exists():
-        raise FedmamlError(f"{sweep_dir}: is a run directory, not a sweep directory; give "
-                           "another --sweep-dir")
+        # e.g. `fedmaml run X.yaml` then `fedmaml sweep X.yaml`: both default to output_dir/name
+        raise FedmamlError(f"{sweep_dir}: is a run directory (a run of this config was made "
+                           f"there), not a sweep directory; give another, e.g. --sweep-dir "
+                           f"{sweep_dir.with_name(sweep_dir.name + '-sweep')}")
     jobs = resolve_jobs(jobs, base)
     runs, invalid = plan_sweep(base, spec, sweep_dir, skip_invalid)
     result = SweepResult(sweep_dir=sweep_dir, runs=runs, invalid=invalid)

@@ -190,6 +190,16 @@ def test_sweep_runs_every_combination_and_skips_finished_runs(tmp_path, capsys):
     assert all(after[k] == first[k] for k in first)
 
 
+def test_a_sweep_into_a_run_directory_is_refused_with_a_directory_to_use(tmp_path):
+    base, spec = load_sweep(write_config(tmp_path), grid_args=["beta=0.3,0.9"], seeds="0")
+    run_dir = tmp_path / "tiny"
+    (run_dir).mkdir()
+    (run_dir / "config.yaml").write_text("name: tiny\n")  # what `fedmaml run` leaves there
+    with pytest.raises(FedmamlError, match=r"is a run directory.*--sweep-dir \S*tiny-sweep"):
+        run_sweep(base, spec, run_dir, quiet=True)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]  # nothing written
+
+
 def test_resume_reruns_only_the_unfinished_run_cleanly(tmp_path):
     base, spec = load_sweep(write_config(tmp_path), grid_args=["beta=0.3,0.9"], seeds="0")
     sweep_dir = tmp_path / "sw"
