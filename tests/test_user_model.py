@@ -128,6 +128,10 @@ def test_bad_user_models_get_clear_errors(tiny_config):
         "user_models:nope": "module 'user_models' has no attribute 'nope'",
         "no_such_pkg.mod:f": "cannot import module 'no_such_pkg.mod'",
         "user_models:not_a_module": "returned a str, not a torch.nn.Module",
+        # the factory's own refusal, with what it was given and where it raised
+        "user_models:images_only": (r"model.name: calling user_models:images_only with "
+                                    r"\{'input_shape': \[1\], 'num_outputs': 1\} raised ValueError: "
+                                    r"expected images .*\(user_models.py, line \d+\)"),
         "user_models:CountsCalls": r"changes its buffers \['calls'\] in forward",
     }
     for name, message in cases.items():

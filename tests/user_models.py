@@ -86,6 +86,13 @@ def small_cnn(input_shape, num_outputs, width=4):
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_outputs))
 
 
+def images_only(input_shape, num_outputs):
+    """A factory that refuses inputs it was not written for, as users' factories do."""
+    if len(input_shape) != 3:
+        raise ValueError(f"expected images (C, H, W), got input_shape {input_shape}")
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_outputs))
+
+
 def not_a_module(input_shape, num_outputs):
     return "model"
 

@@ -34,6 +34,8 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import traceback
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, Union
 
 import torch
@@ -106,10 +108,24 @@ def build_module(source: ModelSource, kwargs: Mapping[str, Any], input_shape: Se
             module = source(**args)
         except TypeError as e:
             raise ConfigError(f"model.kwargs: calling {name} with {args} failed: {e}") from None
+        except Exception as e:  # noqa: BLE001 - the factory's own refusal (e.g. of the data's shape)
+            raise ConfigError(f"model.name: calling {name} with {args} raised "
+                              f"{type(e).__name__}: {e} ({_where(e)})") from e
     if not isinstance(module, nn.Module):
         raise ConfigError(f"model.name: {name} returned a {type(module).__name__}, not a "
                           "torch.nn.Module")
     return module
+
+
+def _where(error: BaseException) -> str:
+    """Where the user's code raised ``error``: the innermost frame outside fedmaml and installed
+    packages (torch's own frames say little about the user's call), file name and line."""
+    frames = traceback.extract_tb(error.__traceback__)
+    ours = str(Path(__file__).resolve().parents[1])
+    user = [f for f in frames if "-packages" not in f.filename
+            and not str(Path(f.filename).resolve()).startswith(ours)]
+    frame = (user or frames or [None])[-1]
+    return "?" if frame is None else f"{Path(frame.filename).name}, line {frame.lineno}"
 
 
 def _functional_copy(module: nn.Module) -> nn.Module:
