@@ -17,30 +17,44 @@ from fedmaml.core.params import Params
 log = logging.getLogger("fedmaml")
 
 
+#: The ``torch.compile`` backends tried in turn: inductor (fused C++ kernels), then, where it
+#: cannot compile (no C++ compiler), ``aot_eager``: the update traced into one graph of ATen
+#: operations, run without functorch's per-operation cost (about 2x faster than eager on a batch's
+#: update over runs, docs/performance.md) and without a compiler.
+BACKENDS = ("inductor", "aot_eager")
+
+
 class CompiledUpdate:
     """``update`` (a batched client update: :func:`cohort_update`, :func:`runs_update`) compiled
     with ``torch.compile`` when ``enabled`` (``engine.compile``), on its first call; it compiles
     again for each new shape of its inputs (``dynamic=False``: shapes are few and fixed kernels
-    are the fast ones). A compilation that fails (no C++ compiler, an operation the compiler
-    refuses) logs why and runs ``update`` eagerly from then on; the numbers agree with the eager
-    call to float rounding."""
+    are the fast ones). A backend that fails (no C++ compiler, an operation the compiler refuses)
+    logs why and the next of :data:`BACKENDS` is tried; when none works, ``update`` runs eagerly
+    from then on. The numbers agree with the eager call to float rounding."""
 
     def __init__(self, update: Callable[..., Any], enabled: bool, what: str) -> None:
         self.update, self.what = update, what
         self._compiled: Any = None if enabled else False  # False: eager
+        self._backends = list(BACKENDS) if enabled else []
+        #: the backend in use (``None``: not compiled yet; ``"eager"``: none worked, or disabled)
+        self.backend: str | None = None if enabled else "eager"
 
     def __call__(self, *args: Any) -> Any:
-        if self._compiled is False:
-            return self.update(*args)
-        if self._compiled is None:
-            self._compiled = torch.compile(self.update, dynamic=False)
-        try:
-            return self._compiled(*args)
-        except Exception as e:  # noqa: BLE001 - e.g. no C++ compiler: run eagerly
-            log.warning("%s: torch.compile of the client update failed (%s: %s); running it "
-                        "eagerly", self.what, type(e).__name__, e)
-            self._compiled = False
-            return self.update(*args)
+        while self._compiled is not False:
+            if self._compiled is None:
+                self.backend = self._backends.pop(0)
+                self._compiled = torch.compile(self.update, dynamic=False, backend=self.backend)
+            try:
+                return self._compiled(*args)
+            except Exception as e:  # noqa: BLE001 - e.g. no C++ compiler: the next backend
+                then = self._backends[0] if self._backends else "eager"
+                log.warning("%s: torch.compile (%s) of the client update failed (%s: %s); "
+                            "running it with %s", self.what, self.backend, type(e).__name__, e,
+                            "torch.compile (aot_eager)" if then == "aot_eager" else then)
+                self._compiled = None if self._backends else False
+                if not self._backends:
+                    self.backend = "eager"
+        return self.update(*args)
 
 
 def _batched(x: Any) -> int | None:
