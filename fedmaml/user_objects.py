@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import json
 import re
 from typing import Any
 
 import yaml
 
 from fedmaml.errors import ConfigError
+from fedmaml.yaml_values import load_value
 
 PYTHON_PREFIX = "python:"
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -95,13 +97,22 @@ class Registry:
                               f"write '{self.import_form}' with {expects}") from None
 
 
+def load_mapping_text(text: str) -> Any:
+    """The value of a mapping key's text: JSON as the config writes it, else YAML as a user writes
+    it (``{lam: 0.1}``)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return load_value(text)
+
+
 def parse_mapping(key: str, text: str) -> dict[str, Any]:
     """A config mapping kept as text (``model.kwargs``, ``model.groups``, ``algorithm.kwargs``);
     ``""`` is empty."""
     if not text.strip():
         return {}
     try:
-        value = yaml.safe_load(text)
+        value = load_mapping_text(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{key}: {text!r} is not a mapping ({e})") from None
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):

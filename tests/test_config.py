@@ -240,6 +240,29 @@ def test_an_override_sets_one_entry_of_a_mapping_key(tmp_path, written):
     assert json.loads(groups.kwargs) == {"width": 8}
 
 
+def test_an_exponent_in_a_mapping_entry_stays_a_number(tmp_path):
+    """An entry has no type to convert text back to a number: `1e-5` (text to YAML 1.1) and the
+    `1e-05` that json.dumps writes must still come back as floats, from an override, a grid value
+    (replace_paths), a file and a run's written config."""
+    from fedmaml.user_objects import parse_mapping
+
+    def lam(cfg):
+        return parse_mapping("algorithm.kwargs", cfg.algorithm.kwargs)["lam"]
+
+    assert lam(load_config(None, [OWN, "algorithm.kwargs.lam=1e-5"])) == 1e-5
+    assert lam(load_config(None, [OWN, "algorithm.kwargs.lam=0.00001"])) == 1e-5
+    swept = replace_paths(load_config(None, [OWN]), {"algorithm.kwargs.lam": 0.00001})
+    assert lam(swept) == 1e-5 and lam(replace_path(swept, "algorithm.kwargs.mu", 2)) == 1e-5
+    f = tmp_path / "c.yaml"
+    f.write_text("algorithm:\n  name: my_algos:Mine\n  kwargs: {lam: 2e-3, big: 1E20}\n")
+    cfg = load_config(f)
+    assert json.loads(cfg.algorithm.kwargs) == {"lam": 2e-3, "big": 1e20}
+    written = tmp_path / "config.yaml"
+    written.write_text(dump_yaml(swept))  # as a run writes its config.yaml
+    assert lam(load_config(written)) == 1e-5
+    assert load_config(None, ["algorithm.eta=1e-3"]).algorithm.eta == 1e-3  # typed keys as before
+
+
 def test_replace_path_and_resolve_key_take_a_mapping_entry():
     cfg = load_config(None, [OWN, "algorithm.kwargs={lam: 0.1, mu: 2}"])
     assert json.loads(replace_path(cfg, "algorithm.kwargs.lam", 0.7).algorithm.kwargs) == {

@@ -13,6 +13,8 @@ from fedmaml.config.schema import (MAPPING_KEYS, SPECS, Config, FieldSpec, Scala
 from fedmaml.config.validate import config_from_dict, config_to_dict
 from fedmaml.config.values import convert_value, show, suggest
 from fedmaml.errors import ConfigError
+from fedmaml.user_objects import load_mapping_text
+from fedmaml.yaml_values import load_value
 
 
 def _set_path(d: dict[str, Any], path: str, value: Any) -> None:
@@ -37,7 +39,7 @@ def _mapping_at(d: Mapping[str, Any], key: str, path: str) -> dict[str, Any]:
     value = node
     if isinstance(node, str):
         try:
-            value = yaml.safe_load(node)
+            value = load_mapping_text(node)
         except yaml.YAMLError:
             pass
     if not isinstance(value, Mapping):
@@ -74,7 +76,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if raw == "":
         return key, ""
     try:
-        value = yaml.safe_load(raw)
+        value = load_value(raw)
     except yaml.YAMLError:
         value = raw  # not valid YAML: keep the text; the type check decides whether it is fine
     spec = SPECS.get(key)
@@ -121,7 +123,7 @@ def with_entries(flat: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in flat.items():
         out[key] = value
         if key in MAPPING_KEYS and isinstance(value, str) and value.strip():
-            mapping = yaml.safe_load(value)  # JSON text the config wrote: a mapping
+            mapping = load_mapping_text(value)  # JSON text the config wrote: a mapping
             out.update({f"{key}.{name}": v for name, v in mapping.items()})
     return out
 

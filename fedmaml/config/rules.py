@@ -6,6 +6,7 @@ import yaml
 from fedmaml.config.schema import (ALGORITHM_NAMES, IMAGE_FAMILIES, IMPORT_PATH, MAPPING_KEYS,
                                    Config)
 from fedmaml.config.values import suggest
+from fedmaml.user_objects import load_mapping_text
 
 # Meta-gradient estimators each algorithm supports (others accept any; reptile/fedavg ignore it).
 _META_GRADIENTS = {
@@ -93,7 +94,7 @@ def cross_field_problems(cfg: Config) -> list[str]:
         text = getattr(getattr(cfg, section), name)
         if text.strip():
             try:
-                value = yaml.safe_load(text)
+                value = load_mapping_text(text)
             except yaml.YAMLError:
                 value = None
             if not isinstance(value, dict):
