@@ -147,7 +147,9 @@ def plan_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path,
             setting = replace_paths(base, {**overrides, **values})
             # every pattern for the model's layer groups, as each run checks them when it sets up:
             # a pattern that does not fit fails here, before any run trains
-            config_patterns(setting, groups(setting))
+            found = groups(setting)
+            if found is not None:
+                config_patterns(setting, found)
         except (ConfigError, PatternError) as e:
             what = ("grid combination" if values else "the base config with" if label
                     else "the base config")
@@ -178,12 +180,13 @@ class _LayerGroupsOf:
     """The layer groups of a config's model, for checking its patterns: from the config where it
     gives them (the built-in models, a user's ``model.groups``: no torch in the sweep's process),
     else by building the model once per model and data section (a user's module, whose children
-    are its groups and which may take its shapes from the data)."""
+    are its groups and which may take its shapes from the data). ``None`` when that build fails
+    (missing data, the user's factory raising): the runs then check, and report, for themselves."""
 
     def __init__(self) -> None:
-        self._built: dict[tuple[Any, Any], LayerGroups] = {}
+        self._built: dict[tuple[Any, Any], LayerGroups | None] = {}
 
-    def __call__(self, cfg: Config) -> LayerGroups:
+    def __call__(self, cfg: Config) -> LayerGroups | None:
         declared = declared_layer_groups(cfg.model)
         if declared is not None:
             return declared
@@ -191,7 +194,10 @@ class _LayerGroupsOf:
         if key not in self._built:
             from fedmaml.federated.setup import built_layer_groups  # torch: in this process
 
-            self._built[key] = built_layer_groups(cfg)
+            try:
+                self._built[key] = built_layer_groups(cfg)
+            except Exception:  # noqa: BLE001 - each run that uses it fails with its own error
+                self._built[key] = None
         return self._built[key]
 
 

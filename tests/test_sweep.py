@@ -241,6 +241,18 @@ def test_failed_run_is_reported_and_retried(tmp_path, capsys):
     assert "1 finished already, 1 to run" in capsys.readouterr().err
 
 
+def test_a_user_module_that_cannot_be_built_while_planning_is_left_to_its_runs(tmp_path):
+    # its layer groups need the data, which is missing: planning cannot check its patterns, and
+    # leaves the error to the run that uses that data (as for the built-in models above)
+    cfg = write_config(tmp_path, {"model": {"name": "user_models:mlp_like"},
+                                  "data": {**TINY["data"], "path": str(tmp_path / "missing"),
+                                           "partition": "iid"}})
+    base, spec = load_sweep(cfg, grid_args=["data.family=sinusoid,files"], seeds="0")
+    runs, invalid = plan_sweep(base, spec, tmp_path / "sw", False)
+    assert [r.name for r in runs] == ["data.family=sinusoid,seed=0", "data.family=files,seed=0"]
+    assert invalid == []
+
+
 def test_dry_run_lists_states_and_runs_nothing(tmp_path, capsys):
     cfg = write_config(tmp_path)
     sweep_dir = tmp_path / "sw"
