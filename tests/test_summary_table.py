@@ -9,6 +9,7 @@ import logging
 
 from fedmaml.config import replace_paths
 from fedmaml.experiment import format_summary, run_experiment
+from fedmaml.federated.setup import pattern_step_warnings
 from fedmaml.results.recorder import read_summary
 
 
@@ -104,6 +105,9 @@ def test_an_alias_or_a_matching_step_count_runs_the_steps_key_without_a_warning(
     assert read_summary(head)["eval_steps"] == read_summary(written)["eval_steps"] == 3
     assert format_summary([head]).startswith("personalized loss after 3 adaptation steps, ")
     assert _step_warnings(caplog) == []
+    # `none` (no adaptation) is chosen, not a count that overrides the steps key by mistake
+    assert pattern_step_warnings(tiny_config("evaluation.pattern=none",
+                                             "algorithm.inner_pattern=none")) == []
 
 
 def test_written_out_training_patterns_warn_when_inner_steps_differs(tiny_config, tmp_path, caplog):

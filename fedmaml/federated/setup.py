@@ -83,7 +83,7 @@ def pattern_step_warnings(cfg: Config) -> list[str]:
             ("evaluation.pattern", ev.pattern, "evaluation.steps", ev.steps)]
     out = []
     for key, text, steps_key, steps in keys:
-        if is_alias(text):
+        if is_alias(text) or text.strip() == "none":  # none: no adaptation, by choice
             continue
         pattern = Pattern.parse(text)
         if pattern.steps == steps:
@@ -91,7 +91,7 @@ def pattern_step_warnings(cfg: Config) -> list[str]:
         rows = set(pattern.rows)
         wanted = ("'none'" if steps == 0 else
                   f"'{''.join(map(str, pattern.rows[0]))}x{steps}'" if len(rows) == 1
-                  else f"rows for {steps} steps")
+                  else f"rows for {adaptation_steps(steps)}")
         out.append(f"{key}: '{text.strip()}' is written out and runs "
                    f"{adaptation_steps(pattern.steps)}; {steps_key} = {steps} applies only to the "
                    f"aliases (full, head, body). For {adaptation_steps(steps)} write {wanted} (or "
