@@ -479,11 +479,11 @@ class MetaStrategy(Strategy):
                 "round %d: %s", server_round, e)
         if errors:
             self.last_error = errors[-1][1]
-        late = 0  # missing replies that injected stragglers and dropouts account for
+        late = 0  # missing replies of clients the fault model made stragglers or dropouts
         if missing > 0 and faulty:
-            drawn = faults.injected(self.cfg, sorted(expected), server_round)
-            reported = sum(kind == "timeout" and faults.is_injected(e) for kind, e in errors)
-            late = min(missing, max(drawn["straggle"] + drawn["dropout"] - reported, 0))
+            replied = {o.cid for o in outcomes}
+            late = sum(faults.client_fault(self.cfg, cid, server_round) in ("straggle", "dropout")
+                       for cid in expected if cid not in replied)
             if late:
                 log.info("round %d: %d client(s) did not reply in time (injected: "
                          "faults.straggle, faults.dropout)", server_round, late)
