@@ -6,6 +6,7 @@ a caller's tensors.
 
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
@@ -74,3 +75,17 @@ def norm(a: Params) -> Tensor:
 
 def num_bytes(p: Params) -> int:
     return sum(v.numel() * v.element_size() for v in p.values())
+
+
+def finite_rows(params: Params, lead: int) -> torch.Tensor:
+    """Bool over the ``lead`` leading axes of ``params`` (``[R]`` of runs ``[R, ...]``, ``[R, C]``
+    of rows ``[R, C, ...]``): is every value of each row finite? (One sum per parameter and row
+    first: when the sums are finite, so is every value, which spares the element-wise check.)"""
+    shape = next(iter(params.values())).shape[:lead]
+    # -1 is ambiguous when there is no row (a round without updates): then any size fits
+    rest = -1 if math.prod(shape) else 0
+    flat = [v.reshape(*shape, rest) for v in params.values()]
+    ok = torch.isfinite(torch.stack([v.sum(-1) for v in flat])).all(0)  # [P, *lead] -> lead
+    if bool(ok.all()):
+        return ok
+    return torch.stack([torch.isfinite(v).all(-1) for v in flat]).all(0)

@@ -35,10 +35,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
 # The client library's metric names (transport-free) are the wire's too.
 from fedmaml.client.metrics import MEMORY_RESET, NUM_EXAMPLES, PARTITION  # noqa: F401
-from fedmaml.core.params import Params
+from fedmaml.core.params import Params, finite_rows
 from fedmaml.errors import MessageError
 from fedmaml.federated import codec
-from fedmaml.federated.server_round import finite_rows
 
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
 ROUND, ETA = "server-round", "eta"
@@ -146,8 +145,8 @@ def _reject_non_finite(stacked: Params, errors: list[str | None], whats: Sequenc
     """Name every row of ``stacked`` that holds a NaN or an infinity in ``errors`` (unless it has
     an error already), and zero the rows with errors.
 
-    The rows are found as the server round finds them (:func:`~fedmaml.federated.server_round.
-    finite_rows`: one sum per parameter and row, element by element only when a sum is not
+    The rows are found as the server round finds them (:func:`~fedmaml.core.params.finite_rows`:
+    one sum per parameter and row, element by element only when a sum is not
     finite); only a row that is not finite is searched for the parameter to name."""
     if errors:
         for j in torch.nonzero(~finite_rows(stacked, 1)).flatten().tolist():

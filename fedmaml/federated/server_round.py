@@ -27,14 +27,13 @@ It imports neither flwr nor ray: decoding replies is the strategy's job (docs/ar
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 
 from fedmaml.algorithms import has_server_rule
-from fedmaml.core.params import Params
+from fedmaml.core.params import Params, finite_rows
 from fedmaml.core.server import (ServerOptimizer, aggregate_stacked, mean_weights, per_run,
                                  weighted_sum_stacked)
 from fedmaml.federated.health import round_outcome
@@ -286,17 +285,3 @@ def _step(w: Params, optimizer: ServerOptimizer, direction: Params, updated: tor
                            for k, v in optimizer.state.items()}
         optimizer.steps = torch.where(moved, optimizer.steps, old_steps)
     return stepped, moved
-
-
-def finite_rows(params: Params, lead: int) -> torch.Tensor:
-    """Bool over the ``lead`` leading axes of ``params`` (``[R]`` of runs ``[R, ...]``, ``[R, C]``
-    of rows ``[R, C, ...]``): is every value of each row finite? (One sum per parameter and row
-    first: when the sums are finite, so is every value, which spares the element-wise check.)"""
-    shape = next(iter(params.values())).shape[:lead]
-    # -1 is ambiguous when there is no row (a round without updates): then any size fits
-    rest = -1 if math.prod(shape) else 0
-    flat = [v.reshape(*shape, rest) for v in params.values()]
-    ok = torch.isfinite(torch.stack([v.sum(-1) for v in flat])).all(0)  # [P, *lead] -> lead
-    if bool(ok.all()):
-        return ok
-    return torch.stack([torch.isfinite(v).all(-1) for v in flat]).all(0)
