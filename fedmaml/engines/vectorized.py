@@ -80,7 +80,9 @@ class CohortStats:
     vmapped_clients: int = 0
     cohorts: int = 0
     per_client: int = 0
-    fallbacks: int = 0  # cohorts whose vmapped call failed and ran client by client
+    #: vmapped calls that failed (their cohort then ran client by client); the later cohorts of
+    #: a kind vmap refused are not tried again, and show only in ``per_client``
+    fallbacks: int = 0
     eval_cohorts: int = 0  # evaluation panels answered with one reply
 
 
