@@ -159,6 +159,12 @@ def test_a_model_that_fails_on_the_data_is_told_which_data_it_was_given(tiny_con
     assert "set the data keys" in message and "data.family=digits" in message
     # the same model on image data builds
     setup_for(tiny_config("model.name=user_models:small_cnn", "data.family=digits"))
+    # a bug of the module's own says where it is, and not that the data may be the cause
+    with pytest.raises(ConfigError) as info:
+        setup_for(tiny_config("model.name=user_models:TypoInForward"))
+    message = str(info.value)
+    assert "(NameError: name 'scael' is not defined; user_models.py, line " in message
+    assert message.endswith("an error of the module's own code") and "data keys" not in message
 
 
 def test_batchnorm_uses_batch_statistics_and_keeps_no_buffers():

@@ -93,6 +93,17 @@ def images_only(input_shape, num_outputs):
     return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_outputs))
 
 
+class TypoInForward(nn.Module):
+    """A module whose forward has a bug of its own (a misspelt name), whatever the data."""
+
+    def __init__(self, input_shape, num_outputs):
+        super().__init__()
+        self.fc = nn.Linear(math.prod(input_shape), num_outputs)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1)) * scael  # noqa: F821 - the bug this model exists for
+
+
 def not_a_module(input_shape, num_outputs):
     return "model"
 

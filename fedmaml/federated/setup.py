@@ -68,7 +68,8 @@ def built_layer_groups(cfg: Config) -> LayerGroups:
     module may need them). For checking a config's patterns where the config alone does not give
     the groups (:func:`fedmaml.federated.config_patterns.declared_layer_groups`)."""
     federation = build_federation(cfg.data, cfg.seed)
-    return layer_groups(build_model(cfg.model, federation.input_shape, federation.num_outputs))
+    return layer_groups(build_model(cfg.model, federation.input_shape, federation.num_outputs,
+                                    data=f"data.family={cfg.data.family}"))
 
 
 def pattern_step_warnings(cfg: Config) -> list[str]:

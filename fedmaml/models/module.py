@@ -398,13 +398,17 @@ class ModuleModel:
             with torch.no_grad():
                 out = self._probe_inputs(params, x)
         except Exception as e:  # noqa: BLE001 - any failure of the user's forward, reported
+            failed = (f"model.name: {self.name} failed on a batch of inputs of shape "
+                      f"{list(x.shape)} ({type(e).__name__}: {e}; {_where(e)})")
+            if not isinstance(e, (RuntimeError, ValueError, IndexError)):
+                raise ConfigError(f"{failed}: an error of the module's own code") from None
+            # torch's refusals of the inputs' shape are of these kinds: the data may be the cause
             given = f"it was given {data}, whose" if data else "the data's"
-            raise ConfigError(f"model.name: {self.name} failed on a batch of inputs of shape "
-                              f"{list(x.shape)} ({type(e).__name__}: {e}); {given} inputs have "
-                              f"shape {list(input_shape)}. If the model expects other inputs, set "
-                              "the data keys for them: e.g. data.family=digits for images "
-                              "[1, 8, 8], or data.family=files with data.path for your own files "
-                              "(docs/configuration.md lists the families)") from None
+            raise ConfigError(f"{failed}; {given} inputs have shape {list(input_shape)}. If the "
+                              "model expects other inputs, set the data keys for them: e.g. "
+                              "data.family=digits for images [1, 8, 8], or data.family=files with "
+                              "data.path for your own files (docs/configuration.md lists the "
+                              "families)") from None
         if not isinstance(out, Tensor) or out.shape != (3, num_outputs):
             shape = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ConfigError(f"model.name: {self.name} maps inputs {list(x.shape)} to {shape}; "
