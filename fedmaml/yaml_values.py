@@ -17,12 +17,26 @@ class ValueLoader(yaml.SafeLoader):
     """SafeLoader that also reads exponent floats without a dot (``1e-5``, ``2E10``)."""
 
 
-ValueLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789."))
+#: A float with an exponent, with or without a dot (YAML 1.2 and JSON read all of these).
+EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+
+ValueLoader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT,
+                                  list("-+0123456789."))
 
 
 def load_value(text: str) -> Any:
     """``text`` read as YAML by :class:`ValueLoader`."""
     return yaml.load(text, Loader=ValueLoader)
+
+
+def exponents_as_numbers(value: Any) -> Any:
+    """``value`` with every text that is an exponent float (``'1e-5'``, as YAML 1.1 left it)
+    turned into that float, in lists and mappings too: for the entries of a free-form mapping,
+    which have no type that would convert them."""
+    if isinstance(value, str) and EXPONENT_FLOAT.match(value.strip()):
+        return float(value.replace("_", ""))
+    if isinstance(value, dict):
+        return {k: exponents_as_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [exponents_as_numbers(v) for v in value]
+    return value

@@ -192,7 +192,7 @@ def test_validation_error_names_the_file(tmp_path):
     ("algorithm.beta=0.5", ("algorithm.beta", 0.5)),
     ("model.hidden=[40,40]", ("model.hidden", [40, 40])),
     ("evaluation.from_memory=true", ("evaluation.from_memory", True)),
-    ("algorithm.eta=1e-3", ("algorithm.eta", 0.001)),  # a number, though YAML 1.1 reads text
+    ("algorithm.eta=1e-3", ("algorithm.eta", "1e-3")),  # YAML 1.1 reads it as text; float fields accept it
     ("name=my run", ("name", "my run")),
     ("name=2024", ("name", "2024")),  # string keys keep the text as written
     ("evaluation.pattern=0001", ("evaluation.pattern", "0001")),

@@ -75,11 +75,13 @@ def parse_override(text: str) -> tuple[str, Any]:
                           f"e.g. algorithm.beta=0.5")
     if raw == "":
         return key, ""
+    spec = SPECS.get(key)
     try:
-        value = load_value(raw)
+        # a typed key converts 1e-3 itself and keeps the text as written (run names); an entry of
+        # a mapping key has no type: YAML 1.2's reading makes it a number
+        value = yaml.safe_load(raw) if spec is not None else load_value(raw)
     except yaml.YAMLError:
         value = raw  # not valid YAML: keep the text; the type check decides whether it is fine
-    spec = SPECS.get(key)
     if spec is not None and spec.type is str and not isinstance(value, str):
         value = raw
     elif spec is not None and spec.is_list and spec.item_type is str:

@@ -14,6 +14,7 @@ from typing import Any
 
 from fedmaml.config.schema import MAPPING_KEYS, SPECS, FieldSpec, mapping_entry
 from fedmaml.errors import ConfigError
+from fedmaml.yaml_values import exponents_as_numbers
 
 
 def show(value: Any) -> str:
@@ -119,7 +120,7 @@ def _mapping_text(key: str, value: Mapping[Any, Any], problems: list[str]) -> st
             problems.append(f"{key}.{name}: {what}, which the config cannot keep ({key} is kept "
                             f"as JSON text); {fix}")
             return None
-    return json.dumps(dict(value))
+    return json.dumps(exponents_as_numbers(dict(value)))
 
 
 def _check_str_list(spec: FieldSpec, value: Any, problems: list[str]) -> Any:

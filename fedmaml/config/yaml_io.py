@@ -11,11 +11,10 @@ from fedmaml.config.paths import apply_overrides
 from fedmaml.config.schema import SWEEP_SECTION, Config
 from fedmaml.config.validate import config_from_dict, config_to_dict
 from fedmaml.errors import ConfigError
-from fedmaml.yaml_values import ValueLoader
 
 
-class _UniqueKeyLoader(ValueLoader):
-    """The value loader, refusing duplicate keys (PyYAML silently keeps the last one)."""
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen = set()
