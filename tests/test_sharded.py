@@ -522,6 +522,20 @@ def test_an_actor_killed_mid_round_fails_its_clients_then_comes_back_or_stops_re
 
 @pytest.mark.ray
 @pytest.mark.slow
+def test_more_shards_than_the_cluster_can_place_are_refused_with_its_resources(cluster,
+                                                                              tiny_config):
+    from fedmaml.engines.sharded import ShardActors
+    from fedmaml.errors import ConfigError
+
+    cfg = tiny_config(*MOML, "engine.name=sharded", "engine.shards=4", "engine.num_cpus=1",
+                      "engine.discovery_timeout=2")  # the cluster has 3 CPUs
+    with pytest.raises(ConfigError, match=r"engine.shards: the Ray cluster cannot place 4 shard "
+                                          r"actors of \{'CPU': 1"):
+        ShardActors(cfg, 10)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 def test_a_hung_actor_times_out_like_a_dead_one(cluster, tiny_config, tmp_path):
     """Shard 1's actor hangs in round 3 (it holds and nobody kills it): the driver waits the round's
     bound (round_timeout per client of the shard, plus engine.discovery_timeout), stops the actor,

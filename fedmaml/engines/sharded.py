@@ -326,6 +326,8 @@ class ShardActors:
                                         "max_restarts": 0}
         self._remote = ray.remote(ShardWorker)
         self.group = None
+        self.handles: dict[int, Any] = {}  # before anything can fail: stop() reads it
+        self.where: dict[int, dict[str, Any]] = {}
         if engine.placement != "none":
             bundle = {k: v for k, v in (("CPU", engine.num_cpus), ("GPU", engine.num_gpus)) if v}
             self.group = placement_group([dict(bundle) for _ in range(self.shards)],
@@ -339,8 +341,6 @@ class ShardActors:
                     f"{bundle} ({engine.placement}) within engine.discovery_timeout="
                     f"{self.timeout:g}s; it has {ray.cluster_resources()}. Use fewer shards, smaller "
                     "engine.num_cpus/num_gpus, engine.placement: spread, or more nodes")
-        self.handles: dict[int, Any] = {}
-        self.where: dict[int, dict[str, Any]] = {}
         try:
             for k in range(self.shards):
                 self.start(k)
