@@ -22,6 +22,8 @@ CROSS_FIELD_RULES = (
     "`algorithm.name: per_fedavg` takes `algorithm.meta_gradient` `first_order` or `hessian_free`; "
     "`fedmeta` takes `first_order` or `second_order`.",
     "`federated.clients_per_round` must not exceed `data.num_clients`.",
+    "`engine.shards` must not exceed `data.num_clients + data.unseen_clients` (a shard owns the "
+    "clients whose id modulo `engine.shards` is its index: more shards own none).",
     "`federated.min_replies` must not exceed `federated.clients_per_round` when that is above 0, "
     "nor `data.num_clients`.",
     "`algorithm.name` is a built-in algorithm or an import path `package.module:Name`; "
@@ -67,6 +69,12 @@ def cross_field_problems(cfg: Config) -> list[str]:
     if fed.clients_per_round > data.num_clients:
         problems.append(f"federated.clients_per_round: {fed.clients_per_round} exceeds "
                         f"data.num_clients ({data.num_clients})")
+    clients = data.num_clients + data.unseen_clients
+    if cfg.engine.name == "sharded" and data.num_clients > 0 and cfg.engine.shards > clients:
+        problems.append(f"engine.shards: {cfg.engine.shards} exceeds the federation's "
+                        f"{clients} clients (data.num_clients + data.unseen_clients); a shard "
+                        f"owns the clients whose id modulo engine.shards is its index, so at most "
+                        f"{clients} shards have any")
     if fed.clients_per_round > 0 and fed.min_replies > fed.clients_per_round:
         problems.append(f"federated.min_replies: {fed.min_replies} exceeds "
                         f"federated.clients_per_round ({fed.clients_per_round})")

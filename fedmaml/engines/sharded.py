@@ -75,6 +75,11 @@ log = logging.getLogger("fedmaml")
 _MESSAGE_IDS = itertools.count(1)
 _ID_PREFIX = uuid.uuid4().hex[:16]  # unique per process
 
+#: Resident memory of an idle shard actor (its imports: torch, Flower, Ray, the data), as
+#: measured in docs/performance.md ("The sharded engine"): a local instance refuses more shards
+#: than the machine's memory holds.
+ACTOR_BYTES = 620 * 2**20
+
 #: Seconds between attempts to start a shard's actor whose previous attempt died at once.
 RETRY_SECONDS = 0.5
 
@@ -460,6 +465,14 @@ def connect(engine: Any) -> ray_session.SessionRecord | None:
     if engine.ray_address:
         ray.init(address=engine.ray_address, runtime_env=worker_runtime_env(), **quiet)
         return None
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if engine.shards * ACTOR_BYTES > memory:
+        raise ConfigError(
+            f"engine.shards: {engine.shards} shard actors on this machine would need about "
+            f"{engine.shards * ACTOR_BYTES / 2**30:.0f} GB before any client (each imports torch, "
+            f"Flower and Ray: about {ACTOR_BYTES / 2**20:.0f} MB), and it has "
+            f"{memory / 2**30:.0f} GB; use at most {max(int(memory // ACTOR_BYTES), 1)} shards "
+            "here, or engine.ray_address to run them on a cluster")
     ray_session.clean_leftovers()
     # a local instance exists for this run: CPUs enough for every shard (they share the cores)
     cpus = max(os.cpu_count() or 1, math.ceil(engine.shards * engine.num_cpus))
