@@ -71,18 +71,19 @@ def split_values(text: str) -> list[str]:
     return parts
 
 
-def parse_grid_arg(text: str) -> tuple[str, tuple[Any, ...]]:
-    """``--grid beta=0.3,0.5`` -> ``("algorithm.beta", (0.3, 0.5))``; values are read as overrides."""
+def parse_grid_arg(text: str, flag: str = "--grid") -> tuple[str, tuple[Any, ...]]:
+    """``--grid beta=0.3,0.5`` -> ``("algorithm.beta", (0.3, 0.5))``; values are read as overrides.
+    ``flag``: the option the errors name (``--space`` lists values as ``--grid`` does)."""
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key or not raw.strip():
-        raise ConfigError(f"--grid {text!r} must look like key=value1,value2,... "
-                          "(e.g. --grid algorithm.beta=0.3,0.5,0.9)")
+        raise ConfigError(f"{flag} {text!r} must look like key=value1,value2,... "
+                          f"(e.g. {flag} algorithm.beta=0.3,0.5,0.9)")
     texts = split_values(raw)
     if any(t == "" for t in texts):
-        raise ConfigError(f"--grid {text!r}: an empty value (two commas in a row, or a trailing one)")
+        raise ConfigError(f"{flag} {text!r}: an empty value (two commas in a row, or a trailing one)")
     # Read generically first to pick the key (a suffix may need the values), then as that key's type.
-    full = grid_key(key, [parse_override(f"{key}={t}")[1] for t in texts], f"--grid {key}")
+    full = grid_key(key, [parse_override(f"{key}={t}")[1] for t in texts], f"{flag} {key}")
     return full, tuple(parse_override(f"{full}={t}")[1] for t in texts)
 
 

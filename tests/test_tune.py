@@ -65,7 +65,8 @@ def test_space_kinds_grid_sample_and_edges():
     ("eta=int:0.5:2", ["integers"]),
     ("eta=lin:-1:0.1", ["algorithm.eta"]),  # the key's own range
     ("no_such_key=lin:0:1", ["no_such_key"]),
-    ("seed=0,1", ["seed", "--seeds"]),
+    ("seed=0,1", ["--space seed", "--seeds"]),
+    ("beta=0.1,abc", ["--space 'beta=0.1,abc'", "algorithm.beta", "'abc'"]),  # a listed value
 ])
 def test_space_errors_name_the_argument_and_what_is_allowed(text, words):
     with pytest.raises(ConfigError) as e:

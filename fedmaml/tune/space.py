@@ -103,7 +103,12 @@ def parse_space_arg(text: str) -> Dimension:
         if colon and "," not in raw and kind.isalpha():
             raise ConfigError(f"{where}: unknown range kind {kind!r}; allowed: "
                               f"{', '.join(k + ':LO:HI' for k in KINDS)}, or a list V1,V2,...")
-        full, values = parse_grid_arg(f"{key}={raw}")  # a list, read as --grid reads it
+        full, values = parse_grid_arg(f"{key}={raw}", "--space")  # a list, read as --grid reads it
+        for value in values:  # refused before anything trains, as --grid's values are
+            try:
+                check_value(full, value)
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {strip_source(e)}") from None
         texts = [repr(v) for v in values]  # 0.10 and 0.1 read as one value
         twice = [v for i, v in enumerate(values) if texts[i] in texts[:i]]
         if twice:
