@@ -554,6 +554,20 @@ def test_more_shards_than_the_cluster_can_place_are_refused_with_its_resources(c
 
 @pytest.mark.ray
 @pytest.mark.slow
+def test_an_actor_that_fails_as_it_starts_says_why_at_once(cluster, tiny_config):
+    # its own error (here no CUDA device on the node) would repeat: no retries until the timeout
+    from fedmaml.engines.sharded import ShardActors
+
+    cfg = tiny_config(*MOML, "engine.name=sharded", "engine.shards=2", "engine.device=cuda",
+                      "engine.discovery_timeout=120")
+    start = time.monotonic()
+    with pytest.raises(FedmamlError, match=r"shard 0's actor failed as it started: .*cuda"):
+        ShardActors(cfg, 10)
+    assert time.monotonic() - start < 60
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 def test_a_hung_actor_times_out_like_a_dead_one(cluster, tiny_config, tmp_path):
     """Shard 1's actor hangs in round 3 (it holds and nobody kills it): the driver waits the round's
     bound (round_timeout per client of the shard, plus engine.discovery_timeout), stops the actor,

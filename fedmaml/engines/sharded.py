@@ -380,6 +380,10 @@ class ShardActors:
                                    f"{self.options['num_cpus']} CPU, {self.options['num_gpus']} "
                                    "GPU free?)") from None
             except ray.exceptions.RayActorError as e:
+                if getattr(e, "actor_init_failed", False):  # its own error: again would be alike
+                    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+                    raise FedmamlError(f"shard {shard}'s actor failed as it started: "
+                                       f"{lines[-1] if lines else type(e).__name__}") from None
                 if time.monotonic() >= deadline:
                     raise FedmamlError(f"shard {shard}'s actor kept dying as it started: "
                                        f"{str(e).splitlines()[0]}") from None
