@@ -94,3 +94,15 @@ def test_the_command_beside_runs_next_to_every_attempt_and_stops_with_it(tmp_pat
     pids = [int(p) for p in started.read_text().split()]
     assert len(pids) == 3  # one per attempt
     assert not any(alive(p) for p in pids)  # each stopped when its attempt ended
+
+
+def test_a_run_that_stays_the_same_is_polled_less_and_less_often():
+    from fedmaml.deploy.runs import MAX_POLL_SECONDS, next_poll
+
+    waits, wait = [], 3.0
+    for changed in [True, False, False, False, False, False, False, True, False]:
+        wait = next_poll(wait, changed, 3.0)
+        waits.append(wait)
+    assert waits[:4] == [3.0, 4.5, 6.75, 10.125] and waits[5] == waits[6] == MAX_POLL_SECONDS
+    assert waits[7:] == [3.0, 4.5]  # a change: back to the first wait
+    assert next_poll(30.0, False, 30.0) == 30.0  # a longer first wait is kept

@@ -74,15 +74,28 @@ def run_status(run_id: int, connection: str | None = None, *,
     return runs[0]
 
 
+#: Longest wait between two polls of a run's status: each poll starts ``flwr ls`` (a Python
+#: process, about half a second of CPU), so a long run is polled less and less often.
+MAX_POLL_SECONDS = 15.0
+
+
+def next_poll(wait: float, changed: bool, first: float) -> float:
+    """The wait before the next poll: back to ``first`` when the status just changed, else half
+    as long again as the last one, at most :data:`MAX_POLL_SECONDS`."""
+    return first if changed else min(wait * 1.5, max(MAX_POLL_SECONDS, first))
+
+
 def wait_for_run(run_id: int, connection: str | None = None, *, home: str | Path | None = None,
                  timeout: float | None = None, poll: float = 3.0,
                  on_change: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Poll until the run is finished (any outcome) and return its final entry."""
+    """Poll until the run is finished (any outcome) and return its final entry; every ``poll``
+    seconds at first and after each change of status, less often while it stays the same."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    last = None
+    last, wait = None, poll
     while True:
         entry = run_status(run_id, connection, home=home)
-        if entry.get("status") != last:
+        changed = entry.get("status") != last
+        if changed:
             last = entry.get("status")
             if on_change is not None:
                 on_change(entry)
@@ -90,4 +103,5 @@ def wait_for_run(run_id: int, connection: str | None = None, *, home: str | Path
             return entry
         if deadline is not None and time.monotonic() > deadline:
             raise DeployError(f"run {run_id} is still {last!r} after {timeout:.0f}s")
-        time.sleep(poll)
+        wait = next_poll(wait, changed, poll)
+        time.sleep(wait if deadline is None else max(min(wait, deadline - time.monotonic()), 0))
