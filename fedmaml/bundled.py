@@ -6,6 +6,7 @@ installed with pip can run ``fedmaml run quickstart`` or ``fedmaml sweep sweeps/
 from any directory. Standard library only: the CLI resolves names before importing torch.
 """
 
+import difflib
 from pathlib import Path
 
 from fedmaml.errors import ConfigError
@@ -43,5 +44,7 @@ def resolve_config(text: str | Path) -> Path:
         return CONFIG_DIR / f"{name}.yaml"
     listing = ", ".join(names) if names else "none (the package's configs directory is missing)"
     directory = "a directory, " if path.is_dir() else ""
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
     raise ConfigError(f"config file not found: {text} ({directory}nor a bundled config of that "
-                      f"name; bundled configs: {listing})")
+                      f"name; bundled configs: {listing})"
+                      + (f"; did you mean {close[0]!r}?" if close else ""))

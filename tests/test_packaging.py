@@ -134,7 +134,7 @@ def test_an_unknown_config_name_lists_the_bundled_ones(tmp_path, monkeypatch, ca
     assert main(["run", "quikstart"]) == 2
     err = capsys.readouterr().err
     assert "not found: quikstart " in err and "bundled configs:" in err
-    assert "sinewave_centralized" in err
+    assert "sinewave_centralized" in err and err.rstrip().endswith("did you mean 'quickstart'?")
     assert main(["sweep", "nope", "--dry-run"]) == 2
     assert "bundled configs:" in capsys.readouterr().err
 
