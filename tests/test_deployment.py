@@ -166,13 +166,13 @@ def test_command_lines_are_secure_unless_told_otherwise(tmp_path):
     with pytest.raises(DeployError, match="--certs DIR is required"):
         superlink_argv(None)
     node = NodeSettings(2, 3, tmp_path / "mem", None)
-    argv = supernode_argv("10.0.0.1:9093", node, ca=c.ca, key=pub.with_suffix(""))
+    argv = supernode_argv("10.0.0.1:9092", node, ca=c.ca, key=pub.with_suffix(""))
     assert "--insecure" not in argv
     assert argv[argv.index("--node-config") + 1] == \
         f'partition-id=2 num-partitions=3 memory-dir="{tmp_path / "mem"}"'
     with pytest.raises(DeployError, match="--ca CA_CERT and --key NODE_KEY are required"):
-        supernode_argv("10.0.0.1:9093", node)
-    with pytest.raises(DeployError, match="HOST:PORT"):
+        supernode_argv("10.0.0.1:9092", node)
+    with pytest.raises(DeployError, match=r"HOST:PORT of the Fleet API, e\.g\. [0-9.]+:9092\b"):
         supernode_argv("https://10.0.0.1", node, ca=c.ca, key=pub.with_suffix(""))
 
 
@@ -196,6 +196,8 @@ def test_connection_is_what_the_flwr_cli_parses(tmp_path):
     assert data["superlink"]["default"] == "local" and "local" in data["superlink"]  # Flower's own
     with pytest.raises(DeployError, match="exactly one of --ca"):
         write_connection("lab", "10.0.0.1:9093", None, home=tmp_path / "home")
+    with pytest.raises(DeployError, match=r"e\.g\. 127\.0\.0\.1:9093"):  # the Control API's
+        write_connection("lab", "10.0.0.1", None, home=tmp_path / "home")
 
 
 # -- discovery: nodes that join late, restart under a new id, or never answer ----------------------

@@ -166,7 +166,8 @@ def supernode_argv(superlink: str, node: NodeSettings, *, ca: str | Path | None 
     ``trusted_entities``: Flower's list of public keys whose signed apps the node runs (it then
     refuses every other app)."""
     if ":" not in superlink or "://" in superlink:
-        raise DeployError(f"--superlink {superlink!r}: expected HOST:PORT, e.g. 192.168.1.10:9093")
+        raise DeployError(f"--superlink {superlink!r}: expected HOST:PORT of the "
+                          "Fleet API, e.g. 192.168.1.10:9092")
     argv = [program("flower-supernode"), "--superlink", superlink]
     if insecure:
         if ca is not None or key is not None:

@@ -125,7 +125,8 @@ def write_connection(name: str, address: str, ca: str | Path | None, *, insecure
         raise DeployError(f"connection name {name!r}: use letters, digits, '-' and '_' only")
     if "://" in address or ":" not in address:
         raise DeployError(f"--address {address!r}: expected HOST:PORT without a scheme, "
-                          "e.g. 192.168.1.10:9093")
+                          "e.g. 127.0.0.1:9093 (the Control API listens on the "
+                          "server's loopback; from another machine, through an SSH tunnel)")
     if insecure == (ca is not None):
         raise DeployError("give exactly one of --ca CA_CERT (TLS, the default) and --insecure")
     home = Path(home).expanduser() if home is not None else flwr_home()
