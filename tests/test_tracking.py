@@ -523,6 +523,13 @@ def test_an_mlflow_store_that_cannot_start_is_reported_and_the_run_goes_on(tiny_
     warnings = [r.getMessage() for r in caplog.records if "tracking.mlflow_uri" in r.getMessage()]
     assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
     assert uri in warnings[0] and "could not start" in warnings[0]
+    # the same address again in this process (a run's baselines open trackers of their own)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fedmaml"):
+        again = open_tracker(tiny_config("tracking.backends=[mlflow]",
+                                         f"tracking.mlflow_uri={uri}"), run_dir / "again")
+    assert again.backends == []
+    assert not [r for r in caplog.records if "tracking.mlflow_uri" in r.getMessage()]
 
 
 def test_export_to_an_mlflow_store_that_cannot_start_is_refused_with_the_address(tiny_config,

@@ -180,12 +180,19 @@ def open_tracker(cfg: Config, run_dir: str | Path, strict: bool = False) -> Trac
             except Exception as e:  # noqa: BLE001 - tracking must not stop the run
                 if strict or _missing_package(e):
                     raise
-                log.warning("tracking: %s; %s logs nothing for this run, which goes on",
-                            _start_failure(name, e), name)
+                reason = _start_failure(name, e)
+                # a run's baselines open their own trackers: the same failure is said once
+                (log.debug if reason in _REPORTED else log.warning)(
+                    "tracking: %s; %s logs nothing for this run, which goes on", reason, name)
+                _REPORTED.add(reason)
     except BaseException:
         Tracker(backends).abort("failed")  # those opened already do not stay open
         raise
     return Tracker(backends, strict)
+
+
+#: the start failures warned about in this process
+_REPORTED: set[str] = set()
 
 
 def _missing_package(error: Exception) -> bool:
