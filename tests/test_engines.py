@@ -215,6 +215,39 @@ def test_discovery_waits_the_configured_time_and_advises_for_the_kind_of_federat
     assert sorted(nodes) == [0, 1, 2, 4]
 
 
+def test_too_few_simulated_nodes_are_named_at_once_not_blamed_on_slow_actors(tiny_config):
+    """3 nodes for 5 client ids: the error says so within the short grace, with both numbers and
+    the fix, instead of waiting the whole discovery_timeout and advising to raise it."""
+    from fedmaml.errors import MessageError
+    from fedmaml.federated.client_app import make_client_app
+    from fedmaml.federated.discovery import PartitionDirectory
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SERVER_NODE_ID
+    app = make_client_app(tiny_config())
+    directory = PartitionDirectory(UnknownNodesGrid(app, 3, delay=1), 5)
+    start = time.monotonic()
+    with pytest.raises(MessageError) as raised:
+        directory.discover(300.0, simulation=True)
+    assert time.monotonic() - start < 60.0
+    message = str(raised.value)
+    assert "3 nodes" in message and "5 client ids" in message, message
+    assert "--num-supernodes 5" in message and "data.num_clients" in message, message
+    assert "discovery_timeout" not in message, message
+
+
+def test_a_deployment_with_too_few_supernodes_says_how_many(tiny_config, caplog):
+    from fedmaml.federated.client_app import make_client_app
+    from fedmaml.federated.discovery import PartitionDirectory
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SERVER_NODE_ID
+    app = make_client_app(tiny_config())
+    with caplog.at_level("WARNING", logger="fedmaml"):
+        nodes = PartitionDirectory(UnknownNodesGrid(app, 3, delay=1), 5).discover(0.6)
+    assert sorted(nodes) == [0, 1, 2]
+    assert any("only 3 SuperNodes are connected for 5 client ids: start more SuperNodes"
+               in r.getMessage() for r in caplog.records), caplog.text
+
+
 def test_ray_address_empty_means_a_fresh_local_instance_and_an_unreachable_one_fails_fast(
         tiny_config):
     import socket

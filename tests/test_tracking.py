@@ -489,3 +489,58 @@ def test_a_backend_failing_mid_run_is_dropped_and_the_others_go_on(tiny_config, 
     assert len(warnings) == 1, warnings
     assert [b.name for b in tracker.backends] == ["tensorboard"]
     assert [e.step for e in tensorboard_data(run_dir).Scalars("loss_after")] == [1, 2]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bad_mlflow_uris() -> list[str]:
+    """An unsupported scheme, and a real HTTP address where nothing listens."""
+    return ["bogus://x", f"http://127.0.0.1:{free_port()}"]
+
+
+@pytest.mark.parametrize("kind", [0, 1], ids=["unsupported-scheme", "unreachable-http"])
+def test_an_mlflow_store_that_cannot_start_is_reported_and_the_run_goes_on(tiny_config, caplog,
+                                                                           kind):
+    """The run completes (no traceback, no run directory left unfinished), within seconds, with
+    one warning naming the key, the value and the reason."""
+    import time
+
+    needs("mlflow", "mlflow")
+    uri = bad_mlflow_uris()[kind]
+    start = time.monotonic()
+    with caplog.at_level("WARNING", logger="fedmaml"):
+        run_dir = tracked_run(tiny_config, "mlflow", f"tracking.mlflow_uri={uri}")
+    assert time.monotonic() - start < 60
+    assert (run_dir / "summary.json").is_file()
+    assert json.loads((run_dir / "summary.json").read_text()).get("status", "completed") \
+        == "completed"
+    warnings = [r.getMessage() for r in caplog.records if "tracking.mlflow_uri" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
+    assert uri in warnings[0] and "could not start" in warnings[0]
+    # the same address again in this process (a run's baselines open trackers of their own)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fedmaml"):
+        again = open_tracker(tiny_config("tracking.backends=[mlflow]",
+                                         f"tracking.mlflow_uri={uri}"), run_dir / "again")
+    assert again.backends == []
+    assert not [r for r in caplog.records if "tracking.mlflow_uri" in r.getMessage()]
+
+
+def test_export_to_an_mlflow_store_that_cannot_start_is_refused_with_the_address(tiny_config,
+                                                                                  capsys):
+    import time
+
+    needs("mlflow", "mlflow")
+    run_dir = run_experiment(tiny_config(), quiet=True)
+    for uri in bad_mlflow_uris():
+        start = time.monotonic()
+        assert main(["export", str(run_dir), "--to", "mlflow", "--mlflow-uri", uri]) == 2
+        assert time.monotonic() - start < 60
+        err = capsys.readouterr().err
+        assert uri in err and "Traceback" not in err, err

@@ -30,6 +30,9 @@ log = logging.getLogger("fedmaml")
 QUERY = "query"
 QUERY_TTL = 600.0  # seconds a query waits at the SuperLink for a node that is offline
 POLL_SECONDS = 0.5
+#: seconds a simulation's nodes get to register before too few of them is an error (Flower's
+#: simulation registers all of its nodes at start; the grace covers those still connecting)
+NODE_GRACE_SECONDS = 5.0
 
 
 class PartitionDirectory:
@@ -64,12 +67,17 @@ class PartitionDirectory:
         (their node may connect later); no node at all is an error. In a simulation the engine
         started one node per client id, so any missing node is an error (its actors did not start
         or answer in time)."""
-        deadline = time.monotonic() + limit
+        start = time.monotonic()
+        deadline = start + limit
         self.refresh()
         while self.missing and time.monotonic() < deadline:
+            if simulation and time.monotonic() - start >= min(NODE_GRACE_SECONDS, limit):
+                self._check_enough_nodes()
             time.sleep(POLL_SECONDS)
             self.refresh()
         missing = self.missing
+        if missing and simulation:
+            self._check_enough_nodes()
         if missing and simulation:
             load = _load_average()
             raise MessageError(
@@ -82,10 +90,25 @@ class PartitionDirectory:
                                "expected); start one SuperNode per client id with --node-config "
                                "'partition-id=<id>' and check that they reach the SuperLink")
         if missing:
+            connected = len(set(self.grid.get_node_ids()))
+            fewer = (f"; only {connected} SuperNodes are connected for {self.expected} client ids: "
+                     "start more SuperNodes, or lower data.num_clients"
+                     if connected < self.expected else "")
             log.warning("no node serves client ids %s (%d of %d found); they count as failed when "
-                        "sampled until a SuperNode with that partition-id connects", _ids(missing),
-                        len(self.nodes), self.expected)
+                        "sampled until a SuperNode with that partition-id connects%s",
+                        _ids(missing), len(self.nodes), self.expected, fewer)
         return self.nodes
+
+    def _check_enough_nodes(self) -> None:
+        """Fewer simulated nodes than client ids: no wait makes up for it (one node per id)."""
+        connected = len(set(self.grid.get_node_ids()))
+        if connected < self.expected:
+            raise MessageError(
+                f"the simulation federation has {connected} nodes for {self.expected} client ids "
+                "(data.num_clients plus data.unseen_clients; one node per client id): give it "
+                f"{self.expected} SuperNodes (flwr federation simulation-config <federation> "
+                f"<connection> --num-supernodes {self.expected}; see docs/deployment.md), or lower "
+                f"data.num_clients so that the client ids fit {connected} nodes")
 
     def _ask(self, node_ids: list[int]) -> None:
         if not node_ids:

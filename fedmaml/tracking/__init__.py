@@ -175,8 +175,37 @@ def open_tracker(cfg: Config, run_dir: str | Path, strict: bool = False) -> Trac
     try:
         for name in names:
             module, cls, _ = BACKENDS[name]
-            backends.append(getattr(importlib.import_module(module), cls)(info, cfg.tracking))
+            try:
+                backends.append(getattr(importlib.import_module(module), cls)(info, cfg.tracking))
+            except Exception as e:  # noqa: BLE001 - tracking must not stop the run
+                if strict or _missing_package(e):
+                    raise
+                reason = _start_failure(name, e)
+                # a run's baselines open their own trackers: the same failure is said once
+                (log.debug if reason in _REPORTED else log.warning)(
+                    "tracking: %s; %s logs nothing for this run, which goes on", reason, name)
+                _REPORTED.add(reason)
     except BaseException:
         Tracker(backends).abort("failed")  # those opened already do not stay open
         raise
     return Tracker(backends, strict)
+
+
+#: the start failures warned about in this process
+_REPORTED: set[str] = set()
+
+
+def _missing_package(error: Exception) -> bool:
+    """A ConfigError naming a package to install (it stops the run, as a missing extra does);
+    a store that cannot start is a ConfigError too, but only reported."""
+    from fedmaml.tracking.mlflow_backend import StoreUnavailable
+
+    return isinstance(error, ConfigError) and not isinstance(error, StoreUnavailable)
+
+
+def _start_failure(name: str, error: Exception) -> str:
+    """Why backend ``name`` could not start: its own message when it names the key and value (an
+    MLflow store), else the backend and the error."""
+    if isinstance(error, ConfigError):
+        return str(error)
+    return f"tracking.backends: {name} could not start ({type(error).__name__}: {error})"

@@ -34,12 +34,34 @@ DATABASE = "mlflow.db"
 ARTIFACTS = "mlartifacts"  # the name ``mlflow server`` gives its artifact directory
 
 
+#: MLflow's HTTP retries, bounded (unless set already): by default MLflow retries a server that
+#: does not answer for minutes (7 retries, backoff factor 2, 120 s timeout) before it fails; a run
+#: then waits that long, silent, for a backend it drops anyway.
+HTTP_ENVIRONMENT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+class StoreUnavailable(ConfigError):
+    """The MLflow store of ``tracking.mlflow_uri`` cannot be opened (an unsupported scheme, a server
+    that does not answer): the key, the value and MLflow's reason."""
+
+    def __init__(self, uri: str, error: BaseException) -> None:
+        super().__init__(f"tracking.mlflow_uri: the MLflow store {uri!r} could not start "
+                         f"({type(error).__name__}: {_first_line(error)})")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
+
+
 def _quiet_offline_environment(uri: str) -> None:
     """No telemetry; a file store given explicitly (in maintenance mode since MLflow 3, still
-    working for reading and writing) allowed without an exception."""
+    working for reading and writing) allowed without an exception; HTTP retries bounded."""
     from fedmaml.tracking import QUIET_ENVIRONMENT
 
-    for key, value in QUIET_ENVIRONMENT["mlflow"].items():
+    for key, value in {**QUIET_ENVIRONMENT["mlflow"], **HTTP_ENVIRONMENT}.items():
         os.environ.setdefault(key, value)
     if is_file_store(uri):
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
@@ -76,8 +98,20 @@ def mlflow_status(status: str) -> str:
 
 
 def open_client(uri: str) -> Any:
-    """An MlflowClient on ``uri``, set up to stay offline."""
+    """An MlflowClient on ``uri``, set up to stay offline, its store reached once (so that a store
+    which cannot start raises :class:`StoreUnavailable` here, not in the middle of a run)."""
     _quiet_offline_environment(uri)
+    try:
+        client = _open_client(uri)
+        client.search_experiments(max_results=1)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any store error: MLflow's own, or a connection's
+        raise StoreUnavailable(uri, e) from e
+    return client
+
+
+def _open_client(uri: str) -> Any:
     from mlflow.tracking import MlflowClient
 
     database = sqlite_path(uri)
@@ -186,9 +220,12 @@ class MLflowBackend(Backend):
         tags = {"fedmaml.run_dir": str(info.run_dir.resolve())}
         if info.group:
             tags["fedmaml.sweep"] = info.group
-        run = self.client.create_run(experiment_id(self.client, info.project,
-                                                   artifact_location(self.uri)),
-                                     run_name=info.name, tags=tags)
+        try:
+            run = self.client.create_run(experiment_id(self.client, info.project,
+                                                       artifact_location(self.uri)),
+                                         run_name=info.name, tags=tags)
+        except Exception as e:  # noqa: BLE001 - the store opened but refuses the run
+            raise StoreUnavailable(self.uri, e) from e
         self.run_id = run.info.run_id
         params = [Param(k, str(v)) for k, v in info.params.items()]
         for i in range(0, len(params), _PARAM_BATCH):
