@@ -22,7 +22,8 @@ from typing import Any
 
 from fedmaml.config.schema import Config
 from fedmaml.errors import ConfigError
-from fedmaml.tracking.base import COMPLETED, Backend, RunInfo, artifact_files, flatten
+from fedmaml.tracking.base import (COMPLETED, Backend, BackendUnavailable, RunInfo,
+                                   artifact_files, flatten)
 
 log = logging.getLogger("fedmaml")
 
@@ -198,9 +199,7 @@ _REPORTED: set[str] = set()
 def _missing_package(error: Exception) -> bool:
     """A ConfigError naming a package to install (it stops the run, as a missing extra does);
     a store that cannot start is a ConfigError too, but only reported."""
-    from fedmaml.tracking.mlflow_backend import StoreUnavailable
-
-    return isinstance(error, ConfigError) and not isinstance(error, StoreUnavailable)
+    return isinstance(error, ConfigError) and not isinstance(error, BackendUnavailable)
 
 
 def _start_failure(name: str, error: Exception) -> str:

@@ -18,6 +18,8 @@ from numbers import Number
 from pathlib import Path
 from typing import Any
 
+from fedmaml.errors import ConfigError
+
 #: The run's files each backend stores (when they exist): the resolved config, the summary, the
 #: final meta-model and the figures in the run directory (not those of baselines, which are runs of
 #: their own).
@@ -113,3 +115,8 @@ class Backend(ABC):
     def abort(self, status: str) -> None:
         """End the run early (``failed`` or ``interrupted``): record what is known, store nothing
         more."""
+
+
+class BackendUnavailable(ConfigError):
+    """A backend that cannot start (its store unreachable): reported and dropped, the run goes
+    on; a ConfigError all the same where nothing goes on without it (``fedmaml export``)."""

@@ -22,7 +22,8 @@ from typing import Any
 
 from fedmaml.config.schema import TrackingConfig
 from fedmaml.errors import ConfigError
-from fedmaml.tracking.base import COMPLETED, Backend, RunInfo, summary_scalars
+from fedmaml.tracking.base import (COMPLETED, Backend, BackendUnavailable, RunInfo,
+                                   summary_scalars)
 
 FLUSH_SECONDS = 2.0
 _BATCH = 900  # MLflow accepts at most 1000 metrics and 100 parameters per log_batch call
@@ -42,7 +43,7 @@ HTTP_ENVIRONMENT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
                     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
-class StoreUnavailable(ConfigError):
+class StoreUnavailable(BackendUnavailable):
     """The MLflow store of ``tracking.mlflow_uri`` cannot be opened (an unsupported scheme, a server
     that does not answer): the key, the value and MLflow's reason."""
 
