@@ -17,7 +17,6 @@ from typing import Any
 import yaml
 
 from fedmaml.errors import ConfigError
-from fedmaml.yaml_values import load_value
 
 PYTHON_PREFIX = "python:"
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -103,7 +102,7 @@ def load_mapping_text(text: str) -> Any:
     try:
         return json.loads(text)
     except ValueError:
-        return load_value(text)
+        return yaml.safe_load(text)
 
 
 def parse_mapping(key: str, text: str) -> dict[str, Any]:

@@ -1,38 +1,24 @@
-"""YAML as fedmaml reads values: PyYAML's safe loader, with ``1e-5`` read as a number.
+"""Exponent floats in free-form mappings: ``1e-5`` read as the number it is.
 
 PyYAML follows YAML 1.1, where a float needs a dot (``1.0e-5``): ``1e-5`` is text. A typed key
-converts it back (``algorithm.eta: 1e-5`` is a float), but an entry of a free-form mapping
-(``algorithm.kwargs.lam``) has no type to do so, and ``json.dumps`` writes ``1e-05``. This loader
-reads them as YAML 1.2 and JSON do: numbers."""
+converts it back (``algorithm.eta: 1e-5`` is a float) and keeps the text as written for run names,
+but an entry of a free-form mapping (``algorithm.kwargs.lam``) has no type to do so. Such a mapping
+is kept as JSON text (fedmaml/config/values.py), and its entries that read as exponent floats are
+stored as those numbers, as YAML 1.2 and JSON read them: a quoted ``'1e3'`` too (an entry meant
+as the text ``1e3`` is not told apart)."""
 
 from __future__ import annotations
 
 import re
 from typing import Any
 
-import yaml
-
-
-class ValueLoader(yaml.SafeLoader):
-    """SafeLoader that also reads exponent floats without a dot (``1e-5``, ``2E10``)."""
-
-
-#: A float with an exponent, with or without a dot (YAML 1.2 and JSON read all of these).
-EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
-
-ValueLoader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT,
-                                  list("-+0123456789."))
-
-
-def load_value(text: str) -> Any:
-    """``text`` read as YAML by :class:`ValueLoader`."""
-    return yaml.load(text, Loader=ValueLoader)
+#: A float with an exponent, with or without a dot, with at least one digit before the exponent.
+EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$")
 
 
 def exponents_as_numbers(value: Any) -> Any:
     """``value`` with every text that is an exponent float (``'1e-5'``, as YAML 1.1 left it)
-    turned into that float, in lists and mappings too: for the entries of a free-form mapping,
-    which have no type that would convert them."""
+    turned into that float, in lists and mappings too."""
     if isinstance(value, str) and EXPONENT_FLOAT.match(value.strip()):
         return float(value.replace("_", ""))
     if isinstance(value, dict):

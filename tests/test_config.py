@@ -251,6 +251,8 @@ def test_an_exponent_in_a_mapping_entry_stays_a_number(tmp_path):
 
     assert lam(load_config(None, [OWN, "algorithm.kwargs.lam=1e-5"])) == 1e-5
     assert lam(load_config(None, [OWN, "algorithm.kwargs.lam=0.00001"])) == 1e-5
+    tags = load_config(None, [OWN, "algorithm.kwargs.tag=e5", "algorithm.kwargs.lam=-1E3"])
+    assert parse_mapping("algorithm.kwargs", tags.algorithm.kwargs) == {"tag": "e5", "lam": -1e3}
     swept = replace_paths(load_config(None, [OWN]), {"algorithm.kwargs.lam": 0.00001})
     assert lam(swept) == 1e-5 and lam(replace_path(swept, "algorithm.kwargs.mu", 2)) == 1e-5
     f = tmp_path / "c.yaml"

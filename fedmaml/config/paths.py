@@ -14,7 +14,6 @@ from fedmaml.config.validate import config_from_dict, config_to_dict
 from fedmaml.config.values import convert_value, show, suggest
 from fedmaml.errors import ConfigError
 from fedmaml.user_objects import load_mapping_text
-from fedmaml.yaml_values import load_value
 
 
 def _set_path(d: dict[str, Any], path: str, value: Any) -> None:
@@ -77,9 +76,9 @@ def parse_override(text: str) -> tuple[str, Any]:
         return key, ""
     spec = SPECS.get(key)
     try:
-        # a typed key converts 1e-3 itself and keeps the text as written (run names); an entry of
-        # a mapping key has no type: YAML 1.2's reading makes it a number
-        value = yaml.safe_load(raw) if spec is not None else load_value(raw)
+        # 1e-3 stays text here (YAML 1.1), as written for run names: a typed key converts it, a
+        # mapping's entry becomes a number where the mapping is kept (values._mapping_text)
+        value = yaml.safe_load(raw)
     except yaml.YAMLError:
         value = raw  # not valid YAML: keep the text; the type check decides whether it is fine
     if spec is not None and spec.type is str and not isinstance(value, str):

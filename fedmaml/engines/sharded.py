@@ -458,6 +458,24 @@ def _answer(answers: dict[str, tuple[Message, Detached | None]] | BaseException,
     return answers.get(message_id) or (RuntimeError("the shard sent no reply"), None)
 
 
+def memory_warning(shards: int) -> str | None:
+    """What to say when ``shards`` local actors may not fit this machine's memory (``None`` when
+    they do, or when the system does not tell its memory). A warning, not a refusal: the actors
+    share their libraries' pages, so somewhat more than the resident size suggests may fit."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
+    if memory <= 0 or shards * ACTOR_BYTES <= memory:
+        return None
+    return (f"engine.shards: {shards} shard actors on this machine may need about "
+            f"{shards * ACTOR_BYTES / 2**30:.0f} GB before any client (each imports torch, Flower "
+            f"and Ray: about {ACTOR_BYTES / 2**20:.0f} MB resident), and it has "
+            f"{memory / 2**30:.0f} GB; with fewer shards (about "
+            f"{max(int(memory // ACTOR_BYTES), 1)}) or engine.ray_address (a cluster) the run "
+            "does not risk running out of memory")
+
+
 def connect(engine: Any) -> ray_session.SessionRecord | None:
     """Join ``engine.ray_address``'s cluster, or start a local Ray instance sized for the shards
     (its session recorded, to be stopped with the run: fedmaml/engines/ray_session.py)."""
@@ -469,14 +487,9 @@ def connect(engine: Any) -> ray_session.SessionRecord | None:
     if engine.ray_address:
         ray.init(address=engine.ray_address, runtime_env=worker_runtime_env(), **quiet)
         return None
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if engine.shards * ACTOR_BYTES > memory:
-        raise ConfigError(
-            f"engine.shards: {engine.shards} shard actors on this machine would need about "
-            f"{engine.shards * ACTOR_BYTES / 2**30:.0f} GB before any client (each imports torch, "
-            f"Flower and Ray: about {ACTOR_BYTES / 2**20:.0f} MB), and it has "
-            f"{memory / 2**30:.0f} GB; use at most {max(int(memory // ACTOR_BYTES), 1)} shards "
-            "here, or engine.ray_address to run them on a cluster")
+    too_many = memory_warning(engine.shards)
+    if too_many:
+        log.warning("%s", too_many)
     ray_session.clean_leftovers()
     # a local instance exists for this run: CPUs enough for every shard (they share the cores)
     cpus = max(os.cpu_count() or 1, math.ceil(engine.shards * engine.num_cpus))

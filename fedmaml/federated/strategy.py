@@ -482,8 +482,9 @@ class MetaStrategy(Strategy):
         late = 0  # missing replies of clients the fault model made stragglers or dropouts
         if missing > 0 and faulty:
             replied = {o.cid for o in outcomes}
-            late = sum(faults.client_fault(self.cfg, cid, server_round) in ("straggle", "dropout")
-                       for cid in expected if cid not in replied)
+            late = min(missing, sum(
+                faults.client_fault(self.cfg, cid, server_round) in ("straggle", "dropout")
+                for cid in expected if cid not in replied))
             if late:
                 log.info("round %d: %d client(s) did not reply in time (injected: "
                          "faults.straggle, faults.dropout)", server_round, late)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import os
 import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, Union
@@ -121,7 +122,7 @@ def _where(error: BaseException) -> str:
     """Where the user's code raised ``error``: the innermost frame outside fedmaml and installed
     packages (torch's own frames say little about the user's call), file name and line."""
     frames = traceback.extract_tb(error.__traceback__)
-    ours = str(Path(__file__).resolve().parents[1])
+    ours = str(Path(__file__).resolve().parents[1]) + os.sep
     user = [f for f in frames if "-packages" not in f.filename
             and not str(Path(f.filename).resolve()).startswith(ours)]
     frame = (user or frames or [None])[-1]
@@ -400,7 +401,7 @@ class ModuleModel:
         except Exception as e:  # noqa: BLE001 - any failure of the user's forward, reported
             failed = (f"model.name: {self.name} failed on a batch of inputs of shape "
                       f"{list(x.shape)} ({type(e).__name__}: {e}; {_where(e)})")
-            if not isinstance(e, (RuntimeError, ValueError, IndexError)):
+            if not isinstance(e, (RuntimeError, ValueError, IndexError, AssertionError)):
                 raise ConfigError(f"{failed}: an error of the module's own code") from None
             # torch's refusals of the inputs' shape are of these kinds: the data may be the cause
             given = f"it was given {data}, whose" if data else "the data's"

@@ -36,11 +36,11 @@ ARTIFACTS = "mlartifacts"  # the name ``mlflow server`` gives its artifact direc
 
 
 #: MLflow's HTTP retries, bounded (unless set already): by default MLflow retries a server that
-#: does not answer for minutes (7 retries, backoff factor 2, 120 s timeout) before it fails; a run
-#: then waits that long, silent, for a backend it drops anyway.
+#: does not answer for minutes (7 retries, backoff factor 2) before it fails; a run then waits
+#: that long, silent, for a backend it drops anyway. The request timeout stays MLflow's (120 s):
+#: uploading the model on a slow link may need it.
 HTTP_ENVIRONMENT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-                    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+                    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
 class StoreUnavailable(BackendUnavailable):
