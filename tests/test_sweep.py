@@ -623,29 +623,32 @@ def test_the_layer_groups_a_config_gives_are_the_built_models(overrides, shape):
         is None
 
 
+def run_without_importing(code: str, *heavy: str) -> None:
+    """Run ``code`` in a fresh interpreter and check it imported none of the modules ``heavy``."""
+    check = (f"\nimport sys\nheavy = [m for m in {heavy!r} if m in sys.modules]\n"
+             "assert not heavy, heavy\n")
+    subprocess.run([sys.executable, "-c", code + check], check=True, cwd=ROOT,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
 def test_checking_the_patterns_of_built_in_models_imports_no_torch():
     """The sweep's parent checks every run's patterns before its workers start: for the built-in
     models and declared groups, from the configs alone."""
-    code = ("import sys\n"
-            "from fedmaml.config import load_config\n"
+    code = ("from fedmaml.config import load_config\n"
             "from fedmaml.sweep import SweepSpec, plan_sweep\n"
             "from fedmaml.errors import ConfigError\n"
             "base = load_config('configs/sinewave_centralized.yaml')\n"
             "runs, invalid = plan_sweep(base, SweepSpec({'evaluation.pattern': ('001', '0001'), "
             "'model.name': ('mlp', 'linear', 'conv4')}, (0,)), 'sw', skip_invalid=True)\n"
             "assert [r.name for r in runs] == ['pattern=001,model.name=mlp,seed=0'], runs\n"
-            "assert len(invalid) == 5, invalid\n"
-            "heavy = [m for m in ('torch', 'flwr') if m in sys.modules]\n"
-            "assert not heavy, heavy\n")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT,
-                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+            "assert len(invalid) == 5, invalid\n")
+    run_without_importing(code, "torch", "flwr")
 
 
 def test_planning_batches_imports_neither_the_batch_engine_nor_flower_nor_torch():
     """A sweep's parent groups its runs into batches before its workers start: the grouping needs
     the configs alone (fedmaml/engines/batch_plan.py), not the batch engine (seconds to import)."""
-    code = ("import sys\n"
-            "from fedmaml.config import load_config\n"
+    code = ("from fedmaml.config import load_config\n"
             "from fedmaml.engines.batch_plan import batch_key, batch_refusal\n"
             "import fedmaml.sweep\n"
             "a = load_config('configs/sinewave_centralized.yaml')\n"
@@ -654,8 +657,5 @@ def test_planning_batches_imports_neither_the_batch_engine_nor_flower_nor_torch(
             "assert batch_key(a) == batch_key(b) != batch_key(c)\n"
             "assert batch_refusal(a) is None and batch_refusal(c) is None\n"
             "assert batch_refusal(load_config('configs/sinewave_centralized.yaml',\n"
-            "                                 ['engine.device=cuda'])) == 'batches run on the CPU'\n"
-            "heavy = [m for m in ('torch', 'flwr', 'fedmaml.engines.run_batch') if m in sys.modules]\n"
-            "assert not heavy, heavy\n")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT,
-                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+            "                                 ['engine.device=cuda'])) == 'batches run on the CPU'\n")
+    run_without_importing(code, "torch", "flwr", "fedmaml.engines.run_batch")

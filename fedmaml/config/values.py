@@ -9,12 +9,12 @@ goes through :func:`convert_value` whether it comes from YAML, an override or Fl
 import difflib
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fedmaml.config.schema import MAPPING_KEYS, SPECS, FieldSpec, mapping_entry
 from fedmaml.errors import ConfigError
-from fedmaml.yaml_values import exponents_as_numbers
 
 
 def show(value: Any) -> str:
@@ -103,6 +103,25 @@ def convert_value(spec: FieldSpec, value: Any, problems: list[str]) -> Any:
         return None
     return value
 
+
+
+#: A float with an exponent, with or without a dot, with at least one digit before the exponent:
+#: YAML 1.1 (PyYAML) reads ``1e-5`` as text, YAML 1.2 and JSON as a number.
+EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$")
+
+
+def exponents_as_numbers(value: Any) -> Any:
+    """``value`` with every text that is an exponent float (``'1e-5'``, as YAML 1.1 left it)
+    turned into that float, in lists and mappings too. For the entries of a free-form mapping,
+    which have no type that would convert them (a typed key converts its own and keeps the text
+    for run names); a quoted ``'1e3'`` becomes a number too."""
+    if isinstance(value, str) and EXPONENT_FLOAT.match(value.strip()):
+        return float(value.replace("_", ""))
+    if isinstance(value, dict):
+        return {k: exponents_as_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [exponents_as_numbers(v) for v in value]
+    return value
 
 
 def _mapping_text(key: str, value: Mapping[Any, Any], problems: list[str]) -> str | None:
