@@ -1,6 +1,6 @@
 """Docs cite the project's own files: every relative link in README.md and docs/*.md, every
-``docs/....md#anchor`` cited in a docstring or comment under fedmaml/ and simulations/, and every
-project path the docs quote in backticks exists, anchors included (GitHub's heading slugs).
+``docs/....md#anchor`` cited in a docstring or comment under fedmaml/, simulations/ and configs/,
+and every project path the docs quote in backticks exists, anchors included (GitHub's heading slugs).
 
 The checker is tested on small files of its own first, so that a checker that finds nothing
 cannot pass for docs without dangling links."""
@@ -170,7 +170,8 @@ def test_every_relative_link_in_readme_and_docs_exists():
 
 
 def test_every_docs_citation_in_code_exists():
-    files = sorted([*(ROOT / "fedmaml").rglob("*.py"), *(ROOT / "simulations").rglob("*.py")])
+    files = sorted([*(ROOT / "fedmaml").rglob("*.py"), *(ROOT / "simulations").rglob("*.py"),
+                    *(ROOT / "configs").rglob("*.yaml")])
     problems = [p for py in files for p in broken_python_citations(py, ROOT)]
     assert not problems, "broken citations:\n" + "\n".join(problems)
 
@@ -179,7 +180,8 @@ def test_nothing_cites_a_guide_the_project_does_not_ship():
     """The math guide is docs/algorithms.md; citations of an upper-case guide with numbered
     sections pointed at a file outside the project."""
     files = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "fedmaml").rglob("*.py"),
-             *(ROOT / "simulations").rglob("*.py"), *(ROOT / "tests").rglob("*.py")]
+             *(ROOT / "simulations").rglob("*.py"), *(ROOT / "tests").rglob("*.py"),
+             *(ROOT / "configs").rglob("*.yaml")]
     needle = "ALGORITHMS" + ".md"  # spelt in two pieces so that this file does not cite it
     hits = [f"{f.relative_to(ROOT)}" for f in files if needle in f.read_text(encoding="utf-8")]
     assert not hits, hits
