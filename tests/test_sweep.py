@@ -387,6 +387,20 @@ NAMED = {"MOML": {"algorithm.name": "moml", "beta": 0.3},
          "FO-MAML": {"algorithm.name": "fedmeta", "algorithm.eta": 0.001}}
 
 
+def test_an_override_that_a_named_setting_replaces_is_refused(tmp_path):
+    """A key=value override changes the base config; a setting's own value of that key would
+    replace it in the setting's runs, silently."""
+    path = write_config(tmp_path, {"sweep": {"settings": NAMED}})
+    with pytest.raises(ConfigError, match=r"algorithm\.eta=0\.01: setting 'FO-MAML' of .* sets "
+                       r"algorithm\.eta itself \(0\.001\)"):
+        load_sweep(path, ["algorithm.eta=0.01"])
+    with pytest.raises(ConfigError, match=r"setting 'MOML' .* sets algorithm\.beta itself"):
+        load_sweep(path, ["algorithm.beta=0.5"])
+    base, spec = load_sweep(path, ["federated.rounds=3"])  # no setting sets it: every run has it
+    runs, _ = plan_sweep(base, spec, tmp_path / "sw")
+    assert {r.config.federated.rounds for r in runs} == {3}
+
+
 def test_named_settings_cross_the_grid_and_seeds_and_name_the_run_directories(tmp_path):
     path = write_config(tmp_path, {"sweep": {"settings": NAMED, "grid": {"rounds": [2, 4]},
                                              "seeds": [0, 1]}})
