@@ -260,8 +260,10 @@ def test_dry_run_lists_states_and_runs_nothing(tmp_path, capsys):
                  "--dry-run", "--quiet"]) == 0
     out, err = capsys.readouterr()  # the listing is the output: stdout, even with --quiet
     assert "new        beta=0.3,seed=0" in out and "new        beta=0.9,seed=0" in out
-    assert out.startswith(f"sweep {sweep_dir}: 2 runs") and err == ""
+    assert out.startswith(f"sweep {sweep_dir}: 2 runs (2 settings x 1 seed)") and err == ""
     assert not sweep_dir.exists()
+    assert main(["sweep", str(cfg), "--sweep-dir", str(sweep_dir), "--dry-run"]) == 0
+    assert capsys.readouterr().out.startswith(f"sweep {sweep_dir}: 1 run (1 setting x 1 seed);")
 
 
 def test_no_holder_file_stays_behind(tmp_path):
