@@ -598,8 +598,9 @@ def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None
         if dry_run or not quiet:
             print(text, file=out, flush=True)
 
-    say(f"sweep {sweep_dir}: {len(runs)} runs ({len(runs) // len(spec.seeds)} settings x "
-        f"{len(spec.seeds)} seeds); {len(result.skipped)} finished already, {len(todo)} to run"
+    n = lambda k, noun: f"{k} {noun}{'' if k == 1 else 's'}"  # noqa: E731
+    say(f"sweep {sweep_dir}: {n(len(runs), 'run')} ({n(len(runs) // len(spec.seeds), 'setting')} "
+        f"x {n(len(spec.seeds), 'seed')}); {len(result.skipped)} finished already, {len(todo)} to run"
         + (f" on {min(jobs, len(todo))} processes" if jobs > 1 and todo else ""))
     for line in invalid:
         say(f"  left out (invalid): {line}")

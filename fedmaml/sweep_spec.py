@@ -264,6 +264,21 @@ def settings_from_section(section: Any, source: str
     return settings, parse_references(section.get("references"), settings, f"{where}.references")
 
 
+def _check_overrides_reach_runs(overrides: Sequence[str], settings: Mapping[str, Mapping[str, Any]],
+                                path: str | Path) -> None:
+    """A ``key=value`` override changes the base config, and a named setting's own value of that key
+    replaces it in the setting's runs: refuse it rather than let some runs drop it silently."""
+    for text in overrides:
+        key = parse_override(text)[0]  # a full key: loading the base config refused any other
+        for name, values in settings.items():
+            hit = next((k for k in values if overlapping(key, k) is not None), None)
+            if hit is not None:
+                raise ConfigError(
+                    f"{text}: setting {name!r} of {path} sets {hit} itself ({values[hit]!r}), "
+                    "which replaces a key=value override in its runs; change the value in the "
+                    "setting, or vary it with --grid if no setting sets it")
+
+
 def load_sweep(path: str | Path, overrides: Sequence[str] = (), grid_args: Sequence[str] = (),
                seeds: str | None = None) -> tuple[Config, SweepSpec]:
     """The base config and the sweep of a file (its optional ``sweep:`` section), with the CLI's
@@ -272,6 +287,7 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = (), grid_args: Seque
     base, section = load_config_and_sweep(path, overrides)
     grid, file_seeds = spec_from_section(section, str(path))
     settings, references = settings_from_section(section, str(path))
+    _check_overrides_reach_runs(overrides, settings, path)
     cli_keys: set[str] = set()
     for text in grid_args:
         key, values = parse_grid_arg(text)

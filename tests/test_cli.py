@@ -192,3 +192,14 @@ def test_python_dash_m_entry_point():
     import fedmaml.__main__ as entry
 
     assert entry.main is main
+
+
+def test_the_vectorize_help_names_every_key_a_batch_carries_per_run(capsys):
+    from fedmaml.engines.batch_plan import PER_RUN_KEYS, PER_RUN_PREFIXES
+
+    assert main(["sweep", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help
+    words = {k if k == "model.init_seed" else k.rsplit(".", 1)[-1] for k in PER_RUN_KEYS
+             if k not in ("name", "output_dir")}
+    words |= {p.rstrip(".") for p in PER_RUN_PREFIXES}
+    assert not [w for w in sorted(words) if w not in text]

@@ -260,8 +260,10 @@ def test_dry_run_lists_states_and_runs_nothing(tmp_path, capsys):
                  "--dry-run", "--quiet"]) == 0
     out, err = capsys.readouterr()  # the listing is the output: stdout, even with --quiet
     assert "new        beta=0.3,seed=0" in out and "new        beta=0.9,seed=0" in out
-    assert out.startswith(f"sweep {sweep_dir}: 2 runs") and err == ""
+    assert out.startswith(f"sweep {sweep_dir}: 2 runs (2 settings x 1 seed)") and err == ""
     assert not sweep_dir.exists()
+    assert main(["sweep", str(cfg), "--sweep-dir", str(sweep_dir), "--dry-run"]) == 0
+    assert capsys.readouterr().out.startswith(f"sweep {sweep_dir}: 1 run (1 setting x 1 seed);")
 
 
 def test_no_holder_file_stays_behind(tmp_path):
@@ -385,6 +387,20 @@ def test_tracking_keys_do_not_make_a_finished_run_different():
 
 NAMED = {"MOML": {"algorithm.name": "moml", "beta": 0.3},
          "FO-MAML": {"algorithm.name": "fedmeta", "algorithm.eta": 0.001}}
+
+
+def test_an_override_that_a_named_setting_replaces_is_refused(tmp_path):
+    """A key=value override changes the base config; a setting's own value of that key would
+    replace it in the setting's runs, silently."""
+    path = write_config(tmp_path, {"sweep": {"settings": NAMED}})
+    with pytest.raises(ConfigError, match=r"algorithm\.eta=0\.01: setting 'FO-MAML' of .* sets "
+                       r"algorithm\.eta itself \(0\.001\)"):
+        load_sweep(path, ["algorithm.eta=0.01"])
+    with pytest.raises(ConfigError, match=r"setting 'MOML' .* sets algorithm\.beta itself"):
+        load_sweep(path, ["algorithm.beta=0.5"])
+    base, spec = load_sweep(path, ["federated.rounds=3"])  # no setting sets it: every run has it
+    runs, _ = plan_sweep(base, spec, tmp_path / "sw")
+    assert {r.config.federated.rounds for r in runs} == {3}
 
 
 def test_named_settings_cross_the_grid_and_seeds_and_name_the_run_directories(tmp_path):

@@ -276,6 +276,26 @@ def test_a_server_rule_replaces_the_mean_and_is_refused_where_it_cannot_run(tiny
                                       "federated.aggregation": "uniform"}))
 
 
+class UnreducedFedAvg(FedAvg):
+    """A server rule that forgets to reduce: it returns the stacked updates ([n, ...])."""
+
+    def server_update(self, stacked: Params, weights: torch.Tensor) -> Params:
+        return dict(stacked)
+
+
+def test_a_server_rule_returning_unreduced_updates_is_refused_by_name(tiny_config, tmp_path):
+    """Broadcast into w, the stacked updates gave a run 'completed' with a model of the wrong
+    shape; alone and in a batch, the run now fails naming the rule, the parameter and its shape."""
+    cfg = tiny_config(f"algorithm.name={__name__}:UnreducedFedAvg", "federated.rounds=2")
+    message = (r"algorithm\.name: UnreducedFedAvg\.server_update returned shape \[\d+, .*\] "
+               r".* for parameter '.*'; it must be a floating tensor of the parameter's shape")
+    with pytest.raises(ConfigError, match=message):
+        run_experiment(cfg, quiet=True, run_dir=tmp_path / "alone")
+    runs = [replace_paths(cfg, {"seed": s, "name": f"u{s}"}) for s in (0, 1)]
+    with pytest.raises(ConfigError, match=message):
+        RunBatch(runs, [tmp_path / "batch" / c.name for c in runs]).run()
+
+
 def test_ditto_with_builtin_baselines(my_ditto, tiny_config, tmp_path):
     """compare_with runs built-in baselines beside it (without its kwargs)."""
     from fedmaml.results.recorder import read_summary

@@ -36,6 +36,7 @@ from fedmaml.algorithms import has_server_rule
 from fedmaml.core.params import Params, finite_rows
 from fedmaml.core.server import (ServerOptimizer, aggregate_stacked, mean_weights, per_run,
                                  weighted_sum_stacked)
+from fedmaml.errors import ConfigError
 from fedmaml.federated.health import round_outcome
 from fedmaml.federated.privacy import UpdatePrivacy, is_private
 from fedmaml.results.metrics_row import ROUND_KEYS  # the record's fields, in the row's order
@@ -235,7 +236,8 @@ def _direction(w: Params, updates: Params, counts: torch.Tensor | None, accepted
                    else [1.0] * int(rows.sum()))
         p = privacy[r]
         if rule is not None and weights:
-            out.append(rule(stacked, torch.tensor(weights, dtype=torch.float64)))
+            out.append(_checked_rule_output(
+                rule, rule(stacked, torch.tensor(weights, dtype=torch.float64)), w))
         elif p is not None and p.enabled:
             out.append(p.mean_update(round_number, stacked, num_sampled=sampled[r]))
         else:
@@ -243,6 +245,27 @@ def _direction(w: Params, updates: Params, counts: torch.Tensor | None, accepted
     if runs == 1:  # a run alone: the run axis as a view, not a copy
         return {k: out[0][k].unsqueeze(0) for k in w}
     return {k: torch.stack([d[k] for d in out]) for k in w}
+
+
+def _checked_rule_output(rule: ServerRule, direction: Any, w: Params) -> Params:
+    """A server rule's ``direction``, refused unless it holds one floating tensor per parameter,
+    shaped as the parameter: a rule that returns the stacked updates unreduced would otherwise be
+    broadcast into ``w``, and the run could end ``completed`` with a model of the wrong shape."""
+    owner = getattr(rule, "__qualname__", repr(rule))
+    where = f"algorithm.name: {owner}"
+    if not isinstance(direction, dict) or set(direction) != set(w):
+        got = sorted(direction) if isinstance(direction, dict) else type(direction).__name__
+        raise ConfigError(f"{where} returned {got}; it must return a dict with one tensor per "
+                          f"parameter: {', '.join(w)}")
+    for k, v in direction.items():
+        shape = list(w[k].shape[1:])
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point() or list(v.shape) != shape:
+            got = (f"shape {list(v.shape)} ({v.dtype})" if isinstance(v, torch.Tensor)
+                   else type(v).__name__)
+            raise ConfigError(f"{where} returned {got} for parameter {k!r}; it must be a floating "
+                              f"tensor of the parameter's shape {shape}: reduce the stacked "
+                              "updates over their leading (client) axis")
+    return direction
 
 
 def _batched_mean(updates: Params, counts: torch.Tensor | None, accepted: torch.Tensor,
