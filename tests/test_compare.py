@@ -351,3 +351,28 @@ def test_batched_runs_report_their_share_of_the_batch_wall_time(tmp_path):
     run = alone.settings[0].runs[0]
     assert alone.stats[0].seconds.values[0] == json.loads(
         (run.dir / "summary.json").read_text())["seconds"]
+
+
+def test_the_client_figure_says_how_many_clients_and_seeds_it_pooled(runs, tmp_path):
+    """The per-client figure pools each setting's seeds: its legend counts clients per run and
+    seeds ("4 clients × 3 seeds"), not the pooled values as if they were clients."""
+    import matplotlib
+
+    from fedmaml.results.compare_plots import plot_client_distribution
+
+    c = build_comparison([runs / "sweep"], metric="unseen.loss")
+    per_run = {len([v for v in metric_values_list(r.dir, "unseen.loss.clients")[-1] if v is not None])
+               for s in c.settings for r in s.runs}
+    assert len(per_run) == 1
+    (clients,) = per_run
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # text stays text in the SVG
+        (svg,) = plot_client_distribution(c, tmp_path, formats=("svg",))
+    text = svg.read_text()
+    for setting in c.settings:
+        assert f"{setting.label} ({clients} clients × 3 seeds)" in text
+    assert f"({3 * clients} clients)" not in text
+
+
+def metric_values_list(run_dir: Path, key: str) -> list:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["eval"][key] for r in rows if key in r.get("eval", {})]

@@ -543,16 +543,17 @@ def setting_stats(setting: Setting, metric: Metric, target: float) -> SettingSta
         batched=sum(batch_size(r) > 1 for r in setting.runs))
 
 
-def final_client_values(setting: Setting, metric: Metric) -> list[float]:
-    """Per-client values of the personalized metric at each run's last evaluation, pooled over
-    seeds (each run evaluates the same clients only if its seed says so; pooling keeps them all)."""
+def final_client_values(setting: Setting, metric: Metric) -> list[list[float]]:
+    """Per-client values of the personalized metric at each run's last evaluation: one list per run
+    (seed), in the setting's order; empty for a run that recorded none. The figure pools them (each
+    run evaluates the same clients only if its seed says so; pooling keeps them all) and says how
+    many clients and seeds it pooled."""
     key = metric.clients_key(setting.runs[0].summary.get("metric", "loss"))
-    values: list[float] = []
+    per_run: list[list[float]] = []
     for run in setting.runs:
         rows = [r for r in run.rows if key in r.get("eval", {})]
-        if rows:
-            values += [float(v) for v in rows[-1]["eval"][key] if v is not None]
-    return values
+        per_run.append([float(v) for v in rows[-1]["eval"][key] if v is not None] if rows else [])
+    return per_run
 
 
 # --------------------------------------------------------------------------------------------------
