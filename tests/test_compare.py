@@ -343,11 +343,19 @@ def test_batched_runs_report_their_share_of_the_batch_wall_time(tmp_path):
     table = markdown_table(c)
     assert table.count(" * |") == 2
     assert any("vectorized batches" in n and "divided by its runs" in n for n in c.notes)
+    # One batch held every run: its time was measured once, so no spread over seeds is stated (a
+    # "± 0" would read as seeds that agree); the legend says why.
+    for setting, stats in zip(c.settings, c.stats):
+        assert stats.seconds.shared and math.isnan(stats.seconds.std)
+        assert f"| {stats.seconds.mean:.3g} * |" in table, table
+    assert "± 0 *" not in table
+    assert "* without ±: all of the setting's runs shared one batch" in table_legend(c)
 
     run_sweep(base, spec, tmp_path / "alone", quiet=True)  # one by one: no mark, no note
     alone = build_comparison([tmp_path / "alone"])
     assert all(st.batched == 0 for st in alone.stats) and " * |" not in markdown_table(alone)
     assert not any("vectorized" in n for n in alone.notes)
+    assert not any(st.seconds.shared for st in alone.stats) and "without ±" not in table_legend(alone)
     run = alone.settings[0].runs[0]
     assert alone.stats[0].seconds.values[0] == json.loads(
         (run.dir / "summary.json").read_text())["seconds"]

@@ -464,9 +464,15 @@ def setting_curve(setting: Setting, metric: Metric, x: str, band: str = "std") -
 
 @dataclass
 class Stat:
-    """A number over seeds: the per-seed values, their mean and sample standard deviation."""
+    """A number over seeds: the per-seed values, their mean and sample standard deviation.
+
+    ``shared``: the values are one measurement repeated, not one per seed (every run of a setting
+    trained in one vectorized batch and records its share of the batch's wall time), so there is no
+    spread over seeds to state: ``std`` is NaN rather than a 0 that would read as a measured one.
+    """
 
     values: list[float]
+    shared: bool = False
 
     @property
     def mean(self) -> float:
@@ -476,7 +482,12 @@ class Stat:
     @property
     def std(self) -> float:
         finite = [v for v in self.values if not math.isnan(v)]
-        return float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan
+        return float(np.std(finite, ddof=1)) if len(finite) > 1 and not self.shared else math.nan
+
+    @property
+    def n(self) -> int:
+        """The values behind the mean (NaN ones, of runs without a value, left out)."""
+        return sum(not math.isnan(v) for v in self.values)
 
 
 @dataclass
@@ -489,7 +500,7 @@ class SettingStats:
     # target, and the seed-mean samples processed by then; NaN when it never does.
     rounds_to_target: float
     samples_to_target: float
-    seconds: Stat  # per run; a batched run's share of its batch (run_seconds)
+    seconds: Stat  # per run; a batched run's share of its batch (run_seconds), shared by a batch
     bytes: Stat
     samples: Stat
     batched: int = 0  # runs that trained in a vectorized batch
@@ -539,8 +550,15 @@ def setting_stats(setting: Setting, metric: Metric, target: float) -> SettingSta
         runs=len(setting.runs), before=Stat(before), final=Stat(final), best=Stat(best),
         rounds_to_target=math.nan if hit is None else float(by_round.x[hit]),
         samples_to_target=math.nan if hit is None else float(by_samples.x[hit]),
-        seconds=Stat(secs), bytes=Stat(nbytes), samples=Stat(nsamples),
-        batched=sum(batch_size(r) > 1 for r in setting.runs))
+        seconds=Stat(secs, shared=_one_batch(setting.runs, secs)), bytes=Stat(nbytes),
+        samples=Stat(nsamples), batched=sum(batch_size(r) > 1 for r in setting.runs))
+
+
+def _one_batch(runs: Sequence[Run], seconds: Sequence[float]) -> bool:
+    """Several runs that trained in vectorized batches and record the same share of a batch's wall
+    time: one batch's clock, measured once for all of them."""
+    return (len(runs) > 1 and all(batch_size(r) > 1 for r in runs)
+            and len(set(seconds)) == 1 and not math.isnan(seconds[0]))
 
 
 def final_client_values(setting: Setting, metric: Metric) -> list[list[float]]:

@@ -93,6 +93,9 @@ def table_legend(c: Comparison) -> str:
         "batch, the batch's time divided by its runs); Communicated: bytes of all training "
         "messages, both ways",
     ]
+    if any(st.seconds.shared for st in c.stats):
+        lines[-1] += ("; * without ±: all of the setting's runs shared one batch, so its time was "
+                      "measured once and has no spread over seeds")
     if any(_references(c)):
         lines.append("  Reference: a number reported elsewhere for the same setting, with its "
                      "budget and source (the sweep's `references`)")
