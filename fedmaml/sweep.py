@@ -370,6 +370,11 @@ def _refresh_references(sweep_dir: Path, spec: SweepSpec) -> None:
         write_manifest(sweep_dir, old_base, dataclasses.replace(old, references=spec.references))
 
 
+def _count(n: int, noun: str) -> str:
+    """``1 run``, ``2 runs``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def default_sweep_dir(base: Config) -> Path:
     return Path(base.output_dir) / base.name
 
@@ -598,8 +603,9 @@ def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None
         if dry_run or not quiet:
             print(text, file=out, flush=True)
 
-    say(f"sweep {sweep_dir}: {len(runs)} runs ({len(runs) // len(spec.seeds)} settings x "
-        f"{len(spec.seeds)} seeds); {len(result.skipped)} finished already, {len(todo)} to run"
+    say(f"sweep {sweep_dir}: {_count(len(runs), 'run')} ("
+        f"{_count(len(runs) // len(spec.seeds), 'setting')} x {_count(len(spec.seeds), 'seed')}); "
+        f"{len(result.skipped)} finished already, {len(todo)} to run"
         + (f" on {min(jobs, len(todo))} processes" if jobs > 1 and todo else ""))
     for line in invalid:
         say(f"  left out (invalid): {line}")
@@ -707,8 +713,9 @@ def _run_pool(work: list[tuple[Any, tuple, list[PlannedRun]]], jobs: int, record
 
 def sweep_summary(result: SweepResult) -> str:
     """The closing lines of ``fedmaml sweep``."""
-    lines = [f"sweep {result.sweep_dir}: {len(result.runs)} runs; {len(result.skipped)} were "
-             f"finished already, {len(result.ran)} ran now, {len(result.failed)} failed"]
+    lines = [f"sweep {result.sweep_dir}: {_count(len(result.runs), 'run')}; "
+             f"{len(result.skipped)} were finished already, {len(result.ran)} ran now, "
+             f"{len(result.failed)} failed"]
     by_status: dict[str, list[str]] = {}
     for name, status in result.not_completed.items():
         by_status.setdefault(status, []).append(name)

@@ -149,6 +149,11 @@ def test_default_output_next_to_a_single_directory(runs, tmp_path):
         compare([sweep, runs / "no_unseen"])
 
 
+def test_the_report_counts_one_run_in_the_singular(runs, tmp_path):
+    report = compare([runs / "no_unseen"], out_dir=tmp_path).report.read_text()
+    assert "1 run in 1 setting, from " in report
+
+
 def test_baselines_inside_a_run_are_compared_by_algorithm(runs):
     c = build_comparison([runs / "baselines"])
     assert [s.label for s in c.settings] == ["fedavg", "moml"]

@@ -264,6 +264,12 @@ def test_dry_run_lists_states_and_runs_nothing(tmp_path, capsys):
     assert not sweep_dir.exists()
 
 
+def test_one_run_is_counted_in_the_singular(tmp_path, capsys):
+    cfg = write_config(tmp_path)
+    assert main(["sweep", str(cfg), "--sweep-dir", str(tmp_path / "sw"), "--dry-run"]) == 0
+    assert ": 1 run (1 setting x 1 seed); 0 finished already, 1 to run" in capsys.readouterr().out
+
+
 def test_no_holder_file_stays_behind(tmp_path):
     """The holder file names a running sweep: it goes when the sweep ends, however it ends."""
     holder_file = LOCK_FILE + HOLDER_SUFFIX

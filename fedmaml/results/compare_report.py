@@ -120,7 +120,8 @@ def write_report(c: Comparison, out: Path, figures: Sequence[Path], xs: Sequence
     compare_word = "≥" if c.metric.higher_is_better else "≤"
     n_runs = sum(len(s.runs) for s in c.settings)
     lines = [f"# Comparison: {describe_metric(c.metric.key)}", "",
-             f"{n_runs} runs in {len(c.settings)} settings, from "
+             f"{n_runs} run{'' if n_runs == 1 else 's'} in {len(c.settings)} "
+             f"setting{'' if len(c.settings) == 1 else 's'}, from "
              + ", ".join(f"`{p}`" for p in paths) + ". "
              f"Metric `{c.metric.key}` ({better} is better). Numbers are the mean ± sample standard "
              "deviation over the completed runs (seeds) of a setting; runs that diverged or failed are "
