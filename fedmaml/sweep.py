@@ -56,8 +56,8 @@ from fedmaml.run_dir import (DirectoryLock, clear, config_differences, has_conte
                              run_lock)
 # The specification and the manifest reader (fedmaml/sweep_spec.py) sit below tracking, which reads
 # manifests too; their names stay importable from here, the sweep's public module.
-from fedmaml.sweep_spec import (MANIFEST, SweepSpec, grid_key, load_sweep,  # noqa: F401
-                                overlapping, parse_grid_arg, parse_references, parse_seeds,
+from fedmaml.sweep_spec import (MANIFEST, Reference, SweepSpec, grid_key,  # noqa: F401
+                                load_sweep, overlapping, parse_grid_arg, parse_references, parse_seeds,
                                 parse_settings, settings_from_section, spec_from_section,
                                 split_values, strip_source)
 
@@ -341,7 +341,7 @@ def write_manifest(sweep_dir: Path, base: Config, spec: SweepSpec) -> None:
     named = ({"settings": {n: dict(o) for n, o in spec.settings.items()}} if spec.settings
              else {})
     if spec.references:
-        named["references"] = dict(spec.references)
+        named["references"] = {n: r.manifest_value() for n, r in spec.references.items()}
     section = {SWEEP_SECTION: {**named, "grid": {k: list(v) for k, v in spec.grid.items()},
                                "seeds": list(spec.seeds)}}
     text = ("# fedmaml sweep manifest: the base config and the sweep section of this directory.\n"

@@ -225,7 +225,11 @@ def named_sweep(tmp_path_factory):
                    + "sweep:\n  settings:\n    slow: {algorithm.eta: 0.001}\n"
                    "    fast: {algorithm.eta: 0.02, algorithm.beta: 0.5}\n"
                    "    FO-MAML: {algorithm.name: fedmeta, algorithm.scale_by_beta: false}\n"
-                   "  references:\n    fast: 0.123 at 100 rounds (elsewhere)\n"
+                   "  references:\n"
+                   "    slow: {text: 0.456 at 4 rounds (elsewhere), metric: loss, rounds: 4}\n"
+                   "    fast: {text: 0.123 at 100 rounds (elsewhere), metric: seen.loss.mean,\n"
+                   "           rounds: [100, 200]}\n"
+                   "    FO-MAML: {text: 0.789 on unseen clients, metric: unseen.loss}\n"
                    "  grid:\n    algorithm.alpha: [0.01, 0.02]\n  seeds: [0, 1]\n")
     base, spec = load_sweep(cfg)
     run_sweep(base, spec, root / "sweep", quiet=True, vectorize=True)
@@ -275,7 +279,8 @@ def test_named_settings_label_the_table_in_the_sweeps_order(named_sweep, capsys)
     assert table.splitlines()[0].endswith("| Reference |")
     rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()[2:]}
     assert rows["fast, algorithm.alpha=0.01"].endswith("| 0.123 at 100 rounds (elsewhere) |")
-    assert rows["slow, algorithm.alpha=0.01"].endswith("| - |")
+    assert rows["slow, algorithm.alpha=0.01"].endswith("| 0.456 at 4 rounds (elsewhere) |")
+    assert rows["FO-MAML, algorithm.alpha=0.01"].endswith("| - |")  # its reference is of unseen
     assert main(["compare", str(named_sweep), "--out", str(named_sweep.parent / "cmp")]) == 0
     printed = capsys.readouterr().out
     assert "| FO-MAML, algorithm.alpha=0.02 | 2 |" in printed
@@ -389,3 +394,50 @@ def test_the_client_figure_says_how_many_clients_and_seeds_it_pooled(runs, tmp_p
 def metric_values_list(run_dir: Path, key: str) -> list:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["eval"][key] for r in rows if key in r.get("eval", {})]
+
+
+def test_a_reference_is_shown_only_beside_the_metric_it_is_a_value_of(named_sweep, tmp_path):
+    """The sweep's references say which metric they are values of: beside another metric (a
+    training loss, other clients) they are left out, and the legend says where they belong; a
+    setting trained for other rounds than its reference's budget is said in the legend."""
+    def table_of(c):
+        table = markdown_table(c)
+        rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()[2:]}
+        return table, rows, table_legend(c)
+
+    # seen.loss.mean (the default): slow's and fast's references; fast trained 4 rounds, not 100
+    table, rows, legend = table_of(build_comparison([named_sweep]))
+    assert table.splitlines()[0].endswith("| Reference |")
+    assert rows["slow, algorithm.alpha=0.02"].endswith("| 0.456 at 4 rounds (elsewhere) |")
+    assert "Reference: a value of seen.loss.mean reported elsewhere" in legend
+    for alpha in (0.01, 0.02):
+        assert (f"Reference note: fast, algorithm.alpha={alpha} trained 4 rounds; its reference is "
+                "for 100 or 200 (its `rounds` in sweep.references): another budget") in legend
+    assert "slow, algorithm.alpha=0.01 trained" not in legend  # 4 rounds, as its reference states
+    assert ("Reference note: the references of FO-MAML are values of unseen.loss.mean, not of "
+            "seen.loss.mean: not shown (--metric unseen.loss.mean shows them)") in legend
+
+    # a training loss: no reference is a value of it, so no column
+    for metric in ("loss_after", "seen.loss.p50"):
+        table, rows, legend = table_of(build_comparison([named_sweep], metric=metric))
+        assert "Reference |" not in table and "0.123" not in table and "0.456" not in table
+        assert (f"the references of slow, fast are values of seen.loss.mean, not of "
+                f"{build_comparison([named_sweep], metric=metric).metric.key}: not shown") in legend
+
+    # unseen clients: FO-MAML's, and no budget remark (its reference states none)
+    table, rows, legend = table_of(build_comparison([named_sweep], metric="unseen.loss"))
+    assert rows["FO-MAML, algorithm.alpha=0.02"].endswith("| 0.789 on unseen clients |")
+    assert rows["slow, algorithm.alpha=0.01"].endswith("| - |")
+    assert "trained 4 rounds" not in legend
+
+    # A reference of text alone (a sweep made before references said their metric) is of no
+    # known metric: shown beside none, and the legend says how to show it.
+    old = tmp_path / "old"
+    shutil.copytree(named_sweep, old)
+    manifest = yaml.safe_load((old / "sweep.yaml").read_text())
+    manifest["sweep"]["references"] = {"fast": "0.123 at 100 rounds (elsewhere)"}
+    (old / "sweep.yaml").write_text(yaml.safe_dump(manifest))
+    table, rows, legend = table_of(build_comparison([old]))
+    assert "Reference |" not in table and "0.123" not in table
+    assert ("the references of fast do not say which metric they are values of: not shown (give "
+            "each its `metric` in sweep.references)") in legend

@@ -28,7 +28,7 @@ from fedmaml.config import Config, config_to_flat, load_config, short_key, with_
 from fedmaml.errors import FedmamlError
 # the file names from run_files.py, not the recorder, which imports torch: seconds on every compare
 from fedmaml.results.run_files import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
-from fedmaml.sweep_spec import MANIFEST
+from fedmaml.sweep_spec import MANIFEST, TRAIN_METRICS, Reference, metric_key, parse_references
 from fedmaml.tracking.base import TRACKER_DIRS
 
 #: Keys that name or place a run, or add baselines next to it: not part of its setting.
@@ -38,8 +38,6 @@ EVALUATION_KEYS = ("data.eval_adapt_size", "data.eval_heldout_size", "data.heldo
                    "federated.eval_clients")
 X_AXES = ("rounds", "samples", "bytes", "seconds")
 BANDS = ("std", "sem", "minmax")
-#: Per-round training numbers of metrics.jsonl that can be plotted like evaluation metrics.
-TRAIN_METRICS = ("loss_before", "loss_after")
 
 
 class CompareError(FedmamlError, ValueError):
@@ -54,7 +52,7 @@ class NamedSetting:
     name: str
     index: int
     overrides: dict[str, Any]
-    reference: str = ""
+    reference: Reference | None = None
 
 
 @dataclass
@@ -207,9 +205,11 @@ def named_settings(sweep_dir: Path) -> dict[str, NamedSetting]:
     settings = section.get("settings") if isinstance(section, dict) else None
     if not isinstance(settings, dict):
         return {}
-    refs = section.get("references") or {}
-    refs = refs if isinstance(refs, dict) else {}
-    return {str(n): NamedSetting(str(n), i, dict(o or {}), str(refs.get(n, "")))
+    try:
+        refs = parse_references(section.get("references"), settings, f"{sweep_dir / MANIFEST}")
+    except FedmamlError:
+        refs = {}
+    return {str(n): NamedSetting(str(n), i, dict(o or {}), refs.get(str(n)))
             for i, (n, o) in enumerate(settings.items()) if isinstance(o, (dict, type(None)))}
 
 
@@ -332,14 +332,10 @@ def resolve_metric(spec: str | None, runs: Sequence[Run]) -> Metric:
     """
     task = runs[0].summary.get("metric", "loss")
     text = spec or task
-    if text in TRAIN_METRICS:
-        return Metric(text, higher_is_better=False)
-    parts = text.split(".")
-    if len(parts) == 1:
-        parts = ["seen", parts[0], "mean"]
-    elif len(parts) == 2:
-        parts = [*parts, "mean"]
-    key = ".".join(parts)
+    key = metric_key(text)
+    if key in TRAIN_METRICS:
+        return Metric(key, higher_is_better=False)
+    parts = key.split(".")
     available = set.intersection(*(eval_keys(r) for r in runs))
     if key not in set.union(*(eval_keys(r) for r in runs)):
         listing = ", ".join(sorted(available | set(TRAIN_METRICS)))
@@ -578,8 +574,56 @@ def final_client_values(setting: Setting, metric: Metric) -> list[list[float]]:
 # The whole comparison
 # --------------------------------------------------------------------------------------------------
 
+def shown_references(settings: Sequence[Setting], metric: Metric
+                     ) -> tuple[list[Reference | None], list[str]]:
+    """The reference shown beside each setting (``sweep.references``): only one that says it is a
+    value of the compared metric, since beside another metric (a training loss, another group of
+    clients) it would read as the same quantity; and the remarks for the table's legend: the
+    references left out and why, and settings trained to another budget than their reference
+    states (its ``rounds``)."""
+    shown: list[Reference | None] = []
+    other: dict[str, list[str]] = {}  # metric -> names of settings whose reference is of it
+    unstated: list[str] = []
+    remarks: list[str] = []
+    for s in settings:
+        ref = s.named.reference if s.named else None
+        if ref is None or ref.metric != metric.key:
+            shown.append(None)
+            if ref is not None and s.named and ref.metric:
+                other.setdefault(ref.metric, []).append(s.named.name)
+            elif ref is not None and s.named:
+                unstated.append(s.named.name)
+            continue
+        shown.append(ref)
+        trained = s.config.federated.rounds
+        if ref.rounds and trained not in ref.rounds:
+            remarks.append(f"{s.label} trained {trained:,} round{'s' if trained != 1 else ''}; "
+                           f"its reference is for {' or '.join(f'{r:,}' for r in ref.rounds)} "
+                           "(its `rounds` in sweep.references): another budget, so the numbers "
+                           "are not comparable")
+    for key, names in other.items():
+        names = list(dict.fromkeys(names))
+        remarks.append(f"the references of {', '.join(names)} are values of {key}, not of "
+                       f"{metric.key}: not shown (--metric {key} shows them)")
+    if unstated:
+        names = list(dict.fromkeys(unstated))
+        remarks.append(f"the references of {', '.join(names)} do not say which metric they are "
+                       "values of: not shown (give each its `metric` in sweep.references)")
+    return shown, remarks
+
+
 @dataclass
 class Comparison:
+    """What ``fedmaml compare`` shows, computed once (:func:`build_comparison`); the figures, the
+    report and every table format render it.
+
+    ``settings`` and ``stats`` are aligned (one :class:`SettingStats` per :class:`Setting`, in the
+    table's order), as is ``references`` (the reference shown beside each setting, or None).
+    ``target`` is the level of "rounds to target" (``target_is_default``: the least good final mean,
+    not ``--target``). ``notes``: what a reader must know (runs left out, evaluations that differ,
+    vectorized wall times); ``reference_notes``: the table's remarks on its references (those not
+    shown and why, budgets that differ from the reference's)."""
+
     settings: list[Setting]
     metric: Metric
     task_metric: str  # "loss" or "accuracy"
@@ -588,6 +632,8 @@ class Comparison:
     stats: list[SettingStats]
     unfinished: list[Path]
     notes: list[str]
+    references: list[Reference | None] = field(default_factory=list)
+    reference_notes: list[str] = field(default_factory=list)
 
 
 def build_comparison(paths: Sequence[str | Path], metric: str | None = None,
@@ -632,6 +678,7 @@ def build_comparison(paths: Sequence[str | Path], metric: str | None = None,
                      "(`fedmaml sweep --vectorize`, marked *) is the batch's wall time divided by "
                      "its runs; a batch also carries its own start (the first of a process the "
                      "imports and warm-up), so compare it between runs that ran the same way")
+    references, reference_notes = shown_references(settings, m)
     return Comparison(settings=settings, metric=m, task_metric=runs[0].summary.get("metric", "loss"),
                       target=tgt, target_is_default=default, stats=stats, unfinished=unfinished,
-                      notes=notes)
+                      notes=notes, references=references, reference_notes=reference_notes)

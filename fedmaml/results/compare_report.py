@@ -47,8 +47,9 @@ def fmt_bytes(n: float) -> str:
 
 
 def _references(c: Comparison) -> list[str]:
-    """Each setting's reference (``sweep.references``: a number reported elsewhere), or ""."""
-    return [s.named.reference if s.named else "" for s in c.settings]
+    """The text of the reference shown beside each setting (``sweep.references``: a number reported
+    elsewhere for the compared metric), or ""."""
+    return [r.text if r else "" for r in c.references]
 
 
 def markdown_table(c: Comparison) -> str:
@@ -97,8 +98,9 @@ def table_legend(c: Comparison) -> str:
         lines[-1] += ("; * without ±: all of the setting's runs shared one batch, so its time was "
                       "measured once and has no spread over seeds")
     if any(_references(c)):
-        lines.append("  Reference: a number reported elsewhere for the same setting, with its "
-                     "budget and source (the sweep's `references`)")
+        lines.append(f"  Reference: a value of {c.metric.key} reported elsewhere for the same "
+                     "setting, with its budget and source (the sweep's `references`)")
+    lines += [f"  Reference note: {n}" for n in c.reference_notes]
     patterns = sorted({str(s.config.evaluation.pattern) for s in c.settings})
     selected = any(s.config.pattern_selection.mode != "none"
                    and "evaluation" in s.config.pattern_selection.apply_to for s in c.settings)
