@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 import yaml
 
-from fedmaml.cli import COMPARE_BANDS, COMPARE_X_AXES, main
+from fedmaml.cli import COMPARE_BANDS, COMPARE_TABLE_FORMATS, COMPARE_X_AXES, main
 from fedmaml.config import config_from_dict
 from fedmaml.experiment import run_experiment
 from fedmaml.results.compare import BANDS, X_AXES, CompareError, build_comparison, setting_curve
 from fedmaml.results.compare_outputs import compare
 from fedmaml.results.compare_report import markdown_table, table_legend
+from fedmaml.results.compare_tables import TABLE_FORMATS, tex_escape
 from fedmaml.sweep import load_sweep, run_sweep
 
 TINY = {
@@ -70,6 +71,7 @@ def metric_values(run_dir: Path, key: str = "seen.loss.mean") -> dict[int, float
 
 def test_cli_choices_match_the_module():
     assert COMPARE_X_AXES == X_AXES and COMPARE_BANDS == BANDS
+    assert COMPARE_TABLE_FORMATS == TABLE_FORMATS
 
 
 def test_seeds_form_settings_labelled_by_what_differs(runs):
@@ -441,3 +443,98 @@ def test_a_reference_is_shown_only_beside_the_metric_it_is_a_value_of(named_swee
     assert "Reference |" not in table and "0.123" not in table
     assert ("the references of fast do not say which metric they are values of: not shown (give "
             "each its `metric` in sweep.references)") in legend
+
+
+def test_the_table_as_csv_json_and_latex_holds_the_comparisons_numbers(runs, tmp_path, capsys):
+    """--table-format writes the table beside the report: CSV and JSON with every number at full
+    precision (mean, std and n over seeds, per-seed values), LaTeX as a booktabs tabular with
+    mean \\pm std and the best mean in bold."""
+    import csv
+
+    out = tmp_path / "cmp"
+    assert main(["compare", str(runs / "sweep"), "--out", str(out), "--table-format", "csv",
+                 "--table-format", "tex", "--table-format", "json"]) == 0
+    printed = capsys.readouterr().out
+    c = build_comparison([runs / "sweep"])
+    stem = out / "table-seen.loss.mean"
+    for ext in ("csv", "tex", "json"):
+        assert f"table: {stem}.{ext}" in printed
+        assert f"[table-seen.loss.mean.{ext}](table-seen.loss.mean.{ext})" in \
+            (out / "report.md").read_text()
+
+    rows = list(csv.DictReader((out / "table-seen.loss.mean.csv").open()))
+    doc = json.loads((out / "table-seen.loss.mean.json").read_text())
+    assert doc["metric"]["key"] == "seen.loss.mean" and doc["target"]["value"] == c.target
+    assert [r["setting"] for r in rows] == [s["setting"] for s in doc["settings"]] == [
+        "beta=0.3", "beta=0.9"]
+    for row, record, setting, st in zip(rows, doc["settings"], c.settings, c.stats):
+        per_seed = [metric_values(r.dir) for r in setting.runs]
+        finals = [v[max(v)] for v in per_seed]
+        assert row["algorithm.beta"] == str(setting.values["algorithm.beta"])
+        assert row["runs"] == "3" and row["seeds"] == "0;1;2" and row["final_n"] == "3"
+        assert record["runs"] == 3 and record["seeds"] == [0, 1, 2]
+        # the same numbers, exactly: nothing rounded on the way out
+        for name in ("before", "final", "best", "bytes", "samples"):
+            stat = getattr(st, name)
+            assert float(row[f"{name}_mean"]) == record[name]["mean"] == stat.mean, name
+            assert float(row[f"{name}_std"]) == record[name]["std"] == stat.std, name
+        assert record["final"]["values"] == finals
+        assert float(row["final_mean"]) == pytest.approx(np.mean(finals), rel=1e-12)
+        assert float(row["rounds_to_target"]) == record["rounds_to_target"] == st.rounds_to_target
+        assert row["seconds_shared"] == "false" and row["reference_text"] == ""
+        assert record["reference"] is None
+
+    tex = (out / "table-seen.loss.mean.tex").read_text()
+    body = tex[tex.index("\\begin{tabular}{lrrrrrrrr}"):]
+    assert body.splitlines()[1:4] == ["\\toprule", "Setting & Runs & Before training & Final & "
+                                      "Best & Rounds to target & Samples to target & Wall time (s) & "
+                                      "Communicated \\\\", "\\midrule"]
+    assert body.rstrip().endswith("\\bottomrule\n\\end{tabular}")
+    cells = {line.split(" & ")[0]: line.split(" & ") for line in body.splitlines()[4:6]}
+    best = min(range(2), key=lambda i: c.stats[i].final.mean)
+    for i, (setting, st) in enumerate(zip(c.settings, c.stats)):
+        final = cells[setting.label][3]
+        decimals = max(0, 1 - math.floor(math.log10(st.final.std)))
+        mean = f"{st.final.mean:.{decimals}f}"
+        assert final == (f"$\\mathbf{{{mean}}} \\pm {st.final.std:.{decimals}f}$" if i == best
+                         else f"${mean} \\pm {st.final.std:.{decimals}f}$")
+    assert tex.startswith("% fedmaml compare: personalized loss, trained clients")
+    assert tex_escape("lr_decay & 50% ± #1") == "lr\\_decay \\& 50\\% $\\pm$ \\#1"
+
+
+def test_a_metric_without_a_value_is_empty_in_csv_and_null_in_json(runs, tmp_path):
+    result = compare([runs / "sweep"], out_dir=tmp_path, metric="seen.memory-loss",
+                     table_formats=["json", "csv"])
+    assert [p.name for p in result.tables] == ["table-seen.memory-loss.mean.json",
+                                               "table-seen.memory-loss.mean.csv"]
+    doc = json.loads(result.tables[0].read_text())
+    assert all(s["before"] == {"mean": None, "std": None, "n": 0, "values": [None] * 3}
+               for s in doc["settings"])
+    assert "NaN" not in result.tables[0].read_text() and "nan" not in result.tables[1].read_text()
+    import csv
+
+    rows = list(csv.DictReader(result.tables[1].open()))
+    assert all(r["before_mean"] == "" and r["before_n"] == "0" for r in rows)
+    with pytest.raises(CompareError, match=r"--table-format: 'xlsx' is not allowed; allowed: csv, "
+                                           r"tex, json"):
+        compare([runs / "sweep"], out_dir=tmp_path, table_formats=["xlsx"])
+
+
+def test_every_table_format_renders_one_comparison(runs, tmp_path, monkeypatch):
+    """The formats render the comparison computed once: asking for all of them computes no
+    statistic more than asking for none."""
+    import fedmaml.results.compare as compare_module
+
+    calls = []
+    original = compare_module.setting_stats
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(compare_module, "setting_stats", counted)
+    compare([runs / "sweep"], out_dir=tmp_path / "none")
+    alone = len(calls)
+    calls.clear()
+    compare([runs / "sweep"], out_dir=tmp_path / "all", table_formats=TABLE_FORMATS)
+    assert len(calls) == alone

@@ -1,6 +1,7 @@
 """``fedmaml compare``: load finished runs, group them into settings, refuse what cannot be compared,
-and compute the curves and numbers that the figures (compare_plots.py) and the Markdown report
-(compare_report.py) show.
+and compute the curves and numbers that the figures (compare_plots.py), the Markdown report
+(compare_report.py) and the CSV, LaTeX and JSON tables (compare_tables.py) show;
+:func:`build_comparison` is the entry point.
 
 A *setting* is a config up to its seed: runs whose configs differ only in ``seed`` (and in the keys
 that name or place a run: ``name``, ``output_dir``, ``compare_with``) are seeds of one setting and are
@@ -638,7 +639,37 @@ class Comparison:
 
 def build_comparison(paths: Sequence[str | Path], metric: str | None = None,
                      target: float | None = None) -> Comparison:
-    """Load, check and summarize the runs under ``paths`` (no files written)."""
+    """The comparison of the runs under ``paths``, as ``fedmaml compare`` computes it, without
+    writing anything: the Python entry point to its numbers.
+
+    ``paths``: run directories, or directories holding them (a sweep directory, ``results/``, a run
+    with ``compare_with`` baselines), searched recursively. ``metric``: as ``--metric`` takes it
+    (``unseen.loss`` means ``unseen.loss.mean``; ``loss_after``; None: the runs' task metric on
+    trained clients). ``target``: the level of "rounds to target" (None: the least good final mean
+    among the settings).
+
+    Runs are grouped into settings (configs equal up to the seed; a sweep's named settings by their
+    names), completed runs make the numbers, and runs that diverged or failed, or are unfinished,
+    are left out with a note. The returned :class:`Comparison` holds, in the table's order, each
+    :class:`Setting` (label, runs, the config values in which settings differ), its
+    :class:`SettingStats` (before training, final and best value, wall time, bytes and samples as
+    :class:`Stat`: per-seed values, mean, sample std, n; rounds and samples to target) and the
+    reference shown beside it, with the notes. Every output renders this one object: the figures
+    (compare_plots.py), the Markdown report (compare_report.py), and the CSV, LaTeX and JSON tables
+    (compare_tables.py; ``table_records(c)`` gives the rows as dicts)::
+
+        from fedmaml.results.compare import build_comparison
+        from fedmaml.results.compare_tables import table_json
+
+        c = build_comparison(["results/moml_miniature"], metric="unseen.loss")
+        for setting, stats in zip(c.settings, c.stats):
+            print(setting.label, stats.final.mean, stats.final.std, stats.final.n)
+        text = table_json(c)
+
+    Raises :class:`CompareError` when there is nothing to compare (no finished run) or the runs
+    cannot be compared (different task metrics or families, a metric some run lacks), naming the
+    runs on each side.
+    """
     all_runs, unfinished = load_runs(paths)
     runs = [r for r in all_runs if r.status == "completed"]
     if not runs:

@@ -116,8 +116,8 @@ def _rel(path: Path, out: Path) -> str:
 
 
 def write_report(c: Comparison, out: Path, figures: Sequence[Path], xs: Sequence[str],
-                 band: str, paths: Sequence[str | Path]) -> Path:
-    """``report.md`` in ``out``; figures and runs are linked relative to it."""
+                 band: str, paths: Sequence[str | Path], tables: Sequence[Path] = ()) -> Path:
+    """``report.md`` in ``out``; figures, table files and runs are linked relative to it."""
     better = "higher" if c.metric.higher_is_better else "lower"
     compare_word = "≥" if c.metric.higher_is_better else "≤"
     n_runs = sum(len(s.runs) for s in c.settings)
@@ -129,6 +129,9 @@ def write_report(c: Comparison, out: Path, figures: Sequence[Path], xs: Sequence
              "deviation over the completed runs (seeds) of a setting; runs that diverged or failed are "
              "counted in the Runs column and left out of the numbers.", "", markdown_table(c).rstrip(), "",
              "```", table_legend(c).rstrip(), "```", ""]
+    if tables:
+        lines += ["The table at full precision and for a paper: "
+                  + ", ".join(f"[{t.name}]({_rel(t, out)})" for t in tables) + ".", ""]
 
     differ = list(c.settings[0].values) if c.settings else []
     flat = config_to_flat(c.settings[0].config)
