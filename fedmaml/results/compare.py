@@ -590,10 +590,8 @@ def shown_references(settings: Sequence[Setting], metric: Metric
         ref = s.named.reference if s.named else None
         if ref is None or ref.metric != metric.key:
             shown.append(None)
-            if ref is not None and s.named and ref.metric:
-                other.setdefault(ref.metric, []).append(s.named.name)
-            elif ref is not None and s.named:
-                unstated.append(s.named.name)
+            if s.named and ref is not None:
+                (other.setdefault(ref.metric, []) if ref.metric else unstated).append(s.named.name)
             continue
         shown.append(ref)
         trained = s.config.federated.rounds
