@@ -344,10 +344,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return EXIT_RUN_NOT_COMPLETED if result.failed or result.not_completed else 0
 
 
-# The choices of compare's options (fedmaml.results.compare.X_AXES and BANDS), written out so that
-# building the parser does not import numpy; a test keeps them equal.
+# The choices of compare's options (fedmaml.results.compare.X_AXES and BANDS,
+# fedmaml.results.compare_tables.TABLE_FORMATS), written out so that building the parser does not
+# import numpy; a test keeps them equal.
 COMPARE_X_AXES = ("rounds", "samples", "bytes", "seconds")
 COMPARE_BANDS = ("std", "sem", "minmax")
+COMPARE_TABLE_FORMATS = ("csv", "tex", "json")
 
 
 def _add_compare_arguments(parser: argparse.ArgumentParser) -> None:
@@ -368,6 +370,10 @@ def _add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", action="append", choices=("png", "pdf", "svg"),
                         metavar="FMT", help="figure format, repeatable: png, pdf, svg "
                         "(default: png)")
+    parser.add_argument("--table-format", action="append", choices=COMPARE_TABLE_FORMATS,
+                        metavar="FMT", help="also write the table as table-<metric>.<FMT>, "
+                        "repeatable: csv, json (full precision), tex (booktabs); the Markdown "
+                        "table is always in report.md")
     parser.add_argument("--out", metavar="DIR", help="output directory (default: <DIR>/compare "
                         "for a single directory; needed for several)")
 
@@ -377,9 +383,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     result = compare(args.paths, out_dir=args.out, metric=args.metric, xs=args.x or ["rounds"],
                      log=args.log, target=args.target, band=args.band, dist=args.dist,
-                     formats=args.format or ["png"])
+                     formats=args.format or ["png"], table_formats=args.table_format or [])
     print(result.table, end="")
     print(f"report: {result.report}")
+    for table in result.tables:
+        print(f"table: {table}")
     for fig in result.figures:
         print(f"figure: {fig}")
     return 0

@@ -56,8 +56,8 @@ from fedmaml.run_dir import (DirectoryLock, clear, config_differences, has_conte
                              run_lock)
 # The specification and the manifest reader (fedmaml/sweep_spec.py) sit below tracking, which reads
 # manifests too; their names stay importable from here, the sweep's public module.
-from fedmaml.sweep_spec import (MANIFEST, SweepSpec, grid_key, load_sweep,  # noqa: F401
-                                overlapping, parse_grid_arg, parse_references, parse_seeds,
+from fedmaml.sweep_spec import (MANIFEST, Reference, SweepSpec, grid_key,  # noqa: F401
+                                load_sweep, overlapping, parse_grid_arg, parse_references, parse_seeds,
                                 parse_settings, settings_from_section, spec_from_section,
                                 split_values, strip_source)
 
@@ -341,7 +341,7 @@ def write_manifest(sweep_dir: Path, base: Config, spec: SweepSpec) -> None:
     named = ({"settings": {n: dict(o) for n, o in spec.settings.items()}} if spec.settings
              else {})
     if spec.references:
-        named["references"] = dict(spec.references)
+        named["references"] = {n: r.manifest_value() for n, r in spec.references.items()}
     section = {SWEEP_SECTION: {**named, "grid": {k: list(v) for k, v in spec.grid.items()},
                                "seeds": list(spec.seeds)}}
     text = ("# fedmaml sweep manifest: the base config and the sweep section of this directory.\n"
@@ -368,6 +368,11 @@ def _refresh_references(sweep_dir: Path, spec: SweepSpec) -> None:
         return
     with contextlib.suppress(FedmamlError), _Lock(sweep_dir):
         write_manifest(sweep_dir, old_base, dataclasses.replace(old, references=spec.references))
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 run``, ``2 runs``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def default_sweep_dir(base: Config) -> Path:
@@ -598,9 +603,9 @@ def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None
         if dry_run or not quiet:
             print(text, file=out, flush=True)
 
-    n = lambda k, noun: f"{k} {noun}{'' if k == 1 else 's'}"  # noqa: E731
-    say(f"sweep {sweep_dir}: {n(len(runs), 'run')} ({n(len(runs) // len(spec.seeds), 'setting')} "
-        f"x {n(len(spec.seeds), 'seed')}); {len(result.skipped)} finished already, {len(todo)} to run"
+    say(f"sweep {sweep_dir}: {_count(len(runs), 'run')} ("
+        f"{_count(len(runs) // len(spec.seeds), 'setting')} x {_count(len(spec.seeds), 'seed')}); "
+        f"{len(result.skipped)} finished already, {len(todo)} to run"
         + (f" on {min(jobs, len(todo))} processes" if jobs > 1 and todo else ""))
     for line in invalid:
         say(f"  left out (invalid): {line}")
@@ -708,8 +713,9 @@ def _run_pool(work: list[tuple[Any, tuple, list[PlannedRun]]], jobs: int, record
 
 def sweep_summary(result: SweepResult) -> str:
     """The closing lines of ``fedmaml sweep``."""
-    lines = [f"sweep {result.sweep_dir}: {len(result.runs)} runs; {len(result.skipped)} were "
-             f"finished already, {len(result.ran)} ran now, {len(result.failed)} failed"]
+    lines = [f"sweep {result.sweep_dir}: {_count(len(result.runs), 'run')}; "
+             f"{len(result.skipped)} were finished already, {len(result.ran)} ran now, "
+             f"{len(result.failed)} failed"]
     by_status: dict[str, list[str]] = {}
     for name, status in result.not_completed.items():
         by_status.setdefault(status, []).append(name)

@@ -1,5 +1,5 @@
-"""A sweep's specification and its manifest reader: named settings, the grid of config values and
-the seeds.
+"""A sweep's specification and its manifest reader: named settings (with the numbers reported
+elsewhere for them, :class:`Reference`), the grid of config values and the seeds.
 
 ``fedmaml sweep`` (fedmaml/sweep.py) plans and runs a sweep from a :class:`SweepSpec`; it writes the
 base config and the ``sweep:`` section into ``<sweep dir>/sweep.yaml`` (:data:`MANIFEST`).
@@ -28,17 +28,92 @@ _RESERVED = {"seed": "use --seeds (or sweep.seeds) for seeds",
              "output_dir": "runs go under the sweep directory (--sweep-dir)"}
 
 
+#: Per-round training numbers of metrics.jsonl, which ``fedmaml compare`` shows like evaluations.
+TRAIN_METRICS = ("loss_before", "loss_after")
+#: The parts of an evaluation key ``<group>.<name>.<statistic>`` (``unseen.loss.mean``): the clients
+#: it is over and the statistic over them (fedmaml/federated/strategy.py records them).
+METRIC_GROUPS = ("seen", "unseen", "sampled", "memory")
+METRIC_STATS = ("mean", "p10", "p50", "p90", "std", "max", "fraction", "count", "client", "total")
+_METRIC_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def metric_key(text: str) -> str:
+    """A metric as ``fedmaml compare --metric`` takes it -> its full key: a bare name is of the
+    trained clients (``loss`` -> ``seen.loss.mean``), a key without its statistic means the mean
+    (``unseen.loss`` -> ``unseen.loss.mean``); full keys and training keys (``loss_after``) are
+    kept. Not checked: :func:`check_metric_key`."""
+    if text in TRAIN_METRICS:
+        return text
+    parts = text.split(".")
+    if len(parts) == 1:
+        parts = ["seen", parts[0], "mean"]
+    elif len(parts) == 2:
+        parts = [*parts, "mean"]
+    return ".".join(parts)
+
+
+def check_metric_key(value: Any, where: str) -> str:
+    """``value`` as a full metric key (:func:`metric_key`), refusing what no run can record."""
+    hint = ("write it as `fedmaml compare --metric` takes it: unseen.loss (its mean), "
+            "seen.accuracy.p50, loss_after")
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: expected a metric key, got {value!r}; {hint}")
+    key = metric_key(value)
+    if key in TRAIN_METRICS:
+        return key
+    parts = key.split(".")
+    if len(parts) != 3 or not all(_METRIC_NAME.fullmatch(p) for p in parts):
+        raise ConfigError(f"{where}: {value!r} is not a metric key; {hint}")
+    group, _, stat = parts
+    if group not in METRIC_GROUPS:
+        raise ConfigError(f"{where}: {value!r}: no metric is over {group!r} clients; "
+                          f"allowed: {', '.join(METRIC_GROUPS)} (or {', '.join(TRAIN_METRICS)})")
+    if stat not in METRIC_STATS:
+        raise ConfigError(f"{where}: {value!r}: {stat!r} is not a statistic that runs record; "
+                          f"allowed: {', '.join(METRIC_STATS)}")
+    return key
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A number reported elsewhere for a named setting (``sweep.references``), shown beside its row
+    by ``fedmaml compare`` when the compared metric is the one it is a value of.
+
+    ``text``: the number with its budget and source (``"1.330 ± 0.083 at 5,000 steps (3 seeds): the
+    paper's public code"``). ``metric``: the full key of the metric it is a value of
+    (``unseen.loss.mean``); "" for a reference written as text alone, which does not say, and is
+    then shown beside no metric. ``rounds``: the ``federated.rounds`` of runs trained to the budget
+    (or budgets) the text states, in the runs' own rounds (LocalMOML's 5,000 steps of the public
+    code are 714 rounds of 5 local steps); compare notes a setting trained another number. Empty:
+    not stated."""
+
+    text: str
+    metric: str = ""
+    rounds: tuple[int, ...] = ()
+
+    def manifest_value(self) -> str | dict[str, Any]:
+        """As ``sweep.yaml`` writes it: the text alone when that is all there is."""
+        if not self.metric and not self.rounds:
+            return self.text
+        out: dict[str, Any] = {"text": self.text}
+        if self.metric:
+            out["metric"] = self.metric
+        if self.rounds:
+            out["rounds"] = list(self.rounds)
+        return out
+
+
 @dataclass(frozen=True)
 class SweepSpec:
     """What varies: named override sets (``settings``: name -> full dotted key -> value, in the given
     order; none: the base config alone), crossed with the grid (full dotted key -> the values it
     takes) and the seeds. ``references``: a setting's name -> a number reported elsewhere for it
-    (shown beside its row by ``fedmaml compare``)."""
+    (shown beside its row by ``fedmaml compare``, :class:`Reference`)."""
 
     grid: dict[str, tuple[Any, ...]]
     seeds: tuple[int, ...]
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
-    references: dict[str, str] = field(default_factory=dict)
+    references: dict[str, Reference] = field(default_factory=dict)
 
     @property
     def num_settings(self) -> int:
@@ -208,21 +283,49 @@ def parse_settings(value: Any, where: str) -> dict[str, dict[str, Any]]:
     return settings
 
 
-def parse_references(value: Any, settings: Mapping[str, Any], where: str) -> dict[str, str]:
-    """``sweep.references``: setting name -> a number reported elsewhere for that setting, with its
-    source (text, e.g. ``"1.330 ± 0.083 at 5,000 steps (3 seeds): the paper's public code"``)."""
+_REFERENCE_KEYS = ("text", "metric", "rounds")
+
+
+def parse_references(value: Any, settings: Mapping[str, Any], where: str) -> dict[str, Reference]:
+    """``sweep.references``: setting name -> a number reported elsewhere for that setting. Each is
+    a mapping ``{text: "1.330 ± 0.083 at 5,000 steps (3 seeds): the paper's public code", metric:
+    unseen.loss, rounds: 5000}`` (``metric`` as ``fedmaml compare --metric`` takes it; ``rounds``:
+    one number or a list, one per budget the text states), or the text alone, which says neither
+    (``fedmaml compare`` then shows it beside no metric, and says so)."""
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        raise ConfigError(f"{where}: must map setting names to text, got {value!r}")
+        raise ConfigError(f"{where}: must map setting names to references, got {value!r}")
     out = {}
-    for name, text in value.items():
+    for name, ref in value.items():
+        here = f"{where}.{name}"
         if name not in settings:
-            raise ConfigError(f"{where}.{name}: no setting of that name; settings: "
+            raise ConfigError(f"{here}: no setting of that name; settings: "
                               + (", ".join(settings) or "none (sweep.settings is empty)"))
+        if not isinstance(ref, Mapping):
+            ref = {"text": ref}
+        unknown = [str(k) for k in ref if k not in _REFERENCE_KEYS]
+        if unknown:
+            raise ConfigError(f"{here}.{unknown[0]}: unknown key; allowed keys: "
+                              + ", ".join(_REFERENCE_KEYS))
+        text = ref.get("text")
         if not isinstance(text, (str, int, float)) or isinstance(text, bool) or str(text) == "":
-            raise ConfigError(f"{where}.{name}: must be a number or text, got {text!r}")
-        out[str(name)] = str(text)
+            raise ConfigError(f"{here}{'.text' if 'text' in ref else ''}: must be a number or "
+                              f"text, got {text!r}"
+                              + ("" if "text" in ref else "; a reference with `metric` or `rounds` "
+                                 "says its number in `text`"))
+        metric = check_metric_key(ref["metric"], f"{here}.metric") if "metric" in ref else ""
+        rounds = ref.get("rounds", [])
+        rounds = [rounds] if isinstance(rounds, int) and not isinstance(rounds, bool) else rounds
+        if (not isinstance(rounds, list) or (not rounds and "rounds" in ref)
+                or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1
+                           for r in rounds)):
+            raise ConfigError(f"{here}.rounds: expected the federated.rounds of the budget the "
+                              "reference states, a positive integer or a list of them (one per "
+                              f"budget), got {ref.get('rounds')!r}")
+        if len(set(rounds)) != len(rounds):
+            raise ConfigError(f"{here}.rounds: {ref.get('rounds')!r} names a number twice")
+        out[str(name)] = Reference(str(text), metric, tuple(rounds))
     return out
 
 
@@ -255,7 +358,7 @@ def spec_from_section(section: Any, source: str) -> tuple[dict[str, tuple[Any, .
 
 
 def settings_from_section(section: Any, source: str
-                          ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+                          ) -> tuple[dict[str, dict[str, Any]], dict[str, Reference]]:
     """The named settings and their references of a (validated) YAML ``sweep:`` section."""
     if not isinstance(section, Mapping):
         return {}, {}

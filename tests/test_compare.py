@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 import yaml
 
-from fedmaml.cli import COMPARE_BANDS, COMPARE_X_AXES, main
+from fedmaml.cli import COMPARE_BANDS, COMPARE_TABLE_FORMATS, COMPARE_X_AXES, main
 from fedmaml.config import config_from_dict
 from fedmaml.experiment import run_experiment
 from fedmaml.results.compare import BANDS, X_AXES, CompareError, build_comparison, setting_curve
 from fedmaml.results.compare_outputs import compare
 from fedmaml.results.compare_report import markdown_table, table_legend
+from fedmaml.results.compare_tables import TABLE_FORMATS, tex_escape
 from fedmaml.sweep import load_sweep, run_sweep
 
 TINY = {
@@ -70,6 +71,7 @@ def metric_values(run_dir: Path, key: str = "seen.loss.mean") -> dict[int, float
 
 def test_cli_choices_match_the_module():
     assert COMPARE_X_AXES == X_AXES and COMPARE_BANDS == BANDS
+    assert COMPARE_TABLE_FORMATS == TABLE_FORMATS
 
 
 def test_seeds_form_settings_labelled_by_what_differs(runs):
@@ -149,6 +151,11 @@ def test_default_output_next_to_a_single_directory(runs, tmp_path):
         compare([sweep, runs / "no_unseen"])
 
 
+def test_the_report_counts_one_run_in_the_singular(runs, tmp_path):
+    report = compare([runs / "no_unseen"], out_dir=tmp_path).report.read_text()
+    assert "1 run in 1 setting, from " in report
+
+
 def test_baselines_inside_a_run_are_compared_by_algorithm(runs):
     c = build_comparison([runs / "baselines"])
     assert [s.label for s in c.settings] == ["fedavg", "moml"]
@@ -220,7 +227,11 @@ def named_sweep(tmp_path_factory):
                    + "sweep:\n  settings:\n    slow: {algorithm.eta: 0.001}\n"
                    "    fast: {algorithm.eta: 0.02, algorithm.beta: 0.5}\n"
                    "    FO-MAML: {algorithm.name: fedmeta, algorithm.scale_by_beta: false}\n"
-                   "  references:\n    fast: 0.123 at 100 rounds (elsewhere)\n"
+                   "  references:\n"
+                   "    slow: {text: 0.456 at 4 rounds (elsewhere), metric: loss, rounds: 4}\n"
+                   "    fast: {text: 0.123 at 100 rounds (elsewhere), metric: seen.loss.mean,\n"
+                   "           rounds: [100, 200]}\n"
+                   "    FO-MAML: {text: 0.789 on unseen clients, metric: unseen.loss}\n"
                    "  grid:\n    algorithm.alpha: [0.01, 0.02]\n  seeds: [0, 1]\n")
     base, spec = load_sweep(cfg)
     run_sweep(base, spec, root / "sweep", quiet=True, vectorize=True)
@@ -270,7 +281,8 @@ def test_named_settings_label_the_table_in_the_sweeps_order(named_sweep, capsys)
     assert table.splitlines()[0].endswith("| Reference |")
     rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()[2:]}
     assert rows["fast, algorithm.alpha=0.01"].endswith("| 0.123 at 100 rounds (elsewhere) |")
-    assert rows["slow, algorithm.alpha=0.01"].endswith("| - |")
+    assert rows["slow, algorithm.alpha=0.01"].endswith("| 0.456 at 4 rounds (elsewhere) |")
+    assert rows["FO-MAML, algorithm.alpha=0.01"].endswith("| - |")  # its reference is of unseen
     assert main(["compare", str(named_sweep), "--out", str(named_sweep.parent / "cmp")]) == 0
     printed = capsys.readouterr().out
     assert "| FO-MAML, algorithm.alpha=0.02 | 2 |" in printed
@@ -343,11 +355,186 @@ def test_batched_runs_report_their_share_of_the_batch_wall_time(tmp_path):
     table = markdown_table(c)
     assert table.count(" * |") == 2
     assert any("vectorized batches" in n and "divided by its runs" in n for n in c.notes)
+    # One batch held every run: its time was measured once, so no spread over seeds is stated (a
+    # "± 0" would read as seeds that agree); the legend says why.
+    for setting, stats in zip(c.settings, c.stats):
+        assert stats.seconds.shared and math.isnan(stats.seconds.std)
+        assert f"| {stats.seconds.mean:.3g} * |" in table, table
+    assert "± 0 *" not in table
+    assert "* without ±: all of the setting's runs shared one batch" in table_legend(c)
 
     run_sweep(base, spec, tmp_path / "alone", quiet=True)  # one by one: no mark, no note
     alone = build_comparison([tmp_path / "alone"])
     assert all(st.batched == 0 for st in alone.stats) and " * |" not in markdown_table(alone)
     assert not any("vectorized" in n for n in alone.notes)
+    assert not any(st.seconds.shared for st in alone.stats) and "without ±" not in table_legend(alone)
     run = alone.settings[0].runs[0]
     assert alone.stats[0].seconds.values[0] == json.loads(
         (run.dir / "summary.json").read_text())["seconds"]
+
+
+def test_the_client_figure_says_how_many_clients_and_seeds_it_pooled(runs, tmp_path):
+    """The per-client figure pools each setting's seeds: its legend counts clients per run and
+    seeds ("4 clients × 3 seeds"), not the pooled values as if they were clients."""
+    import matplotlib
+
+    from fedmaml.results.compare_plots import plot_client_distribution
+
+    c = build_comparison([runs / "sweep"], metric="unseen.loss")
+    per_run = {len([v for v in metric_values_list(r.dir, "unseen.loss.clients")[-1] if v is not None])
+               for s in c.settings for r in s.runs}
+    assert len(per_run) == 1
+    (clients,) = per_run
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # text stays text in the SVG
+        (svg,) = plot_client_distribution(c, tmp_path, formats=("svg",))
+    text = svg.read_text()
+    for setting in c.settings:
+        assert f"{setting.label} ({clients} clients × 3 seeds)" in text
+    assert f"({3 * clients} clients)" not in text
+
+
+def metric_values_list(run_dir: Path, key: str) -> list:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["eval"][key] for r in rows if key in r.get("eval", {})]
+
+
+def test_a_reference_is_shown_only_beside_the_metric_it_is_a_value_of(named_sweep, tmp_path):
+    """The sweep's references say which metric they are values of: beside another metric (a
+    training loss, other clients) they are left out, and the legend says where they belong; a
+    setting trained for other rounds than its reference's budget is said in the legend."""
+    def table_of(c):
+        table = markdown_table(c)
+        rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()[2:]}
+        return table, rows, table_legend(c)
+
+    # seen.loss.mean (the default): slow's and fast's references; fast trained 4 rounds, not 100
+    table, rows, legend = table_of(build_comparison([named_sweep]))
+    assert table.splitlines()[0].endswith("| Reference |")
+    assert rows["slow, algorithm.alpha=0.02"].endswith("| 0.456 at 4 rounds (elsewhere) |")
+    assert "Reference: a value of seen.loss.mean reported elsewhere" in legend
+    for alpha in (0.01, 0.02):
+        assert (f"Reference note: fast, algorithm.alpha={alpha} trained 4 rounds; its reference is "
+                "for 100 or 200 (its `rounds` in sweep.references): another budget") in legend
+    assert "slow, algorithm.alpha=0.01 trained" not in legend  # 4 rounds, as its reference states
+    assert ("Reference note: the references of FO-MAML are values of unseen.loss.mean, not of "
+            "seen.loss.mean: not shown (--metric unseen.loss.mean shows them)") in legend
+
+    # a training loss: no reference is a value of it, so no column
+    for metric in ("loss_after", "seen.loss.p50"):
+        table, rows, legend = table_of(build_comparison([named_sweep], metric=metric))
+        assert "Reference |" not in table and "0.123" not in table and "0.456" not in table
+        assert (f"the references of slow, fast are values of seen.loss.mean, not of "
+                f"{build_comparison([named_sweep], metric=metric).metric.key}: not shown") in legend
+
+    # unseen clients: FO-MAML's, and no budget remark (its reference states none)
+    table, rows, legend = table_of(build_comparison([named_sweep], metric="unseen.loss"))
+    assert rows["FO-MAML, algorithm.alpha=0.02"].endswith("| 0.789 on unseen clients |")
+    assert rows["slow, algorithm.alpha=0.01"].endswith("| - |")
+    assert "trained 4 rounds" not in legend
+
+    # A reference of text alone (a sweep made before references said their metric) is of no
+    # known metric: shown beside none, and the legend says how to show it.
+    old = tmp_path / "old"
+    shutil.copytree(named_sweep, old)
+    manifest = yaml.safe_load((old / "sweep.yaml").read_text())
+    manifest["sweep"]["references"] = {"fast": "0.123 at 100 rounds (elsewhere)"}
+    (old / "sweep.yaml").write_text(yaml.safe_dump(manifest))
+    table, rows, legend = table_of(build_comparison([old]))
+    assert "Reference |" not in table and "0.123" not in table
+    assert ("the references of fast do not say which metric they are values of: not shown (give "
+            "each its `metric` in sweep.references)") in legend
+
+
+def test_the_table_as_csv_json_and_latex_holds_the_comparisons_numbers(runs, tmp_path, capsys):
+    """--table-format writes the table beside the report: CSV and JSON with every number at full
+    precision (mean, std and n over seeds, per-seed values), LaTeX as a booktabs tabular with
+    mean \\pm std and the best mean in bold."""
+    import csv
+
+    out = tmp_path / "cmp"
+    assert main(["compare", str(runs / "sweep"), "--out", str(out), "--table-format", "csv",
+                 "--table-format", "tex", "--table-format", "json"]) == 0
+    printed = capsys.readouterr().out
+    c = build_comparison([runs / "sweep"])
+    stem = out / "table-seen.loss.mean"
+    for ext in ("csv", "tex", "json"):
+        assert f"table: {stem}.{ext}" in printed
+        assert f"[table-seen.loss.mean.{ext}](table-seen.loss.mean.{ext})" in \
+            (out / "report.md").read_text()
+
+    rows = list(csv.DictReader((out / "table-seen.loss.mean.csv").open()))
+    doc = json.loads((out / "table-seen.loss.mean.json").read_text())
+    assert doc["metric"]["key"] == "seen.loss.mean" and doc["target"]["value"] == c.target
+    assert [r["setting"] for r in rows] == [s["setting"] for s in doc["settings"]] == [
+        "beta=0.3", "beta=0.9"]
+    for row, record, setting, st in zip(rows, doc["settings"], c.settings, c.stats):
+        per_seed = [metric_values(r.dir) for r in setting.runs]
+        finals = [v[max(v)] for v in per_seed]
+        assert row["algorithm.beta"] == str(setting.values["algorithm.beta"])
+        assert row["runs"] == "3" and row["seeds"] == "0;1;2" and row["final_n"] == "3"
+        assert record["runs"] == 3 and record["seeds"] == [0, 1, 2]
+        # the same numbers, exactly: nothing rounded on the way out
+        for name in ("before", "final", "best", "bytes", "samples"):
+            stat = getattr(st, name)
+            assert float(row[f"{name}_mean"]) == record[name]["mean"] == stat.mean, name
+            assert float(row[f"{name}_std"]) == record[name]["std"] == stat.std, name
+        assert record["final"]["values"] == finals
+        assert float(row["final_mean"]) == pytest.approx(np.mean(finals), rel=1e-12)
+        assert float(row["rounds_to_target"]) == record["rounds_to_target"] == st.rounds_to_target
+        assert row["seconds_shared"] == "false" and row["reference_text"] == ""
+        assert record["reference"] is None
+
+    tex = (out / "table-seen.loss.mean.tex").read_text()
+    body = tex[tex.index("\\begin{tabular}{lrrrrrrrr}"):]
+    assert body.splitlines()[1:4] == ["\\toprule", "Setting & Runs & Before training & Final & "
+                                      "Best & Rounds to target & Samples to target & Wall time (s) & "
+                                      "Communicated \\\\", "\\midrule"]
+    assert body.rstrip().endswith("\\bottomrule\n\\end{tabular}")
+    cells = {line.split(" & ")[0]: line.split(" & ") for line in body.splitlines()[4:6]}
+    best = min(range(2), key=lambda i: c.stats[i].final.mean)
+    for i, (setting, st) in enumerate(zip(c.settings, c.stats)):
+        final = cells[setting.label][3]
+        decimals = max(0, 1 - math.floor(math.log10(st.final.std)))
+        mean = f"{st.final.mean:.{decimals}f}"
+        assert final == (f"$\\mathbf{{{mean}}} \\pm {st.final.std:.{decimals}f}$" if i == best
+                         else f"${mean} \\pm {st.final.std:.{decimals}f}$")
+    assert tex.startswith("% fedmaml compare: personalized loss, trained clients")
+    assert tex_escape("lr_decay & 50% ± #1") == "lr\\_decay \\& 50\\% $\\pm$ \\#1"
+
+
+def test_a_metric_without_a_value_is_empty_in_csv_and_null_in_json(runs, tmp_path):
+    result = compare([runs / "sweep"], out_dir=tmp_path, metric="seen.memory-loss",
+                     table_formats=["json", "csv"])
+    assert [p.name for p in result.tables] == ["table-seen.memory-loss.mean.json",
+                                               "table-seen.memory-loss.mean.csv"]
+    doc = json.loads(result.tables[0].read_text())
+    assert all(s["before"] == {"mean": None, "std": None, "n": 0, "values": [None] * 3}
+               for s in doc["settings"])
+    assert "NaN" not in result.tables[0].read_text() and "nan" not in result.tables[1].read_text()
+    import csv
+
+    rows = list(csv.DictReader(result.tables[1].open()))
+    assert all(r["before_mean"] == "" and r["before_n"] == "0" for r in rows)
+    with pytest.raises(CompareError, match=r"--table-format: 'xlsx' is not allowed; allowed: csv, "
+                                           r"tex, json"):
+        compare([runs / "sweep"], out_dir=tmp_path, table_formats=["xlsx"])
+
+
+def test_every_table_format_renders_one_comparison(runs, tmp_path, monkeypatch):
+    """The formats render the comparison computed once: asking for all of them computes no
+    statistic more than asking for none."""
+    import fedmaml.results.compare as compare_module
+
+    calls = []
+    original = compare_module.setting_stats
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(compare_module, "setting_stats", counted)
+    compare([runs / "sweep"], out_dir=tmp_path / "none")
+    alone = len(calls)
+    calls.clear()
+    compare([runs / "sweep"], out_dir=tmp_path / "all", table_formats=TABLE_FORMATS)
+    assert len(calls) == alone

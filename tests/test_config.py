@@ -589,8 +589,14 @@ def test_the_quickstart_sweep_is_the_papers_setting_in_miniature_in_three_batche
     assert public["source"]["commit"].startswith("5c30c0d")
     by_method = {name: {b: public["budgets"][b][name] for b in public["budgets"]
                         if name in public["budgets"][b]} for name in spec.settings}
-    for name, text in spec.references.items():
-        assert text == public_code_reference(by_method[name]), name
+    for name, ref in spec.references.items():
+        assert ref.text == public_code_reference(by_method[name]), name
+        # a value of the metric compare shows it beside (the same test tasks, points and
+        # adaptation), at the rounds of the public code's budgets
+        assert ref.metric == "unseen.loss.mean", name
+        assert ref.rounds == tuple(m["schedule"].get("rounds_of_H_5_steps",
+                                                     m["schedule"]["iterations"])
+                                   for m in by_method[name].values()), name
         five = by_method[name]["5000"]
         assert sorted(map(int, five["test_mse_per_seed"])) == list(spec.seeds), name
         eta, beta = reference.BY_NAME[name].public[1]  # the same step sizes as the settings

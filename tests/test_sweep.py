@@ -18,7 +18,7 @@ from fedmaml.cli import main
 from fedmaml.config import load_config, load_config_and_sweep, resolve_key, short_key
 from fedmaml.errors import ConfigError, FedmamlError
 from fedmaml.run_dir import HOLDER_SUFFIX
-from fedmaml.sweep import (LOCK_FILE, SweepSpec, _Lock, load_sweep, parse_grid_arg, parse_seeds, plan_sweep,
+from fedmaml.sweep import (LOCK_FILE, Reference, SweepSpec, _Lock, load_sweep, parse_grid_arg, parse_seeds, plan_sweep,
                            run_name, run_sweep, write_manifest)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,8 +262,12 @@ def test_dry_run_lists_states_and_runs_nothing(tmp_path, capsys):
     assert "new        beta=0.3,seed=0" in out and "new        beta=0.9,seed=0" in out
     assert out.startswith(f"sweep {sweep_dir}: 2 runs (2 settings x 1 seed)") and err == ""
     assert not sweep_dir.exists()
-    assert main(["sweep", str(cfg), "--sweep-dir", str(sweep_dir), "--dry-run"]) == 0
-    assert capsys.readouterr().out.startswith(f"sweep {sweep_dir}: 1 run (1 setting x 1 seed);")
+
+
+def test_one_run_is_counted_in_the_singular(tmp_path, capsys):
+    cfg = write_config(tmp_path)
+    assert main(["sweep", str(cfg), "--sweep-dir", str(tmp_path / "sw"), "--dry-run"]) == 0
+    assert ": 1 run (1 setting x 1 seed); 0 finished already, 1 to run" in capsys.readouterr().out
 
 
 def test_no_holder_file_stays_behind(tmp_path):
@@ -428,7 +432,8 @@ def test_named_settings_cross_the_grid_and_seeds_and_name_the_run_directories(tm
     assert list(load_sweep(listed)[1].settings) == ["FO-MAML", "MOML"]
     # The manifest keeps the settings (and references): `fedmaml sweep DIR/sweep.yaml` resumes it.
     spec = SweepSpec(grid=spec.grid, seeds=(0,), settings=spec.settings,
-                     references={"MOML": "0.3 at 40,000 steps"})
+                     references={"MOML": Reference("0.3 at 40,000 steps", "unseen.loss.mean",
+                                                   (40000,))})
     run_sweep(base, spec, tmp_path / "sw", quiet=True)
     again_base, again = load_sweep(tmp_path / "sw" / "sweep.yaml")
     assert again.settings == spec.settings and again.references == spec.references
@@ -438,14 +443,14 @@ def test_named_settings_cross_the_grid_and_seeds_and_name_the_run_directories(tm
     assert len(result.skipped) == 4 and not result.ran
     # Edited references reach a finished sweep's manifest (what compare shows); nothing reruns.
     edited = SweepSpec(grid=again.grid, seeds=again.seeds, settings=again.settings,
-                       references={"FO-MAML": "0.9 at 40,000 steps"})
+                       references={"FO-MAML": Reference("0.9 at 40,000 steps")})
     result = run_sweep(again_base, edited, tmp_path / "sw", quiet=True)
     assert len(result.skipped) == 4 and not result.ran
     assert load_sweep(tmp_path / "sw" / "sweep.yaml")[1].references == edited.references
     from fedmaml.results.compare import named_settings
 
-    assert named_settings(tmp_path / "sw")["FO-MAML"].reference == "0.9 at 40,000 steps"
-    assert named_settings(tmp_path / "sw")["MOML"].reference == ""
+    assert named_settings(tmp_path / "sw")["FO-MAML"].reference == Reference("0.9 at 40,000 steps")
+    assert named_settings(tmp_path / "sw")["MOML"].reference is None
     # Trackers log the keys that the settings vary as hyperparameters, with the grid's.
     from fedmaml.tracking import sweep_grid
 
@@ -473,11 +478,37 @@ def test_named_settings_cross_the_grid_and_seeds_and_name_the_run_directories(tm
     ({"settings": {"A": {"beta": 0.3}}, "references": {"B": "1.0"}},
      r"sweep\.references\.B: no setting of that name; settings: A"),
     ({"setting": {"A": {}}}, r"sweep\.setting: unknown key; allowed keys: settings, references"),
+    ({"settings": {"A": {"beta": 0.3}}, "references": {"A": {"text": "1.0",
+                                                              "metric": "unseen.los.avg"}}},
+     r"references\.A\.metric: 'unseen\.los\.avg': 'avg' is not a statistic .*allowed: mean"),
+    ({"settings": {"A": {"beta": 0.3}}, "references": {"A": {"text": "1.0", "metric": "test.loss"}}},
+     r"references\.A\.metric: 'test\.loss': no metric is over 'test' clients; allowed: seen, "),
+    ({"settings": {"A": {"beta": 0.3}}, "references": {"A": {"text": "1.0", "metric": 3}}},
+     r"references\.A\.metric: expected a metric key, got 3"),
+    ({"settings": {"A": {"beta": 0.3}}, "references": {"A": {"metric": "unseen.loss"}}},
+     r"references\.A: must be a number or text, got None; a reference with `metric`"),
+    ({"settings": {"A": {"beta": 0.3}}, "references": {"A": {"text": "1.0", "rounds": [0]}}},
+     r"references\.A\.rounds: expected the federated\.rounds of the budget"),
+    ({"settings": {"A": {"beta": 0.3}}, "references": {"A": {"text": "1.0", "steps": 5}}},
+     r"references\.A\.steps: unknown key; allowed keys: text, metric, rounds"),
 ])
 def test_bad_named_settings_are_refused_naming_the_setting_and_key(tmp_path, section, message):
     path = write_config(tmp_path, {"sweep": section})
     with pytest.raises(ConfigError, match=message):
         load_sweep(path)
+
+
+def test_a_reference_says_its_metric_and_budget_or_is_text_alone(tmp_path):
+    """A reference names the metric it is a value of as --metric does (a shorthand is read as
+    compare reads it) and the rounds of its budget(s); text alone stays allowed (older sweeps)."""
+    path = write_config(tmp_path, {"sweep": {
+        "settings": {"A": {"beta": 0.3}, "B": {"beta": 0.5}, "C": {"beta": 0.9}},
+        "references": {"A": {"text": "1.3 at 5,000 steps", "metric": "unseen.loss", "rounds": 5000},
+                       "B": {"text": 0.5, "metric": "loss_after", "rounds": [10, 20]},
+                       "C": "2.0 somewhere"}}})
+    refs = load_sweep(path)[1].references
+    assert refs == {"A": Reference("1.3 at 5,000 steps", "unseen.loss.mean", (5000,)),
+                    "B": Reference("0.5", "loss_after", (10, 20)), "C": Reference("2.0 somewhere")}
 
 
 def test_a_duplicate_name_in_the_settings_mapping_is_refused(tmp_path):

@@ -53,7 +53,8 @@ A file given to `fedmaml sweep` may add a `{SWEEP_SECTION}:` section (`fedmaml r
 file). `grid` maps keys (full, or an unambiguous suffix: `beta` for `algorithm.beta`) to lists of
 values; every combination runs once per seed. `settings` (optional) names override sets, such as
 `MOML: {{algorithm.name: moml, algorithm.eta: 0.005}}`, crossed with the grid; `references` gives a
-named setting a number reported elsewhere, shown by `fedmaml compare`. `seeds` is a list of integers
+named setting a number reported elsewhere (`text`), the metric it is a value of (`metric`) and the
+rounds of its budget (`rounds`), shown by `fedmaml compare` beside that metric only. `seeds` is a list of integers
 or a range such as `"0-4"` (default: the `seed` key). See docs/comparing.md.
 
 ```yaml

@@ -1,6 +1,7 @@
 """``fedmaml compare``: load finished runs, group them into settings, refuse what cannot be compared,
-and compute the curves and numbers that the figures (compare_plots.py) and the Markdown report
-(compare_report.py) show.
+and compute the curves and numbers that the figures (compare_plots.py), the Markdown report
+(compare_report.py) and the CSV, LaTeX and JSON tables (compare_tables.py) show;
+:func:`build_comparison` is the entry point.
 
 A *setting* is a config up to its seed: runs whose configs differ only in ``seed`` (and in the keys
 that name or place a run: ``name``, ``output_dir``, ``compare_with``) are seeds of one setting and are
@@ -28,7 +29,7 @@ from fedmaml.config import Config, config_to_flat, load_config, short_key, with_
 from fedmaml.errors import FedmamlError
 # the file names from run_files.py, not the recorder, which imports torch: seconds on every compare
 from fedmaml.results.run_files import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
-from fedmaml.sweep_spec import MANIFEST
+from fedmaml.sweep_spec import MANIFEST, TRAIN_METRICS, Reference, metric_key, parse_references
 from fedmaml.tracking.base import TRACKER_DIRS
 
 #: Keys that name or place a run, or add baselines next to it: not part of its setting.
@@ -38,8 +39,6 @@ EVALUATION_KEYS = ("data.eval_adapt_size", "data.eval_heldout_size", "data.heldo
                    "federated.eval_clients")
 X_AXES = ("rounds", "samples", "bytes", "seconds")
 BANDS = ("std", "sem", "minmax")
-#: Per-round training numbers of metrics.jsonl that can be plotted like evaluation metrics.
-TRAIN_METRICS = ("loss_before", "loss_after")
 
 
 class CompareError(FedmamlError, ValueError):
@@ -54,7 +53,7 @@ class NamedSetting:
     name: str
     index: int
     overrides: dict[str, Any]
-    reference: str = ""
+    reference: Reference | None = None
 
 
 @dataclass
@@ -207,9 +206,11 @@ def named_settings(sweep_dir: Path) -> dict[str, NamedSetting]:
     settings = section.get("settings") if isinstance(section, dict) else None
     if not isinstance(settings, dict):
         return {}
-    refs = section.get("references") or {}
-    refs = refs if isinstance(refs, dict) else {}
-    return {str(n): NamedSetting(str(n), i, dict(o or {}), str(refs.get(n, "")))
+    try:
+        refs = parse_references(section.get("references"), settings, f"{sweep_dir / MANIFEST}")
+    except FedmamlError:
+        refs = {}
+    return {str(n): NamedSetting(str(n), i, dict(o or {}), refs.get(str(n)))
             for i, (n, o) in enumerate(settings.items()) if isinstance(o, (dict, type(None)))}
 
 
@@ -332,14 +333,10 @@ def resolve_metric(spec: str | None, runs: Sequence[Run]) -> Metric:
     """
     task = runs[0].summary.get("metric", "loss")
     text = spec or task
-    if text in TRAIN_METRICS:
-        return Metric(text, higher_is_better=False)
-    parts = text.split(".")
-    if len(parts) == 1:
-        parts = ["seen", parts[0], "mean"]
-    elif len(parts) == 2:
-        parts = [*parts, "mean"]
-    key = ".".join(parts)
+    key = metric_key(text)
+    if key in TRAIN_METRICS:
+        return Metric(key, higher_is_better=False)
+    parts = key.split(".")
     available = set.intersection(*(eval_keys(r) for r in runs))
     if key not in set.union(*(eval_keys(r) for r in runs)):
         listing = ", ".join(sorted(available | set(TRAIN_METRICS)))
@@ -464,9 +461,15 @@ def setting_curve(setting: Setting, metric: Metric, x: str, band: str = "std") -
 
 @dataclass
 class Stat:
-    """A number over seeds: the per-seed values, their mean and sample standard deviation."""
+    """A number over seeds: the per-seed values, their mean and sample standard deviation.
+
+    ``shared``: the values are one measurement repeated, not one per seed (every run of a setting
+    trained in one vectorized batch and records its share of the batch's wall time), so there is no
+    spread over seeds to state: ``std`` is NaN rather than a 0 that would read as a measured one.
+    """
 
     values: list[float]
+    shared: bool = False
 
     @property
     def mean(self) -> float:
@@ -476,7 +479,12 @@ class Stat:
     @property
     def std(self) -> float:
         finite = [v for v in self.values if not math.isnan(v)]
-        return float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan
+        return float(np.std(finite, ddof=1)) if len(finite) > 1 and not self.shared else math.nan
+
+    @property
+    def n(self) -> int:
+        """The values behind the mean (NaN ones, of runs without a value, left out)."""
+        return sum(not math.isnan(v) for v in self.values)
 
 
 @dataclass
@@ -489,7 +497,7 @@ class SettingStats:
     # target, and the seed-mean samples processed by then; NaN when it never does.
     rounds_to_target: float
     samples_to_target: float
-    seconds: Stat  # per run; a batched run's share of its batch (run_seconds)
+    seconds: Stat  # per run; a batched run's share of its batch (run_seconds), shared by a batch
     bytes: Stat
     samples: Stat
     batched: int = 0  # runs that trained in a vectorized batch
@@ -539,28 +547,82 @@ def setting_stats(setting: Setting, metric: Metric, target: float) -> SettingSta
         runs=len(setting.runs), before=Stat(before), final=Stat(final), best=Stat(best),
         rounds_to_target=math.nan if hit is None else float(by_round.x[hit]),
         samples_to_target=math.nan if hit is None else float(by_samples.x[hit]),
-        seconds=Stat(secs), bytes=Stat(nbytes), samples=Stat(nsamples),
-        batched=sum(batch_size(r) > 1 for r in setting.runs))
+        seconds=Stat(secs, shared=_one_batch(setting.runs, secs)), bytes=Stat(nbytes),
+        samples=Stat(nsamples), batched=sum(batch_size(r) > 1 for r in setting.runs))
 
 
-def final_client_values(setting: Setting, metric: Metric) -> list[float]:
-    """Per-client values of the personalized metric at each run's last evaluation, pooled over
-    seeds (each run evaluates the same clients only if its seed says so; pooling keeps them all)."""
+def _one_batch(runs: Sequence[Run], seconds: Sequence[float]) -> bool:
+    """Several runs that trained in vectorized batches and record the same share of a batch's wall
+    time: one batch's clock, measured once for all of them."""
+    return (len(runs) > 1 and all(batch_size(r) > 1 for r in runs)
+            and len(set(seconds)) == 1 and not math.isnan(seconds[0]))
+
+
+def final_client_values(setting: Setting, metric: Metric) -> list[list[float]]:
+    """Per-client values of the personalized metric at each run's last evaluation: one list per run
+    (seed), in the setting's order; empty for a run that recorded none. The figure pools them (each
+    run evaluates the same clients only if its seed says so; pooling keeps them all) and says how
+    many clients and seeds it pooled."""
     key = metric.clients_key(setting.runs[0].summary.get("metric", "loss"))
-    values: list[float] = []
+    per_run: list[list[float]] = []
     for run in setting.runs:
         rows = [r for r in run.rows if key in r.get("eval", {})]
-        if rows:
-            values += [float(v) for v in rows[-1]["eval"][key] if v is not None]
-    return values
+        per_run.append([float(v) for v in rows[-1]["eval"][key] if v is not None] if rows else [])
+    return per_run
 
 
 # --------------------------------------------------------------------------------------------------
 # The whole comparison
 # --------------------------------------------------------------------------------------------------
 
+def shown_references(settings: Sequence[Setting], metric: Metric
+                     ) -> tuple[list[Reference | None], list[str]]:
+    """The reference shown beside each setting (``sweep.references``): only one that says it is a
+    value of the compared metric, since beside another metric (a training loss, another group of
+    clients) it would read as the same quantity; and the remarks for the table's legend: the
+    references left out and why, and settings trained to another budget than their reference
+    states (its ``rounds``)."""
+    shown: list[Reference | None] = []
+    other: dict[str, list[str]] = {}  # metric -> names of settings whose reference is of it
+    unstated: list[str] = []
+    remarks: list[str] = []
+    for s in settings:
+        ref = s.named.reference if s.named else None
+        if ref is None or ref.metric != metric.key:
+            shown.append(None)
+            if s.named and ref is not None:
+                (other.setdefault(ref.metric, []) if ref.metric else unstated).append(s.named.name)
+            continue
+        shown.append(ref)
+        trained = s.config.federated.rounds
+        if ref.rounds and trained not in ref.rounds:
+            remarks.append(f"{s.label} trained {trained:,} round{'s' if trained != 1 else ''}; "
+                           f"its reference is for {' or '.join(f'{r:,}' for r in ref.rounds)} "
+                           "(its `rounds` in sweep.references): another budget, so the numbers "
+                           "are not comparable")
+    for key, names in other.items():
+        names = list(dict.fromkeys(names))
+        remarks.append(f"the references of {', '.join(names)} are values of {key}, not of "
+                       f"{metric.key}: not shown (--metric {key} shows them)")
+    if unstated:
+        names = list(dict.fromkeys(unstated))
+        remarks.append(f"the references of {', '.join(names)} do not say which metric they are "
+                       "values of: not shown (give each its `metric` in sweep.references)")
+    return shown, remarks
+
+
 @dataclass
 class Comparison:
+    """What ``fedmaml compare`` shows, computed once (:func:`build_comparison`); the figures, the
+    report and every table format render it.
+
+    ``settings`` and ``stats`` are aligned (one :class:`SettingStats` per :class:`Setting`, in the
+    table's order), as is ``references`` (the reference shown beside each setting, or None).
+    ``target`` is the level of "rounds to target" (``target_is_default``: the least good final mean,
+    not ``--target``). ``notes``: what a reader must know (runs left out, evaluations that differ,
+    vectorized wall times); ``reference_notes``: the table's remarks on its references (those not
+    shown and why, budgets that differ from the reference's)."""
+
     settings: list[Setting]
     metric: Metric
     task_metric: str  # "loss" or "accuracy"
@@ -569,11 +631,43 @@ class Comparison:
     stats: list[SettingStats]
     unfinished: list[Path]
     notes: list[str]
+    references: list[Reference | None] = field(default_factory=list)
+    reference_notes: list[str] = field(default_factory=list)
 
 
 def build_comparison(paths: Sequence[str | Path], metric: str | None = None,
                      target: float | None = None) -> Comparison:
-    """Load, check and summarize the runs under ``paths`` (no files written)."""
+    """The comparison of the runs under ``paths``, as ``fedmaml compare`` computes it, without
+    writing anything: the Python entry point to its numbers.
+
+    ``paths``: run directories, or directories holding them (a sweep directory, ``results/``, a run
+    with ``compare_with`` baselines), searched recursively. ``metric``: as ``--metric`` takes it
+    (``unseen.loss`` means ``unseen.loss.mean``; ``loss_after``; None: the runs' task metric on
+    trained clients). ``target``: the level of "rounds to target" (None: the least good final mean
+    among the settings).
+
+    Runs are grouped into settings (configs equal up to the seed; a sweep's named settings by their
+    names), completed runs make the numbers, and runs that diverged or failed, or are unfinished,
+    are left out with a note. The returned :class:`Comparison` holds, in the table's order, each
+    :class:`Setting` (label, runs, the config values in which settings differ), its
+    :class:`SettingStats` (before training, final and best value, wall time, bytes and samples as
+    :class:`Stat`: per-seed values, mean, sample std, n; rounds and samples to target) and the
+    reference shown beside it, with the notes. Every output renders this one object: the figures
+    (compare_plots.py), the Markdown report (compare_report.py), and the CSV, LaTeX and JSON tables
+    (compare_tables.py; ``table_records(c)`` gives the rows as dicts)::
+
+        from fedmaml.results.compare import build_comparison
+        from fedmaml.results.compare_tables import table_json
+
+        c = build_comparison(["results/moml_miniature"], metric="unseen.loss")
+        for setting, stats in zip(c.settings, c.stats):
+            print(setting.label, stats.final.mean, stats.final.std, stats.final.n)
+        text = table_json(c)
+
+    Raises :class:`CompareError` when there is nothing to compare (no finished run) or the runs
+    cannot be compared (different task metrics or families, a metric some run lacks), naming the
+    runs on each side.
+    """
     all_runs, unfinished = load_runs(paths)
     runs = [r for r in all_runs if r.status == "completed"]
     if not runs:
@@ -613,6 +707,7 @@ def build_comparison(paths: Sequence[str | Path], metric: str | None = None,
                      "(`fedmaml sweep --vectorize`, marked *) is the batch's wall time divided by "
                      "its runs; a batch also carries its own start (the first of a process the "
                      "imports and warm-up), so compare it between runs that ran the same way")
+    references, reference_notes = shown_references(settings, m)
     return Comparison(settings=settings, metric=m, task_metric=runs[0].summary.get("metric", "loss"),
                       target=tgt, target_is_default=default, stats=stats, unfinished=unfinished,
-                      notes=notes)
+                      notes=notes, references=references, reference_notes=reference_notes)

@@ -83,6 +83,18 @@ def _log_ticks(lo: float, hi: float) -> list[float]:
     return inside if len(inside) >= 2 else [lo, hi]
 
 
+def pooled_text(per_run: Sequence[np.ndarray]) -> str:
+    """What a setting's pooled per-client values count: ``5 clients × 2 seeds`` (``4-5 clients ×
+    2 seeds`` when runs evaluated different numbers; the values that are not finite are not drawn,
+    so not counted)."""
+    counts = [int(np.isfinite(v).sum()) for v in per_run]
+    counts = [n for n in counts if n]
+    lo, hi = min(counts), max(counts)
+    clients = f"{lo} client{'s' if lo != 1 else ''}" if lo == hi else f"{lo}-{hi} clients"
+    runs = len(counts)
+    return clients if runs == 1 else f"{clients} × {runs} seeds"
+
+
 def plot_convergence(c: Comparison, x: str, out: Path, log: str = "", band: str = "std",
                      formats: Sequence[str] = ("png",)) -> list[Path]:
     """``convergence-<metric>-<x>.<fmt>``: the metric against ``x``, one line per setting."""
@@ -131,7 +143,8 @@ def plot_client_distribution(c: Comparison, out: Path, kind: str = "cdf", log: b
 
         raise CompareError(f"--dist: {kind!r} is not allowed; allowed: cdf, violin")
     plt = _pyplot()
-    data = [np.array(final_client_values(s, c.metric)) for s in c.settings]
+    per_run = [[np.array(v) for v in final_client_values(s, c.metric)] for s in c.settings]
+    data = [np.concatenate(runs) if runs else np.array([]) for runs in per_run]
     if not any(len(d) for d in data):
         return []
     key = c.metric.clients_key(c.task_metric)
@@ -140,13 +153,13 @@ def plot_client_distribution(c: Comparison, out: Path, kind: str = "cdf", log: b
     with plt.rc_context(_STYLE):
         if kind == "cdf":
             fig, ax = plt.subplots(figsize=(5.5, 3.6))
-            for setting, values, color in zip(c.settings, data, colors):
+            for setting, values, runs, color in zip(c.settings, data, per_run, colors):
                 values = np.sort(values[np.isfinite(values)])
                 if not len(values):
                     continue
                 frac = np.arange(1, len(values) + 1) / len(values)
                 ax.step(np.r_[values[0], values], np.r_[0.0, frac], where="post", color=color,
-                        label=f"{setting.label} ({len(values)} clients)")
+                        label=f"{setting.label} ({pooled_text(runs)})")
             ax.set_xlabel(what)
             ax.set_ylabel("fraction of clients")
             ax.set_ylim(0, 1.02)

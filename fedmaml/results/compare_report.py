@@ -47,8 +47,9 @@ def fmt_bytes(n: float) -> str:
 
 
 def _references(c: Comparison) -> list[str]:
-    """Each setting's reference (``sweep.references``: a number reported elsewhere), or ""."""
-    return [s.named.reference if s.named else "" for s in c.settings]
+    """The text of the reference shown beside each setting (``sweep.references``: a number reported
+    elsewhere for the compared metric), or ""."""
+    return [r.text if r else "" for r in c.references]
 
 
 def markdown_table(c: Comparison) -> str:
@@ -93,9 +94,13 @@ def table_legend(c: Comparison) -> str:
         "batch, the batch's time divided by its runs); Communicated: bytes of all training "
         "messages, both ways",
     ]
+    if any(st.seconds.shared for st in c.stats):
+        lines[-1] += ("; * without ±: all of the setting's runs shared one batch, so its time was "
+                      "measured once and has no spread over seeds")
     if any(_references(c)):
-        lines.append("  Reference: a number reported elsewhere for the same setting, with its "
-                     "budget and source (the sweep's `references`)")
+        lines.append(f"  Reference: a value of {c.metric.key} reported elsewhere for the same "
+                     "setting, with its budget and source (the sweep's `references`)")
+    lines += [f"  Reference note: {n}" for n in c.reference_notes]
     patterns = sorted({str(s.config.evaluation.pattern) for s in c.settings})
     selected = any(s.config.pattern_selection.mode != "none"
                    and "evaluation" in s.config.pattern_selection.apply_to for s in c.settings)
@@ -111,18 +116,22 @@ def _rel(path: Path, out: Path) -> str:
 
 
 def write_report(c: Comparison, out: Path, figures: Sequence[Path], xs: Sequence[str],
-                 band: str, paths: Sequence[str | Path]) -> Path:
-    """``report.md`` in ``out``; figures and runs are linked relative to it."""
+                 band: str, paths: Sequence[str | Path], tables: Sequence[Path] = ()) -> Path:
+    """``report.md`` in ``out``; figures, table files and runs are linked relative to it."""
     better = "higher" if c.metric.higher_is_better else "lower"
     compare_word = "≥" if c.metric.higher_is_better else "≤"
     n_runs = sum(len(s.runs) for s in c.settings)
     lines = [f"# Comparison: {describe_metric(c.metric.key)}", "",
-             f"{n_runs} runs in {len(c.settings)} settings, from "
+             f"{n_runs} run{'' if n_runs == 1 else 's'} in {len(c.settings)} "
+             f"setting{'' if len(c.settings) == 1 else 's'}, from "
              + ", ".join(f"`{p}`" for p in paths) + ". "
              f"Metric `{c.metric.key}` ({better} is better). Numbers are the mean ± sample standard "
              "deviation over the completed runs (seeds) of a setting; runs that diverged or failed are "
              "counted in the Runs column and left out of the numbers.", "", markdown_table(c).rstrip(), "",
              "```", table_legend(c).rstrip(), "```", ""]
+    if tables:
+        lines += ["The table at full precision and for a paper: "
+                  + ", ".join(f"[{t.name}]({_rel(t, out)})" for t in tables) + ".", ""]
 
     differ = list(c.settings[0].values) if c.settings else []
     flat = config_to_flat(c.settings[0].config)
