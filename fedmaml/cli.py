@@ -535,10 +535,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args._handler is None:  # a group (or nothing) without a subcommand
         args._parser.print_help(sys.stderr)
         return EXIT_USER_ERROR
+    return run_command(lambda: args._handler(args))
+
+
+def run_command(command: Callable[[], int | None]) -> int:
+    """Run ``command`` and return its exit code (None counts as 0) as the CLI ends its commands: a
+    user mistake (:class:`FedmamlError`) is ``error: <message>`` and 2, Ctrl-C (or SIGTERM where it
+    is turned into Ctrl-C) ``interrupted`` and 130, a reader gone away the status of SIGPIPE; only
+    a bug shows a traceback. The scripts in simulations/ end the same way:
+    ``raise SystemExit(run_command(main))``."""
     try:
-        code = args._handler(args)
+        code = command()
         sys.stdout.flush()  # a reader that went away shows up here rather than at exit
-        return code
+        return code or 0
     except FedmamlError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

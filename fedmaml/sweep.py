@@ -325,6 +325,35 @@ def _worker_init(parent_pid: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+def _script_worker_init(parent_pid: int) -> None:
+    """A worker of :func:`worker_pool`: exits when its parent is gone, and ignores Ctrl-C while it
+    waits for work (a run in it still installs its own handler). The parent stops it instead."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _worker_init(parent_pid)
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int, **options: Any) -> Iterator[Any]:
+    """A ``multiprocessing`` pool of ``workers`` spawned processes for experiment scripts
+    (simulations/; ``options`` as ``Pool`` takes them), stopped as the sweep stops its workers: if
+    the block ends with an exception (Ctrl-C), they are killed at once. ``Pool``'s own exit sends
+    them SIGTERM, which a run stopping after Ctrl-C takes as the second signal and aborts with a
+    traceback in every worker."""
+    import multiprocessing
+
+    pool = multiprocessing.get_context("spawn").Pool(
+        workers, initializer=_script_worker_init, initargs=(os.getpid(),), **options)
+    try:
+        yield pool
+    except BaseException:
+        for proc in list(getattr(pool, "_pool", [])):
+            proc.kill()
+        raise
+    finally:
+        pool.terminate()  # as Pool's own exit: the block has read every result it needs
+        pool.join()
+
+
 def _Lock(sweep_dir: Path) -> DirectoryLock:
     """The exclusive lock on a sweep directory (fedmaml/run_dir.py: an OS lock that the kernel
     releases when the process dies; the holder is named beside it)."""
