@@ -427,6 +427,11 @@ def test_cli_user_errors(trained_run, tmp_path, capsys):
     assert "bad.pt" in err and "do not match" in err
     assert main(["select-pattern", str(tmp_path)]) == 2
     assert "config.yaml" in capsys.readouterr().err
+    # a flag's value is refused under the flag the user typed, then the key it sets
+    for value, why in (("-1", "-1.0 is out of range; allowed: >= 0"),
+                       ("nan", "expected a finite number, got nan")):
+        assert main(["select-pattern", str(trained_run), "--epsilon", value]) == 2
+        assert f"error: --epsilon (pattern_selection.epsilon): {why}\n" in capsys.readouterr().err
 
 
 # -- the benchmark script ---------------------------------------------------------------------------
