@@ -60,6 +60,7 @@ from fedmaml.sweep_spec import (MANIFEST, SweepSpec, grid_key, load_sweep,  # no
                                 overlapping, parse_grid_arg, parse_references, parse_seeds,
                                 parse_settings, settings_from_section, spec_from_section,
                                 split_values, strip_source)
+from fedmaml.tracking import one_attempt_per_store
 
 LOCK_FILE = ".sweep.lock"
 ERROR_FILE = "error.txt"  # written into a run directory whose run raised
@@ -642,7 +643,9 @@ def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None
         return result
 
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    with _Lock(sweep_dir):
+    # one_attempt_per_store: a tracking store that cannot start is tried once by the runs of this
+    # process (each worker process tries it once too)
+    with _Lock(sweep_dir), one_attempt_per_store():
         write_manifest(sweep_dir, base, spec)
         total = len(todo)
 
