@@ -328,31 +328,39 @@ def _worker_init(parent_pid: int) -> None:
 
 def _script_worker_init(parent_pid: int) -> None:
     """A worker of :func:`worker_pool`: exits when its parent is gone, and ignores Ctrl-C while it
-    waits for work (a run in it still installs its own handler). The parent stops it instead."""
+    waits for work (a run in it still installs its own handler); the parent stops it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker_init(parent_pid)
 
 
 @contextlib.contextmanager
-def worker_pool(workers: int, **options: Any) -> Iterator[Any]:
-    """A ``multiprocessing`` pool of ``workers`` spawned processes for experiment scripts
-    (simulations/; ``options`` as ``Pool`` takes them), stopped as the sweep stops its workers: if
-    the block ends with an exception (Ctrl-C), they are killed at once. ``Pool``'s own exit sends
-    them SIGTERM, which a run stopping after Ctrl-C takes as the second signal and aborts with a
-    traceback in every worker."""
+def worker_pool(workers: int, max_tasks_per_child: int | None = None) -> Iterator[Any]:
+    """A ``ProcessPoolExecutor`` of ``workers`` spawned processes for experiment scripts
+    (simulations/), whose workers end as the sweep's do: they exit when this process is killed,
+    and if the block ends with an exception (Ctrl-C) they are killed at once. A gentler stop
+    (``multiprocessing.Pool``'s SIGTERM) is, to a run stopping after Ctrl-C, the second signal:
+    it aborts with a traceback in every worker. A task stopped by Ctrl-C raises KeyboardInterrupt
+    here."""
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
-    pool = multiprocessing.get_context("spawn").Pool(
-        workers, initializer=_script_worker_init, initargs=(os.getpid(),), **options)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_script_worker_init, initargs=(os.getpid(),),
+                               max_tasks_per_child=max_tasks_per_child)
     try:
         yield pool
     except BaseException:
-        for proc in list(getattr(pool, "_pool", [])):
-            proc.kill()
+        _kill_workers(pool)
         raise
-    finally:
-        pool.terminate()  # as Pool's own exit: the block has read every result it needs
-        pool.join()
+    pool.shutdown(wait=True)
+
+
+def _kill_workers(pool: Any) -> None:
+    """Stop the workers of a ``ProcessPoolExecutor`` now: a resumed sweep must not find them still
+    writing into run dirs."""
+    for proc in list(getattr(pool, "_processes", {}).values()):
+        proc.kill()
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _Lock(sweep_dir: Path) -> DirectoryLock:
@@ -730,10 +738,7 @@ def _run_pool(work: list[tuple[Any, tuple, list[PlannedRun]]], jobs: int, record
                     outcome = (0.0, f"worker process died: {type(e).__name__}: {e}")
                 record(runs, outcome)
     except BaseException:
-        # Stop the workers now: a resumed sweep must not find them still writing into run dirs.
-        for proc in list(getattr(pool, "_processes", {}).values()):
-            proc.kill()
-        pool.shutdown(wait=True, cancel_futures=True)
+        _kill_workers(pool)
         raise
     pool.shutdown(wait=True)
 

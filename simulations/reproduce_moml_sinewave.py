@@ -270,8 +270,8 @@ def train_batched(jobs: list[tuple], workers: int) -> None:
     parts.sort(key=len, reverse=True)  # the largest first: the pool ends evenly
     from fedmaml.sweep import worker_pool  # workers end with this process, without tracebacks
 
-    with worker_pool(workers, maxtasksperchild=1) as pool:
-        for _ in pool.imap_unordered(train_part, parts):
+    with worker_pool(workers, max_tasks_per_child=1) as pool:
+        for _ in pool.map(train_part, parts):
             pass
 
 
@@ -282,8 +282,8 @@ def run_all(jobs: list[tuple], workers: int, vectorize: bool = True) -> list[dic
     from fedmaml.sweep import worker_pool  # workers end with this process, without tracebacks
 
     results = []
-    with worker_pool(workers, maxtasksperchild=20) as pool:
-        for i, r in enumerate(pool.imap_unordered(run_one, jobs)):
+    with worker_pool(workers, max_tasks_per_child=20) as pool:
+        for i, r in enumerate(pool.map(run_one, jobs)):
             results.append(r)
             print(f"[{i + 1}/{len(jobs)}] {r['method']:13s} K={r['K']} eta={r['eta']:g} "
                   f"beta={r['beta']:g} seed={r['seed']}: val {r['val_mse']:.3f} test "
@@ -359,8 +359,8 @@ def tune(methods: list[Method], ks: list[int], steps: int, seeds: list[int], out
     jobs = [(m.name, k, steps, seeds, str(out), protocol, rungs) for m in methods for k in ks]
     from fedmaml.sweep import worker_pool  # workers end with this process, without tracebacks
 
-    with worker_pool(workers, maxtasksperchild=1) as pool:
-        tuned = list(pool.imap_unordered(tune_one, jobs))
+    with worker_pool(workers, max_tasks_per_child=1) as pool:
+        tuned = list(pool.map(tune_one, jobs))
     chosen = {(t["method"], t["K"]): tuple(t["chosen"]) for t in tuned}
     return chosen, sorted(tuned, key=lambda t: (t["K"], t["method"]))
 

@@ -122,8 +122,8 @@ def run_all(jobs: list[tuple], workers: int, vectorize: bool = True) -> list[dic
     from fedmaml.sweep import worker_pool  # workers end with this process, without tracebacks
 
     results = []
-    with worker_pool(workers, maxtasksperchild=10) as pool:
-        for i, r in enumerate(pool.imap(run_one, jobs)):
+    with worker_pool(workers, max_tasks_per_child=10) as pool:
+        for i, r in enumerate(pool.map(run_one, jobs)):
             results.append(r)
             numbers = " ".join(f"{name} {r[key]:.3f}" for name, key in
                                (("seen", "seen"), ("memory", "seen_memory"), ("unseen", "unseen"))
@@ -184,8 +184,8 @@ def tune(settings: list[str], job: Any, workers: int) -> tuple[dict, list[dict[s
             jobs.append((setting, method, base, base[-1]))
     from fedmaml.sweep import worker_pool  # workers end with this process, without tracebacks
 
-    with worker_pool(workers, maxtasksperchild=1) as pool:
-        tuned = list(pool.imap_unordered(tune_one, jobs))
+    with worker_pool(workers, max_tasks_per_child=1) as pool:
+        tuned = list(pool.map(tune_one, jobs))
     chosen = {(t["setting"], t["method"]): t["chosen"] for t in tuned}
     return chosen, sorted(tuned, key=lambda t: (t["setting"], t["method"]))
 

@@ -696,7 +696,7 @@ def work(i):
 
 def main():
     with worker_pool(3) as pool:  # one worker waits for work
-        list(pool.imap_unordered(work, range(2)))
+        list(pool.map(work, range(2)))
 
 
 if __name__ == "__main__":
@@ -718,4 +718,7 @@ def test_a_worker_pool_of_a_script_stops_on_ctrl_c_without_tracebacks(tmp_path):
     os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert "Traceback" not in err and err.strip() == "interrupted", err
+    # a busy worker may say that it stops before it is killed: that is all it says
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-1] == "interrupted", err
+    assert all(line.startswith("SIGINT: stopping after this round") for line in lines[:-1]), err
