@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from fedmaml.version import __version__
 from fedmaml.bundled import resolve_config
-from fedmaml.errors import FedmamlError
+from fedmaml.errors import ConfigError, FedmamlError
 
 if TYPE_CHECKING:  # an annotation only: the config package loads when a command needs it
     from fedmaml.config import Config
@@ -78,6 +78,21 @@ def _load_for_inspection(given: str | None, overrides: list[str]) -> "Config":
               f"config its runs start from (`fedmaml sweep {given} --dry-run` lists the runs)",
               file=sys.stderr)
     return cfg
+
+
+def _check_flag_values(flags: dict[str, tuple[str, object]]) -> None:
+    """Values of flags that set a config key (``{flag: (key, value)}``; None = not given), checked as
+    the key's own values are. The user typed the flag, so a refusal names it first, then the key:
+    ``--epsilon (pattern_selection.epsilon): -1.0 is out of range; allowed: >= 0``."""
+    from fedmaml.config import check_value
+
+    for flag, (key, value) in flags.items():
+        if value is None:
+            continue
+        try:
+            check_value(key, value)
+        except ConfigError as e:
+            raise ConfigError(f"{flag} ({key}): {str(e).removeprefix(f'{key}: ')}") from None
 
 
 def _split_config_and_overrides(config: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
@@ -273,6 +288,7 @@ def _add_select_pattern_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_select_pattern(args: argparse.Namespace) -> int:
+    _check_flag_values({"--epsilon": ("pattern_selection.epsilon", args.epsilon)})  # before torch
     from fedmaml.experiment import quiet_frameworks  # lazy: pulls in torch and flwr
     from fedmaml.federated.pattern_selection import select_from_cli, table_text
     from fedmaml.results.progress import Progress
@@ -543,10 +559,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args._handler is None:  # a group (or nothing) without a subcommand
         args._parser.print_help(sys.stderr)
         return EXIT_USER_ERROR
+    return run_command(lambda: args._handler(args))
+
+
+def run_command(command: Callable[[], int | None]) -> int:
+    """Run ``command`` and return its exit code (None counts as 0) as the CLI ends its commands: a
+    user mistake (:class:`FedmamlError`) is ``error: <message>`` and 2, Ctrl-C (or SIGTERM where it
+    is turned into Ctrl-C) ``interrupted`` and 130, a reader gone away the status of SIGPIPE; only
+    a bug shows a traceback. The scripts in simulations/ end the same way:
+    ``raise SystemExit(run_command(main))``."""
     try:
-        code = args._handler(args)
+        code = command()
         sys.stdout.flush()  # a reader that went away shows up here rather than at exit
-        return code
+        return code or 0
     except FedmamlError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -21,7 +21,7 @@ from fedmaml.federated.health import run_status
 from fedmaml.federated.server_app import make_server_app
 from fedmaml.federated.setup import check_device, setup_for
 from fedmaml.results.recorder import read_summary
-from fedmaml.tracking import check_available
+from fedmaml.tracking import check_available, one_attempt_per_store
 
 
 def quiet_frameworks(quiet: bool = False) -> None:
@@ -67,7 +67,8 @@ def run_experiment(cfg: Config, quiet: bool = False, run_dir: str | Path | None 
             print(f"moved {run_dir} aside to {aside}", file=sys.stderr)
     run_dir = Path(run_dir) if run_dir else rd.new_run_dir(cfg)
     runs = list(zip(configs, [run_dir] + [run_dir / "baselines" / n for n in names]))
-    with rd.run_lock(run_dir), checkpoint.stop_on_signals():
+    # one_attempt_per_store: a tracking store that cannot start is tried for the first run only
+    with rd.run_lock(run_dir), checkpoint.stop_on_signals(), one_attempt_per_store():
         todo, changes = [], []
         for i, (c, d) in enumerate(runs):
             summary = read_summary(d)

@@ -60,6 +60,7 @@ from fedmaml.sweep_spec import (MANIFEST, Reference, SweepSpec, grid_key,  # noq
                                 load_sweep, overlapping, parse_grid_arg, parse_references, parse_seeds,
                                 parse_settings, settings_from_section, spec_from_section,
                                 split_values, strip_source)
+from fedmaml.tracking import one_attempt_per_store
 
 LOCK_FILE = ".sweep.lock"
 ERROR_FILE = "error.txt"  # written into a run directory whose run raised
@@ -323,6 +324,43 @@ def _worker_init(parent_pid: int) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True).start()
+
+
+def _script_worker_init(parent_pid: int) -> None:
+    """A worker of :func:`worker_pool`: exits when its parent is gone, and ignores Ctrl-C while it
+    waits for work (a run in it still installs its own handler); the parent stops it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _worker_init(parent_pid)
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int, max_tasks_per_child: int | None = None) -> Iterator[Any]:
+    """A ``ProcessPoolExecutor`` of ``workers`` spawned processes for experiment scripts
+    (simulations/), whose workers end as the sweep's do: they exit when this process is killed,
+    and if the block ends with an exception (Ctrl-C) they are killed at once. A gentler stop
+    (``multiprocessing.Pool``'s SIGTERM) is, to a run stopping after Ctrl-C, the second signal:
+    it aborts with a traceback in every worker. A task stopped by Ctrl-C raises KeyboardInterrupt
+    here."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_script_worker_init, initargs=(os.getpid(),),
+                               max_tasks_per_child=max_tasks_per_child)
+    try:
+        yield pool
+    except BaseException:
+        _kill_workers(pool)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _kill_workers(pool: Any) -> None:
+    """Stop the workers of a ``ProcessPoolExecutor`` now: a resumed sweep must not find them still
+    writing into run dirs."""
+    for proc in list(getattr(pool, "_processes", {}).values()):
+        proc.kill()
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _Lock(sweep_dir: Path) -> DirectoryLock:
@@ -618,7 +656,9 @@ def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None
         return result
 
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    with _Lock(sweep_dir):
+    # one_attempt_per_store: a tracking store that cannot start is tried once by the runs of this
+    # process (each worker process tries it once too)
+    with _Lock(sweep_dir), one_attempt_per_store():
         write_manifest(sweep_dir, base, spec)
         total = len(todo)
 
@@ -703,10 +743,7 @@ def _run_pool(work: list[tuple[Any, tuple, list[PlannedRun]]], jobs: int, record
                     outcome = (0.0, f"worker process died: {type(e).__name__}: {e}")
                 record(runs, outcome)
     except BaseException:
-        # Stop the workers now: a resumed sweep must not find them still writing into run dirs.
-        for proc in list(getattr(pool, "_processes", {}).values()):
-            proc.kill()
-        pool.shutdown(wait=True, cancel_futures=True)
+        _kill_workers(pool)
         raise
     pool.shutdown(wait=True)
 

@@ -37,8 +37,6 @@ import argparse
 import itertools
 import json
 import math
-import multiprocessing
-import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,12 +268,10 @@ def train_batched(jobs: list[tuple], workers: int) -> None:
         n = min(split, len(members))
         parts += [members[i::n] for i in range(n)]
     parts.sort(key=len, reverse=True)  # the largest first: the pool ends evenly
-    from fedmaml.sweep import _worker_init  # workers exit when this process is killed
+    from fedmaml.sweep import worker_pool  # workers end with this process, without tracebacks
 
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers, initializer=_worker_init, initargs=(os.getpid(),),
-                  maxtasksperchild=1) as pool:
-        for _ in pool.imap_unordered(train_part, parts):
+    with worker_pool(workers, max_tasks_per_child=1) as pool:
+        for _ in pool.map(train_part, parts):
             pass
 
 
@@ -283,10 +279,11 @@ def run_all(jobs: list[tuple], workers: int, vectorize: bool = True) -> list[dic
     """Train (vectorized batches, or run by run) and score every job."""
     if vectorize:
         train_batched(jobs, workers)
+    from fedmaml.sweep import worker_pool  # workers end with this process, without tracebacks
+
     results = []
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers, maxtasksperchild=20) as pool:
-        for i, r in enumerate(pool.imap_unordered(run_one, jobs)):
+    with worker_pool(workers, max_tasks_per_child=20) as pool:
+        for i, r in enumerate(pool.map(run_one, jobs)):
             results.append(r)
             print(f"[{i + 1}/{len(jobs)}] {r['method']:13s} K={r['K']} eta={r['eta']:g} "
                   f"beta={r['beta']:g} seed={r['seed']}: val {r['val_mse']:.3f} test "
@@ -360,12 +357,10 @@ def tune(methods: list[Method], ks: list[int], steps: int, seeds: list[int], out
     diverged, as Per-FedAvg-HF's often do) the one that trained longest is used, and the tuning
     record says so (``eligible: false``)."""
     jobs = [(m.name, k, steps, seeds, str(out), protocol, rungs) for m in methods for k in ks]
-    ctx = multiprocessing.get_context("spawn")
-    from fedmaml.sweep import _worker_init  # workers exit when this process is killed
+    from fedmaml.sweep import worker_pool  # workers end with this process, without tracebacks
 
-    with ctx.Pool(workers, initializer=_worker_init, initargs=(os.getpid(),),
-                  maxtasksperchild=1) as pool:
-        tuned = list(pool.imap_unordered(tune_one, jobs))
+    with worker_pool(workers, max_tasks_per_child=1) as pool:
+        tuned = list(pool.map(tune_one, jobs))
     chosen = {(t["method"], t["K"]): tuple(t["chosen"]) for t in tuned}
     return chosen, sorted(tuned, key=lambda t: (t["K"], t["method"]))
 
@@ -566,4 +561,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from fedmaml.cli import run_command  # Ctrl-C: "interrupted", exit 130, no traceback
+
+    raise SystemExit(run_command(main))

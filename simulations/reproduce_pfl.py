@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import statistics
 import time
 from pathlib import Path
@@ -120,9 +119,11 @@ def run_all(jobs: list[tuple], workers: int, vectorize: bool = True) -> list[dic
                   if e}
         for name, error in failed.items():
             print(f"FAILED {name}: {error}", flush=True)
+    from fedmaml.sweep import worker_pool  # workers end with this process, without tracebacks
+
     results = []
-    with multiprocessing.get_context("spawn").Pool(workers, maxtasksperchild=10) as pool:
-        for i, r in enumerate(pool.imap(run_one, jobs)):
+    with worker_pool(workers, max_tasks_per_child=10) as pool:
+        for i, r in enumerate(pool.map(run_one, jobs)):
             results.append(r)
             numbers = " ".join(f"{name} {r[key]:.3f}" for name, key in
                                (("seen", "seen"), ("memory", "seen_memory"), ("unseen", "unseen"))
@@ -181,10 +182,10 @@ def tune(settings: list[str], job: Any, workers: int) -> tuple[dict, list[dict[s
         for method in METHODS:
             base = job(setting, method, (), TUNE_SEEDS[0], tuning=True)
             jobs.append((setting, method, base, base[-1]))
-    import multiprocessing as mp
+    from fedmaml.sweep import worker_pool  # workers end with this process, without tracebacks
 
-    with mp.get_context("spawn").Pool(workers, maxtasksperchild=1) as pool:
-        tuned = list(pool.imap_unordered(tune_one, jobs))
+    with worker_pool(workers, max_tasks_per_child=1) as pool:
+        tuned = list(pool.map(tune_one, jobs))
     chosen = {(t["setting"], t["method"]): t["chosen"] for t in tuned}
     return chosen, sorted(tuned, key=lambda t: (t["setting"], t["method"]))
 
@@ -394,4 +395,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from fedmaml.cli import run_command  # Ctrl-C: "interrupted", exit 130, no traceback
+
+    raise SystemExit(run_command(main))

@@ -203,3 +203,29 @@ def test_the_vectorize_help_names_every_key_a_batch_carries_per_run(capsys):
              if k not in ("name", "output_dir")}
     words |= {p.rstrip(".") for p in PER_RUN_PREFIXES}
     assert not [w for w in sorted(words) if w not in text]
+
+
+@pytest.mark.slow
+def test_a_study_script_ends_on_ctrl_c_as_the_cli_does(tmp_path):
+    """simulations/participation_study.py stopped by Ctrl-C: the sweep's resume hint and
+    ``interrupted``, exit code 130, no KeyboardInterrupt traceback."""
+    import os
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, str(repo / "simulations" / "participation_study.py"),
+                             "--out", str(tmp_path)], cwd=tmp_path, text=True,
+                            env={**os.environ, "PYTHONPATH": str(repo)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(tmp_path.glob("*/*/metrics.jsonl")):
+        time.sleep(0.1)  # a run is training: the sweep has its hint to print
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert "run the same command again to resume" in err
+    assert err.rstrip().endswith("interrupted")

@@ -200,6 +200,27 @@ def test_connection_is_what_the_flwr_cli_parses(tmp_path):
         write_connection("lab", "10.0.0.1", None, home=tmp_path / "home")
 
 
+def test_an_unknown_connection_is_refused_with_the_ones_there_are_and_how_to_add_it(
+        tmp_path, monkeypatch, capsys):
+    home = tmp_path / "home"
+    write_connection("lab", "10.0.0.1:9093", None, insecure=True, home=home)
+    monkeypatch.setenv("FLWR_HOME", str(home))  # where the flwr CLI looks, as a user sets it
+    config = tmp_path / "exp.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'out'}\n")
+    assert main(["deploy", "submit", str(config), "--connection", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert (f"error: --connection 'nope': no such SuperLink connection in {home / 'config.toml'}; "
+            "it has: lab, local (the default)") in err  # and Flower's other defaults
+    assert "`fedmaml deploy connection nope --address HOST:PORT --ca ca.crt`" in err
+    assert not (tmp_path / "out").exists()  # refused before the run config is written
+    # `deploy wait` names its CONNECTION argument; no config.toml yet: flwr's defaults
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "new"))
+    assert main(["deploy", "wait", "1", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "error: CONNECTION 'nope': no such SuperLink connection in " in err
+    assert "(not written yet: flwr's defaults); it has: local (the default)" in err
+
+
 # -- discovery: nodes that join late, restart under a new id, or never answer ----------------------
 
 class ChurningNodes(InProcessGrid):

@@ -156,6 +156,21 @@ def test_invalid_and_non_finite_candidates_are_never_chosen():
     assert not sel.row("0001")["qualifies"]
 
 
+def test_only_full_measured_says_why_not_epsilon():
+    # every candidate beside full was refused: the reason names each and its error, and no
+    # epsilon was applied (nothing was within or outside it)
+    cands = ps.build_candidates(GROUPS, 1, family=False, user="01,bogus")
+    invalid = [c for c in cands if not c.valid]
+    sel = ps.select_pattern(measured([("1111", 0.9, 10.0)]), "1111", 5.0, "accuracy_points",
+                            invalid=invalid)
+    assert sel.chosen == "1111" and "epsilon" not in sel.reason
+    assert sel.reason.startswith("no candidate other than the full pattern was valid")
+    assert "'01': pattern '01' has 2 bits per row" in sel.reason
+    assert "'bogus': bad pattern segment 'bogus'" in sel.reason
+    alone = ps.select_pattern(measured([("1111", 0.9, 10.0)]), "1111", 5.0, "accuracy_points")
+    assert alone.reason == "the full pattern is the only candidate"
+
+
 def test_rule_rejects_bad_arguments():
     m = measured([("1111", 0.9, 1.0)])
     with pytest.raises(ValueError, match="unit"):
@@ -389,6 +404,19 @@ def test_cli_epsilon_zero_and_only_candidates(trained_run, tmp_path, capsys):
     assert [r["pattern"] for r in record["rows"]] == ["111x2"] and record["chosen"] == "111x2"
 
 
+def test_cli_refuses_candidates_that_are_all_invalid_naming_each(trained_run, tmp_path, capsys):
+    out = tmp_path / "sel.json"
+    code = main(["select-pattern", str(trained_run), "--only-candidates", "--candidates", "0011",
+                 "bogus", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and not out.exists()  # refused before measuring
+    assert "error: --candidates: no candidate other than the full pattern was valid" in err
+    assert "'0011': pattern '0011' has 4 bits per row" in err
+    assert "'bogus': bad pattern segment 'bogus'" in err
+    assert "with --only-candidates no other candidate is generated" in err
+    assert "within epsilon" not in err
+
+
 def test_cli_user_errors(trained_run, tmp_path, capsys):
     assert main(["select-pattern", str(trained_run / "config.yaml")]) == 2
     assert "--checkpoint" in capsys.readouterr().err
@@ -399,6 +427,11 @@ def test_cli_user_errors(trained_run, tmp_path, capsys):
     assert "bad.pt" in err and "do not match" in err
     assert main(["select-pattern", str(tmp_path)]) == 2
     assert "config.yaml" in capsys.readouterr().err
+    # a flag's value is refused under the flag the user typed, then the key it sets
+    for value, why in (("-1", "-1.0 is out of range; allowed: >= 0"),
+                       ("nan", "expected a finite number, got nan")):
+        assert main(["select-pattern", str(trained_run), "--epsilon", value]) == 2
+        assert f"error: --epsilon (pattern_selection.epsilon): {why}\n" in capsys.readouterr().err
 
 
 # -- the benchmark script ---------------------------------------------------------------------------

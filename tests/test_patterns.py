@@ -213,3 +213,29 @@ def test_adapted_and_lowest_adapted_from():
         assert lows == sorted(lows)
         for s in range(p.steps):
             assert all(lows[s] <= g for t in range(s, p.steps) for g in p.adapted(t))
+
+
+def test_a_run_set_up_resolves_its_config_patterns_once(monkeypatch):
+    """setup_for resolves the three patterns once (the hyperparameters and the evaluation share
+    them); a bad one is still refused naming its key."""
+    from fedmaml.config import load_config
+    from fedmaml.federated import setup as setup_module
+
+    calls = []
+
+    def counted(cfg, groups):
+        calls.append(cfg.name)
+        return real(cfg, groups)
+
+    real = setup_module.config_patterns
+    monkeypatch.setattr(setup_module, "config_patterns", counted)
+    cfg = load_config(None, ["name=once", "data.num_clients=4", "model.hidden=[4]",
+                             "algorithm.inner_pattern=01", "evaluation.pattern=head"])
+    setup = setup_module.setup_for(cfg)
+    assert calls == ["once"]
+    assert str(setup.hyper.step.inner_pattern) == "01" and str(setup.eval_pattern) == "01x10"
+    bad = load_config(None, ["name=bad", "data.num_clients=4", "model.hidden=[4]",
+                             "evaluation.pattern=111"])
+    with pytest.raises(PatternError, match=r"^evaluation.pattern: pattern '111' has 3 bits per "
+                                           r"row but .* has 2 layer groups"):
+        setup_module.setup_for(bad)

@@ -706,3 +706,50 @@ def test_planning_batches_imports_neither_the_batch_engine_nor_flower_nor_torch(
             "assert batch_refusal(load_config('configs/sinewave_centralized.yaml',\n"
             "                                 ['engine.device=cuda'])) == 'batches run on the CPU'\n")
     run_without_importing(code, "torch", "flwr", "fedmaml.engines.run_batch")
+
+
+_POOL_SCRIPT = '''
+import sys, time
+from pathlib import Path
+
+from fedmaml.cli import run_command
+from fedmaml.federated.checkpoint import stop_on_signals, stop_requested
+from fedmaml.sweep import worker_pool
+
+
+def work(i):
+    with stop_on_signals():  # as a run in a worker: Ctrl-C asks it to stop after its round
+        Path(sys.argv[1], f"started-{i}").touch()
+        while not stop_requested():
+            time.sleep(0.05)
+        time.sleep(30)  # its round goes on
+
+
+def main():
+    with worker_pool(3) as pool:  # one worker waits for work
+        list(pool.map(work, range(2)))
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_command(main))
+'''
+
+
+def test_a_worker_pool_of_a_script_stops_on_ctrl_c_without_tracebacks(tmp_path):
+    """Ctrl-C in a terminal reaches the script and its pool's workers: the script says
+    ``interrupted`` (exit code 130) and no worker prints a traceback, busy or idle."""
+    script = tmp_path / "pool_script.py"
+    script.write_text(_POOL_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], cwd=tmp_path, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(tmp_path.glob("started-*"))) < 2:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    # a busy worker may say that it stops before it is killed: that is all it says
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-1] == "interrupted", err
+    assert all(line.startswith("SIGINT: stopping after this round") for line in lines[:-1]), err

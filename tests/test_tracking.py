@@ -532,6 +532,67 @@ def test_an_mlflow_store_that_cannot_start_is_reported_and_the_run_goes_on(tiny_
     assert not [r for r in caplog.records if "tracking.mlflow_uri" in r.getMessage()]
 
 
+class SilentServer:
+    """A real TCP port that accepts connections and closes each at once, counting them: an MLflow
+    server that never answers (MLflow's client fails after its bounded retries)."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.uri = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.connections = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # closed
+                return
+            self.connections += 1
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_store_that_cannot_start_is_tried_once_by_a_run_its_baselines_and_a_sweep(
+        tiny_config, tmp_path, caplog):
+    """Each try of a store that does not answer costs seconds: the baselines of a run, and the runs
+    of a sweep, do not try it again (the connections it receives are those of one try), and it is
+    warned about once."""
+    needs("mlflow", "mlflow")
+    from fedmaml.sweep import SweepSpec, run_sweep
+
+    servers = [SilentServer() for _ in range(3)]
+    try:
+        one, run, sweep = servers
+        # one try: a tracker opened on its own
+        assert open_tracker(tiny_config("tracking.backends=[mlflow]",
+                                        f"tracking.mlflow_uri={one.uri}"),
+                            tmp_path / "one").backends == []
+        assert one.connections > 0
+        with caplog.at_level("WARNING", logger="fedmaml"):
+            run_dir = tracked_run(tiny_config, "mlflow", f"tracking.mlflow_uri={run.uri}",
+                                  "compare_with=[fedavg,per_fedavg]")
+            result = run_sweep(tiny_config("tracking.backends=[mlflow]",
+                                           f"tracking.mlflow_uri={sweep.uri}"),
+                               SweepSpec(grid={"algorithm.beta": (0.3, 0.9)}, seeds=(0,)),
+                               tmp_path / "betas", quiet=True)
+        assert (run.connections, sweep.connections) == (one.connections, one.connections)
+        for server in (run, sweep):
+            warned = [r for r in caplog.records if server.uri in r.getMessage()]
+            assert len(warned) == 1, [r.getMessage() for r in warned]
+        assert all(json.loads((d / "summary.json").read_text()).get("status", "completed")
+                   == "completed" for d in [run_dir, *(run_dir / "baselines").iterdir()])
+        assert not result.failed and len(result.ran) == 2
+    finally:
+        for server in servers:
+            server.close()
+
+
 def test_export_to_an_mlflow_store_that_cannot_start_is_refused_with_the_address(tiny_config,
                                                                                   capsys):
     import time

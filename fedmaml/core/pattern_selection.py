@@ -376,6 +376,8 @@ def select_pattern(measurement: Measurement, full: str, epsilon: float, unit: st
     if not math.isfinite(q_full):
         reason = "the full pattern's quality is not finite, so nothing can be compared with it"
         chosen = full
+    elif len(measurement.patterns) == 1:  # nothing measured beside it: no epsilon was applied
+        reason = only_full_reason(invalid)
     elif len(qualifying) == 1:
         reason = f"no candidate other than the full pattern is within epsilon = {epsilon:g} ({unit})"
     elif chosen == full:
@@ -386,6 +388,15 @@ def select_pattern(measurement: Measurement, full: str, epsilon: float, unit: st
         reason = (f"fastest candidate within epsilon = {epsilon:g} ({unit}): "
                   f"{row['speedup']:.2f}x faster than full, change {row['change']:+.2f}")
     return Selection(chosen, full, epsilon, unit, reason, tuple(rows))
+
+
+def only_full_reason(invalid: Sequence[Candidate]) -> str:
+    """Why only the full pattern is left to choose: every other candidate invalid (each named with
+    why it was refused), or none given."""
+    if not invalid:
+        return "the full pattern is the only candidate"
+    refused = "; ".join(f"{c.text!r}: {c.error}" for c in invalid)
+    return f"no candidate other than the full pattern was valid ({refused})"
 
 
 # --------------------------------------------------------------------------------------------------

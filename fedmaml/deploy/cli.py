@@ -292,8 +292,10 @@ def _print_status(entry: dict) -> None:
 
 
 def _wait(a: argparse.Namespace) -> int:
+    from fedmaml.deploy.flwr_config import check_connection
     from fedmaml.deploy.runs import COMPLETED, wait_for_run
 
+    check_connection(a.connection, "CONNECTION")
     entry = wait_for_run(a.run_id, a.connection, timeout=a.timeout, on_change=_print_status)
     if a.run_config:
         _show_run_dir(a.run_config, a.run_id)
@@ -330,10 +332,11 @@ def _add_submit(p: argparse.ArgumentParser) -> None:
 
 def _submit(a: argparse.Namespace) -> int:
     from fedmaml.atomic import atomic_write_text
-    from fedmaml.deploy.flwr_config import run_config_toml
+    from fedmaml.deploy.flwr_config import check_connection, run_config_toml
     from fedmaml.deploy.runs import COMPLETED, submit, wait_for_run
 
     cfg = _resolved(a.config, a.overrides)
+    check_connection(a.connection, "--connection")  # before anything is written or bundled
     text = run_config_toml(cfg)
     out = Path(cfg.output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)

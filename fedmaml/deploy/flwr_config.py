@@ -115,6 +115,39 @@ def flwr_home() -> Path:
     return Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr").expanduser()
 
 
+def read_flwr_config(path: Path) -> dict[str, Any]:
+    """The ``flwr`` CLI's ``config.toml`` as it reads it: Flower's own default file while there is
+    none yet (``flwr`` writes it at its first use, with its "local" simulation connection)."""
+    from flwr.cli.constant import DEFAULT_FLOWER_CONFIG_TOML
+
+    text = path.read_text(encoding="utf-8") if path.exists() else DEFAULT_FLOWER_CONFIG_TOML
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise DeployError(f"{path} is not valid TOML ({e}); fix or move it away") from None
+
+
+def check_connection(name: str | None, given: str, home: str | Path | None = None) -> None:
+    """Refuse a SuperLink connection the ``flwr`` CLI does not have (``given``: how the user named
+    it, e.g. ``--connection``), listing those it has and how to add one; ``flwr`` itself only says
+    that it is not found. None: the default connection, which ``flwr`` resolves."""
+    if name is None:
+        return
+    home = Path(home).expanduser() if home is not None else flwr_home()
+    path = home / "config.toml"
+    links = read_flwr_config(path).get("superlink", {})
+    names = sorted(n for n, entry in links.items() if isinstance(entry, Mapping))
+    if name in names:
+        return
+    default = links.get("default")
+    have = ", ".join(f"{n} (the default)" if n == default else n for n in names) or "none"
+    where = path if path.exists() else f"{path} (not written yet: flwr's defaults)"
+    raise DeployError(f"{given} {name!r}: no such SuperLink connection in {where}; it has: {have}. "
+                      f"Add it with `fedmaml deploy connection {name} --address HOST:PORT --ca "
+                      "ca.crt` (the SuperLink's Control API; --insecure instead of --ca for one "
+                      "without TLS), or give one of those")
+
+
 def write_connection(name: str, address: str, ca: str | Path | None, *, insecure: bool = False,
                      default: bool = False, home: str | Path | None = None,
                      token_file: str | Path | None = None) -> Path:
@@ -131,14 +164,7 @@ def write_connection(name: str, address: str, ca: str | Path | None, *, insecure
         raise DeployError("give exactly one of --ca CA_CERT (TLS, the default) and --insecure")
     home = Path(home).expanduser() if home is not None else flwr_home()
     path = home / "config.toml"
-    # Start from Flower's own default file, so its "local" (simulation) connection stays usable.
-    from flwr.cli.constant import DEFAULT_FLOWER_CONFIG_TOML
-
-    text = path.read_text(encoding="utf-8") if path.exists() else DEFAULT_FLOWER_CONFIG_TOML
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise DeployError(f"{path} is not valid TOML ({e}); fix or move it away") from None
+    data = read_flwr_config(path)
     links = data.setdefault("superlink", {})
     entry: dict[str, Any] = {"address": address}
     if ca is not None:

@@ -91,6 +91,7 @@ from fedmaml.federated.setup import ExperimentSetup, setup_for, warn_pattern_ste
 from fedmaml.federated.strategy import TRAIN_METRICS, MetaStrategy, exchange
 from fedmaml.results.metrics_row import MetricsRow
 from fedmaml.results.progress import Progress
+from fedmaml.tracking import one_attempt_per_store
 
 log = logging.getLogger("fedmaml")
 
@@ -681,5 +682,7 @@ def _unflatten(x: Any, runs: int, clients: int) -> Any:
 
 def run_batch(configs: Sequence[Config], run_dirs: Sequence[str | Path], quiet: bool = True,
               resume: bool = False, until_round: int | None = None) -> dict[int, dict[str, Any]]:
-    """Train ``configs`` as one :class:`RunBatch`; return each run's summary by index."""
-    return RunBatch(configs, run_dirs, quiet=quiet, resume=resume).run(until_round)
+    """Train ``configs`` as one :class:`RunBatch`; return each run's summary by index. A tracking
+    store that cannot start is tried for the first run only (one_attempt_per_store)."""
+    with one_attempt_per_store():
+        return RunBatch(configs, run_dirs, quiet=quiet, resume=resume).run(until_round)

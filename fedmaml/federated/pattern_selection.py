@@ -415,6 +415,19 @@ def load_checkpoint(path: str | Path, like: Params) -> Params:
     return {k: v.to(like[k].dtype) for k, v in state.items()}
 
 
+def _check_something_to_compare(setup: ExperimentSetup, given: str, no_family: str) -> None:
+    """Refuse a selection whose candidates beside the full pattern are all invalid (a typo, a
+    pattern for another model), before a minute of measuring that could only choose the full
+    pattern. ``given``: where the candidates came from; ``no_family``: what turned the generated
+    ones off."""
+    candidates = candidates_for(setup)
+    invalid = [c for c in candidates if not c.valid]
+    if invalid and sum(c.valid for c in candidates) == 1:
+        raise ConfigError(f"{given}: {ps.only_full_reason(invalid)}; with {no_family} no other "
+                          "candidate is generated, so there is nothing to compare the full "
+                          "pattern with")
+
+
 def select_from_cli(target: str | Path, overrides: Sequence[str] = (), *,
                     epsilon: float | None = None, candidates: Sequence[str] | None = None,
                     family: bool | None = None, checkpoint: str | Path | None = None,
@@ -448,6 +461,10 @@ def select_from_cli(target: str | Path, overrides: Sequence[str] = (), *,
     if updates:
         cfg = replace_paths(cfg, updates)
     setup = setup_for(cfg)
+    _check_something_to_compare(setup, "--candidates" if candidates is not None else
+                                "pattern_selection.candidates",
+                                "--only-candidates" if family is False else
+                                "pattern_selection.family: false")
     w = load_checkpoint(checkpoint, setup.initial_params)
     record = select_central(setup, w)
     record["checkpoint"] = checkpoint.name

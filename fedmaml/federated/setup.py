@@ -27,7 +27,7 @@ from fedmaml.data.spec import USER_FAMILIES
 from fedmaml.data.tasks import Federation
 from fedmaml.data.user import check_client_sizes
 from fedmaml.errors import ConfigError
-from fedmaml.federated.config_patterns import LayerGroups, config_patterns
+from fedmaml.federated.config_patterns import ConfigPatterns, LayerGroups, config_patterns
 from fedmaml.federated.privacy import is_private
 from fedmaml.models import Model, build_model
 
@@ -114,16 +114,16 @@ def warn_pattern_steps(cfgs: Config | list[Config]) -> None:
         log.warning("%s", line)
 
 
-def build_hyper(cfg: Config, model: Model, algorithm: Algorithm) -> Hyper:
+def build_hyper(cfg: Config, patterns: ConfigPatterns, algorithm: Algorithm) -> Hyper:
+    """The algorithm's hyperparameters; ``patterns``: the config's, resolved for its model."""
     a = cfg.algorithm
-    inner, memory, _ = config_patterns(cfg, layer_groups(model))
     # Algorithms without memory are MOML with beta = 1: the "memory" is A(w; S) itself.
     beta = a.beta if algorithm.uses_memory else 1.0
     # algorithm.meta_gradient's choices are the estimators (StepConfig checks it again)
     step = StepConfig(alpha=a.alpha, beta=beta, estimator=cast(Estimator, a.meta_gradient),
-                      inner_pattern=inner, memory_pattern=memory, hf_delta=a.hf_delta,
-                      hf_perturbation=a.hf_perturbation, scale_by_beta=a.scale_by_beta,
-                      loss_before=a.loss_before)
+                      inner_pattern=patterns.inner, memory_pattern=patterns.memory,
+                      hf_delta=a.hf_delta, hf_perturbation=a.hf_perturbation,
+                      scale_by_beta=a.scale_by_beta, loss_before=a.loss_before)
     k = a.support_size
     return Hyper(step=step, eta=a.eta, local_steps=a.local_steps, tasks_per_step=a.tasks_per_step,
                  support_size=k, query_size=a.query_size or k,
@@ -164,15 +164,15 @@ def _setup_cached(_key: str, cfg: Config) -> ExperimentSetup:
                           "(server_update), which differential privacy cannot account for; set "
                           "privacy.clipping: none and privacy.noise_multiplier: 0, or drop "
                           "server_update to use the mean")
-    hyper = build_hyper(cfg, model, algorithm)
+    patterns = config_patterns(cfg, layer_groups(model))  # once: the first bad one names its key
+    hyper = build_hyper(cfg, patterns, algorithm)
     if cfg.data.family in USER_FAMILIES:  # a user's clients may be too small for a step
         check_client_sizes(federation, hyper.support_size + hyper.query_size,
                            "algorithm.support_size + query_size", f"data.family = {cfg.data.family!r}")
     ev = cfg.evaluation
-    eval_pattern = config_patterns(cfg, layer_groups(model)).evaluation
     return ExperimentSetup(
         config=cfg, federation=federation, model=model, loss_fn=loss_named(cfg.model.loss, federation.task_type),
-        algorithm=algorithm, hyper=hyper, eval_pattern=eval_pattern,
+        algorithm=algorithm, hyper=hyper, eval_pattern=patterns.evaluation,
         eval_alpha=ev.alpha or cfg.algorithm.alpha, initial_params=model.init(cfg.seed if cfg.model.init_seed < 0 else cfg.model.init_seed))
 
 

@@ -14,9 +14,10 @@ unless the config names one (``tracking.mlflow_uri``, ``tracking.wandb_mode: onl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -176,13 +177,20 @@ def open_tracker(cfg: Config, run_dir: str | Path, strict: bool = False) -> Trac
     try:
         for name in names:
             module, cls, _ = BACKENDS[name]
+            store = _store_key(name, cfg)
+            if _failed is not None and store in _failed:  # tried in this scope: not again
+                log.debug("tracking: %s; %s logs nothing for this run either", _failed[store],
+                          name)
+                continue
             try:
                 backends.append(getattr(importlib.import_module(module), cls)(info, cfg.tracking))
             except Exception as e:  # noqa: BLE001 - tracking must not stop the run
                 if strict or _missing_package(e):
                     raise
                 reason = _start_failure(name, e)
-                # a run's baselines open their own trackers: the same failure is said once
+                if _failed is not None:
+                    _failed[store] = reason
+                # the same failure of another scope (a second run of a notebook) is said once
                 (log.debug if reason in _REPORTED else log.warning)(
                     "tracking: %s; %s logs nothing for this run, which goes on", reason, name)
                 _REPORTED.add(reason)
@@ -194,6 +202,34 @@ def open_tracker(cfg: Config, run_dir: str | Path, strict: bool = False) -> Trac
 
 #: the start failures warned about in this process
 _REPORTED: set[str] = set()
+
+#: The backends that could not start in the :func:`one_attempt_per_store` scope that is open (None:
+#: none is), by :func:`_store_key`, with why.
+_failed: dict[tuple[Any, ...], str] | None = None
+
+
+@contextlib.contextmanager
+def one_attempt_per_store() -> Iterator[None]:
+    """During the block (a run and its baselines, a batch, a sweep), a backend that could not start
+    is not tried again for the next runs, which go on without it as the first did: each try of an
+    MLflow server that does not answer costs seconds, and every run opens a tracker of its own. A
+    block inside another shares the outer one's memory. Outside any block every run tries again,
+    so a long-lived process (a notebook) finds a store that has come back."""
+    global _failed
+    if _failed is not None:
+        yield
+        return
+    _failed = {}
+    try:
+        yield
+    finally:
+        _failed = None
+
+
+def _store_key(name: str, cfg: Config) -> tuple[Any, ...]:
+    """Backend ``name`` with everything that says where its store is: the tracking section, and the
+    output directory (MLflow's default store is in it)."""
+    return name, cfg.tracking, str(Path(cfg.output_dir).expanduser().resolve())
 
 
 def _missing_package(error: Exception) -> bool:

@@ -402,4 +402,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fedmaml.cli import run_command  # Ctrl-C: "interrupted", exit 130, no traceback
+
+    raise SystemExit(run_command(main))

@@ -63,4 +63,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from fedmaml.cli import run_command  # Ctrl-C: "interrupted", exit 130, no traceback
+
+    raise SystemExit(run_command(main))
