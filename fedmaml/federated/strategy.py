@@ -566,7 +566,6 @@ class MetaStrategy(Strategy):
                     counts=torch.tensor(counts, dtype=torch.float64).reshape(1, len(counts)),
                     failed=[failed], missing=[missing], privacy=[self.privacy],
                     round_number=server_round,
-                    num_sampled=[len(self.round_stats.get("clients", []))],
                     rule=algorithm.server_update if has_server_rule(algorithm) else None,
                     finite=True)  # the decoders rejected NaN/inf (R.stack_from_records, _cohort)
         finally:
