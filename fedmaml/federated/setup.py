@@ -27,7 +27,7 @@ from fedmaml.data.spec import USER_FAMILIES
 from fedmaml.data.tasks import Federation
 from fedmaml.data.user import check_client_sizes
 from fedmaml.errors import ConfigError
-from fedmaml.federated.config_patterns import LayerGroups, config_patterns
+from fedmaml.federated.config_patterns import ConfigPatterns, LayerGroups, config_patterns
 from fedmaml.federated.privacy import is_private
 from fedmaml.models import Model, build_model
 
@@ -114,16 +114,15 @@ def warn_pattern_steps(cfgs: Config | list[Config]) -> None:
         log.warning("%s", line)
 
 
-def build_hyper(cfg: Config, model: Model, algorithm: Algorithm) -> Hyper:
+def build_hyper(cfg: Config, patterns: ConfigPatterns, algorithm: Algorithm) -> Hyper:
     a = cfg.algorithm
-    inner, memory, _ = config_patterns(cfg, layer_groups(model))
     # Algorithms without memory are MOML with beta = 1: the "memory" is A(w; S) itself.
     beta = a.beta if algorithm.uses_memory else 1.0
     # algorithm.meta_gradient's choices are the estimators (StepConfig checks it again)
     step = StepConfig(alpha=a.alpha, beta=beta, estimator=cast(Estimator, a.meta_gradient),
-                      inner_pattern=inner, memory_pattern=memory, hf_delta=a.hf_delta,
-                      hf_perturbation=a.hf_perturbation, scale_by_beta=a.scale_by_beta,
-                      loss_before=a.loss_before)
+                      inner_pattern=patterns.inner, memory_pattern=patterns.memory,
+                      hf_delta=a.hf_delta, hf_perturbation=a.hf_perturbation,
+                      scale_by_beta=a.scale_by_beta, loss_before=a.loss_before)
     k = a.support_size
     return Hyper(step=step, eta=a.eta, local_steps=a.local_steps, tasks_per_step=a.tasks_per_step,
                  support_size=k, query_size=a.query_size or k,
@@ -140,15 +139,11 @@ def _cache_key(cfg: Config) -> str:
     return json.dumps(keep, sort_keys=True)
 
 
+# Apps call this once per message: look the config object up by value first (a hash and an
+# identity check, ~2 us) before serialising it into the key that ignores unrelated fields.
+@functools.lru_cache(maxsize=8)
 def setup_for(cfg: Config) -> ExperimentSetup:
     """The (cached) setup of a config."""
-    # Apps call this once per message: look the config object up by value first (a hash and an
-    # identity check, ~2 us) before serialising it into the key that ignores unrelated fields.
-    return _setup_by_config(cfg)
-
-
-@functools.lru_cache(maxsize=8)
-def _setup_by_config(cfg: Config) -> ExperimentSetup:
     return _setup_cached(_cache_key(cfg), cfg)
 
 
@@ -164,16 +159,15 @@ def _setup_cached(_key: str, cfg: Config) -> ExperimentSetup:
                           "(server_update), which differential privacy cannot account for; set "
                           "privacy.clipping: none and privacy.noise_multiplier: 0, or drop "
                           "server_update to use the mean")
-    hyper = build_hyper(cfg, model, algorithm)
+    patterns = config_patterns(cfg, layer_groups(model))
+    hyper = build_hyper(cfg, patterns, algorithm)
     if cfg.data.family in USER_FAMILIES:  # a user's clients may be too small for a step
         check_client_sizes(federation, hyper.support_size + hyper.query_size,
                            "algorithm.support_size + query_size", f"data.family = {cfg.data.family!r}")
-    ev = cfg.evaluation
-    eval_pattern = config_patterns(cfg, layer_groups(model)).evaluation
     return ExperimentSetup(
         config=cfg, federation=federation, model=model, loss_fn=loss_named(cfg.model.loss, federation.task_type),
-        algorithm=algorithm, hyper=hyper, eval_pattern=eval_pattern,
-        eval_alpha=ev.alpha or cfg.algorithm.alpha, initial_params=model.init(cfg.seed if cfg.model.init_seed < 0 else cfg.model.init_seed))
+        algorithm=algorithm, hyper=hyper, eval_pattern=patterns.evaluation,
+        eval_alpha=cfg.evaluation.alpha or cfg.algorithm.alpha, initial_params=model.init(cfg.seed if cfg.model.init_seed < 0 else cfg.model.init_seed))
 
 
 def resolve_device(name: str) -> torch.device:
