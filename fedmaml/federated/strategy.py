@@ -74,8 +74,6 @@ EVAL_METRICS = ("loss", "accuracy", "memory-loss", "memory-accuracy", "memory-ga
 # long for them, even when rounds have no time limit (round_timeout 0 -> timeout None). A
 # simulation waits engine.discovery_timeout for the nodes its engine started.
 DISCOVERY_SECONDS = 60.0
-#: Memory resets of a round (its training and its evaluation), added to the row after evaluation.
-RESET_KEYS = ("memory_resets", "memory_reset_clients")
 
 
 def summarize(values: list[float], weights: list[float]) -> dict[str, float]:
@@ -761,7 +759,7 @@ class MetaStrategy(Strategy):
         if isinstance(grid, InMemoryGrid):  # Flower's (Ray) simulation: it started every node
             self.nodes = directory.discover(self.cfg.engine.discovery_timeout, simulation=True)
         else:  # devices, which may connect late
-            self.nodes = directory.discover(discovery_seconds(timeout))
+            self.nodes = directory.discover(max(timeout or 0.0, DISCOVERY_SECONDS))
         self.w = R.from_record(initial_arrays, self.setup.initial_params, "initial arrays")
         self.w_before_update = self.w
         arrays, result, start = initial_arrays, Result(), time.perf_counter()
@@ -804,9 +802,9 @@ class MetaStrategy(Strategy):
                 if eval_metrics is not None:
                     result.evaluate_metrics_clientapp[server_round] = eval_metrics
                     row.eval = dict(eval_metrics)
-            row.memory_resets = self.round_stats.get("memory_resets")
-            row.memory_reset_clients = self.round_stats.get("memory_reset_clients")
-            self.round_stats = {k: v for k, v in self.round_stats.items() if k not in RESET_KEYS}
+            # the memory resets of the round's training and evaluation, not carried into the next
+            row.memory_resets = self.round_stats.pop("memory_resets", None)
+            row.memory_reset_clients = self.round_stats.pop("memory_reset_clients", None)
             row.samples, row.bytes_up, row.bytes_down = (
                 totals["samples"], totals["bytes_up"], totals["bytes_down"])
             row.seconds = time.perf_counter() - start
@@ -820,8 +818,3 @@ def simulated(grid: Grid) -> bool:
     """Whether ``grid`` is a simulation (Flower's Ray engine, or fedmaml's in-process and
     vectorized engines, which deliver synchronously) rather than real devices."""
     return isinstance(grid, InMemoryGrid) or bool(getattr(grid, "synchronous", False))
-
-
-def discovery_seconds(timeout: float | None) -> float:
-    """How long the run waits at its start for a node per client id."""
-    return DISCOVERY_SECONDS if timeout is None else max(timeout, DISCOVERY_SECONDS)
