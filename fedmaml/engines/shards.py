@@ -12,7 +12,6 @@ Everything here is plain data (tensors, Flower records): no Ray, so it is tested
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -124,10 +123,6 @@ class ShardBank:
     @property
     def nbytes(self) -> int:
         return self.local.nbytes
-
-    @property
-    def path(self) -> Path | None:
-        return self.local.path
 
     def state_dict(self) -> dict:
         """The shard's rows with their global client ids (a bank state of the whole federation)."""
