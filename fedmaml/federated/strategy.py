@@ -603,8 +603,7 @@ class MetaStrategy(Strategy):
         self.round_stats["eval-clients"] = cids
         return self._instructions(cids, arrays, cfg, "evaluate", server_round, grid)
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
-                           ) -> MetricRecord | None:
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord:
         """Per group (seen = the training panel, unseen): every metric's summary and per-client
         list, ordered as ``<group>.ids``. A client without a memory has NaN for memory metrics
         (null in metrics.jsonl); their summary covers the clients that have one. Error, malformed
@@ -763,13 +762,13 @@ class MetaStrategy(Strategy):
         self.w = R.from_record(initial_arrays, self.setup.initial_params, "initial arrays")
         self.w_before_update = self.w
         arrays, result, start = initial_arrays, Result(), time.perf_counter()
-        totals = self.totals = {"samples": 0, "bytes_up": 0, "bytes_down": 0}
+        self.totals = {"samples": 0, "bytes_up": 0, "bytes_down": 0}
         first = 0
         if resume is not None:
             done, seconds, state, memories = resume
             self.import_state(state)
             checkpoint.restore_memories(grid, self.nodes, memories, send)
-            arrays, totals, first = R.kept_record(self.w), self.totals, done + 1
+            arrays, first = R.kept_record(self.w), done + 1
             start -= seconds
         for server_round in range(first, num_rounds + 1):
             row = MetricsRow(server_round)
@@ -784,29 +783,27 @@ class MetaStrategy(Strategy):
                     del messages, replies
                 if new_arrays is not None:
                     arrays = result.arrays = new_arrays
-                if train_metrics is not None:
-                    result.train_metrics_clientapp[server_round] = train_metrics
-                totals["samples"] += int(train_metrics["samples"]) if train_metrics else 0
-                totals["bytes_up"] += up
-                totals["bytes_down"] += down
                 row = MetricsRow(server_round, available=self.available,
                                  **round_fields(self.round_stats))
-                if train_metrics:
+                if train_metrics is not None:
+                    result.train_metrics_clientapp[server_round] = train_metrics
+                    self.totals["samples"] += int(train_metrics["samples"])
                     row.set_train(train_metrics)
+                self.totals["bytes_up"] += up
+                self.totals["bytes_down"] += down
             if self.selector.due(server_round):  # after this round's update, before its evaluation
                 row.pattern_selection = self.selector.run(self.w, server_round, send, self.nodes)
             eval_messages = list(self.configure_evaluate(server_round, arrays, evaluate_config, grid))
             if eval_messages:
                 status(f"evaluating on {len(eval_messages)} clients")  # can outlast many rounds
                 eval_metrics = self.aggregate_evaluate(server_round, send(eval_messages))
-                if eval_metrics is not None:
-                    result.evaluate_metrics_clientapp[server_round] = eval_metrics
-                    row.eval = dict(eval_metrics)
+                result.evaluate_metrics_clientapp[server_round] = eval_metrics
+                row.eval = dict(eval_metrics)
             # the memory resets of the round's training and evaluation, not carried into the next
             row.memory_resets = self.round_stats.pop("memory_resets", None)
             row.memory_reset_clients = self.round_stats.pop("memory_reset_clients", None)
             row.samples, row.bytes_up, row.bytes_down = (
-                totals["samples"], totals["bytes_up"], totals["bytes_down"])
+                self.totals["samples"], self.totals["bytes_up"], self.totals["bytes_down"])
             row.seconds = time.perf_counter() - start
             if on_round:
                 on_round(row)
