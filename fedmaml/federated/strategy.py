@@ -200,7 +200,6 @@ class MetaStrategy(Strategy):
         self._timeout: float | None = None  # of the running start()
         self.selector = PatternSelector(setup)  # Lambda-pattern selection; inert when mode is none
         self._panel: list[int] | None = None
-        self.poll_interval = fed.poll_interval
         self.w_before_update: Params = self.w  # the model before the last applied update
         self.touched: set[int] = set()  # clients sent a train instruction (they may hold a memory)
         self.totals = {"samples": 0, "bytes_up": 0, "bytes_down": 0}
@@ -728,7 +727,7 @@ class MetaStrategy(Strategy):
     def _sender(self, grid: Grid) -> Callable[[list[Message]], list[Message]]:
         """Send messages through ``grid`` and wait for their replies (:func:`exchange`), with the
         running start()'s timeout."""
-        return lambda ms: exchange(grid, ms, self._timeout, self.poll_interval)
+        return lambda ms: exchange(grid, ms, self._timeout, self.cfg.federated.poll_interval)
 
     def summary(self) -> None:
         fed = self.cfg.federated
