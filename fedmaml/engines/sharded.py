@@ -428,9 +428,6 @@ class ShardActors:
                                       "its actor was stopped")
         return out
 
-    def stats(self) -> dict[int, Any]:
-        return self.call("stats", {k: () for k in self.handles})
-
     def stop(self) -> None:
         import ray
         from ray.util.placement_group import remove_placement_group
@@ -518,7 +515,7 @@ def run_on_grid(server_app: ServerApp, grid: ShardedGrid) -> dict[str, Any]:
     claim_task_identity()
     server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                              run_config={}))
-    stats = grid.actors.stats()
+    stats = grid.actors.call("stats", {k: () for k in grid.actors.handles})
     return {"shards": [grid.actors.where.get(k, {}) | (s if isinstance(s, dict) else {})
                        for k, s in sorted(stats.items())],
             "deaths": grid.deaths}
