@@ -208,9 +208,8 @@ class MetaStrategy(Strategy):
         self.participation = Participation(self.cfg.participation, self.cfg.seed, n)
         self.staleness = Staleness(n)
         self.available: int | None = None  # clients available in the last sampled round
-        # The mean update (differential privacy when configured) and the privacy account.
         self.sampling = client_sampling(fed, n)  # the scheme: denominator and privacy account
-        self.privacy = UpdatePrivacy(self.cfg, self.sampling)
+        self.privacy = UpdatePrivacy(self.cfg, self.sampling)  # the mean update, private or not
 
     # -- sampling -------------------------------------------------------------------------------
     def cohort_size(self) -> int:
@@ -241,11 +240,9 @@ class MetaStrategy(Strategy):
         excluded), ``sampled.first.fraction``, ``sampled.participations.count``, and the memory
         footprint ``memory.bytes.client`` / ``memory.bytes.total`` / ``memory.clients.count``
         (clients holding a memory: those sampled at least once)."""
-        out: dict[str, float] = {}
         window = self.staleness.take_window()
-        for stat in ("mean", "p50", "p90", "max"):
-            if stat in window:
-                out[f"sampled.staleness.{stat}"] = window[stat]
+        out = {f"sampled.staleness.{stat}": window[stat] for stat in ("mean", "p50", "p90", "max")
+               if stat in window}
         if window:
             out["sampled.first.fraction"] = window["first"]
             out["sampled.participations.count"] = window["participations"]
