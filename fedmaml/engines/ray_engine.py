@@ -41,17 +41,12 @@ def ray_backend_config(engine: Any) -> dict[str, Any]:
             "init_args": init_args}
 
 
-class _DropRunSimulationDeprecation(logging.Filter):
+def _drop_run_simulation_deprecation(record: logging.LogRecord) -> bool:
     """Flower 1.41 logs a deprecation notice for ``run_simulation`` on every call. It is the
     supported way to run a simulation from Python (``flwr run`` needs a SuperLink), so the notice is
-    noise for fedmaml users; every other Flower warning still shows."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not ("DEPRECATED FEATURE" in message and "run_simulation" in message)
-
-
-_DEPRECATION_FILTER = _DropRunSimulationDeprecation()
+    noise for fedmaml users; every other Flower warning still shows (a logging filter)."""
+    message = record.getMessage()
+    return not ("DEPRECATED FEATURE" in message and "run_simulation" in message)
 
 
 def check_reachable(address: str, seconds: float = CONNECT_SECONDS) -> None:
@@ -82,7 +77,7 @@ def run_ray(server_app: ServerApp, client_app: ClientApp, num_nodes: int, engine
     flwr_log = logging.getLogger("flwr")
     if not verbose:
         flwr_log.setLevel(logging.WARNING)
-    flwr_log.addFilter(_DEPRECATION_FILTER)  # idempotent: the same filter object
+    flwr_log.addFilter(_drop_run_simulation_deprecation)  # idempotent: the same function
     backend_config = ray_backend_config(engine)
     session = None
     try:
