@@ -339,11 +339,10 @@ class MetaStrategy(Strategy):
             else:
                 per_client.append(msg)
         if per_client:
-            outcomes += self._client_outcomes(per_client, len(stacks), stacks)
+            outcomes += self._client_outcomes(per_client, stacks)
         return self._account_train(server_round, stacks, outcomes, sums)
 
-    def _client_outcomes(self, replies: list[Message], stack: int, stacks: list[Params]
-                         ) -> list[TrainOutcome]:
+    def _client_outcomes(self, replies: list[Message], stacks: list[Params]) -> list[TrainOutcome]:
         """Per-client replies: decoded and checked together (``R.stack_from_records``)."""
         outcomes, parsed = [], []
         for msg in replies:
@@ -357,9 +356,10 @@ class MetaStrategy(Strategy):
                 outcomes.append(TrainOutcome(None, failure=("malformed", f"malformed reply: {e}")))
         stacked, array_errors = R.stack_from_records(
             [p[1] for p in parsed], self.w, [f"update from client {p[0]}" for p in parsed])
+        at = len(stacks)
         stacks.append(stacked)
         for j, ((cid, _, count, m), error) in enumerate(zip(parsed, array_errors)):
-            outcomes.append(TrainOutcome(cid, (stack, j), count, m) if error is None else
+            outcomes.append(TrainOutcome(cid, (at, j), count, m) if error is None else
                             TrainOutcome(cid, failure=_update_failure(error)))
         return outcomes
 
@@ -501,18 +501,18 @@ class MetaStrategy(Strategy):
             record = self._server_round(server_round, stacked, [o.count for o in valid],
                                         [k for k, _ in errors], missing)
         self.round_stats.update(record.row())
-        updated = record.updated
-        if not updated and record.diverged is None:
+        if not record.updated and record.diverged is None:
             log.warning("round %d: %d valid replies < min_replies=%d; the model is not updated",
                         server_round, len(valid), self.cfg.federated.min_replies)
+        arrays = R.kept_record(self.w) if record.updated else None
         if not valid:  # a private Poisson round that nobody answered: its release, no metrics
-            return (R.kept_record(self.w) if updated else None), None
+            return arrays, None
         metrics = [o.metrics for o in valid]
         out = {k: math.fsum(float(m[k]) for m in metrics) / len(metrics) for k in TRAIN_METRICS
                if all(k in m for m in metrics)}
         out["samples"] = sum(int(m["samples"]) for m in metrics)
         out["train-seconds-max"] = max(float(m["train-seconds"]) for m in metrics)
-        return (R.kept_record(self.w) if updated else None), MetricRecord(out)
+        return arrays, MetricRecord(out)
 
     def _parts(self, stacks: list[Params], sums: Sequence[Params], valid: list[TrainOutcome]
                ) -> list[PartSum]:
