@@ -107,7 +107,6 @@ class ShardedGrid(InProcessGrid):
         self.keeps_memory = setup.algorithm.uses_memory
         self.bank = BankShape(setup.federation.num_clients)
         self.shards = config.engine.shards
-        self._nodes: dict[int, int] | None = None
         self._round = 0  # the last training round seen
         self._dirty: set[int] = set()  # shards whose memories moved since the last checkpoint
         #: the round whose end the last checkpoint holds (None: none yet; "resumed": the one this
@@ -117,11 +116,6 @@ class ShardedGrid(InProcessGrid):
         self._revive: dict[int, str] = {}  # shard -> why it needs a new actor (nothing lost)
         self.deaths: list[dict[str, Any]] = []  # every actor that died: shard, round, reason
         self.actors = ShardActors(config, num_nodes)
-
-    def partition_nodes(self) -> dict[int, int]:
-        if self._nodes is None:  # built once: the strategy asks every round
-            self._nodes = super().partition_nodes()
-        return self._nodes
 
     def close(self) -> None:
         self.actors.stop()
