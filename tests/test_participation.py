@@ -271,7 +271,8 @@ def test_tracking_error_is_measured_at_the_final_w_from_each_clients_own_memory(
     """The recorded value equals the definition recomputed from the run's final model and the
     memory the client's node holds: the right w, the right memory, the adaptation split."""
     from fedmaml.engines.inprocess import FIRST_CLIENT_NODE, run_inprocess
-    from fedmaml.federated.client_app import make_client_app, memory_store
+    from fedmaml.federated import node_config
+    from fedmaml.federated.client_app import make_client_app
     from fedmaml.federated.server_app import make_server_app
     from fedmaml.federated.setup import setup_for
 
@@ -286,7 +287,8 @@ def test_tracking_error_is_measured_at_the_final_w_from_each_clients_own_memory(
     checked = 0
     for cid, recorded in zip(final["seen.ids"], final["seen.tracking-error.clients"]):
         context = grid.contexts.get(cid + FIRST_CLIENT_NODE)
-        memory = None if context is None else memory_store(context, setup, cid).load()
+        memory = (None if context is None else
+                  node_config.memory_store(context, cid, like=setup.initial_params).load())
         assert (memory is None) == (recorded is None), cid
         if memory is None:
             continue

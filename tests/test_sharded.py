@@ -36,7 +36,7 @@ from fedmaml.config import replace_paths
 from fedmaml.engines.inprocess import FIRST_CLIENT_NODE
 from fedmaml.engines.shard_actor import ShardWorker
 from fedmaml.engines.shards import (ShardBank, detach_arrays, merge_bank_states, merge_evaluate, merge_train,
-                                    shard_message, split, split_bank_state, sums_on_shards)
+                                    shard_message, split, split_bank_state)
 from fedmaml.engines.vectorized import run_vectorized
 from fedmaml.errors import FedmamlError
 from fedmaml.federated import checkpoint, codec
@@ -203,12 +203,12 @@ def test_shards_send_their_part_of_the_mean_and_the_server_round_takes_it(tiny_c
     assert strategy.round_stats["replies"] == 9 - first_part and strategy.round_stats["updated"]
     # a server rule or differential privacy needs every update: those runs send rows
     algorithm = setup_for(cfg).algorithm
-    assert sums_on_shards(cfg, algorithm)
+    assert not needs_every_update(cfg, algorithm)
     ruled = copy.copy(algorithm)
     ruled.__class__ = type("Ruled", (type(algorithm),), {"server_update": lambda self, s, w: s})
-    assert not sums_on_shards(cfg, ruled)
+    assert needs_every_update(cfg, ruled)
     private = tiny_config("privacy.clipping=server", "federated.aggregation=uniform")
-    assert not sums_on_shards(private, setup_for(private).algorithm)
+    assert needs_every_update(private, setup_for(private).algorithm)
     nodes = setup_for(cfg).federation.num_clients
     assert ShardWorker(cfg, nodes, 0, 2).sums == "weighted"  # the run's weighting
     assert ShardWorker(private, nodes, 0, 2).sums is None  # rows
@@ -257,17 +257,17 @@ def test_a_private_run_in_any_form_sends_rows(tiny_config):
     plain = tiny_config("federated.aggregation=uniform")
     algorithm = setup_for(plain).algorithm
     nodes = setup_for(plain).federation.num_clients
-    assert sums_on_shards(plain, algorithm) and not needs_every_update(plain, algorithm)
+    assert not needs_every_update(plain, algorithm)
     assert ShardWorker(plain, nodes, 0, 2).sums == "uniform"
     for form in (("privacy.clipping=server",), ("privacy.clipping=client",),
                  ("privacy.clipping=server", "privacy.noise_multiplier=1.0"),
                  ("privacy.clipping=client", "privacy.noise_multiplier=0.5")):
         private = tiny_config("federated.aggregation=uniform", *form)
-        assert needs_every_update(private, algorithm) and not sums_on_shards(private, algorithm), form
+        assert needs_every_update(private, algorithm), form
         assert ShardWorker(private, nodes, 0, 2).sums is None, form
     noise_alone = dataclasses.replace(
         plain, privacy=dataclasses.replace(plain.privacy, noise_multiplier=1.0))
-    assert not sums_on_shards(noise_alone, algorithm)
+    assert needs_every_update(noise_alone, algorithm)
 
 
 def test_a_checkpoint_without_memories_resumes_on_an_engine_with_a_memory_bank(

@@ -80,10 +80,6 @@ class MemoryBank:
         return self._used
 
     @property
-    def tasks_per_client(self) -> int | None:
-        return self._tasks
-
-    @property
     def on_disk(self) -> bool:
         return bool(self._maps)
 
@@ -211,13 +207,10 @@ class MemoryBank:
             raise ValueError(f"memories hold {tasks} task(s) per client, this bank "
                              f"{self._tasks}: every client must have the same number of tasks")
 
-    def _capacity(self) -> int:
-        return len(self._owner)
-
     def _reserve(self, needed: int) -> None:
-        if needed <= self._capacity():
+        if needed <= len(self._owner):  # the rows allocated
             return
-        capacity = min(self.num_clients, max(MIN_CAPACITY, needed, 2 * self._capacity()))
+        capacity = min(self.num_clients, max(MIN_CAPACITY, needed, 2 * len(self._owner)))
         was_on_disk = self.on_disk
         old, n = self._store, self._used
         if was_on_disk or capacity * self.row_bytes > self.budget_bytes:

@@ -28,29 +28,25 @@ from fedmaml.errors import ConfigError
 
 #: Seconds to wait for a given Ray cluster's address to accept a connection.
 CONNECT_SECONDS = 10.0
+#: ``ray.init`` arguments that keep Ray's and its workers' logs off the run's console.
+QUIET = {"logging_level": "ERROR", "log_to_driver": False}
 
 
 def ray_backend_config(engine: Any) -> dict[str, Any]:
     # An empty address means a fresh local instance ("local"): Ray's default (None) would instead
     # join the cluster recorded by the last `ray start` on this machine, and hang for good
     # printing GCS warnings when that cluster has died since.
-    init_args: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": False,
-                                 "address": engine.ray_address or "local"}
+    init_args: dict[str, Any] = {**QUIET, "address": engine.ray_address or "local"}
     return {"client_resources": {"num_cpus": engine.num_cpus, "num_gpus": engine.num_gpus},
             "init_args": init_args}
 
 
-class _DropRunSimulationDeprecation(logging.Filter):
+def _drop_run_simulation_deprecation(record: logging.LogRecord) -> bool:
     """Flower 1.41 logs a deprecation notice for ``run_simulation`` on every call. It is the
     supported way to run a simulation from Python (``flwr run`` needs a SuperLink), so the notice is
-    noise for fedmaml users; every other Flower warning still shows."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not ("DEPRECATED FEATURE" in message and "run_simulation" in message)
-
-
-_DEPRECATION_FILTER = _DropRunSimulationDeprecation()
+    noise for fedmaml users; every other Flower warning still shows (a logging filter)."""
+    message = record.getMessage()
+    return not ("DEPRECATED FEATURE" in message and "run_simulation" in message)
 
 
 def check_reachable(address: str, seconds: float = CONNECT_SECONDS) -> None:
@@ -81,12 +77,11 @@ def run_ray(server_app: ServerApp, client_app: ClientApp, num_nodes: int, engine
     flwr_log = logging.getLogger("flwr")
     if not verbose:
         flwr_log.setLevel(logging.WARNING)
-    flwr_log.addFilter(_DEPRECATION_FILTER)  # idempotent: the same filter object
+    flwr_log.addFilter(_drop_run_simulation_deprecation)  # idempotent: the same function
     backend_config = ray_backend_config(engine)
     session = None
     try:
         if backend_config["init_args"]["address"] == "local":
-            ray_session.clean_leftovers()  # what a killed run's Ray left behind
             session = start_local_ray(backend_config["init_args"])
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_nodes,
                        backend_name="ray", backend_config=backend_config,
@@ -94,23 +89,31 @@ def run_ray(server_app: ServerApp, client_app: ClientApp, num_nodes: int, engine
     finally:
         # Flower shuts Ray down when the simulation ends normally; make sure an interrupted or
         # failed run does not leave raylet and workers behind either.
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
-        if session is not None:  # ray.shutdown() does not wait for its processes to exit
-            session.stop()
+        stop_ray(session)
 
 
 def start_local_ray(init_args: dict[str, Any]) -> ray_session.SessionRecord:
     """Start the local Ray instance here rather than in Flower (whose ``RayBackend.init_ray`` then
-    finds Ray running and keeps it), so that its session is recorded before any work starts. The
-    arguments are Flower's: no dashboard, and the workers get this process's import path."""
+    finds Ray running and keeps it), so that its session is recorded before any work starts; what
+    a killed run's Ray left behind is stopped first. The arguments are Flower's: no dashboard, and
+    the workers get this process's import path."""
     import ray
 
+    ray_session.clean_leftovers()
     context = ray.init(runtime_env=worker_runtime_env(),
                        **{"include_dashboard": False, **init_args})
     return ray_session.record_session(context.address_info["session_dir"])
+
+
+def stop_ray(session: ray_session.SessionRecord | None) -> None:
+    """Shut Ray down if it is running, then stop the processes of the local instance ``session``
+    (``None``: a cluster's, not ours), which ``ray.shutdown()`` does not wait for."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    if session is not None:
+        session.stop()
 
 
 def worker_runtime_env() -> dict[str, Any]:

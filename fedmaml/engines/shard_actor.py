@@ -20,11 +20,11 @@ from typing import Any
 from flwr.app import Message, MessageType
 
 from fedmaml.engines.inprocess import claim_task_identity
-from fedmaml.engines.shards import (Detached, ShardBank, detach_arrays, sum_train_reply,
-                                    sums_on_shards)
+from fedmaml.engines.shards import Detached, ShardBank, detach_arrays, sum_train_reply
 from fedmaml.engines.vectorized import VectorizedGrid
 from fedmaml.federated import records as R
 from fedmaml.federated.client_app import make_client_app
+from fedmaml.federated.server_round import needs_every_update
 from fedmaml.federated.setup import resolve_device, setup_for
 
 
@@ -50,9 +50,11 @@ class ShardWorker:
                              device=resolve_device(engine.device))
         self.grid = VectorizedGrid(config, make_client_app(config), num_nodes, bank)
         self.like = setup.initial_params
-        #: the mean's weighting when the shard sends its part of the mean instead of its rows
-        self.sums = (config.federated.aggregation if sums_on_shards(config, setup.algorithm)
-                     else None)
+        #: the mean's weighting when the shard sends its part of the mean (a weighted sum: one
+        #: update's bytes) instead of its rows: unless the round needs every update (the
+        #: algorithm's own server rule, or differential privacy in any form)
+        self.sums = (None if needs_every_update(config, setup.algorithm)
+                     else config.federated.aggregation)
         self.busy_seconds = 0.0  # inside the grid, answering the driver's messages
         #: per training message answered: (round, seconds, CPU seconds of this thread); the CPU
         #: time is what the work costs whatever else shares the cores (docs/performance.md)

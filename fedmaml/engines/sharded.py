@@ -59,7 +59,8 @@ from flwr.serverapp import ServerApp
 
 from fedmaml.engines import ray_session
 from fedmaml.engines.inprocess import FIRST_CLIENT_NODE, InProcessGrid, claim_task_identity
-from fedmaml.engines.ray_engine import check_reachable, start_local_ray, worker_runtime_env
+from fedmaml.engines.ray_engine import (QUIET, check_reachable, start_local_ray, stop_ray,
+                                        worker_runtime_env)
 from fedmaml.engines.shard_actor import ShardWorker
 from fedmaml.engines.shards import (Detached, ShardAnswer, merge_bank_states, merge_evaluate, merge_train,
                                     shard_message, shard_of, split, split_bank_state)
@@ -106,7 +107,6 @@ class ShardedGrid(InProcessGrid):
         self.keeps_memory = setup.algorithm.uses_memory
         self.bank = BankShape(setup.federation.num_clients)
         self.shards = config.engine.shards
-        self._nodes: dict[int, int] | None = None
         self._round = 0  # the last training round seen
         self._dirty: set[int] = set()  # shards whose memories moved since the last checkpoint
         #: the round whose end the last checkpoint holds (None: none yet; "resumed": the one this
@@ -116,11 +116,6 @@ class ShardedGrid(InProcessGrid):
         self._revive: dict[int, str] = {}  # shard -> why it needs a new actor (nothing lost)
         self.deaths: list[dict[str, Any]] = []  # every actor that died: shard, round, reason
         self.actors = ShardActors(config, num_nodes)
-
-    def partition_nodes(self) -> dict[int, int]:
-        if self._nodes is None:  # built once: the strategy asks every round
-            self._nodes = super().partition_nodes()
-        return self._nodes
 
     def close(self) -> None:
         self.actors.stop()
@@ -427,9 +422,6 @@ class ShardActors:
                                       "its actor was stopped")
         return out
 
-    def stats(self) -> dict[int, Any]:
-        return self.call("stats", {k: () for k in self.handles})
-
     def stop(self) -> None:
         import ray
         from ray.util.placement_group import remove_placement_group
@@ -483,25 +475,21 @@ def connect(engine: Any) -> ray_session.SessionRecord | None:
 
     check_reachable(engine.ray_address)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # GPUs stay visible
-    quiet = {"logging_level": "ERROR", "log_to_driver": False}
     if engine.ray_address:
-        ray.init(address=engine.ray_address, runtime_env=worker_runtime_env(), **quiet)
+        ray.init(address=engine.ray_address, runtime_env=worker_runtime_env(), **QUIET)
         return None
     too_many = memory_warning(engine.shards)
     if too_many:
         log.warning("%s", too_many)
-    ray_session.clean_leftovers()
     # a local instance exists for this run: CPUs enough for every shard (they share the cores)
     cpus = max(os.cpu_count() or 1, math.ceil(engine.shards * engine.num_cpus))
-    return start_local_ray({**quiet, "address": "local", "num_cpus": cpus})
+    return start_local_ray({**QUIET, "address": "local", "num_cpus": cpus})
 
 
 def run_sharded(server_app: ServerApp, client_app: ClientApp, num_nodes: int, config: Any,
                 run_dir: str | Path | None = None) -> dict[str, Any]:
     """Run ``server_app`` on a :class:`ShardedGrid` (``client_app`` runs inside the shards, built
     from ``config``); return what the shards did (per-shard stats, where they ran, the deaths)."""
-    import ray
-
     del client_app  # each actor builds its own from the config
     session = connect(config.engine)
     grid = None
@@ -511,10 +499,7 @@ def run_sharded(server_app: ServerApp, client_app: ClientApp, num_nodes: int, co
     finally:
         if grid is not None:
             grid.close()
-        if ray.is_initialized():
-            ray.shutdown()
-        if session is not None:  # ray.shutdown() does not wait for its processes to exit
-            session.stop()
+        stop_ray(session)
 
 
 def run_on_grid(server_app: ServerApp, grid: ShardedGrid) -> dict[str, Any]:
@@ -524,7 +509,7 @@ def run_on_grid(server_app: ServerApp, grid: ShardedGrid) -> dict[str, Any]:
     claim_task_identity()
     server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                              run_config={}))
-    stats = grid.actors.stats()
+    stats = grid.actors.call("stats", {k: () for k in grid.actors.handles})
     return {"shards": [grid.actors.where.get(k, {}) | (s if isinstance(s, dict) else {})
                        for k, s in sorted(stats.items())],
             "deaths": grid.deaths}

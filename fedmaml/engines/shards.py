@@ -12,7 +12,6 @@ Everything here is plain data (tensors, Flower records): no Ray, so it is tested
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +23,7 @@ from fedmaml.engines.memory_bank import MemoryBank
 from fedmaml.federated import codec
 from fedmaml.federated import records as R
 from fedmaml.federated.bank_state import bank_state
-from fedmaml.federated.server_round import needs_every_update, part_sum
+from fedmaml.federated.server_round import part_sum
 
 #: A shard's answer to its part of a cohort: its reply, or why it gave none (its actor died).
 ShardAnswer = Message | BaseException
@@ -44,14 +43,6 @@ def detach_arrays(reply: Message) -> Detached | None:
     out = {k: codec.array_values(a)[0] for k, a in record.items()}
     del reply.content[R.ARRAYS]
     return out
-
-
-def sums_on_shards(config: Any, algorithm: Any) -> bool:
-    """Whether the shards send their part of the round's mean (a weighted sum: one update's bytes
-    per shard) instead of every client's update: when the server round takes the plain mean. The
-    algorithm's own server rule and differential privacy in any form need each update
-    (server_round.needs_every_update, the strategy's rule too), so those runs send rows."""
-    return not needs_every_update(config, algorithm)
 
 
 def sum_train_reply(reply: Message, like: Params, weighting: str) -> Detached | None:
@@ -132,10 +123,6 @@ class ShardBank:
     @property
     def nbytes(self) -> int:
         return self.local.nbytes
-
-    @property
-    def path(self) -> Path | None:
-        return self.local.path
 
     def state_dict(self) -> dict:
         """The shard's rows with their global client ids (a bank state of the whole federation)."""

@@ -33,37 +33,39 @@ def make_client_app(config: Config | None = None) -> ClientApp:
     """A ClientApp for ``config``; with ``None`` the config comes from the run config (``flwr run``)."""
     app = ClientApp()
 
-    def resolve(context: Context) -> tuple[Config, ExperimentSetup, int]:
+    def resolve(context: Context) -> tuple[Config, ExperimentSetup, int, MemoryStore]:
+        """The node's config, setup, client id and memory store (the node's ``Context.state``, or
+        files on the device when its node config has memory-dir)."""
         cfg = config if config is not None else config_from_run_config(context.run_config)
         cfg = node_config.with_node_data(cfg, context)  # a device's own data-path
         if cfg.engine.torch_threads and torch.get_num_threads() != cfg.engine.torch_threads:
             torch.set_num_threads(cfg.engine.torch_threads)
-        return cfg, setup_for(cfg), node_config.client_id(context)
+        setup, cid = setup_for(cfg), node_config.client_id(context)
+        return cfg, setup, cid, node_config.memory_store(context, cid, like=setup.initial_params)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        cfg, setup, cid = resolve(context)
-        return train_client(msg, cfg, setup, cid, memory_store(context, setup, cid))
+        cfg, setup, cid, store = resolve(context)
+        return train_client(msg, cfg, setup, cid, store)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        cfg, setup, cid = resolve(context)
+        _, setup, cid, store = resolve(context)
         w, pattern = evaluate_instruction(msg, setup)
-        metrics = evaluate_client(setup, cid, w, memory_store(context, setup, cid), pattern)
+        metrics = evaluate_client(setup, cid, w, store, pattern)
         return Message(RecordDict({R.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
     @app.query("select")
     def select(msg: Message, context: Context) -> Message:
         """Measure Lambda-pattern candidates on this client's held-out split and device."""
-        _, setup, cid = resolve(context)
+        _, setup, cid, _ = resolve(context)
         return selected.handle_select(setup, cid, msg)
 
     @app.query("memory")
     def memory(msg: Message, context: Context) -> Message:
         """Hand the memory to the run's checkpoint, or take it back on resume (checkpoint.py)."""
-        _, setup, cid = resolve(context)
-        return checkpoint.memory_query_reply(msg, memory_store(context, setup, cid), cid,
-                                             setup.initial_params)
+        _, setup, cid, store = resolve(context)
+        return checkpoint.memory_query_reply(msg, store, cid, setup.initial_params)
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
@@ -89,11 +91,6 @@ def train_client(msg: Message, cfg: Config, setup: ExperimentSetup, cid: int, st
     reply = train_reply(msg, R.to_record(delta), MetricRecord(metrics))
     late = fault == "straggle" or past_deadline(cfg, float(metrics["train-seconds"]))
     return faults.mark_late(reply) if late else reply
-
-
-def memory_store(context: Context, setup: ExperimentSetup, cid: int) -> MemoryStore:
-    """The node's ``Context.state``, or files on the device when its node config has memory-dir."""
-    return node_config.memory_store(context, cid, like=setup.initial_params)
 
 
 def config_from_run_config(run_config: Any) -> Config:

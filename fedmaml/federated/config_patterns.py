@@ -12,7 +12,6 @@ its groups (:func:`fedmaml.federated.setup.built_layer_groups`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import NamedTuple
 
 from fedmaml.config.schema import Config, ModelConfig
@@ -50,11 +49,10 @@ def declared_layer_groups(model: ModelConfig) -> LayerGroups | None:
                        f"the mlp of model.hidden {list(model.hidden)}")
 
 
-def resolve_config_pattern(key: str, text: str, group_names: Sequence[str], steps: int,
-                           model_name: str) -> Pattern:
-    """Config key ``key``'s pattern ``text`` for a model's groups; an error names the key."""
+def resolve_config_pattern(key: str, text: str, steps: int, groups: LayerGroups) -> Pattern:
+    """Config key ``key``'s pattern ``text`` for a model's layer groups; an error names the key."""
     try:
-        return resolve_pattern(text, group_names, steps, model_name)
+        return resolve_pattern(text, groups.names, steps, groups.model)
     except PatternError as e:
         raise PatternError(f"{key}: {e}") from None
 
@@ -63,10 +61,9 @@ def config_patterns(cfg: Config, groups: LayerGroups) -> ConfigPatterns:
     """Every pattern of a run's config resolved for its model's layer groups (the first that does
     not fit them is a PatternError naming its key)."""
     a, ev = cfg.algorithm, cfg.evaluation
-    inner = resolve_config_pattern("algorithm.inner_pattern", a.inner_pattern, groups.names,
-                                   a.inner_steps, groups.model)
-    memory = (resolve_config_pattern("algorithm.memory_pattern", a.memory_pattern, groups.names,
-                                     a.inner_steps, groups.model) if a.memory_pattern else inner)
-    evaluation = resolve_config_pattern("evaluation.pattern", ev.pattern, groups.names, ev.steps,
-                                        groups.model)
+    inner = resolve_config_pattern("algorithm.inner_pattern", a.inner_pattern, a.inner_steps,
+                                   groups)
+    memory = (resolve_config_pattern("algorithm.memory_pattern", a.memory_pattern, a.inner_steps,
+                                     groups) if a.memory_pattern else inner)
+    evaluation = resolve_config_pattern("evaluation.pattern", ev.pattern, ev.steps, groups)
     return ConfigPatterns(inner, memory, evaluation)

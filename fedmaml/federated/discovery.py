@@ -78,7 +78,6 @@ class PartitionDirectory:
         missing = self.missing
         if missing and simulation:
             self._check_enough_nodes()
-        if missing and simulation:
             load = _load_average()
             raise MessageError(
                 f"{len(missing)} of the {self.expected} simulated nodes (one per client id, in "

@@ -105,14 +105,13 @@ class RunHealth:
                              f"({', '.join(bad)}) is not finite; try {self.hint}",
                              distrust_w=True)
         self.rounds_completed = r
+        why = f" (last error: {last_error})" if last_error else ""
         if self.failed_in_a_row >= self.max_failed_rounds:
-            why = f" (last error: {last_error})" if last_error else ""
             raise RunStopped("failed", r, f"run failed at round {r}: no valid reply for "
                              f"{self.failed_in_a_row} consecutive rounds{why}; fix the clients' "
                              "problem, or raise federated.max_failed_rounds or "
                              "federated.round_timeout")
         if self.rounds and r >= self.rounds and self.replies == 0:
-            why = f" (last error: {last_error})" if last_error else ""
             raise RunStopped("failed", r, f"run failed: none of its {r} rounds got a valid reply, "
                              f"so nothing was trained{why}; fix the clients' problem (fewer rounds "
                              f"than federated.max_failed_rounds = {self.max_failed_rounds} do not "

@@ -188,19 +188,16 @@ class Participation:
         client when fewer than ``k`` are (see the module docstring). With ``poisson_rate``: each
         available client independently with that probability (``k`` unused), sorted by id."""
         mask = self.available(server_round)
+        self.last_available = None if mask is None else int(mask.sum())
         if poisson_rate is not None:
             picked = poisson_mask(self.seed, server_round, self.n, poisson_rate)
-            self.last_available = None if mask is None else int(mask.sum())
             return [int(c) for c in np.flatnonzero(picked if mask is None else picked & mask)]
         if mask is None:
-            self.last_available = None
             return sample_clients(self.seed, server_round, self.n, min(k, self.n))
         ids = np.flatnonzero(mask)
-        self.last_available = len(ids)
         if len(ids) <= k:
             return [int(c) for c in ids]
-        return [int(ids[j]) for j in sample_cohorts(np.asarray([self.seed]), server_round,
-                                                     len(ids), k)[0]]
+        return [int(ids[j]) for j in sample_clients(self.seed, server_round, len(ids), k)]
 
 
 class Staleness:

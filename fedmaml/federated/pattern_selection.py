@@ -32,7 +32,7 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from fedmaml.algorithms import Hyper
 from fedmaml.atomic import atomic_write_text
 from fedmaml.client.evaluate import evaluation_tasks
-from fedmaml.config.schema import Config, PatternSelectionConfig
+from fedmaml.config.schema import Config
 from fedmaml.core import pattern_selection as ps
 from fedmaml.core.params import Params
 from fedmaml.core.patterns import Pattern, resolve_pattern
@@ -59,46 +59,40 @@ RUN_FILE = "pattern_selection.json"
 # What to select from
 # --------------------------------------------------------------------------------------------------
 
-def selection_steps(cfg: Config, sel: PatternSelectionConfig | None = None) -> int:
+def selection_steps(cfg: Config) -> int:
     """Steps of the generated candidates: ``pattern_selection.steps``, else ``evaluation.steps``."""
-    steps = (sel or cfg.pattern_selection).steps or cfg.evaluation.steps
+    steps = cfg.pattern_selection.steps or cfg.evaluation.steps
     if steps < 1:
         raise ConfigError("pattern_selection.steps: 0 means evaluation.steps, which is 0 too; "
                           "candidates need at least one adaptation step (set pattern_selection.steps)")
     return steps
 
 
-def candidates_for(setup: ExperimentSetup,
-                   sel: PatternSelectionConfig | None = None) -> list[ps.Candidate]:
-    """The candidate list of a run's ``pattern_selection`` section (``sel`` overrides it)."""
-    sel = sel or setup.config.pattern_selection
-    steps = selection_steps(setup.config, sel)
+def candidates_for(setup: ExperimentSetup) -> list[ps.Candidate]:
+    """The candidate list of a run's ``pattern_selection`` section."""
+    sel = setup.config.pattern_selection
+    steps = selection_steps(setup.config)
     return ps.build_candidates(setup.model.group_names, steps, model_name=setup.model.name,
                                family=sel.family, max_top_k=sel.max_top_k,
                                full_steps=sel.full_steps, user=sel.candidates)
 
 
-def epsilon_unit(setup: ExperimentSetup, sel: PatternSelectionConfig | None = None) -> str:
-    sel = sel or setup.config.pattern_selection
-    return ps.resolve_unit(sel.epsilon_unit, setup.classification)
+def epsilon_unit(setup: ExperimentSetup) -> str:
+    return ps.resolve_unit(setup.config.pattern_selection.epsilon_unit, setup.classification)
 
 
 # --------------------------------------------------------------------------------------------------
 # Measuring on one client (the ClientApp handler, and the central path's loop)
 # --------------------------------------------------------------------------------------------------
 
-def client_splits(setup: ExperimentSetup, cid: int) -> list[ps.Split]:
-    """A client's evaluation splits: training clients' held-out data (validation; training never
-    sees it) or an unseen client's (test)."""
-    return [t.evaluation_split() for t in evaluation_tasks(setup, cid)]
-
-
 def measure_client(setup: ExperimentSetup, cid: int, w: Params, patterns: Sequence[Pattern], *,
                    warmup: int, repeats: int, device: torch.device | None = None) -> ps.Measurement:
-    """Quality of each pattern on client ``cid``'s data; times on its first task (``repeats = 0``:
-    no timing, e.g. for test clients)."""
+    """Quality of each pattern on client ``cid``'s evaluation splits (a training client's held-out
+    data, validation: training never sees it; an unseen client's, test); times on its first task
+    (``repeats = 0``: no timing, e.g. for test clients)."""
     device = device or torch.device("cpu")
-    splits = [tuple(t.to(device) for t in s) for s in client_splits(setup, cid)]
+    splits = [tuple(t.to(device) for t in task.evaluation_split())
+              for task in evaluation_tasks(setup, cid)]
     params = {k: v.to(device) for k, v in w.items()}
     return ps.measure_candidates(setup.model, params, setup.loss_fn, splits, patterns,
                                  setup.eval_alpha, setup.classification, warmup=warmup,
@@ -146,16 +140,15 @@ def measurement_from_reply(metrics: MetricRecord, patterns: Sequence[str], metri
 Measurer = Callable[[list[int], list[Pattern], bool], tuple[list[ps.Measurement], dict[str, Any]]]
 
 
-def select(setup: ExperimentSetup, measure: Measurer, sel: PatternSelectionConfig | None = None, *,
-           mode: str) -> dict[str, Any]:
+def select(setup: ExperimentSetup, measure: Measurer, *, mode: str) -> dict[str, Any]:
     """Measure the candidates on the validation clients, apply the rule, measure test quality.
 
     Returns a JSON-ready record: the rule's outcome and one row per candidate (time, validation
     quality, change vs full, speedup, test quality), plus who measured and where.
     """
     cfg = setup.config
-    sel = sel or cfg.pattern_selection
-    candidates = candidates_for(setup, sel)
+    sel = cfg.pattern_selection
+    candidates = candidates_for(setup)
     valid = [c for c in candidates if c.valid]
     invalid = [c for c in candidates if not c.valid]
     for c in invalid:
@@ -164,10 +157,10 @@ def select(setup: ExperimentSetup, measure: Measurer, sel: PatternSelectionConfi
     val_ids, test_ids = ps.validation_and_test_clients(
         fed.num_clients, fed.num_unseen, sel.validation_clients, sel.test_clients,
         cfg.seed)
-    unit = epsilon_unit(setup, sel)
+    unit = epsilon_unit(setup)
     metric = "accuracy" if setup.classification else "loss"
     record: dict[str, Any] = {
-        "mode": mode, "metric": metric, "steps": selection_steps(cfg, sel), "validation_clients": val_ids,
+        "mode": mode, "metric": metric, "steps": selection_steps(cfg), "validation_clients": val_ids,
         "test_clients": test_ids, "timing": {"warmup": sel.warmup, "repeats": sel.repeats,
                                              **ps.machine_info()}}
     # a minute or more: say so (the progress line, or a log line) rather than go silent
@@ -198,10 +191,9 @@ def select(setup: ExperimentSetup, measure: Measurer, sel: PatternSelectionConfi
     return record
 
 
-def central_measurer(setup: ExperimentSetup, w: Params,
-                     sel: PatternSelectionConfig | None = None) -> Measurer:
+def central_measurer(setup: ExperimentSetup, w: Params) -> Measurer:
     """Measure on this process: every client's data is rebuilt here from the config and seed."""
-    sel = sel or setup.config.pattern_selection
+    sel = setup.config.pattern_selection
     device = resolve_device(setup.config.engine.device)
     threads = setup.config.engine.torch_threads
     if threads and torch.get_num_threads() != threads:  # time with the threads clients would use
@@ -217,12 +209,6 @@ def central_measurer(setup: ExperimentSetup, w: Params,
                                         repeats=sel.repeats if timed else 0, device=device))
         return parts, {"where": "this process", "device": str(device)}
     return measure
-
-
-def select_central(setup: ExperimentSetup, w: Params,
-                   sel: PatternSelectionConfig | None = None) -> dict[str, Any]:
-    """Central selection on a meta-model ``w`` (the CLI's ``select-pattern`` and ``mode: central``)."""
-    return select(setup, central_measurer(setup, w, sel), sel, mode="central")
 
 
 def table_text(record: Mapping[str, Any]) -> str:
@@ -270,10 +256,10 @@ class PatternSelector:
             nodes: Mapping[int, int]) -> dict[str, Any]:
         """Select on ``w`` now; ``send`` delivers messages (federated mode) and returns replies."""
         if self.sel.mode == "central":
-            measure = central_measurer(self.setup, w, self.sel)
+            measure = central_measurer(self.setup, w)
         else:
             measure = self._federated_measurer(w, server_round, send, nodes)
-        record = select(self.setup, measure, self.sel, mode=self.sel.mode)
+        record = select(self.setup, measure, mode=self.sel.mode)
         record["round"] = server_round
         self.record = record
         if record.get("chosen") is not None:
@@ -329,16 +315,10 @@ class PatternSelector:
 
 def hyper_for(hp: Hyper, config: Mapping[str, Any], setup: ExperimentSetup) -> Hyper:
     """The client's hyperparameters with the patterns a train instruction carries (if any)."""
-    if INNER not in config and MEMORY not in config:
-        return hp
-    step = hp.step
-    if INNER in config:
-        step = dataclasses.replace(step, inner_pattern=_received(
-            config[INNER], setup, f"instruction key {INNER!r}"))
-    if MEMORY in config:
-        step = dataclasses.replace(step, memory_pattern=_received(
-            config[MEMORY], setup, f"instruction key {MEMORY!r}"))
-    return dataclasses.replace(hp, step=step)
+    sent = {field: _received(config[key], setup, f"instruction key {key!r}")
+            for key, field in ((INNER, "inner_pattern"), (MEMORY, "memory_pattern"))
+            if key in config}
+    return dataclasses.replace(hp, step=dataclasses.replace(hp.step, **sent)) if sent else hp
 
 
 def eval_pattern_for(config: Mapping[str, Any], setup: ExperimentSetup) -> Pattern:
@@ -466,7 +446,7 @@ def select_from_cli(target: str | Path, overrides: Sequence[str] = (), *,
                                 "--only-candidates" if family is False else
                                 "pattern_selection.family: false")
     w = load_checkpoint(checkpoint, setup.initial_params)
-    record = select_central(setup, w)
+    record = select(setup, central_measurer(setup, w), mode="central")
     record["checkpoint"] = checkpoint.name
     path = write_selection(Path(out).parent if out else checkpoint.parent, record,
                            Path(out).name if out else CLI_FILE)

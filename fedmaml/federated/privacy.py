@@ -257,21 +257,15 @@ class PrivacyAccount:
     def compose(self, count: int = 1) -> None:
         self.count += count
 
-    def rdp_epsilon(self, delta: float) -> tuple[float, float]:
-        """``(epsilon, optimal order)`` of the RDP accountant (its RDP-to-DP conversion)."""
-        if self.count == 0:
-            return 0.0, float("nan")
-        _, rdp_mod = _dp_accounting()
-        eps, order = rdp_mod.compute_epsilon(self.orders, self.count * self.per_release, delta)
-        return float(eps), float(order)
-
     def epsilon(self, delta: float) -> dict[str, Any]:
-        """``epsilon`` (the smaller bound), ``epsilon_rdp``, ``rdp_order``, the second bound
-        (``epsilon_gaussian`` or ``epsilon_pld``, :func:`second_bound`) and ``accountant`` (which
-        bound ``epsilon`` is)."""
-        rdp, order = self.rdp_epsilon(delta)
+        """``epsilon`` (the smaller bound), ``epsilon_rdp`` and ``rdp_order`` (the RDP accountant's
+        RDP-to-DP conversion and its optimal order), the second bound (``epsilon_gaussian`` or
+        ``epsilon_pld``, :func:`second_bound`) and ``accountant`` (which bound ``epsilon`` is)."""
         if self.count == 0:  # nothing released (rdp_order None: JSON has no NaN)
             return {"epsilon": 0.0, "epsilon_rdp": 0.0, "rdp_order": None, "accountant": "rdp"}
+        _, rdp_mod = _dp_accounting()
+        rdp, order = map(float, rdp_mod.compute_epsilon(self.orders, self.count * self.per_release,
+                                                        delta))
         name, other = second_bound(self.sampling, self.noise_multiplier, self.count, delta)
         return {"epsilon": min(rdp, other), "epsilon_rdp": rdp, "rdp_order": order,
                 f"epsilon_{name}": other, "accountant": name if other < rdp else "rdp"}

@@ -279,17 +279,12 @@ def metric_rows(metrics: Any, absent: Any = None) -> list[dict[str, Any]]:
             for j, cid in enumerate(ids)]
 
 
-def cohort_size(message: Message) -> int | None:
-    """The number of clients a cohort instruction is for (``None``: a per-client message)."""
-    config = message.content.get(CONFIG) if message.has_content() else None
-    ids = config.get(COHORT) if config is not None else None
-    return None if ids is None else len(ids)
-
-
 def instruction_bytes(message: Message) -> int:
     """Array bytes of an instruction, counted per client: a cohort instruction carries ``w_r`` once
     for all its clients, which per-client messages would each have carried."""
-    return message_bytes(message) * (cohort_size(message) or 1)
+    config = message.content.get(CONFIG) if message.has_content() else None
+    cohort = config.get(COHORT) if config is not None else None
+    return message_bytes(message) * (len(cohort) if cohort else 1)
 
 
 def reply_bytes(message: Message, like: Params) -> int:

@@ -66,14 +66,6 @@ def run_health(cfg: Config) -> RunHealth:
     return RunHealth(cfg.federated.max_failed_rounds, hint=hint, rounds=cfg.federated.rounds)
 
 
-def new_run_state() -> dict[str, Any]:
-    """What a run's summary reports besides the health totals (kept in checkpoints): faults
-    injected, the first and last evaluation, the running clock and the provenance of the code,
-    taken now, at the run's start (fedmaml/provenance.py)."""
-    return {"injected": {k: 0 for k in faults.KINDS}, "first_eval": {}, "last_eval": {},
-            "seconds": 0.0, "provenance": run_provenance()}
-
-
 class RunLedger:
     """The bookkeeping of the run of ``cfg`` in ``run_dir``. ``resume``: continue from the run
     directory's checkpoint (its config must match, fedmaml/federated/checkpoint.py); ``rng``: also
@@ -93,8 +85,11 @@ class RunLedger:
             else Curves()
         self.tracker = open_tracker(cfg, run_dir)
         self.health = run_health(cfg)
-        #: what the summary reports besides the health totals (kept in checkpoints)
-        self.state = new_run_state()
+        #: what the summary reports besides the health totals (kept in checkpoints): faults
+        #: injected, the first and last evaluation, the running clock and the provenance of the
+        #: code, taken at the run's start (fedmaml/provenance.py)
+        self.state = {"injected": {k: 0 for k in faults.KINDS}, "first_eval": {}, "last_eval": {},
+                      "seconds": 0.0, "provenance": run_provenance()}
         #: the round the last evaluation was made at (unknown after a resume)
         self.eval_round: int | None = None
         #: the checkpoint resumed from: the round it was written after, its clock, the server's

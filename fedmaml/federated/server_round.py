@@ -77,7 +77,6 @@ class RoundRecord:
         return out
 
 
-
 @dataclass
 class RoundResult:
     """The outcome of a server round for ``R`` runs (:func:`aggregate_parts`: ``R = 1``)."""
@@ -100,7 +99,6 @@ def aggregate_round(w: Params, optimizer: ServerOptimizer, updates: Params, vali
                     failed: Sequence[Sequence[str]] | None = None,
                     missing: Sequence[int] | None = None,
                     privacy: Sequence[UpdatePrivacy | None] | None = None, round_number: int = 0,
-                    num_sampled: Sequence[int] | None = None,
                     rule: ServerRule | None = None, finite: bool = False) -> RowsResult:
     """One server round of ``R`` runs (module docstring).
 
@@ -110,10 +108,9 @@ def aggregate_round(w: Params, optimizer: ServerOptimizer, updates: Params, vali
     ``clients``); ``counts``: ``[R, C]`` example counts (needed with ``weighting="weighted"`` and
     by a server ``rule``); ``failed``: per run, the kind (``error``, ``malformed``, ``rejected``) of
     every reply not in ``updates``; ``missing``: per run, sampled clients that did not reply;
-    ``privacy``: per run, its private mean and account (``None`` or disabled: the plain mean);
-    ``round_number``: the round (it keys each run's noise stream); ``num_sampled``: per run, the
-    clients asked (the private mean's denominator without an account; default
-    ``len(clients[r])``); ``rule``: the algorithm's own server rule, applied run by run;
+    ``privacy``: per run, its private mean and account (``None`` or disabled: the plain mean;
+    ``len(clients[r])`` is its denominator without an account); ``round_number``: the round (it
+    keys each run's noise stream); ``rule``: the algorithm's own server rule, applied run by run;
     ``finite``: the caller has already rejected every valid update holding NaN or inf (a run
     alone's decoder does, R.stack_from_records), so step 1 has nothing to find."""
     runs = valid.shape[0]
@@ -131,7 +128,7 @@ def aggregate_round(w: Params, optimizer: ServerOptimizer, updates: Params, vali
     every_round = [p is not None and p.releases_every_round for p in privacy]
     if any(every_round):  # a private Poisson run releases its noise whoever replied
         updated |= torch.tensor(every_round)
-    sampled = [len(c) for c in clients] if num_sampled is None else list(num_sampled)
+    sampled = [len(c) for c in clients]
     new_w, moved, records = _conclude(
         w, optimizer, updated,
         lambda: _direction(w, updates, counts, accepted, weighting, privacy, rule, round_number,

@@ -140,15 +140,11 @@ def _cache_key(cfg: Config) -> str:
     return json.dumps(keep, sort_keys=True)
 
 
+# Apps call this once per message: look the config object up by value first (a hash and an
+# identity check, ~2 us) before serialising it into the key that ignores unrelated fields.
+@functools.lru_cache(maxsize=8)
 def setup_for(cfg: Config) -> ExperimentSetup:
     """The (cached) setup of a config."""
-    # Apps call this once per message: look the config object up by value first (a hash and an
-    # identity check, ~2 us) before serialising it into the key that ignores unrelated fields.
-    return _setup_by_config(cfg)
-
-
-@functools.lru_cache(maxsize=8)
-def _setup_by_config(cfg: Config) -> ExperimentSetup:
     return _setup_cached(_cache_key(cfg), cfg)
 
 
@@ -169,11 +165,10 @@ def _setup_cached(_key: str, cfg: Config) -> ExperimentSetup:
     if cfg.data.family in USER_FAMILIES:  # a user's clients may be too small for a step
         check_client_sizes(federation, hyper.support_size + hyper.query_size,
                            "algorithm.support_size + query_size", f"data.family = {cfg.data.family!r}")
-    ev = cfg.evaluation
     return ExperimentSetup(
         config=cfg, federation=federation, model=model, loss_fn=loss_named(cfg.model.loss, federation.task_type),
         algorithm=algorithm, hyper=hyper, eval_pattern=patterns.evaluation,
-        eval_alpha=ev.alpha or cfg.algorithm.alpha, initial_params=model.init(cfg.seed if cfg.model.init_seed < 0 else cfg.model.init_seed))
+        eval_alpha=cfg.evaluation.alpha or cfg.algorithm.alpha, initial_params=model.init(cfg.seed if cfg.model.init_seed < 0 else cfg.model.init_seed))
 
 
 def resolve_device(name: str) -> torch.device:

@@ -74,8 +74,6 @@ EVAL_METRICS = ("loss", "accuracy", "memory-loss", "memory-accuracy", "memory-ga
 # long for them, even when rounds have no time limit (round_timeout 0 -> timeout None). A
 # simulation waits engine.discovery_timeout for the nodes its engine started.
 DISCOVERY_SECONDS = 60.0
-#: Memory resets of a round (its training and its evaluation), added to the row after evaluation.
-RESET_KEYS = ("memory_resets", "memory_reset_clients")
 
 
 def summarize(values: list[float], weights: list[float]) -> dict[str, float]:
@@ -202,7 +200,6 @@ class MetaStrategy(Strategy):
         self._timeout: float | None = None  # of the running start()
         self.selector = PatternSelector(setup)  # Lambda-pattern selection; inert when mode is none
         self._panel: list[int] | None = None
-        self.poll_interval = fed.poll_interval
         self.w_before_update: Params = self.w  # the model before the last applied update
         self.touched: set[int] = set()  # clients sent a train instruction (they may hold a memory)
         self.totals = {"samples": 0, "bytes_up": 0, "bytes_down": 0}
@@ -211,9 +208,8 @@ class MetaStrategy(Strategy):
         self.participation = Participation(self.cfg.participation, self.cfg.seed, n)
         self.staleness = Staleness(n)
         self.available: int | None = None  # clients available in the last sampled round
-        # The mean update (differential privacy when configured) and the privacy account.
         self.sampling = client_sampling(fed, n)  # the scheme: denominator and privacy account
-        self.privacy = UpdatePrivacy(self.cfg, self.sampling)
+        self.privacy = UpdatePrivacy(self.cfg, self.sampling)  # the mean update, private or not
 
     # -- sampling -------------------------------------------------------------------------------
     def cohort_size(self) -> int:
@@ -244,11 +240,9 @@ class MetaStrategy(Strategy):
         excluded), ``sampled.first.fraction``, ``sampled.participations.count``, and the memory
         footprint ``memory.bytes.client`` / ``memory.bytes.total`` / ``memory.clients.count``
         (clients holding a memory: those sampled at least once)."""
-        out: dict[str, float] = {}
         window = self.staleness.take_window()
-        for stat in ("mean", "p50", "p90", "max"):
-            if stat in window:
-                out[f"sampled.staleness.{stat}"] = window[stat]
+        out = {f"sampled.staleness.{stat}": window[stat] for stat in ("mean", "p50", "p90", "max")
+               if stat in window}
         if window:
             out["sampled.first.fraction"] = window["first"]
             out["sampled.participations.count"] = window["participations"]
@@ -345,11 +339,10 @@ class MetaStrategy(Strategy):
             else:
                 per_client.append(msg)
         if per_client:
-            outcomes += self._client_outcomes(per_client, len(stacks), stacks)
+            outcomes += self._client_outcomes(per_client, stacks)
         return self._account_train(server_round, stacks, outcomes, sums)
 
-    def _client_outcomes(self, replies: list[Message], stack: int, stacks: list[Params]
-                         ) -> list[TrainOutcome]:
+    def _client_outcomes(self, replies: list[Message], stacks: list[Params]) -> list[TrainOutcome]:
         """Per-client replies: decoded and checked together (``R.stack_from_records``)."""
         outcomes, parsed = [], []
         for msg in replies:
@@ -363,9 +356,10 @@ class MetaStrategy(Strategy):
                 outcomes.append(TrainOutcome(None, failure=("malformed", f"malformed reply: {e}")))
         stacked, array_errors = R.stack_from_records(
             [p[1] for p in parsed], self.w, [f"update from client {p[0]}" for p in parsed])
+        at = len(stacks)
         stacks.append(stacked)
         for j, ((cid, _, count, m), error) in enumerate(zip(parsed, array_errors)):
-            outcomes.append(TrainOutcome(cid, (stack, j), count, m) if error is None else
+            outcomes.append(TrainOutcome(cid, (at, j), count, m) if error is None else
                             TrainOutcome(cid, failure=_update_failure(error)))
         return outcomes
 
@@ -507,18 +501,18 @@ class MetaStrategy(Strategy):
             record = self._server_round(server_round, stacked, [o.count for o in valid],
                                         [k for k, _ in errors], missing)
         self.round_stats.update(record.row())
-        updated = record.updated
-        if not updated and record.diverged is None:
+        if not record.updated and record.diverged is None:
             log.warning("round %d: %d valid replies < min_replies=%d; the model is not updated",
                         server_round, len(valid), self.cfg.federated.min_replies)
+        arrays = R.kept_record(self.w) if record.updated else None
         if not valid:  # a private Poisson round that nobody answered: its release, no metrics
-            return (R.kept_record(self.w) if updated else None), None
+            return arrays, None
         metrics = [o.metrics for o in valid]
         out = {k: math.fsum(float(m[k]) for m in metrics) / len(metrics) for k in TRAIN_METRICS
                if all(k in m for m in metrics)}
         out["samples"] = sum(int(m["samples"]) for m in metrics)
         out["train-seconds-max"] = max(float(m["train-seconds"]) for m in metrics)
-        return (R.kept_record(self.w) if updated else None), MetricRecord(out)
+        return arrays, MetricRecord(out)
 
     def _parts(self, stacks: list[Params], sums: Sequence[Params], valid: list[TrainOutcome]
                ) -> list[PartSum]:
@@ -566,7 +560,6 @@ class MetaStrategy(Strategy):
                     counts=torch.tensor(counts, dtype=torch.float64).reshape(1, len(counts)),
                     failed=[failed], missing=[missing], privacy=[self.privacy],
                     round_number=server_round,
-                    num_sampled=[len(self.round_stats.get("clients", []))],
                     rule=algorithm.server_update if has_server_rule(algorithm) else None,
                     finite=True)  # the decoders rejected NaN/inf (R.stack_from_records, _cohort)
         finally:
@@ -606,8 +599,7 @@ class MetaStrategy(Strategy):
         self.round_stats["eval-clients"] = cids
         return self._instructions(cids, arrays, cfg, "evaluate", server_round, grid)
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
-                           ) -> MetricRecord | None:
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord:
         """Per group (seen = the training panel, unseen): every metric's summary and per-client
         list, ordered as ``<group>.ids``. A client without a memory has NaN for memory metrics
         (null in metrics.jsonl); their summary covers the clients that have one. Error, malformed
@@ -732,7 +724,7 @@ class MetaStrategy(Strategy):
     def _sender(self, grid: Grid) -> Callable[[list[Message]], list[Message]]:
         """Send messages through ``grid`` and wait for their replies (:func:`exchange`), with the
         running start()'s timeout."""
-        return lambda ms: exchange(grid, ms, self._timeout, self.poll_interval)
+        return lambda ms: exchange(grid, ms, self._timeout, self.cfg.federated.poll_interval)
 
     def summary(self) -> None:
         fed = self.cfg.federated
@@ -762,17 +754,17 @@ class MetaStrategy(Strategy):
         if isinstance(grid, InMemoryGrid):  # Flower's (Ray) simulation: it started every node
             self.nodes = directory.discover(self.cfg.engine.discovery_timeout, simulation=True)
         else:  # devices, which may connect late
-            self.nodes = directory.discover(discovery_seconds(timeout))
+            self.nodes = directory.discover(max(timeout or 0.0, DISCOVERY_SECONDS))
         self.w = R.from_record(initial_arrays, self.setup.initial_params, "initial arrays")
         self.w_before_update = self.w
         arrays, result, start = initial_arrays, Result(), time.perf_counter()
-        totals = self.totals = {"samples": 0, "bytes_up": 0, "bytes_down": 0}
+        self.totals = {"samples": 0, "bytes_up": 0, "bytes_down": 0}
         first = 0
         if resume is not None:
             done, seconds, state, memories = resume
             self.import_state(state)
             checkpoint.restore_memories(grid, self.nodes, memories, send)
-            arrays, totals, first = R.kept_record(self.w), self.totals, done + 1
+            arrays, first = R.kept_record(self.w), done + 1
             start -= seconds
         for server_round in range(first, num_rounds + 1):
             row = MetricsRow(server_round)
@@ -787,29 +779,27 @@ class MetaStrategy(Strategy):
                     del messages, replies
                 if new_arrays is not None:
                     arrays = result.arrays = new_arrays
-                if train_metrics is not None:
-                    result.train_metrics_clientapp[server_round] = train_metrics
-                totals["samples"] += int(train_metrics["samples"]) if train_metrics else 0
-                totals["bytes_up"] += up
-                totals["bytes_down"] += down
                 row = MetricsRow(server_round, available=self.available,
                                  **round_fields(self.round_stats))
-                if train_metrics:
+                if train_metrics is not None:
+                    result.train_metrics_clientapp[server_round] = train_metrics
+                    self.totals["samples"] += int(train_metrics["samples"])
                     row.set_train(train_metrics)
+                self.totals["bytes_up"] += up
+                self.totals["bytes_down"] += down
             if self.selector.due(server_round):  # after this round's update, before its evaluation
                 row.pattern_selection = self.selector.run(self.w, server_round, send, self.nodes)
             eval_messages = list(self.configure_evaluate(server_round, arrays, evaluate_config, grid))
             if eval_messages:
                 status(f"evaluating on {len(eval_messages)} clients")  # can outlast many rounds
                 eval_metrics = self.aggregate_evaluate(server_round, send(eval_messages))
-                if eval_metrics is not None:
-                    result.evaluate_metrics_clientapp[server_round] = eval_metrics
-                    row.eval = dict(eval_metrics)
-            row.memory_resets = self.round_stats.get("memory_resets")
-            row.memory_reset_clients = self.round_stats.get("memory_reset_clients")
-            self.round_stats = {k: v for k, v in self.round_stats.items() if k not in RESET_KEYS}
+                result.evaluate_metrics_clientapp[server_round] = eval_metrics
+                row.eval = dict(eval_metrics)
+            # the memory resets of the round's training and evaluation, not carried into the next
+            row.memory_resets = self.round_stats.pop("memory_resets", None)
+            row.memory_reset_clients = self.round_stats.pop("memory_reset_clients", None)
             row.samples, row.bytes_up, row.bytes_down = (
-                totals["samples"], totals["bytes_up"], totals["bytes_down"])
+                self.totals["samples"], self.totals["bytes_up"], self.totals["bytes_down"])
             row.seconds = time.perf_counter() - start
             if on_round:
                 on_round(row)
@@ -821,8 +811,3 @@ def simulated(grid: Grid) -> bool:
     """Whether ``grid`` is a simulation (Flower's Ray engine, or fedmaml's in-process and
     vectorized engines, which deliver synchronously) rather than real devices."""
     return isinstance(grid, InMemoryGrid) or bool(getattr(grid, "synchronous", False))
-
-
-def discovery_seconds(timeout: float | None) -> float:
-    """How long the run waits at its start for a node per client id."""
-    return DISCOVERY_SECONDS if timeout is None else max(timeout, DISCOVERY_SECONDS)
