@@ -25,6 +25,11 @@ def bundled_names() -> list[str]:
                   for p in CONFIG_DIR.rglob("*.yaml") if p.is_file())
 
 
+#: The help of a command's config argument, which :func:`resolve_config` reads.
+CONFIG_HELP = ("YAML config file, or the name of a bundled example: quickstart, "
+               "sweeps/moml_miniature... (an unknown name lists them)")
+
+
 def resolve_config(text: str | Path) -> Path:
     """The config file that ``text`` names: an existing file wins; otherwise a bundled config
     (``quickstart``, ``quickstart.yaml``, ``sweeps/memory``). Anything else is a

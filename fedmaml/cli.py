@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedmaml.version import __version__
-from fedmaml.bundled import resolve_config
+from fedmaml.bundled import CONFIG_HELP, resolve_config
 from fedmaml.errors import ConfigError, FedmamlError
 
 if TYPE_CHECKING:  # an annotation only: the config package loads when a command needs it
@@ -47,10 +47,6 @@ class Command:
 # --------------------------------------------------------------------------------------------------
 # Shared argument helpers
 # --------------------------------------------------------------------------------------------------
-
-# An existing path wins; else a config shipped with fedmaml (fedmaml/bundled.py).
-_CONFIG_HELP = ("YAML config file, or the name of a bundled example: quickstart, "
-                "sweeps/moml_miniature... (an unknown name lists them)")
 
 
 def _add_overrides(parser: argparse.ArgumentParser) -> None:
@@ -137,7 +133,7 @@ def _configure_progress(args: argparse.Namespace) -> None:
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", metavar="CONFIG", nargs="?", help=_CONFIG_HELP)
+    parser.add_argument("config", metavar="CONFIG", nargs="?", help=CONFIG_HELP)
     _add_overrides(parser)
     _add_progress_arguments(parser, "rounds")
     parser.add_argument("--output-dir", metavar="DIR", help="directory for run directories "
@@ -225,7 +221,7 @@ def exit_code(run_statuses: Iterable[str]) -> int:
 
 def _add_show_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", metavar="CONFIG",
-                        help=f"{_CONFIG_HELP} (default: the built-in defaults)")
+                        help=f"{CONFIG_HELP} (default: the built-in defaults)")
     _add_overrides(parser)
 
 
@@ -322,7 +318,7 @@ def _cmd_select_pattern(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------------
 
 def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", metavar="CONFIG", help=_CONFIG_HELP + "; optionally with a "
+    parser.add_argument("config", metavar="CONFIG", help=CONFIG_HELP + "; optionally with a "
                         "`sweep:` section (settings, grid, seeds)")
     _add_overrides(parser)
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
@@ -451,7 +447,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _add_model_show_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", metavar="CONFIG_OR_IMPORT_PATH",
-                        help=f"{_CONFIG_HELP}; or your module's import path "
+                        help=f"{CONFIG_HELP}; or your module's import path "
                         "'package.module:factory' (with the default config's data)")
     _add_overrides(parser)
 

@@ -221,6 +221,15 @@ def test_an_unknown_connection_is_refused_with_the_ones_there_are_and_how_to_add
     assert "(not written yet: flwr's defaults); it has: local (the default)" in err
 
 
+def test_deploy_commands_take_a_bundled_config_by_name(tmp_path, capsys):
+    """`fedmaml deploy run-config quickstart` finds the bundled config, as `fedmaml run` does."""
+    out = tmp_path / "run_config.toml"
+    assert main(["deploy", "run-config", "quickstart", "-o", str(out)]) == 0
+    assert '"name" = "quickstart"' in out.read_text()
+    assert main(["deploy", "run-config", "quickstrt"]) == 2
+    assert "did you mean 'quickstart'?" in capsys.readouterr().err
+
+
 # -- discovery: nodes that join late, restart under a new id, or never answer ----------------------
 
 class ChurningNodes(InProcessGrid):

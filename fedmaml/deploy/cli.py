@@ -15,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+from fedmaml.bundled import CONFIG_HELP, resolve_config
+
 
 def _err(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
@@ -252,7 +254,7 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
 
 
 def _add_run_config(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", metavar="CONFIG", help="YAML config file")
+    p.add_argument("config", metavar="CONFIG", help=CONFIG_HELP)
     _add_overrides(p)
     p.add_argument("-o", "--output", metavar="FILE", help="write here (default: print)")
 
@@ -260,7 +262,7 @@ def _add_run_config(p: argparse.ArgumentParser) -> None:
 def _resolved(config: str, overrides: list[str]):
     from fedmaml.config import load_config
 
-    return load_config(config, overrides)
+    return load_config(resolve_config(config), overrides)
 
 
 def _run_config(a: argparse.Namespace) -> int:
@@ -320,7 +322,7 @@ def _show_run_dir(run_config: str, run_id: int) -> None:
 
 
 def _add_submit(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", metavar="CONFIG", help="YAML config file")
+    p.add_argument("config", metavar="CONFIG", help=CONFIG_HELP)
     _add_overrides(p)
     p.add_argument("--connection", metavar="NAME", help="SuperLink connection (default: the "
                    "default one)")

@@ -19,6 +19,7 @@ from typing import Any
 
 from flwr.app import Message, MessageType
 
+from fedmaml.config import Config
 from fedmaml.engines.inprocess import claim_task_identity
 from fedmaml.engines.shards import Detached, ShardBank, detach_arrays, sum_train_reply
 from fedmaml.engines.vectorized import VectorizedGrid
@@ -36,7 +37,7 @@ working_on: dict[str, Any] = {}
 class ShardWorker:
     """Shard ``shard`` of ``shards``: its clients' memories and their training and evaluation."""
 
-    def __init__(self, config: Any, num_nodes: int, shard: int, shards: int) -> None:
+    def __init__(self, config: Config, num_nodes: int, shard: int, shards: int) -> None:
         claim_task_identity()  # replies take their sender from it (as in run_inprocess)
         self.shard = shard
         setup = setup_for(config)

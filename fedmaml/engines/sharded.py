@@ -57,6 +57,7 @@ from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
+from fedmaml.config import Config
 from fedmaml.engines import ray_session
 from fedmaml.engines.inprocess import FIRST_CLIENT_NODE, InProcessGrid, claim_task_identity
 from fedmaml.engines.ray_engine import (QUIET, check_reachable, start_local_ray, stop_ray,
@@ -98,7 +99,7 @@ class ShardedGrid(InProcessGrid):
     #: The strategy sends one train (and evaluate) message per cohort (federated.strategy).
     takes_cohorts = True
 
-    def __init__(self, config: Any, num_nodes: int, run_dir: str | Path | None = None) -> None:
+    def __init__(self, config: Config, num_nodes: int, run_dir: str | Path | None = None) -> None:
         super().__init__(None, num_nodes)  # type: ignore[arg-type] - every message goes to a shard
         self.cfg, self.run_dir = config, (Path(run_dir) if run_dir is not None else None)
         setup = setup_for(config)
@@ -314,7 +315,7 @@ def _patience(calls: dict[int, list[Message]], timeout: float | None, grace: flo
 class ShardActors:
     """The shards' Ray actors: started in a placement group, called together, replaced one by one."""
 
-    def __init__(self, config: Any, num_nodes: int) -> None:
+    def __init__(self, config: Config, num_nodes: int) -> None:
         import ray
         from ray.util.placement_group import placement_group
 
@@ -486,7 +487,7 @@ def connect(engine: Any) -> ray_session.SessionRecord | None:
     return start_local_ray({**QUIET, "address": "local", "num_cpus": cpus})
 
 
-def run_sharded(server_app: ServerApp, client_app: ClientApp, num_nodes: int, config: Any,
+def run_sharded(server_app: ServerApp, client_app: ClientApp, num_nodes: int, config: Config,
                 run_dir: str | Path | None = None) -> dict[str, Any]:
     """Run ``server_app`` on a :class:`ShardedGrid` (``client_app`` runs inside the shards, built
     from ``config``); return what the shards did (per-shard stats, where they ran, the deaths)."""

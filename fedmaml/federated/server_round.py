@@ -32,7 +32,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from fedmaml.algorithms import has_server_rule
+from fedmaml.algorithms import Algorithm, has_server_rule
+from fedmaml.config import Config
 from fedmaml.core.params import Params, finite_rows
 from fedmaml.core.server import (ServerOptimizer, aggregate_stacked, mean_weights, per_run,
                                  weighted_sum_stacked)
@@ -48,7 +49,7 @@ DIVERGED = "the aggregated update is not finite (the model would hold NaN or inf
 ServerRule = Callable[[Params, torch.Tensor], Params]
 
 
-def needs_every_update(config: Any, algorithm: Any) -> bool:
+def needs_every_update(config: Config, algorithm: Algorithm) -> bool:
     """Whether this run's server round needs every client's update, not only their sum: the
     algorithm's own server rule, or differential privacy in any form (the private mean clips each
     update). Otherwise the round takes the plain mean, which :func:`aggregate_parts` can take from
