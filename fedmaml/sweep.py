@@ -60,7 +60,7 @@ from fedmaml.sweep_spec import (MANIFEST, Reference, SweepSpec, grid_key,  # noq
                                 load_sweep, overlapping, parse_grid_arg, parse_references, parse_seeds,
                                 parse_settings, settings_from_section, spec_from_section,
                                 split_values, strip_source)
-from fedmaml.tracking import one_attempt_per_store
+from fedmaml.tracking import one_attempt_per_store, one_attempt_per_store_in_this_process
 
 LOCK_FILE = ".sweep.lock"
 ERROR_FILE = "error.txt"  # written into a run directory whose run raised
@@ -317,7 +317,9 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def _worker_init(parent_pid: int) -> None:
-    """Exit when the sweep process is gone (killed), instead of running on as an orphan."""
+    """Exit when the sweep process is gone (killed), instead of running on as an orphan; a
+    tracking store that cannot start is tried once by this worker, not by each of its runs."""
+    one_attempt_per_store_in_this_process()
     def watch() -> None:
         while os.getppid() == parent_pid:
             time.sleep(0.5)
