@@ -432,12 +432,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from fedmaml.experiment import quiet_frameworks
     from fedmaml.tracking import check_available
     from fedmaml.results.export import export_runs
+    from fedmaml.results.wording import counted
 
     quiet_frameworks()
     check_available([args.to])
     runs = export_runs(args.paths, args.to, mlflow_uri=args.mlflow_uri, project=args.project,
                        wandb_mode=args.wandb_mode)
-    print(f"exported {len(runs)} run{'s' if len(runs) != 1 else ''} to {args.to}")
+    print(f"exported {counted(len(runs), 'run')} to {args.to}")
     return 0
 
 

@@ -52,6 +52,7 @@ from fedmaml.config import (SWEEP_SECTION, Config, check_value, dump_yaml, load_
 from fedmaml.errors import ConfigError, FedmamlError, PatternError
 from fedmaml.federated.config_patterns import LayerGroups, config_patterns, declared_layer_groups
 from fedmaml.results.run_files import CONFIG_FILE, SUMMARY_FILE, read_summary
+from fedmaml.results.wording import counted
 from fedmaml.run_dir import (DirectoryLock, clear, config_differences, has_content, load_checkpoint,
                              run_lock)
 # The specification and the manifest reader (fedmaml/sweep_spec.py) sit below tracking, which reads
@@ -410,11 +411,6 @@ def _refresh_references(sweep_dir: Path, spec: SweepSpec) -> None:
         write_manifest(sweep_dir, old_base, dataclasses.replace(old, references=spec.references))
 
 
-def _count(n: int, noun: str) -> str:
-    """``1 run``, ``2 runs``."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
 def default_sweep_dir(base: Config) -> Path:
     return Path(base.output_dir) / base.name
 
@@ -423,7 +419,7 @@ def resolve_jobs(jobs: int, base: Config) -> int:
     if jobs < 0:
         raise ConfigError(f"--jobs: {jobs} is not allowed; use a positive number, or 0 for one per "
                           "CPU core")
-    jobs = jobs or os.cpu_count() or 1
+    jobs = jobs or os.cpucounted() or 1
     if jobs > 1 and base.engine.name == "ray":
         raise ConfigError(f"--jobs {jobs} with engine.name 'ray': Ray already spreads a run over the "
                           "cores, and several Ray clusters would compete; use --jobs 1")
@@ -643,8 +639,8 @@ def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None
         if dry_run or not quiet:
             print(text, file=out, flush=True)
 
-    say(f"sweep {sweep_dir}: {_count(len(runs), 'run')} ("
-        f"{_count(len(runs) // len(spec.seeds), 'setting')} x {_count(len(spec.seeds), 'seed')}); "
+    say(f"sweep {sweep_dir}: {counted(len(runs), 'run')} ("
+        f"{counted(len(runs) // len(spec.seeds), 'setting')} x {counted(len(spec.seeds), 'seed')}); "
         f"{len(result.skipped)} finished already, {len(todo)} to run"
         + (f" on {min(jobs, len(todo))} processes" if jobs > 1 and todo else ""))
     for line in invalid:
@@ -752,7 +748,7 @@ def _run_pool(work: list[tuple[Any, tuple, list[PlannedRun]]], jobs: int, record
 
 def sweep_summary(result: SweepResult) -> str:
     """The closing lines of ``fedmaml sweep``."""
-    lines = [f"sweep {result.sweep_dir}: {_count(len(result.runs), 'run')}; "
+    lines = [f"sweep {result.sweep_dir}: {counted(len(result.runs), 'run')}; "
              f"{len(result.skipped)} were finished already, {len(result.ran)} ran now, "
              f"{len(result.failed)} failed"]
     by_status: dict[str, list[str]] = {}

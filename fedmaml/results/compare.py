@@ -29,6 +29,7 @@ from fedmaml.config import Config, config_to_flat, load_config, short_key, with_
 from fedmaml.errors import FedmamlError
 # the file names from run_files.py, not the recorder, which imports torch: seconds on every compare
 from fedmaml.results.run_files import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
+from fedmaml.results.wording import counted
 from fedmaml.sweep_spec import MANIFEST, TRAIN_METRICS, Reference, metric_key, parse_references
 from fedmaml.tracking.base import TRACKER_DIRS
 
@@ -90,7 +91,7 @@ class Setting:
         by_status: dict[str, list[int]] = {}
         for r in self.incomplete:
             by_status.setdefault(r.status, []).append(r.seed)
-        return ", ".join(f"{len(seeds)} {status} (seed{'s' if len(seeds) > 1 else ''} "
+        return ", ".join(f"{len(seeds)} {status} ({'seed' if len(seeds) == 1 else 'seeds'} "
                          f"{', '.join(map(str, sorted(seeds)))})"
                          for status, seeds in sorted(by_status.items()))
 
@@ -596,7 +597,7 @@ def shown_references(settings: Sequence[Setting], metric: Metric
         shown.append(ref)
         trained = s.config.federated.rounds
         if ref.rounds and trained not in ref.rounds:
-            remarks.append(f"{s.label} trained {trained:,} round{'s' if trained != 1 else ''}; "
+            remarks.append(f"{s.label} trained {counted(trained, 'round')}; "
                            f"its reference is for {' or '.join(f'{r:,}' for r in ref.rounds)} "
                            "(its `rounds` in sweep.references): another budget, so the numbers "
                            "are not comparable")
