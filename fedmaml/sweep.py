@@ -40,7 +40,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -337,18 +337,19 @@ def _script_worker_init(parent_pid: int) -> None:
 
 
 @contextlib.contextmanager
-def worker_pool(workers: int, max_tasks_per_child: int | None = None) -> Iterator[Any]:
-    """A ``ProcessPoolExecutor`` of ``workers`` spawned processes for experiment scripts
-    (simulations/), whose workers end as the sweep's do: they exit when this process is killed,
-    and if the block ends with an exception (Ctrl-C) they are killed at once. A gentler stop
-    (``multiprocessing.Pool``'s SIGTERM) is, to a run stopping after Ctrl-C, the second signal:
-    it aborts with a traceback in every worker. A task stopped by Ctrl-C raises KeyboardInterrupt
-    here."""
+def worker_pool(workers: int, max_tasks_per_child: int | None = None,
+                initializer: Callable[[int], None] = _script_worker_init) -> Iterator[Any]:
+    """A ``ProcessPoolExecutor`` of ``workers`` spawned processes, for the sweep and for experiment
+    scripts (simulations/): its workers exit when this process is killed, and if the block ends
+    with an exception (Ctrl-C) they are killed at once. A gentler stop (``multiprocessing.Pool``'s
+    SIGTERM) is, to a run stopping after Ctrl-C, the second signal: it aborts with a traceback in
+    every worker. A task stopped by Ctrl-C raises KeyboardInterrupt here. ``initializer`` (given
+    this process's id): by default a script's worker, which ignores Ctrl-C while it waits."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_script_worker_init, initargs=(os.getpid(),),
+                               initializer=initializer, initargs=(os.getpid(),),
                                max_tasks_per_child=max_tasks_per_child)
     try:
         yield pool
@@ -722,13 +723,9 @@ def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None
 def _run_pool(work: list[tuple[Any, tuple, list[PlannedRun]]], jobs: int, record: Any) -> None:
     """Run ``work`` (``(function, arguments, its runs)``) in ``jobs`` spawned worker processes;
     ``record(runs, outcome)`` as each finishes."""
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures import FIRST_COMPLETED, wait
 
-    ctx = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
-                               initargs=(os.getpid(),))
-    try:
+    with worker_pool(jobs, initializer=_worker_init) as pool:
         futures = {pool.submit(fn, *args): runs for fn, args, runs in work}
         pending = set(futures)
         while pending:
@@ -740,10 +737,6 @@ def _run_pool(work: list[tuple[Any, tuple, list[PlannedRun]]], jobs: int, record
                 except Exception as e:  # noqa: BLE001 - a worker died (killed, out of memory)
                     outcome = (0.0, f"worker process died: {type(e).__name__}: {e}")
                 record(runs, outcome)
-    except BaseException:
-        _kill_workers(pool)
-        raise
-    pool.shutdown(wait=True)
 
 
 def sweep_summary(result: SweepResult) -> str:
