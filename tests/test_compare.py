@@ -444,6 +444,14 @@ def test_a_reference_is_shown_only_beside_the_metric_it_is_a_value_of(named_swee
     assert ("the references of fast do not say which metric they are values of: not shown (give "
             "each its `metric` in sweep.references)") in legend
 
+    # A references section this version cannot read (a hand-edited manifest): none is shown, and
+    # the legend says why.
+    manifest["sweep"]["references"] = {"nobody": "0.5"}
+    (old / "sweep.yaml").write_text(yaml.safe_dump(manifest))
+    table, rows, legend = table_of(build_comparison([old]))
+    assert "Reference |" not in table
+    assert "Reference note: no reference is shown: " in legend and "nobody" in legend
+
 
 def test_the_table_as_csv_json_and_latex_holds_the_comparisons_numbers(runs, tmp_path, capsys):
     """--table-format writes the table beside the report: CSV and JSON with every number at full

@@ -55,6 +55,8 @@ class NamedSetting:
     index: int
     overrides: dict[str, Any]
     reference: Reference | None = None
+    #: why the manifest's references could not be read (a hand-edited sweep.yaml): none is shown
+    reference_problem: str | None = None
 
 
 @dataclass
@@ -207,11 +209,12 @@ def named_settings(sweep_dir: Path) -> dict[str, NamedSetting]:
     settings = section.get("settings") if isinstance(section, dict) else None
     if not isinstance(settings, dict):
         return {}
+    problem = None
     try:
         refs = parse_references(section.get("references"), settings, f"{sweep_dir / MANIFEST}")
-    except FedmamlError:
-        refs = {}
-    return {str(n): NamedSetting(str(n), i, dict(o or {}), refs.get(str(n)))
+    except FedmamlError as e:
+        refs, problem = {}, str(e)
+    return {str(n): NamedSetting(str(n), i, dict(o or {}), refs.get(str(n)), problem)
             for i, (n, o) in enumerate(settings.items()) if isinstance(o, (dict, type(None)))}
 
 
@@ -587,6 +590,9 @@ def shown_references(settings: Sequence[Setting], metric: Metric
     other: dict[str, list[str]] = {}  # metric -> names of settings whose reference is of it
     unstated: list[str] = []
     remarks: list[str] = []
+    for problem in dict.fromkeys(s.named.reference_problem for s in settings if s.named):
+        if problem:
+            remarks.append(f"no reference is shown: {problem}")
     for s in settings:
         ref = s.named.reference if s.named else None
         if ref is None or ref.metric != metric.key:
