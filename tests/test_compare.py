@@ -546,3 +546,18 @@ def test_every_table_format_renders_one_comparison(runs, tmp_path, monkeypatch):
     calls.clear()
     compare([runs / "sweep"], out_dir=tmp_path / "all", table_formats=TABLE_FORMATS)
     assert len(calls) == alone
+
+
+def test_every_numeric_evaluation_key_a_run_records_is_a_metric_a_reference_may_name(
+        runs, named_sweep):
+    """sweep.references checks a reference's metric against the groups and statistics that runs
+    record (fedmaml/sweep_spec.py): a statistic recorded but missing there would be refused."""
+    from fedmaml.sweep_spec import check_metric_key
+
+    keys = {k for d in [*runs.rglob("metrics.jsonl"), *named_sweep.rglob("metrics.jsonl")]
+            for row in map(json.loads, d.read_text().splitlines())
+            for k, v in row.get("eval", {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k.count(".") == 2}
+    assert {k.split(".")[0] for k in keys} >= {"seen", "unseen", "memory"}  # the check sees them
+    for key in sorted(keys):
+        assert check_metric_key(key, "test") == key
