@@ -334,8 +334,8 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
                         "break a rule linking several keys, instead of refusing the sweep")
     parser.add_argument("--vectorize", action="store_true",
                         help="run the runs that share every shape (they differ only in seed, "
-                        "eta, beta, alpha, hf_delta, server_lr, model.init_seed, or what does not "
-                        "change results: checkpoint_every, poll_interval, the evaluation, "
+                        "eta, beta, alpha, hf_delta, server_lr, model.init_seed, or what each run "
+                        "keeps to itself: checkpoint_every, poll_interval, the evaluation, "
                         "tracking and engine sections) as one batched computation, each still "
                         "into its own run directory (docs/comparing.md)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and their state (on "
@@ -432,12 +432,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from fedmaml.experiment import quiet_frameworks
     from fedmaml.tracking import check_available
     from fedmaml.results.export import export_runs
+    from fedmaml.results.wording import counted
 
     quiet_frameworks()
     check_available([args.to])
     runs = export_runs(args.paths, args.to, mlflow_uri=args.mlflow_uri, project=args.project,
                        wandb_mode=args.wandb_mode)
-    print(f"exported {len(runs)} run{'s' if len(runs) != 1 else ''} to {args.to}")
+    print(f"exported {counted(len(runs), 'run')} to {args.to}")
     return 0
 
 

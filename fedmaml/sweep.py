@@ -40,7 +40,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -52,6 +52,7 @@ from fedmaml.config import (SWEEP_SECTION, Config, check_value, dump_yaml, load_
 from fedmaml.errors import ConfigError, FedmamlError, PatternError
 from fedmaml.federated.config_patterns import LayerGroups, config_patterns, declared_layer_groups
 from fedmaml.results.run_files import CONFIG_FILE, SUMMARY_FILE, read_summary
+from fedmaml.results.wording import counted
 from fedmaml.run_dir import (DirectoryLock, clear, config_differences, has_content, load_checkpoint,
                              run_lock)
 # The specification and the manifest reader (fedmaml/sweep_spec.py) sit below tracking, which reads
@@ -60,7 +61,7 @@ from fedmaml.sweep_spec import (MANIFEST, Reference, SweepSpec, grid_key,  # noq
                                 load_sweep, overlapping, parse_grid_arg, parse_references, parse_seeds,
                                 parse_settings, settings_from_section, spec_from_section,
                                 split_values, strip_source)
-from fedmaml.tracking import one_attempt_per_store
+from fedmaml.tracking import one_attempt_per_store, one_attempt_per_store_in_this_process
 
 LOCK_FILE = ".sweep.lock"
 ERROR_FILE = "error.txt"  # written into a run directory whose run raised
@@ -317,7 +318,9 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def _worker_init(parent_pid: int) -> None:
-    """Exit when the sweep process is gone (killed), instead of running on as an orphan."""
+    """Exit when the sweep process is gone (killed), instead of running on as an orphan; a
+    tracking store that cannot start is tried once by this worker, not by each of its runs."""
+    one_attempt_per_store_in_this_process()
     def watch() -> None:
         while os.getppid() == parent_pid:
             time.sleep(0.5)
@@ -334,18 +337,19 @@ def _script_worker_init(parent_pid: int) -> None:
 
 
 @contextlib.contextmanager
-def worker_pool(workers: int, max_tasks_per_child: int | None = None) -> Iterator[Any]:
-    """A ``ProcessPoolExecutor`` of ``workers`` spawned processes for experiment scripts
-    (simulations/), whose workers end as the sweep's do: they exit when this process is killed,
-    and if the block ends with an exception (Ctrl-C) they are killed at once. A gentler stop
-    (``multiprocessing.Pool``'s SIGTERM) is, to a run stopping after Ctrl-C, the second signal:
-    it aborts with a traceback in every worker. A task stopped by Ctrl-C raises KeyboardInterrupt
-    here."""
+def worker_pool(workers: int, max_tasks_per_child: int | None = None,
+                initializer: Callable[[int], None] = _script_worker_init) -> Iterator[Any]:
+    """A ``ProcessPoolExecutor`` of ``workers`` spawned processes, for the sweep and for experiment
+    scripts (simulations/): its workers exit when this process is killed, and if the block ends
+    with an exception (Ctrl-C) they are killed at once. A gentler stop (``multiprocessing.Pool``'s
+    SIGTERM) is, to a run stopping after Ctrl-C, the second signal: it aborts with a traceback in
+    every worker. A task stopped by Ctrl-C raises KeyboardInterrupt here. ``initializer`` (given
+    this process's id): by default a script's worker, which ignores Ctrl-C while it waits."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_script_worker_init, initargs=(os.getpid(),),
+                               initializer=initializer, initargs=(os.getpid(),),
                                max_tasks_per_child=max_tasks_per_child)
     try:
         yield pool
@@ -408,11 +412,6 @@ def _refresh_references(sweep_dir: Path, spec: SweepSpec) -> None:
         write_manifest(sweep_dir, old_base, dataclasses.replace(old, references=spec.references))
 
 
-def _count(n: int, noun: str) -> str:
-    """``1 run``, ``2 runs``."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
 def default_sweep_dir(base: Config) -> Path:
     return Path(base.output_dir) / base.name
 
@@ -421,7 +420,7 @@ def resolve_jobs(jobs: int, base: Config) -> int:
     if jobs < 0:
         raise ConfigError(f"--jobs: {jobs} is not allowed; use a positive number, or 0 for one per "
                           "CPU core")
-    jobs = jobs or os.cpu_count() or 1
+    jobs = jobs or os.cpucounted() or 1
     if jobs > 1 and base.engine.name == "ray":
         raise ConfigError(f"--jobs {jobs} with engine.name 'ray': Ray already spreads a run over the "
                           "cores, and several Ray clusters would compete; use --jobs 1")
@@ -641,8 +640,8 @@ def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None
         if dry_run or not quiet:
             print(text, file=out, flush=True)
 
-    say(f"sweep {sweep_dir}: {_count(len(runs), 'run')} ("
-        f"{_count(len(runs) // len(spec.seeds), 'setting')} x {_count(len(spec.seeds), 'seed')}); "
+    say(f"sweep {sweep_dir}: {counted(len(runs), 'run')} ("
+        f"{counted(len(runs) // len(spec.seeds), 'setting')} x {counted(len(spec.seeds), 'seed')}); "
         f"{len(result.skipped)} finished already, {len(todo)} to run"
         + (f" on {min(jobs, len(todo))} processes" if jobs > 1 and todo else ""))
     for line in invalid:
@@ -724,13 +723,9 @@ def run_sweep(base: Config, spec: SweepSpec, sweep_dir: str | Path | None = None
 def _run_pool(work: list[tuple[Any, tuple, list[PlannedRun]]], jobs: int, record: Any) -> None:
     """Run ``work`` (``(function, arguments, its runs)``) in ``jobs`` spawned worker processes;
     ``record(runs, outcome)`` as each finishes."""
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures import FIRST_COMPLETED, wait
 
-    ctx = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
-                               initargs=(os.getpid(),))
-    try:
+    with worker_pool(jobs, initializer=_worker_init) as pool:
         futures = {pool.submit(fn, *args): runs for fn, args, runs in work}
         pending = set(futures)
         while pending:
@@ -742,15 +737,11 @@ def _run_pool(work: list[tuple[Any, tuple, list[PlannedRun]]], jobs: int, record
                 except Exception as e:  # noqa: BLE001 - a worker died (killed, out of memory)
                     outcome = (0.0, f"worker process died: {type(e).__name__}: {e}")
                 record(runs, outcome)
-    except BaseException:
-        _kill_workers(pool)
-        raise
-    pool.shutdown(wait=True)
 
 
 def sweep_summary(result: SweepResult) -> str:
     """The closing lines of ``fedmaml sweep``."""
-    lines = [f"sweep {result.sweep_dir}: {_count(len(result.runs), 'run')}; "
+    lines = [f"sweep {result.sweep_dir}: {counted(len(result.runs), 'run')}; "
              f"{len(result.skipped)} were finished already, {len(result.ran)} ran now, "
              f"{len(result.failed)} failed"]
     by_status: dict[str, list[str]] = {}

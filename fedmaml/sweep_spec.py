@@ -378,8 +378,8 @@ def _check_overrides_reach_runs(overrides: Sequence[str], settings: Mapping[str,
             if hit is not None:
                 raise ConfigError(
                     f"{text}: setting {name!r} of {path} sets {hit} itself ({values[hit]!r}), "
-                    "which replaces a key=value override in its runs; change the value in the "
-                    "setting, or vary it with --grid if no setting sets it")
+                    "which replaces a key=value override in its runs; change it in the setting "
+                    "instead")
 
 
 def load_sweep(path: str | Path, overrides: Sequence[str] = (), grid_args: Sequence[str] = (),

@@ -444,6 +444,14 @@ def test_a_reference_is_shown_only_beside_the_metric_it_is_a_value_of(named_swee
     assert ("the references of fast do not say which metric they are values of: not shown (give "
             "each its `metric` in sweep.references)") in legend
 
+    # A references section this version cannot read (a hand-edited manifest): none is shown, and
+    # the legend says why.
+    manifest["sweep"]["references"] = {"nobody": "0.5"}
+    (old / "sweep.yaml").write_text(yaml.safe_dump(manifest))
+    table, rows, legend = table_of(build_comparison([old]))
+    assert "Reference |" not in table
+    assert "Reference note: no reference is shown: " in legend and "nobody" in legend
+
 
 def test_the_table_as_csv_json_and_latex_holds_the_comparisons_numbers(runs, tmp_path, capsys):
     """--table-format writes the table beside the report: CSV and JSON with every number at full
@@ -538,3 +546,18 @@ def test_every_table_format_renders_one_comparison(runs, tmp_path, monkeypatch):
     calls.clear()
     compare([runs / "sweep"], out_dir=tmp_path / "all", table_formats=TABLE_FORMATS)
     assert len(calls) == alone
+
+
+def test_every_numeric_evaluation_key_a_run_records_is_a_metric_a_reference_may_name(
+        runs, named_sweep):
+    """sweep.references checks a reference's metric against the groups and statistics that runs
+    record (fedmaml/sweep_spec.py): a statistic recorded but missing there would be refused."""
+    from fedmaml.sweep_spec import check_metric_key
+
+    keys = {k for d in [*runs.rglob("metrics.jsonl"), *named_sweep.rglob("metrics.jsonl")]
+            for row in map(json.loads, d.read_text().splitlines())
+            for k, v in row.get("eval", {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k.count(".") == 2}
+    assert {k.split(".")[0] for k in keys} >= {"seen", "unseen", "memory"}  # the check sees them
+    for key in sorted(keys):
+        assert check_metric_key(key, "test") == key

@@ -562,13 +562,13 @@ def test_a_store_that_cannot_start_is_tried_once_by_a_run_its_baselines_and_a_sw
         tiny_config, tmp_path, caplog):
     """Each try of a store that does not answer costs seconds: the baselines of a run, and the runs
     of a sweep, do not try it again (the connections it receives are those of one try), and it is
-    warned about once."""
+    warned about once; each worker process of a sweep tries it once."""
     needs("mlflow", "mlflow")
     from fedmaml.sweep import SweepSpec, run_sweep
 
-    servers = [SilentServer() for _ in range(3)]
+    servers = [SilentServer() for _ in range(4)]
     try:
-        one, run, sweep = servers
+        one, run, sweep, pool = servers
         # one try: a tracker opened on its own
         assert open_tracker(tiny_config("tracking.backends=[mlflow]",
                                         f"tracking.mlflow_uri={one.uri}"),
@@ -581,7 +581,14 @@ def test_a_store_that_cannot_start_is_tried_once_by_a_run_its_baselines_and_a_sw
                                            f"tracking.mlflow_uri={sweep.uri}"),
                                SweepSpec(grid={"algorithm.beta": (0.3, 0.9)}, seeds=(0,)),
                                tmp_path / "betas", quiet=True)
+            # --jobs 2: each worker process tries it once, whatever number of runs it trains
+            pooled = run_sweep(tiny_config("tracking.backends=[mlflow]",
+                                           f"tracking.mlflow_uri={pool.uri}"),
+                               SweepSpec(grid={"algorithm.beta": (0.1, 0.3, 0.5, 0.9)}, seeds=(0,)),
+                               tmp_path / "pooled", jobs=2, quiet=True)
         assert (run.connections, sweep.connections) == (one.connections, one.connections)
+        assert one.connections <= pool.connections <= 2 * one.connections
+        assert not pooled.failed and len(pooled.ran) == 4
         for server in (run, sweep):
             warned = [r for r in caplog.records if server.uri in r.getMessage()]
             assert len(warned) == 1, [r.getMessage() for r in warned]

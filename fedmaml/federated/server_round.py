@@ -249,20 +249,21 @@ def _checked_rule_output(rule: ServerRule, direction: Any, w: Params) -> Params:
     """A server rule's ``direction``, refused unless it holds one floating tensor per parameter,
     shaped as the parameter: a rule that returns the stacked updates unreduced would otherwise be
     broadcast into ``w``, and the run could end ``completed`` with a model of the wrong shape."""
-    owner = getattr(rule, "__qualname__", repr(rule))
-    where = f"algorithm.name: {owner}"
+    def where() -> str:  # the message is made only for a rule that fails
+        return f"algorithm.name: {getattr(rule, '__qualname__', repr(rule))}"
+
     if not isinstance(direction, dict) or set(direction) != set(w):
         got = sorted(direction) if isinstance(direction, dict) else type(direction).__name__
-        raise ConfigError(f"{where} returned {got}; it must return a dict with one tensor per "
+        raise ConfigError(f"{where()} returned {got}; it must return a dict with one tensor per "
                           f"parameter: {', '.join(w)}")
     for k, v in direction.items():
-        shape = list(w[k].shape[1:])
-        if not isinstance(v, torch.Tensor) or not v.is_floating_point() or list(v.shape) != shape:
+        shape = w[k].shape[1:]
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point() or v.shape != shape:
             got = (f"shape {list(v.shape)} ({v.dtype})" if isinstance(v, torch.Tensor)
                    else type(v).__name__)
-            raise ConfigError(f"{where} returned {got} for parameter {k!r}; it must be a floating "
-                              f"tensor of the parameter's shape {shape}: reduce the stacked "
-                              "updates over their leading (client) axis")
+            raise ConfigError(f"{where()} returned {got} for parameter {k!r}; it must be a "
+                              f"floating tensor of the parameter's shape {list(shape)}: reduce "
+                              "the stacked updates over their leading (client) axis")
     return direction
 
 

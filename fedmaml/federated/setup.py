@@ -30,6 +30,7 @@ from fedmaml.errors import ConfigError
 from fedmaml.federated.config_patterns import ConfigPatterns, LayerGroups, config_patterns
 from fedmaml.federated.privacy import is_private
 from fedmaml.models import Model, build_model
+from fedmaml.results.wording import counted
 
 log = logging.getLogger("fedmaml")
 
@@ -102,7 +103,7 @@ def pattern_step_warnings(cfg: Config) -> list[str]:
 
 def adaptation_steps(n: int) -> str:
     """``1 adaptation step``, ``5 adaptation steps``."""
-    return f"{n} adaptation step" + ("" if n == 1 else "s")
+    return counted(n, "adaptation step")
 
 
 def warn_pattern_steps(cfgs: Config | list[Config]) -> None:

@@ -29,6 +29,7 @@ from fedmaml.config import Config, config_to_flat, load_config, short_key, with_
 from fedmaml.errors import FedmamlError
 # the file names from run_files.py, not the recorder, which imports torch: seconds on every compare
 from fedmaml.results.run_files import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
+from fedmaml.results.wording import counted
 from fedmaml.sweep_spec import MANIFEST, TRAIN_METRICS, Reference, metric_key, parse_references
 from fedmaml.tracking.base import TRACKER_DIRS
 
@@ -54,6 +55,8 @@ class NamedSetting:
     index: int
     overrides: dict[str, Any]
     reference: Reference | None = None
+    #: why the manifest's references could not be read (a hand-edited sweep.yaml): none is shown
+    reference_problem: str | None = None
 
 
 @dataclass
@@ -90,7 +93,7 @@ class Setting:
         by_status: dict[str, list[int]] = {}
         for r in self.incomplete:
             by_status.setdefault(r.status, []).append(r.seed)
-        return ", ".join(f"{len(seeds)} {status} (seed{'s' if len(seeds) > 1 else ''} "
+        return ", ".join(f"{len(seeds)} {status} ({'seed' if len(seeds) == 1 else 'seeds'} "
                          f"{', '.join(map(str, sorted(seeds)))})"
                          for status, seeds in sorted(by_status.items()))
 
@@ -206,11 +209,12 @@ def named_settings(sweep_dir: Path) -> dict[str, NamedSetting]:
     settings = section.get("settings") if isinstance(section, dict) else None
     if not isinstance(settings, dict):
         return {}
+    problem = None
     try:
         refs = parse_references(section.get("references"), settings, f"{sweep_dir / MANIFEST}")
-    except FedmamlError:
-        refs = {}
-    return {str(n): NamedSetting(str(n), i, dict(o or {}), refs.get(str(n)))
+    except FedmamlError as e:
+        refs, problem = {}, str(e)
+    return {str(n): NamedSetting(str(n), i, dict(o or {}), refs.get(str(n)), problem)
             for i, (n, o) in enumerate(settings.items()) if isinstance(o, (dict, type(None)))}
 
 
@@ -586,6 +590,9 @@ def shown_references(settings: Sequence[Setting], metric: Metric
     other: dict[str, list[str]] = {}  # metric -> names of settings whose reference is of it
     unstated: list[str] = []
     remarks: list[str] = []
+    for problem in dict.fromkeys(s.named.reference_problem for s in settings if s.named):
+        if problem:
+            remarks.append(f"no reference is shown: {problem}")
     for s in settings:
         ref = s.named.reference if s.named else None
         if ref is None or ref.metric != metric.key:
@@ -596,7 +603,7 @@ def shown_references(settings: Sequence[Setting], metric: Metric
         shown.append(ref)
         trained = s.config.federated.rounds
         if ref.rounds and trained not in ref.rounds:
-            remarks.append(f"{s.label} trained {trained:,} round{'s' if trained != 1 else ''}; "
+            remarks.append(f"{s.label} trained {counted(trained, 'round')}; "
                            f"its reference is for {' or '.join(f'{r:,}' for r in ref.rounds)} "
                            "(its `rounds` in sweep.references): another budget, so the numbers "
                            "are not comparable")

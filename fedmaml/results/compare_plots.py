@@ -16,6 +16,7 @@ import numpy as np
 
 from fedmaml.results.compare import (X_LABELS, Comparison, axis_label, client_axis_label,
                                      final_client_values, setting_curve)
+from fedmaml.results.wording import counted
 
 _STYLE = {
     "font.size": 10, "axes.labelsize": 10, "legend.fontsize": 9, "xtick.labelsize": 9,
@@ -90,7 +91,7 @@ def pooled_text(per_run: Sequence[np.ndarray]) -> str:
     counts = [int(np.isfinite(v).sum()) for v in per_run]
     counts = [n for n in counts if n]
     lo, hi = min(counts), max(counts)
-    clients = f"{lo} client{'s' if lo != 1 else ''}" if lo == hi else f"{lo}-{hi} clients"
+    clients = counted(lo, "client") if lo == hi else f"{lo}-{hi} clients"
     runs = len(counts)
     return clients if runs == 1 else f"{clients} × {runs} seeds"
 

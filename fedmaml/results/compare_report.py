@@ -11,6 +11,7 @@ from pathlib import Path
 
 from fedmaml.config import config_to_flat, short_key
 from fedmaml.results.compare import Comparison, Stat, describe_metric
+from fedmaml.results.wording import counted
 
 REPORT_FILE = "report.md"
 # Shared keys worth stating in the report (the rest is in each run's config.yaml).
@@ -122,8 +123,7 @@ def write_report(c: Comparison, out: Path, figures: Sequence[Path], xs: Sequence
     compare_word = "≥" if c.metric.higher_is_better else "≤"
     n_runs = sum(len(s.runs) for s in c.settings)
     lines = [f"# Comparison: {describe_metric(c.metric.key)}", "",
-             f"{n_runs} run{'' if n_runs == 1 else 's'} in {len(c.settings)} "
-             f"setting{'' if len(c.settings) == 1 else 's'}, from "
+             f"{counted(n_runs, 'run')} in {counted(len(c.settings), 'setting')}, from "
              + ", ".join(f"`{p}`" for p in paths) + ". "
              f"Metric `{c.metric.key}` ({better} is better). Numbers are the mean ± sample standard "
              "deviation over the completed runs (seeds) of a setting; runs that diverged or failed are "

@@ -226,6 +226,14 @@ def one_attempt_per_store() -> Iterator[None]:
         _failed = None
 
 
+def one_attempt_per_store_in_this_process() -> None:
+    """:func:`one_attempt_per_store` for the rest of this process: a sweep's worker, whose runs and
+    batches each open a block of their own, which would otherwise try the store once each."""
+    global _failed
+    if _failed is None:
+        _failed = {}
+
+
 def _store_key(name: str, cfg: Config) -> tuple[Any, ...]:
     """Backend ``name`` with everything that says where its store is: the tracking section, and the
     output directory (MLflow's default store is in it)."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from fedmaml.bundled import CONFIG_HELP
+
 HELP = ("tune config values (step sizes...) over a search space: candidates on several seeds as "
         "vectorized batches, successive halving, a robust choice; writes the tuned config and a "
         "report (resumable)")
@@ -13,10 +15,8 @@ EXIT_NO_CHOICE = 1  # a setting had no eligible candidate
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", metavar="CONFIG", help="YAML config file, or the name of a "
-                        "bundled example: quickstart, sweeps/moml_miniature... (an unknown name "
-                        "lists them); optionally with a `sweep:` section whose named settings are "
-                        "each tuned on their own")
+    parser.add_argument("config", metavar="CONFIG", help=f"{CONFIG_HELP}; optionally with a "
+                        "`sweep:` section whose named settings are each tuned on their own")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="override a config key of every trial, e.g. federated.rounds=2000")
     parser.add_argument("--space", action="append", default=[], metavar="KEY=SPEC",

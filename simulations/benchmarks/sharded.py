@@ -227,6 +227,7 @@ def constants(out_dir: str, repeats: int = 30) -> dict[str, Any]:
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedmaml.config import load_config
+    from fedmaml.engines.ray_engine import stop_ray
     from fedmaml.engines.sharded import connect
     from fedmaml.federated import codec
     from fedmaml.federated import records as R
@@ -263,10 +264,7 @@ def constants(out_dir: str, repeats: int = 30) -> dict[str, Any]:
             codec.encode_joined({"w": [half, half]})
             joins.append(time.perf_counter() - t)
     finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        if session is not None:
-            session.stop()
+        stop_ray(session)
     mb = 1000 * width * 4 / 2 ** 20
     return {"w_bytes": width * 4, "update_bytes": width * 4,
             "call_ms": round(1000 * statistics.median(calls), 3),
