@@ -50,10 +50,12 @@ def run_experiment(cfg: Config, quiet: bool = False, run_dir: str | Path | None 
     tries to work in it fails at once, naming this one. ``resume``: continue the runs of
     ``run_dir`` from their checkpoints, each with the config of its checkpoint (only the keys of
     ``run_dir.CHANGEABLE_ON_RESUME`` may differ, and the change is recorded); runs that already ended
-    are kept, runs without a checkpoint start from the beginning. ``restart``: move ``run_dir`` aside
-    (to a hidden ``.<name>.old-N`` beside it) and start again there. During a run the first SIGINT
-    or SIGTERM stops it after the current round with a checkpoint
-    (fedmaml/federated/checkpoint.py); the later runs (baselines) are then not started."""
+    are kept (when every run ended, one line says there is nothing to resume), runs not started yet
+    (a baseline after an interrupted run) start, and a run that started but has no checkpoint is
+    refused (:func:`run_dir.resumes`). ``restart``: move ``run_dir`` aside (to a hidden
+    ``.<name>.old-N`` beside it) and start again there. During a run the first SIGINT or SIGTERM
+    stops it after the current round with a checkpoint (fedmaml/federated/checkpoint.py); the later
+    runs (baselines) are then not started."""
     quiet_frameworks(quiet)
     if (resume or restart) and run_dir is None:
         raise FedmamlError("resume and restart need the run directory")
@@ -78,12 +80,17 @@ def run_experiment(cfg: Config, quiet: bool = False, run_dir: str | Path | None 
                                        f"extended, so {run_dir} cannot resume with "
                                        f"federated.rounds {c.federated.rounds}; start a new run")
                 continue  # ended before: its summary says how
-            resumes = resume and checkpoint.path_of(d).exists()
+            resumes = resume and rd.resumes(d, c, top=run_dir)
             if resumes:  # every run is checked before any change is recorded or run starts
                 changes.append(rd.check_resume(d, c, top=run_dir))
             todo.append((i, c, d, resumes))
         for record in filter(None, changes):
             record()
+        if resume and not todo and not quiet:  # said, lest the table read as a resumed run's
+            ended = [f"{f'baseline {d.name} ' if i else ''}{run_status(read_summary(d))}"
+                     for i, (_, d) in enumerate(runs)]
+            print(f"{run_dir}: nothing to resume: the run {'and its baselines ' * (len(runs) > 1)}"
+                  f"already ended ({', '.join(ended)})", file=sys.stderr)
         for i, c, d, resumes in todo:
             if i and not quiet:
                 print(f"baseline {c.algorithm.name}:", file=sys.stderr)

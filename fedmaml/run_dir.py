@@ -4,7 +4,8 @@ second process out of it, and moving it aside to start again.
 
 A run directory (fedmaml/results/recorder.py lists its files) is *new* (absent or empty),
 *unfinished* (no ``summary.json``, or status ``interrupted``; ``checkpoint.pt`` when it can
-resume) or *finished* (``summary.json`` says completed, diverged or failed).
+resume) or *finished* (``summary.json`` says completed, diverged or failed). An unfinished run
+without a checkpoint (killed before its first one) cannot resume: it can only start again.
 
 Resuming never alters what a run did. The checkpoint holds the config the run was made from
 (fedmaml/federated/checkpoint.py); :func:`check_resume` compares it with the config of the resume
@@ -31,7 +32,7 @@ from fedmaml.config import Config, config_from_flat, config_to_flat, dump_yaml, 
 from fedmaml.errors import DataError, FedmamlError
 from fedmaml.federated.health import run_status
 
-from fedmaml.results.run_files import CONFIG_FILE, read_summary
+from fedmaml.results.run_files import CHECKPOINT_FILE, CONFIG_FILE, read_summary
 
 # torch and flwr (checkpoint.py, recorder.py) are imported where needed, so that a sweep's parent
 # process and the CLI's help stay light.
@@ -206,9 +207,31 @@ def refuse_unfinished(run_dir: Path, cfg: Config) -> None:
         raise FedmamlError(f"{run_dir} is an unfinished run of this config (checkpoint after "
                            f"round {saved['round']} of {cfg.federated.rounds}); resume it with "
                            f"`fedmaml run --resume {run_dir}`, or {restart_hint(run_dir)}")
-    raise FedmamlError(f"{run_dir} is an unfinished run of this config without a checkpoint (it "
-                       "crashed or was killed before its first one; see "
-                       f"federated.checkpoint_every); {restart_hint(run_dir)}")
+    raise FedmamlError(f"{run_dir} is an unfinished run of this config without a checkpoint "
+                       f"({no_checkpoint_why(cfg)}); {restart_hint(run_dir)}")
+
+
+def no_checkpoint_why(cfg: Config) -> str:
+    """Why an unfinished run of ``cfg`` has no checkpoint to resume from."""
+    every = cfg.federated.checkpoint_every
+    if every:
+        return (f"federated.checkpoint_every is {every}, a checkpoint every {every} rounds; this "
+                "run was killed or crashed before its first one")
+    return ("federated.checkpoint_every is 0, so only a stop by Ctrl-C or SIGTERM writes one; this "
+            "run was killed or crashed")
+
+
+def resumes(run_dir: Path, cfg: Config, top: Path) -> bool:
+    """On a resume, whether the unfinished run in ``run_dir`` continues from its checkpoint (True)
+    or, never started (an empty directory: a baseline after an interrupted run), starts (False).
+    A run that started and has no checkpoint is a FedmamlError: starting it over would replace the
+    rounds it ran (its metrics.jsonl) without being asked to."""
+    if (run_dir / CHECKPOINT_FILE).exists():
+        return True
+    if not has_content(run_dir):
+        return False
+    raise FedmamlError(f"{run_dir}: no checkpoint to resume from ({no_checkpoint_why(cfg)}); "
+                       f"{restart_hint(top)}")
 
 
 def load_checkpoint(run_dir: str | Path, top: str | Path | None = None) -> dict[str, Any]:
