@@ -13,6 +13,7 @@ Python API", "Your own model", "Your own algorithm").
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -46,7 +47,8 @@ def run(config: Config | Mapping[str, Any] | str | Path | None = None,
     (give an import path instead).
 
     ``overrides``: config keys by their full dotted name, e.g. ``**{"federated.rounds": 5}`` (the
-    top-level ones also as keywords: ``seed=3``, ``name="x"``).
+    top-level ones also as keywords: ``seed=3``, ``name="x"``). A keyword that is neither an
+    argument nor a key is refused, with the closest of them.
 
     ``run_dir``: the run directory; None: a new one, ``<output_dir>/<name>`` (``-2``, ``-3``... when
     taken), as ``fedmaml run`` picks it. A given ``run_dir`` must be new (absent or empty): one
@@ -75,6 +77,7 @@ def run(config: Config | Mapping[str, Any] | str | Path | None = None,
                                 replace_paths)
     from fedmaml.experiment import run_dirs_of, run_experiment, statuses
 
+    _check_keywords(overrides)
     if resume and restart:
         raise FedmamlError("fedmaml.run: give resume=True (continue the run in run_dir) or "
                            "restart=True (start it again), not both")
@@ -123,3 +126,26 @@ def run(config: Config | Mapping[str, Any] | str | Path | None = None,
                                     f"{rd.resume_command(out)} continues it")
     return out
 
+
+#: The keyword arguments of :func:`run` (the rest of its keywords are config keys).
+_PARAMETERS = tuple(inspect.signature(run).parameters)[:-1]
+
+
+def _check_keywords(overrides: Mapping[str, Any]) -> None:
+    """Refuse a keyword that is neither an argument of :func:`run` nor a config key, suggesting the
+    full name of a key given by its last part (``rounds=``: ``**{'federated.rounds': ...}``), else
+    the closest argument or top-level key (``rundir=``: ``run_dir``)."""
+    from fedmaml.config.schema import SPECS, mapping_entry
+    from fedmaml.config.values import suggest
+
+    for key in overrides:
+        if key in SPECS or mapping_entry(key) is not None:
+            continue
+        full = [p for p in SPECS if p.endswith("." + key)]
+        if full:
+            hint = "; did you mean " + " or ".join(f"**{{{p!r}: ...}}" for p in full) + "?"
+        else:  # a keyword is a Python name: an argument, or a key without a dot
+            hint = suggest(key, [*_PARAMETERS, *(p for p in SPECS if "." not in p)])
+        raise ConfigError(f"fedmaml.run: {key}=: not an argument of fedmaml.run "
+                          f"({', '.join(_PARAMETERS)}) nor a config key (a key is given by its "
+                          f"full dotted name, e.g. **{{'federated.rounds': 5}}){hint}")

@@ -1,23 +1,29 @@
 """``fedmaml.run`` (fedmaml/api.py) goes through the checks of ``fedmaml run``: a given run directory
 that holds a run is refused rather than overwritten, ``resume=True`` continues an interrupted run
 from its checkpoint and ``restart=True`` moves the old directory aside; Ctrl-C raises
-``KeyboardInterrupt`` once the run is saved, so a loop over runs stops, and other stops return."""
+``KeyboardInterrupt`` once the run is saved, so a loop over runs stops, and other stops return;
+its signature is its own (``help(fedmaml.run)``), the one docs/custom.md shows; a mistyped keyword
+is answered with the closest argument or key."""
 
 from __future__ import annotations
 
+import inspect
 import os
+import pydoc
+import re
 import signal
 from pathlib import Path
 
 import pytest
 
 import fedmaml
-from fedmaml.errors import FedmamlError
+from fedmaml.errors import ConfigError, FedmamlError
 from fedmaml.federated import checkpoint, health
 from fedmaml.results.compare import find_run_dirs
 from fedmaml.results.run_files import read_metrics, read_summary
 from tests.test_checkpoint import without_timing
 
+ROOT = Path(__file__).resolve().parents[1]
 # MOML (client memories) with Adam on the server (optimizer state): what a resume must carry over.
 BASE = ("algorithm.name=moml", "federated.rounds=5", "federated.eval_every=2",
         "federated.server_optimizer=adam", "federated.server_lr=0.01")
@@ -138,6 +144,33 @@ def test_other_stops_return_the_run_dir(tiny_config, tmp_path):
     # a run its health rules stop (diverged) ends as the summary says; no KeyboardInterrupt
     run_dir = fedmaml.run(tiny_config("algorithm.eta=1e6"), run_dir=tmp_path / "d", quiet=True)
     assert read_summary(run_dir)["status"] == "diverged"
+
+
+def test_help_shows_the_signature_custom_md_documents():
+    signature = inspect.signature(fedmaml.run)
+    assert list(signature.parameters) == ["config", "model", "algorithm", "run_dir", "resume",
+                                          "restart", "quiet", "overrides"]
+    assert "run_dir: 'str | Path | None' = None" in pydoc.render_doc(fedmaml.run)
+    from fedmaml import run
+
+    assert run is fedmaml.run and "run" in dir(fedmaml)
+    plain = signature.replace(return_annotation=inspect.Signature.empty, parameters=[
+        p.replace(annotation=inspect.Parameter.empty) for p in signature.parameters.values()])
+    text = (ROOT / "docs" / "custom.md").read_text(encoding="utf-8")
+    assert re.findall(r"^fedmaml\.run\(.*$", text, re.M) == [f"fedmaml.run{plain}"]
+
+
+@pytest.mark.parametrize("keyword,hint", [
+    ("rundir", "did you mean 'run_dir'?"),
+    ("rounds", "did you mean **{'federated.rounds': ...}?"),
+    ("quite", "did you mean 'quiet'?"),
+])
+def test_a_mistyped_keyword_is_answered_with_the_closest(keyword, hint, tiny_config):
+    with pytest.raises(ConfigError) as refused:
+        fedmaml.run(tiny_config(), **{keyword: "x"})
+    assert str(refused.value).startswith(f"fedmaml.run: {keyword}=: not an argument of "
+                                         "fedmaml.run (config, model, algorithm, run_dir, ")
+    assert str(refused.value).endswith(hint)
 
 
 def test_resume_and_restart_need_a_run_dir_and_one_another_not(tiny_config):
