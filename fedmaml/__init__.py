@@ -1,13 +1,29 @@
-"""fedmaml: memory-based federated meta-learning with Lambda-pattern adaptation."""
+"""fedmaml: memory-based federated meta-learning with Lambda-pattern adaptation.
+
+``fedmaml.run`` runs an experiment from Python (:func:`fedmaml.api.run`, docs/custom.md "The Python
+API"). It is imported on first use, so that ``import fedmaml`` stays light (the CLI's help, a
+sweep's parent process), and it is the function itself: ``help(fedmaml.run)`` shows its arguments.
+"""
+
+from typing import TYPE_CHECKING, Any
 
 from fedmaml.version import __version__
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time, __getattr__ below
+    from fedmaml.api import run
 
 __all__ = ["__version__", "run"]
 
 
-def run(*args, **kwargs):  # type: ignore[no-untyped-def]
-    """Run an experiment from Python, optionally with your own ``torch.nn.Module``
-    (:func:`fedmaml.api.run`; imported on first use so ``import fedmaml`` stays light)."""
-    from fedmaml.api import run as _run
+def __getattr__(name: str) -> Any:
+    """``fedmaml.run``: :func:`fedmaml.api.run`, imported when first asked for (PEP 562)."""
+    if name == "run":
+        from fedmaml.api import run
 
-    return _run(*args, **kwargs)
+        globals()["run"] = run  # asked once: then an ordinary attribute
+        return run
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -138,13 +138,26 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     _add_progress_arguments(parser, "rounds")
     parser.add_argument("--output-dir", metavar="DIR", help="directory for run directories "
                         "(overrides output_dir)")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its "
-                        "checkpoint, with the config it was made from; only federated.rounds "
-                        "(more than the checkpoint's round) and federated.checkpoint_every may be "
-                        "given as key=value (docs/robustness.md)")
+    resume = parser.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint, with "
+        "the config it was made from; only %(changeable)s may be given as key=value "
+        "(federated.rounds: more than the checkpoint's round; docs/robustness.md)")
+    resume.changeable = _ChangeableOnResume()  # type: ignore[attr-defined]  # %(changeable)s
     parser.add_argument("--restart", metavar="RUN_DIR", help="start the run of RUN_DIR again from "
                         "the beginning with its config.yaml, after moving RUN_DIR aside to the "
                         "hidden .NAME.old-N beside it (nothing is deleted)")
+
+
+class _ChangeableOnResume:
+    """The keys a resume may change (``fedmaml.run_dir.CHANGEABLE_ON_RESUME``, the one list the
+    resume checks use), for ``--resume``'s help. argparse fills ``%(name)s`` of a help text from
+    the option's attributes only when the help is shown, so the list is read then: importing it
+    while the parser is built would load the config package for every command."""
+
+    def __str__(self) -> str:
+        from fedmaml.run_dir import CHANGEABLE_ON_RESUME
+
+        return ", ".join(CHANGEABLE_ON_RESUME)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -46,14 +46,19 @@ def run_experiment(cfg: Config, quiet: bool = False, run_dir: str | Path | None 
     """Run ``cfg`` (and the ``compare_with`` baselines under ``<run_dir>/baselines/``); return the run
     directory (config.yaml, metrics.jsonl, summary.json, model.pt, convergence.png).
 
-    The run directory is locked while the runs train (fedmaml/run_dir.py): a second process that
-    tries to work in it fails at once, naming this one. ``resume``: continue the runs of
-    ``run_dir`` from their checkpoints, each with the config of its checkpoint (only the keys of
-    ``run_dir.CHANGEABLE_ON_RESUME`` may differ, and the change is recorded); runs that already ended
-    are kept, runs without a checkpoint start from the beginning. ``restart``: move ``run_dir`` aside
-    (to a hidden ``.<name>.old-N`` beside it) and start again there. During a run the first SIGINT
-    or SIGTERM stops it after the current round with a checkpoint
-    (fedmaml/federated/checkpoint.py); the later runs (baselines) are then not started."""
+    ``run_dir``: where (None: a new directory under ``output_dir``, :func:`run_dir.new_run_dir`);
+    the caller owns it, and files of an earlier run in it are replaced (``fedmaml.run`` refuses
+    such a directory first: :func:`run_dir.given_run_dir`). The run directory is locked while the
+    runs train (fedmaml/run_dir.py): a second process that tries to work in it fails at once,
+    naming this one. ``resume``: continue the runs of ``run_dir`` from their checkpoints, each with
+    the config of its checkpoint (only the keys of ``run_dir.CHANGEABLE_ON_RESUME`` may differ, and
+    the change is recorded); runs that already ended are kept (and must be runs of ``cfg``:
+    :func:`run_dir.check_ended`; when every run ended, one line says there is nothing to resume),
+    runs not started yet (a baseline after an interrupted run) start, and a run that started but
+    has no checkpoint is refused (:func:`run_dir.resumes`). ``restart``: move ``run_dir`` aside (to
+    a hidden ``.<name>.old-N`` beside it) and start again there. During a run the first SIGINT or
+    SIGTERM stops it after the current round with a checkpoint (fedmaml/federated/checkpoint.py);
+    the later runs (baselines) are then not started."""
     quiet_frameworks(quiet)
     if (resume or restart) and run_dir is None:
         raise FedmamlError("resume and restart need the run directory")
@@ -61,7 +66,7 @@ def run_experiment(cfg: Config, quiet: bool = False, run_dir: str | Path | None 
     configs = [cfg] + [baseline_config(cfg, n) for n in names]
     for c in configs:  # a config error is reported before anything is moved or locked
         check_config(c)
-    if restart and run_dir is not None and Path(run_dir).exists():
+    if restart and run_dir is not None and rd.has_content(run_dir):
         aside = rd.move_aside(run_dir)
         if not quiet:
             print(f"moved {run_dir} aside to {aside}", file=sys.stderr)
@@ -73,18 +78,19 @@ def run_experiment(cfg: Config, quiet: bool = False, run_dir: str | Path | None 
         for i, (c, d) in enumerate(runs):
             summary = read_summary(d)
             if resume and run_status(summary) not in (None, "interrupted"):
-                if summary.get("rounds", c.federated.rounds) != c.federated.rounds:
-                    raise FedmamlError(f"{d}: ended ({summary['status']}) with federated.rounds "
-                                       f"{summary['rounds']}; a run that ended cannot be "
-                                       f"extended, so {run_dir} cannot resume with "
-                                       f"federated.rounds {c.federated.rounds}; start a new run")
+                rd.check_ended(d, summary, c, top=run_dir)
                 continue  # ended before: its summary says how
-            resumes = resume and checkpoint.path_of(d).exists()
+            resumes = resume and rd.resumes(d, c, top=run_dir)
             if resumes:  # every run is checked before any change is recorded or run starts
                 changes.append(rd.check_resume(d, c, top=run_dir))
             todo.append((i, c, d, resumes))
         for record in filter(None, changes):
             record()
+        if resume and not todo and not quiet:  # said, lest the table read as a resumed run's
+            ended = [f"{f'baseline {d.name} ' if i else ''}{run_status(read_summary(d))}"
+                     for i, (_, d) in enumerate(runs)]
+            print(f"{run_dir}: nothing to resume: the run {'and its baselines ' * (len(runs) > 1)}"
+                  f"already ended ({', '.join(ended)})", file=sys.stderr)
         for i, c, d, resumes in todo:
             if i and not quiet:
                 print(f"baseline {c.algorithm.name}:", file=sys.stderr)

@@ -1,10 +1,13 @@
 """The state of a run directory, in one place: which directory a new run gets, whether a run there is
 unfinished, whether a resume may continue it with the config it is given, the lock that keeps a
-second process out of it, and moving it aside to start again.
+second process out of it, and moving it aside to start again. ``fedmaml run`` (its ``--resume``
+and ``--restart``) and ``fedmaml.run`` (its ``resume=`` and ``restart=``) go through the same
+checks; only the advice of an error is spelled for the one in use (:func:`advising_python`).
 
 A run directory (fedmaml/results/recorder.py lists its files) is *new* (absent or empty),
 *unfinished* (no ``summary.json``, or status ``interrupted``; ``checkpoint.pt`` when it can
-resume) or *finished* (``summary.json`` says completed, diverged or failed).
+resume) or *finished* (``summary.json`` says completed, diverged or failed). An unfinished run
+without a checkpoint (killed before its first one) cannot resume: it can only start again.
 
 Resuming never alters what a run did. The checkpoint holds the config the run was made from
 (fedmaml/federated/checkpoint.py); :func:`check_resume` compares it with the config of the resume
@@ -16,13 +19,15 @@ never claims a config it did not run. See docs/robustness.md, "Resuming a run".
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import datetime
 import json
 import os
 import shlex
 import socket
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +36,7 @@ from fedmaml.config import Config, config_from_flat, config_to_flat, dump_yaml, 
 from fedmaml.errors import DataError, FedmamlError
 from fedmaml.federated.health import run_status
 
-from fedmaml.results.run_files import CONFIG_FILE, read_summary
+from fedmaml.results.run_files import CHECKPOINT_FILE, CONFIG_FILE, read_summary
 
 # torch and flwr (checkpoint.py, recorder.py) are imported where needed, so that a sweep's parent
 # process and the CLI's help stay light.
@@ -157,8 +162,41 @@ def move_aside(run_dir: str | Path) -> Path:
     return target
 
 
+# -- the advice: `fedmaml run --resume DIR` or `fedmaml.run(..., resume=True)` ----------------------
+
+_FROM_PYTHON: contextvars.ContextVar[bool] = contextvars.ContextVar("fedmaml_from_python",
+                                                                   default=False)
+
+
+@contextlib.contextmanager
+def advising_python() -> Iterator[None]:
+    """While it runs, the errors of these checks tell how to go on with ``fedmaml.run``'s
+    arguments (``resume=True``, ``restart=True``) rather than with ``fedmaml run``'s options: the
+    checks are the same, only the way to act on them differs."""
+    token = _FROM_PYTHON.set(True)
+    try:
+        yield
+    finally:
+        _FROM_PYTHON.reset(token)
+
+
+def resume_command(run_dir: str | Path, rounds: bool = False) -> str:
+    """How the user resumes ``run_dir`` (``rounds``: giving it a new ``federated.rounds``)."""
+    if _FROM_PYTHON.get():
+        more = ', **{"federated.rounds": N}' if rounds else ""
+        return f"`fedmaml.run(..., run_dir={str(run_dir)!r}, resume=True{more})`"
+    return f"`fedmaml run --resume {run_dir}{' federated.rounds=N' if rounds else ''}`"
+
+
+def restart_command(run_dir: str | Path) -> str:
+    """How the user starts ``run_dir`` again from the beginning (:func:`move_aside` first)."""
+    if _FROM_PYTHON.get():
+        return f"`fedmaml.run(..., run_dir={str(run_dir)!r}, restart=True)`"
+    return f"`fedmaml run --restart {run_dir}`"
+
+
 def restart_hint(run_dir: str | Path) -> str:
-    return (f"to start it again from the beginning: `fedmaml run --restart {run_dir}` (moves "
+    return (f"to start it again from the beginning: {restart_command(run_dir)} (moves "
             f"{run_dir} aside to {aside_name(run_dir, 'N')} beside it; nothing is deleted)")
 
 
@@ -205,10 +243,87 @@ def refuse_unfinished(run_dir: Path, cfg: Config) -> None:
         saved = load_checkpoint(run_dir)
         raise FedmamlError(f"{run_dir} is an unfinished run of this config (checkpoint after "
                            f"round {saved['round']} of {cfg.federated.rounds}); resume it with "
-                           f"`fedmaml run --resume {run_dir}`, or {restart_hint(run_dir)}")
-    raise FedmamlError(f"{run_dir} is an unfinished run of this config without a checkpoint (it "
-                       "crashed or was killed before its first one; see "
-                       f"federated.checkpoint_every); {restart_hint(run_dir)}")
+                           f"{resume_command(run_dir)}, or {restart_hint(run_dir)}")
+    raise FedmamlError(f"{run_dir} is an unfinished run of this config without a checkpoint "
+                       f"({no_checkpoint_why(cfg)}); {restart_hint(run_dir)}")
+
+
+def no_checkpoint_why(cfg: Config) -> str:
+    """Why an unfinished run of ``cfg`` has no checkpoint to resume from."""
+    every = cfg.federated.checkpoint_every
+    if every:
+        return (f"federated.checkpoint_every is {every}, a checkpoint every {every} rounds; this "
+                "run was killed or crashed before its first one")
+    return ("federated.checkpoint_every is 0, so only a stop by Ctrl-C or SIGTERM writes one; this "
+            "run was killed or crashed")
+
+
+def given_run_dir(run_dir: str | Path, resume: bool = False, restart: bool = False) -> None:
+    """Check a run directory that the caller names for a run (``fedmaml.run``'s ``run_dir``), before
+    anything runs: without ``resume`` or ``restart`` it must be new (absent or empty), so that no
+    run is overwritten or mixed with the files (and ``baselines/``) of another; with either, it
+    must be new or hold a run (``config.yaml``), so that nothing else is moved aside or resumed.
+    A FedmamlError says what the directory holds and how to go on. ``fedmaml run`` does not need
+    it: it picks a new directory itself (:func:`new_run_dir`), and its ``--resume`` and
+    ``--restart`` take the config of a run directory, so they refuse any other."""
+    run_dir = Path(run_dir)
+    if not has_content(run_dir):
+        return
+    if not (run_dir / CONFIG_FILE).exists():
+        raise FedmamlError(f"run_dir {run_dir}: holds files but no run (no {CONFIG_FILE}); give "
+                           "a new or empty directory")
+    if resume or restart:
+        return
+    status = run_status(read_summary(run_dir))
+    runs = [run_dir, *sorted(p for p in (run_dir / "baselines").glob("*") if p.is_dir())]
+    resumable = any((d / CHECKPOINT_FILE).exists() for d in runs)
+    if status in (None, "interrupted"):
+        held = "an unfinished run" + ("" if resumable else " without a checkpoint")
+    else:
+        held = f"a run that ended ({status})" + (
+            "; a compare_with baseline of it is unfinished" if resumable else "")
+    ways = [f"resume=True continues it ({resume_command(run_dir)})"] if resumable else []
+    ways.append(f"restart=True moves it aside and starts again ({restart_command(run_dir)}; "
+                f"moved to {aside_name(run_dir, 'N')} beside it, nothing is deleted)")
+    raise FedmamlError(f"run_dir {run_dir}: already holds {held}, which a new run would overwrite; "
+                       + "; ".join(ways) + "; or give another run_dir")
+
+
+def check_ended(run_dir: Path, summary: dict[str, Any], cfg: Config, top: Path) -> None:
+    """On a resume, a run that ended (``summary``) is kept as it is, and so it must be the run of
+    ``cfg``: a longer ``federated.rounds`` cannot extend it, and a config that differs in any key
+    a resume may not change (:data:`CHANGEABLE_ON_RESUME`) is another run. ``top``: the run
+    directory resumed (``run_dir`` or the one holding it as a baseline)."""
+    if summary.get("rounds", cfg.federated.rounds) != cfg.federated.rounds:
+        raise FedmamlError(f"{run_dir}: ended ({summary['status']}) with federated.rounds "
+                           f"{summary['rounds']}; a run that ended cannot be extended, so {top} "
+                           f"cannot resume with federated.rounds {cfg.federated.rounds}; start a "
+                           "new run")
+    try:
+        ran = load_config(run_dir / CONFIG_FILE)
+    except FedmamlError:  # no config.yaml this version reads: nothing to compare with
+        return
+    diff = [(k, a, b) for k, a, b in config_differences(ran, cfg)
+            if k not in CHANGEABLE_ON_RESUME]
+    if diff:
+        shown = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in diff[:5])
+        raise FedmamlError(f"{run_dir}: ended ({summary['status']}) as a run of another config "
+                           f"({shown}{'; ...' if len(diff) > 5 else ''}); a resume continues the "
+                           f"run of {top} as it was made: give its config, or "
+                           f"{restart_hint(top)}, or start a new run elsewhere")
+
+
+def resumes(run_dir: Path, cfg: Config, top: Path) -> bool:
+    """On a resume, whether the unfinished run in ``run_dir`` continues from its checkpoint (True)
+    or, never started (an empty directory: a baseline after an interrupted run), starts (False).
+    A run that started and has no checkpoint is a FedmamlError: starting it over would replace the
+    rounds it ran (its metrics.jsonl) without being asked to."""
+    if (run_dir / CHECKPOINT_FILE).exists():
+        return True
+    if not has_content(run_dir):
+        return False
+    raise FedmamlError(f"{run_dir}: no checkpoint to resume from ({no_checkpoint_why(cfg)}); "
+                       f"{restart_hint(top)}")
 
 
 def load_checkpoint(run_dir: str | Path, top: str | Path | None = None) -> dict[str, Any]:
@@ -291,8 +406,8 @@ def check_resume(run_dir: str | Path, cfg: Config,
         raise FedmamlError(
             f"{run_dir}: the config differs from the one its checkpoint was made from ({shown}); "
             "a resume continues the same run, so these cannot change (was config.yaml edited?). "
-            f"Only {', '.join(CHANGEABLE_ON_RESUME)} may change on resume, e.g. `fedmaml run "
-            f"--resume {top or run_dir} federated.rounds=N`; to run another config, start a new "
+            f"Only {', '.join(CHANGEABLE_ON_RESUME)} may change on resume, e.g. "
+            f"{resume_command(top or run_dir, rounds=True)}; to run another config, start a new "
             "run")
     for key, _, _ in diff:
         check = CHANGEABLE_ON_RESUME[key]

@@ -26,6 +26,28 @@ def test_commands_taking_a_config_mention_the_bundled_names(command, capsys):
     assert "name of a bundled example: quickstart, sweeps/moml_miniature" in out
 
 
+def test_run_help_lists_the_keys_a_resume_may_change(capsys):
+    # the one list the resume checks use (fedmaml/run_dir.py), read when the help is shown
+    from fedmaml.run_dir import CHANGEABLE_ON_RESUME
+
+    assert main(["run", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the help
+    assert f"only {', '.join(CHANGEABLE_ON_RESUME)} may be given as key=value" in out, out
+
+
+def test_building_the_parser_loads_no_config_package():
+    import os
+    import subprocess
+    from pathlib import Path
+
+    code = ("import sys; from fedmaml.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('fedmaml.config', 'fedmaml.run_dir') if m in sys.modules))")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.stdout.strip() == "[]"
+
+
 def test_no_command_prints_help_and_fails(capsys):
     assert main([]) == 2
     assert "usage: fedmaml" in capsys.readouterr().err

@@ -1,8 +1,9 @@
 """A resume cannot alter a run (fedmaml/run_dir.py): a changed config is refused naming every
 changed key; ``federated.rounds`` may grow (or shrink to above the checkpoint) and then ends
 bitwise equal to a run of the new length, with the change recorded; a run directory is locked
-while a process works in it, and a killed holder does not block it; a corrupt checkpoint says how
-to start again, and ``--restart`` does so without deleting anything."""
+while a process works in it, and a killed holder does not block it; a corrupt checkpoint, or none
+(a run killed before its first), says how to start again, and ``--restart`` does so without
+deleting anything; a run that ended says there is nothing to resume."""
 
 from __future__ import annotations
 
@@ -328,6 +329,59 @@ def test_a_directory_whose_run_ended_cannot_be_extended_and_the_refusal_changes_
     # resumed as it was, the baseline finishes
     assert main(["run", "--resume", str(run_dir), "--quiet"]) == 0
     assert read_summary(baseline)["status"] == "completed"
+
+
+def killed_without_a_checkpoint(cfg, run_dir: Path, at: int) -> None:
+    """Run ``cfg`` in another process and kill it (SIGKILL: nothing more is written) once it has
+    recorded round ``at``."""
+    config = run_dir.parent / "killed.yaml"
+    config.write_text(dump_yaml(cfg))
+    script = ("import os, signal\n"
+              "from fedmaml.config import load_config\n"
+              "from fedmaml.federated import health\n"
+              "from fedmaml.experiment import run_experiment\n"
+              "observe = health.RunHealth.observe\n"
+              "def kill(self, row, last_error=''):\n"
+              "    observe(self, row, last_error)\n"
+              f"    if row['round'] == {at}: os.kill(os.getpid(), signal.SIGKILL)\n"
+              "health.RunHealth.observe = kill\n"
+              f"run_experiment(load_config({str(config)!r}), quiet=True, run_dir={str(run_dir)!r})\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert done.returncode == -9, done.stderr
+
+
+def test_resume_without_a_checkpoint_is_refused_and_keeps_the_rounds_run(tiny_config, tmp_path,
+                                                                         capsys):
+    # killed with federated.checkpoint_every 0: no checkpoint, the rows of rounds 0..2 on disk
+    run_dir = tmp_path / "killed"
+    killed_without_a_checkpoint(tiny_config(*BASE, "federated.rounds=6"), run_dir, at=2)
+    assert not checkpoint.path_of(run_dir).exists() and read_summary(run_dir) is None
+    rows = (run_dir / "metrics.jsonl").read_bytes()
+    assert [r["round"] for r in read_metrics(run_dir)] == [0, 1, 2]
+    assert main(["run", "--resume", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {run_dir}: no checkpoint to resume from (federated."
+                          "checkpoint_every is 0, so only a stop by Ctrl-C or SIGTERM writes one; "
+                          "this run was killed or crashed); to start it again"), err
+    assert f"`fedmaml run --restart {run_dir}`" in err, err
+    assert (run_dir / "metrics.jsonl").read_bytes() == rows  # not started over
+    # the way it offers
+    assert main(["run", "--restart", str(run_dir), "--quiet"]) == 0
+    assert read_summary(run_dir)["status"] == "completed"
+    assert (tmp_path / ".killed.old-1" / "metrics.jsonl").read_bytes() == rows
+
+
+def test_resume_of_a_completed_run_says_there_is_nothing_to_resume(tiny_config, tmp_path, capsys):
+    run_dir = run_experiment(tiny_config(*BASE, "compare_with=fedavg"), quiet=True,
+                             run_dir=tmp_path / "done")
+    metrics = (run_dir / "metrics.jsonl").read_bytes()
+    assert main(["run", "--resume", str(run_dir)]) == 0
+    out, err = capsys.readouterr()
+    assert (f"{run_dir}: nothing to resume: the run and its baselines already ended (completed, "
+            "baseline fedavg completed)") in err, err
+    assert f"run directory {run_dir}" in out  # and its table, as before
+    assert (run_dir / "metrics.jsonl").read_bytes() == metrics
 
 
 def test_a_sweep_does_not_resume_a_run_with_a_changed_base_config(tiny_config, tmp_path,
