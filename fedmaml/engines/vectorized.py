@@ -163,9 +163,9 @@ class VectorizedGrid(InProcessGrid):
         replies: dict[int, tuple[Message, float]] = {}
         for i, msg in enumerate(messages):
             kind = msg.metadata.message_type
-            if kind == MessageType.TRAIN and cohort_ids(msg) is not None:
+            if kind == MessageType.TRAIN and R.cohort_ids(msg) is not None:
                 replies[i] = (self._train_cohort_message(msg, timeout), 0.0)
-            elif kind == MessageType.EVALUATE and cohort_ids(msg) is not None:
+            elif kind == MessageType.EVALUATE and R.cohort_ids(msg) is not None:
                 replies[i] = (self._evaluate_cohort_message(msg, timeout), 0.0)
             else:
                 (train if kind == MessageType.TRAIN else
@@ -189,7 +189,7 @@ class VectorizedGrid(InProcessGrid):
         _set_message_id(msg)
         try:
             w, server_round, hp = train_instruction(msg, self.setup, self.device)
-            cids = [int(c) for c in cohort_ids(msg)]
+            cids = [int(c) for c in R.cohort_ids(msg)]
         except Exception as e:  # noqa: BLE001 - a bad instruction fails the whole cohort
             return error_reply(msg, e)
         result = self.train_clients(w, hp, server_round, cids, timeout)
@@ -355,7 +355,7 @@ class VectorizedGrid(InProcessGrid):
         self.stats.eval_cohorts += 1
         try:
             w, pattern = evaluate_instruction(msg, self.setup)
-            cids = [int(c) for c in cohort_ids(msg)]
+            cids = [int(c) for c in R.cohort_ids(msg)]
         except Exception as e:  # noqa: BLE001 - a bad instruction fails the whole panel
             return error_reply(msg, e)
         rows: list[dict[str, float]] = []
@@ -404,12 +404,6 @@ _ID_PREFIX = uuid.uuid4().hex[:16]  # unique per process; a counter makes the re
 def _set_message_id(msg: Message) -> None:
     # Replies point at their instruction's id, which a SuperLink would have assigned.
     msg.metadata.__dict__["_message_id"] = f"{_ID_PREFIX}{next(_MESSAGE_IDS):016x}"
-
-
-def cohort_ids(msg: Message) -> Any:
-    """The client ids a cohort instruction addresses (``None``: a message to one client)."""
-    config = msg.content.get(R.CONFIG) if msg.has_content() else None
-    return None if config is None else config.get(R.COHORT)
 
 
 def _assemble(parts: list[tuple[list[int], Params, dict[str, list[float]]]],
