@@ -186,7 +186,7 @@ class VectorizedGrid(InProcessGrid):
     def _train_cohort_message(self, msg: Message, timeout: float | None) -> Message:
         """One message for a cohort -> one reply: the stacked updates, per-client metrics as lists
         and the failed clients by id (records.py)."""
-        _set_message_id(msg)
+        set_message_id(msg)
         try:
             w, server_round, hp = train_instruction(msg, self.setup, self.device)
             cids = [int(c) for c in R.cohort_ids(msg)]
@@ -205,7 +205,7 @@ class VectorizedGrid(InProcessGrid):
         groups: dict[tuple, list[int]] = {}
         keys: dict[int, tuple] = {}  # a round's messages usually share one content object
         for i, msg in messages.items():
-            _set_message_id(msg)
+            set_message_id(msg)
             key = keys.get(id(msg.content))
             if key is None:
                 config = msg.content.get(R.CONFIG, {})
@@ -351,7 +351,7 @@ class VectorizedGrid(InProcessGrid):
         """One message for an evaluation panel -> one reply: every client evaluated as its own
         evaluate message would be, the metrics as per-client lists and the failed clients by id
         (records.py). A client whose evaluation exceeds ``timeout`` is listed as late."""
-        _set_message_id(msg)
+        set_message_id(msg)
         self.stats.eval_cohorts += 1
         try:
             w, pattern = evaluate_instruction(msg, self.setup)
@@ -377,7 +377,7 @@ class VectorizedGrid(InProcessGrid):
                                    R.FAILURES: R.failure_record(failures)}), reply_to=msg)
 
     def _evaluate(self, msg: Message) -> tuple[Message, float]:
-        _set_message_id(msg)
+        set_message_id(msg)
         start = time.perf_counter()
         cid = msg.metadata.dst_node_id - FIRST_CLIENT_NODE
         try:
@@ -401,7 +401,7 @@ _MESSAGE_IDS = itertools.count(1)
 _ID_PREFIX = uuid.uuid4().hex[:16]  # unique per process; a counter makes the rest (uuid4 is slower)
 
 
-def _set_message_id(msg: Message) -> None:
+def set_message_id(msg: Message) -> None:
     # Replies point at their instruction's id, which a SuperLink would have assigned.
     msg.metadata.__dict__["_message_id"] = f"{_ID_PREFIX}{next(_MESSAGE_IDS):016x}"
 
