@@ -126,19 +126,11 @@ class VectorizedGrid(InProcessGrid):
         #: (each said once)
         self.unbatched: set[tuple[bool, int]] = set()
         self._refusals: set[str] = set()
-        self._nodes: dict[int, int] | None = None
         self._update = CompiledUpdate(  # engine.compile: torch.compile'd on first use
             lambda hp, w, memory, data, initial: cohort_update(
                 self.setup.algorithm, self.setup.model, self.setup.loss_fn, hp, w, memory, data,
                 initial),
             engine.compile, "vectorized engine")
-
-    def partition_nodes(self) -> dict[int, int]:
-        # Built once: the strategy asks every round, and with a million clients building the
-        # mapping costs more than a whole round of a small cohort.
-        if self._nodes is None:
-            self._nodes = super().partition_nodes()
-        return self._nodes
 
     def store(self, cid: int) -> BankStore | NoMemory:
         """Client ``cid``'s memory store (a view of the bank)."""
