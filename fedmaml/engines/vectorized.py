@@ -46,7 +46,7 @@ from flwr.app import Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
-from fedmaml.algorithms import Hyper, RoundData
+from fedmaml.algorithms import Hyper
 from fedmaml.client import (CompiledUpdate, NoMemory, clip_client_updates, cohort_faults,
                             cohort_update, draw_cohort_round, evaluate_client, initial_for,
                             memory_init_mask, samples_drawn, stack_rounds, to_device,
@@ -286,7 +286,8 @@ class VectorizedGrid(InProcessGrid):
             if self.bank is not None and not fresh:
                 memory = to_device(self.bank.read(cids), self.device)
             update = True
-            delta, memory, metrics = self._cohort_update(hp, w, memory, data.to(self.device))
+            delta, memory, metrics = self._update(hp, w, memory, data.to(self.device),
+                                                  initial_for(setup, hp, self.device))
         except Exception as e:  # noqa: BLE001 - e.g. an op vmap cannot batch: go one by one
             self.stats.fallbacks += 1
             why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -316,12 +317,6 @@ class VectorizedGrid(InProcessGrid):
         self.stats.cohorts += 1
         self.stats.vmapped_clients += n
         return cids, delta, columns
-
-    def _cohort_update(self, hp: Hyper, w: Params, memory: Params | None, data: RoundData
-                       ) -> tuple[Params, Params | None, dict[str, torch.Tensor]]:
-        """:func:`cohort_update`, compiled when ``engine.compile`` is set
-        (:class:`~fedmaml.client.CompiledUpdate`)."""
-        return self._update(hp, w, memory, data, initial_for(self.setup, hp, self.device))
 
     def _train_one(self, w: Params, hp: Hyper, server_round: int, cid: int,
                    failures: list[tuple[int, str, str]]
