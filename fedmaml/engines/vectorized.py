@@ -132,10 +132,6 @@ class VectorizedGrid(InProcessGrid):
                 initial),
             engine.compile, "vectorized engine")
 
-    def store(self, cid: int) -> BankStore | NoMemory:
-        """Client ``cid``'s memory store (a view of the bank)."""
-        return NoMemory() if self.bank is None else BankStore(self.bank, cid)
-
     def close(self) -> None:
         if self.bank is not None:
             self.bank.close()
@@ -325,7 +321,8 @@ class VectorizedGrid(InProcessGrid):
         in the bank."""
         self.stats.per_client += 1
         try:
-            delta, m = train_step(self.cfg, self.setup, cid, w, hp, server_round, self.store(cid),
+            delta, m = train_step(self.cfg, self.setup, cid, w, hp, server_round,
+                                  NoMemory() if self.bank is None else BankStore(self.bank, cid),
                                   self.device)
         except Exception as e:  # noqa: BLE001 - the client fails, the cohort goes on
             failures.append(failure_of(cid, e))
