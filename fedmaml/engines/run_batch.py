@@ -87,7 +87,8 @@ from fedmaml.federated.pattern_selection import hyper_for
 from fedmaml.federated.run_ledger import RunLedger
 from fedmaml.federated.server_round import aggregate_round
 from fedmaml.federated.server_state import ServerState
-from fedmaml.federated.setup import ExperimentSetup, setup_for, warn_pattern_steps
+from fedmaml.federated.setup import (ExperimentSetup, setup_for, use_torch_threads,
+                                     warn_pattern_steps)
 from fedmaml.federated.strategy import TRAIN_METRICS, MetaStrategy, exchange
 from fedmaml.results.metrics_row import MetricsRow
 from fedmaml.results.progress import Progress
@@ -128,9 +129,7 @@ class RunBatch:
                 raise ValueError(f"{c.name} cannot run in a batch: {why}")
         self.cfgs = list(configs)
         self.dirs = [Path(d) for d in run_dirs]
-        threads = self.cfgs[0].engine.torch_threads  # as a ClientApp sets them (0: torch's)
-        if threads and torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
+        use_torch_threads(self.cfgs[0].engine)  # as a ClientApp sets them
         self.setups: list[ExperimentSetup] = [setup_for(c) for c in self.cfgs]
         warn_pattern_steps(self.cfgs)
         first = self.setups[0]

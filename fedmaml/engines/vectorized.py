@@ -63,7 +63,7 @@ from fedmaml.engines.memory_bank import BankStore, MemoryBank
 from fedmaml.federated import codec
 from fedmaml.federated import records as R
 from fedmaml.federated.instructions import evaluate_instruction, train_instruction, train_reply
-from fedmaml.federated.setup import resolve_device, setup_for
+from fedmaml.federated.setup import resolve_device, setup_for, use_torch_threads
 from fedmaml.errors import ConfigError
 from fedmaml.models.module import ModuleModel
 
@@ -109,10 +109,9 @@ class VectorizedGrid(InProcessGrid):
         self.cfg = config
         self.setup = setup_for(config)
         refuse_unbatchable(self.setup)
-        self.device = resolve_device(config.engine.device)
         engine = config.engine
-        if engine.torch_threads and torch.get_num_threads() != engine.torch_threads:
-            torch.set_num_threads(engine.torch_threads)
+        self.device = resolve_device(engine.device)
+        use_torch_threads(engine)
         self.max_cohort = engine.max_cohort_size or None
         retain_freed_memory()  # cohort tensors are large: reuse freed blocks (engines/allocator.py)
         if bank is None and self.setup.algorithm.uses_memory:
