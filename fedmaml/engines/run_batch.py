@@ -221,7 +221,8 @@ class RunBatch:
                     with collector.paused():
                         alarm = self._train_round(server_round)
                     self._select(server_round)
-                    self._log(server_round, evaluate=self._eval_round(server_round), alarm=alarm)
+                    evaluate = self.strategies[self.live[0]].is_eval_round(server_round)
+                    self._log(server_round, evaluate=evaluate, alarm=alarm)
                     self.progress.update(server_round, f"{len(self.live)} runs going")
         except BaseException as e:  # a crash: the trackers' runs end too, as what happened
             for i in self.live:
@@ -230,9 +231,6 @@ class RunBatch:
         for i in list(self.live):
             self._finish(i, "completed", "")
         return self.results
-
-    def _eval_round(self, server_round: int) -> bool:
-        return self.strategies[self.live[0]].is_eval_round(server_round)
 
     def _train_round(self, server_round: int) -> bool:
         """One round of every live run: sample, draw, update, average, step. The round's numbers
