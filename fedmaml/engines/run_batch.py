@@ -491,9 +491,10 @@ class RunBatch:
                 self.strategies[i].round_stats = {}
         for i, e in ended:
             self._finish(i, e.status, e.message, distrust_w=e.distrust_w)
-        for i in self.live:
+        for i in self.live:  # in the format a run alone writes (memories as a memory bank)
             if self.ledgers[i].checkpoint_due(server_round, stop):
-                self._save_checkpoint(i, server_round)
+                self.ledgers[i].save_checkpoint(server_round, self._server_state(i),
+                                                {"bank": self._bank_state(i)})
         if stop and server_round < self.rounds:
             for i in list(self.live):
                 self._finish(i, "interrupted", f"interrupted after round {server_round}; resume "
@@ -561,11 +562,6 @@ class RunBatch:
         self.w, self.w_before, self.values, opt.state, opt.lr, opt.steps = _take(
             (self.w, self.w_before, self.values, opt.state, opt.lr, opt.steps), keep)
         self._etas.clear()
-
-    def _save_checkpoint(self, i: int, server_round: int) -> None:
-        """Run ``i``'s checkpoint, in the format a run alone writes (memories as a memory bank)."""
-        self.ledgers[i].save_checkpoint(server_round, self._server_state(i),
-                                        {"bank": self._bank_state(i)})
 
     def _server_state(self, i: int) -> ServerState:
         """Run ``i``'s server state, from the batch's tensors (the participation staleness, the
