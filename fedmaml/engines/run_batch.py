@@ -180,8 +180,9 @@ class RunBatch:
             self.memory = {k: v.new_zeros((len(self.cfgs), n, tasks, *v.shape[1:]))
                            for k, v in self.w.items()}
         self.initial = self.w  # the initial models (memory_init: initial_model); w is replaced
-        self.values = {name: torch.tensor([_value(s.hyper, name) for s in self.setups],
-                                          dtype=torch.float32) for name in _VALUES}
+        self.values = {name: torch.tensor(
+            [float(getattr(s.hyper if name == "eta" else s.hyper.step, name)) for s in self.setups],
+            dtype=torch.float32) for name in _VALUES}
         self.alpha_all = self.values["alpha"].clone()  # by run index (values follow the live runs)
         self._etas: dict[tuple, torch.Tensor] = {}
         self.seeds = np.asarray([c.seed for c in self.cfgs], dtype=np.int64)
@@ -646,10 +647,6 @@ def _row_of(pending: dict[str, Any], j: int) -> MetricsRow:
 def _positions(runs: np.ndarray) -> dict[int, int]:
     """``{run: its row in a round's arrays}`` (one dict a round; each run's row reads it)."""
     return {i: j for j, i in enumerate(runs.tolist())}
-
-
-def _value(hp: Hyper, name: str) -> float:
-    return float(hp.eta if name == "eta" else getattr(hp.step, name))
 
 
 def _take(x: Any, index: torch.Tensor) -> Any:
