@@ -435,7 +435,7 @@ class RunBatch:
             if v is not None:
                 losses[key] = (torch.where(finite, v.to(torch.float64), zero).sum(1)
                                / n_valid).numpy()
-        init = self.cfgs[runs[0]].data.tasks_per_client * self.setups[runs[0]].hyper.init_support_size
+        init = cfg.data.tasks_per_client * self.setups[runs[0]].hyper.init_support_size
         samples = ((per_client + init * fresh) * finite_np).sum(1)
         self.totals["samples"][runs] += samples
         self.totals["bytes_down"][runs] += self.bytes_down * present.sum(1)
