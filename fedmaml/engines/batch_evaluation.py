@@ -165,8 +165,7 @@ class BatchEvaluator:
         position = {i: b.live.index(i) for i in runs}
         losses: dict[str, list[float]] = {}
         for at in range(0, len(entries), CHUNK):
-            part = entries[at:at + CHUNK]
-            for k, v in self._adapt(part, position).items():
+            for k, v in self._adapt(entries[at:at + CHUNK], position).items():
                 losses.setdefault(k, []).extend(v.tolist())
         tracked = [e for e, (i, _, _, memory) in enumerate(entries)
                    if memory and b.cfgs[i].evaluation.tracking_error]
