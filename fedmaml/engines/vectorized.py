@@ -104,8 +104,8 @@ class VectorizedGrid(InProcessGrid):
     takes_cohorts = True
 
     def __init__(self, config: Config, client_app: ClientApp, num_nodes: int,
-                 bank: MemoryBank | None = None, run_id: int = 1) -> None:
-        super().__init__(client_app, num_nodes, run_id)
+                 bank: MemoryBank | None = None) -> None:
+        super().__init__(client_app, num_nodes)
         self.cfg = config
         self.setup = setup_for(config)
         refuse_unbatchable(self.setup)
@@ -450,10 +450,10 @@ def refuse_unbatchable(setup: Any) -> None:
                           "inputs (docs/custom.md)")
 
 
-def run_vectorized(server_app: ServerApp, client_app: ClientApp, num_nodes: int, config: Config,
-                   bank: MemoryBank | None = None) -> VectorizedGrid:
+def run_vectorized(server_app: ServerApp, client_app: ClientApp, num_nodes: int, config: Config
+                   ) -> VectorizedGrid:
     """Run ``server_app`` on a :class:`VectorizedGrid`; return the grid (its ``bank`` holds the
     memories; call ``close()`` when done with it)."""
-    grid = VectorizedGrid(config, client_app, num_nodes, bank)
+    grid = VectorizedGrid(config, client_app, num_nodes)
     run_inprocess(server_app, client_app, num_nodes, grid)
     return grid
