@@ -70,7 +70,7 @@ from fedmaml.client.metrics import example_counts
 from fedmaml.client.speed import past_deadline, simulated_seconds
 from fedmaml.client.train import draw_cohort_data
 from fedmaml.config import Config
-from fedmaml.core.params import Params
+from fedmaml.core.params import Params, stack
 from fedmaml.core.server import ServerOptimizer, per_run
 from fedmaml.data.counter import round_keys
 from fedmaml.data.tasks import Task
@@ -102,10 +102,6 @@ _VALUES = ("eta", "alpha", "beta", "hf_delta")
 _FLUSH_ROUNDS = 200
 #: Clients whose tasks a batch keeps at hand, per run.
 _TASK_CACHE = 4096
-
-
-def _stack(params: Sequence[Params]) -> Params:
-    return {k: torch.stack([p[k] for p in params]) for k in params[0]}
 
 
 def _row(params: Params, i: int) -> Params:
@@ -166,7 +162,7 @@ class RunBatch:
         fed = self.cfgs[0].federated
         n = first.federation.num_clients
         # The per-run state along the batch axis.
-        self.w = _stack([s.initial_params for s in self.setups])
+        self.w = stack([s.initial_params for s in self.setups])
         self.w_before = self.w
         self.optimizer = ServerOptimizer(
             fed.server_optimizer, torch.tensor([c.federated.server_lr for c in self.cfgs],
@@ -572,7 +568,7 @@ class RunBatch:
         return dataclasses.replace(
             self.strategies[i].export_state(), w=_row(self.w, j),
             w_before_update=_row(self.w_before, j),
-            optimizer_state={k: v[j].clone() for k, v in self.optimizer.state.items()},
+            optimizer_state=_row(self.optimizer.state, j),
             optimizer_steps=int(self.optimizer.steps[j]),
             trained=np.flatnonzero(self.trained[i]).tolist(),
             touched=np.flatnonzero(self.last[i] >= 0).tolist(),
@@ -618,10 +614,9 @@ class RunBatch:
                 for k, v in bank["memory"].items():
                     self.memory[k][i, ids] = v
                 self.has_memory[i, ids.numpy()] = True
-        self.w = _stack([s.w for s in states])
-        self.w_before = _stack([s.w_before_update for s in states])
-        self.optimizer.state = {k: torch.stack([s.optimizer_state[k] for s in states])
-                                for k in states[0].optimizer_state}
+        self.w = stack([s.w for s in states])
+        self.w_before = stack([s.w_before_update for s in states])
+        self.optimizer.state = stack([s.optimizer_state for s in states])
         self.optimizer.steps = torch.tensor([float(s.optimizer_steps) for s in states],
                                             dtype=torch.float64)
         self.seconds = max(ledger.resumed[1] for ledger in self.ledgers)
