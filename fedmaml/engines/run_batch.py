@@ -469,7 +469,7 @@ class RunBatch:
             pending[-1]["seconds"] = time.perf_counter() - self.start
         ended: list[tuple[int, RunStopped]] = []
         # the faults section is the same for every run of a batch (batch_key)
-        faulty = faults_enabled(self.cfgs[self.live[0]]) if self.live else False
+        faulty = faults_enabled(self.cfgs[self.live[0]])
         for i in list(self.live):
             rows = []
             for p in pending:
