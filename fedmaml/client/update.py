@@ -34,13 +34,13 @@ class CompiledUpdate:
 
     def __init__(self, update: Callable[..., Any], enabled: bool, what: str) -> None:
         self.update, self.what = update, what
-        self._compiled: Any = None if enabled else False  # False: eager
+        self._compiled: Any = None  # None: compile with the next backend
         self._backends = list(BACKENDS) if enabled else []
         #: the backend in use (``None``: not compiled yet; ``"eager"``: none worked, or disabled)
         self.backend: str | None = None if enabled else "eager"
 
     def __call__(self, *args: Any) -> Any:
-        while self._compiled is not False:
+        while self.backend != "eager":
             if self._compiled is None:
                 self.backend = self._backends.pop(0)
                 self._compiled = torch.compile(self.update, dynamic=False, backend=self.backend)
@@ -51,9 +51,7 @@ class CompiledUpdate:
                 log.warning("%s: torch.compile (%s) of the client update failed (%s: %s); "
                             "running it with %s", self.what, self.backend, type(e).__name__, e,
                             "torch.compile (aot_eager)" if then == "aot_eager" else then)
-                self._compiled = None if self._backends else False
-                if not self._backends:
-                    self.backend = "eager"
+                self._compiled, self.backend = None, then
         return self.update(*args)
 
 

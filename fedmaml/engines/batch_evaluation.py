@@ -89,15 +89,14 @@ class BatchEvaluator:
         """Every live run's evaluation record (its row's ``eval``), by run index."""
         b = self.batch
         out: dict[int, dict[str, Any]] = {}
-        stacked = [i for i in b.live if self._panel(i) is not None]
-        for i in b.live:
-            if i not in stacked:
-                out[i] = self._one_by_one(i, server_round)
         groups: dict[tuple, list[int]] = {}
-        for i in stacked:  # runs adapting alike (pattern, kind of task) go through one call
-            s = b.setups[i]
-            groups.setdefault((repr(self._pattern(i)), s.classification,
-                               tuple(t.shape[1:] for t in self._panels[i].splits)), []).append(i)
+        for i in b.live:  # runs adapting alike (pattern, kind of task) go through one call
+            panel = self._panel(i)
+            if panel is None:
+                out[i] = self._one_by_one(i, server_round)
+                continue
+            groups.setdefault((repr(self._pattern(i)), b.setups[i].classification,
+                               tuple(t.shape[1:] for t in panel.splits)), []).append(i)
         for runs in groups.values():
             try:
                 out.update(self._stacked(runs, server_round))
@@ -166,8 +165,7 @@ class BatchEvaluator:
         position = {i: b.live.index(i) for i in runs}
         losses: dict[str, list[float]] = {}
         for at in range(0, len(entries), CHUNK):
-            part = entries[at:at + CHUNK]
-            for k, v in self._adapt(part, position).items():
+            for k, v in self._adapt(entries[at:at + CHUNK], position).items():
                 losses.setdefault(k, []).extend(v.tolist())
         tracked = [e for e, (i, _, _, memory) in enumerate(entries)
                    if memory and b.cfgs[i].evaluation.tracking_error]

@@ -70,7 +70,7 @@ from fedmaml.client.metrics import example_counts
 from fedmaml.client.speed import past_deadline, simulated_seconds
 from fedmaml.client.train import draw_cohort_data
 from fedmaml.config import Config
-from fedmaml.core.params import Params
+from fedmaml.core.params import Params, stack
 from fedmaml.core.server import ServerOptimizer, per_run
 from fedmaml.data.counter import round_keys
 from fedmaml.data.tasks import Task
@@ -87,7 +87,8 @@ from fedmaml.federated.pattern_selection import hyper_for
 from fedmaml.federated.run_ledger import RunLedger
 from fedmaml.federated.server_round import aggregate_round
 from fedmaml.federated.server_state import ServerState
-from fedmaml.federated.setup import ExperimentSetup, setup_for, warn_pattern_steps
+from fedmaml.federated.setup import (ExperimentSetup, setup_for, use_torch_threads,
+                                     warn_pattern_steps)
 from fedmaml.federated.strategy import TRAIN_METRICS, MetaStrategy, exchange
 from fedmaml.results.metrics_row import MetricsRow
 from fedmaml.results.progress import Progress
@@ -101,10 +102,6 @@ _VALUES = ("eta", "alpha", "beta", "hf_delta")
 _FLUSH_ROUNDS = 200
 #: Clients whose tasks a batch keeps at hand, per run.
 _TASK_CACHE = 4096
-
-
-def _stack(params: Sequence[Params]) -> Params:
-    return {k: torch.stack([p[k] for p in params]) for k in params[0]}
 
 
 def _row(params: Params, i: int) -> Params:
@@ -128,9 +125,7 @@ class RunBatch:
                 raise ValueError(f"{c.name} cannot run in a batch: {why}")
         self.cfgs = list(configs)
         self.dirs = [Path(d) for d in run_dirs]
-        threads = self.cfgs[0].engine.torch_threads  # as a ClientApp sets them (0: torch's)
-        if threads and torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
+        use_torch_threads(self.cfgs[0].engine)  # as a ClientApp sets them
         self.setups: list[ExperimentSetup] = [setup_for(c) for c in self.cfgs]
         warn_pattern_steps(self.cfgs)
         first = self.setups[0]
@@ -167,7 +162,7 @@ class RunBatch:
         fed = self.cfgs[0].federated
         n = first.federation.num_clients
         # The per-run state along the batch axis.
-        self.w = _stack([s.initial_params for s in self.setups])
+        self.w = stack([s.initial_params for s in self.setups])
         self.w_before = self.w
         self.optimizer = ServerOptimizer(
             fed.server_optimizer, torch.tensor([c.federated.server_lr for c in self.cfgs],
@@ -181,8 +176,9 @@ class RunBatch:
             self.memory = {k: v.new_zeros((len(self.cfgs), n, tasks, *v.shape[1:]))
                            for k, v in self.w.items()}
         self.initial = self.w  # the initial models (memory_init: initial_model); w is replaced
-        self.values = {name: torch.tensor([_value(s.hyper, name) for s in self.setups],
-                                          dtype=torch.float32) for name in _VALUES}
+        self.values = {name: torch.tensor(
+            [float(getattr(s.hyper if name == "eta" else s.hyper.step, name)) for s in self.setups],
+            dtype=torch.float32) for name in _VALUES}
         self.alpha_all = self.values["alpha"].clone()  # by run index (values follow the live runs)
         self._etas: dict[tuple, torch.Tensor] = {}
         self.seeds = np.asarray([c.seed for c in self.cfgs], dtype=np.int64)
@@ -222,7 +218,8 @@ class RunBatch:
                     with collector.paused():
                         alarm = self._train_round(server_round)
                     self._select(server_round)
-                    self._log(server_round, evaluate=self._eval_round(server_round), alarm=alarm)
+                    evaluate = self.strategies[self.live[0]].is_eval_round(server_round)
+                    self._log(server_round, evaluate=evaluate, alarm=alarm)
                     self.progress.update(server_round, f"{len(self.live)} runs going")
         except BaseException as e:  # a crash: the trackers' runs end too, as what happened
             for i in self.live:
@@ -231,9 +228,6 @@ class RunBatch:
         for i in list(self.live):
             self._finish(i, "completed", "")
         return self.results
-
-    def _eval_round(self, server_round: int) -> bool:
-        return self.strategies[self.live[0]].is_eval_round(server_round)
 
     def _train_round(self, server_round: int) -> bool:
         """One round of every live run: sample, draw, update, average, step. The round's numbers
@@ -437,7 +431,7 @@ class RunBatch:
             if v is not None:
                 losses[key] = (torch.where(finite, v.to(torch.float64), zero).sum(1)
                                / n_valid).numpy()
-        init = self.cfgs[runs[0]].data.tasks_per_client * self.setups[runs[0]].hyper.init_support_size
+        init = cfg.data.tasks_per_client * self.setups[runs[0]].hyper.init_support_size
         samples = ((per_client + init * fresh) * finite_np).sum(1)
         self.totals["samples"][runs] += samples
         self.totals["bytes_down"][runs] += self.bytes_down * present.sum(1)
@@ -475,7 +469,7 @@ class RunBatch:
             pending[-1]["seconds"] = time.perf_counter() - self.start
         ended: list[tuple[int, RunStopped]] = []
         # the faults section is the same for every run of a batch (batch_key)
-        faulty = faults_enabled(self.cfgs[self.live[0]]) if self.live else False
+        faulty = faults_enabled(self.cfgs[self.live[0]])
         for i in list(self.live):
             rows = []
             for p in pending:
@@ -494,9 +488,10 @@ class RunBatch:
                 self.strategies[i].round_stats = {}
         for i, e in ended:
             self._finish(i, e.status, e.message, distrust_w=e.distrust_w)
-        for i in self.live:
+        for i in self.live:  # in the format a run alone writes (memories as a memory bank)
             if self.ledgers[i].checkpoint_due(server_round, stop):
-                self._save_checkpoint(i, server_round)
+                self.ledgers[i].save_checkpoint(server_round, self._server_state(i),
+                                                {"bank": self._bank_state(i)})
         if stop and server_round < self.rounds:
             for i in list(self.live):
                 self._finish(i, "interrupted", f"interrupted after round {server_round}; resume "
@@ -565,11 +560,6 @@ class RunBatch:
             (self.w, self.w_before, self.values, opt.state, opt.lr, opt.steps), keep)
         self._etas.clear()
 
-    def _save_checkpoint(self, i: int, server_round: int) -> None:
-        """Run ``i``'s checkpoint, in the format a run alone writes (memories as a memory bank)."""
-        self.ledgers[i].save_checkpoint(server_round, self._server_state(i),
-                                        {"bank": self._bank_state(i)})
-
     def _server_state(self, i: int) -> ServerState:
         """Run ``i``'s server state, from the batch's tensors (the participation staleness, the
         selector and the privacy account are its strategy's own)."""
@@ -578,7 +568,7 @@ class RunBatch:
         return dataclasses.replace(
             self.strategies[i].export_state(), w=_row(self.w, j),
             w_before_update=_row(self.w_before, j),
-            optimizer_state={k: v[j].clone() for k, v in self.optimizer.state.items()},
+            optimizer_state=_row(self.optimizer.state, j),
             optimizer_steps=int(self.optimizer.steps[j]),
             trained=np.flatnonzero(self.trained[i]).tolist(),
             touched=np.flatnonzero(self.last[i] >= 0).tolist(),
@@ -624,10 +614,9 @@ class RunBatch:
                 for k, v in bank["memory"].items():
                     self.memory[k][i, ids] = v
                 self.has_memory[i, ids.numpy()] = True
-        self.w = _stack([s.w for s in states])
-        self.w_before = _stack([s.w_before_update for s in states])
-        self.optimizer.state = {k: torch.stack([s.optimizer_state[k] for s in states])
-                                for k in states[0].optimizer_state}
+        self.w = stack([s.w for s in states])
+        self.w_before = stack([s.w_before_update for s in states])
+        self.optimizer.state = stack([s.optimizer_state for s in states])
         self.optimizer.steps = torch.tensor([float(s.optimizer_steps) for s in states],
                                             dtype=torch.float64)
         self.seconds = max(ledger.resumed[1] for ledger in self.ledgers)
@@ -653,10 +642,6 @@ def _row_of(pending: dict[str, Any], j: int) -> MetricsRow:
 def _positions(runs: np.ndarray) -> dict[int, int]:
     """``{run: its row in a round's arrays}`` (one dict a round; each run's row reads it)."""
     return {i: j for j, i in enumerate(runs.tolist())}
-
-
-def _value(hp: Hyper, name: str) -> float:
-    return float(hp.eta if name == "eta" else getattr(hp.step, name))
 
 
 def _take(x: Any, index: torch.Tensor) -> Any:

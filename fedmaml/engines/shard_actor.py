@@ -97,8 +97,7 @@ class ShardWorker:
 
     def load_memory_state(self, state: dict | None) -> None:
         """Replace the shard's memories by its rows of ``state`` (all clients' bank state)."""
-        if self.grid.bank is not None and state is not None:
-            self.grid.bank.load_state_dict(state, "the checkpoint's memory bank")
+        self.grid.load_memory_state(state)
 
     def stats(self) -> dict[str, Any]:
         """The shard's work and memory: cohorts, clients, stored memories, peak resident set."""

@@ -43,12 +43,10 @@ as failed (kind ``error``, the reason names the shard). Then:
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import os
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -65,7 +63,7 @@ from fedmaml.engines.ray_engine import (QUIET, check_reachable, start_local_ray,
 from fedmaml.engines.shard_actor import ShardWorker
 from fedmaml.engines.shards import (Detached, ShardAnswer, merge_bank_states, merge_evaluate, merge_train,
                                     shard_message, shard_of, split, split_bank_state)
-from fedmaml.engines.vectorized import cohort_ids, refuse_unbatchable
+from fedmaml.engines.vectorized import refuse_unbatchable, set_message_id
 from fedmaml.errors import ConfigError, FedmamlError
 from fedmaml.federated import checkpoint
 from fedmaml.federated import records as R
@@ -73,9 +71,6 @@ from fedmaml.federated.health import RunStopped
 from fedmaml.federated.setup import setup_for
 
 log = logging.getLogger("fedmaml")
-
-_MESSAGE_IDS = itertools.count(1)
-_ID_PREFIX = uuid.uuid4().hex[:16]  # unique per process
 
 #: Resident memory of an idle shard actor (its imports: torch, Flower, Ray, the data), as
 #: measured in docs/performance.md ("The sharded engine"): a local instance refuses more shards
@@ -135,9 +130,8 @@ class ShardedGrid(InProcessGrid):
         outbox: list[list[Message]] = [[] for _ in range(self.shards)]
         cohorts: dict[int, list[list[int]]] = {}  # message index -> its clients per shard
         for i, msg in enumerate(messages):
-            # replies point at their instruction's id, which a SuperLink would have assigned
-            msg.metadata.__dict__["_message_id"] = f"{_ID_PREFIX}{next(_MESSAGE_IDS):016x}"
-            ids = cohort_ids(msg)
+            set_message_id(msg)
+            ids = R.cohort_ids(msg)
             if ids is not None and msg.metadata.message_type in (MessageType.TRAIN,
                                                                  MessageType.EVALUATE):
                 cohorts[i] = split([int(c) for c in ids], self.shards)
@@ -157,7 +151,7 @@ class ShardedGrid(InProcessGrid):
                 content = (merge_train(parts, self.like)
                            if msg.metadata.message_type == MessageType.TRAIN
                            else merge_evaluate([p[:2] for p in parts],
-                                               [int(c) for c in cohort_ids(msg)]))
+                                               [int(c) for c in R.cohort_ids(msg)]))
                 replies.append(Message(content, reply_to=msg))
                 continue
             answer, _ = _answer(answers[shard_of(msg.metadata.dst_node_id - FIRST_CLIENT_NODE,
@@ -307,7 +301,7 @@ def _patience(calls: dict[int, list[Message]], timeout: float | None, grace: flo
     cannot all be on time, and a shard that never answers would hold the run for ever."""
     if timeout is None:
         return None
-    clients = max((sum(len(cohort_ids(m) or (0,)) for m in msgs) for msgs in calls.values()),
+    clients = max((sum(len(R.cohort_ids(m) or (0,)) for m in msgs) for msgs in calls.values()),
                   default=1)
     return timeout * clients + grace
 

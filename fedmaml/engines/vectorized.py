@@ -46,7 +46,7 @@ from flwr.app import Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
-from fedmaml.algorithms import Hyper, RoundData
+from fedmaml.algorithms import Hyper
 from fedmaml.client import (CompiledUpdate, NoMemory, clip_client_updates, cohort_faults,
                             cohort_update, draw_cohort_round, evaluate_client, initial_for,
                             memory_init_mask, samples_drawn, stack_rounds, to_device,
@@ -63,7 +63,7 @@ from fedmaml.engines.memory_bank import BankStore, MemoryBank
 from fedmaml.federated import codec
 from fedmaml.federated import records as R
 from fedmaml.federated.instructions import evaluate_instruction, train_instruction, train_reply
-from fedmaml.federated.setup import resolve_device, setup_for
+from fedmaml.federated.setup import resolve_device, setup_for, use_torch_threads
 from fedmaml.errors import ConfigError
 from fedmaml.models.module import ModuleModel
 
@@ -104,15 +104,14 @@ class VectorizedGrid(InProcessGrid):
     takes_cohorts = True
 
     def __init__(self, config: Config, client_app: ClientApp, num_nodes: int,
-                 bank: MemoryBank | None = None, run_id: int = 1) -> None:
-        super().__init__(client_app, num_nodes, run_id)
+                 bank: MemoryBank | None = None) -> None:
+        super().__init__(client_app, num_nodes)
         self.cfg = config
         self.setup = setup_for(config)
         refuse_unbatchable(self.setup)
-        self.device = resolve_device(config.engine.device)
         engine = config.engine
-        if engine.torch_threads and torch.get_num_threads() != engine.torch_threads:
-            torch.set_num_threads(engine.torch_threads)
+        self.device = resolve_device(engine.device)
+        use_torch_threads(engine)
         self.max_cohort = engine.max_cohort_size or None
         retain_freed_memory()  # cohort tensors are large: reuse freed blocks (engines/allocator.py)
         if bank is None and self.setup.algorithm.uses_memory:
@@ -126,23 +125,11 @@ class VectorizedGrid(InProcessGrid):
         #: (each said once)
         self.unbatched: set[tuple[bool, int]] = set()
         self._refusals: set[str] = set()
-        self._nodes: dict[int, int] | None = None
         self._update = CompiledUpdate(  # engine.compile: torch.compile'd on first use
             lambda hp, w, memory, data, initial: cohort_update(
                 self.setup.algorithm, self.setup.model, self.setup.loss_fn, hp, w, memory, data,
                 initial),
             engine.compile, "vectorized engine")
-
-    def partition_nodes(self) -> dict[int, int]:
-        # Built once: the strategy asks every round, and with a million clients building the
-        # mapping costs more than a whole round of a small cohort.
-        if self._nodes is None:
-            self._nodes = super().partition_nodes()
-        return self._nodes
-
-    def store(self, cid: int) -> BankStore | NoMemory:
-        """Client ``cid``'s memory store (a view of the bank)."""
-        return NoMemory() if self.bank is None else BankStore(self.bank, cid)
 
     def close(self) -> None:
         if self.bank is not None:
@@ -163,9 +150,9 @@ class VectorizedGrid(InProcessGrid):
         replies: dict[int, tuple[Message, float]] = {}
         for i, msg in enumerate(messages):
             kind = msg.metadata.message_type
-            if kind == MessageType.TRAIN and cohort_ids(msg) is not None:
+            if kind == MessageType.TRAIN and R.cohort_ids(msg) is not None:
                 replies[i] = (self._train_cohort_message(msg, timeout), 0.0)
-            elif kind == MessageType.EVALUATE and cohort_ids(msg) is not None:
+            elif kind == MessageType.EVALUATE and R.cohort_ids(msg) is not None:
                 replies[i] = (self._evaluate_cohort_message(msg, timeout), 0.0)
             else:
                 (train if kind == MessageType.TRAIN else
@@ -186,10 +173,10 @@ class VectorizedGrid(InProcessGrid):
     def _train_cohort_message(self, msg: Message, timeout: float | None) -> Message:
         """One message for a cohort -> one reply: the stacked updates, per-client metrics as lists
         and the failed clients by id (records.py)."""
-        _set_message_id(msg)
+        set_message_id(msg)
         try:
             w, server_round, hp = train_instruction(msg, self.setup, self.device)
-            cids = [int(c) for c in cohort_ids(msg)]
+            cids = [int(c) for c in R.cohort_ids(msg)]
         except Exception as e:  # noqa: BLE001 - a bad instruction fails the whole cohort
             return error_reply(msg, e)
         result = self.train_clients(w, hp, server_round, cids, timeout)
@@ -205,7 +192,7 @@ class VectorizedGrid(InProcessGrid):
         groups: dict[tuple, list[int]] = {}
         keys: dict[int, tuple] = {}  # a round's messages usually share one content object
         for i, msg in messages.items():
-            _set_message_id(msg)
+            set_message_id(msg)
             key = keys.get(id(msg.content))
             if key is None:
                 config = msg.content.get(R.CONFIG, {})
@@ -294,7 +281,8 @@ class VectorizedGrid(InProcessGrid):
             if self.bank is not None and not fresh:
                 memory = to_device(self.bank.read(cids), self.device)
             update = True
-            delta, memory, metrics = self._cohort_update(hp, w, memory, data.to(self.device))
+            delta, memory, metrics = self._update(hp, w, memory, data.to(self.device),
+                                                  initial_for(setup, hp, self.device))
         except Exception as e:  # noqa: BLE001 - e.g. an op vmap cannot batch: go one by one
             self.stats.fallbacks += 1
             why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -325,12 +313,6 @@ class VectorizedGrid(InProcessGrid):
         self.stats.vmapped_clients += n
         return cids, delta, columns
 
-    def _cohort_update(self, hp: Hyper, w: Params, memory: Params | None, data: RoundData
-                       ) -> tuple[Params, Params | None, dict[str, torch.Tensor]]:
-        """:func:`cohort_update`, compiled when ``engine.compile`` is set
-        (:class:`~fedmaml.client.CompiledUpdate`)."""
-        return self._update(hp, w, memory, data, initial_for(self.setup, hp, self.device))
-
     def _train_one(self, w: Params, hp: Hyper, server_round: int, cid: int,
                    failures: list[tuple[int, str, str]]
                    ) -> tuple[list[int], Params, dict[str, list[float]]] | None:
@@ -338,7 +320,8 @@ class VectorizedGrid(InProcessGrid):
         in the bank."""
         self.stats.per_client += 1
         try:
-            delta, m = train_step(self.cfg, self.setup, cid, w, hp, server_round, self.store(cid),
+            delta, m = train_step(self.cfg, self.setup, cid, w, hp, server_round,
+                                  NoMemory() if self.bank is None else BankStore(self.bank, cid),
                                   self.device)
         except Exception as e:  # noqa: BLE001 - the client fails, the cohort goes on
             failures.append(failure_of(cid, e))
@@ -351,11 +334,11 @@ class VectorizedGrid(InProcessGrid):
         """One message for an evaluation panel -> one reply: every client evaluated as its own
         evaluate message would be, the metrics as per-client lists and the failed clients by id
         (records.py). A client whose evaluation exceeds ``timeout`` is listed as late."""
-        _set_message_id(msg)
+        set_message_id(msg)
         self.stats.eval_cohorts += 1
         try:
             w, pattern = evaluate_instruction(msg, self.setup)
-            cids = [int(c) for c in cohort_ids(msg)]
+            cids = [int(c) for c in R.cohort_ids(msg)]
         except Exception as e:  # noqa: BLE001 - a bad instruction fails the whole panel
             return error_reply(msg, e)
         rows: list[dict[str, float]] = []
@@ -377,7 +360,7 @@ class VectorizedGrid(InProcessGrid):
                                    R.FAILURES: R.failure_record(failures)}), reply_to=msg)
 
     def _evaluate(self, msg: Message) -> tuple[Message, float]:
-        _set_message_id(msg)
+        set_message_id(msg)
         start = time.perf_counter()
         cid = msg.metadata.dst_node_id - FIRST_CLIENT_NODE
         try:
@@ -401,15 +384,9 @@ _MESSAGE_IDS = itertools.count(1)
 _ID_PREFIX = uuid.uuid4().hex[:16]  # unique per process; a counter makes the rest (uuid4 is slower)
 
 
-def _set_message_id(msg: Message) -> None:
+def set_message_id(msg: Message) -> None:
     # Replies point at their instruction's id, which a SuperLink would have assigned.
     msg.metadata.__dict__["_message_id"] = f"{_ID_PREFIX}{next(_MESSAGE_IDS):016x}"
-
-
-def cohort_ids(msg: Message) -> Any:
-    """The client ids a cohort instruction addresses (``None``: a message to one client)."""
-    config = msg.content.get(R.CONFIG) if msg.has_content() else None
-    return None if config is None else config.get(R.COHORT)
 
 
 def _assemble(parts: list[tuple[list[int], Params, dict[str, list[float]]]],
@@ -473,10 +450,10 @@ def refuse_unbatchable(setup: Any) -> None:
                           "inputs (docs/custom.md)")
 
 
-def run_vectorized(server_app: ServerApp, client_app: ClientApp, num_nodes: int, config: Config,
-                   bank: MemoryBank | None = None) -> VectorizedGrid:
+def run_vectorized(server_app: ServerApp, client_app: ClientApp, num_nodes: int, config: Config
+                   ) -> VectorizedGrid:
     """Run ``server_app`` on a :class:`VectorizedGrid`; return the grid (its ``bank`` holds the
     memories; call ``close()`` when done with it)."""
-    grid = VectorizedGrid(config, client_app, num_nodes, bank)
+    grid = VectorizedGrid(config, client_app, num_nodes)
     run_inprocess(server_app, client_app, num_nodes, grid)
     return grid

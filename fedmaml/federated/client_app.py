@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -26,7 +25,7 @@ from fedmaml.federated import node_config
 from fedmaml.federated import records as R
 from fedmaml.federated.instructions import (evaluate_instruction, train_instruction,
                                             train_reply)
-from fedmaml.federated.setup import ExperimentSetup, resolve_device, setup_for
+from fedmaml.federated.setup import ExperimentSetup, resolve_device, setup_for, use_torch_threads
 
 
 def make_client_app(config: Config | None = None) -> ClientApp:
@@ -38,8 +37,7 @@ def make_client_app(config: Config | None = None) -> ClientApp:
         files on the device when its node config has memory-dir)."""
         cfg = config if config is not None else config_from_run_config(context.run_config)
         cfg = node_config.with_node_data(cfg, context)  # a device's own data-path
-        if cfg.engine.torch_threads and torch.get_num_threads() != cfg.engine.torch_threads:
-            torch.set_num_threads(cfg.engine.torch_threads)
+        use_torch_threads(cfg.engine)
         setup, cid = setup_for(cfg), node_config.client_id(context)
         return cfg, setup, cid, node_config.memory_store(context, cid, like=setup.initial_params)
 

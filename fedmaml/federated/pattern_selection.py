@@ -38,7 +38,7 @@ from fedmaml.core.params import Params
 from fedmaml.core.patterns import Pattern, resolve_pattern
 from fedmaml.errors import ConfigError, MessageError, PatternError
 from fedmaml.federated import records as R
-from fedmaml.federated.setup import ExperimentSetup, resolve_device
+from fedmaml.federated.setup import ExperimentSetup, resolve_device, use_torch_threads
 from fedmaml.results.progress import status
 from fedmaml.results.recorder import _clean
 
@@ -195,9 +195,7 @@ def central_measurer(setup: ExperimentSetup, w: Params) -> Measurer:
     """Measure on this process: every client's data is rebuilt here from the config and seed."""
     sel = setup.config.pattern_selection
     device = resolve_device(setup.config.engine.device)
-    threads = setup.config.engine.torch_threads
-    if threads and torch.get_num_threads() != threads:  # time with the threads clients would use
-        torch.set_num_threads(threads)
+    use_torch_threads(setup.config.engine)  # time with the threads clients would use
 
     def measure(cids: list[int], patterns: list[Pattern], timed: bool
                 ) -> tuple[list[ps.Measurement], dict[str, Any]]:

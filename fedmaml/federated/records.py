@@ -279,11 +279,16 @@ def metric_rows(metrics: Any, absent: Any = None) -> list[dict[str, Any]]:
             for j, cid in enumerate(ids)]
 
 
+def cohort_ids(message: Message) -> Any:
+    """The client ids a cohort instruction addresses (``None``: a message to one client)."""
+    config = message.content.get(CONFIG) if message.has_content() else None
+    return None if config is None else config.get(COHORT)
+
+
 def instruction_bytes(message: Message) -> int:
     """Array bytes of an instruction, counted per client: a cohort instruction carries ``w_r`` once
     for all its clients, which per-client messages would each have carried."""
-    config = message.content.get(CONFIG) if message.has_content() else None
-    cohort = config.get(COHORT) if config is not None else None
+    cohort = cohort_ids(message)
     return message_bytes(message) * (len(cohort) if cohort else 1)
 
 

@@ -182,6 +182,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def use_torch_threads(engine: Any) -> None:
+    """``engine.torch_threads`` for this process's torch (0: torch's own number, left as it is)."""
+    if engine.torch_threads and torch.get_num_threads() != engine.torch_threads:
+        torch.set_num_threads(engine.torch_threads)
+
+
 def check_device(engine: Any) -> None:
     """Refuse, before any engine starts, an ``engine.device`` (or Ray ``engine.num_gpus``) its
     clients cannot have, with the same error on every engine. Clients run on this machine, except
