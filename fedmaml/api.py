@@ -76,6 +76,7 @@ def run(config: Config | Mapping[str, Any] | str | Path | None = None,
     from fedmaml.config import (Config, config_from_dict, config_to_dict, load_config,
                                 replace_paths)
     from fedmaml.experiment import run_dirs_of, run_experiment, statuses
+    from fedmaml.federated import checkpoint
 
     _check_keywords(overrides)
     if resume and restart:
@@ -116,7 +117,9 @@ def run(config: Config | Mapping[str, Any] | str | Path | None = None,
                           "Ray runs clients in other processes. Give a factory importable by name "
                           "('package.module:factory', a top-level function of an installed or "
                           "PYTHONPATH module), or use engine.name inprocess or vectorized")
-    with rd.advising_python():  # the same checks as `fedmaml run`, advice in these arguments
+    # the advice of the checks `fedmaml run` makes, in these arguments; the run's own stop block
+    # is this one, so that a stop asked for as the last round ends is still seen here
+    with rd.advising_python(), checkpoint.stop_on_signals():
         if run_dir is not None:
             rd.given_run_dir(run_dir, resume=resume, restart=restart)
         out = run_experiment(cfg, quiet=quiet, run_dir=run_dir, resume=resume, restart=restart)
@@ -124,6 +127,9 @@ def run(config: Config | Mapping[str, Any] | str | Path | None = None,
         if stopped:  # by Ctrl-C or SIGTERM (or checkpoint.request_stop), with a checkpoint
             raise KeyboardInterrupt(f"{stopped[0]}: interrupted, with a checkpoint; "
                                     f"{rd.resume_command(out)} continues it")
+        if checkpoint.stop_requested():  # too late to stop the run: it ended; the caller stops
+            raise KeyboardInterrupt(f"{out}: stopped as the run ended (it ended, see its "
+                                    "summary.json)")
     return out
 
 

@@ -138,11 +138,12 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     _add_progress_arguments(parser, "rounds")
     parser.add_argument("--output-dir", metavar="DIR", help="directory for run directories "
                         "(overrides output_dir)")
-    resume = parser.add_argument(
-        "--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint, with "
-        "the config it was made from; only %(changeable)s may be given as key=value "
-        "(federated.rounds: more than the checkpoint's round; docs/robustness.md)")
-    resume.changeable = _ChangeableOnResume()  # type: ignore[attr-defined]  # %(changeable)s
+    resume = parser.add_argument("--resume", metavar="RUN_DIR")
+    # set after add_argument, which checks a help's %(...)s against the option as it is then
+    resume.changeable = _ChangeableOnResume()  # type: ignore[attr-defined]
+    resume.help = ("continue an interrupted run from its checkpoint, with the config it was made "
+                   "from; only %(changeable)s may be given as key=value (federated.rounds: more "
+                   "than the checkpoint's round; docs/robustness.md)")
     parser.add_argument("--restart", metavar="RUN_DIR", help="start the run of RUN_DIR again from "
                         "the beginning with its config.yaml, after moving RUN_DIR aside to the "
                         "hidden .NAME.old-N beside it (nothing is deleted)")

@@ -83,6 +83,9 @@ def run_experiment(cfg: Config, quiet: bool = False, run_dir: str | Path | None 
             resumes = resume and rd.resumes(d, c, top=run_dir)
             if resumes:  # every run is checked before any change is recorded or run starts
                 changes.append(rd.check_resume(d, c, top=run_dir))
+            elif resume and rd.has_content(d) and not quiet:  # a baseline: rd.resumes
+                print(f"baseline {c.algorithm.name}: no checkpoint to resume from "
+                      f"({rd.no_checkpoint_why(c)}); it starts again", file=sys.stderr)
             todo.append((i, c, d, resumes))
         for record in filter(None, changes):
             record()

@@ -317,10 +317,12 @@ def resumes(run_dir: Path, cfg: Config, top: Path) -> bool:
     """On a resume, whether the unfinished run in ``run_dir`` continues from its checkpoint (True)
     or, never started (an empty directory: a baseline after an interrupted run), starts (False).
     A run that started and has no checkpoint is a FedmamlError: starting it over would replace the
-    rounds it ran (its metrics.jsonl) without being asked to."""
+    rounds it ran (its metrics.jsonl) without being asked to. A baseline of ``top`` (its run
+    directory inside) starts over instead (False): restarting ``top`` would run again what ended
+    there, and the caller says so."""
     if (run_dir / CHECKPOINT_FILE).exists():
         return True
-    if not has_content(run_dir):
+    if not has_content(run_dir) or Path(run_dir) != Path(top):
         return False
     raise FedmamlError(f"{run_dir}: no checkpoint to resume from ({no_checkpoint_why(cfg)}); "
                        f"{restart_hint(top)}")

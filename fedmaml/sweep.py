@@ -420,7 +420,7 @@ def resolve_jobs(jobs: int, base: Config) -> int:
     if jobs < 0:
         raise ConfigError(f"--jobs: {jobs} is not allowed; use a positive number, or 0 for one per "
                           "CPU core")
-    jobs = jobs or os.cpucounted() or 1
+    jobs = jobs or os.cpu_count() or 1
     if jobs > 1 and base.engine.name == "ray":
         raise ConfigError(f"--jobs {jobs} with engine.name 'ray': Ray already spreads a run over the "
                           "cores, and several Ray clusters would compete; use --jobs 1")

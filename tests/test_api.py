@@ -108,6 +108,21 @@ def test_ctrl_c_stops_a_loop_of_runs_and_resume_true_continues_it(tiny_config, t
         [without_timing(r) for r in read_metrics(whole)]
 
 
+def test_ctrl_c_at_a_runs_last_round_stops_the_loop_too(tiny_config, tmp_path, monkeypatch):
+    """Too late to stop the run (its last round): it completes, and the loop stops all the same."""
+    cfg = tiny_config(*BASE)
+    _interrupt_the_second_run_at_round(monkeypatch, cfg.federated.rounds)
+    done = []
+    with pytest.raises(KeyboardInterrupt, match="stopped as the run ended"):
+        for seed in (0, 1, 2):
+            fedmaml.run(cfg, run_dir=tmp_path / f"seed{seed}", quiet=True, seed=seed)
+            done.append(seed)
+    assert done == [0]
+    assert read_summary(tmp_path / "seed1")["status"] == "completed"
+    assert not (tmp_path / "seed2").exists()
+    assert not checkpoint.stop_requested()  # the next call starts afresh
+
+
 def test_a_resume_takes_the_run_dirs_config_and_refuses_another(tiny_config, tmp_path,
                                                                  monkeypatch):
     cfg = tiny_config(*BASE)

@@ -372,6 +372,23 @@ def test_resume_without_a_checkpoint_is_refused_and_keeps_the_rounds_run(tiny_co
     assert (tmp_path / ".killed.old-1" / "metrics.jsonl").read_bytes() == rows
 
 
+def test_a_baseline_without_a_checkpoint_starts_again_and_the_run_that_ended_stays(
+        tiny_config, tmp_path, capsys):
+    """A baseline killed without a checkpoint (its rows on disk, no summary): --resume starts the
+    baseline again, saying so, rather than refusing and offering to restart what ended too."""
+    run_dir = run_experiment(tiny_config(*BASE, "compare_with=fedavg"), quiet=True,
+                             run_dir=tmp_path / "top")
+    baseline = run_dir / "baselines" / "fedavg"
+    (baseline / "summary.json").unlink()  # as a SIGKILL leaves it: rows, no summary, no checkpoint
+    assert not checkpoint.path_of(baseline).exists()
+    metrics = (run_dir / "metrics.jsonl").read_bytes()
+    assert main(["run", "--resume", str(run_dir)]) == 0
+    err = capsys.readouterr().err
+    assert "baseline fedavg: no checkpoint to resume from (federated.checkpoint_every is 0" in err
+    assert read_summary(baseline)["status"] == "completed"
+    assert (run_dir / "metrics.jsonl").read_bytes() == metrics  # the run that ended stays
+
+
 def test_resume_of_a_completed_run_says_there_is_nothing_to_resume(tiny_config, tmp_path, capsys):
     run_dir = run_experiment(tiny_config(*BASE, "compare_with=fedavg"), quiet=True,
                              run_dir=tmp_path / "done")

@@ -301,6 +301,10 @@ def test_jobs_are_checked(tmp_path):
         run_sweep(base, spec, tmp_path / "sw", jobs=2, quiet=True)
     with pytest.raises(ConfigError, match="--jobs: -1"):
         run_sweep(base, spec, tmp_path / "sw", jobs=-1, quiet=True)
+    from fedmaml.sweep import resolve_jobs
+
+    local, _ = load_sweep(write_config(tmp_path), grid_args=["beta=0.3"])
+    assert resolve_jobs(0, local) == os.cpu_count()  # --jobs 0: one per CPU core
 
 
 def _final_eval(run_dir: Path) -> dict:

@@ -64,6 +64,7 @@ HAS_MEMORY, FILE, SHA256 = "has-memory", "file", "sha256"
 # -- stopping --------------------------------------------------------------------------------------
 
 _STOP = threading.Event()
+_BLOCKS = [0]  # stop_on_signals blocks open in this process (a block inside another shares it)
 
 
 def request_stop() -> None:
@@ -79,10 +80,20 @@ def stop_requested() -> bool:
 def stop_on_signals() -> Iterator[None]:
     """During the block, the first SIGINT/SIGTERM requests a stop after the current round; a second
     one raises KeyboardInterrupt at once. Outside the main thread (signals cannot be caught there)
-    only :func:`request_stop` stops a run."""
+    only :func:`request_stop` stops a run. A block inside another (``fedmaml.run`` around a run's
+    own) is the outer one's: a stop asked for in it is still :func:`stop_requested` when it ends,
+    for the outer block to see."""
+    if _BLOCKS[0]:
+        yield
+        return
     _STOP.clear()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        _BLOCKS[0] += 1
+        try:
+            yield
+        finally:
+            _BLOCKS[0] -= 1
+            _STOP.clear()
         return
 
     def handle(signum: int, frame: Any) -> None:
@@ -93,9 +104,11 @@ def stop_on_signals() -> Iterator[None]:
               "(send it again to abort at once)", file=sys.stderr, flush=True)
 
     previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    _BLOCKS[0] += 1
     try:
         yield
     finally:
+        _BLOCKS[0] -= 1
         for s, h in previous.items():
             signal.signal(s, h)
         _STOP.clear()
