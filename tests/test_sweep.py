@@ -744,9 +744,12 @@ def test_a_worker_pool_of_a_script_stops_on_ctrl_c_without_tracebacks(tmp_path):
     ``interrupted`` (exit code 130) and no worker prints a traceback, busy or idle."""
     script = tmp_path / "pool_script.py"
     script.write_text(_POOL_SCRIPT)
+    # started as from a terminal: SIGINT at its default, which a test run in the background (a
+    # non-interactive shell's `&`) would otherwise pass on ignored
     proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], cwd=tmp_path, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
+                            stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(list(tmp_path.glob("started-*"))) < 2:
         time.sleep(0.05)
