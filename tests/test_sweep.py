@@ -1,6 +1,7 @@
 """`fedmaml sweep`: grid parsing and key suffixes, planning, real sweeps into run directories,
 skipping finished runs, resuming after a crash and after a real kill, parallel workers, failures."""
 
+import contextlib
 import json
 import os
 import re
@@ -750,11 +751,16 @@ def test_a_worker_pool_of_a_script_stops_on_ctrl_c_without_tracebacks(tmp_path):
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, start_new_session=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(list(tmp_path.glob("started-*"))) < 2:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
-    out, err = proc.communicate(timeout=60)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(list(tmp_path.glob("started-*"))) < 2:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
+        out, err = proc.communicate(timeout=60)
+    finally:  # whatever happened, nothing of the script is left running
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
     assert proc.returncode == 130, err
     # a busy worker may say that it stops before it is killed: that is all it says
     lines = [line for line in err.splitlines() if line.strip()]
