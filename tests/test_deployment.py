@@ -75,6 +75,19 @@ needs_ports = pytest.mark.skipif(
 
 # -- the Flower app definition ----------------------------------------------------------------------
 
+def test_a_free_port_is_below_the_ports_of_outgoing_connections():
+    """A port from the OS's range for outgoing connections could be taken by a client's connection
+    before the SuperNode or SuperLink meant for it binds it: free_port picks below that range."""
+    from fedmaml.deploy.processes import FIRST_FREE_PORT, _ephemeral_ports, free_port
+
+    lowest = _ephemeral_ports()[0]
+    ports = [free_port() for _ in range(50)]
+    assert all(FIRST_FREE_PORT <= p < lowest for p in ports), ports
+    for port in ports[:5]:  # and nothing listens on it
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+
+
 def test_pyproject_run_config_is_the_config_schema():
     flat = flat_app_config(REPO / "pyproject.toml")
     expected = config_to_flat(Config())

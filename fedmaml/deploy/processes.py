@@ -9,6 +9,7 @@ end-to-end test and by ``fedmaml deploy local-superlink``.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -17,11 +18,38 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 
+#: The first port :func:`free_port` considers (below it: the well-known and registered services).
+FIRST_FREE_PORT = 20000
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A TCP port nothing listens on right now, below the range from which the OS gives the local
+    ports of outgoing connections: a port the OS picked from that range could be taken by some
+    client's connection before the server meant for it binds it (a SuperNode then fails to start
+    with "address already in use")."""
+    lowest = _ephemeral_ports()[0]
+    rng = random.SystemRandom()
+    for _ in range(100 if lowest > FIRST_FREE_PORT else 0):
+        port = rng.randrange(FIRST_FREE_PORT, lowest)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:  # in use: another
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # none found: the OS's pick
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    """The OS's range of local ports for outgoing connections (Linux's, where it says; else the
+    lowest default among systems: Linux's 32768, where macOS and Windows start at 49152)."""
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 65535
 
 
 def start(argv: Sequence[str], log: str | Path, *, env: Mapping[str, str] | None = None,
