@@ -86,15 +86,6 @@ def stop_on_signals() -> Iterator[None]:
     if _BLOCKS[0]:
         yield
         return
-    _STOP.clear()
-    if threading.current_thread() is not threading.main_thread():
-        _BLOCKS[0] += 1
-        try:
-            yield
-        finally:
-            _BLOCKS[0] -= 1
-            _STOP.clear()
-        return
 
     def handle(signum: int, frame: Any) -> None:
         if _STOP.is_set():
@@ -103,7 +94,9 @@ def stop_on_signals() -> Iterator[None]:
         print(f"\n{signal.Signals(signum).name}: stopping after this round with a checkpoint "
               "(send it again to abort at once)", file=sys.stderr, flush=True)
 
-    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    _STOP.clear()
+    main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     _BLOCKS[0] += 1
     try:
         yield
