@@ -75,7 +75,7 @@ def run(config: Config | Mapping[str, Any] | str | Path | None = None,
     from fedmaml.bundled import resolve_config
     from fedmaml.config import (Config, config_from_dict, config_to_dict, load_config,
                                 replace_paths)
-    from fedmaml.experiment import run_dirs_of, run_experiment, statuses
+    from fedmaml.experiment import run_experiment, statuses
     from fedmaml.federated import checkpoint
 
     _check_keywords(overrides)
@@ -123,7 +123,7 @@ def run(config: Config | Mapping[str, Any] | str | Path | None = None,
         if run_dir is not None:
             rd.given_run_dir(run_dir, resume=resume, restart=restart)
         out = run_experiment(cfg, quiet=quiet, run_dir=run_dir, resume=resume, restart=restart)
-        stopped = [d for d, s in statuses(run_dirs_of(out, cfg)).items() if s == "interrupted"]
+        stopped = [d for d, s in statuses(out, cfg).items() if s == "interrupted"]
         if stopped:  # by Ctrl-C or SIGTERM (or checkpoint.request_stop), with a checkpoint
             raise KeyboardInterrupt(f"{stopped[0]}: interrupted, with a checkpoint; "
                                     f"{rd.resume_command(out)} continues it")

@@ -188,7 +188,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if args.output_dir is not None:
             cfg = replace_path(cfg, "output_dir", args.output_dir)
         run_dir = None
-    from fedmaml.experiment import run_dirs_of, run_experiment, statuses  # lazy: torch and flwr
+    from fedmaml.experiment import run_experiment, statuses  # lazy: torch and flwr
 
     if run_dir is not None:
         run_experiment(cfg, quiet=args.quiet, run_dir=run_dir, resume=args.resume is not None,
@@ -197,7 +197,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         run_dir = run_experiment(cfg, quiet=args.quiet)
     if args.quiet:  # still say where it went: repeated runs go to <name>-2, -3, ...
         print(run_dir, flush=True)
-    return exit_code(statuses(run_dirs_of(run_dir, cfg)).values())
+    return exit_code(statuses(run_dir, cfg).values())
 
 
 def _check_resume_overrides(option: str, overrides: list[str]) -> None:

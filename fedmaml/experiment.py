@@ -21,6 +21,7 @@ from fedmaml.federated.health import run_status
 from fedmaml.federated.server_app import make_server_app
 from fedmaml.federated.setup import check_device, setup_for
 from fedmaml.results.recorder import read_summary
+from fedmaml.results.run_files import run_dirs_of
 from fedmaml.tracking import check_available, one_attempt_per_store
 
 
@@ -71,7 +72,7 @@ def run_experiment(cfg: Config, quiet: bool = False, run_dir: str | Path | None 
         if not quiet:
             print(f"moved {run_dir} aside to {aside}", file=sys.stderr)
     run_dir = Path(run_dir) if run_dir else rd.new_run_dir(cfg)
-    runs = list(zip(configs, [run_dir] + [run_dir / "baselines" / n for n in names]))
+    runs = list(zip(configs, run_dirs_of(run_dir, names)))
     # one_attempt_per_store: a tracking store that cannot start is tried for the first run only
     with rd.run_lock(run_dir), checkpoint.stop_on_signals(), one_attempt_per_store():
         todo, changes = [], []
@@ -159,14 +160,11 @@ def run_one(cfg: Config, run_dir: Path, quiet: bool, resume: bool = False) -> No
                           "use inprocess, ray, vectorized or sharded")
 
 
-def run_dirs_of(run_dir: str | Path, cfg: Config) -> list[Path]:
-    """A run directory and the ``compare_with`` baselines inside it."""
-    return [Path(run_dir), *(Path(run_dir) / "baselines" / n for n in cfg.compare_with)]
-
-
-def statuses(run_dirs: list[str | Path]) -> dict[Path, str]:
-    """Each run directory's status (``summary.json``; ``unfinished`` without one)."""
-    return {Path(d): run_status(read_summary(d)) or "unfinished" for d in run_dirs}
+def statuses(run_dir: str | Path, cfg: Config) -> dict[Path, str]:
+    """The status of the run of ``cfg`` in ``run_dir`` and of each of its baselines, by directory
+    (``summary.json``; ``unfinished`` without one)."""
+    return {d: run_status(read_summary(d)) or "unfinished"
+            for d in run_dirs_of(run_dir, cfg.compare_with)}
 
 
 #: The rows of the single-run table: (group, metric prefix, clients, adapted from).

@@ -36,7 +36,7 @@ from fedmaml.config import Config, config_from_flat, config_to_flat, dump_yaml, 
 from fedmaml.errors import DataError, FedmamlError
 from fedmaml.federated.health import run_status
 
-from fedmaml.results.run_files import CHECKPOINT_FILE, CONFIG_FILE, read_summary
+from fedmaml.results.run_files import BASELINES_DIR, CHECKPOINT_FILE, CONFIG_FILE, read_summary
 
 # torch and flwr (checkpoint.py, recorder.py) are imported where needed, so that a sweep's parent
 # process and the CLI's help stay light.
@@ -275,7 +275,7 @@ def given_run_dir(run_dir: str | Path, resume: bool = False, restart: bool = Fal
     if resume or restart:
         return
     status = run_status(read_summary(run_dir))
-    runs = [run_dir, *sorted(p for p in (run_dir / "baselines").glob("*") if p.is_dir())]
+    runs = [run_dir, *sorted(p for p in (run_dir / BASELINES_DIR).glob("*") if p.is_dir())]
     resumable = any((d / CHECKPOINT_FILE).exists() for d in runs)
     if status in (None, "interrupted"):
         held = "an unfinished run" + ("" if resumable else " without a checkpoint")

@@ -51,7 +51,8 @@ from fedmaml.config import (SWEEP_SECTION, Config, check_value, dump_yaml, load_
                             replace_paths, short_key)
 from fedmaml.errors import ConfigError, FedmamlError, PatternError
 from fedmaml.federated.config_patterns import LayerGroups, config_patterns, declared_layer_groups
-from fedmaml.results.run_files import CONFIG_FILE, SUMMARY_FILE, read_summary
+from fedmaml.results.run_files import (BASELINES_DIR, CONFIG_FILE, SUMMARY_FILE, read_summary,
+                                       run_dirs_of)
 from fedmaml.results.wording import counted
 from fedmaml.run_dir import (DirectoryLock, clear, config_differences, has_content, load_checkpoint,
                              run_lock)
@@ -214,11 +215,6 @@ def _check_alone(key: str, value: Any) -> None:
 # State of a run directory
 # --------------------------------------------------------------------------------------------------
 
-def baseline_dirs(run_dir: Path, cfg: Config) -> list[Path]:
-    """The ``compare_with`` baselines that ``run_experiment`` writes inside a run directory."""
-    return [run_dir / "baselines" / n for n in cfg.compare_with]
-
-
 def run_state(run_dir: Path, cfg: Config) -> str:
     """``new``, ``finished`` or ``unfinished``; a finished run made with another config is an error."""
     if not has_content(run_dir):
@@ -226,7 +222,7 @@ def run_state(run_dir: Path, cfg: Config) -> str:
     if not (run_dir / CONFIG_FILE).exists() and not (run_dir / ERROR_FILE).exists():
         raise FedmamlError(f"{run_dir}: exists but is not a run directory of this sweep (no "
                            f"{CONFIG_FILE}); move it away or use another --sweep-dir")
-    done = all(finished_status(d) is not None for d in [run_dir, *baseline_dirs(run_dir, cfg)])
+    done = all(finished_status(d) is not None for d in run_dirs_of(run_dir, cfg.compare_with))
     if not done:
         return "unfinished"
     diff = config_differences(load_config(run_dir / CONFIG_FILE), cfg)
@@ -249,7 +245,7 @@ def finished_status(run_dir: Path) -> str | None:
 
 def not_completed(run_dir: Path, cfg: Config) -> str | None:
     """``diverged``/``failed`` when the run or one of its baselines did not complete, else None."""
-    for d in [run_dir, *baseline_dirs(run_dir, cfg)]:
+    for d in run_dirs_of(run_dir, cfg.compare_with):
         status = finished_status(d)
         if status not in (None, "completed"):
             return status
@@ -280,7 +276,7 @@ def execute_run(cfg: Config, run_dir: str | Path) -> tuple[float, str | None]:
         return time.perf_counter() - start, f"FedmamlError: {e}"
     try:
         resume = any(d.joinpath(CHECKPOINT_FILE).exists()
-                     for d in [run_dir, *baseline_dirs(run_dir, cfg)])
+                     for d in run_dirs_of(run_dir, cfg.compare_with))
         if not resume:
             clear(run_dir)  # an interrupted attempt: start clean, no stale files
         (run_dir / ERROR_FILE).unlink(missing_ok=True)
@@ -442,11 +438,11 @@ def execute_batch(configs: list[Config], run_dirs: list[Path], quiet: bool = Tru
     for name in [None, *names]:
         # a run (or baseline) that ended before stays as it is: the batch would clear it
         todo = [k for k, d in enumerate(run_dirs) if errors[k] is None and finished_status(
-            d if name is None else d / "baselines" / name) is None]
+            d if name is None else d / BASELINES_DIR / name) is None]
         if not todo:
             continue
         cfgs = [configs[k] if name is None else baseline_config(configs[k], name) for k in todo]
-        dirs = [run_dirs[k] if name is None else run_dirs[k] / "baselines" / name for k in todo]
+        dirs = [run_dirs[k] if name is None else run_dirs[k] / BASELINES_DIR / name for k in todo]
         for k, (_, error) in zip(todo, execute_one_batch(cfgs, dirs, quiet)):
             errors[k] = error
     return [(time.perf_counter() - start, e) for e in errors]

@@ -174,8 +174,7 @@ def fake_experiment(monkeypatch):
     calls = []
     module = types.ModuleType("fedmaml.experiment")
     module.run_experiment = lambda config, quiet=False: calls.append((config, quiet))
-    module.run_dirs_of = lambda run_dir, config: []  # no run directory: nothing to report
-    module.statuses = lambda run_dirs: {}
+    module.statuses = lambda run_dir, config: {}  # no run directory: nothing to report
     monkeypatch.setitem(sys.modules, "fedmaml.experiment", module)
     return calls
 

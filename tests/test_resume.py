@@ -331,6 +331,23 @@ def test_a_directory_whose_run_ended_cannot_be_extended_and_the_refusal_changes_
     assert read_summary(baseline)["status"] == "completed"
 
 
+def test_an_interrupted_baseline_names_the_command_that_resumes_it_and_the_baselines_after_it(
+        tiny_config, tmp_path, stop_after):  # noqa: F811
+    # stopped in round 2 of the first of two baselines: its summary's advice must resume the run's
+    # directory (which goes on to the second baseline), not the baseline's own directory (which
+    # would finish the first baseline alone and never start the second)
+    cfg = tiny_config(*BASE, "federated.rounds=4", "compare_with=[fedavg, reptile]")
+    stop_after(7)  # a stop request at the 8th end of a round: round 2 of the first baseline
+    run_dir = run_experiment(cfg, quiet=True, run_dir=tmp_path / "cut")
+    stop_after(10 ** 6)
+    first, second = run_dir / "baselines" / "fedavg", run_dir / "baselines" / "reptile"
+    assert read_summary(first)["message"] == ("interrupted after round 2; resume with: fedmaml run "
+                                              f"--resume {run_dir}")
+    assert not second.exists()
+    assert main(["run", "--resume", str(run_dir), "--quiet"]) == 0
+    assert [read_summary(d)["status"] for d in (run_dir, first, second)] == ["completed"] * 3
+
+
 def killed_without_a_checkpoint(cfg, run_dir: Path, at: int) -> None:
     """Run ``cfg`` in another process and kill it (SIGKILL: nothing more is written) once it has
     recorded round ``at``."""

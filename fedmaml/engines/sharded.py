@@ -69,6 +69,7 @@ from fedmaml.federated import checkpoint
 from fedmaml.federated import records as R
 from fedmaml.federated.health import RunStopped
 from fedmaml.federated.setup import setup_for
+from fedmaml.results.run_files import resume_command
 
 log = logging.getLogger("fedmaml")
 
@@ -281,7 +282,7 @@ class ShardedGrid(InProcessGrid):
         if saved:
             raise RunStopped("interrupted", self._round,
                              f"{why}; the memories of its clients since the last checkpoint are "
-                             f"lost: resume with: fedmaml run --resume {self.run_dir}")
+                             f"lost: resume with: {resume_command(self.run_dir)}")
         raise RunStopped("failed", self._round,
                          f"{why}; the memories of its clients are lost and there is no checkpoint "
                          "to resume from (federated.checkpoint_every > 0 writes them; 1 lets the "

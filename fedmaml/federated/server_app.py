@@ -19,6 +19,7 @@ from fedmaml.federated.setup import setup_for, warn_pattern_steps
 from fedmaml.federated.strategy import MetaStrategy
 from fedmaml.results.metrics_row import MetricsRow
 from fedmaml.results.progress import Progress
+from fedmaml.results.run_files import resume_command
 
 
 def make_server_app(config: Config | None = None, run_dir: str | Path | None = None,
@@ -65,7 +66,7 @@ def run_federated(grid: Grid, cfg: Config, run_dir: str | Path, quiet: bool = Fa
                                    lambda: strategy.checkpoint_memories(grid))
         if stop and r < rounds:
             raise RunStopped("interrupted", r, f"interrupted after round {r}; resume with: "
-                             f"fedmaml run --resume {run_dir}")
+                             f"{resume_command(run_dir)}")
         progress.update(r, ledger.progress_info(written))
 
     timeout = cfg.federated.round_timeout or None

@@ -15,6 +15,7 @@ from typing import Any
 
 from fedmaml.config.schema import Config
 from fedmaml.errors import FedmamlError
+from fedmaml.results.run_files import main_run_of
 from fedmaml.tracking import open_tracker, run_info
 
 
@@ -32,12 +33,7 @@ def export_runs(paths: list[str | Path], to: str, *, mlflow_uri: str | None = No
 def output_dir_of(run_dir: Path) -> Path:
     """The directory that holds the run directory: its parent, or for a ``compare_with`` baseline
     (``<run>/baselines/<algorithm>``) its main run's."""
-    from fedmaml.results.recorder import CONFIG_FILE
-
-    parent = run_dir.parent
-    if parent.name == "baselines" and (parent.parent / CONFIG_FILE).is_file():
-        return parent.parent.parent
-    return parent
+    return (main_run_of(run_dir) or run_dir).parent
 
 
 def export_config(run_dir: Path, to: str, **options: str | None) -> Any:

@@ -17,6 +17,28 @@ METRICS_FILE = "metrics.jsonl"  # one line per round, appended
 SUMMARY_FILE = "summary.json"  # written last: a directory that has one holds a run that ended
 MODEL_FILE = "model.pt"  # the final meta-model
 CHECKPOINT_FILE = "checkpoint.pt"  # while a run can be resumed (fedmaml/federated/checkpoint.py)
+#: A run's ``compare_with`` baselines run inside its directory: ``<run dir>/baselines/<algorithm>``.
+BASELINES_DIR = "baselines"
+
+
+def run_dirs_of(run_dir: str | Path, compare_with: Iterable[str]) -> list[Path]:
+    """A run directory and those of its ``compare_with`` baselines, in the order they run."""
+    return [Path(run_dir), *(Path(run_dir) / BASELINES_DIR / name for name in compare_with)]
+
+
+def main_run_of(run_dir: str | Path) -> Path | None:
+    """The run directory a baseline's directory belongs to (None: ``run_dir`` is not a
+    baseline's)."""
+    parent = Path(run_dir).parent
+    if parent.name == BASELINES_DIR and (parent.parent / CONFIG_FILE).is_file():
+        return parent.parent
+    return None
+
+
+def resume_command(run_dir: str | Path) -> str:
+    """The command that resumes the run interrupted in ``run_dir``: a baseline resumes with its
+    run, which goes on to the baselines after it."""
+    return f"fedmaml run --resume {main_run_of(run_dir) or run_dir}"
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
