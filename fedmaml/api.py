@@ -77,6 +77,7 @@ def run(config: Config | Mapping[str, Any] | str | Path | None = None,
                                 replace_paths)
     from fedmaml.experiment import run_experiment, statuses
     from fedmaml.federated import checkpoint
+    from fedmaml.results.run_files import advising_python, resume_command
 
     _check_keywords(overrides)
     if resume and restart:
@@ -119,14 +120,14 @@ def run(config: Config | Mapping[str, Any] | str | Path | None = None,
                           "PYTHONPATH module), or use engine.name inprocess or vectorized")
     # the advice of the checks `fedmaml run` makes, in these arguments; the run's own stop block
     # is this one, so that a stop asked for as the last round ends is still seen here
-    with rd.advising_python(), checkpoint.stop_on_signals():
+    with advising_python(), checkpoint.stop_on_signals():
         if run_dir is not None:
             rd.given_run_dir(run_dir, resume=resume, restart=restart)
         out = run_experiment(cfg, quiet=quiet, run_dir=run_dir, resume=resume, restart=restart)
         stopped = [d for d, s in statuses(out, cfg).items() if s == "interrupted"]
         if stopped:  # by Ctrl-C or SIGTERM (or checkpoint.request_stop), with a checkpoint
             raise KeyboardInterrupt(f"{stopped[0]}: interrupted, with a checkpoint; "
-                                    f"{rd.resume_command(out)} continues it")
+                                    f"{resume_command(out)} continues it")
         if checkpoint.stop_requested():  # too late to stop the run: it ended; the caller stops
             raise KeyboardInterrupt(f"{out}: stopped as the run ended (it ended, see its "
                                     "summary.json)")

@@ -2,7 +2,8 @@
 unfinished, whether a resume may continue it with the config it is given, the lock that keeps a
 second process out of it, and moving it aside to start again. ``fedmaml run`` (its ``--resume``
 and ``--restart``) and ``fedmaml.run`` (its ``resume=`` and ``restart=``) go through the same
-checks; only the advice of an error is spelled for the one in use (:func:`advising_python`).
+checks; only the advice of an error is spelled for the one in use
+(``fedmaml.results.run_files.advising_python``).
 
 A run directory (fedmaml/results/recorder.py lists its files) is *new* (absent or empty),
 *unfinished* (no ``summary.json``, or status ``interrupted``; ``checkpoint.pt`` when it can
@@ -19,15 +20,13 @@ never claims a config it did not run. See docs/robustness.md, "Resuming a run".
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import datetime
 import json
 import os
 import shlex
 import socket
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,8 @@ from fedmaml.config import Config, config_from_flat, config_to_flat, dump_yaml, 
 from fedmaml.errors import DataError, FedmamlError
 from fedmaml.federated.health import run_status
 
-from fedmaml.results.run_files import BASELINES_DIR, CHECKPOINT_FILE, CONFIG_FILE, read_summary
+from fedmaml.results.run_files import (BASELINES_DIR, CHECKPOINT_FILE, CONFIG_FILE, read_summary,
+                                       restart_command, resume_command)
 
 # torch and flwr (checkpoint.py, recorder.py) are imported where needed, so that a sweep's parent
 # process and the CLI's help stay light.
@@ -160,39 +160,6 @@ def move_aside(run_dir: str | Path) -> Path:
         lock.holder_file.unlink(missing_ok=True)  # it would name this process in the old directory
         os.rename(run_dir, target)
     return target
-
-
-# -- the advice: `fedmaml run --resume DIR` or `fedmaml.run(..., resume=True)` ----------------------
-
-_FROM_PYTHON: contextvars.ContextVar[bool] = contextvars.ContextVar("fedmaml_from_python",
-                                                                   default=False)
-
-
-@contextlib.contextmanager
-def advising_python() -> Iterator[None]:
-    """While it runs, the errors of these checks tell how to go on with ``fedmaml.run``'s
-    arguments (``resume=True``, ``restart=True``) rather than with ``fedmaml run``'s options: the
-    checks are the same, only the way to act on them differs."""
-    token = _FROM_PYTHON.set(True)
-    try:
-        yield
-    finally:
-        _FROM_PYTHON.reset(token)
-
-
-def resume_command(run_dir: str | Path, rounds: bool = False) -> str:
-    """How the user resumes ``run_dir`` (``rounds``: giving it a new ``federated.rounds``)."""
-    if _FROM_PYTHON.get():
-        more = ', **{"federated.rounds": N}' if rounds else ""
-        return f"`fedmaml.run(..., run_dir={str(run_dir)!r}, resume=True{more})`"
-    return f"`fedmaml run --resume {run_dir}{' federated.rounds=N' if rounds else ''}`"
-
-
-def restart_command(run_dir: str | Path) -> str:
-    """How the user starts ``run_dir`` again from the beginning (:func:`move_aside` first)."""
-    if _FROM_PYTHON.get():
-        return f"`fedmaml.run(..., run_dir={str(run_dir)!r}, restart=True)`"
-    return f"`fedmaml run --restart {run_dir}`"
 
 
 def restart_hint(run_dir: str | Path) -> str:

@@ -127,8 +127,8 @@ def interrupt_and_resume(engine, cfg, tmp_path, stop_after, monkeypatch):
     monkeypatch.undo()
     summary = read_summary(tmp_path / "cut")
     assert summary["status"] == "interrupted", stop_at
-    assert summary["message"] == (f"interrupted after round {stop_at}; resume with: fedmaml run "
-                                  f"--resume {tmp_path / 'cut'}")
+    assert summary["message"] == (f"interrupted after round {stop_at}; resume with `fedmaml run "
+                                  f"--resume {tmp_path / 'cut'}`")
     assert checkpoint.load(tmp_path / "cut")["round"] == stop_at
     assert cut.keys() <= full.keys()
     # a kill after the checkpoint may leave rows of a later round: the resume drops them
@@ -218,7 +218,7 @@ def test_sigterm_checkpoints_a_cli_run_a_rerun_says_how_to_resume_and_resume_fin
     stopped = checkpoint.load(run_dir)["round"]
     assert 4 <= stopped < rounds
     assert "SIGTERM: stopping after this round with a checkpoint" in err
-    assert f"interrupted after round {stopped}; resume with: fedmaml run --resume {run_dir}" in err
+    assert f"interrupted after round {stopped}; resume with `fedmaml run --resume {run_dir}`" in err
 
     # Running the config again does not silently start over in tiny-2.
     again = cli("run", str(config), "--quiet", cwd=tmp_path)

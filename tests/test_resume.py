@@ -341,8 +341,8 @@ def test_an_interrupted_baseline_names_the_command_that_resumes_it_and_the_basel
     run_dir = run_experiment(cfg, quiet=True, run_dir=tmp_path / "cut")
     stop_after(10 ** 6)
     first, second = run_dir / "baselines" / "fedavg", run_dir / "baselines" / "reptile"
-    assert read_summary(first)["message"] == ("interrupted after round 2; resume with: fedmaml run "
-                                              f"--resume {run_dir}")
+    assert read_summary(first)["message"] == ("interrupted after round 2; resume with `fedmaml run "
+                                              f"--resume {run_dir}`")
     assert not second.exists()
     assert main(["run", "--resume", str(run_dir), "--quiet"]) == 0
     assert [read_summary(d)["status"] for d in (run_dir, first, second)] == ["completed"] * 3

@@ -529,7 +529,7 @@ def test_an_actor_killed_mid_round_fails_its_clients_then_comes_back_or_stops_re
     assert held and any(c % 2 for c in rows[3]["clients"])
     summary = read_summary(run_dir)
     assert summary["status"] == "interrupted"
-    assert f"resume with: fedmaml run --resume {run_dir}" in summary["message"]
+    assert f"resume with `fedmaml run --resume {run_dir}`" in summary["message"]
     assert rows[-1]["round"] == 4 and list(failed_rounds(rows)) == [4]
     assert checkpoint.load(run_dir)["round"] == 2
     resumed = run_sharded_here(cfg, run_dir, resume=True)

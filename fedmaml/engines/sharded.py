@@ -36,9 +36,9 @@ as failed (kind ``error``, the reason names the shard). Then:
   on;
 * otherwise the memories of its clients since the last checkpoint are lost: the round still
   completes (and is recorded), and the run stops before the next round's training with status
-  ``interrupted`` and the line ``resume with: fedmaml run --resume RUN_DIR``; the resumed run
-  continues from the checkpoint on all shards, as if the failure never happened. Without a
-  checkpoint to resume from, the status is ``failed``.
+  ``interrupted`` and a message naming the command that resumes it (``fedmaml run --resume
+  RUN_DIR``); the resumed run continues from the checkpoint on all shards, as if the failure never
+  happened. Without a checkpoint to resume from, the status is ``failed``.
 """
 
 from __future__ import annotations
@@ -282,7 +282,7 @@ class ShardedGrid(InProcessGrid):
         if saved:
             raise RunStopped("interrupted", self._round,
                              f"{why}; the memories of its clients since the last checkpoint are "
-                             f"lost: resume with: {resume_command(self.run_dir)}")
+                             f"lost: resume with {resume_command(self.run_dir)}")
         raise RunStopped("failed", self._round,
                          f"{why}; the memories of its clients are lost and there is no checkpoint "
                          "to resume from (federated.checkpoint_every > 0 writes them; 1 lets the "

@@ -1,5 +1,6 @@
 """The names of a run directory's files and reading them back: one home for what the recorder
-writes (fedmaml/results/recorder.py) and what the run-directory logic, the sweep and compare read.
+writes (fedmaml/results/recorder.py) and what the run-directory logic, the sweep and compare read;
+and the commands that resume or restart a run, as the user in front of them gives them.
 
 Standard library only, so that a sweep's parent process, ``fedmaml compare`` and the CLI's checks
 of a run directory do not import torch (the recorder does, for model.pt).
@@ -7,8 +8,10 @@ of a run directory do not import torch (the recorder does, for model.pt).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +38,41 @@ def main_run_of(run_dir: str | Path) -> Path | None:
     return None
 
 
-def resume_command(run_dir: str | Path) -> str:
-    """The command that resumes the run interrupted in ``run_dir``: a baseline resumes with its
-    run, which goes on to the baselines after it."""
-    return f"fedmaml run --resume {main_run_of(run_dir) or run_dir}"
+# -- the advice: `fedmaml run --resume DIR` or `fedmaml.run(..., resume=True)` ----------------------
+
+_FROM_PYTHON: contextvars.ContextVar[bool] = contextvars.ContextVar("fedmaml_from_python",
+                                                                   default=False)
+
+
+@contextlib.contextmanager
+def advising_python() -> Iterator[None]:
+    """While it runs, the errors of the run-directory checks (fedmaml/run_dir.py) tell how to go
+    on with ``fedmaml.run``'s arguments (``resume=True``, ``restart=True``) rather than with
+    ``fedmaml run``'s options: the checks are the same, only the way to act on them differs."""
+    token = _FROM_PYTHON.set(True)
+    try:
+        yield
+    finally:
+        _FROM_PYTHON.reset(token)
+
+
+def resume_command(run_dir: str | Path, rounds: bool = False) -> str:
+    """How the user resumes the run in ``run_dir`` (``rounds``: giving it a new
+    ``federated.rounds``). A baseline resumes with its run, which goes on to the baselines after
+    it."""
+    run_dir = main_run_of(run_dir) or run_dir
+    if _FROM_PYTHON.get():
+        more = ', **{"federated.rounds": N}' if rounds else ""
+        return f"`fedmaml.run(..., run_dir={str(run_dir)!r}, resume=True{more})`"
+    return f"`fedmaml run --resume {run_dir}{' federated.rounds=N' if rounds else ''}`"
+
+
+def restart_command(run_dir: str | Path) -> str:
+    """How the user starts ``run_dir`` again from the beginning (it is moved aside first:
+    ``fedmaml.run_dir.move_aside``)."""
+    if _FROM_PYTHON.get():
+        return f"`fedmaml.run(..., run_dir={str(run_dir)!r}, restart=True)`"
+    return f"`fedmaml run --restart {run_dir}`"
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
