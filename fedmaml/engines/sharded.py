@@ -1,10 +1,10 @@
 """The sharded engine: the vectorized engine's cohorts split over Ray actors, nodes and GPUs.
 
-``engine.name: sharded`` runs ``engine.shards`` Ray actors (fedmaml/engines/shard_actor.py). Actor
-``k`` owns the clients whose id is ``k`` modulo ``shards`` (fedmaml/engines/shards.py) and their
-memory bank (RAM, the GPU it runs on, or memory-mapped files under ``engine.memory_dir/shard-k``),
-and trains its part of every round's cohort as one vmapped call with the vectorized engine's own
-grid. This module is the driver's side: a Flower ``Grid`` that takes cohorts, like the vectorized
+``engine.name: sharded`` runs ``engine.shards`` Ray actors, each a ``ShardWorker``
+(fedmaml/engines/shards.py). Actor ``k`` owns the clients whose id is ``k`` modulo ``shards`` and
+their memory bank (RAM, the GPU it runs on, or memory-mapped files under
+``engine.memory_dir/shard-k``), and trains its part of every round's cohort as one vmapped call
+with the vectorized engine's own grid. This module is the driver's side: a Flower ``Grid`` that takes cohorts, like the vectorized
 engine's, so the strategy and its server round are the same as on every engine:
 
 1. a cohort instruction (``w_r`` once, the sampled ids) becomes one message per shard, ``w_r`` once
@@ -60,9 +60,9 @@ from fedmaml.engines import ray_session
 from fedmaml.engines.inprocess import FIRST_CLIENT_NODE, InProcessGrid, claim_task_identity
 from fedmaml.engines.ray_engine import (QUIET, check_reachable, start_local_ray, stop_ray,
                                         worker_runtime_env)
-from fedmaml.engines.shard_actor import ShardWorker
-from fedmaml.engines.shards import (Detached, ShardAnswer, merge_bank_states, merge_evaluate, merge_train,
-                                    shard_message, shard_of, split, split_bank_state)
+from fedmaml.engines.shards import (Detached, ShardAnswer, ShardWorker, merge_bank_states,
+                                    merge_evaluate, merge_train, shard_message, shard_of, split,
+                                    split_bank_state)
 from fedmaml.engines.vectorized import refuse_unbatchable, set_message_id
 from fedmaml.errors import ConfigError, FedmamlError
 from fedmaml.federated import checkpoint
