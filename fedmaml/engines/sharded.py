@@ -51,13 +51,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.app import Message, MessageType
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
 from fedmaml.config import Config
 from fedmaml.engines import ray_session
-from fedmaml.engines.inprocess import FIRST_CLIENT_NODE, InProcessGrid, claim_task_identity
+from fedmaml.engines.inprocess import FIRST_CLIENT_NODE, InProcessGrid, run_inprocess
 from fedmaml.engines.ray_engine import (QUIET, check_reachable, start_local_ray, stop_ray,
                                         worker_runtime_env)
 from fedmaml.engines.shards import (Detached, ShardAnswer, ShardWorker, merge_bank_states,
@@ -501,9 +501,7 @@ def run_on_grid(server_app: ServerApp, grid: ShardedGrid) -> dict[str, Any]:
     """Run ``server_app`` on ``grid`` (Ray connected, the actors started); return what the shards
     did: per shard where it ran and its stats (cohorts, clients, stored memories, peak resident
     set), and every actor that died."""
-    claim_task_identity()
-    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                             run_config={}))
+    run_inprocess(server_app, grid.client_app, grid.num_nodes, grid)
     stats = grid.actors.call("stats", {k: () for k in grid.actors.handles})
     return {"shards": [grid.actors.where.get(k, {}) | (s if isinstance(s, dict) else {})
                        for k, s in sorted(stats.items())],
