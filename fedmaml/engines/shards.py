@@ -101,20 +101,15 @@ def split(cids: Sequence[int], shards: int) -> list[list[int]]:
     return parts
 
 
-def shard_size(num_clients: int, shard: int, shards: int) -> int:
-    """How many of ``0..num_clients-1`` belong to ``shard``."""
-    return len(range(shard, num_clients, shards))
-
-
 class ShardBank:
-    """The memory bank of one shard's clients: a :class:`MemoryBank` of ``shard_size`` rows behind
-    the global client ids (client ``c`` is local row ``c // shards``), so an actor's index arrays
-    are a shard's size, not the federation's (8 bytes a client: 80 MB for 10^7 clients)."""
+    """The memory bank of one shard's clients: a :class:`MemoryBank` of the shard's size behind the
+    global client ids (client ``c`` is local row ``c // shards``), so an actor's index arrays are a
+    shard's size, not the federation's (8 bytes a client: 80 MB for 10^7 clients)."""
 
     def __init__(self, like: Params, num_clients: int, shard: int, shards: int, **bank: Any
                  ) -> None:
         self.num_clients, self.shard, self.shards = num_clients, shard, shards
-        self.local = MemoryBank(like, max(shard_size(num_clients, shard, shards), 1), **bank)
+        self.local = MemoryBank(like, max(len(range(shard, num_clients, shards)), 1), **bank)
 
     def _local(self, cids: Sequence[int]) -> np.ndarray:
         ids = np.asarray(cids, dtype=np.int64).reshape(-1)
