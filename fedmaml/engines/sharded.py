@@ -56,10 +56,8 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
 from fedmaml.config import Config
-from fedmaml.engines import ray_session
+from fedmaml.engines import ray_engine, ray_session
 from fedmaml.engines.inprocess import FIRST_CLIENT_NODE, InProcessGrid, run_inprocess
-from fedmaml.engines.ray_engine import (QUIET, check_reachable, start_local_ray, stop_ray,
-                                        worker_runtime_env)
 from fedmaml.engines.shards import (Detached, ShardAnswer, ShardWorker, merge_bank_states,
                                     merge_evaluate, merge_train, shard_message, shard_of, split,
                                     split_bank_state)
@@ -464,21 +462,12 @@ def memory_warning(shards: int) -> str | None:
 
 
 def connect(engine: Any) -> ray_session.SessionRecord | None:
-    """Join ``engine.ray_address``'s cluster, or start a local Ray instance sized for the shards
-    (its session recorded, to be stopped with the run: fedmaml/engines/ray_session.py)."""
-    import ray
-
-    check_reachable(engine.ray_address)
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # GPUs stay visible
-    if engine.ray_address:
-        ray.init(address=engine.ray_address, runtime_env=worker_runtime_env(), **QUIET)
-        return None
-    too_many = memory_warning(engine.shards)
-    if too_many:
+    """:func:`~fedmaml.engines.ray_engine.connect` for the shards: a local instance gets CPUs
+    enough for every shard (they share the cores), and a warning when their actors may not fit."""
+    if engine.ray_address in ("", "local") and (too_many := memory_warning(engine.shards)):
         log.warning("%s", too_many)
-    # a local instance exists for this run: CPUs enough for every shard (they share the cores)
-    cpus = max(os.cpu_count() or 1, math.ceil(engine.shards * engine.num_cpus))
-    return start_local_ray({**QUIET, "address": "local", "num_cpus": cpus})
+    return ray_engine.connect(
+        engine, num_cpus=max(os.cpu_count() or 1, math.ceil(engine.shards * engine.num_cpus)))
 
 
 def run_sharded(server_app: ServerApp, client_app: ClientApp, num_nodes: int, config: Config,
@@ -494,7 +483,7 @@ def run_sharded(server_app: ServerApp, client_app: ClientApp, num_nodes: int, co
     finally:
         if grid is not None:
             grid.close()
-        stop_ray(session)
+        ray_engine.stop_ray(session)
 
 
 def run_on_grid(server_app: ServerApp, grid: ShardedGrid) -> dict[str, Any]:
