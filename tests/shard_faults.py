@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from fedmaml.core.losses import mse
-from fedmaml.engines import shard_actor
+from fedmaml.engines import shards
 
 HOLD_ENV = "FEDMAML_TEST_SHARD_HOLD"
 HOLD_SECONDS = 300.0  # a test that never kills it fails rather than hangs
@@ -23,7 +23,7 @@ HOLD_SECONDS = 300.0  # a test that never kills it fails rather than hangs
 
 def mse_or_hold(pred, target):
     path = os.environ.get(HOLD_ENV)
-    here = shard_actor.working_on
+    here = shards.working_on
     if path and here.get("kind") == "train" and os.path.exists(path):
         try:
             round_, who = Path(path).read_text().split()

@@ -34,8 +34,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedmaml.config import replace_paths
 from fedmaml.engines.inprocess import FIRST_CLIENT_NODE
-from fedmaml.engines.shard_actor import ShardWorker
-from fedmaml.engines.shards import (ShardBank, detach_arrays, merge_bank_states, merge_evaluate, merge_train,
+from fedmaml.engines.shards import (ShardBank, ShardWorker, detach_arrays, merge_bank_states, merge_evaluate, merge_train,
                                     shard_message, split, split_bank_state)
 from fedmaml.engines.vectorized import run_vectorized
 from fedmaml.errors import FedmamlError

@@ -34,10 +34,8 @@ class InProcessGrid(Grid):
     #: replies come back from ``send_and_receive`` itself: nothing to poll (federated.strategy.exchange)
     synchronous = True
 
-    def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1,
-                 run_config: dict[str, Any] | None = None) -> None:
-        self.client_app, self.num_nodes, self._run_id = client_app, num_nodes, run_id
-        self.run_config = dict(run_config or {})
+    def __init__(self, client_app: ClientApp, num_nodes: int) -> None:
+        self.client_app, self.num_nodes, self._run_id = client_app, num_nodes, 1
         self.contexts: dict[int, Context] = {}
 
     # -- node bookkeeping -----------------------------------------------------------------------
@@ -50,7 +48,7 @@ class InProcessGrid(Grid):
             ctx = self.contexts[node_id] = Context(
                 run_id=self._run_id, node_id=node_id, state=RecordDict(),
                 node_config={R.PARTITION: node_id - FIRST_CLIENT_NODE, "num-partitions": self.num_nodes},
-                run_config=self.run_config)
+                run_config={})
         return ctx
 
     # -- Grid API -------------------------------------------------------------------------------

@@ -71,9 +71,6 @@ def run_ray(server_app: ServerApp, client_app: ClientApp, num_nodes: int, engine
             verbose: bool = False) -> None:
     from flwr.simulation import run_simulation
 
-    check_reachable(engine.ray_address)
-    # Keep Ray from hiding GPUs from actors that ask for none (and from warning about it).
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     flwr_log = logging.getLogger("flwr")
     if not verbose:
         flwr_log.setLevel(logging.WARNING)
@@ -81,8 +78,7 @@ def run_ray(server_app: ServerApp, client_app: ClientApp, num_nodes: int, engine
     backend_config = ray_backend_config(engine)
     session = None
     try:
-        if backend_config["init_args"]["address"] == "local":
-            session = start_local_ray(backend_config["init_args"])
+        session = connect(engine, join=False)  # a cluster: Flower joins it
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_nodes,
                        backend_name="ray", backend_config=backend_config,
                        verbose_logging=verbose)
@@ -92,17 +88,25 @@ def run_ray(server_app: ServerApp, client_app: ClientApp, num_nodes: int, engine
         stop_ray(session)
 
 
-def start_local_ray(init_args: dict[str, Any]) -> ray_session.SessionRecord:
-    """Start the local Ray instance here rather than in Flower (whose ``RayBackend.init_ray`` then
-    finds Ray running and keeps it), so that its session is recorded before any work starts; what
-    a killed run's Ray left behind is stopped first. The arguments are Flower's: no dashboard, and
-    the workers get this process's import path."""
+def connect(engine: Any, join: bool = True, **local: Any) -> ray_session.SessionRecord | None:
+    """Ray for a run on ``engine``: with an empty (or ``local``) ``engine.ray_address`` a fresh
+    local instance (``ray.init`` arguments ``local`` and Flower's: no dashboard, the workers get
+    this process's import path), started here rather than in Flower (which then keeps it) so that
+    its session is recorded, after what a killed run's Ray left is stopped, and returned for
+    :func:`stop_ray`; else the cluster there, checked to answer, and joined when ``join``."""
     import ray
 
-    ray_session.clean_leftovers()
-    context = ray.init(runtime_env=worker_runtime_env(),
-                       **{"include_dashboard": False, **init_args})
-    return ray_session.record_session(context.address_info["session_dir"])
+    check_reachable(engine.ray_address)
+    # Keep Ray from hiding GPUs from actors that ask for none (and from warning about it).
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    if engine.ray_address in ("", "local"):
+        ray_session.clean_leftovers()
+        context = ray.init(runtime_env=worker_runtime_env(),
+                           **{"include_dashboard": False, **QUIET, "address": "local", **local})
+        return ray_session.record_session(context.address_info["session_dir"])
+    if join:
+        ray.init(address=engine.ray_address, runtime_env=worker_runtime_env(), **QUIET)
+    return None
 
 
 def stop_ray(session: ray_session.SessionRecord | None) -> None:

@@ -185,24 +185,19 @@ def record_session(session_dir: str) -> SessionRecord:
     return rec
 
 
-def records() -> list[SessionRecord]:
-    """Every readable session record (unreadable ones are logged and skipped)."""
-    out = []
-    for path in sorted(records_dir().glob("*.json")):
-        try:
-            out.append(SessionRecord.load(path))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            log.warning("ignoring the unreadable Ray session record %s: %s", path, e)
-    return out
-
-
 def clean_leftovers() -> list[int]:
     """Stop the processes of every recorded session whose driver is dead (killed before it could
-    stop them) and remove those records; returns the pids that were killed."""
+    stop them) and remove those records; returns the pids that were killed. An unreadable record
+    is logged and skipped."""
     if not _PROC.is_dir():
         return []
     killed: list[int] = []
-    for rec in records():
+    for path in sorted(records_dir().glob("*.json")):
+        try:
+            rec = SessionRecord.load(path)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("ignoring the unreadable Ray session record %s: %s", path, e)
+            continue
         if rec.driver_alive():
             continue  # a run still going (this user's other run): its session is its own
         members = rec.members()

@@ -1,10 +1,10 @@
 """The sharded engine: the vectorized engine's cohorts split over Ray actors, nodes and GPUs.
 
-``engine.name: sharded`` runs ``engine.shards`` Ray actors (fedmaml/engines/shard_actor.py). Actor
-``k`` owns the clients whose id is ``k`` modulo ``shards`` (fedmaml/engines/shards.py) and their
-memory bank (RAM, the GPU it runs on, or memory-mapped files under ``engine.memory_dir/shard-k``),
-and trains its part of every round's cohort as one vmapped call with the vectorized engine's own
-grid. This module is the driver's side: a Flower ``Grid`` that takes cohorts, like the vectorized
+``engine.name: sharded`` runs ``engine.shards`` Ray actors, each a ``ShardWorker``
+(fedmaml/engines/shards.py). Actor ``k`` owns the clients whose id is ``k`` modulo ``shards`` and
+their memory bank (RAM, the GPU it runs on, or memory-mapped files under
+``engine.memory_dir/shard-k``), and trains its part of every round's cohort as one vmapped call
+with the vectorized engine's own grid. This module is the driver's side: a Flower ``Grid`` that takes cohorts, like the vectorized
 engine's, so the strategy and its server round are the same as on every engine:
 
 1. a cohort instruction (``w_r`` once, the sampled ids) becomes one message per shard, ``w_r`` once
@@ -51,18 +51,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.app import Message, MessageType
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
 from fedmaml.config import Config
-from fedmaml.engines import ray_session
-from fedmaml.engines.inprocess import FIRST_CLIENT_NODE, InProcessGrid, claim_task_identity
-from fedmaml.engines.ray_engine import (QUIET, check_reachable, start_local_ray, stop_ray,
-                                        worker_runtime_env)
-from fedmaml.engines.shard_actor import ShardWorker
-from fedmaml.engines.shards import (Detached, ShardAnswer, merge_bank_states, merge_evaluate, merge_train,
-                                    shard_message, shard_of, split, split_bank_state)
+from fedmaml.engines import ray_engine, ray_session
+from fedmaml.engines.inprocess import FIRST_CLIENT_NODE, InProcessGrid, run_inprocess
+from fedmaml.engines.shards import (Detached, ShardAnswer, ShardWorker, merge_bank_states,
+                                    merge_evaluate, merge_train, shard_message, shard_of, split,
+                                    split_bank_state)
 from fedmaml.engines.vectorized import refuse_unbatchable, set_message_id
 from fedmaml.errors import ConfigError, FedmamlError
 from fedmaml.federated import checkpoint
@@ -465,21 +463,12 @@ def memory_warning(shards: int) -> str | None:
 
 
 def connect(engine: Any) -> ray_session.SessionRecord | None:
-    """Join ``engine.ray_address``'s cluster, or start a local Ray instance sized for the shards
-    (its session recorded, to be stopped with the run: fedmaml/engines/ray_session.py)."""
-    import ray
-
-    check_reachable(engine.ray_address)
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # GPUs stay visible
-    if engine.ray_address:
-        ray.init(address=engine.ray_address, runtime_env=worker_runtime_env(), **QUIET)
-        return None
-    too_many = memory_warning(engine.shards)
-    if too_many:
+    """:func:`~fedmaml.engines.ray_engine.connect` for the shards: a local instance gets CPUs
+    enough for every shard (they share the cores), and a warning when their actors may not fit."""
+    if engine.ray_address in ("", "local") and (too_many := memory_warning(engine.shards)):
         log.warning("%s", too_many)
-    # a local instance exists for this run: CPUs enough for every shard (they share the cores)
-    cpus = max(os.cpu_count() or 1, math.ceil(engine.shards * engine.num_cpus))
-    return start_local_ray({**QUIET, "address": "local", "num_cpus": cpus})
+    return ray_engine.connect(
+        engine, num_cpus=max(os.cpu_count() or 1, math.ceil(engine.shards * engine.num_cpus)))
 
 
 def run_sharded(server_app: ServerApp, client_app: ClientApp, num_nodes: int, config: Config,
@@ -495,16 +484,14 @@ def run_sharded(server_app: ServerApp, client_app: ClientApp, num_nodes: int, co
     finally:
         if grid is not None:
             grid.close()
-        stop_ray(session)
+        ray_engine.stop_ray(session)
 
 
 def run_on_grid(server_app: ServerApp, grid: ShardedGrid) -> dict[str, Any]:
     """Run ``server_app`` on ``grid`` (Ray connected, the actors started); return what the shards
     did: per shard where it ran and its stats (cohorts, clients, stored memories, peak resident
     set), and every actor that died."""
-    claim_task_identity()
-    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                             run_config={}))
+    run_inprocess(server_app, grid.client_app, grid.num_nodes, grid)
     stats = grid.actors.call("stats", {k: () for k in grid.actors.handles})
     return {"shards": [grid.actors.where.get(k, {}) | (s if isinstance(s, dict) else {})
                        for k, s in sorted(stats.items())],

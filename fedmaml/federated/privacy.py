@@ -79,10 +79,9 @@ class UpdatePrivacy:
         self.dp = cfg.privacy
         self.enabled = is_private(self.dp)
         self.sampling = sampling
-        self.releases = 0
         self.max_norm = 0.0  # largest update norm seen before clipping
         self.clipped = 0  # updates that were scaled down
-        self.sampled: list[int] = []  # clients asked in each release (kept for the record)
+        self.sampled: list[int] = []  # clients asked in each release: the account is its length
         self.account: PrivacyAccount | None = None
         if self.enabled and self.dp.noise_multiplier > 0:
             self.account = PrivacyAccount(sampling, self.dp.noise_multiplier)
@@ -113,25 +112,23 @@ class UpdatePrivacy:
             self.max_norm = max(self.max_norm, float(norms.max()))
         # Updates clipped on their device arrive within float32 rounding of the bound.
         self.clipped += int((norms > self.dp.clipping_norm * (1 + 1e-5)).sum())
-        self._release(num_sampled)
-        return mean
-
-    def _release(self, num_sampled: int) -> None:
+        self.sampled.append(num_sampled)
         if self.account is not None:
             self.account.compose(1)
-        self.sampled.append(num_sampled)
-        self.releases += 1
+        return mean
+
+    @property
+    def releases(self) -> int:
+        return len(self.sampled)
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps: the releases so far (the account is rebuilt from them)."""
         return {"sampled": list(self.sampled), "max_norm": self.max_norm, "clipped": self.clipped}
 
     def load_state(self, state: dict[str, Any]) -> None:
-        if self.account is not None:
-            self.account.count = 0  # same mechanism: keep its curve, recount the releases
-        self.releases, self.sampled = 0, []
-        for num_sampled in state["sampled"]:
-            self._release(int(num_sampled))
+        self.sampled = [int(n) for n in state["sampled"]]
+        if self.account is not None:  # same mechanism: keep its curve, recount the releases
+            self.account.count = len(self.sampled)
         self.max_norm, self.clipped = float(state["max_norm"]), int(state["clipped"])
 
     def summary(self) -> dict[str, Any] | None:

@@ -343,7 +343,9 @@ class MetaStrategy(Strategy):
         return self._account_train(server_round, stacks, outcomes, sums)
 
     def _client_outcomes(self, replies: list[Message], stacks: list[Params]) -> list[TrainOutcome]:
-        """Per-client replies: decoded and checked together (``R.stack_from_records``)."""
+        """Per-client replies: their metrics checked here, their arrays decoded and checked
+        together (``R.stack_from_records``), before any of it is used (a reply is used whole or not
+        at all)."""
         outcomes, parsed = [], []
         for msg in replies:
             if msg.has_error():
@@ -351,7 +353,12 @@ class MetaStrategy(Strategy):
                                                             f"client error: {msg.error.reason}")))
                 continue
             try:
-                parsed.append(self._parse_train_reply(msg))
+                m = msg.content[R.METRICS]
+                cid, record = int(m[R.PARTITION]), msg.content[R.ARRAYS]
+                if not isinstance(record, ArrayRecord):
+                    raise TypeError(f"client {cid}'s {R.ARRAYS!r} is a {type(record).__name__}, "
+                                    "not an ArrayRecord")
+                parsed.append((cid, record, _checked_count(m, cid), m))
             except (KeyError, TypeError, ValueError, MessageError) as e:
                 outcomes.append(TrainOutcome(None, failure=("malformed", f"malformed reply: {e}")))
         stacked, array_errors = R.stack_from_records(
@@ -579,17 +586,6 @@ class MetaStrategy(Strategy):
         self.round_stats.update(memory_resets=len(before) + len(cids),
                                 memory_reset_clients=sorted([*before, *cids]))
 
-    def _parse_train_reply(self, msg: Message) -> tuple[int, ArrayRecord, int, MetricRecord]:
-        """What the server uses from a train reply, its metrics checked here and its arrays by
-        ``R.stack_from_records`` before any of it is used (a reply is used whole or not at all)."""
-        m = msg.content[R.METRICS]
-        cid = int(m[R.PARTITION])
-        record = msg.content[R.ARRAYS]
-        if not isinstance(record, ArrayRecord):
-            raise TypeError(f"client {cid}'s {R.ARRAYS!r} is a {type(record).__name__}, "
-                            "not an ArrayRecord")
-        return cid, record, _checked_count(m, cid), m
-
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         if not self.is_eval_round(server_round):
@@ -726,7 +722,7 @@ class MetaStrategy(Strategy):
         running start()'s timeout."""
         return lambda ms: exchange(grid, ms, self._timeout, self.cfg.federated.poll_interval)
 
-    def summary(self) -> None:
+    def summary(self) -> None:  # Flower's Strategy requires it
         fed = self.cfg.federated
         log.info("MetaStrategy: %s, %s, %s aggregation, server %s lr=%g", self.cfg.algorithm.name,
                  fed.mode, fed.aggregation, fed.server_optimizer, fed.server_lr)
