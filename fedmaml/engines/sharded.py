@@ -4,8 +4,9 @@
 (fedmaml/engines/shards.py). Actor ``k`` owns the clients whose id is ``k`` modulo ``shards`` and
 their memory bank (RAM, the GPU it runs on, or memory-mapped files under
 ``engine.memory_dir/shard-k``), and trains its part of every round's cohort as one vmapped call
-with the vectorized engine's own grid. This module is the driver's side: a Flower ``Grid`` that takes cohorts, like the vectorized
-engine's, so the strategy and its server round are the same as on every engine:
+with the vectorized engine's own grid. This module is the driver's side: a Flower ``Grid`` that
+takes cohorts, like the vectorized engine's, so the strategy and its server round are the same as
+on every engine:
 
 1. a cohort instruction (``w_r`` once, the sampled ids) becomes one message per shard, ``w_r`` once
    per shard; the shards work at the same time;
