@@ -67,9 +67,21 @@ def test_retrying_stops_at_the_bound_with_a_clear_message(tmp_path):
 
 def test_other_exits_are_not_retried(tmp_path):
     said: list[str] = []
-    # an exit without the refusal (e.g. a bad flag) ends at once with its code
+    # an exit without the refusal (e.g. a bad flag) ends at once with its code, and says so
     assert run_retrying(node(tmp_path, 0, code=3), retry_for=30, pause=0.05, say=said.append) == 3
-    assert runs(tmp_path) == 1 and said == []
+    assert runs(tmp_path) == 1
+    [report] = said
+    assert "flower-supernode (PID " in report and "exited with code 3" in report
+    assert report.endswith("Its last lines of output:\n    node up"), report
+
+
+def test_a_refusal_is_not_retried_without_retry_for(tmp_path):
+    said: list[str] = []
+    assert run_retrying(node(tmp_path, 5), retry_for=0, pause=0.05, say=said.append) == 1
+    assert runs(tmp_path) == 1
+    [report] = said  # the node's exit, with what to do about a refusal
+    assert "exited with code 1" in report and REFUSAL in report
+    assert "its key is not registered (`flwr supernode register`)" in report
 
 
 def test_supernode_command_takes_retry_for():
