@@ -149,7 +149,9 @@ def test_replies_that_arrived_count_when_a_device_dies_mid_upload(tmp_path):
             argv, tmp_path / "superlink.log", cwd=tmp_path,
             env={**env, "FLWR_HOME": str(tmp_path / "home-link"),
                  "FEDMAML_TEST_HELD_FILE": str(held)})
-        processes.wait_until(lambda: processes.port_open("127.0.0.1", control), 120, "SuperLink")
+        processes.wait_until(lambda: processes.port_open("127.0.0.1", control), 120, "SuperLink",
+                             process=procs["superlink"], name="the SuperLink",
+                             log=tmp_path / "superlink.log")
         for i in range(3):
             procs[f"node-{i}"] = processes.start(
                 [sys.executable, "-m", "fedmaml", "deploy", "supernode", "--superlink",
@@ -160,7 +162,8 @@ def test_replies_that_arrived_count_when_a_device_dies_mid_upload(tmp_path):
         node_ids = {}
         for i in range(3):
             processes.wait_until(lambda i=i: "SuperNode ID: " in logs[i].read_text(
-                errors="replace"), 180, f"node {i} to connect")
+                errors="replace"), 180, f"node {i} to connect", process=procs[f"node-{i}"],
+                name=f"node {i}", log=logs[i])
             text = logs[i].read_text(errors="replace")
             node_ids[int(text.split("SuperNode ID: ", 1)[1].split()[0])] = i
 
@@ -174,7 +177,8 @@ def test_replies_that_arrived_count_when_a_device_dies_mid_upload(tmp_path):
 
         # The event: a device announced its training reply and its upload is being held.
         processes.wait_until(lambda: held.exists() and held.read_text(), 600,
-                             "a training reply's upload to be held")
+                             "a training reply's upload to be held", process=procs["superlink"],
+                             name="the SuperLink", log=tmp_path / "superlink.log")
         victim = node_ids[int(held.read_text())]
         processes.signal_tree(procs[f"node-{victim}"].pid, signal.SIGKILL)
 

@@ -355,6 +355,13 @@ class Processes:
         path = self.root / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def wait_for(self, name: str, condition: Callable[[], object], timeout: float,
+                 what: str) -> object:
+        """Wait until ``condition`` holds, for the process ``name`` to bring it about: if that
+        process exits first, fail at once naming it, its exit status and its log's last lines."""
+        return processes.wait_until(condition, timeout, what, process=self.procs[name], name=name,
+                                    log=self.root / f"{name}.log")
+
     def freeze(self, pid: int) -> None:
         try:
             os.kill(pid, signal.SIGSTOP)
@@ -461,7 +468,8 @@ def test_secure_federation_survives_a_killed_node_and_a_straggler(tmp_path, monk
                                         "--control-port", str(control), "--database",
                                         str(tmp_path / "superlink.db")),
                   FLWR_HOME=str(tmp_path / "home-superlink"))
-        processes.wait_until(lambda: processes.port_open("127.0.0.1", control), 180, "the SuperLink")
+        run.wait_for("superlink", lambda: processes.port_open("127.0.0.1", control), 180,
+                     "the SuperLink")
         assert main(["deploy", "connection", "fed", "--address", f"127.0.0.1:{control}", "--ca",
                      str(ca), "--home", str(cli_home)]) == 0
         registered = {i: int(flwr(["supernode", "register", str(keys / f"node-{i}.pub"), "fed"],
@@ -490,10 +498,10 @@ def test_secure_federation_survives_a_killed_node_and_a_straggler(tmp_path, monk
         # checks that --retry-for gives up at its bound).
         rogue = start_node(1, "rogue", key="rogue", retry_for=3600)
         for i in range(3):  # authenticated: each node has the id its key was registered under
-            processes.wait_until(lambda i=i: ACCEPTED.format(registered[i]) in run.log(f"node-{i}"),
-                                 300, f"node {i} to connect")
-        processes.wait_until(lambda: "fedmaml: the SuperLink refused to activate this SuperNode "
-                             "(attempt 1)" in run.log("rogue"), 300, "the rogue node's refusal")
+            run.wait_for(f"node-{i}", lambda i=i: ACCEPTED.format(registered[i]) in run.log(
+                f"node-{i}"), 300, f"node {i} to connect")
+        run.wait_for("rogue", lambda: "fedmaml: the SuperLink refused to activate this SuperNode "
+                     "(attempt 1)" in run.log("rogue"), 300, "the rogue node's refusal")
         assert rogue.poll() is None  # still retrying
         processes.stop(rogue)
         assert rogue.returncode != 0 and "Failed to activate SuperNode" in run.log("rogue")
@@ -513,8 +521,8 @@ def test_secure_federation_survives_a_killed_node_and_a_straggler(tmp_path, monk
         # itself stays connected, so its round-2 instruction waits. (Frozen after taking a task, a
         # ClientApp would outlive its task token; Flower 1.41's SuperNode then waits for ever for a
         # reply if that happens before the ClientApp pulled its message.)
-        processes.wait_until(lambda: re.search(r"ROUND 1\]\s*\n.*Sending: train message",
-                                               run.log("node-1")), 240, "node 1's round-1 reply")
+        run.wait_for("node-1", lambda: re.search(r"ROUND 1\]\s*\n.*Sending: train message",
+                                                 run.log("node-1")), 240, "node 1's round-1 reply")
         for _ in range(2):  # again, for a process started while we froze its parent
             for pid in processes.descendants(run.procs["node-1"].pid):
                 # not flower-supernode itself (a child of `fedmaml deploy supernode`): it stays up
