@@ -354,7 +354,10 @@ def _submit(a: argparse.Namespace) -> int:
     conn = f" {a.connection}" if a.connection else ""
     print(f"submitted run {run_id} (run config {run_config}); follow its log with: "
           f"flwr log {run_id}{conn}", flush=True)
-    entry = wait_for_run(run_id, a.connection, timeout=a.timeout, on_change=_print_status)
+    # Where the SuperLink runs on this machine, the run's summary.json appears here at its end.
+    summary = out / f"{cfg.name}-{run_id}" / "summary.json"
+    entry = wait_for_run(run_id, a.connection, timeout=a.timeout, on_change=_print_status,
+                         sign=summary.exists)
     _show_run_dir(str(run_config), run_id)
     return 0 if entry.get("status") == COMPLETED else 1
 
