@@ -563,7 +563,9 @@ def test_secure_federation_survives_a_killed_node_and_a_straggler(tmp_path, monk
         deadline = time.monotonic() + 300
         while killed_with is None:
             assert time.monotonic() < deadline, "round 2 did not reach node 2"
-            if killed_with is None and has_round_2("node-2"):
+            assert run.procs["node-2"].poll() is None, processes.exited_error(
+                run.procs["node-2"], "node-2", tmp_path / "node-2.log")  # died before the kill
+            if has_round_2("node-2"):
                 node = run.procs["node-2"]
                 processes.signal_tree(node.pid, signal.SIGKILL)
                 for pid in _pids_with(f"127.0.0.1:{runtime_ports['node-2']} "):
@@ -576,6 +578,7 @@ def test_secure_federation_survives_a_killed_node_and_a_straggler(tmp_path, monk
         # Node 2 restarts at once: the SuperLink refuses its key until it has missed the killed
         # node's heartbeats, and `fedmaml deploy supernode` starts it again until it is let in.
         accepted: list[str] = []
+        gave_up: list[str] = []
 
         def restart_node_2() -> None:
             proc = start_node(2, "node-2-restart")
@@ -584,6 +587,9 @@ def test_secure_federation_survives_a_killed_node_and_a_straggler(tmp_path, monk
                                  150, "node 2 to be let in again")
             if proc.poll() is None and not finished.is_set():
                 accepted.append("node-2-restart")
+            elif proc.poll() is not None:  # for the assertion below to say why
+                gave_up.append(processes.exited_error(proc, "node-2-restart",
+                                                      tmp_path / "node-2-restart.log"))
 
         restarter = threading.Thread(target=restart_node_2, daemon=True)
         restarter.start()
@@ -593,7 +599,7 @@ def test_secure_federation_survives_a_killed_node_and_a_straggler(tmp_path, monk
         row2 = next(r for r in rows if r["round"] == 2)
         assert (row2["replies"], row2["failures"], row2["updated"]) == (1, 2, True), row2
         run.thaw()  # the straggler finishes late; its reply is not waited for
-        assert accepted, "node 2 was not accepted back before round 3"
+        assert accepted, f"node 2 was not accepted back before round 3 {gave_up}"
         # Refused while the SuperLink still counted the killed node as active (usually; at high load
         # its first attempt may come after that), and then retried.
         restart_log = run.log("node-2-restart")
