@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-from fedmaml.deploy.supervisor import run_once
+from fedmaml.deploy.supervisor import Outcome, run_once
 
 #: What flower-supernode prints when the SuperLink refuses to activate it.
 REFUSAL = "Failed to activate SuperNode"
@@ -28,6 +28,12 @@ RETRY_PAUSE = 5.0
 
 def _err(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
+
+
+def _retryable(outcome: Outcome, retry_for: float) -> bool:
+    """Whether to start the node again: only a node the SuperLink refused (a launcher that died
+    is a fault of this machine, which another attempt would not mend)."""
+    return outcome.refused and outcome.code != 0 and retry_for > 0 and not outcome.launcher_died
 
 
 def run_retrying(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
@@ -62,8 +68,7 @@ def run_retrying(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
                                stopping=stopping)
             if stopping:
                 return outcome.code
-            if not (outcome.refused and outcome.code != 0 and retry_for > 0
-                    and not outcome.launcher_died):
+            if not _retryable(outcome, retry_for):
                 if outcome.report:
                     say(outcome.report)
                 return outcome.code

@@ -61,7 +61,7 @@ class _Output:
     def __init__(self, stream, watch: str) -> None:
         self.lines: collections.deque[str] = collections.deque(maxlen=4 * TAIL_LINES)
         self.seen = False
-        self._watch = watch.encode()
+        self._watch = watch.encode() if watch else None
         self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
         self._thread.start()
 
@@ -69,7 +69,7 @@ class _Output:
         for line in stream:
             sys.stderr.buffer.write(line)
             sys.stderr.flush()
-            self.seen = self.seen or self._watch in line
+            self.seen = self.seen or (self._watch is not None and self._watch in line)
             self.lines.append(line.decode(errors="replace"))
 
     def drain(self, timeout: float = DRAIN_SECONDS) -> None:
@@ -127,15 +127,17 @@ def run_once(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
     stop request on); a non-empty ``stopping`` means a stop was requested, so no report."""
     started = time.monotonic()
     node = _start(argv, env, piped=True)
-    output = _Output(node.stdout, refusal or "\0")
-    launcher = None if beside is None else _start(beside, env, piped=False)
-    procs = [node, *([launcher] if launcher else [])]
-    if current is not None:
-        current[:] = procs
-    if stopping:  # requested while they started, before a signal handler could reach them
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
+    output = _Output(node.stdout, refusal)
+    procs, launcher = [node], None
     try:
+        if beside is not None:
+            launcher = _start(beside, env, piped=False)
+            procs.append(launcher)
+        if current is not None:
+            current[:] = procs
+        if stopping:  # requested while they started, before a signal handler could reach them
+            for proc in procs:
+                proc.send_signal(signal.SIGTERM)
         _first_exit(procs)
     finally:  # also on an exception (KeyboardInterrupt): nothing is left behind
         seconds = time.monotonic() - started
