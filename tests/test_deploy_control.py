@@ -171,7 +171,9 @@ def test_only_the_operator_controls_the_federation(tmp_path, monkeypatch, capsys
                      there.address, "--port", str(fleet), "--control-port", str(control)),
             tmp_path / "superlink.log", env={**env, "FLWR_HOME": str(tmp_path / "home-link")},
             cwd=tmp_path))
-        processes.wait_until(lambda: processes.port_open("127.0.0.1", control), 180, "SuperLink")
+        processes.wait_until(lambda: processes.port_open("127.0.0.1", control), 180, "SuperLink",
+                             process=procs[-1], name="the SuperLink",
+                             log=tmp_path / "superlink.log")
 
         # The other host: the control port does not answer at all...
         probe = ("import socket,sys\ntry:\n socket.create_connection((sys.argv[1], int(sys.argv[2])),"
@@ -214,7 +216,8 @@ def test_only_the_operator_controls_the_federation(tmp_path, monkeypatch, capsys
             str(processes.free_port()), "--home", str(tmp_path / "home-device"))),
             tmp_path / "device.log", env=env, cwd=tmp_path))
         processes.wait_until(lambda: f"SuperNode ID: {device_id}" in (
-            tmp_path / "device.log").read_text(errors="replace"), 120, "the device to join")
+            tmp_path / "device.log").read_text(errors="replace"), 120, "the device to join",
+            process=procs[-1], name="the device's SuperNode", log=tmp_path / "device.log")
         nodes = flwr(["supernode", "ls", "op"], home=home)["nodes"]
         assert [int(n["node-id"]) for n in nodes] == [device_id]
         assert flwr(["ls", "op"], home=home).get("runs", []) == []  # nothing was submitted
@@ -267,14 +270,17 @@ def test_a_node_that_trusts_only_signed_apps_refuses_an_unsigned_run(tmp_path):
             "deploy", "superlink", "--insecure", "--host", "127.0.0.1", "--port", str(fleet),
             "--control-port", str(control)), tmp_path / "superlink.log",
             env={**env, "FLWR_HOME": str(tmp_path / "home-link")}, cwd=tmp_path))
-        processes.wait_until(lambda: processes.port_open("127.0.0.1", control), 180, "SuperLink")
+        processes.wait_until(lambda: processes.port_open("127.0.0.1", control), 180, "SuperLink",
+                             process=procs[-1], name="the SuperLink",
+                             log=tmp_path / "superlink.log")
         procs.append(processes.start(_fedmaml(
             "deploy", "supernode", "--superlink", f"127.0.0.1:{fleet}", "--insecure",
             "--partition-id", "0", "--trusted-entities", str(tmp_path / "trusted.yaml"), "--port",
             str(processes.free_port()), "--home", str(tmp_path / "home-node")),
             tmp_path / "node.log", env=env, cwd=tmp_path))
         processes.wait_until(lambda: "SuperNode ID" in (tmp_path / "node.log").read_text(
-            errors="replace"), 120, "the node to join")
+            errors="replace"), 120, "the node to join", process=procs[-1], name="the SuperNode",
+            log=tmp_path / "node.log")
         home = tmp_path / "home-op"
         write_connection("op", f"127.0.0.1:{control}", None, insecure=True, home=home,
                          token_file=tmp_path / "home-link" / "operator.token")
@@ -288,7 +294,8 @@ def test_a_node_that_trusts_only_signed_apps_refuses_an_unsigned_run(tmp_path):
         # Its first message (the ServerApp asking which client the node serves) is refused, and so
         # is every later one: the app's code never runs on the node.
         processes.wait_until(lambda: "FAB could not be verified" in (
-            tmp_path / "node.log").read_text(errors="replace"), 120, "the node to refuse the app")
+            tmp_path / "node.log").read_text(errors="replace"), 120, "the node to refuse the app",
+            process=procs[-1], name="the SuperNode", log=tmp_path / "node.log")
         log = (tmp_path / "node.log").read_text(errors="replace")
         assert "fedmaml: ClientApp task" not in log  # no ClientApp process was started
     finally:
@@ -354,7 +361,9 @@ def test_a_local_process_without_the_operator_token_is_refused(tmp_path, capsys)
                      "127.0.0.1", "--port", str(fleet), "--control-port", str(control)),
             tmp_path / "superlink.log", env={**env, "FLWR_HOME": str(tmp_path / "home-link")},
             cwd=tmp_path))
-        processes.wait_until(lambda: processes.port_open("127.0.0.1", control), 120, "SuperLink")
+        processes.wait_until(lambda: processes.port_open("127.0.0.1", control), 120, "SuperLink",
+                             process=procs[-1], name="the SuperLink",
+                             log=tmp_path / "superlink.log")
         token = (tmp_path / "certs" / "operator.token").read_text().strip()
 
         # Raw requests, as `curl` would send them: refused before Flower sees them.

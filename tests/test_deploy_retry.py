@@ -67,9 +67,21 @@ def test_retrying_stops_at_the_bound_with_a_clear_message(tmp_path):
 
 def test_other_exits_are_not_retried(tmp_path):
     said: list[str] = []
-    # an exit without the refusal (e.g. a bad flag) ends at once with its code
+    # an exit without the refusal (e.g. a bad flag) ends at once with its code, and says so
     assert run_retrying(node(tmp_path, 0, code=3), retry_for=30, pause=0.05, say=said.append) == 3
-    assert runs(tmp_path) == 1 and said == []
+    assert runs(tmp_path) == 1
+    [report] = said
+    assert "flower-supernode (PID " in report and "exited with code 3" in report
+    assert report.endswith("Its last lines of output:\n    node up"), report
+
+
+def test_a_refusal_is_not_retried_without_retry_for(tmp_path):
+    said: list[str] = []
+    assert run_retrying(node(tmp_path, 5), retry_for=0, pause=0.05, say=said.append) == 1
+    assert runs(tmp_path) == 1
+    [report] = said  # the node's exit, with what to do about a refusal
+    assert "exited with code 1" in report and REFUSAL in report
+    assert "its key is not registered (`flwr supernode register`)" in report
 
 
 def test_supernode_command_takes_retry_for():
@@ -106,3 +118,46 @@ def test_a_run_that_stays_the_same_is_polled_less_and_less_often():
     assert waits[:4] == [3.0, 4.5, 6.75, 10.125] and waits[5] == waits[6] == MAX_POLL_SECONDS
     assert waits[7:] == [3.0, 4.5]  # a change: back to the first wait
     assert next_poll(30.0, False, 30.0) == 30.0  # a longer first wait is kept
+
+
+class _Clock:
+    """A clock that moves only when slept on (monkeypatched into fedmaml.deploy.runs)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def _poll_times(monkeypatch, ends_at: float, sign_at: float | None) -> list[float]:
+    """When wait_for_run polls the status of a run that is running until ``ends_at`` (clock
+    seconds), with a local sign of its end that appears at ``sign_at`` (None: no sign)."""
+    from fedmaml.deploy import runs
+
+    clock, polls = _Clock(), []
+
+    def status(run_id, connection=None, *, home=None):
+        polls.append(clock.now)
+        return {"status": "finished:completed" if clock.now >= ends_at else "running"}
+
+    monkeypatch.setattr(runs, "time", clock)
+    monkeypatch.setattr(runs, "run_status", status)
+    sign = None if sign_at is None else (lambda: clock.now >= sign_at)
+    assert runs.wait_for_run(1, sign=sign)["status"] == "finished:completed"
+    return polls
+
+
+def test_a_local_sign_of_the_end_has_the_status_polled_again_soon(monkeypatch):
+    from fedmaml.deploy.runs import SIGN_POLL_SECONDS, SIGNED_POLL_SECONDS
+
+    # Without a sign the end (at 40 s) is seen only at the next of the ever longer waits...
+    without = _poll_times(monkeypatch, ends_at=40.0, sign_at=None)
+    assert without[-1] > 45.0, without
+    # ... with one (summary.json, written 3 s before the ServerApp exits), soon after it.
+    polls = _poll_times(monkeypatch, ends_at=40.0, sign_at=37.0)
+    assert 40.0 <= polls[-1] <= 40.0 + SIGNED_POLL_SECONDS + SIGN_POLL_SECONDS, polls
+    assert len(polls) <= len(without) + 4  # not many more status calls (each starts `flwr ls`)

@@ -305,7 +305,9 @@ def test_deploy_runs_the_users_module_and_files_on_a_local_superlink(user):
             superlink_argv(None, host="127.0.0.1", port=fleet, control_port=control,
                            insecure=True, operator_token=user / "operator.token"),
             user / "superlink.log", cwd=REPO, env={**env, "FLWR_HOME": str(user / "home-link")})
-        processes.wait_until(lambda: processes.port_open("127.0.0.1", control), 180, "SuperLink")
+        processes.wait_until(lambda: processes.port_open("127.0.0.1", control), 180, "SuperLink",
+                             process=procs["superlink"], name="the SuperLink",
+                             log=user / "superlink.log")
         for i in range(2):
             procs[f"node-{i}"] = processes.start(
                 [sys.executable, "-m", "fedmaml", "deploy", "supernode", "--superlink",
@@ -314,7 +316,8 @@ def test_deploy_runs_the_users_module_and_files_on_a_local_superlink(user):
                  "--retry-for", "0"], user / f"node-{i}.log", env=env, cwd=REPO)
         for i in range(2):
             processes.wait_until(lambda i=i: "SuperNode ID: " in (user / f"node-{i}.log").read_text(
-                errors="replace"), 240, f"node {i} to connect")
+                errors="replace"), 240, f"node {i} to connect", process=procs[f"node-{i}"],
+                name=f"node {i}", log=user / f"node-{i}.log")
         home = user / "home-op"
         write_connection("op", f"127.0.0.1:{control}", None, insecure=True, default=True,
                          home=home, token_file=user / "operator.token")

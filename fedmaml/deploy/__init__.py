@@ -8,6 +8,9 @@
 * :mod:`~fedmaml.deploy.operator_token`: the credential the control socket requires of ``flwr``.
 * :mod:`~fedmaml.deploy.warm_clientapps`: a SuperNode's ClientApp processes, forked from a process
   with torch and Flower loaded.
+* :mod:`~fedmaml.deploy.supervisor`: ``flower-supernode`` and that launcher, watched: when either
+  exits the other is stopped, and the error names what died.
+* :mod:`~fedmaml.deploy.retry`: a SuperNode the SuperLink refuses, started again for a while.
 * :mod:`~fedmaml.deploy.app_bundle`: the Flower app ``fedmaml deploy submit`` stages, from anywhere.
 * :mod:`~fedmaml.deploy.flwr_config`: run-config files, ``[tool.flwr.app.config]``, connections.
 * :mod:`~fedmaml.deploy.runs`: ``flwr run`` and waiting for a run's outcome.

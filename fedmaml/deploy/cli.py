@@ -2,10 +2,12 @@
 
 Each entry of :data:`SUBCOMMANDS` is ``(name, help, add_arguments, handler)``; ``fedmaml/cli.py``
 turns them into its ``Command`` objects. Only the standard library is imported here: handlers import
-the rest when they run. ``superlink`` and ``supernode`` print the Flower command line and then
-*become* that process (``exec``), so it keeps the PID, the terminal and the signals; ``supernode``
-with ``--retry-for`` (the default) stays as its parent instead, to start it again while the
-SuperLink refuses it (fedmaml/deploy/retry.py), and passes SIGINT and SIGTERM on.
+the rest when they run. ``superlink`` prints the Flower command line and then *becomes* that
+process (``exec``), so it keeps the PID, the terminal and the signals. ``supernode`` stays as the
+parent of ``flower-supernode`` and of the ClientApp launcher beside it: it starts the node again
+while the SuperLink refuses it (``--retry-for``, fedmaml/deploy/retry.py), passes SIGINT and SIGTERM
+on, and when either process exits stops the other, says what died and exits non-zero
+(fedmaml/deploy/supervisor.py).
 """
 
 from __future__ import annotations
@@ -192,27 +194,22 @@ def _supernode(a: argparse.Namespace) -> int:
         from fedmaml.deploy.commands import warm_clientapps_argv
 
         warm = warm_clientapps_argv(a.port, os.getpid())
-    if a.retry_for > 0 and not a.dry_run:  # this process stays, and restarts a refused node
-        from fedmaml.deploy.commands import program_env, show
-        from fedmaml.deploy.retry import run_retrying
+    from fedmaml.deploy.commands import program_env, show
 
-        if warm is not None:  # a fresh one next to every attempt of the node
-            _err(f"fedmaml: starting {show(warm)} next to the SuperNode")
-        _err(f"fedmaml: starting {show(argv)}")
-        return run_retrying(argv, env=program_env(env), retry_for=a.retry_for, beside=warm)
-    if warm is not None:
-        # Started first, as a child of this process, which then becomes the SuperNode (same PID):
-        # it polls the node's Runtime API until the node is up, and exits when the node does.
-        from fedmaml.deploy.commands import program_env, show
-
-        if a.dry_run:
+    if a.dry_run:
+        if warm is not None:
             print(show(warm) + " &")
-        else:
-            import subprocess
+        print(show(argv))
+        return 0
+    # This process stays as the parent of both: it restarts a refused node, passes SIGINT and
+    # SIGTERM on, and when either process exits stops the other and says what died
+    # (fedmaml/deploy/supervisor.py).
+    from fedmaml.deploy.retry import run_retrying
 
-            _err(f"fedmaml: starting {show(warm)}")
-            subprocess.Popen(warm, env=program_env(env), stdin=subprocess.DEVNULL)
-    return _exec(argv, a.dry_run, env)
+    if warm is not None:  # a fresh one next to every attempt of the node
+        _err(f"fedmaml: starting {show(warm)} next to the SuperNode")
+    _err(f"fedmaml: starting {show(argv)}")
+    return run_retrying(argv, env=program_env(env), retry_for=max(a.retry_for, 0.0), beside=warm)
 
 
 # -- the flwr CLI side ------------------------------------------------------------------------------
@@ -357,7 +354,10 @@ def _submit(a: argparse.Namespace) -> int:
     conn = f" {a.connection}" if a.connection else ""
     print(f"submitted run {run_id} (run config {run_config}); follow its log with: "
           f"flwr log {run_id}{conn}", flush=True)
-    entry = wait_for_run(run_id, a.connection, timeout=a.timeout, on_change=_print_status)
+    # Where the SuperLink runs on this machine, the run's summary.json appears here at its end.
+    summary = out / f"{cfg.name}-{run_id}" / "summary.json"
+    entry = wait_for_run(run_id, a.connection, timeout=a.timeout, on_change=_print_status,
+                         sign=summary.exists)
     _show_run_dir(str(run_config), run_id)
     return 0 if entry.get("status") == COMPLETED else 1
 

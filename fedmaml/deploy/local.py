@@ -54,13 +54,13 @@ def start_local_superlink(timeout: float = 30.0) -> tuple[int, Path]:
     proc = processes.start(argv, log, env=env)
     (state / PID_FILE).write_text(f"{proc.pid}\n")
     try:
-        processes.wait_until(
-            lambda: proc.poll() is not None or processes.port_open("127.0.0.1", port), timeout,
-            f"the local SuperLink on port {port}")
+        processes.wait_until(lambda: processes.port_open("127.0.0.1", port), timeout,
+                             f"the local SuperLink on port {port}", process=proc,
+                             name="the local SuperLink", log=log)
     except TimeoutError as e:
         raise DeployError(f"{e}; see {log}") from None
-    if proc.poll() is not None:
-        raise DeployError(f"the local SuperLink exited with code {proc.returncode}; see {log}")
+    except processes.ProcessExited as e:
+        raise DeployError(str(e)) from None
     return proc.pid, log
 
 

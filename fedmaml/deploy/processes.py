@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 
@@ -146,14 +147,97 @@ def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
         pass
 
 
+class ProcessExited(RuntimeError):
+    """A process that a wait depended on exited first: waiting longer cannot help."""
+
+
+#: How many lines of a dead process's output an error quotes.
+TAIL_LINES = 12
+#: Bytes read from the end of a log for its last lines (a log can be large; its end is enough).
+_TAIL_BYTES = 64 * 1024
+_COLOUR = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def last_lines(lines: Iterable[str], count: int = TAIL_LINES) -> list[str]:
+    """The last ``count`` telling lines: no blank lines, no terminal colour codes (Flower colours
+    its log levels), and of a Python traceback only its first and last lines (the frames would
+    push the error that came before it out of view)."""
+    kept: list[str] = []
+    in_traceback = False
+    for line in lines:
+        line = _COLOUR.sub("", line).rstrip()
+        if not line.strip() or (in_traceback and line[:1].isspace()):
+            continue
+        in_traceback = line.startswith("Traceback (most recent call last)")
+        kept.append(line)
+    return kept[-count:]
+
+
+def log_tail(log: str | Path, count: int = TAIL_LINES) -> list[str]:
+    """The last lines of the file ``log`` ([] if it cannot be read)."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - _TAIL_BYTES))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return []
+    return last_lines(text.splitlines(), count)
+
+
+def exit_status(returncode: int) -> int:
+    """A :class:`subprocess.Popen` return code as a shell reports it: a death by signal N
+    (``-N``) is ``128 + N``."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def describe_exit(name: str, pid: int, returncode: int) -> str:
+    """``name (PID 12) exited with code 1``, or ``... was killed by SIGKILL``."""
+    if returncode < 0:
+        try:
+            how = f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            how = f"was killed by signal {-returncode}"
+    else:
+        how = f"exited with code {returncode}"
+    return f"{name} (PID {pid}) {how}"
+
+
+def indented(lines: Iterable[str]) -> str:
+    """Quoted lines, one per line, indented under the message that quotes them."""
+    return "\n".join(f"    {line}" for line in lines)
+
+
+def exited_error(process: subprocess.Popen, name: str | None = None,
+                 log: str | Path | None = None) -> str:
+    """What to say about ``process``, which has exited: who (``name``, default its command line,
+    cut), its exit status and the last lines of ``log``."""
+    command = " ".join(map(str, process.args)) if isinstance(process.args, (list, tuple)) else (
+        str(process.args))
+    text = describe_exit(name or command[:120], process.pid, process.returncode)
+    if log is None:
+        return text
+    lines = log_tail(log)
+    return text + (f"; the last lines of its log {log}:\n{indented(lines)}" if lines else
+                   f"; its log {log} is empty")
+
+
 def wait_until(condition: Callable[[], object], timeout: float, what: str,
-               interval: float = 0.25) -> object:
-    """Poll ``condition`` until it returns something truthy; TimeoutError naming ``what``."""
+               interval: float = 0.25, *, process: subprocess.Popen | None = None,
+               name: str | None = None, log: str | Path | None = None) -> object:
+    """Poll ``condition`` until it returns something truthy; TimeoutError naming ``what``.
+
+    ``process``: the process that is to bring the condition about. If it exits first the wait
+    ends at once with :class:`ProcessExited` naming it (``name``, default its command line), its
+    exit status and the last lines of ``log``, instead of running out the timeout."""
     deadline = time.monotonic() + timeout
     while True:
+        # Polled before the condition: a process that met the condition and then exited passes.
+        exited = process is not None and process.poll() is not None
         value = condition()
         if value:
             return value
+        if exited:
+            raise ProcessExited(f"{exited_error(process, name, log)}\n(while waiting for {what})")
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)

@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-from fedmaml.deploy.processes import stop
+from fedmaml.deploy.supervisor import Outcome, run_once
 
 #: What flower-supernode prints when the SuperLink refuses to activate it.
 REFUSAL = "Failed to activate SuperNode"
@@ -30,16 +30,25 @@ def _err(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+def _retryable(outcome: Outcome, retry_for: float) -> bool:
+    """Whether to start the node again: only a node the SuperLink refused (a launcher that died
+    is a fault of this machine, which another attempt would not mend)."""
+    return outcome.refused and outcome.code != 0 and retry_for > 0 and not outcome.launcher_died
+
+
 def run_retrying(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
                  retry_for: float = 120.0, pause: float = RETRY_PAUSE, refusal: str = REFUSAL,
                  say: Callable[[str], None] = _err,
                  beside: Sequence[str] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> int:
     """Run ``argv`` until it exits without printing ``refusal``, or ``retry_for`` seconds have
-    passed since the first start; returns the exit code (1 when the bound was reached).
-    ``beside``: a command started next to every attempt and stopped when it ends (the warm
-    ClientApp executor, which serves one SuperNode's Runtime API). ``clock``: where the time
-    bound reads the time (tests pass one that follows the attempts, not the machine's load)."""
+    passed since the first start (0: never start it again); returns the exit code (1 when the
+    bound was reached). ``beside``: a command started next to every attempt and stopped when it
+    ends (the warm ClientApp launcher, which serves one SuperNode's Runtime API); if it exits
+    first, the attempt is stopped and not retried (fedmaml/deploy/supervisor.py). An attempt that
+    ends in a failure is reported through ``say``: what died, its exit status, its last lines.
+    ``clock``: where the time bound reads the time (tests pass one that follows the attempts, not
+    the machine's load)."""
     deadline = clock() + retry_for
     current: list[subprocess.Popen] = []
     stopping: list[int] = []
@@ -55,34 +64,21 @@ def run_retrying(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
         attempt = 0
         while True:
             attempt += 1
-            # In a session of its own, so that a Ctrl-C reaches it once, from here.
-            proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL,
-                                    env=dict(env) if env is not None else None,
-                                    start_new_session=True)
-            helper = None if beside is None else subprocess.Popen(
-                list(beside), env=dict(env) if env is not None else None,
-                stdin=subprocess.DEVNULL, start_new_session=True)
-            current[:] = [proc, *([helper] if helper else [])]
-            refused = False
-            try:
-                for line in proc.stdout:  # passed through as it comes
-                    sys.stderr.buffer.write(line)
-                    sys.stderr.flush()
-                    refused = refused or refusal.encode() in line
-                code = proc.wait()
-            finally:
-                if helper is not None:
-                    stop(helper)
-            if not refused or code == 0 or stopping:
-                return code
+            outcome = run_once(argv, env=env, beside=beside, refusal=refusal, current=current,
+                               stopping=stopping)
+            if stopping:
+                return outcome.code
+            if not _retryable(outcome, retry_for):
+                if outcome.report:
+                    say(outcome.report)
+                return outcome.code
             left = deadline - clock()
             if left <= 0:
                 say(f"fedmaml: the SuperLink still refuses to activate this SuperNode after "
                     f"{retry_for:.0f}s ({attempt} attempts); giving up. Check that its key is "
                     "registered (`flwr supernode register`) and that no other SuperNode uses it, "
                     "or wait longer (--retry-for SECONDS)")
-                return code or 1
+                return outcome.code or 1
             wait = min(pause, left)
             say(f"fedmaml: the SuperLink refused to activate this SuperNode (attempt {attempt}): "
                 "it still counts a node with this key as active (Flower keeps a killed node active "
@@ -92,7 +88,7 @@ def run_retrying(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
             while time.monotonic() < stop_at and not stopping:
                 time.sleep(min(0.1, wait))
             if stopping:
-                return code
+                return outcome.code
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

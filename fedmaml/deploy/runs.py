@@ -85,11 +85,24 @@ def next_poll(wait: float, changed: bool, first: float) -> float:
     return first if changed else min(wait * 1.5, max(MAX_POLL_SECONDS, first))
 
 
+#: How often a local sign of a run's end (see :func:`wait_for_run`) is checked: a file's existence.
+SIGN_POLL_SECONDS = 0.2
+#: How often the status is polled once that sign holds: the ServerApp exits seconds after it.
+SIGNED_POLL_SECONDS = 1.0
+
+
 def wait_for_run(run_id: int, connection: str | None = None, *, home: str | Path | None = None,
                  timeout: float | None = None, poll: float = 3.0,
-                 on_change: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                 on_change: Callable[[dict[str, Any]], None] | None = None,
+                 sign: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Poll until the run is finished (any outcome) and return its final entry; every ``poll``
-    seconds at first and after each change of status, less often while it stays the same."""
+    seconds at first and after each change of status, less often while it stays the same.
+
+    ``sign``: a cheap local sign that the run is ending, e.g. that its ``summary.json`` exists on
+    this machine (the ServerApp writes it last). Checked every :data:`SIGN_POLL_SECONDS` between
+    two status polls; once it holds, the status is polled every :data:`SIGNED_POLL_SECONDS` (or
+    ``poll``, if shorter), so that a long run's end is not noticed up to :data:`MAX_POLL_SECONDS`
+    late."""
     deadline = None if timeout is None else time.monotonic() + timeout
     last, wait = None, poll
     while True:
@@ -103,5 +116,18 @@ def wait_for_run(run_id: int, connection: str | None = None, *, home: str | Path
             return entry
         if deadline is not None and time.monotonic() > deadline:
             raise DeployError(f"run {run_id} is still {last!r} after {timeout:.0f}s")
-        wait = next_poll(wait, changed, poll)
-        time.sleep(wait if deadline is None else max(min(wait, deadline - time.monotonic()), 0))
+        signed = sign is not None and sign()
+        wait = min(poll, SIGNED_POLL_SECONDS) if signed else next_poll(wait, changed, poll)
+        if deadline is not None:
+            wait = max(min(wait, deadline - time.monotonic()), 0)
+        _sleep(wait, None if signed else sign)
+
+
+def _sleep(seconds: float, until: Callable[[], bool] | None) -> None:
+    """Sleep ``seconds``, or less if ``until`` comes to hold meanwhile."""
+    if until is None:
+        time.sleep(seconds)
+        return
+    end = time.monotonic() + seconds
+    while not until() and time.monotonic() < end:
+        time.sleep(min(SIGN_POLL_SECONDS, max(end - time.monotonic(), 0)))

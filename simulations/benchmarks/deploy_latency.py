@@ -92,7 +92,9 @@ def deployed(mode: str, rounds: int, root: Path) -> dict:
                      "--port", str(fleet), "--control-port", str(control)),
             root / "superlink.log", env={**env, "FLWR_HOME": str(root / "home-superlink")},
             cwd=root))
-        processes.wait_until(lambda: processes.port_open("127.0.0.1", control), 60, "SuperLink")
+        processes.wait_until(lambda: processes.port_open("127.0.0.1", control), 60, "SuperLink",
+                             process=procs[-1], name="the SuperLink",
+                             log=root / "superlink.log")
         _cli(["deploy", "connection", "lab", "--address", f"127.0.0.1:{control}", "--ca",
               str(root / "certs" / "ca.crt"), "--default"], env, root)
         for i in range(NODES):
@@ -109,7 +111,8 @@ def deployed(mode: str, rounds: int, root: Path) -> dict:
                                          cwd=root))
         for i in range(NODES):
             processes.wait_until(lambda i=i: "SuperNode ID" in (root / f"node-{i}.log").read_text(
-                errors="replace"), 120, f"node {i}")
+                errors="replace"), 120, f"node {i}", process=procs[1 + i], name=f"node {i}",
+                log=root / f"node-{i}.log")
         setup_s = time.monotonic() - t0
         (root / "cfg.yaml").write_text(CONFIG.format(rounds=rounds, out=root / "runs"))
         elsewhere = root / "elsewhere"  # not the project directory: the README's command as written
