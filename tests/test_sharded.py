@@ -571,8 +571,10 @@ def test_a_hung_actor_times_out_like_a_dead_one(cluster, tiny_config, tmp_path):
     bound (round_timeout per client of the shard, plus engine.discovery_timeout), stops the actor,
     fails its clients as if it had died (saying it timed out), and the run goes on with a new
     actor from round 2's checkpoint."""
+    # round_timeout bounds each client's share of its shard's round: 6 s, not less, so that the
+    # healthy rounds of a heavily loaded machine stay within it (2 s let a slow first round fail)
     cfg = tiny_config(*MOML, "engine.name=sharded", "federated.checkpoint_every=1",
-                      "federated.round_timeout=2", "engine.discovery_timeout=20")
+                      "federated.round_timeout=6", "engine.discovery_timeout=20")
     held: list[int] = []
     rows, _, _, grid = run_sharded_here(cfg, tmp_path / "hung",
                                         during=hold_then(cluster, "1", 3, lambda pid: None, held))
