@@ -162,17 +162,6 @@ def test_replies_that_arrived_count_when_a_device_dies_mid_upload(tmp_path):
                  "3", "--port", str(processes.free_port()), "--home", str(tmp_path / f"home-{i}"),
                  "--retry-for", "0"], tmp_path / f"node-{i}.log", env=env, cwd=tmp_path)
 
-        # Submitted while the nodes start (the ServerApp's own start-up overlaps theirs): the run
-        # finds its nodes before its first round, however late they connect (discovery).
-        home = tmp_path / "home-op"
-        write_connection("op", f"127.0.0.1:{control}", None, insecure=True, default=True,
-                         home=home, token_file=tmp_path / "operator.token")
-        (tmp_path / "upload.yaml").write_text(CONFIG.format(timeout=ROUND_TIMEOUT,
-                                                            out=tmp_path / "runs"))
-        (tmp_path / "run.toml").write_text(run_config_toml(load_config(tmp_path / "upload.yaml")))
-        run_id = submit(_app(tmp_path / "app"), "op", tmp_path / "run.toml", home=home)
-        run_dir = tmp_path / "runs" / f"upload-{run_id}"
-
         logs = {i: tmp_path / f"node-{i}.log" for i in range(3)}
         node_ids = {}
         for i in range(3):
@@ -181,6 +170,17 @@ def test_replies_that_arrived_count_when_a_device_dies_mid_upload(tmp_path):
                 name=f"node {i}", log=logs[i])
             text = logs[i].read_text(errors="replace")
             node_ids[int(text.split("SuperNode ID: ", 1)[1].split()[0])] = i
+
+        # Submitted once every node is connected: a deployment's discovery waits a bounded time
+        # (max(round_timeout, 60 s)), which a loaded machine's node start-up could outlast.
+        home = tmp_path / "home-op"
+        write_connection("op", f"127.0.0.1:{control}", None, insecure=True, default=True,
+                         home=home, token_file=tmp_path / "operator.token")
+        (tmp_path / "upload.yaml").write_text(CONFIG.format(timeout=ROUND_TIMEOUT,
+                                                            out=tmp_path / "runs"))
+        (tmp_path / "run.toml").write_text(run_config_toml(load_config(tmp_path / "upload.yaml")))
+        run_id = submit(_app(tmp_path / "app"), "op", tmp_path / "run.toml", home=home)
+        run_dir = tmp_path / "runs" / f"upload-{run_id}"
 
         # The event: a device announced its training reply and its upload is being held.
         processes.wait_until(lambda: held.exists() and held.read_text(), 600,

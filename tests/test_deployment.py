@@ -516,18 +516,6 @@ def test_secure_federation_survives_a_killed_node_and_a_straggler(tmp_path, monk
         # checks that --retry-for gives up at its bound).
         rogue = start_node(1, "rogue", key="rogue", retry_for=3600)
 
-        # Submit the experiment with flwr run, while the nodes start (the ServerApp's own start-up
-        # overlaps theirs): the run finds its nodes before its first round, however late they
-        # connect (discovery), so nothing it checks depends on this order.
-        out = tmp_path / "runs"
-        (tmp_path / "e2e.yaml").write_text(E2E_CONFIG.format(timeout=ROUND_TIMEOUT, out=out))
-        assert main(["deploy", "run-config", str(tmp_path / "e2e.yaml"), "-o",
-                     str(tmp_path / "run.toml")]) == 0
-        run_id = submit(app, "fed", tmp_path / "run.toml", home=cli_home)
-        run_dir = out / f"e2e-{run_id}"
-        memory_2 = tmp_path / "memory-2" / f"run-{run_id}" / "memory-2.pt"
-        phases["submitted"] = time.monotonic() - t0
-
         for i in range(3):  # authenticated: each node has the id its key was registered under
             run.wait_for(f"node-{i}", lambda i=i: ACCEPTED.format(registered[i]) in run.log(
                 f"node-{i}"), 300, f"node {i} to connect")
@@ -538,6 +526,18 @@ def test_secure_federation_survives_a_killed_node_and_a_straggler(tmp_path, monk
         assert rogue.returncode != 0 and "Failed to activate SuperNode" in run.log("rogue")
         assert ACCEPTED.split(":")[0] + ":" not in run.log("rogue")  # never let in
         phases["federation up"] = time.monotonic() - t0
+
+        # Submit the experiment with flwr run once every node is connected: a deployment's
+        # discovery waits a bounded time (max(round_timeout, 60 s)), which a loaded machine's node
+        # start-up could outlast.
+        out = tmp_path / "runs"
+        (tmp_path / "e2e.yaml").write_text(E2E_CONFIG.format(timeout=ROUND_TIMEOUT, out=out))
+        assert main(["deploy", "run-config", str(tmp_path / "e2e.yaml"), "-o",
+                     str(tmp_path / "run.toml")]) == 0
+        run_id = submit(app, "fed", tmp_path / "run.toml", home=cli_home)
+        run_dir = out / f"e2e-{run_id}"
+        memory_2 = tmp_path / "memory-2" / f"run-{run_id}" / "memory-2.pt"
+        phases["submitted"] = time.monotonic() - t0
 
         # Node 1 becomes a straggler (slow, not gone) once it has replied in round 1: the processes
         # that run its ClientApps freeze (its SuperExec, or fedmaml's warm executor) while the node
