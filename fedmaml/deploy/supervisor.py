@@ -142,16 +142,18 @@ def run_once(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
     finally:  # also on an exception (KeyboardInterrupt): nothing is left behind
         seconds = time.monotonic() - started
         node_died = node.poll() is not None
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                stop(proc)
+        stopped = [proc for proc in reversed(procs) if proc.poll() is None]
+        for proc in stopped:
+            stop(proc)
         output.drain()
     refused = output.seen
     if stopping:
         return Outcome(exit_status(node.returncode), refused, "")
     if node_died:
         code = exit_status(node.returncode)
-        report = "" if code == 0 else node_report(node, list(output.lines), seconds, launcher)
+        # the launcher is named as stopped only if it was (both may have died, e.g. an OOM kill)
+        report = "" if code == 0 else node_report(node, list(output.lines), seconds,
+                                                  launcher if launcher in stopped else None)
         return Outcome(code, refused, report)
     return Outcome(exit_status(launcher.returncode) or 1, refused,
                    launcher_report(launcher, seconds, node), launcher_died=True)
