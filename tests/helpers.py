@@ -201,3 +201,19 @@ class OpCounter(TorchDispatchMode):
             self.conv_backward.append((tuple(args[1].shape), tuple(args[2].shape),
                                        tuple(bool(b) for b in mask)))
         return func(*args, **kwargs)
+
+
+class SimulatedClock:
+    """``time.monotonic`` and ``time.sleep`` for a module that polls (monkeypatched in as its
+    ``time``): time moves only when it sleeps, so its polling schedule is checked exactly, however
+    loaded the machine is."""
+
+    def __init__(self) -> None:
+        self.now, self.sleeps = 0.0, []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds

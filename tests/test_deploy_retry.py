@@ -8,8 +8,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 from fedmaml.deploy.processes import alive
 from fedmaml.deploy.retry import REFUSAL, run_retrying
+from tests.helpers import SimulatedClock
 
 REFUSED_NODE = """
 import sys
@@ -120,25 +123,12 @@ def test_a_run_that_stays_the_same_is_polled_less_and_less_often():
     assert next_poll(30.0, False, 30.0) == 30.0  # a longer first wait is kept
 
 
-class _Clock:
-    """A clock that moves only when slept on (monkeypatched into fedmaml.deploy.runs)."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
-
-
 def _poll_times(monkeypatch, ends_at: float, sign_at: float | None) -> list[float]:
     """When wait_for_run polls the status of a run that is running until ``ends_at`` (clock
     seconds), with a local sign of its end that appears at ``sign_at`` (None: no sign)."""
     from fedmaml.deploy import runs
 
-    clock, polls = _Clock(), []
+    clock, polls = SimulatedClock(), []
 
     def status(run_id, connection=None, *, home=None):
         polls.append(clock.now)
@@ -157,7 +147,16 @@ def test_a_local_sign_of_the_end_has_the_status_polled_again_soon(monkeypatch):
     # Without a sign the end (at 40 s) is seen only at the next of the ever longer waits...
     without = _poll_times(monkeypatch, ends_at=40.0, sign_at=None)
     assert without[-1] > 45.0, without
-    # ... with one (summary.json, written 3 s before the ServerApp exits), soon after it.
+    # ... with one (summary.json, written 3 s before the ServerApp exits), soon after it: the
+    # waits start again from SIGNED_POLL_SECONDS at the sign (seen within SIGN_POLL_SECONDS):
+    # polls about 1, 2.5 and 4.75 s after it
     polls = _poll_times(monkeypatch, ends_at=40.0, sign_at=37.0)
-    assert 40.0 <= polls[-1] <= 40.0 + SIGNED_POLL_SECONDS + SIGN_POLL_SECONDS, polls
+    seen = next(i for i, t in enumerate(polls) if t >= 37.0)
+    assert polls[seen] <= 37.0 + SIGN_POLL_SECONDS + 1e-9, polls
+    assert polls[seen + 1] - polls[seen] == pytest.approx(SIGNED_POLL_SECONDS), polls
+    assert 40.0 <= polls[-1] <= polls[seen] + 4.75 + 1e-9, polls
     assert len(polls) <= len(without) + 4  # not many more status calls (each starts `flwr ls`)
+    # A ServerApp that lingers after its summary (a tracker's upload) is not polled every second:
+    # the waits grow again, each status call being a `flwr ls` process.
+    lingering = _poll_times(monkeypatch, ends_at=300.0, sign_at=37.0)
+    assert len([t for t in lingering if t > 37.0]) < 30, lingering

@@ -16,6 +16,7 @@ from fedmaml.config import replace_path
 from fedmaml.engines.inprocess import FIRST_CLIENT_NODE, SERVER_NODE_ID, InProcessGrid
 from fedmaml.experiment import run_experiment
 from fedmaml.results.recorder import read_metrics
+from tests.helpers import SimulatedClock
 
 TIMING_KEYS = ("seconds", "train_seconds_max")
 
@@ -132,21 +133,6 @@ class QueuedGrid(InProcessGrid):
         if self.pulls < self.delay:
             return []
         return [self._queued.pop(m) for m in list(message_ids) if m in self._queued]
-
-
-class SimulatedClock:
-    """``time.monotonic`` and ``time.sleep`` for the strategy module: time moves only when exchange
-    sleeps, so its polling schedule is checked exactly, however loaded the machine is."""
-
-    def __init__(self) -> None:
-        self.now, self.sleeps = 0.0, []
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
 
 
 def test_exchange_polls_a_grid_until_all_replies_or_the_timeout(monkeypatch):

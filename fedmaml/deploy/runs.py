@@ -100,11 +100,11 @@ def wait_for_run(run_id: int, connection: str | None = None, *, home: str | Path
 
     ``sign``: a cheap local sign that the run is ending, e.g. that its ``summary.json`` exists on
     this machine (the ServerApp writes it last). Checked every :data:`SIGN_POLL_SECONDS` between
-    two status polls; once it holds, the status is polled every :data:`SIGNED_POLL_SECONDS` (or
-    ``poll``, if shorter), so that a long run's end is not noticed up to :data:`MAX_POLL_SECONDS`
-    late."""
+    two status polls; once it holds, the status is polled :data:`SIGNED_POLL_SECONDS` later (or
+    ``poll``, if shorter), and less often again from there, so that a long run's end is not
+    noticed up to :data:`MAX_POLL_SECONDS` late."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    last, wait = None, poll
+    last, wait, was_signed = None, poll, False
     while True:
         entry = run_status(run_id, connection, home=home)
         changed = entry.get("status") != last
@@ -117,7 +117,11 @@ def wait_for_run(run_id: int, connection: str | None = None, *, home: str | Path
         if deadline is not None and time.monotonic() > deadline:
             raise DeployError(f"run {run_id} is still {last!r} after {timeout:.0f}s")
         signed = sign is not None and sign()
-        wait = min(poll, SIGNED_POLL_SECONDS) if signed else next_poll(wait, changed, poll)
+        first = min(poll, SIGNED_POLL_SECONDS) if signed else poll
+        # once signed, the back-off starts again from a short poll: the end is near, but a
+        # ServerApp that lingers (a tracker's upload) is not polled every second for ever
+        wait = first if signed and not was_signed else next_poll(wait, changed, first)
+        was_signed = signed
         if deadline is not None:
             wait = max(min(wait, deadline - time.monotonic()), 0)
         _sleep(wait, None if signed else sign)
