@@ -91,7 +91,10 @@ def test_ctrl_c_stops_a_loop_of_runs_and_resume_true_continues_it(tiny_config, t
     assert done == [0]  # the loop stopped at the interrupted run
     assert str(stopped.value) == (f"{runs[1]}: interrupted, with a checkpoint; `fedmaml.run(..., "
                                   f"run_dir={str(runs[1])!r}, resume=True)` continues it")
-    assert read_summary(runs[1])["status"] == "interrupted"
+    summary = read_summary(runs[1])
+    assert summary["status"] == "interrupted"
+    # the run's own files word the advice one way, whoever started the run (the CLI's)
+    assert summary["message"].endswith(f"resume with `fedmaml run --resume {runs[1]}`"), summary
     assert checkpoint.load(runs[1])["round"] >= 2
     assert not runs[2].exists()
 

@@ -281,7 +281,7 @@ class ShardedGrid(InProcessGrid):
         if saved:
             raise RunStopped("interrupted", self._round,
                              f"{why}; the memories of its clients since the last checkpoint are "
-                             f"lost: resume with {resume_command(self.run_dir)}")
+                             f"lost: resume with {resume_command(self.run_dir, python=False)}")
         raise RunStopped("failed", self._round,
                          f"{why}; the memories of its clients are lost and there is no checkpoint "
                          "to resume from (federated.checkpoint_every > 0 writes them; 1 lets the "

@@ -65,8 +65,8 @@ def run_federated(grid: Grid, cfg: Config, run_dir: str | Path, quiet: bool = Fa
             ledger.save_checkpoint(r, strategy.export_state(),
                                    lambda: strategy.checkpoint_memories(grid))
         if stop and r < rounds:
-            raise RunStopped("interrupted", r,
-                             f"interrupted after round {r}; resume with {resume_command(run_dir)}")
+            raise RunStopped("interrupted", r, f"interrupted after round {r}; resume with "
+                             f"{resume_command(run_dir, python=False)}")
         progress.update(r, ledger.progress_info(written))
 
     timeout = cfg.federated.round_timeout or None

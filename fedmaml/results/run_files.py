@@ -56,12 +56,14 @@ def advising_python() -> Iterator[None]:
         _FROM_PYTHON.reset(token)
 
 
-def resume_command(run_dir: str | Path, rounds: bool = False) -> str:
+def resume_command(run_dir: str | Path, rounds: bool = False, python: bool | None = None
+                   ) -> str:
     """How the user resumes the run in ``run_dir`` (``rounds``: giving it a new
     ``federated.rounds``). A baseline resumes with its run, which goes on to the baselines after
-    it."""
+    it. ``python``: in ``fedmaml.run``'s words or the CLI's (None: as :func:`advising_python`
+    says; a message saved in a run's files takes the CLI's, whichever thread writes it)."""
     run_dir = main_run_of(run_dir) or run_dir
-    if _FROM_PYTHON.get():
+    if _FROM_PYTHON.get() if python is None else python:
         more = ', **{"federated.rounds": N}' if rounds else ""
         return f"`fedmaml.run(..., run_dir={str(run_dir)!r}, resume=True{more})`"
     return f"`fedmaml run --resume {run_dir}{' federated.rounds=N' if rounds else ''}`"
